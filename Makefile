@@ -1,0 +1,34 @@
+# The README's commands for a fresh machine.  `make test` is what CI runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test lint typecheck pytest soak sim clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy raft
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+# Long deterministic-simulation run (not part of `make test`): SEEDS=first-last.
+SEEDS ?= 1-10000
+soak: $(STAMP)
+	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 3 --groups 4 --ticks 2000
+	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 5 --groups 4 --ticks 2000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

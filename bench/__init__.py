@@ -1,0 +1,1 @@
+"""bench package (see ../shared/design.md §2)."""

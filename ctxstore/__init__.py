@@ -1,0 +1,1 @@
+"""ctxstore package (see ../shared/design.md §2)."""

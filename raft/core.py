@@ -1,0 +1,823 @@
+"""The Raft state machine of one group: pure, stepped by messages and ticks.
+
+Rules of this file:
+- No I/O, no clock, no global randomness.  Time is ``tick()``; randomness is ``self.rng``, a
+  ``random.Random`` seeded from the configuration.
+- Output is only ever appended to ``self.msgs`` and ``self.read_states``; RawNode hands them to
+  the driver in a Ready.  Nothing here knows whether anything was persisted except through
+  ``on_persisted`` (called by RawNode.advance).
+- Each role has its own ``tick`` and ``step`` handler, swapped by ``become_*``; the handlers read
+  as the paper's rules for that role.
+
+  role           | tick                              | step (same-term messages)
+  ---------------+-----------------------------------+-------------------------------------------
+  FOLLOWER       | election timer -> hup             | append/heartbeat/snapshot from the leader,
+                 |                                   | TimeoutNow, ReadIndexResponse
+  PRE_CANDIDATE  | election timer -> hup             | pre-vote answers; a leader's message
+  CANDIDATE      | election timer -> hup             | vote answers; a leader's message
+  LEADER         | heartbeats, check-quorum, aborts  | append/heartbeat answers, ReadIndex
+                 | a stalled transfer                |
+
+Higher-term and lower-term messages are handled in ``step`` before role dispatch (§5.1).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from .errors import (
+    Compacted,
+    ConfigInvalid,
+    InvariantViolation,
+    NotLeader,
+    ProposalDropped,
+    SnapshotTemporarilyUnavailable,
+    Unavailable,
+    check,
+)
+from .log import RaftLog
+from .messages import (
+    NONE,
+    AppendEntries,
+    AppendResponse,
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Message,
+    ReadIndex,
+    ReadIndexResponse,
+    RequestVote,
+    Snapshot,
+    TimeoutNow,
+    VoteResponse,
+    decode_conf_change,
+    encode_conf_change,
+    entries_bytes,
+)
+from .progress import Progress, ProgressState
+from .quorum import VoteResult, committed_index, majority, vote_result
+from .readonly import ReadOnly
+from .storage import Storage
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+class CampaignKind(enum.Enum):
+    PRE_ELECTION = "pre_election"
+    ELECTION = "election"
+    TRANSFER = "transfer"
+
+
+class ReadState(msgspec.Struct, array_like=True, frozen=True):
+    """A linearizable read may be served once the local applied index reaches ``index``."""
+
+    index: int
+    context: bytes
+
+
+class SoftState(msgspec.Struct, array_like=True, frozen=True):
+    """Volatile state the application may want to observe (not persisted)."""
+
+    lead: int
+    role: Role
+
+
+@dataclass(frozen=True)
+class Config:
+    """Configuration of one group replica.  Sizes are payload bytes; times are ticks."""
+
+    id: int
+    election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    seed: int = 0
+    pre_vote: bool = True
+    check_quorum: bool = True
+    max_size_per_msg: int = 1 << 20
+    max_inflight_msgs: int = 256
+    max_inflight_bytes: int = 32 << 20
+    max_uncommitted_bytes: int = 64 << 20
+    max_committed_bytes_per_ready: int = 64 << 20
+    max_pending_reads: int = 4096
+    snapshot_timeout_ticks: int = 100
+    applied: int = 0  # on restart: the index the application has already applied
+
+    def validate(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigInvalid(f"raft config: {what}")
+
+        need(self.id > NONE, "id must be positive")
+        need(self.heartbeat_ticks > 0, "heartbeat_ticks must be positive")
+        need(
+            self.election_ticks > self.heartbeat_ticks, "election_ticks must exceed heartbeat_ticks"
+        )
+        need(self.max_size_per_msg > 0, "max_size_per_msg must be positive")
+        need(self.max_inflight_msgs > 0, "max_inflight_msgs must be positive")
+        need(self.max_inflight_bytes > 0, "max_inflight_bytes must be positive")
+        need(self.max_uncommitted_bytes > 0, "max_uncommitted_bytes must be positive")
+        need(
+            self.max_committed_bytes_per_ready > 0, "max_committed_bytes_per_ready must be positive"
+        )
+        need(self.max_pending_reads > 0, "max_pending_reads must be positive")
+        need(self.snapshot_timeout_ticks > 0, "snapshot_timeout_ticks must be positive")
+        need(self.applied >= 0, "applied must not be negative")
+
+
+_LEADER_MESSAGES = (AppendEntries, Heartbeat, InstallSnapshot)
+
+
+class Raft:
+    def __init__(self, config: Config, storage: Storage) -> None:
+        config.validate()
+        self.cfg = config
+        self.id = config.id
+        self.rng = random.Random(f"raft:{config.seed}:{config.id}")
+        self.log = RaftLog(storage, config.max_committed_bytes_per_ready)
+        self.term = 0
+        self.vote = NONE
+        self.lead = NONE
+        self.role = Role.FOLLOWER
+        self.msgs: list[Message] = []
+        self.read_states: list[ReadState] = []
+        self.voters: tuple[int, ...] = ()
+        self.learners: tuple[int, ...] = ()
+        self.prs: dict[int, Progress] = {}
+        self.votes: dict[int, bool] = {}
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_election_timeout = config.election_ticks
+        self.lead_transferee = NONE
+        self.pending_conf_index = 0
+        self.uncommitted_bytes = 0
+        self.read_only = ReadOnly(config.max_pending_reads)
+        self.pending_reads: list[tuple[int, bytes]] = []  # reads waiting for a current-term commit
+        self.bcast_pending = False
+        self._tick: Callable[[], None] = self._tick_election
+        self._step_role: Callable[[Message], None] = self._step_follower
+
+        hard_state, conf_state = storage.initial_state()
+        self._set_conf(conf_state)
+        if hard_state != HardState():
+            self._load_hard_state(hard_state)
+        if config.applied:
+            self.log.applied_to(config.applied)
+        self.become_follower(self.term, NONE)
+
+    def __repr__(self) -> str:
+        return (
+            f"Raft(id={self.id}, role={self.role.value}, term={self.term}, lead={self.lead}, "
+            f"vote={self.vote}, {self.log!r})"
+        )
+
+    # -- state views -----------------------------------------------------------------------
+    @property
+    def promotable(self) -> bool:
+        return self.id in self.voters
+
+    def hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.log.committed)
+
+    def soft_state(self) -> SoftState:
+        return SoftState(self.lead, self.role)
+
+    def conf_state(self) -> ConfState:
+        return ConfState(self.voters, self.learners)
+
+    def committed_entry_in_current_term(self) -> bool:
+        return self.log.term_or_zero(self.log.committed) == self.term
+
+    def _load_hard_state(self, hs: HardState) -> None:
+        if not self.log.committed <= hs.commit <= self.log.last_index():
+            raise InvariantViolation(
+                f"hard state commit {hs.commit} outside [{self.log.committed}, "
+                f"{self.log.last_index()}]"
+            )
+        self.term = hs.term
+        self.vote = hs.vote
+        self.log.committed = hs.commit
+
+    # -- sending -----------------------------------------------------------------------------
+    def _send(self, m: Message) -> None:
+        self.msgs.append(m)
+
+    def send_append(self, to: int, send_if_empty: bool = True) -> bool:
+        """Send the entries ``to`` needs (or a snapshot); False if nothing was sent."""
+        pr = self.prs[to]
+        if pr.is_paused():
+            return False
+        prev_index = pr.next - 1
+        try:
+            prev_term = self.log.term(prev_index)
+            entries = self.log.entries(pr.next, self.cfg.max_size_per_msg)
+        except Compacted:
+            return self._send_snapshot(to, pr)
+        except Unavailable as e:
+            raise InvariantViolation(f"progress of {to} beyond the log: {pr!r}") from e
+        if not entries and not send_if_empty:
+            return False
+        self._send(
+            AppendEntries(
+                self.id, to, self.term, prev_index, prev_term, entries, self.log.committed
+            )
+        )
+        pr.sent_entries(entries[-1].index if entries else None, entries_bytes(entries))
+        return True
+
+    def _send_snapshot(self, to: int, pr: Progress) -> bool:
+        if not pr.recent_active:
+            return False  # wait until it answers before shipping a whole snapshot
+        try:
+            snap = self.log.snapshot()
+        except SnapshotTemporarilyUnavailable:
+            return False
+        check(snap.meta.index > 0, "need a non-empty snapshot to send")
+        pr.become_snapshot(snap.meta.index)
+        self._send(InstallSnapshot(self.id, to, self.term, snap))
+        return True
+
+    def bcast_append(self) -> None:
+        for to in self.prs:
+            if to != self.id:
+                self.send_append(to)
+
+    def flush_proposals(self) -> None:
+        """Send proposals made since the last flush (batched into as few appends as possible)."""
+        if self.bcast_pending:
+            self.bcast_pending = False
+            if self.role is Role.LEADER:
+                self.bcast_append()
+
+    def bcast_heartbeat(self, context: bytes = b"") -> None:
+        for to, pr in self.prs.items():
+            if to != self.id:
+                commit = min(pr.match, self.log.committed)
+                self._send(Heartbeat(self.id, to, self.term, commit, context))
+
+    def _send_timeout_now(self, to: int) -> None:
+        self._send(TimeoutNow(self.id, to, self.term))
+
+    # -- role changes ------------------------------------------------------------------------
+    def _reset(self, term: int) -> None:
+        if self.term != term:
+            check(term > self.term, f"term going back from {self.term} to {term}")
+            self.term = term
+            self.vote = NONE
+        self.lead = NONE
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        et = self.cfg.election_ticks
+        self.randomized_election_timeout = et + self.rng.randrange(et)
+        self.lead_transferee = NONE
+        self.votes = {}
+        last = self.log.last_index()
+        for id_, old in list(self.prs.items()):
+            pr = Progress(last + 1, self.cfg.max_inflight_msgs, self.cfg.max_inflight_bytes)
+            pr.is_learner = old.is_learner
+            if id_ == self.id:
+                pr.match = self._persisted_for_self()
+                pr.recent_active = True
+            self.prs[id_] = pr
+        self.pending_conf_index = 0
+        self.uncommitted_bytes = 0
+        self.read_only = ReadOnly(self.cfg.max_pending_reads)
+        self.pending_reads = []
+        self.bcast_pending = False
+
+    def _persisted_for_self(self) -> int:
+        if self.log.unstable.snapshot is not None:
+            return 0
+        return min(self.log.persisted_index(), self.log.last_index())
+
+    def become_follower(self, term: int, lead: int) -> None:
+        self._reset(term)
+        self.lead = lead
+        self.role = Role.FOLLOWER
+        self._tick = self._tick_election
+        self._step_role = self._step_follower
+
+    def become_pre_candidate(self) -> None:
+        check(self.role is not Role.LEADER, "leader cannot become pre-candidate")
+        # Pre-vote changes neither term nor vote (thesis §9.6).
+        self.votes = {}
+        self.lead = NONE
+        self.role = Role.PRE_CANDIDATE
+        self._tick = self._tick_election
+        self._step_role = self._step_candidate
+
+    def become_candidate(self) -> None:
+        check(self.role is not Role.LEADER, "leader cannot become candidate")
+        self._reset(self.term + 1)
+        self.vote = self.id
+        self.role = Role.CANDIDATE
+        self._tick = self._tick_election
+        self._step_role = self._step_candidate
+
+    def become_leader(self) -> None:
+        check(self.role is not Role.FOLLOWER, "follower cannot become leader directly")
+        self._reset(self.term)
+        self.lead = self.id
+        self.role = Role.LEADER
+        self._tick = self._tick_heartbeat
+        self._step_role = self._step_leader
+        self.prs[self.id].become_replicate()
+        # No membership change until this term's no-op is applied (one at a time, and never on
+        # top of changes a previous leader left uncommitted).
+        self._append([Entry(self.term, 0)])
+        self.pending_conf_index = self.log.last_index()
+
+    # -- elections ---------------------------------------------------------------------------
+    def hup(self, kind: CampaignKind | None = None) -> None:
+        """Start an election (pre-vote first when enabled), if this node may."""
+        if self.role is Role.LEADER or not self.promotable:
+            return
+        if self._has_unapplied_conf_change():
+            return  # its view of the membership is not final yet
+        if kind is None:
+            kind = CampaignKind.PRE_ELECTION if self.cfg.pre_vote else CampaignKind.ELECTION
+        self._campaign(kind)
+
+    def _has_unapplied_conf_change(self) -> bool:
+        lo = max(self.log.applied + 1, self.log.first_index())
+        if self.log.committed < lo:
+            return False
+        entries = self.log.slice(lo, self.log.committed + 1, None)
+        return any(e.type is EntryType.CONF_CHANGE for e in entries)
+
+    def _campaign(self, kind: CampaignKind) -> None:
+        if kind is CampaignKind.PRE_ELECTION:
+            self.become_pre_candidate()
+            vote_term = self.term + 1
+        else:
+            self.become_candidate()
+            vote_term = self.term
+        if self._poll(self.id, True) is VoteResult.WON:
+            if kind is CampaignKind.PRE_ELECTION:
+                self._campaign(CampaignKind.ELECTION)
+            else:
+                self.become_leader()
+            return
+        last_index = self.log.last_index()
+        last_term = self.log.last_term()
+        pre = kind is CampaignKind.PRE_ELECTION
+        transfer = kind is CampaignKind.TRANSFER
+        for v in self.voters:
+            if v != self.id:
+                self._send(RequestVote(self.id, v, vote_term, last_index, last_term, pre, transfer))
+
+    def _poll(self, frm: int, granted: bool) -> VoteResult:
+        self.votes.setdefault(frm, granted)
+        return vote_result(self.voters, self.votes)
+
+    def _handle_vote_request(self, m: RequestVote) -> None:
+        # §5.2, §5.4.1: one vote per term, only for a log at least as up to date as ours.
+        can_vote = (
+            self.vote == m.frm
+            or (self.vote == NONE and self.lead == NONE)
+            or (m.pre_vote and m.term > self.term)
+        )
+        if can_vote and self.log.is_up_to_date(m.last_index, m.last_term):
+            self._send(VoteResponse(self.id, m.frm, m.term, False, m.pre_vote))
+            if not m.pre_vote:
+                self.election_elapsed = 0
+                self.vote = m.frm
+        else:
+            self._send(VoteResponse(self.id, m.frm, self.term, True, m.pre_vote))
+
+    # -- ticks -------------------------------------------------------------------------------
+    def tick(self) -> None:
+        self._tick()
+
+    def _tick_election(self) -> None:
+        self.election_elapsed += 1
+        if self.promotable and self.election_elapsed >= self.randomized_election_timeout:
+            self.election_elapsed = 0
+            self.hup()
+
+    def _tick_heartbeat(self) -> None:
+        self.heartbeat_elapsed += 1
+        self.election_elapsed += 1
+        for pr in self.prs.values():
+            if pr.state is ProgressState.SNAPSHOT:
+                pr.snapshot_elapsed += 1
+                if pr.snapshot_elapsed > self.cfg.snapshot_timeout_ticks:
+                    pr.become_probe()  # the snapshot (or its answer) was lost: try again
+        if self.election_elapsed >= self.cfg.election_ticks:
+            self.election_elapsed = 0
+            if self.cfg.check_quorum and not self._quorum_active():
+                self.become_follower(self.term, NONE)  # §6.2 check-quorum: step down
+                return
+            if self.lead_transferee != NONE:
+                self.lead_transferee = NONE  # the transfer did not finish in time: abort it
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks:
+            self.heartbeat_elapsed = 0
+            self.bcast_heartbeat(self.read_only.last_pending_context() or b"")
+
+    def _quorum_active(self) -> bool:
+        active = 0
+        for id_, pr in self.prs.items():
+            if id_ == self.id:
+                if not pr.is_learner:
+                    active += 1
+                continue
+            if pr.recent_active and not pr.is_learner:
+                active += 1
+            pr.recent_active = False
+        return active >= majority(len(self.voters))
+
+    # -- stepping ----------------------------------------------------------------------------
+    def step(self, m: Message) -> None:
+        if m.to != self.id:
+            return
+        if m.term > self.term:
+            if isinstance(m, RequestVote):
+                in_lease = (
+                    self.cfg.check_quorum
+                    and self.lead != NONE
+                    and self.election_elapsed < self.cfg.election_ticks
+                )
+                if in_lease and not m.transfer:
+                    return  # leader stickiness (§9.6): we heard from a leader recently
+            if isinstance(m, RequestVote) and m.pre_vote:
+                pass  # a pre-vote never changes our term
+            elif isinstance(m, VoteResponse) and m.pre_vote and not m.reject:
+                pass  # granted pre-votes carry the future term; we bump it when we win
+            elif isinstance(m, _LEADER_MESSAGES):
+                self.become_follower(m.term, m.frm)
+            else:
+                self.become_follower(m.term, NONE)
+        elif m.term < self.term:
+            if (self.cfg.check_quorum or self.cfg.pre_vote) and isinstance(
+                m, AppendEntries | Heartbeat
+            ):
+                # A stale leader (e.g. just healed from a partition) learns our term and steps
+                # down; without this it could never rejoin under pre-vote / check-quorum.
+                self._send(AppendResponse(self.id, m.frm, self.term, 0))
+            elif isinstance(m, RequestVote) and m.pre_vote:
+                self._send(VoteResponse(self.id, m.frm, self.term, True, True))
+            return
+        if isinstance(m, RequestVote):
+            self._handle_vote_request(m)
+            return
+        self._step_role(m)
+
+    def _step_follower(self, m: Message) -> None:
+        match m:
+            case AppendEntries():
+                self.election_elapsed = 0
+                self.lead = m.frm
+                self._handle_append(m)
+            case Heartbeat():
+                self.election_elapsed = 0
+                self.lead = m.frm
+                self._handle_heartbeat(m)
+            case InstallSnapshot():
+                self.election_elapsed = 0
+                self.lead = m.frm
+                self._handle_snapshot(m)
+            case TimeoutNow():
+                self.hup(CampaignKind.TRANSFER)  # §3.10: campaign at once, skipping pre-vote
+            case ReadIndexResponse():
+                self.read_states.append(ReadState(m.index, m.context))
+            case _:
+                pass
+
+    def _step_candidate(self, m: Message) -> None:
+        match m:
+            case AppendEntries():
+                self.become_follower(m.term, m.frm)
+                self._handle_append(m)
+            case Heartbeat():
+                self.become_follower(m.term, m.frm)
+                self._handle_heartbeat(m)
+            case InstallSnapshot():
+                self.become_follower(m.term, m.frm)
+                self._handle_snapshot(m)
+            case VoteResponse():
+                if m.pre_vote != (self.role is Role.PRE_CANDIDATE):
+                    return  # an answer to an earlier round
+                result = self._poll(m.frm, not m.reject)
+                if result is VoteResult.WON:
+                    if self.role is Role.PRE_CANDIDATE:
+                        self._campaign(CampaignKind.ELECTION)
+                    else:
+                        self.become_leader()
+                        self.bcast_append()
+                elif result is VoteResult.LOST:
+                    self.become_follower(self.term, NONE)
+            case _:
+                pass
+
+    def _step_leader(self, m: Message) -> None:
+        match m:
+            case AppendResponse():
+                self._handle_append_response(m)
+            case HeartbeatResponse():
+                self._handle_heartbeat_response(m)
+            case ReadIndex():
+                if m.frm in self.prs:
+                    self._leader_read(m.frm, m.context)
+            case AppendEntries() | Heartbeat() | InstallSnapshot():
+                raise InvariantViolation(f"two leaders in term {self.term}: {self.id} and {m.frm}")
+            case _:
+                pass
+
+    # -- follower handlers -------------------------------------------------------------------
+    def _handle_append(self, m: AppendEntries) -> None:
+        if m.prev_index < self.log.committed:
+            self._send(AppendResponse(self.id, m.frm, self.term, self.log.committed))
+            return
+        last_new = self.log.maybe_append(m.prev_index, m.prev_term, m.commit, m.entries)
+        if last_new is not None:
+            self._send(AppendResponse(self.id, m.frm, self.term, last_new))
+            return
+        # §5.3 with the thesis' optimisation: tell the leader where our log may agree.
+        hint = min(m.prev_index, self.log.last_index())
+        hint, hint_term = self.log.find_conflict_by_term(hint, m.prev_term)
+        self._send(AppendResponse(self.id, m.frm, self.term, m.prev_index, True, hint, hint_term))
+
+    def _handle_heartbeat(self, m: Heartbeat) -> None:
+        self.log.commit_to(m.commit)
+        self._send(HeartbeatResponse(self.id, m.frm, self.term, m.context))
+
+    def _handle_snapshot(self, m: InstallSnapshot) -> None:
+        if self._restore(m.snapshot):
+            self._send(AppendResponse(self.id, m.frm, self.term, self.log.last_index()))
+        else:
+            self._send(AppendResponse(self.id, m.frm, self.term, self.log.committed))
+
+    def _restore(self, snap: Snapshot) -> bool:
+        meta = snap.meta
+        if meta.index <= self.log.committed:
+            return False
+        check(self.role is Role.FOLLOWER, "only a follower restores a snapshot")
+        if self.log.match_term(meta.index, meta.term):
+            self.log.commit_to(meta.index)  # we already hold it: just fast-forward the commit
+            return False
+        self.log.restore(snap)
+        self._set_conf(meta.conf_state)
+        return True
+
+    # -- leader handlers ---------------------------------------------------------------------
+    def _handle_append_response(self, m: AppendResponse) -> None:
+        pr = self.prs.get(m.frm)
+        if pr is None:
+            return
+        pr.recent_active = True
+        if m.reject:
+            next_probe = m.reject_hint
+            if m.log_term > 0:
+                next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+            if pr.maybe_decr_to(m.index, next_probe):
+                if pr.state is ProgressState.REPLICATE:
+                    pr.become_probe()
+                self.send_append(m.frm)
+            return
+        was_paused = pr.is_paused()
+        if not (
+            pr.maybe_update(m.index) or (pr.match == m.index and pr.state is ProgressState.PROBE)
+        ):
+            return
+        if pr.state is ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state is ProgressState.SNAPSHOT and pr.match + 1 >= self.log.first_index():
+            pr.become_probe()
+            pr.become_replicate()
+        elif pr.state is ProgressState.REPLICATE:
+            pr.inflights.free_le(m.index)
+        if self._maybe_commit():
+            self.bcast_append()
+        elif was_paused:
+            self.send_append(m.frm)
+        while self.send_append(m.frm, send_if_empty=False):
+            pass
+        if m.frm == self.lead_transferee and pr.match == self.log.last_index():
+            self._send_timeout_now(m.frm)  # §3.10: the target caught up
+
+    def _handle_heartbeat_response(self, m: HeartbeatResponse) -> None:
+        pr = self.prs.get(m.frm)
+        if pr is None:
+            return
+        pr.recent_active = True
+        pr.probe_sent = False
+        if pr.state is ProgressState.REPLICATE and pr.inflights.full():
+            pr.inflights.free_first_one()
+        if pr.match < self.log.last_index() or pr.state is ProgressState.PROBE:
+            self.send_append(m.frm)
+        if not m.context or pr.is_learner:
+            return
+        acks = self.read_only.recv_ack(m.frm, m.context)
+        if acks is None or not self.read_only.has_quorum(acks, self.voters):
+            return
+        for req in self.read_only.advance(m.context):
+            self._answer_read(req.frm, req.context, req.index)
+
+    def _maybe_commit(self) -> bool:
+        match = {id_: pr.match for id_, pr in self.prs.items()}
+        index = committed_index(self.voters, match)
+        # Figure 8: only an entry of the current term is committed by counting replicas.
+        if not self.log.maybe_commit(index, self.term):
+            return False
+        if self.pending_reads:
+            reads, self.pending_reads = self.pending_reads, []
+            for frm, ctx in reads:
+                self._leader_read(frm, ctx)
+        return True
+
+    def on_persisted(self) -> None:
+        """The driver persisted the log up to ``log.persisted_index()``: count the leader itself."""
+        if self.role is not Role.LEADER:
+            return
+        pr = self.prs.get(self.id)
+        if pr is not None and pr.maybe_update(self._persisted_for_self()) and self._maybe_commit():
+            self.bcast_append()
+
+    # -- reads -------------------------------------------------------------------------------
+    def read_index(self, context: bytes) -> None:
+        """Ask for a linearizable read index; the answer arrives as a ReadState."""
+        if self.role is Role.LEADER:
+            self._leader_read(self.id, context, local=True)
+        elif self.lead != NONE:
+            self._send(ReadIndex(self.id, self.lead, self.term, context))
+        else:
+            raise ProposalDropped("no leader known to serve a read index")
+
+    def _leader_read(self, frm: int, context: bytes, local: bool = False) -> None:
+        if not self.committed_entry_in_current_term():
+            # §6.4: a new leader does not know the commit index until it commits in its term.
+            if len(self.pending_reads) >= self.cfg.max_pending_reads:
+                if local:
+                    raise ProposalDropped("too many reads waiting for the leader's first commit")
+                return
+            self.pending_reads.append((frm, context))
+            return
+        if self.voters == (self.id,):
+            self._answer_read(frm, context, self.log.committed)
+            return
+        if self.read_only.full():
+            if local:
+                raise ProposalDropped("too many pending reads")
+            return
+        if self.read_only.add_request(self.log.committed, frm, context):
+            self.read_only.recv_ack(self.id, context)
+            self.bcast_heartbeat(context)
+
+    def _answer_read(self, frm: int, context: bytes, index: int) -> None:
+        if frm == self.id:
+            self.read_states.append(ReadState(index, context))
+        else:
+            self._send(ReadIndexResponse(self.id, frm, self.term, index, context))
+
+    # -- proposals ---------------------------------------------------------------------------
+    def _append(self, entries: list[Entry]) -> int:
+        last = self.log.last_index()
+        numbered = [Entry(self.term, last + 1 + i, e.type, e.data) for i, e in enumerate(entries)]
+        return self.log.append(numbered)
+
+    def _check_can_propose(self) -> None:
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.lead)
+        if self.lead_transferee != NONE:
+            raise ProposalDropped(f"leadership transfer to {self.lead_transferee} in progress")
+        if self.id not in self.prs:
+            raise ProposalDropped("this node was removed from the group")
+
+    def propose(self, data: bytes) -> int:
+        """Append ``data`` as a new entry; returns its index (committed later, or never)."""
+        self._check_can_propose()
+        size = len(data)
+        if (
+            self.uncommitted_bytes > 0
+            and size > 0
+            and self.uncommitted_bytes + size > self.cfg.max_uncommitted_bytes
+        ):
+            raise ProposalDropped("too many uncommitted bytes; retry when the log drains")
+        index = self._append([Entry(0, 0, EntryType.NORMAL, data)])
+        self.uncommitted_bytes += size
+        self.bcast_pending = True
+        return index
+
+    def propose_conf_change(self, change: ConfChange) -> int:
+        """Propose a single-server membership change (one at a time, §4.1)."""
+        self._check_can_propose()
+        if self.pending_conf_index > self.log.applied:
+            raise ProposalDropped("a membership change is still pending")
+        self._validate_conf_change(change)
+        data = encode_conf_change(change)
+        index = self._append([Entry(0, 0, EntryType.CONF_CHANGE, data)])
+        self.pending_conf_index = index
+        self.uncommitted_bytes += len(data)
+        self.bcast_pending = True
+        return index
+
+    def _validate_conf_change(self, cc: ConfChange) -> None:
+        if cc.node_id <= NONE:
+            raise ConfigInvalid(f"invalid node id {cc.node_id}")
+        member = cc.node_id in self.voters or cc.node_id in self.learners
+        match cc.type:
+            case ConfChangeType.ADD_NODE:
+                if cc.node_id in self.voters:
+                    raise ConfigInvalid(f"{cc.node_id} is already a voter")
+            case ConfChangeType.ADD_LEARNER:
+                if member:
+                    raise ConfigInvalid(f"{cc.node_id} is already a member")
+            case ConfChangeType.REMOVE_NODE:
+                if not member:
+                    raise ConfigInvalid(f"{cc.node_id} is not a member")
+                if self.voters == (cc.node_id,):
+                    raise ConfigInvalid("cannot remove the last voter")
+
+    # -- membership --------------------------------------------------------------------------
+    def _set_conf(self, cs: ConfState) -> None:
+        voters = tuple(sorted(set(cs.voters)))
+        learners = tuple(sorted(set(cs.learners) - set(voters)))
+        self.voters, self.learners = voters, learners
+        next_index = self.log.last_index() + 1
+        prs: dict[int, Progress] = {}
+        for id_ in voters + learners:
+            pr = self.prs.get(id_)
+            if pr is None:
+                pr = Progress(next_index, self.cfg.max_inflight_msgs, self.cfg.max_inflight_bytes)
+                if id_ == self.id:
+                    pr.match = self._persisted_for_self()
+            pr.is_learner = id_ in learners
+            prs[id_] = pr
+        self.prs = dict(sorted(prs.items()))
+
+    def apply_conf_change(self, change: ConfChange) -> ConfState:
+        """Apply a committed membership change (RawNode.advance calls this)."""
+        voters, learners = set(self.voters), set(self.learners)
+        match change.type:
+            case ConfChangeType.ADD_NODE:
+                learners.discard(change.node_id)
+                voters.add(change.node_id)
+            case ConfChangeType.ADD_LEARNER:
+                if change.node_id not in voters:  # no demotions
+                    learners.add(change.node_id)
+            case ConfChangeType.REMOVE_NODE:
+                voters.discard(change.node_id)
+                learners.discard(change.node_id)
+        check(bool(voters), f"membership change {change} would leave no voters")
+        self._set_conf(ConfState(tuple(voters), tuple(learners)))
+        if self.role is Role.LEADER:
+            if self.id not in self.voters:
+                self.become_follower(self.term, NONE)  # removed: step down, others elect
+            else:
+                if self.lead_transferee not in self.voters:
+                    self.lead_transferee = NONE
+                if self._maybe_commit():  # a smaller quorum may commit more
+                    self.bcast_append()
+        return self.conf_state()
+
+    def apply_committed(self, entries: list[Entry]) -> None:
+        """Book-keeping once the application applied ``entries`` (called by RawNode.advance)."""
+        for e in entries:
+            if e.type is EntryType.CONF_CHANGE:
+                self.apply_conf_change(decode_conf_change(e.data))
+        self.log.applied_to(entries[-1].index)
+        self.uncommitted_bytes = max(0, self.uncommitted_bytes - entries_bytes(entries))
+
+    # -- leadership transfer -----------------------------------------------------------------
+    def transfer_leader(self, to: int) -> None:
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.lead)
+        if to not in self.voters:
+            raise ConfigInvalid(f"cannot transfer leadership to {to}: not a voter")
+        if to == self.id or to == self.lead_transferee:
+            return
+        self.election_elapsed = 0  # the transfer must finish within an election timeout
+        self.lead_transferee = to
+        if self.prs[to].match == self.log.last_index():
+            self._send_timeout_now(to)
+        else:
+            self.send_append(to)
+
+    # -- reports from the driver -------------------------------------------------------------
+    def report_unreachable(self, to: int) -> None:
+        pr = self.prs.get(to)
+        if self.role is Role.LEADER and pr is not None and pr.state is ProgressState.REPLICATE:
+            pr.become_probe()
+
+    def report_snapshot(self, to: int, failed: bool) -> None:
+        pr = self.prs.get(to)
+        if self.role is not Role.LEADER or pr is None or pr.state is not ProgressState.SNAPSHOT:
+            return
+        if failed:
+            pr.pending_snapshot = 0
+        pr.become_probe()
+        pr.probe_sent = True  # wait for a heartbeat answer before probing again

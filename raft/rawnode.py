@@ -1,0 +1,203 @@
+"""RawNode: the driver's handle on one group's core, and the numbered Ready it hands out.
+
+The Ready contract (the driver's loop for one group):
+
+    if node.has_ready():
+        rd = node.ready()
+        send(rd.messages)                      # now, in parallel with the write below
+        persist(rd.snapshot, rd.entries, rd.hard_state)   # fsync when rd.must_sync
+        send(rd.persisted_messages)            # only once the write above is durable
+        apply(rd.snapshot, rd.committed_entries); serve(rd.read_states)
+        node.advance(rd)
+
+At most one Ready is outstanding: ``ready()`` again before ``advance`` raises.  Between
+``ready()`` and ``advance()`` the driver may keep calling ``step``/``tick``/``propose`` (the
+network and the clock go on while the disk works); whatever they produce goes into the next Ready.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .core import CampaignKind, Config, Raft, ReadState, SoftState
+from .errors import InvariantViolation, check
+from .messages import (
+    AppendEntries,
+    ConfChange,
+    Entry,
+    HardState,
+    Heartbeat,
+    InstallSnapshot,
+    Message,
+    ReadIndexResponse,
+    RequestVote,
+    Snapshot,
+    TimeoutNow,
+    VoteResponse,
+)
+from .storage import Storage
+
+# Messages a leader sends about entries and terms that are already durable (or whose
+# durability is not needed by the receiver): they may leave before the Ready is persisted.
+_SEND_NOW = (AppendEntries, Heartbeat, InstallSnapshot, TimeoutNow, ReadIndexResponse)
+
+
+class Ready(msgspec.Struct):
+    number: int
+    soft_state: SoftState | None  # set when leader or role changed
+    hard_state: HardState | None  # set when term, vote or commit changed: persist it
+    entries: list[Entry]  # persist (append, replacing any conflicting suffix)
+    snapshot: Snapshot | None  # persist and restore the state machine from it
+    committed_entries: list[Entry]  # apply, after the persist above
+    messages: list[Message]  # send now
+    persisted_messages: list[Message]  # send only after the persist above
+    read_states: list[ReadState]
+    must_sync: bool  # the persist must be fsynced (entries, snapshot, term or vote)
+
+
+class RawNode:
+    def __init__(self, config: Config, storage: Storage) -> None:
+        self.raft = Raft(config, storage)
+        self._prev_soft = self.raft.soft_state()
+        self._prev_hard = self.raft.hard_state()
+        self._number = 0
+        self._outstanding: Ready | None = None
+
+    # -- inputs ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        self.raft.tick()
+
+    def step(self, m: Message) -> None:
+        self.raft.step(m)
+
+    def campaign(self) -> None:
+        """Start an election now (with pre-vote when enabled)."""
+        self.raft.hup()
+
+    def propose(self, data: bytes) -> int:
+        return self.raft.propose(data)
+
+    def propose_conf_change(self, change: ConfChange) -> int:
+        return self.raft.propose_conf_change(change)
+
+    def transfer_leader(self, to: int) -> None:
+        self.raft.transfer_leader(to)
+
+    def read_index(self, context: bytes) -> None:
+        self.raft.read_index(context)
+
+    def report_unreachable(self, to: int) -> None:
+        self.raft.report_unreachable(to)
+
+    def report_snapshot(self, to: int, failed: bool) -> None:
+        self.raft.report_snapshot(to, failed)
+
+    # -- outputs -----------------------------------------------------------------------------
+    def has_ready(self) -> bool:
+        if self._outstanding is not None:
+            return False
+        r = self.raft
+        return bool(
+            r.msgs
+            or r.read_states
+            or r.bcast_pending
+            or r.log.unstable.entries
+            or r.log.unstable.snapshot is not None
+            or r.log.has_next_committed()
+            or r.soft_state() != self._prev_soft
+            or r.hard_state() != self._prev_hard
+        )
+
+    def ready(self) -> Ready:
+        if self._outstanding is not None:
+            raise InvariantViolation(f"Ready {self._outstanding.number} was not advanced")
+        r = self.raft
+        r.flush_proposals()
+        soft = r.soft_state()
+        hard = r.hard_state()
+        prev = self._prev_hard
+        vote_changed = hard.term != prev.term or hard.vote != prev.vote
+        now: list[Message] = []
+        later: list[Message] = []
+        for m in r.msgs:
+            if vote_changed:
+                later.append(m)  # nothing leaves before the new term and vote are durable
+            elif isinstance(m, _SEND_NOW) or (
+                isinstance(m, RequestVote | VoteResponse) and m.pre_vote
+            ):
+                now.append(m)
+            else:
+                later.append(m)
+        unstable = r.log.unstable
+        self._number += 1
+        rd = Ready(
+            number=self._number,
+            soft_state=soft if soft != self._prev_soft else None,
+            hard_state=hard if hard != prev else None,
+            entries=list(unstable.entries),
+            snapshot=unstable.snapshot,
+            committed_entries=r.log.next_committed(),
+            messages=now,
+            persisted_messages=later,
+            read_states=r.read_states,
+            must_sync=vote_changed or bool(unstable.entries) or unstable.snapshot is not None,
+        )
+        r.msgs = []
+        r.read_states = []
+        self._prev_soft = soft
+        self._prev_hard = hard
+        self._outstanding = rd
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The driver persisted, sent and applied ``rd``."""
+        check(rd is self._outstanding, f"advance of Ready {rd.number} that is not outstanding")
+        self._outstanding = None
+        r = self.raft
+        if rd.snapshot is not None:
+            index = rd.snapshot.meta.index
+            r.log.unstable.stable_snap_to(index)
+            if index > r.log.applied:
+                r.log.applied = index
+        if rd.entries:
+            last = rd.entries[-1]
+            r.log.unstable.stable_to(last.index, last.term)
+        r.on_persisted()
+        if rd.committed_entries:
+            r.apply_committed(rd.committed_entries)
+
+    # -- views -------------------------------------------------------------------------------
+    def status(self) -> Status:
+        r = self.raft
+        return Status(
+            id=r.id,
+            role=r.role.value,
+            term=r.term,
+            vote=r.vote,
+            lead=r.lead,
+            commit=r.log.committed,
+            applied=r.log.applied,
+            last_index=r.log.last_index(),
+            voters=r.voters,
+            learners=r.learners,
+            progress={i: (p.state.value, p.match, p.next) for i, p in r.prs.items()}
+            if r.role.value == "leader"
+            else {},
+        )
+
+
+class Status(msgspec.Struct, frozen=True):
+    id: int
+    role: str
+    term: int
+    vote: int
+    lead: int
+    commit: int
+    applied: int
+    last_index: int
+    voters: tuple[int, ...]
+    learners: tuple[int, ...]
+    progress: dict[int, tuple[str, int, int]]
+
+
+__all__ = ["CampaignKind", "Config", "RawNode", "ReadState", "Ready", "SoftState", "Status"]

@@ -1,0 +1,144 @@
+"""Helpers that make a paper test a few lines long.
+
+``Cluster`` runs RawNodes over MemoryStorage with a synchronous, perfect network: ``stabilize``
+persists every Ready (storage = disk), delivers its messages, applies committed entries and
+repeats until nothing moves.  Messages can be dropped per link (``cut``/``isolate``) or held
+back and inspected (``capture``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from raft import Config, ConfState, EntryType, MemoryStorage, RawNode, Ready
+from raft.messages import Message
+
+
+def config(id_: int, **kw: object) -> Config:
+    base: dict[str, object] = {"election_ticks": 10, "heartbeat_ticks": 1, "seed": 1}
+    base.update(kw)
+    return Config(id=id_, **base)  # type: ignore[arg-type]
+
+
+def persist(storage: MemoryStorage, rd: Ready) -> None:
+    """Write a Ready to MemoryStorage exactly as a driver writes it to disk."""
+    if rd.snapshot is not None:
+        storage.apply_snapshot(rd.snapshot)
+    storage.append(rd.entries)
+    if rd.hard_state is not None:
+        storage.set_hard_state(rd.hard_state)
+
+
+class Cluster:
+    def __init__(
+        self,
+        ids: Iterable[int] = (1, 2, 3),
+        learners: Iterable[int] = (),
+        **cfg: object,
+    ) -> None:
+        ids = list(ids)
+        learners = list(learners)
+        cs = ConfState(tuple(ids), tuple(learners))
+        self.cfg = cfg
+        self.storage: dict[int, MemoryStorage] = {}
+        self.nodes: dict[int, RawNode] = {}
+        self.applied: dict[int, list[bytes]] = {}
+        for i in ids + learners:
+            self.storage[i] = MemoryStorage(cs)
+            self.nodes[i] = RawNode(config(i, **cfg), self.storage[i])
+            self.applied[i] = []
+        self.cut_links: set[tuple[int, int]] = set()
+        self.filter: Callable[[Message], bool] | None = None  # return False to drop
+        self.captured: list[Message] = []
+        self.capture_types: tuple[type, ...] = ()
+        self.delivered: list[Message] = []
+
+    def add_node(self, id_: int, storage: MemoryStorage | None = None, **cfg: object) -> RawNode:
+        """A new (empty) node that learns its membership from the leader."""
+        self.storage[id_] = storage or MemoryStorage(ConfState())
+        self.nodes[id_] = RawNode(config(id_, **{**self.cfg, **cfg}), self.storage[id_])
+        self.applied[id_] = []
+        return self.nodes[id_]
+
+    def raft(self, id_: int):  # type: ignore[no-untyped-def]
+        return self.nodes[id_].raft
+
+    # -- faults ------------------------------------------------------------------------------
+    def cut(self, a: int, b: int) -> None:
+        self.cut_links |= {(a, b), (b, a)}
+
+    def isolate(self, a: int) -> None:
+        for b in self.nodes:
+            if b != a:
+                self.cut(a, b)
+
+    def heal(self) -> None:
+        self.cut_links.clear()
+
+    # -- driving -----------------------------------------------------------------------------
+    def _process(self, id_: int) -> list[Message]:
+        node = self.nodes[id_]
+        out: list[Message] = []
+        while node.has_ready():
+            rd = node.ready()
+            out += rd.messages
+            persist(self.storage[id_], rd)
+            out += rd.persisted_messages
+            for e in rd.committed_entries:
+                if e.type is EntryType.NORMAL and e.data:
+                    self.applied[id_].append(e.data)
+            node.advance(rd)
+        return out
+
+    def send(self, msgs: list[Message]) -> None:
+        pending = list(msgs)
+        while pending:
+            m = pending.pop(0)
+            if (m.frm, m.to) in self.cut_links or m.to not in self.nodes:
+                continue
+            if self.filter is not None and not self.filter(m):
+                continue
+            if self.capture_types and isinstance(m, self.capture_types):
+                self.captured.append(m)
+                continue
+            self.delivered.append(m)
+            self.nodes[m.to].step(m)
+            pending += self._process(m.to)
+
+    def stabilize(self) -> None:
+        for _ in range(1000):
+            msgs: list[Message] = []
+            for id_ in self.nodes:
+                msgs += self._process(id_)
+            if not msgs:
+                return
+            self.send(msgs)
+        raise AssertionError("cluster did not stabilize")
+
+    def tick(self, id_: int, n: int = 1) -> None:
+        for _ in range(n):
+            self.nodes[id_].tick()
+        self.stabilize()
+
+    def tick_all(self, n: int = 1) -> None:
+        for _ in range(n):
+            for node in self.nodes.values():
+                node.tick()
+            self.stabilize()
+
+    def campaign(self, id_: int) -> None:
+        self.nodes[id_].campaign()
+        self.stabilize()
+
+    def elect(self, id_: int) -> None:
+        self.campaign(id_)
+        assert self.raft(id_).role.value == "leader", f"{id_} did not win: {self.raft(id_)!r}"
+
+    def propose(self, id_: int, data: bytes) -> int:
+        index = self.nodes[id_].propose(data)
+        self.stabilize()
+        return index
+
+    def leader(self) -> int | None:
+        leaders = [i for i, n in self.nodes.items() if n.raft.role.value == "leader"]
+        return leaders[0] if len(leaders) == 1 else None

@@ -1,0 +1,1 @@
+"""wire package (see ../shared/design.md §2)."""
