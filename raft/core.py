@@ -164,6 +164,7 @@ class Raft:
         self.randomized_election_timeout = config.election_ticks
         self.lead_transferee = NONE
         self.pending_conf_index = 0
+        self._removal_scan = (0, False)  # (pending_conf_index scanned, removes this node)
         self.uncommitted_bytes = 0
         self.read_only = ReadOnly(config.max_pending_reads)
         self.pending_reads: list[tuple[int, bytes]] = []  # reads waiting for a current-term commit
@@ -175,7 +176,13 @@ class Raft:
         self._set_conf(conf_state)
         if hard_state != HardState():
             self._load_hard_state(hard_state)
-        if config.applied:
+        if config.applied > self.log.applied:
+            # The application already applied entries past the snapshot: replay their
+            # membership changes, which the storage's (snapshot) membership does not include.
+            replay = self.log.slice(self.log.applied + 1, config.applied + 1, None)
+            for e in replay:
+                if e.type is EntryType.CONF_CHANGE:
+                    self._set_conf(self._changed_conf(decode_conf_change(e.data)))
             self.log.applied_to(config.applied)
         self.become_follower(self.term, NONE)
 
@@ -203,14 +210,15 @@ class Raft:
         return self.log.term_or_zero(self.log.committed) == self.term
 
     def _load_hard_state(self, hs: HardState) -> None:
-        if not self.log.committed <= hs.commit <= self.log.last_index():
+        if hs.commit > self.log.last_index():
             raise InvariantViolation(
-                f"hard state commit {hs.commit} outside [{self.log.committed}, "
-                f"{self.log.last_index()}]"
+                f"hard state commit {hs.commit} beyond the last index {self.log.last_index()}: "
+                "was the log truncated or lost?"
             )
         self.term = hs.term
         self.vote = hs.vote
-        self.log.committed = hs.commit
+        # The commit index need not be durable: it may lag the snapshot we restarted from.
+        self.log.committed = max(hs.commit, self.log.committed)
 
     # -- sending -----------------------------------------------------------------------------
     def _send(self, m: Message) -> None:
@@ -696,6 +704,26 @@ class Raft:
             raise ProposalDropped(f"leadership transfer to {self.lead_transferee} in progress")
         if self.id not in self.prs:
             raise ProposalDropped("this node was removed from the group")
+        if self._self_removal_pending():
+            # Keep our log no longer than the remaining voters' once the removal commits, so
+            # one of them can win an election even before it learns of the commit.
+            raise ProposalDropped("this node's removal from the group is pending")
+
+    def _self_removal_pending(self) -> bool:
+        if self.pending_conf_index <= self.log.applied:
+            return False
+        if self._removal_scan[0] != self.pending_conf_index:
+            entries = self.log.slice(
+                max(self.log.applied + 1, self.log.first_index()), self.pending_conf_index + 1, None
+            )
+            removing = any(
+                e.type is EntryType.CONF_CHANGE
+                and (cc := decode_conf_change(e.data)).type is ConfChangeType.REMOVE_NODE
+                and cc.node_id == self.id
+                for e in entries
+            )
+            self._removal_scan = (self.pending_conf_index, removing)
+        return self._removal_scan[1]
 
     def propose(self, data: bytes) -> int:
         """Append ``data`` as a new entry; returns its index (committed later, or never)."""
@@ -759,8 +787,7 @@ class Raft:
             prs[id_] = pr
         self.prs = dict(sorted(prs.items()))
 
-    def apply_conf_change(self, change: ConfChange) -> ConfState:
-        """Apply a committed membership change (RawNode.advance calls this)."""
+    def _changed_conf(self, change: ConfChange) -> ConfState:
         voters, learners = set(self.voters), set(self.learners)
         match change.type:
             case ConfChangeType.ADD_NODE:
@@ -773,10 +800,14 @@ class Raft:
                 voters.discard(change.node_id)
                 learners.discard(change.node_id)
         check(bool(voters), f"membership change {change} would leave no voters")
-        self._set_conf(ConfState(tuple(voters), tuple(learners)))
+        return ConfState(tuple(voters), tuple(learners))
+
+    def apply_conf_change(self, change: ConfChange) -> ConfState:
+        """Apply a committed membership change (RawNode.advance calls this)."""
+        self._set_conf(self._changed_conf(change))
         if self.role is Role.LEADER:
             if self.id not in self.voters:
-                self.become_follower(self.term, NONE)  # removed: step down, others elect
+                self._hand_over_and_step_down()
             else:
                 if self.lead_transferee not in self.voters:
                     self.lead_transferee = NONE
@@ -784,10 +815,25 @@ class Raft:
                     self.bcast_append()
         return self.conf_state()
 
+    def _hand_over_and_step_down(self) -> None:
+        """We applied our own removal: let the most caught-up voter campaign at once.
+
+        The other voters may not know yet that the removal committed (configurations take
+        effect when applied), so a TimeoutNow spares them waiting for an election timeout.
+        """
+        best = max(self.voters, key=lambda v: self.prs[v].match)
+        if self.prs[best].match == self.log.last_index():
+            self._send_timeout_now(best)
+        self.become_follower(self.term, NONE)
+
     def apply_committed(self, entries: list[Entry]) -> None:
         """Book-keeping once the application applied ``entries`` (called by RawNode.advance)."""
+        # A snapshot restored since these entries were handed out already holds the
+        # membership they lead to; applying their changes again would corrupt it.
+        restored = self.log.unstable.snapshot
+        skip_to = restored.meta.index if restored is not None else 0
         for e in entries:
-            if e.type is EntryType.CONF_CHANGE:
+            if e.type is EntryType.CONF_CHANGE and e.index > skip_to:
                 self.apply_conf_change(decode_conf_change(e.data))
         self.log.applied_to(entries[-1].index)
         self.uncommitted_bytes = max(0, self.uncommitted_bytes - entries_bytes(entries))

@@ -11,7 +11,17 @@ from __future__ import annotations
 from typing import Protocol
 
 from .errors import Compacted, SnapshotOutOfDate, Unavailable, check
-from .messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
+from .messages import (
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Snapshot,
+    SnapshotMeta,
+    encode_conf_change,
+)
 
 
 class Storage(Protocol):
@@ -137,3 +147,23 @@ class MemoryStorage:
         check(index <= self.last_index(), f"compact {index} > last {self.last_index()}")
         i = index - offset
         self.ents = [Entry(self.ents[i].term, index), *self.ents[i + 1 :]]
+
+
+def bootstrap(storage: MemoryStorage, conf_state: ConfState) -> None:
+    """Start a new group: its initial membership becomes the log's first committed entries.
+
+    Every initial member bootstraps with the same ``conf_state`` and so writes the same entries
+    (term 1, one ADD_NODE per voter, then one ADD_LEARNER per learner).  A node added later
+    starts from an empty storage and learns the whole membership history from the log (or
+    from a snapshot), never from its own configuration.
+    """
+    check(storage.last_index() == 0, "bootstrap needs an empty storage")
+    check(bool(conf_state.voters), "bootstrap needs at least one voter")
+    changes = [ConfChange(ConfChangeType.ADD_NODE, v) for v in sorted(conf_state.voters)]
+    changes += [ConfChange(ConfChangeType.ADD_LEARNER, v) for v in sorted(conf_state.learners)]
+    entries = [
+        Entry(1, i, EntryType.CONF_CHANGE, encode_conf_change(cc))
+        for i, cc in enumerate(changes, 1)
+    ]
+    storage.append(entries)
+    storage.set_hard_state(HardState(term=1, vote=0, commit=len(entries)))

@@ -1,0 +1,1 @@
+"""Deterministic simulation of many Raft groups on a faulty network and disk (design §9)."""

@@ -1,0 +1,159 @@
+"""The simulation in the default test run: seeded sweeps, and hypothesis-driven schedules.
+
+Sweeps: 200 seeds x 2 000 ticks (100 on 3 nodes, 100 on 5 nodes, 3 groups each), every fault
+kind.  A failure names the seed and the command that replays it.
+
+Hypothesis: a stateful machine whose rules are the simulator's actions (rounds of ticks and
+deliveries, drop rate, partitions, heal, crash, restart, propose, membership change, transfer,
+compaction, reads); the checker runs after every round and hypothesis shrinks a failing schedule.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from .cluster import ROUNDS_PER_TICK, Faults, SimCluster
+from .runner import liveness_phase, run_seed
+
+TICKS = 2000
+GROUPS = 3
+CHUNK = 10
+SWEEPS = [(3, first) for first in range(1, 101, CHUNK)] + [
+    (5, first) for first in range(1001, 1101, CHUNK)
+]
+
+
+@pytest.mark.parametrize(("nodes", "first"), SWEEPS, ids=[f"n{n}-s{f}" for n, f in SWEEPS])
+def test_seed_sweep(nodes: int, first: int) -> None:
+    failures = []
+    kinds = set()
+    for seed in range(first, first + CHUNK):
+        res = run_seed(seed, nodes, GROUPS, TICKS)
+        st_ = res.stats
+        kinds |= {
+            name
+            for name, n in (
+                ("crash", st_.crashes),
+                ("partition", st_.partitions),
+                ("conf", st_.conf_changes),
+                ("transfer", st_.transfers),
+                ("snapshot", st_.snapshots_taken),
+                ("read", st_.reads),
+            )
+            if n
+        }
+        assert st_.committed > 0, f"seed {seed} committed nothing"
+        if res.violation is not None:
+            failures.append(
+                f"seed {seed}: {res.violation}\n  replay: python -m tests.sim --seeds {seed} "
+                f"--nodes {nodes} --groups {GROUPS} --ticks {TICKS} --verbose"
+            )
+    assert not failures, "\n".join(failures)
+    assert kinds == {"crash", "partition", "conf", "transfer", "snapshot", "read"}, kinds
+
+
+def test_a_seed_replays_exactly() -> None:
+    a = run_seed(7, 3, 2, 300, verbose=True)
+    b = run_seed(7, 3, 2, 300, verbose=True)
+    assert a.trace == b.trace and a.stats == b.stats
+    assert a.trace, "the verbose trace records the schedule"
+
+
+class RaftSchedules(RuleBasedStateMachine):
+    """Hypothesis chooses the schedule; the simulator's checker judges every step."""
+
+    cluster: SimCluster
+
+    @initialize(seed=st.integers(0, 2**32), nodes=st.sampled_from([3, 5]))
+    def start(self, seed: int, nodes: int) -> None:
+        self.cluster = SimCluster(seed, nodes, 2, Faults(drop=0.0, duplicate=0.0))
+
+    def _node(self, data: st.DataObject) -> int:
+        return data.draw(st.sampled_from(self.cluster.ids))
+
+    @rule(rounds=st.integers(1, 12 * ROUNDS_PER_TICK))
+    def run(self, rounds: int) -> None:
+        for _ in range(rounds):
+            self.cluster.round()
+
+    @rule()
+    def deliver_one_round(self) -> None:
+        self.cluster.round()
+
+    @rule(rate=st.sampled_from([0.0, 0.05, 0.3]), dup=st.sampled_from([0.0, 0.1]))
+    def set_drop(self, rate: float, dup: float) -> None:
+        self.cluster.faults.drop = rate
+        self.cluster.faults.duplicate = dup
+
+    @rule(data=st.data())
+    def isolate(self, data: st.DataObject) -> None:
+        self.cluster.isolate(self._node(data))
+
+    @rule(data=st.data())
+    def partition(self, data: st.DataObject) -> None:
+        ids = self.cluster.ids
+        side = data.draw(st.sets(st.sampled_from(ids), min_size=1, max_size=len(ids) - 1))
+        self.cluster.partition(side)
+
+    @rule(data=st.data())
+    def cut_one_way(self, data: st.DataObject) -> None:
+        a = self._node(data)
+        b = data.draw(st.sampled_from([n for n in self.cluster.ids if n != a]))
+        self.cluster.cut_one_way(a, b)
+
+    @rule()
+    def heal(self) -> None:
+        self.cluster.heal()
+
+    @precondition(lambda self: len(self.cluster.alive) > 1)
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        self.cluster.crash(data.draw(st.sampled_from(sorted(self.cluster.alive))))
+
+    @precondition(lambda self: len(self.cluster.alive) < len(self.cluster.ids))
+    @rule(data=st.data())
+    def restart(self, data: st.DataObject) -> None:
+        dead = sorted(set(self.cluster.ids) - self.cluster.alive)
+        self.cluster.restart(data.draw(st.sampled_from(dead)))
+
+    @rule(g=st.sampled_from([0, 1]), count=st.integers(1, 5))
+    def propose(self, g: int, count: int) -> None:
+        for _ in range(count):
+            self.cluster.propose(g)
+
+    @rule(g=st.sampled_from([0, 1]))
+    def conf_change(self, g: int) -> None:
+        self.cluster.conf_change(g, self.cluster.rng)
+
+    @rule(g=st.sampled_from([0, 1]))
+    def transfer(self, g: int) -> None:
+        self.cluster.transfer(g, self.cluster.rng)
+
+    @rule(data=st.data(), g=st.sampled_from([0, 1]))
+    def compact(self, data: st.DataObject, g: int) -> None:
+        self.cluster.compact(self._node(data), g)
+
+    @rule(data=st.data(), g=st.sampled_from([0, 1]))
+    def read(self, data: st.DataObject, g: int) -> None:
+        self.cluster.read(self._node(data), g)
+
+    @invariant()
+    def logs_agree(self) -> None:
+        if hasattr(self, "cluster"):
+            self.cluster.check_logs()
+
+    def teardown(self) -> None:
+        if hasattr(self, "cluster"):
+            liveness_phase(self.cluster, 400)
+
+
+TestRaftSchedules = RaftSchedules.TestCase
+TestRaftSchedules.settings = settings(
+    max_examples=25,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
