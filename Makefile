@@ -22,13 +22,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy raft
 
 pytest: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --durations=10
 
 # Long deterministic-simulation run (not part of `make test`): SEEDS=first-last.
 SEEDS ?= 1-10000
 soak: $(STAMP)
-	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 3 --groups 4 --ticks 2000
-	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 5 --groups 4 --ticks 2000
+	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 3 --groups 3 --ticks 2000 --jobs 0
+	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 5 --groups 3 --ticks 2000 --jobs 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

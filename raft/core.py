@@ -804,11 +804,14 @@ class Raft:
 
     def apply_conf_change(self, change: ConfChange) -> ConfState:
         """Apply a committed membership change (RawNode.advance calls this)."""
+        before = set(self.prs)
         self._set_conf(self._changed_conf(change))
         if self.role is Role.LEADER:
             if self.id not in self.voters:
                 self._hand_over_and_step_down()
             else:
+                for new in self.prs.keys() - before:
+                    self.send_append(new)  # start probing a new member at once
                 if self.lead_transferee not in self.voters:
                     self.lead_transferee = NONE
                 if self._maybe_commit():  # a smaller quorum may commit more

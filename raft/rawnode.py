@@ -27,8 +27,10 @@ from .messages import (
     Entry,
     HardState,
     Heartbeat,
+    HeartbeatResponse,
     InstallSnapshot,
     Message,
+    ReadIndex,
     ReadIndexResponse,
     RequestVote,
     Snapshot,
@@ -37,9 +39,18 @@ from .messages import (
 )
 from .storage import Storage
 
-# Messages a leader sends about entries and terms that are already durable (or whose
-# durability is not needed by the receiver): they may leave before the Ready is persisted.
-_SEND_NOW = (AppendEntries, Heartbeat, InstallSnapshot, TimeoutNow, ReadIndexResponse)
+# Messages that promise nothing about this Ready's entries: a leader's messages (its term is
+# durable; followers count only their own persisted entries), heartbeat answers and read
+# requests.  Unless the term or vote changed, they may leave before the Ready is persisted.
+_SEND_NOW = (
+    AppendEntries,
+    Heartbeat,
+    InstallSnapshot,
+    TimeoutNow,
+    ReadIndexResponse,
+    HeartbeatResponse,
+    ReadIndex,
+)
 
 
 class Ready(msgspec.Struct):

@@ -2,24 +2,31 @@
 
     python -m tests.sim --seeds 1-200 --nodes 3 --groups 3 --ticks 2000
     python -m tests.sim --seeds 4711 --nodes 5 --groups 2 --ticks 2000 --verbose
+    python -m tests.sim --seeds 1-10000 --jobs 2        # a soak, on every core
 
-Prints one line per failing seed and a summary ``N seeds, V violations``; exits 1 when V > 0.
+Prints one line per failing seed (with the command that replays it), progress on stderr, and a
+summary ``N seeds, V violations``; exits 1 when V > 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import sys
 import time
 
-from .runner import run_seed
+from .runner import SimResult, run_seed
 
 
 def parse_seeds(text: str) -> range:
-    if "-" in text:
-        lo, hi = text.split("-", 1)
-        return range(int(lo), int(hi) + 1)
-    return range(int(text), int(text) + 1)
+    lo, _, hi = text.partition("-")
+    return range(int(lo), int(hi or lo) + 1)
+
+
+def _run(job: tuple[int, int, int, int]) -> SimResult:
+    seed, nodes, groups, ticks = job
+    return run_seed(seed, nodes, groups, ticks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,24 +35,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, choices=(3, 5), default=3)
     p.add_argument("--groups", type=int, default=3)
     p.add_argument("--ticks", type=int, default=2000)
-    p.add_argument("--verbose", action="store_true", help="print the schedule of each seed")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (0: one per core)")
+    p.add_argument("--verbose", action="store_true", help="print each seed's schedule")
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
+    jobs = [(s, args.nodes, args.groups, args.ticks) for s in seeds]
+    workers = args.jobs or os.cpu_count() or 1
     violations = 0
     started = time.monotonic()
-    for i, seed in enumerate(seeds, 1):
-        trace = print if args.verbose else None
-        res = run_seed(seed, args.nodes, args.groups, args.ticks, trace=trace)
+
+    def report(i: int, res: SimResult) -> None:
+        nonlocal violations
         if res.violation is not None:
             violations += 1
-            print(f"seed {seed}: VIOLATION {res.violation}", flush=True)
-        if args.verbose:
-            print(f"seed {seed}: {res.stats}")
-        if i % 100 == 0 and not args.verbose:
+            print(
+                f"seed {res.seed}: VIOLATION {res.violation}\n  replay: python -m tests.sim "
+                f"--seeds {res.seed} --nodes {res.nodes} --groups {res.groups} "
+                f"--ticks {res.ticks} --verbose",
+                flush=True,
+            )
+        if i % 100 == 0 or i == len(jobs):
             rate = i / (time.monotonic() - started)
-            print(f"... {i}/{len(seeds)} seeds, {violations} violations ({rate:.1f} seeds/s)",
-                  file=sys.stderr, flush=True)
-    print(f"{len(seeds)} seeds, {violations} violations")
+            print(
+                f"... {i}/{len(jobs)} seeds, {violations} violations ({rate:.1f} seeds/s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    if args.verbose:
+        for i, (seed, nodes, groups, ticks) in enumerate(jobs, 1):
+            res = run_seed(seed, nodes, groups, ticks, trace=print)
+            print(f"seed {seed}: {res.stats}")
+            report(i, res)
+    elif workers == 1:
+        for i, job in enumerate(jobs, 1):
+            report(i, _run(job))
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for i, res in enumerate(pool.imap_unordered(_run, jobs, chunksize=4), 1):
+                report(i, res)
+    print(f"{len(jobs)} seeds, {violations} violations")
     return 1 if violations else 0
 
 

@@ -10,6 +10,7 @@ role seen in a scan, a read answered); the checker keeps its own global history 
 - committed entries never change, and every leader elected after an entry was committed
   holds it (leader completeness);
 - the commit index of a node never decreases while it runs;
+- a node grants at most one vote per term, across crashes (§5.2);
 - every replica applies the same data at the same index, each index once and in order;
 - a proposal is applied at one index only;
 - a ReadIndex answer is at least the commit index known anywhere when the read was asked.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 
 from raft import Compacted, Entry, RawNode, Role, Unavailable
+from raft.messages import VoteResponse
 
 
 class Violation(AssertionError):
@@ -46,6 +48,7 @@ class Checker:
         self.commit_seen: dict[tuple[int, int], int] = {}  # (node, g) -> commit, per incarnation
         self.reads: dict[bytes, tuple[int, int]] = {}  # context -> (group, committed at ask)
         self.reads_answered = 0
+        self.votes: dict[tuple[int, int, int], int] = {}  # (group, voter, term) -> candidate
 
     @staticmethod
     def fail(what: str) -> None:
@@ -75,7 +78,7 @@ class Checker:
     def _check_leader_completeness(self, node: int, group: int, rn: RawNode) -> None:
         log = rn.raft.log
         first, last = log.first_index(), log.last_index()
-        for (g, index), (term, data, commit_term) in self.committed.items():
+        for (g, index), (term, _data, commit_term) in self.committed.items():
             if g != group or commit_term >= rn.raft.term:
                 continue  # only entries committed in an earlier term must be present
             if index < first:
@@ -90,6 +93,14 @@ class Checker:
                     f"g{group}: leader n{node} of term {rn.raft.term} holds term "
                     f"{log.term(index)} at committed index {index} (committed term {term})"
                 )
+
+    # -- messages ---------------------------------------------------------------------------
+    def on_send(self, group: int, m: object) -> None:
+        """§5.2: a node grants at most one vote per term, even across crashes."""
+        if isinstance(m, VoteResponse) and not m.reject and not m.pre_vote:
+            cand = self.votes.setdefault((group, m.frm, m.term), m.to)
+            if cand != m.to:
+                self.fail(f"g{group}: n{m.frm} voted for n{cand} and n{m.to} in term {m.term}")
 
     # -- persisted entries: log matching -----------------------------------------------------
     def on_persist(self, node: int, group: int, rn: RawNode, entries: list[Entry]) -> None:

@@ -16,6 +16,7 @@ Everything random comes from one ``random.Random(seed)``; the same seed replays 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
@@ -28,8 +29,8 @@ from raft import (
     NONE,
     ConfChange,
     ConfChangeType,
-    ConfState,
     Config,
+    ConfState,
     EntryType,
     MemoryStorage,
     RaftError,
@@ -37,8 +38,8 @@ from raft import (
     Ready,
     Role,
 )
-from raft.storage import bootstrap
 from raft.messages import Message
+from raft.storage import bootstrap
 
 from .checker import GENESIS, Checker, Violation, chain
 
@@ -56,6 +57,34 @@ class Faults:
     duplicate: float = 0.02
     max_delay: int = 6  # rounds
     max_persist_delay: int = 3  # rounds
+    crash: float = 0.002  # per round
+    restart: float = 0.01  # per round
+    partition: float = 0.003  # per round
+    heal: float = 0.006  # per round
+    max_size_per_msg: int = 256
+
+
+PROFILES = {
+    "calm": Faults(),
+    "crashy": Faults(crash=0.03, restart=0.08, max_persist_delay=6),
+    "partitioned": Faults(partition=0.02, heal=0.02, max_size_per_msg=48),
+    "chaotic": Faults(
+        drop=0.1,
+        duplicate=0.05,
+        crash=0.02,
+        restart=0.06,
+        partition=0.015,
+        heal=0.02,
+        max_persist_delay=6,
+        max_size_per_msg=48,
+    ),
+}
+
+
+def profile_for(seed: int) -> Faults:
+    """Each seed runs under one fault profile, in turn."""
+    name = sorted(PROFILES)[seed % len(PROFILES)]
+    return dataclasses.replace(PROFILES[name])
 
 
 @dataclass(order=True)
@@ -76,9 +105,11 @@ class Network:
         self.blocked: set[tuple[int, int]] = set()
         self.counter = itertools.count()
         self.sent = self.dropped = 0
+        self.on_send: Callable[[int, Message], None] = lambda g, m: None
 
     def send(self, now: int, src: int, group: int, m: Message) -> None:
         self.sent += 1
+        self.on_send(group, m)
         if (src, m.to) in self.blocked or self.rng.random() < self.faults.drop:
             self.dropped += 1
             return
@@ -103,7 +134,10 @@ class Network:
 class Replica:
     """One group's replica on one node: its disk survives crashes, the rest does not."""
 
-    def __init__(self, node_id: int, group: int, conf: ConfState, seed: int) -> None:
+    def __init__(
+        self, node_id: int, group: int, conf: ConfState, seed: int, max_size_per_msg: int
+    ) -> None:
+        self.max_size_per_msg = max_size_per_msg
         self.node_id = node_id
         self.group = group
         self.seed = seed
@@ -128,7 +162,7 @@ class Replica:
             election_ticks=ELECTION_TICKS,
             heartbeat_ticks=HEARTBEAT_TICKS,
             seed=self.seed * 1000 + self.group * 10 + self.incarnation,
-            max_size_per_msg=256,
+            max_size_per_msg=self.max_size_per_msg,
             max_inflight_msgs=4,
             max_uncommitted_bytes=4096,
             snapshot_timeout_ticks=4 * ELECTION_TICKS,
@@ -168,9 +202,10 @@ class SimCluster:
         self.seed = seed
         self.ids = list(range(1, nodes + 1))
         self.groups = list(range(groups))
-        self.faults = faults or Faults()
+        self.faults = faults or profile_for(seed)
         self.net = Network(self.rng, self.faults)
         self.checker = Checker()
+        self.net.on_send = self.checker.on_send
         self.stats = Stats()
         self.trace = trace
         self.now = 0
@@ -178,12 +213,13 @@ class SimCluster:
         self.proposal_counter = itertools.count(1)
         self.read_counter = itertools.count(1)
         self.replicas: dict[tuple[int, int], Replica] = {}
+        self.dirty: dict[tuple[int, int], Replica] = {}  # replicas with new input, in order
         for g in self.groups:
             members = self.ids if nodes <= 3 else sorted(self.rng.sample(self.ids, 3))
             conf = ConfState(tuple(members))
             for n in self.ids:
                 c = conf if n in members else ConfState()
-                self.replicas[(n, g)] = Replica(n, g, c, seed)
+                self.replicas[(n, g)] = Replica(n, g, c, seed, self.faults.max_size_per_msg)
 
     def log(self, what: str) -> None:
         if self.trace is not None:
@@ -203,6 +239,10 @@ class SimCluster:
         return best
 
     # -- one round -----------------------------------------------------------------------------
+    def touch(self, rep: Replica) -> None:
+        """``rep`` received input: look for a Ready (and scan it) this round."""
+        self.dirty[(rep.node_id, rep.group)] = rep
+
     def round(self) -> None:
         self.now += 1
         for p in self.net.due(self.now):
@@ -211,18 +251,22 @@ class SimCluster:
             rep = self.replicas[(p.dst, p.group)]
             assert rep.rn is not None
             rep.rn.step(_decode(p.data))
+            self.touch(rep)
         for rep in self.replicas.values():
-            if rep.rn is None:
-                continue
             if rep.pending is not None and rep.pending_due <= self.now:
                 self._complete(rep)
-            if rep.pending is None and rep.rn.has_ready():
+                self.touch(rep)
+        work, self.dirty = self.dirty, {}
+        for rep in work.values():
+            if rep.rn is not None and rep.pending is None and rep.rn.has_ready():
                 self._take_ready(rep)
         if self.now % ROUNDS_PER_TICK == 0:
             for rep in self.replicas.values():
                 if rep.rn is not None:
                     rep.rn.tick()
-        for rep in self.replicas.values():
+                    self.touch(rep)  # its Ready is taken next round
+            work = self.replicas
+        for rep in work.values():
             if rep.rn is not None:
                 self.checker.scan(rep.node_id, rep.group, rep.rn)
 
@@ -293,6 +337,7 @@ class SimCluster:
         self.checker.on_restart(n)
         for g in self.groups:
             self.replicas[(n, g)].start()
+            self.touch(self.replicas[(n, g)])
 
     def block(self, a: int, b: int) -> None:
         self.net.blocked.add((a, b))
@@ -324,12 +369,26 @@ class SimCluster:
         self.net.blocked.clear()
 
     # -- client actions ------------------------------------------------------------------------
-    def propose(self, g: int, via: int | None = None) -> tuple[int, int] | None:
-        """Propose new data to the leader (or ``via`` a given node): its (term, index)."""
-        rep = self.leader(g) if via is None else self.replicas[(via, g)]
+    def leaders(self, g: int) -> list[Replica]:
+        """Every live replica that believes it leads ``g`` (stale leaders included)."""
+        return [r for r in self.live(g) if r.rn is not None and r.rn.raft.role is Role.LEADER]
+
+    def propose(
+        self, g: int, via: int | None = None, stale: bool = False
+    ) -> tuple[int, int] | None:
+        """Propose new data: its (term, index).  Sent to the newest leader, to any node that
+        believes it leads (``stale``), or ``via`` a given node."""
+        if via is not None:
+            rep: Replica | None = self.replicas[(via, g)]
+        elif stale:
+            leaders = self.leaders(g)
+            rep = self.rng.choice(leaders) if leaders else None
+        else:
+            rep = self.leader(g)
         if rep is None or rep.rn is None:
             return None
         data = f"g{g}:n{rep.node_id}:p{next(self.proposal_counter)}".encode()
+        self.touch(rep)
         try:
             index = rep.rn.propose(data)
         except RaftError:
@@ -353,6 +412,7 @@ class SimCluster:
         if not options:
             return
         cc = pick.choice(options)
+        self.touch(rep)
         try:
             rep.rn.propose_conf_change(cc)
         except RaftError:
@@ -368,6 +428,7 @@ class SimCluster:
         if not targets:
             return
         to = pick.choice(targets)
+        self.touch(rep)
         try:
             rep.rn.transfer_leader(to)
         except RaftError:
@@ -393,6 +454,7 @@ class SimCluster:
         if rep.rn is None:
             return
         ctx = f"read{next(self.read_counter)}".encode()
+        self.touch(rep)
         self.checker.on_read_asked(g, ctx)
         try:
             rep.rn.read_index(ctx)

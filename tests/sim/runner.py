@@ -38,12 +38,12 @@ class SimResult:
 
 
 def _safety_round(c: SimCluster) -> None:
-    rng = c.rng
-    x = rng.random()
+    rng, f = c.rng, c.faults
     g = rng.choice(c.groups)
     n = rng.choice(c.ids)
+    x = rng.random()
     if x < 0.30:
-        c.propose(g, via=n if rng.random() < 0.2 else None)
+        c.propose(g, via=n if rng.random() < 0.1 else None, stale=True)
     elif x < 0.34:
         c.read(n, g)
     elif x < 0.35:
@@ -52,14 +52,13 @@ def _safety_round(c: SimCluster) -> None:
         c.conf_change(g, rng)
     elif x < 0.357:
         c.transfer(g, rng)
-    elif x < 0.359:
-        if len(c.alive) > 1:
-            c.crash(n)
-    elif x < 0.369:
+    if rng.random() < f.crash and len(c.alive) > 1:
+        c.crash(n)
+    if rng.random() < f.restart:
         dead = sorted(set(c.ids) - c.alive)
         if dead:
             c.restart(rng.choice(dead))
-    elif x < 0.372:
+    if rng.random() < f.partition:
         kind = rng.randrange(3)
         if kind == 0:
             c.isolate(n)
@@ -69,7 +68,7 @@ def _safety_round(c: SimCluster) -> None:
         else:
             other = rng.choice([m for m in c.ids if m != n])
             c.cut_one_way(n, other)
-    elif x < 0.378:
+    if rng.random() < f.heal:
         c.heal()
 
 
@@ -126,7 +125,9 @@ def liveness_phase(c: SimCluster, liveness_ticks: int) -> None:
         c.round()
     missing = sorted(set(c.groups) - done)
     detail = "; ".join(_describe(c, g) for g in missing)
-    raise Violation(f"liveness: groups {missing} made no progress in {liveness_ticks} ticks: {detail}")
+    raise Violation(
+        f"liveness: groups {missing} made no progress in {liveness_ticks} ticks: {detail}"
+    )
 
 
 def _group_caught_up(c: SimCluster, g: int, marker: tuple[int, int], away: int | None) -> bool:
