@@ -43,6 +43,35 @@ def persist(storage: MemoryStorage, rd: Ready) -> None:
         storage.set_hard_state(rd.hard_state)
 
 
+def lone_node(
+    id_: int = 1,
+    terms: Iterable[int] = (),
+    term: int = 0,
+    vote: int = 0,
+    voters: tuple[int, ...] = (1, 2, 3),
+    **cfg: object,
+) -> tuple[RawNode, MemoryStorage]:
+    """Node ``id_`` of ``voters``, restarted over a disk holding a log of ``terms`` in ``term``.
+
+    Its peers are not wired: a test steps messages into it and reads its Readies (``drain``).
+    """
+    storage = MemoryStorage(ConfState(voters))
+    storage.append(entries_of(terms))
+    storage.set_hard_state(HardState(term, vote, 0))
+    return RawNode(config(id_, **cfg), storage), storage
+
+
+def drain(node: RawNode, storage: MemoryStorage) -> list[Message]:
+    """Persist and advance every Ready of a lone node; return all its messages."""
+    out: list[Message] = []
+    while node.has_ready():
+        rd = node.ready()
+        persist(storage, rd)
+        out += rd.messages + rd.persisted_messages
+        node.advance(rd)
+    return out
+
+
 def entries_of(terms: Iterable[int], first: int = 1) -> list[Entry]:
     """Entries with the given terms at indexes ``first``, ``first + 1``, ... (paper figures)."""
     return [Entry(t, first + i) for i, t in enumerate(terms)]
@@ -124,7 +153,8 @@ class Cluster:
         self.cut_links.clear()
 
     # -- driving -----------------------------------------------------------------------------
-    def _process(self, id_: int) -> list[Message]:
+    def process(self, id_: int) -> list[Message]:
+        """Persist, apply and advance every Ready of ``id_``; return the messages to send."""
         node = self.nodes[id_]
         out: list[Message] = []
         while node.has_ready():
@@ -140,10 +170,6 @@ class Cluster:
             self.read_states[id_] += rd.read_states
             node.advance(rd)
         return out
-
-    def process(self, id_: int) -> list[Message]:
-        """Persist, apply and advance every Ready of ``id_``; return the messages to send."""
-        return self._process(id_)
 
     def send(self, msgs: list[Message]) -> None:
         pending = list(msgs)
@@ -164,13 +190,13 @@ class Cluster:
                 continue
             self.delivered.append(m)
             self.nodes[m.to].step(m)
-            pending += self._process(m.to)
+            pending += self.process(m.to)
 
     def stabilize(self) -> None:
         for _ in range(1000):
             msgs: list[Message] = []
             for id_ in self.nodes:
-                msgs += self._process(id_)
+                msgs += self.process(id_)
             if not msgs:
                 return
             self.send(msgs)
