@@ -237,6 +237,8 @@ class Raft:
             return self._send_snapshot(to, pr)
         except Unavailable as e:
             raise InvariantViolation(f"progress of {to} beyond the log: {pr!r}") from e
+        if entries and len(self.voters) < 3:
+            entries = self._only_persisted(entries)
         if not entries and not send_if_empty:
             return False
         self._send(
@@ -246,6 +248,22 @@ class Raft:
         )
         pr.sent_entries(entries[-1].index if entries else None, entries_bytes(entries))
         return True
+
+    def _only_persisted(self, entries: list[Entry]) -> list[Entry]:
+        """With fewer than three voters, no parallel write: send only what we persisted.
+
+        Membership changes take effect when applied, so right after a group grows from one
+        voter to two, or shrinks from two to one, one of the two nodes may not know the change
+        committed and needs the other's vote, which the other grants only to a log at least as
+        up to date as its own.  If the other held entries the leader lost in a crash, neither
+        could ever win.  Sending only persisted entries keeps every other log within the
+        leader's durable one.  (With three or more voters the remaining voters always form a
+        majority of the old membership, so the parallel write stays.)
+        """
+        cap = self.log.persisted_index()
+        if entries[-1].index <= cap:
+            return entries
+        return [e for e in entries if e.index <= cap]
 
     def _send_snapshot(self, to: int, pr: Progress) -> bool:
         if not pr.recent_active:
@@ -654,6 +672,10 @@ class Raft:
         pr = self.prs.get(self.id)
         if pr is not None and pr.maybe_update(self._persisted_for_self()) and self._maybe_commit():
             self.bcast_append()
+        elif len(self.voters) < 3:
+            for to in self.prs:  # entries held back until persisted (see _only_persisted)
+                if to != self.id:
+                    self.send_append(to, send_if_empty=False)
 
     # -- reads -------------------------------------------------------------------------------
     def read_index(self, context: bytes) -> None:

@@ -140,3 +140,55 @@ def test_removed_leader_without_handover_still_lets_the_others_elect() -> None:
     assert c.raft(1).role.value == "follower"
     c.tick_all(60)
     assert c.leader() == 3
+
+
+def _appended(msgs: list[object]) -> list[bytes]:
+    return [e.data for m in msgs if isinstance(m, AppendEntries) for e in m.entries]
+
+
+def test_small_groups_send_only_persisted_entries() -> None:
+    """With fewer than three voters the leader does not write in parallel with replication:
+    an entry leaves only once the leader persisted it.  With three it does (thesis §10.2.1)."""
+    small = Cluster((1, 2))
+    small.elect(1)
+    small.nodes[1].propose(b"x")
+    rd = small.nodes[1].ready()
+    assert b"x" not in _appended(rd.messages + rd.persisted_messages)
+    persist(small.storage[1], rd)
+    small.nodes[1].advance(rd)
+    rd = small.nodes[1].ready()
+    assert b"x" in _appended(rd.messages)
+    big = Cluster((1, 2, 3))
+    big.elect(1)
+    big.nodes[1].propose(b"x")
+    assert b"x" in _appended(big.nodes[1].ready().messages)
+
+
+def test_two_to_one_voter_removal_survives_a_leader_crash() -> None:
+    """Bug (liveness, found by the simulation soak, seed 216): in {1, 2} the leader proposed
+    the removal of 2, then an entry y that it sent to 2 before persisting it; 2 learned that
+    its removal committed and applied it; 1 crashed before y and its commit index reached disk.
+    Restarted, 1 still counted 2 as a voter and needed its vote; 2 never campaigns again (it
+    is removed) and refused 1, whose log was now shorter than its own.  No leader, ever."""
+    c = Cluster((1, 2))
+    c.elect(1)
+    n1, n2 = c.nodes[1], c.nodes[2]
+    n1.propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, 2))
+    out = c.process(1)  # 1 persists the removal entry and sends it
+    for m in out:
+        n2.step(m)
+    acks = c.process(2)  # 2 persisted the removal entry; its ack is still on the wire
+    n1.propose(b"y")
+    for m in acks:
+        n1.step(m)  # the removal commits
+    rd = n1.ready()  # 1 crashes before this Ready (y, the new commit index) reaches its disk
+    for m in rd.messages:
+        n2.step(m)
+    c.process(2)
+    assert c.raft(2).voters == (1,)  # 2 learned the commit and applied its removal
+    c.nodes[1] = RawNode(config(1), c.storage[1])
+    assert c.raft(1).voters == (1, 2)  # its commit index did not reach disk
+    c.tick_all(60)
+    assert c.leader() == 1
+    c.propose(1, b"z")
+    assert c.applied[1][-1] == b"z"
