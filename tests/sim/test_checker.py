@@ -1,0 +1,98 @@
+"""The simulation's checkers must be able to fail: each is fed a broken history directly."""
+
+from __future__ import annotations
+
+import pytest
+
+from raft import Entry
+from raft.messages import VoteResponse
+
+from ..raft.helpers import Cluster
+from .checker import Checker, Violation
+
+
+def leader_of(term: int) -> Cluster:
+    c = Cluster((1, 2, 3))
+    c.elect(1)
+    assert c.raft(1).term == term
+    return c
+
+
+def test_two_leaders_in_one_term() -> None:
+    ch = Checker()
+    c = leader_of(1)
+    ch.scan(1, 0, c.nodes[1])
+    other = leader_of(1)  # another cluster's leader stands for node 2 in the same term
+    with pytest.raises(Violation, match="two leaders in term 1"):
+        ch.scan(2, 0, other.nodes[1])
+
+
+def test_commit_going_back() -> None:
+    ch = Checker()
+    c = leader_of(1)
+    c.propose(1, b"a")
+    ch.scan(1, 0, c.nodes[1])
+    c.raft(1).log.committed -= 1
+    with pytest.raises(Violation, match="commit went back"):
+        ch.scan(1, 0, c.nodes[1])
+    ch.on_restart(1)  # a restarted node may come back with an older (durable) commit
+    ch.scan(1, 0, c.nodes[1])
+
+
+def test_leader_lacking_a_committed_entry() -> None:
+    ch = Checker()
+    ch.on_committed(2, 0, 0, [Entry(1, 5, data=b"x")])  # committed in term 0 < 1
+    with pytest.raises(Violation, match="lacks committed index 5"):
+        ch.scan(1, 0, leader_of(1).nodes[1])
+
+
+def test_vote_granted_twice_in_a_term() -> None:
+    ch = Checker()
+    ch.on_send(0, VoteResponse(3, 1, 7, reject=False))
+    ch.on_send(0, VoteResponse(3, 1, 7, reject=False))  # the same vote again is fine
+    ch.on_send(0, VoteResponse(3, 2, 7, reject=True))  # so is a rejection
+    with pytest.raises(Violation, match="voted for n1 and n2 in term 7"):
+        ch.on_send(0, VoteResponse(3, 2, 7, reject=False))
+
+
+def test_log_matching() -> None:
+    ch = Checker()
+    c = leader_of(1)
+    ch.on_persist(1, 0, c.nodes[1], [Entry(1, 2, data=b"a")])
+    with pytest.raises(Violation, match="log matching broken at index 2"):
+        ch.on_persist(2, 0, c.nodes[2], [Entry(1, 2, data=b"b")])
+
+
+def test_compare_logs() -> None:
+    Checker.compare_logs(0, {1: {1: 1, 2: 1, 3: 2}, 2: {1: 1, 2: 1, 3: 3}})
+    with pytest.raises(Violation, match="differ at 1"):
+        Checker.compare_logs(0, {1: {1: 1, 2: 2}, 2: {1: 3, 2: 2}})
+
+
+def test_committed_entry_changing() -> None:
+    ch = Checker()
+    ch.on_committed(1, 0, 2, [Entry(2, 4, data=b"a")])
+    with pytest.raises(Violation, match="committed index 4 changed"):
+        ch.on_committed(2, 0, 3, [Entry(3, 4, data=b"b")])
+
+
+def test_replicas_applying_different_data() -> None:
+    ch = Checker()
+    ch.on_apply(1, 0, 4, b"a", b"s1", proposal=True)
+    with pytest.raises(Violation, match="applied b'b' at 4"):
+        ch.on_apply(2, 0, 4, b"b", b"s1", proposal=True)
+    with pytest.raises(Violation, match="state after 4 differs"):
+        ch.on_apply(3, 0, 4, b"a", b"s2", proposal=True)
+    with pytest.raises(Violation, match="applied at g0 i5"):
+        ch.on_apply(1, 0, 5, b"a", b"s3", proposal=True)
+
+
+def test_stale_read() -> None:
+    ch = Checker()
+    ch.on_committed(1, 0, 1, [Entry(1, 9, data=b"a")])
+    ch.on_read_asked(0, b"r1")
+    ch.on_read_answered(1, 0, b"r1", 9)
+    with pytest.raises(Violation, match="stale read"):
+        ch.on_read_answered(2, 0, b"r1", 8)
+    with pytest.raises(Violation, match="unknown context"):
+        ch.on_read_answered(2, 0, b"nope", 9)
