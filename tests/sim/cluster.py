@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import msgspec
 
 from raft import (
-    NONE,
     ConfChange,
     ConfChangeType,
     Config,
@@ -230,13 +229,12 @@ class SimCluster:
 
     def leader(self, g: int) -> Replica | None:
         """The live replica that believes it leads ``g`` with the highest term."""
-        best: Replica | None = None
-        for rep in self.live(g):
-            assert rep.rn is not None
-            r = rep.rn.raft
-            if r.role is Role.LEADER and (best is None or r.term > best.rn.raft.term):  # type: ignore[union-attr]
-                best = rep
-        return best
+        leaders = self.leaders(g)
+        return max(leaders, key=lambda r: r.rn.raft.term) if leaders else None  # type: ignore[union-attr]
+
+    def leaders(self, g: int) -> list[Replica]:
+        """Every live replica that believes it leads ``g`` (stale leaders included)."""
+        return [r for r in self.live(g) if r.rn is not None and r.rn.raft.role is Role.LEADER]
 
     # -- one round -----------------------------------------------------------------------------
     def touch(self, rep: Replica) -> None:
@@ -369,10 +367,6 @@ class SimCluster:
         self.net.blocked.clear()
 
     # -- client actions ------------------------------------------------------------------------
-    def leaders(self, g: int) -> list[Replica]:
-        """Every live replica that believes it leads ``g`` (stale leaders included)."""
-        return [r for r in self.live(g) if r.rn is not None and r.rn.raft.role is Role.LEADER]
-
     def propose(
         self, g: int, via: int | None = None, stale: bool = False
     ) -> tuple[int, int] | None:
@@ -481,7 +475,3 @@ class SimCluster:
         best = max(self.live(g), key=lambda r: (r.rn.raft.log.applied, r.rn.raft.term))  # type: ignore[union-attr]
         assert best.rn is not None
         return set(best.rn.raft.voters), set(best.rn.raft.learners)
-
-    def leader_term(self, g: int) -> int:
-        rep = self.leader(g)
-        return rep.rn.raft.term if rep is not None and rep.rn is not None else NONE
