@@ -70,13 +70,19 @@ class RaftSchedules(RuleBasedStateMachine):
     @initialize(seed=st.integers(0, 2**32), nodes=st.sampled_from([3, 5]))
     def start(self, seed: int, nodes: int) -> None:
         self.cluster = SimCluster(seed, nodes, 2, Faults(drop=0.0, duplicate=0.0))
+        for _ in range(30 * ROUNDS_PER_TICK):  # let the groups elect their first leaders
+            self.cluster.round()
 
     def _node(self, data: st.DataObject) -> int:
         return data.draw(st.sampled_from(self.cluster.ids))
 
-    @rule(rounds=st.integers(1, 12 * ROUNDS_PER_TICK))
-    def run(self, rounds: int) -> None:
-        for _ in range(rounds):
+    @rule(ticks=st.integers(1, 40), load=st.integers(0, 3))
+    def run(self, ticks: int, load: int) -> None:
+        """Let time pass (ticks and deliveries), proposing ``load`` entries per tick."""
+        for r in range(ticks * ROUNDS_PER_TICK):
+            if r % ROUNDS_PER_TICK == 0:
+                for _ in range(load):
+                    self.cluster.propose(self.cluster.rng.choice(self.cluster.groups), stale=True)
             self.cluster.round()
 
     @rule()
@@ -119,10 +125,11 @@ class RaftSchedules(RuleBasedStateMachine):
         dead = sorted(set(self.cluster.ids) - self.cluster.alive)
         self.cluster.restart(data.draw(st.sampled_from(dead)))
 
-    @rule(g=st.sampled_from([0, 1]), count=st.integers(1, 5))
-    def propose(self, g: int, count: int) -> None:
+    @rule(g=st.sampled_from([0, 1]), count=st.integers(1, 20), via=st.integers(0, 5))
+    def propose(self, g: int, count: int, via: int) -> None:
+        node = via if via in self.cluster.ids else None  # a given node, or any leader
         for _ in range(count):
-            self.cluster.propose(g)
+            self.cluster.propose(g, via=node, stale=True)
 
     @rule(g=st.sampled_from([0, 1]))
     def conf_change(self, g: int) -> None:
@@ -152,8 +159,8 @@ class RaftSchedules(RuleBasedStateMachine):
 
 TestRaftSchedules = RaftSchedules.TestCase
 TestRaftSchedules.settings = settings(
-    max_examples=25,
-    stateful_step_count=40,
+    max_examples=60,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
