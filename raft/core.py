@@ -395,8 +395,7 @@ class Raft:
         if self._poll(self.id, True) is VoteResult.WON:
             if kind is CampaignKind.PRE_ELECTION:
                 self._campaign(CampaignKind.ELECTION)
-            else:
-                self.become_leader()
+            # else: our own vote is a majority; we lead once it is durable (on_persisted).
             return
         last_index = self.log.last_index()
         last_term = self.log.last_term()
@@ -665,8 +664,20 @@ class Raft:
                 self._leader_read(frm, ctx)
         return True
 
-    def on_persisted(self) -> None:
-        """The driver persisted the log up to ``log.persisted_index()``: count the leader itself."""
+    def on_persisted(self, durable: HardState) -> None:
+        """The driver persisted the log up to ``log.persisted_index()`` and ``durable``.
+
+        A leader counts itself toward the commit quorum.  A candidate whose own vote is a
+        majority (a single voter) becomes leader only now: a leader's term and vote are always
+        durable before it acts, so a crash can never make it forget a term in which it led.
+        """
+        if (
+            self.role is Role.CANDIDATE
+            and (durable.term, durable.vote) == (self.term, self.id)
+            and vote_result(self.voters, self.votes) is VoteResult.WON
+        ):
+            self.become_leader()
+            self.bcast_append()
         if self.role is not Role.LEADER:
             return
         pr = self.prs.get(self.id)

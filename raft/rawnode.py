@@ -71,6 +71,7 @@ class RawNode:
         self.raft = Raft(config, storage)
         self._prev_soft = self.raft.soft_state()
         self._prev_hard = self.raft.hard_state()
+        self._durable_hard = self._prev_hard  # what storage holds, as of the last advance
         self._number = 0
         self._outstanding: Ready | None = None
 
@@ -165,6 +166,8 @@ class RawNode:
         check(rd is self._outstanding, f"advance of Ready {rd.number} that is not outstanding")
         self._outstanding = None
         r = self.raft
+        if rd.hard_state is not None:
+            self._durable_hard = rd.hard_state
         if rd.snapshot is not None:
             index = rd.snapshot.meta.index
             r.log.unstable.stable_snap_to(index)
@@ -173,7 +176,7 @@ class RawNode:
         if rd.entries:
             last = rd.entries[-1]
             r.log.unstable.stable_to(last.index, last.term)
-        r.on_persisted()
+        r.on_persisted(self._durable_hard)
         if rd.committed_entries:
             r.apply_committed(rd.committed_entries)
 

@@ -192,3 +192,24 @@ def test_two_to_one_voter_removal_survives_a_leader_crash() -> None:
     assert c.leader() == 1
     c.propose(1, b"z")
     assert c.applied[1][-1] == b"z"
+
+
+def test_single_voter_leads_only_once_its_term_and_vote_are_durable() -> None:
+    """Bug (found by the simulation soak, seed 1866): a single voter became leader in the step
+    that made it candidate, before its new term and vote reached disk.  Crashing then, it forgot
+    the term; restarted, it granted its vote in that same term to a node that had not yet
+    applied its removal, which then led the same term: two leaders in one term."""
+    c = Cluster((1,))
+    n = c.nodes[1]
+    n.campaign()
+    assert c.raft(1).role.value == "candidate"
+    rd = n.ready()
+    assert rd.hard_state is not None and (rd.hard_state.term, rd.hard_state.vote) == (1, 1)
+    assert c.raft(1).role.value == "candidate"  # not before the vote is durable
+    restarted = RawNode(config(1), c.storage[1])  # a crash here loses the term: no harm done
+    assert restarted.raft.term == 0
+    persist(c.storage[1], rd)
+    n.advance(rd)
+    assert c.raft(1).role.value == "leader"
+    c.propose(1, b"a")
+    assert c.applied[1] == [b"a"]
