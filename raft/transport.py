@@ -1,0 +1,569 @@
+"""The asyncio transport between Raft nodes: one authenticated TCP connection per peer pair.
+
+The wire protocol lives in ``peer_codec`` (sans I/O); this module owns sockets and timers.
+
+- One connection per pair: the node with the lower id dials, the higher id only accepts.  A
+  newer authenticated connection from a peer replaces an older one (the peer restarted).
+- Anything that fails the handshake (unknown node, wrong cluster, bad HMAC, timeout) or breaks
+  the protocol later (garbage, oversize frame) closes that connection only and is logged.
+- ``send`` queues ``(group, message)`` pairs; everything queued for a peer during one event-loop
+  iteration leaves as one ``Batch`` frame (a flush scheduled once with ``call_soon``).
+- Bounded memory: while a peer's socket buffer is above its high-water mark, or its queue is
+  over ``queue_bytes_max``, messages Raft resends (appends, heartbeats and their responses)
+  are dropped and counted; other messages wait in the queue up to ``queue_bytes_max``, beyond
+  which they are dropped and counted too.  Nothing is queued for a peer that is not connected.
+- Snapshots travel on a separate lane, as chunks of the encoded ``InstallSnapshot``: at most
+  one chunk per peer per flush, so batches of other groups interleave with them.  The receiver
+  reassembles and delivers an ordinary ``(group, InstallSnapshot)`` item; the sender reports
+  ``on_snapshot_status(peer, group, ok)`` once the last chunk is written or the lane fails.
+- Liveness per peer: a Ping every ``ping_interval_s``; a connection silent for
+  ``dead_after_s`` is closed and reported down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import cast
+
+from . import peer_codec as codec
+from .errors import check
+from .messages import (
+    AppendEntries,
+    AppendResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Message,
+    entries_bytes,
+)
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())
+
+Item = tuple[int, Message]
+Address = tuple[str, int]
+
+RESENDABLE: frozenset[type] = frozenset(
+    {AppendEntries, AppendResponse, Heartbeat, HeartbeatResponse}
+)
+"""Messages Raft sends again on its own (next heartbeat / probe), so a slow peer may lose them."""
+
+_MESSAGE_OVERHEAD_BYTES = 48
+_ENTRY_OVERHEAD_BYTES = 16
+
+
+def message_bytes(message: Message) -> int:
+    """An estimate of a message's encoded size, counted against a peer's queue limit."""
+    if isinstance(message, AppendEntries):
+        entries = message.entries
+        return (
+            _MESSAGE_OVERHEAD_BYTES + entries_bytes(entries) + _ENTRY_OVERHEAD_BYTES * len(entries)
+        )
+    return _MESSAGE_OVERHEAD_BYTES
+
+
+@dataclass
+class PeerStats:
+    connects: int = 0  # connections that completed the handshake
+    batches_sent: int = 0
+    items_sent: int = 0
+    bytes_sent: int = 0
+    items_received: int = 0
+    dropped_slow: int = 0  # resendable messages dropped while the peer was slow
+    dropped_overflow: int = 0  # other messages dropped because the queue was full
+    dropped_unconnected: int = 0  # messages for a peer without a connection
+    snapshots_sent: int = 0
+    snapshots_failed: int = 0
+    snapshots_received: int = 0
+
+
+@dataclass
+class TransportStats:
+    accepted: int = 0  # inbound TCP connections
+    refused: int = 0  # connections closed during the handshake (either side)
+    protocol_errors: int = 0  # established connections closed for a protocol error
+    peers: dict[int, PeerStats] = field(default_factory=dict)
+
+
+@dataclass
+class _OutboundSnapshot:
+    group: int
+    index: int
+    data: bytes
+    offset: int = 0
+
+
+@dataclass
+class _Peer:
+    id: int
+    address: Address
+    stats: PeerStats
+    conn: _Connection | None = None
+    queue: list[Item] = field(default_factory=list)
+    queue_bytes: int = 0
+    snapshots: deque[_OutboundSnapshot] = field(default_factory=deque)
+    dialer: asyncio.Task[None] | None = None
+
+
+class Transport:
+    def __init__(
+        self,
+        node_id: int,
+        cluster_id: str,
+        secret: bytes,
+        listen: Address | socket.socket,
+        peers: dict[int, Address],
+        on_batch: Callable[[int, list[Item]], None],
+        on_peer_up: Callable[[int], None] = lambda peer: None,
+        on_peer_down: Callable[[int], None] = lambda peer: None,
+        on_snapshot_status: Callable[[int, int, bool], None] = lambda peer, group, ok: None,
+        *,
+        frame_bytes_max: int = codec.FRAME_BYTES_MAX,
+        queue_bytes_max: int = 4 * 1024 * 1024,
+        write_buffer_high_bytes: int = 4 * 1024 * 1024,
+        snapshot_chunk_bytes: int = 1024 * 1024,
+        snapshot_bytes_max: int = 1024 * 1024 * 1024,
+        handshake_timeout_s: float = 5.0,
+        handshakes_max: int = 64,
+        connect_timeout_s: float = 5.0,
+        backoff_min_s: float = 0.05,
+        backoff_max_s: float = 2.0,
+        ping_interval_s: float = 1.0,
+        dead_after_s: float = 5.0,
+    ) -> None:
+        check(node_id not in peers, "a node is not its own peer")
+        check(snapshot_chunk_bytes + 1024 <= frame_bytes_max, "snapshot chunk exceeds frame size")
+        check(0 < backoff_min_s <= backoff_max_s, "bad backoff bounds")
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.stats = TransportStats()
+        self.on_batch = on_batch
+        self.on_peer_up = on_peer_up
+        self.on_peer_down = on_peer_down
+        self.on_snapshot_status = on_snapshot_status
+        self.frame_bytes_max = frame_bytes_max
+        self.queue_bytes_max = queue_bytes_max
+        self.write_buffer_high_bytes = write_buffer_high_bytes
+        self.snapshot_chunk_bytes = snapshot_chunk_bytes
+        self.snapshot_bytes_max = snapshot_bytes_max
+        self.handshake_timeout_s = handshake_timeout_s
+        self.handshakes_max = handshakes_max
+        self.connect_timeout_s = connect_timeout_s
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
+        self.ping_interval_s = ping_interval_s
+        self.dead_after_s = dead_after_s
+        self._secret = secret
+        self._listen = listen
+        self._peers = {
+            pid: _Peer(pid, addr, self.stats.peers.setdefault(pid, PeerStats()))
+            for pid, addr in peers.items()
+        }
+        self._lower_ids = frozenset(pid for pid in peers if pid < node_id)
+        self._connections: set[_Connection] = set()  # every open connection, authenticated or not
+        self._server: asyncio.Server | None = None
+        self._flush_scheduled = False
+        self._liveness: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._rng = random.Random()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if isinstance(self._listen, socket.socket):
+            self._server = await self._loop.create_server(self._accept, sock=self._listen)
+        else:
+            host, port = self._listen
+            self._server = await self._loop.create_server(self._accept, host, port)
+        for peer in self._peers.values():
+            if peer.id > self.node_id:
+                peer.dialer = self._loop.create_task(self._dial_loop(peer))
+        self._liveness = self._loop.call_later(self.ping_interval_s, self._check_liveness)
+
+    @property
+    def address(self) -> Address:
+        check(self._server is not None, "transport not started")
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._liveness is not None:
+            self._liveness.cancel()
+        dialers = [p.dialer for p in self._peers.values() if p.dialer is not None]
+        for task in dialers:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.abort("transport closed")
+        await asyncio.gather(*dialers, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def connected_peers(self) -> list[int]:
+        return sorted(pid for pid, peer in self._peers.items() if peer.conn is not None)
+
+    def connection_count(self) -> int:
+        """Open connections, authenticated or still in their handshake."""
+        return len(self._connections)
+
+    # sending -------------------------------------------------------------------------------------
+
+    def send(self, to: int, items: Iterable[Item]) -> None:
+        """Queue messages for ``to``; they leave at the end of this loop iteration."""
+        peer = self._peers[to]
+        conn = peer.conn
+        for group, message in items:
+            if isinstance(message, InstallSnapshot):
+                self.send_snapshot(to, group, message)
+                continue
+            if conn is None:
+                peer.stats.dropped_unconnected += 1
+                continue
+            size = message_bytes(message)
+            full = peer.queue_bytes + size > self.queue_bytes_max
+            if conn.paused or full:
+                if type(message) in RESENDABLE:
+                    peer.stats.dropped_slow += 1
+                    continue
+                if full:
+                    peer.stats.dropped_overflow += 1
+                    continue
+            peer.queue.append((group, message))
+            peer.queue_bytes += size
+        self._schedule_flush()
+
+    def send_snapshot(self, to: int, group: int, message: InstallSnapshot) -> None:
+        """Stream ``message`` to ``to`` on the snapshot lane; the outcome arrives through
+        ``on_snapshot_status(to, group, ok)``.  A queued, unstarted snapshot of the same group
+        is replaced (and reported failed)."""
+        peer = self._peers[to]
+        if peer.conn is None:
+            self._report_snapshot(peer, group, ok=False)
+            return
+        for i, queued in enumerate(peer.snapshots):
+            if queued.group == group and queued.offset == 0:
+                del peer.snapshots[i]
+                self._report_snapshot(peer, group, ok=False)
+                break
+        data = codec.encode_snapshot_message(message)
+        peer.snapshots.append(_OutboundSnapshot(group, message.snapshot.meta.index, data))
+        self._schedule_flush()
+
+    def _report_snapshot(self, peer: _Peer, group: int, *, ok: bool) -> None:
+        if ok:
+            peer.stats.snapshots_sent += 1
+        else:
+            peer.stats.snapshots_failed += 1
+        check(self._loop is not None, "transport not started")
+        assert self._loop is not None
+        self._loop.call_soon(self.on_snapshot_status, peer.id, group, ok)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        again = False
+        for peer in self._peers.values():
+            conn = peer.conn
+            if conn is None or not conn.writable:
+                continue
+            if peer.queue:
+                items, peer.queue, peer.queue_bytes = peer.queue, [], 0
+                self._write_batch(peer, conn, items)
+            if peer.snapshots and conn.writable:
+                self._write_chunk(peer, conn)
+                again = again or bool(peer.snapshots)
+        if again:
+            self._schedule_flush()
+
+    def _write_batch(self, peer: _Peer, conn: _Connection, items: list[Item]) -> None:
+        try:
+            data = conn.core.send(codec.Batch(items))
+        except codec.ProtocolError:
+            if len(items) == 1:
+                logger.error("dropping a message too large for one frame to node %d", peer.id)
+                peer.stats.dropped_overflow += 1
+                return
+            half = len(items) // 2
+            self._write_batch(peer, conn, items[:half])
+            self._write_batch(peer, conn, items[half:])
+            return
+        conn.write(data)
+        peer.stats.batches_sent += 1
+        peer.stats.items_sent += len(items)
+        peer.stats.bytes_sent += len(data)
+
+    def _write_chunk(self, peer: _Peer, conn: _Connection) -> None:
+        snap = peer.snapshots[0]
+        end = min(snap.offset + self.snapshot_chunk_bytes, len(snap.data))
+        last = end == len(snap.data)
+        chunk = codec.SnapshotChunk(
+            snap.group, snap.index, snap.offset, snap.data[snap.offset : end], last
+        )
+        data = conn.core.send(chunk)
+        conn.write(data)
+        peer.stats.bytes_sent += len(data)
+        snap.offset = end
+        if last:
+            peer.snapshots.popleft()
+            self._report_snapshot(peer, snap.group, ok=True)
+
+    # connections ---------------------------------------------------------------------------------
+
+    def _accept(self) -> _Connection:
+        self.stats.accepted += 1
+        return _Connection(self, codec.Role.ACCEPTOR, self._lower_ids)
+
+    async def _dial_loop(self, peer: _Peer) -> None:
+        backoff = self.backoff_min_s
+        while not self._closing:
+            if await self._dial_once(peer):
+                backoff = self.backoff_min_s
+            delay = self._rng.uniform(backoff / 2, backoff)
+            backoff = min(backoff * 2, self.backoff_max_s)
+            await asyncio.sleep(delay)
+
+    async def _dial_once(self, peer: _Peer) -> bool:
+        """Connect to ``peer`` and wait until that connection ends; True if it authenticated."""
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, codec.Role.DIALER, frozenset({peer.id}))
+        host, port = peer.address
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: conn, host, port), self.connect_timeout_s
+            )
+        except (OSError, TimeoutError) as e:
+            logger.debug("node %d: dialling node %d failed: %s", self.node_id, peer.id, e)
+            return False
+        await conn.lost
+        return conn.authenticated
+
+    def _opened(self, conn: _Connection) -> None:
+        """Track a new connection; refuse it if too many handshakes are already in progress."""
+        pending = sum(1 for c in self._connections if not c.authenticated)
+        self._connections.add(conn)
+        if pending >= self.handshakes_max:
+            logger.warning("node %d: %d handshakes in progress; refusing", self.node_id, pending)
+            conn.abort("too_many_handshakes")
+
+    def _authenticated(self, conn: _Connection, peer_id: int) -> None:
+        peer = self._peers[peer_id]
+        old = peer.conn
+        peer.conn = conn
+        peer.stats.connects += 1
+        logger.info("node %d: connected to node %d (%s)", self.node_id, peer_id, conn.role.value)
+        if old is not None:
+            old.abort("replaced by a newer connection")
+            self._peer_down(peer)
+        self.on_peer_up(peer_id)
+        self._schedule_flush()
+
+    def _lost(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        if not conn.authenticated:
+            self.stats.refused += 1
+            logger.info(
+                "node %d: %s connection closed before authentication (%s)",
+                self.node_id,
+                conn.role.value,
+                conn.error,
+            )
+            return
+        peer = self._peers[conn.core.peer_id]
+        if peer.conn is conn:
+            peer.conn = None
+            self._peer_down(peer)
+
+    def _peer_down(self, peer: _Peer) -> None:
+        peer.stats.dropped_unconnected += len(peer.queue)
+        peer.queue, peer.queue_bytes = [], 0
+        while peer.snapshots:
+            self._report_snapshot(peer, peer.snapshots.popleft().group, ok=False)
+        logger.info("node %d: node %d down", self.node_id, peer.id)
+        self.on_peer_down(peer.id)
+
+    def _resumed(self, conn: _Connection) -> None:
+        self._schedule_flush()
+
+    def _check_liveness(self) -> None:
+        check(self._loop is not None, "transport not started")
+        assert self._loop is not None
+        now = self._loop.time()
+        for peer in self._peers.values():
+            conn = peer.conn
+            if conn is None:
+                continue
+            if now - conn.last_receive_s > self.dead_after_s:
+                conn.abort(f"node {peer.id} silent for {self.dead_after_s} s")
+            elif conn.writable:
+                conn.write(conn.core.send(codec.Ping()))
+        self._liveness = self._loop.call_later(self.ping_interval_s, self._check_liveness)
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection: feeds bytes to a ``PeerProtocol`` and reports to its ``Transport``.
+
+    The first error is sticky: after it the connection is aborted and ignores further input."""
+
+    def __init__(self, owner: Transport, role: codec.Role, peer_ids: frozenset[int]) -> None:
+        self.owner = owner
+        self.role = role
+        self.core = codec.PeerProtocol(
+            role,
+            owner.node_id,
+            owner.cluster_id,
+            owner._secret,
+            os.urandom(codec.CHALLENGE_BYTES),
+            peer_ids,
+            owner.frame_bytes_max,
+        )
+        self.authenticated = False
+        self.paused = False
+        self.error: str | None = None
+        self.last_receive_s = 0.0
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._snapshot_key: tuple[int, int] | None = None
+        self._snapshot = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        high = self.owner.write_buffer_high_bytes
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        loop = asyncio.get_running_loop()
+        self.last_receive_s = loop.time()
+        self._timer = loop.call_later(self.owner.handshake_timeout_s, self._handshake_timeout)
+        self.owner._opened(self)
+        self._write_own()  # nothing if _opened refused it
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        self.last_receive_s = asyncio.get_running_loop().time()
+        try:
+            self.core.receive_data(data)
+            while (event := self.core.next_event()) is not None:
+                self._dispatch(event)
+        except codec.ProtocolError as e:
+            self._protocol_error(e)
+            return
+        self._write_own()
+
+    def _dispatch(self, event: codec.Event) -> None:
+        match event:
+            case codec.BatchReceived(items):
+                stats = self.owner.stats.peers[self.core.peer_id]
+                stats.items_received += len(items)
+                self.owner.on_batch(self.core.peer_id, items)
+            case codec.ChunkReceived(chunk):
+                self._on_chunk(chunk)
+            case codec.PeerAuthenticated(peer_id):
+                self._write_own()  # the dialer's Auth goes out before any batch
+                self.authenticated = True
+                if self._timer is not None:
+                    self._timer.cancel()
+                self.owner._authenticated(self, peer_id)
+
+    def _on_chunk(self, chunk: codec.SnapshotChunk) -> None:
+        key = (chunk.group, chunk.snapshot_index)
+        if chunk.offset == 0:
+            self._snapshot_key, self._snapshot = key, bytearray()
+        elif key != self._snapshot_key or chunk.offset != len(self._snapshot):
+            raise codec.ProtocolError(codec.MALFORMED_SNAPSHOT, f"chunk out of order: {key}")
+        if len(self._snapshot) + len(chunk.data) > self.owner.snapshot_bytes_max:
+            raise codec.ProtocolError(codec.FRAME_TOO_LARGE, "snapshot exceeds snapshot_bytes_max")
+        self._snapshot += chunk.data
+        if chunk.last:
+            message = codec.decode_snapshot_message(self._snapshot)
+            self.core.check_addressing(message)
+            self._snapshot_key, self._snapshot = None, bytearray()
+            peer_id = self.core.peer_id
+            self.owner.stats.peers[peer_id].snapshots_received += 1
+            self.owner.on_batch(peer_id, [(chunk.group, message)])
+
+    def _protocol_error(self, e: codec.ProtocolError) -> None:
+        if self.authenticated:
+            self.owner.stats.protocol_errors += 1
+            logger.warning(
+                "node %d: closing connection to node %d: %s",
+                self.owner.node_id,
+                self.core.peer_id,
+                e,
+            )
+        else:
+            logger.warning(
+                "node %d: refused %s connection: %s", self.owner.node_id, self.role.value, e
+            )
+        self.abort(e.code)
+
+    def _handshake_timeout(self) -> None:
+        if not self.authenticated:
+            logger.warning("node %d: handshake timed out", self.owner.node_id)
+            self.abort("handshake_timeout")
+
+    def _write_own(self) -> None:
+        data = self.core.data_to_send()
+        if data and self._transport is not None and self.error is None:
+            self._transport.write(data)
+
+    @property
+    def writable(self) -> bool:
+        """Open, without error, and below the write buffer's high-water mark."""
+        return self.error is None and not self.paused
+
+    def write(self, data: bytes | bytearray) -> None:
+        if self._transport is not None and self.error is None:
+            self._transport.write(data)
+
+    def abort(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+        if self._transport is not None:
+            self._transport.abort()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.owner._resumed(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            self.error = str(exc) if exc is not None else "closed by peer"
+        if self._timer is not None:
+            self._timer.cancel()
+        self.owner._lost(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (tests use it to make a slow receiver)."""
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
