@@ -67,6 +67,14 @@ PROFILES = {
     "calm": Faults(),
     "crashy": Faults(crash=0.03, restart=0.08, max_persist_delay=6),
     "partitioned": Faults(partition=0.02, heal=0.02, max_size_per_msg=48),
+    "trickle": Faults(  # one entry per AppendEntries: old-term entries travel alone
+        crash=0.02,
+        restart=0.06,
+        partition=0.015,
+        heal=0.02,
+        max_persist_delay=6,
+        max_size_per_msg=1,
+    ),
     "chaotic": Faults(
         drop=0.1,
         duplicate=0.05,
