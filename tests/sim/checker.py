@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 
-from raft import Compacted, Entry, RawNode, Role, Unavailable
+from raft import Compacted, Entry, RawNode, Role, Storage, Unavailable
 from raft.messages import VoteResponse
 
 
@@ -103,13 +103,14 @@ class Checker:
                 self.fail(f"g{group}: n{m.frm} voted for n{cand} and n{m.to} in term {m.term}")
 
     # -- persisted entries: log matching -----------------------------------------------------
-    def on_persist(self, node: int, group: int, rn: RawNode, entries: list[Entry]) -> None:
-        log = rn.raft.log
+    def on_persist(self, node: int, group: int, disk: Storage, entries: list[Entry]) -> None:
+        """``entries`` just reached ``disk``: judge them with the terms on disk, not in memory
+        (a newer leader may already have replaced them in memory while the write was running)."""
         for e in entries:
             try:
-                prev = log.term(e.index - 1)
+                prev = disk.term(e.index - 1)
             except (Compacted, Unavailable):
-                continue  # replaced since the Ready was taken
+                continue  # behind the disk's snapshot
             key = (group, e.index, e.term)
             seen = self.entries.setdefault(key, (e.data, prev))
             if seen != (e.data, prev):

@@ -299,7 +299,7 @@ class SimCluster:
         st.append(rd.entries)
         if rd.hard_state is not None:
             st.set_hard_state(rd.hard_state)
-        self.checker.on_persist(rep.node_id, rep.group, rn, rd.entries)
+        self.checker.on_persist(rep.node_id, rep.group, st, rd.entries)
         for m in rd.persisted_messages:
             self.net.send(self.now, rep.node_id, rep.group, m)
         if rd.snapshot is not None:

@@ -58,9 +58,9 @@ def test_vote_granted_twice_in_a_term() -> None:
 def test_log_matching() -> None:
     ch = Checker()
     c = leader_of(1)
-    ch.on_persist(1, 0, c.nodes[1], [Entry(1, 2, data=b"a")])
+    ch.on_persist(1, 0, c.storage[1], [Entry(1, 2, data=b"a")])
     with pytest.raises(Violation, match="log matching broken at index 2"):
-        ch.on_persist(2, 0, c.nodes[2], [Entry(1, 2, data=b"b")])
+        ch.on_persist(2, 0, c.storage[2], [Entry(1, 2, data=b"b")])
 
 
 def test_compare_logs() -> None:
