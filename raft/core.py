@@ -768,10 +768,7 @@ class Raft:
             and self.uncommitted_bytes + size > self.cfg.max_uncommitted_bytes
         ):
             raise ProposalDropped("too many uncommitted bytes; retry when the log drains")
-        index = self._append([Entry(0, 0, EntryType.NORMAL, data)])
-        self.uncommitted_bytes += size
-        self.bcast_pending = True
-        return index
+        return self._append_proposal(EntryType.NORMAL, data)
 
     def propose_conf_change(self, change: ConfChange) -> int:
         """Propose a single-server membership change (one at a time, §4.1)."""
@@ -779,9 +776,14 @@ class Raft:
         if self.pending_conf_index > self.log.applied:
             raise ProposalDropped("a membership change is still pending")
         self._validate_conf_change(change)
-        data = encode_conf_change(change)
-        index = self._append([Entry(0, 0, EntryType.CONF_CHANGE, data)])
-        self.pending_conf_index = index
+        self.pending_conf_index = self._append_proposal(
+            EntryType.CONF_CHANGE, encode_conf_change(change)
+        )
+        return self.pending_conf_index
+
+    def _append_proposal(self, type_: EntryType, data: bytes) -> int:
+        """Append one proposed entry, count it as uncommitted, send it with the next Ready."""
+        index = self._append([Entry(0, 0, type_, data)])
         self.uncommitted_bytes += len(data)
         self.bcast_pending = True
         return index

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .core import CampaignKind, Config, Raft, ReadState, SoftState
+from .core import CampaignKind, Config, Raft, ReadState, Role, SoftState
 from .errors import InvariantViolation, check
 from .messages import (
     AppendEntries,
@@ -195,7 +195,7 @@ class RawNode:
             voters=r.voters,
             learners=r.learners,
             progress={i: (p.state.value, p.match, p.next) for i, p in r.prs.items()}
-            if r.role.value == "leader"
+            if r.role is Role.LEADER
             else {},
         )
 

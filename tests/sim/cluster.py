@@ -40,6 +40,7 @@ from raft import (
 from raft.messages import Message
 from raft.storage import bootstrap
 
+from ..raft.helpers import persist
 from .checker import GENESIS, Checker, Violation, chain
 
 ROUNDS_PER_TICK = 4
@@ -294,11 +295,7 @@ class SimCluster:
         assert rd is not None and rn is not None
         rep.pending = None
         st = rep.storage
-        if rd.snapshot is not None:
-            st.apply_snapshot(rd.snapshot)
-        st.append(rd.entries)
-        if rd.hard_state is not None:
-            st.set_hard_state(rd.hard_state)
+        persist(st, rd)
         self.checker.on_persist(rep.node_id, rep.group, st, rd.entries)
         for m in rd.persisted_messages:
             self.net.send(self.now, rep.node_id, rep.group, m)
