@@ -295,6 +295,44 @@ class Raft:
                 commit = min(pr.match, self.log.committed)
                 self._send(Heartbeat(self.id, to, self.term, commit, context))
 
+    def send_quiesce(self, to: list[int]) -> None:
+        """Tell caught-up followers that this leader stops heartbeating (raft/multi.py)."""
+        check(self.role is Role.LEADER, "only a leader quiesces")
+        for f in to:
+            commit = min(self.prs[f].match, self.log.committed)
+            self._send(Heartbeat(self.id, f, self.term, commit, b"", True))
+
+    def wake(self) -> None:
+        """The group resumes ticking after quiescence: start its timers afresh.
+
+        A follower gives its leader a full election timeout again (and keeps rejecting votes
+        while in that lease); a leader treats every member as recently active, so the first
+        check-quorum after waking judges only answers received since.
+        """
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        if self.role is Role.LEADER:
+            for pr in self.prs.values():
+                pr.recent_active = True
+
+    def idle_leader(self) -> bool:
+        """A leader with nothing in flight: all it has is committed and applied, and no
+        transfer, read or membership change is pending.  Followers are judged by the caller."""
+        log = self.log
+        last = log.last_index()
+        return (
+            self.role is Role.LEADER
+            and not self.msgs
+            and not self.bcast_pending
+            and self.lead_transferee == NONE
+            and not self.pending_reads
+            and self.read_only.last_pending_context() is None
+            and log.committed == last
+            and log.applied == last
+            and self.pending_conf_index <= log.applied
+            and self.prs[self.id].match == last
+        )
+
     def _send_timeout_now(self, to: int) -> None:
         self._send(TimeoutNow(self.id, to, self.term))
 

@@ -95,11 +95,15 @@ class AppendResponse(msgspec.Struct, array_like=True, tag=2, gc=False):
 
 
 class Heartbeat(msgspec.Struct, array_like=True, tag=3, gc=False):
+    """``quiesce``: the leader stops ticking this group after it (raft/multi.py); the core
+    treats it as any heartbeat."""
+
     frm: int
     to: int
     term: int
     commit: int
     context: bytes = b""
+    quiesce: bool = False
 
 
 class HeartbeatResponse(msgspec.Struct, array_like=True, tag=4, gc=False):

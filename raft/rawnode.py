@@ -105,6 +105,11 @@ class RawNode:
         self.raft.report_snapshot(to, failed)
 
     # -- outputs -----------------------------------------------------------------------------
+    @property
+    def outstanding(self) -> bool:
+        """A Ready was handed out and not advanced yet."""
+        return self._outstanding is not None
+
     def has_ready(self) -> bool:
         if self._outstanding is not None:
             return False

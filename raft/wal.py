@@ -189,6 +189,18 @@ class WAL:
     def groups(self) -> list[int]:
         return sorted(self._views)
 
+    def segment_count(self) -> int:
+        """Segments on disk that are still needed (for a WAL-size compaction trigger)."""
+        return len(self._writer.maxima)
+
+    def oldest_segment_groups(self) -> list[int]:
+        """The groups whose entries keep the oldest segment alive: compacting them frees it.
+        Empty while only the active segment exists."""
+        items = list(self._writer.maxima.items())  # one C-level copy: safe beside the writer
+        if len(items) < 2:
+            return []
+        return sorted(g for g, m in dict(items[0][1]).items() if m > 0)
+
     # -- writes ------------------------------------------------------------------------------
     def submit(self, batch: Sequence[GroupWrite]) -> Future[Written]:
         """Queue ``batch`` for the next group commit; the Future resolves once it is durable."""

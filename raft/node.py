@@ -1,0 +1,555 @@
+"""A runnable Raft node with a test state machine, for tests and benchmarks of ``raft/``.
+
+    python -m raft.node --id 1 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 \\
+        --control 127.0.0.1:8001 --data ./n1 [--groups 256] [--secret S]
+
+The state machine (``LogMachine``) keeps, per group, the list of every data entry applied: a
+test can compare the full history of every replica.  The control port speaks a small framed
+protocol (4-byte big-endian length + msgpack, requests pipelined by ``rid``):
+
+    Propose(rid, group, data)              -> Reply(value = 1-based position in the history)
+    Read(rid, group, after, limit, linearizable) -> Reply(value = [applied, [data...]])
+    Status(rid)                            -> Reply(value = {...})
+    Transfer(rid, group, to) / Compact(rid, group) -> Reply(value = None)
+
+Errors come back as ``Reply(ok=False, code, message, leader)`` with the codes of raft.errors
+plus ``timeout`` and ``bad_request``.  ``ControlClient`` is the asyncio client.  Once both ports
+listen, the node prints one JSON line ``{"event": "ready", ...}`` on stdout.  SIGTERM or SIGINT
+stop it cleanly; a fatal error (a failed WAL write, a broken invariant) exits with status 70.
+
+The product node (ctxstore) composes the same pieces with its own state machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import struct
+import sys
+from collections.abc import Sequence
+from typing import Any, cast
+
+import msgspec
+
+from .core import Config
+from .driver import Driver, DriverConfig
+from .errors import NotLeader, RaftError
+from .messages import Entry, EntryType
+from .multi import HostConfig, MultiRaft
+from .transport import Transport
+from .wal import WAL
+
+logger = logging.getLogger("raft.node")
+
+FRAME_BYTES_MAX = 16 << 20
+READ_LIMIT_MAX = 100_000
+REQUEST_TIMEOUT_S = 10.0
+EXIT_FATAL = 70
+
+
+# -- the test state machine ------------------------------------------------------------------------
+class LogMachine:
+    """Per group: every non-empty data entry applied, in order."""
+
+    def __init__(self) -> None:
+        self.history: dict[int, list[bytes]] = {}
+
+    def apply(self, group: int, entries: list[Entry]) -> list[object]:
+        hist = self.history[group]
+        out: list[object] = []
+        for e in entries:
+            if e.type is EntryType.NORMAL and e.data:
+                hist.append(e.data)
+                out.append(len(hist))
+            else:
+                out.append(None)
+        return out
+
+    def snapshot(self, group: int) -> bytes:
+        return msgspec.msgpack.encode(self.history[group])
+
+    def restore(self, group: int, data: bytes) -> None:
+        self.history[group] = msgspec.msgpack.decode(data, type=list[bytes]) if data else []
+
+
+# -- the control protocol --------------------------------------------------------------------------
+class Propose(msgspec.Struct, tag="propose", array_like=True, forbid_unknown_fields=True):
+    rid: int
+    group: int
+    data: bytes
+
+
+class Read(msgspec.Struct, tag="read", array_like=True, forbid_unknown_fields=True):
+    rid: int
+    group: int
+    after: int
+    limit: int
+    linearizable: bool
+
+
+class Status(msgspec.Struct, tag="status", array_like=True, forbid_unknown_fields=True):
+    rid: int
+
+
+class Transfer(msgspec.Struct, tag="transfer", array_like=True, forbid_unknown_fields=True):
+    rid: int
+    group: int
+    to: int
+
+
+class Compact(msgspec.Struct, tag="compact", array_like=True, forbid_unknown_fields=True):
+    rid: int
+    group: int
+
+
+Request = Propose | Read | Status | Transfer | Compact
+
+
+class Reply(msgspec.Struct, array_like=True):
+    rid: int
+    ok: bool
+    value: Any = None
+    code: str = ""
+    message: str = ""
+    leader: int = 0
+
+
+class ControlError(Exception):
+    def __init__(self, code: str, message: str, leader: int = 0) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.leader = leader
+
+
+_HEADER = struct.Struct(">I")
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class _Framer:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.buf += data
+        out = []
+        while len(self.buf) >= 4:
+            (n,) = _HEADER.unpack_from(self.buf)
+            if n > FRAME_BYTES_MAX:
+                raise ValueError(f"frame of {n} bytes exceeds {FRAME_BYTES_MAX}")
+            if len(self.buf) < 4 + n:
+                break
+            out.append(bytes(self.buf[4 : 4 + n]))
+            del self.buf[: 4 + n]
+        return out
+
+
+def _frame(obj: object) -> bytes:
+    body = _encoder.encode(obj)
+    return _HEADER.pack(len(body)) + body
+
+
+class ControlServer(asyncio.Protocol):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.framer = _Framer()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.framer.feed(data)
+        except ValueError as e:
+            logger.warning("control connection closed: %s", e)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        for body in frames:
+            try:
+                req = _request_decoder.decode(body)
+            except msgspec.ValidationError as e:
+                self.reply(Reply(0, False, None, "bad_request", str(e)))
+                continue
+            except msgspec.DecodeError as e:
+                self.reply(Reply(0, False, None, "bad_request", f"undecodable request: {e}"))
+                continue
+            self.node.handle(req, self)
+
+    def reply(self, r: Reply) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_frame(r))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+class ControlClient:
+    """Asyncio client of the control port; many requests in flight on one connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._rid = 0
+        self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> ControlClient:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def close(self) -> None:
+        self._writer.close()
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+    async def _read_loop(self) -> None:
+        exc: BaseException = ConnectionError("control connection closed")
+        try:
+            while True:
+                header = await self._reader.readexactly(4)
+                (n,) = _HEADER.unpack(header)
+                reply = _reply_decoder.decode(await self._reader.readexactly(n))
+                fut = self._waiting.pop(reply.rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        except (asyncio.IncompleteReadError, OSError) as e:
+            exc = ConnectionError(f"control connection lost: {e!r}")
+        finally:
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            self._waiting.clear()
+
+    async def call(self, make: Any, *args: Any) -> Any:
+        self._rid += 1
+        rid = self._rid
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        self._writer.write(_frame(make(rid, *args)))
+        reply = await fut
+        if not reply.ok:
+            raise ControlError(reply.code, reply.message, reply.leader)
+        return reply.value
+
+    async def propose(self, group: int, data: bytes) -> int:
+        return int(await self.call(Propose, group, data))
+
+    async def read(
+        self, group: int, after: int = 0, limit: int = READ_LIMIT_MAX, linearizable: bool = False
+    ) -> tuple[int, list[bytes]]:
+        applied, items = await self.call(Read, group, after, limit, linearizable)
+        return int(applied), list(items)
+
+    async def status(self) -> dict[str, Any]:
+        return dict(await self.call(Status))
+
+    async def transfer(self, group: int, to: int) -> None:
+        await self.call(Transfer, group, to)
+
+    async def compact(self, group: int) -> None:
+        await self.call(Compact, group)
+
+
+# -- the node --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    id: int
+    peers: dict[int, tuple[str, int]]  # every member, this node included (its peer address)
+    control: tuple[str, int]
+    data_dir: str
+    groups: int = 256
+    cluster_id: str = "raft-test"
+    secret: bytes = b"raft-test-secret"
+    tick_ms: int = 50
+    election_ticks: int = 10
+    snapshot_entries: int = 100_000
+    wal_segment_bytes: int = 64 << 20
+    wal_cache_bytes: int = 64 << 20
+    quiesce: bool = True
+    seed: int = 0
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.sm = LogMachine()
+        group_cfg = Config(cfg.id, election_ticks=cfg.election_ticks, seed=cfg.seed)
+        self.host = MultiRaft(HostConfig(group_cfg, quiesce=cfg.quiesce))
+        self.wal = WAL.open(
+            os.path.join(cfg.data_dir, "wal"),
+            segment_bytes=cfg.wal_segment_bytes,
+            cache_bytes_max=cfg.wal_cache_bytes,
+        )
+        self.driver = Driver(
+            self.host,
+            self.wal,
+            self.sm,
+            DriverConfig(tick_s=cfg.tick_ms / 1000, snapshot_entries=cfg.snapshot_entries),
+        )
+        self.driver.add_groups(range(cfg.groups), tuple(sorted(cfg.peers)))
+        self.transport: Transport | None = None
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        others = {i: a for i, a in cfg.peers.items() if i != cfg.id}
+        if others:
+            on_batch, up, down, snap = self.driver.transport_callbacks()
+            self.transport = Transport(
+                cfg.id, cfg.cluster_id, cfg.secret, cfg.peers[cfg.id], others, on_batch, up, down,
+                snap,
+            )  # fmt: skip
+            self.driver.attach(self.transport)
+            await self.transport.start()
+        loop = asyncio.get_running_loop()
+        host, port = cfg.control
+        self.server = await loop.create_server(lambda: ControlServer(self), host, port)
+        await self.driver.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        await self.driver.stop()
+        if self.transport is not None:
+            await self.transport.close()
+        self.wal.close()
+
+    # -- requests ---------------------------------------------------------------------------------
+    def handle(self, req: Request, conn: ControlServer) -> None:
+        try:
+            self._handle(req, conn)
+        except NotLeader as e:
+            conn.reply(Reply(req.rid, False, None, e.code, str(e), e.leader_hint))
+        except RaftError as e:
+            conn.reply(Reply(req.rid, False, None, e.code, str(e), self._leader(req)))
+        except ControlError as e:
+            conn.reply(Reply(req.rid, False, None, e.code, str(e), e.leader))
+
+    def _leader(self, req: Request) -> int:
+        group = getattr(req, "group", None)
+        if isinstance(group, int) and group in self.host:
+            return self.host.leader(group)
+        return 0
+
+    def _check_group(self, group: int) -> None:
+        if group not in self.host:
+            raise ControlError("bad_request", f"group: {group} is not hosted here")
+
+    def _handle(self, req: Request, conn: ControlServer) -> None:
+        match req:
+            case Propose():
+                self._check_group(req.group)
+                if not req.data:
+                    raise ControlError("bad_request", "data: must not be empty")
+                self._reply_when(req.rid, req.group, self.driver.propose(req.group, req.data), conn)
+            case Read():
+                self._check_group(req.group)
+                if not 0 <= req.limit <= READ_LIMIT_MAX or req.after < 0:
+                    raise ControlError("bad_request", f"after/limit out of range ({req})")
+                if req.linearizable:
+                    fut = self.driver.read_index(req.group)
+                    rid, group, after, limit = req.rid, req.group, req.after, req.limit
+                    fut.add_done_callback(
+                        lambda f: conn.reply(self._read_reply(rid, group, after, limit, f))
+                    )
+                    self._deadline(rid, group, fut, conn)
+                else:
+                    conn.reply(self._read_reply(req.rid, req.group, req.after, req.limit, None))
+            case Status():
+                conn.reply(Reply(req.rid, True, self.status()))
+            case Transfer():
+                self._check_group(req.group)
+                self.driver.transfer_leader(req.group, req.to)
+                conn.reply(Reply(req.rid, True, None))
+            case Compact():
+                self._check_group(req.group)
+                self.driver.compact(req.group)
+                conn.reply(Reply(req.rid, True, None))
+
+    def _read_reply(
+        self, rid: int, group: int, after: int, limit: int, fut: asyncio.Future[int] | None
+    ) -> Reply:
+        if fut is not None:
+            if fut.cancelled():
+                return Reply(rid, False, None, "timeout", "no read index in time")
+            exc = fut.exception()
+            if exc is not None:
+                code = getattr(exc, "code", "error")
+                return Reply(rid, False, None, code, str(exc), self.host.leader(group))
+        hist = self.sm.history[group]
+        return Reply(rid, True, [len(hist), hist[after : after + limit]])
+
+    def _reply_when(
+        self, rid: int, group: int, fut: asyncio.Future[object], conn: ControlServer
+    ) -> None:
+        def done(f: asyncio.Future[object]) -> None:
+            if f.cancelled():
+                conn.reply(Reply(rid, False, None, "timeout", "outcome unknown: timed out"))
+                return
+            exc = f.exception()
+            if exc is None:
+                conn.reply(Reply(rid, True, f.result()))
+            else:
+                code = getattr(exc, "code", "error")
+                conn.reply(Reply(rid, False, None, code, str(exc), self.host.leader(group)))
+
+        fut.add_done_callback(done)
+        self._deadline(rid, group, fut, conn)
+
+    def _deadline(
+        self, rid: int, group: int, fut: asyncio.Future[Any], conn: ControlServer
+    ) -> None:
+        handle = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT_S, fut.cancel)
+        fut.add_done_callback(lambda f: handle.cancel())
+
+    def status(self) -> dict[str, Any]:
+        groups = []
+        for g in self.host.groups():
+            r = self.host.node(g).raft
+            groups.append(
+                [g, r.role.value, r.term, r.lead, r.log.committed, r.log.applied,
+                 r.log.last_index(), self.host.is_quiescent(g)]
+            )  # fmt: skip
+        ws = self.wal.stats
+        return {
+            "node": self.cfg.id,
+            "groups": groups,
+            "awake": self.host.awake_count(),
+            "live_peers": sorted(self.host.live_peers()),
+            "host": dataclasses.asdict(self.host.stats),
+            "driver": dataclasses.asdict(self.driver.stats),
+            "wal": {
+                "fsyncs": ws.fsyncs,
+                "rounds": ws.rounds,
+                "batches": ws.batches,
+                "records": ws.records,
+                "bytes": ws.bytes,
+                "fsync_seconds_total": ws.fsync_seconds_total,
+                "fsync_seconds_max": ws.fsync_seconds_max,
+                "segments": self.wal.segment_count(),
+                "segments_deleted": ws.segments_deleted,
+                "cached_bytes": self.wal.cached_bytes,
+            },
+        }
+
+
+# -- the process -----------------------------------------------------------------------------------
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _peers(text: str) -> dict[int, tuple[str, int]]:
+    out = {}
+    for part in text.split(","):
+        ident, _, addr = part.partition("=")
+        if not ident.isdigit():
+            raise argparse.ArgumentTypeError(f"expected ID=HOST:PORT, got {part!r}")
+        out[int(ident)] = _address(addr)
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
+    p = argparse.ArgumentParser(prog="python -m raft.node", description=__doc__.split("\n")[0])
+    p.add_argument("--id", type=int, required=True)
+    p.add_argument("--peers", type=_peers, required=True, help="ID=HOST:PORT,... (all members)")
+    p.add_argument("--control", type=_address, required=True, help="HOST:PORT")
+    p.add_argument("--data", required=True, help="data directory")
+    p.add_argument("--groups", type=int, default=256)
+    p.add_argument("--cluster-id", default="raft-test")
+    p.add_argument("--secret", default=os.environ.get("RAFT_SECRET", "raft-test-secret"))
+    p.add_argument("--tick-ms", type=int, default=50)
+    p.add_argument("--election-ticks", type=int, default=10)
+    p.add_argument("--snapshot-entries", type=int, default=100_000)
+    p.add_argument("--wal-segment-mb", type=float, default=64)
+    p.add_argument("--wal-cache-mb", type=float, default=64)
+    p.add_argument("--no-quiesce", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="WARNING")
+    a = p.parse_args(argv)
+    if a.id not in a.peers:
+        p.error(f"--peers must include this node ({a.id})")
+    if not 1 <= a.groups <= 4096:
+        p.error("--groups must be in 1..4096")
+    logging.basicConfig(
+        level=a.log_level.upper(),
+        format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
+        stream=sys.stderr,
+    )
+    return NodeConfig(
+        id=a.id,
+        peers=a.peers,
+        control=a.control,
+        data_dir=a.data,
+        groups=a.groups,
+        cluster_id=a.cluster_id,
+        secret=a.secret.encode(),
+        tick_ms=a.tick_ms,
+        election_ticks=a.election_ticks,
+        snapshot_entries=a.snapshot_entries,
+        wal_segment_bytes=int(a.wal_segment_mb * (1 << 20)),
+        wal_cache_bytes=int(a.wal_cache_mb * (1 << 20)),
+        quiesce=not a.no_quiesce,
+        seed=a.seed,
+    )
+
+
+async def run(cfg: NodeConfig) -> int:
+    node = Node(cfg)
+    await node.start()
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+
+    def on_signal() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    print(
+        json.dumps(
+            {
+                "event": "ready",
+                "node": cfg.id,
+                "control": f"{cfg.control[0]}:{cfg.control[1]}",
+                "peer": f"{cfg.peers[cfg.id][0]}:{cfg.peers[cfg.id][1]}",
+                "pid": os.getpid(),
+            }
+        ),
+        flush=True,
+    )
+    assert node.driver.failed is not None
+    done, _ = await asyncio.wait({stop, node.driver.failed}, return_when=asyncio.FIRST_COMPLETED)
+    if node.driver.failed in done:
+        logger.critical("fatal: %r", node.driver.failed.result())
+        return EXIT_FATAL
+    await node.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(run(cfg))
+    return uvloop.run(run(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
