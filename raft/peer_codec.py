@@ -103,7 +103,14 @@ class Pong(msgspec.Struct, array_like=True, tag=7, frozen=True):
     nonce: int = 0
 
 
-Frame = Hello | HelloReply | Auth | Batch | SnapshotChunk | Ping | Pong
+class AppBatch(msgspec.Struct, array_like=True, tag=8, gc=False):
+    """Opaque application payloads (e.g. requests forwarded to a group's leader): the transport
+    carries them in order and knows nothing of their content."""
+
+    items: list[bytes]
+
+
+Frame = Hello | HelloReply | Auth | Batch | SnapshotChunk | Ping | Pong | AppBatch
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(Frame)
@@ -151,7 +158,11 @@ class ChunkReceived(msgspec.Struct, frozen=True):
     chunk: SnapshotChunk
 
 
-Event = PeerAuthenticated | BatchReceived | ChunkReceived
+class AppReceived(msgspec.Struct, frozen=True):
+    items: list[bytes]
+
+
+Event = PeerAuthenticated | BatchReceived | ChunkReceived | AppReceived
 
 
 # --- the state machine ---------------------------------------------------------------------------
@@ -179,9 +190,10 @@ TRANSITIONS: dict[tuple[State, type], State] = {
     (State.ESTABLISHED, SnapshotChunk): State.ESTABLISHED,
     (State.ESTABLISHED, Ping): State.ESTABLISHED,
     (State.ESTABLISHED, Pong): State.ESTABLISHED,
+    (State.ESTABLISHED, AppBatch): State.ESTABLISHED,
 }
 # Frames this side may send once established.
-SENDABLE = (Batch, SnapshotChunk, Ping, Pong)
+SENDABLE = (Batch, SnapshotChunk, Ping, Pong, AppBatch)
 
 
 class PeerProtocol:
@@ -285,6 +297,8 @@ class PeerProtocol:
                 event = BatchReceived(items)
             case SnapshotChunk():
                 event = ChunkReceived(frame)
+            case AppBatch(items):
+                event = AppReceived(items)
             case Ping(nonce):
                 self._out += encode_frame(Pong(nonce))
             case Pong():

@@ -16,6 +16,11 @@ The wire protocol lives in ``peer_codec`` (sans I/O); this module owns sockets a
   one chunk per peer per flush, so batches of other groups interleave with them.  The receiver
   reassembles and delivers an ordinary ``(group, InstallSnapshot)`` item; the sender reports
   ``on_snapshot_status(peer, group, ok)`` once the last chunk is written or the lane fails.
+- An application lane: ``send_app(to, payload)`` carries opaque bytes (the product forwards
+  requests to group leaders with it), batched per loop iteration like Raft messages and
+  delivered in order through ``on_app(peer, payloads)``.  Its queue is bounded by
+  ``app_queue_bytes_max``; ``send_app`` returns False (nothing queued) when the peer is down
+  or the queue is full, so the caller can fail the request at once.
 - Liveness per peer: a Ping every ``ping_interval_s``; a connection silent for
   ``dead_after_s`` is closed and reported down.
 """
@@ -83,6 +88,9 @@ class PeerStats:
     snapshots_sent: int = 0
     snapshots_failed: int = 0
     snapshots_received: int = 0
+    app_sent: int = 0
+    app_received: int = 0
+    app_refused: int = 0  # send_app calls refused (peer down or app queue full)
 
 
 @dataclass
@@ -110,6 +118,8 @@ class _Peer:
     queue: list[Item] = field(default_factory=list)
     queue_bytes: int = 0
     snapshots: deque[_OutboundSnapshot] = field(default_factory=deque)
+    app_queue: list[bytes] = field(default_factory=list)
+    app_queue_bytes: int = 0
     dialer: asyncio.Task[None] | None = None
 
 
@@ -125,9 +135,11 @@ class Transport:
         on_peer_up: Callable[[int], None] = lambda peer: None,
         on_peer_down: Callable[[int], None] = lambda peer: None,
         on_snapshot_status: Callable[[int, int, bool], None] = lambda peer, group, ok: None,
+        on_app: Callable[[int, list[bytes]], None] = lambda peer, payloads: None,
         *,
         frame_bytes_max: int = codec.FRAME_BYTES_MAX,
         queue_bytes_max: int = 4 * 1024 * 1024,
+        app_queue_bytes_max: int = 8 * 1024 * 1024,
         write_buffer_high_bytes: int = 4 * 1024 * 1024,
         snapshot_chunk_bytes: int = 1024 * 1024,
         snapshot_bytes_max: int = 1024 * 1024 * 1024,
@@ -149,6 +161,8 @@ class Transport:
         self.on_peer_up = on_peer_up
         self.on_peer_down = on_peer_down
         self.on_snapshot_status = on_snapshot_status
+        self.on_app = on_app
+        self.app_queue_bytes_max = app_queue_bytes_max
         self.frame_bytes_max = frame_bytes_max
         self.queue_bytes_max = queue_bytes_max
         self.write_buffer_high_bytes = write_buffer_high_bytes
@@ -245,6 +259,23 @@ class Transport:
             peer.queue_bytes += size
         self._schedule_flush()
 
+    def send_app(self, to: int, payload: bytes) -> bool:
+        """Queue an application payload for ``to``; False (and nothing queued) if ``to`` is
+        down or its application queue is full."""
+        peer = self._peers.get(to)
+        if peer is None or peer.conn is None:
+            if peer is not None:
+                peer.stats.app_refused += 1
+            return False
+        size = len(payload) + 8
+        if peer.app_queue_bytes + size > self.app_queue_bytes_max:
+            peer.stats.app_refused += 1
+            return False
+        peer.app_queue.append(payload)
+        peer.app_queue_bytes += size
+        self._schedule_flush()
+        return True
+
     def send_snapshot(self, to: int, group: int, message: InstallSnapshot) -> None:
         """Stream ``message`` to ``to`` on the snapshot lane; the outcome arrives through
         ``on_snapshot_status(to, group, ok)``.  A queued, unstarted snapshot of the same group
@@ -286,6 +317,9 @@ class Transport:
             if peer.queue:
                 items, peer.queue, peer.queue_bytes = peer.queue, [], 0
                 self._write_batch(peer, conn, items)
+            if peer.app_queue:
+                payloads, peer.app_queue, peer.app_queue_bytes = peer.app_queue, [], 0
+                self._write_app(peer, conn, payloads)
             if peer.snapshots and conn.writable:
                 self._write_chunk(peer, conn)
                 again = again or bool(peer.snapshots)
@@ -307,6 +341,22 @@ class Transport:
         conn.write(data)
         peer.stats.batches_sent += 1
         peer.stats.items_sent += len(items)
+        peer.stats.bytes_sent += len(data)
+
+    def _write_app(self, peer: _Peer, conn: _Connection, payloads: list[bytes]) -> None:
+        try:
+            data = conn.core.send(codec.AppBatch(payloads))
+        except codec.ProtocolError:
+            if len(payloads) == 1:
+                logger.error("dropping an application payload too large for one frame")
+                peer.stats.app_refused += 1
+                return
+            half = len(payloads) // 2
+            self._write_app(peer, conn, payloads[:half])
+            self._write_app(peer, conn, payloads[half:])
+            return
+        conn.write(data)
+        peer.stats.app_sent += len(payloads)
         peer.stats.bytes_sent += len(data)
 
     def _write_chunk(self, peer: _Peer, conn: _Connection) -> None:
@@ -393,6 +443,7 @@ class Transport:
     def _peer_down(self, peer: _Peer) -> None:
         peer.stats.dropped_unconnected += len(peer.queue)
         peer.queue, peer.queue_bytes = [], 0
+        peer.app_queue, peer.app_queue_bytes = [], 0
         while peer.snapshots:
             self._report_snapshot(peer, peer.snapshots.popleft().group, ok=False)
         logger.info("node %d: node %d down", self.node_id, peer.id)
@@ -479,6 +530,9 @@ class _Connection(asyncio.Protocol):
                 self.owner.on_batch(self.core.peer_id, items)
             case codec.ChunkReceived(chunk):
                 self._on_chunk(chunk)
+            case codec.AppReceived(payloads):
+                self.owner.stats.peers[self.core.peer_id].app_received += len(payloads)
+                self.owner.on_app(self.core.peer_id, payloads)
             case codec.PeerAuthenticated(peer_id):
                 self._write_own()  # the dialer's Auth goes out before any batch
                 self.authenticated = True

@@ -232,6 +232,7 @@ class Node:
         self.received: list[tuple[int, Item]] = []
         self.batches: list[tuple[int, list[Item]]] = []
         self.statuses: list[tuple[int, int, bool]] = []
+        self.app: list[tuple[int, bytes]] = []
         peers = {pid: a for pid, a in addrs.items() if pid != node_id}
         args: dict[str, Any] = {"cluster_id": CLUSTER, "secret": SECRET, **FAST}
         args.update(kw)
@@ -241,6 +242,7 @@ class Node:
             peers=peers,
             on_batch=self._on_batch,
             on_snapshot_status=lambda to, g, ok: self.statuses.append((to, g, ok)),
+            on_app=lambda frm, payloads: self.app.extend((frm, p) for p in payloads),
             **args,
         )
 
@@ -530,3 +532,38 @@ def test_silent_peer_is_declared_down() -> None:
         await close_all(*nodes.values())
 
     run(main)
+
+
+def test_application_payloads_travel_in_order_batched_and_bounded() -> None:
+    async def main() -> None:
+        nodes = await start_nodes([1, 2], app_queue_bytes_max=64 * 1024)
+        await connected(nodes)
+        a, b = nodes[1], nodes[2]
+        payloads = [b"p%d" % i for i in range(500)]
+        assert all(a.t.send_app(2, p) for p in payloads)
+        assert b.t.send_app(1, b"back")
+        await wait_for(lambda: len(b.app) == 500 and len(a.app) == 1)
+        assert b.app == [(1, p) for p in payloads]
+        assert a.app == [(2, b"back")]
+        assert a.t.stats.peers[2].app_sent == 500
+        # The queue is bounded: a burst beyond it is refused, not buffered.
+        big = b"x" * 1024
+        results = [a.t.send_app(2, big) for _ in range(100)]
+        assert results.count(False) > 0 and a.t.stats.peers[2].app_refused > 0
+        await close_all(b)
+        await wait_for(lambda: a.t.connected_peers() == [])
+        assert a.t.send_app(2, b"to a dead peer") is False
+        assert a.t.send_app(99, b"to nobody") is False
+        await close_all(a)
+
+    run(main)
+
+
+def test_an_app_batch_before_authentication_is_refused() -> None:
+    d = protocol(codec.Role.DIALER, 1, {2})
+    a = protocol(codec.Role.ACCEPTOR, 2, {1})
+    a.receive_data(bytes(codec.encode_frame(codec.AppBatch([b"sneaky"]))))
+    with pytest.raises(codec.ProtocolError) as e:
+        a.next_event()
+    assert e.value.code == codec.UNEXPECTED_FRAME
+    del d
