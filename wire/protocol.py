@@ -1,0 +1,246 @@
+"""The messages of the native binary protocol (design §4.1; docs/protocol.md).
+
+Rules of this file:
+- One msgspec Struct per message, ``array_like`` (a message is a msgpack array: the tag, then
+  the fields in the order written here), with a short string tag.  Requests form the tagged
+  union ``Request``; responses and errors the union ``Response``.
+- Every field is required on the wire: an optional value is sent as nil, never left out (a
+  missing field is a ``bad_request``, not a default).  Schema evolution: a new field is appended
+  at the end *with* a default; tags and field types never change.
+- Limits are part of the schema (``Meta``): a value out of range fails validation, which the
+  server answers with ``bad_request`` naming the field.
+- Data types shared by requests and responses (``Session``, ``Message``) are plain Structs.
+- Timestamps are integers: milliseconds since the Unix epoch (UTC).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+PROTOCOL_VERSION = 1
+FRAME_BYTES_MAX = 4 * 1024 * 1024  # default negotiated maximum (Welcome.max_frame_bytes)
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
+Rid = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Limit = Annotated[int, Meta(ge=1, le=1000)]
+Kind = Annotated[str, Meta(min_length=1, max_length=64)]
+Content = Annotated[str, Meta(max_length=1024 * 1024)]
+Metadata = dict[str, Any]  # msgpack map with string keys; at most 16 KiB encoded (server-checked)
+Sender = Literal["user", "agent", "system"]
+Timestamp = int  # ms since the Unix epoch
+
+ErrorCode = Literal[
+    "bad_request",  # invalid input; ``message`` names the field
+    "unauthorized",  # missing or invalid token
+    "forbidden",
+    "not_found",
+    "conflict",  # expected_seq mismatch, client_msg_id reused with other content, id taken
+    "too_large",
+    "rate_limited",
+    "unavailable",  # no leader / no quorum yet: retry (retryable = true)
+    "timeout",  # outcome unknown: retry with the same client_msg_id
+    "internal",
+]
+
+
+# -- data --------------------------------------------------------------------------------------
+class Session(msgspec.Struct, array_like=True, frozen=True):
+    id: str
+    user_id: str
+    agent_id: str
+    created_at: Timestamp
+    metadata: Metadata
+    last_seq: int
+
+
+class Message(msgspec.Struct, array_like=True, frozen=True):
+    session_id: str
+    seq: int
+    sender: Sender
+    sender_id: str
+    kind: str
+    content: str
+    metadata: Metadata
+    client_msg_id: str | None
+    inserted_at: Timestamp
+    token_count: int | None
+
+
+# -- requests (client -> server) -------------------------------------------------------------------
+class Hello(msgspec.Struct, array_like=True, tag="hello", forbid_unknown_fields=True):
+    """Must be the first frame of a connection."""
+
+    rid: Rid
+    protocol_version: Annotated[int, Meta(ge=1)]
+    client_name: Annotated[str, Meta(max_length=128)]
+    token: Annotated[str, Meta(max_length=1024)] | None
+
+
+class CreateSession(
+    msgspec.Struct, array_like=True, tag="create_session", forbid_unknown_fields=True
+):
+    """Create a session (``session_id`` nil: the server picks one).  Creating an existing id
+    again with the same user and agent returns it; with others, ``conflict``."""
+
+    rid: Rid
+    user_id: Id
+    agent_id: Id
+    metadata: Metadata
+    session_id: Id | None
+
+
+class GetSession(msgspec.Struct, array_like=True, tag="get_session", forbid_unknown_fields=True):
+    rid: Rid
+    session_id: Id
+
+
+class ListSessions(
+    msgspec.Struct, array_like=True, tag="list_sessions", forbid_unknown_fields=True
+):
+    """A user's sessions ordered by id; ``cursor``: the ``next_cursor`` of the previous page."""
+
+    rid: Rid
+    user_id: Id
+    cursor: Annotated[str, Meta(max_length=256)] | None
+    limit: Limit
+
+
+class Append(msgspec.Struct, array_like=True, tag="append", forbid_unknown_fields=True):
+    """Append one message; the server assigns ``seq = last_seq + 1``.
+
+    ``client_msg_id``: repeating a recent one returns the original seq with ``deduped`` (same
+    content) or ``conflict`` (other content).  ``expected_seq``: append only if the session's
+    ``last_seq`` equals it (``conflict`` with ``details.last_seq`` otherwise)."""
+
+    rid: Rid
+    session_id: Id
+    sender: Sender
+    sender_id: Annotated[str, Meta(max_length=128)]
+    kind: Kind
+    content: Content
+    metadata: Metadata
+    client_msg_id: Id | None
+    expected_seq: Seq | None
+    token_count: Annotated[int, Meta(ge=0)] | None
+
+
+class Read(msgspec.Struct, array_like=True, tag="read", forbid_unknown_fields=True):
+    """Messages with ``seq > after_seq``, oldest first, at most ``limit``."""
+
+    rid: Rid
+    session_id: Id
+    after_seq: Seq
+    limit: Limit
+
+
+class MarkRead(msgspec.Struct, array_like=True, tag="mark_read", forbid_unknown_fields=True):
+    """Move ``user_id``'s read cursor of the session forward to ``seq`` (never back)."""
+
+    rid: Rid
+    session_id: Id
+    user_id: Id
+    seq: Seq
+
+
+class Ping(msgspec.Struct, array_like=True, tag="ping", forbid_unknown_fields=True):
+    rid: Rid
+
+
+Request = Hello | CreateSession | GetSession | ListSessions | Append | Read | MarkRead | Ping
+
+
+# -- responses (server -> client) ------------------------------------------------------------------
+class Welcome(msgspec.Struct, array_like=True, tag="welcome"):
+    rid: int
+    node_id: int
+    cluster_id: str
+    protocol_version: int
+    max_frame_bytes: int
+
+
+class SessionInfo(msgspec.Struct, array_like=True, tag="session"):
+    rid: int
+    session: Session
+
+
+class SessionList(msgspec.Struct, array_like=True, tag="sessions"):
+    rid: int
+    sessions: list[Session]
+    next_cursor: str | None  # nil on the last page
+
+
+class Appended(msgspec.Struct, array_like=True, tag="appended"):
+    rid: int
+    seq: int
+    inserted_at: Timestamp
+    deduped: bool
+
+
+class Messages(msgspec.Struct, array_like=True, tag="messages"):
+    rid: int
+    messages: list[Message]
+    last_seq: int  # the session's last seq when the read was served
+
+
+class ReadMarked(msgspec.Struct, array_like=True, tag="read_marked"):
+    rid: int
+    session_id: str
+    user_id: str
+    seq: int  # the cursor after the request (a lower seq leaves it unchanged)
+
+
+class Pong(msgspec.Struct, array_like=True, tag="pong"):
+    rid: int
+
+
+class Error(msgspec.Struct, array_like=True, tag="error"):
+    """The answer to a request that failed (``rid`` 0 when the request had none readable)."""
+
+    rid: int
+    code: ErrorCode
+    message: str
+    retryable: bool
+    details: dict[str, Any]
+
+
+Response = Welcome | SessionInfo | SessionList | Appended | Messages | ReadMarked | Pong | Error
+
+RETRYABLE: frozenset[str] = frozenset({"unavailable", "timeout", "rate_limited"})
+
+
+def error(rid: int, code: ErrorCode, message: str, **details: Any) -> Error:
+    return Error(rid, code, message, code in RETRYABLE, details)
+
+
+__all__ = [
+    "FRAME_BYTES_MAX",
+    "PROTOCOL_VERSION",
+    "RETRYABLE",
+    "Append",
+    "Appended",
+    "CreateSession",
+    "Error",
+    "ErrorCode",
+    "GetSession",
+    "Hello",
+    "ListSessions",
+    "MarkRead",
+    "Message",
+    "Messages",
+    "Ping",
+    "Pong",
+    "Read",
+    "ReadMarked",
+    "Request",
+    "Response",
+    "Session",
+    "SessionInfo",
+    "SessionList",
+    "Welcome",
+    "error",
+]
