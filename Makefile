@@ -19,7 +19,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy raft
+	$(BIN)/mypy raft wire ctxstore
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q -n auto --durations=10

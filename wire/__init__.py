@@ -1,1 +1,11 @@
-"""wire package (see ../shared/design.md §2)."""
+"""wire package (see ../shared/design.md §2 and §4.1; docs/protocol.md).
+
+- ``protocol``: the messages of the native binary protocol (the contract).
+- ``framing``: its frames and connection states, sans I/O (``ServerConnection``,
+  ``ClientConnection``).
+- ``aio``: the asyncio server (``serve``, ``Handler``, ``BaseHandler``).
+- ``client``: the Python client (``connect``, ``Client``).
+- ``errors``: ``ClientError``, ``LocalProtocolError``.
+
+Imports neither ``raft`` nor ``ctxstore``.
+"""

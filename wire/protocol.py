@@ -22,10 +22,11 @@ from msgspec import Meta
 
 PROTOCOL_VERSION = 1
 FRAME_BYTES_MAX = 4 * 1024 * 1024  # default negotiated maximum (Welcome.max_frame_bytes)
+METADATA_BYTES_MAX = 16 * 1024  # a metadata map, msgpack-encoded
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
 Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
-Rid = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Rid = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # 0 is reserved: Error{rid: 0} = the last word
 Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Limit = Annotated[int, Meta(ge=1, le=1000)]
 Kind = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -151,7 +152,16 @@ class Ping(msgspec.Struct, array_like=True, tag="ping", forbid_unknown_fields=Tr
     rid: Rid
 
 
-Request = Hello | CreateSession | GetSession | ListSessions | Append | Read | MarkRead | Ping
+class GetRoutes(msgspec.Struct, array_like=True, tag="get_routes", forbid_unknown_fields=True):
+    """The routing table: which node leads each group (a client may send each request straight
+    to its session's leader; a stale table costs a forward, never a wrong answer)."""
+
+    rid: Rid
+
+
+Request = (
+    Hello | CreateSession | GetSession | ListSessions | Append | Read | MarkRead | Ping | GetRoutes
+)
 
 
 # -- responses (server -> client) ------------------------------------------------------------------
@@ -199,7 +209,8 @@ class Pong(msgspec.Struct, array_like=True, tag="pong"):
 
 
 class Error(msgspec.Struct, array_like=True, tag="error"):
-    """The answer to a request that failed (``rid`` 0 when the request had none readable)."""
+    """The answer to a request that failed.  ``rid`` 0: the connection is broken (unreadable rid,
+    oversize or undecodable frame, bad handshake) and the server closes it after this frame."""
 
     rid: int
     code: ErrorCode
@@ -208,7 +219,16 @@ class Error(msgspec.Struct, array_like=True, tag="error"):
     details: dict[str, Any]
 
 
-Response = Welcome | SessionInfo | SessionList | Appended | Messages | ReadMarked | Pong | Error
+class Routes(msgspec.Struct, array_like=True, tag="routes"):
+    rid: int
+    version: int  # grows with every leader change this node sees
+    leaders: list[int]  # index = group: the leader's node id, 0 if unknown
+    addresses: dict[int, str]  # node id -> "host:port" of its native listener (those known)
+
+
+Response = (
+    Welcome | SessionInfo | SessionList | Appended | Messages | ReadMarked | Pong | Error | Routes
+)
 
 RETRYABLE: frozenset[str] = frozenset({"unavailable", "timeout", "rate_limited"})
 
@@ -219,6 +239,7 @@ def error(rid: int, code: ErrorCode, message: str, **details: Any) -> Error:
 
 __all__ = [
     "FRAME_BYTES_MAX",
+    "METADATA_BYTES_MAX",
     "PROTOCOL_VERSION",
     "RETRYABLE",
     "Append",
@@ -226,6 +247,7 @@ __all__ = [
     "CreateSession",
     "Error",
     "ErrorCode",
+    "GetRoutes",
     "GetSession",
     "Hello",
     "ListSessions",
@@ -238,6 +260,7 @@ __all__ = [
     "ReadMarked",
     "Request",
     "Response",
+    "Routes",
     "Session",
     "SessionInfo",
     "SessionList",

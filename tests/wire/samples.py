@@ -1,0 +1,102 @@
+"""Representative instances of every message of ``wire.protocol`` (one per tag, for the golden
+vectors), plus edge cases for round trips."""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from wire.protocol import (
+    Append,
+    Appended,
+    CreateSession,
+    Error,
+    GetRoutes,
+    GetSession,
+    Hello,
+    ListSessions,
+    MarkRead,
+    Message,
+    Messages,
+    Ping,
+    Pong,
+    Read,
+    ReadMarked,
+    Request,
+    Response,
+    Routes,
+    Session,
+    SessionInfo,
+    SessionList,
+    Welcome,
+)
+
+T0 = 1_700_000_000_000  # ms since the epoch
+
+SESSION = Session("s-1", "u-1", "agent-1", T0, {"title": "Trip"}, 2)
+MESSAGES = [
+    Message("s-1", 1, "user", "u-1", "text", "hello", {}, "m-1", T0 + 1, None),
+    Message("s-1", 2, "agent", "agent-1", "text", "hi, 世界", {"model": "x"}, None, T0 + 2, 7),
+]
+
+REQUESTS: dict[str, Request] = {
+    "hello": Hello(1, 1, "ctxstore-python", "s3cret"),
+    "create_session": CreateSession(2, "u-1", "agent-1", {"title": "Trip"}, "s-1"),
+    "get_session": GetSession(3, "s-1"),
+    "list_sessions": ListSessions(4, "u-1", None, 100),
+    "append": Append(5, "s-1", "user", "u-1", "text", "hello", {}, "m-1", None, None),
+    "read": Read(6, "s-1", 0, 100),
+    "mark_read": MarkRead(7, "s-1", "u-1", 2),
+    "ping": Ping(8),
+    "get_routes": GetRoutes(9),
+}
+
+RESPONSES: dict[str, Response] = {
+    "welcome": Welcome(1, 1, "cluster-a", 1, 4 * 1024 * 1024),
+    "session": SessionInfo(2, SESSION),
+    "sessions": SessionList(4, [SESSION], "s-1"),
+    "appended": Appended(5, 1, T0 + 1, False),
+    "messages": Messages(6, MESSAGES, 2),
+    "read_marked": ReadMarked(7, "s-1", "u-1", 2),
+    "pong": Pong(8),
+    "routes": Routes(9, 3, [1, 2, 0, 3], {1: "127.0.0.1:7400", 2: "127.0.0.1:7401"}),
+    "error": Error(5, "conflict", "expected_seq 1, last_seq 2", False, {"last_seq": 2}),
+}
+
+SAMPLES: dict[str, Request | Response] = {**REQUESTS, **RESPONSES}
+
+# More shapes for round trips: every optional field set and unset, limits, unicode, nesting.
+EDGE_REQUESTS: list[Request] = [
+    Hello(2**63 - 1, 1, "", None),
+    Hello(1, 2, "n" * 128, "t" * 1024),
+    CreateSession(1, "u", "a", {}, None),
+    CreateSession(1, "U.x:y@z-_", "A" * 128, {"nested": {"list": [1, 2.5, None, True, "ü"]}}, None),
+    ListSessions(1, "u", "cursor:" + "c" * 249, 1),
+    ListSessions(1, "u", None, 1000),
+    Append(1, "s", "agent", "a" * 128, "k" * 64, "", {"n": -1}, None, 0, 0),
+    Append(1, "s", "system", "", "tool-call", "x" * 10_000, {}, "m" * 128, 2**63 - 1, 2**40),
+    Append(1, "s", "user", "", "text", "emoji 🎉 and NUL \x00", {"": ""}, "m", None, 5),
+    Read(1, "s", 2**63 - 1, 1),
+    MarkRead(1, "s", "u", 0),
+]
+EDGE_RESPONSES: list[Response] = [
+    Welcome(1, 0, "", 1, 1),
+    SessionList(1, [], None),
+    Messages(1, [], 0),
+    Appended(1, 2**63 - 1, 0, True),
+    Error(0, "too_large", "a frame of 5000000 bytes", False, {}),
+    Error(9, "unavailable", "no leader yet", True, {"group": 17, "retry_after_ms": 50}),
+]
+
+
+def union_types(union: Any) -> list[type[Any]]:
+    return list(get_args(union))
+
+
+__all__ = [
+    "EDGE_REQUESTS",
+    "EDGE_RESPONSES",
+    "REQUESTS",
+    "RESPONSES",
+    "SAMPLES",
+    "union_types",
+]

@@ -1,0 +1,592 @@
+"""The sans-IO connections of ``wire.framing``: framing, the handshake, schema errors, sticky
+protocol errors, and fuzzing."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wire.errors import LocalProtocolError
+from wire.framing import (
+    CONNECTION_CLOSED,
+    HELLO_FRAME_BYTES_MAX,
+    METADATA_BYTES_MAX,
+    TRANSITIONS,
+    BadRequest,
+    ClientConnection,
+    ConnectionClosed,
+    Input,
+    ProtocolError,
+    RequestReceived,
+    ResponseReceived,
+    ServerConnection,
+    State,
+    encode_frame,
+    input_of,
+)
+from wire.protocol import (
+    FRAME_BYTES_MAX,
+    Append,
+    Error,
+    GetSession,
+    Hello,
+    Messages,
+    Ping,
+    Pong,
+    Read,
+    Request,
+    Response,
+    Welcome,
+)
+
+from .helpers import (
+    Pair,
+    drain,
+    frame,
+    hello,
+    open_client,
+    open_server,
+    raw,
+    responses,
+    welcome,
+)
+from .samples import EDGE_REQUESTS, EDGE_RESPONSES, MESSAGES, REQUESTS, RESPONSES
+
+
+def renumbered(messages: list[Any], first_rid: int) -> list[Any]:
+    return [msgspec.structs.replace(m, rid=first_rid + i) for i, m in enumerate(messages)]
+
+
+def small(messages: list[Any]) -> list[Any]:
+    return [m for m in messages if len(encode_frame(m)) < 2000]
+
+
+STREAM_REQUESTS: list[Request] = renumbered(
+    small([m for m in [*REQUESTS.values(), *EDGE_REQUESTS] if type(m) is not Hello]), 2
+)
+STREAM_RESPONSES: list[Response] = renumbered(
+    small([m for m in [*RESPONSES.values(), *EDGE_RESPONSES] if m.rid and type(m) is not Welcome]),
+    2,
+)
+
+
+def feed_in_pieces(
+    conn: ServerConnection | ClientConnection, data: bytes, cuts: list[int]
+) -> list[Any]:
+    events: list[Any] = []
+    start = 0
+    for cut in [*cuts, len(data)]:
+        conn.receive_data(data[start:cut])
+        events += drain(conn)
+        start = cut
+    return events
+
+
+def assert_protocol_error(server: ServerConnection, code: str, match: str = "") -> ProtocolError:
+    """The server is broken with ``code``, has queued ``Error{rid 0}`` and stays broken."""
+    events = drain(server)
+    assert events, "no event"
+    error = events[-1]
+    assert isinstance(error, ProtocolError), events
+    assert error.code == code
+    assert match in error.message
+    assert server.state is State.MUST_CLOSE
+    *_, last = responses(server.data_to_send())
+    assert last == Error(0, code, error.message, False, {})
+    # sticky: more input is ignored, the error comes back, sends are discarded
+    server.receive_data(encode_frame(Ping(99)))
+    assert server.next_event() is error
+    assert server.buffered_bytes == 0
+    server.send(Pong(99))
+    assert server.data_to_send() == b""
+    return error
+
+
+# -- framing ---------------------------------------------------------------------------------------
+
+
+def test_request_stream_split_at_every_offset_decodes_identically() -> None:
+    data = b"".join(encode_frame(m) for m in STREAM_REQUESTS)
+    expected = [RequestReceived(m) for m in STREAM_REQUESTS]
+    assert feed_in_pieces(open_server(), data, []) == expected
+    for cut in range(len(data) + 1):
+        assert feed_in_pieces(open_server(), data, [cut]) == expected, cut
+    assert feed_in_pieces(open_server(), data, list(range(len(data)))) == expected
+
+
+def test_response_stream_split_at_every_offset_decodes_identically() -> None:
+    data = b"".join(encode_frame(m) for m in STREAM_RESPONSES)
+    expected = [ResponseReceived(m) for m in STREAM_RESPONSES]
+    assert feed_in_pieces(open_client(), data, []) == expected
+    for cut in range(len(data) + 1):
+        assert feed_in_pieces(open_client(), data, [cut]) == expected, cut
+    assert feed_in_pieces(open_client(), data, list(range(len(data)))) == expected
+
+
+def test_handshake_split_at_every_offset() -> None:
+    data = encode_frame(hello(token="t")) + encode_frame(Ping(2))
+    for cut in range(len(data) + 1):
+        server = ServerConnection()
+        assert feed_in_pieces(server, data, [cut]) == [RequestReceived(hello(token="t"))]
+        server.send(welcome())
+        assert drain(server) == [RequestReceived(Ping(2))]
+
+
+def test_two_cuts_in_a_frame_pair() -> None:
+    data = encode_frame(STREAM_REQUESTS[0]) + encode_frame(STREAM_REQUESTS[1])
+    expected = [RequestReceived(m) for m in STREAM_REQUESTS[:2]]
+    for a in range(len(data) + 1):
+        for b in range(a, len(data) + 1):
+            assert feed_in_pieces(open_server(), data, [a, b]) == expected
+
+
+def append_of_size(rid: int, body_bytes: int) -> Append:
+    """An Append whose encoded body is exactly ``body_bytes`` long (4-byte characters)."""
+    probe = Append(rid, "s", "user", "", "text", "\U0001f389" * 70_000, {}, None, None, None)
+    base = len(msgspec.msgpack.encode(probe)) - 4 * 70_000
+    n, rest = divmod(body_bytes - base, 4)
+    request = msgspec.structs.replace(probe, sender_id="x" * rest, content="\U0001f389" * n)
+    assert len(msgspec.msgpack.encode(request)) == body_bytes
+    return request
+
+
+def test_the_largest_frame_arrives_in_chunks_without_growing_the_buffer() -> None:
+    server = open_server()
+    requests = [append_of_size(2, FRAME_BYTES_MAX), append_of_size(3, 100_000)]
+    data = b"".join(encode_frame(r) for r in requests)
+    chunk = 64 * 1024
+    events: list[Any] = []
+    for start in range(0, len(data), chunk):
+        server.receive_data(data[start : start + chunk])
+        events += drain(server)
+        assert len(server._buffer) <= FRAME_BYTES_MAX + 4 + chunk
+    assert events == [RequestReceived(r) for r in requests]
+    assert server.buffered_bytes == 0
+
+
+def test_a_frame_of_exactly_the_limit_is_accepted() -> None:
+    server = open_server(max_frame_bytes=100_000)
+    request = append_of_size(2, 100_000)
+    server.receive_data(encode_frame(request))
+    assert drain(server) == [RequestReceived(request)]
+    server.receive_data(encode_frame(append_of_size(3, 100_001)))
+    assert_protocol_error(server, "too_large", "100001")
+
+
+def test_oversize_declared_length_fails_before_the_body_arrives() -> None:
+    server = open_server(max_frame_bytes=1024)
+    server.receive_data(struct.pack(">I", 1025) + b"\x95")  # the header and one body byte
+    error = assert_protocol_error(server, "too_large", "1025")
+    assert "1024" in error.message
+
+
+def test_oversize_hello_fails_at_the_handshake_limit() -> None:
+    server = ServerConnection()
+    server.receive_data(struct.pack(">I", HELLO_FRAME_BYTES_MAX + 1))
+    assert_protocol_error(server, "too_large")
+
+
+def test_a_client_refuses_oversize_frames_both_ways() -> None:
+    client = open_client(max_frame_bytes=1024)  # the Welcome's limit applies from now on
+    assert client.max_frame_bytes == 1024
+    big = Append(2, "s", "user", "", "text", "x" * 2000, {}, None, None, None)
+    with pytest.raises(LocalProtocolError) as info:
+        client.send(big)
+    assert info.value.code == "too_large"
+    assert client.data_to_send() == b"" and client.state is State.OPEN
+    client.send(Ping(3))  # still usable
+    assert client.data_to_send() == encode_frame(Ping(3))
+    client.receive_data(struct.pack(">I", 1025))
+    [event] = drain(client)
+    assert event == ProtocolError("too_large", event.message)
+
+
+def test_the_buffer_is_compacted_in_place() -> None:
+    server = open_server()
+    data = b"".join(encode_frame(Ping(rid)) for rid in range(2, 1002))
+    server.receive_data(data + encode_frame(Ping(5000))[:3])
+    assert len(drain(server)) == 1000
+    assert len(server._buffer) == 3
+
+
+def test_end_of_stream_after_the_last_frame() -> None:
+    server = open_server()
+    server.receive_data(encode_frame(Ping(2)) + encode_frame(Ping(3))[:5])
+    server.receive_data(None)
+    assert drain(server) == [RequestReceived(Ping(2)), CONNECTION_CLOSED]
+    assert server.next_event() is CONNECTION_CLOSED
+    server.send(Pong(2))  # a half-closed peer still gets its answers
+    assert responses(server.data_to_send()) == [Pong(2)]
+    client = open_client()
+    client.receive_data(None)
+    assert drain(client) == [CONNECTION_CLOSED]
+
+
+# -- the handshake ---------------------------------------------------------------------------------
+
+
+def test_frames_after_the_hello_wait_for_the_welcome() -> None:
+    pair = Pair()
+    assert pair.send(hello(), Ping(2), Ping(3)) == [RequestReceived(hello())]
+    assert pair.server.state is State.GREETING and pair.client.state is State.GREETING
+    assert pair.server.next_event() is None
+    assert pair.server.in_flight == 1
+    assert pair.answer(welcome()) == [ResponseReceived(welcome())]
+    assert drain(pair.server) == [RequestReceived(Ping(2)), RequestReceived(Ping(3))]
+    assert pair.answer(Pong(3), Pong(2)) == [ResponseReceived(Pong(3)), ResponseReceived(Pong(2))]
+    assert pair.server.in_flight == 0 and pair.server.in_flight_bytes == 0
+
+
+def test_a_refused_hello_closes_and_nothing_after_it_is_handled() -> None:
+    pair = Pair()
+    pair.send(hello(), Ping(2))
+    refusal = Error(1, "unauthorized", "bad token", False, {})
+    assert pair.answer(refusal) == [ResponseReceived(refusal)]
+    assert pair.server.state is State.MUST_CLOSE and pair.client.state is State.MUST_CLOSE
+    assert pair.server.next_event() is None
+    pair.client.send(Ping(3))  # discarded
+    assert pair.client.data_to_send() == b""
+
+
+def test_the_first_frame_must_be_a_hello() -> None:
+    server = ServerConnection()
+    server.receive_data(encode_frame(Ping(1)))
+    assert_protocol_error(server, "bad_request", "first frame must be hello")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ["hello", 1, 1, "x"],  # too short
+        ["hello", 1, 0, "x", None],  # protocol_version >= 1
+        ["hello", 1, 1, "x" * 129, None],
+        ["hello", "one", 1, "x", None],
+    ],
+)
+def test_an_invalid_hello_is_a_protocol_error(body: list[Any]) -> None:
+    server = ServerConnection()
+    server.receive_data(raw(body))
+    assert_protocol_error(server, "bad_request", "valid hello")
+
+
+def test_an_unsupported_protocol_version_is_refused() -> None:
+    server = ServerConnection()
+    server.receive_data(encode_frame(Hello(1, 2, "x", None)))
+    assert_protocol_error(server, "bad_request", "protocol_version: 2 is not supported")
+
+
+def test_a_second_hello_is_a_protocol_error() -> None:
+    server = open_server()
+    server.receive_data(encode_frame(hello(2)))
+    assert_protocol_error(server, "bad_request", "hello is not allowed")
+
+
+def test_the_welcome_must_match_the_connection() -> None:
+    pair = Pair(max_frame_bytes=1024)
+    pair.send(hello())
+    with pytest.raises(LocalProtocolError, match="max_frame_bytes"):
+        pair.server.send(welcome(max_frame_bytes=FRAME_BYTES_MAX))
+    with pytest.raises(LocalProtocolError, match="cannot send Pong in state greeting"):
+        pair.server.send(Pong(1))
+    assert pair.server.data_to_send() == b"" and pair.server.in_flight == 1
+    pair.answer(welcome(max_frame_bytes=1024))
+    assert pair.client.max_frame_bytes == 1024
+
+
+def test_a_client_cannot_skip_the_hello() -> None:
+    client = ClientConnection()
+    with pytest.raises(LocalProtocolError, match="cannot send Ping in state idle"):
+        client.send(Ping(1))
+    with pytest.raises(LocalProtocolError, match="rid"):
+        client.send(hello(rid=0))
+    client.send(hello())
+    with pytest.raises(LocalProtocolError, match="cannot send Hello in state greeting"):
+        client.send(hello(2))
+
+
+def test_a_response_before_the_welcome_breaks_the_client() -> None:
+    client = ClientConnection()
+    client.send(hello())
+    client.receive_data(encode_frame(Pong(1)))
+    [event] = drain(client)
+    assert event.code == "internal" and "pong" in event.message
+    assert client.next_event() is event
+
+
+def test_an_error_with_rid_0_is_the_servers_goodbye() -> None:
+    client = open_client()
+    client.receive_data(encode_frame(Pong(2)) + encode_frame(Error(0, "too_large", "x", False, {})))
+    assert drain(client) == [ResponseReceived(Pong(2)), ProtocolError("too_large", "x")]
+    assert client.state is State.MUST_CLOSE
+
+
+def test_undecodable_responses_break_the_client() -> None:
+    for body in [b"\xc1", msgspec.msgpack.encode(["pong"]), msgspec.msgpack.encode(["nope", 1])]:
+        client = open_client()
+        client.receive_data(frame(body))
+        [event] = drain(client)
+        assert isinstance(event, ProtocolError) and event.code == "internal"
+
+
+def test_transitions_table() -> None:
+    assert input_of(hello(), State.IDLE) is Input.HELLO
+    assert input_of(Ping(1), State.OPEN) is Input.REQUEST
+    assert input_of(welcome(), State.GREETING) is Input.WELCOME
+    assert input_of(Error(1, "internal", "", False, {}), State.GREETING) is Input.REFUSAL
+    assert input_of(Error(1, "internal", "", False, {}), State.OPEN) is Input.RESPONSE
+    assert input_of(Error(0, "internal", "", False, {}), State.OPEN) is Input.GOODBYE
+    assert input_of(Pong(1), State.OPEN) is Input.RESPONSE
+    assert not any(state is State.MUST_CLOSE for state, _ in TRANSITIONS)  # a dead end
+    reachable = {State.IDLE} | set(TRANSITIONS.values())
+    assert reachable == set(State)
+
+
+# -- requests and answers --------------------------------------------------------------------------
+
+
+def test_answers_in_any_order_each_exactly_once() -> None:
+    pair = Pair().handshake()
+    assert len(pair.send(*[Ping(rid) for rid in range(2, 12)])) == 10
+    assert pair.server.in_flight == 10
+    answers = [Pong(rid) for rid in reversed(range(2, 12))]
+    assert pair.answer(*answers) == [ResponseReceived(a) for a in answers]
+    with pytest.raises(LocalProtocolError, match="no request 5 in flight"):
+        pair.server.send(Pong(5))
+    assert pair.server.in_flight == 0
+
+
+def test_a_rid_already_in_flight_is_a_bad_request() -> None:
+    pair = Pair().handshake()
+    [event] = pair.send(GetSession(2, "s"))
+    assert isinstance(event, RequestReceived)
+    pair.client.send(Ping(2))
+    pair.server.receive_data(pair.client.data_to_send())
+    [event] = drain(pair.server)
+    assert isinstance(event, BadRequest) and event.error.details == {"field": "rid"}
+    assert pair.server.in_flight == 1
+
+
+def test_a_request_with_rid_0_is_a_protocol_error() -> None:
+    server = open_server()
+    server.receive_data(raw(["ping", 0]))
+    assert_protocol_error(server, "bad_request", "rid")
+
+
+def test_a_response_over_the_limit_becomes_too_large() -> None:
+    pair = Pair(max_frame_bytes=1024).handshake()
+    pair.send(Read(2, "s", 0, 10))
+    [event] = pair.answer(_big_messages(2))
+    assert event.response.code == "too_large"
+    assert event.response.details == {"max_frame_bytes": 1024}
+    assert pair.server.in_flight == 0
+
+
+def _big_messages(rid: int) -> Messages:
+    message = msgspec.structs.replace(MESSAGES[0], content="x" * 2000)
+    return Messages(rid, [message], 1)
+
+
+def test_an_unencodable_response_raises_and_stays_in_flight() -> None:
+    pair = Pair().handshake()
+    pair.send(Read(2, "s", 0, 10))
+    bad = Messages(
+        2, [msgspec.structs.replace(_big_messages(2).messages[0], metadata={"x": object()})], 1
+    )
+    with pytest.raises(LocalProtocolError) as info:
+        pair.server.send(bad)
+    assert info.value.code == "internal"
+    assert pair.server.data_to_send() == b"" and pair.server.awaits_answer(2)
+    pair.server.send(Error(2, "internal", "oops", False, {}))
+    assert not pair.server.awaits_answer(2)
+
+
+# -- schema errors: bad_request naming the field, the connection goes on ---------------------------
+
+APPEND = ["append", 9, "s-1", "user", "", "text", "hi", {}, None, None, None]
+
+
+def with_field(index: int, value: Any) -> list[Any]:
+    body = list(APPEND)
+    body[index] = value
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (with_field(2, 5), "session_id"),
+        (with_field(2, ""), "session_id"),
+        (with_field(2, "has space"), "session_id"),
+        (with_field(2, "x" * 129), "session_id"),
+        (with_field(3, "bot"), "sender"),
+        (with_field(4, "x" * 129), "sender_id"),
+        (with_field(5, ""), "kind"),
+        (with_field(6, None), "content"),
+        (with_field(7, {1: 2}), "metadata"),
+        (with_field(7, []), "metadata"),
+        (with_field(8, ""), "client_msg_id"),
+        (with_field(9, -1), "expected_seq"),
+        (with_field(10, -1), "token_count"),
+        (with_field(7, {"big": "x" * METADATA_BYTES_MAX}), "metadata"),
+        (APPEND[:3], "sender"),  # too short: the first missing field
+        (APPEND[:-1], "token_count"),
+        (["nope", 9], "type"),  # unknown tag
+        (["read", 9, "s", 0, 0], "limit"),
+        (["read", 9, "s", 0, 1001], "limit"),
+        (["read", 9, "s", -1, 10], "after_seq"),
+        (["list_sessions", 9, "u", 5, 10], "cursor"),
+        (["mark_read", 9, "s", "u", "1"], "seq"),
+        (["create_session", 9, "u", "a", None, None], "metadata"),
+        (["get_session", 9, "s", "extra"], None),  # too long
+        ([b"append", 9], "type"),  # the tag must be a string
+    ],
+)
+def test_schema_errors_name_the_field_and_keep_the_connection(body: list[Any], field: str) -> None:
+    server = open_server()
+    server.receive_data(raw(body))
+    [event] = drain(server)
+    assert isinstance(event, BadRequest), event
+    assert event.rid == 9
+    error = event.error
+    assert (error.rid, error.code, error.retryable) == (9, "bad_request", False)
+    if field is None:
+        assert error.details == {} and "too many fields" in error.message
+    else:
+        assert error.details == {"field": field}
+        assert error.message.startswith(f"{field}: ")
+    assert responses(server.data_to_send()) == [error]
+    assert server.in_flight == 0
+    server.receive_data(encode_frame(Ping(10)))  # the connection goes on
+    assert drain(server) == [RequestReceived(Ping(10))]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        frame(b"\xc1"),  # not msgpack
+        frame(msgspec.msgpack.encode(["ping", 9]) + b"\x00"),  # trailing bytes
+        frame(b""),  # an empty body
+        raw(5),  # not an array
+        raw([]),
+        raw(["ping"]),  # no rid
+        raw(["ping", "9"]),  # an unreadable rid
+        raw(["nope", -1]),
+        raw(["ping", 2**64 - 1]),
+        frame(b"\x93\xa6append\x09" + b"\x91" * 100_000 + b"\x00"),  # nested too deeply
+    ],
+)
+def test_undecodable_requests_are_protocol_errors(data: bytes) -> None:
+    server = open_server()
+    server.receive_data(data)
+    assert_protocol_error(server, "bad_request")
+
+
+def test_metadata_under_the_limit_is_accepted() -> None:
+    server = open_server()
+    request = Append(2, "s", "user", "", "text", "x" * 40_000, {"k": "v" * 1000}, None, None, None)
+    server.receive_data(encode_frame(request))
+    assert drain(server) == [RequestReceived(request)]
+
+
+# -- fuzzing ---------------------------------------------------------------------------------------
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+    | st.sampled_from(
+        ["hello", "append", "read", "ping", "get_session", "mark_read", "s-1", "user"]
+    ),
+    lambda children: (
+        st.lists(children, max_size=12) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=30,
+)
+bodies = st.one_of(
+    st.binary(max_size=64),
+    msgpack_values.map(msgspec.msgpack.encode),
+    st.lists(msgpack_values, max_size=11).map(
+        lambda xs: msgspec.msgpack.encode(["append", 3, *xs])
+    ),
+    st.sampled_from([*REQUESTS.values(), *EDGE_REQUESTS]).map(msgspec.msgpack.encode),
+)
+frames = bodies.map(frame) | st.binary(max_size=16)
+FUZZ = settings(
+    max_examples=int(os.environ.get("WIRE_FUZZ_EXAMPLES", "300")),  # more for a soak
+    suppress_health_check=[HealthCheck.too_slow],
+    deadline=None,
+)
+
+
+def serve_everything(server: ServerConnection, events: list[Any]) -> None:
+    """Answer like a server would: Welcome the Hello, Pong everything else."""
+    for event in events:
+        assert isinstance(event, RequestReceived | BadRequest | ProtocolError | ConnectionClosed)
+        if isinstance(event, RequestReceived):
+            rid = event.request.rid
+            if server.state is State.GREETING:
+                server.send(welcome(rid))
+            else:
+                server.send(Pong(rid))
+
+
+@FUZZ
+@given(data=st.binary(max_size=256), hello_first=st.booleans(), cut=st.integers(0, 300))
+def test_arbitrary_bytes_only_yield_events(data: bytes, hello_first: bool, cut: int) -> None:
+    server = ServerConnection()
+    stream = (encode_frame(hello()) if hello_first else b"") + data
+    for piece in (stream[:cut], stream[cut:], None):
+        server.receive_data(piece)
+        for _ in range(100):
+            events = drain(server)
+            serve_everything(server, events)
+            if not events:
+                break
+    check_output(server)
+
+
+@FUZZ
+@given(parts=st.lists(frames, max_size=8), eof=st.booleans())
+def test_arbitrary_frames_after_a_hello_only_yield_events(parts: list[bytes], eof: bool) -> None:
+    server = ServerConnection()
+    for piece in [encode_frame(hello()), *parts, *([None] if eof else [])]:
+        server.receive_data(piece)
+        for _ in range(100):
+            events = drain(server)
+            serve_everything(server, events)
+            if not events:
+                break
+    check_output(server)
+
+
+def check_output(server: ServerConnection) -> None:
+    out = responses(server.data_to_send())  # always whole, decodable frames
+    if server.error is not None:
+        assert out[-1].rid == 0 and out[-1].code == server.error.code
+
+
+@FUZZ
+@given(parts=st.lists(frames, max_size=8))
+def test_arbitrary_bytes_to_a_client_only_yield_events(parts: list[bytes]) -> None:
+    client = ClientConnection()
+    client.send(hello())
+    for piece in parts:
+        client.receive_data(piece)
+        for event in drain(client):
+            assert isinstance(event, ResponseReceived | ProtocolError | ConnectionClosed)
+
+
+def test_pair_handshake_helper() -> None:
+    pair = Pair().handshake()
+    assert pair.send(Ping(2)) == [RequestReceived(Ping(2))]
+    assert pair.answer(Pong(2)) == [ResponseReceived(Pong(2))]
+    assert pair.answer() == []

@@ -1,0 +1,423 @@
+"""The asyncio server of the native binary protocol: sockets around ``framing.ServerConnection``.
+
+``serve(handler, host, port)`` listens; each TCP connection is a ``Connection`` that feeds bytes
+to its sans-IO core and hands requests to the handler:
+
+- ``handler.on_hello(conn, hello)`` decides the handshake: answer ``conn.welcome(...)``, or an
+  ``Error`` (``unauthorized`` for a bad token), after which the connection closes.  Frames that
+  follow the Hello are held unread until the Welcome is sent.
+- ``handler.on_request(conn, request)`` answers a request in one of three ways: return the
+  ``Response`` now; return ``None`` and call ``conn.reply(response)`` later, from any callback
+  of the event loop (the way to answer without a task per request); or return an awaitable,
+  which the connection runs as a task.  A handler that raises a ``WireError`` answers with an
+  Error of its code; any other exception answers ``internal``.
+- ``handler.on_close(conn)`` once the connection is gone; later replies are discarded.
+
+Rules of this module:
+- Responses go out in the order they are ready, each matched to its request by ``rid``.
+  Everything replied during one loop iteration leaves in one ``transport.write``.
+- Bounded memory per connection: at most ``max_in_flight`` requests (and
+  ``max_in_flight_bytes`` of their frames) unanswered; at the bound, and while the transport's
+  write buffer is above its high-water mark, the connection stops handing out requests and
+  stops reading.  It resumes once half the bound is free and the writer has drained.
+- A protocol error (or a refused Hello) writes the queued Error, then closes.  A handshake that
+  does not finish within ``hello_timeout_s`` is aborted.
+- A peer that half-closes gets its remaining answers before the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+from collections.abc import Awaitable, Collection
+from typing import Any, Protocol, cast
+
+import msgspec
+
+from .errors import LocalProtocolError, WireError
+from .framing import (
+    BadRequest,
+    ConnectionClosed,
+    ProtocolError,
+    RequestReceived,
+    ServerConnection,
+    State,
+)
+from .protocol import (
+    FRAME_BYTES_MAX,
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    Request,
+    Response,
+    Welcome,
+    error,
+)
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())
+
+Reply = Response | Awaitable[Response] | None
+"""What a handler returns: the answer, an awaitable of it, or None (``conn.reply`` later)."""
+
+
+class Handler(Protocol):
+    def on_hello(self, conn: Connection, hello: Hello) -> Reply: ...
+
+    def on_request(self, conn: Connection, request: Request) -> Reply: ...
+
+    def on_close(self, conn: Connection) -> None: ...
+
+
+class BaseHandler:
+    """Accepts a Hello whose token is one of ``tokens`` (any Hello when ``tokens`` is None);
+    subclasses answer requests."""
+
+    def __init__(
+        self, node_id: int = 0, cluster_id: str = "", tokens: Collection[str] | None = None
+    ) -> None:
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self._tokens = None if tokens is None else [t.encode() for t in tokens]
+
+    def on_hello(self, conn: Connection, hello: Hello) -> Reply:
+        if self._tokens is not None:
+            given = (hello.token or "").encode()
+            if not any(hmac.compare_digest(given, token) for token in self._tokens):
+                return error(hello.rid, "unauthorized", "missing or invalid token")
+        return conn.welcome(self.node_id, self.cluster_id)
+
+    def on_request(self, conn: Connection, request: Request) -> Reply:
+        return error(request.rid, "bad_request", f"{type(request).__name__} is not supported")
+
+    def on_close(self, conn: Connection) -> None:
+        pass
+
+
+class Server:
+    """A listening socket and its connections (returned by ``serve``)."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_frame_bytes: int,
+        max_in_flight: int,
+        max_in_flight_bytes: int,
+        write_buffer_high_bytes: int,
+        hello_timeout_s: float,
+    ) -> None:
+        if max_in_flight < 1 or max_in_flight_bytes < max_frame_bytes:
+            raise ValueError("max_in_flight >= 1 and max_in_flight_bytes >= max_frame_bytes")
+        self.handler = handler
+        self.max_frame_bytes = max_frame_bytes
+        self.max_in_flight = max_in_flight
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self.write_buffer_high_bytes = write_buffer_high_bytes
+        self.hello_timeout_s = hello_timeout_s
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None, "not listening"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    def close(self) -> None:
+        """Stop listening and close every connection (queued answers are still written)."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def _make_connection(self) -> Connection:
+        return Connection(self)
+
+
+async def serve(
+    handler: Handler,
+    host: str | None = "127.0.0.1",
+    port: int = 0,
+    *,
+    sock: socket.socket | None = None,
+    max_frame_bytes: int = FRAME_BYTES_MAX,
+    max_in_flight: int = 1024,
+    max_in_flight_bytes: int = 64 * 1024 * 1024,
+    write_buffer_high_bytes: int = 1024 * 1024,
+    hello_timeout_s: float = 10.0,
+    backlog: int = 1024,
+) -> Server:
+    """Listen on ``host:port`` (port 0: any free port, see ``Server.address``) or on ``sock``."""
+    server = Server(
+        handler,
+        max_frame_bytes=max_frame_bytes,
+        max_in_flight=max_in_flight,
+        max_in_flight_bytes=max_in_flight_bytes,
+        write_buffer_high_bytes=write_buffer_high_bytes,
+        hello_timeout_s=hello_timeout_s,
+    )
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        server._server = await loop.create_server(
+            server._make_connection, sock=sock, backlog=backlog
+        )
+    else:
+        server._server = await loop.create_server(
+            server._make_connection, host, port, backlog=backlog
+        )
+    return server
+
+
+class Connection(asyncio.Protocol):
+    """One client connection.  ``context`` is the handler's to use."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.core = ServerConnection(server.max_frame_bytes)
+        self.context: Any = None
+        self.peername: Any = None
+        self.closed = False
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Future[Response]] = set()
+        self._resume_in_flight = server.max_in_flight // 2
+        self._resume_in_flight_bytes = server.max_in_flight_bytes // 2
+        self._flush_bytes = server.write_buffer_high_bytes
+        self._pumping = False
+        self._blocked = False  # requests wait in the core (bound reached or Hello pending)
+        self._reading_paused = False
+        self._write_paused = False
+        self._flush_scheduled = False
+        self._closing = False
+        self._peer_eof = False
+        self._hello_timer: asyncio.TimerHandle | None = None
+
+    # handler API ---------------------------------------------------------------------------------
+
+    @property
+    def hello(self) -> Hello | None:
+        return self.core.hello
+
+    def welcome(self, node_id: int, cluster_id: str) -> Welcome:
+        """The Welcome answering this connection's Hello."""
+        hello = self.core.hello
+        assert hello is not None, "no Hello received"
+        return Welcome(hello.rid, node_id, cluster_id, PROTOCOL_VERSION, self.core.max_frame_bytes)
+
+    def reply(self, response: Response) -> None:
+        """Answer the request ``response.rid`` (discarded once the connection is closed)."""
+        if self.closed or self._closing:
+            return
+        core = self.core
+        try:
+            core.send(response)
+        except LocalProtocolError as e:
+            if not core.awaits_answer(response.rid):
+                raise  # a handler bug: a second answer, or an answer to no request
+            logger.error("cannot send %s: %s", type(response).__name__, e)
+            core.send(error(response.rid, "internal", "the response could not be sent"))
+        self._flush_soon()
+        if core.bytes_to_send >= self._flush_bytes:
+            self._flush()  # a batch is big enough: let the transport see it (and pause us)
+        if core.state is State.MUST_CLOSE:
+            self._close_after_flush()
+        elif self._hello_timer is not None and core.state is State.OPEN:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        if self._blocked and not self._pumping and self._may_resume():
+            self._pump()
+        elif self._peer_eof and core.in_flight == 0:
+            self._close_after_flush()
+
+    def close(self) -> None:
+        """Close once the queued answers are written."""
+        self._close_after_flush()
+
+    # asyncio.Protocol ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self._transport = transport
+        self.peername = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        high = self.server.write_buffer_high_bytes
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        self.server.connections.add(self)
+        self._hello_timer = self._loop.call_later(self.server.hello_timeout_s, self._hello_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.core.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.core.receive_data(None)
+        self._pump()
+        return True  # keep writing: the answers still in flight are due
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._blocked and self._may_resume():
+            self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self.server.connections.discard(self)
+        try:
+            self.server.handler.on_close(self)
+        except Exception:
+            logger.exception("handler.on_close failed")
+
+    # the read path -------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Hand the buffered requests to the handler, up to the bounds."""
+        if self._pumping or self.closed or self._closing:
+            return
+        self._pumping = True
+        core = self.core
+        server = self.server
+        max_in_flight = server.max_in_flight
+        max_bytes = server.max_in_flight_bytes
+        blocked = False
+        try:
+            while True:
+                if (
+                    self._write_paused
+                    or core.in_flight >= max_in_flight
+                    or core.in_flight_bytes >= max_bytes
+                ):
+                    blocked = True
+                    break
+                event = core.next_event()
+                if event is None:
+                    blocked = core.state is State.GREETING
+                    break
+                if type(event) is RequestReceived:
+                    self._dispatch(event.request)
+                elif type(event) is BadRequest:
+                    logger.debug("%s: %s", self.peername, event.error.message)
+                    self._flush_soon()
+                elif type(event) is ProtocolError:
+                    logger.info("closing %s: %s: %s", self.peername, event.code, event.message)
+                    self._close_after_flush()
+                    return
+                else:
+                    assert type(event) is ConnectionClosed
+                    self._peer_eof = True
+                    if core.in_flight == 0:
+                        self._close_after_flush()
+                        return
+                    break
+        finally:
+            self._pumping = False
+        self._blocked = blocked
+        self._set_reading(not blocked)
+
+    def _may_resume(self) -> bool:
+        core = self.core
+        return (
+            not self._write_paused
+            and core.state is not State.GREETING
+            and core.in_flight <= self._resume_in_flight
+            and core.in_flight_bytes <= self._resume_in_flight_bytes
+        )
+
+    def _set_reading(self, reading: bool) -> None:
+        transport = self._transport
+        if transport is None or reading is not self._reading_paused:
+            return
+        self._reading_paused = not reading
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def _dispatch(self, request: Request) -> None:
+        handler = self.server.handler
+        rid = request.rid
+        try:
+            if type(request) is Hello:
+                answer = handler.on_hello(self, request)
+            else:
+                answer = handler.on_request(self, request)
+        except Exception as e:
+            self.reply(_error_for(rid, e))
+            return
+        if answer is None:
+            return
+        if isinstance(answer, msgspec.Struct):
+            self.reply(answer)
+            return
+        task = asyncio.ensure_future(answer)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._task_done(rid, t))
+
+    def _task_done(self, rid: int, task: asyncio.Future[Response]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            self.reply(error(rid, "unavailable", "the request was cancelled"))
+            return
+        exc = task.exception()
+        self.reply(task.result() if exc is None else _error_for(rid, exc))
+
+    # the write path ------------------------------------------------------------------------------
+
+    def _flush_soon(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False  # a flush still scheduled finds nothing and returns
+        data = self.core.data_to_send()
+        if data and self._transport is not None and not self.closed:
+            self._transport.write(data)
+
+    def _close_after_flush(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _hello_timeout(self) -> None:
+        self._hello_timer = None
+        if self.core.state is not State.OPEN and not self.closed:
+            logger.info("closing %s: no completed handshake in time", self.peername)
+            if self._transport is not None:
+                self._transport.abort()
+
+
+def _error_for(rid: int, exc: BaseException) -> Error:
+    if isinstance(exc, WireError):
+        return error(rid, exc.code, exc.message)
+    logger.error("handler failed on request %d", rid, exc_info=exc)
+    return error(rid, "internal", "internal error")
+
+
+__all__ = ["BaseHandler", "Connection", "Handler", "Reply", "Server", "serve"]

@@ -1,0 +1,569 @@
+"""The native binary protocol's framing and connection states, sans I/O (design §4.1).
+
+A frame is a 4-byte big-endian unsigned length N, then N bytes of msgpack: one message of
+``protocol.Request`` (client -> server) or ``protocol.Response`` (server -> client).
+``ServerConnection`` and ``ClientConnection`` are the two ends of one connection: bytes go in
+through ``receive_data`` (``None``: end of stream), events come out of ``next_event``, messages
+go in through ``send`` and leave as bytes through ``data_to_send``.  No I/O, no clock.
+
+Rules of this file:
+- Both ends walk the same ``TRANSITIONS`` over what they send and what they receive.  An input
+  the table does not list is an error: a remote one is a ``ProtocolError`` event, a local one
+  raises ``LocalProtocolError`` and changes nothing.
+- A declared length is compared with the limit of the state before its body is buffered (a
+  server accepts at most ``HELLO_FRAME_BYTES_MAX`` before the Hello); the receive buffer is
+  compacted in place, once per wait for more bytes.
+- A well-framed request that fails the schema is a ``BadRequest``: the server has already queued
+  a ``bad_request`` Error naming the field, and the connection goes on.  Anything else that is
+  broken (oversize frame, undecodable msgpack, an unreadable ``rid``, a first frame that is not
+  a valid Hello, a frame the table does not allow) is a ``ProtocolError``.  It is sticky: the
+  buffer is dropped, later input is ignored, ``next_event`` returns it again, ``send`` discards,
+  and a server has queued ``Error{rid: 0}``: write ``data_to_send()``, then close.
+- A server holds the frames that follow a Hello unparsed until the Welcome is sent, so no
+  request is handled before the Hello is accepted (the token checked).
+- An ``Error`` with ``rid`` 0 is the server's last word on a connection, so requests use rids
+  >= 1 (a request with rid 0 is a protocol error).
+- A server answers each request exactly once, in any order (``rid`` matches them); the number and
+  frame bytes of unanswered requests are ``in_flight`` and ``in_flight_bytes``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+from typing import Any, Final, get_args
+
+import msgspec
+import msgspec.msgpack
+
+from .errors import LocalProtocolError
+from .protocol import (
+    FRAME_BYTES_MAX,
+    METADATA_BYTES_MAX,
+    PROTOCOL_VERSION,
+    Append,
+    CreateSession,
+    Error,
+    ErrorCode,
+    Hello,
+    Request,
+    Response,
+    Welcome,
+)
+
+HEADER: Final = struct.Struct(">I")
+HELLO_FRAME_BYTES_MAX: Final = 16 * 1024
+"""Limit of a server's first frame (a Hello), before the client is known."""
+FRAME_BYTES_CEILING: Final = 2**32 - 1  # what 4 length bytes can declare
+SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})
+
+
+class State(enum.Enum):
+    IDLE = "idle"  # nothing sent (client) / received (server) yet
+    GREETING = "greeting"  # Hello on its way; Welcome or refusal pending
+    OPEN = "open"
+    MUST_CLOSE = "must_close"  # Hello refused or protocol broken: write what is queued, close
+
+    __hash__ = object.__hash__  # the table is looked up per message; Enum's hash is Python code
+
+
+class Input(enum.Enum):
+    HELLO = "hello"
+    WELCOME = "welcome"
+    REFUSAL = "refusal"  # an Error answering the Hello
+    GOODBYE = "goodbye"  # an Error with rid 0: the server is closing the connection
+    REQUEST = "request"  # any request but Hello
+    RESPONSE = "response"  # any response but Welcome, Errors included
+
+    __hash__ = object.__hash__
+
+
+# (state, input sent or received) -> next state.  Every other pair is an error.
+TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
+    (State.IDLE, Input.HELLO): State.GREETING,
+    (State.IDLE, Input.GOODBYE): State.MUST_CLOSE,
+    (State.GREETING, Input.REQUEST): State.GREETING,  # pipelined; the server holds them
+    (State.GREETING, Input.WELCOME): State.OPEN,
+    (State.GREETING, Input.REFUSAL): State.MUST_CLOSE,
+    (State.GREETING, Input.GOODBYE): State.MUST_CLOSE,
+    (State.OPEN, Input.REQUEST): State.OPEN,
+    (State.OPEN, Input.RESPONSE): State.OPEN,
+    (State.OPEN, Input.GOODBYE): State.MUST_CLOSE,
+}
+
+REQUEST_TYPES: Final[tuple[type[Any], ...]] = get_args(Request)
+_INPUT_OF: Final[dict[type[Any], Input]] = {t: Input.REQUEST for t in REQUEST_TYPES} | {
+    Hello: Input.HELLO,
+    Welcome: Input.WELCOME,
+}
+_REQUEST_BY_TAG: Final[dict[str, type[Any]]] = {t.__struct_config__.tag: t for t in REQUEST_TYPES}
+
+
+def input_of(message: Request | Response, state: State) -> Input:
+    """What ``message`` is to the table in ``state``."""
+    kind = _INPUT_OF.get(type(message), Input.RESPONSE)
+    if kind is Input.RESPONSE and type(message) is Error:
+        if message.rid == 0:
+            return Input.GOODBYE
+        if state is State.GREETING:
+            return Input.REFUSAL
+    return kind
+
+
+# -- events ----------------------------------------------------------------------------------------
+
+
+class RequestReceived(msgspec.Struct, frozen=True):
+    request: Request
+
+
+class BadRequest(msgspec.Struct, frozen=True):
+    """A well-framed request failed the schema; ``error`` (already queued) names the field."""
+
+    rid: int
+    error: Error
+
+
+class ResponseReceived(msgspec.Struct, frozen=True):
+    response: Response
+
+
+class ProtocolError(msgspec.Struct, frozen=True):
+    """The peer broke the protocol (or, to a client, the server said goodbye): close."""
+
+    code: ErrorCode
+    message: str
+
+
+class ConnectionClosed(msgspec.Struct, frozen=True):
+    """The peer ended its stream (any partial frame is discarded)."""
+
+
+CONNECTION_CLOSED: Final = ConnectionClosed()
+
+ServerEvent = RequestReceived | BadRequest | ProtocolError | ConnectionClosed
+ClientEvent = ResponseReceived | ProtocolError | ConnectionClosed
+
+# -- codecs, built once ----------------------------------------------------------------------------
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_request_decoder: Final = msgspec.msgpack.Decoder(Request)
+_response_decoder: Final = msgspec.msgpack.Decoder(Response)
+_head_decoder: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_tag_decoder: Final = msgspec.msgpack.Decoder(str)
+_rid_decoder: Final = msgspec.msgpack.Decoder(int)
+_PATH: Final = re.compile(r"`\$\[(\d+)\]")
+_RID_MAX: Final = 2**63 - 1
+
+
+class _Broken(Exception):
+    """Internal: the peer broke the protocol."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+
+
+def encode_frame(message: Request | Response) -> bytes:
+    """One message with its length prefix (for tests and tools; connections encode in place)."""
+    buf = bytearray()
+    _append_frame(buf, message)
+    return bytes(buf)
+
+
+def _append_frame(buf: bytearray, message: Request | Response) -> int:
+    """Append the frame of ``message`` to ``buf``; its body length.  Leaves ``buf`` as it was
+    and raises ``LocalProtocolError`` if the message cannot be encoded."""
+    start = len(buf)
+    try:
+        _encoder.encode_into(message, buf, start + HEADER.size)
+    except (TypeError, ValueError, OverflowError) as e:
+        del buf[start:]
+        raise LocalProtocolError("internal", f"cannot encode {type(message).__name__}: {e}") from e
+    length = len(buf) - start - HEADER.size
+    if length > FRAME_BYTES_CEILING:
+        del buf[start:]
+        raise LocalProtocolError("too_large", f"a frame of {length} bytes")
+    HEADER.pack_into(buf, start, length)
+    return length
+
+
+# -- the shared machinery --------------------------------------------------------------------------
+
+
+class _Connection:
+    def __init__(self, max_frame_bytes: int) -> None:
+        if not 0 < max_frame_bytes <= FRAME_BYTES_CEILING:
+            raise ValueError(f"max_frame_bytes must be in 1..{FRAME_BYTES_CEILING}")
+        self.max_frame_bytes = max_frame_bytes
+        self.state = State.IDLE
+        self.error: ProtocolError | None = None
+        self._buffer = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._out = bytearray()
+
+    def receive_data(self, data: bytes | bytearray | memoryview | None) -> None:
+        """Bytes from the peer; ``None`` means the peer ended its stream.  Ignored once the
+        connection must close, and after the end of the stream."""
+        if self._eof or self.state is State.MUST_CLOSE:
+            return
+        if data is None:
+            self._eof = True
+        else:
+            self._buffer += data
+
+    def data_to_send(self) -> bytearray:
+        """The bytes queued since the last call (a buffer the caller now owns)."""
+        out, self._out = self._out, bytearray()
+        return out
+
+    @property
+    def bytes_to_send(self) -> int:
+        """Bytes queued for ``data_to_send``."""
+        return len(self._out)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet turned into events."""
+        return len(self._buffer) - self._pos
+
+    def _frame_limit(self) -> int:
+        return self.max_frame_bytes
+
+    def _next_body(self) -> bytearray | None:
+        """The next complete frame's body, or None until more bytes arrive."""
+        buf = self._buffer
+        pos = self._pos
+        if len(buf) - pos < HEADER.size:
+            self._compact()
+            return None
+        (length,) = HEADER.unpack_from(buf, pos)
+        limit = self._frame_limit()
+        if length > limit:
+            raise _Broken("too_large", f"a frame of {length} bytes exceeds the limit of {limit}")
+        end = pos + HEADER.size + length
+        if len(buf) < end:
+            self._compact()
+            return None
+        self._pos = end
+        return buf[pos + HEADER.size : end]
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._buffer[: self._pos]
+            self._pos = 0
+
+    def _fail(self, broken: _Broken) -> ProtocolError:
+        self.error = ProtocolError(broken.code, broken.message)
+        self.state = State.MUST_CLOSE
+        self._buffer = bytearray()
+        self._pos = 0
+        return self.error
+
+    def _step(self, message: Request | Response) -> State:
+        """The state after sending ``message``; raises if the table does not allow it."""
+        after = TRANSITIONS.get((self.state, input_of(message, self.state)))
+        if after is None:
+            raise LocalProtocolError(
+                "internal", f"cannot send {type(message).__name__} in state {self.state.value}"
+            )
+        return after
+
+
+# -- the server end --------------------------------------------------------------------------------
+
+
+class ServerConnection(_Connection):
+    """The server end of one connection."""
+
+    def __init__(
+        self,
+        max_frame_bytes: int = FRAME_BYTES_MAX,
+        supported_versions: frozenset[int] = SUPPORTED_VERSIONS,
+    ) -> None:
+        super().__init__(max_frame_bytes)
+        self.supported_versions = supported_versions
+        self.hello: Hello | None = None  # the client's Hello, once received
+        self.in_flight_bytes = 0
+        self._pending: dict[int, int] = {}  # rid -> frame bytes, of unanswered requests
+
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not answered yet (the Hello included)."""
+        return len(self._pending)
+
+    def awaits_answer(self, rid: int) -> bool:
+        """Whether the request ``rid`` is in flight (received, not answered)."""
+        return rid in self._pending
+
+    def _frame_limit(self) -> int:
+        return HELLO_FRAME_BYTES_MAX if self.state is State.IDLE else self.max_frame_bytes
+
+    def next_event(self) -> ServerEvent | None:
+        """The next event, or None until more bytes arrive (or, while the Hello waits for its
+        answer, until the Welcome is sent)."""
+        while True:
+            if self.error is not None:
+                return self.error
+            state = self.state
+            if state is State.GREETING or state is State.MUST_CLOSE:
+                return None
+            try:
+                body = self._next_body()
+                if body is None:
+                    return CONNECTION_CLOSED if self._eof else None
+                event = self._on_body(body, state)
+            except _Broken as e:
+                error = self._fail(e)
+                _append_frame(self._out, Error(0, e.code, e.message, False, {}))
+                return error
+            if event is not None:
+                return event
+
+    def _on_body(self, body: bytearray, state: State) -> ServerEvent | None:
+        try:
+            request: Request = _request_decoder.decode(body)
+        except msgspec.ValidationError as e:
+            return self._bad_request(body, e, state)
+        except msgspec.DecodeError as e:
+            raise _Broken("bad_request", f"undecodable frame: {e}") from None
+        except RecursionError:
+            raise _Broken("bad_request", "undecodable frame: nested too deeply") from None
+        kind = Input.HELLO if type(request) is Hello else Input.REQUEST
+        after = TRANSITIONS.get((state, kind))
+        if after is None:
+            if state is State.IDLE:
+                raise _Broken("bad_request", f"the first frame must be hello, not {_tag(request)}")
+            raise _Broken("bad_request", f"{_tag(request)} is not allowed once open")
+        rid = request.rid
+        if rid == 0:
+            raise _Broken("bad_request", "rid: 0 is reserved (requests use rids >= 1)")
+        if rid in self._pending:
+            return self._answer_bad(rid, "rid", f"request {rid} is already in flight")
+        if type(request) is Hello:
+            if request.protocol_version not in self.supported_versions:
+                raise _Broken(
+                    "bad_request",
+                    f"protocol_version: {request.protocol_version} is not supported "
+                    f"(this server speaks {sorted(self.supported_versions)})",
+                )
+            self.hello = request
+        elif len(body) > METADATA_BYTES_MAX and isinstance(request, Append | CreateSession):
+            size = len(_encoder.encode(request.metadata))
+            if size > METADATA_BYTES_MAX:
+                return self._answer_bad(
+                    rid, "metadata", f"{size} bytes encoded exceeds {METADATA_BYTES_MAX}"
+                )
+        self.state = after
+        self._pending[rid] = len(body)
+        self.in_flight_bytes += len(body)
+        return RequestReceived(request)
+
+    def _bad_request(
+        self, body: bytearray, exc: msgspec.ValidationError, state: State
+    ) -> BadRequest:
+        rid, field, message = describe_schema_error(body, exc)
+        if state is State.IDLE:
+            raise _Broken("bad_request", f"the first frame must be a valid hello: {message}")
+        if not rid:
+            raise _Broken("bad_request", f"no readable rid (>= 1): {message}")
+        if rid in self._pending:
+            return self._answer_bad(rid, "rid", f"request {rid} is already in flight")
+        return self._answer_bad(rid, field, message)
+
+    def _answer_bad(self, rid: int, field: str | None, message: str) -> BadRequest:
+        if field is not None and not message.startswith(f"{field}:"):
+            message = f"{field}: {message}"
+        details: dict[str, Any] = {} if field is None else {"field": field}
+        error = Error(rid, "bad_request", message, False, details)
+        _append_frame(self._out, error)
+        return BadRequest(rid, error)
+
+    def send(self, response: Response) -> None:
+        """Queue the answer to the request ``response.rid``.
+
+        Discarded once the connection must close.  Raises ``LocalProtocolError`` (nothing
+        queued) if no such request is in flight, if the state does not allow the message, or if
+        it cannot be encoded; a response over ``max_frame_bytes`` is replaced by a
+        ``too_large`` Error."""
+        if self.state is State.MUST_CLOSE:
+            return
+        rid = response.rid
+        size = self._pending.get(rid)
+        if size is None:
+            raise LocalProtocolError("internal", f"no request {rid} in flight")
+        after = self._step(response)
+        if type(response) is Welcome:
+            self._check_welcome(response)
+        out = self._out
+        start = len(out)
+        length = _append_frame(out, response)
+        if length > self.max_frame_bytes:
+            del out[start:]
+            response = _too_large_response(rid, length, self.max_frame_bytes)
+            after = self._step(response)
+            _append_frame(out, response)
+        del self._pending[rid]
+        self.in_flight_bytes -= size
+        self.state = after
+
+    def _check_welcome(self, welcome: Welcome) -> None:
+        if welcome.protocol_version not in self.supported_versions:
+            raise LocalProtocolError("internal", "Welcome names an unsupported protocol_version")
+        if welcome.max_frame_bytes != self.max_frame_bytes:
+            raise LocalProtocolError(
+                "internal",
+                f"Welcome.max_frame_bytes {welcome.max_frame_bytes} != {self.max_frame_bytes}",
+            )
+
+
+def _too_large_response(rid: int, length: int, limit: int) -> Error:
+    return Error(
+        rid,
+        "too_large",
+        f"the response ({length} bytes) exceeds max_frame_bytes ({limit})",
+        False,
+        {"max_frame_bytes": limit},
+    )
+
+
+def _tag(message: Request | Response) -> str:
+    return str(type(message).__struct_config__.tag)
+
+
+def describe_schema_error(
+    body: bytes | bytearray, exc: msgspec.ValidationError
+) -> tuple[int | None, str | None, str]:
+    """``(rid, field, message)`` for a request body that failed the schema: the rid if it can be
+    read, and the field named by the struct's own field name (msgspec reports ``$[2]``)."""
+    text = str(exc)
+    try:
+        head = _head_decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None, None, text
+    tag = _read(head, 0, _tag_decoder)
+    rid = _read(head, 1, _rid_decoder)
+    if rid is not None and not 0 <= rid <= _RID_MAX:
+        rid = None
+    cls = _REQUEST_BY_TAG.get(tag) if isinstance(tag, str) else None
+    if isinstance(tag, str) and cls is None:
+        return rid, "type", f"type: unknown request type {tag!r}"
+    if cls is None:
+        return rid, "type", "type: the first element must be the request type (a string)"
+    fields: tuple[str, ...] = cls.__struct_fields__
+    match = _PATH.search(text)
+    if match is not None:
+        index = int(match.group(1)) - 1  # element 0 is the tag
+        if 0 <= index < len(fields):
+            detail = text.split(" - at ", 1)[0]
+            return rid, fields[index], f"{fields[index]}: {detail}"
+    if text.startswith("Expected `array` of at least length") and 1 <= len(head) <= len(fields):
+        missing = fields[len(head) - 1]
+        return rid, missing, f"{missing}: missing ({cls.__name__} has {len(fields)} fields)"
+    if text.startswith("Expected `array` of at most length"):
+        return rid, None, f"too many fields ({cls.__name__} has {len(fields)})"
+    return rid, None, text
+
+
+def _read(head: list[msgspec.Raw], index: int, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
+    if index >= len(head):
+        return None
+    try:
+        return decoder.decode(head[index])
+    except msgspec.DecodeError:
+        return None
+
+
+# -- the client end --------------------------------------------------------------------------------
+
+
+class ClientConnection(_Connection):
+    """The client end of one connection.  ``max_frame_bytes`` bounds frames both ways until
+    the Welcome; from then on the server's ``Welcome.max_frame_bytes`` does."""
+
+    def __init__(self, max_frame_bytes: int = FRAME_BYTES_MAX) -> None:
+        super().__init__(max_frame_bytes)
+        self.welcome: Welcome | None = None
+
+    def send(self, request: Request) -> None:
+        """Queue a request.  Discarded once the connection must close.  Raises
+        ``LocalProtocolError`` (nothing queued) if the state does not allow it (the first must
+        be a Hello), if it cannot be encoded, or if it exceeds ``max_frame_bytes``."""
+        if self.state is State.MUST_CLOSE:
+            return
+        if request.rid <= 0:
+            raise LocalProtocolError("bad_request", "rid: requests use rids >= 1")
+        after = self._step(request)
+        out = self._out
+        start = len(out)
+        length = _append_frame(out, request)
+        if length > self.max_frame_bytes:
+            del out[start:]
+            raise LocalProtocolError(
+                "too_large",
+                f"a {_tag(request)} of {length} bytes exceeds max_frame_bytes "
+                f"({self.max_frame_bytes})",
+            )
+        self.state = after
+
+    def next_event(self) -> ClientEvent | None:
+        """The next event, or None until more bytes arrive."""
+        if self.error is not None:
+            return self.error
+        if self.state is State.MUST_CLOSE:
+            return None
+        try:
+            body = self._next_body()
+            if body is None:
+                return CONNECTION_CLOSED if self._eof else None
+            return self._on_body(body)
+        except _Broken as e:
+            return self._fail(e)
+
+    def _on_body(self, body: bytearray) -> ClientEvent:
+        try:
+            response: Response = _response_decoder.decode(body)
+        except (msgspec.DecodeError, RecursionError) as e:
+            raise _Broken("internal", f"undecodable response: {e}") from None
+        state = self.state
+        kind = input_of(response, state)
+        if kind is Input.GOODBYE:
+            assert type(response) is Error
+            raise _Broken(response.code, response.message)
+        after = TRANSITIONS.get((state, kind))
+        if after is None:
+            raise _Broken("internal", f"{_tag(response)} is not allowed in state {state.value}")
+        if type(response) is Welcome:
+            if not 0 < response.max_frame_bytes <= FRAME_BYTES_CEILING:
+                raise _Broken("internal", f"max_frame_bytes {response.max_frame_bytes}")
+            self.welcome = response
+            self.max_frame_bytes = response.max_frame_bytes
+        self.state = after
+        return ResponseReceived(response)
+
+
+__all__ = [
+    "CONNECTION_CLOSED",
+    "HEADER",
+    "HELLO_FRAME_BYTES_MAX",
+    "METADATA_BYTES_MAX",
+    "SUPPORTED_VERSIONS",
+    "TRANSITIONS",
+    "BadRequest",
+    "ClientConnection",
+    "ClientEvent",
+    "ConnectionClosed",
+    "Input",
+    "ProtocolError",
+    "RequestReceived",
+    "ResponseReceived",
+    "ServerConnection",
+    "ServerEvent",
+    "State",
+    "describe_schema_error",
+    "encode_frame",
+    "input_of",
+]
