@@ -49,9 +49,7 @@ class Member:
         self.sm = LogMachine()
         self.wal = WAL.open(path / f"n{node_id}", segment_bytes=1 << 20, preallocate=False)
         self.host = MultiRaft(HostConfig(Config(node_id, election_ticks=10, seed=3)))
-        self.driver = Driver(
-            self.host, self.wal, self.sm, DriverConfig(tick_s=TICK_S, **driver_kw)
-        )
+        self.driver = Driver(self.host, self.wal, self.sm, DriverConfig(tick_s=TICK_S, **driver_kw))
         self.driver.add_groups(range(groups), voters)
         self.transport: Transport | None = None
 

@@ -90,7 +90,9 @@ class Host:
         return out
 
     def terms(self) -> dict[tuple[int, int], int]:
-        return {(i, g): self.nodes[i].node(g).raft.term for i in self.up for g in range(self.groups)}
+        return {
+            (i, g): self.nodes[i].node(g).raft.term for i in self.up for g in range(self.groups)
+        }
 
 
 def test_preferred_nodes_lead_a_fresh_cluster_evenly_without_split_votes() -> None:
