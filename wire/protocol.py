@@ -9,7 +9,9 @@ Rules of this file:
   at the end *with* a default; tags and field types never change.
 - Limits are part of the schema (``Meta``): a value out of range fails validation, which the
   server answers with ``bad_request`` naming the field.
-- Data types shared by requests and responses (``Session``, ``Message``) are plain Structs.
+- Data types shared by requests and responses (``Session``, ``Message``) are plain Structs,
+  not tracked by the garbage collector (``gc=False``: they cannot form cycles), since a node
+  holds many of them.
 - Timestamps are integers: milliseconds since the Unix epoch (UTC).
 """
 
@@ -50,7 +52,7 @@ ErrorCode = Literal[
 
 
 # -- data --------------------------------------------------------------------------------------
-class Session(msgspec.Struct, array_like=True, frozen=True):
+class Session(msgspec.Struct, array_like=True, frozen=True, gc=False):
     id: str
     user_id: str
     agent_id: str
@@ -59,7 +61,7 @@ class Session(msgspec.Struct, array_like=True, frozen=True):
     last_seq: int
 
 
-class Message(msgspec.Struct, array_like=True, frozen=True):
+class Message(msgspec.Struct, array_like=True, frozen=True, gc=False):
     session_id: str
     seq: int
     sender: Sender

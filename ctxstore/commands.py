@@ -1,0 +1,139 @@
+"""The commands carried in Raft entries, and the results the state machine returns for them.
+
+Rules of this file:
+- One msgspec Struct per command or result, ``array_like`` with a small integer tag (an entry
+  is a msgpack array: the tag, then the fields in the order written here), ``frozen``.  Commands
+  form the tagged union ``Command``; results the union ``Result``.  Encoders and decoders are
+  built once, at import.
+- A command holds everything the state machine needs to apply it deterministically on every
+  replica: timestamps are read by the proposer and travel inside (``created_at``,
+  ``inserted_at``: ms since the Unix epoch).  Input was validated at the wire (wire/protocol.py)
+  before it was proposed, so fields here are plain types.
+- Results travel between nodes when a request was forwarded to the leader.  Domain refusals are
+  results (``Rejected``), not exceptions: they are part of the replicated outcome.
+- Schema evolution: new fields are appended with defaults; tags and field types never change.
+  Every node of a cluster must decode every command it may apply.
+
+Names clash on purpose with wire.protocol's requests (``Append``, ``Appended``...): import this
+module, not its names (``from ctxstore import commands`` then ``commands.Append``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import msgspec.msgpack
+
+from wire.protocol import ErrorCode, Sender, Session
+
+Metadata = dict[str, Any]
+
+
+# -- commands (proposed by a leader, applied by every replica) -------------------------------------
+class CreateSession(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=1):
+    """Create a session; again with the same user and agent it is a no-op (idempotent)."""
+
+    session_id: str
+    user_id: str
+    agent_id: str
+    metadata: Metadata
+    created_at: int
+
+
+class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
+    """Append one message; the state machine assigns ``seq = last_seq + 1``."""
+
+    session_id: str
+    sender: Sender
+    sender_id: str
+    kind: str
+    content: str
+    metadata: Metadata
+    client_msg_id: str | None
+    expected_seq: int | None
+    token_count: int | None
+    inserted_at: int
+
+
+class MarkRead(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
+    """Move ``user_id``'s read cursor of the session forward to ``seq`` (never back)."""
+
+    session_id: str
+    user_id: str
+    seq: int
+
+
+Command = CreateSession | Append | MarkRead
+
+
+# -- results (one per applied command) -------------------------------------------------------------
+class SessionCreated(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=1):
+    """``created`` is false when the session already existed with the same user and agent."""
+
+    session: Session
+    created: bool
+
+
+class Appended(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
+    """``deduped``: a retry of a recent append (same ``client_msg_id``, same content)."""
+
+    seq: int
+    inserted_at: int
+    deduped: bool
+
+
+class ReadMarked(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
+    seq: int  # the cursor after the command
+
+
+class Rejected(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=4):
+    """A domain refusal; the state did not change.  ``code`` is the client-facing error code."""
+
+    code: ErrorCode
+    message: str
+    details: dict[str, Any]
+
+
+Result = SessionCreated | Appended | ReadMarked | Rejected
+
+
+# -- codecs ----------------------------------------------------------------------------------------
+_encoder = msgspec.msgpack.Encoder()
+_command_decoder: msgspec.msgpack.Decoder[Command] = msgspec.msgpack.Decoder(Command)
+_result_decoder: msgspec.msgpack.Decoder[Result] = msgspec.msgpack.Decoder(Result)
+
+
+def encode_command(cmd: Command) -> bytes:
+    return _encoder.encode(cmd)
+
+
+def decode_command(data: bytes) -> Command:
+    """Raises ``msgspec.DecodeError`` (or its subclass ``ValidationError``) on bad data."""
+    return _command_decoder.decode(data)
+
+
+def encode_result(result: Result) -> bytes:
+    return _encoder.encode(result)
+
+
+def decode_result(data: bytes) -> Result:
+    """Raises ``msgspec.DecodeError`` (or its subclass ``ValidationError``) on bad data."""
+    return _result_decoder.decode(data)
+
+
+__all__ = [
+    "Append",
+    "Appended",
+    "Command",
+    "CreateSession",
+    "MarkRead",
+    "ReadMarked",
+    "Rejected",
+    "Result",
+    "SessionCreated",
+    "decode_command",
+    "decode_result",
+    "encode_command",
+    "encode_result",
+]

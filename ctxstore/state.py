@@ -1,0 +1,475 @@
+"""The replicated conversation state of a node: the Raft ``StateMachine`` of its data groups.
+
+Every replica applies the same committed entries (``ctxstore.commands``) in the same order and
+reaches the same state, so this module is pure and deterministic: no clock (timestamps travel in
+commands), no I/O, no randomness, no iteration over unordered containers whose order could
+differ between replicas.  Queries read the node's *applied* state (no linearizability here;
+the server decides when a read may be served).
+
+Per group, sessions by id.  A session id lives in one group: given the cluster's group count,
+a create in another group than ``placement.group_of(id)`` is refused (``bad_request``).  Per
+session:
+- ``last_seq``; an append gets ``seq = last_seq + 1`` and the ``inserted_at`` of its command;
+- the **dedupe window**: the ``client_msg_id``s of the last ``dedupe_ids_max`` appends that had
+  one, each with (seq, inserted_at, fingerprint of sender, sender_id, kind, content, metadata).
+  A retry with the same content gets the original answer (``deduped``); with other content,
+  ``conflict`` naming the original seq.  Limit: an id evicted from the window (more than
+  ``dedupe_ids_max`` newer ids since) is not recognised; appending it again adds a new message;
+- the **hot tail**: the newest messages, at most ``tail_messages_max`` and ``tail_bytes_max``
+  bytes of payload (UTF-8 content + msgpack metadata), oldest evicted first; the newest message
+  always stays, so the payload bound is ``tail_bytes_max`` + one message.  Older messages are
+  not in memory (``ReadResult.first_seq`` tells the caller; the archive serves them later);
+- **read cursors** per user, forward only, at most ``cursors_max``; a new user beyond that
+  evicts the lowest cursor (ties: lowest user id), whose user then reads as cursor 0.
+Limits change replicated outcomes (dedupe, cursors): every replica must use the same
+``StateLimits``.  Node-wide indexes, maintained on apply and fixed on restore: session id ->
+group (for queries), user id -> sorted session ids (for ``list_sessions``).
+
+Memory, worst case per session (CPython 3.11, 64-bit; ids <= 128 chars, metadata <= 16 KiB and
+content <= 1 MiB as the wire allows; measured with tracemalloc):
+- hot tail: ``tail_bytes_max`` + 1 message (<= 1.02 MiB) of payload, plus up to ~660 B of objects
+  per message (Message struct, 128-char sender and client_msg_id strings, ints, deque slots)
+  -> 8 MiB + 1 MiB + 10 000 x 660 B ~ 15.3 MiB with the default limits;
+- dedupe window: ~400 B per id (dict slot, 128-char id, tuple, 16-byte digest, ints; ~160 B
+  while the id is shared with a message of the tail) -> 1 024 x 400 B ~ 0.4 MiB;
+- read cursors: ~200 B per user (128-char id) -> 1 024 x 200 B ~ 0.2 MiB;
+- the session record and its index entries: ~1 KiB plus its metadata (<= 16 KiB encoded).
+So about 16 MiB per session at most with the defaults; a typical chat session (short messages,
+few users, a few hundred messages) costs tens to hundreds of KiB.  The number of sessions is
+not bounded here: the total is (sessions of the node's groups) x (the above).
+
+Objects returned by queries and results (``Session``, ``Message``, their metadata dicts) are
+shared with the state: callers must not mutate them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections import deque
+from dataclasses import dataclass
+from hashlib import blake2b
+from itertools import islice
+from typing import Any
+
+import msgspec
+import msgspec.msgpack
+
+from raft.errors import InvariantViolation, check
+from raft.messages import Entry, EntryType
+from wire.protocol import Message, Session
+
+from .commands import (
+    Append,
+    Appended,
+    CreateSession,
+    MarkRead,
+    ReadMarked,
+    Rejected,
+    SessionCreated,
+    decode_command,
+)
+from .placement import group_of
+
+SNAPSHOT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StateLimits:
+    """Bounds of the per-session state (identical on every replica of a cluster)."""
+
+    dedupe_ids_max: int = 1024  # client_msg_ids remembered per session
+    tail_messages_max: int = 10_000  # messages of the hot tail per session
+    tail_bytes_max: int = 8 * 1024 * 1024  # payload bytes of the hot tail per session
+    cursors_max: int = 1024  # read cursors (users) per session
+
+    def __post_init__(self) -> None:
+        for name in ("dedupe_ids_max", "tail_messages_max", "tail_bytes_max", "cursors_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StateLimits.{name} must be at least 1")
+
+
+class ReadResult(msgspec.Struct, array_like=True, frozen=True):
+    messages: list[Message]  # seq > after_seq, oldest first, from the hot tail
+    last_seq: int
+    first_seq: int  # oldest seq in the hot tail (last_seq + 1 when it is empty)
+
+
+# -- snapshot schema (version first; fields only appended, with defaults) -------------------------
+class _SessionSnap(msgspec.Struct, array_like=True, gc=False):
+    id: str
+    user_id: str
+    agent_id: str
+    created_at: int
+    metadata: dict[str, Any]
+    last_seq: int
+    tail: list[Message]
+    dedupe: dict[str, tuple[int, int, bytes]]  # oldest first
+    cursors: dict[str, int]  # insertion order
+
+
+class _GroupSnap(msgspec.Struct, array_like=True, gc=False):
+    version: int
+    sessions: list[_SessionSnap]  # creation order
+
+
+_encoder = msgspec.msgpack.Encoder()
+_fingerprint_encoder = msgspec.msgpack.Encoder(order="sorted")  # canonical metadata key order
+_snapshot_decoder = msgspec.msgpack.Decoder(_GroupSnap)
+
+
+def _fingerprint(cmd: Append) -> bytes:
+    fields = (cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata)
+    return blake2b(_fingerprint_encoder.encode(fields), digest_size=16).digest()
+
+
+def _payload_bytes(msg: Message) -> int:
+    """The bytes a message counts against ``tail_bytes_max``: a function of the message only."""
+    content = msg.content
+    size = len(content) if content.isascii() else len(content.encode())
+    return size + (len(_encoder.encode(msg.metadata)) if msg.metadata else 1)
+
+
+def _not_found(session_id: str) -> Rejected:
+    return Rejected("not_found", f"no session {session_id!r}", {})
+
+
+class _Session:
+    """One session's replicated state (see the module docstring)."""
+
+    __slots__ = (
+        "agent_id",
+        "created_at",
+        "cursors",
+        "dedupe",
+        "id",
+        "last_seq",
+        "metadata",
+        "tail",
+        "tail_bytes",
+        "tail_sizes",
+        "user_id",
+    )
+
+    def __init__(
+        self, id: str, user_id: str, agent_id: str, created_at: int, metadata: dict[str, Any]
+    ) -> None:
+        self.id = id
+        self.user_id = user_id
+        self.agent_id = agent_id
+        self.created_at = created_at
+        self.metadata = metadata
+        self.last_seq = 0
+        self.tail: deque[Message] = deque()
+        self.tail_sizes: deque[int] = deque()  # _payload_bytes of each tail message
+        self.tail_bytes = 0
+        self.dedupe: dict[str, tuple[int, int, bytes]] = {}  # id -> (seq, inserted_at, print)
+        self.cursors: dict[str, int] = {}  # user id -> last read seq
+
+    def to_wire(self) -> Session:
+        return Session(
+            self.id, self.user_id, self.agent_id, self.created_at, self.metadata, self.last_seq
+        )
+
+    def push(self, msg: Message, limits: StateLimits) -> None:
+        size = _payload_bytes(msg)
+        tail, sizes = self.tail, self.tail_sizes
+        tail.append(msg)
+        sizes.append(size)
+        self.tail_bytes += size
+        while len(tail) > limits.tail_messages_max or (
+            self.tail_bytes > limits.tail_bytes_max and len(tail) > 1
+        ):
+            tail.popleft()
+            self.tail_bytes -= sizes.popleft()
+
+    def remember(self, client_msg_id: str, seen: tuple[int, int, bytes], limit: int) -> None:
+        dedupe = self.dedupe
+        dedupe[client_msg_id] = seen
+        while len(dedupe) > limit:
+            del dedupe[next(iter(dedupe))]  # the oldest (dicts keep insertion order)
+
+    def set_cursor(self, user_id: str, seq: int, limit: int) -> None:
+        cursors = self.cursors
+        if user_id not in cursors:
+            while len(cursors) >= limit:
+                lowest = min(cursors.items(), key=lambda kv: (kv[1], kv[0]))
+                del cursors[lowest[0]]
+        cursors[user_id] = seq
+
+    def to_snap(self) -> _SessionSnap:
+        return _SessionSnap(
+            self.id,
+            self.user_id,
+            self.agent_id,
+            self.created_at,
+            self.metadata,
+            self.last_seq,
+            list(self.tail),
+            self.dedupe,
+            self.cursors,
+        )
+
+    @classmethod
+    def from_snap(cls, snap: _SessionSnap, limits: StateLimits) -> _Session:
+        s = cls(snap.id, snap.user_id, snap.agent_id, snap.created_at, snap.metadata)
+        s.last_seq = snap.last_seq
+        check(
+            all(m.seq == snap.last_seq - len(snap.tail) + 1 + i for i, m in enumerate(snap.tail)),
+            f"snapshot of session {snap.id!r}: tail seqs are not contiguous up to last_seq",
+        )
+        for msg in snap.tail:
+            s.push(msg, limits)
+        for cmid, seen in snap.dedupe.items():
+            s.remember(cmid, seen, limits.dedupe_ids_max)
+        for user_id, seq in snap.cursors.items():
+            s.set_cursor(user_id, seq, limits.cursors_max)
+        return s
+
+
+class ConversationState:
+    """The state of every data group of a node (``raft.driver.StateMachine``), and its queries.
+
+    ``groups``: the cluster's group count (``placement.group_of``), the same on every node; with
+    it, creates and snapshots are checked against placement.  Without it (None) any group may
+    hold any session id, but one id in two groups of this node raises ``InvariantViolation``
+    (requests were misrouted).
+
+    Queries about one session return ``None`` when the session is unknown on this node (never
+    created, or its group is not hosted here).
+    """
+
+    def __init__(self, limits: StateLimits | None = None, groups: int | None = None) -> None:
+        self.limits = limits if limits is not None else StateLimits()
+        self.group_count = groups
+        self._groups: dict[int, dict[str, _Session]] = {}
+        self._where: dict[str, int] = {}  # session id -> group, all groups
+        self._by_user: dict[str, list[str]] = {}  # user id -> sorted session ids, all groups
+
+    # -- groups ------------------------------------------------------------------------------------
+    def add_group(self, group: int) -> None:
+        """Host ``group`` (empty unless it is already hosted).  ``apply`` and ``restore`` add
+        groups implicitly."""
+        self._groups.setdefault(group, {})
+
+    def remove_group(self, group: int) -> None:
+        """Forget ``group`` (its replica moved away)."""
+        for s in self._groups.pop(group, {}).values():
+            self._unindex(s)
+
+    @property
+    def hosted_groups(self) -> list[int]:
+        return sorted(self._groups)
+
+    # -- StateMachine ------------------------------------------------------------------------------
+    def apply(self, group: int, entries: list[Entry]) -> list[object]:
+        """One result per entry: ``None`` for entries that carry no command (the leader's empty
+        no-op, membership changes), a ``commands.Result`` otherwise.  An undecodable entry
+        raises ``InvariantViolation``: only our own nodes propose."""
+        sessions = self._groups.get(group)
+        if sessions is None:
+            sessions = self._groups[group] = {}
+        out: list[object] = []
+        for e in entries:
+            if not e.data or e.type != EntryType.NORMAL:
+                out.append(None)
+                continue
+            try:
+                cmd = decode_command(e.data)
+            except msgspec.DecodeError as exc:
+                raise InvariantViolation(
+                    f"group {group} entry {e.index}: undecodable command ({exc})"
+                ) from exc
+            match cmd:
+                case Append():
+                    out.append(self._append(sessions, cmd))
+                case CreateSession():
+                    out.append(self._create(group, sessions, cmd))
+                case MarkRead():
+                    out.append(self._mark_read(sessions, cmd))
+        return out
+
+    def snapshot(self, group: int) -> bytes:
+        sessions = self._groups.get(group, {})
+        snap = _GroupSnap(SNAPSHOT_VERSION, [s.to_snap() for s in sessions.values()])
+        return _encoder.encode(snap)
+
+    def restore(self, group: int, data: bytes) -> None:
+        """Replace ``group``'s state by the snapshot's (``b""``: empty); fix the indexes."""
+        snap = _GroupSnap(SNAPSHOT_VERSION, [])
+        if data:
+            try:
+                snap = _snapshot_decoder.decode(data)
+            except msgspec.DecodeError as exc:
+                raise InvariantViolation(f"group {group}: undecodable snapshot ({exc})") from exc
+        check(
+            snap.version == SNAPSHOT_VERSION,
+            f"group {group}: snapshot version {snap.version}, expected {SNAPSHOT_VERSION}",
+        )
+        self.remove_group(group)
+        sessions: dict[str, _Session] = {}
+        self._groups[group] = sessions
+        for ss in snap.sessions:
+            check(
+                self._placed(ss.id, group) and ss.id not in sessions,
+                f"group {group}: snapshot holds session {ss.id!r} twice or of another group",
+            )
+            self._add(group, sessions, _Session.from_snap(ss, self.limits))
+
+    # -- commands ----------------------------------------------------------------------------------
+    def _create(
+        self, group: int, sessions: dict[str, _Session], cmd: CreateSession
+    ) -> SessionCreated | Rejected:
+        s = sessions.get(cmd.session_id)
+        if s is not None:
+            if s.user_id == cmd.user_id and s.agent_id == cmd.agent_id:
+                return SessionCreated(s.to_wire(), False)
+            return Rejected("conflict", f"session {s.id!r} exists for another user or agent", {})
+        if self.group_count is not None:
+            home = group_of(cmd.session_id, self.group_count)
+            if home != group:
+                return Rejected(
+                    "bad_request",
+                    f"session {cmd.session_id!r} belongs to group {home}, not {group}",
+                    {"group": home},
+                )
+        s = _Session(cmd.session_id, cmd.user_id, cmd.agent_id, cmd.created_at, cmd.metadata)
+        self._add(group, sessions, s)
+        return SessionCreated(s.to_wire(), True)
+
+    def _append(self, sessions: dict[str, _Session], cmd: Append) -> Appended | Rejected:
+        s = sessions.get(cmd.session_id)
+        if s is None:
+            return _not_found(cmd.session_id)
+        cmid = cmd.client_msg_id
+        fingerprint = b""
+        if cmid is not None:
+            fingerprint = _fingerprint(cmd)
+            seen = s.dedupe.get(cmid)
+            if seen is not None:
+                seq, inserted_at, original = seen
+                if original == fingerprint:
+                    return Appended(seq, inserted_at, True)
+                return Rejected(
+                    "conflict",
+                    f"client_msg_id {cmid!r} was used for other content (seq {seq})",
+                    {"seq": seq},
+                )
+        if cmd.expected_seq is not None and cmd.expected_seq != s.last_seq:
+            return Rejected(
+                "conflict",
+                f"expected_seq {cmd.expected_seq} but last_seq is {s.last_seq}",
+                {"last_seq": s.last_seq},
+            )
+        seq = s.last_seq = s.last_seq + 1
+        msg = Message(
+            s.id,
+            seq,
+            cmd.sender,
+            cmd.sender_id,
+            cmd.kind,
+            cmd.content,
+            cmd.metadata,
+            cmid,
+            cmd.inserted_at,
+            cmd.token_count,
+        )
+        s.push(msg, self.limits)
+        if cmid is not None:
+            s.remember(cmid, (seq, cmd.inserted_at, fingerprint), self.limits.dedupe_ids_max)
+        return Appended(seq, cmd.inserted_at, False)
+
+    def _mark_read(self, sessions: dict[str, _Session], cmd: MarkRead) -> ReadMarked | Rejected:
+        s = sessions.get(cmd.session_id)
+        if s is None:
+            return _not_found(cmd.session_id)
+        if cmd.seq > s.last_seq:
+            return Rejected(
+                "bad_request",
+                f"seq {cmd.seq} is beyond the session's last_seq {s.last_seq}",
+                {"last_seq": s.last_seq},
+            )
+        current = s.cursors.get(cmd.user_id, 0)
+        if cmd.seq <= current:
+            return ReadMarked(current)
+        s.set_cursor(cmd.user_id, cmd.seq, self.limits.cursors_max)
+        return ReadMarked(cmd.seq)
+
+    # -- queries -----------------------------------------------------------------------------------
+    def get_session(self, session_id: str) -> Session | None:
+        s = self._lookup(session_id)
+        return None if s is None else s.to_wire()
+
+    def read(self, session_id: str, after_seq: int, limit: int) -> ReadResult | None:
+        """At most ``limit`` messages with ``seq > after_seq`` still in the hot tail.  When
+        ``after_seq + 1 < first_seq``, messages between them are not in memory."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        s = self._lookup(session_id)
+        if s is None:
+            return None
+        tail = s.tail
+        first_seq = s.last_seq - len(tail) + 1
+        start = max(after_seq + 1, first_seq) - first_seq  # positions in the tail
+        stop = min(start + limit, len(tail))
+        if start >= stop:
+            messages: list[Message] = []
+        elif start <= len(tail) - stop:  # nearer the left end
+            messages = list(islice(tail, start, stop))
+        else:
+            messages = list(islice(reversed(tail), len(tail) - stop, len(tail) - start))
+            messages.reverse()
+        return ReadResult(messages, s.last_seq, first_seq)
+
+    def list_sessions(
+        self, user_id: str, cursor: str | None, limit: int
+    ) -> tuple[list[Session], str | None]:
+        """``user_id``'s sessions on this node with id > ``cursor``, by id; the next cursor is
+        None on the last page."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        ids = self._by_user.get(user_id, [])
+        start = 0 if cursor is None else bisect_right(ids, cursor)
+        page = ids[start : start + limit]
+        sessions = []
+        for sid in page:
+            s = self._lookup(sid)
+            if s is None:
+                raise InvariantViolation(f"user index names unknown session {sid!r}")
+            sessions.append(s.to_wire())
+        more = start + limit < len(ids)
+        return sessions, (page[-1] if more else None)
+
+    def read_cursor(self, session_id: str, user_id: str) -> int | None:
+        s = self._lookup(session_id)
+        return None if s is None else s.cursors.get(user_id, 0)
+
+    def unread(self, session_id: str, user_id: str) -> int | None:
+        s = self._lookup(session_id)
+        return None if s is None else s.last_seq - s.cursors.get(user_id, 0)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _lookup(self, session_id: str) -> _Session | None:
+        group = self._where.get(session_id)
+        return None if group is None else self._groups[group][session_id]
+
+    def _placed(self, session_id: str, group: int) -> bool:
+        """Whether placement allows ``session_id`` in ``group`` (always, without a group count)."""
+        return self.group_count is None or group_of(session_id, self.group_count) == group
+
+    def _add(self, group: int, sessions: dict[str, _Session], s: _Session) -> None:
+        other = self._where.setdefault(s.id, group)
+        check(other == group, f"session {s.id!r} in groups {other} and {group}: misrouted")
+        sessions[s.id] = s
+        insort(self._by_user.setdefault(s.user_id, []), s.id)
+
+    def _unindex(self, s: _Session) -> None:
+        del self._where[s.id]
+        ids = self._by_user[s.user_id]
+        i = bisect_left(ids, s.id)
+        check(i < len(ids) and ids[i] == s.id, f"session {s.id!r} missing from the user index")
+        del ids[i]
+        if not ids:
+            del self._by_user[s.user_id]
+
+
+__all__ = ["SNAPSHOT_VERSION", "ConversationState", "ReadResult", "StateLimits"]

@@ -1,0 +1,703 @@
+"""ctxstore.state (and the codecs of ctxstore.commands): the replicated conversation state.
+
+``Node`` feeds commands to a ``ConversationState`` as Raft would (one entry each, in the
+session's group, numbered per group).  The hypothesis test at the end checks the optimised
+state against a naive model and snapshot + suffix against a straight replay.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctxstore import commands as c
+from ctxstore.placement import GROUPS, group_of
+from ctxstore.state import SNAPSHOT_VERSION, ConversationState, ReadResult, StateLimits
+from raft.errors import InvariantViolation
+from raft.messages import ConfChange, ConfChangeType, Entry, EntryType
+from wire.protocol import Message
+
+
+class Node:
+    """A ConversationState fed one command per entry, in the session's group by default."""
+
+    def __init__(self, limits: StateLimits | None = None, groups: int | None = GROUPS) -> None:
+        self.state = ConversationState(limits, groups)
+        self.last_index: dict[int, int] = defaultdict(int)
+        self.clock = 1_000
+
+    def group(self, session_id: str) -> int:
+        return group_of(session_id, self.state.group_count or GROUPS)
+
+    def entry(self, group: int, data: bytes, type: EntryType = EntryType.NORMAL) -> Entry:
+        self.last_index[group] += 1
+        return Entry(1, self.last_index[group], type, data)
+
+    def run(self, cmd: c.Command, group: int | None = None) -> object:
+        g = self.group(cmd.session_id) if group is None else group
+        return self.state.apply(g, [self.entry(g, c.encode_command(cmd))])[0]
+
+    def create(self, sid: str, user: str = "u1", agent: str = "a1", **kw: Any) -> object:
+        return self.run(c.CreateSession(sid, user, agent, kw.pop("metadata", {}), 1), **kw)
+
+    def append(
+        self,
+        sid: str,
+        content: str = "hi",
+        *,
+        cmid: str | None = None,
+        expected_seq: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        sender: Any = "user",
+        group: int | None = None,
+    ) -> object:
+        self.clock += 1
+        cmd = c.Append(
+            sid, sender, "u1", "text", content, metadata or {}, cmid, expected_seq, 7, self.clock
+        )
+        return self.run(cmd, group)
+
+    def mark(self, sid: str, user: str, seq: int) -> object:
+        return self.run(c.MarkRead(sid, user, seq))
+
+    def read(self, sid: str, after_seq: int = 0, limit: int = 1000) -> ReadResult:
+        result = self.state.read(sid, after_seq, limit)
+        assert result is not None
+        return result
+
+    def seqs(self, sid: str, after_seq: int = 0, limit: int = 1000) -> list[int]:
+        return [m.seq for m in self.read(sid, after_seq, limit).messages]
+
+
+def snapshots(state: ConversationState) -> dict[int, bytes]:
+    return {g: state.snapshot(g) for g in state.hosted_groups}
+
+
+# -- commands and results codecs -------------------------------------------------------------------
+def test_commands_and_results_round_trip() -> None:
+    cmds: list[c.Command] = [
+        c.CreateSession("s", "u", "a", {"k": [1, "x"]}, 5),
+        c.Append("s", "agent", "a", "text", "héllo", {}, "m1", 3, 12, 99),
+        c.Append("s", "user", "u", "text", "", {}, None, None, None, 1),
+        c.MarkRead("s", "u", 4),
+    ]
+    for cmd in cmds:
+        assert c.decode_command(c.encode_command(cmd)) == cmd
+    node = Node()
+    created = node.create("s")
+    results = [created, node.append("s"), node.mark("s", "u", 1), node.append("nope")]
+    for result in results:
+        assert c.decode_result(c.encode_result(result)) == result  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01", b"\x93\x09\xa1s\xa1u", b"\xc1"])
+def test_decode_command_rejects_bad_data(data: bytes) -> None:
+    with pytest.raises(msgspec.DecodeError):
+        c.decode_command(data)
+
+
+# -- apply -----------------------------------------------------------------------------------------
+def test_seqs_are_1_to_n_per_session() -> None:
+    node = Node()
+    node.create("s1")
+    node.create("s2")
+    got = [node.append(sid) for sid in ["s1", "s2", "s1", "s1", "s2"]]
+    assert [r.seq for r in got] == [1, 1, 2, 3, 2]  # type: ignore[attr-defined]
+    assert got[2] == c.Appended(2, 1_003, False)
+    assert node.seqs("s1") == [1, 2, 3]
+    assert node.read("s2").last_seq == 2
+    message = node.read("s2").messages[0]
+    assert (message.session_id, message.sender, message.inserted_at) == ("s2", "user", 1_002)
+    assert (message.content, message.token_count, message.client_msg_id) == ("hi", 7, None)
+
+
+def test_retry_with_same_content_returns_the_original() -> None:
+    node = Node()
+    node.create("s")
+    first = node.append("s", "hello", cmid="m1", metadata={"a": 1, "b": 2})
+    node.append("s", "other")
+    again = node.append("s", "hello", cmid="m1", metadata={"b": 2, "a": 1})  # key order: same
+    assert first == c.Appended(1, 1_001, False)
+    assert again == c.Appended(1, 1_001, True)
+    assert node.seqs("s") == [1, 2]
+
+
+def test_reused_client_msg_id_with_other_content_is_a_conflict() -> None:
+    node = Node()
+    node.create("s")
+    node.append("s", "hello", cmid="m1")
+    for kw in ({"content": "bye"}, {"metadata": {"x": 1}}, {"sender": "agent"}):
+        result = node.append("s", cmid="m1", **({"content": "hello"} | kw))
+        assert isinstance(result, c.Rejected)
+        assert (result.code, result.details) == ("conflict", {"seq": 1})
+    assert node.read("s").last_seq == 1
+
+
+def test_an_id_evicted_from_the_dedupe_window_appends_anew() -> None:
+    # The documented limit: only the last dedupe_ids_max client_msg_ids are recognised.
+    node = Node(StateLimits(dedupe_ids_max=3))
+    node.create("s")
+    for i in range(4):
+        node.append("s", f"c{i}", cmid=f"m{i}")
+    node.append("s", "no id")  # appends without an id do not use the window
+    assert node.append("s", "c1", cmid="m1") == c.Appended(2, 1_002, True)
+    assert node.append("s", "c0", cmid="m0") == c.Appended(6, 1_007, False)  # m0 was evicted
+    assert node.append("s", "c1", cmid="m1") == c.Appended(7, 1_008, False)  # and now m1
+
+
+def test_expected_seq() -> None:
+    node = Node()
+    node.create("s")
+    assert node.append("s", expected_seq=0) == c.Appended(1, 1_001, False)
+    assert node.append("s", expected_seq=1) == c.Appended(2, 1_002, False)
+    stale = node.append("s", expected_seq=1)
+    assert isinstance(stale, c.Rejected)
+    assert (stale.code, stale.details) == ("conflict", {"last_seq": 2})
+    assert node.read("s").last_seq == 2
+
+
+def test_a_retry_is_deduped_before_expected_seq_is_checked() -> None:
+    node = Node()
+    node.create("s")
+    node.append("s", cmid="m1", expected_seq=0)
+    assert node.append("s", cmid="m1", expected_seq=0) == c.Appended(1, 1_001, True)
+
+
+def test_unknown_session() -> None:
+    node = Node()
+    for result in (node.append("nope"), node.mark("nope", "u1", 0)):
+        assert isinstance(result, c.Rejected)
+        assert result.code == "not_found"
+    state = node.state
+    assert state.get_session("nope") is None
+    assert state.read("nope", 0, 10) is None
+    assert state.read_cursor("nope", "u1") is None
+    assert state.unread("nope", "u1") is None
+    assert state.list_sessions("u1", None, 10) == ([], None)
+
+
+def test_create_is_idempotent_for_the_same_user_and_agent() -> None:
+    node = Node()
+    first = node.create("s", "u1", "a1", metadata={"title": "x"})
+    assert isinstance(first, c.SessionCreated)
+    assert first.created
+    assert first.session == node.state.get_session("s")
+    assert (first.session.user_id, first.session.metadata, first.session.last_seq) == (
+        "u1",
+        {"title": "x"},
+        0,
+    )
+    node.append("s")
+    again = node.create("s", "u1", "a1", metadata={"title": "other"})
+    assert isinstance(again, c.SessionCreated)
+    assert not again.created
+    assert again.session.last_seq == 1
+    assert again.session.metadata == {"title": "x"}  # the existing session, unchanged
+    for user, agent in [("u2", "a1"), ("u1", "a2")]:
+        taken = node.create("s", user, agent)
+        assert isinstance(taken, c.Rejected)
+        assert taken.code == "conflict"
+
+
+def test_create_in_another_group_than_placement_is_refused() -> None:
+    node = Node(groups=4)
+    home = node.group("s")
+    wrong = (home + 1) % 4
+    refused = node.create("s", group=wrong)
+    message = f"session 's' belongs to group {home}, not {wrong}"
+    assert refused == c.Rejected("bad_request", message, {"group": home})
+    assert node.state.get_session("s") is None
+    assert node.state.snapshot(wrong) == ConversationState().snapshot(0)  # still empty
+
+
+def test_without_a_group_count_any_group_may_hold_a_session_but_only_one() -> None:
+    node = Node(groups=None)
+    assert isinstance(node.create("s", group=7), c.SessionCreated)
+    node.append("s", group=7)
+    assert node.read("s").last_seq == 1
+    assert node.state.hosted_groups == [7]
+    with pytest.raises(InvariantViolation, match="misrouted"):
+        node.create("s", group=8)
+
+
+def test_mark_read_moves_forward_only_and_counts_unread() -> None:
+    node = Node()
+    node.create("s")
+    for _ in range(5):
+        node.append("s")
+    state = node.state
+    assert (state.read_cursor("s", "u1"), state.unread("s", "u1")) == (0, 5)
+    assert node.mark("s", "u1", 3) == c.ReadMarked(3)
+    assert node.mark("s", "u1", 2) == c.ReadMarked(3)  # never back
+    assert (state.read_cursor("s", "u1"), state.unread("s", "u1")) == (3, 2)
+    assert state.unread("s", "u2") == 5  # cursors are per user
+    beyond = node.mark("s", "u1", 6)
+    assert isinstance(beyond, c.Rejected)
+    assert (beyond.code, beyond.details) == ("bad_request", {"last_seq": 5})
+    node.append("s")
+    assert state.unread("s", "u1") == 3
+
+
+def test_read_cursors_beyond_the_limit_evict_the_lowest() -> None:
+    node = Node(StateLimits(cursors_max=3))
+    node.create("s")
+    for _ in range(9):
+        node.append("s")
+    for user, seq in [("c", 2), ("b", 5), ("a", 2)]:
+        node.mark("s", user, seq)
+    node.mark("s", "d", 1)  # evicts the lowest cursor: seq 2, lowest id among a and c -> a
+    assert [node.state.read_cursor("s", u) for u in "abcd"] == [0, 5, 2, 1]
+    node.mark("s", "c", 9)  # an existing user never evicts
+    node.mark("s", "e", 9)  # evicts d (1)
+    assert [node.state.read_cursor("s", u) for u in "abcde"] == [0, 5, 9, 0, 9]
+
+
+def test_non_command_entries_return_none() -> None:
+    node = Node()
+    node.create("s")
+    g = node.group("s")
+    conf = msgspec.msgpack.encode(ConfChange(ConfChangeType.ADD_NODE, 4))
+    entries = [
+        node.entry(g, b""),
+        node.entry(g, conf, EntryType.CONF_CHANGE),
+        node.entry(g, c.encode_command(c.MarkRead("s", "u1", 0))),
+    ]
+    assert node.state.apply(g, entries) == [None, None, c.ReadMarked(0)]
+    assert node.state.apply(g, []) == []
+
+
+def test_an_undecodable_entry_is_an_invariant_violation() -> None:
+    node = Node()
+    with pytest.raises(InvariantViolation, match="entry 1"):
+        node.state.apply(3, [node.entry(3, b"\x93\x63\x01\x02")])
+
+
+# -- the hot tail ----------------------------------------------------------------------------------
+def test_hot_tail_is_bounded_by_count() -> None:
+    node = Node(StateLimits(tail_messages_max=3))
+    node.create("s")
+    for _ in range(5):
+        node.append("s")
+    result = node.read("s")
+    assert ([m.seq for m in result.messages], result.first_seq, result.last_seq) == (
+        [3, 4, 5],
+        3,
+        5,
+    )
+    assert node.seqs("s", after_seq=4) == [5]
+    assert node.seqs("s", after_seq=5) == []
+    assert node.seqs("s", after_seq=9) == []
+
+
+def test_hot_tail_is_bounded_by_bytes() -> None:
+    # payload = UTF-8 content + msgpack metadata (1 for an empty map)
+    node = Node(StateLimits(tail_bytes_max=10))
+    node.create("s")
+    node.append("s", "abcd")  # 5
+    node.append("s", "é")  # 3
+    assert node.read("s").first_seq == 1
+    node.append("s", "xy", metadata={"k": 1})  # 2 + 4: evicts seq 1
+    assert (node.read("s").first_seq, node.seqs("s")) == (2, [2, 3])
+    node.append("s", "z" * 50)  # alone above the budget: the newest message always stays
+    assert (node.read("s").first_seq, node.seqs("s")) == (4, [4])
+    node.append("s", "")
+    assert node.seqs("s") == [5]
+
+
+def test_empty_hot_tail_and_read_paging() -> None:
+    node = Node()
+    node.create("s")
+    assert node.read("s") == ReadResult([], 0, 1)
+    for i in range(100):
+        node.append("s", str(i))
+    assert node.seqs("s", after_seq=0, limit=3) == [1, 2, 3]
+    assert node.seqs("s", after_seq=90, limit=3) == [91, 92, 93]  # read from the right end
+    assert node.seqs("s", after_seq=97, limit=10) == [98, 99, 100]
+    assert [m.content for m in node.read("s", 40, 2).messages] == ["40", "41"]
+    with pytest.raises(ValueError):
+        node.state.read("s", 0, 0)
+
+
+# -- list_sessions ---------------------------------------------------------------------------------
+def test_list_sessions_pages_by_id_across_groups() -> None:
+    node = Node(groups=8)
+    ids = [f"s{i:02d}" for i in range(20)]
+    for sid in reversed(ids):
+        node.create(sid, "u1" if sid != "s05" else "u2")
+    mine = [sid for sid in ids if sid != "s05"]
+    assert len({node.group(sid) for sid in mine}) > 4
+    pages, cursor = [], None
+    while True:
+        page, cursor = node.state.list_sessions("u1", cursor, 7)
+        pages.append([s.id for s in page])
+        if cursor is None:
+            break
+        assert cursor == pages[-1][-1]
+    assert pages == [mine[0:7], mine[7:14], mine[14:19]]
+    assert node.state.list_sessions("u1", "s18", 1) == ([node.state.get_session("s19")], None)
+    assert node.state.list_sessions("u1", "s19", 5) == ([], None)
+    assert [s.id for s in node.state.list_sessions("u2", None, 5)[0]] == ["s05"]
+    node.append("s00")
+    assert node.state.list_sessions("u1", None, 1)[0][0].last_seq == 1
+
+
+# -- snapshots -------------------------------------------------------------------------------------
+def busy_node(groups: int = 4) -> Node:
+    node = Node(StateLimits(dedupe_ids_max=4, tail_messages_max=6, cursors_max=2), groups)
+    for i in range(12):
+        node.create(f"s{i}", f"u{i % 3}", "a1", metadata={"i": i})
+    for j in range(60):
+        sid = f"s{j % 7}"
+        node.append(sid, f"m{j}", cmid=f"c{j % 9}" if j % 2 else None)
+        node.mark(sid, f"r{j % 3}", j // 7)
+    return node
+
+
+def observe(
+    state: ConversationState, sessions: list[str], users: tuple[str, ...] = ("u0", "u1", "u2")
+) -> list[object]:
+    """Everything the queries tell about ``sessions`` and ``users``."""
+    out: list[object] = []
+    for sid in sessions:
+        out += [state.get_session(sid), state.read(sid, 0, 1000)]
+        out += [(state.read_cursor(sid, r), state.unread(sid, r)) for r in ("r0", "r1", "r2")]
+    return out + [state.list_sessions(u, None, 100) for u in users]
+
+
+def test_snapshot_restore_round_trip() -> None:
+    node = busy_node()
+    sids = [f"s{i}" for i in range(12)]
+    copy = ConversationState(node.state.limits, 4)
+    copy.restore(2, b"")
+    for g, data in snapshots(node.state).items():
+        copy.restore(g, data)
+    assert snapshots(copy) == snapshots(node.state)
+    assert observe(copy, sids) == observe(node.state, sids)
+    assert msgspec.msgpack.decode(node.state.snapshot(0))[0] == SNAPSHOT_VERSION  # version first
+
+
+def test_restore_replaces_the_group_and_its_index_entries() -> None:
+    node = busy_node()
+    g = node.group("s0")
+    in_g = [f"s{i}" for i in range(12) if node.group(f"s{i}") == g]
+    others = [f"s{i}" for i in range(12) if node.group(f"s{i}") != g]
+    before = observe(node.state, others, users=())
+    node.state.restore(g, b"")
+    assert all(node.state.get_session(sid) is None for sid in in_g)
+    listed = {s.id for u in ("u0", "u1", "u2") for s in node.state.list_sessions(u, None, 100)[0]}
+    assert listed == set(others)
+    assert observe(node.state, others, users=()) == before
+    again = node.create("s0")  # the group works on
+    assert isinstance(again, c.SessionCreated)
+    assert again.created
+
+
+def test_snapshot_then_suffix_equals_replay() -> None:
+    full, half = Node(groups=2), Node(groups=2)
+    for node in (full, half):
+        node.create("a")
+        node.create("b")
+        for i in range(5):
+            node.append("a", cmid=f"m{i}")
+    restored = Node(groups=2)
+    restored.last_index, restored.clock = half.last_index.copy(), half.clock
+    for g, data in snapshots(half.state).items():
+        restored.state.restore(g, data)
+    for node in (full, restored):
+        assert node.append("a", cmid="m2") == c.Appended(3, 1_003, True)
+        assert node.mark("a", "x", 4) == c.ReadMarked(4)
+        assert node.append("b", "x", expected_seq=0) == c.Appended(1, 1_007, False)
+    assert snapshots(restored.state) == snapshots(full.state)
+
+
+def test_restore_rejects_a_foreign_snapshot() -> None:
+    state = ConversationState(groups=4)
+    with pytest.raises(InvariantViolation, match="undecodable"):
+        state.restore(1, b"\x01")
+    with pytest.raises(InvariantViolation, match="version"):
+        state.restore(1, msgspec.msgpack.encode([SNAPSHOT_VERSION + 1, []]))
+    node = Node(groups=4)
+    node.create("s")
+    with pytest.raises(InvariantViolation, match="another group"):
+        state.restore((node.group("s") + 1) % 4, node.state.snapshot(node.group("s")))
+
+
+def test_restore_enforces_smaller_limits() -> None:
+    node = busy_node()
+    small = ConversationState(StateLimits(dedupe_ids_max=1, tail_messages_max=2, cursors_max=1), 4)
+    for g, data in snapshots(node.state).items():
+        small.restore(g, data)
+    result = small.read("s0", 0, 100)
+    assert result is not None
+    assert [m.seq for m in result.messages] == [result.last_seq - 1, result.last_seq]
+
+
+def test_two_replicas_agree() -> None:
+    a, b = busy_node(), busy_node()
+    assert snapshots(a.state) == snapshots(b.state)
+    assert a.append("s1", "x", cmid="c1") == b.append("s1", "x", cmid="c1")
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="tail_bytes_max"):
+        StateLimits(tail_bytes_max=0)
+
+
+# -- against a naive model -------------------------------------------------------------------------
+class Model:
+    """The semantics written the obvious way: whole histories in plain lists, windows computed
+    from them at each step."""
+
+    def __init__(self, limits: StateLimits, groups: int) -> None:
+        self.limits, self.groups = limits, groups
+        self.owners: dict[str, tuple[str, str]] = {}  # session id -> (user, agent)
+        self.history: dict[str, list[Message]] = {}
+        self.cursors: dict[str, dict[str, int]] = {}
+
+    def apply(self, group: int, cmd: c.Command) -> tuple[object, ...]:
+        sid = cmd.session_id
+        home = group_of(sid, self.groups)
+        if isinstance(cmd, c.CreateSession):
+            if home != group:
+                return ("rejected", "bad_request", {"group": home})
+            if sid not in self.owners:
+                self.owners[sid] = (cmd.user_id, cmd.agent_id)
+                self.history[sid], self.cursors[sid] = [], {}
+                return ("created", sid, cmd.user_id, cmd.agent_id, 0, True)
+            if self.owners[sid] != (cmd.user_id, cmd.agent_id):
+                return ("rejected", "conflict", {})
+            return ("created", sid, cmd.user_id, cmd.agent_id, len(self.history[sid]), False)
+        if home != group or sid not in self.owners:
+            return ("rejected", "not_found", {})
+        history = self.history[sid]
+        if isinstance(cmd, c.MarkRead):
+            return self.mark_read(sid, cmd)
+        if cmd.client_msg_id is not None:
+            window = [m for m in history if m.client_msg_id is not None]
+            for m in window[-self.limits.dedupe_ids_max :]:
+                if m.client_msg_id == cmd.client_msg_id:
+                    same = (m.sender, m.sender_id, m.kind, m.content, m.metadata) == (
+                        cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata
+                    )  # fmt: skip
+                    if same:
+                        return ("appended", m.seq, m.inserted_at, True)
+                    return ("rejected", "conflict", {"seq": m.seq})
+        if cmd.expected_seq is not None and cmd.expected_seq != len(history):
+            return ("rejected", "conflict", {"last_seq": len(history)})
+        seq = len(history) + 1
+        history.append(
+            Message(sid, seq, cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata,
+                    cmd.client_msg_id, cmd.inserted_at, cmd.token_count)
+        )  # fmt: skip
+        return ("appended", seq, cmd.inserted_at, False)
+
+    def mark_read(self, sid: str, cmd: c.MarkRead) -> tuple[object, ...]:
+        if cmd.seq > len(self.history[sid]):
+            return ("rejected", "bad_request", {"last_seq": len(self.history[sid])})
+        cursors = self.cursors[sid]
+        if cmd.seq <= cursors.get(cmd.user_id, 0):
+            return ("marked", cursors.get(cmd.user_id, 0))
+        if cmd.user_id not in cursors and len(cursors) == self.limits.cursors_max:
+            del cursors[min(cursors, key=lambda u: (cursors[u], u))]
+        cursors[cmd.user_id] = cmd.seq
+        return ("marked", cmd.seq)
+
+    def tail(self, sid: str) -> list[Message]:
+        out: list[Message] = []
+        size = 0
+        for m in reversed(self.history[sid]):
+            payload = len(m.content.encode()) + len(msgspec.msgpack.encode(m.metadata))
+            if len(out) == self.limits.tail_messages_max or (
+                out and size + payload > self.limits.tail_bytes_max
+            ):
+                break
+            out.append(m)
+            size += payload
+        return out[::-1]
+
+
+def outcome(result: object) -> tuple[object, ...] | None:
+    match result:
+        case c.SessionCreated(session=s, created=created):
+            return ("created", s.id, s.user_id, s.agent_id, s.last_seq, created)
+        case c.Appended(seq=seq, inserted_at=at, deduped=deduped):
+            return ("appended", seq, at, deduped)
+        case c.ReadMarked(seq=seq):
+            return ("marked", seq)
+        case c.Rejected(code=code, details=details):
+            return ("rejected", code, details)
+    assert result is None
+    return None
+
+
+SMALL = StateLimits(dedupe_ids_max=3, tail_messages_max=4, tail_bytes_max=12, cursors_max=2)
+GROUPS_SMALL = 3
+SIDS = ["s0", "s1", "s2", "s3"]
+USERS = ["u0", "u1"]
+READERS = ["r0", "r1", "r2"]
+
+creates = st.builds(
+    c.CreateSession,
+    st.sampled_from(SIDS),
+    st.sampled_from(USERS),
+    st.sampled_from(["a0", "a1"]),
+    st.sampled_from([{}, {"t": "x"}]),
+    st.integers(0, 9),
+)
+appends = st.builds(
+    c.Append,
+    st.sampled_from(SIDS),
+    st.sampled_from(["user", "agent"]),
+    st.sampled_from(["u0", "bot"]),
+    st.just("text"),
+    st.sampled_from(["", "a", "héé", "a longer content"]),
+    st.sampled_from([{}, {"k": 1}, {"k": 2, "j": "v"}]),
+    st.sampled_from([None, "m0", "m1", "m2", "m3", "m4"]),
+    st.sampled_from([None] * 6 + [0, 1, 2, 3, 4]),
+    st.sampled_from([None, 3]),
+    st.integers(0, 1_000),
+)
+marks = st.builds(c.MarkRead, st.sampled_from(SIDS), st.sampled_from(READERS), st.integers(0, 6))
+retries = st.integers(0, 8)  # resend the n-th latest Append (a client retry)
+# (step, misrouted to another group?); a step None is a non-command entry
+Step = tuple[c.Command | int | None, bool]
+step_kinds = [appends] * 10 + [retries] * 4 + [marks] * 4 + [creates, st.none()]
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(step_kinds).flatmap(lambda kind: kind),
+        st.integers(0, 15).map(lambda n: n == 0),
+    ),
+    min_size=20,
+    max_size=200,
+)
+
+
+def resolve_retries(raw: list[Step]) -> list[tuple[c.Command | None, bool]]:
+    out: list[tuple[c.Command | None, bool]] = []
+    sent: list[c.Append] = []
+    for step, misrouted in raw:
+        if isinstance(step, int):
+            if not sent:
+                continue
+            original = sent[-1 - step % len(sent)]
+            step = msgspec.structs.replace(original, inserted_at=original.inserted_at + 1)
+        if isinstance(step, c.Append):
+            sent.append(step)
+        out.append((step, misrouted))
+    return out
+
+
+def to_entries(
+    raw: list[tuple[c.Command | None, bool]], pick: st.DataObject
+) -> list[tuple[int, Entry]]:
+    last_index: dict[int, int] = defaultdict(int)
+    out = []
+    for cmd, misrouted in raw:
+        if cmd is None:
+            group = pick.draw(st.integers(0, GROUPS_SMALL - 1))
+            data, type = pick.draw(
+                st.sampled_from(
+                    [(b"", EntryType.NORMAL), (b"\x93\x00\x04\xc4\x00", EntryType.CONF_CHANGE)]
+                )
+            )
+        else:
+            group = group_of(cmd.session_id, GROUPS_SMALL)
+            if misrouted:
+                group = (group + 1) % GROUPS_SMALL
+            data, type = c.encode_command(cmd), EntryType.NORMAL
+        last_index[group] += 1
+        out.append((group, Entry(1, last_index[group], type, data)))
+    return out
+
+
+def apply_chunk(state: ConversationState, chunk: list[tuple[int, Entry]]) -> list[object]:
+    """Apply a chunk as one ``apply`` call per group (groups are independent: order across
+    groups may change), returning the results in the chunk's order."""
+    by_group: dict[int, list[int]] = defaultdict(list)
+    for i, (group, _) in enumerate(chunk):
+        by_group[group].append(i)
+    results: list[object] = [None] * len(chunk)
+    for group, positions in sorted(by_group.items(), reverse=True):
+        for i, result in zip(
+            positions, state.apply(group, [chunk[i][1] for i in positions]), strict=True
+        ):
+            results[i] = result
+    return results
+
+
+def reborn(state: ConversationState) -> ConversationState:
+    """A new state restored from ``state``'s snapshots (all groups)."""
+    restored = ConversationState(state.limits, state.group_count)
+    for g in state.hosted_groups:
+        restored.restore(g, state.snapshot(g))
+    return restored
+
+
+@settings(max_examples=300, deadline=None)
+@given(generated=steps, pick=st.data())
+def test_matches_a_naive_model_and_survives_snapshots_anywhere(
+    generated: list[Step], pick: st.DataObject
+) -> None:
+    # Most sessions exist from the start, so that most commands act on one.
+    n = len(SIDS)
+    owners = pick.draw(st.lists(st.sampled_from([*USERS, None]), min_size=n, max_size=n))
+    owned = zip(SIDS, owners, strict=True)
+    creates = [c.CreateSession(sid, u, "a0", {}, 0) for sid, u in owned if u]
+    raw = [(cmd, False) for cmd in creates] + resolve_retries(generated)
+    entries = to_entries(raw, pick)
+    model = Model(SMALL, GROUPS_SMALL)
+    expected = [
+        None if cmd is None else model.apply(g, cmd)
+        for (cmd, _), (g, _) in zip(raw, entries, strict=True)
+    ]
+
+    straight = ConversationState(SMALL, GROUPS_SMALL)
+    assert [outcome(straight.apply(g, [e])[0]) for g, e in entries] == expected
+
+    cut_at = pick.draw(st.integers(0, len(entries)), label="snapshot after")
+    chunk_ends = pick.draw(st.sets(st.integers(0, len(entries))), label="chunk bounds")
+    bounds = sorted(chunk_ends | {0, cut_at, len(entries)})
+    state = ConversationState(SMALL, GROUPS_SMALL)
+    results: list[object] = []
+    for lo, hi in itertools.pairwise(bounds):
+        if lo == cut_at:
+            state = reborn(state)
+        results += apply_chunk(state, entries[lo:hi])
+    if cut_at == len(entries):
+        state = reborn(state)
+    assert [outcome(r) for r in results] == expected
+
+    for g in range(GROUPS_SMALL):
+        assert state.snapshot(g) == straight.snapshot(g)
+    for sid in SIDS:
+        session = state.get_session(sid)
+        if sid not in model.owners:
+            assert session is None
+            continue
+        assert session is not None
+        assert (session.user_id, session.agent_id, session.last_seq) == (
+            *model.owners[sid],
+            len(model.history[sid]),
+        )
+        tail = model.tail(sid)
+        last_seq = len(model.history[sid])
+        assert state.read(sid, 0, 100) == ReadResult(tail, last_seq, last_seq - len(tail) + 1)
+        for reader in READERS:
+            read_seq = model.cursors[sid].get(reader, 0)
+            assert state.read_cursor(sid, reader) == read_seq
+            assert state.unread(sid, reader) == last_seq - read_seq
+    for user in USERS:
+        mine = sorted(sid for sid, (owner, _) in model.owners.items() if owner == user)
+        listed, cursor = [], None
+        while True:
+            page, cursor = state.list_sessions(user, cursor, 2)
+            listed += [s.id for s in page]
+            if cursor is None:
+                break
+        assert listed == mine
