@@ -1,0 +1,121 @@
+"""Node configuration: a TOML file < ``CTXSTORE_*`` environment variables < command-line flags.
+
+Every key has one name in all three places (``tick_ms`` in TOML, ``CTXSTORE_TICK_MS`` in the
+environment, ``--tick-ms`` as a flag).  The merged values are validated at once; an invalid or
+unknown key stops start-up with a message that names it (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+DEV_SECRET = "ctxstore-dev-secret"
+
+
+class ConfigError(Exception):
+    pass
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    node_id: Annotated[int, Meta(ge=1, le=65535)] = 1
+    data_dir: Annotated[str, Meta(min_length=1)] = "./data"
+    listen: str = "127.0.0.1:7400"  # the client protocol
+    peer_listen: str = "127.0.0.1:7500"  # Raft and forwarding between nodes
+    peers: str = ""  # "ID=HOST:PORT,..." of the other nodes; empty: a single-node cluster
+    cluster_id: Annotated[str, Meta(min_length=1, max_length=64)] = "ctxstore"
+    secret: Annotated[str, Meta(min_length=8)] = DEV_SECRET
+    tokens: list[str] = []  # static client tokens; empty: no token needed
+    groups: Annotated[int, Meta(ge=1, le=4096)] = 256
+    tick_ms: Annotated[int, Meta(ge=1, le=10_000)] = 50
+    election_ticks: Annotated[int, Meta(ge=3, le=1000)] = 10
+    snapshot_entries: Annotated[int, Meta(ge=10)] = 100_000
+    request_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 5.0
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        for key in ("listen", "peer_listen"):
+            parse_address(getattr(self, key), key)
+        peer_map = parse_peers(self.peers)
+        if self.node_id in peer_map:
+            raise ConfigError(f"config: peers: must not include this node ({self.node_id})")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"config: log_level: unknown level {self.log_level!r}")
+
+    @property
+    def peer_map(self) -> dict[int, tuple[str, int]]:
+        return parse_peers(self.peers)
+
+
+FIELDS = Settings.__struct_fields__
+
+
+def parse_address(text: str, key: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"config: {key}: expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def parse_peers(text: str) -> dict[int, tuple[str, int]]:
+    out: dict[int, tuple[str, int]] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        ident, sep, addr = part.partition("=")
+        if not sep or not ident.isdigit() or int(ident) < 1:
+            raise ConfigError(f"config: peers: expected ID=HOST:PORT, got {part!r}")
+        if int(ident) in out:
+            raise ConfigError(f"config: peers: node {ident} listed twice")
+        out[int(ident)] = parse_address(addr, "peers")
+    return out
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in FIELDS:
+        value = environ.get(f"CTXSTORE_{key.upper()}")
+        if value is None:
+            continue
+        out[key] = [t for t in value.split(",") if t] if key == "tokens" else value
+    return out
+
+
+def load(
+    file: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge file < environment < flags (flags whose value is None are not given)."""
+    merged: dict[str, Any] = {}
+    if file is not None:
+        try:
+            with open(file, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {file}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {file}: {e}") from None
+        for key in data:
+            if key not in FIELDS:
+                raise ConfigError(f"config: {key}: unknown key in {file}")
+        merged.update(data)
+    merged.update(_from_env(os.environ if environ is None else environ))
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+    try:
+        return msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"config: {_key_of(str(e))}: {e}") from None
+
+
+def _key_of(text: str) -> str:
+    """The key a msgspec validation message is about."""
+    if "$." in text:
+        return text.rsplit("$.", 1)[-1].split("[")[0].strip("`")
+    if "unknown field `" in text:
+        return text.split("unknown field `", 1)[1].split("`")[0]
+    return "?"

@@ -1,0 +1,177 @@
+"""Start a local ctxstore cluster as child processes (``ctxstore cluster up``, tests, bench).
+
+Node ``i`` (1-based) listens for clients on ``base_port + i - 1`` and for peers on
+``base_port + 100 + i - 1`` (``base_port`` 0: free ports are picked), keeps its data in
+``<data_dir>/node<i>`` and logs to ``<data_dir>/node<i>.log``.  Each child prints JSON events
+on stdout; the launcher waits for ``{"event": "ready"}`` (every group has a leader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Child:
+    id: int
+    client: tuple[str, int]
+    peer: tuple[str, int]
+    data_dir: str
+    log_path: str
+    process: asyncio.subprocess.Process | None = None
+    log: TextIO | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}"
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        nodes: int,
+        data_dir: str,
+        base_port: int = 0,
+        extra_args: list[str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        if not 1 <= nodes <= 7:
+            raise ValueError("a local cluster has 1 to 7 nodes")
+        self.data_dir = os.path.abspath(data_dir)
+        self.extra_args = list(extra_args or [])
+        if base_port:
+            clients = [base_port + i for i in range(nodes)]
+            peers = [base_port + 100 + i for i in range(nodes)]
+        else:
+            ports = free_ports(2 * nodes)
+            clients, peers = ports[:nodes], ports[nodes:]
+        self.children = {
+            i: Child(
+                i,
+                (host, clients[i - 1]),
+                (host, peers[i - 1]),
+                os.path.join(self.data_dir, f"node{i}"),
+                os.path.join(self.data_dir, f"node{i}.log"),
+            )
+            for i in range(1, nodes + 1)
+        }
+
+    @property
+    def targets(self) -> list[str]:
+        return [c.target for c in self.children.values()]
+
+    def args(self, i: int) -> list[str]:
+        c = self.children[i]
+        peers = ",".join(
+            f"{o.id}={o.peer[0]}:{o.peer[1]}" for o in self.children.values() if o.id != i
+        )
+        args = [
+            sys.executable, "-m", "ctxstore", "serve",
+            "--node-id", str(i),
+            "--data-dir", c.data_dir,
+            "--listen", c.target,
+            "--peer-listen", f"{c.peer[0]}:{c.peer[1]}",
+        ]  # fmt: skip
+        if peers:
+            args += ["--peers", peers]
+        return args + self.extra_args
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        for i in self.children:
+            await self.start_node(i, wait=False)
+        await self.wait_ready(timeout_s)
+
+    async def start_node(self, i: int, wait: bool = True, timeout_s: float = 60.0) -> None:
+        c = self.children[i]
+        c.log = open(c.log_path, "a")  # noqa: SIM115 - closed in _reap
+        c.events = []
+        c.process = await asyncio.create_subprocess_exec(
+            *self.args(i), stdout=asyncio.subprocess.PIPE, stderr=c.log
+        )
+        c.reader = asyncio.get_running_loop().create_task(self._read_events(c))
+        if wait:
+            await self.wait_ready(timeout_s, [i])
+
+    async def _read_events(self, c: Child) -> None:
+        assert c.process is not None and c.process.stdout is not None
+        while line := await c.process.stdout.readline():
+            with contextlib.suppress(ValueError):
+                c.events.append(json.loads(line))
+
+    async def wait_ready(self, timeout_s: float, ids: list[int] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for i in ids or list(self.children):
+            c = self.children[i]
+            while not any(e.get("event") == "ready" for e in c.events):
+                if c.process is None or c.process.returncode is not None:
+                    raise RuntimeError(f"node {i} exited; see {c.log_path}")
+                if loop.time() > deadline:
+                    raise TimeoutError(f"node {i} not ready in {timeout_s} s; see {c.log_path}")
+                await asyncio.sleep(0.02)
+
+    def kill(self, i: int) -> None:
+        """kill -9 node ``i``."""
+        c = self.children[i]
+        if c.process is not None and c.process.returncode is None:
+            c.process.send_signal(signal.SIGKILL)
+
+    async def stop_node(self, i: int, timeout_s: float = 15.0) -> int | None:
+        c = self.children[i]
+        if c.process is None:
+            return None
+        if c.process.returncode is None:
+            c.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(c.process.wait(), timeout_s)
+            except TimeoutError:
+                c.process.kill()
+        return await self._reap(c)
+
+    async def wait_exit(self, i: int) -> int | None:
+        return await self._reap(self.children[i])
+
+    async def _reap(self, c: Child) -> int | None:
+        assert c.process is not None
+        code = await c.process.wait()
+        if c.reader is not None:
+            with contextlib.suppress(BaseException):
+                await c.reader
+        if c.log is not None:
+            c.log.close()
+            c.log = None
+        return code
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(self.stop_node(i) for i in self.children))
+
+    async def __aenter__(self) -> LocalCluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

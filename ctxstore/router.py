@@ -1,0 +1,372 @@
+"""Routing a write to its group's leader, wherever the request arrived (design §4.1, §6).
+
+``Router.submit(group, command)`` returns a future resolved with the state machine's result for
+the command once the group's leader applied it:
+
+- this node leads the group: ``Driver.propose``;
+- another node leads it: the command travels to it on the peer connection's application lane
+  (``Transport.send_app``, batched per loop iteration) as a ``Forward``; the leader proposes it
+  and answers with a ``ForwardReply`` carrying the encoded result;
+- no leader is known: the request waits for one (``leader_wait_s``), then fails ``unavailable``.
+
+A forward that meets a node that no longer leads comes back ``not_leader`` with a hint and is
+re-routed (at most ``hops_max`` times): nothing was proposed, so that is safe.  Likewise a
+proposal refused at once (``ProposalDropped``) or replaced by a new leader's entry was never
+applied and is retried while time remains.  Everything else whose outcome is unknown (the
+leader's connection dropped with the forward in flight, the deadline passed, a snapshot jumped
+over the entry) fails with ``timeout``: the client retries with its ``client_msg_id``, which the
+state machine deduplicates.
+
+Every request has a deadline (``request_timeout_s``); waiting forwards are bounded
+(``forwards_max``) and fail at once when the peer they wait on goes down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from raft import NONE, NotLeader, ProposalDropped, RaftError
+from raft.driver import Driver, OutcomeUnknown
+from raft.transport import Transport
+
+from . import commands
+
+logger = logging.getLogger(__name__)
+
+
+class RouteError(Exception):
+    """A request that could not be carried out; ``code`` is a wire error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Forward(msgspec.Struct, array_like=True, tag=1):
+    fid: int
+    group: int
+    command: bytes
+
+
+class ForwardReply(msgspec.Struct, array_like=True, tag=2):
+    fid: int
+    result: bytes  # an encoded commands.Result when ``code`` is empty
+    code: str  # "" | "not_leader" | "unavailable" | "timeout" | "internal"
+    message: str
+    leader: int
+
+
+class Advertise(msgspec.Struct, array_like=True, tag=3):
+    """Sent to every peer whose connection comes up: where this node serves clients."""
+
+    node_id: int
+    client_address: str
+
+
+Envelope = Forward | ForwardReply | Advertise
+_encode = msgspec.msgpack.Encoder().encode
+_decode_envelope = msgspec.msgpack.Decoder(Envelope).decode
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    request_timeout_s: float = 5.0
+    leader_wait_s: float = 3.0
+    hops_max: int = 5
+    forwards_max: int = 100_000
+    retry_delay_s: float = 0.02
+    read_retry_s: float = 1.0  # a read barrier not answered by then is asked again
+
+
+class _Pending:
+    __slots__ = ("command", "deadline", "future", "group", "hops", "peer", "wait_until")
+
+    def __init__(
+        self, group: int, command: bytes | None, future: asyncio.Future[Any], deadline: float
+    ) -> None:
+        self.group = group
+        self.command = command
+        self.future = future
+        self.deadline = deadline
+        self.hops = 0
+        self.peer = NONE  # the node a forward waits on
+        self.wait_until = 0.0  # while no leader is known: give up then
+
+
+class Router:
+    def __init__(self, node_id: int, driver: Driver, config: RouterConfig | None = None) -> None:
+        self.node_id = node_id
+        self.driver = driver
+        self.config = config or RouterConfig()
+        self.transport: Transport | None = None
+        self._fids = itertools.count(1)
+        self._forwards: dict[int, _Pending] = {}  # fid -> request forwarded by this node
+        self._leader_waits: dict[int, list[_Pending]] = {}  # group -> requests without a leader
+        self._timer: asyncio.TimerHandle | None = None
+        self.client_address = ""  # set by the server once it listens
+        self.addresses: dict[int, str] = {}  # node id -> client address (advertised)
+        self.forwarded = 0  # requests this node sent to a leader
+        self.served_forwards = 0  # requests other nodes forwarded to this node
+
+    def attach(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(0.05, self._sweep)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for p in list(self._forwards.values()):
+            self._fail(p, RouteError("unavailable", "the node is stopping"))
+        self._forwards.clear()
+        for waits in self._leader_waits.values():
+            for p in waits:
+                self._fail(p, RouteError("unavailable", "the node is stopping"))
+        self._leader_waits.clear()
+
+    # -- the origin's side -------------------------------------------------------------------
+    def submit(self, group: int, command: bytes) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        p = _Pending(group, command, future, loop.time() + self.config.request_timeout_s)
+        self._route(p)
+        return future
+
+    def barrier(self, group: int) -> asyncio.Future[Any]:
+        """A linearizable read barrier for ``group`` (ReadIndex, served by any replica):
+        resolves once this node applied everything committed before the call."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        p = _Pending(group, None, future, loop.time() + self.config.request_timeout_s)
+        self._route(p)
+        return future
+
+    def _route(self, p: _Pending) -> None:
+        if p.future.done():
+            return
+        leader = self.driver.leader(p.group)
+        if p.command is None:
+            if leader == NONE:
+                self._wait_for_leader(p)
+            else:
+                self._read_here(p)
+        elif leader == self.node_id:
+            self._propose_here(p)
+        elif leader == NONE:
+            self._wait_for_leader(p)
+        else:
+            self._forward(p, leader)
+
+    def _read_here(self, p: _Pending) -> None:
+        try:
+            fut = self.driver.read_index(p.group)
+        except RaftError as e:
+            self._retry_later(p, e)
+            return
+
+        def done(f: asyncio.Future[int]) -> None:
+            if p.future.done():
+                return
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled() or exc is not None:
+                self._retry_later(p, exc)  # a read may be retried freely
+            else:
+                p.future.set_result(f.result())
+
+        fut.add_done_callback(done)
+        loop = asyncio.get_running_loop()
+        # A ReadIndex whose answer is lost is never resent: give up on it after a while.
+        handle = loop.call_later(self.config.read_retry_s, fut.cancel)
+        fut.add_done_callback(lambda f: handle.cancel())
+
+    def _propose_here(self, p: _Pending) -> None:
+        assert p.command is not None
+        try:
+            fut = self.driver.propose(p.group, p.command)
+        except NotLeader:
+            self._retry_later(p)
+            return
+        except ProposalDropped as e:
+            self._retry_later(p, e)
+            return
+        except RaftError as e:
+            self._fail(p, RouteError("unavailable", str(e)))
+            return
+
+        def done(f: asyncio.Future[object]) -> None:
+            if p.future.done():
+                return
+            if f.cancelled():
+                self._fail(p, RouteError("timeout", "outcome unknown"))
+                return
+            exc = f.exception()
+            if exc is None:
+                p.future.set_result(f.result())
+            elif isinstance(exc, ProposalDropped):
+                self._retry_later(p, exc)  # replaced by a new leader's entry: never applied
+            elif isinstance(exc, OutcomeUnknown):
+                self._fail(p, RouteError("timeout", f"outcome unknown: {exc}"))
+            else:
+                self._fail(p, RouteError("unavailable", str(exc)))
+
+        fut.add_done_callback(done)
+
+    def _forward(self, p: _Pending, leader: int) -> None:
+        if self.transport is None:
+            self._wait_for_leader(p)
+            return
+        if len(self._forwards) >= self.config.forwards_max:
+            self._fail(p, RouteError("unavailable", "too many forwarded requests waiting"))
+            return
+        fid = next(self._fids)
+        assert p.command is not None
+        if not self.transport.send_app(leader, _encode(Forward(fid, p.group, p.command))):
+            self._retry_later(p)  # the leader's connection is down: a new leader will come
+            return
+        p.peer = leader
+        self._forwards[fid] = p
+        self.forwarded += 1
+
+    def _wait_for_leader(self, p: _Pending) -> None:
+        now = asyncio.get_running_loop().time()
+        p.wait_until = min(p.deadline, now + self.config.leader_wait_s)
+        self._leader_waits.setdefault(p.group, []).append(p)
+
+    def _retry_later(self, p: _Pending, cause: BaseException | None = None) -> None:
+        p.hops += 1
+        if p.hops > self.config.hops_max:
+            why = f" ({cause})" if cause else ""
+            self._fail(p, RouteError("unavailable", f"no stable leader for the group{why}"))
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.config.retry_delay_s * p.hops, self._route, p)
+
+    def _fail(self, p: _Pending, error: RouteError) -> None:
+        if not p.future.done():
+            p.future.set_exception(error)
+
+    def on_leader_change(self, group: int, leader: int) -> None:
+        if leader == NONE:
+            return
+        waits = self._leader_waits.pop(group, None)
+        if waits:
+            for p in waits:
+                self._route(p)
+
+    def on_peer_up(self, peer: int) -> None:
+        if self.client_address and self.transport is not None:
+            self.transport.send_app(peer, _encode(Advertise(self.node_id, self.client_address)))
+
+    def on_peer_down(self, peer: int) -> None:
+        for fid in [f for f, p in self._forwards.items() if p.peer == peer]:
+            p = self._forwards.pop(fid)
+            self._fail(p, RouteError("timeout", f"node {peer} went down with the request"))
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for fid in [f for f, p in self._forwards.items() if p.deadline <= now or p.future.done()]:
+            p = self._forwards.pop(fid)
+            self._fail(p, RouteError("timeout", "no answer from the leader in time"))
+        for group in list(self._leader_waits):
+            keep = []
+            for p in self._leader_waits[group]:
+                if p.future.done():
+                    continue
+                if p.wait_until <= now:
+                    self._fail(p, RouteError("unavailable", f"group {group} has no leader"))
+                elif self.driver.leader(group) != NONE:
+                    self._route(p)
+                else:
+                    keep.append(p)
+            if keep:
+                self._leader_waits[group] = keep
+            else:
+                del self._leader_waits[group]
+        self._timer = loop.call_later(0.05, self._sweep)
+
+    # -- the leader's side ---------------------------------------------------------------------
+    def on_app(self, peer: int, payloads: list[bytes]) -> None:
+        for data in payloads:
+            try:
+                envelope = _decode_envelope(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                logger.warning("dropping a malformed forward from node %d: %s", peer, e)
+                continue
+            if isinstance(envelope, Forward):
+                self._serve(peer, envelope)
+            elif isinstance(envelope, ForwardReply):
+                self._answered(peer, envelope)
+            elif envelope.node_id == peer:
+                self.addresses[peer] = envelope.client_address
+
+    def _serve(self, peer: int, fwd: Forward) -> None:
+        self.served_forwards += 1
+
+        def reply(result: bytes, code: str = "", message: str = "") -> None:
+            leader = self.driver.leader(fwd.group) if fwd.group in self.driver.host else NONE
+            assert self.transport is not None
+            out = ForwardReply(fwd.fid, result, code, message, leader)
+            self.transport.send_app(peer, _encode(out))  # lost if the peer went: it times out
+
+        if fwd.group not in self.driver.host:
+            reply(b"", "internal", f"group {fwd.group} is not hosted here")
+            return
+        try:
+            fut = self.driver.propose(fwd.group, fwd.command)
+        except NotLeader as e:
+            reply(b"", "not_leader", str(e))
+            return
+        except RaftError as e:
+            reply(b"", "not_leader", f"refused: {e}")  # never appended: the origin re-routes
+            return
+
+        def done(f: asyncio.Future[object]) -> None:
+            if f.cancelled():
+                reply(b"", "timeout", "outcome unknown")
+                return
+            exc = f.exception()
+            if exc is None:
+                reply(commands.encode_result(f.result()))  # type: ignore[arg-type]
+            elif isinstance(exc, ProposalDropped):
+                reply(b"", "not_leader", str(exc))  # replaced: never applied
+            elif isinstance(exc, OutcomeUnknown):
+                reply(b"", "timeout", str(exc))
+            else:
+                reply(b"", "unavailable", str(exc))
+
+        fut.add_done_callback(done)
+
+    def _answered(self, peer: int, ans: ForwardReply) -> None:
+        p = self._forwards.pop(ans.fid, None)
+        if p is None or p.future.done():
+            return  # timed out meanwhile
+        if not ans.code:
+            try:
+                p.future.set_result(commands.decode_result(ans.result))
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                self._fail(p, RouteError("internal", f"undecodable answer from node {peer}: {e}"))
+        elif ans.code == "not_leader":
+            self._retry_later(p)
+        elif ans.code == "timeout":
+            self._fail(p, RouteError("timeout", ans.message))
+        else:
+            self._fail(p, RouteError("unavailable", ans.message))
+
+
+def leader_changes(*callbacks: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    def fan_out(group: int, leader: int) -> None:
+        for cb in callbacks:
+            cb(group, leader)
+
+    return fan_out

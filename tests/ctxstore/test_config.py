@@ -1,0 +1,67 @@
+"""Configuration: TOML file < CTXSTORE_* environment < flags; bad values name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ctxstore.config import ConfigError, load
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "ctxstore.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_make_a_single_node_cluster() -> None:
+    s = load(environ={})
+    assert s.node_id == 1 and s.peer_map == {} and s.groups == 256 and s.tokens == []
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    f = write(tmp_path, 'tick_ms = 20\nelection_ticks = 12\ndata_dir = "/from/file"\n')
+    env = {"CTXSTORE_ELECTION_TICKS": "15", "CTXSTORE_DATA_DIR": "/from/env"}
+    s = load(f, {"data_dir": "/from/flag", "tick_ms": None}, env)
+    assert (s.tick_ms, s.election_ticks, s.data_dir) == (20, 15, "/from/flag")
+
+
+def test_peers_and_tokens_parse(tmp_path: Path) -> None:
+    env = {"CTXSTORE_TOKENS": "a,b", "CTXSTORE_PEERS": "2=127.0.0.1:7501,3=10.0.0.3:7500"}
+    s = load(environ=env)
+    assert s.tokens == ["a", "b"]
+    assert s.peer_map == {2: ("127.0.0.1", 7501), 3: ("10.0.0.3", 7500)}
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        ({"tick_ms": "soon"}, "tick_ms"),
+        ({"tick_ms": 0}, "tick_ms"),
+        ({"node_id": 0}, "node_id"),
+        ({"listen": "no-port"}, "listen"),
+        ({"peers": "2=nowhere"}, "peers"),
+        ({"peers": "x=1.2.3.4:5"}, "peers"),
+        ({"peers": "1=127.0.0.1:7500"}, "peers"),  # this node itself
+        ({"secret": "short"}, "secret"),
+        ({"log_level": "chatty"}, "log_level"),
+    ],
+)
+def test_invalid_values_stop_start_up_naming_the_key(flags: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^config: {key}:"):
+        load(flags=flags, environ={})
+
+
+def test_unknown_or_malformed_file_keys_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config: tick: unknown key"):
+        load(write(tmp_path, "tick = 3\n"), environ={})
+    with pytest.raises(ConfigError, match=r"ctxstore\.toml"):
+        load(write(tmp_path, "tick_ms = = 3\n"), environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "missing.toml"), environ={})
+
+
+def test_invalid_environment_value_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"^config: groups:"):
+        load(environ={"CTXSTORE_GROUPS": "many"})
