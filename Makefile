@@ -4,13 +4,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest soak sim clean
+.PHONY: run cluster test lint typecheck pytest soak sim clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# One node (a single-node cluster) with its data in ./data, clients on 127.0.0.1:7400.
+run: $(STAMP)
+	$(BIN)/ctxstore serve --data-dir ./data --listen 127.0.0.1:7400
+
+# A local 3-node cluster (clients on 127.0.0.1:7400-7402) until Ctrl-C.
+cluster: $(STAMP)
+	$(BIN)/ctxstore cluster up --nodes 3 --base-port 7400 --data-dir ./data/cluster
 
 test: lint typecheck pytest
 

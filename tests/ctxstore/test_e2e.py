@@ -160,3 +160,50 @@ async def append_until_acked(client: Client, sid: str, content: str, msg_id: str
             if not e.retryable or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+def test_tokens_are_required_when_configured(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = LocalCluster(1, str(tmp_path), extra_args=[*FAST, "--token", "t-1"])
+        await cluster.start()
+        try:
+            with pytest.raises(ClientError) as e:
+                await connect(cluster.targets, token="wrong", connect_attempts=1)
+            assert e.value.code == "unauthorized"
+            with pytest.raises(ClientError) as e:
+                await connect(cluster.targets, connect_attempts=1)
+            assert e.value.code == "unauthorized"
+            async with await connect(cluster.targets, token="t-1") as c:
+                await c.ping()
+        finally:
+            await cluster.stop()
+
+    run(main())
+
+
+def test_without_a_quorum_writes_fail_retryably_then_succeed_once_it_returns(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        cluster = LocalCluster(3, str(tmp_path), extra_args=FAST)
+        await cluster.start()
+        try:
+            async with await connect(cluster.targets[0]) as c:
+                await c.create_session("u", "a", {}, "lonely")
+                await c.append("lonely", "before")
+                for i in (2, 3):
+                    cluster.kill(i)
+                    await cluster.wait_exit(i)
+                with pytest.raises(ClientError) as e:
+                    await c.append("lonely", "no quorum", client_msg_id="nq")
+                assert e.value.code in ("unavailable", "timeout") and e.value.retryable
+                for i in (2, 3):
+                    await cluster.start_node(i, wait=False)
+                await cluster.wait_ready(60)
+                ack = await append_until_acked(c, "lonely", "no quorum", "nq")
+                history = [m.content for m in await read_all(c, "lonely")]
+                assert history == ["before", "no quorum"] and ack == 2
+        finally:
+            await cluster.stop()
+
+    run(main())
