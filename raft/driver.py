@@ -24,8 +24,9 @@ application's state machine, on one event loop:
   ``StateMachine.restore``.
 - Proposals resolve with the state machine's result once applied on this node.  If another
   entry is applied at their index (a new leader overwrote it) they fail with
-  ``ProposalDropped``; if a snapshot jumps over them, with ``OutcomeUnknown``.  At most
-  ``pending_max`` proposals and reads wait at once (``ProposalDropped`` beyond).
+  ``ProposalDropped``; when this node stops leading the group, or a snapshot jumps over them,
+  with ``OutcomeUnknown`` (they may still commit).  At most ``pending_max`` proposals and
+  reads wait at once (``ProposalDropped`` beyond).
 - A failed WAL write stops the node: every waiter fails and ``failed`` resolves; the process
   must exit and recover from disk.
 """
@@ -41,6 +42,7 @@ from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .core import Role
 from .errors import ProposalDropped, RaftError, check
 from .messages import NONE, ConfState, Entry, Message, Snapshot, SnapshotMeta
 from .multi import MultiRaft
@@ -333,6 +335,8 @@ class Driver:
         for group, rd in readies:
             if rd.soft_state is not None:
                 self.stats.soft_state_changes += 1
+                if rd.soft_state.role is not Role.LEADER:
+                    self._deposed(group)
                 self.on_leader_change(group, rd.soft_state.lead)
             self._queue(group, rd.messages)
             if rd.entries or rd.snapshot is not None or rd.hard_state is not None:
@@ -438,6 +442,19 @@ class Driver:
         if applied - self._snap_index[group] >= self.config.snapshot_entries:
             self._compact.add(group)
             self._kick()
+
+    def _deposed(self, group: int) -> None:
+        """This node no longer leads ``group``: its waiting proposals may or may not commit
+        (under the next leader).  Tell their callers now rather than at their deadline, so they
+        can retry (idempotently) without waiting."""
+        waiting = self._proposals[group]
+        if not waiting:
+            return
+        for w in waiting.values():
+            self._pending -= 1
+            if not w.future.done():
+                w.future.set_exception(OutcomeUnknown("this node stopped leading the group"))
+        waiting.clear()
 
     def _jumped(self, group: int, index: int) -> None:
         waiting = self._proposals[group]

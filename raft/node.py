@@ -210,8 +210,7 @@ class ControlClient:
     async def close(self) -> None:
         self._writer.close()
         self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
+        await asyncio.wait({self._task})  # a cancellation of our caller still propagates
         with contextlib.suppress(OSError):
             await self._writer.wait_closed()
 
@@ -234,6 +233,8 @@ class ControlClient:
             self._waiting.clear()
 
     async def call(self, make: Any, *args: Any) -> Any:
+        if self._task.done():
+            raise ConnectionError("control connection closed")
         self._rid += 1
         rid = self._rid
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
