@@ -148,8 +148,8 @@ class Transport:
         connect_timeout_s: float = 5.0,
         backoff_min_s: float = 0.05,
         backoff_max_s: float = 2.0,
-        ping_interval_s: float = 1.0,
-        dead_after_s: float = 5.0,
+        ping_interval_s: float = 0.5,
+        dead_after_s: float = 3.0,
     ) -> None:
         check(node_id not in peers, "a node is not its own peer")
         check(snapshot_chunk_bytes + 1024 <= frame_bytes_max, "snapshot chunk exceeds frame size")
