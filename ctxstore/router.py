@@ -151,10 +151,18 @@ class Router:
         self._route(p)
         return future
 
+    def _reachable_leader(self, group: int) -> int:
+        """The group's leader if this node can reach it, else NONE (a leader whose peer
+        connection is down is as good as none until a new one is elected)."""
+        leader = self.driver.leader(group)
+        if leader in (NONE, self.node_id) or self.transport is None:
+            return leader
+        return leader if self.transport.is_connected(leader) else NONE
+
     def _route(self, p: _Pending) -> None:
         if p.future.done():
             return
-        leader = self.driver.leader(p.group)
+        leader = self._reachable_leader(p.group)
         if p.command is None:
             if leader == NONE:
                 self._wait_for_leader(p)
@@ -285,7 +293,7 @@ class Router:
                     continue
                 if p.wait_until <= now:
                     self._fail(p, RouteError("unavailable", f"group {group} has no leader"))
-                elif self.driver.leader(group) != NONE:
+                elif self._reachable_leader(group) != NONE:
                     self._route(p)
                 else:
                     keep.append(p)

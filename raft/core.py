@@ -889,7 +889,16 @@ class Raft:
                     self.lead_transferee = NONE
                 if self._maybe_commit():  # a smaller quorum may commit more
                     self.bcast_append()
+                self._release_confirmed_reads()  # ... or confirm pending reads
         return self.conf_state()
+
+    def _release_confirmed_reads(self) -> None:
+        """Answer the pending reads whose acks are a quorum of the current voters."""
+        for ctx in reversed(self.read_only.queue):
+            if self.read_only.has_quorum(self.read_only.pending[ctx].acks, self.voters):
+                for req in self.read_only.advance(ctx):
+                    self._answer_read(req.frm, req.context, req.index)
+                return
 
     def _hand_over_and_step_down(self) -> None:
         """We applied our own removal: let the most caught-up voter campaign at once.

@@ -31,7 +31,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from .core import Config, Role
+from .core import Config, Raft, Role
 from .errors import check
 from .messages import NONE, ConfChange, Heartbeat, HeartbeatResponse, Message
 from .quorum import majority
@@ -222,7 +222,7 @@ class MultiRaft:
             self.stats.unknown_group_messages += 1
             return
         r = g.node.raft
-        if g.quiescent and not self._keeps_quiet(r.term, m):
+        if g.quiescent and not self._keeps_quiet(r, m):
             self._wake(g)
         g.node.step(m)
         self._dirty[group] = g
@@ -244,9 +244,13 @@ class MultiRaft:
                 self._wake(g)  # a follower that is behind answered: it needs appends
 
     @staticmethod
-    def _keeps_quiet(term: int, m: Message) -> bool:
+    def _keeps_quiet(r: Raft, m: Message) -> bool:
+        term = r.term
         if isinstance(m, Heartbeat):
-            return m.quiesce and m.term == term
+            # Its leader's quiescing heartbeat, or a plain one sent before it and delivered
+            # late: it brings nothing this follower lacks.
+            stale = m.frm == r.lead and not m.context and m.commit <= r.log.committed
+            return m.term == term and (m.quiesce or stale)
         if isinstance(m, HeartbeatResponse):
             return m.term == term and not m.context
         return False

@@ -226,6 +226,10 @@ class Transport:
         if self._server is not None:
             await self._server.wait_closed()
 
+    def is_connected(self, peer: int) -> bool:
+        p = self._peers.get(peer)
+        return p is not None and p.conn is not None
+
     def connected_peers(self) -> list[int]:
         return sorted(pid for pid, peer in self._peers.items() if peer.conn is not None)
 

@@ -375,7 +375,10 @@ class WAL:
             os.unlink(os.path.join(self.path, segment_name(seq)))
             self._writer.maxima.pop(seq, None)
         if kept is not None:
-            self._writer.resume(*kept)
+            self._writer.resume(*kept)  # cut the torn tail, if any
+            # A crash may have cut the segment's head at a record boundary (which looks like a
+            # clean end): new records go to a new segment, whose head is whole.
+            self._writer.start_segment()
         else:
             self._writer.active = max(segments, default=0)
             self._writer.start_segment()

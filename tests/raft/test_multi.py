@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from raft import ConfState, MemoryStorage, Message, Role
+from raft import ConfChange, ConfChangeType, ConfState, MemoryStorage, Message, Role
 from raft.core import Config
 from raft.messages import AppendEntries, Heartbeat, RequestVote
 from raft.multi import HostConfig, MultiRaft
@@ -242,3 +242,26 @@ def test_other_cluster_sizes_elect_every_group(n: int) -> None:
     assert len(h.leaders()) == 10
     if n > 1:
         assert all(m.awake_count() == 0 for m in h.nodes.values())
+
+
+def test_a_late_plain_heartbeat_does_not_wake_a_quiescent_follower() -> None:
+    """(found by the simulation) A heartbeat the leader sent just before quiescing, delivered
+    after the quiescing one, kept a learner awake for good and made a voter campaign."""
+    h = Host(ids=(1, 2, 3, 4), groups=1)
+    h.tick(20)
+    lead = h.leaders()[0]
+    learner = next(i for i in h.ids if i != lead)
+    for cc in (ConfChangeType.REMOVE_NODE, ConfChangeType.ADD_LEARNER):
+        h.nodes[lead].propose_conf_change(0, ConfChange(cc, learner))
+        h.tick(20)
+    r = h.nodes[lead].node(0).raft
+    assert r.learners == (learner,)
+    assert all(n.awake_count() == 0 for n in h.nodes.values())
+    voter = next(i for i in h.ids if i not in (lead, learner))
+    for to in (learner, voter):
+        h.nodes[to].step(0, Heartbeat(lead, to, r.term, r.log.committed))
+        h.settle()
+        h.sent.clear()
+        h.tick(100)
+        assert all(n.awake_count() == 0 for n in h.nodes.values())
+        assert sum(h.sent.values()) == 0

@@ -6,7 +6,7 @@ Each test names the bug it pins down; docs/raft.md §7-8.5 describes the fixed b
 from __future__ import annotations
 
 from raft import ConfChange, ConfChangeType, ConfState, MemoryStorage, ProposalDropped, RawNode
-from raft.messages import AppendEntries, InstallSnapshot, TimeoutNow
+from raft.messages import AppendEntries, Heartbeat, InstallSnapshot, TimeoutNow
 from raft.storage import bootstrap
 
 from .helpers import Cluster, config, persist
@@ -213,3 +213,21 @@ def test_single_voter_leads_only_once_its_term_and_vote_are_durable() -> None:
     assert c.raft(1).role.value == "leader"
     c.propose(1, b"a")
     assert c.applied[1] == [b"a"]
+
+
+def test_a_read_pending_when_the_voters_shrink_to_the_leader_is_answered() -> None:
+    """(found by the simulation, seeds 160 and 1028) The read's heartbeat round was lost, then
+    the only other voter was removed: nobody would ever ack it again."""
+    c = Cluster(ids=(1, 2))
+    c.elect(1)
+    c.propose(1, b"x")
+    c.filter = lambda m: not (isinstance(m, Heartbeat) and m.context)
+    c.nodes[1].read_index(b"r")
+    c.stabilize()
+    c.filter = None
+    assert c.read_states[1] == []
+    c.nodes[1].propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, 2))
+    c.stabilize()
+    assert c.raft(1).voters == (1,)
+    assert [rs.context for rs in c.read_states[1]] == [b"r"]
+    assert not c.raft(1).read_only.queue

@@ -29,7 +29,7 @@ from raft.errors import Compacted, InvariantViolation, SnapshotOutOfDate, Unavai
 from raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
 from raft.storage import MemoryStorage, Storage, bootstrap
 from raft.wal import WAL, GroupWrite, WalFailed, Written
-from raft.wal_records import append_record
+from raft.wal_records import RECORD_BYTES_MAX, Scanner, append_record
 from raft.wal_segments import parse_segment_name, parse_snapshot_name
 
 SMALL = {"segment_bytes": 4096, "cache_bytes_max": 512}
@@ -216,7 +216,10 @@ def test_open_removes_temporary_and_orphaned_snapshot_files(tmp_path: Path) -> N
     (tmp_path / "00000001-0000000000000004-00000009.snap.tmp").write_bytes(b"half")
     (tmp_path / "00000001-0000000000000005-0000000a.snap").write_bytes(b"orphan")
     with WAL.open(str(tmp_path)) as wal:
-        assert sorted(os.listdir(tmp_path)) == sorted(["LOCK", kept, "0000000000000001.wal"])
+        # Recovery never appends to an old segment (its head may be torn): a new one starts.
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            ["LOCK", kept, "0000000000000001.wal", "0000000000000002.wal"]
+        )
         assert wal.storage(1).snapshot().data == b"kept"
         wal.save_snapshot(1, snap(4, 1, b"newer"))  # the counter went past the orphan's
         settle(wal)
@@ -460,7 +463,7 @@ def test_a_torn_new_segment_and_a_lost_tail_before_a_later_segment(tmp_path: Pat
 
     with reopened(src, tmp_path / "b", cut_middle, preallocate=False) as wal:
         assert_same(wal, models[mid[1]])
-        assert segments(tmp_path / "b") == segs[:2]
+        assert segments(tmp_path / "b") == [*segs[:2], segs[1] + 1]  # and a fresh segment
 
 
 # -- snapshots, compaction and segment deletion --------------------------------------------------
@@ -644,3 +647,46 @@ def test_wal_storage_matches_memory_storage(ops: list[tuple[Any, ...]]) -> None:
                     assert observe(wal.storage(g)) == observe(model), (kind, g)
         finally:
             wal.close()
+
+
+def test_a_torn_segment_head_does_not_lose_idle_groups_state(tmp_path: Path) -> None:
+    """(found by the simulation, seeds 32, 142) A crash tore the head of a new segment (where
+    every group's hard state and snapshot are re-written) at a record boundary; recovery went on
+    appending to it, and once the previous segment was deleted an idle group's vote was lost."""
+    path = str(tmp_path / "wal")
+
+    def opened() -> WAL:
+        return WAL.open(path, segment_bytes=4096, cache_bytes_max=1 << 20, preallocate=False)
+
+    w = opened()
+    for g in (1, 2):
+        w.bootstrap(g, ConfState((1, 2, 3)))
+    w.write_sync([GroupWrite(2, hard_state=HardState(7, 3, 3))])
+    w.save_snapshot(2, Snapshot(SnapshotMeta(3, 1, ConfState((1, 2, 3))), b"g2"))
+    i = 4
+    while True:  # fill the active segment with group 1 until a write rolls to a new one
+        before = segments(tmp_path / "wal")
+        written = w.submit([GroupWrite(1, [Entry(1, i, data=b"x" * 200)], HardState(1, 0, i))])
+        done = written.result()
+        i += 1
+        if segments(tmp_path / "wal") != before:
+            break  # the crash happens during this write: never published
+        w.publish(done)
+    w.close()
+    name = tmp_path / "wal" / f"{segments(tmp_path / 'wal')[-1]:016x}.wal"
+    data = name.read_bytes()
+    first = next(iter(Scanner(memoryview(data), RECORD_BYTES_MAX).records()))
+    os.truncate(name, first.offset + first.length)  # only the segment header reached the disk
+    w = opened()
+    assert w.storage(2).hard_state == HardState(7, 3, 3)
+    i = w.storage(1).last_index() + 1
+    covered = i - 1
+    for _ in range(3):
+        w.write_sync([GroupWrite(1, [Entry(1, i, data=b"y" * 200)], HardState(1, 0, i))])
+        i += 1
+    w.save_snapshot(1, Snapshot(SnapshotMeta(covered, 1, ConfState((1, 2, 3))), b"g1"))
+    w.close()
+    w = opened()
+    assert w.storage(2).hard_state == HardState(7, 3, 3)
+    assert w.storage(2).snap_meta.index == 3
+    w.close()
