@@ -3,9 +3,13 @@
     python -m tests.sim --seeds 1-200 --nodes 3 --groups 3 --ticks 2000
     python -m tests.sim --seeds 4711 --nodes 5 --groups 2 --ticks 2000 --verbose
     python -m tests.sim --seeds 1-10000 --jobs 2        # a soak, on every core
+    python -m tests.sim --seeds 1-100 --wal             # every seed on the real WAL
+    python -m tests.sim --seeds 1-100 --no-quiesce      # the bare core's timers, no quiescence
 
-Prints one line per failing seed (with the command that replays it), progress on stderr, and a
-summary ``N seeds, V violations``; exits 1 when V > 0.
+By default a seed runs on the real WAL when seed % 3 == 0 and without quiescence when
+seed % 7 == 0; ``--wal``/``--no-wal`` and ``--quiesce``/``--no-quiesce`` force either for
+every seed.  Prints one line per failing seed (with the command that replays it), progress on
+stderr, and a summary ``N seeds, V violations``; exits 1 when V > 0.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ import multiprocessing
 import os
 import sys
 import time
+from dataclasses import fields
 
+from .cluster import Stats
 from .runner import SimResult, run_seed
+
+Job = tuple[int, int, int, int, bool | None, bool | None]
 
 
 def parse_seeds(text: str) -> range:
@@ -24,9 +32,9 @@ def parse_seeds(text: str) -> range:
     return range(int(lo), int(hi or lo) + 1)
 
 
-def _run(job: tuple[int, int, int, int]) -> SimResult:
-    seed, nodes, groups, ticks = job
-    return run_seed(seed, nodes, groups, ticks)
+def _run(job: Job) -> SimResult:
+    seed, nodes, groups, ticks, wal, quiesce = job
+    return run_seed(seed, nodes, groups, ticks, wal=wal, quiesce=quiesce)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,23 +45,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ticks", type=int, default=2000)
     p.add_argument("--jobs", type=int, default=1, help="worker processes (0: one per core)")
     p.add_argument("--verbose", action="store_true", help="print each seed's schedule")
+    p.add_argument(
+        "--wal",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the nodes' disk is the real WAL, torn by crashes (default: when seed %% 3 == 0)",
+    )
+    p.add_argument(
+        "--quiesce",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the hosts quiesce idle groups (default: unless seed %% 7 == 0)",
+    )
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    jobs = [(s, args.nodes, args.groups, args.ticks) for s in seeds]
+    jobs: list[Job] = [
+        (s, args.nodes, args.groups, args.ticks, args.wal, args.quiesce) for s in seeds
+    ]
     workers = args.jobs or os.cpu_count() or 1
     violations = 0
+    wal_seeds = 0
+    quiesce_ticks_max = 0
+    totals = Stats()
     started = time.monotonic()
 
     def report(i: int, res: SimResult) -> None:
-        nonlocal violations
+        nonlocal violations, wal_seeds, quiesce_ticks_max
+        wal_seeds += res.wal
+        quiesce_ticks_max = max(quiesce_ticks_max, res.stats.quiesce_ticks)
+        for f in fields(Stats):
+            setattr(totals, f.name, getattr(totals, f.name) + getattr(res.stats, f.name))
         if res.violation is not None:
             violations += 1
-            print(
-                f"seed {res.seed}: VIOLATION {res.violation}\n  replay: python -m tests.sim "
-                f"--seeds {res.seed} --nodes {res.nodes} --groups {res.groups} "
-                f"--ticks {res.ticks} --verbose",
-                flush=True,
-            )
+            print(f"seed {res.seed}: VIOLATION {res.violation}", flush=True)
+            print(f"  replay: {res.replay()}", flush=True)
         if i % 100 == 0 or i == len(jobs):
             rate = i / (time.monotonic() - started)
             print(
@@ -63,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     if args.verbose:
-        for i, (seed, nodes, groups, ticks) in enumerate(jobs, 1):
-            res = run_seed(seed, nodes, groups, ticks, trace=print)
-            print(f"seed {seed}: {res.stats}")
+        for i, job in enumerate(jobs, 1):
+            seed, nodes, groups, ticks, wal, quiesce = job
+            res = run_seed(seed, nodes, groups, ticks, trace=print, wal=wal, quiesce=quiesce)
+            print(f"seed {seed} (wal {res.wal}, quiesce {res.quiesce}): {res.stats}")
             report(i, res)
     elif workers == 1:
         for i, job in enumerate(jobs, 1):
@@ -74,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             for i, res in enumerate(pool.imap_unordered(_run, jobs, chunksize=4), 1):
                 report(i, res)
-    print(f"{len(jobs)} seeds, {violations} violations")
+    elapsed = time.monotonic() - started
+    print(f"totals: {totals}; slowest quiescence: {quiesce_ticks_max} ticks", file=sys.stderr)
+    print(f"{len(jobs)} seeds ({wal_seeds} on the WAL), {violations} violations, {elapsed:.0f} s")
     return 1 if violations else 0
 
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import pytest
 
-from raft import Entry
+from raft import Entry, HardState, MemoryStorage, Ready
 from raft.messages import VoteResponse
+from raft.wal_segments import segment_name
 
 from ..raft.helpers import Cluster
 from .checker import Checker, Violation
+from .cluster import ROUNDS_PER_TICK, Faults, SimCluster
+from .disk import Durable, WalDisk, allowed_outcomes
+from .runner import liveness_phase
 
 
 def leader_of(term: int) -> Cluster:
@@ -96,3 +103,56 @@ def test_stale_read() -> None:
         ch.on_read_answered(2, 0, b"r1", 8)
     with pytest.raises(Violation, match="unknown context"):
         ch.on_read_answered(2, 0, b"nope", 9)
+
+
+# -- the disk and the host: what recovery and quiescence must show -----------------------------
+CALM = Faults(drop=0.0, duplicate=0.0, crash=0.0, restart=0.0, partition=0.0, heal=0.0)
+
+
+def _ready(entries: list[Entry], hard_state: HardState | None) -> Ready:
+    return Ready(1, None, hard_state, entries, None, [], [], [], [], True)
+
+
+def test_a_torn_write_may_leave_any_prefix_of_its_records() -> None:
+    st = MemoryStorage()
+    st.append([Entry(1, 1), Entry(1, 2)])
+    st.set_hard_state(HardState(1, 1, 2))
+    base = Durable.of(st)
+    rd = _ready([Entry(2, 2, data=b"a"), Entry(2, 3, data=b"b")], HardState(2, 1, 2))
+    outcomes = allowed_outcomes(base, rd)
+    assert outcomes[0] == base
+    assert outcomes[-1].hard_state == HardState(2, 1, 2)
+    assert [e.term for e in outcomes[1].entries] == [1, 2]  # the suffix replaced from index 2
+    forgot = Durable(HardState(), base.snapshot, base.entries)
+    assert forgot not in outcomes  # the acknowledged term and vote must survive
+
+
+@pytest.mark.parametrize("wal", [False, True], ids=["memory", "wal"])
+def test_a_restart_over_a_disk_that_forgot_acknowledged_state(wal: bool) -> None:
+    with SimCluster(1, 3, 1, CALM, wal=wal) as c:
+        for _ in range(60 * ROUNDS_PER_TICK):
+            c.round()
+        assert c.leader(0) is not None
+        c.crash(2)
+        node = c.nodes[2]
+        if isinstance(node.disk, WalDisk):  # damage the middle of the first segment
+            name = os.path.join(node.disk.path, segment_name(1))
+            with open(name, "r+b") as f:
+                f.seek(os.path.getsize(name) // 2)
+                f.write(b"\xff\xff\xff\xff")
+        else:
+            disk = node.disk.storage(0)
+            assert isinstance(disk, MemoryStorage)
+            disk.hard_state = HardState()
+        with pytest.raises(Violation, match="the disk recovered"):
+            c.restart(2)
+
+
+def test_groups_that_never_quiesce_fail_the_liveness_phase() -> None:
+    with SimCluster(1, 3, 2, CALM, wal=False, quiesce=True) as c:
+        for n, node in c.nodes.items():  # hosts that keep waiting before they quiesce
+            node.config = dataclasses.replace(node.config, quiesce_after_ticks=10**6)
+            c.crash(n)
+            c.restart(n)
+        with pytest.raises(Violation, match="quiescence: still awake"):
+            liveness_phase(c, 400)
