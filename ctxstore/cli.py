@@ -44,6 +44,7 @@ SERVE_FLAGS = {
     "--data-dir": str,
     "--listen": str,
     "--peer-listen": str,
+    "--http": str,
     "--peers": str,
     "--cluster-id": str,
     "--secret": str,
@@ -74,10 +75,18 @@ async def _serve(settings: Settings) -> int:
     node = Node(settings)
     await node.start()
     host, port = parse_address(settings.listen, "listen")
-    server = await wire_serve(Service(node), host, port)
+    service = Service(node)
+    server = await wire_serve(service, host, port)
     bound = server.address
     node.advertise(f"{bound[0]}:{bound[1]}")
-    _emit({"event": "listening", "node": settings.node_id, "listen": f"{bound[0]}:{bound[1]}"})
+    event = {"event": "listening", "node": settings.node_id, "listen": f"{bound[0]}:{bound[1]}"}
+    ops = None
+    if settings.http is not None:
+        from .ops import serve_ops
+
+        ops = await serve_ops(node, service, *parse_address(settings.http, "http"), clients=server)
+        event["http"] = "{}:{}".format(*ops.address)
+    _emit(event)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
 
@@ -104,6 +113,9 @@ async def _serve(settings: Settings) -> int:
         return EXIT_FATAL
     await server.wait_closed()
     await node.stop()
+    if ops is not None:
+        ops.close()
+        await ops.wait_closed()
     return 0
 
 

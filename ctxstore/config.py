@@ -28,6 +28,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     data_dir: Annotated[str, Meta(min_length=1)] = "./data"
     listen: str = "127.0.0.1:7400"  # the client protocol
     peer_listen: str = "127.0.0.1:7500"  # Raft and forwarding between nodes
+    http: str | None = None  # the ops HTTP port (health, metrics); None: off
     peers: str = ""  # "ID=HOST:PORT,..." of the other nodes; empty: a single-node cluster
     cluster_id: Annotated[str, Meta(min_length=1, max_length=64)] = "ctxstore"
     secret: Annotated[str, Meta(min_length=8)] = DEV_SECRET
@@ -42,6 +43,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     def __post_init__(self) -> None:
         for key in ("listen", "peer_listen"):
             parse_address(getattr(self, key), key)
+        if self.http is not None:
+            parse_address(self.http, "http")
         peer_map = parse_peers(self.peers)
         if self.node_id in peer_map:
             raise ConfigError(f"config: peers: must not include this node ({self.node_id})")

@@ -77,6 +77,7 @@ class Service(BaseHandler):
         self.clock_ms = clock_ms
         self.requests = 0
         self.errors: dict[str, int] = {}
+        self.on_append_latency: Callable[[float, bool], None] | None = None  # seconds, ok
 
     def on_request(self, conn: Connection, request: Request) -> Reply:
         self.requests += 1
@@ -125,10 +126,15 @@ class Service(BaseHandler):
     def _submit(
         self, conn: Connection, rid: int, sid: str, cmd: commands.Command, request: Request
     ) -> Reply:
+        received = time.perf_counter()
         fut = self.router.submit(group_of(sid, self.groups), commands.encode_command(cmd))
 
         def done(f: asyncio.Future[Any]) -> None:
-            conn.reply(self._answer(rid, f, request))
+            response = self._answer(rid, f, request)
+            conn.reply(response)
+            if self.on_append_latency is not None and isinstance(request, Append):
+                ok = not isinstance(response, Error)
+                self.on_append_latency(time.perf_counter() - received, ok)
 
         fut.add_done_callback(done)
         return None

@@ -111,6 +111,7 @@ class DriverStats:
 class _Waiter:
     term: int
     future: asyncio.Future[object]
+    proposed_at: float  # time.perf_counter() (commit latency)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Driver:
         self.on_leader_change = on_leader_change
         self.transport: Transport | None = None
         self.stats = DriverStats()
+        self.on_commit_latency: Callable[[float], None] | None = None  # propose -> applied, s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -221,7 +223,8 @@ class Driver:
         loop = self._loop
         assert loop is not None
         future: asyncio.Future[object] = loop.create_future()
-        self._proposals[group][index] = _Waiter(self.host.node(group).raft.term, future)
+        term = self.host.node(group).raft.term
+        self._proposals[group][index] = _Waiter(term, future, time.perf_counter())
         self._pending += 1
         self.stats.proposals += 1
         self._kick()
@@ -418,6 +421,8 @@ class Driver:
                         continue
                     if w.term == e.term:
                         w.future.set_result(result)
+                        if self.on_commit_latency is not None:
+                            self.on_commit_latency(time.perf_counter() - w.proposed_at)
                     else:
                         w.future.set_exception(
                             ProposalDropped(f"entry {e.index} was replaced by a new leader")

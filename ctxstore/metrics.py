@@ -1,0 +1,357 @@
+"""A node's Prometheus metrics (design §6), served at ``/metrics`` by the ops port (``ops.py``).
+
+Two kinds, so that metrics cost the hot path (almost) nothing:
+
+- Counters and gauges the node keeps anyway (the driver's, the Raft host's, the WAL writer's,
+  the transport's, the router's and the service's stats) are read when Prometheus scrapes, by
+  ``NodeCollector``: no work is added where they are counted.
+- Latencies that exist only on the hot path (an append from request to ack; a proposal from
+  ``propose`` to applied) go into ``LatencyHistogram``s: one ``bisect`` and two additions per
+  observation, on the event loop's thread (no lock).  ``NodeMetrics.attach`` installs them as
+  the hooks ``Service.on_append_latency`` and ``Driver.on_commit_latency``.
+
+Rules: names are ``ctxstore_*`` with the unit last (``_seconds``, ``_bytes``, ``_total``); every
+metric carries a real value (nothing is exported before the code that counts it exists); the
+registry is the ``NodeMetrics``'s own, never prometheus_client's global one.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from raft import NONE
+from wire.aio import Server
+
+from .node import Node
+from .server import Service
+
+# 0.5 ms … 5 s: a local fsync is ~0.1-2 ms, a replicated append a few ms, the deadline 5 s.
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+
+
+class LatencyHistogram:
+    """Counts of observations per bucket (``le`` semantics: a value equal to a bound counts in
+    that bound's bucket).  Observe from the event loop's thread only."""
+
+    __slots__ = ("bounds", "counts", "sum_s")
+
+    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS_S) -> None:
+        assert bounds and list(bounds) == sorted(set(bounds)), "bounds: increasing, not empty"
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum_s += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, observations <= le)`` for every bound, then ``+Inf``: Prometheus buckets."""
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            total += n
+            out.append((repr(float(bound)), total))
+        out.append(("+Inf", total + self.counts[-1]))
+        return out
+
+
+def leader_counts(node: Node) -> tuple[int, int, int]:
+    """``(groups, groups led by this node, groups without a known leader)``."""
+    me = node.settings.node_id
+    groups = led = unknown = 0
+    for g in node.host.groups():
+        lead = node.host.leader(g)
+        groups += 1
+        led += lead == me
+        unknown += lead == NONE
+    return groups, led, unknown
+
+
+class NodeMetrics:
+    """The registry of one node: its collector and its hot-path histograms."""
+
+    def __init__(self, node: Node, service: Service, clients: Server | None = None) -> None:
+        self.node = node
+        self.service = service
+        self.append_ok = LatencyHistogram()
+        self.append_error = LatencyHistogram()
+        self.commit = LatencyHistogram()
+        self.registry = CollectorRegistry()
+        self.registry.register(NodeCollector(self, clients))
+
+    def attach(self) -> None:
+        """Install the hot-path hooks (one node has one ``NodeMetrics``)."""
+        self.service.on_append_latency = self.observe_append
+        self.node.driver.on_commit_latency = self.commit.observe
+
+    def detach(self) -> None:
+        self.service.on_append_latency = None
+        self.node.driver.on_commit_latency = None
+
+    def observe_append(self, seconds: float, ok: bool) -> None:
+        (self.append_ok if ok else self.append_error).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every metric."""
+        return generate_latest(self.registry)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counters(
+    name: str, doc: str, labels: Sequence[str], rows: Iterable[tuple[Sequence[str], float]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for values, value in rows:
+        family.add_metric(values, value)
+    return family
+
+
+class NodeCollector(Collector):
+    """Reads the node's counters at scrape time (on the event loop, like every writer of them,
+    except the WAL writer thread's plain integer fields)."""
+
+    def __init__(self, metrics: NodeMetrics, clients: Server | None) -> None:
+        self.metrics = metrics
+        self.clients = clients
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._service()
+        yield from self._raft()
+        yield from self._wal()
+        yield from self._peers()
+
+    def _service(self) -> Iterator[Metric]:
+        m, service, router = self.metrics, self.metrics.service, self.metrics.node.router
+        s = m.node.settings
+        yield InfoMetricFamily(
+            "ctxstore_node",
+            "This node.",
+            value={"node_id": str(s.node_id), "cluster_id": s.cluster_id},
+        )
+        yield _counter("ctxstore_requests_total", "Client requests received.", service.requests)
+        yield _counters(
+            "ctxstore_request_errors_total",
+            "Client requests answered with an error, by error code.",
+            ["code"],
+            (([code], n) for code, n in sorted(service.errors.items())),
+        )
+        append = HistogramMetricFamily(
+            "ctxstore_append_latency_seconds",
+            "Appends from request received to ack sent, by outcome.",
+            labels=["outcome"],
+        )
+        append.add_metric(["ok"], m.append_ok.cumulative(), m.append_ok.sum_s)
+        append.add_metric(["error"], m.append_error.cumulative(), m.append_error.sum_s)
+        yield append
+        yield HistogramMetricFamily(
+            "ctxstore_commit_latency_seconds",
+            "Proposals on this node (as leader) from propose to applied.",
+            buckets=m.commit.cumulative(),
+            sum_value=m.commit.sum_s,
+        )
+        if self.clients is not None:
+            n = len(self.clients.connections)
+            yield _gauge("ctxstore_client_connections", "Open client connections.", n)
+        yield _counter(
+            "ctxstore_forwards_sent_total",
+            "Writes this node forwarded to their group's leader.",
+            router.forwarded,
+        )
+        yield _counter(
+            "ctxstore_forwards_served_total",
+            "Writes other nodes forwarded to this node as leader.",
+            router.served_forwards,
+        )
+
+    def _raft(self) -> Iterator[Metric]:
+        node = self.metrics.node
+        host, driver = node.host.stats, node.driver.stats
+        groups, led, unknown = leader_counts(node)
+        awake = node.host.awake_count()
+        yield _gauge("ctxstore_raft_groups", "Raft groups hosted here.", groups)
+        yield _gauge("ctxstore_raft_groups_led", "Groups this node leads.", led)
+        yield _gauge(
+            "ctxstore_raft_groups_without_leader", "Groups with no leader known here.", unknown
+        )
+        yield _gauge("ctxstore_raft_groups_awake", "Groups ticking (not quiescent).", awake)
+        yield _gauge("ctxstore_raft_groups_quiescent", "Quiescent groups.", groups - awake)
+        yield _counters(
+            "ctxstore_raft_campaigns_total",
+            "Elections this node started, by trigger.",
+            ["trigger"],
+            [(["election_timeout"], host.campaigns), (["preferred_leader"], host.early_campaigns)],
+        )
+        yield _counter(
+            "ctxstore_raft_soft_state_changes_total",
+            "Leader or role changes of a group seen by this node.",
+            driver.soft_state_changes,
+        )
+        yield _counter("ctxstore_raft_quiesced_total", "Groups that went quiescent.", host.quiesced)
+        yield _counter("ctxstore_raft_woken_total", "Quiescent groups woken.", host.woken)
+        yield _counter("ctxstore_raft_proposals_total", "Entries proposed here.", driver.proposals)
+        yield _counter(
+            "ctxstore_raft_applied_entries_total", "Entries applied here.", driver.applied_entries
+        )
+        yield _counters(
+            "ctxstore_raft_snapshots_total",
+            "Group snapshots, taken here or restored from a leader's.",
+            ["event"],
+            [(["taken"], driver.snapshots_taken), (["restored"], driver.snapshots_restored)],
+        )
+        yield _counter(
+            "ctxstore_raft_messages_sent_total",
+            "Raft messages sent to peers.",
+            driver.messages_sent,
+        )
+        yield _gauge(
+            "ctxstore_raft_pass_seconds_max",
+            "The longest Ready pass of the driver since start.",
+            driver.pass_seconds_max,
+        )
+
+    def _wal(self) -> Iterator[Metric]:
+        wal = self.metrics.node.wal
+        st = wal.stats
+        yield SummaryMetricFamily(
+            "ctxstore_wal_fsync_seconds",
+            "WAL segment fsyncs (one per group commit) and their time.",
+            count_value=st.fsyncs,
+            sum_value=st.fsync_seconds_total,
+        )
+        yield _gauge(
+            "ctxstore_wal_fsync_seconds_max",
+            "The longest WAL fsync since start.",
+            st.fsync_seconds_max,
+        )
+        yield _counter("ctxstore_wal_rounds_total", "WAL group commits (writes).", st.rounds)
+        yield _counter(
+            "ctxstore_wal_batches_total",
+            "Driver submits coalesced into WAL group commits (batches per round).",
+            st.batches,
+        )
+        yield _counter("ctxstore_wal_records_total", "Records written to the WAL.", st.records)
+        yield _counter("ctxstore_wal_written_bytes_total", "Bytes written to the WAL.", st.bytes)
+        yield _gauge("ctxstore_wal_segments", "WAL segment files alive.", wal.segment_count())
+
+    def _peers(self) -> Iterator[Metric]:
+        transport = self.metrics.node.transport
+        connected = transport.connected_peers() if transport is not None else []
+        yield _gauge(
+            "ctxstore_peer_connections", "Peers connected (handshake done).", len(connected)
+        )
+        if transport is None:
+            return  # a single-node cluster: no peers
+        ts = transport.stats
+        yield _counter(
+            "ctxstore_peer_accepted_connections_total", "Inbound peer connections.", ts.accepted
+        )
+        yield _counter(
+            "ctxstore_peer_refused_connections_total",
+            "Peer connections closed during the handshake.",
+            ts.refused,
+        )
+        yield _counter(
+            "ctxstore_peer_protocol_errors_total",
+            "Peer connections closed for a protocol error.",
+            ts.protocol_errors,
+        )
+        peers = sorted(ts.peers.items())
+        up = GaugeMetricFamily(
+            "ctxstore_peer_up", "1 while the peer is connected.", labels=["peer"]
+        )
+        for pid, _ in peers:
+            up.add_metric([str(pid)], float(pid in connected))
+        yield up
+        rows = [(str(pid), ps) for pid, ps in peers]
+        yield _counters(
+            "ctxstore_peer_connects_total",
+            "Handshakes completed with the peer.",
+            ["peer"],
+            (([p], ps.connects) for p, ps in rows),
+        )
+        yield _counters(
+            "ctxstore_peer_sent_bytes_total",
+            "Bytes of Raft batches sent to the peer.",
+            ["peer"],
+            (([p], ps.bytes_sent) for p, ps in rows),
+        )
+        yield _counters(
+            "ctxstore_peer_sent_messages_total",
+            "Raft messages sent to the peer.",
+            ["peer"],
+            (([p], ps.items_sent) for p, ps in rows),
+        )
+        yield _counters(
+            "ctxstore_peer_received_messages_total",
+            "Raft messages received from the peer.",
+            ["peer"],
+            (([p], ps.items_received) for p, ps in rows),
+        )
+        yield _counters(
+            "ctxstore_peer_dropped_messages_total",
+            "Raft messages for the peer dropped, by reason.",
+            ["peer", "reason"],
+            (
+                ([p, reason], n)
+                for p, ps in rows
+                for reason, n in (
+                    ("slow", ps.dropped_slow),
+                    ("overflow", ps.dropped_overflow),
+                    ("unconnected", ps.dropped_unconnected),
+                )
+            ),
+        )
+        yield _counters(
+            "ctxstore_peer_app_messages_total",
+            "Forwarding-lane messages, by event.",
+            ["peer", "event"],
+            (
+                ([p, event], n)
+                for p, ps in rows
+                for event, n in (
+                    ("sent", ps.app_sent),
+                    ("received", ps.app_received),
+                    ("refused", ps.app_refused),
+                )
+            ),
+        )
+        yield _counters(
+            "ctxstore_peer_snapshots_total",
+            "Snapshots streamed to or from the peer, by event.",
+            ["peer", "event"],
+            (
+                ([p, event], n)
+                for p, ps in rows
+                for event, n in (
+                    ("sent", ps.snapshots_sent),
+                    ("failed", ps.snapshots_failed),
+                    ("received", ps.snapshots_received),
+                )
+            ),
+        )

@@ -1,0 +1,357 @@
+"""The ops HTTP port (design §4.2 last sentence, §6): health checks and Prometheus metrics.
+
+    GET /health/live   200 {"status": "live", "node": N} while the event loop runs
+    GET /health/ready  200 {"status": "ready", ...} once every local group has a known leader,
+                       503 {"status": "not_ready", ...} before (and after a fatal WAL error)
+    GET /metrics       the Prometheus text format (``metrics.NodeMetrics``)
+
+HTTP/1.1 is h11's (sans-IO); ``OpsConnection`` is the thin asyncio protocol that owns the socket.
+Rules of this module:
+- GET and HEAD only (405 with ``Allow`` otherwise); unknown paths 404; no request bodies (413).
+  A request that declares a body is answered, then the connection closes.
+- Malformed input is answered 400 (431: a request head over ``header_bytes_max``), then the
+  connection closes.  Nothing a client sends raises out of this module.
+- Keep-alive and pipelining: requests are answered in order as they are parsed (answers are
+  computed at once, on the loop: no task per request).  While the transport's write buffer is
+  above ``write_buffer_high_bytes`` the connection stops parsing and reading.
+- Bounded: at most ``connections_max`` connections (one more is closed at once), and one that
+  completes no request within ``idle_timeout_s`` is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import h11
+import msgspec
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from wire.aio import Server
+
+from .metrics import NodeMetrics, leader_counts
+from .node import Node
+from .server import Service
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+Answer = tuple[int, str, bytes]  # status, content type, body
+
+
+@dataclass(frozen=True)
+class OpsLimits:
+    header_bytes_max: int = 16 * 1024  # request line + headers
+    connections_max: int = 64
+    idle_timeout_s: float = 30.0  # per connection, between the requests it completes
+    write_buffer_high_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Readiness:
+    groups: int
+    groups_without_leader: int
+    running: bool = True  # the node started and did not fail
+
+    @property
+    def ready(self) -> bool:
+        return self.running and self.groups_without_leader == 0
+
+
+class OpsSource(Protocol):
+    """What the ops port reads: a ``NodeSource`` in a node, a fake in tests."""
+
+    @property
+    def node_id(self) -> int: ...
+
+    def readiness(self) -> Readiness: ...
+
+    def render_metrics(self) -> bytes: ...
+
+
+class NodeSource:
+    """A node, its service and its metrics as an ``OpsSource``."""
+
+    def __init__(self, node: Node, service: Service, clients: Server | None = None) -> None:
+        self.node = node
+        self.metrics = NodeMetrics(node, service, clients)
+
+    @property
+    def node_id(self) -> int:
+        return self.node.settings.node_id
+
+    def readiness(self) -> Readiness:
+        failed = self.node.driver.failed
+        groups, _, unknown = leader_counts(self.node)
+        return Readiness(groups, unknown, running=failed is not None and not failed.done())
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+
+class OpsServer:
+    """The listening socket and its connections (returned by ``serve_ops``)."""
+
+    def __init__(self, source: OpsSource, limits: OpsLimits) -> None:
+        self.source = source
+        self.limits = limits
+        self.connections: set[OpsConnection] = set()
+        self.refused = 0  # connections closed at once: too many open
+        self.requests = 0
+        self.bad_requests = 0  # malformed or oversized: answered 400/431, closed
+        self.on_close: Callable[[], None] = lambda: None
+        self.routes: dict[bytes, Callable[[], Answer]] = {
+            b"/health/live": self._live,
+            b"/health/ready": self._ready,
+            b"/metrics": self._metrics,
+        }
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None, "not listening"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    def close(self) -> None:
+        """Stop listening and close every connection (what was answered is still written)."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        self.on_close()
+        self.on_close = lambda: None
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def answer(self, target: bytes) -> Answer:
+        path = target.split(b"?", 1)[0]
+        route = self.routes.get(path)
+        if route is None:
+            return _error(404)
+        try:
+            return route()
+        except Exception:
+            logger.exception("ops: %s failed", path.decode("ascii", "replace"))
+            return _error(500)
+
+    def _live(self) -> Answer:
+        return 200, JSON, msgspec.json.encode({"status": "live", "node": self.source.node_id})
+
+    def _ready(self) -> Answer:
+        r = self.source.readiness()
+        body = {
+            "status": "ready" if r.ready else "not_ready",
+            "groups": r.groups,
+            "groups_without_leader": r.groups_without_leader,
+            "node": self.source.node_id,
+        }
+        return (200 if r.ready else 503), JSON, msgspec.json.encode(body)
+
+    def _metrics(self) -> Answer:
+        return 200, CONTENT_TYPE_PLAIN_0_0_4, self.source.render_metrics()
+
+
+def _error(status: int) -> Answer:
+    phrase = http.HTTPStatus(status).phrase
+    return status, JSON, msgspec.json.encode({"error": phrase.lower(), "status": status})
+
+
+class OpsConnection(asyncio.Protocol):
+    def __init__(self, server: OpsServer) -> None:
+        self.server = server
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=server.limits.header_bytes_max
+        )
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._idle: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._closing = False
+
+    # asyncio.Protocol ----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        limits = self.server.limits
+        if len(self.server.connections) >= limits.connections_max:
+            self.server.refused += 1
+            self._closing = True
+            t.close()
+            return
+        self.server.connections.add(self)
+        high = limits.write_buffer_high_bytes
+        t.set_write_buffer_limits(high=high, low=high // 4)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.h11.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        if not self._closing:
+            self.h11.receive_data(b"")
+            self._process()
+        return True  # answer what was parsed; _process closes on ConnectionClosed
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._transport is not None and not self._closing:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+            self._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._idle is not None:
+            self._idle.cancel()
+        self.server.connections.discard(self)
+
+    def close(self) -> None:
+        """Close once what was answered is written (within ``idle_timeout_s``)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+            self._arm_idle()  # a client that does not read the rest is cut off then
+
+    # the protocol ------------------------------------------------------------------------------
+    def _process(self) -> None:
+        """Answer every complete request that is buffered, in order, up to the write bound.
+        (Each turn consumes buffered bytes or returns: the loop ends with the buffer.)"""
+        while not self._closing and not self._write_paused:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                self._bad_request(e.error_status_hint)
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self._request(event)
+            elif isinstance(event, h11.EndOfMessage):
+                self._next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.close()
+            # h11.Data cannot come: a request with a body is answered, then closed
+
+    def _request(self, request: h11.Request) -> None:
+        self.server.requests += 1
+        method = request.method
+        has_body = any(
+            (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding"
+            for name, value in request.headers
+        )
+        head_bytes = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers)
+        if head_bytes > self.server.limits.header_bytes_max:  # h11 bounds only a partial head
+            self._bad_request(431)
+            return
+        if method not in (b"GET", b"HEAD"):
+            status, ctype, body = _error(405)
+        elif has_body:
+            status, ctype, body = _error(413)
+        else:
+            status, ctype, body = self.server.answer(request.target)
+        headers = [("allow", "GET, HEAD")] if status == 405 else []
+        self._respond(status, ctype, body, head=method == b"HEAD", close=has_body, extra=headers)
+
+    def _next_cycle(self) -> None:
+        if self.h11.our_state is h11.MUST_CLOSE:
+            self.close()
+        elif self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            self._arm_idle()
+
+    def _bad_request(self, status: int) -> None:
+        self.server.bad_requests += 1
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            code, ctype, body = _error(status if status in (400, 431) else 400)
+            self._respond(code, ctype, body, close=True)
+        self.close()
+
+    def _respond(
+        self,
+        status: int,
+        ctype: str,
+        body: bytes,
+        *,
+        head: bool = False,
+        close: bool = False,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
+        headers = [
+            ("content-type", ctype),
+            ("content-length", str(len(body))),
+            ("cache-control", "no-store"),
+            *(extra or []),
+        ]
+        if close:
+            headers.append(("connection", "close"))
+        reason = http.HTTPStatus(status).phrase.encode()
+        try:
+            out = [self.h11.send(h11.Response(status_code=status, headers=headers, reason=reason))]
+            if not head:
+                out.append(self.h11.send(h11.Data(data=body)))
+            out.append(self.h11.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError as e:  # e.g. a request line h11 accepts but cannot answer
+            logger.debug("ops: cannot answer: %s", e)
+            self.close()
+            return
+        assert self._transport is not None
+        self._transport.write(b"".join(chunk for chunk in out if chunk))
+        if self.h11.our_state is h11.MUST_CLOSE:
+            self.close()
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self._loop.call_later(self.server.limits.idle_timeout_s, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        self._idle = None
+        assert self._transport is not None
+        if self._closing or self._transport.get_write_buffer_size() > 0:
+            self._closing = True
+            self._transport.abort()  # a client that does not read its answers
+        else:
+            self.close()
+
+
+async def serve_source(
+    source: OpsSource, host: str, port: int, limits: OpsLimits | None = None
+) -> OpsServer:
+    """Listen on ``host:port`` (port 0: any free port, see ``OpsServer.address``)."""
+    server = OpsServer(source, limits or OpsLimits())
+    loop = asyncio.get_running_loop()
+    server._server = await loop.create_server(lambda: OpsConnection(server), host, port)
+    return server
+
+
+async def serve_ops(
+    node: Node,
+    service: Service,
+    host: str,
+    port: int,
+    *,
+    clients: Server | None = None,
+    limits: OpsLimits | None = None,
+) -> OpsServer:
+    """The ops port of a started node: ``clients`` is the client server (for its connection
+    count).  Installs the metrics' hot-path hooks until the ops server closes."""
+    source = NodeSource(node, service, clients)
+    server = await serve_source(source, host, port, limits)
+    source.metrics.attach()
+    server.on_close = source.metrics.detach
+    return server
