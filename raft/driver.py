@@ -15,8 +15,9 @@ application's state machine, on one event loop:
 - One pass per loop iteration at most (``call_soon`` once), so everything that arrived in an
   iteration shares one group commit and one frame per peer.
 - A Ready that persists nothing is finished in the same pass.  A Ready whose only change is
-  the commit index (``must_sync`` false) is written in the same round but not waited for: the
-  commit index need not be durable (it is re-learned from the leader).
+  the commit index (``must_sync`` false) is finished at once too, and its hard state is held:
+  it rides in front of the next submit (no fsync of its own), or goes alone at the next tick
+  if nothing else was written (the commit index need not be durable: it is re-learned).
 - Snapshots: after ``snapshot_entries`` applied entries past the last snapshot of a group, or
   when more than ``wal_segments_max`` WAL segments are alive (then the groups pinning the oldest
   one), the driver takes ``StateMachine.snapshot(group)`` at the applied index and compacts the
@@ -39,12 +40,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future as ThreadFuture
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from .core import Role
 from .errors import ProposalDropped, RaftError, check
-from .messages import NONE, ConfState, Entry, Message, Snapshot, SnapshotMeta
+from .messages import NONE, ConfState, Entry, HardState, Message, Snapshot, SnapshotMeta
 from .multi import MultiRaft
 from .rawnode import Ready
 from .storage import MemoryStorage, bootstrap
@@ -121,7 +122,6 @@ class _Round:
     readies: list[tuple[int, Ready]]
     written: Written | None = None
     failed: BaseException | None = None
-    lazy: list[tuple[int, Ready]] = field(default_factory=list)  # finished already
 
 
 class Driver:
@@ -154,6 +154,9 @@ class Driver:
         self._snap_index: dict[int, int] = {}  # group -> index of its newest (or coming) snapshot
         self._compact: set[int] = set()
         self._out: dict[int, list[Item]] = {}
+        # Hard states whose only change is the commit index (need not be durable at once).
+        self._lazy_hard_states: dict[int, HardState] = {}
+        self._submitted_since_tick = False
         self.failed: asyncio.Future[BaseException] | None = None
         self._stopped = False
 
@@ -302,6 +305,9 @@ class Driver:
         self.host.tick()
         if self.host.now % SWEEP_TICKS == 0:
             self._sweep()
+        if self._lazy_hard_states and not self._submitted_since_tick:
+            self._submit_with_lazy(_Round([]), [])  # an idle node's commit indexes, once
+        self._submitted_since_tick = False
         self._kick()
         now = loop.time()
         self._next_tick += self.config.tick_s
@@ -333,8 +339,8 @@ class Driver:
         self.stats.passes += 1
         self.stats.readies += len(readies)
         wait: list[tuple[int, Ready]] = []
-        lazy: list[tuple[int, Ready]] = []
         now: list[tuple[int, Ready]] = []
+        lazy = self._lazy_hard_states
         for group, rd in readies:
             if rd.soft_state is not None:
                 self.stats.soft_state_changes += 1
@@ -342,22 +348,33 @@ class Driver:
                     self._deposed(group)
                 self.on_leader_change(group, rd.soft_state.lead)
             self._queue(group, rd.messages)
-            if rd.entries or rd.snapshot is not None or rd.hard_state is not None:
+            if rd.must_sync:
                 writes.append(GroupWrite(group, rd.entries, rd.hard_state, rd.snapshot))
-                (wait if rd.must_sync else lazy).append((group, rd))
+                wait.append((group, rd))
             else:
+                check(not rd.entries and rd.snapshot is None, "unsynced entries or snapshot")
+                if rd.hard_state is not None:
+                    lazy[group] = rd.hard_state  # only the commit index changed
                 now.append((group, rd))
         self._flush()  # the leader's appends leave before its own fsync starts
         if writes:
-            self._submit(_Round(wait, lazy=lazy), writes)
-        else:
-            check(not wait and not lazy, "Readies to persist without writes")
-        for group, rd in lazy + now:
+            self._submit_with_lazy(_Round(wait), writes)
+        for group, rd in now:
             self._finish(group, rd)
         self._flush()
         elapsed = time.perf_counter() - started
         if elapsed > self.stats.pass_seconds_max:
             self.stats.pass_seconds_max = elapsed
+
+    def _submit_with_lazy(self, rnd: _Round, writes: list[GroupWrite]) -> None:
+        """Submit, with the commit-only hard states held since the last submit in front: they
+        are older than anything in ``writes``, and ride on its fsync instead of costing one."""
+        lazy = self._lazy_hard_states
+        if lazy:
+            writes = [GroupWrite(g, hard_state=hs) for g, hs in lazy.items()] + writes
+            lazy.clear()
+        self._submitted_since_tick = True
+        self._submit(rnd, writes)
 
     def _submit(self, rnd: _Round, writes: list[GroupWrite]) -> None:
         loop = self._loop
