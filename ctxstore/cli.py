@@ -51,6 +51,7 @@ SERVE_FLAGS = {
     "--groups": int,
     "--tick-ms": int,
     "--election-ticks": int,
+    "--heartbeat-ticks": int,
     "--snapshot-entries": int,
     "--request-timeout-s": float,
     "--log-level": str,

@@ -36,6 +36,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     groups: Annotated[int, Meta(ge=1, le=4096)] = 256
     tick_ms: Annotated[int, Meta(ge=1, le=10_000)] = 50
     election_ticks: Annotated[int, Meta(ge=3, le=1000)] = 10
+    heartbeat_ticks: Annotated[int, Meta(ge=1, le=100)] = 2
     snapshot_entries: Annotated[int, Meta(ge=10)] = 100_000
     request_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 5.0
     log_level: str = "WARNING"
@@ -48,6 +49,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
         peer_map = parse_peers(self.peers)
         if self.node_id in peer_map:
             raise ConfigError(f"config: peers: must not include this node ({self.node_id})")
+        if self.heartbeat_ticks >= self.election_ticks:
+            raise ConfigError("config: heartbeat_ticks: must be less than election_ticks")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"config: log_level: unknown level {self.log_level!r}")
 

@@ -38,7 +38,12 @@ class Node:
         os.makedirs(s.data_dir, exist_ok=True)
         self._check_identity()
         self.state = ConversationState(groups=s.groups)
-        group_cfg = Config(s.node_id, election_ticks=s.election_ticks, seed=s.node_id)
+        group_cfg = Config(
+            s.node_id,
+            election_ticks=s.election_ticks,
+            heartbeat_ticks=s.heartbeat_ticks,
+            seed=s.node_id,
+        )
         self.host = MultiRaft(HostConfig(group_cfg))
         self.wal = WAL.open(os.path.join(s.data_dir, "wal"))
         self.driver = Driver(

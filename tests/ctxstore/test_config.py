@@ -46,6 +46,7 @@ def test_peers_and_tokens_parse(tmp_path: Path) -> None:
         ({"peers": "1=127.0.0.1:7500"}, "peers"),  # this node itself
         ({"secret": "short"}, "secret"),
         ({"log_level": "chatty"}, "log_level"),
+        ({"heartbeat_ticks": 10}, "heartbeat_ticks"),
     ],
 )
 def test_invalid_values_stop_start_up_naming_the_key(flags: dict[str, object], key: str) -> None:
