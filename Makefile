@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy raft wire ctxstore
+	$(BIN)/mypy raft wire ctxstore bench
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q -n auto --durations=10

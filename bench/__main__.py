@@ -1,0 +1,46 @@
+"""``python -m bench ...``: the benchmarks.
+
+python -m bench append --nodes 3 --concurrency 256   (= ctxstore-bench, docs/benchmarks.md)
+python -m bench raft-node throughput --concurrency 256   (= python -m bench.raft_node ...)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _raft_node(argv: Sequence[str]) -> int:
+    from bench.raft_node import main
+
+    return main(argv)
+
+
+BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "raft-node": (_raft_node, "raft/ on a local 3-node cluster (docs/raft-bench.md)"),
+}
+
+
+SCENARIOS = ("append", "mixed", "replay", "failover")
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and (argv[0] in SCENARIOS or argv[0] in ("-h", "--help")):
+        from bench.cli import main as ctxstore_bench
+
+        return ctxstore_bench(argv)
+    if not argv or argv[0] not in BENCHMARKS:
+        print(
+            "usage: python -m bench {append,mixed,replay,failover} ... (ctxstore-bench)\n"
+            "       python -m bench BENCHMARK [ARGS...]\n\nbenchmarks:",
+            file=sys.stderr,
+        )
+        for name, (_, what) in BENCHMARKS.items():
+            print(f"  {name:12s} {what}", file=sys.stderr)
+        return 2
+    run, _ = BENCHMARKS[argv[0]]
+    return run(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,476 @@
+"""The load: client processes that append (and read) and measure, and their parent's handle.
+
+Each client process (spawned with ``multiprocessing``; uvloop; one pipelined connection per
+node, see ``routing``) runs its share of the load between the times the parent gives it:
+
+- closed loop: ``concurrency`` slots, each sending its next request when the previous returns;
+  a request's latency runs from its first send to its answer;
+- open loop: requests at intended times (``schedule.OpenLoopSchedule``), each sent as its own
+  task; latency runs from the *intended* time; at most ``outstanding_max`` in flight, the
+  others are skipped as ``overload``;
+- replay readers (``readers``): new connections that read a backlog session from seq 0 in pages.
+
+Requests whose start (first send, or intended time) falls in the measured window
+[measure, end) are recorded in the window's histograms.  Every append carries a
+``client_msg_id`` (``<run>-<process>-<n>``) and is resent with it on retryable errors (each
+error counted by code, each resend as a retry) until acked, for at most ``retry_for_s``.
+Every ack is logged (session, n, seq, start, done) for the read-back check and the failover
+figures.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import dataclasses
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import signal
+import string
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from multiprocessing.sharedctypes import RawArray
+from typing import Any, TypeVar
+
+from ctxstore.placement import group_of
+from wire.client import Client, ClientError
+
+from .histogram import LatencyHistogram
+from .routing import Route, Router, new_client
+from .schedule import OpenLoopSchedule
+
+T = TypeVar("T")
+now = time.monotonic  # CLOCK_MONOTONIC: one clock for every process of the machine
+
+OPEN_LOOP_TICK_S = 0.001
+ATTEMPTS_MAX = 1000  # per request, on top of retry_for_s
+BACKOFF_MIN_S = 0.005
+BACKOFF_MAX_S = 0.2
+ACK_LOG_MAX = 4_000_000  # per process (~160 MB); beyond it acks are counted, not logged
+ERROR_LOG_MAX = 1_000_000
+START_TIMEOUT_S = 60.0
+# progress counters shared with the parent (RawArray 'q'), all since the start of the run
+ACKS, ERRORS, READS, REPLAYS, OUTSTANDING = range(5)
+
+
+def session_id(run_id: str, i: int) -> str:
+    return f"{run_id}-s{i}"
+
+
+class Failed(Exception):
+    """A request that failed for good: ``reason`` is an error code or ``gave_up``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    procs: int
+    run_id: str
+    sessions: int  # ids: session_id(run_id, i) for i in range(sessions)
+    groups: int
+    nodes: dict[int, str]  # node id -> client address
+    leaders: tuple[int, ...]  # group -> leader at the start
+    route: Route
+    token: str | None
+    payload_bytes: int
+    concurrency: int  # this process's closed-loop slots (0: open loop)
+    rate: float  # the open loop's rate over all processes (0: closed loop)
+    outstanding_max: int  # this process's open-loop bound
+    read_ratio: float  # share of operations that are reads of the last ``read_last`` messages
+    read_last: int
+    readers: int  # this process's replay readers
+    backlog_session: str | None
+    backlog_seq: int  # the backlog's last seq: a replay reads 1..backlog_seq
+    page: int
+    retry_for_s: float
+    timeout_s: float
+    seed: int
+
+
+@dataclasses.dataclass
+class WorkerResult:
+    index: int
+    pid: int
+    histograms: dict[str, str]  # name -> encoded LatencyHistogram of the window
+    errors: dict[str, int]  # code -> errors in the window (by the time of the error)
+    failed: dict[str, int]  # reason -> requests of the window that never succeeded
+    retries: int  # resends in the window
+    unfinished: int  # requests still in flight after the drain (not counted anywhere else)
+    ack_sess: array.array[int]
+    ack_n: array.array[int]
+    ack_seq: array.array[int]
+    ack_start: array.array[float]
+    ack_done: array.array[float]
+    acks_unlogged: int
+    error_t: array.array[float]
+    error_code: array.array[int]
+    error_codes: list[str]
+    routes_refreshes: int
+
+
+class Worker:
+    """The load of one client process."""
+
+    def __init__(self, spec: WorkerSpec, counters: Any) -> None:
+        self.spec = spec
+        self.counters = counters
+        self.rng = random.Random(spec.seed * 1000 + spec.index)
+        self.router = Router(
+            spec.nodes, list(spec.leaders), spec.route, token=spec.token, timeout_s=spec.timeout_s
+        )
+        self.session_ids = [session_id(spec.run_id, i) for i in range(spec.sessions)]
+        self.session_groups = [group_of(s, spec.groups) for s in self.session_ids]
+        self.last_seq = [0] * spec.sessions
+        alphabet = string.ascii_letters + string.digits
+        self.content = "".join(self.rng.choice(alphabet) for _ in range(spec.payload_bytes))
+        self.msg_prefix = f"{spec.run_id}-{spec.index}-"
+        self.next_n = 0
+        self.measure = self.end = 0.0
+        self.hist = {
+            name: LatencyHistogram() for name in ("append", "read", "replay", "page", "send_lag")
+        }
+        self.errors: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.retries = 0
+        self.ack_sess: array.array[int] = array.array("I")
+        self.ack_n: array.array[int] = array.array("Q")
+        self.ack_seq: array.array[int] = array.array("Q")
+        self.ack_start: array.array[float] = array.array("d")
+        self.ack_done: array.array[float] = array.array("d")
+        self.acks_unlogged = 0
+        self.error_t: array.array[float] = array.array("d")
+        self.error_code: array.array[int] = array.array("B")
+        self.error_codes: list[str] = []
+        self.ops: set[asyncio.Task[None]] = set()  # the open loop's requests in flight
+        self.replaying = 0
+
+    # -- accounting ---------------------------------------------------------------------------
+    def in_window(self, t: float) -> bool:
+        return self.measure <= t < self.end
+
+    def error(self, t: float, code: str) -> None:
+        self.counters[ERRORS] += 1
+        if self.in_window(t):
+            self.errors[code] += 1
+        if len(self.error_t) < ERROR_LOG_MAX:
+            if code not in self.error_codes:
+                self.error_codes.append(code)
+            self.error_t.append(t)
+            self.error_code.append(self.error_codes.index(code))
+
+    def fail(self, start: float, reason: str) -> None:
+        if self.in_window(start):
+            self.failed[reason] += 1
+
+    def ack(self, sidx: int, n: int, seq: int, start: float, done: float) -> None:
+        self.counters[ACKS] += 1
+        if self.in_window(start):
+            self.hist["append"].record_s(done - start)
+        if seq > self.last_seq[sidx]:
+            self.last_seq[sidx] = seq
+        if len(self.ack_n) >= ACK_LOG_MAX:
+            self.acks_unlogged += 1
+            return
+        self.ack_sess.append(sidx)
+        self.ack_n.append(n)
+        self.ack_seq.append(seq)
+        self.ack_start.append(start)
+        self.ack_done.append(done)
+
+    # -- requests -----------------------------------------------------------------------------
+    async def attempt(self, group: int, start: float, call: Callable[[Client], Awaitable[T]]) -> T:
+        """``call`` on the node ``group``'s requests go to, until it succeeds.  Raises
+        ``Failed`` with the error code when it fails for good, or ``gave_up`` after retryable
+        errors for ``retry_for_s``."""
+        backoff_s = BACKOFF_MIN_S
+        router = self.router
+        for _ in range(ATTEMPTS_MAX):
+            node_id = router.pick(group)
+            try:
+                return await call(router.clients[node_id])
+            except ClientError as e:
+                t = now()
+                self.error(t, e.code)
+                router.failed(node_id, e)
+                if not e.retryable:
+                    raise Failed(e.code) from None
+                if t - start > self.spec.retry_for_s:
+                    break
+                if self.in_window(start):
+                    self.retries += 1
+            await asyncio.sleep(self.rng.uniform(backoff_s / 2, backoff_s))
+            backoff_s = min(2 * backoff_s, BACKOFF_MAX_S)
+        raise Failed("gave_up")
+
+    async def append(self, start: float) -> None:
+        sidx = self.rng.randrange(self.spec.sessions)
+        n = self.next_n
+        self.next_n += 1
+        sid, content, msg_id = self.session_ids[sidx], self.content, f"{self.msg_prefix}{n}"
+
+        def call(client: Client) -> Awaitable[Any]:
+            return client.append(sid, content, client_msg_id=msg_id)
+
+        try:
+            ack = await self.attempt(self.session_groups[sidx], start, call)
+        except Failed as e:
+            self.fail(start, e.reason)
+            return
+        self.ack(sidx, n, ack.seq, start, now())
+
+    async def read(self, start: float) -> None:
+        sidx = self.rng.randrange(self.spec.sessions)
+        sid, limit = self.session_ids[sidx], self.spec.read_last
+        after = max(0, self.last_seq[sidx] - limit)
+
+        def call(client: Client) -> Awaitable[Any]:
+            return client.read(sid, after, limit)
+
+        try:
+            await self.attempt(self.session_groups[sidx], start, call)
+        except Failed as e:
+            self.fail(start, f"read:{e.reason}")
+            return
+        self.counters[READS] += 1
+        if self.in_window(start):
+            self.hist["read"].record_s(now() - start)
+
+    async def operation(self, start: float) -> None:
+        ratio = self.spec.read_ratio
+        self.counters[OUTSTANDING] += 1
+        try:
+            if ratio > 0 and self.rng.random() < ratio:
+                await self.read(start)
+            else:
+                await self.append(start)
+        finally:
+            self.counters[OUTSTANDING] -= 1
+
+    async def replay(self, start: float) -> None:
+        """Read the backlog 1..backlog_seq on a new connection, ``page`` messages at a time."""
+        spec = self.spec
+        assert spec.backlog_session is not None
+        sid, page = spec.backlog_session, spec.page
+        group = group_of(sid, spec.groups)
+        node_id = self.router.pick(group)
+        client = new_client(spec.nodes[node_id], spec.token, spec.timeout_s)
+        after = 0
+        self.replaying += 1
+        try:
+            while after < spec.backlog_seq:
+                t = now()
+                try:
+                    messages = await client.read(sid, after, page)
+                except ClientError as e:
+                    self.error(now(), e.code)
+                    if not e.retryable or now() - start > spec.retry_for_s:
+                        self.fail(start, f"replay:{e.code}")
+                        return
+                    await asyncio.sleep(BACKOFF_MAX_S)
+                    continue
+                if not messages.messages:
+                    self.fail(start, "replay:short")  # the backlog ended before backlog_seq
+                    return
+                after = messages.messages[-1].seq
+                if self.in_window(start):
+                    self.hist["page"].record_s(now() - t)
+        finally:
+            self.replaying -= 1
+            await client.close()
+        self.counters[REPLAYS] += 1
+        if self.in_window(start):
+            self.hist["replay"].record_s(now() - start)
+
+    # -- loops --------------------------------------------------------------------------------
+    async def closed_slot(self) -> None:
+        while (t := now()) < self.end:
+            await self.operation(t)
+
+    async def reader(self) -> None:
+        while (t := now()) < self.end:
+            await self.replay(t)
+
+    async def open_loop(self, t0: float) -> None:
+        spec = self.spec
+        interval = spec.procs / spec.rate
+        first = t0 + spec.index / spec.rate  # the processes interleave their schedules
+        schedule = OpenLoopSchedule(first, interval, self.end, spec.outstanding_max)
+        ops = self.ops
+        while not schedule.finished:
+            t = now()
+            due = schedule.poll(t, len(ops))
+            for intended in due.send:
+                if self.in_window(intended):
+                    self.hist["send_lag"].record_s(t - intended)
+                task = asyncio.create_task(self.operation(intended))
+                ops.add(task)
+                task.add_done_callback(ops.discard)
+            for intended in due.skipped:
+                self.error(intended, "overload")
+                self.fail(intended, "overload")
+            # Not less than a tick: uvloop's timers have a 1 ms resolution, and a shorter sleep
+            # would spin.  A request sent up to a tick late has that in its latency.
+            await asyncio.sleep(max(OPEN_LOOP_TICK_S, schedule.next_s - now()))
+
+    async def run(self, t0: float, measure: float, end: float) -> int:
+        """Run the load from ``t0``, measure [measure, end), drain; return the requests still
+        in flight after the drain (cancelled, counted nowhere else)."""
+        self.measure, self.end = measure, end
+        await asyncio.sleep(max(0.0, t0 - now()))
+        spec = self.spec
+        loops: set[asyncio.Task[None]] = set()
+        if spec.rate > 0:
+            loops.add(asyncio.create_task(self.open_loop(t0)))
+        loops |= {asyncio.create_task(self.closed_slot()) for _ in range(spec.concurrency)}
+        loops |= {asyncio.create_task(self.reader()) for _ in range(spec.readers)}
+        await asyncio.sleep(max(0.0, end - now()))
+        deadline = now() + spec.retry_for_s + spec.timeout_s + 2.0
+        pending = set(loops)
+        while (pending or self.ops) and now() < deadline:  # the open loop adds until ``end``
+            _, pending = await asyncio.wait(pending | self.ops, timeout=deadline - now())
+        unfinished = int(self.counters[OUTSTANDING]) + self.replaying
+        for task in pending | self.ops:
+            task.cancel()
+        await asyncio.gather(*pending, *self.ops, return_exceptions=True)
+        return unfinished
+
+    def result(self, unfinished: int) -> dict[str, Any]:
+        """A plain dict (a class of this module pickles fine, but a dict is all the pipe needs)."""
+        return {
+            "index": self.spec.index,
+            "pid": os.getpid(),
+            "histograms": {k: h.encode() for k, h in self.hist.items()},
+            "errors": dict(self.errors),
+            "failed": dict(self.failed),
+            "retries": self.retries,
+            "unfinished": unfinished,
+            "ack_sess": self.ack_sess,
+            "ack_n": self.ack_n,
+            "ack_seq": self.ack_seq,
+            "ack_start": self.ack_start,
+            "ack_done": self.ack_done,
+            "acks_unlogged": self.acks_unlogged,
+            "error_t": self.error_t,
+            "error_code": self.error_code,
+            "error_codes": self.error_codes,
+            "routes_refreshes": self.router.refreshes,
+        }
+
+
+def worker_main(
+    spec: WorkerSpec, counters: Any, conn: multiprocessing.connection.Connection
+) -> None:
+    """Entry point of a client process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    import uvloop
+
+    async def main() -> None:
+        worker = Worker(spec, counters)
+        try:
+            await worker.router.start()
+            conn.send(("ready", os.getpid()))
+            message = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+            if message[0] != "go":
+                return
+            _, t0, measure, end = message
+            unfinished = await worker.run(t0, measure, end)
+            conn.send(("result", worker.result(unfinished)))
+        finally:
+            await worker.router.close()
+
+    try:
+        uvloop.run(main())
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            conn.send(("error", repr(e)))
+        raise
+
+
+class WorkerError(Exception):
+    pass
+
+
+class Workers:
+    """The parent's handle on P client processes."""
+
+    def __init__(self, specs: list[WorkerSpec]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.pipes: list[multiprocessing.connection.Connection] = []
+        self.counters: list[Any] = []
+        self.pids: dict[str, int] = {}
+        for spec in specs:
+            counters = RawArray("q", 5)
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=worker_main,
+                args=(spec, counters, child),
+                name=f"bench-client{spec.index}",
+                daemon=True,
+            )
+            self.procs.append(proc)
+            self.pipes.append(parent)
+            self.counters.append(counters)
+
+    async def _recv(self, k: int, timeout_s: float) -> Any:
+        pipe, proc = self.pipes[k], self.procs[k]
+        deadline = now() + timeout_s
+        while not pipe.poll():
+            if not proc.is_alive():
+                raise WorkerError(f"client process {k} died (exit {proc.exitcode})")
+            if now() > deadline:
+                raise WorkerError(f"client process {k}: no message in {timeout_s} s")
+            await asyncio.sleep(0.02)
+        message = pipe.recv()
+        if message[0] == "error":
+            raise WorkerError(f"client process {k} failed: {message[1]}")
+        return message
+
+    async def start(self) -> None:
+        for proc in self.procs:
+            proc.start()
+        for k in range(len(self.procs)):
+            _, pid = await self._recv(k, START_TIMEOUT_S)
+            self.pids[f"client{k + 1}"] = pid
+
+    def go(self, t0: float, measure: float, end: float) -> None:
+        for pipe in self.pipes:
+            pipe.send(("go", t0, measure, end))
+
+    def total(self, counter: int) -> int:
+        return sum(int(c[counter]) for c in self.counters)
+
+    async def results(self, timeout_s: float) -> list[WorkerResult]:
+        out = []
+        for k in range(len(self.procs)):
+            _, result = await self._recv(k, timeout_s)
+            out.append(WorkerResult(**result))
+        for proc in self.procs:
+            proc.join(5.0)
+        return out
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop",))
+        for proc in self.procs:
+            if proc.pid is None:
+                continue
+            proc.join(2.0)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+__all__ = ["WorkerResult", "WorkerSpec", "Workers", "session_id"]

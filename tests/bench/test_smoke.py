@@ -1,0 +1,77 @@
+"""One short run of each scenario against a real local cluster, through the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.histogram import LatencyHistogram
+
+pytestmark = pytest.mark.cluster
+
+NODE_FLAGS = ["--", "--groups", "16", "--tick-ms", "20"]
+SHORT = ["--duration", "2", "--warmup", "0.5", "--sessions", "50", "--p99-target-ms", "5000"]
+
+
+def bench(tmp_path: Path, *argv: str) -> dict[str, Any]:
+    out = tmp_path / "result.json"
+    where = ["--data-parent", str(tmp_path), "--json", str(out)]
+    cmd = [sys.executable, "-m", "bench.cli", *argv, *SHORT, *where, *NODE_FLAGS]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "gate" in done.stdout and "PASS" in done.stdout
+    doc: dict[str, Any] = json.loads(out.read_text())
+    assert doc["gate"]["passed"] and doc["verify"]["ok"]
+    assert doc["verify"]["acked"] >= doc["appends"]["count"] > 0
+    assert not doc["failed"] and doc["unfinished"] == 0
+    lat = doc["appends"]["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    assert LatencyHistogram.decode(doc["appends"]["histogram"]).count == doc["appends"]["count"]
+    assert doc["appends"]["per_s"] == pytest.approx(doc["appends"]["count"] / doc["window_s"], 0.01)
+    assert doc["command"].startswith("ctxstore-bench " + argv[0])
+    assert doc["machine"]["nproc"] and "git_commit" in doc
+    assert all(v is not None for v in doc["cpu"]["pct_of_core"].values())
+    assert not list(tmp_path.glob("ctxstore-bench-*")), "the cluster's data was not removed"
+    return doc
+
+
+def test_append_closed_loop(tmp_path: Path) -> None:
+    doc = bench(tmp_path, "append", "--nodes", "1", "--concurrency", "8")
+    assert doc["cpu"]["pct_of_core"]["node1"] > 0
+
+
+def test_mixed_open_loop(tmp_path: Path) -> None:
+    doc = bench(tmp_path, "mixed", "--nodes", "1", "--rate", "300", "--route", "any")
+    assert 200 < doc["appends"]["per_s"] + doc["reads"]["per_s"] < 400
+    assert doc["reads"]["count"] > 0 and doc["client"]["send_lag_ms"]["count"] > 0
+
+
+def test_replay_reads_the_backlog(tmp_path: Path) -> None:
+    doc = bench(tmp_path, "replay", "--nodes", "1", "--backlog", "1500", "--page", "500")
+    assert doc["replay"]["count"] > 0
+    assert doc["replay"]["page_latency_ms"]["count"] >= 3 * doc["replay"]["count"]
+    assert doc["verify"]["sessions"] == 51  # with the backlog session
+
+
+def test_failover_kills_and_restarts_a_leader(tmp_path: Path) -> None:
+    doc = bench(
+        tmp_path,
+        "failover",
+        "--nodes",
+        "3",
+        "--concurrency",
+        "16",
+        "--unavailability-target-s",
+        "20",
+    )
+    fo = doc["failover"]
+    assert fo["victim"] in (1, 2, 3) and fo["groups_led"] > 0
+    assert 0 < fo["all_led_again_s"] < 20 and 0 < fo["unavailable_s"] < 20
+    assert fo["p99_before"]["count"] > 0 and fo["p99_after"]["count"] > 0
+    assert doc["verify"]["read_from_node"] == fo["victim"]
+    assert doc["cpu"]["gone"] == [f"node{fo['victim']}"]  # killed in the window
