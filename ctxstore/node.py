@@ -42,6 +42,7 @@ class Node:
             s.node_id,
             election_ticks=s.election_ticks,
             heartbeat_ticks=s.heartbeat_ticks,
+            commit_broadcast=False,
             seed=s.node_id,
         )
         self.host = MultiRaft(HostConfig(group_cfg))

@@ -115,6 +115,10 @@ class Config:
     max_committed_bytes_per_ready: int = 64 << 20
     max_pending_reads: int = 4096
     snapshot_timeout_ticks: int = 100
+    # After the commit index advances, tell every follower at once (an append, empty if need
+    # be), as the paper does.  False: followers learn it with the next append or heartbeat,
+    # which saves two messages per follower per commit under load (commit is liveness only).
+    commit_broadcast: bool = True
     applied: int = 0  # on restart: the index the application has already applied
 
     def validate(self) -> None:
@@ -276,6 +280,14 @@ class Raft:
         pr.become_snapshot(snap.meta.index)
         self._send(InstallSnapshot(self.id, to, self.term, snap))
         return True
+
+    def _after_commit(self) -> None:
+        if self.cfg.commit_broadcast:
+            self.bcast_append()
+        else:
+            for to in self.prs:
+                if to != self.id:
+                    self.send_append(to, send_if_empty=False)
 
     def bcast_append(self) -> None:
         for to in self.prs:
@@ -664,7 +676,7 @@ class Raft:
         elif pr.state is ProgressState.REPLICATE:
             pr.inflights.free_le(m.index)
         if self._maybe_commit():
-            self.bcast_append()
+            self._after_commit()
         elif was_paused:
             self.send_append(m.frm)
         while self.send_append(m.frm, send_if_empty=False):
@@ -720,7 +732,7 @@ class Raft:
             return
         pr = self.prs.get(self.id)
         if pr is not None and pr.maybe_update(self._persisted_for_self()) and self._maybe_commit():
-            self.bcast_append()
+            self._after_commit()
         elif len(self.voters) < 3:
             for to in self.prs:  # entries held back until persisted (see _only_persisted)
                 if to != self.id:

@@ -256,3 +256,22 @@ def test_figure_8_old_term_entry_commits_with_an_entry_of_the_leaders_term() -> 
     c.campaign(5)
     assert c.raft(5).role is not Role.LEADER
     assert [c.terms(i) for i in (2, 3)] == [[1, 2, 4]] * 2
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_followers_learn_a_commit_at_once_or_with_the_next_heartbeat(broadcast: bool) -> None:
+    """``commit_broadcast=False`` saves the commit-only appends; the next heartbeat carries the
+    commit index instead (commitment itself is unchanged: the leader applies at once)."""
+    c = Cluster(ids=(1, 2, 3), commit_broadcast=broadcast)
+    c.elect(1)
+    c.sent.clear()
+    index = c.propose(1, b"x")
+    c.stabilize()
+    assert c.raft(1).log.committed == index
+    appends = [m for m in c.sent if isinstance(m, AppendEntries)]
+    assert len(appends) == (4 if broadcast else 2)  # the entry, then (or not) the commit
+    followers_commit = {c.raft(i).log.committed for i in (2, 3)}
+    assert followers_commit == ({index} if broadcast else {index - 1})
+    c.tick(1, c.raft(1).cfg.heartbeat_ticks)
+    c.stabilize()
+    assert {c.raft(i).log.committed for i in (2, 3)} == {index}
