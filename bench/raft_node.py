@@ -52,6 +52,7 @@ from typing import Any, cast
 
 import msgspec
 
+from bench.sysinfo import CpuSample, cpu_seconds, filesystem_of, run_command
 from raft.node import Propose, Reply, Status
 
 HOST = "127.0.0.1"
@@ -150,15 +151,6 @@ class Link(asyncio.Protocol):
 
 
 # -- measurements from /proc and elsewhere -------------------------------------------------------
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def machine_busy_seconds() -> tuple[float, float]:
@@ -169,13 +161,6 @@ def machine_busy_seconds() -> tuple[float, float]:
     total = sum(values[:8])  # user nice system idle iowait irq softirq steal
     idle = values[3] + values[4]
     return (total - idle) / CLK_TCK, total / CLK_TCK
-
-
-@dataclasses.dataclass
-class CpuSample:
-    t: float
-    pids: dict[str, float | None]
-    machine: tuple[float, float]
 
 
 def sample_cpu(pids: dict[str, int]) -> CpuSample:
@@ -213,24 +198,6 @@ def background_load(seconds: float = 1.0) -> float:
     return 100.0 * (b[0] - a[0]) / seconds
 
 
-def _run(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def _filesystem(path: str) -> str:
-    path = os.path.realpath(path)
-    best, kind = "", "?"
-    with contextlib.suppress(OSError), open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and path.startswith(parts[1]) and len(parts[1]) > len(best):
-                best, kind = parts[1], f"{parts[2]} on {parts[0]}"
-    return kind
-
-
 def machine_info(data_parent: str) -> dict[str, Any]:
     model = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -244,7 +211,7 @@ def machine_info(data_parent: str) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "nice": os.getpriority(os.PRIO_PROCESS, 0),  # the nodes and clients inherit it
-        "data_filesystem": _filesystem(data_parent),
+        "data_filesystem": filesystem_of(data_parent),
     }
 
 
@@ -252,8 +219,8 @@ def run_info(argv: Sequence[str], data_parent: str) -> dict[str, Any]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return {
         "command": shlex.join([sys.executable, "-m", "bench.raft_node", *argv]),
-        "git_commit": _run(["git", "-C", root, "rev-parse", "HEAD"]),
-        "git_dirty": bool(_run(["git", "-C", root, "status", "--porcelain", "--", "raft"])),
+        "git_commit": run_command(["git", "-C", root, "rev-parse", "HEAD"]),
+        "git_dirty": bool(run_command(["git", "-C", root, "status", "--porcelain", "--", "raft"])),
         "machine": machine_info(data_parent),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

@@ -105,14 +105,14 @@ def wait_quiet(limit_s: float, busy_pct_max: float = 10.0) -> float:
     return busy
 
 
-def _run(cmd: list[str]) -> str:
+def run_command(cmd: list[str]) -> str:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
 
 
-def _filesystem(path: str) -> str:
+def filesystem_of(path: str) -> str:
     path = os.path.realpath(path)
     best, kind = "", "?"
     with contextlib.suppress(OSError), open("/proc/mounts") as f:
@@ -135,16 +135,18 @@ def machine_info(data_parent: str | None) -> dict[str, Any]:
         "cpu_model": model,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "data_filesystem": _filesystem(data_parent) if data_parent else None,
+        "data_filesystem": filesystem_of(data_parent) if data_parent else None,
     }
 
 
 def run_info(argv: Sequence[str], data_parent: str | None) -> dict[str, Any]:
-    dirty = _run(["git", "-C", ROOT, "status", "--porcelain", "--", "raft", "wire", "ctxstore"])
+    dirty = run_command(
+        ["git", "-C", ROOT, "status", "--porcelain", "--", "raft", "wire", "ctxstore"]
+    )
     return {
         "command": shlex.join(["ctxstore-bench", *argv]),
         "python": sys.executable,
-        "git_commit": _run(["git", "-C", ROOT, "rev-parse", "HEAD"]),
+        "git_commit": run_command(["git", "-C", ROOT, "rev-parse", "HEAD"]),
         "git_dirty": bool(dirty),
         "machine": machine_info(data_parent),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
