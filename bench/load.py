@@ -32,7 +32,7 @@ import signal
 import string
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, TypeVar
 
@@ -458,19 +458,27 @@ class Workers:
         return out
 
     def stop(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("stop",))
-        for proc in self.procs:
-            if proc.pid is None:
-                continue
-            proc.join(2.0)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(2.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        stop_workers(self.pipes, self.procs)
 
 
 __all__ = ["WorkerResult", "WorkerSpec", "Workers", "session_id"]
+
+
+def stop_workers(
+    pipes: Sequence[multiprocessing.connection.Connection],
+    procs: Sequence[multiprocessing.process.BaseProcess],
+) -> None:
+    """Ask client processes to stop; terminate, then kill, those that do not."""
+    for pipe in pipes:
+        with contextlib.suppress(OSError):
+            pipe.send(("stop",))
+    for proc in procs:
+        if proc.pid is None:
+            continue
+        proc.join(2.0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

@@ -35,7 +35,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -52,7 +51,9 @@ from typing import Any, cast
 
 import msgspec
 
-from bench.sysinfo import CpuSample, cpu_seconds, filesystem_of, run_command
+from bench import sysinfo
+from bench.load import stop_workers
+from bench.sysinfo import CpuSample, cpu_seconds, run_command
 from raft.node import Propose, Reply, Status
 
 HOST = "127.0.0.1"
@@ -199,20 +200,8 @@ def background_load(seconds: float = 1.0) -> float:
 
 
 def machine_info(data_parent: str) -> dict[str, Any]:
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "nice": os.getpriority(os.PRIO_PROCESS, 0),  # the nodes and clients inherit it
-        "data_filesystem": filesystem_of(data_parent),
-    }
+    # The nodes and clients inherit the bench's nice value.
+    return {**sysinfo.machine_info(data_parent), "nice": os.getpriority(os.PRIO_PROCESS, 0)}
 
 
 def run_info(argv: Sequence[str], data_parent: str) -> dict[str, Any]:
@@ -724,19 +713,7 @@ class Clients:
         return out
 
     def stop(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("stop",))
-        for proc in self.procs:
-            if proc.pid is None:
-                continue
-            proc.join(1.0)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(2.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        stop_workers(self.pipes, self.procs)
 
 
 # -- runs ----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from raft.transport import Transport
 from raft.wal import WAL
 
 from .config import ConfigError, Settings, parse_address
-from .router import Router, RouterConfig, leader_changes
+from .router import Router, RouterConfig
 from .state import ConversationState
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Node:
             DriverConfig(tick_s=s.tick_ms / 1000, snapshot_entries=s.snapshot_entries),
         )
         self.router = Router(s.node_id, self.driver, RouterConfig(s.request_timeout_s))
-        self.driver.on_leader_change = leader_changes(self.router.on_leader_change)
+        self.driver.on_leader_change = self.router.on_leader_change
         self.driver.add_groups(range(s.groups), self.voters)
         self.transport: Transport | None = None
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -370,11 +369,3 @@ class Router:
             self._fail(p, RouteError("timeout", ans.message))
         else:
             self._fail(p, RouteError("unavailable", ans.message))
-
-
-def leader_changes(*callbacks: Callable[[int, int], None]) -> Callable[[int, int], None]:
-    def fan_out(group: int, leader: int) -> None:
-        for cb in callbacks:
-            cb(group, leader)
-
-    return fan_out

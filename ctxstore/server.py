@@ -12,8 +12,8 @@
 - Errors: domain refusals carry the state machine's code (``not_found``, ``conflict``,
   ``bad_request``); a request that cannot reach a leader in time is ``unavailable``
   (retryable); one whose outcome is unknown is ``timeout`` (retry with the same
-  ``client_msg_id``).  Input limits beyond the schema's: metadata at most ``METADATA_BYTES_MAX``
-  encoded.
+  ``client_msg_id``).  Input limits are the wire's (the schema, and metadata at most
+  ``METADATA_BYTES_MAX`` encoded, checked by ``wire.framing`` before a request reaches us).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import msgspec
 
 from wire.aio import BaseHandler, Connection, Reply
 from wire.protocol import (
-    METADATA_BYTES_MAX,
     Append,
     Appended,
     CreateSession,
@@ -108,8 +107,6 @@ class Service(BaseHandler):
 
     # -- writes ---------------------------------------------------------------------------------
     def _append(self, conn: Connection, r: Append) -> Reply:
-        if (bad := _check_metadata(r.rid, r.metadata)) is not None:
-            return self._error(bad)
         cmd = commands.Append(
             r.session_id, r.sender, r.sender_id, r.kind, r.content, r.metadata,
             r.client_msg_id, r.expected_seq, r.token_count, self.clock_ms(),
@@ -117,8 +114,6 @@ class Service(BaseHandler):
         return self._submit(conn, r.rid, r.session_id, cmd, r)
 
     def _create(self, conn: Connection, r: CreateSession) -> Reply:
-        if (bad := _check_metadata(r.rid, r.metadata)) is not None:
-            return self._error(bad)
         sid = r.session_id if r.session_id is not None else uuid.uuid4().hex
         cmd = commands.CreateSession(sid, r.user_id, r.agent_id, r.metadata, self.clock_ms())
         return self._submit(conn, r.rid, sid, cmd, r)
@@ -215,13 +210,3 @@ class Service(BaseHandler):
     def _error(self, e: Error) -> Error:
         self.errors[e.code] = self.errors.get(e.code, 0) + 1
         return e
-
-
-def _check_metadata(rid: int, metadata: dict[str, Any]) -> Error | None:
-    try:
-        size = len(_encode(metadata))
-    except (TypeError, msgspec.EncodeError) as e:
-        return error(rid, "bad_request", f"metadata: {e}")
-    if size > METADATA_BYTES_MAX:
-        return error(rid, "too_large", f"metadata: {size} bytes > {METADATA_BYTES_MAX}")
-    return None

@@ -45,7 +45,7 @@ from typing import Protocol
 
 from .core import Role
 from .errors import ProposalDropped, RaftError, check
-from .messages import NONE, ConfState, Entry, HardState, Message, Snapshot, SnapshotMeta
+from .messages import ConfState, Entry, HardState, Message, Snapshot, SnapshotMeta
 from .multi import MultiRaft
 from .rawnode import Ready
 from .storage import MemoryStorage, bootstrap
@@ -566,12 +566,6 @@ class Driver:
                     fut.set_exception(exc)
             self._read_waits[group] = []
         self._pending = 0
-
-    def leaders(self) -> dict[int, int]:
-        return {g: self.host.leader(g) for g in self.host.groups()}
-
-    def unknown_leaders(self) -> int:
-        return sum(1 for g in self.host.groups() if self.host.leader(g) == NONE)
 
 
 __all__ = [
