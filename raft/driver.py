@@ -21,8 +21,11 @@ application's state machine, on one event loop:
 - Snapshots: after ``snapshot_entries`` applied entries past the last snapshot of a group, or
   when more than ``wal_segments_max`` WAL segments are alive (then the groups pinning the oldest
   one), the driver takes ``StateMachine.snapshot(group)`` at the applied index and compacts the
-  log to it in the next group commit.  Snapshots received from a leader are restored with
-  ``StateMachine.restore``.
+  log to it in the next group commit — or, with a ``compact_floor`` (the application keeps
+  what entries produce elsewhere, e.g. an archive), as soon as the floor reaches the snapshot's
+  index: the log never loses an entry the application has not made durable.  Snapshots
+  received from a leader are restored with ``StateMachine.restore``, then reported to
+  ``on_snapshot_installed``.
 - Proposals resolve with the state machine's result once applied on this node.  If another
   entry is applied at their index (a new leader overwrote it) they fail with
   ``ProposalDropped``; when this node stops leading the group, or a snapshot jumps over them,
@@ -141,6 +144,11 @@ class Driver:
         self.transport: Transport | None = None
         self.stats = DriverStats()
         self.on_commit_latency: Callable[[float], None] | None = None  # propose -> applied, s
+        # The highest index of a group the application has made durable elsewhere (an archive):
+        # the log is never compacted past it.  None: no such bound.
+        self.compact_floor: Callable[[int], int] | None = None
+        # Called with (group, index) after a snapshot from a leader replaced a group's state.
+        self.on_snapshot_installed: Callable[[int, int], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -153,6 +161,7 @@ class Driver:
         self._read_seq = 0
         self._snap_index: dict[int, int] = {}  # group -> index of its newest (or coming) snapshot
         self._compact: set[int] = set()
+        self._held: dict[int, Snapshot] = {}  # group -> snapshot taken, waiting for the floor
         self._out: dict[int, list[Item]] = {}
         # Hard states whose only change is the commit index (need not be durable at once).
         self._lazy_hard_states: dict[int, HardState] = {}
@@ -422,8 +431,11 @@ class Driver:
         if rd.snapshot is not None:
             self.sm.restore(group, rd.snapshot.data)
             self.stats.snapshots_restored += 1
+            self._held.pop(group, None)  # older than what was just installed
             self._snap_index[group] = max(self._snap_index[group], rd.snapshot.meta.index)
             self._jumped(group, rd.snapshot.meta.index)
+            if self.on_snapshot_installed is not None:
+                self.on_snapshot_installed(group, rd.snapshot.meta.index)
         if rd.committed_entries:
             results = self.sm.apply(group, rd.committed_entries)
             self.stats.applied_entries += len(rd.committed_entries)
@@ -487,11 +499,16 @@ class Driver:
                 w.future.set_exception(OutcomeUnknown(f"a snapshot at {index} covered entry {i}"))
 
     def _compactions(self) -> list[GroupWrite]:
+        floor = self.compact_floor
+        writes = []
+        if self._held:
+            assert floor is not None
+            for group in [g for g, snap in self._held.items() if floor(g) >= snap.meta.index]:
+                writes.append(GroupWrite(group, compact=self._held.pop(group)))
         if self.wal.segment_count() > self.config.wal_segments_max:
             self._compact.update(self.wal.oldest_segment_groups())
         if not self._compact:
-            return []
-        writes = []
+            return writes
         for group in sorted(self._compact):
             node = self.host.node(group)
             if node.outstanding:
@@ -502,9 +519,13 @@ class Driver:
             if applied <= self._snap_index[group]:
                 continue
             meta = SnapshotMeta(applied, r.log.term(applied), r.conf_state())
-            writes.append(GroupWrite(group, compact=Snapshot(meta, self.sm.snapshot(group))))
+            snap = Snapshot(meta, self.sm.snapshot(group))
             self._snap_index[group] = applied
             self.stats.snapshots_taken += 1
+            if floor is not None and floor(group) < applied:
+                self._held[group] = snap  # compacted once the floor reaches it
+            else:
+                writes.append(GroupWrite(group, compact=snap))
         return writes
 
     # -- output ---------------------------------------------------------------------------------

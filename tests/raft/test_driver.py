@@ -146,6 +146,28 @@ def test_snapshots_compact_the_wal_and_a_restart_restores_from_them(tmp_path: Pa
     run(main())
 
 
+def test_compaction_waits_for_the_compact_floor(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = Member(tmp_path, 1, (1,), groups=1, snapshot_entries=50)
+        floor = {0: 0}
+        m.driver.compact_floor = lambda g: floor[g]
+        await m.start(None, {})
+        await until(lambda: m.leads(0), what="leader")
+        for i in range(120):
+            await m.driver.propose(0, b"y%d" % i)
+        assert m.driver.stats.snapshots_taken >= 1
+        await asyncio.sleep(5 * TICK_S)
+        assert m.wal.storage(0).first_index() == 1, "compacted past the floor"
+        floor[0] = 60  # below the held snapshot's index: still nothing
+        await asyncio.sleep(5 * TICK_S)
+        assert m.wal.storage(0).first_index() == 1
+        floor[0] = 10**9
+        await until(lambda: m.wal.storage(0).first_index() > 100, what="compaction at the floor")
+        await m.stop()
+
+    run(main())
+
+
 def test_three_nodes_replicate_every_group_and_only_the_leader_accepts(tmp_path: Path) -> None:
     async def main() -> None:
         members, stop = await cluster(tmp_path, 3, groups=12)
@@ -204,8 +226,11 @@ def test_a_follower_behind_the_compaction_point_catches_up_by_snapshot(tmp_path:
             )  # fmt: skip
             lagger.driver.attach(lagger.transport)
             await lagger.transport.start()
+            installed: list[tuple[int, int]] = []
+            lagger.driver.on_snapshot_installed = lambda g, i: installed.append((g, i))
             await until(lambda: len(lagger.sm.history[0]) == 200, what="caught up")
             assert lagger.driver.stats.snapshots_restored >= 1
+            assert installed and installed[0][0] == 0 and installed[0][1] > 100
             assert lagger.sm.history[0] == lead.sm.history[0]
         finally:
             await stop()
