@@ -49,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass
 from hashlib import blake2b
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import msgspec.msgpack
@@ -86,6 +86,24 @@ class StateLimits:
         for name in ("dedupe_ids_max", "tail_messages_max", "tail_bytes_max", "cursors_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StateLimits.{name} must be at least 1")
+
+
+class StateObserver(Protocol):
+    """Told what each applied entry changed, on every replica, in apply order (the archive, live
+    subscriptions and inboxes follow the state through it).  Called during ``apply``: must not
+    raise, must not call back into the state's commands."""
+
+    def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
+        """A message was appended at raft ``index``; ``user_id`` owns its session."""
+
+    def on_session(self, group: int, index: int, session: Session) -> None:
+        """A session was created."""
+
+    def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
+        """``user_id``'s read cursor of a session owned by ``owner_id`` moved to ``seq``."""
+
+    def on_applied(self, group: int, index: int) -> None:
+        """Every entry of ``group`` up to ``index`` is applied (called once per apply batch)."""
 
 
 class ReadResult(msgspec.Struct, array_like=True, frozen=True):
@@ -238,9 +256,15 @@ class ConversationState:
     created, or its group is not hosted here).
     """
 
-    def __init__(self, limits: StateLimits | None = None, groups: int | None = None) -> None:
+    def __init__(
+        self,
+        limits: StateLimits | None = None,
+        groups: int | None = None,
+        observer: StateObserver | None = None,
+    ) -> None:
         self.limits = limits if limits is not None else StateLimits()
         self.group_count = groups
+        self.observer = observer
         self._groups: dict[int, dict[str, _Session]] = {}
         self._where: dict[str, int] = {}  # session id -> group, all groups
         self._by_user: dict[str, list[str]] = {}  # user id -> sorted session ids, all groups
@@ -281,11 +305,13 @@ class ConversationState:
                 ) from exc
             match cmd:
                 case Append():
-                    out.append(self._append(sessions, cmd))
+                    out.append(self._append(group, e.index, sessions, cmd))
                 case CreateSession():
-                    out.append(self._create(group, sessions, cmd))
+                    out.append(self._create(group, e.index, sessions, cmd))
                 case MarkRead():
                     out.append(self._mark_read(sessions, cmd))
+        if self.observer is not None and entries:
+            self.observer.on_applied(group, entries[-1].index)
         return out
 
     def snapshot(self, group: int) -> bytes:
@@ -317,7 +343,7 @@ class ConversationState:
 
     # -- commands ----------------------------------------------------------------------------------
     def _create(
-        self, group: int, sessions: dict[str, _Session], cmd: CreateSession
+        self, group: int, index: int, sessions: dict[str, _Session], cmd: CreateSession
     ) -> SessionCreated | Rejected:
         s = sessions.get(cmd.session_id)
         if s is not None:
@@ -334,9 +360,14 @@ class ConversationState:
                 )
         s = _Session(cmd.session_id, cmd.user_id, cmd.agent_id, cmd.created_at, cmd.metadata)
         self._add(group, sessions, s)
-        return SessionCreated(s.to_wire(), True)
+        wire = s.to_wire()
+        if self.observer is not None:
+            self.observer.on_session(group, index, wire)
+        return SessionCreated(wire, True)
 
-    def _append(self, sessions: dict[str, _Session], cmd: Append) -> Appended | Rejected:
+    def _append(
+        self, group: int, index: int, sessions: dict[str, _Session], cmd: Append
+    ) -> Appended | Rejected:
         s = sessions.get(cmd.session_id)
         if s is None:
             return _not_found(cmd.session_id)
@@ -376,6 +407,8 @@ class ConversationState:
         s.push(msg, self.limits)
         if cmid is not None:
             s.remember(cmid, (seq, cmd.inserted_at, fingerprint), self.limits.dedupe_ids_max)
+        if self.observer is not None:
+            self.observer.on_message(group, index, s.user_id, msg)
         return Appended(seq, cmd.inserted_at, False)
 
     def _mark_read(self, sessions: dict[str, _Session], cmd: MarkRead) -> ReadMarked | Rejected:
@@ -392,6 +425,8 @@ class ConversationState:
         if cmd.seq <= current:
             return ReadMarked(current)
         s.set_cursor(cmd.user_id, cmd.seq, self.limits.cursors_max)
+        if self.observer is not None:
+            self.observer.on_cursor(s.id, s.user_id, cmd.user_id, cmd.seq)
         return ReadMarked(cmd.seq)
 
     # -- queries -----------------------------------------------------------------------------------
@@ -439,6 +474,35 @@ class ConversationState:
         more = start + limit < len(ids)
         return sessions, (page[-1] if more else None)
 
+    def last_seq(self, session_id: str) -> int | None:
+        s = self._lookup(session_id)
+        return None if s is None else s.last_seq
+
+    def last_message(self, session_id: str) -> Message | None:
+        """The session's newest message (the hot tail always keeps it), None if it has none."""
+        s = self._lookup(session_id)
+        return s.tail[-1] if s is not None and s.tail else None
+
+    def group_of_session(self, session_id: str) -> int | None:
+        return self._where.get(session_id)
+
+    def user_session_ids(self, user_id: str) -> list[str]:
+        """``user_id``'s sessions on this node, by id (a copy)."""
+        return list(self._by_user.get(user_id, ()))
+
+    def group_tails(self, group: int) -> tuple[list[tuple[str, int, int]], list[Message]]:
+        """For each session of ``group``: (id, first seq of its hot tail, last_seq); and every
+        message of those tails."""
+        sessions: list[tuple[str, int, int]] = []
+        messages: list[Message] = []
+        for s in self._groups.get(group, {}).values():
+            sessions.append((s.id, s.last_seq - len(s.tail) + 1, s.last_seq))
+            messages.extend(s.tail)
+        return sessions, messages
+
+    def session_ids(self, group: int) -> list[str]:
+        return list(self._groups.get(group, ()))
+
     def read_cursor(self, session_id: str, user_id: str) -> int | None:
         s = self._lookup(session_id)
         return None if s is None else s.cursors.get(user_id, 0)
@@ -472,4 +536,4 @@ class ConversationState:
             del self._by_user[s.user_id]
 
 
-__all__ = ["SNAPSHOT_VERSION", "ConversationState", "ReadResult", "StateLimits"]
+__all__ = ["SNAPSHOT_VERSION", "ConversationState", "ReadResult", "StateLimits", "StateObserver"]

@@ -701,3 +701,50 @@ def test_matches_a_naive_model_and_survives_snapshots_anywhere(
             if cursor is None:
                 break
         assert listed == mine
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
+        self.events.append(("message", group, index, user_id, message.seq))
+
+    def on_session(self, group: int, index: int, session: Any) -> None:
+        self.events.append(("session", group, index, session.id))
+
+    def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
+        self.events.append(("cursor", session_id, owner_id, user_id, seq))
+
+    def on_applied(self, group: int, index: int) -> None:
+        self.events.append(("applied", group, index))
+
+
+def test_the_observer_hears_every_change_in_apply_order() -> None:
+    node = Node()
+    rec = Recorder()
+    node.state.observer = rec
+    g = node.group("s")
+    node.create("s", user="owner")
+    node.create("s", user="owner")  # idempotent: no second session event
+    node.append("s")
+    node.append("nope")  # refused: nothing to hear but the applied index
+    node.mark("s", "reader", 1)
+    node.mark("s", "reader", 1)  # no move
+    gn = node.group("nope")
+    assert rec.events == [
+        ("session", g, 1, "s"),
+        ("applied", g, 1),
+        ("applied", g, 2),
+        ("message", g, 3, "owner", 1),
+        ("applied", g, 3),
+        ("applied", gn, node.last_index[gn]),
+        ("cursor", "s", "owner", "reader", 1),
+        ("applied", g, 4),
+        ("applied", g, 5),
+    ]
+    assert node.state.last_message("s") is not None
+    assert node.state.last_seq("s") == 1
+    sessions, tail = node.state.group_tails(g)
+    assert sessions == [("s", 1, 1)] and [m.seq for m in tail] == [1]
+    assert node.state.user_session_ids("owner") == ["s"]
