@@ -1,10 +1,12 @@
 """wire package (see ../shared/design.md §2 and §4.1; docs/protocol.md).
 
-- ``protocol``: the messages of the native binary protocol (the contract).
+- ``protocol``: the messages of the native binary protocol (the contract): requests,
+  responses, and pushes (subscription events).
 - ``framing``: its frames and connection states, sans I/O (``ServerConnection``,
   ``ClientConnection``).
-- ``aio``: the asyncio server (``serve``, ``Handler``, ``BaseHandler``).
-- ``client``: the Python client (``connect``, ``Client``).
+- ``aio``: the asyncio server (``serve``, ``Handler``, ``BaseHandler``; ``Connection.push``).
+- ``client``: the Python client (``connect``, ``Client``; ``Subscription``,
+  ``InboxSubscription``).
 - ``errors``: ``ClientError``, ``LocalProtocolError``.
 
 Imports neither ``raft`` nor ``ctxstore``.

@@ -12,6 +12,11 @@ to its sans-IO core and hands requests to the handler:
   which the connection runs as a task.  A handler that raises a ``WireError`` answers with an
   Error of its code; any other exception answers ``internal``.
 - ``handler.on_close(conn)`` once the connection is gone; later replies are discarded.
+- Subscriptions: a handler answers ``Subscribe`` with ``conn.reply(Subscribed(...))`` *before*
+  its first ``conn.push(event)`` (so the client knows the ``sub_id``), pushes while
+  ``conn.writable``, and waits for ``handler.on_writable(conn)`` (the transport drained below
+  its low-water mark) before it pushes the next batch; ``conn.backlog_bytes`` says how much is
+  still unwritten.  A push over the frame limit raises ``LocalProtocolError("too_large")``.
 
 Rules of this module:
 - Responses go out in the order they are ready, each matched to its request by ``rid``.
@@ -23,6 +28,10 @@ Rules of this module:
 - A protocol error (or a refused Hello) writes the queued Error, then closes.  A handshake that
   does not finish within ``hello_timeout_s`` is aborted.
 - A peer that half-closes gets its remaining answers before the connection closes.
+- Pushes share the write path of the responses (one write per loop iteration) and are
+  discarded once the connection is closing.  ``close(code, message)`` (``Server.close`` too)
+  first queues the goodbye ``Error{rid: 0}``: a graceful shutdown is ``close("unavailable",
+  "node shutting down")``, which a client sees as a retryable error.
 """
 
 from __future__ import annotations
@@ -50,7 +59,9 @@ from .protocol import (
     FRAME_BYTES_MAX,
     PROTOCOL_VERSION,
     Error,
+    ErrorCode,
     Hello,
+    Push,
     Request,
     Response,
     Welcome,
@@ -70,6 +81,8 @@ class Handler(Protocol):
     def on_request(self, conn: Connection, request: Request) -> Reply: ...
 
     def on_close(self, conn: Connection) -> None: ...
+
+    def on_writable(self, conn: Connection) -> None: ...
 
 
 class BaseHandler:
@@ -95,6 +108,9 @@ class BaseHandler:
 
     def on_close(self, conn: Connection) -> None:
         pass
+
+    def on_writable(self, conn: Connection) -> None:
+        """The transport wants more: push the next batch (called on ``resume_writing``)."""
 
 
 class Server:
@@ -127,12 +143,17 @@ class Server:
         host, port = self._server.sockets[0].getsockname()[:2]
         return host, port
 
-    def close(self) -> None:
-        """Stop listening and close every connection (queued answers are still written)."""
+    def stop_listening(self) -> None:
+        """Accept no more connections; the open ones go on (a graceful shutdown's first step)."""
         if self._server is not None:
             self._server.close()
+
+    def close(self, code: ErrorCode | None = None, message: str = "") -> None:
+        """Stop listening and close every connection (queued answers are still written);
+        with a ``code``, each gets the goodbye ``Error{rid: 0, code, message}`` first."""
+        self.stop_listening()
         for conn in list(self.connections):
-            conn.close()
+            conn.close(code, message)
 
     async def wait_closed(self) -> None:
         if self._server is not None:
@@ -244,8 +265,39 @@ class Connection(asyncio.Protocol):
         elif self._peer_eof and core.in_flight == 0:
             self._close_after_flush()
 
-    def close(self) -> None:
-        """Close once the queued answers are written."""
+    def push(self, event: Push) -> int:
+        """Queue a push (sent with the replies of this loop iteration); the bytes queued, or 0
+        once the connection is closing or closed.  Raises ``LocalProtocolError``: ``too_large``
+        for a push over the frame limit (nothing queued: split the batch), ``internal`` before
+        the Welcome."""
+        if self.closed or self._closing:
+            return 0
+        core = self.core
+        size = core.push(event)
+        if size:
+            self._flush_soon()
+            if core.bytes_to_send >= self._flush_bytes:
+                self._flush()  # let the transport see a big batch (and pause us)
+        return size
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes queued and not yet written to the socket: in the core and in the transport."""
+        transport = self._transport
+        buffered = 0 if transport is None or self.closed else transport.get_write_buffer_size()
+        return self.core.bytes_to_send + buffered
+
+    @property
+    def writable(self) -> bool:
+        """Whether pushing more is welcome: open, and the transport below its high-water mark
+        (once False, ``handler.on_writable`` says when it is True again)."""
+        return not (self.closed or self._closing or self._write_paused)
+
+    def close(self, code: ErrorCode | None = None, message: str = "") -> None:
+        """Close once the queued answers are written; with a ``code``, after the goodbye
+        ``Error{rid: 0, code, message}`` (retryable per ``protocol.RETRYABLE``)."""
+        if code is not None and not (self.closed or self._closing):
+            self.core.goodbye(code, message)
         self._close_after_flush()
 
     # asyncio.Protocol ----------------------------------------------------------------------------
@@ -279,6 +331,11 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         if self._blocked and self._may_resume():
             self._pump()
+        if not (self.closed or self._closing):
+            try:
+                self.server.handler.on_writable(self)
+            except Exception:
+                logger.exception("handler.on_writable failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -17,6 +17,21 @@ Rules of this module:
 - A request unanswered after ``timeout_s`` fails with ``timeout`` (retryable; its outcome is
   unknown).  An append is safe to retry with the same ``client_msg_id``: ``append_with_retry``
   picks one and retries retryable errors, a bounded number of times.
+- A server's goodbye (``Error{rid: 0}``, e.g. ``unavailable`` "node shutting down") fails the
+  requests in flight with a retryable ``unavailable`` naming it (``_Connection.goodbye`` keeps
+  it, with its ``retryable``).
+- Subscriptions (``subscribe``, ``subscribe_inbox``) share the connection.  Pushes are routed
+  by ``sub_id`` to the subscription registered when its ``Subscribed`` (``InboxSnapshot``)
+  arrived; pushes of unknown subscriptions (e.g. after an unsubscribe) are dropped and counted
+  (``pushes_dropped``).  Each subscription queues at most ``queue_max`` items (a push may
+  overshoot by its own size); while any queue is full the connection stops reading, which
+  holds back the server (its ``writable`` turns false) and **also delays the responses of other
+  calls on this connection**, until the queue drains below half.
+- A subscription resumes by itself: when its connection fails, or the server closes it
+  (``slow_consumer``, ``shutdown``, ``unavailable``), it drops what it had queued and not yet
+  yielded and subscribes again from the last seq it yielded, through the usual reconnect
+  (next target, backoff, bounded attempts).  It checks the order of what it yields and raises
+  ``internal`` on a seq that is not the next one: duplicates are a server bug, not filtered.
 """
 
 from __future__ import annotations
@@ -28,12 +43,13 @@ import random
 import socket
 import uuid
 from collections import deque
-from typing import TypeVar, cast
+from collections.abc import Callable, Generator
+from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
 import msgspec
 
 from .errors import ClientError, LocalProtocolError
-from .framing import ClientConnection, ProtocolError, ResponseReceived
+from .framing import ClientConnection, ProtocolError, PushReceived, ResponseReceived
 from .protocol import (
     FRAME_BYTES_MAX,
     PROTOCOL_VERSION,
@@ -41,15 +57,21 @@ from .protocol import (
     Appended,
     CreateSession,
     Error,
+    GapEvent,
     GetRoutes,
     GetSession,
     Hello,
+    InboxDelta,
+    InboxSnapshot,
     ListSessions,
     MarkRead,
+    Message,
+    MessageEvent,
     Messages,
     Metadata,
     Ping,
     Pong,
+    Push,
     Read,
     ReadMarked,
     Request,
@@ -58,6 +80,12 @@ from .protocol import (
     Sender,
     SessionInfo,
     SessionList,
+    Subscribe,
+    Subscribed,
+    SubscribeInbox,
+    SubscriptionClosed,
+    Unsubscribe,
+    Unsubscribed,
     Welcome,
 )
 
@@ -65,6 +93,7 @@ logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
 R = TypeVar("R", bound=msgspec.Struct)
+T = TypeVar("T")
 Address = tuple[str, int]
 
 NON_RETRYABLE_REFUSALS = frozenset({"bad_request", "unauthorized", "forbidden"})
@@ -89,15 +118,41 @@ def new_client_msg_id() -> str:
     return uuid.uuid4().hex
 
 
-class _Connection(asyncio.Protocol):
-    """One TCP connection of a ``Client``: the sans-IO core and the futures of its requests."""
+class PushSink(Protocol):
+    """What a connection routes one subscription's pushes to (``_Connection.sinks``)."""
 
-    def __init__(self, target: Address, max_frame_bytes: int, timeout_s: float) -> None:
+    def subscribed(self, conn: _Connection, response: Subscribed | InboxSnapshot) -> None:
+        """Registered under ``response.sub_id``; called before any push of it is delivered."""
+
+    def deliver(self, push: Push) -> None:
+        """One push of this subscription (after a ``SubscriptionClosed``: unregistered)."""
+
+    def connection_lost(self, error: ClientError) -> None:
+        """The connection failed (the sink is unregistered)."""
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection of a ``Client``: the sans-IO core, the futures of its requests and
+    the sinks of its subscriptions."""
+
+    def __init__(
+        self,
+        target: Address,
+        max_frame_bytes: int,
+        timeout_s: float,
+        next_rid: Callable[[], int],
+    ) -> None:
         self.target = target
         self.core = ClientConnection(max_frame_bytes)
         self.error: ClientError | None = None  # sticky: set once, the connection is retired
         self.goodbye: ProtocolError | None = None  # what broke it, when the protocol did
         self.pending: dict[int, asyncio.Future[Response]] = {}
+        self.sinks: dict[int, PushSink] = {}  # sub_id -> where its pushes go
+        self.pushes_dropped = 0  # pushes of no registered subscription
+        self._next_rid = next_rid
+        self._subscribing: dict[int, PushSink] = {}  # rid -> sink, of subscribes in flight
+        self._holders: set[object] = set()  # sinks whose queue is full: events wait unread
+        self._reading_paused = False
         self._loop = asyncio.get_running_loop()
         self._timeout_s = timeout_s
         self._deadlines: deque[tuple[float, int]] = deque()  # (deadline, rid), in send order
@@ -109,8 +164,9 @@ class _Connection(asyncio.Protocol):
 
     # requests ------------------------------------------------------------------------------------
 
-    def request(self, request: Request) -> asyncio.Future[Response]:
-        """Queue ``request``; its future completes with the response (an ``Error`` included)."""
+    def request(self, request: Request, sink: PushSink | None = None) -> asyncio.Future[Response]:
+        """Queue ``request``; its future completes with the response (an ``Error`` included).
+        ``sink``: for a subscribe, registered (``sink.subscribed``) as its answer arrives."""
         if self.error is not None:
             raise self.error
         try:
@@ -121,6 +177,8 @@ class _Connection(asyncio.Protocol):
         future: asyncio.Future[Response] = self._loop.create_future()
         pending = self.pending
         pending[rid] = future
+        if sink is not None:
+            self._subscribing[rid] = sink
         deadlines = self._deadlines
         while deadlines and deadlines[0][1] not in pending:
             deadlines.popleft()  # answered already: keep the queue near the number in flight
@@ -132,6 +190,47 @@ class _Connection(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         return future
+
+    def unsubscribe_quietly(self, sub_id: int) -> None:
+        """Send ``Unsubscribe`` and forget it (its answer, or failure, is dropped)."""
+        if self.error is not None:
+            return
+        try:
+            future = self.request(Unsubscribe(self._next_rid(), sub_id))
+        except ClientError:
+            return
+        future.add_done_callback(_drop_outcome)
+
+    def unregister(self, sub_id: int) -> PushSink | None:
+        """Stop routing ``sub_id``'s pushes (later ones are dropped and counted)."""
+        sink = self.sinks.pop(sub_id, None)
+        if sink is not None:
+            self.release(sink)
+        return sink
+
+    def hold(self, sink: object) -> None:
+        """``sink``'s queue is full: stop reading until every holder has released."""
+        if self.error is None:
+            self._holders.add(sink)
+            self._set_reading(False)
+
+    def release(self, sink: object) -> None:
+        if sink not in self._holders:
+            return
+        self._holders.discard(sink)
+        if not self._holders and self.error is None:
+            self._set_reading(True)
+            self._loop.call_soon(self._process)  # the events that waited in the core
+
+    def _set_reading(self, reading: bool) -> None:
+        transport = self._transport
+        if transport is None or reading is not self._reading_paused:
+            return
+        self._reading_paused = not reading
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
 
     async def wait_writable(self) -> None:
         while self._writable is not None and self.error is None:
@@ -158,6 +257,7 @@ class _Connection(asyncio.Protocol):
         pending = self.pending
         while deadlines and deadlines[0][0] <= now:
             _, rid = deadlines.popleft()
+            self._subscribing.pop(rid, None)
             future = pending.pop(rid, None)
             if future is not None and not future.done():
                 future.set_exception(
@@ -177,27 +277,56 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        self.core.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.core.receive_data(None)
+        self._process(force=True)  # nothing more comes: hand out what is left, then fail
+        return False
+
+    def _process(self, force: bool = False) -> None:
+        """Turn the bytes received into answers and pushes; stops while a sink holds."""
         core = self.core
-        core.receive_data(data)
-        pending = self.pending
-        while (event := core.next_event()) is not None:
+        while force or not self._holders:
+            if self.error is not None:
+                return
+            event = core.next_event()
+            if event is None:
+                return
             if type(event) is ResponseReceived:
-                response = event.response
-                future = pending.pop(response.rid, None)
-                if future is not None and not future.done():
-                    future.set_result(response)
-                continue
-            if type(event) is ProtocolError:
+                self._on_response(event.response)
+            elif type(event) is PushReceived:
+                self._on_push(event.push)
+            elif type(event) is ProtocolError:
                 self.goodbye = event
                 self.fail(f"{event.code}: {event.message}")
             else:
                 self.fail("closed by the server")
-            return
 
-    def eof_received(self) -> bool:
-        self.core.receive_data(None)
-        self.data_received(b"")
-        return False
+    def _on_response(self, response: Response) -> None:
+        rid = response.rid
+        future = self.pending.pop(rid, None)
+        sink = self._subscribing.pop(rid, None) if self._subscribing else None
+        if type(response) is Subscribed or type(response) is InboxSnapshot:
+            if sink is not None and future is not None and not future.done():
+                self.sinks[response.sub_id] = sink
+                sink.subscribed(self, response)
+            else:  # nobody waits for it any more (timed out, cancelled): end it
+                self.unsubscribe_quietly(response.sub_id)
+        if future is not None and not future.done():
+            future.set_result(response)
+
+    def _on_push(self, push: Push) -> None:
+        sinks = self.sinks
+        sink = sinks.get(push.sub_id)
+        if sink is None:
+            self.pushes_dropped += 1
+            return
+        if type(push) is SubscriptionClosed:
+            del sinks[push.sub_id]
+            self.release(sink)
+        sink.deliver(push)
 
     def pause_writing(self) -> None:
         if self._writable is None:
@@ -226,9 +355,22 @@ class _Connection(asyncio.Protocol):
         for future in pending.values():
             if not future.done():
                 future.set_exception(self.error)
+        self._subscribing.clear()
+        self._holders.clear()
+        sinks, self.sinks = self.sinks, {}
+        for sink in sinks.values():
+            try:
+                sink.connection_lost(self.error)
+            except Exception:
+                logger.exception("a subscription failed to handle the lost connection")
         self.resume_writing()
         if self._transport is not None:
             self._transport.close()
+
+
+def _drop_outcome(future: asyncio.Future[Response]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so never reported
 
 
 class Client:
@@ -267,12 +409,19 @@ class Client:
         self._rid = 0
         self._closed = False
         self._rng = random.Random()
+        self._pushes_dropped = 0  # by connections retired
 
     @property
     def target(self) -> Address | None:
         """The address of the current connection."""
         conn = self._conn
         return None if conn is None or conn.error is not None else conn.target
+
+    @property
+    def pushes_dropped(self) -> int:
+        """Pushes that arrived for no subscription of this client (e.g. after unsubscribing)."""
+        conn = self._conn
+        return self._pushes_dropped + (0 if conn is None else conn.pushes_dropped)
 
     # operations ----------------------------------------------------------------------------------
 
@@ -378,6 +527,32 @@ class Client:
         """Which node leads each group, and the client addresses of the nodes known."""
         return await self._call(GetRoutes(self._next_rid()), Routes)
 
+    def subscribe(
+        self, session_id: str, after_seq: int = 0, *, queue_max: int = 10_000
+    ) -> Subscription:
+        """Follow a session: an async iterator of every ``Message`` with ``seq > after_seq``
+        (and ``GapEvent`` for those that will not come), in order, then the live ones; it
+        resumes by itself after a failure.  ``await client.subscribe(...)``, ``async with
+        client.subscribe(...) as sub`` or the first ``async for`` step sends the Subscribe and
+        waits for ``Subscribed``; they raise ``ClientError`` if it fails (``not_found``: no such
+        session)."""
+        return Subscription(self, session_id, after_seq, queue_max)
+
+    def subscribe_inbox(self, user_id: str, *, queue_max: int = 10_000) -> InboxSubscription:
+        """Follow a user's inbox: an async iterator of an ``InboxSnapshot``, then
+        ``InboxDelta``s (a fresh snapshot after each resume).  Started like ``subscribe``."""
+        return InboxSubscription(self, user_id, queue_max)
+
+    async def unsubscribe(self, sub_id: int) -> Unsubscribed:
+        """End the subscription ``sub_id`` of the current connection (its iterator, if any,
+        ends); pushes still on their way are dropped."""
+        conn = self._conn
+        if conn is not None:
+            sink = conn.unregister(sub_id)
+            if isinstance(sink, _Follower):
+                sink._end()
+        return await self._call(Unsubscribe(self._next_rid(), sub_id), Unsubscribed)
+
     async def close(self) -> None:
         """Close the connection; calls in flight fail with ``unavailable`` (not retryable)."""
         self._closed = True
@@ -402,13 +577,13 @@ class Client:
         self._rid += 1
         return self._rid
 
-    async def _call(self, request: Request, expect: type[R]) -> R:
+    async def _call(self, request: Request, expect: type[R], sink: PushSink | None = None) -> R:
         conn = self._conn
         if conn is None or conn.error is not None:
             conn = await self._connection()
         if conn._writable is not None:
             await conn.wait_writable()
-        response = await conn.request(request)
+        response = await conn.request(request, sink)
         if type(response) is expect:
             return cast(R, response)
         if type(response) is Error:
@@ -432,6 +607,8 @@ class Client:
     def _connected(self, task: asyncio.Task[_Connection]) -> None:
         self._connecting = None
         if not task.cancelled() and task.exception() is None:
+            if self._conn is not None:
+                self._pushes_dropped += self._conn.pushes_dropped
             self._conn = task.result()
 
     async def _reconnect(self) -> _Connection:
@@ -462,7 +639,7 @@ class Client:
     async def _open(self, target: Address) -> _Connection:
         """Connect to ``target`` and complete the handshake."""
         loop = asyncio.get_running_loop()
-        conn = _Connection(target, self.max_frame_bytes, self.connect_timeout_s)
+        conn = _Connection(target, self.max_frame_bytes, self.connect_timeout_s, self._next_rid)
         host, port = target
         try:
             await asyncio.wait_for(
@@ -490,6 +667,336 @@ class Client:
         conn._timeout_s = self.timeout_s
         self.welcome = answer
         return conn
+
+
+# -- subscriptions ---------------------------------------------------------------------------------
+
+
+class _Follower(Generic[T]):
+    """A subscription that resumes by itself: the queue between the connection and the
+    iterator, the hold on the connection while the queue is full, and the resume loop.
+
+    States: subscribed (``_conn`` set) -> lost (``_lost``: the connection failed or the server
+    closed it; the next ``__anext__`` subscribes again) -> subscribed ...; ended by ``close``
+    (``_closed``) or by an error the iterator raises (``_error``, sticky)."""
+
+    def __init__(self, client: Client, queue_max: int) -> None:
+        if queue_max < 1:
+            raise ValueError("queue_max must be >= 1")
+        self.client = client
+        self.queue_max = queue_max
+        self.sub_id: int | None = None  # of the current server-side subscription
+        self.resumes = 0  # successful re-subscriptions
+        self._conn: _Connection | None = None
+        self._queue: deque[T] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._holding = False
+        self._lost: ClientError | None = None
+        self._error: ClientError | None = None
+        self._closed = False
+        self._begun = False  # the first Subscribe was sent
+        self._fruitless = 0  # resumes since an item was yielded (or a subscription held)
+        self._started_at = 0.0
+
+    # what the subclasses say --------------------------------------------------------------------
+
+    def _request(self, rid: int) -> Request:
+        raise NotImplementedError
+
+    def _expect(self) -> type[Subscribed] | type[InboxSnapshot]:
+        raise NotImplementedError
+
+    def _accept(self, push: Push) -> None:
+        """Queue the items of ``push`` (not a ``SubscriptionClosed``)."""
+        raise NotImplementedError
+
+    def _check(self, item: T) -> None:
+        """Called as ``item`` is yielded; raises ``ClientError`` if it is out of order."""
+
+    # PushSink ------------------------------------------------------------------------------------
+
+    def subscribed(self, conn: _Connection, response: Subscribed | InboxSnapshot) -> None:
+        if self._closed or self._error is not None:  # ended while the subscribe was in flight
+            conn.unregister(response.sub_id)
+            conn.unsubscribe_quietly(response.sub_id)
+            return
+        self._conn = conn
+        self.sub_id = response.sub_id
+        self._lost = None
+        self._started_at = conn._loop.time()
+
+    def deliver(self, push: Push) -> None:
+        if type(push) is SubscriptionClosed:
+            if push.reason == "not_found":
+                self._detach()  # the server has ended it: no Unsubscribe
+                self._fail(ClientError("not_found", push.message, False))
+            else:
+                reason = f"closed by the server: {push.reason}: {push.message}"
+                self._drop(ClientError("unavailable", reason, True))
+            return
+        self._accept(push)
+        conn = self._conn
+        if not self._holding and conn is not None and len(self._queue) >= self.queue_max:
+            self._holding = True
+            conn.hold(self)
+        self._wake()
+
+    def connection_lost(self, error: ClientError) -> None:
+        self._drop(error)
+
+    # the iterator --------------------------------------------------------------------------------
+
+    def __await__(self) -> Generator[Any, None, Self]:
+        return self._begin().__await__()
+
+    async def _begin(self) -> Self:
+        await self._ensure_started()
+        return self
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> T:
+        if not self._begun:
+            await self._ensure_started()
+        for _ in range(1_000_000):  # each turn yields, waits or resumes: a bound, not a limit
+            if self._closed:
+                raise StopAsyncIteration
+            if self._error is not None:
+                raise self._error
+            queue = self._queue
+            if queue:
+                item = queue.popleft()
+                try:
+                    self._check(item)
+                except ClientError as e:
+                    self._fail(e)
+                    raise
+                self._fruitless = 0
+                if self._holding and 2 * len(queue) < self.queue_max:
+                    self._holding = False
+                    if self._conn is not None:
+                        self._conn.release(self)
+                return item
+            if self._lost is not None:
+                await self._resume()
+                continue
+            assert self._waiter is None, "one consumer at a time"
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        raise AssertionError("the subscription loop did not settle")
+
+    async def close(self) -> None:
+        """End the iteration and unsubscribe (when connected; the answer is awaited, errors are
+        ignored).  Items queued and not yet yielded are dropped."""
+        if self._closed:
+            return
+        conn, sub_id = self._conn, self.sub_id
+        self._end()
+        if conn is not None and conn.error is None and sub_id is not None:
+            with contextlib.suppress(ClientError):
+                await conn.request(Unsubscribe(self.client._next_rid(), sub_id))
+
+    async def __aenter__(self) -> Self:
+        await self._ensure_started()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # the machinery -------------------------------------------------------------------------------
+
+    async def _ensure_started(self) -> None:
+        """The first Subscribe, once.  A retryable failure is a loss like any other (the
+        iterator resumes); another ends the subscription and is raised."""
+        if self._begun or self._closed:
+            return
+        self._begun = True
+        try:
+            await self._start()
+        except ClientError as e:
+            if e.retryable and not self.client._closed:
+                self._lost = e
+                self._started_at = asyncio.get_running_loop().time()
+                return
+            self._fail(e)
+            raise
+        except BaseException:
+            self._begun = False  # cancelled: a late answer is unsubscribed by the connection
+            raise
+
+    async def _start(self) -> None:
+        """One Subscribe (through the client's usual connect); raises ``ClientError``."""
+        await self.client._call(self._request(self.client._next_rid()), self._expect(), self)
+
+    async def _resume(self) -> None:
+        """Subscribe again, with backoff, at most ``connect_attempts`` times in a row; fails the
+        subscription when that does not work or when it keeps being lost without progress."""
+        client = self.client
+        last = self._lost
+        assert last is not None
+        if not last.retryable:
+            self._fail(last)
+            return
+        if asyncio.get_running_loop().time() - self._started_at >= client.timeout_s:
+            self._fruitless = 0  # it held for a while: not a loop of failures
+        if self._fruitless >= client.connect_attempts:
+            self._fail(
+                ClientError(
+                    "unavailable",
+                    f"lost {self._fruitless} times in a row without progress: {last.message}",
+                    True,
+                )
+            )
+            return
+        backoff_s = client.backoff_min_s * 2 ** min(self._fruitless, 16)
+        for attempt in range(client.connect_attempts):
+            if attempt or self._fruitless:
+                backoff_s = min(backoff_s, client.backoff_max_s)
+                await asyncio.sleep(client._rng.uniform(backoff_s / 2, backoff_s))
+                backoff_s *= 2
+            if self._closed or self._error is not None:
+                return
+            try:
+                await self._start()
+            except ClientError as e:
+                if not e.retryable or client._closed:
+                    self._fail(e)
+                    return
+                last = e
+                continue
+            self.resumes += 1
+            self._fruitless += 1
+            return
+        self._fail(
+            ClientError(
+                "unavailable",
+                f"no resume in {client.connect_attempts} attempts; last: {last.message}",
+                True,
+            )
+        )
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _detach(self) -> None:
+        """Leave the connection: unregister, release the hold."""
+        conn = self._conn
+        self._conn = None
+        if conn is not None and self.sub_id is not None and conn.sinks.get(self.sub_id) is self:
+            del conn.sinks[self.sub_id]
+        if self._holding:
+            self._holding = False
+            if conn is not None:
+                conn.release(self)
+
+    def _drop(self, why: ClientError) -> None:
+        """The server side is gone: forget what was queued, subscribe again when next read."""
+        self._detach()
+        self._queue.clear()
+        if not self._closed and self._error is None:
+            self._lost = why
+        self._wake()
+
+    def _fail(self, error: ClientError) -> None:
+        """End with ``error`` (raised by the iterator from now on); unsubscribe if connected."""
+        conn, sub_id = self._conn, self.sub_id
+        self._detach()
+        self._queue.clear()
+        self._lost = None
+        if self._error is None:
+            self._error = error
+        if conn is not None and sub_id is not None:
+            conn.unsubscribe_quietly(sub_id)
+        self._wake()
+
+    def _end(self) -> None:
+        self._detach()
+        self._queue.clear()
+        self._lost = None
+        self._closed = True
+        self._wake()
+
+
+class Subscription(_Follower[Message | GapEvent]):
+    """A session followed in seq order: yields ``Message`` and ``GapEvent`` (see
+    ``Client.subscribe``).  ``last_seq``: the seq of the last item yielded (a GapEvent's
+    ``to_seq``); a resume subscribes again after it."""
+
+    def __init__(self, client: Client, session_id: str, after_seq: int, queue_max: int) -> None:
+        super().__init__(client, queue_max)
+        self.session_id = session_id
+        self.last_seq = after_seq
+        self.start_last_seq: int | None = None  # Subscribed.last_seq of the latest subscribe
+
+    def _request(self, rid: int) -> Request:
+        return Subscribe(rid, self.session_id, self.last_seq)
+
+    def _expect(self) -> type[Subscribed]:
+        return Subscribed
+
+    def subscribed(self, conn: _Connection, response: Subscribed | InboxSnapshot) -> None:
+        super().subscribed(conn, response)
+        if type(response) is Subscribed:
+            self.start_last_seq = response.last_seq
+
+    def _accept(self, push: Push) -> None:
+        if type(push) is MessageEvent:
+            self._queue.extend(push.messages)
+        elif type(push) is GapEvent:
+            self._queue.append(push)
+        else:
+            self._fail(ClientError("internal", f"{type(push).__name__} for a session", False))
+
+    def _check(self, item: Message | GapEvent) -> None:
+        expected = self.last_seq + 1
+        if type(item) is Message:
+            if item.seq != expected:
+                raise _out_of_order(f"expected seq {expected}, got message {item.seq}")
+            self.last_seq = item.seq
+        else:
+            assert type(item) is GapEvent
+            if item.from_seq != expected or item.to_seq < item.from_seq:
+                raise _out_of_order(
+                    f"expected seq {expected}, got gap {item.from_seq}..{item.to_seq}"
+                )
+            self.last_seq = item.to_seq
+
+
+def _out_of_order(what: str) -> ClientError:
+    return ClientError("internal", f"subscription out of order: {what}", False)
+
+
+class InboxSubscription(_Follower[InboxSnapshot | InboxDelta]):
+    """A user's inbox followed: yields an ``InboxSnapshot``, then ``InboxDelta``s (see
+    ``Client.subscribe_inbox``); after a resume, a fresh ``InboxSnapshot``."""
+
+    def __init__(self, client: Client, user_id: str, queue_max: int) -> None:
+        super().__init__(client, queue_max)
+        self.user_id = user_id
+
+    def _request(self, rid: int) -> Request:
+        return SubscribeInbox(rid, self.user_id)
+
+    def _expect(self) -> type[InboxSnapshot]:
+        return InboxSnapshot
+
+    def subscribed(self, conn: _Connection, response: Subscribed | InboxSnapshot) -> None:
+        super().subscribed(conn, response)
+        if self._conn is conn and type(response) is InboxSnapshot:
+            self._queue.append(response)  # the first item, before the deltas that follow
+            self._wake()
+
+    def _accept(self, push: Push) -> None:
+        if type(push) is InboxDelta:
+            self._queue.append(push)
+        else:
+            self._fail(ClientError("internal", f"{type(push).__name__} for an inbox", False))
 
 
 async def connect(
@@ -524,4 +1031,13 @@ async def connect(
     return client
 
 
-__all__ = ["Client", "ClientError", "connect", "new_client_msg_id", "parse_targets"]
+__all__ = [
+    "Client",
+    "ClientError",
+    "InboxSubscription",
+    "PushSink",
+    "Subscription",
+    "connect",
+    "new_client_msg_id",
+    "parse_targets",
+]

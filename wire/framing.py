@@ -1,7 +1,8 @@
 """The native binary protocol's framing and connection states, sans I/O (design §4.1).
 
 A frame is a 4-byte big-endian unsigned length N, then N bytes of msgpack: one message of
-``protocol.Request`` (client -> server) or ``protocol.Response`` (server -> client).
+``protocol.Request`` (client -> server), or of ``protocol.Response`` or ``protocol.Push``
+(server -> client).
 ``ServerConnection`` and ``ClientConnection`` are the two ends of one connection: bytes go in
 through ``receive_data`` (``None``: end of stream), events come out of ``next_event``, messages
 go in through ``send`` and leave as bytes through ``data_to_send``.  No I/O, no clock.
@@ -25,6 +26,12 @@ Rules of this file:
   >= 1 (a request with rid 0 is a protocol error).
 - A server answers each request exactly once, in any order (``rid`` matches them); the number and
   frame bytes of unanswered requests are ``in_flight`` and ``in_flight_bytes``.
+- Pushes (subscription events) flow only while OPEN, interleaved with responses in any order;
+  they answer no request and leave the in-flight accounting alone.  A push is never cut to fit:
+  one over ``max_frame_bytes`` raises ``too_large`` so the server splits its batch.
+- ``goodbye`` is the server's deliberate last word (a graceful shutdown): ``Error{rid: 0}``
+  with the code's ``retryable``, then MUST_CLOSE.  To a client any ``Error{rid: 0}`` is a
+  ``ProtocolError`` carrying that code and ``retryable``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from __future__ import annotations
 import enum
 import re
 import struct
-from typing import Any, Final, get_args
+from typing import Any, Final, cast, get_args
 
 import msgspec
 import msgspec.msgpack
@@ -42,11 +49,13 @@ from .protocol import (
     FRAME_BYTES_MAX,
     METADATA_BYTES_MAX,
     PROTOCOL_VERSION,
+    RETRYABLE,
     Append,
     CreateSession,
     Error,
     ErrorCode,
     Hello,
+    Push,
     Request,
     Response,
     Welcome,
@@ -75,6 +84,7 @@ class Input(enum.Enum):
     GOODBYE = "goodbye"  # an Error with rid 0: the server is closing the connection
     REQUEST = "request"  # any request but Hello
     RESPONSE = "response"  # any response but Welcome, Errors included
+    PUSH = "push"  # a subscription event (server -> client), answering no request
 
     __hash__ = object.__hash__
 
@@ -89,18 +99,21 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.GREETING, Input.GOODBYE): State.MUST_CLOSE,
     (State.OPEN, Input.REQUEST): State.OPEN,
     (State.OPEN, Input.RESPONSE): State.OPEN,
+    (State.OPEN, Input.PUSH): State.OPEN,  # only once open: a push before the Welcome is an error
     (State.OPEN, Input.GOODBYE): State.MUST_CLOSE,
 }
 
 REQUEST_TYPES: Final[tuple[type[Any], ...]] = get_args(Request)
-_INPUT_OF: Final[dict[type[Any], Input]] = {t: Input.REQUEST for t in REQUEST_TYPES} | {
-    Hello: Input.HELLO,
-    Welcome: Input.WELCOME,
-}
+PUSH_TYPES: Final[tuple[type[Any], ...]] = get_args(Push)
+_INPUT_OF: Final[dict[type[Any], Input]] = (
+    {t: Input.REQUEST for t in REQUEST_TYPES}
+    | {t: Input.PUSH for t in PUSH_TYPES}
+    | {Hello: Input.HELLO, Welcome: Input.WELCOME}
+)
 _REQUEST_BY_TAG: Final[dict[str, type[Any]]] = {t.__struct_config__.tag: t for t in REQUEST_TYPES}
 
 
-def input_of(message: Request | Response, state: State) -> Input:
+def input_of(message: Request | Response | Push, state: State) -> Input:
     """What ``message`` is to the table in ``state``."""
     kind = _INPUT_OF.get(type(message), Input.RESPONSE)
     if kind is Input.RESPONSE and type(message) is Error:
@@ -129,11 +142,21 @@ class ResponseReceived(msgspec.Struct, frozen=True):
     response: Response
 
 
+class PushReceived(msgspec.Struct, frozen=True):
+    """A subscription event (``push.sub_id`` names the subscription)."""
+
+    push: Push
+
+
 class ProtocolError(msgspec.Struct, frozen=True):
-    """The peer broke the protocol (or, to a client, the server said goodbye): close."""
+    """The peer broke the protocol (or, to a client, the server said goodbye): close.
+
+    ``retryable``: a server's goodbye says whether the requests it leaves unanswered may
+    succeed elsewhere (true for a shutdown); false when this side detected the breakage."""
 
     code: ErrorCode
     message: str
+    retryable: bool = False
 
 
 class ConnectionClosed(msgspec.Struct, frozen=True):
@@ -143,37 +166,41 @@ class ConnectionClosed(msgspec.Struct, frozen=True):
 CONNECTION_CLOSED: Final = ConnectionClosed()
 
 ServerEvent = RequestReceived | BadRequest | ProtocolError | ConnectionClosed
-ClientEvent = ResponseReceived | ProtocolError | ConnectionClosed
+ClientEvent = ResponseReceived | PushReceived | ProtocolError | ConnectionClosed
 
 # -- codecs, built once ----------------------------------------------------------------------------
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _request_decoder: Final = msgspec.msgpack.Decoder(Request)
-_response_decoder: Final = msgspec.msgpack.Decoder(Response)
+_server_message_decoder: Final = msgspec.msgpack.Decoder(Response | Push)  # one tagged union
 _head_decoder: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _tag_decoder: Final = msgspec.msgpack.Decoder(str)
 _rid_decoder: Final = msgspec.msgpack.Decoder(int)
 _PATH: Final = re.compile(r"`\$\[(\d+)\]")
+_UNDECODABLE: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+"""What a decoder raises for bytes that are not the message (msgspec lets an invalid UTF-8
+string escape as ``UnicodeDecodeError``)."""
 _RID_MAX: Final = 2**63 - 1
 
 
 class _Broken(Exception):
     """Internal: the peer broke the protocol."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retryable: bool = False) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message
+        self.retryable = retryable
 
 
-def encode_frame(message: Request | Response) -> bytes:
+def encode_frame(message: Request | Response | Push) -> bytes:
     """One message with its length prefix (for tests and tools; connections encode in place)."""
     buf = bytearray()
     _append_frame(buf, message)
     return bytes(buf)
 
 
-def _append_frame(buf: bytearray, message: Request | Response) -> int:
+def _append_frame(buf: bytearray, message: Request | Response | Push) -> int:
     """Append the frame of ``message`` to ``buf``; its body length.  Leaves ``buf`` as it was
     and raises ``LocalProtocolError`` if the message cannot be encoded."""
     start = len(buf)
@@ -257,13 +284,13 @@ class _Connection:
             self._pos = 0
 
     def _fail(self, broken: _Broken) -> ProtocolError:
-        self.error = ProtocolError(broken.code, broken.message)
+        self.error = ProtocolError(broken.code, broken.message, broken.retryable)
         self.state = State.MUST_CLOSE
         self._buffer = bytearray()
         self._pos = 0
         return self.error
 
-    def _step(self, message: Request | Response) -> State:
+    def _step(self, message: Request | Response | Push) -> State:
         """The state after sending ``message``; raises if the table does not allow it."""
         after = TRANSITIONS.get((self.state, input_of(message, self.state)))
         if after is None:
@@ -328,10 +355,10 @@ class ServerConnection(_Connection):
             request: Request = _request_decoder.decode(body)
         except msgspec.ValidationError as e:
             return self._bad_request(body, e, state)
-        except msgspec.DecodeError as e:
-            raise _Broken("bad_request", f"undecodable frame: {e}") from None
         except RecursionError:
             raise _Broken("bad_request", "undecodable frame: nested too deeply") from None
+        except _UNDECODABLE as e:
+            raise _Broken("bad_request", f"undecodable frame: {e}") from None
         kind = Input.HELLO if type(request) is Hello else Input.REQUEST
         after = TRANSITIONS.get((state, kind))
         if after is None:
@@ -410,6 +437,44 @@ class ServerConnection(_Connection):
         self.in_flight_bytes -= size
         self.state = after
 
+    def push(self, event: Push) -> int:
+        """Queue a push; the bytes queued (its frame, the 4 length bytes included).
+
+        Discarded (0) once the connection must close.  Raises ``LocalProtocolError`` (nothing
+        queued) before the Welcome, for a ``sub_id`` < 1, for a value that cannot be encoded,
+        and with ``too_large`` for a push over ``max_frame_bytes`` (split the batch)."""
+        if self.state is State.MUST_CLOSE:
+            return 0
+        if type(event) not in PUSH_TYPES:
+            raise LocalProtocolError("internal", f"{type(event).__name__} is not a push")
+        if not 0 < event.sub_id <= _RID_MAX:
+            raise LocalProtocolError("internal", f"sub_id: {event.sub_id} (pushes use >= 1)")
+        after = self._step(event)
+        out = self._out
+        start = len(out)
+        length = _append_frame(out, event)
+        if length > self.max_frame_bytes:
+            del out[start:]
+            raise LocalProtocolError(
+                "too_large",
+                f"a {_tag(event)} of {length} bytes exceeds max_frame_bytes "
+                f"({self.max_frame_bytes})",
+            )
+        self.state = after
+        return HEADER.size + length
+
+    def goodbye(self, code: ErrorCode, message: str) -> None:
+        """Queue the last word, ``Error{rid: 0}`` (``retryable`` per ``RETRYABLE``), and move to
+        MUST_CLOSE: write ``data_to_send()``, then close.  Requests in flight stay unanswered.
+        For a graceful shutdown: ``goodbye("unavailable", "node shutting down")``.  Nothing
+        happens once the connection must close."""
+        if self.state is State.MUST_CLOSE:
+            return
+        last = Error(0, code, message, code in RETRYABLE, {})
+        after = self._step(last)
+        _append_frame(self._out, last)
+        self.state = after
+
     def _check_welcome(self, welcome: Welcome) -> None:
         if welcome.protocol_version not in self.supported_versions:
             raise LocalProtocolError("internal", "Welcome names an unsupported protocol_version")
@@ -430,7 +495,7 @@ def _too_large_response(rid: int, length: int, limit: int) -> Error:
     )
 
 
-def _tag(message: Request | Response) -> str:
+def _tag(message: Request | Response | Push) -> str:
     return str(type(message).__struct_config__.tag)
 
 
@@ -442,7 +507,7 @@ def describe_schema_error(
     text = str(exc)
     try:
         head = _head_decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except _UNDECODABLE:
         return None, None, text
     tag = _read(head, 0, _tag_decoder)
     rid = _read(head, 1, _rid_decoder)
@@ -473,7 +538,7 @@ def _read(head: list[msgspec.Raw], index: int, decoder: msgspec.msgpack.Decoder[
         return None
     try:
         return decoder.decode(head[index])
-    except msgspec.DecodeError:
+    except _UNDECODABLE:
         return None
 
 
@@ -482,7 +547,8 @@ def _read(head: list[msgspec.Raw], index: int, decoder: msgspec.msgpack.Decoder[
 
 class ClientConnection(_Connection):
     """The client end of one connection.  ``max_frame_bytes`` bounds frames both ways until
-    the Welcome; from then on the server's ``Welcome.max_frame_bytes`` does."""
+    the Welcome; from then on the server's ``Welcome.max_frame_bytes`` does.  Responses come out
+    as ``ResponseReceived``, pushes as ``PushReceived``."""
 
     def __init__(self, max_frame_bytes: int = FRAME_BYTES_MAX) -> None:
         super().__init__(max_frame_bytes)
@@ -525,17 +591,23 @@ class ClientConnection(_Connection):
 
     def _on_body(self, body: bytearray) -> ClientEvent:
         try:
-            response: Response = _response_decoder.decode(body)
-        except (msgspec.DecodeError, RecursionError) as e:
+            message: Response | Push = _server_message_decoder.decode(body)
+        except _UNDECODABLE as e:
             raise _Broken("internal", f"undecodable response: {e}") from None
         state = self.state
-        kind = input_of(response, state)
+        kind = input_of(message, state)
         if kind is Input.GOODBYE:
-            assert type(response) is Error
-            raise _Broken(response.code, response.message)
+            assert type(message) is Error
+            raise _Broken(message.code, message.message, message.retryable)
         after = TRANSITIONS.get((state, kind))
         if after is None:
-            raise _Broken("internal", f"{_tag(response)} is not allowed in state {state.value}")
+            raise _Broken("internal", f"{_tag(message)} is not allowed in state {state.value}")
+        if kind is Input.PUSH:
+            push = cast(Push, message)
+            if not 0 < push.sub_id <= _RID_MAX:
+                raise _Broken("internal", f"{_tag(push)} with sub_id {push.sub_id}")
+            return PushReceived(push)
+        response = cast(Response, message)
         if type(response) is Welcome:
             if not 0 < response.max_frame_bytes <= FRAME_BYTES_CEILING:
                 raise _Broken("internal", f"max_frame_bytes {response.max_frame_bytes}")
@@ -550,6 +622,7 @@ __all__ = [
     "HEADER",
     "HELLO_FRAME_BYTES_MAX",
     "METADATA_BYTES_MAX",
+    "PUSH_TYPES",
     "SUPPORTED_VERSIONS",
     "TRANSITIONS",
     "BadRequest",
@@ -558,6 +631,7 @@ __all__ = [
     "ConnectionClosed",
     "Input",
     "ProtocolError",
+    "PushReceived",
     "RequestReceived",
     "ResponseReceived",
     "ServerConnection",

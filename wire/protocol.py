@@ -3,7 +3,11 @@
 Rules of this file:
 - One msgspec Struct per message, ``array_like`` (a message is a msgpack array: the tag, then
   the fields in the order written here), with a short string tag.  Requests form the tagged
-  union ``Request``; responses and errors the union ``Response``.
+  union ``Request``; responses and errors the union ``Response``; server pushes (subscription
+  events, which answer no request) the union ``Push``.  Tags are unique across all three (a
+  client decodes ``Response | Push`` as one union).
+- A request's first field is its ``rid`` (>= 1), echoed by its response; a push's first field
+  is the ``sub_id`` (>= 1) of the subscription it belongs to.
 - Every field is required on the wire: an optional value is sent as nil, never left out (a
   missing field is a ``bad_request``, not a default).  Schema evolution: a new field is appended
   at the end *with* a default; tags and field types never change.
@@ -34,8 +38,19 @@ Limit = Annotated[int, Meta(ge=1, le=1000)]
 Kind = Annotated[str, Meta(min_length=1, max_length=64)]
 Content = Annotated[str, Meta(max_length=1024 * 1024)]
 Metadata = dict[str, Any]  # msgpack map with string keys; at most 16 KiB encoded (server-checked)
+SubId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 Sender = Literal["user", "agent", "system"]
 Timestamp = int  # ms since the Unix epoch
+GapReason = Literal[
+    "retention",  # deleted by the retention policy
+    "unavailable",  # not obtainable (no longer held where the server could read them)
+]
+CloseReason = Literal[
+    "slow_consumer",  # the client did not read fast enough: subscribe again from the last seq
+    "shutdown",  # the node is going away: subscribe again (on another node)
+    "not_found",  # the session does not exist (any more): do not subscribe again
+    "unavailable",  # the server cannot follow the session now: subscribe again, with backoff
+]
 
 ErrorCode = Literal[
     "bad_request",  # invalid input; ``message`` names the field
@@ -72,6 +87,19 @@ class Message(msgspec.Struct, array_like=True, frozen=True, gc=False):
     client_msg_id: str | None
     inserted_at: Timestamp
     token_count: int | None
+
+
+class InboxEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One session of a user's inbox, as of its last message."""
+
+    session_id: str
+    agent_id: str
+    last_seq: int
+    unread: int  # messages after the user's read cursor (``MarkRead``)
+    last_activity: Timestamp  # inserted_at of the last message (created_at if none)
+    last_sender: Sender | None  # nil: no message yet
+    last_sender_id: str | None
+    preview: str  # the start of the last message's content
 
 
 # -- requests (client -> server) -------------------------------------------------------------------
@@ -161,8 +189,45 @@ class GetRoutes(msgspec.Struct, array_like=True, tag="get_routes", forbid_unknow
     rid: Rid
 
 
+class Subscribe(msgspec.Struct, array_like=True, tag="subscribe", forbid_unknown_fields=True):
+    """Follow a session: answered ``Subscribed``, then pushes every message with
+    ``seq > after_seq`` in order (``MessageEvent``, ``GapEvent`` for messages that will not
+    come), then the live ones, until ``Unsubscribe`` or ``SubscriptionClosed``."""
+
+    rid: Rid
+    session_id: Id
+    after_seq: Seq
+
+
+class Unsubscribe(msgspec.Struct, array_like=True, tag="unsubscribe", forbid_unknown_fields=True):
+    """End a subscription of this connection; pushes already on their way may still arrive."""
+
+    rid: Rid
+    sub_id: SubId
+
+
+class SubscribeInbox(
+    msgspec.Struct, array_like=True, tag="subscribe_inbox", forbid_unknown_fields=True
+):
+    """Follow a user's inbox: answered ``InboxSnapshot``, then ``InboxDelta`` pushes."""
+
+    rid: Rid
+    user_id: Id
+
+
 Request = (
-    Hello | CreateSession | GetSession | ListSessions | Append | Read | MarkRead | Ping | GetRoutes
+    Hello
+    | CreateSession
+    | GetSession
+    | ListSessions
+    | Append
+    | Read
+    | MarkRead
+    | Ping
+    | GetRoutes
+    | Subscribe
+    | Unsubscribe
+    | SubscribeInbox
 )
 
 
@@ -211,8 +276,9 @@ class Pong(msgspec.Struct, array_like=True, tag="pong"):
 
 
 class Error(msgspec.Struct, array_like=True, tag="error"):
-    """The answer to a request that failed.  ``rid`` 0: the connection is broken (unreadable rid,
-    oversize or undecodable frame, bad handshake) and the server closes it after this frame."""
+    """The answer to a request that failed.  ``rid`` 0: the server's goodbye, after which it
+    closes the connection: the connection is broken (unreadable rid, oversize or undecodable
+    frame, bad handshake), or the node is shutting down (``unavailable``, retryable)."""
 
     rid: int
     code: ErrorCode
@@ -228,9 +294,78 @@ class Routes(msgspec.Struct, array_like=True, tag="routes"):
     addresses: dict[int, str]  # node id -> "host:port" of its native listener (those known)
 
 
+class Subscribed(msgspec.Struct, array_like=True, tag="subscribed"):
+    """Answers ``Subscribe``; it precedes the subscription's first push."""
+
+    rid: int
+    sub_id: int  # unique among this connection's subscriptions
+    last_seq: int  # the session's last seq when the subscription started
+
+
+class Unsubscribed(msgspec.Struct, array_like=True, tag="unsubscribed"):
+    rid: int
+    sub_id: int
+
+
+class InboxSnapshot(msgspec.Struct, array_like=True, tag="inbox_snapshot"):
+    """Answers ``SubscribeInbox``: the user's sessions, the most recently active first."""
+
+    rid: int
+    sub_id: int
+    entries: list[InboxEntry]
+    truncated: bool  # more sessions exist than the snapshot holds
+
+
 Response = (
-    Welcome | SessionInfo | SessionList | Appended | Messages | ReadMarked | Pong | Error | Routes
+    Welcome
+    | SessionInfo
+    | SessionList
+    | Appended
+    | Messages
+    | ReadMarked
+    | Pong
+    | Error
+    | Routes
+    | Subscribed
+    | Unsubscribed
+    | InboxSnapshot
 )
+
+
+# -- pushes (server -> client, answering no request) -----------------------------------------------
+class MessageEvent(msgspec.Struct, array_like=True, tag="message_event"):
+    """One or more consecutive messages of the subscribed session, oldest first."""
+
+    sub_id: int
+    messages: list[Message]
+
+
+class GapEvent(msgspec.Struct, array_like=True, tag="gap_event"):
+    """Messages ``from_seq..to_seq`` (inclusive) will not be delivered."""
+
+    sub_id: int
+    from_seq: int
+    to_seq: int
+    reason: GapReason
+
+
+class InboxDelta(msgspec.Struct, array_like=True, tag="inbox_delta"):
+    """Inbox entries that changed (each replaces the entry of its session)."""
+
+    sub_id: int
+    entries: list[InboxEntry]
+
+
+class SubscriptionClosed(msgspec.Struct, array_like=True, tag="subscription_closed"):
+    """The server ended the subscription; no push of it follows.  The client may subscribe
+    again from its last seq, except after ``not_found``."""
+
+    sub_id: int
+    reason: CloseReason
+    message: str
+
+
+Push = MessageEvent | GapEvent | InboxDelta | SubscriptionClosed
 
 RETRYABLE: frozenset[str] = frozenset({"unavailable", "timeout", "rate_limited"})
 
@@ -246,18 +381,26 @@ __all__ = [
     "RETRYABLE",
     "Append",
     "Appended",
+    "CloseReason",
     "CreateSession",
     "Error",
     "ErrorCode",
+    "GapEvent",
+    "GapReason",
     "GetRoutes",
     "GetSession",
     "Hello",
+    "InboxDelta",
+    "InboxEntry",
+    "InboxSnapshot",
     "ListSessions",
     "MarkRead",
     "Message",
+    "MessageEvent",
     "Messages",
     "Ping",
     "Pong",
+    "Push",
     "Read",
     "ReadMarked",
     "Request",
@@ -266,6 +409,13 @@ __all__ = [
     "Session",
     "SessionInfo",
     "SessionList",
+    "SubId",
+    "Subscribe",
+    "SubscribeInbox",
+    "Subscribed",
+    "SubscriptionClosed",
+    "Unsubscribe",
+    "Unsubscribed",
     "Welcome",
     "error",
 ]

@@ -34,6 +34,7 @@ from wire.protocol import (
     Messages,
     Ping,
     Pong,
+    Push,
     Read,
     ReadMarked,
     Request,
@@ -49,6 +50,7 @@ LOOPS = [uvloop.new_event_loop, asyncio.new_event_loop]
 LOOP_IDS = ["uvloop", "asyncio"]
 _encoder = msgspec.msgpack.Encoder()
 _response_decoder = msgspec.msgpack.Decoder(Response)
+_server_message_decoder = msgspec.msgpack.Decoder(Response | Push)
 
 
 def frame(body: bytes) -> bytes:
@@ -89,6 +91,18 @@ def responses(data: bytes | bytearray) -> list[Response]:
     while pos < len(data):
         (n,) = struct.unpack_from(">I", data, pos)
         out.append(_response_decoder.decode(bytes(data[pos + 4 : pos + 4 + n])))
+        pos += 4 + n
+    assert pos == len(data), "trailing bytes"
+    return out
+
+
+def server_messages(data: bytes | bytearray) -> list[Response | Push]:
+    """Decode a server's output (responses and pushes), frame by frame."""
+    out: list[Response | Push] = []
+    pos = 0
+    while pos < len(data):
+        (n,) = struct.unpack_from(">I", data, pos)
+        out.append(_server_message_decoder.decode(bytes(data[pos + 4 : pos + 4 + n])))
         pos += 4 + n
     assert pos == len(data), "trailing bytes"
     return out

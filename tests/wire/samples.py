@@ -1,5 +1,5 @@
 """Representative instances of every message of ``wire.protocol`` (one per tag, for the golden
-vectors), plus edge cases for round trips."""
+vectors: requests, responses and pushes), plus edge cases for round trips."""
 
 from __future__ import annotations
 
@@ -10,15 +10,21 @@ from wire.protocol import (
     Appended,
     CreateSession,
     Error,
+    GapEvent,
     GetRoutes,
     GetSession,
     Hello,
+    InboxDelta,
+    InboxEntry,
+    InboxSnapshot,
     ListSessions,
     MarkRead,
     Message,
+    MessageEvent,
     Messages,
     Ping,
     Pong,
+    Push,
     Read,
     ReadMarked,
     Request,
@@ -27,6 +33,12 @@ from wire.protocol import (
     Session,
     SessionInfo,
     SessionList,
+    Subscribe,
+    Subscribed,
+    SubscribeInbox,
+    SubscriptionClosed,
+    Unsubscribe,
+    Unsubscribed,
     Welcome,
 )
 
@@ -36,6 +48,10 @@ SESSION = Session("s-1", "u-1", "agent-1", T0, {"title": "Trip"}, 2)
 MESSAGES = [
     Message("s-1", 1, "user", "u-1", "text", "hello", {}, "m-1", T0 + 1, None),
     Message("s-1", 2, "agent", "agent-1", "text", "hi, 世界", {"model": "x"}, None, T0 + 2, 7),
+]
+INBOX = [
+    InboxEntry("s-1", "agent-1", 2, 1, T0 + 2, "agent", "agent-1", "hi, 世界"),
+    InboxEntry("s-2", "agent-2", 0, 0, T0, None, None, ""),
 ]
 
 REQUESTS: dict[str, Request] = {
@@ -48,6 +64,9 @@ REQUESTS: dict[str, Request] = {
     "mark_read": MarkRead(7, "s-1", "u-1", 2),
     "ping": Ping(8),
     "get_routes": GetRoutes(9),
+    "subscribe": Subscribe(10, "s-1", 0),
+    "unsubscribe": Unsubscribe(11, 1),
+    "subscribe_inbox": SubscribeInbox(12, "u-1"),
 }
 
 RESPONSES: dict[str, Response] = {
@@ -60,9 +79,19 @@ RESPONSES: dict[str, Response] = {
     "pong": Pong(8),
     "routes": Routes(9, 3, [1, 2, 0, 3], {1: "127.0.0.1:7400", 2: "127.0.0.1:7401"}),
     "error": Error(5, "conflict", "expected_seq 1, last_seq 2", False, {"last_seq": 2}),
+    "subscribed": Subscribed(10, 1, 2),
+    "unsubscribed": Unsubscribed(11, 1),
+    "inbox_snapshot": InboxSnapshot(12, 2, INBOX, False),
 }
 
-SAMPLES: dict[str, Request | Response] = {**REQUESTS, **RESPONSES}
+PUSHES: dict[str, Push] = {
+    "message_event": MessageEvent(1, MESSAGES[:1]),
+    "gap_event": GapEvent(1, 3, 5, "retention"),
+    "inbox_delta": InboxDelta(2, INBOX[:1]),
+    "subscription_closed": SubscriptionClosed(1, "slow_consumer", "1000 messages behind"),
+}
+
+SAMPLES: dict[str, Request | Response | Push] = {**REQUESTS, **RESPONSES, **PUSHES}
 
 # More shapes for round trips: every optional field set and unset, limits, unicode, nesting.
 EDGE_REQUESTS: list[Request] = [
@@ -77,6 +106,9 @@ EDGE_REQUESTS: list[Request] = [
     Append(1, "s", "user", "", "text", "emoji 🎉 and NUL \x00", {"": ""}, "m", None, 5),
     Read(1, "s", 2**63 - 1, 1),
     MarkRead(1, "s", "u", 0),
+    Subscribe(1, "s", 2**63 - 1),
+    Unsubscribe(1, 2**63 - 1),
+    SubscribeInbox(1, "u" * 128),
 ]
 EDGE_RESPONSES: list[Response] = [
     Welcome(1, 0, "", 1, 1),
@@ -85,6 +117,18 @@ EDGE_RESPONSES: list[Response] = [
     Appended(1, 2**63 - 1, 0, True),
     Error(0, "too_large", "a frame of 5000000 bytes", False, {}),
     Error(9, "unavailable", "no leader yet", True, {"group": 17, "retry_after_ms": 50}),
+    Error(0, "unavailable", "node shutting down", True, {}),
+    Subscribed(1, 2**63 - 1, 0),
+    InboxSnapshot(1, 1, [], True),
+]
+EDGE_PUSHES: list[Push] = [
+    MessageEvent(2**63 - 1, MESSAGES),
+    MessageEvent(1, []),
+    GapEvent(1, 1, 2**63 - 1, "unavailable"),
+    InboxDelta(1, []),
+    SubscriptionClosed(1, "not_found", ""),
+    SubscriptionClosed(1, "shutdown", "node shutting down"),
+    SubscriptionClosed(1, "unavailable", "ünïcode"),
 ]
 
 
@@ -93,8 +137,11 @@ def union_types(union: Any) -> list[type[Any]]:
 
 
 __all__ = [
+    "EDGE_PUSHES",
     "EDGE_REQUESTS",
     "EDGE_RESPONSES",
+    "INBOX",
+    "PUSHES",
     "REQUESTS",
     "RESPONSES",
     "SAMPLES",

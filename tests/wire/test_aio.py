@@ -1,22 +1,28 @@
-"""The asyncio server (``wire.aio``) on real sockets on 127.0.0.1, on uvloop and asyncio."""
+"""The asyncio server (``wire.aio``) on real sockets on 127.0.0.1, on uvloop and asyncio: requests
+and answers, bounds, pushes, backlog and goodbyes."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import pytest
+from msgspec.structs import replace
 
 from wire.aio import Connection, Server, serve
-from wire.errors import ClientError
-from wire.framing import ProtocolError, ResponseReceived
+from wire.errors import ClientError, LocalProtocolError
+from wire.framing import ProtocolError, PushReceived, ResponseReceived
 from wire.protocol import (
     Append,
     Error,
+    GapEvent,
     GetSession,
+    Message,
+    MessageEvent,
     Messages,
     Ping,
     Pong,
@@ -331,5 +337,191 @@ def test_replies_after_close_are_discarded_and_double_replies_raise(loop: LoopFa
             client.close()
             await wait_until(lambda: conn.closed)
             conn.reply(Pong(3))  # the peer is gone: discarded
+
+    run(main, loop)
+
+
+# -- pushes, backlog, goodbye ----------------------------------------------------------------------
+
+
+class PushingHandler(StoreHandler):
+    """Answers a Ping with Pong, then pushes ``per_ping`` MessageEvents of ``message`` while the
+    connection is writable; ``on_writable`` pushes the rest (``left``)."""
+
+    def __init__(self, message: Message, per_ping: int = 1) -> None:
+        super().__init__()
+        self.message = message
+        self.left = 0
+        self.per_ping = per_ping
+        self.writable_calls = 0
+        self.pushed = 0
+        self.fail_on_writable = False
+
+    def on_request(self, conn: Connection, request: Request) -> Any:
+        conn.reply(Pong(request.rid))  # the reply first: the client learns of the sub first
+        self.left += self.per_ping
+        self.pump(conn)
+        return None
+
+    def pump(self, conn: Connection) -> None:
+        while self.left and conn.writable:
+            self.pushed += 1
+            self.left -= 1
+            assert conn.push(MessageEvent(1, [replace(self.message, seq=self.pushed)])) > 0
+
+    def on_writable(self, conn: Connection) -> None:
+        self.writable_calls += 1
+        if self.fail_on_writable:
+            raise RuntimeError("a handler bug")
+        self.pump(conn)
+
+
+def test_a_push_follows_the_reply_in_the_same_write(loop: LoopFactory) -> None:
+    async def main() -> None:
+        handler = PushingHandler(MESSAGES[0])
+        async with await serve(handler) as server:
+            client = await RawClient.open(server.address)
+            client.send(Ping(2))
+            first, second = await client.events(2)
+            assert first == ResponseReceived(Pong(2))
+            assert second == PushReceived(MessageEvent(1, [replace(MESSAGES[0], seq=1)]))
+            conn = only_connection(server)
+            assert conn.writable and conn.backlog_bytes == 0
+            assert conn.core.in_flight == 0
+
+    run(main, loop)
+
+
+def test_a_push_over_the_frame_limit_raises_and_the_connection_goes_on(loop: LoopFactory) -> None:
+    async def main() -> None:
+        async with await serve(StoreHandler(), max_frame_bytes=1024) as server:
+            client = await RawClient.open(server.address)
+            conn = only_connection(server)
+            big = MessageEvent(1, [replace(MESSAGES[0], content="x" * 2000)])
+            with pytest.raises(LocalProtocolError) as info:
+                conn.push(big)
+            assert info.value.code == "too_large"
+            assert conn.push(GapEvent(1, 1, 2, "retention")) > 0
+            client.send(Ping(2))
+            events = await client.events(2)
+            assert events == [
+                PushReceived(GapEvent(1, 1, 2, "retention")),
+                ResponseReceived(Pong(2)),
+            ]
+
+    run(main, loop)
+
+
+def test_pushes_to_a_closing_connection_are_discarded(loop: LoopFactory) -> None:
+    async def main() -> None:
+        async with await serve(StoreHandler()) as server:
+            client = await RawClient.open(server.address)
+            conn = only_connection(server)
+            conn.close()
+            assert not conn.writable
+            assert conn.push(GapEvent(1, 1, 2, "retention")) == 0
+            assert await client.closed()
+            await wait_until(lambda: conn.closed)
+            assert conn.push(GapEvent(1, 1, 2, "retention")) == 0
+            assert conn.backlog_bytes == 0
+
+    run(main, loop)
+
+
+def test_a_reader_that_stops_makes_the_connection_unwritable_until_it_drains(
+    loop: LoopFactory,
+) -> None:
+    async def main() -> None:
+        message = replace(MESSAGES[0], content="x" * 60_000)
+        handler = PushingHandler(message, per_ping=2000)  # 120 MB if nothing stopped it
+        high = 64 * 1024
+        async with await serve(handler, write_buffer_high_bytes=high) as server:
+            client = await RawClient.open(server.address)
+            client.send(Ping(2))  # and read nothing for now
+            conn = only_connection(server)
+            await wait_until(lambda: not conn.writable)
+            await asyncio.sleep(0.05)
+            assert not conn.writable and conn.backlog_bytes > high
+            assert 0 < handler.pushed < 2000 and handler.left  # it stopped pushing
+            events = await client.events(2001)  # read everything: on_writable pushes the rest
+            assert events[0] == ResponseReceived(Pong(2))
+            assert [e.push.messages[0].seq for e in events[1:]] == list(range(1, 2001))
+            assert handler.writable_calls > 0 and handler.left == 0
+            await wait_until(lambda: conn.backlog_bytes == 0)
+            assert conn.writable
+
+    run(main, loop)
+
+
+def test_a_failing_on_writable_is_logged_not_fatal(
+    loop: LoopFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        handler = PushingHandler(replace(MESSAGES[0], content="x" * 60_000), per_ping=200)
+        handler.fail_on_writable = True
+        async with await serve(handler, write_buffer_high_bytes=64 * 1024) as server:
+            client = await RawClient.open(server.address)
+            client.send(Ping(2))
+            conn = only_connection(server)
+            await wait_until(lambda: not conn.writable)
+            pushed = handler.pushed
+            await client.events(pushed + 1)
+            await wait_until(lambda: handler.writable_calls > 0)
+            assert conn.writable and not conn.closed
+            client.send(Ping(3))  # the connection still answers
+            [pong] = [e for e in await client.events(1) if isinstance(e, ResponseReceived)]
+            assert pong.response == Pong(3)
+
+    with caplog.at_level(logging.ERROR, logger="wire.aio"):
+        run(main, loop)
+    assert "handler.on_writable failed" in caplog.text
+
+
+def test_server_close_with_a_code_says_a_retryable_goodbye(loop: LoopFactory) -> None:
+    async def main() -> None:
+        handler = StoreHandler()
+        server = await serve(handler)
+        address = server.address
+        client = await RawClient.open(address)
+        handler.hold = True
+        client.send(Ping(2))
+        await wait_until(lambda: len(handler.held) == 1)
+        server.close("unavailable", "node shutting down")
+        await server.wait_closed()
+        [event] = await client.events(1)
+        assert event == ProtocolError("unavailable", "node shutting down", retryable=True)
+        assert await client.closed()
+        handler.release()  # the late answer is discarded
+        with pytest.raises(OSError):
+            await RawClient.open(address)  # no longer listening
+
+    run(main, loop)
+
+
+def test_closing_one_connection_with_a_code(loop: LoopFactory) -> None:
+    async def main() -> None:
+        async with await serve(StoreHandler()) as server:
+            client = await RawClient.open(server.address)
+            only_connection(server).close("internal", "bye")
+            [event] = await client.events(1)
+            assert event == ProtocolError("internal", "bye", retryable=False)
+            assert await client.closed()
+
+    run(main, loop)
+
+
+def test_stop_listening_keeps_the_open_connections(loop: LoopFactory) -> None:
+    async def main() -> None:
+        server = await serve(StoreHandler())
+        address = server.address
+        client = await RawClient.open(address)
+        server.stop_listening()  # (not wait_closed: from 3.12 on it waits for the connections)
+        with pytest.raises(OSError):
+            await RawClient.open(address)
+        client.send(Ping(2))  # the open connection still answers
+        assert pongs(await client.events(1)) == [2]
+        server.close("unavailable", "node shutting down")
+        [event] = await client.events(1)
+        assert event == ProtocolError("unavailable", "node shutting down", retryable=True)
 
     run(main, loop)

@@ -1,5 +1,5 @@
 """The sans-IO connections of ``wire.framing``: framing, the handshake, schema errors, sticky
-protocol errors, and fuzzing."""
+protocol errors, pushes, the goodbye, and fuzzing."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ from wire.framing import (
     CONNECTION_CLOSED,
     HELLO_FRAME_BYTES_MAX,
     METADATA_BYTES_MAX,
+    PUSH_TYPES,
     TRANSITIONS,
     BadRequest,
     ClientConnection,
     ConnectionClosed,
     Input,
     ProtocolError,
+    PushReceived,
     RequestReceived,
     ResponseReceived,
     ServerConnection,
@@ -34,14 +36,19 @@ from wire.protocol import (
     FRAME_BYTES_MAX,
     Append,
     Error,
+    GapEvent,
     GetSession,
     Hello,
+    MessageEvent,
     Messages,
     Ping,
     Pong,
+    Push,
     Read,
     Request,
     Response,
+    Subscribed,
+    SubscriptionClosed,
     Welcome,
 )
 
@@ -54,9 +61,18 @@ from .helpers import (
     open_server,
     raw,
     responses,
+    server_messages,
     welcome,
 )
-from .samples import EDGE_REQUESTS, EDGE_RESPONSES, MESSAGES, REQUESTS, RESPONSES
+from .samples import (
+    EDGE_PUSHES,
+    EDGE_REQUESTS,
+    EDGE_RESPONSES,
+    MESSAGES,
+    PUSHES,
+    REQUESTS,
+    RESPONSES,
+)
 
 
 def renumbered(messages: list[Any], first_rid: int) -> list[Any]:
@@ -327,7 +343,13 @@ def test_an_error_with_rid_0_is_the_servers_goodbye() -> None:
 
 
 def test_undecodable_responses_break_the_client() -> None:
-    for body in [b"\xc1", msgspec.msgpack.encode(["pong"]), msgspec.msgpack.encode(["nope", 1])]:
+    for body in [
+        b"\xc1",
+        msgspec.msgpack.encode(["pong"]),
+        msgspec.msgpack.encode(["nope", 1]),
+        b"\x92\xa1\x80\x01",  # a tag that is not UTF-8
+        b"\x94\xb3subscription_closed\x01\xa1\x80",  # a string that is not UTF-8
+    ]:
         client = open_client()
         client.receive_data(frame(body))
         [event] = drain(client)
@@ -342,6 +364,10 @@ def test_transitions_table() -> None:
     assert input_of(Error(1, "internal", "", False, {}), State.OPEN) is Input.RESPONSE
     assert input_of(Error(0, "internal", "", False, {}), State.OPEN) is Input.GOODBYE
     assert input_of(Pong(1), State.OPEN) is Input.RESPONSE
+    for push in PUSHES.values():
+        assert input_of(push, State.OPEN) is Input.PUSH
+    assert TRANSITIONS[State.OPEN, Input.PUSH] is State.OPEN
+    assert [state for state, i in TRANSITIONS if i is Input.PUSH] == [State.OPEN]
     assert not any(state is State.MUST_CLOSE for state, _ in TRANSITIONS)  # a dead end
     reachable = {State.IDLE} | set(TRANSITIONS.values())
     assert reachable == set(State)
@@ -479,6 +505,9 @@ def test_schema_errors_name_the_field_and_keep_the_connection(body: list[Any], f
         raw(["nope", -1]),
         raw(["ping", 2**64 - 1]),
         frame(b"\x93\xa6append\x09" + b"\x91" * 100_000 + b"\x00"),  # nested too deeply
+        frame(b"\x91\xa1\x80"),  # a tag that is not UTF-8
+        frame(b"\x92\xa1\x80\x09"),
+        frame(b"\x93\xabget_session\x09\xa1\x80"),  # a string that is not UTF-8
     ],
 )
 def test_undecodable_requests_are_protocol_errors(data: bytes) -> None:
@@ -518,6 +547,15 @@ bodies = st.one_of(
         lambda xs: msgspec.msgpack.encode(["append", 3, *xs])
     ),
     st.sampled_from([*REQUESTS.values(), *EDGE_REQUESTS]).map(msgspec.msgpack.encode),
+)
+server_bodies = st.one_of(
+    bodies,
+    st.sampled_from([*RESPONSES.values(), *EDGE_RESPONSES, *PUSHES.values(), *EDGE_PUSHES]).map(
+        msgspec.msgpack.encode
+    ),
+    st.lists(msgpack_values, max_size=5).map(
+        lambda xs: msgspec.msgpack.encode(["message_event", 1, *xs])
+    ),
 )
 frames = bodies.map(frame) | st.binary(max_size=16)
 FUZZ = settings(
@@ -575,14 +613,181 @@ def check_output(server: ServerConnection) -> None:
 
 
 @FUZZ
-@given(parts=st.lists(frames, max_size=8))
+@given(parts=st.lists(server_bodies.map(frame) | st.binary(max_size=16), max_size=8))
 def test_arbitrary_bytes_to_a_client_only_yield_events(parts: list[bytes]) -> None:
     client = ClientConnection()
     client.send(hello())
-    for piece in parts:
+    for piece in [encode_frame(welcome()), *parts]:
         client.receive_data(piece)
         for event in drain(client):
-            assert isinstance(event, ResponseReceived | ProtocolError | ConnectionClosed)
+            assert isinstance(
+                event, ResponseReceived | PushReceived | ProtocolError | ConnectionClosed
+            )
+
+
+# -- pushes and the goodbye ------------------------------------------------------------------------
+
+STREAM_PUSHES: list[Push] = small([*PUSHES.values(), *EDGE_PUSHES])
+
+
+def interleaved() -> list[Response | Push]:
+    """Responses and pushes in a mixed order (a push first and last)."""
+    out: list[Response | Push] = []
+    pushes = list(STREAM_PUSHES)
+    for response in STREAM_RESPONSES:
+        if pushes:
+            out.append(pushes.pop(0))
+        out.append(response)
+    return [*out, *pushes]
+
+
+def test_pushes_and_responses_split_at_every_offset_decode_identically() -> None:
+    messages = interleaved()
+    data = b"".join(encode_frame(m) for m in messages)
+    expected = [
+        PushReceived(m) if isinstance(m, PUSH_TYPES) else ResponseReceived(m)  # type: ignore[arg-type]
+        for m in messages
+    ]
+    assert len({type(e) for e in expected}) == 2
+    assert feed_in_pieces(open_client(), data, []) == expected
+    for cut in range(len(data) + 1):
+        assert feed_in_pieces(open_client(), data, [cut]) == expected, cut
+    assert feed_in_pieces(open_client(), data, list(range(len(data)))) == expected
+
+
+def test_a_server_queues_pushes_between_its_answers_without_touching_in_flight() -> None:
+    pair = Pair().handshake()
+    pair.send(Ping(2), Read(3, "s-1", 0, 10))
+    assert (pair.server.in_flight, pair.server.awaits_answer(3)) == (2, True)
+    in_flight_bytes = pair.server.in_flight_bytes
+    pair.server.send(Subscribed(3, 1, 2))  # (answering a Read: the core does not check kinds)
+    event = MessageEvent(1, MESSAGES)
+    size = pair.server.push(event)
+    assert (
+        size
+        == len(encode_frame(event))
+        == pair.server.bytes_to_send - len(encode_frame(Subscribed(3, 1, 2)))
+    )
+    assert pair.server.in_flight == 1 and pair.server.in_flight_bytes < in_flight_bytes
+    pair.server.push(GapEvent(1, 3, 4, "retention"))
+    assert pair.answer(Pong(2)) == [
+        ResponseReceived(Subscribed(3, 1, 2)),
+        PushReceived(event),
+        PushReceived(GapEvent(1, 3, 4, "retention")),
+        ResponseReceived(Pong(2)),
+    ]
+    assert pair.server.in_flight == 0 and pair.server.in_flight_bytes == 0
+    assert pair.server.state is State.OPEN and pair.client.state is State.OPEN
+
+
+def test_a_push_needs_an_open_connection() -> None:
+    server = ServerConnection()
+    with pytest.raises(LocalProtocolError, match="cannot send MessageEvent in state idle"):
+        server.push(MessageEvent(1, []))
+    server.receive_data(encode_frame(hello()))
+    drain(server)
+    with pytest.raises(LocalProtocolError, match="in state greeting"):
+        server.push(MessageEvent(1, []))
+    assert server.data_to_send() == b""
+    server.send(welcome())
+    server.data_to_send()
+    with pytest.raises(LocalProtocolError, match="sub_id"):
+        server.push(MessageEvent(0, []))
+    with pytest.raises(LocalProtocolError, match="not a push"):
+        server.push(Pong(1))  # type: ignore[arg-type]
+    assert server.data_to_send() == b""
+    assert server.push(MessageEvent(1, [])) > 0
+
+
+def test_a_push_over_the_limit_raises_too_large_and_queues_nothing() -> None:
+    server = open_server(max_frame_bytes=1024)
+    server.push(GapEvent(1, 1, 2, "retention"))
+    before = server.bytes_to_send
+    big = MessageEvent(1, [msgspec.structs.replace(MESSAGES[0], content="x" * 1000)])
+    with pytest.raises(LocalProtocolError) as info:
+        server.push(big)
+    assert info.value.code == "too_large" and "1024" in info.value.message
+    assert server.bytes_to_send == before and server.state is State.OPEN
+    fits = MessageEvent(1, [msgspec.structs.replace(MESSAGES[0], content="x" * 900)])
+    assert len(encode_frame(fits)) - 4 <= 1024
+    server.push(fits)  # the split batch goes
+    assert server_messages(server.data_to_send()) == [GapEvent(1, 1, 2, "retention"), fits]
+
+
+def test_unencodable_pushes_raise_and_queue_nothing() -> None:
+    server = open_server()
+    bad = MessageEvent(1, [msgspec.structs.replace(MESSAGES[0], metadata={"x": object()})])
+    with pytest.raises(LocalProtocolError) as info:
+        server.push(bad)
+    assert info.value.code == "internal" and server.data_to_send() == b""
+
+
+def test_a_push_before_the_welcome_breaks_the_client() -> None:
+    client = ClientConnection()
+    client.send(hello())
+    client.receive_data(encode_frame(MessageEvent(1, MESSAGES)) + encode_frame(welcome()))
+    [event] = drain(client)
+    assert isinstance(event, ProtocolError)
+    assert event.code == "internal" and "message_event" in event.message
+    assert "greeting" in event.message and client.state is State.MUST_CLOSE
+    assert client.next_event() is event
+
+
+@pytest.mark.parametrize("sub_id", [0, -1, 2**63])
+def test_a_push_without_a_valid_sub_id_breaks_the_client(sub_id: int) -> None:
+    client = open_client()
+    client.receive_data(raw(["gap_event", sub_id, 1, 2, "retention"]))
+    [event] = drain(client)
+    assert isinstance(event, ProtocolError) and event.code == "internal"
+
+
+def test_a_server_does_not_take_pushes_from_a_client() -> None:
+    server = open_server()
+    server.receive_data(raw(["message_event", 9, []]))
+    [event] = drain(server)
+    assert isinstance(event, BadRequest) and event.error.details == {"field": "type"}
+
+
+def test_goodbye_is_the_last_word_with_the_codes_retryable() -> None:
+    pair = Pair().handshake()
+    pair.send(Ping(2), Ping(3))
+    pair.server.send(Pong(2))
+    pair.server.push(MessageEvent(1, []))
+    pair.server.goodbye("unavailable", "node shutting down")
+    assert pair.server.state is State.MUST_CLOSE
+    assert pair.server.in_flight == 1  # Ping 3 stays unanswered
+    pair.server.send(Pong(3))  # discarded from now on
+    assert pair.server.push(MessageEvent(1, [])) == 0
+    pair.server.goodbye("internal", "twice")  # a no-op
+    data = pair.server.data_to_send()
+    assert server_messages(data)[-1] == Error(0, "unavailable", "node shutting down", True, {})
+    pair.client.receive_data(data)
+    assert drain(pair.client) == [
+        ResponseReceived(Pong(2)),
+        PushReceived(MessageEvent(1, [])),
+        ProtocolError("unavailable", "node shutting down", retryable=True),
+    ]
+    assert pair.client.state is State.MUST_CLOSE
+
+
+@pytest.mark.parametrize(("code", "retryable"), [("internal", False), ("rate_limited", True)])
+@pytest.mark.parametrize("state", [State.IDLE, State.GREETING, State.OPEN])
+def test_goodbye_in_any_state(state: State, code: Any, retryable: bool) -> None:
+    server = open_server() if state is State.OPEN else ServerConnection()
+    if state is State.GREETING:
+        server.receive_data(encode_frame(hello()))
+        drain(server)
+    assert server.state is state
+    server.goodbye(code, "bye")
+    assert server.state is State.MUST_CLOSE and server.next_event() is None
+    assert responses(server.data_to_send()) == [Error(0, code, "bye", retryable, {})]
+
+
+def test_a_subscription_closed_push_is_an_ordinary_push() -> None:
+    client = open_client()
+    closed = SubscriptionClosed(4, "slow_consumer", "behind")
+    client.receive_data(encode_frame(closed) + encode_frame(Pong(2)))
+    assert drain(client) == [PushReceived(closed), ResponseReceived(Pong(2))]
 
 
 def test_pair_handshake_helper() -> None:

@@ -1,4 +1,5 @@
-"""The messages of ``wire.protocol``: every type round-trips, and golden vectors pin the exact
+"""The messages of ``wire.protocol``: every type round-trips (requests through a server
+connection, responses and pushes through a client connection), and golden vectors pin the exact
 bytes of each one.
 
 Golden vectors live in ``golden/<tag>.hex`` (comment lines start with ``#``; the rest is the
@@ -17,26 +18,58 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from wire.framing import SUPPORTED_VERSIONS, ClientConnection, ServerConnection, encode_frame
-from wire.protocol import Hello, Request, Response, Welcome
+from wire.framing import (
+    SUPPORTED_VERSIONS,
+    ClientConnection,
+    PushReceived,
+    ServerConnection,
+    encode_frame,
+)
+from wire.protocol import Hello, Push, Request, Response, Welcome
 
 from .helpers import drain, hello, open_client, open_server
-from .samples import EDGE_REQUESTS, EDGE_RESPONSES, REQUESTS, RESPONSES, SAMPLES, union_types
+from .samples import (
+    EDGE_PUSHES,
+    EDGE_REQUESTS,
+    EDGE_RESPONSES,
+    PUSHES,
+    REQUESTS,
+    RESPONSES,
+    SAMPLES,
+    union_types,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("REGEN_GOLDEN") == "1"
 request_decoder = msgspec.msgpack.Decoder(Request)
 response_decoder = msgspec.msgpack.Decoder(Response)
+push_decoder = msgspec.msgpack.Decoder(Push)
 
 
-def tag_of(message: Request | Response) -> str:
+def tag_of(message: Request | Response | Push) -> str:
     return str(type(message).__struct_config__.tag)
 
 
 def test_samples_cover_every_message_type() -> None:
     assert {type(m) for m in REQUESTS.values()} == set(union_types(Request))
     assert {type(m) for m in RESPONSES.values()} == set(union_types(Response))
+    assert {type(m) for m in PUSHES.values()} == set(union_types(Push))
     assert all(tag_of(m) == tag for tag, m in SAMPLES.items())
+
+
+def test_tags_are_unique_across_requests_responses_and_pushes() -> None:
+    types = [*union_types(Request), *union_types(Response), *union_types(Push)]
+    tags = [t.__struct_config__.tag for t in types]
+    assert len(tags) == len(set(tags))
+    assert all(isinstance(tag, str) and 0 < len(tag) <= 32 for tag in tags)
+
+
+def test_every_push_carries_its_sub_id_first() -> None:
+    for push_type in union_types(Push):
+        assert push_type.__struct_fields__[0] == "sub_id"
+        assert push_type.__struct_config__.array_like
+    for message_type in [*union_types(Request), *union_types(Response)]:
+        assert message_type.__struct_fields__[0] == "rid"
 
 
 @pytest.mark.parametrize("message", [*REQUESTS.values(), *EDGE_REQUESTS], ids=repr)
@@ -67,6 +100,17 @@ def test_response_round_trips(message: Response) -> None:
     assert event.response == message
 
 
+@pytest.mark.parametrize("message", [*PUSHES.values(), *EDGE_PUSHES], ids=repr)
+def test_push_round_trips(message: Push) -> None:
+    data = msgspec.msgpack.encode(message)
+    assert push_decoder.decode(data) == message
+    server = open_server()
+    assert server.push(message) == len(encode_frame(message))
+    client = open_client()
+    client.receive_data(server.data_to_send())
+    assert drain(client) == [PushReceived(message)]
+
+
 def test_messages_are_arrays_with_the_tag_first() -> None:
     for tag, message in SAMPLES.items():
         value = msgspec.msgpack.decode(msgspec.msgpack.encode(message))
@@ -77,7 +121,7 @@ def test_messages_are_arrays_with_the_tag_first() -> None:
 # -- golden vectors --------------------------------------------------------------------------------
 
 
-def render(tag: str, message: Request | Response) -> str:
+def render(tag: str, message: Request | Response | Push) -> str:
     data = encode_frame(message)
     body = data[4:].hex()
     rows = [body[i : i + 64] for i in range(0, len(body), 64)]
@@ -108,7 +152,13 @@ def test_golden_vector(tag: str) -> None:
     assert encode_frame(message) == golden, f"encoding of {tag} changed (REGEN_GOLDEN=1 to accept)"
     (length,) = struct.unpack(">I", golden[:4])
     assert length == len(golden) - 4
-    decoder = request_decoder if tag in REQUESTS else response_decoder
+    decoder = (
+        request_decoder
+        if tag in REQUESTS
+        else response_decoder
+        if tag in RESPONSES
+        else push_decoder
+    )
     assert decoder.decode(golden[4:]) == message
 
 
@@ -130,7 +180,14 @@ def code_blocks_as_bytes(markdown: str) -> list[bytes]:
     return blocks
 
 
-@pytest.mark.parametrize("tag", ["hello", "welcome", "append", "appended"])
+DOC_EXAMPLES = [
+    *["hello", "welcome", "append", "appended"],
+    *["subscribe", "subscribed", "message_event", "gap_event", "subscription_closed"],
+    "inbox_snapshot",
+]
+
+
+@pytest.mark.parametrize("tag", DOC_EXAMPLES)
 def test_the_worked_example_in_the_docs_matches_the_golden_vectors(tag: str) -> None:
     doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
     assert encode_frame(SAMPLES[tag]) in code_blocks_as_bytes(doc)
