@@ -53,7 +53,11 @@ SERVE_FLAGS = {
     "--election-ticks": int,
     "--heartbeat-ticks": int,
     "--snapshot-entries": int,
+    "--tail-messages-max": int,
     "--request-timeout-s": float,
+    "--retention-max-messages": int,
+    "--retention-max-age-s": float,
+    "--shutdown-timeout-s": float,
     "--log-level": str,
 }
 
@@ -104,20 +108,39 @@ async def _serve(settings: Settings) -> int:
         _emit({"event": "ready", "node": settings.node_id})
 
     ready = loop.create_task(announce_ready())
-    assert node.driver.failed is not None
-    waits: set[asyncio.Future[Any]] = {stop, node.driver.failed}
+    assert node.failed is not None
+    waits: set[asyncio.Future[Any]] = {stop, node.failed}
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     ready.cancel()
-    server.close()
-    if node.driver.failed.done():
-        logging.getLogger("ctxstore").critical("fatal: %r", node.driver.failed.result())
+    if node.failed.done():
+        server.close()
+        logging.getLogger("ctxstore").critical("fatal: %r", node.failed.result())
         return EXIT_FATAL
+    try:
+        await asyncio.wait_for(_shut_down(node, service, server, ops), settings.shutdown_timeout_s)
+    except TimeoutError:
+        logging.getLogger("ctxstore").error(
+            "shutdown took longer than %g s; exiting anyway", settings.shutdown_timeout_s
+        )
+        return EXIT_FATAL
+    _emit({"event": "stopped", "node": settings.node_id})
+    return 0
+
+
+async def _shut_down(node: Any, service: Any, server: Any, ops: Any) -> None:
+    """SIGTERM: stop accepting connections, hand leaderships to peers (in-flight requests finish
+    meanwhile), tell subscribers and clients, flush the archive, stop."""
+    server.stop_listening()
+    still_led = await node.hand_off(node.settings.shutdown_timeout_s / 2)
+    if still_led:
+        logging.getLogger("ctxstore").warning("shutting down still leading %d groups", still_led)
+    service.close_subscriptions("the node is shutting down")
+    server.close("unavailable", "the node is shutting down")
     await server.wait_closed()
     await node.stop()
     if ops is not None:
         ops.close()
         await ops.wait_closed()
-    return 0
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -213,6 +236,13 @@ def _add_client(sub: Any) -> None:
     rd.add_argument("session")
     rd.add_argument("--after-seq", type=int, default=0)
     rd.add_argument("--limit", type=int, default=100)
+    tl = c.add_parser("tail", help="follow a session: its messages, then live ones (JSON lines)")
+    tl.add_argument("session")
+    tl.add_argument("--after-seq", type=int, default=0)
+    tl.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    ib = c.add_parser("inbox", help="follow a user's inbox: a snapshot, then deltas")
+    ib.add_argument("user")
+    ib.add_argument("--count", type=int, default=None, help="stop after this many deltas")
     mr = c.add_parser("mark-read")
     mr.add_argument("session")
     mr.add_argument("--user", required=True)
@@ -270,6 +300,10 @@ async def _client(args: argparse.Namespace) -> int:
             case "ping":
                 await client.ping()
                 _emit({"pong": True})
+            case "tail":
+                await _tail(client, args.session, args.after_seq, args.count)
+            case "inbox":
+                await _inbox(client, args.user, args.count)
     except ClientError as e:
         _emit({"error": e.code, "message": e.message, "details": e.details}, sys.stderr)
         return 1
@@ -279,6 +313,40 @@ async def _client(args: argparse.Namespace) -> int:
     finally:
         await client.close()
     return 0
+
+
+async def _tail(client: Any, session_id: str, after_seq: int, count: int | None) -> None:
+    """One JSON line per message; a gap is a line {"gap": {"from_seq", "to_seq", "reason"}}."""
+    from wire.protocol import GapEvent
+
+    seen = 0
+    async with client.subscribe(session_id, after_seq) as sub:
+        async for item in sub:
+            if isinstance(item, GapEvent):
+                _emit({"gap": {"from_seq": item.from_seq, "to_seq": item.to_seq,
+                               "reason": item.reason}})  # fmt: skip
+                continue
+            _emit(item)
+            seen += 1
+            if count is not None and seen >= count:
+                return
+
+
+async def _inbox(client: Any, user_id: str, count: int | None) -> None:
+    """A line {"snapshot": [...], "truncated": b}, then one line {"delta": [...]} per delta."""
+    from wire.protocol import InboxSnapshot
+
+    deltas = 0
+    async with client.subscribe_inbox(user_id) as sub:
+        async for item in sub:
+            if isinstance(item, InboxSnapshot):
+                entries = [msgspec.structs.asdict(e) for e in item.entries]
+                _emit({"snapshot": entries, "truncated": item.truncated})
+                continue
+            _emit({"delta": [msgspec.structs.asdict(e) for e in item.entries]})
+            deltas += 1
+            if count is not None and deltas >= count:
+                return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

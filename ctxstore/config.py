@@ -38,7 +38,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     election_ticks: Annotated[int, Meta(ge=3, le=1000)] = 10
     heartbeat_ticks: Annotated[int, Meta(ge=1, le=100)] = 2
     snapshot_entries: Annotated[int, Meta(ge=10)] = 100_000
+    tail_messages_max: Annotated[int, Meta(ge=1)] = 10_000  # per session in RAM; same on all
     request_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 5.0
+    retention_max_messages: Annotated[int, Meta(ge=1)] | None = None  # per session; None: keep all
+    retention_max_age_s: Annotated[float, Meta(gt=0)] | None = None  # per session; None: keep all
+    shutdown_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0  # SIGTERM: exit within
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:

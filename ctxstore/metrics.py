@@ -142,6 +142,8 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._service()
+        yield from self._streams()
+        yield from self._archive()
         yield from self._raft()
         yield from self._wal()
         yield from self._peers()
@@ -188,6 +190,70 @@ class NodeCollector(Collector):
             "Writes other nodes forwarded to this node as leader.",
             router.served_forwards,
         )
+
+    def _streams(self) -> Iterator[Metric]:
+        subs, inboxes = self.metrics.node.subscriptions, self.metrics.node.inboxes
+        yield _gauge("ctxstore_subscriptions", "Session subscriptions open here.", subs.count)
+        yield _gauge(
+            "ctxstore_subscriptions_replaying",
+            "Subscriptions reading stored history (not live yet).",
+            subs.replaying,
+        )
+        yield _counter(
+            "ctxstore_subscription_messages_total", "Messages pushed to subscribers.",
+            subs.pushed_messages,
+        )  # fmt: skip
+        yield _counter("ctxstore_subscription_gaps_total", "GapEvents pushed.", subs.gaps)
+        yield _counter(
+            "ctxstore_subscriptions_dropped_slow_total",
+            "Subscriptions dropped because the subscriber did not read.",
+            subs.dropped_slow,
+        )
+        yield _gauge("ctxstore_inbox_subscribers", "Inbox subscriptions open here.", inboxes.count)
+        yield _counter("ctxstore_inbox_deltas_total", "InboxDelta pushes sent.", inboxes.deltas)
+
+    def _archive(self) -> Iterator[Metric]:
+        node = self.metrics.node
+        archive = node.archive
+        st = archive.stats
+        lags = [archive.lag(g) for g in node.host.groups()]
+        yield _gauge(
+            "ctxstore_archive_lag_entries",
+            "Applied Raft entries not yet in the local archive, summed over groups.",
+            sum(lags),
+        )
+        yield _gauge(
+            "ctxstore_archive_lag_entries_max", "The largest archive lag of one group.",
+            max(lags, default=0),
+        )  # fmt: skip
+        yield _gauge(
+            "ctxstore_archive_backlog_bytes", "Bytes queued for the archive, not yet committed.",
+            archive.backlog_bytes,
+        )  # fmt: skip
+        yield _counter(
+            "ctxstore_archive_rows_written_total", "Messages written to the archive.",
+            st.rows_written,
+        )  # fmt: skip
+        yield _counter(
+            "ctxstore_archive_batches_total", "Archive transactions committed.", st.batches
+        )
+        yield _counter(
+            "ctxstore_archive_commit_seconds_total", "Time spent in archive transactions.",
+            st.commit_seconds_total,
+        )  # fmt: skip
+        yield _counter(
+            "ctxstore_archive_retention_deleted_total", "Messages deleted by retention.",
+            st.rows_deleted_by_retention,
+        )  # fmt: skip
+        yield _gauge(
+            "ctxstore_archive_backfill_ranges",
+            "Ranges of history still being copied from peers after a snapshot.",
+            len(archive.backfill_ranges()),
+        )
+        yield _counter(
+            "ctxstore_archive_backfill_rows_total", "Messages copied from peers into the archive.",
+            node.backfill.rows_copied,
+        )  # fmt: skip
 
     def _raft(self) -> Iterator[Metric]:
         node = self.metrics.node

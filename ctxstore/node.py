@@ -1,6 +1,12 @@
 """A ctxstore node: WAL + multi-group Raft + peer transport + the conversation state machine +
-the request router, on one event loop (design §3, §5.3).  The client server (``server.py``)
-sits on top; ``cli.py`` starts it.
+the request router + the local archive, subscriptions and inboxes, on one event loop (design
+§3, §5.3, §5.4, §5.7).  The client server (``server.py``) sits on top; ``cli.py`` starts it.
+
+What an applied entry changed reaches, through the state's observer (``Node`` itself): the
+archive (every message, and each group's applied index), live subscriptions and inboxes.  The
+log is compacted no further than the archive's durable index (``Driver.compact_floor``); a
+snapshot installed from a leader hands its tails to the archive, which records what it lacks
+for ``Backfill`` to copy from peers.  A fatal archive or WAL error resolves ``failed``.
 
 Placement (for now): every node of the cluster replicates every group (a 3-node cluster has
 3 replicas of each of its ``groups`` groups); ``group = placement.group_of(session_id)``.
@@ -15,20 +21,32 @@ import asyncio
 import json
 import logging
 import os
+import time
 
 from raft import NONE, Config
 from raft.driver import Driver, DriverConfig
 from raft.multi import HostConfig, MultiRaft
 from raft.transport import Transport
 from raft.wal import WAL
+from wire.protocol import Message, Session
 
+from .archive import Archive, ArchiveConfig, Retention
+from .backfill import Backfill, serve_history
 from .config import ConfigError, Settings, parse_address
-from .router import Router, RouterConfig
-from .state import ConversationState
+from .history import History
+from .inbox import Inboxes, InboxLimits
+from .router import HistoryFetch, HistoryRows, Router, RouterConfig
+from .state import ConversationState, StateLimits
+from .subscriptions import SubscriptionLimits, Subscriptions
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.json"
+ARCHIVE_FILE = "archive.sqlite3"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 class Node:
@@ -37,7 +55,18 @@ class Node:
         self.voters = tuple(sorted({s.node_id, *s.peer_map}))
         os.makedirs(s.data_dir, exist_ok=True)
         self._check_identity()
-        self.state = ConversationState(groups=s.groups)
+        limits = StateLimits(tail_messages_max=s.tail_messages_max)
+        self.state = ConversationState(limits, groups=s.groups, observer=self)
+        self.retention = Retention(s.retention_max_messages, s.retention_max_age_s)
+        self.archive = Archive(
+            os.path.join(s.data_dir, ARCHIVE_FILE),
+            ArchiveConfig(retention=self.retention),
+            on_fatal=self._fatal,
+        )
+        self.history = History(self.state, self.archive, self.retention, now_ms)
+        self.subscriptions = Subscriptions(self.state, self.history, SubscriptionLimits())
+        self.inboxes = Inboxes(self.state, InboxLimits())
+        self.failed: asyncio.Future[BaseException] | None = None
         group_cfg = Config(
             s.node_id,
             election_ticks=s.election_ticks,
@@ -54,9 +83,44 @@ class Node:
             DriverConfig(tick_s=s.tick_ms / 1000, snapshot_entries=s.snapshot_entries),
         )
         self.router = Router(s.node_id, self.driver, RouterConfig(s.request_timeout_s))
+        self.router.history_server = self._serve_history
         self.driver.on_leader_change = self.router.on_leader_change
+        self.driver.compact_floor = self.archive.archived_index
+        self.driver.on_snapshot_installed = self._snapshot_installed
         self.driver.add_groups(range(s.groups), self.voters)
+        self.backfill = Backfill(s.node_id, self.archive, self.router, self.driver)
         self.transport: Transport | None = None
+
+    # -- StateObserver -----------------------------------------------------------------------------
+    def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
+        self.archive.add(group, index, message)
+        self.subscriptions.on_message(message)
+        self.inboxes.on_change(user_id, message.session_id)
+
+    def on_session(self, group: int, index: int, session: Session) -> None:
+        self.inboxes.on_change(session.user_id, session.id)
+
+    def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
+        if user_id == owner_id:  # unread counts follow the owner's cursor
+            self.inboxes.on_change(owner_id, session_id)
+
+    def on_applied(self, group: int, index: int) -> None:
+        self.archive.applied(group, index)
+
+    def _snapshot_installed(self, group: int, index: int) -> None:
+        sessions, tail = self.state.group_tails(group)
+        self.archive.restore(group, index, sessions, tail)
+        self.subscriptions.on_restore(group)
+        self.inboxes.on_group_replaced(group)
+        self.backfill.kick()
+
+    async def _serve_history(self, fetch: HistoryFetch) -> HistoryRows:
+        return await serve_history(self.history, fetch)
+
+    def _fatal(self, exc: BaseException) -> None:
+        logger.critical("archive failed: %r", exc)
+        if self.failed is not None and not self.failed.done():
+            self.failed.set_result(exc)
 
     def _check_identity(self) -> None:
         s = self.settings
@@ -86,6 +150,14 @@ class Node:
 
     async def start(self) -> None:
         s = self.settings
+        self.failed = asyncio.get_running_loop().create_future()
+        await self.archive.start()  # before anything is applied: it knows what it holds
+        for group in self.host.groups():
+            # A snapshot installed from a leader just before a crash, whose archive transaction
+            # did not commit: hand its tails over again (rows are idempotent; gaps recorded).
+            if self.wal.storage(group).snap_meta.index > self.archive.archived_index(group):
+                sessions, tail = self.state.group_tails(group)
+                self.archive.restore(group, self.wal.storage(group).snap_meta.index, sessions, tail)
         peers = s.peer_map
         if peers:
             on_batch, up, down, snap = self.driver.transport_callbacks()
@@ -114,14 +186,41 @@ class Node:
             self.router.attach(self.transport)
             await self.transport.start()
         await self.driver.start()
+        assert self.driver.failed is not None
+        self.driver.failed.add_done_callback(self._driver_failed)
         self.router.start()
+        self.backfill.start()
+
+    def _driver_failed(self, f: asyncio.Future[BaseException]) -> None:
+        if self.failed is not None and not self.failed.done() and not f.cancelled():
+            self.failed.set_result(f.result())
 
     async def stop(self) -> None:
+        await self.backfill.stop()
         self.router.stop()
         await self.driver.stop()
         if self.transport is not None:
             await self.transport.close()
         self.wal.close()
+        await self.archive.stop()  # everything applied is flushed to it
+
+    async def hand_off(self, timeout_s: float) -> int:
+        """Transfer the leadership of every group this node leads to connected peers (spread
+        round robin), asking again every half second, until it leads none or ``timeout_s``
+        passed.  Returns how many groups it still leads."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        host, me = self.host, self.settings.node_id
+        while True:
+            led = [g for g in host.groups() if host.leader(g) == me]
+            peers = [] if self.transport is None else sorted(self.transport.connected_peers())
+            if not led or not peers or loop.time() >= deadline:
+                return len(led)
+            for i, group in enumerate(led):
+                self.driver.transfer_leader(group, peers[i % len(peers)])
+            until = min(deadline, loop.time() + 0.5)
+            while loop.time() < until and any(host.leader(g) == me for g in led):
+                await asyncio.sleep(0.01)
 
     def advertise(self, client_address: str) -> None:
         """Tell the peers (now and whenever they connect) where this node serves clients."""

@@ -85,7 +85,7 @@ class NodeSource:
         return self.node.settings.node_id
 
     def readiness(self) -> Readiness:
-        failed = self.node.driver.failed
+        failed = self.node.failed
         groups, _, unknown = leader_counts(self.node)
         return Readiness(groups, unknown, running=failed is not None and not failed.done())
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ import msgspec
 from raft import NONE, NotLeader, ProposalDropped, RaftError
 from raft.driver import Driver, OutcomeUnknown
 from raft.transport import Transport
+from wire.protocol import Message
 
 from . import commands
 
@@ -70,7 +72,30 @@ class Advertise(msgspec.Struct, array_like=True, tag=3):
     client_address: str
 
 
-Envelope = Forward | ForwardReply | Advertise
+class HistoryFetch(msgspec.Struct, array_like=True, tag=4):
+    """Messages ``after_seq < seq <= to_seq`` of a session, for a peer refilling its archive
+    after an InstallSnapshot (design §5.4)."""
+
+    fid: int
+    session_id: str
+    after_seq: int
+    to_seq: int
+    limit: int
+
+
+class HistoryRows(msgspec.Struct, array_like=True, tag=5):
+    """The answer: consecutive messages from ``after_seq + 1`` on, or from ``gap_to + 1`` on when
+    ``gap_to`` > 0 (retention deleted everything up to it).  ``code`` "" or "unavailable"."""
+
+    fid: int
+    messages: list[Message]
+    gap_to: int
+    code: str
+    message: str
+
+
+Envelope = Forward | ForwardReply | Advertise | HistoryFetch | HistoryRows
+HistoryServer = Callable[[HistoryFetch], Coroutine[Any, Any, HistoryRows]]
 _encode = msgspec.msgpack.Encoder().encode
 _decode_envelope = msgspec.msgpack.Decoder(Envelope).decode
 
@@ -82,6 +107,7 @@ class RouterConfig:
     hops_max: int = 5
     forwards_max: int = 100_000
     retry_delay_s: float = 0.02
+    history_serves_max: int = 8  # history fetches served at once (more: "unavailable")
     read_retry_s: float = 1.0  # a read barrier not answered by then is asked again
 
 
@@ -114,6 +140,9 @@ class Router:
         self.addresses: dict[int, str] = {}  # node id -> client address (advertised)
         self.forwarded = 0  # requests this node sent to a leader
         self.served_forwards = 0  # requests other nodes forwarded to this node
+        self.history_server: HistoryServer | None = None
+        self._fetches: dict[int, tuple[asyncio.Future[HistoryRows], int, float]] = {}
+        self._history_serving = 0
 
     def attach(self, transport: Transport) -> None:
         self.transport = transport
@@ -132,6 +161,10 @@ class Router:
             for p in waits:
                 self._fail(p, RouteError("unavailable", "the node is stopping"))
         self._leader_waits.clear()
+        for fut, _, _ in self._fetches.values():
+            if not fut.done():
+                fut.set_exception(RouteError("unavailable", "the node is stopping"))
+        self._fetches.clear()
 
     # -- the origin's side -------------------------------------------------------------------
     def submit(self, group: int, command: bytes) -> asyncio.Future[Any]:
@@ -278,6 +311,10 @@ class Router:
         for fid in [f for f, p in self._forwards.items() if p.peer == peer]:
             p = self._forwards.pop(fid)
             self._fail(p, RouteError("timeout", f"node {peer} went down with the request"))
+        for fid in [f for f, (_, at, _) in self._fetches.items() if at == peer]:
+            fut = self._fetches.pop(fid)[0]
+            if not fut.done():
+                fut.set_exception(RouteError("unavailable", f"node {peer} went down"))
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -285,6 +322,10 @@ class Router:
         for fid in [f for f, p in self._forwards.items() if p.deadline <= now or p.future.done()]:
             p = self._forwards.pop(fid)
             self._fail(p, RouteError("timeout", "no answer from the leader in time"))
+        for fid in [f for f, (fut, _, at) in self._fetches.items() if at <= now or fut.done()]:
+            fut = self._fetches.pop(fid)[0]
+            if not fut.done():
+                fut.set_exception(RouteError("timeout", "no history from the peer in time"))
         for group in list(self._leader_waits):
             keep = []
             for p in self._leader_waits[group]:
@@ -314,6 +355,12 @@ class Router:
                 self._serve(peer, envelope)
             elif isinstance(envelope, ForwardReply):
                 self._answered(peer, envelope)
+            elif isinstance(envelope, HistoryFetch):
+                self._serve_history(peer, envelope)
+            elif isinstance(envelope, HistoryRows):
+                entry = self._fetches.pop(envelope.fid, None)
+                if entry is not None and entry[1] == peer and not entry[0].done():
+                    entry[0].set_result(envelope)
             elif envelope.node_id == peer:
                 self.addresses[peer] = envelope.client_address
 
@@ -353,6 +400,43 @@ class Router:
                 reply(b"", "unavailable", str(exc))
 
         fut.add_done_callback(done)
+
+    # -- history between archives --------------------------------------------------------------
+    def fetch_history(
+        self, peer: int, session_id: str, after_seq: int, to_seq: int, limit: int
+    ) -> asyncio.Future[HistoryRows]:
+        """Ask ``peer`` for messages ``after_seq < seq <= to_seq`` (fails ``unavailable`` when
+        it cannot be asked, ``timeout`` without an answer within ``request_timeout_s``)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[HistoryRows] = loop.create_future()
+        fid = next(self._fids)
+        fetch = HistoryFetch(fid, session_id, after_seq, to_seq, limit)
+        if self.transport is None or not self.transport.send_app(peer, _encode(fetch)):
+            fut.set_exception(RouteError("unavailable", f"node {peer} is not connected"))
+            return fut
+        self._fetches[fid] = (fut, peer, loop.time() + self.config.request_timeout_s)
+        return fut
+
+    def _serve_history(self, peer: int, fetch: HistoryFetch) -> None:
+        assert self.transport is not None
+        transport = self.transport
+        server = self.history_server
+        if server is None or self._history_serving >= self.config.history_serves_max:
+            busy = HistoryRows(fetch.fid, [], 0, "unavailable", "busy, ask again")
+            transport.send_app(peer, _encode(busy))
+            return
+        self._history_serving += 1
+
+        def done(task: asyncio.Task[HistoryRows]) -> None:
+            self._history_serving -= 1
+            if task.cancelled() or task.exception() is not None:
+                why = "cancelled" if task.cancelled() else repr(task.exception())
+                answer = HistoryRows(fetch.fid, [], 0, "unavailable", why)
+            else:
+                answer = task.result()
+            transport.send_app(peer, _encode(answer))
+
+        asyncio.get_running_loop().create_task(server(fetch)).add_done_callback(done)
 
     def _answered(self, peer: int, ans: ForwardReply) -> None:
         p = self._forwards.pop(ans.fid, None)

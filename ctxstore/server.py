@@ -6,8 +6,16 @@
   command is committed on a quorum and applied.
 - Reads (``GetSession``, ``Read``) first pass a ReadIndex barrier of the session's group (any
   replica may serve it), so a read sees every write acknowledged before it was sent, whichever
-  node acknowledged it.  ``ListSessions`` reads this node's applied state (all groups are
-  replicated here): it may lag a write acknowledged by another node by a replication delay.
+  node acknowledged it.  ``Read`` serves the hot tail and, for older messages, the local
+  archive (``History``); a range deleted by retention is skipped (the seqs show it).
+  ``ListSessions`` reads this node's applied state (all groups are replicated here): it may lag
+  a write acknowledged by another node by a replication delay.
+- ``Subscribe`` passes the same barrier, answers ``Subscribed`` with the session's last seq,
+  then ``Subscriptions`` pushes replay and live messages.  ``SubscribeInbox`` answers an
+  ``InboxSnapshot`` from applied state, then ``Inboxes`` pushes deltas.  Sub ids are unique per
+  node.
+- Backpressure: while the local archive is behind (``Archive.overloaded``) appends are refused
+  ``unavailable`` (retryable) so the archive's queue stays bounded.
 - Answers never block the loop and need no task per request: the router's futures call back.
 - Errors: domain refusals carry the state machine's code (``not_found``, ``conflict``,
   ``bad_request``); a request that cannot reach a leader in time is ``unavailable``
@@ -19,13 +27,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
-
-import msgspec
 
 from wire.aio import BaseHandler, Connection, Reply
 from wire.protocol import (
@@ -35,6 +42,7 @@ from wire.protocol import (
     Error,
     GetRoutes,
     GetSession,
+    InboxSnapshot,
     ListSessions,
     MarkRead,
     Messages,
@@ -47,10 +55,16 @@ from wire.protocol import (
     Routes,
     SessionInfo,
     SessionList,
+    Subscribe,
+    Subscribed,
+    SubscribeInbox,
+    Unsubscribe,
+    Unsubscribed,
     error,
 )
 
 from . import commands
+from .history import HistoryUnavailable
 from .node import Node
 from .placement import group_of
 from .router import RouteError
@@ -58,7 +72,6 @@ from .router import RouteError
 logger = logging.getLogger(__name__)
 
 READ_BYTES_MAX = 2 * 1024 * 1024  # a Messages answer stops adding messages past this
-_encode = msgspec.msgpack.Encoder().encode
 
 
 def now_ms() -> int:
@@ -74,6 +87,11 @@ class Service(BaseHandler):
         self.router = node.router
         self.groups = s.groups
         self.clock_ms = clock_ms
+        self.subscriptions = node.subscriptions
+        self.inboxes = node.inboxes
+        self.archive = node.archive
+        self.history = node.history
+        self._sub_ids = itertools.count(1)
         self.requests = 0
         self.errors: dict[str, int] = {}
         self.on_append_latency: Callable[[float, bool], None] | None = None  # seconds, ok
@@ -87,6 +105,20 @@ class Service(BaseHandler):
                 return self._after_barrier(conn, request.rid, request.session_id, request)
             case GetSession():
                 return self._after_barrier(conn, request.rid, request.session_id, request)
+            case Subscribe():
+                refused = self.subscriptions.admit(conn)
+                if refused is not None:
+                    return self._error(error(request.rid, *refused))
+                return self._after_barrier(conn, request.rid, request.session_id, request)
+            case Unsubscribe():
+                sub_id = request.sub_id
+                if self.subscriptions.stop(conn, sub_id) or self.inboxes.stop(conn, sub_id):
+                    return Unsubscribed(request.rid, sub_id)
+                return self._error(
+                    error(request.rid, "not_found", f"no subscription {sub_id} here")
+                )
+            case SubscribeInbox():
+                return self._subscribe_inbox(conn, request)
             case CreateSession():
                 return self._create(conn, request)
             case MarkRead():
@@ -105,8 +137,35 @@ class Service(BaseHandler):
                 return Routes(request.rid, version, leaders, dict(self.router.addresses))
         return self._error(error(request.rid, "bad_request", "unsupported request"))
 
+    def on_writable(self, conn: Connection) -> None:
+        self.subscriptions.on_writable(conn)
+        self.inboxes.on_writable(conn)
+
+    def on_close(self, conn: Connection) -> None:
+        self.subscriptions.on_close(conn)
+        self.inboxes.on_close(conn)
+
+    def close_subscriptions(self, message: str) -> None:
+        """Tell every subscriber this node is going away (they resubscribe elsewhere)."""
+        self.subscriptions.close_all("shutdown", message)
+        self.inboxes.close_all(message)
+
+    def _subscribe_inbox(self, conn: Connection, r: SubscribeInbox) -> Reply:
+        refused = self.inboxes.admit(conn)
+        if refused is not None:
+            return self._error(error(r.rid, *refused))
+        sub_id = next(self._sub_ids)
+        entries, truncated = self.inboxes.snapshot(r.user_id)
+        conn.reply(InboxSnapshot(r.rid, sub_id, entries, truncated))
+        self.inboxes.start(conn, sub_id, r.user_id)
+        return None
+
     # -- writes ---------------------------------------------------------------------------------
     def _append(self, conn: Connection, r: Append) -> Reply:
+        if self.archive.overloaded:
+            return self._error(
+                error(r.rid, "unavailable", "this node's archive is behind; retry shortly")
+            )
         cmd = commands.Append(
             r.session_id, r.sender, r.sender_id, r.kind, r.content, r.metadata,
             r.client_msg_id, r.expected_seq, r.token_count, self.clock_ms(),
@@ -163,7 +222,7 @@ class Service(BaseHandler):
 
     # -- reads ------------------------------------------------------------------------------------
     def _after_barrier(
-        self, conn: Connection, rid: int, sid: str, request: Read | GetSession
+        self, conn: Connection, rid: int, sid: str, request: Read | GetSession | Subscribe
     ) -> Reply:
         fut = self.router.barrier(group_of(sid, self.groups))
 
@@ -172,40 +231,56 @@ class Service(BaseHandler):
                 conn.reply(self._error(error(rid, "timeout", "read barrier timed out")))
             elif (exc := f.exception()) is not None:
                 conn.reply(self._failure(rid, exc))
+            elif isinstance(request, Read):
+                task = asyncio.get_running_loop().create_task(self._read(request))
+                task.add_done_callback(lambda t: conn.reply(self._task_answer(rid, t)))
+            elif isinstance(request, Subscribe):
+                self._subscribe(conn, request)
             else:
-                conn.reply(self._serve_read(request))
+                session = self.state.get_session(request.session_id)
+                if session is None:
+                    conn.reply(self._not_found(rid, request.session_id))
+                else:
+                    conn.reply(SessionInfo(rid, session))
 
         fut.add_done_callback(done)
         return None
 
-    def _serve_read(self, r: Read | GetSession) -> Response:
-        if isinstance(r, GetSession):
-            session = self.state.get_session(r.session_id)
-            if session is None:
-                return self._error(error(r.rid, "not_found", f"no session {r.session_id!r}"))
-            return SessionInfo(r.rid, session)
-        result = self.state.read(r.session_id, r.after_seq, r.limit)
-        if result is None:
-            return self._error(error(r.rid, "not_found", f"no session {r.session_id!r}"))
-        if r.after_seq + 1 < result.first_seq and r.after_seq < result.last_seq:
-            return self._error(
-                error(
-                    r.rid,
-                    "not_found",
-                    f"messages {r.after_seq + 1}..{result.first_seq - 1} are no longer held in "
-                    "memory (the on-disk archive comes with a later version)",
-                    first_seq=result.first_seq,
-                    last_seq=result.last_seq,
-                )
-            )
-        messages = result.messages
-        size = 0
-        for i, m in enumerate(messages):  # stay well inside one frame: the client reads on
-            size += len(m.content.encode()) + len(_encode(m.metadata)) + 128
-            if size > READ_BYTES_MAX and i > 0:
-                messages = messages[:i]
-                break
-        return Messages(r.rid, messages, result.last_seq)
+    def _subscribe(self, conn: Connection, r: Subscribe) -> None:
+        if conn.closed:
+            return
+        last_seq = self.state.last_seq(r.session_id)
+        if last_seq is None:
+            conn.reply(self._not_found(r.rid, r.session_id))
+            return
+        if r.after_seq > last_seq:
+            message = f"after_seq {r.after_seq} is beyond the session's last_seq {last_seq}"
+            conn.reply(self._error(error(r.rid, "bad_request", message, last_seq=last_seq)))
+            return
+        sub_id = next(self._sub_ids)
+        conn.reply(Subscribed(r.rid, sub_id, last_seq))
+        group = group_of(r.session_id, self.groups)
+        self.subscriptions.start(conn, sub_id, r.session_id, group, r.after_seq)
+
+    async def _read(self, r: Read) -> Response:
+        try:
+            page = await self.history.read(r.session_id, r.after_seq, r.limit, READ_BYTES_MAX)
+        except HistoryUnavailable as e:
+            return self._error(error(r.rid, "unavailable", str(e)))
+        if page is None:
+            return self._not_found(r.rid, r.session_id)
+        return Messages(r.rid, page.messages, page.last_seq)
+
+    def _task_answer(self, rid: int, task: asyncio.Task[Response]) -> Response:
+        if task.cancelled():
+            return self._error(error(rid, "unavailable", "the read was cancelled"))
+        exc = task.exception()
+        if exc is not None:
+            return self._failure(rid, exc)
+        return task.result()
+
+    def _not_found(self, rid: int, session_id: str) -> Error:
+        return self._error(error(rid, "not_found", f"no session {session_id!r}"))
 
     def _error(self, e: Error) -> Error:
         self.errors[e.code] = self.errors.get(e.code, 0) + 1

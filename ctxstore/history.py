@@ -1,0 +1,197 @@
+"""A session's history as one sequence: the hot tail in memory, older messages from the local
+archive (design §5.4).  Reads, subscription replays and peers backfilling their archive all go
+through ``History.read``.
+
+Rules of this module:
+- A page holds messages with consecutive seqs, oldest first, starting right after ``after_seq``
+  or right after a gap.  A gap (``Page.gap``) is a range the node cannot serve: deleted by the
+  retention limit (reason ``retention``) or missing for another reason (``unavailable``).  A
+  page is never silent about a missing seq.
+- Messages older than the tail were archived before they left the tail, or are still queued
+  for the archive: when the archive answers with a hole, the read waits for what is queued
+  (``Archive.barrier``) and asks again before calling it a gap.
+- A range the archive is still receiving from a peer (after an InstallSnapshot) is not served:
+  ``HistoryUnavailable`` (retryable), never a gap.
+- Retention hides messages in the tail too: by count (``seq <= last_seq - max_messages``) and by
+  age (``inserted_at`` older than ``max_age_s``), so a reader sees one history whichever part
+  of the node holds it.
+- Pages are bounded by ``limit`` messages and about ``bytes_max`` bytes (at least one message).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import msgspec
+
+from wire.protocol import Message
+
+from .archive import Archive, Retention
+from .state import ConversationState
+
+_encode = msgspec.msgpack.Encoder().encode
+PAGE_BYTES_MAX = 1024 * 1024
+
+
+class HistoryUnavailable(Exception):
+    """The node cannot serve this range yet (retryable)."""
+
+
+class Page(NamedTuple):
+    messages: list[Message]
+    gap: tuple[int, int, str] | None  # (from_seq, to_seq, reason) just before ``messages``
+    last_seq: int  # the session's last seq when the page was read
+
+
+def message_bytes(m: Message) -> int:
+    """An estimate of a message's encoded size (content, metadata, ids, fixed fields)."""
+    content = m.content
+    size = len(content) if content.isascii() else len(content.encode())
+    return size + (len(_encode(m.metadata)) if m.metadata else 1) + 96 + len(m.session_id)
+
+
+class History:
+    def __init__(
+        self,
+        state: ConversationState,
+        archive: Archive,
+        retention: Retention,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self.state = state
+        self.archive = archive
+        self.retention = retention
+        self.clock_ms = clock_ms
+        self.archive_reads = 0
+        self.archive_barriers = 0
+
+    def _gap_reason(self) -> str:
+        r = self.retention
+        return "unavailable" if r.max_messages is None and r.max_age_s is None else "retention"
+
+    def _age_cut_ms(self) -> int | None:
+        age = self.retention.max_age_s
+        return None if age is None else self.clock_ms() - int(age * 1000)
+
+    async def read(
+        self, session_id: str, after_seq: int, limit: int, bytes_max: int = PAGE_BYTES_MAX
+    ) -> Page | None:
+        """The next page after ``after_seq``; None if the session is unknown here.  Pages that
+        are all gap (expired by age) are merged into one gap, up to 64 pages at a time."""
+        after = after_seq
+        gap: tuple[int, int, str] | None = None
+        for _ in range(64):
+            page = await self._read_page(session_id, after, limit, bytes_max)
+            if page is None:
+                return None
+            if gap is not None:
+                lo, reason = gap[0], gap[2]
+                page = Page(page.messages, (lo, page.gap[1] if page.gap else after, reason),
+                            page.last_seq)  # fmt: skip
+            if page.messages or page.gap is None or page.gap[1] >= page.last_seq:
+                return page
+            gap = page.gap
+            after = gap[1]
+        return page
+
+    async def _read_page(
+        self, session_id: str, after_seq: int, limit: int, bytes_max: int
+    ) -> Page | None:
+        for _ in range(8):
+            page = await self._read_once(session_id, after_seq, limit, bytes_max)
+            if page is None or isinstance(page, Page):
+                return page
+        raise HistoryUnavailable(f"the tail of {session_id!r} moves faster than it can be read")
+
+    async def _read_once(
+        self, session_id: str, after_seq: int, limit: int, bytes_max: int
+    ) -> Page | object | None:
+        head = self.state.read(session_id, after_seq, 1)
+        if head is None:
+            return None
+        last_seq = head.last_seq
+        if after_seq >= last_seq:
+            return Page([], None, last_seq)
+        start = after_seq + 1
+        keep = self.retention.max_messages
+        if keep is not None:
+            start = max(start, last_seq - keep + 1)  # deleted by count, wherever it is held
+        messages: list[Message] = []
+        if start < head.first_seq:  # older than the tail: the archive
+            messages = await self._from_archive(
+                session_id, start, head.first_seq - 1, limit, bytes_max
+            )
+            start = messages[0].seq if messages else head.first_seq
+        if not messages or messages[-1].seq == head.first_seq - 1:
+            after = messages[-1].seq if messages else start - 1
+            room = bytes_max - sum(map(message_bytes, messages))
+            more = self._from_tail(session_id, after, limit - len(messages), room)
+            if more and more[0].seq != after + 1:  # the tail moved on while the archive read
+                if not messages:
+                    return _AGAIN
+                more = []
+            if not messages and not more:
+                return _AGAIN
+            messages += more
+        cut = self._age_cut_ms()
+        if cut is not None:
+            old = 0
+            while old < len(messages) and messages[old].inserted_at < cut:
+                old += 1
+            if old == len(messages):  # the whole page has expired: a gap, and read on
+                return Page([], (after_seq + 1, messages[-1].seq, "retention"), last_seq)
+            del messages[:old]
+        first = messages[0].seq
+        gap = (after_seq + 1, first - 1, self._gap_reason()) if first > after_seq + 1 else None
+        return Page(messages, gap, last_seq)
+
+    def _from_tail(self, session_id: str, after: int, limit: int, bytes_max: int) -> list[Message]:
+        if limit <= 0:
+            return []
+        r = self.state.read(session_id, after, limit)
+        if r is None:
+            return []
+        out = r.messages
+        size = 0
+        for i, m in enumerate(out):
+            size += message_bytes(m)
+            if size > bytes_max and i > 0:
+                return out[:i]
+        return out
+
+    async def _from_archive(
+        self, session_id: str, start: int, to_seq: int, limit: int, bytes_max: int
+    ) -> list[Message]:
+        """Archived messages from ``start`` (or the first one after it) up to ``to_seq``, with
+        consecutive seqs."""
+        for lo, hi in ((r[2], r[3]) for r in self.archive.backfill_ranges(session_id)):
+            if lo <= to_seq and hi >= start:
+                raise HistoryUnavailable(
+                    f"messages {lo}..{hi} of {session_id!r} are being copied to this node"
+                )
+        archive = self.archive
+        self.archive_reads += 1
+        rows = await archive.read(session_id, start - 1, limit, to_seq=to_seq, bytes_max=bytes_max)
+        if not _complete(rows, start):
+            # Evicted from the tail, maybe still queued for the archive: wait for it, ask again.
+            self.archive_barriers += 1
+            await archive.barrier()
+            rows = await archive.read(
+                session_id, start - 1, limit, to_seq=to_seq, bytes_max=bytes_max
+            )
+        out: list[Message] = rows
+        for i in range(1, len(out)):
+            if out[i].seq != out[i - 1].seq + 1:
+                return out[:i]  # a hole: the next read reports it as a gap
+        return out
+
+
+def _complete(rows: list[Message], start: int) -> bool:
+    return bool(rows) and rows[0].seq == start and rows[-1].seq - start + 1 == len(rows)
+
+
+_AGAIN = object()
+
+
+__all__ = ["PAGE_BYTES_MAX", "History", "HistoryUnavailable", "Page", "message_bytes"]

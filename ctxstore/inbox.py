@@ -1,0 +1,177 @@
+"""Per-user inboxes: a snapshot of the user's sessions, then batched deltas (design §5.7).
+
+Each node indexes, for the groups it replicates, ``user_id -> sessions`` (``ConversationState``).
+``SubscribeInbox{user_id}`` answers ``InboxSnapshot`` with one ``InboxEntry`` per session (the
+most recently active first, at most ``snapshot_max``; ``truncated`` says more exist) and then
+pushes ``InboxDelta``s: the sessions that changed (a message, a new session, a read cursor
+moved), batched every ``interval_s`` (250 ms) or at once when ``dirty_max`` (50) sessions are
+waiting.  Entries are built from the state when the delta leaves, so a delta always shows the
+latest values; unread = ``last_seq`` minus the owner's read cursor.
+
+Bounds: a subscriber's pending changes are a set of session ids (at most the user's sessions);
+while its connection is backlogged the set waits (and merges) instead of queueing deltas.
+An inbox reads this node's applied state (no barrier): it may lag a write acknowledged by
+another node by a replication delay, and catches up by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from wire.aio import Connection
+from wire.protocol import ErrorCode, InboxDelta, InboxEntry, Message, SubscriptionClosed
+
+from .state import ConversationState
+
+PREVIEW_CHARS = 120
+
+
+@dataclass(frozen=True)
+class InboxLimits:
+    interval_s: float = 0.25
+    dirty_max: int = 50
+    snapshot_max: int = 1000
+    delta_entries_max: int = 500  # entries per InboxDelta push
+    per_connection_max: int = 100
+    node_max: int = 100_000
+    backlog_bytes_high: int = 2 * 1024 * 1024
+
+
+class _InboxSub:
+    __slots__ = ("closed", "conn", "dirty", "sub_id", "timer", "user_id")
+
+    def __init__(self, sub_id: int, conn: Connection, user_id: str) -> None:
+        self.sub_id = sub_id
+        self.conn = conn
+        self.user_id = user_id
+        self.dirty: set[str] = set()
+        self.timer: asyncio.Handle | None = None
+        self.closed = False
+
+
+def entry(state: ConversationState, session_id: str) -> InboxEntry | None:
+    session = state.get_session(session_id)
+    if session is None:
+        return None
+    last: Message | None = state.last_message(session_id)
+    cursor = state.read_cursor(session_id, session.user_id) or 0
+    return InboxEntry(
+        session.id,
+        session.agent_id,
+        session.last_seq,
+        session.last_seq - cursor,
+        last.inserted_at if last is not None else session.created_at,
+        last.sender if last is not None else None,
+        last.sender_id if last is not None else None,
+        last.content[:PREVIEW_CHARS] if last is not None else "",
+    )
+
+
+class Inboxes:
+    def __init__(self, state: ConversationState, limits: InboxLimits) -> None:
+        self.state = state
+        self.limits = limits
+        self._by_user: dict[str, dict[int, _InboxSub]] = {}
+        self._by_conn: dict[Connection, dict[int, _InboxSub]] = {}
+        self.count = 0
+        self.deltas = 0
+
+    def admit(self, conn: Connection) -> tuple[ErrorCode, str] | None:
+        if self.count >= self.limits.node_max:
+            return "unavailable", f"this node serves its maximum of {self.limits.node_max}"
+        if len(self._by_conn.get(conn, ())) >= self.limits.per_connection_max:
+            return "bad_request", f"at most {self.limits.per_connection_max} per connection"
+        return None
+
+    def snapshot(self, user_id: str) -> tuple[list[InboxEntry], bool]:
+        entries = [e for sid in self.state.user_session_ids(user_id)
+                   if (e := entry(self.state, sid)) is not None]  # fmt: skip
+        entries.sort(key=lambda e: (-e.last_activity, e.session_id))
+        limit = self.limits.snapshot_max
+        return entries[:limit], len(entries) > limit
+
+    def start(self, conn: Connection, sub_id: int, user_id: str) -> None:
+        """Register after the snapshot was queued: changes from now on become deltas."""
+        sub = _InboxSub(sub_id, conn, user_id)
+        self._by_user.setdefault(user_id, {})[sub_id] = sub
+        self._by_conn.setdefault(conn, {})[sub_id] = sub
+        self.count += 1
+
+    def stop(self, conn: Connection, sub_id: int) -> bool:
+        sub = self._by_conn.get(conn, {}).get(sub_id)
+        if sub is None:
+            return False
+        self._remove(sub)
+        return True
+
+    def on_close(self, conn: Connection) -> None:
+        for sub in list(self._by_conn.get(conn, {}).values()):
+            self._remove(sub)
+
+    def on_writable(self, conn: Connection) -> None:
+        for sub in list(self._by_conn.get(conn, {}).values()):
+            if sub.dirty and sub.timer is None:
+                self._flush(sub)
+
+    def close_all(self, message: str) -> None:
+        for subs in list(self._by_conn.values()):
+            for sub in list(subs.values()):
+                self._remove(sub)
+                sub.conn.push(SubscriptionClosed(sub.sub_id, "shutdown", message))
+
+    # -- the state's side -------------------------------------------------------------------------
+    def on_change(self, user_id: str, session_id: str) -> None:
+        subs = self._by_user.get(user_id)
+        if not subs:
+            return
+        for sub in subs.values():
+            sub.dirty.add(session_id)
+            if len(sub.dirty) >= self.limits.dirty_max:
+                if sub.timer is not None:
+                    sub.timer.cancel()
+                sub.timer = asyncio.get_running_loop().call_soon(self._flush, sub)
+            elif sub.timer is None:
+                loop = asyncio.get_running_loop()
+                sub.timer = loop.call_later(self.limits.interval_s, self._flush, sub)
+
+    def on_group_replaced(self, group: int) -> None:
+        for sid in self.state.session_ids(group):
+            session = self.state.get_session(sid)
+            if session is not None:
+                self.on_change(session.user_id, sid)
+
+    def _flush(self, sub: _InboxSub) -> None:
+        sub.timer = None
+        if sub.closed or not sub.dirty:
+            return
+        if not sub.conn.writable or sub.conn.backlog_bytes > self.limits.backlog_bytes_high:
+            return  # on_writable flushes it; changes keep merging meanwhile
+        ids, sub.dirty = sorted(sub.dirty), set()
+        entries = [e for sid in ids if (e := entry(self.state, sid)) is not None]
+        step = self.limits.delta_entries_max
+        for i in range(0, len(entries), step):
+            sub.conn.push(InboxDelta(sub.sub_id, entries[i : i + step]))
+            self.deltas += 1
+
+    def _remove(self, sub: _InboxSub) -> None:
+        if sub.closed:
+            return
+        sub.closed = True
+        self.count -= 1
+        if sub.timer is not None:
+            sub.timer.cancel()
+            sub.timer = None
+        by_user = self._by_user.get(sub.user_id)
+        if by_user is not None:
+            by_user.pop(sub.sub_id, None)
+            if not by_user:
+                del self._by_user[sub.user_id]
+        by_conn = self._by_conn.get(sub.conn)
+        if by_conn is not None:
+            by_conn.pop(sub.sub_id, None)
+            if not by_conn:
+                del self._by_conn[sub.conn]
+
+
+__all__ = ["InboxLimits", "Inboxes", "entry"]

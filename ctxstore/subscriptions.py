@@ -1,0 +1,308 @@
+"""Live subscriptions to sessions: replay, then live, with no gap and no duplicate (design §4.1,
+invariant 5).
+
+A subscription delivers every message with ``seq > after_seq`` of its session, in order, each
+once, as ``MessageEvent`` pushes, with a ``GapEvent`` for any range the node cannot serve
+(retention).  It has one cursor, ``next_seq`` (the next seq to deliver), and one of two modes:
+
+- **replay**: a task reads pages from ``History`` (hot tail, then archive) after ``next_seq - 1``
+  and pushes them, waiting while the connection's unsent bytes are above
+  ``backlog_bytes_high``.  When ``next_seq`` passes the session's ``last_seq`` it switches to
+  live — in the same loop callback as that check, so no message applied in between is missed;
+- **live**: each message applied on this node (``on_message``, from the state observer) whose
+  seq is ``next_seq`` joins the subscription's outbox; outboxes leave as one ``MessageEvent``
+  per subscription per loop iteration, as far as they fit under ``backlog_bytes_high``.  What
+  does not fit is not buffered: the subscription goes back to replay from the first message
+  left out; so does one whose session jumped ahead (a snapshot was installed).  A connection's
+  unsent bytes therefore stay below ``backlog_bytes_high`` + one page (or one message).
+
+Memory per subscription is a few hundred bytes plus at most one page while replaying; what a
+slow reader has not taken stays in the store, not in a buffer.  A subscription that could not
+push anything for ``slow_timeout_s`` is told ``SubscriptionClosed(slow_consumer)`` and dropped.
+Subscriptions per connection (``bad_request``) and per node (``unavailable``: try another
+node) are capped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import cast
+
+from wire.aio import Connection
+from wire.protocol import (
+    CloseReason,
+    ErrorCode,
+    GapEvent,
+    GapReason,
+    Message,
+    MessageEvent,
+    SubscriptionClosed,
+)
+
+from .history import History, HistoryUnavailable, message_bytes
+from .state import ConversationState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SubscriptionLimits:
+    per_connection_max: int = 1000
+    node_max: int = 100_000
+    page_messages: int = 500
+    page_bytes: int = 1024 * 1024
+    backlog_bytes_high: int = 2 * 1024 * 1024  # a connection's unsent bytes: pushes pause above
+    slow_timeout_s: float = 30.0  # no push possible for this long: dropped (slow_consumer)
+    retry_s: float = 0.5  # history not servable yet (being copied here): ask again after
+
+
+class _Sub:
+    __slots__ = ("closed", "conn", "group", "live", "next_seq", "outbox", "session_id", "sub_id",
+                 "task")  # fmt: skip
+
+    def __init__(self, sub_id: int, conn: Connection, session_id: str, group: int) -> None:
+        self.sub_id = sub_id
+        self.conn = conn
+        self.session_id = session_id
+        self.group = group
+        self.next_seq = 1
+        self.live = False
+        self.closed = False
+        self.outbox: list[Message] = []
+        self.task: asyncio.Task[None] | None = None
+
+
+class _SlowConsumer(Exception):
+    pass
+
+
+def _closed(sub: _Sub) -> bool:
+    return sub.closed
+
+
+class Subscriptions:
+    def __init__(
+        self, state: ConversationState, history: History, limits: SubscriptionLimits
+    ) -> None:
+        self.state = state
+        self.history = history
+        self.limits = limits
+        self._by_session: dict[str, dict[int, _Sub]] = {}
+        self._by_conn: dict[Connection, dict[int, _Sub]] = {}
+        self._dirty: list[_Sub] = []
+        self._flush_scheduled = False
+        self._writable: dict[Connection, asyncio.Event] = {}
+        self.count = 0
+        self.replaying = 0
+        self.dropped_slow = 0
+        self.pushed_messages = 0
+        self.gaps = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def admit(self, conn: Connection) -> tuple[ErrorCode, str] | None:
+        """Why ``conn`` may not open another subscription now (None: it may)."""
+        if self.count >= self.limits.node_max:
+            return "unavailable", f"this node serves its maximum of {self.limits.node_max}"
+        if len(self._by_conn.get(conn, ())) >= self.limits.per_connection_max:
+            return "bad_request", f"at most {self.limits.per_connection_max} per connection"
+        return None
+
+    def start(
+        self, conn: Connection, sub_id: int, session_id: str, group: int, after_seq: int
+    ) -> None:
+        """Begin delivering after ``after_seq`` (the ``Subscribed`` answer is already queued)."""
+        sub = _Sub(sub_id, conn, session_id, group)
+        sub.next_seq = after_seq + 1
+        self._by_session.setdefault(session_id, {})[sub_id] = sub
+        self._by_conn.setdefault(conn, {})[sub_id] = sub
+        self.count += 1
+        last_seq = self.state.last_seq(session_id)
+        if last_seq is not None and sub.next_seq > last_seq:
+            sub.live = True
+        else:
+            self._replay(sub)
+
+    def stop(self, conn: Connection, sub_id: int) -> bool:
+        sub = self._by_conn.get(conn, {}).get(sub_id)
+        if sub is None:
+            return False
+        self._remove(sub)
+        return True
+
+    def on_close(self, conn: Connection) -> None:
+        for sub in list(self._by_conn.get(conn, {}).values()):
+            self._remove(sub)
+        self._writable.pop(conn, None)
+
+    def on_writable(self, conn: Connection) -> None:
+        event = self._writable.pop(conn, None)
+        if event is not None:
+            event.set()
+
+    def close_all(self, reason: CloseReason, message: str) -> None:
+        for subs in list(self._by_conn.values()):
+            for sub in list(subs.values()):
+                self._close(sub, reason, message)
+
+    # -- the state's side -------------------------------------------------------------------------
+    def on_message(self, message: Message) -> None:
+        subs = self._by_session.get(message.session_id)
+        if not subs:
+            return
+        for sub in subs.values():
+            if not sub.live:
+                continue  # replaying: its task reads this message from the store
+            if message.seq == sub.next_seq:
+                if not sub.outbox:
+                    self._dirty.append(sub)
+                sub.outbox.append(message)
+                sub.next_seq += 1
+            elif message.seq > sub.next_seq:  # the session jumped (a snapshot): read it
+                self._to_replay(sub)
+        if self._dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def on_restore(self, group: int) -> None:
+        """``group``'s state was replaced: its live subscriptions catch up from the store."""
+        for subs in self._by_session.values():
+            for sub in subs.values():
+                if sub.group == group and sub.live:
+                    self._to_replay(sub)
+
+    # -- pushing ----------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        high = self.limits.backlog_bytes_high
+        for sub in dirty:
+            if sub.closed or not sub.live or not sub.outbox:
+                continue
+            room = high - sub.conn.backlog_bytes
+            outbox, sub.outbox = sub.outbox, []
+            cut, size = 0, 0
+            for m in outbox:  # what fits under the high mark (at least one message)
+                size += message_bytes(m)
+                if size > room and (cut or room <= 0):
+                    break
+                cut += 1
+            if cut:
+                self._push_messages(sub, outbox[:cut] if cut < len(outbox) else outbox)
+            if cut < len(outbox):  # the rest is read again from the store, when it fits
+                sub.next_seq = outbox[cut].seq
+                sub.live = False
+                self._replay(sub)
+
+    def _push_messages(self, sub: _Sub, messages: list[Message]) -> None:
+        """One or more MessageEvents (each about ``page_bytes`` at most)."""
+        limit = self.limits.page_bytes
+        start, size = 0, 0
+        for i, m in enumerate(messages):
+            size += message_bytes(m)
+            if size > limit and i > start:
+                sub.conn.push(MessageEvent(sub.sub_id, messages[start:i]))
+                start, size = i, message_bytes(m)
+        sub.conn.push(MessageEvent(sub.sub_id, messages[start:] if start else messages))
+        self.pushed_messages += len(messages)
+
+    def _to_replay(self, sub: _Sub) -> None:
+        if sub.outbox:
+            sub.next_seq = sub.outbox[0].seq
+            sub.outbox = []
+        sub.live = False
+        self._replay(sub)
+
+    def _replay(self, sub: _Sub) -> None:
+        if sub.task is None and not sub.closed:
+            sub.task = asyncio.get_running_loop().create_task(self._run_replay(sub))
+
+    async def _run_replay(self, sub: _Sub) -> None:
+        self.replaying += 1
+        limits = self.limits
+        try:
+            while not sub.closed:
+                await self._wait_writable(sub)
+                try:
+                    page = await self.history.read(
+                        sub.session_id, sub.next_seq - 1, limits.page_messages, limits.page_bytes
+                    )
+                except HistoryUnavailable as e:
+                    logger.debug("subscription %d waits: %s", sub.sub_id, e)
+                    await asyncio.sleep(limits.retry_s)
+                    continue
+                if _closed(sub):  # while the page was read
+                    return
+                if page is None:
+                    self._close(sub, "not_found", f"no session {sub.session_id!r}")
+                    return
+                if page.gap is not None:
+                    lo, hi, reason = page.gap
+                    if lo != sub.next_seq:
+                        raise AssertionError(f"gap from {lo}, expected {sub.next_seq}")
+                    sub.conn.push(GapEvent(sub.sub_id, lo, hi, cast(GapReason, reason)))
+                    sub.next_seq = hi + 1
+                    self.gaps += 1
+                if page.messages:
+                    if page.messages[0].seq != sub.next_seq:
+                        raise AssertionError(
+                            f"page from {page.messages[0].seq}, expected {sub.next_seq}"
+                        )
+                    self._push_messages(sub, page.messages)
+                    sub.next_seq = page.messages[-1].seq + 1
+                last_seq = self.state.last_seq(sub.session_id)
+                if last_seq is None or sub.next_seq > last_seq:
+                    sub.live = True  # from here on_message carries it, with nothing between
+                    return
+        except _SlowConsumer:
+            self.dropped_slow += 1
+            self._close(sub, "slow_consumer", "the subscriber did not read for "
+                        f"{limits.slow_timeout_s:g} s")  # fmt: skip
+        except Exception:
+            logger.exception("subscription %d failed", sub.sub_id)
+            self._close(sub, "unavailable", "internal error")
+        finally:
+            self.replaying -= 1
+            sub.task = None
+
+    async def _wait_writable(self, sub: _Sub) -> None:
+        high = self.limits.backlog_bytes_high
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.slow_timeout_s
+        while not sub.closed and (not sub.conn.writable or sub.conn.backlog_bytes > high):
+            left = deadline - loop.time()
+            if left <= 0:
+                raise _SlowConsumer
+            event = self._writable.setdefault(sub.conn, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(left, 0.05))
+
+    # -- ending -----------------------------------------------------------------------------------
+    def _close(self, sub: _Sub, reason: CloseReason, message: str) -> None:
+        if sub.closed:
+            return
+        self._remove(sub)
+        sub.conn.push(SubscriptionClosed(sub.sub_id, reason, message))
+
+    def _remove(self, sub: _Sub) -> None:
+        if sub.closed:
+            return
+        sub.closed = True
+        self.count -= 1
+        by_session = self._by_session.get(sub.session_id)
+        if by_session is not None:
+            by_session.pop(sub.sub_id, None)
+            if not by_session:
+                del self._by_session[sub.session_id]
+        by_conn = self._by_conn.get(sub.conn)
+        if by_conn is not None:
+            by_conn.pop(sub.sub_id, None)
+            if not by_conn:
+                del self._by_conn[sub.conn]
+        if sub.task is not None and sub.task is not asyncio.current_task():
+            sub.task.cancel()
+
+
+__all__ = ["SubscriptionLimits", "Subscriptions"]

@@ -1,0 +1,161 @@
+"""ctxstore.history: one history over the hot tail and the real SQLite archive."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from ctxstore import commands as c
+from ctxstore.archive import Archive, ArchiveConfig, Retention
+from ctxstore.history import History, HistoryUnavailable, Page
+from ctxstore.placement import group_of
+from ctxstore.state import ConversationState, StateLimits
+from raft.messages import Entry
+from wire.protocol import Message, Session
+
+GROUPS = 8
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    uvloop.run(asyncio.wait_for(coro, 30))
+
+
+class Feed:
+    """A state whose observer hands messages to the archive, as the node does."""
+
+    def __init__(self, path: Path, tail: int = 10, retention: Retention | None = None) -> None:
+        self.retention = retention or Retention()
+        self.archive = Archive(
+            str(path / "a.sqlite3"),
+            ArchiveConfig(flush_interval_s=0.001, retention=self.retention),
+            clock_ms=lambda: self.now,
+        )
+        self.state = ConversationState(StateLimits(tail_messages_max=tail), GROUPS, self)
+        self.history = History(self.state, self.archive, self.retention, lambda: self.now)
+        self.index: dict[int, int] = {}
+        self.now = 1_000_000
+
+    def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
+        self.archive.add(group, index, message)
+
+    def on_session(self, group: int, index: int, session: Session) -> None:
+        pass
+
+    def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
+        pass
+
+    def on_applied(self, group: int, index: int) -> None:
+        self.archive.applied(group, index)
+
+    def run(self, cmd: c.Command) -> object:
+        g = group_of(cmd.session_id, GROUPS)
+        self.index[g] = self.index.get(g, 0) + 1
+        return self.state.apply(g, [Entry(1, self.index[g], data=c.encode_command(cmd))])[0]
+
+    def append(self, sid: str, n: int) -> None:
+        for _ in range(n):
+            self.now += 1000
+            self.run(c.Append(sid, "user", "u", "text", f"t{self.now}", {}, None, None, None,
+                              self.now))  # fmt: skip
+
+    async def all(
+        self, sid: str, after: int = 0, limit: int = 7
+    ) -> list[Message | tuple[int, int, str]]:
+        out: list[Message | tuple[int, int, str]] = []
+        while True:
+            page = await self.history.read(sid, after, limit)
+            assert isinstance(page, Page)
+            if page.gap is not None:
+                out.append(page.gap)
+                assert page.gap[0] == after + 1
+                after = page.gap[1]
+            if page.messages:
+                assert page.messages[0].seq == after + 1
+                out += page.messages
+                after = page.messages[-1].seq
+            if after >= page.last_seq:
+                return out
+
+
+def seqs(items: list[Any]) -> list[Any]:
+    return [m.seq if isinstance(m, Message) else m for m in items]
+
+
+def test_history_spans_archive_and_tail_in_pages(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = Feed(tmp_path)
+        await f.archive.start()
+        f.run(c.CreateSession("s", "u", "a", {}, 1))
+        f.append("s", 95)  # the tail holds 86..95; 1..85 only in the archive (maybe queued)
+        assert seqs(await f.all("s")) == list(range(1, 96))
+        assert seqs(await f.all("s", after=80, limit=3)) == list(range(81, 96))
+        page = await f.history.read("s", 95, 5)
+        assert page == Page([], None, 95)
+        assert await f.history.read("nope", 0, 5) is None
+        await f.archive.stop()
+
+    run(main())
+
+
+def test_retention_by_count_and_age_shows_as_one_gap(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = Feed(tmp_path, retention=Retention(max_messages=30))
+        await f.archive.start()
+        f.run(c.CreateSession("s", "u", "a", {}, 1))
+        f.append("s", 100)
+        await f.archive.barrier()
+        assert seqs(await f.all("s")) == [(1, 70, "retention"), *range(71, 101)]
+        assert seqs(await f.all("s", after=90)) == list(range(91, 101))
+        await f.archive.stop()
+
+        g = Feed(tmp_path / "age", retention=Retention(max_age_s=20))
+        (tmp_path / "age").mkdir()
+        await g.archive.start()
+        g.run(c.CreateSession("s", "u", "a", {}, 1))
+        g.append("s", 40)  # one per simulated second: 20 s back from seq 40 is seq 20 (kept)
+        assert seqs(await g.all("s")) == [(1, 19, "retention"), *range(20, 41)]
+        g.now += 100_000  # everything expired: one gap, nothing else
+        assert seqs(await g.all("s")) == [(1, 40, "retention")]
+        await g.archive.stop()
+
+    run(main())
+
+
+def test_a_range_being_copied_from_a_peer_is_unavailable_not_a_gap(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = Feed(tmp_path)
+        await f.archive.start()
+        f.run(c.CreateSession("s", "u", "a", {}, 1))
+        f.append("s", 30)
+        g = group_of("s", GROUPS)
+        # As after an InstallSnapshot: the state has seqs up to 80, the archive lacks 31..70.
+        other = ConversationState(StateLimits(tail_messages_max=10), GROUPS)
+        other.apply(g, [Entry(1, 1, data=c.encode_command(c.CreateSession("s", "u", "a", {}, 1)))])
+        for i in range(80):
+            cmd = c.Append("s", "user", "u", "text", f"x{i}", {}, None, None, None, 5 + i)
+            other.apply(g, [Entry(1, 2 + i, data=c.encode_command(cmd))])
+        f.state.restore(g, other.snapshot(g))
+        sessions, tail = f.state.group_tails(g)
+        f.archive.restore(g, 500, sessions, tail)
+        await f.archive.barrier()
+        assert f.archive.backfill_ranges("s") == [(g, "s", 31, 70)]
+        with pytest.raises(HistoryUnavailable):
+            await f.all("s")
+        assert seqs(await f.all("s", after=70)) == list(range(71, 81))
+        rows = [m for m in await other_rows(other, "s") if 31 <= m.seq <= 70]
+        await f.archive.fill("s", rows)
+        assert seqs(await f.all("s")) == list(range(1, 81))
+        await f.archive.stop()
+
+    run(main())
+
+
+async def other_rows(state: ConversationState, sid: str) -> list[Message]:
+    """Messages 31..70 as the other replica would serve them (made again: same commands)."""
+    return [Message(sid, s, "user", "u", "text", f"x{s - 1}", {}, None, 4 + s, None)
+            for s in range(31, 71)]  # fmt: skip
