@@ -21,7 +21,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import msgspec
 
@@ -73,6 +73,25 @@ class History:
     def _age_cut_ms(self) -> int | None:
         age = self.retention.max_age_s
         return None if age is None else self.clock_ms() - int(age * 1000)
+
+    def read_tail(
+        self, session_id: str, after_seq: int, limit: int, bytes_max: int = PAGE_BYTES_MAX
+    ) -> Page | None | Literal[False]:
+        """``read`` without awaiting, when the hot tail alone serves the page (the common case:
+        a reader near the end): the page, None for an unknown session, False when ``read``
+        must be used (the archive is needed, or retention by age may hide messages)."""
+        if self.retention.max_age_s is not None:
+            return False
+        head = self.state.read(session_id, after_seq, 1)
+        if head is None:
+            return None
+        last_seq = head.last_seq
+        if after_seq >= last_seq:
+            return Page([], None, last_seq)
+        keep = self.retention.max_messages
+        if after_seq + 1 < head.first_seq or (keep is not None and after_seq < last_seq - keep):
+            return False
+        return Page(self._from_tail(session_id, after_seq, limit, bytes_max), None, last_seq)
 
     async def read(
         self, session_id: str, after_seq: int, limit: int, bytes_max: int = PAGE_BYTES_MAX

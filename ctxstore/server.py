@@ -232,8 +232,16 @@ class Service(BaseHandler):
             elif (exc := f.exception()) is not None:
                 conn.reply(self._failure(rid, exc))
             elif isinstance(request, Read):
-                task = asyncio.get_running_loop().create_task(self._read(request))
-                task.add_done_callback(lambda t: conn.reply(self._task_answer(rid, t)))
+                page = self.history.read_tail(
+                    request.session_id, request.after_seq, request.limit, READ_BYTES_MAX
+                )
+                if page is False:  # older than the tail: the archive, off the loop
+                    task = asyncio.get_running_loop().create_task(self._read(request))
+                    task.add_done_callback(lambda t: conn.reply(self._task_answer(rid, t)))
+                elif page is None:
+                    conn.reply(self._not_found(rid, request.session_id))
+                else:
+                    conn.reply(Messages(rid, page.messages, page.last_seq))
             elif isinstance(request, Subscribe):
                 self._subscribe(conn, request)
             else:

@@ -159,3 +159,20 @@ async def other_rows(state: ConversationState, sid: str) -> list[Message]:
     """Messages 31..70 as the other replica would serve them (made again: same commands)."""
     return [Message(sid, s, "user", "u", "text", f"x{s - 1}", {}, None, 4 + s, None)
             for s in range(31, 71)]  # fmt: skip
+
+
+def test_read_tail_serves_the_tail_without_waiting_and_defers_the_rest(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = Feed(tmp_path)
+        await f.archive.start()
+        f.run(c.CreateSession("s", "u", "a", {}, 1))
+        f.append("s", 30)  # the tail holds 21..30
+        page = f.history.read_tail("s", 25, 3)
+        assert isinstance(page, Page) and seqs(page.messages) == [26, 27, 28]
+        assert f.history.read_tail("s", 30, 3) == Page([], None, 30)
+        assert f.history.read_tail("s", 5, 3) is False  # the archive is needed
+        assert f.history.read_tail("nope", 0, 3) is None
+        assert await f.history.read("s", 25, 3) == page
+        await f.archive.stop()
+
+    run(main())
