@@ -2,6 +2,7 @@
 
 python -m bench append --nodes 3 --concurrency 256   (= ctxstore-bench, docs/benchmarks.md)
 python -m bench raft-node throughput --concurrency 256   (= python -m bench.raft_node ...)
+python -m bench archive   (the local archive's cost per message)
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ def _raft_node(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _archive(argv: Sequence[str]) -> int:
+    from bench.archive import main
+
+    return main(argv)
+
+
 BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "raft-node": (_raft_node, "raft/ on a local 3-node cluster (docs/raft-bench.md)"),
+    "archive": (_archive, "the local SQLite archive: rows/s and CPU per message"),
 }
 
 

@@ -39,7 +39,8 @@ after any crash, every message of group ``g`` with raft index <= the durable arc
 disk, was deleted by retention, or lies in a durable backfill range: the Raft log may be
 compacted up to ``archived_index``.
 
-Memory bound: what ``add`` queues is bounded by ``backlog_bytes_max`` (estimated encoded bytes):
+Memory bound: the writer's SQLite page cache is 16 MiB (readers keep SQLite's default, 2 MiB
+each); what ``add`` queues is bounded by ``backlog_bytes_max`` (estimated encoded bytes):
 above half of it the archive is ``overloaded`` (the node refuses the new writes it leads); above
 all of it, ``on_fatal(ArchiveOverflow)``, the queue is dropped and nothing more is queued.
 ``restore`` and ``fill`` queue what their callers already hold in memory (a snapshot's tail, a
@@ -348,6 +349,7 @@ class _Writer:
         if mode != "wal":
             raise ArchiveError(f"archive {self.path!r}: journal mode {mode!r}, not WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA cache_size=-16384")  # KiB: 16 MiB of pages for the writer
         conn.execute("BEGIN IMMEDIATE")
         try:
             self._check_schema(conn)

@@ -76,7 +76,7 @@ class History:
 
     def read_tail(
         self, session_id: str, after_seq: int, limit: int, bytes_max: int = PAGE_BYTES_MAX
-    ) -> Page | None | Literal[False]:
+    ) -> Page | Literal[False] | None:
         """``read`` without awaiting, when the hot tail alone serves the page (the common case:
         a reader near the end): the page, None for an unknown session, False when ``read``
         must be used (the archive is needed, or retention by age may hide messages)."""

@@ -75,3 +75,9 @@ def test_failover_kills_and_restarts_a_leader(tmp_path: Path) -> None:
     assert fo["p99_before"]["count"] > 0 and fo["p99_after"]["count"] > 0
     assert doc["verify"]["read_from_node"] == fo["victim"]
     assert doc["cpu"]["gone"] == [f"node{fo['victim']}"]  # killed in the window
+
+
+def test_archive_benchmark_runs() -> None:
+    from bench.archive import main
+
+    assert main(["--rows", "2000", "--sessions", "10", "--json"]) == 0
