@@ -132,7 +132,7 @@ async def _shut_down(node: Any, service: Any, server: Any, ops: Any) -> None:
     meanwhile), tell subscribers and clients, flush the archive, stop."""
     server.stop_listening()
     still_led = await node.hand_off(node.settings.shutdown_timeout_s / 2)
-    if still_led:
+    if still_led and node.settings.peer_map:  # a single node has no one to hand over to
         logging.getLogger("ctxstore").warning("shutting down still leading %d groups", still_led)
     service.close_subscriptions("the node is shutting down")
     server.close("unavailable", "the node is shutting down")
@@ -362,4 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "cluster":
         return uvloop.run(_cluster_up(args))
-    return uvloop.run(_client(args))
+    try:
+        return uvloop.run(_client(args))
+    except KeyboardInterrupt:  # Ctrl-C ends a tail or an inbox: that is how they stop
+        return 130
