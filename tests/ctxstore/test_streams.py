@@ -63,7 +63,6 @@ def test_a_subscriber_resuming_at_random_points_and_across_kill_9_gets_every_seq
             async with await connect(cluster.targets) as c:
                 await c.create_session("u", "a", {}, "live")
             acked: dict[int, str] = {}
-            done = asyncio.Event()
 
             async def writer(k: int) -> None:
                 targets = cluster.targets[1:] + cluster.targets[:1]  # never through node 1 first
@@ -83,17 +82,18 @@ def test_a_subscriber_resuming_at_random_points_and_across_kill_9_gets_every_seq
 
             async def subscriber() -> None:
                 client = await connect(cluster.targets, timeout_s=5, backoff_max_s=0.5)
-                last = 0
+                last, ended = 0, False
                 try:
-                    while not (done.is_set() and last >= len(acked)):
+                    while not ended:
                         async with client.subscribe("live", last) as sub:
                             stop_after = rng.randint(1, 80)
                             async for item in sub:
                                 assert isinstance(item, Message), item  # no retention here
                                 seen.append(item)
                                 last = item.seq
+                                ended = item.content == "end"
                                 stop_after -= 1
-                                if stop_after == 0 or (done.is_set() and last >= len(acked)):
+                                if stop_after == 0 or ended:
                                     break
                 finally:
                     await client.close()
@@ -105,9 +105,10 @@ def test_a_subscriber_resuming_at_random_points_and_across_kill_9_gets_every_seq
             cluster.kill(1)  # the subscriber's node (first target)
             await cluster.wait_exit(1)
             await asyncio.gather(*tasks)
-            done.set()
+            async with await connect(cluster.targets[1:]) as c:  # the end mark, seen last
+                acked[(await c.append("live", "end")).seq] = "end"
             await asyncio.wait_for(sub_task, 60)
-            assert len(acked) == writers * per_writer
+            assert len(acked) == writers * per_writer + 1
             assert [m.seq for m in seen] == list(range(1, len(acked) + 1))
             assert all(acked[m.seq] == m.content for m in seen)
         finally:
