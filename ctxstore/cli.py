@@ -54,6 +54,7 @@ SERVE_FLAGS = {
     "--heartbeat-ticks": int,
     "--snapshot-entries": int,
     "--tail-messages-max": int,
+    "--group-tail-bytes-max": int,
     "--request-timeout-s": float,
     "--retention-max-messages": int,
     "--retention-max-age-s": float,

@@ -38,7 +38,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     election_ticks: Annotated[int, Meta(ge=3, le=1000)] = 10
     heartbeat_ticks: Annotated[int, Meta(ge=1, le=100)] = 2
     snapshot_entries: Annotated[int, Meta(ge=10)] = 100_000
-    tail_messages_max: Annotated[int, Meta(ge=1)] = 10_000  # per session in RAM; same on all
+    tail_messages_max: Annotated[int, Meta(ge=1)] = 10_000  # per session in RAM
+    group_tail_bytes_max: Annotated[int, Meta(ge=4096)] = 4 * 1024 * 1024  # per group in RAM
     request_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 5.0
     retention_max_messages: Annotated[int, Meta(ge=1)] | None = None  # per session; None: keep all
     retention_max_age_s: Annotated[float, Meta(gt=0)] | None = None  # per session; None: keep all

@@ -55,7 +55,9 @@ class Node:
         self.voters = tuple(sorted({s.node_id, *s.peer_map}))
         os.makedirs(s.data_dir, exist_ok=True)
         self._check_identity()
-        limits = StateLimits(tail_messages_max=s.tail_messages_max)
+        limits = StateLimits(
+            tail_messages_max=s.tail_messages_max, group_tail_bytes_max=s.group_tail_bytes_max
+        )
         self.state = ConversationState(limits, groups=s.groups, observer=self)
         self.retention = Retention(s.retention_max_messages, s.retention_max_age_s)
         self.archive = Archive(

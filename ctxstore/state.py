@@ -17,8 +17,12 @@ session:
   ``dedupe_ids_max`` newer ids since) is not recognised; appending it again adds a new message;
 - the **hot tail**: the newest messages, at most ``tail_messages_max`` and ``tail_bytes_max``
   bytes of payload (UTF-8 content + msgpack metadata), oldest evicted first; the newest message
-  always stays, so the payload bound is ``tail_bytes_max`` + one message.  Older messages are
-  not in memory (``ReadResult.first_seq`` tells the caller; the archive serves them later);
+  always stays, so the payload bound is ``tail_bytes_max`` + one message.  Besides, all tails
+  of a group share ``group_tail_bytes_max`` (payload + ``MESSAGE_OVERHEAD_BYTES`` per
+  message): above it the tail of the session appended to least recently is trimmed to its
+  newest message, then the next (the order is part of the snapshot, so every replica trims
+  the same tails).  Older messages are not in memory (``ReadResult.first_seq`` tells the
+  caller; the node's archive serves them);
 - **read cursors** per user, forward only, at most ``cursors_max``; a new user beyond that
   evicts the lowest cursor (ties: lowest user id), whose user then reads as cursor 0.
 Limits change replicated outcomes (dedupe, cursors): every replica must use the same
@@ -35,8 +39,10 @@ content <= 1 MiB as the wire allows; measured with tracemalloc):
 - read cursors: ~200 B per user (128-char id) -> 1 024 x 200 B ~ 0.2 MiB;
 - the session record and its index entries: ~1 KiB plus its metadata (<= 16 KiB encoded).
 So about 16 MiB per session at most with the defaults; a typical chat session (short messages,
-few users, a few hundred messages) costs tens to hundreds of KiB.  The number of sessions is
-not bounded here: the total is (sessions of the node's groups) x (the above).
+few users, a few hundred messages) costs tens to hundreds of KiB.  Tails are further bounded
+per group (``group_tail_bytes_max``, 4 MiB by default: 1 GiB over 256 groups, however much
+history there is), except for the newest message of each session.  What grows with the number
+of sessions is the rest: records, dedupe windows and cursors (and one message each).
 
 Objects returned by queries and results (``Session``, ``Message``, their metadata dicts) are
 shared with the state: callers must not mutate them.
@@ -80,10 +86,12 @@ class StateLimits:
     dedupe_ids_max: int = 1024  # client_msg_ids remembered per session
     tail_messages_max: int = 10_000  # messages of the hot tail per session
     tail_bytes_max: int = 8 * 1024 * 1024  # payload bytes of the hot tail per session
+    group_tail_bytes_max: int = 4 * 1024 * 1024  # all hot tails of a group (payload + overhead)
     cursors_max: int = 1024  # read cursors (users) per session
 
     def __post_init__(self) -> None:
-        for name in ("dedupe_ids_max", "tail_messages_max", "tail_bytes_max", "cursors_max"):
+        for name in ("dedupe_ids_max", "tail_messages_max", "tail_bytes_max", "cursors_max",
+                     "group_tail_bytes_max"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"StateLimits.{name} must be at least 1")
 
@@ -128,6 +136,7 @@ class _SessionSnap(msgspec.Struct, array_like=True, gc=False):
 class _GroupSnap(msgspec.Struct, array_like=True, gc=False):
     version: int
     sessions: list[_SessionSnap]  # creation order
+    evictable: list[str] = []  # sessions whose tail may shrink, least recently appended first
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -145,6 +154,11 @@ def _payload_bytes(msg: Message) -> int:
     content = msg.content
     size = len(content) if content.isascii() else len(content.encode())
     return size + (len(_encoder.encode(msg.metadata)) if msg.metadata else 1)
+
+
+MESSAGE_OVERHEAD_BYTES = 400
+"""What a tail message costs beyond its payload (Message struct, strings, deque slots): an
+estimate (measured: ~200-660 B), charged against ``group_tail_bytes_max``."""
 
 
 def _not_found(session_id: str) -> Rejected:
@@ -188,17 +202,37 @@ class _Session:
             self.id, self.user_id, self.agent_id, self.created_at, self.metadata, self.last_seq
         )
 
-    def push(self, msg: Message, limits: StateLimits) -> None:
+    def push(self, msg: Message, limits: StateLimits) -> int:
+        """Append ``msg`` to the tail, evicting by the session's limits; the change of the
+        tail's group charge (``_charge``)."""
         size = _payload_bytes(msg)
         tail, sizes = self.tail, self.tail_sizes
         tail.append(msg)
         sizes.append(size)
         self.tail_bytes += size
+        charge = size + MESSAGE_OVERHEAD_BYTES
         while len(tail) > limits.tail_messages_max or (
             self.tail_bytes > limits.tail_bytes_max and len(tail) > 1
         ):
             tail.popleft()
-            self.tail_bytes -= sizes.popleft()
+            evicted = sizes.popleft()
+            self.tail_bytes -= evicted
+            charge -= evicted + MESSAGE_OVERHEAD_BYTES
+        return charge
+
+    def trim(self) -> int:
+        """Evict all but the newest message; the group charge freed."""
+        tail, sizes = self.tail, self.tail_sizes
+        freed = 0
+        while len(tail) > 1:
+            tail.popleft()
+            evicted = sizes.popleft()
+            self.tail_bytes -= evicted
+            freed += evicted + MESSAGE_OVERHEAD_BYTES
+        return freed
+
+    def charge(self) -> int:
+        return self.tail_bytes + MESSAGE_OVERHEAD_BYTES * len(self.tail)
 
     def remember(self, client_msg_id: str, seen: tuple[int, int, bytes], limit: int) -> None:
         dedupe = self.dedupe
@@ -266,6 +300,9 @@ class ConversationState:
         self.group_count = groups
         self.observer = observer
         self._groups: dict[int, dict[str, _Session]] = {}
+        self._charge: dict[int, int] = {}  # group -> what its tails cost (``_Session.charge``)
+        # group -> sessions whose tail has more than one message, least recently appended first
+        self._evictable: dict[int, dict[str, _Session]] = {}
         self._where: dict[str, int] = {}  # session id -> group, all groups
         self._by_user: dict[str, list[str]] = {}  # user id -> sorted session ids, all groups
 
@@ -274,11 +311,15 @@ class ConversationState:
         """Host ``group`` (empty unless it is already hosted).  ``apply`` and ``restore`` add
         groups implicitly."""
         self._groups.setdefault(group, {})
+        self._charge.setdefault(group, 0)
+        self._evictable.setdefault(group, {})
 
     def remove_group(self, group: int) -> None:
         """Forget ``group`` (its replica moved away)."""
         for s in self._groups.pop(group, {}).values():
             self._unindex(s)
+        self._charge.pop(group, None)
+        self._evictable.pop(group, None)
 
     @property
     def hosted_groups(self) -> list[int]:
@@ -291,7 +332,8 @@ class ConversationState:
         raises ``InvariantViolation``: only our own nodes propose."""
         sessions = self._groups.get(group)
         if sessions is None:
-            sessions = self._groups[group] = {}
+            self.add_group(group)
+            sessions = self._groups[group]
         out: list[object] = []
         for e in entries:
             if not e.data or e.type != EntryType.NORMAL:
@@ -316,7 +358,8 @@ class ConversationState:
 
     def snapshot(self, group: int) -> bytes:
         sessions = self._groups.get(group, {})
-        snap = _GroupSnap(SNAPSHOT_VERSION, [s.to_snap() for s in sessions.values()])
+        evictable = list(self._evictable.get(group, ()))
+        snap = _GroupSnap(SNAPSHOT_VERSION, [s.to_snap() for s in sessions.values()], evictable)
         return _encoder.encode(snap)
 
     def restore(self, group: int, data: bytes) -> None:
@@ -332,14 +375,22 @@ class ConversationState:
             f"group {group}: snapshot version {snap.version}, expected {SNAPSHOT_VERSION}",
         )
         self.remove_group(group)
-        sessions: dict[str, _Session] = {}
-        self._groups[group] = sessions
+        self.add_group(group)
+        sessions = self._groups[group]
         for ss in snap.sessions:
             check(
                 self._placed(ss.id, group) and ss.id not in sessions,
                 f"group {group}: snapshot holds session {ss.id!r} twice or of another group",
             )
             self._add(group, sessions, _Session.from_snap(ss, self.limits))
+        evictable = self._evictable[group]
+        for sid in snap.evictable or list(sessions):
+            s = sessions.get(sid)
+            check(s is not None, f"group {group}: snapshot names unknown session {sid!r}")
+            if s is not None and len(s.tail) > 1:
+                evictable[sid] = s
+        self._charge[group] = 0
+        self._recharge(group, sum(s.charge() for s in sessions.values()))
 
     # -- commands ----------------------------------------------------------------------------------
     def _create(
@@ -404,7 +455,12 @@ class ConversationState:
             cmd.inserted_at,
             cmd.token_count,
         )
-        s.push(msg, self.limits)
+        charge = s.push(msg, self.limits)
+        evictable = self._evictable[group]
+        evictable.pop(s.id, None)
+        if len(s.tail) > 1:
+            evictable[s.id] = s  # the most recently appended: last
+        self._recharge(group, charge)
         if cmid is not None:
             s.remember(cmid, (seq, cmd.inserted_at, fingerprint), self.limits.dedupe_ids_max)
         if self.observer is not None:
@@ -512,6 +568,20 @@ class ConversationState:
         return None if s is None else s.last_seq - s.cursors.get(user_id, 0)
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _recharge(self, group: int, delta: int) -> None:
+        """Add ``delta`` to the group's tail charge; while it exceeds ``group_tail_bytes_max``,
+        trim the tail of the least recently appended session down to its newest message."""
+        total = self._charge[group] + delta
+        budget = self.limits.group_tail_bytes_max
+        evictable = self._evictable[group]
+        while total > budget and evictable:
+            total -= evictable.pop(next(iter(evictable))).trim()
+        self._charge[group] = total
+
+    def tail_charge(self, group: int) -> int:
+        """What ``group``'s hot tails cost now (payload + per-message overhead)."""
+        return self._charge.get(group, 0)
+
     def _lookup(self, session_id: str) -> _Session | None:
         group = self._where.get(session_id)
         return None if group is None else self._groups[group][session_id]

@@ -748,3 +748,49 @@ def test_the_observer_hears_every_change_in_apply_order() -> None:
     sessions, tail = node.state.group_tails(g)
     assert sessions == [("s", 1, 1)] and [m.seq for m in tail] == [1]
     assert node.state.user_session_ids("owner") == ["s"]
+
+
+def test_a_groups_tails_share_a_budget_and_the_coldest_session_is_trimmed_first() -> None:
+    from ctxstore.state import MESSAGE_OVERHEAD_BYTES
+
+    limits = StateLimits(group_tail_bytes_max=22_000)
+    node = Node(limits, groups=1)  # one group: every session shares the budget
+    for sid in ("a", "b", "c"):
+        node.create(sid)
+    body = "x" * 1000
+    for sid in ("a", "b", "c"):
+        for _ in range(5):
+            node.append(sid, body)
+    each = 1001 + MESSAGE_OVERHEAD_BYTES  # payload (content + empty metadata) + overhead
+    assert node.state.tail_charge(0) == 15 * each <= 22_000
+    node.append("c", body)  # over budget: "a" (appended longest ago) keeps its newest only
+    assert node.read("a").first_seq == 5
+    assert node.read("b").first_seq == 1 and node.read("c").first_seq == 1
+    assert node.state.tail_charge(0) == 12 * each
+    node.append("a", body)  # "a" is the most recent now; "b" goes next
+    for _ in range(3):
+        node.append("c", body)
+    assert node.read("b").first_seq == 5
+    assert node.read("a").first_seq == 5 and node.read("c").first_seq == 1
+    assert node.state.tail_charge(0) <= 22_000
+    # A snapshot keeps the order: a restored replica trims the same sessions afterwards.
+    copy = ConversationState(limits, 1)
+    copy.restore(0, node.state.snapshot(0))
+    assert copy.tail_charge(0) == node.state.tail_charge(0)
+    twin = Node(limits, groups=1)
+    twin.state = copy
+    twin.last_index, twin.clock = defaultdict(int, node.last_index), node.clock
+    for n in (node, twin):
+        for _ in range(4):
+            n.append("a", body)
+    assert node.state.snapshot(0) == twin.state.snapshot(0)
+    assert [n.read("c").first_seq for n in (node, twin)] == [9, 9]
+
+
+def test_one_session_alone_over_the_group_budget_keeps_its_newest_message() -> None:
+    node = Node(StateLimits(group_tail_bytes_max=5_000), groups=1)
+    node.create("big")
+    for _ in range(10):
+        node.append("big", "y" * 3000)
+    r = node.read("big")
+    assert [m.seq for m in r.messages] == [10] and r.last_seq == 10
