@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from wire.aio import Connection
 from wire.protocol import ErrorCode, InboxDelta, InboxEntry, Message, SubscriptionClosed
 
+from .registry import Registry
 from .state import ConversationState
 
 PREVIEW_CHARS = 120
@@ -72,17 +73,15 @@ class Inboxes:
     def __init__(self, state: ConversationState, limits: InboxLimits) -> None:
         self.state = state
         self.limits = limits
-        self._by_user: dict[str, dict[int, _InboxSub]] = {}
-        self._by_conn: dict[Connection, dict[int, _InboxSub]] = {}
-        self.count = 0
+        self._subs: Registry[str, _InboxSub] = Registry()
         self.deltas = 0
 
+    @property
+    def count(self) -> int:
+        return self._subs.count
+
     def admit(self, conn: Connection) -> tuple[ErrorCode, str] | None:
-        if self.count >= self.limits.node_max:
-            return "unavailable", f"this node serves its maximum of {self.limits.node_max}"
-        if len(self._by_conn.get(conn, ())) >= self.limits.per_connection_max:
-            return "bad_request", f"at most {self.limits.per_connection_max} per connection"
-        return None
+        return self._subs.refusal(conn, self.limits.per_connection_max, self.limits.node_max)
 
     def snapshot(self, user_id: str) -> tuple[list[InboxEntry], bool]:
         entries = [e for sid in self.state.user_session_ids(user_id)
@@ -94,35 +93,32 @@ class Inboxes:
     def start(self, conn: Connection, sub_id: int, user_id: str) -> None:
         """Register after the snapshot was queued: changes from now on become deltas."""
         sub = _InboxSub(sub_id, conn, user_id)
-        self._by_user.setdefault(user_id, {})[sub_id] = sub
-        self._by_conn.setdefault(conn, {})[sub_id] = sub
-        self.count += 1
+        self._subs.add(user_id, sub)
 
     def stop(self, conn: Connection, sub_id: int) -> bool:
-        sub = self._by_conn.get(conn, {}).get(sub_id)
+        sub = self._subs.get(conn, sub_id)
         if sub is None:
             return False
         self._remove(sub)
         return True
 
     def on_close(self, conn: Connection) -> None:
-        for sub in list(self._by_conn.get(conn, {}).values()):
+        for sub in self._subs.of_conn(conn):
             self._remove(sub)
 
     def on_writable(self, conn: Connection) -> None:
-        for sub in list(self._by_conn.get(conn, {}).values()):
+        for sub in self._subs.of_conn(conn):
             if sub.dirty and sub.timer is None:
                 self._flush(sub)
 
     def close_all(self, message: str) -> None:
-        for subs in list(self._by_conn.values()):
-            for sub in list(subs.values()):
-                self._remove(sub)
-                sub.conn.push(SubscriptionClosed(sub.sub_id, "shutdown", message))
+        for sub in self._subs.all():
+            self._remove(sub)
+            sub.conn.push(SubscriptionClosed(sub.sub_id, "shutdown", message))
 
     # -- the state's side -------------------------------------------------------------------------
     def on_change(self, user_id: str, session_id: str) -> None:
-        subs = self._by_user.get(user_id)
+        subs = self._subs.of_key(user_id)
         if not subs:
             return
         for sub in subs.values():
@@ -158,20 +154,10 @@ class Inboxes:
         if sub.closed:
             return
         sub.closed = True
-        self.count -= 1
         if sub.timer is not None:
             sub.timer.cancel()
             sub.timer = None
-        by_user = self._by_user.get(sub.user_id)
-        if by_user is not None:
-            by_user.pop(sub.sub_id, None)
-            if not by_user:
-                del self._by_user[sub.user_id]
-        by_conn = self._by_conn.get(sub.conn)
-        if by_conn is not None:
-            by_conn.pop(sub.sub_id, None)
-            if not by_conn:
-                del self._by_conn[sub.conn]
+        self._subs.remove(sub.user_id, sub)
 
 
 __all__ = ["InboxLimits", "Inboxes", "entry"]

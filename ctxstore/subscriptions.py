@@ -43,6 +43,7 @@ from wire.protocol import (
 )
 
 from .history import History, HistoryUnavailable, message_bytes
+from .registry import Registry
 from .state import ConversationState
 
 logger = logging.getLogger(__name__)
@@ -90,25 +91,23 @@ class Subscriptions:
         self.state = state
         self.history = history
         self.limits = limits
-        self._by_session: dict[str, dict[int, _Sub]] = {}
-        self._by_conn: dict[Connection, dict[int, _Sub]] = {}
+        self._subs: Registry[str, _Sub] = Registry()
         self._dirty: list[_Sub] = []
         self._flush_scheduled = False
         self._writable: dict[Connection, asyncio.Event] = {}
-        self.count = 0
         self.replaying = 0
         self.dropped_slow = 0
         self.pushed_messages = 0
         self.gaps = 0
 
     # -- requests ---------------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return self._subs.count
+
     def admit(self, conn: Connection) -> tuple[ErrorCode, str] | None:
         """Why ``conn`` may not open another subscription now (None: it may)."""
-        if self.count >= self.limits.node_max:
-            return "unavailable", f"this node serves its maximum of {self.limits.node_max}"
-        if len(self._by_conn.get(conn, ())) >= self.limits.per_connection_max:
-            return "bad_request", f"at most {self.limits.per_connection_max} per connection"
-        return None
+        return self._subs.refusal(conn, self.limits.per_connection_max, self.limits.node_max)
 
     def start(
         self, conn: Connection, sub_id: int, session_id: str, group: int, after_seq: int
@@ -116,9 +115,7 @@ class Subscriptions:
         """Begin delivering after ``after_seq`` (the ``Subscribed`` answer is already queued)."""
         sub = _Sub(sub_id, conn, session_id, group)
         sub.next_seq = after_seq + 1
-        self._by_session.setdefault(session_id, {})[sub_id] = sub
-        self._by_conn.setdefault(conn, {})[sub_id] = sub
-        self.count += 1
+        self._subs.add(session_id, sub)
         last_seq = self.state.last_seq(session_id)
         if last_seq is not None and sub.next_seq > last_seq:
             sub.live = True
@@ -126,14 +123,14 @@ class Subscriptions:
             self._replay(sub)
 
     def stop(self, conn: Connection, sub_id: int) -> bool:
-        sub = self._by_conn.get(conn, {}).get(sub_id)
+        sub = self._subs.get(conn, sub_id)
         if sub is None:
             return False
         self._remove(sub)
         return True
 
     def on_close(self, conn: Connection) -> None:
-        for sub in list(self._by_conn.get(conn, {}).values()):
+        for sub in self._subs.of_conn(conn):
             self._remove(sub)
         self._writable.pop(conn, None)
 
@@ -143,13 +140,12 @@ class Subscriptions:
             event.set()
 
     def close_all(self, reason: CloseReason, message: str) -> None:
-        for subs in list(self._by_conn.values()):
-            for sub in list(subs.values()):
-                self._close(sub, reason, message)
+        for sub in self._subs.all():
+            self._close(sub, reason, message)
 
     # -- the state's side -------------------------------------------------------------------------
     def on_message(self, message: Message) -> None:
-        subs = self._by_session.get(message.session_id)
+        subs = self._subs.of_key(message.session_id)
         if not subs:
             return
         for sub in subs.values():
@@ -168,10 +164,9 @@ class Subscriptions:
 
     def on_restore(self, group: int) -> None:
         """``group``'s state was replaced: its live subscriptions catch up from the store."""
-        for subs in self._by_session.values():
-            for sub in subs.values():
-                if sub.group == group and sub.live:
-                    self._to_replay(sub)
+        for sub in self._subs.all():
+            if sub.group == group and sub.live:
+                self._to_replay(sub)
 
     # -- pushing ----------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -290,17 +285,7 @@ class Subscriptions:
         if sub.closed:
             return
         sub.closed = True
-        self.count -= 1
-        by_session = self._by_session.get(sub.session_id)
-        if by_session is not None:
-            by_session.pop(sub.sub_id, None)
-            if not by_session:
-                del self._by_session[sub.session_id]
-        by_conn = self._by_conn.get(sub.conn)
-        if by_conn is not None:
-            by_conn.pop(sub.sub_id, None)
-            if not by_conn:
-                del self._by_conn[sub.conn]
+        self._subs.remove(sub.session_id, sub)
         if sub.task is not None and sub.task is not asyncio.current_task():
             sub.task.cancel()
 
