@@ -257,6 +257,21 @@ class _Connection:
         """Bytes received and not yet turned into events."""
         return len(self._buffer) - self._pos
 
+    def _append_within_limit(self, message: Request | Response | Push) -> int:
+        """Queue ``message``'s frame; over ``max_frame_bytes`` nothing is queued and
+        ``LocalProtocolError("too_large")`` is raised.  The frame's length."""
+        out = self._out
+        start = len(out)
+        length = _append_frame(out, message)
+        if length > self.max_frame_bytes:
+            del out[start:]
+            raise LocalProtocolError(
+                "too_large",
+                f"a {_tag(message)} of {length} bytes exceeds max_frame_bytes "
+                f"({self.max_frame_bytes})",
+            )
+        return length
+
     def _frame_limit(self) -> int:
         return self.max_frame_bytes
 
@@ -450,16 +465,7 @@ class ServerConnection(_Connection):
         if not 0 < event.sub_id <= _RID_MAX:
             raise LocalProtocolError("internal", f"sub_id: {event.sub_id} (pushes use >= 1)")
         after = self._step(event)
-        out = self._out
-        start = len(out)
-        length = _append_frame(out, event)
-        if length > self.max_frame_bytes:
-            del out[start:]
-            raise LocalProtocolError(
-                "too_large",
-                f"a {_tag(event)} of {length} bytes exceeds max_frame_bytes "
-                f"({self.max_frame_bytes})",
-            )
+        length = self._append_within_limit(event)
         self.state = after
         return HEADER.size + length
 
@@ -563,16 +569,7 @@ class ClientConnection(_Connection):
         if request.rid <= 0:
             raise LocalProtocolError("bad_request", "rid: requests use rids >= 1")
         after = self._step(request)
-        out = self._out
-        start = len(out)
-        length = _append_frame(out, request)
-        if length > self.max_frame_bytes:
-            del out[start:]
-            raise LocalProtocolError(
-                "too_large",
-                f"a {_tag(request)} of {length} bytes exceeds max_frame_bytes "
-                f"({self.max_frame_bytes})",
-            )
+        self._append_within_limit(request)
         self.state = after
 
     def next_event(self) -> ClientEvent | None:
