@@ -3,10 +3,12 @@ the request router + the local archive, subscriptions and inboxes, on one event 
 §3, §5.3, §5.4, §5.7).  The client server (``server.py``) sits on top; ``cli.py`` starts it.
 
 What an applied entry changed reaches, through the state's observer (``Node`` itself): the
-archive (every message, and each group's applied index), live subscriptions and inboxes.  The
-log is compacted no further than the archive's durable index (``Driver.compact_floor``); a
-snapshot installed from a leader hands its tails to the archive, which records what it lacks
-for ``Backfill`` to copy from peers.  A fatal archive or WAL error resolves ``failed``.
+archive (every message as it leaves the hot tail, and each group's applied index), live
+subscriptions and inboxes (every message).  The log is compacted no further than the
+archive's durable index (``Driver.compact_floor``): a message is always in the WAL, in a
+snapshot's tail, or durably in the archive.  A snapshot installed from a leader hands its
+tails to the archive, which records what it lacks for ``Backfill`` to copy from peers.  A
+fatal archive or WAL error resolves ``failed``.
 
 Placement (for now): every node of the cluster replicates every group (a 3-node cluster has
 3 replicas of each of its ``groups`` groups); ``group = placement.group_of(session_id)``.
@@ -69,6 +71,7 @@ class Node:
         self.subscriptions = Subscriptions(self.state, self.history, SubscriptionLimits())
         self.inboxes = Inboxes(self.state, InboxLimits())
         self.failed: asyncio.Future[BaseException] | None = None
+        self._evicted_early: list[tuple[int, int, Message]] | None = []
         group_cfg = Config(
             s.node_id,
             election_ticks=s.election_ticks,
@@ -95,7 +98,6 @@ class Node:
 
     # -- StateObserver -----------------------------------------------------------------------------
     def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
-        self.archive.add(group, index, message)
         self.subscriptions.on_message(message)
         self.inboxes.on_change(user_id, message.session_id)
 
@@ -105,6 +107,12 @@ class Node:
     def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
         if user_id == owner_id:  # unread counts follow the owner's cursor
             self.inboxes.on_change(owner_id, session_id)
+
+    def on_evict(self, group: int, index: int, message: Message) -> None:
+        if self._evicted_early is not None:  # restored before the archive started
+            self._evicted_early.append((group, index, message))
+        else:
+            self.archive.add(group, index, message)
 
     def on_applied(self, group: int, index: int) -> None:
         self.archive.applied(group, index)
@@ -154,6 +162,9 @@ class Node:
         s = self.settings
         self.failed = asyncio.get_running_loop().create_future()
         await self.archive.start()  # before anything is applied: it knows what it holds
+        early, self._evicted_early = self._evicted_early or [], None
+        for group, index, message in early:
+            self.archive.add(group, index, message)
         for group in self.host.groups():
             # A snapshot installed from a leader just before a crash, whose archive transaction
             # did not commit: hand its tails over again (rows are idempotent; gaps recorded).

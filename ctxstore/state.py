@@ -110,6 +110,10 @@ class StateObserver(Protocol):
     def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
         """``user_id``'s read cursor of a session owned by ``owner_id`` moved to ``seq``."""
 
+    def on_evict(self, group: int, index: int, message: Message) -> None:
+        """``message`` left the hot tail, pushed out by applying the entry at ``index`` (0: by a
+        ``restore`` under smaller limits).  Oldest first per session."""
+
     def on_applied(self, group: int, index: int) -> None:
         """Every entry of ``group`` up to ``index`` is applied (called once per apply batch)."""
 
@@ -202,9 +206,9 @@ class _Session:
             self.id, self.user_id, self.agent_id, self.created_at, self.metadata, self.last_seq
         )
 
-    def push(self, msg: Message, limits: StateLimits) -> int:
-        """Append ``msg`` to the tail, evicting by the session's limits; the change of the
-        tail's group charge (``_charge``)."""
+    def push(self, msg: Message, limits: StateLimits, evicted: list[Message] | None) -> int:
+        """Append ``msg`` to the tail, evicting by the session's limits (into ``evicted``, if
+        given); the change of the tail's group charge (``_charge``)."""
         size = _payload_bytes(msg)
         tail, sizes = self.tail, self.tail_sizes
         tail.append(msg)
@@ -214,21 +218,25 @@ class _Session:
         while len(tail) > limits.tail_messages_max or (
             self.tail_bytes > limits.tail_bytes_max and len(tail) > 1
         ):
-            tail.popleft()
-            evicted = sizes.popleft()
-            self.tail_bytes -= evicted
-            charge -= evicted + MESSAGE_OVERHEAD_BYTES
+            old = tail.popleft()
+            if evicted is not None:
+                evicted.append(old)
+            size = sizes.popleft()
+            self.tail_bytes -= size
+            charge -= size + MESSAGE_OVERHEAD_BYTES
         return charge
 
-    def trim(self) -> int:
-        """Evict all but the newest message; the group charge freed."""
+    def trim(self, evicted: list[Message] | None) -> int:
+        """Evict all but the newest message (into ``evicted``, if given); the charge freed."""
         tail, sizes = self.tail, self.tail_sizes
         freed = 0
         while len(tail) > 1:
-            tail.popleft()
-            evicted = sizes.popleft()
-            self.tail_bytes -= evicted
-            freed += evicted + MESSAGE_OVERHEAD_BYTES
+            old = tail.popleft()
+            if evicted is not None:
+                evicted.append(old)
+            size = sizes.popleft()
+            self.tail_bytes -= size
+            freed += size + MESSAGE_OVERHEAD_BYTES
         return freed
 
     def charge(self) -> int:
@@ -262,7 +270,9 @@ class _Session:
         )
 
     @classmethod
-    def from_snap(cls, snap: _SessionSnap, limits: StateLimits) -> _Session:
+    def from_snap(
+        cls, snap: _SessionSnap, limits: StateLimits, evicted: list[Message] | None
+    ) -> _Session:
         s = cls(snap.id, snap.user_id, snap.agent_id, snap.created_at, snap.metadata)
         s.last_seq = snap.last_seq
         check(
@@ -270,7 +280,7 @@ class _Session:
             f"snapshot of session {snap.id!r}: tail seqs are not contiguous up to last_seq",
         )
         for msg in snap.tail:
-            s.push(msg, limits)
+            s.push(msg, limits, evicted)
         for cmid, seen in snap.dedupe.items():
             s.remember(cmid, seen, limits.dedupe_ids_max)
         for user_id, seq in snap.cursors.items():
@@ -377,12 +387,13 @@ class ConversationState:
         self.remove_group(group)
         self.add_group(group)
         sessions = self._groups[group]
+        evicted: list[Message] | None = [] if self.observer is not None else None
         for ss in snap.sessions:
             check(
                 self._placed(ss.id, group) and ss.id not in sessions,
                 f"group {group}: snapshot holds session {ss.id!r} twice or of another group",
             )
-            self._add(group, sessions, _Session.from_snap(ss, self.limits))
+            self._add(group, sessions, _Session.from_snap(ss, self.limits, evicted))
         evictable = self._evictable[group]
         for sid in snap.evictable or list(sessions):
             s = sessions.get(sid)
@@ -390,7 +401,11 @@ class ConversationState:
             if s is not None and len(s.tail) > 1:
                 evictable[sid] = s
         self._charge[group] = 0
-        self._recharge(group, sum(s.charge() for s in sessions.values()))
+        self._recharge(group, sum(s.charge() for s in sessions.values()), evicted)
+        if evicted:  # smaller limits here than where the snapshot was taken
+            assert self.observer is not None
+            for m in evicted:
+                self.observer.on_evict(group, 0, m)
 
     # -- commands ----------------------------------------------------------------------------------
     def _create(
@@ -455,16 +470,22 @@ class ConversationState:
             cmd.inserted_at,
             cmd.token_count,
         )
-        charge = s.push(msg, self.limits)
+        observer = self.observer
+        evicted: list[Message] | None = [] if observer is not None else None
+        charge = s.push(msg, self.limits, evicted)
         evictable = self._evictable[group]
         evictable.pop(s.id, None)
         if len(s.tail) > 1:
             evictable[s.id] = s  # the most recently appended: last
-        self._recharge(group, charge)
+        self._recharge(group, charge, evicted)
+        if evicted:
+            assert observer is not None
+            for m in evicted:
+                observer.on_evict(group, index, m)
         if cmid is not None:
             s.remember(cmid, (seq, cmd.inserted_at, fingerprint), self.limits.dedupe_ids_max)
-        if self.observer is not None:
-            self.observer.on_message(group, index, s.user_id, msg)
+        if observer is not None:
+            observer.on_message(group, index, s.user_id, msg)
         return Appended(seq, cmd.inserted_at, False)
 
     def _mark_read(self, sessions: dict[str, _Session], cmd: MarkRead) -> ReadMarked | Rejected:
@@ -568,14 +589,14 @@ class ConversationState:
         return None if s is None else s.last_seq - s.cursors.get(user_id, 0)
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _recharge(self, group: int, delta: int) -> None:
+    def _recharge(self, group: int, delta: int, evicted: list[Message] | None) -> None:
         """Add ``delta`` to the group's tail charge; while it exceeds ``group_tail_bytes_max``,
         trim the tail of the least recently appended session down to its newest message."""
         total = self._charge[group] + delta
         budget = self.limits.group_tail_bytes_max
         evictable = self._evictable[group]
         while total > budget and evictable:
-            total -= evictable.pop(next(iter(evictable))).trim()
+            total -= evictable.pop(next(iter(evictable))).trim(evicted)
         self._charge[group] = total
 
     def tail_charge(self, group: int) -> int:

@@ -106,7 +106,7 @@ def test_batches_advance_archived_index_and_lag(tmp_path: Path) -> None:
     run(main())
 
 
-def test_reopen_keeps_rows_and_indexes_and_ignores_replays(tmp_path: Path) -> None:
+def test_reopen_keeps_rows_and_indexes_and_replays_are_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "a.db"
 
     async def main() -> None:
@@ -115,14 +115,16 @@ def test_reopen_keeps_rows_and_indexes_and_ignores_replays(tmp_path: Path) -> No
         async with opened(path) as a:
             assert a.archived_index(1) == 10 and a.lag(1) == 0
             assert await seqs(a, "s") == list(range(1, 11))
-            a.add(1, 5, msg("s", 5, size=99))  # a replay: ignored before it is queued
-            a.applied(1, 10)
-            assert a.stats.queued_rows == 0 and a.lag(1) == 0
+            a.add(1, 5, msg("s", 5, size=99))  # a replay: queued, written as a no-op
+            a.applied(1, 10)  # at the floor: ignored
+            assert a.stats.queued_rows == 1 and a.lag(1) == 0
             a.add(1, 11, msg("s", 3, size=99))  # a new index, an existing (session, seq)
             a.add(1, 12, msg("s", 11))
             a.applied(1, 12)
             await a.barrier()
             assert a.stats.rows_written == 1 and a.archived_index(1) == 12
+            [fifth] = await a.read("s", 4, 1)
+            assert fifth == msg("s", 5)
             [third] = await a.read("s", 2, 1)
             assert third == msg("s", 3)  # INSERT OR IGNORE: the first row stays
 
@@ -195,7 +197,6 @@ def test_restore_records_durable_ranges_and_fill_shrinks_them(tmp_path: Path) ->
             sessions = [("a", 20, 25), ("b", 10, 12), ("c", 1, 3), ("d", 1, 0)]
             a.restore(1, 100, sessions, tail("a", 20, 25) + tail("b", 10, 12) + tail("c", 1, 3))
             assert a.lag(1) == 100  # nothing committed yet
-            a.add(1, 50, msg("a", 7))  # older than the snapshot: ignored
             await a.barrier()
             assert a.archived_index(1) == 100
             assert a.backfill_ranges() == [(1, "a", 6, 19), (1, "b", 1, 9)]

@@ -716,6 +716,9 @@ class Recorder:
     def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
         self.events.append(("cursor", session_id, owner_id, user_id, seq))
 
+    def on_evict(self, group: int, index: int, message: Message) -> None:
+        self.events.append(("evict", group, index, message.seq))
+
     def on_applied(self, group: int, index: int) -> None:
         self.events.append(("applied", group, index))
 
@@ -794,3 +797,28 @@ def test_one_session_alone_over_the_group_budget_keeps_its_newest_message() -> N
         node.append("big", "y" * 3000)
     r = node.read("big")
     assert [m.seq for m in r.messages] == [10] and r.last_seq == 10
+
+
+def test_every_message_leaving_the_tail_is_reported_once_with_its_cause() -> None:
+    node = Node(StateLimits(tail_messages_max=3, group_tail_bytes_max=8_000), groups=1)
+    rec = Recorder()
+    node.state.observer = rec
+    node.create("a")
+    node.create("b")
+    for _ in range(5):
+        node.append("a", "x" * 10)  # seqs 4, 5 push out 1, 2
+    evicts = [e for e in rec.events if e[0] == "evict"]
+    assert evicts == [("evict", 0, 6, 1), ("evict", 0, 7, 2)]
+    rec.events.clear()
+    for _ in range(12):
+        node.append("b", "y" * 2000)  # over the group budget: "a" is trimmed, then "b"'s own
+    evicted = [e for e in rec.events if e[0] == "evict"]
+    assert node.read("a").first_seq == 5  # "a" kept its newest only: 3 and 4 left
+    assert len(evicted) == 2 + 12 - len(node.read("b").messages)  # each message once
+    # A replica restored under smaller limits reports what its snapshot's tails lose (index 0).
+    small = ConversationState(StateLimits(tail_messages_max=1, group_tail_bytes_max=20_000), 1)
+    small.observer = rec2 = Recorder()
+    small.restore(0, node.state.snapshot(0))
+    assert rec2.events and all(e[0] == "evict" and e[2] == 0 for e in rec2.events)
+    kept = small.read("b", 0, 10)
+    assert kept is not None and len(kept.messages) == 1
