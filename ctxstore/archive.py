@@ -1,10 +1,11 @@
 """The node-local SQLite archive of committed messages (design §5.4).
 
 Rules of this file:
-- Every replica writes the messages its groups commit into one SQLite database of its own, and
-  with them, in the same transaction, the highest archived raft index of each group.  Writes are
-  idempotent (``INSERT OR IGNORE`` on (session_id, seq)): replays after a restart, restores and
-  fills may repeat rows.
+- Every replica writes the committed messages it is handed (the node hands over each message as
+  it leaves the hot tail: ``ctxstore/node.py``) into one SQLite database of its own, and with
+  them, in the same transaction, the highest raft index of each group up to which everything
+  was handed over (``applied``).  Writes are idempotent (``INSERT OR IGNORE`` on (session_id,
+  seq)): replays after a restart, restores and fills may repeat rows.
 - The event loop only queues.  ``add``/``applied``/``restore`` append to an in-memory queue and
   return: no I/O, and rows are encoded by the writer (a queued row's size is estimated from its
   string lengths; only non-empty metadata is encoded to be measured).  All loop-side state
@@ -35,9 +36,10 @@ Durability: the database runs in WAL mode with ``synchronous=FULL``, so a COMMIT
 after its WAL frames are fsynced.  ``applied(g, i)`` is queued after the rows of the entries up
 to ``i`` (the caller's order), a batch takes whole operations in queue order, and
 ``archived_index`` changes only in the callback posted after the commit that recorded it.  So
-after any crash, every message of group ``g`` with raft index <= the durable archived index is on
-disk, was deleted by retention, or lies in a durable backfill range: the Raft log may be
-compacted up to ``archived_index``.
+after any crash, every message handed over for group ``g`` by entries up to the durable
+archived index is on disk, was deleted by retention, or lies in a durable backfill range: the
+Raft log may be compacted up to ``archived_index`` (what was not handed over is in the
+snapshot's tails).
 
 Memory bound: the writer's SQLite page cache is 16 MiB (readers keep SQLite's default, 2 MiB
 each); what ``add`` queues is bounded by ``backlog_bytes_max`` (estimated encoded bytes):
