@@ -505,11 +505,17 @@ class Driver:
             assert floor is not None
             for group in [g for g, snap in self._held.items() if floor(g) >= snap.meta.index]:
                 writes.append(GroupWrite(group, compact=self._held.pop(group)))
+                applied = self.host.node(group).raft.log.applied
+                if applied - self._snap_index[group] >= self.config.snapshot_entries:
+                    self._compact.add(group)  # it fell behind while this one waited
         if self.wal.segment_count() > self.config.wal_segments_max:
             self._compact.update(self.wal.oldest_segment_groups())
         if not self._compact:
             return writes
         for group in sorted(self._compact):
+            if group in self._held:  # the one taken waits for the floor: not a newer one
+                self._compact.discard(group)
+                continue
             node = self.host.node(group)
             if node.outstanding:
                 continue  # after its Ready is advanced (the snapshot must match applied)

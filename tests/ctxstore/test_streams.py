@@ -382,3 +382,29 @@ def test_the_cli_tails_a_session_with_its_gaps_and_follows_an_inbox(tmp_path: Pa
             await cluster.stop()
 
     run(main())
+
+
+def test_a_restart_with_a_smaller_hot_tail_keeps_every_message(tmp_path: Path) -> None:
+    """Messages the restored snapshot's tails lose under smaller limits go to the archive."""
+
+    async def main() -> None:
+        base = [*FAST, "--snapshot-entries", "10"]
+        cluster = LocalCluster(1, str(tmp_path), extra_args=[*base, "--tail-messages-max", "500"])
+        await cluster.start()
+        try:
+            async with await connect(cluster.targets) as c:
+                await c.create_session("u", "a", {}, "shrink")
+                await append_many(c, "shrink", 300, width=8)
+            await asyncio.sleep(0.5)  # the last snapshot (tails of 300) is written once archived
+            await cluster.stop_node(1)
+            cluster.extra_args = [*base, "--tail-messages-max", "5"]
+            await cluster.start_node(1)
+            async with await connect(cluster.targets) as c:
+                history = await read_all(c, "shrink")
+                assert [m.seq for m in history] == list(range(1, 301))
+                page = await c.read("shrink", 10, 3)  # far below the new tail: the archive
+                assert [m.seq for m in page.messages] == [11, 12, 13]
+        finally:
+            await cluster.stop()
+
+    run(main())

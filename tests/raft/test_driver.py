@@ -158,10 +158,13 @@ def test_compaction_waits_for_the_compact_floor(tmp_path: Path) -> None:
         assert m.driver.stats.snapshots_taken >= 1
         await asyncio.sleep(5 * TICK_S)
         assert m.wal.storage(0).first_index() == 1, "compacted past the floor"
-        floor[0] = 60  # below the held snapshot's index: still nothing
+        floor[0] = 40  # below the held snapshot's index (~51, the first one taken): nothing
         await asyncio.sleep(5 * TICK_S)
         assert m.wal.storage(0).first_index() == 1
-        floor[0] = 10**9
+        floor[0] = 60  # the held snapshot is written; no newer one was taken meanwhile
+        await until(lambda: m.wal.storage(0).first_index() > 1, what="the held snapshot")
+        assert 50 < m.wal.storage(0).first_index() <= 61
+        floor[0] = 10**9  # a newer snapshot follows at once (the log fell behind meanwhile)
         await until(lambda: m.wal.storage(0).first_index() > 100, what="compaction at the floor")
         await m.stop()
 
