@@ -114,15 +114,18 @@ class RawNode:
         if self._outstanding is not None:
             return False
         r = self.raft
-        return bool(
-            r.msgs
-            or r.read_states
-            or r.bcast_pending
-            or r.log.unstable.entries
-            or r.log.unstable.snapshot is not None
-            or r.log.has_next_committed()
-            or r.soft_state() != self._prev_soft
-            or r.hard_state() != self._prev_hard
+        if r.msgs or r.read_states or r.bcast_pending:
+            return True
+        log = r.log
+        if log.unstable.entries or log.unstable.snapshot is not None or log.has_next_committed():
+            return True
+        soft, hard = self._prev_soft, self._prev_hard  # compared field by field: no allocation
+        return (
+            r.lead != soft.lead
+            or r.role is not soft.role
+            or r.term != hard.term
+            or r.vote != hard.vote
+            or log.committed != hard.commit
         )
 
     def ready(self) -> Ready:

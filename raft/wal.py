@@ -282,7 +282,7 @@ class WAL:
             if w.compact is not None:
                 self._check_compact(w.group, w.compact, shape)
                 shape.snap = w.compact.meta.index
-            entries = _trim(list(w.entries), shape.snap)
+            entries = _trim(w.entries, shape.snap)
             if entries:
                 first = entries[0].index
                 if first > shape.last + 1:
@@ -290,7 +290,10 @@ class WAL:
                 shape.last = entries[-1].index
             snapshot = w.snapshot if w.snapshot is not None else w.compact
             if entries or w.hard_state is not None or snapshot is not None:
-                out.append(GroupWrite(w.group, entries, w.hard_state, w.snapshot, w.compact))
+                if entries is w.entries:  # nothing trimmed: the write as it came
+                    out.append(w)
+                else:
+                    out.append(GroupWrite(w.group, entries, w.hard_state, w.snapshot, w.compact))
         self._shapes.update(shapes)
         return out
 
@@ -479,8 +482,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _trim(entries: list[Entry], snap: int) -> list[Entry]:
-    """Entries after ``snap`` (MemoryStorage.append ignores those a snapshot covers)."""
+def _trim(entries: Sequence[Entry], snap: int) -> Sequence[Entry]:
+    """Entries after ``snap`` (MemoryStorage.append ignores those a snapshot covers): the same
+    list when none is covered, else a new one."""
     for a, b in itertools.pairwise(entries):
         if b.index != a.index + 1:
             raise InvariantViolation(f"entries not contiguous: {a.index} then {b.index}")
