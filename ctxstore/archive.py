@@ -801,9 +801,6 @@ class Archive:
         to = SEQ_MAX if to_seq is None else to_seq
         return await self._run_reader(self._read, session_id, after_seq, to, limit, bytes_max)
 
-    async def first_seq(self, session_id: str) -> int | None:
-        return await self._run_reader(self._first_seq, session_id)
-
     # -- internals: loop side ----------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._loop is None or self._closing:
@@ -1005,12 +1002,6 @@ class Archive:
         finally:
             cursor.close()
         return out
-
-    def _first_seq(self, sid: str) -> int | None:
-        conn: sqlite3.Connection = self._reader_local.conn
-        row = conn.execute("SELECT min(seq) FROM messages WHERE session_id = ?", (sid,)).fetchone()
-        seq: int | None = row[0]
-        return seq
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

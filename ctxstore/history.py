@@ -23,14 +23,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-import msgspec
-
 from wire.protocol import Message
 
 from .archive import Archive, Retention
-from .state import ConversationState
+from .state import ConversationState, payload_bytes
 
-_encode = msgspec.msgpack.Encoder().encode
 PAGE_BYTES_MAX = 1024 * 1024
 
 
@@ -45,10 +42,19 @@ class Page(NamedTuple):
 
 
 def message_bytes(m: Message) -> int:
-    """An estimate of a message's encoded size (content, metadata, ids, fixed fields)."""
-    content = m.content
-    size = len(content) if content.isascii() else len(content.encode())
-    return size + (len(_encode(m.metadata)) if m.metadata else 1) + 96 + len(m.session_id)
+    """An estimate of a message's encoded size: its payload (content, metadata) as the state
+    counts it, plus ids and fixed fields."""
+    return payload_bytes(m) + 96 + len(m.session_id)
+
+
+def _capped(messages: list[Message], bytes_max: int) -> list[Message]:
+    """The first ``messages`` within about ``bytes_max`` (at least one)."""
+    size = 0
+    for i, m in enumerate(messages):
+        size += message_bytes(m)
+        if size > bytes_max and i > 0:
+            return messages[:i]
+    return messages
 
 
 class History:
@@ -63,8 +69,8 @@ class History:
         self.archive = archive
         self.retention = retention
         self.clock_ms = clock_ms
-        self.archive_reads = 0
-        self.archive_barriers = 0
+        self.archive_reads = 0  # pages that needed the archive
+        self.archive_barriers = 0  # of those, found a hole and waited for the archive's queue
 
     def _gap_reason(self) -> str:
         r = self.retention
@@ -82,16 +88,16 @@ class History:
         must be used (the archive is needed, or retention by age may hide messages)."""
         if self.retention.max_age_s is not None:
             return False
-        head = self.state.read(session_id, after_seq, 1)
-        if head is None:
+        r = self.state.read(session_id, after_seq, limit)
+        if r is None:
             return None
-        last_seq = head.last_seq
+        last_seq = r.last_seq
         if after_seq >= last_seq:
             return Page([], None, last_seq)
         keep = self.retention.max_messages
-        if after_seq + 1 < head.first_seq or (keep is not None and after_seq < last_seq - keep):
+        if after_seq + 1 < r.first_seq or (keep is not None and after_seq < last_seq - keep):
             return False
-        return Page(self._from_tail(session_id, after_seq, limit, bytes_max), None, last_seq)
+        return Page(_capped(r.messages, bytes_max), None, last_seq)
 
     async def read(
         self, session_id: str, after_seq: int, limit: int, bytes_max: int = PAGE_BYTES_MAX
@@ -169,15 +175,7 @@ class History:
         if limit <= 0:
             return []
         r = self.state.read(session_id, after, limit)
-        if r is None:
-            return []
-        out = r.messages
-        size = 0
-        for i, m in enumerate(out):
-            size += message_bytes(m)
-            if size > bytes_max and i > 0:
-                return out[:i]
-        return out
+        return [] if r is None else _capped(r.messages, bytes_max)
 
     async def _from_archive(
         self, session_id: str, start: int, to_seq: int, limit: int, bytes_max: int

@@ -254,6 +254,21 @@ class NodeCollector(Collector):
             "ctxstore_archive_backfill_rows_total", "Messages copied from peers into the archive.",
             node.backfill.rows_copied,
         )  # fmt: skip
+        yield _counter(
+            "ctxstore_archive_backfill_fetch_failures_total",
+            "History fetches from peers that failed or were refused (asked again later).",
+            node.backfill.fetch_failures,
+        )
+        yield _counter(
+            "ctxstore_history_archive_reads_total",
+            "Read and replay pages older than the hot tail, served from the archive.",
+            node.history.archive_reads,
+        )
+        yield _counter(
+            "ctxstore_history_archive_waits_total",
+            "Of those, pages that met a hole and waited for the archive's queue.",
+            node.history.archive_barriers,
+        )
 
     def _raft(self) -> Iterator[Metric]:
         node = self.metrics.node

@@ -118,11 +118,16 @@ class Node:
         self.archive.applied(group, index)
 
     def _snapshot_installed(self, group: int, index: int) -> None:
-        sessions, tail = self.state.group_tails(group)
-        self.archive.restore(group, index, sessions, tail)
+        self._archive_tails(group, index)
         self.subscriptions.on_restore(group)
         self.inboxes.on_group_replaced(group)
         self.backfill.kick()
+
+    def _archive_tails(self, group: int, index: int) -> None:
+        """Hand the tails of the snapshot installed at ``index`` to the archive, which records
+        the ranges below them it lacks (for ``Backfill``)."""
+        sessions, tail = self.state.group_tails(group)
+        self.archive.restore(group, index, sessions, tail)
 
     async def _serve_history(self, fetch: HistoryFetch) -> HistoryRows:
         return await serve_history(self.history, fetch)
@@ -168,9 +173,9 @@ class Node:
         for group in self.host.groups():
             # A snapshot installed from a leader just before a crash, whose archive transaction
             # did not commit: hand its tails over again (rows are idempotent; gaps recorded).
-            if self.wal.storage(group).snap_meta.index > self.archive.archived_index(group):
-                sessions, tail = self.state.group_tails(group)
-                self.archive.restore(group, self.wal.storage(group).snap_meta.index, sessions, tail)
+            index = self.wal.storage(group).snap_meta.index
+            if index > self.archive.archived_index(group):
+                self._archive_tails(group, index)
         peers = s.peer_map
         if peers:
             on_batch, up, down, snap = self.driver.transport_callbacks()

@@ -268,7 +268,7 @@ class Service(BaseHandler):
         sub_id = next(self._sub_ids)
         conn.reply(Subscribed(r.rid, sub_id, last_seq))
         group = group_of(r.session_id, self.groups)
-        self.subscriptions.start(conn, sub_id, r.session_id, group, r.after_seq)
+        self.subscriptions.start(conn, sub_id, r.session_id, group, r.after_seq, last_seq)
 
     async def _read(self, r: Read) -> Response:
         try:

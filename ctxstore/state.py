@@ -153,7 +153,7 @@ def _fingerprint(cmd: Append) -> bytes:
     return blake2b(_fingerprint_encoder.encode(fields), digest_size=16).digest()
 
 
-def _payload_bytes(msg: Message) -> int:
+def payload_bytes(msg: Message) -> int:
     """The bytes a message counts against ``tail_bytes_max``: a function of the message only."""
     content = msg.content
     size = len(content) if content.isascii() else len(content.encode())
@@ -196,7 +196,7 @@ class _Session:
         self.metadata = metadata
         self.last_seq = 0
         self.tail: deque[Message] = deque()
-        self.tail_sizes: deque[int] = deque()  # _payload_bytes of each tail message
+        self.tail_sizes: deque[int] = deque()  # payload_bytes of each tail message
         self.tail_bytes = 0
         self.dedupe: dict[str, tuple[int, int, bytes]] = {}  # id -> (seq, inserted_at, print)
         self.cursors: dict[str, int] = {}  # user id -> last read seq
@@ -209,7 +209,7 @@ class _Session:
     def push(self, msg: Message, limits: StateLimits, evicted: list[Message] | None) -> int:
         """Append ``msg`` to the tail, evicting by the session's limits (into ``evicted``, if
         given); the change of the tail's group charge (``_charge``)."""
-        size = _payload_bytes(msg)
+        size = payload_bytes(msg)
         tail, sizes = self.tail, self.tail_sizes
         tail.append(msg)
         sizes.append(size)
@@ -309,6 +309,7 @@ class ConversationState:
         self.limits = limits if limits is not None else StateLimits()
         self.group_count = groups
         self.observer = observer
+        self._evicted: list[Message] = []  # scratch: what one append pushes out of the tails
         self._groups: dict[int, dict[str, _Session]] = {}
         self._charge: dict[int, int] = {}  # group -> what its tails cost (``_Session.charge``)
         # group -> sessions whose tail has more than one message, least recently appended first
@@ -471,7 +472,7 @@ class ConversationState:
             cmd.token_count,
         )
         observer = self.observer
-        evicted: list[Message] | None = [] if observer is not None else None
+        evicted = self._evicted if observer is not None else None  # reused: no list per append
         charge = s.push(msg, self.limits, evicted)
         evictable = self._evictable[group]
         evictable.pop(s.id, None)
@@ -482,6 +483,7 @@ class ConversationState:
             assert observer is not None
             for m in evicted:
                 observer.on_evict(group, index, m)
+            evicted.clear()
         if cmid is not None:
             s.remember(cmid, (seq, cmd.inserted_at, fingerprint), self.limits.dedupe_ids_max)
         if observer is not None:
@@ -560,9 +562,6 @@ class ConversationState:
         s = self._lookup(session_id)
         return s.tail[-1] if s is not None and s.tail else None
 
-    def group_of_session(self, session_id: str) -> int | None:
-        return self._where.get(session_id)
-
     def user_session_ids(self, user_id: str) -> list[str]:
         """``user_id``'s sessions on this node, by id (a copy)."""
         return list(self._by_user.get(user_id, ()))
@@ -627,4 +626,11 @@ class ConversationState:
             del self._by_user[s.user_id]
 
 
-__all__ = ["SNAPSHOT_VERSION", "ConversationState", "ReadResult", "StateLimits", "StateObserver"]
+__all__ = [
+    "SNAPSHOT_VERSION",
+    "ConversationState",
+    "ReadResult",
+    "StateLimits",
+    "StateObserver",
+    "payload_bytes",
+]

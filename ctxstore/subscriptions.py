@@ -110,14 +110,20 @@ class Subscriptions:
         return self._subs.refusal(conn, self.limits.per_connection_max, self.limits.node_max)
 
     def start(
-        self, conn: Connection, sub_id: int, session_id: str, group: int, after_seq: int
+        self,
+        conn: Connection,
+        sub_id: int,
+        session_id: str,
+        group: int,
+        after_seq: int,
+        last_seq: int,
     ) -> None:
-        """Begin delivering after ``after_seq`` (the ``Subscribed`` answer is already queued)."""
+        """Begin delivering after ``after_seq`` (the ``Subscribed`` answer, with the session's
+        ``last_seq``, is already queued)."""
         sub = _Sub(sub_id, conn, session_id, group)
         sub.next_seq = after_seq + 1
         self._subs.add(session_id, sub)
-        last_seq = self.state.last_seq(session_id)
-        if last_seq is not None and sub.next_seq > last_seq:
+        if sub.next_seq > last_seq:
             sub.live = True
         else:
             self._replay(sub)

@@ -36,6 +36,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -672,7 +673,7 @@ class Client:
 # -- subscriptions ---------------------------------------------------------------------------------
 
 
-class _Follower(Generic[T]):
+class _Follower(abc.ABC, Generic[T]):
     """A subscription that resumes by itself: the queue between the connection and the
     iterator, the hold on the connection while the queue is full, and the resume loop.
 
@@ -700,15 +701,17 @@ class _Follower(Generic[T]):
 
     # what the subclasses say --------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _request(self, rid: int) -> Request:
-        raise NotImplementedError
+        """The request that starts (or resumes) the subscription."""
 
+    @abc.abstractmethod
     def _expect(self) -> type[Subscribed] | type[InboxSnapshot]:
-        raise NotImplementedError
+        """The type of its answer."""
 
+    @abc.abstractmethod
     def _accept(self, push: Push) -> None:
         """Queue the items of ``push`` (not a ``SubscriptionClosed``)."""
-        raise NotImplementedError
 
     def _check(self, item: T) -> None:
         """Called as ``item`` is yielded; raises ``ClientError`` if it is out of order."""
