@@ -130,6 +130,10 @@ def test_stream_and_archive_metrics(tmp_path: Path) -> None:
                 assert m["ctxstore_archive_lag_entries"] == 0
                 assert m["ctxstore_archive_backlog_bytes"] == 0
                 assert m["ctxstore_archive_backfill_ranges"] == 0
+                assert m["ctxstore_archive_backfill_fetch_failures_total"] == 0
+                # The replay came from the hot tail: no page needed the archive.
+                assert m["ctxstore_history_archive_reads_total"] == 0
+                assert m["ctxstore_history_archive_waits_total"] == 0
                 await sub.close()
                 await inbox.close()
             m = await h.scrape()
