@@ -292,9 +292,14 @@ class Cluster:
         self.extra: list[str] = [
             f"--tick-ms={args.tick_ms}",
             f"--election-ticks={args.election_ticks}",
+            f"--heartbeat-ticks={args.heartbeat_ticks}",
             f"--snapshot-entries={args.snapshot_entries}",
             f"--log-level={args.node_log_level}",
         ]
+        if args.lazy_commit:
+            self.extra.append("--lazy-commit")
+        if args.skip_busy_heartbeats:
+            self.extra.append("--skip-busy-heartbeats")
         self.launcher = [sys.executable, "-m", "raft.node"]
         if args.switch_interval_ms:  # an experiment: the GIL hand-over period of the nodes
             self.launcher = [sys.executable, "-c", _SWITCH_LAUNCHER, str(args.switch_interval_ms)]
@@ -1402,6 +1407,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         s.add_argument("--groups", type=int, default=256)
         s.add_argument("--tick-ms", type=int, default=50)
         s.add_argument("--election-ticks", type=int, default=10)
+        s.add_argument("--heartbeat-ticks", type=int, default=1)
+        s.add_argument(
+            "--lazy-commit",
+            action="store_true",
+            help="no commit broadcast: followers learn commits from the next message",
+        )
+        s.add_argument(
+            "--skip-busy-heartbeats",
+            action="store_true",
+            help="no heartbeats (or empty appends) to followers busy with appends",
+        )
         s.add_argument("--snapshot-entries", type=int, default=100_000)
         s.add_argument("--node-log-level", default="WARNING")
         s.add_argument("--json", metavar="FILE", help="write every figure to FILE")

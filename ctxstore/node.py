@@ -77,6 +77,7 @@ class Node:
             election_ticks=s.election_ticks,
             heartbeat_ticks=s.heartbeat_ticks,
             commit_broadcast=False,
+            skip_busy_heartbeats=True,
             seed=s.node_id,
         )
         self.host = MultiRaft(HostConfig(group_cfg))

@@ -119,6 +119,11 @@ class Config:
     # be), as the paper does.  False: followers learn it with the next append or heartbeat,
     # which saves two messages per follower per commit under load (commit is liveness only).
     commit_broadcast: bool = True
+    # Skip the heartbeat to a busy follower (sent appends and acknowledging them since the
+    # last round, and already sent the commit a heartbeat would carry) and the empty append a
+    # heartbeat answer would trigger while it keeps up.  Under load that cuts the messages per
+    # entry by a third; a message dropped on the way is found out a round or two later.
+    skip_busy_heartbeats: bool = False
     applied: int = 0  # on restart: the index the application has already applied
 
     def validate(self) -> None:
@@ -245,12 +250,12 @@ class Raft:
             entries = self._only_persisted(entries)
         if not entries and not send_if_empty:
             return False
-        self._send(
-            AppendEntries(
-                self.id, to, self.term, prev_index, prev_term, entries, self.log.committed
-            )
-        )
+        commit = self.log.committed
+        self._send(AppendEntries(self.id, to, self.term, prev_index, prev_term, entries, commit))
         pr.sent_entries(entries[-1].index if entries else None, entries_bytes(entries))
+        pr.contacted = True
+        if commit > pr.sent_commit:
+            pr.sent_commit = commit
         return True
 
     def _only_persisted(self, entries: list[Entry]) -> list[Entry]:
@@ -302,10 +307,26 @@ class Raft:
                 self.bcast_append()
 
     def bcast_heartbeat(self, context: bytes = b"") -> None:
+        """Heartbeat every follower.  With ``skip_busy_heartbeats`` and no read ``context`` to
+        confirm, skip a busy one: it was sent appends and acknowledged appends since the last
+        round, and was already sent the commit index a heartbeat would tell it.  Those appends
+        reset its election timer and their answers count for check-quorum: the heartbeat would
+        carry nothing new (under load, most of them)."""
+        committed = self.log.committed
+        skip_busy = self.cfg.skip_busy_heartbeats and not context
         for to, pr in self.prs.items():
-            if to != self.id:
-                commit = min(pr.match, self.log.committed)
-                self._send(Heartbeat(self.id, to, self.term, commit, context))
+            if to == self.id:
+                continue
+            commit = min(pr.match, committed)
+            busy = pr.contacted and pr.acked
+            pr.contacted = False
+            pr.acked_before = pr.acked
+            pr.acked = False
+            if skip_busy and busy and pr.sent_commit >= commit:
+                continue
+            self._send(Heartbeat(self.id, to, self.term, commit, context))
+            if commit > pr.sent_commit:
+                pr.sent_commit = commit
 
     def send_quiesce(self, to: list[int]) -> None:
         """Tell caught-up followers that this leader stops heartbeating (raft/multi.py)."""
@@ -668,6 +689,7 @@ class Raft:
             pr.maybe_update(m.index) or (pr.match == m.index and pr.state is ProgressState.PROBE)
         ):
             return
+        pr.acked = True
         if pr.state is ProgressState.PROBE:
             pr.become_replicate()
         elif pr.state is ProgressState.SNAPSHOT and pr.match + 1 >= self.log.first_index():
@@ -692,8 +714,22 @@ class Raft:
         pr.probe_sent = False
         if pr.state is ProgressState.REPLICATE and pr.inflights.full():
             pr.inflights.free_first_one()
-        if pr.match < self.log.last_index() or pr.state is ProgressState.PROBE:
+        if pr.state is ProgressState.PROBE:
             self.send_append(m.frm)
+        elif pr.match < self.log.last_index():
+            # A follower that was sent all we have and acknowledged appends in this heartbeat
+            # round or the one before is keeping up (its answer to this heartbeat often
+            # overtakes the answer to an append it is still writing): an empty append would
+            # only cost two messages.  One that went quiet gets one, so an append dropped on
+            # the way (raft/transport.py drops them under backpressure) is found out.
+            keeping_up = pr.acked or pr.acked_before
+            if not (
+                keeping_up
+                and self.cfg.skip_busy_heartbeats
+                and pr.state is ProgressState.REPLICATE
+                and pr.next > self.log.last_index()
+            ):
+                self.send_append(m.frm)
         if not m.context or pr.is_learner:
             return
         acks = self.read_only.recv_ack(m.frm, m.context)

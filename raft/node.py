@@ -276,6 +276,9 @@ class NodeConfig:
     secret: bytes = b"raft-test-secret"
     tick_ms: int = 50
     election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    commit_broadcast: bool = True
+    skip_busy_heartbeats: bool = False
     snapshot_entries: int = 100_000
     wal_segment_bytes: int = 64 << 20
     wal_cache_bytes: int = 64 << 20
@@ -287,7 +290,14 @@ class Node:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         self.sm = LogMachine()
-        group_cfg = Config(cfg.id, election_ticks=cfg.election_ticks, seed=cfg.seed)
+        group_cfg = Config(
+            cfg.id,
+            election_ticks=cfg.election_ticks,
+            heartbeat_ticks=cfg.heartbeat_ticks,
+            commit_broadcast=cfg.commit_broadcast,
+            skip_busy_heartbeats=cfg.skip_busy_heartbeats,
+            seed=cfg.seed,
+        )
         self.host = MultiRaft(HostConfig(group_cfg, quiesce=cfg.quiesce))
         self.wal = WAL.open(
             os.path.join(cfg.data_dir, "wal"),
@@ -476,6 +486,9 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p.add_argument("--secret", default=os.environ.get("RAFT_SECRET", "raft-test-secret"))
     p.add_argument("--tick-ms", type=int, default=50)
     p.add_argument("--election-ticks", type=int, default=10)
+    p.add_argument("--heartbeat-ticks", type=int, default=1)
+    p.add_argument("--lazy-commit", action="store_true", help="Config.commit_broadcast=False")
+    p.add_argument("--skip-busy-heartbeats", action="store_true")
     p.add_argument("--snapshot-entries", type=int, default=100_000)
     p.add_argument("--wal-segment-mb", type=float, default=64)
     p.add_argument("--wal-cache-mb", type=float, default=64)
@@ -502,6 +515,9 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         secret=a.secret.encode(),
         tick_ms=a.tick_ms,
         election_ticks=a.election_ticks,
+        heartbeat_ticks=a.heartbeat_ticks,
+        commit_broadcast=not a.lazy_commit,
+        skip_busy_heartbeats=a.skip_busy_heartbeats,
         snapshot_entries=a.snapshot_entries,
         wal_segment_bytes=int(a.wal_segment_mb * (1 << 20)),
         wal_cache_bytes=int(a.wal_cache_mb * (1 << 20)),

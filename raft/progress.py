@@ -73,6 +73,14 @@ class Progress:
         self.recent_active = False
         self.inflights = Inflights(max_inflight_msgs, max_inflight_bytes)
         self.is_learner = False
+        # Since the leader's last heartbeat round: an append went to this follower
+        # (``contacted``), it acknowledged one (``acked``; ``acked_before``: in the round
+        # before).  ``sent_commit``: the highest commit index the leader has sent it.  A busy
+        # follower needs no heartbeat and no empty append (raft/core.py).
+        self.contacted = False
+        self.acked = False
+        self.acked_before = False
+        self.sent_commit = 0
 
     def __repr__(self) -> str:
         return (

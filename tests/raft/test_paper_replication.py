@@ -10,7 +10,7 @@ import pytest
 from raft import Entry, Role
 from raft.messages import AppendEntries, AppendResponse, Heartbeat, Message
 
-from .helpers import Cluster, drain, entries_of, lone_node, of_type, persist
+from .helpers import Cluster, Hold, drain, entries_of, lone_node, of_type, persist
 
 # -- §5.3 ------------------------------------------------------------------------------------
 
@@ -275,3 +275,51 @@ def test_followers_learn_a_commit_at_once_or_with_the_next_heartbeat(broadcast: 
     c.tick(1, c.raft(1).cfg.heartbeat_ticks)
     c.stabilize()
     assert {c.raft(i).log.committed for i in (2, 3)} == {index}
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_busy_followers_need_no_heartbeat(skip: bool) -> None:
+    """``skip_busy_heartbeats``: a follower that was sent appends and acknowledged appends since
+    the last round, and was sent the commit a heartbeat would carry, gets no heartbeat; a read
+    still heartbeats everyone, and once the appends stop the heartbeats (and commits) resume."""
+    c = Cluster(ids=(1, 2, 3), commit_broadcast=False, skip_busy_heartbeats=skip)
+    hb = c.raft(1).cfg.heartbeat_ticks
+    c.elect(1)
+    c.tick(1, hb)
+    first = c.propose(1, b"a")
+    c.stabilize()
+    hold = Hold(c, lambda m: isinstance(m, AppendResponse))  # the next append stays unanswered
+    c.propose(1, b"b")
+    c.stabilize()
+    c.sent.clear()
+    c.tick(1, hb)
+    assert len(of_type(c.sent, Heartbeat)) == (0 if skip else 2)
+    c.nodes[1].read_index(b"r")
+    c.stabilize()
+    assert {m.to for m in of_type(c.sent, Heartbeat) if m.context == b"r"} == {2, 3}
+    hold.release()
+    second = c.raft(1).log.last_index()
+    assert c.raft(1).log.committed == second
+    assert {c.raft(i).log.committed for i in (2, 3)} == {first}
+    c.sent.clear()
+    c.tick(1, hb)  # nothing sent since the last round: everyone is heartbeaten
+    assert {m.to for m in of_type(c.sent, Heartbeat)} == {2, 3}
+    assert {c.raft(i).log.committed for i in (2, 3)} == {second}
+
+
+def test_a_follower_that_missed_an_append_is_found_out_with_busy_heartbeats_skipped() -> None:
+    """An append lost on the way (the transport drops appends under backpressure) leaves a
+    follower in REPLICATE that acknowledges nothing: the next heartbeat answers show it, and it
+    gets the entries again."""
+    c = Cluster(ids=(1, 2, 3), commit_broadcast=False, skip_busy_heartbeats=True)
+    hb = c.raft(1).cfg.heartbeat_ticks
+    c.elect(1)
+    c.tick(1, hb)
+    c.cut(1, 3)
+    index = c.propose(1, b"lost on the way to 3")
+    c.stabilize()
+    c.heal()
+    assert c.raft(3).log.last_index() < index
+    for _ in range(3):
+        c.tick(1, hb)
+    assert c.raft(3).log.last_index() == index

@@ -400,6 +400,7 @@ class SimCluster:
                 max_uncommitted_bytes=4096,
                 snapshot_timeout_ticks=4 * ELECTION_TICKS,
                 commit_broadcast=seed % 2 == 0,  # odd seeds: followers learn commits lazily
+                skip_busy_heartbeats=seed % 4 >= 2,  # half the seeds: as ctxstore runs
             ),
             quiesce=self.quiesce,
         )
