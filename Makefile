@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run cluster test lint typecheck pytest soak sim clean
 
-$(STAMP): pyproject.toml
+# setup.py compiles these with mypyc: editing one rebuilds (raft/__init__.py refuses stale builds).
+COMPILED := $(shell sed -n 's/^    "\(raft\/[a-z_]*\.py\)",$$/\1/p' setup.py)
+
+$(STAMP): pyproject.toml setup.py $(COMPILED)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -39,4 +42,4 @@ soak: $(STAMP)
 	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 5 --groups 3 --ticks 2000 --jobs 0
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build raft/*.so *__mypyc*.so

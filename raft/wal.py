@@ -129,7 +129,7 @@ class WAL:
         self._failed: BaseException | None = None
         self._closing = False
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._writer_thread: threading.Thread | None = None
 
     @classmethod
     def open(
@@ -147,8 +147,8 @@ class WAL:
         except BaseException:
             wal._close_files()
             raise
-        wal._thread = threading.Thread(target=wal._run, name="wal-writer", daemon=True)
-        wal._thread.start()
+        wal._writer_thread = threading.Thread(target=wal._run, name="wal-writer", daemon=True)
+        wal._writer_thread.start()
         return wal
 
     def close(self) -> None:
@@ -156,9 +156,9 @@ class WAL:
         with self._cond:
             self._closing = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._writer_thread is not None:
+            self._writer_thread.join()
+            self._writer_thread = None
         self._close_files()
 
     def __enter__(self) -> WAL:

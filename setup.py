@@ -1,0 +1,35 @@
+"""Builds the Raft core with mypyc (docs/raft.md "Compiled core"); everything else is in
+pyproject.toml.  ``CTXSTORE_PURE_PYTHON=1`` builds nothing: the same modules run interpreted.
+
+The compiled modules are the deterministic core, the driver and the WAL's bookkeeping: strictly
+typed logic on the hot path of every append.  The WAL's segment writer and record codec, the
+transport and the codecs stay interpreted: they spend their time in the kernel, uvloop and
+msgspec, meet untyped objects from them (mypyc checks declared types at run time, and typeshed
+is not always right about uvloop), and compiled they failed the simulation's torn-write checks,
+which is reason enough to leave them be."""
+
+import os
+
+from setuptools import setup
+
+COMPILED = [
+    "raft/log.py",
+    "raft/progress.py",
+    "raft/quorum.py",
+    "raft/readonly.py",
+    "raft/storage.py",
+    "raft/core.py",
+    "raft/rawnode.py",
+    "raft/multi.py",
+    "raft/driver.py",
+    "raft/wal_storage.py",
+    "raft/wal.py",
+]
+
+ext_modules = []
+if os.environ.get("CTXSTORE_PURE_PYTHON", "") != "1":
+    from mypyc.build import mypycify
+
+    ext_modules = mypycify(COMPILED, opt_level="3")
+
+setup(ext_modules=ext_modules)
