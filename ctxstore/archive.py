@@ -603,6 +603,9 @@ class Archive:
         self._archived: dict[int, int] = {}  # durable
         self._floor: dict[int, int] = {}  # highest index of applied/restore, queued or durable
         self._handed: dict[int, int] = {}  # highest index handed over (add/applied/restore)
+        # Applied indexes not yet queued: handed over once per loop iteration (one lock, not
+        # one per applied batch of entries), and before any operation queued after them.
+        self._applied_pending: dict[int, int] = {}
         self._ranges: dict[str, tuple[Range, ...]] = {}  # durable backfill ranges
         self._backlog_bytes = 0
         self._added_bytes = 0  # the part of the backlog queued by add() (the overflow bound)
@@ -668,6 +671,7 @@ class Archive:
         assert self._exited is not None and self._thread is not None
         self._closing = True
         with self._cond:
+            self._attach_applied_locked()
             self._stopping = True
             self._cond.notify()
         await asyncio.shield(self._exited)
@@ -710,6 +714,8 @@ class Archive:
         self._check_open()
         size = _estimate_bytes(message, self._encode)
         with self._cond:
+            if self._applied_pending:
+                self._attach_applied_locked()
             ops = self._ops
             last = ops[-1] if ops else None
             if type(last) is _Batch and len(last.rows) < self.config.batch_rows_max:
@@ -739,12 +745,29 @@ class Archive:
         self._floor[group] = index
         if index > self._handed.get(group, 0):
             self._handed[group] = index
-        with self._cond:
-            last = self._ops[-1] if self._ops else None
-            if type(last) is _Batch:
-                last.applied[group] = index
-            else:
-                self._push_locked(_Batch([], {group: index}, 0), 0, False)
+        pending = self._applied_pending
+        if not pending:
+            assert self._loop is not None
+            self._loop.call_soon(self._hand_applied)
+        pending[group] = index
+
+    def _hand_applied(self) -> None:
+        if self._applied_pending and not self._halted:
+            with self._cond:
+                self._attach_applied_locked()
+
+    def _attach_applied_locked(self) -> None:
+        """Queue the pending applied indexes with the last batch (they follow every row added
+        before them, and precede every operation queued after)."""
+        pending = self._applied_pending
+        if not pending:
+            return
+        self._applied_pending = {}
+        last = self._ops[-1] if self._ops else None
+        if type(last) is _Batch:
+            last.applied.update(pending)
+        else:
+            self._push_locked(_Batch([], pending, 0), 0, False)
 
     def restore(
         self, group: int, index: int, sessions: list[tuple[str, int, int]], tail: list[Message]
@@ -807,6 +830,8 @@ class Archive:
             raise ArchiveClosed("archive is not running")
 
     def _push_locked(self, op: _Op, rows: int, urgent: bool) -> None:
+        if self._applied_pending:
+            self._attach_applied_locked()  # they came first
         if not self._ops:
             self._first_at = time.monotonic()
             self._cond.notify()
