@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     retention_max_messages: Annotated[int, Meta(ge=1)] | None = None  # per session; None: keep all
     retention_max_age_s: Annotated[float, Meta(gt=0)] | None = None  # per session; None: keep all
     shutdown_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0  # SIGTERM: exit within
+    gc_young_threshold: Annotated[int, Meta(ge=100, le=10_000_000)] = 10_000  # cli._tune_gc
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 
+from ctxstore.cli import _tune_gc
 from ctxstore.config import ConfigError, load
 
 
@@ -47,6 +49,7 @@ def test_peers_and_tokens_parse(tmp_path: Path) -> None:
         ({"secret": "short"}, "secret"),
         ({"log_level": "chatty"}, "log_level"),
         ({"heartbeat_ticks": 10}, "heartbeat_ticks"),
+        ({"gc_young_threshold": 10}, "gc_young_threshold"),
     ],
 )
 def test_invalid_values_stop_start_up_naming_the_key(flags: dict[str, object], key: str) -> None:
@@ -66,3 +69,20 @@ def test_unknown_or_malformed_file_keys_are_refused(tmp_path: Path) -> None:
 def test_invalid_environment_value_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"^config: groups:"):
         load(environ={"CTXSTORE_GROUPS": "many"})
+
+
+def test_the_garbage_collector_is_tuned_for_a_server() -> None:
+    """``gc_young_threshold`` (default 10 000) sets the young generation's threshold, and what
+    start-up built is frozen out of collections."""
+    assert load(environ={}).gc_young_threshold == 10_000
+    env = {"CTXSTORE_GC_YOUNG_THRESHOLD": "50000"}
+    assert load(environ=env).gc_young_threshold == 50_000
+    before = gc.get_threshold()
+    try:
+        gc.unfreeze()
+        _tune_gc(12_345)
+        assert gc.get_threshold() == (12_345, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
