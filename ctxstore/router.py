@@ -143,12 +143,21 @@ class Router:
         self.history_server: HistoryServer | None = None
         self._fetches: dict[int, tuple[asyncio.Future[HistoryRows], int, float]] = {}
         self._history_serving = 0
+        # The loop, kept: asyncio.get_running_loop() costs a getpid() system call each time
+        # (fork detection), a few percent of a node's CPU when done per request.
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def attach(self, transport: Transport) -> None:
         self.transport = transport
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         self._timer = loop.call_later(0.05, self._sweep)
 
     def stop(self) -> None:
@@ -168,7 +177,7 @@ class Router:
 
     # -- the origin's side -------------------------------------------------------------------
     def submit(self, group: int, command: bytes) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         p = _Pending(group, command, future, loop.time() + self.config.request_timeout_s)
         self._route(p)
@@ -177,7 +186,7 @@ class Router:
     def barrier(self, group: int) -> asyncio.Future[Any]:
         """A linearizable read barrier for ``group`` (ReadIndex, served by any replica):
         resolves once this node applied everything committed before the call."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         p = _Pending(group, None, future, loop.time() + self.config.request_timeout_s)
         self._route(p)
@@ -224,7 +233,7 @@ class Router:
                 p.future.set_result(f.result())
 
         fut.add_done_callback(done)
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         # A ReadIndex whose answer is lost is never resent: give up on it after a while.
         handle = loop.call_later(self.config.read_retry_s, fut.cancel)
         fut.add_done_callback(lambda f: handle.cancel())

@@ -492,7 +492,9 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.error: str | None = None
         self.last_receive_s = 0.0
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
+        self._loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = self._loop.create_future()
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._snapshot_key: tuple[int, int] | None = None
@@ -516,7 +518,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return
-        self.last_receive_s = asyncio.get_running_loop().time()
+        self.last_receive_s = self._loop.time()
         try:
             self.core.receive_data(data)
             while (event := self.core.next_event()) is not None:
