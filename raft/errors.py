@@ -66,6 +66,9 @@ class InvariantViolation(Exception):
 
 
 def check(condition: bool, message: str) -> None:
-    """Raise ``InvariantViolation`` unless ``condition`` holds (an assert that ``-O`` keeps)."""
+    """Raise ``InvariantViolation`` unless ``condition`` holds (an assert that ``-O`` keeps).
+
+    The message is built before the call: on hot paths write ``if not ...: raise
+    InvariantViolation(f"...")`` so that an f-string is built only when the check fails."""
     if not condition:
         raise InvariantViolation(message)

@@ -71,7 +71,8 @@ class Unstable:
             self.entries.extend(entries)
 
     def slice(self, lo: int, hi: int) -> list[Entry]:
-        check(self.offset <= lo <= hi <= self.offset + len(self.entries), f"unstable [{lo},{hi})")
+        if not self.offset <= lo <= hi <= self.offset + len(self.entries):
+            raise InvariantViolation(f"unstable [{lo},{hi})")  # (no f-string built when it holds)
         return self.entries[lo - self.offset : hi - self.offset]
 
 
@@ -148,7 +149,8 @@ class RaftLog:
             return []
         if lo < self.first_index():
             raise Compacted(f"entries from {lo} are compacted (first index {self.first_index()})")
-        check(hi <= self.last_index() + 1, f"slice [{lo},{hi}) beyond {self.last_index()}")
+        if hi > self.last_index() + 1:
+            raise InvariantViolation(f"slice [{lo},{hi}) beyond {self.last_index()}")
         out: list[Entry] = []
         if lo < self.unstable.offset:
             out = self.storage.entries(lo, min(hi, self.unstable.offset), max_bytes)
@@ -202,10 +204,10 @@ class RaftLog:
         if not entries:
             return self.last_index()
         first = entries[0].index
-        check(
-            first > self.committed, f"append at {first} would overwrite committed {self.committed}"
-        )
-        check(first <= self.last_index() + 1, f"gap: append at {first} after {self.last_index()}")
+        if first <= self.committed:
+            raise InvariantViolation(f"append at {first} overwrites committed {self.committed}")
+        if first > self.last_index() + 1:
+            raise InvariantViolation(f"gap: append at {first} after {self.last_index()}")
         self.unstable.truncate_and_append(entries)
         return self.last_index()
 
@@ -228,10 +230,10 @@ class RaftLog:
     def applied_to(self, index: int) -> None:
         if index == 0:
             return
-        check(
-            self.applied <= index <= self.committed,
-            f"applied {index} out of range [{self.applied}, {self.committed}]",
-        )
+        if not self.applied <= index <= self.committed:
+            raise InvariantViolation(
+                f"applied {index} out of range [{self.applied}, {self.committed}]"
+            )
         self.applied = index
 
     def has_next_committed(self) -> bool:

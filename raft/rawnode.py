@@ -20,7 +20,7 @@ from __future__ import annotations
 import msgspec
 
 from .core import CampaignKind, Config, Raft, ReadState, Role, SoftState
-from .errors import InvariantViolation, check
+from .errors import InvariantViolation
 from .messages import (
     AppendEntries,
     ConfChange,
@@ -171,7 +171,8 @@ class RawNode:
 
     def advance(self, rd: Ready) -> None:
         """The driver persisted, sent and applied ``rd``."""
-        check(rd is self._outstanding, f"advance of Ready {rd.number} that is not outstanding")
+        if rd is not self._outstanding:
+            raise InvariantViolation(f"advance of Ready {rd.number} that is not outstanding")
         self._outstanding = None
         r = self.raft
         if rd.hard_state is not None:

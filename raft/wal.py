@@ -218,7 +218,8 @@ class WAL:
 
     def publish(self, written: Written) -> None:
         """Apply a durable batch to the views (owner thread, in order, before ``advance``)."""
-        check(written.seq == self._published + 1, f"publish {written.seq} after {self._published}")
+        if written.seq != self._published + 1:
+            raise InvariantViolation(f"publish {written.seq} after {self._published}")
         self._published = written.seq
         doomed: list[str] = []
         for done in written.done:

@@ -162,7 +162,8 @@ class GroupStorage:
     def set_snapshot(self, meta: SnapshotMeta, file: str, replace: bool, lenient: bool) -> None:
         """The durable snapshot is now ``meta`` (data in ``file``); drop the entries it covers."""
         index = meta.index
-        check(index >= self.snap_meta.index, f"snapshot {index} < {self.snap_meta.index}")
+        if index < self.snap_meta.index:
+            raise InvariantViolation(f"snapshot {index} < {self.snap_meta.index}")
         if replace or index > self.last:
             self._clear(index)
         elif index >= self.offset:
