@@ -347,7 +347,10 @@ class SegmentWriter:
             os.write(fd, header)
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view) :]
+                # Not view[os.write(fd, view):]: mypyc (2.4) evaluates a memoryview slice's
+                # start twice, which wrote the data twice (the simulation caught it).
+                written = os.write(fd, view)
+                view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)
