@@ -53,17 +53,42 @@ _SEND_NOW = (
 )
 
 
-class Ready(msgspec.Struct):
-    number: int
-    soft_state: SoftState | None  # set when leader or role changed
-    hard_state: HardState | None  # set when term, vote or commit changed: persist it
-    entries: list[Entry]  # persist (append, replacing any conflicting suffix)
-    snapshot: Snapshot | None  # persist and restore the state machine from it
-    committed_entries: list[Entry]  # apply, after the persist above
-    messages: list[Message]  # send now
-    persisted_messages: list[Message]  # send only after the persist above
-    read_states: list[ReadState]
-    must_sync: bool  # the persist must be fsynced (entries, snapshot, term or vote)
+class Ready:
+    """One group's output (a plain class, not a msgspec Struct: it is never encoded, and
+    compiled it is a native object, cheap to make once per group per driver pass)."""
+
+    def __init__(
+        self,
+        number: int,
+        soft_state: SoftState | None,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        snapshot: Snapshot | None,
+        committed_entries: list[Entry],
+        messages: list[Message],
+        persisted_messages: list[Message],
+        read_states: list[ReadState],
+        must_sync: bool,
+    ) -> None:
+        self.number = number
+        self.soft_state = soft_state  # set when leader or role changed
+        self.hard_state = hard_state  # set when term, vote or commit changed: persist it
+        self.entries = entries  # persist (append, replacing any conflicting suffix)
+        self.snapshot = snapshot  # persist and restore the state machine from it
+        self.committed_entries = committed_entries  # apply, after the persist above
+        self.messages = messages  # send now
+        self.persisted_messages = persisted_messages  # send only after the persist above
+        self.read_states = read_states
+        self.must_sync = must_sync  # the persist must be fsynced (entries, snapshot, term, vote)
+
+    def __repr__(self) -> str:
+        return (
+            f"Ready({self.number}, soft={self.soft_state!r}, hard={self.hard_state!r}, "
+            f"entries={len(self.entries)}, snapshot={self.snapshot is not None}, "
+            f"committed={len(self.committed_entries)}, messages={len(self.messages)}"
+            f"+{len(self.persisted_messages)}, reads={len(self.read_states)}, "
+            f"must_sync={self.must_sync})"
+        )
 
 
 class RawNode:
@@ -133,10 +158,13 @@ class RawNode:
             raise InvariantViolation(f"Ready {self._outstanding.number} was not advanced")
         r = self.raft
         r.flush_proposals()
-        soft = r.soft_state()
-        hard = r.hard_state()
-        prev = self._prev_hard
-        vote_changed = hard.term != prev.term or hard.vote != prev.vote
+        prev_soft, prev = self._prev_soft, self._prev_hard
+        # New SoftState / HardState objects only when a field changed (most Readies: none).
+        soft_changed = r.lead != prev_soft.lead or r.role is not prev_soft.role
+        soft = r.soft_state() if soft_changed else prev_soft
+        vote_changed = r.term != prev.term or r.vote != prev.vote
+        hard_changed = vote_changed or r.log.committed != prev.commit
+        hard = r.hard_state() if hard_changed else prev
         now: list[Message] = []
         later: list[Message] = []
         for m in r.msgs:
@@ -152,8 +180,8 @@ class RawNode:
         self._number += 1
         rd = Ready(
             number=self._number,
-            soft_state=soft if soft != self._prev_soft else None,
-            hard_state=hard if hard != prev else None,
+            soft_state=soft if soft_changed else None,
+            hard_state=hard if hard_changed else None,
             entries=list(unstable.entries),
             snapshot=unstable.snapshot,
             committed_entries=r.log.next_committed(),
