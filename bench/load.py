@@ -24,7 +24,6 @@ import array
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -37,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, TypeVar
 
+from ctxstore.collector import tune_collector
 from ctxstore.placement import group_of
 from wire.client import Client, ClientError
 
@@ -53,7 +53,6 @@ BACKOFF_MIN_S = 0.005
 BACKOFF_MAX_S = 0.2
 ACK_LOG_MAX = 4_000_000  # per process (~160 MB); beyond it acks are counted, not logged
 ERROR_LOG_MAX = 1_000_000
-GC_YOUNG_THRESHOLD = 10_000  # the node's default (ctxstore.config gc_young_threshold)
 START_TIMEOUT_S = 60.0
 # progress counters shared with the parent (RawArray 'q'), all since the start of the run
 ACKS, ERRORS, READS, REPLAYS, OUTSTANDING = range(5)
@@ -378,11 +377,9 @@ def worker_main(
         worker = Worker(spec, counters)
         try:
             await worker.router.start()
-            # As a node does (ctxstore.cli._tune_gc): the clients share the cores with the
-            # nodes, and what the collector costs them is taken from the nodes.
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+            # As a node does: the clients share the cores with the nodes, and what the
+            # collector costs them (and its pauses, counted as latency) is taken from the nodes.
+            tune_collector()
             conn.send(("ready", os.getpid()))
             message = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
             if message[0] != "go":

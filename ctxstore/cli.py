@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import signal
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .collector import tune_collector
 from .config import ConfigError, Settings, load, parse_address
 
 if TYPE_CHECKING:  # imported when serving only: the client commands start faster without them
@@ -81,20 +81,6 @@ def _add_serve(sub: Any) -> None:
                    help="a static client token (repeatable); none: no token needed")  # fmt: skip
 
 
-def _tune_gc(young_threshold: int) -> None:
-    """The cyclic garbage collector, tuned for a server: what start-up built (the WAL's views,
-    the restored state) moves to the permanent generation and is never scanned again, and the
-    young generation is collected every ``young_threshold`` allocations instead of Python's 700,
-    so the short-lived objects of requests in flight die by reference count before a
-    collection sees them.  Cycles are still collected (later, and bounded by the threshold).
-    Measured: the collector took 9 % of a node's CPU under load with Python's defaults (py-spy
-    --native), and gen-2 scans showed up as p99 latency (docs/benchmarks.md)."""
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(young_threshold, older, oldest)
-
-
 async def _serve(settings: Settings) -> int:
     from wire.aio import serve as wire_serve
 
@@ -103,7 +89,7 @@ async def _serve(settings: Settings) -> int:
 
     node = Node(settings)
     await node.start()
-    _tune_gc(settings.gc_young_threshold)
+    tune_collector(settings.gc_young_threshold)
     host, port = parse_address(settings.listen, "listen")
     service = Service(node)
     server = await wire_serve(service, host, port)

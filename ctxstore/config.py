@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from .collector import YOUNG_THRESHOLD
+
 Port = Annotated[int, Meta(ge=0, le=65535)]
 DEV_SECRET = "ctxstore-dev-secret"
 
@@ -44,7 +46,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     retention_max_messages: Annotated[int, Meta(ge=1)] | None = None  # per session; None: keep all
     retention_max_age_s: Annotated[float, Meta(gt=0)] | None = None  # per session; None: keep all
     shutdown_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0  # SIGTERM: exit within
-    gc_young_threshold: Annotated[int, Meta(ge=100, le=10_000_000)] = 10_000  # cli._tune_gc
+    gc_young_threshold: Annotated[int, Meta(ge=100, le=10_000_000)] = YOUNG_THRESHOLD
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:

@@ -20,9 +20,9 @@ import asyncio
 from dataclasses import dataclass
 
 from wire.aio import Connection
-from wire.protocol import ErrorCode, InboxDelta, InboxEntry, Message, SubscriptionClosed
+from wire.protocol import InboxDelta, InboxEntry, Message, SubscriptionClosed
 
-from .registry import Registry
+from .registry import Streams
 from .state import ConversationState
 
 PREVIEW_CHARS = 120
@@ -69,19 +69,12 @@ def entry(state: ConversationState, session_id: str) -> InboxEntry | None:
     )
 
 
-class Inboxes:
+class Inboxes(Streams[str, _InboxSub]):
     def __init__(self, state: ConversationState, limits: InboxLimits) -> None:
+        super().__init__(limits)
         self.state = state
-        self.limits = limits
-        self._subs: Registry[str, _InboxSub] = Registry()
+        self.limits: InboxLimits = limits
         self.deltas = 0
-
-    @property
-    def count(self) -> int:
-        return self._subs.count
-
-    def admit(self, conn: Connection) -> tuple[ErrorCode, str] | None:
-        return self._subs.refusal(conn, self.limits.per_connection_max, self.limits.node_max)
 
     def snapshot(self, user_id: str) -> tuple[list[InboxEntry], bool]:
         entries = [e for sid in self.state.user_session_ids(user_id)
@@ -94,17 +87,6 @@ class Inboxes:
         """Register after the snapshot was queued: changes from now on become deltas."""
         sub = _InboxSub(sub_id, conn, user_id)
         self._subs.add(user_id, sub)
-
-    def stop(self, conn: Connection, sub_id: int) -> bool:
-        sub = self._subs.get(conn, sub_id)
-        if sub is None:
-            return False
-        self._remove(sub)
-        return True
-
-    def on_close(self, conn: Connection) -> None:
-        for sub in self._subs.of_conn(conn):
-            self._remove(sub)
 
     def on_writable(self, conn: Connection) -> None:
         for sub in self._subs.of_conn(conn):

@@ -1,8 +1,10 @@
 """Where a node's subscriptions are found: by what they follow (a session, a user) and by the
-connection that holds them, with the caps both kinds share (``Subscriptions``, ``Inboxes``)."""
+connection that holds them, with the caps both kinds share (``Subscriptions``, ``Inboxes``), and
+the requests they answer alike (``Streams``)."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Hashable
 from typing import Generic, Protocol, TypeVar
 
@@ -13,6 +15,13 @@ from wire.protocol import ErrorCode
 class Sub(Protocol):
     sub_id: int
     conn: Connection
+
+
+class Limits(Protocol):
+    @property
+    def per_connection_max(self) -> int: ...
+    @property
+    def node_max(self) -> int: ...
 
 
 K = TypeVar("K", bound=Hashable)
@@ -58,6 +67,38 @@ class Registry(Generic[K, S]):
 
     def all(self) -> list[S]:
         return [sub for subs in self._by_conn.values() for sub in subs.values()]
+
+
+class Streams(abc.ABC, Generic[K, S]):
+    """What subscriptions and inboxes share: admission under the caps, and unsubscribing one or
+    every subscription of a closed connection (``_remove`` says what that means for each)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._subs: Registry[K, S] = Registry()
+
+    @property
+    def count(self) -> int:
+        return self._subs.count
+
+    def admit(self, conn: Connection) -> tuple[ErrorCode, str] | None:
+        """Why ``conn`` may not open another one now (None: it may)."""
+        return self._subs.refusal(conn, self.limits.per_connection_max, self.limits.node_max)
+
+    def stop(self, conn: Connection, sub_id: int) -> bool:
+        sub = self._subs.get(conn, sub_id)
+        if sub is None:
+            return False
+        self._remove(sub)
+        return True
+
+    def on_close(self, conn: Connection) -> None:
+        for sub in self._subs.of_conn(conn):
+            self._remove(sub)
+
+    @abc.abstractmethod
+    def _remove(self, sub: S) -> None:
+        """Forget ``sub`` (idempotent)."""
 
 
 H = TypeVar("H", bound=Hashable)

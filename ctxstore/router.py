@@ -287,7 +287,7 @@ class Router:
         self.forwarded += 1
 
     def _wait_for_leader(self, p: _Pending) -> None:
-        now = asyncio.get_running_loop().time()
+        now = self._running_loop().time()
         p.wait_until = min(p.deadline, now + self.config.leader_wait_s)
         self._leader_waits.setdefault(p.group, []).append(p)
 
@@ -297,7 +297,7 @@ class Router:
             why = f" ({cause})" if cause else ""
             self._fail(p, RouteError("unavailable", f"no stable leader for the group{why}"))
             return
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         loop.call_later(self.config.retry_delay_s * p.hops, self._route, p)
 
     def _fail(self, p: _Pending, error: RouteError) -> None:
@@ -326,7 +326,7 @@ class Router:
                 fut.set_exception(RouteError("unavailable", f"node {peer} went down"))
 
     def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         now = loop.time()
         for fid in [f for f, p in self._forwards.items() if p.deadline <= now or p.future.done()]:
             p = self._forwards.pop(fid)
@@ -416,7 +416,7 @@ class Router:
     ) -> asyncio.Future[HistoryRows]:
         """Ask ``peer`` for messages ``after_seq < seq <= to_seq`` (fails ``unavailable`` when
         it cannot be asked, ``timeout`` without an answer within ``request_timeout_s``)."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         fut: asyncio.Future[HistoryRows] = loop.create_future()
         fid = next(self._fids)
         fetch = HistoryFetch(fid, session_id, after_seq, to_seq, limit)
@@ -445,7 +445,7 @@ class Router:
                 answer = task.result()
             transport.send_app(peer, _encode(answer))
 
-        asyncio.get_running_loop().create_task(server(fetch)).add_done_callback(done)
+        self._running_loop().create_task(server(fetch)).add_done_callback(done)
 
     def _answered(self, peer: int, ans: ForwardReply) -> None:
         p = self._forwards.pop(ans.fid, None)

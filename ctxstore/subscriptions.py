@@ -34,7 +34,6 @@ from typing import cast
 from wire.aio import Connection
 from wire.protocol import (
     CloseReason,
-    ErrorCode,
     GapEvent,
     GapReason,
     Message,
@@ -43,7 +42,7 @@ from wire.protocol import (
 )
 
 from .history import History, HistoryUnavailable, message_bytes
-from .registry import Registry
+from .registry import Streams
 from .state import ConversationState
 
 logger = logging.getLogger(__name__)
@@ -84,14 +83,14 @@ def _closed(sub: _Sub) -> bool:
     return sub.closed
 
 
-class Subscriptions:
+class Subscriptions(Streams[str, _Sub]):
     def __init__(
         self, state: ConversationState, history: History, limits: SubscriptionLimits
     ) -> None:
+        super().__init__(limits)
         self.state = state
         self.history = history
-        self.limits = limits
-        self._subs: Registry[str, _Sub] = Registry()
+        self.limits: SubscriptionLimits = limits
         self._dirty: list[_Sub] = []
         self._flush_scheduled = False
         self._writable: dict[Connection, asyncio.Event] = {}
@@ -101,14 +100,6 @@ class Subscriptions:
         self.gaps = 0
 
     # -- requests ---------------------------------------------------------------------------------
-    @property
-    def count(self) -> int:
-        return self._subs.count
-
-    def admit(self, conn: Connection) -> tuple[ErrorCode, str] | None:
-        """Why ``conn`` may not open another subscription now (None: it may)."""
-        return self._subs.refusal(conn, self.limits.per_connection_max, self.limits.node_max)
-
     def start(
         self,
         conn: Connection,
@@ -128,16 +119,8 @@ class Subscriptions:
         else:
             self._replay(sub)
 
-    def stop(self, conn: Connection, sub_id: int) -> bool:
-        sub = self._subs.get(conn, sub_id)
-        if sub is None:
-            return False
-        self._remove(sub)
-        return True
-
     def on_close(self, conn: Connection) -> None:
-        for sub in self._subs.of_conn(conn):
-            self._remove(sub)
+        super().on_close(conn)
         self._writable.pop(conn, None)
 
     def on_writable(self, conn: Connection) -> None:

@@ -714,9 +714,10 @@ class Raft:
         pr.probe_sent = False
         if pr.state is ProgressState.REPLICATE and pr.inflights.full():
             pr.inflights.free_first_one()
+        last = self.log.last_index()
         if pr.state is ProgressState.PROBE:
             self.send_append(m.frm)
-        elif pr.match < self.log.last_index():
+        elif pr.match < last:
             # A follower that was sent all we have and acknowledged appends in this heartbeat
             # round or the one before is keeping up (its answer to this heartbeat often
             # overtakes the answer to an append it is still writing): an empty append would
@@ -727,7 +728,7 @@ class Raft:
                 keeping_up
                 and self.cfg.skip_busy_heartbeats
                 and pr.state is ProgressState.REPLICATE
-                and pr.next > self.log.last_index()
+                and pr.next > last
             ):
                 self.send_append(m.frm)
         if not m.context or pr.is_learner:

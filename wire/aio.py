@@ -47,6 +47,7 @@ from typing import Any, Protocol, cast
 import msgspec
 
 from .errors import LocalProtocolError, WireError
+from .flow import set_reading
 from .framing import (
     BadRequest,
     ConnectionClosed,
@@ -404,14 +405,7 @@ class Connection(asyncio.Protocol):
         )
 
     def _set_reading(self, reading: bool) -> None:
-        transport = self._transport
-        if transport is None or reading is not self._reading_paused:
-            return
-        self._reading_paused = not reading
-        if reading:
-            transport.resume_reading()
-        else:
-            transport.pause_reading()
+        self._reading_paused = set_reading(self._transport, self._reading_paused, reading)
 
     def _dispatch(self, request: Request) -> None:
         handler = self.server.handler

@@ -50,6 +50,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar, cast
 import msgspec
 
 from .errors import ClientError, LocalProtocolError
+from .flow import set_reading
 from .framing import ClientConnection, ProtocolError, PushReceived, ResponseReceived
 from .protocol import (
     FRAME_BYTES_MAX,
@@ -224,14 +225,7 @@ class _Connection(asyncio.Protocol):
             self._loop.call_soon(self._process)  # the events that waited in the core
 
     def _set_reading(self, reading: bool) -> None:
-        transport = self._transport
-        if transport is None or reading is not self._reading_paused:
-            return
-        self._reading_paused = not reading
-        if reading:
-            transport.resume_reading()
-        else:
-            transport.pause_reading()
+        self._reading_paused = set_reading(self._transport, self._reading_paused, reading)
 
     async def wait_writable(self) -> None:
         while self._writable is not None and self.error is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxstore.cli import _tune_gc
+from ctxstore.collector import tune_collector
 from ctxstore.config import ConfigError, load
 
 
@@ -80,7 +80,7 @@ def test_the_garbage_collector_is_tuned_for_a_server() -> None:
     before = gc.get_threshold()
     try:
         gc.unfreeze()
-        _tune_gc(12_345)
+        tune_collector(12_345)
         assert gc.get_threshold() == (12_345, *before[1:])
         assert gc.get_freeze_count() > 0
     finally:

@@ -5,33 +5,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import pytest
 
-COMPILED = [
-    "log",
-    "progress",
-    "quorum",
-    "readonly",
-    "storage",
-    "core",
-    "rawnode",
-    "multi",
-    "driver",
-    "wal_storage",
-    "wal",
-]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+with open(os.path.join(ROOT, "setup.py")) as _f:
+    COMPILED = re.findall(r'^    "raft/(\w+)\.py",$', _f.read(), re.MULTILINE)  # as the Makefile
 
 
-def _setup_list() -> list[str]:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with open(os.path.join(root, "setup.py")) as f:
-        text = f.read()
-    return [name for name in COMPILED if f'"raft/{name}.py"' in text]
-
-
-def test_the_list_matches_setup_py() -> None:
-    assert _setup_list() == COMPILED
+def test_setup_py_compiles_the_core_and_the_driver() -> None:
+    assert {"core", "log", "rawnode", "multi", "driver", "wal"} <= set(COMPILED)
 
 
 @pytest.mark.skipif(
