@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run cluster test lint typecheck pytest soak sim clean
 
-# setup.py compiles these with mypyc: editing one rebuilds (raft/__init__.py refuses stale builds).
-COMPILED := $(shell sed -n 's/^    "\(raft\/[a-z_]*\.py\)",$$/\1/p' setup.py)
+# setup.py compiles these with mypyc: editing one rebuilds (raft/_build.py refuses stale builds).
+COMPILED := $(shell sed -n 's/^    "\([a-z]*\/[a-z_]*\.py\)",$$/\1/p' setup.py)
 
 $(STAMP): pyproject.toml setup.py $(COMPILED)
 	$(PYTHON) -m venv $(VENV)
@@ -42,4 +42,4 @@ soak: $(STAMP)
 	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 5 --groups 3 --ticks 2000 --jobs 0
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build raft/*.so *__mypyc*.so
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build raft/*.so ctxstore/*.so *__mypyc*.so

@@ -1,10 +1,13 @@
-"""Builds the Raft core with mypyc (docs/raft.md "Compiled core"); everything else is in
-pyproject.toml.  ``CTXSTORE_PURE_PYTHON=1`` builds nothing: the same modules run interpreted.
+"""Builds the Raft core and the conversation state with mypyc (docs/raft.md "Compiled core");
+everything else is in pyproject.toml.  ``CTXSTORE_PURE_PYTHON=1`` builds nothing: the same
+modules run interpreted.
 
-The compiled modules are the deterministic core, the driver and the WAL's bookkeeping: strictly
-typed logic on the hot path of every append.  The WAL's segment writer and record codec, the
-transport and the codecs stay interpreted: they spend their time in the kernel, uvloop and
-msgspec, meet untyped objects from them (mypyc checks declared types at run time, and typeshed
+The compiled modules are the deterministic core, the driver, the WAL's bookkeeping and the state
+machine every replica applies: strictly typed logic on the hot path of every append.  They define
+no wire Struct (mypyc erases the annotations msgspec reads: ctxstore/state_schema.py).
+
+The WAL's segment writer and record codec, the transport and the codecs stay interpreted: they
+spend their time in the kernel, uvloop and msgspec, meet untyped objects from them (mypyc checks declared types at run time, and typeshed
 is not always right about uvloop).  Compiled, the segment writer once wrote snapshot files twice
 over: mypyc 2.4 evaluates the start of a memoryview slice twice (``view[os.write(fd, view):]``);
 the simulation caught it.  Rewritten, it passes compiled, but an A/B showed no gain worth
@@ -26,6 +29,7 @@ COMPILED = [
     "raft/driver.py",
     "raft/wal_storage.py",
     "raft/wal.py",
+    "ctxstore/state.py",
 ]
 
 ext_modules = []

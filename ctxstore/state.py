@@ -75,6 +75,7 @@ from .commands import (
     decode_command,
 )
 from .placement import group_of
+from .state_schema import GroupSnap, ReadResult, SessionSnap
 
 SNAPSHOT_VERSION = 1
 
@@ -118,34 +119,9 @@ class StateObserver(Protocol):
         """Every entry of ``group`` up to ``index`` is applied (called once per apply batch)."""
 
 
-class ReadResult(msgspec.Struct, array_like=True, frozen=True):
-    messages: list[Message]  # seq > after_seq, oldest first, from the hot tail
-    last_seq: int
-    first_seq: int  # oldest seq in the hot tail (last_seq + 1 when it is empty)
-
-
-# -- snapshot schema (version first; fields only appended, with defaults) -------------------------
-class _SessionSnap(msgspec.Struct, array_like=True, gc=False):
-    id: str
-    user_id: str
-    agent_id: str
-    created_at: int
-    metadata: dict[str, Any]
-    last_seq: int
-    tail: list[Message]
-    dedupe: dict[str, tuple[int, int, bytes]]  # oldest first
-    cursors: dict[str, int]  # insertion order
-
-
-class _GroupSnap(msgspec.Struct, array_like=True, gc=False):
-    version: int
-    sessions: list[_SessionSnap]  # creation order
-    evictable: list[str] = []  # sessions whose tail may shrink, least recently appended first
-
-
 _encoder = msgspec.msgpack.Encoder()
 _fingerprint_encoder = msgspec.msgpack.Encoder(order="sorted")  # canonical metadata key order
-_snapshot_decoder = msgspec.msgpack.Decoder(_GroupSnap)
+_snapshot_decoder = msgspec.msgpack.Decoder(GroupSnap)
 
 
 def _fingerprint(cmd: Append) -> bytes:
@@ -256,8 +232,8 @@ class _Session:
                 del cursors[lowest[0]]
         cursors[user_id] = seq
 
-    def to_snap(self) -> _SessionSnap:
-        return _SessionSnap(
+    def to_snap(self) -> SessionSnap:
+        return SessionSnap(
             self.id,
             self.user_id,
             self.agent_id,
@@ -271,7 +247,7 @@ class _Session:
 
     @classmethod
     def from_snap(
-        cls, snap: _SessionSnap, limits: StateLimits, evicted: list[Message] | None
+        cls, snap: SessionSnap, limits: StateLimits, evicted: list[Message] | None
     ) -> _Session:
         s = cls(snap.id, snap.user_id, snap.agent_id, snap.created_at, snap.metadata)
         s.last_seq = snap.last_seq
@@ -370,12 +346,12 @@ class ConversationState:
     def snapshot(self, group: int) -> bytes:
         sessions = self._groups.get(group, {})
         evictable = list(self._evictable.get(group, ()))
-        snap = _GroupSnap(SNAPSHOT_VERSION, [s.to_snap() for s in sessions.values()], evictable)
+        snap = GroupSnap(SNAPSHOT_VERSION, [s.to_snap() for s in sessions.values()], evictable)
         return _encoder.encode(snap)
 
     def restore(self, group: int, data: bytes) -> None:
         """Replace ``group``'s state by the snapshot's (``b""``: empty); fix the indexes."""
-        snap = _GroupSnap(SNAPSHOT_VERSION, [])
+        snap = GroupSnap(SNAPSHOT_VERSION, [])
         if data:
             try:
                 snap = _snapshot_decoder.decode(data)

@@ -4,15 +4,15 @@ import glob
 import os
 
 
-def _refuse_stale_builds() -> None:
-    here = os.path.dirname(__file__)
-    for built in glob.glob(os.path.join(here, "*.so")):
-        source = os.path.join(here, os.path.basename(built).split(".", 1)[0] + ".py")
+def refuse_stale_builds(package_dir: str) -> None:
+    """Raise ImportError if a compiled module in ``package_dir`` is older than its source."""
+    for built in glob.glob(os.path.join(package_dir, "*.so")):
+        source = os.path.join(package_dir, os.path.basename(built).split(".", 1)[0] + ".py")
         if os.path.exists(source) and os.path.getmtime(source) > os.path.getmtime(built):
             raise ImportError(
-                f"{built} is older than {source}: rebuild the compiled Raft core "
-                "(make, or pip install -e .) or delete raft/*.so to run it interpreted"
+                f"{built} is older than {source}: rebuild the compiled modules "
+                f"(make, or pip install -e .) or delete {package_dir}/*.so to run them interpreted"
             )
 
 
-_refuse_stale_builds()
+refuse_stale_builds(os.path.dirname(__file__))

@@ -84,14 +84,14 @@ class CampaignKind(enum.Enum):
     TRANSFER = "transfer"
 
 
-class ReadState(msgspec.Struct, array_like=True, frozen=True):
+class ReadState(msgspec.Struct, frozen=True):
     """A linearizable read may be served once the local applied index reaches ``index``."""
 
     index: int
     context: bytes
 
 
-class SoftState(msgspec.Struct, array_like=True, frozen=True):
+class SoftState(msgspec.Struct, frozen=True):
     """Volatile state the application may want to observe (not persisted)."""
 
     lead: int

@@ -36,7 +36,7 @@ RAFT_IO_MODULES = frozenset(
     }
 )
 # Pure modules outside raft/ (the domain state machine).
-PURE_MODULES = frozenset({"ctxstore/state.py", "ctxstore/commands.py"})
+PURE_MODULES = frozenset({"ctxstore/state.py", "ctxstore/state_schema.py", "ctxstore/commands.py"})
 
 IMPURE_IMPORTS = frozenset(
     {

@@ -1,0 +1,40 @@
+"""The msgspec types of ``ctxstore.state``: its query results and its snapshot schema.
+
+They live apart from ``state`` because that module is compiled with mypyc (setup.py), and a
+Struct class compiled by mypyc is another schema: its annotations are erased (``list``, not
+``list[SessionSnap]``) and its class keywords dropped (no ``array_like``), so msgspec would
+encode snapshots and results as maps and decode a snapshot's sessions as plain dicts.  Struct
+classes therefore stay in interpreted modules (as ``raft.messages`` does for the Raft core)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from wire.protocol import Message
+
+
+class ReadResult(msgspec.Struct, array_like=True, frozen=True):
+    messages: list[Message]  # seq > after_seq, oldest first, from the hot tail
+    last_seq: int
+    first_seq: int  # oldest seq in the hot tail (last_seq + 1 when it is empty)
+
+
+# -- snapshot schema (version first; fields only appended, with defaults) -------------------------
+class SessionSnap(msgspec.Struct, array_like=True, gc=False):
+    id: str
+    user_id: str
+    agent_id: str
+    created_at: int
+    metadata: dict[str, Any]
+    last_seq: int
+    tail: list[Message]
+    dedupe: dict[str, tuple[int, int, bytes]]  # oldest first
+    cursors: dict[str, int]  # insertion order
+
+
+class GroupSnap(msgspec.Struct, array_like=True, gc=False):
+    version: int
+    sessions: list[SessionSnap]  # creation order
+    evictable: list[str] = []  # sessions whose tail may shrink, least recently appended first
