@@ -39,6 +39,8 @@ from typing import Any, TypeVar
 from ctxstore.collector import tune_collector
 from ctxstore.placement import group_of
 from wire.client import Client, ClientError
+from wire.protocol import Appended, Response
+from wire.protocol import Error as WireError
 
 from .histogram import LatencyHistogram
 from .routing import Route, Router, new_client
@@ -150,7 +152,8 @@ class Worker:
         self.error_t: array.array[float] = array.array("d")
         self.error_code: array.array[int] = array.array("B")
         self.error_codes: list[str] = []
-        self.ops: set[asyncio.Task[None]] = set()  # the open loop's requests in flight
+        # the open loop's requests in flight: tasks, and futures of appends sent without one
+        self.ops: set[asyncio.Future[Any]] = set()
         self.replaying = 0
 
     # -- accounting ---------------------------------------------------------------------------
@@ -187,45 +190,114 @@ class Worker:
         self.ack_done.append(done)
 
     # -- requests -----------------------------------------------------------------------------
-    async def attempt(self, group: int, start: float, call: Callable[[Client], Awaitable[T]]) -> T:
+    async def attempt(
+        self,
+        group: int,
+        start: float,
+        call: Callable[[Client], Awaitable[T]],
+        tried: int = 0,
+    ) -> T:
         """``call`` on the node ``group``'s requests go to, until it succeeds.  Raises
         ``Failed`` with the error code when it fails for good, or ``gave_up`` after retryable
-        errors for ``retry_for_s``."""
+        errors for ``retry_for_s``.  ``tried``: attempts already made (and failed) elsewhere."""
         backoff_s = BACKOFF_MIN_S
         router = self.router
-        for _ in range(ATTEMPTS_MAX):
+        for k in range(tried, ATTEMPTS_MAX):
+            if k > 0:
+                await asyncio.sleep(self.rng.uniform(backoff_s / 2, backoff_s))
+                backoff_s = min(2 * backoff_s, BACKOFF_MAX_S)
             node_id = router.pick(group)
             try:
                 return await call(router.clients[node_id])
             except ClientError as e:
-                t = now()
-                self.error(t, e.code)
-                router.failed(node_id, e)
-                if not e.retryable:
-                    raise Failed(e.code) from None
-                if t - start > self.spec.retry_for_s:
-                    break
-                if self.in_window(start):
-                    self.retries += 1
-            await asyncio.sleep(self.rng.uniform(backoff_s / 2, backoff_s))
-            backoff_s = min(2 * backoff_s, BACKOFF_MAX_S)
+                reason = self.attempt_failed(node_id, start, e)
+                if reason is not None:
+                    raise Failed(reason) from None
         raise Failed("gave_up")
 
-    async def append(self, start: float) -> None:
-        sidx = self.rng.randrange(self.spec.sessions)
+    def attempt_failed(self, node_id: int, start: float, e: ClientError) -> str | None:
+        """Account for a failed attempt; the reason the request fails for good, or None to
+        try again."""
+        t = now()
+        self.error(t, e.code)
+        self.router.failed(node_id, e)
+        if not e.retryable:
+            return e.code
+        if t - start > self.spec.retry_for_s:
+            return "gave_up"
+        if self.in_window(start):
+            self.retries += 1
+        return None
+
+    def next_append(self) -> tuple[int, int]:
+        """The session (index) and number of the next append."""
         n = self.next_n
         self.next_n += 1
+        return self.rng.randrange(self.spec.sessions), n
+
+    async def append(self, start: float, sidx: int, n: int, tried: int = 0) -> None:
         sid, content, msg_id = self.session_ids[sidx], self.content, f"{self.msg_prefix}{n}"
 
         def call(client: Client) -> Awaitable[Any]:
             return client.append(sid, content, client_msg_id=msg_id)
 
         try:
-            ack = await self.attempt(self.session_groups[sidx], start, call)
+            ack = await self.attempt(self.session_groups[sidx], start, call, tried)
         except Failed as e:
             self.fail(start, e.reason)
             return
         self.ack(sidx, n, ack.seq, start, now())
+
+    def append_nowait(self, start: float) -> bool:
+        """The open loop's append without a task: sent on its node's open connection, finished
+        by a callback (a retry continues in a task).  False, with nothing sent, when that
+        connection is not open and writable."""
+        sidx = self.rng.randrange(self.spec.sessions)
+        node_id = self.router.pick(self.session_groups[sidx])
+        n = self.next_n
+        future = self.router.clients[node_id].append_nowait(
+            self.session_ids[sidx], self.content, client_msg_id=f"{self.msg_prefix}{n}"
+        )
+        if future is None:
+            return False
+        self.next_n += 1
+        self.counters[OUTSTANDING] += 1
+        self.ops.add(future)
+        future.add_done_callback(lambda f: self.appended_nowait(f, start, sidx, n, node_id))
+        return True
+
+    def appended_nowait(
+        self, f: asyncio.Future[Response], start: float, sidx: int, n: int, node_id: int
+    ) -> None:
+        self.ops.discard(f)
+        if f.cancelled():  # the drain gave up on it: counted as unfinished
+            return
+        exc = f.exception()
+        response = f.result() if exc is None else None
+        if type(response) is Appended:
+            self.counters[OUTSTANDING] -= 1
+            self.ack(sidx, n, response.seq, start, now())
+            return
+        if isinstance(exc, ClientError):
+            error = exc
+        elif type(response) is WireError:
+            error = ClientError.from_error(response)
+        else:
+            error = ClientError("internal", f"{response!r} answered an append ({exc!r})", False)
+        reason = self.attempt_failed(node_id, start, error)
+        if reason is not None:
+            self.counters[OUTSTANDING] -= 1
+            self.fail(start, reason)
+            return
+        task = asyncio.get_running_loop().create_task(self.retry_append(start, sidx, n))
+        self.ops.add(task)
+        task.add_done_callback(self.ops.discard)
+
+    async def retry_append(self, start: float, sidx: int, n: int) -> None:
+        try:
+            await self.append(start, sidx, n, tried=1)
+        finally:
+            self.counters[OUTSTANDING] -= 1
 
     async def read(self, start: float) -> None:
         sidx = self.rng.randrange(self.spec.sessions)
@@ -251,7 +323,7 @@ class Worker:
             if ratio > 0 and self.rng.random() < ratio:
                 await self.read(start)
             else:
-                await self.append(start)
+                await self.append(start, *self.next_append())
         finally:
             self.counters[OUTSTANDING] -= 1
 
@@ -305,12 +377,15 @@ class Worker:
         first = t0 + spec.index / spec.rate  # the processes interleave their schedules
         schedule = OpenLoopSchedule(first, interval, self.end, spec.outstanding_max)
         ops = self.ops
+        fast = spec.read_ratio == 0  # appends only: the task-free path
         while not schedule.finished:
             t = now()
             due = schedule.poll(t, len(ops))
             for intended in due.send:
                 if self.in_window(intended):
                     self.hist["send_lag"].record_s(t - intended)
+                if fast and self.append_nowait(intended):
+                    continue  # no task per request: the client's own CPU stays low
                 task = asyncio.create_task(self.operation(intended))
                 ops.add(task)
                 task.add_done_callback(ops.discard)
@@ -334,7 +409,7 @@ class Worker:
         loops |= {asyncio.create_task(self.reader()) for _ in range(spec.readers)}
         await asyncio.sleep(max(0.0, end - now()))
         deadline = now() + spec.retry_for_s + spec.timeout_s + 2.0
-        pending = set(loops)
+        pending: set[asyncio.Future[Any]] = set(loops)
         while (pending or self.ops) and now() < deadline:  # the open loop adds until ``end``
             _, pending = await asyncio.wait(pending | self.ops, timeout=deadline - now())
         unfinished = int(self.counters[OUTSTANDING]) + self.replaying

@@ -467,6 +467,42 @@ class Client:
         )
         return await self._call(request, Appended)
 
+    def append_nowait(
+        self,
+        session_id: str,
+        content: str,
+        sender: Sender = "user",
+        sender_id: str = "",
+        kind: str = "text",
+        metadata: Metadata | None = None,
+        client_msg_id: str | None = None,
+        expected_seq: int | None = None,
+        token_count: int | None = None,
+    ) -> asyncio.Future[Response] | None:
+        """``append`` for callers that pipeline without a coroutine per request (a load
+        generator, a bridge): queues the append on the open connection and returns the future
+        of its response, ``Appended`` or ``Error`` (a value here, not raised; a failed
+        connection fails the future with ``ClientError``).  None, with nothing sent, when there
+        is no open connection or its writes are paused by backpressure: ``await append(...)``
+        connects and waits instead.  Raises ``ClientError`` for a request that cannot be sent
+        (too large)."""
+        conn = self._conn
+        if conn is None or conn.error is not None or conn._writable is not None:
+            return None
+        request = Append(
+            self._next_rid(),
+            session_id,
+            sender,
+            sender_id,
+            kind,
+            content,
+            metadata or {},
+            client_msg_id,
+            expected_seq,
+            token_count,
+        )
+        return conn.request(request)
+
     async def append_with_retry(
         self,
         session_id: str,

@@ -12,7 +12,16 @@ import pytest
 from wire.aio import Server, serve
 from wire.client import Client, connect, parse_targets
 from wire.errors import ClientError
-from wire.protocol import Append, Appended, Messages, Pong, ReadMarked, SessionInfo, SessionList
+from wire.protocol import (
+    Append,
+    Appended,
+    Error,
+    Messages,
+    Pong,
+    ReadMarked,
+    SessionInfo,
+    SessionList,
+)
 
 from .helpers import LOOP_IDS, LOOPS, StoreHandler, run, wait_until
 
@@ -192,6 +201,31 @@ def test_a_request_without_an_answer_times_out(loop: LoopFactory) -> None:
             assert isinstance(await client.ping(), Pong)  # the connection is still fine
             ack = await client.append("s", "x", client_msg_id="m-1")
             assert (ack.seq, ack.deduped) == (1, True)  # the timed-out append had landed
+
+    run(main, loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS, ids=LOOP_IDS)
+def test_append_nowait_pipelines_on_the_open_connection_only(loop: LoopFactory) -> None:
+    async def main() -> None:
+        client, server, handler = await client_and_server()
+        async with client, server:
+            futures = [client.append_nowait("s", f"m{i}", client_msg_id=f"c{i}") for i in range(3)]
+            responses = [await f for f in futures if f is not None]
+            assert [type(r) for r in responses] == [Appended] * 3
+            assert [r.seq for r in responses if isinstance(r, Appended)] == [1, 2, 3]
+            assert [r.client_msg_id for r in handler.seen if isinstance(r, Append)] == [
+                "c0", "c1", "c2"
+            ]  # fmt: skip
+            handler.fail = [("conflict", False)]
+            refused = client.append_nowait("s", "y")
+            assert refused is not None
+            error = await refused  # an Error is the future's value, not raised
+            assert isinstance(error, Error) and error.code == "conflict"
+            server.close()
+            # No open connection: nothing is sent (``append`` would reconnect and wait).
+            await wait_until(lambda: client.append_nowait("s", "z") is None)
+            assert len(handler.seen) == 4
 
     run(main, loop)
 
