@@ -6,12 +6,13 @@ The compiled modules are the deterministic core, the driver, the WAL's bookkeepi
 machine every replica applies: strictly typed logic on the hot path of every append.  They define
 no wire Struct (mypyc erases the annotations msgspec reads: ctxstore/state_schema.py).
 
-The WAL's segment writer and record codec, the transport and the codecs stay interpreted: they
-spend their time in the kernel, uvloop and msgspec, meet untyped objects from them (mypyc checks declared types at run time, and typeshed
-is not always right about uvloop).  Compiled, the segment writer once wrote snapshot files twice
-over: mypyc 2.4 evaluates the start of a memoryview slice twice (``view[os.write(fd, view):]``);
-the simulation caught it.  Rewritten, it passes compiled, but an A/B showed no gain worth
-compiling the durability code for."""
+The WAL's record codec, the transport and the codecs stay interpreted: they spend their time in
+the kernel, uvloop and msgspec, meet untyped objects from them (mypyc checks declared types at
+run time, and typeshed is not always right about uvloop), and define wire and disk Structs.
+The segment writer is compiled (it encodes every round's records on the WAL's thread, holding
+the GIL): once, compiled, it wrote snapshot files twice over, as mypyc 2.4 evaluates the start of
+a memoryview slice twice (``view[os.write(fd, view):]``); the simulation caught it, and the loop
+no longer writes that way."""
 
 import os
 
@@ -29,6 +30,7 @@ COMPILED = [
     "raft/driver.py",
     "raft/wal_storage.py",
     "raft/wal.py",
+    "raft/wal_segments.py",
     "ctxstore/state.py",
 ]
 
