@@ -1,7 +1,8 @@
 """Routing a write to its group's leader, wherever the request arrived (design §4.1, §6).
 
 ``Router.submit(group, command)`` returns a future resolved with the state machine's result for
-the command once the group's leader applied it:
+the command once the group's leader applied it (``submit_then`` calls back instead, without a
+future: the service's hot path):
 
 - this node leads the group: ``Driver.propose``;
 - another node leads it: the command travels to it on the peer connection's application lane
@@ -33,7 +34,7 @@ from typing import Any
 import msgspec
 
 from raft import NONE, NotLeader, ProposalDropped, RaftError
-from raft.driver import Driver, OutcomeUnknown
+from raft.driver import Driver, OutcomeUnknown, settle
 from raft.transport import Transport
 from wire.protocol import Message
 
@@ -111,15 +112,18 @@ class RouterConfig:
     read_retry_s: float = 1.0  # a read barrier not answered by then is asked again
 
 
-class _Pending:
-    __slots__ = ("command", "deadline", "future", "group", "hops", "peer", "wait_until")
+Done = Callable[[Any, BaseException | None], None]
+"""``submit_then``'s callback: ``(result, None)`` or ``(None, RouteError)``, exactly once."""
 
-    def __init__(
-        self, group: int, command: bytes | None, future: asyncio.Future[Any], deadline: float
-    ) -> None:
+
+class _Pending:
+    __slots__ = ("command", "deadline", "done", "finished", "group", "hops", "peer", "wait_until")
+
+    def __init__(self, group: int, command: bytes | None, done: Done, deadline: float) -> None:
         self.group = group
         self.command = command
-        self.future = future
+        self.done = done
+        self.finished = False
         self.deadline = deadline
         self.hops = 0
         self.peer = NONE  # the node a forward waits on
@@ -177,19 +181,24 @@ class Router:
 
     # -- the origin's side -------------------------------------------------------------------
     def submit(self, group: int, command: bytes) -> asyncio.Future[Any]:
-        loop = self._running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        p = _Pending(group, command, future, loop.time() + self.config.request_timeout_s)
-        self._route(p)
+        future: asyncio.Future[Any] = self._running_loop().create_future()
+        self.submit_then(group, command, settle(future))
         return future
+
+    def submit_then(self, group: int, command: bytes, done: Done) -> None:
+        """``submit`` without a future: ``done(result, None)`` or ``done(None, RouteError)``,
+        exactly once, possibly from inside the driver's pass (``Driver.propose_then``): it must
+        not raise and must not call into the router or the driver synchronously."""
+        deadline = self._running_loop().time() + self.config.request_timeout_s
+        self._route(_Pending(group, command, done, deadline))
 
     def barrier(self, group: int) -> asyncio.Future[Any]:
         """A linearizable read barrier for ``group`` (ReadIndex, served by any replica):
         resolves once this node applied everything committed before the call."""
         loop = self._running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        p = _Pending(group, None, future, loop.time() + self.config.request_timeout_s)
-        self._route(p)
+        deadline = loop.time() + self.config.request_timeout_s
+        self._route(_Pending(group, None, settle(future), deadline))
         return future
 
     def _reachable_leader(self, group: int) -> int:
@@ -201,7 +210,7 @@ class Router:
         return leader if self.transport.is_connected(leader) else NONE
 
     def _route(self, p: _Pending) -> None:
-        if p.future.done():
+        if p.finished:
             return
         leader = self._reachable_leader(p.group)
         if p.command is None:
@@ -224,13 +233,13 @@ class Router:
             return
 
         def done(f: asyncio.Future[int]) -> None:
-            if p.future.done():
+            if p.finished:
                 return
             exc = None if f.cancelled() else f.exception()
             if f.cancelled() or exc is not None:
                 self._retry_later(p, exc)  # a read may be retried freely
             else:
-                p.future.set_result(f.result())
+                self._complete(p, f.result())
 
         fut.add_done_callback(done)
         loop = self._running_loop()
@@ -240,8 +249,21 @@ class Router:
 
     def _propose_here(self, p: _Pending) -> None:
         assert p.command is not None
+
+        def done(result: object, exc: BaseException | None) -> None:
+            if p.finished:
+                return
+            if exc is None:
+                self._complete(p, result)
+            elif isinstance(exc, ProposalDropped):
+                self._retry_later(p, exc)  # replaced by a new leader's entry: never applied
+            elif isinstance(exc, OutcomeUnknown):
+                self._fail(p, RouteError("timeout", f"outcome unknown: {exc}"))
+            else:
+                self._fail(p, RouteError("unavailable", str(exc)))
+
         try:
-            fut = self.driver.propose(p.group, p.command)
+            self.driver.propose_then(p.group, p.command, done)
         except NotLeader:
             self._retry_later(p)
             return
@@ -250,25 +272,6 @@ class Router:
             return
         except RaftError as e:
             self._fail(p, RouteError("unavailable", str(e)))
-            return
-
-        def done(f: asyncio.Future[object]) -> None:
-            if p.future.done():
-                return
-            if f.cancelled():
-                self._fail(p, RouteError("timeout", "outcome unknown"))
-                return
-            exc = f.exception()
-            if exc is None:
-                p.future.set_result(f.result())
-            elif isinstance(exc, ProposalDropped):
-                self._retry_later(p, exc)  # replaced by a new leader's entry: never applied
-            elif isinstance(exc, OutcomeUnknown):
-                self._fail(p, RouteError("timeout", f"outcome unknown: {exc}"))
-            else:
-                self._fail(p, RouteError("unavailable", str(exc)))
-
-        fut.add_done_callback(done)
 
     def _forward(self, p: _Pending, leader: int) -> None:
         if self.transport is None:
@@ -300,9 +303,15 @@ class Router:
         loop = self._running_loop()
         loop.call_later(self.config.retry_delay_s * p.hops, self._route, p)
 
+    def _complete(self, p: _Pending, result: Any) -> None:
+        if not p.finished:
+            p.finished = True
+            p.done(result, None)
+
     def _fail(self, p: _Pending, error: RouteError) -> None:
-        if not p.future.done():
-            p.future.set_exception(error)
+        if not p.finished:
+            p.finished = True
+            p.done(None, error)
 
     def on_leader_change(self, group: int, leader: int) -> None:
         if leader == NONE:
@@ -328,7 +337,7 @@ class Router:
     def _sweep(self) -> None:
         loop = self._running_loop()
         now = loop.time()
-        for fid in [f for f, p in self._forwards.items() if p.deadline <= now or p.future.done()]:
+        for fid in [f for f, p in self._forwards.items() if p.deadline <= now or p.finished]:
             p = self._forwards.pop(fid)
             self._fail(p, RouteError("timeout", "no answer from the leader in time"))
         for fid in [f for f, (fut, _, at) in self._fetches.items() if at <= now or fut.done()]:
@@ -338,7 +347,7 @@ class Router:
         for group in list(self._leader_waits):
             keep = []
             for p in self._leader_waits[group]:
-                if p.future.done():
+                if p.finished:
                     continue
                 if p.wait_until <= now:
                     self._fail(p, RouteError("unavailable", f"group {group} has no leader"))
@@ -385,22 +394,10 @@ class Router:
         if fwd.group not in self.driver.host:
             reply(b"", "internal", f"group {fwd.group} is not hosted here")
             return
-        try:
-            fut = self.driver.propose(fwd.group, fwd.command)
-        except NotLeader as e:
-            reply(b"", "not_leader", str(e))
-            return
-        except RaftError as e:
-            reply(b"", "not_leader", f"refused: {e}")  # never appended: the origin re-routes
-            return
 
-        def done(f: asyncio.Future[object]) -> None:
-            if f.cancelled():
-                reply(b"", "timeout", "outcome unknown")
-                return
-            exc = f.exception()
+        def done(result: object, exc: BaseException | None) -> None:
             if exc is None:
-                reply(commands.encode_result(f.result()))  # type: ignore[arg-type]
+                reply(commands.encode_result(result))  # type: ignore[arg-type]
             elif isinstance(exc, ProposalDropped):
                 reply(b"", "not_leader", str(exc))  # replaced: never applied
             elif isinstance(exc, OutcomeUnknown):
@@ -408,7 +405,12 @@ class Router:
             else:
                 reply(b"", "unavailable", str(exc))
 
-        fut.add_done_callback(done)
+        try:
+            self.driver.propose_then(fwd.group, fwd.command, done)
+        except NotLeader as e:
+            reply(b"", "not_leader", str(e))
+        except RaftError as e:
+            reply(b"", "not_leader", f"refused: {e}")  # never appended: the origin re-routes
 
     # -- history between archives --------------------------------------------------------------
     def fetch_history(
@@ -449,13 +451,15 @@ class Router:
 
     def _answered(self, peer: int, ans: ForwardReply) -> None:
         p = self._forwards.pop(ans.fid, None)
-        if p is None or p.future.done():
+        if p is None or p.finished:
             return  # timed out meanwhile
         if not ans.code:
             try:
-                p.future.set_result(commands.decode_result(ans.result))
+                result = commands.decode_result(ans.result)
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 self._fail(p, RouteError("internal", f"undecodable answer from node {peer}: {e}"))
+                return
+            self._complete(p, result)
         elif ans.code == "not_leader":
             self._retry_later(p)
         elif ans.code == "timeout":

@@ -181,25 +181,26 @@ class Service(BaseHandler):
         self, conn: Connection, rid: int, sid: str, cmd: commands.Command, request: Request
     ) -> Reply:
         received = time.perf_counter()
-        fut = self.router.submit(group_of(sid, self.groups), commands.encode_command(cmd))
 
-        def done(f: asyncio.Future[Any]) -> None:
-            response = self._answer(rid, f, request)
-            conn.reply(response)
+        def done(result: Any, exc: BaseException | None) -> None:  # maybe inside a driver pass
+            try:
+                response = self._answer(rid, result, exc, request)
+                conn.reply(response)
+            except Exception:
+                logger.exception("answering request %d failed", rid)
+                return
             if self.on_append_latency is not None and isinstance(request, Append):
                 ok = not isinstance(response, Error)
                 self.on_append_latency(time.perf_counter() - received, ok)
 
-        fut.add_done_callback(done)
+        self.router.submit_then(group_of(sid, self.groups), commands.encode_command(cmd), done)
         return None
 
-    def _answer(self, rid: int, f: asyncio.Future[Any], request: Request) -> Response:
-        if f.cancelled():
-            return self._error(error(rid, "timeout", "outcome unknown"))
-        exc = f.exception()
+    def _answer(
+        self, rid: int, result: Any, exc: BaseException | None, request: Request
+    ) -> Response:
         if exc is not None:
             return self._failure(rid, exc)
-        result = f.result()
         match result:
             case commands.Appended(seq, inserted_at, deduped):
                 return Appended(rid, seq, inserted_at, deduped)

@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .core import Role
 from .errors import ProposalDropped, RaftError, check
@@ -111,11 +111,37 @@ class DriverStats:
     pass_seconds_max: float = 0.0
 
 
+ProposalDone = Callable[[object, BaseException | None], None]
+"""``Driver.propose_then``'s callback: ``(result, None)`` once the entry is applied here, or
+``(None, error)``."""
+
+
 @dataclass
 class _Waiter:
     term: int
-    future: asyncio.Future[object]
+    done: ProposalDone
     proposed_at: float  # time.perf_counter() (commit latency)
+
+
+def _resolve(w: _Waiter, result: object, exc: BaseException | None) -> None:
+    try:
+        w.done(result, exc)
+    except Exception:  # a caller's bug must not stop the pass that applies the group
+        logger.exception("a proposal's callback failed")
+
+
+def settle(future: asyncio.Future[Any]) -> Callable[[Any, BaseException | None], None]:
+    """A ``(result, error)`` callback that completes ``future`` (unless it is done already)."""
+
+    def done(result: object, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+
+    return done
 
 
 @dataclass
@@ -230,17 +256,25 @@ class Driver:
 
         The future resolves with ``StateMachine.apply``'s result for the entry once it is
         applied here."""
-        self._admit()
-        index = self.host.propose(group, data)
         loop = self._loop
         assert loop is not None
         future: asyncio.Future[object] = loop.create_future()
+        self.propose_then(group, data, settle(future))
+        return future
+
+    def propose_then(self, group: int, data: bytes, done: ProposalDone) -> None:
+        """``propose`` without a future: ``done(result, None)`` is called once the entry is
+        applied here, ``done(None, error)`` if it will not be (``ProposalDropped``, or
+        ``OutcomeUnknown``...), from inside the driver's pass and at most once.  ``done`` must
+        not raise (it is logged) and must not call into the driver; it saves a future and a
+        loop iteration per proposal on the hot path.  Raises as ``propose`` does."""
+        self._admit()
+        index = self.host.propose(group, data)
         term = self.host.node(group).raft.term
-        self._proposals[group][index] = _Waiter(term, future, time.perf_counter())
+        self._proposals[group][index] = _Waiter(term, done, time.perf_counter())
         self._pending += 1
         self.stats.proposals += 1
         self._kick()
-        return future
 
     def read_index(self, group: int) -> asyncio.Future[int]:
         """A linearizable read barrier: resolves with an index once this node has applied
@@ -446,16 +480,13 @@ class Driver:
                     if w is None:
                         continue
                     self._pending -= 1
-                    if w.future.done():
-                        continue
                     if w.term == e.term:
-                        w.future.set_result(result)
+                        _resolve(w, result, None)
                         if self.on_commit_latency is not None:
                             self.on_commit_latency(time.perf_counter() - w.proposed_at)
                     else:
-                        w.future.set_exception(
-                            ProposalDropped(f"entry {e.index} was replaced by a new leader")
-                        )
+                        dropped = ProposalDropped(f"entry {e.index} was replaced by a new leader")
+                        _resolve(w, None, dropped)
         for rs in rd.read_states:
             fut = self._reads[group].pop(rs.context, None)
             if fut is not None:
@@ -484,19 +515,18 @@ class Driver:
         waiting = self._proposals[group]
         if not waiting:
             return
-        for w in waiting.values():
-            self._pending -= 1
-            if not w.future.done():
-                w.future.set_exception(OutcomeUnknown("this node stopped leading the group"))
+        waiters = list(waiting.values())
         waiting.clear()
+        self._pending -= len(waiters)
+        for w in waiters:
+            _resolve(w, None, OutcomeUnknown("this node stopped leading the group"))
 
     def _jumped(self, group: int, index: int) -> None:
         waiting = self._proposals[group]
         for i in [i for i in waiting if i <= index]:
             w = waiting.pop(i)
             self._pending -= 1
-            if not w.future.done():
-                w.future.set_exception(OutcomeUnknown(f"a snapshot at {index} covered entry {i}"))
+            _resolve(w, None, OutcomeUnknown(f"a snapshot at {index} covered entry {i}"))
 
     def _compactions(self) -> list[GroupWrite]:
         floor = self.compact_floor
@@ -578,10 +608,10 @@ class Driver:
 
     def _fail_all(self, exc: RaftError) -> None:
         for waiting in self._proposals.values():
-            for w in waiting.values():
-                if not w.future.done():
-                    w.future.set_exception(exc)
+            waiters = list(waiting.values())
             waiting.clear()
+            for w in waiters:
+                _resolve(w, None, exc)
         for reads in self._reads.values():
             for fut in reads.values():
                 if not fut.done():
