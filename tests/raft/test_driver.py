@@ -127,6 +127,35 @@ def test_single_node_commits_applies_and_recovers_its_history(tmp_path: Path) ->
     run(main())
 
 
+def test_propose_then_calls_back_once_per_entry_and_survives_a_failing_callback(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        m = Member(tmp_path, 1, (1,), groups=1)
+        await m.start(None, {})
+        await until(lambda: m.leads(0), what="a leader")
+        calls: list[tuple[object, BaseException | None]] = []
+
+        def record(result: object, exc: BaseException | None) -> None:
+            calls.append((result, exc))
+
+        def broken(result: object, exc: BaseException | None) -> None:
+            raise RuntimeError("a caller's bug")
+
+        m.driver.propose_then(0, b"a", record)
+        m.driver.propose_then(0, b"b", broken)  # logged; the pass goes on
+        m.driver.propose_then(0, b"c", record)
+        assert calls == []  # never from inside propose_then: once applied
+        await until(lambda: len(calls) == 2, what="two callbacks")
+        assert calls == [(1, None), (3, None)]
+        assert await m.driver.propose(0, b"d") == 4  # the driver still runs
+        await m.stop()
+        assert m.sm.history[0] == [b"a", b"b", b"c", b"d"]
+        assert len(calls) == 2  # exactly once each
+
+    run(main())
+
+
 def test_snapshots_compact_the_wal_and_a_restart_restores_from_them(tmp_path: Path) -> None:
     async def main() -> None:
         m = Member(tmp_path, 1, (1,), groups=2, snapshot_entries=100)
