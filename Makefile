@@ -42,4 +42,4 @@ soak: $(STAMP)
 	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 5 --groups 3 --ticks 2000 --jobs 0
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build raft/*.so ctxstore/*.so *__mypyc*.so
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build raft/*.so ctxstore/*.so wire/*.so *__mypyc*.so

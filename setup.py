@@ -1,9 +1,10 @@
-"""Builds the Raft core and the conversation state with mypyc (docs/raft.md "Compiled core");
-everything else is in pyproject.toml.  ``CTXSTORE_PURE_PYTHON=1`` builds nothing: the same
-modules run interpreted.
+"""Builds the Raft core, the conversation state and the client protocol's framing with mypyc
+(docs/raft.md "Compiled core"); everything else is in pyproject.toml.  ``CTXSTORE_PURE_PYTHON=1``
+builds nothing: the same modules run interpreted.
 
-The compiled modules are the deterministic core, the driver, the WAL's bookkeeping and the state
-machine every replica applies: strictly typed logic on the hot path of every append.  They define
+The compiled modules are the deterministic core, the driver, the WAL's bookkeeping, the state
+machine every replica applies and the sans-I/O frame codec both ends of a client connection run
+(``wire/framing.py``): strictly typed logic on the hot path of every append.  They define
 no wire Struct (mypyc erases the annotations msgspec reads: ctxstore/state_schema.py).
 
 The WAL's record codec, the transport and the codecs stay interpreted: they spend their time in
@@ -32,6 +33,7 @@ COMPILED = [
     "raft/wal.py",
     "raft/wal_segments.py",
     "ctxstore/state.py",
+    "wire/framing.py",
 ]
 
 ext_modules = []

@@ -9,5 +9,8 @@
   ``InboxSubscription``).
 - ``errors``: ``ClientError``, ``LocalProtocolError``.
 
-Imports neither ``raft`` nor ``ctxstore``.
+Imports neither ``raft`` nor ``ctxstore``.  ``framing`` is compiled with mypyc when the package
+is installed (setup.py); importing the package refuses a compiled module older than its source.
 """
+
+from . import _build  # noqa: F401  (first: refuses a stale compiled module)

@@ -8,21 +8,23 @@ import ast
 import importlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from raft._build import refuse_stale_builds
+from raft import _build as raft_build
+from wire import _build as wire_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 with open(os.path.join(ROOT, "setup.py")) as _f:
     COMPILED = re.findall(r'^    "(\w+/\w+)\.py",$', _f.read(), re.MULTILINE)  # as the Makefile
 
 
-def test_setup_py_compiles_the_core_the_driver_and_the_state() -> None:
+def test_setup_py_compiles_the_core_the_driver_the_state_and_the_framing() -> None:
     core = {"raft/core", "raft/log", "raft/rawnode", "raft/multi", "raft/driver", "raft/wal"}
     assert core <= set(COMPILED)
-    assert "ctxstore/state" in COMPILED
+    assert {"ctxstore/state", "wire/framing"} <= set(COMPILED)
 
 
 @pytest.mark.skipif(
@@ -51,7 +53,14 @@ def test_compiled_module_defines_no_wire_struct(name: str) -> None:
     assert wire == [], f"{name}.py defines wire Structs {wire}"
 
 
-def test_a_compiled_module_older_than_its_source_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "refuse_stale_builds",
+    [raft_build.refuse_stale_builds, wire_build.refuse_stale_builds],
+    ids=["raft", "wire"],
+)
+def test_a_compiled_module_older_than_its_source_is_refused(
+    tmp_path: Path, refuse_stale_builds: Callable[[str], None]
+) -> None:
     built, source = tmp_path / "m.cpython-311-x86_64-linux-gnu.so", tmp_path / "m.py"
     built.write_bytes(b"")
     source.write_text("")
