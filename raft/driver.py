@@ -116,11 +116,16 @@ ProposalDone = Callable[[object, BaseException | None], None]
 ``(None, error)``."""
 
 
-@dataclass
 class _Waiter:
-    term: int
-    done: ProposalDone
-    proposed_at: float  # time.perf_counter() (commit latency)
+    """A proposal waiting to be applied (one per append on a leader).  Hot-path records are
+    plain classes: compiled, their ``__init__`` is native; a dataclass's stays interpreted."""
+
+    __slots__ = ("done", "proposed_at", "term")
+
+    def __init__(self, term: int, done: ProposalDone, proposed_at: float) -> None:
+        self.term = term
+        self.done = done
+        self.proposed_at = proposed_at  # time.perf_counter() (commit latency)
 
 
 def _resolve(w: _Waiter, result: object, exc: BaseException | None) -> None:
@@ -144,13 +149,15 @@ def settle(future: asyncio.Future[Any]) -> Callable[[Any, BaseException | None],
     return done
 
 
-@dataclass
 class _Round:
-    """A WAL submit and the Readies that wait for it."""
+    """A WAL submit and the Readies that wait for it (a plain class, as ``_Waiter``)."""
 
-    readies: list[tuple[int, Ready]]
-    written: Written | None = None
-    failed: BaseException | None = None
+    __slots__ = ("failed", "readies", "written")
+
+    def __init__(self, readies: list[tuple[int, Ready]]) -> None:
+        self.readies = readies
+        self.written: Written | None = None
+        self.failed: BaseException | None = None
 
 
 class Driver:

@@ -34,7 +34,6 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from types import TracebackType
 
 from .errors import InvariantViolation, SnapshotOutOfDate, check
@@ -78,19 +77,25 @@ class WalFailed(Exception):
     code = "wal_failed"
 
 
-@dataclass(slots=True)
 class _Shape:
-    """A group's log as submitted so far (durable or not): what the next batch is checked on."""
+    """A group's log as submitted so far (durable or not): what the next batch is checked on.
+    Hot-path records are plain classes: compiled, their ``__init__`` is native; a dataclass's
+    stays interpreted."""
 
-    snap: int
-    last: int
+    __slots__ = ("last", "snap")
+
+    def __init__(self, snap: int, last: int) -> None:
+        self.snap = snap
+        self.last = last
 
 
-@dataclass(slots=True)
 class _Pending:
-    seq: int
-    writes: list[GroupWrite]
-    future: Future[Written]
+    __slots__ = ("future", "seq", "writes")
+
+    def __init__(self, seq: int, writes: list[GroupWrite], future: Future[Written]) -> None:
+        self.seq = seq
+        self.writes = writes
+        self.future = future
 
 
 class WAL:

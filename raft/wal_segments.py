@@ -26,7 +26,7 @@ import re
 import struct
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 from crc32c import crc32c
@@ -69,7 +69,6 @@ def parse_snapshot_name(name: str) -> int | None:
     return int(m.group(3), 16) if m else None
 
 
-@dataclass(frozen=True, slots=True)
 class GroupWrite:
     """What one group persists in one loop iteration, written in this order.
 
@@ -77,31 +76,56 @@ class GroupWrite:
     ``compact``: a snapshot the application took at its applied index: drops entries up to it.
     ``entries``: appended, replacing the stored suffix from ``entries[0].index``.
     ``hard_state``: the group's new hard state.
+
+    Never changed once made.  One or more per append on every node: a plain class, so that
+    compiled its ``__init__`` is native (a dataclass's stays interpreted).
     """
 
-    group: int
-    entries: Sequence[Entry] = ()
-    hard_state: HardState | None = None
-    snapshot: Snapshot | None = None
-    compact: Snapshot | None = None
+    __slots__ = ("compact", "entries", "group", "hard_state", "snapshot")
+
+    def __init__(
+        self,
+        group: int,
+        entries: Sequence[Entry] = (),
+        hard_state: HardState | None = None,
+        snapshot: Snapshot | None = None,
+        compact: Snapshot | None = None,
+    ) -> None:
+        self.group = group
+        self.entries = entries
+        self.hard_state = hard_state
+        self.snapshot = snapshot
+        self.compact = compact
+
+    def __repr__(self) -> str:
+        return (
+            f"GroupWrite({self.group}, {len(self.entries)} entries, {self.hard_state!r}, "
+            f"snapshot={self.snapshot is not None}, compact={self.compact is not None})"
+        )
 
 
-@dataclass(frozen=True, slots=True)
 class Done:
-    """One GroupWrite as written: the snapshot's file and where its entry records lie."""
+    """One GroupWrite as written: the snapshot's file and where its entry records lie (a
+    plain class, as ``GroupWrite``)."""
 
-    write: GroupWrite
-    snapshot_file: str
-    locations: list[Location]
+    __slots__ = ("locations", "snapshot_file", "write")
+
+    def __init__(self, write: GroupWrite, snapshot_file: str, locations: list[Location]) -> None:
+        self.write = write
+        self.snapshot_file = snapshot_file
+        self.locations = locations
 
 
-@dataclass(frozen=True, slots=True)
 class Written:
-    """A durable batch, to be published to the views (``WAL.publish``) in submission order."""
+    """A durable batch, to be published to the views (``WAL.publish``) in submission order
+    (a plain class, as ``GroupWrite``)."""
 
-    seq: int
-    done: list[Done]
-    obsolete_segments: list[int] = field(default_factory=list)
+    __slots__ = ("done", "obsolete_segments", "seq")
+
+    def __init__(self, seq: int, done: list[Done]) -> None:
+        self.seq = seq
+        self.done = done
+        self.obsolete_segments: list[int] = []
 
 
 @dataclass(slots=True)

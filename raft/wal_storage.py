@@ -21,7 +21,6 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import Compacted, InvariantViolation, Unavailable, check
@@ -34,14 +33,32 @@ class Disk(Protocol):
     def load_snapshot(self, file: str) -> bytes: ...
 
 
-@dataclass(frozen=True, slots=True)
 class Location:
-    """Where a record of entries lies: ``first`` is the index of its first entry."""
+    """Where a record of entries lies: ``first`` is the index of its first entry.  Never
+    changed once made.  A plain class, so that compiled its ``__init__`` is native (a
+    dataclass's stays interpreted): one per record of entries, on every node."""
 
-    first: int
-    segment: int
-    offset: int
-    length: int
+    __slots__ = ("first", "length", "offset", "segment")
+
+    def __init__(self, first: int, segment: int, offset: int, length: int) -> None:
+        self.first = first
+        self.segment = segment
+        self.offset = offset
+        self.length = length
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and (
+            self.first,
+            self.segment,
+            self.offset,
+            self.length,
+        ) == (other.first, other.segment, other.offset, other.length)
+
+    def __hash__(self) -> int:
+        return hash((self.first, self.segment, self.offset, self.length))
+
+    def __repr__(self) -> str:
+        return f"Location({self.first}, {self.segment}, {self.offset}, {self.length})"
 
 
 class CacheAccount:
