@@ -453,18 +453,10 @@ class Client:
     ) -> Appended:
         """Append one message.  On a retryable error the outcome is unknown: send it again
         with the same ``client_msg_id`` (or use ``append_with_retry``)."""
-        request = Append(
-            self._next_rid(),
-            session_id,
-            sender,
-            sender_id,
-            kind,
-            content,
-            metadata or {},
-            client_msg_id,
-            expected_seq,
+        request = self._append_request(
+            session_id, content, sender, sender_id, kind, metadata, client_msg_id, expected_seq,
             token_count,
-        )
+        )  # fmt: skip
         return await self._call(request, Appended)
 
     def append_nowait(
@@ -489,18 +481,10 @@ class Client:
         conn = self._conn
         if conn is None or conn.error is not None or conn._writable is not None:
             return None
-        request = Append(
-            self._next_rid(),
-            session_id,
-            sender,
-            sender_id,
-            kind,
-            content,
-            metadata or {},
-            client_msg_id,
-            expected_seq,
+        request = self._append_request(
+            session_id, content, sender, sender_id, kind, metadata, client_msg_id, expected_seq,
             token_count,
-        )
+        )  # fmt: skip
         return conn.request(request)
 
     async def append_with_retry(
@@ -603,6 +587,23 @@ class Client:
         await self.close()
 
     # the call path -------------------------------------------------------------------------------
+
+    def _append_request(
+        self,
+        session_id: str,
+        content: str,
+        sender: Sender,
+        sender_id: str,
+        kind: str,
+        metadata: Metadata | None,
+        client_msg_id: str | None,
+        expected_seq: int | None,
+        token_count: int | None,
+    ) -> Append:
+        return Append(
+            self._next_rid(), session_id, sender, sender_id, kind, content, metadata or {},
+            client_msg_id, expected_seq, token_count,
+        )  # fmt: skip
 
     def _next_rid(self) -> int:
         self._rid += 1
