@@ -38,9 +38,8 @@ from typing import Any, TypeVar
 
 from ctxstore.collector import tune_collector
 from ctxstore.placement import group_of
-from wire.client import Client, ClientError
+from wire.client import Client, ClientError, expect_response
 from wire.protocol import Appended, Response
-from wire.protocol import Error as WireError
 
 from .histogram import LatencyHistogram
 from .routing import Route, Router, new_client
@@ -272,18 +271,14 @@ class Worker:
         self.ops.discard(f)
         if f.cancelled():  # the drain gave up on it: counted as unfinished
             return
-        exc = f.exception()
-        response = f.result() if exc is None else None
-        if type(response) is Appended:
-            self.counters[OUTSTANDING] -= 1
-            self.ack(sidx, n, response.seq, start, now())
-            return
-        if isinstance(exc, ClientError):
-            error = exc
-        elif type(response) is WireError:
-            error = ClientError.from_error(response)
+        try:
+            ack = expect_response(f.result(), Appended, "Append")  # as Client.append does
+        except ClientError as e:
+            error = e
         else:
-            error = ClientError("internal", f"{response!r} answered an append ({exc!r})", False)
+            self.counters[OUTSTANDING] -= 1
+            self.ack(sidx, n, ack.seq, start, now())
+            return
         reason = self.attempt_failed(node_id, start, error)
         if reason is not None:
             self.counters[OUTSTANDING] -= 1

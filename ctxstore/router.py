@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 
 from raft import NONE, NotLeader, ProposalDropped, RaftError
-from raft.driver import Driver, OutcomeUnknown, settle
+from raft.driver import Driver, OutcomeUnknown, ResultCallback, settle
 from raft.transport import Transport
 from wire.protocol import Message
 
@@ -112,14 +112,12 @@ class RouterConfig:
     read_retry_s: float = 1.0  # a read barrier not answered by then is asked again
 
 
-Done = Callable[[Any, BaseException | None], None]
-"""``submit_then``'s callback: ``(result, None)`` or ``(None, RouteError)``, exactly once."""
-
-
 class _Pending:
     __slots__ = ("command", "deadline", "done", "finished", "group", "hops", "peer", "wait_until")
 
-    def __init__(self, group: int, command: bytes | None, done: Done, deadline: float) -> None:
+    def __init__(
+        self, group: int, command: bytes | None, done: ResultCallback, deadline: float
+    ) -> None:
         self.group = group
         self.command = command
         self.done = done
@@ -185,7 +183,7 @@ class Router:
         self.submit_then(group, command, settle(future))
         return future
 
-    def submit_then(self, group: int, command: bytes, done: Done) -> None:
+    def submit_then(self, group: int, command: bytes, done: ResultCallback) -> None:
         """``submit`` without a future: ``done(result, None)`` or ``done(None, RouteError)``,
         exactly once, possibly from inside the driver's pass (``Driver.propose_then``): it must
         not raise and must not call into the router or the driver synchronously."""
@@ -304,14 +302,16 @@ class Router:
         loop.call_later(self.config.retry_delay_s * p.hops, self._route, p)
 
     def _complete(self, p: _Pending, result: Any) -> None:
-        if not p.finished:
-            p.finished = True
-            p.done(result, None)
+        self._finish(p, result, None)
 
     def _fail(self, p: _Pending, error: RouteError) -> None:
+        self._finish(p, None, error)
+
+    @staticmethod
+    def _finish(p: _Pending, result: Any, error: RouteError | None) -> None:
         if not p.finished:
             p.finished = True
-            p.done(None, error)
+            p.done(result, error)
 
     def on_leader_change(self, group: int, leader: int) -> None:
         if leader == NONE:

@@ -111,9 +111,9 @@ class DriverStats:
     pass_seconds_max: float = 0.0
 
 
-ProposalDone = Callable[[object, BaseException | None], None]
-"""``Driver.propose_then``'s callback: ``(result, None)`` once the entry is applied here, or
-``(None, error)``."""
+ResultCallback = Callable[[Any, BaseException | None], None]
+"""A callback in place of a future: ``(result, None)`` or ``(None, error)``, called once
+(``Driver.propose_then``, ctxstore's ``Router.submit_then``)."""
 
 
 class _Waiter:
@@ -122,7 +122,7 @@ class _Waiter:
 
     __slots__ = ("done", "proposed_at", "term")
 
-    def __init__(self, term: int, done: ProposalDone, proposed_at: float) -> None:
+    def __init__(self, term: int, done: ResultCallback, proposed_at: float) -> None:
         self.term = term
         self.done = done
         self.proposed_at = proposed_at  # time.perf_counter() (commit latency)
@@ -135,7 +135,7 @@ def _resolve(w: _Waiter, result: object, exc: BaseException | None) -> None:
         logger.exception("a proposal's callback failed")
 
 
-def settle(future: asyncio.Future[Any]) -> Callable[[Any, BaseException | None], None]:
+def settle(future: asyncio.Future[Any]) -> ResultCallback:
     """A ``(result, error)`` callback that completes ``future`` (unless it is done already)."""
 
     def done(result: object, exc: BaseException | None) -> None:
@@ -269,7 +269,7 @@ class Driver:
         self.propose_then(group, data, settle(future))
         return future
 
-    def propose_then(self, group: int, data: bytes, done: ProposalDone) -> None:
+    def propose_then(self, group: int, data: bytes, done: ResultCallback) -> None:
         """``propose`` without a future: ``done(result, None)`` is called once the entry is
         applied here, ``done(None, error)`` if it will not be (``ProposalDropped``, or
         ``OutcomeUnknown``...), from inside the driver's pass and at most once.  ``done`` must
@@ -519,6 +519,11 @@ class Driver:
         """This node no longer leads ``group``: its waiting proposals may or may not commit
         (under the next leader).  Tell their callers now rather than at their deadline, so they
         can retry (idempotently) without waiting."""
+        self._drop_waiters(group, lambda: OutcomeUnknown("this node stopped leading the group"))
+
+    def _drop_waiters(self, group: int, error: Callable[[], BaseException]) -> None:
+        """Fail every proposal waiting in ``group`` with ``error()``; they are detached first,
+        so the bookkeeping is whole whatever their callbacks do."""
         waiting = self._proposals[group]
         if not waiting:
             return
@@ -526,7 +531,7 @@ class Driver:
         waiting.clear()
         self._pending -= len(waiters)
         for w in waiters:
-            _resolve(w, None, OutcomeUnknown("this node stopped leading the group"))
+            _resolve(w, None, error())
 
     def _jumped(self, group: int, index: int) -> None:
         waiting = self._proposals[group]
@@ -614,11 +619,8 @@ class Driver:
         self._fail_all(NodeStopped(f"the WAL failed: {exc!r}"))
 
     def _fail_all(self, exc: RaftError) -> None:
-        for waiting in self._proposals.values():
-            waiters = list(waiting.values())
-            waiting.clear()
-            for w in waiters:
-                _resolve(w, None, exc)
+        for group in self._proposals:
+            self._drop_waiters(group, lambda: exc)
         for reads in self._reads.values():
             for fut in reads.values():
                 if not fut.done():

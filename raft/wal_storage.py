@@ -46,17 +46,6 @@ class Location:
         self.offset = offset
         self.length = length
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Location) and (
-            self.first,
-            self.segment,
-            self.offset,
-            self.length,
-        ) == (other.first, other.segment, other.offset, other.length)
-
-    def __hash__(self) -> int:
-        return hash((self.first, self.segment, self.offset, self.length))
-
     def __repr__(self) -> str:
         return f"Location({self.first}, {self.segment}, {self.offset}, {self.length})"
 

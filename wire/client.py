@@ -116,6 +116,17 @@ def parse_targets(targets: str | list[str]) -> list[Address]:
     return out
 
 
+def expect_response(response: Response, expect: type[R], asked: str) -> R:
+    """``response`` if it is an ``expect``; raises ``ClientError`` for an ``Error`` (its code)
+    or for any other answer to the request ``asked`` (``internal``).  What every call does with
+    its answer; for callers of ``append_nowait`` too."""
+    if type(response) is expect:
+        return cast(R, response)
+    if type(response) is Error:
+        raise ClientError.from_error(response)
+    raise ClientError("internal", f"{type(response).__name__} answered {asked}", False)
+
+
 def new_client_msg_id() -> str:
     return uuid.uuid4().hex
 
@@ -616,13 +627,7 @@ class Client:
         if conn._writable is not None:
             await conn.wait_writable()
         response = await conn.request(request, sink)
-        if type(response) is expect:
-            return cast(R, response)
-        if type(response) is Error:
-            raise ClientError.from_error(response)
-        raise ClientError(
-            "internal", f"{type(response).__name__} answered {type(request).__name__}", False
-        )
+        return expect_response(response, expect, type(request).__name__)
 
     async def _connection(self) -> _Connection:
         """The current connection, or a new one (one attempt at a time, shared by callers)."""
@@ -1072,6 +1077,7 @@ __all__ = [
     "PushSink",
     "Subscription",
     "connect",
+    "expect_response",
     "new_client_msg_id",
     "parse_targets",
 ]
