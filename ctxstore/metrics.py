@@ -306,6 +306,14 @@ class NodeCollector(Collector):
             [(["taken"], driver.snapshots_taken), (["restored"], driver.snapshots_restored)],
         )
         yield _counter(
+            "ctxstore_raft_passes_total",
+            "Driver passes that found work (each: one WAL submit at most, one batch per peer).",
+            driver.passes,
+        )
+        yield _counter(
+            "ctxstore_raft_readies_total", "Group Readies handled (in passes).", driver.readies
+        )
+        yield _counter(
             "ctxstore_raft_messages_sent_total",
             "Raft messages sent to peers.",
             driver.messages_sent,
@@ -381,6 +389,12 @@ class NodeCollector(Collector):
             "Bytes of Raft batches sent to the peer.",
             ["peer"],
             (([p], ps.bytes_sent) for p, ps in rows),
+        )
+        yield _counters(
+            "ctxstore_peer_sent_batches_total",
+            "Raft batches (frames, one per loop iteration at most) sent to the peer.",
+            ["peer"],
+            (([p], ps.batches_sent) for p, ps in rows),
         )
         yield _counters(
             "ctxstore_peer_sent_messages_total",

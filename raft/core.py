@@ -124,6 +124,9 @@ class Config:
     # heartbeat answer would trigger while it keeps up.  Under load that cuts the messages per
     # entry by a third; a message dropped on the way is found out a round or two later.
     skip_busy_heartbeats: bool = False
+    # The replica lives on a quiescing host (raft/multi.py): a quiesce heartbeat it accepts
+    # (``accepts_quiesce``) gets no answer; the host stops ticking the group instead.
+    quiesce: bool = False
     applied: int = 0  # on restart: the index the application has already applied
 
     def validate(self) -> None:
@@ -649,7 +652,23 @@ class Raft:
 
     def _handle_heartbeat(self, m: Heartbeat) -> None:
         self.log.commit_to(m.commit)
+        if self.cfg.quiesce and self.accepts_quiesce(m):
+            # We go quiet with our leader: an answer would tell it nothing (it quiesced only
+            # with us caught up, and ignores a plain answer of its term while quiescent).
+            return
         self._send(HeartbeatResponse(self.id, m.frm, self.term, m.context))
+
+    def accepts_quiesce(self, m: Heartbeat) -> bool:
+        """A follower goes quiet with a quiesce heartbeat from its leader of this term when it
+        holds exactly the leader's log, all of it committed."""
+        return (
+            m.quiesce
+            and self.role is Role.FOLLOWER
+            and self.term == m.term
+            and self.lead == m.frm
+            and self.log.last_index() == m.commit
+            and self.log.committed == m.commit
+        )
 
     def _handle_snapshot(self, m: InstallSnapshot) -> None:
         if self._restore(m.snapshot):

@@ -127,8 +127,15 @@ class RaftLog:
         return self.term(self.last_index())
 
     def match_term(self, index: int, term: int) -> bool:
+        """Whether our entry at ``index`` has ``term`` (False outside [first-1, last]).  Out of
+        range is the common case of a follower checking new entries: no exception for it."""
+        if index > self.last_index() or index < self.first_index() - 1:
+            return False
+        t = self.unstable.maybe_term(index)
+        if t is not None:
+            return t == term
         try:
-            return self.term(index) == term
+            return self.storage.term(index) == term
         except (Compacted, Unavailable):
             return False
 
@@ -166,8 +173,9 @@ class RaftLog:
     # -- changes -----------------------------------------------------------------------------
     def find_conflict(self, entries: list[Entry]) -> int:
         """Index of the first entry whose term differs from ours (or is new); 0 if none."""
+        last = self.last_index()
         for e in entries:
-            if not self.match_term(e.index, e.term):
+            if e.index > last or not self.match_term(e.index, e.term):
                 return e.index
         return 0
 

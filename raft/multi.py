@@ -97,7 +97,11 @@ class MultiRaft:
     def add_group(self, group: int, storage: Storage, applied: int = 0) -> RawNode:
         """Host ``group`` on this node; ``applied`` is what the application already applied."""
         check(group not in self._groups, f"group {group} added twice")
-        cfg = replace(self.config.group, seed=self.config.group.seed * 1_000_003 + group)
+        cfg = replace(
+            self.config.group,
+            seed=self.config.group.seed * 1_000_003 + group,
+            quiesce=self.config.quiesce,
+        )
         node = RawNode(replace(cfg, applied=applied), storage)
         g = _Group(group, node)
         self._groups[group] = g
@@ -228,16 +232,11 @@ class MultiRaft:
         self._dirty[group] = g
         if (
             isinstance(m, Heartbeat)
-            and m.quiesce
             and not g.quiescent
             and self.config.quiesce
-            and r.role is Role.FOLLOWER
-            and r.term == m.term
-            and r.lead == m.frm
-            and r.log.last_index() == m.commit
-            and r.log.committed == m.commit
+            and r.accepts_quiesce(m)
         ):
-            self._quiesce(g)
+            self._quiesce(g)  # (unanswered: Config.quiesce)
         elif g.quiescent and r.role is Role.LEADER and isinstance(m, HeartbeatResponse):
             pr = r.prs.get(m.frm)
             if pr is not None and pr.match != r.log.last_index():

@@ -252,6 +252,8 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
         assert (
             during["ctxstore_wal_fsync_seconds_count"] > before["ctxstore_wal_fsync_seconds_count"]
         )
+        passes, readies = "ctxstore_raft_passes_total", "ctxstore_raft_readies_total"
+        assert during[passes] > before[passes] and during[readies] >= during[passes]
         assert (
             during["ctxstore_wal_written_bytes_total"] > before["ctxstore_wal_written_bytes_total"]
         )
@@ -298,6 +300,7 @@ def test_peer_and_forward_metrics_in_a_three_node_cluster(tmp_path: Path) -> Non
             for peer in {1, 2, 3} - {i}:
                 assert x[f'ctxstore_peer_up{{peer="{peer}"}}'] == 1
                 assert x[f'ctxstore_peer_sent_bytes_total{{peer="{peer}"}}'] > 0
+                assert x[f'ctxstore_peer_sent_batches_total{{peer="{peer}"}}'] > 0
                 assert (
                     x[f'ctxstore_peer_dropped_messages_total{{peer="{peer}",reason="slow"}}'] >= 0
                 )

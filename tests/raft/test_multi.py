@@ -8,7 +8,7 @@ import pytest
 
 from raft import ConfChange, ConfChangeType, ConfState, MemoryStorage, Message, Role
 from raft.core import Config
-from raft.messages import AppendEntries, Heartbeat, RequestVote
+from raft.messages import AppendEntries, Heartbeat, HeartbeatResponse, RequestVote
 from raft.multi import HostConfig, MultiRaft
 from raft.storage import bootstrap
 
@@ -194,6 +194,38 @@ def test_failed_campaigns_back_off() -> None:
     assert campaigns[0] >= campaigns[-1]
     assert sum(campaigns[3:]) <= 3 * 3 * 100 // (10 * 3)
     assert all(lone.node(g).raft.role is not Role.LEADER for g in range(3))
+
+
+def test_followers_that_go_quiet_do_not_answer_the_quiesce_heartbeat() -> None:
+    """Quiescing a group costs one message per follower: an answer from a follower that went
+    quiet with its leader would tell the (quiescent) leader nothing."""
+    h = Host(groups=1, quiesce_after_ticks=1)  # quiesce at the first idle tick: no heartbeat
+    h.tick(20)
+    lead = h.leaders()[0]
+    h.nodes[lead].propose(0, b"x")
+    h.settle()
+    h.sent.clear()
+    h.tick(5)
+    assert all(n.is_quiescent(0) for n in h.nodes.values())
+    assert h.sent == Counter({Heartbeat: 2})  # the two quiesce heartbeats, unanswered
+
+
+def test_a_follower_that_cannot_go_quiet_answers_the_quiesce_heartbeat() -> None:
+    r = MultiRaft(HostConfig(Config(2, election_ticks=10, seed=7)))
+    s = MemoryStorage()
+    bootstrap(s, ConfState((1, 2, 3)))
+    r.add_group(0, s)
+    r.step(0, Heartbeat(1, 2, 1, 0))  # becomes its follower in term 1
+    for g, rd in r.ready():
+        persist(s, rd)
+        r.advance(g, rd)
+    # Its leader claims a commit index the follower's log has not reached (index 1 is
+    # the bootstrap membership): it does not go quiet and says so.
+    r.step(0, Heartbeat(1, 2, 1, 1, b"", True))
+    assert not r.is_quiescent(0)
+    [(_, rd)] = r.ready()
+    answers = [m for m in rd.messages + rd.persisted_messages if isinstance(m, HeartbeatResponse)]
+    assert len(answers) == 1
 
 
 def test_a_missed_quiesce_heartbeat_is_repaired_without_an_election() -> None:
