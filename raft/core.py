@@ -63,12 +63,11 @@ from .messages import (
     VoteResponse,
     decode_conf_change,
     encode_conf_change,
-    entries_bytes,
 )
 from .progress import Progress, ProgressState
 from .quorum import VoteResult, committed_index, majority, vote_result
 from .readonly import ReadOnly
-from .storage import Storage
+from .storage import Storage, entries_bytes
 
 
 class Role(enum.Enum):

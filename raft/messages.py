@@ -195,10 +195,6 @@ def entry_bytes(entry: Entry) -> int:
     return len(entry.data)
 
 
-def entries_bytes(entries: list[Entry]) -> int:
-    return sum(len(e.data) for e in entries)
-
-
 _conf_change_encoder = msgspec.msgpack.Encoder()
 _conf_change_decoder = msgspec.msgpack.Decoder(ConfChange)
 

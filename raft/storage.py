@@ -52,6 +52,15 @@ class Storage(Protocol):
         ...
 
 
+def entries_bytes(entries: list[Entry]) -> int:
+    """The payload bytes of ``entries`` (what flow control and the uncommitted cap count).
+    Here rather than in the interpreted ``messages``: the core calls it per append sent."""
+    size = 0
+    for e in entries:
+        size += len(e.data)
+    return size
+
+
 def limit_size(entries: list[Entry], max_bytes: int | None) -> list[Entry]:
     """Keep a prefix of ``entries`` whose payload fits ``max_bytes`` (always at least one)."""
     if max_bytes is None or len(entries) <= 1:

@@ -47,8 +47,8 @@ from .messages import (
     HeartbeatResponse,
     InstallSnapshot,
     Message,
-    entries_bytes,
 )
+from .storage import entries_bytes
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from raft import ProposalDropped
-from raft.messages import AppendEntries, AppendResponse, entries_bytes
+from raft.messages import AppendEntries, AppendResponse
+from raft.storage import entries_bytes
 
 from .helpers import Cluster, Hold, of_type
 
