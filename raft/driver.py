@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .core import Role
-from .errors import ProposalDropped, RaftError, check
+from .errors import InvariantViolation, ProposalDropped, RaftError
 from .messages import ConfState, Entry, HardState, Message, Snapshot, SnapshotMeta
 from .multi import MultiRaft
 from .rawnode import Ready
@@ -402,7 +402,8 @@ class Driver:
                 writes.append(GroupWrite(group, rd.entries, rd.hard_state, rd.snapshot))
                 wait.append((group, rd))
             else:
-                check(not rd.entries and rd.snapshot is None, "unsynced entries or snapshot")
+                if rd.entries or rd.snapshot is not None:  # (per Ready: no check call)
+                    raise InvariantViolation("unsynced entries or snapshot")
                 if rd.hard_state is not None:
                     lazy[group] = rd.hard_state  # only the commit index changed
                 now.append((group, rd))

@@ -10,7 +10,7 @@ indexes.  Rules kept here:
 
 from __future__ import annotations
 
-from .errors import Compacted, InvariantViolation, Unavailable, check
+from .errors import Compacted, InvariantViolation, Unavailable
 from .messages import Entry, Snapshot
 from .storage import Storage, limit_size
 
@@ -203,7 +203,8 @@ class RaftLog:
         last_new = prev_index + len(entries)
         ci = self.find_conflict(entries)
         if ci:
-            check(ci > self.committed, f"conflict at {ci} <= committed {self.committed}")
+            if ci <= self.committed:  # (per append on a follower: no message built eagerly)
+                raise InvariantViolation(f"conflict at {ci} <= committed {self.committed}")
             self.append(entries[ci - prev_index - 1 :])
         self.commit_to(min(commit, last_new))
         return last_new

@@ -29,7 +29,7 @@ import struct
 import msgspec
 import msgspec.msgpack
 
-from .errors import RaftError, check
+from .errors import InvariantViolation, RaftError, check
 from .messages import InstallSnapshot, Message
 
 FRAME_BYTES_MAX = 16 * 1024 * 1024
@@ -369,8 +369,10 @@ class PeerProtocol:
         exceeds ``frame_bytes_max``; the caller splits a batch and tries again.
         """
         self._raise_if_closed()
-        check(self.state is State.ESTABLISHED, "send before the handshake completed")
-        check(isinstance(frame, SENDABLE), "handshake frames are sent by the protocol itself")
+        if self.state is not State.ESTABLISHED:  # (per frame: inline checks)
+            raise InvariantViolation("send before the handshake completed")
+        if not isinstance(frame, SENDABLE):
+            raise InvariantViolation("handshake frames are sent by the protocol itself")
         data = encode_frame(frame)
         if len(data) - HEADER.size > self.frame_bytes_max:
             raise ProtocolError(FRAME_TOO_LARGE, f"local frame of {len(data)} bytes")

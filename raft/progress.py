@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 
-from .errors import check
+from .errors import InvariantViolation, check
 
 
 class ProgressState(enum.Enum):
@@ -37,8 +37,11 @@ class Inflights:
         self.bytes = 0
 
     def add(self, index: int, size: int) -> None:
-        check(not self.full(), "inflights: add to a full window")
-        check(not self.window or index > self.window[-1][0], "inflights: index must grow")
+        # Per append sent: inline checks (``check`` is an interpreted call from compiled code).
+        if self.full():
+            raise InvariantViolation("inflights: add to a full window")
+        if self.window and index <= self.window[-1][0]:
+            raise InvariantViolation("inflights: index must grow")
         self.window.append((index, size))
         self.bytes += size
 

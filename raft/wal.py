@@ -279,7 +279,8 @@ class WAL:
             if shape is None:
                 known = self._shape(w.group)
                 shape = shapes[w.group] = _Shape(known.snap, known.last)
-            check(w.snapshot is None or w.compact is None, "a write with two snapshots")
+            if w.snapshot is not None and w.compact is not None:  # (per write: no check call)
+                raise InvariantViolation("a write with two snapshots")
             if w.snapshot is not None:
                 index = w.snapshot.meta.index
                 if index < shape.snap:
