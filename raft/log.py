@@ -112,10 +112,12 @@ class RaftLog:
             raise Compacted(f"index {index} compacted (first index {dummy + 1})")
         if index > self.last_index():
             raise Unavailable(f"index {index} > last index {self.last_index()}")
+        return self._term_held(index)
+
+    def _term_held(self, index: int) -> int:
+        """Term at an ``index`` within [first-1, last]: the unstable part's, else storage's."""
         t = self.unstable.maybe_term(index)
-        if t is not None:
-            return t
-        return self.storage.term(index)
+        return t if t is not None else self.storage.term(index)
 
     def term_or_zero(self, index: int) -> int:
         try:
@@ -131,11 +133,8 @@ class RaftLog:
         range is the common case of a follower checking new entries: no exception for it."""
         if index > self.last_index() or index < self.first_index() - 1:
             return False
-        t = self.unstable.maybe_term(index)
-        if t is not None:
-            return t == term
         try:
-            return self.storage.term(index) == term
+            return self._term_held(index) == term
         except (Compacted, Unavailable):
             return False
 
@@ -173,9 +172,8 @@ class RaftLog:
     # -- changes -----------------------------------------------------------------------------
     def find_conflict(self, entries: list[Entry]) -> int:
         """Index of the first entry whose term differs from ours (or is new); 0 if none."""
-        last = self.last_index()
         for e in entries:
-            if e.index > last or not self.match_term(e.index, e.term):
+            if not self.match_term(e.index, e.term):
                 return e.index
         return 0
 
