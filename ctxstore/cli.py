@@ -68,6 +68,7 @@ SERVE_FLAGS = {
     "--retention-max-age-s": float,
     "--shutdown-timeout-s": float,
     "--gc-young-threshold": int,
+    "--wal-writer": str,
     "--log-level": str,
 }
 

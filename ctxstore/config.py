@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -47,6 +47,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     retention_max_age_s: Annotated[float, Meta(gt=0)] | None = None  # per session; None: keep all
     shutdown_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0  # SIGTERM: exit within
     gc_young_threshold: Annotated[int, Meta(ge=100, le=10_000_000)] = YOUNG_THRESHOLD
+    # Where the WAL's group commits are written and fsync'd: on a writer thread ("thread": the
+    # loop works on while the disk syncs, at the price of the hand-offs between the threads) or
+    # on the event loop's thread ("inline": less CPU, the loop waits for the disk): raft/wal.py,
+    # docs/ctxstore.md.
+    wal_writer: Literal["thread", "inline"] = "thread"
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:

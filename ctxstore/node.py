@@ -81,7 +81,7 @@ class Node:
             seed=s.node_id,
         )
         self.host = MultiRaft(HostConfig(group_cfg))
-        self.wal = WAL.open(os.path.join(s.data_dir, "wal"))
+        self.wal = WAL.open(os.path.join(s.data_dir, "wal"), inline=s.wal_writer == "inline")
         self.driver = Driver(
             self.host,
             self.wal,

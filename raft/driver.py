@@ -8,7 +8,8 @@ application's state machine, on one event loop:
       -> one pass over the Readies of every dirty group:
            "now" messages go to the transport at once (the leader replicates while it writes)
            entries / hard states / snapshots of all groups -> ONE WAL submit (one fsync)
-      -> when that fsync returns (writer thread -> loop): publish the views, send the
+      -> when that fsync returns (writer thread -> loop; an inline WAL: the next loop
+         iteration, through ``call_soon``): publish the views, send the
          "after persist" messages, restore snapshots, apply committed entries
          (``StateMachine.apply``), resolve proposals and reads, ``advance``
 
@@ -437,6 +438,10 @@ class Driver:
             return
         self.stats.submits += 1
         self._rounds.append(rnd)
+
+        if future.done():  # an inline WAL wrote it already: no wake-up from another thread
+            loop.call_soon(self._written, rnd, future)
+            return
 
         def done(f: ThreadFuture[Written]) -> None:  # on the writer thread
             loop.call_soon_threadsafe(self._written, rnd, f)

@@ -282,6 +282,7 @@ class NodeConfig:
     snapshot_entries: int = 100_000
     wal_segment_bytes: int = 64 << 20
     wal_cache_bytes: int = 64 << 20
+    wal_inline: bool = False  # group commits on the loop's thread (raft/wal.py)
     quiesce: bool = True
     seed: int = 0
 
@@ -303,6 +304,7 @@ class Node:
             os.path.join(cfg.data_dir, "wal"),
             segment_bytes=cfg.wal_segment_bytes,
             cache_bytes_max=cfg.wal_cache_bytes,
+            inline=cfg.wal_inline,
         )
         self.driver = Driver(
             self.host,
@@ -492,6 +494,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p.add_argument("--snapshot-entries", type=int, default=100_000)
     p.add_argument("--wal-segment-mb", type=float, default=64)
     p.add_argument("--wal-cache-mb", type=float, default=64)
+    p.add_argument("--wal-inline", action="store_true", help="write and fsync on the loop")
     p.add_argument("--no-quiesce", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="WARNING")
@@ -521,6 +524,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         snapshot_entries=a.snapshot_entries,
         wal_segment_bytes=int(a.wal_segment_mb * (1 << 20)),
         wal_cache_bytes=int(a.wal_cache_mb * (1 << 20)),
+        wal_inline=a.wal_inline,
         quiesce=not a.no_quiesce,
         seed=a.seed,
     )

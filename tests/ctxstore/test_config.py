@@ -20,6 +20,8 @@ def write(tmp_path: Path, text: str) -> str:
 def test_defaults_make_a_single_node_cluster() -> None:
     s = load(environ={})
     assert s.node_id == 1 and s.peer_map == {} and s.groups == 256 and s.tokens == []
+    assert s.wal_writer == "thread"
+    assert load(environ={"CTXSTORE_WAL_WRITER": "inline"}).wal_writer == "inline"
 
 
 def test_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -50,6 +52,7 @@ def test_peers_and_tokens_parse(tmp_path: Path) -> None:
         ({"log_level": "chatty"}, "log_level"),
         ({"heartbeat_ticks": 10}, "heartbeat_ticks"),
         ({"gc_young_threshold": 10}, "gc_young_threshold"),
+        ({"wal_writer": "async"}, "wal_writer"),
     ],
 )
 def test_invalid_values_stop_start_up_naming_the_key(flags: dict[str, object], key: str) -> None:

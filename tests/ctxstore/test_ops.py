@@ -173,8 +173,11 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def nodes(tmp_path: Path, n: int) -> AsyncIterator[list[Harness]]:
-    """``n`` nodes of one cluster on this loop, each with its client server and ops port."""
+async def nodes(
+    tmp_path: Path, n: int, wal_writers: tuple[str, ...] = ()
+) -> AsyncIterator[list[Harness]]:
+    """``n`` nodes of one cluster on this loop, each with its client server and ops port (and
+    its ``wal_writer`` from ``wal_writers``, default the configuration's)."""
     peer_ports = {i: free_port() if n > 1 else 0 for i in range(1, n + 1)}
     stack = contextlib.AsyncExitStack()
     harnesses = []
@@ -184,6 +187,7 @@ async def nodes(tmp_path: Path, n: int) -> AsyncIterator[list[Harness]]:
             settings = Settings(
                 node_id=i, data_dir=str(tmp_path / f"n{i}"), listen="127.0.0.1:0",
                 peer_listen=f"127.0.0.1:{peer_ports[i]}", peers=peers, groups=GROUPS, tick_ms=10,
+                **({"wal_writer": wal_writers[i - 1]} if wal_writers else {}),
             )  # fmt: skip
             node = Node(settings)
             await node.start()
@@ -279,7 +283,9 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
 
 def test_peer_and_forward_metrics_in_a_three_node_cluster(tmp_path: Path) -> None:
     async def main() -> None:
-        async with nodes(tmp_path, 3) as hs:
+        # Both WAL writers in one cluster: the metrics read the same stats from either.
+        async with nodes(tmp_path, 3, ("inline", "thread", "inline")) as hs:
+            assert [h.node.wal.inline for h in hs] == [True, False, True]
             for h in hs:
                 assert await h.node.wait_leaders(10)
                 assert (await fetch(h.ops.address, "/health/ready")).status == 200

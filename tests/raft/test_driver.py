@@ -44,11 +44,14 @@ class Member:
         node_id: int,
         voters: tuple[int, ...],
         groups: int,
+        inline: bool = False,
         **driver_kw: Any,
     ) -> None:
         self.id = node_id
         self.sm = LogMachine()
-        self.wal = WAL.open(path / f"n{node_id}", segment_bytes=1 << 20, preallocate=False)
+        self.wal = WAL.open(
+            path / f"n{node_id}", segment_bytes=1 << 20, preallocate=False, inline=inline
+        )
         self.host = MultiRaft(HostConfig(Config(node_id, election_ticks=10, seed=3)))
         self.driver = Driver(self.host, self.wal, self.sm, DriverConfig(tick_s=TICK_S, **driver_kw))
         self.driver.add_groups(range(groups), voters)
@@ -105,9 +108,10 @@ def leader_of(members: list[Member], group: int) -> Member | None:
     return leads[0] if len(leads) == 1 else None
 
 
-def test_single_node_commits_applies_and_recovers_its_history(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+def test_single_node_commits_applies_and_recovers_its_history(tmp_path: Path, inline: bool) -> None:
     async def main() -> None:
-        m = Member(tmp_path, 1, (1,), groups=4)
+        m = Member(tmp_path, 1, (1,), groups=4, inline=inline)
         await m.start(None, {})
         await until(lambda: all(m.leads(g) for g in range(4)), what="leaders")
         futures = [m.driver.propose(g, f"{g}:{i}".encode()) for i in range(50) for g in range(4)]
@@ -116,7 +120,7 @@ def test_single_node_commits_applies_and_recovers_its_history(tmp_path: Path) ->
         # One pass per loop iteration: 200 proposals made at once share few fsyncs.
         assert m.wal.stats.fsyncs < 20
         await m.stop()
-        again = Member(tmp_path, 1, (1,), groups=4)
+        again = Member(tmp_path, 1, (1,), groups=4, inline=inline)
         await again.start(None, {})
         await until(
             lambda: all(len(again.sm.history[g]) == 50 for g in range(4)), what="replayed history"
@@ -156,9 +160,12 @@ def test_propose_then_calls_back_once_per_entry_and_survives_a_failing_callback(
     run(main())
 
 
-def test_snapshots_compact_the_wal_and_a_restart_restores_from_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+def test_snapshots_compact_the_wal_and_a_restart_restores_from_them(
+    tmp_path: Path, inline: bool
+) -> None:
     async def main() -> None:
-        m = Member(tmp_path, 1, (1,), groups=2, snapshot_entries=100)
+        m = Member(tmp_path, 1, (1,), groups=2, snapshot_entries=100, inline=inline)
         await m.start(None, {})
         await until(lambda: all(m.leads(g) for g in range(2)), what="leaders")
         for i in range(250):
@@ -166,7 +173,7 @@ def test_snapshots_compact_the_wal_and_a_restart_restores_from_them(tmp_path: Pa
         assert m.driver.stats.snapshots_taken >= 4
         await until(lambda: m.wal.storage(0).first_index() > 200, what="compaction")
         await m.stop()
-        again = Member(tmp_path, 1, (1,), groups=2)
+        again = Member(tmp_path, 1, (1,), groups=2, inline=inline)
         assert again.wal.storage(0).snapshot().meta.index >= 200
         await again.start(None, {})
         await until(lambda: len(again.sm.history[1]) == 250, what="restored history")
@@ -201,9 +208,12 @@ def test_compaction_waits_for_the_compact_floor(tmp_path: Path) -> None:
     run(main())
 
 
-def test_three_nodes_replicate_every_group_and_only_the_leader_accepts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+def test_three_nodes_replicate_every_group_and_only_the_leader_accepts(
+    tmp_path: Path, inline: bool
+) -> None:
     async def main() -> None:
-        members, stop = await cluster(tmp_path, 3, groups=12)
+        members, stop = await cluster(tmp_path, 3, groups=12, inline=inline)
         try:
             await until(
                 lambda: all(leader_of(members, g) for g in range(12)), what="one leader each"
@@ -237,9 +247,12 @@ def test_three_nodes_replicate_every_group_and_only_the_leader_accepts(tmp_path:
     run(main())
 
 
-def test_a_follower_behind_the_compaction_point_catches_up_by_snapshot(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+def test_a_follower_behind_the_compaction_point_catches_up_by_snapshot(
+    tmp_path: Path, inline: bool
+) -> None:
     async def main() -> None:
-        members, stop = await cluster(tmp_path, 3, groups=2, snapshot_entries=30)
+        members, stop = await cluster(tmp_path, 3, groups=2, snapshot_entries=30, inline=inline)
         try:
             await until(lambda: all(leader_of(members, g) for g in range(2)), what="leaders")
             lead = leader_of(members, 0)
@@ -271,11 +284,12 @@ def test_a_follower_behind_the_compaction_point_catches_up_by_snapshot(tmp_path:
     run(main())
 
 
+@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
 def test_a_failed_wal_write_stops_the_node_and_fails_its_waiters(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
 ) -> None:
     async def main() -> None:
-        m = Member(tmp_path, 1, (1,), groups=1)
+        m = Member(tmp_path, 1, (1,), groups=1, inline=inline)
         await m.start(None, {})
         await until(lambda: m.leads(0), what="leader")
 

@@ -12,10 +12,12 @@ import os
 import random
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -33,6 +35,21 @@ from raft.wal_records import RECORD_BYTES_MAX, Scanner, append_record
 from raft.wal_segments import parse_segment_name, parse_snapshot_name
 
 SMALL = {"segment_bytes": 4096, "cache_bytes_max": 512}
+
+
+class _InlineWAL:
+    """``WAL`` for this module's tests in inline mode (no writer thread)."""
+
+    open = staticmethod(partial(WAL.open, inline=True))
+
+
+@pytest.fixture(autouse=True, params=["thread", "inline"])
+def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test of this module runs with both writers: ``WAL.open`` here is the inline one
+    in the ``inline`` run."""
+    if request.param == "inline":
+        monkeypatch.setattr(sys.modules[__name__], "WAL", _InlineWAL)
+    return str(request.param)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -279,8 +296,10 @@ def test_a_batch_for_50_groups_is_one_write_and_one_fdatasync(
 
 
 def test_submits_during_a_write_coalesce_and_stay_invisible_until_published(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
 ) -> None:
+    if writer == "inline":
+        pytest.skip("the writer thread's coalescing (inline: test_an_inline_wal_writes_...)")
     entered, release = threading.Event(), threading.Event()
     real = os.fdatasync
     calls = [0]
@@ -319,6 +338,44 @@ def test_submits_during_a_write_coalesce_and_stay_invisible_until_published(
         for w in sorted(written, key=lambda w: w.seq):
             wal.publish(w)
         assert [wal.storage(g).last_index() for g in range(5)] == [1, 5, 5, 5, 5]
+
+
+def test_an_inline_wal_writes_in_submit_on_the_calling_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    """Inline: ``submit`` returns a resolved Future, having written and synced on the caller's
+    thread; the views change only at ``publish``; files made obsolete by a publish go at the
+    next submit; there is no writer thread."""
+    if writer == "thread":
+        pytest.skip("inline only")
+    threads: list[str] = []
+    real = os.fdatasync
+
+    def recording(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        real(fd)
+
+    before = {t.name for t in threading.enumerate()}
+    with WAL.open(str(tmp_path), segment_bytes=2048, cache_bytes_max=1024) as wal:
+        assert {t.name for t in threading.enumerate()} == before  # no wal-writer
+        monkeypatch.setattr(os, "fdatasync", recording)
+        first = wal.submit([GroupWrite(1, entries(1, 1, 2, size=60), HardState(1, 1, 0))])
+        assert first.done() and threads == [threading.current_thread().name]
+        second = wal.submit([GroupWrite(1, entries(1, 3, 1, size=60))])
+        assert second.done() and len(threads) == 2  # one fdatasync per submit: no coalescing
+        assert wal.storage(1).last_index() == 0  # durable, not yet published
+        wal.publish(first.result())
+        wal.publish(second.result())
+        assert wal.storage(1).last_index() == 3
+        monkeypatch.undo()
+        for k in range(4, 80):  # roll segments, then compact them away
+            wal.write_sync([GroupWrite(1, entries(1, k, 1, size=60))])
+        old = segments(tmp_path)
+        assert len(old) > 2
+        wal.save_snapshot(1, snap(70, 1, b"app"))
+        assert segments(tmp_path) == old  # obsolete, but deleted by the next submit
+        settle(wal)
+        assert len(segments(tmp_path)) < len(old)
 
 
 def test_a_failed_fdatasync_stops_the_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
