@@ -182,7 +182,7 @@ async def _main(args: argparse.Namespace, argv: Sequence[str], background: float
             "local": local is not None,
             "nodes": {str(k): v for k, v in sorted(target.nodes.items())},
             "groups": target.groups,
-            "node_args": args.node_args,
+            "node_args": local.extra_args if local is not None else [],
         },
         **figures,
     }

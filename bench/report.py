@@ -143,6 +143,9 @@ def title(doc: dict[str, Any]) -> str:
         else f"closed loop, concurrency {c['concurrency']}"
     )
     where = f"{c['nodes']} local nodes" if c["nodes"] else f"target {c['target']}"
+    node_args = doc.get("cluster", {}).get("node_args")
+    if node_args:
+        where += f" ({' '.join(node_args)})"
     return (
         f"ctxstore-bench {doc['scenario']}: {load}, {c['sessions']:,} sessions, "
         f"{c['payload_bytes']} B, route {c['route']}, {where}, {doc['window_s']:g} s measured"

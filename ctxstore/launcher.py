@@ -4,6 +4,12 @@ Node ``i`` (1-based) listens for clients on ``base_port + i - 1`` and for peers 
 ``base_port + 100 + i - 1`` (``base_port`` 0: free ports are picked), keeps its data in
 ``<data_dir>/node<i>`` and logs to ``<data_dir>/node<i>.log``.  Each child prints JSON events
 on stdout; the launcher waits for ``{"event": "ready"}`` (every group has a leader).
+
+The nodes of a local cluster share this machine's cores, so they run the inline WAL writer
+(``--wal-writer inline``, ahead of ``extra_args``, which may override it): a node waiting for
+its fsync leaves the CPU to the others, and the writer thread's hand-offs would be pure cost
+(docs/benchmarks.md, "The WAL on the loop's thread").  A node on a machine of its own keeps the
+configuration's default, the writer thread.
 """
 
 from __future__ import annotations
@@ -57,11 +63,12 @@ class LocalCluster:
         base_port: int = 0,
         extra_args: list[str] | None = None,
         host: str = "127.0.0.1",
+        wal_writer: str = "inline",
     ) -> None:
         if not 1 <= nodes <= 7:
             raise ValueError("a local cluster has 1 to 7 nodes")
         self.data_dir = os.path.abspath(data_dir)
-        self.extra_args = list(extra_args or [])
+        self.extra_args = ["--wal-writer", wal_writer, *(extra_args or [])]  # later flags win
         if base_port:
             clients = [base_port + i for i in range(nodes)]
             peers = [base_port + 100 + i for i in range(nodes)]

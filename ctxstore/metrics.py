@@ -154,7 +154,11 @@ class NodeCollector(Collector):
         yield InfoMetricFamily(
             "ctxstore_node",
             "This node.",
-            value={"node_id": str(s.node_id), "cluster_id": s.cluster_id},
+            value={
+                "node_id": str(s.node_id),
+                "cluster_id": s.cluster_id,
+                "wal_writer": s.wal_writer,
+            },
         )
         yield _counter("ctxstore_requests_total", "Client requests received.", service.requests)
         yield _counters(

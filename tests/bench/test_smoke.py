@@ -37,6 +37,9 @@ def bench(tmp_path: Path, *argv: str) -> dict[str, Any]:
     assert doc["machine"]["nproc"] and "git_commit" in doc
     assert all(v is not None for v in doc["cpu"]["pct_of_core"].values())
     assert not list(tmp_path.glob("ctxstore-bench-*")), "the cluster's data was not removed"
+    # The local nodes share this machine: the inline WAL writer, then the flags after --.
+    assert doc["cluster"]["node_args"] == ["--wal-writer", "inline", *NODE_FLAGS[1:]]
+    assert "local nodes (--wal-writer inline --groups 16" in done.stdout
     return doc
 
 

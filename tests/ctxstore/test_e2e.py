@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import time
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 import uvloop
 
+from ctxstore.cli import _add_serve
+from ctxstore.config import load
 from ctxstore.launcher import LocalCluster
 from wire.client import Client, ClientError, connect
 from wire.protocol import Message
@@ -50,9 +53,28 @@ async def leader_counts(cluster: LocalCluster) -> Counter[int]:
     raise AssertionError("no node answered")
 
 
-def test_a_single_node_keeps_everything_across_restarts_and_kill_9(tmp_path: Path) -> None:
+def test_a_local_cluster_runs_the_inline_wal_writer_unless_its_flags_say_otherwise(
+    tmp_path: Path,
+) -> None:
+    """Its nodes share this machine's cores (ctxstore/launcher.py); a later flag wins."""
+
+    def writer(cluster: LocalCluster) -> str:
+        parser = argparse.ArgumentParser()
+        _add_serve(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(cluster.args(1)[3:])  # after "python -m ctxstore"
+        return load(flags={"wal_writer": args.wal_writer}, environ={}).wal_writer
+
+    assert writer(LocalCluster(3, str(tmp_path))) == "inline"
+    assert writer(LocalCluster(3, str(tmp_path), extra_args=["--wal-writer", "thread"])) == "thread"
+    assert writer(LocalCluster(3, str(tmp_path), wal_writer="thread")) == "thread"
+
+
+@pytest.mark.parametrize("wal_writer", ["inline", "thread"])
+def test_a_single_node_keeps_everything_across_restarts_and_kill_9(
+    tmp_path: Path, wal_writer: str
+) -> None:
     async def main() -> None:
-        cluster = LocalCluster(1, str(tmp_path), extra_args=FAST)
+        cluster = LocalCluster(1, str(tmp_path), extra_args=FAST, wal_writer=wal_writer)
         await cluster.start()
         try:
             async with await connect(cluster.targets) as c:
@@ -78,7 +100,10 @@ def test_a_single_node_keeps_everything_across_restarts_and_kill_9(tmp_path: Pat
     run(main())
 
 
-def test_concurrent_appends_survive_kill_9_of_the_busiest_leader(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wal_writer", ["inline", "thread"])
+def test_concurrent_appends_survive_kill_9_of_the_busiest_leader(
+    tmp_path: Path, wal_writer: str
+) -> None:
     """50 clients x 200 appends over 20 sessions on 3 nodes; the node leading the most groups
     is killed mid-load and restarted.  Every acknowledged append is in every node's history
     exactly once, at its acknowledged seq; seqs are 1..n per session; each client's acks in a
@@ -87,7 +112,7 @@ def test_concurrent_appends_survive_kill_9_of_the_busiest_leader(tmp_path: Path)
     clients_n, per_client = 50, 200
 
     async def main() -> None:
-        cluster = LocalCluster(3, str(tmp_path), extra_args=FAST)
+        cluster = LocalCluster(3, str(tmp_path), extra_args=FAST, wal_writer=wal_writer)
         await cluster.start()
         try:
             async with await connect(cluster.targets) as c:

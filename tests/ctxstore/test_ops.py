@@ -276,7 +276,9 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
             during["ctxstore_forwards_sent_total"] == during["ctxstore_forwards_served_total"] == 0
         )
         assert during["ctxstore_peer_connections"] == 0  # a single node has no peers
-        assert during['ctxstore_node_info{cluster_id="ctxstore",node_id="1"}'] == 1
+        assert (
+            during['ctxstore_node_info{cluster_id="ctxstore",node_id="1",wal_writer="thread"}'] == 1
+        )
 
     run(main())
 
