@@ -180,8 +180,9 @@ class WAL:
             self._writer_thread = None
         elif self.inline:
             with self._cond:
-                if self._failed is None:
-                    self._unlink_doomed()
+                unlinks = self._take_unlinks()
+                if unlinks and self._failed is None:
+                    self._writer.unlink(unlinks)
         self._close_files()
 
     def __enter__(self) -> WAL:
@@ -236,7 +237,7 @@ class WAL:
             future: Future[Written] = Future()
             future.set_running_or_notify_cancel()  # a write cannot be cancelled
             if self.inline:
-                self._write_inline(self._submitted, writes, future)
+                self._round([_Pending(self._submitted, writes, future)], self._take_unlinks())
                 return future
             self._pending.append(_Pending(self._submitted, writes, future))
             self._cond.notify()
@@ -340,26 +341,7 @@ class WAL:
         check(index <= view.last, f"snapshot index {index} is not durable yet")
         check(view.term(index) == snap.meta.term, f"snapshot term differs at {index}")
 
-    # -- inline writes (no writer thread) ----------------------------------------------------
-    def _write_inline(self, seq: int, writes: list[GroupWrite], future: Future[Written]) -> None:
-        """One round on the caller's thread (holding ``_cond``), as the writer thread does it."""
-        try:
-            self._unlink_doomed()
-            written = self._writer.write_round([(seq, writes)])
-        except BaseException as e:
-            self._failed = e
-            error = WalFailed(f"WAL write failed: {e!r}")
-            error.__cause__ = e
-            future.set_exception(error)
-            return
-        future.set_result(written[0])
-
-    def _unlink_doomed(self) -> None:
-        if self._unlinks:
-            unlinks, self._unlinks = self._unlinks, []
-            self._writer.unlink(unlinks)
-
-    # -- the writer thread -------------------------------------------------------------------
+    # -- rounds: on the writer thread, or inline on the caller's ------------------------------
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -367,24 +349,35 @@ class WAL:
                     self._cond.wait()
                 items = self._pending[:ROUND_BATCHES_MAX]
                 del self._pending[: len(items)]
-                unlinks, self._unlinks = self._unlinks, []
+                unlinks = self._take_unlinks()
                 if not items and not unlinks:
                     return  # closing, and nothing left to do
-            try:
-                check(self._failed is None, "the WAL failed earlier")
-                if unlinks:
-                    self._writer.unlink(unlinks)
-                written = self._writer.write_round([(p.seq, p.writes) for p in items])
-            except BaseException as e:
-                with self._cond:
-                    self._failed = self._failed or e
-                for p in items:
-                    error = WalFailed(f"WAL write failed: {self._failed!r}")
-                    error.__cause__ = self._failed
-                    p.future.set_exception(error)
-                continue
-            for p, w in zip(items, written, strict=True):
-                p.future.set_result(w)
+            self._round(items, unlinks)
+
+    def _round(self, items: list[_Pending], unlinks: list[str]) -> None:
+        """One group commit: delete ``unlinks``, write and sync ``items`` (one write, one
+        fdatasync), resolve their Futures — or fail them, and the WAL for good.  Inline, the
+        caller holds ``_cond`` (a re-entrant lock) throughout."""
+        try:
+            check(self._failed is None, "the WAL failed earlier")
+            if unlinks:
+                self._writer.unlink(unlinks)
+            written = self._writer.write_round([(p.seq, p.writes) for p in items])
+        except BaseException as e:
+            with self._cond:
+                self._failed = self._failed or e
+            for p in items:
+                error = WalFailed(f"WAL write failed: {self._failed!r}")
+                error.__cause__ = self._failed
+                p.future.set_exception(error)
+            return
+        for p, w in zip(items, written, strict=True):
+            p.future.set_result(w)
+
+    def _take_unlinks(self) -> list[str]:
+        """The files earlier publishes made obsolete, handed to one round (under ``_cond``)."""
+        unlinks, self._unlinks = self._unlinks, []
+        return unlinks
 
     # -- Disk (reads for the views, on the owner thread) -------------------------------------
     def read_entries(self, group: int, segment: int, offset: int, length: int) -> list[Entry]:

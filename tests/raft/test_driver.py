@@ -37,6 +37,9 @@ async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "co
         await asyncio.sleep(0.005)
 
 
+BOTH_WRITERS = pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+
+
 class Member:
     def __init__(
         self,
@@ -108,7 +111,7 @@ def leader_of(members: list[Member], group: int) -> Member | None:
     return leads[0] if len(leads) == 1 else None
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+@BOTH_WRITERS
 def test_single_node_commits_applies_and_recovers_its_history(tmp_path: Path, inline: bool) -> None:
     async def main() -> None:
         m = Member(tmp_path, 1, (1,), groups=4, inline=inline)
@@ -160,7 +163,7 @@ def test_propose_then_calls_back_once_per_entry_and_survives_a_failing_callback(
     run(main())
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+@BOTH_WRITERS
 def test_snapshots_compact_the_wal_and_a_restart_restores_from_them(
     tmp_path: Path, inline: bool
 ) -> None:
@@ -208,7 +211,7 @@ def test_compaction_waits_for_the_compact_floor(tmp_path: Path) -> None:
     run(main())
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+@BOTH_WRITERS
 def test_three_nodes_replicate_every_group_and_only_the_leader_accepts(
     tmp_path: Path, inline: bool
 ) -> None:
@@ -247,7 +250,7 @@ def test_three_nodes_replicate_every_group_and_only_the_leader_accepts(
     run(main())
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+@BOTH_WRITERS
 def test_a_follower_behind_the_compaction_point_catches_up_by_snapshot(
     tmp_path: Path, inline: bool
 ) -> None:
@@ -284,7 +287,7 @@ def test_a_follower_behind_the_compaction_point_catches_up_by_snapshot(
     run(main())
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["thread-wal", "inline-wal"])
+@BOTH_WRITERS
 def test_a_failed_wal_write_stops_the_node_and_fails_its_waiters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
 ) -> None:

@@ -43,10 +43,20 @@ class _InlineWAL:
     open = staticmethod(partial(WAL.open, inline=True))
 
 
-@pytest.fixture(autouse=True, params=["thread", "inline"])
+WRITERS = ("thread", "inline")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test of this module runs with both writers, except one marked
+    ``@pytest.mark.wal_writer(name)``: about that writer alone, it runs once, with it."""
+    marker = metafunc.definition.get_closest_marker("wal_writer")
+    writers = marker.args if marker is not None else WRITERS
+    metafunc.parametrize("writer", writers, indirect=True)
+
+
+@pytest.fixture(autouse=True)
 def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test of this module runs with both writers: ``WAL.open`` here is the inline one
-    in the ``inline`` run."""
+    """The writer of this run: ``WAL.open`` here is the inline one in the ``inline`` run."""
     if request.param == "inline":
         monkeypatch.setattr(sys.modules[__name__], "WAL", _InlineWAL)
     return str(request.param)
@@ -295,11 +305,10 @@ def test_a_batch_for_50_groups_is_one_write_and_one_fdatasync(
         assert_same(wal, model)
 
 
+@pytest.mark.wal_writer("thread")  # its coalescing; inline: test_an_inline_wal_writes_...
 def test_submits_during_a_write_coalesce_and_stay_invisible_until_published(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if writer == "inline":
-        pytest.skip("the writer thread's coalescing (inline: test_an_inline_wal_writes_...)")
     entered, release = threading.Event(), threading.Event()
     real = os.fdatasync
     calls = [0]
@@ -340,14 +349,13 @@ def test_submits_during_a_write_coalesce_and_stay_invisible_until_published(
         assert [wal.storage(g).last_index() for g in range(5)] == [1, 5, 5, 5, 5]
 
 
+@pytest.mark.wal_writer("inline")
 def test_an_inline_wal_writes_in_submit_on_the_calling_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Inline: ``submit`` returns a resolved Future, having written and synced on the caller's
     thread; the views change only at ``publish``; files made obsolete by a publish go at the
     next submit; there is no writer thread."""
-    if writer == "thread":
-        pytest.skip("inline only")
     threads: list[str] = []
     real = os.fdatasync
 
