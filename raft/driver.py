@@ -8,8 +8,8 @@ application's state machine, on one event loop:
       -> one pass over the Readies of every dirty group:
            "now" messages go to the transport at once (the leader replicates while it writes)
            entries / hard states / snapshots of all groups -> ONE WAL submit (one fsync)
-      -> when that fsync returns (writer thread -> loop; an inline WAL: the next loop
-         iteration, through ``call_soon``): publish the views, send the
+      -> when that fsync returns (writer thread -> loop, through ``call_soon_threadsafe``; an
+         inline WAL: at once, in the pass that submitted it): publish the views, send the
          "after persist" messages, restore snapshots, apply committed entries
          (``StateMachine.apply``), resolve proposals and reads, ``advance``
 
@@ -439,8 +439,8 @@ class Driver:
         self.stats.submits += 1
         self._rounds.append(rnd)
 
-        if future.done():  # an inline WAL wrote it already: no wake-up from another thread
-            loop.call_soon(self._written, rnd, future)
+        if future.done():  # an inline WAL wrote it already: finish the round in this pass
+            self._written_once(rnd, future)
             return
 
         def done(f: ThreadFuture[Written]) -> None:  # on the writer thread

@@ -111,6 +111,30 @@ def leader_of(members: list[Member], group: int) -> Member | None:
     return leads[0] if len(leads) == 1 else None
 
 
+def test_an_inline_wal_round_is_finished_in_the_pass_that_wrote_it(tmp_path: Path) -> None:
+    """With an inline WAL the pass that wrote a Ready also finishes it (advance, the leader's
+    own acknowledgement, "after persist" messages): no loop iteration in between."""
+
+    async def main() -> None:
+        m = Member(tmp_path, 1, (1,), groups=1, inline=True)
+        await m.start(None, {})
+        await until(lambda: m.leads(0), what="leader")
+        log = m.host.node(0).raft.log
+        await until(lambda: log.applied == log.last_index(), what="idle")
+        future = m.driver.propose(0, b"x")
+        fsyncs = m.wal.stats.fsyncs
+        m.driver._pass()  # the pass the proposal scheduled, run now, outside the loop
+        assert m.wal.stats.fsyncs == fsyncs + 1
+        # persisted, counted by the (single-voter) leader and committed in that same pass
+        assert log.persisted_index() == log.committed == log.last_index()
+        assert not future.done()  # applied by the next pass (a commit-only Ready)
+        m.driver._pass()
+        assert future.done() and future.result() == 1
+        await m.stop()
+
+    run(main())
+
+
 @BOTH_WRITERS
 def test_single_node_commits_applies_and_recovers_its_history(tmp_path: Path, inline: bool) -> None:
     async def main() -> None:
