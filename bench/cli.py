@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -182,6 +183,9 @@ async def _main(args: argparse.Namespace, argv: Sequence[str], background: float
             "local": local is not None,
             "nodes": {str(k): v for k, v in sorted(target.nodes.items())},
             "groups": target.groups,
+            "groups_led": {  # by node, as the bench found them (0: no leader known)
+                str(k): v for k, v in sorted(Counter(target.leaders).items())
+            },
             "node_args": local.extra_args if local is not None else [],
         },
         **figures,

@@ -175,6 +175,17 @@ def details_table(doc: dict[str, Any]) -> Table:
         f"{cpu['machine_cores']} cores, {cpu['machine_busy_pct']} % busy, "
         f"other processes {cpu['others_pct_of_core']} % of a core",
     )
+    tl = doc.get("timeline")
+    if tl is not None and tl["worst"] is not None:
+        over = tl["over_target"]
+        table.add_row(
+            "timeline",
+            f"worst {tl['step_s']:g} s step at {tl['worst']['t']:g} s: p99 "
+            f"{tl['worst']['p99']:.1f} ms; {len(over)} of {tl['steps']} steps over the p99 "
+            f"target"
+            + (f" (at {', '.join(f'{t:g}' for t in over[:8])}" if over else "")
+            + (" …)" if len(over) > 8 else ")" if over else ""),
+        )
     if "failover" in doc:
         fo = doc["failover"]
         table.add_row(

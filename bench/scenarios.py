@@ -33,12 +33,14 @@ from .histogram import LatencyHistogram
 from .load import WorkerResult, Workers, WorkerSpec, session_id
 from .report import Progress
 from .sysinfo import cpu_between, cpu_seconds, sample_cpu
+from .timeline import timeline, timeline_summary
 
 now = time.monotonic
 SETUP_CONCURRENCY = 64
 BACKLOG_CONCURRENCY = 256
 CLIENT_BUSY_PCT = 80.0
 SEND_LAG_WARN_MS = 5.0
+TIMELINE_STEP_S = 1.0  # the timeline's step (report: the worst one)
 
 
 @dataclasses.dataclass
@@ -280,6 +282,12 @@ def load_figures(args: argparse.Namespace, run: LoadRun) -> dict[str, Any]:
         out["replay"] = rate_figures(hist["replay"], seconds)
         out["replay"]["page_latency_ms"] = hist["page"].summary_ms()
     out["cpu"]["us_per_op"] = cpu_per_op(run.cpu, hist["append"].count + hist["read"].count)
+    steps = timeline(run.results, run.measure, run.end, TIMELINE_STEP_S)
+    out["timeline"] = {
+        "step_s": TIMELINE_STEP_S,
+        **timeline_summary(steps, args.p99_target_ms),
+        "appends": steps,
+    }
     return out
 
 

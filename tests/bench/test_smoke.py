@@ -40,6 +40,13 @@ def bench(tmp_path: Path, *argv: str) -> dict[str, Any]:
     # The local nodes share this machine: the inline WAL writer, then the flags after --.
     assert doc["cluster"]["node_args"] == ["--wal-writer", "inline", *NODE_FLAGS[1:]]
     assert "local nodes (--wal-writer inline --groups 16" in done.stdout
+    # Second by second: the steps' counts add up to the window's appends.
+    tl = doc["timeline"]
+    assert tl["step_s"] == 1.0 and tl["steps"] == len(tl["appends"]) == 2
+    assert sum(step["count"] for step in tl["appends"]) == doc["appends"]["count"]
+    assert tl["worst"]["p99"] == max(step["p99"] for step in tl["appends"])
+    assert tl["over_target"] == [] and "timeline" in done.stdout
+    assert sum(doc["cluster"]["groups_led"].values()) == 16
     return doc
 
 
