@@ -178,13 +178,12 @@ def details_table(doc: dict[str, Any]) -> Table:
     tl = doc.get("timeline")
     if tl is not None and tl["worst"] is not None:
         over = tl["over_target"]
+        at = ", ".join(f"{t:g}" for t in over[:8]) + (" …" if len(over) > 8 else "")
         table.add_row(
             "timeline",
             f"worst {tl['step_s']:g} s step at {tl['worst']['t']:g} s: p99 "
             f"{tl['worst']['p99']:.1f} ms; {len(over)} of {tl['steps']} steps over the p99 "
-            f"target"
-            + (f" (at {', '.join(f'{t:g}' for t in over[:8])}" if over else "")
-            + (" …)" if len(over) > 8 else ")" if over else ""),
+            f"target" + (f" (at {at})" if over else ""),
         )
     if "failover" in doc:
         fo = doc["failover"]

@@ -4,8 +4,10 @@ A p99 over the whole window does not say whether the tail is spread evenly or co
 bad seconds (an election, a GC pause, the first seconds of a new cluster).  ``timeline`` buckets
 the acknowledged appends by their start (first send, or intended time in the open loop) into
 steps of ``step_s`` from the window's start and gives each step's count and latencies; the
-report prints the worst step and how many steps missed the p99 target.  Requests that never got
-an ack are not in it (they are in ``failed`` and ``unfinished``).
+report prints the worst step and how many steps missed the p99 target.  It reads the ack log
+(``load.ACK_LOG_MAX`` acks per client process): requests that never got an ack are not in it
+(they are in ``failed`` and ``unfinished``), nor are acks beyond the log's bound (the JSON's
+``client.acks_not_logged``).
 """
 
 from __future__ import annotations
