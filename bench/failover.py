@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 from wire.client import Client, ClientError
 
-from .histogram import LatencyHistogram
 from .load import WorkerResult
+from .timeline import window_histogram
 
 now = time.monotonic
 POLL_TIMEOUT_S = 60.0
@@ -105,11 +105,7 @@ async def kill_leader(
 
 def phase_p99(results: list[WorkerResult], t_from: float, t_to: float) -> dict[str, Any]:
     """Latencies of the acked requests started in [t_from, t_to)."""
-    h = LatencyHistogram()
-    for r in results:
-        for start, done in zip(r.ack_start, r.ack_done, strict=True):
-            if t_from <= start < t_to:
-                h.record_s(done - start)
+    h = window_histogram(results, t_from, t_to)
     return {"seconds": round(max(0.0, t_to - t_from), 3), **h.summary_ms()}
 
 

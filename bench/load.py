@@ -45,6 +45,7 @@ from wire.protocol import Appended, Response
 from .histogram import LatencyHistogram
 from .routing import Route, Router, new_client
 from .schedule import OpenLoopSchedule
+from .timeline import window_histogram
 
 T = TypeVar("T")
 now = time.monotonic  # CLOCK_MONOTONIC: one clock for every process of the machine
@@ -424,10 +425,8 @@ class Worker:
         """The histograms, with what the run only logged: the latencies of the logged acks of
         the window and the send lags (an HDR record costs ~3 µs of the client's CPU, which on a
         shared machine is taken from the nodes: it is spent after the window instead)."""
-        append, lags = self.hist["append"], self.hist["send_lag"]
-        for start, done in zip(self.ack_start, self.ack_done, strict=True):
-            if self.in_window(start):
-                append.record_s(done - start)
+        self.hist["append"].merge(window_histogram([self], self.measure, self.end))
+        lags = self.hist["send_lag"]
         for lag in self.send_lags:
             lags.record_s(lag)
         return self.hist

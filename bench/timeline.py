@@ -29,25 +29,37 @@ class Acks(Protocol):
     def ack_done(self) -> Sequence[float]: ...
 
 
+def step_histograms(
+    results: Sequence[Acks], t_from: float, t_to: float, step_s: float
+) -> list[LatencyHistogram]:
+    """One histogram per step of [t_from, t_to) (the last one may be shorter than ``step_s``):
+    the latencies of the logged acks whose request started in it."""
+    if step_s <= 0:
+        raise ValueError("step_s must be > 0")
+    steps = max(0, math.ceil((t_to - t_from) / step_s - 1e-9))
+    hists = [LatencyHistogram() for _ in range(steps)]
+    for r in results:
+        for start, done in zip(r.ack_start, r.ack_done, strict=True):
+            if t_from <= start < t_to:
+                hists[min(steps - 1, int((start - t_from) / step_s))].record_s(done - start)
+    return hists
+
+
+def window_histogram(results: Sequence[Acks], t_from: float, t_to: float) -> LatencyHistogram:
+    """The latencies of the logged acks whose request started in [t_from, t_to)."""
+    if t_to <= t_from:
+        return LatencyHistogram()
+    return step_histograms(results, t_from, t_to, t_to - t_from)[0]
+
+
 def timeline(
     results: Sequence[Acks], measure: float, end: float, step_s: float = 1.0
 ) -> list[dict[str, Any]]:
     """One entry per step of [measure, end): ``t`` (the step's start, seconds into the window),
     ``count`` and the latency summary in ms (``LatencyHistogram.summary_ms``) of the appends
     acked that started in it.  The last step may be shorter than ``step_s``."""
-    if step_s <= 0:
-        raise ValueError("step_s must be > 0")
-    steps = max(0, math.ceil((end - measure) / step_s - 1e-9))
-    hists = [LatencyHistogram() for _ in range(steps)]
-    for r in results:
-        for start, done in zip(r.ack_start, r.ack_done, strict=True):
-            if measure <= start < end:
-                hists[min(steps - 1, int((start - measure) / step_s))].record_s(done - start)
-    out: list[dict[str, Any]] = []
-    for i, h in enumerate(hists):
-        summary = h.summary_ms()
-        out.append({"t": round(i * step_s, 3), **summary})
-    return out
+    hists = step_histograms(results, measure, end, step_s)
+    return [{"t": round(i * step_s, 3), **h.summary_ms()} for i, h in enumerate(hists)]
 
 
 def timeline_summary(steps: Sequence[dict[str, Any]], p99_target_ms: float) -> dict[str, Any]:
@@ -61,4 +73,4 @@ def timeline_summary(steps: Sequence[dict[str, Any]], p99_target_ms: float) -> d
     }
 
 
-__all__ = ["timeline", "timeline_summary"]
+__all__ = ["step_histograms", "timeline", "timeline_summary", "window_histogram"]

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from bench.histogram import LatencyHistogram
-from bench.timeline import timeline, timeline_summary
+from bench.timeline import timeline, timeline_summary, window_histogram
 
 
 @dataclasses.dataclass
@@ -65,3 +65,13 @@ def test_the_summary_names_the_worst_step_and_the_steps_over_the_target() -> Non
 def test_a_step_must_be_positive() -> None:
     with pytest.raises(ValueError):
         timeline([], 0.0, 1.0, 0.0)
+
+
+def test_a_window_histogram_is_one_step_and_empty_for_an_empty_range() -> None:
+    part = acks([(0.5, 0.6), (1.0, 1.5), (1.99, 2.0), (2.0, 9.0)])
+    h = window_histogram([part], 1.0, 2.0)  # [1.0, 2.0): the 500 ms and the 10 ms ones
+    assert h.count == 2 and 499 < h.summary_ms()["max"] < 501
+    step = timeline([part], 1.0, 2.0, 1.0)[0]
+    assert {"t": step.pop("t"), **h.summary_ms()} == {"t": 0.0, **step}
+    assert window_histogram([part], 2.0, 2.0).count == 0
+    assert window_histogram([part], 3.0, 1.0).count == 0
