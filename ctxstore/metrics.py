@@ -351,6 +351,16 @@ class NodeCollector(Collector):
         yield _counter("ctxstore_wal_records_total", "Records written to the WAL.", st.records)
         yield _counter("ctxstore_wal_written_bytes_total", "Bytes written to the WAL.", st.bytes)
         yield _gauge("ctxstore_wal_segments", "WAL segment files alive.", wal.segment_count())
+        yield _gauge(
+            "ctxstore_wal_cache_bytes",
+            "Entry payload bytes the WAL keeps in memory (bounded by its cache budget).",
+            wal.cached_bytes,
+        )
+        yield _counter(
+            "ctxstore_wal_disk_reads_total",
+            "Entry records read back from WAL segments (entries older than the cache).",
+            st.disk_reads,
+        )
 
     def _peers(self) -> Iterator[Metric]:
         transport = self.metrics.node.transport

@@ -262,6 +262,9 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
             during["ctxstore_wal_written_bytes_total"] > before["ctxstore_wal_written_bytes_total"]
         )
         assert during["ctxstore_wal_batches_total"] >= during["ctxstore_wal_rounds_total"] > 0
+        assert during["ctxstore_wal_cache_bytes"] > before["ctxstore_wal_cache_bytes"]  # 6 appends
+        assert during["ctxstore_wal_disk_reads_total"] >= 0
+        assert during["ctxstore_wal_segments"] >= 1
         assert (during["ctxstore_client_connections"], after["ctxstore_client_connections"]) == (
             1,
             0,

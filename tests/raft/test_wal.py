@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raft import Config, RawNode, wal_segments
+from raft import Config, RawNode, wal_segments, wal_storage
 from raft.errors import Compacted, InvariantViolation, SnapshotOutOfDate, Unavailable
 from raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
 from raft.storage import MemoryStorage, Storage, bootstrap
@@ -576,6 +576,33 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def test_an_eviction_frees_a_slice_of_the_cache_budget_not_a_quarter(tmp_path: Path) -> None:
+    """Crossing the budget trims the caches to ``budget - budget // EVICT_SLICE``, levelled over
+    the largest ones: small, frequent evictions instead of one long stall (docs/raft.md)."""
+    budget, size, groups = 64 << 10, 100, 4
+    goal = budget - budget // wal_storage.EVICT_SLICE
+    with WAL.open(str(tmp_path), cache_bytes_max=budget, preallocate=False) as wal:
+        index, evictions, before = 0, 0, 0
+        while evictions < 3:
+            index += 1
+            wal.write_sync([GroupWrite(g, entries(1, index, 1, size=size)) for g in range(groups)])
+            now = wal.cached_bytes
+            if now < before:  # an eviction: levelled down to the goal, each cache within an entry
+                evictions += 1
+                assert before - now <= budget // 16 + groups * size  # a slice, not a quarter
+                assert goal - groups * size < now <= goal
+                sizes = [wal.storage(g).cache_bytes for g in range(groups)]
+                assert max(sizes) - min(sizes) <= size
+            else:
+                assert now <= budget
+            before = now
+        # every entry is still readable: from the cache or, evicted, from the segment
+        for g in range(groups):
+            got = wal.storage(g).entries(1, index + 1, None)
+            assert [e.index for e in got] == list(range(1, index + 1))
+            assert got[0].data == entries(1, 1, 1, size=size)[0].data
 
 
 @pytest.mark.slow
