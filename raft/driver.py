@@ -6,7 +6,8 @@ application's state machine, on one event loop:
     inputs (peer batches, proposals, reads, the tick timer, peer up/down)
       -> host.step / propose / tick                       (marks groups dirty)
       -> one pass over the Readies of every dirty group:
-           "now" messages go to the transport at once (the leader replicates while it writes)
+           "now" messages go to the transport at once (the leader replicates while it writes;
+           before an inline WAL's write, the transport writes them to the sockets at once)
            entries / hard states / snapshots of all groups -> ONE WAL submit (one fsync)
       -> when that fsync returns (writer thread -> loop, through ``call_soon_threadsafe``; an
          inline WAL: at once, in the pass that submitted it): publish the views, send the
@@ -408,8 +409,10 @@ class Driver:
                 if rd.hard_state is not None:
                     lazy[group] = rd.hard_state  # only the commit index changed
                 now.append((group, rd))
-        self._flush()  # the leader's appends leave before its own fsync starts
+        self._flush()  # the leader's appends leave before its own fsync starts:
         if writes:
+            if self.wal.inline and self.transport is not None:
+                self.transport.flush_now()  # written now, not after the inline fsync below
             self._submit_with_lazy(_Round(wait), writes)
         for group, rd in now:
             self._finish(group, rd)

@@ -306,6 +306,16 @@ class Transport:
         assert self._loop is not None
         self._loop.call_soon(self.on_snapshot_status, peer.id, group, ok)
 
+    def flush_now(self) -> None:
+        """Write the Raft messages queued so far at once instead of at the end of this loop
+        iteration (the driver, before it blocks in an inline WAL write).  The snapshot and
+        application lanes keep their pace: they leave at the scheduled flush."""
+        for peer in self._peers.values():
+            conn = peer.conn
+            if peer.queue and conn is not None and conn.writable:
+                items, peer.queue, peer.queue_bytes = peer.queue, [], 0
+                self._write_batch(peer, conn, items)
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True

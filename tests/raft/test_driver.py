@@ -16,6 +16,7 @@ import uvloop
 from raft import NotLeader, ProposalDropped, Role
 from raft.core import Config
 from raft.driver import Driver, DriverConfig, NodeStopped
+from raft.messages import AppendEntries
 from raft.multi import HostConfig, MultiRaft
 from raft.node import LogMachine
 from raft.transport import Transport
@@ -131,6 +132,41 @@ def test_an_inline_wal_round_is_finished_in_the_pass_that_wrote_it(tmp_path: Pat
         m.driver._pass()
         assert future.done() and future.result() == 1
         await m.stop()
+
+    run(main())
+
+
+def test_an_inline_wal_leader_writes_its_appends_to_the_peers_before_it_fsyncs(
+    tmp_path: Path,
+) -> None:
+    """The leader's AppendEntries leave in the pass, before its own inline fsync blocks the
+    loop, so the followers' fsyncs overlap the leader's (not after it, at the end of the loop
+    iteration)."""
+
+    async def main() -> None:
+        members, stop = await cluster(tmp_path, 3, groups=1, inline=True)
+        await until(lambda: leader_of(members, 0) is not None, what="a leader")
+        leader = leader_of(members, 0)
+        assert leader is not None and leader.transport is not None
+        await leader.driver.propose(0, b"warm")  # every follower's progress is replicating
+        written: list[tuple[int, list[int]]] = []  # (the leader's fsyncs then, entry indexes)
+        real = leader.transport._write_batch
+
+        def recording(peer: Any, conn: Any, items: list[Any]) -> None:
+            indexes = [e.index for _, m in items if isinstance(m, AppendEntries) for e in m.entries]
+            written.append((leader.wal.stats.fsyncs, indexes))
+            real(peer, conn, items)
+
+        leader.transport._write_batch = recording  # type: ignore[method-assign]
+        future = leader.driver.propose(0, b"x")
+        index = leader.host.node(0).raft.log.last_index()
+        fsyncs = leader.wal.stats.fsyncs
+        leader.driver._pass()  # the pass the proposal scheduled, run now, outside the loop
+        assert leader.wal.stats.fsyncs == fsyncs + 1
+        sent = [n for n, indexes in written if index in indexes]
+        assert sent == [fsyncs, fsyncs], written  # to both followers, before the fsync
+        assert await future == 2
+        await stop()
 
     run(main())
 
