@@ -8,7 +8,8 @@ Two kinds, so that metrics cost the hot path (almost) nothing:
 - Latencies that exist only on the hot path (an append from request to ack; a proposal from
   ``propose`` to applied) go into ``LatencyHistogram``s: one ``bisect`` and two additions per
   observation, on the event loop's thread (no lock).  ``NodeMetrics.attach`` installs them as
-  the hooks ``Service.on_append_latency`` and ``Driver.on_commit_latency``.
+  the hooks ``Service.on_append_latency`` and ``Driver.on_commit_latency``, and the timing of
+  the cyclic garbage collector's pauses (``CollectorPauses``) as a ``gc.callbacks`` hook.
 
 Rules: names are ``ctxstore_*`` with the unit last (``_seconds``, ``_bytes``, ``_total``); every
 metric carries a real value (nothing is exported before the code that counts it exists); the
@@ -17,8 +18,11 @@ registry is the ``NodeMetrics``'s own, never prometheus_client's global one.
 
 from __future__ import annotations
 
+import gc
+import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
@@ -40,6 +44,12 @@ from .server import Service
 # 0.5 ms … 5 s: a local fsync is ~0.1-2 ms, a replicated append a few ms, the deadline 5 s.
 LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+
+# 0.1 ms … 1 s: a young collection takes well under a millisecond, a full one over a large state
+# tens of milliseconds (docs/benchmarks.md).
+GC_PAUSE_BUCKETS_S = (
+    0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
 )  # fmt: skip
 
 
@@ -74,6 +84,44 @@ class LatencyHistogram:
         return out
 
 
+class CollectorPauses:
+    """The pauses of the cyclic garbage collector, by generation (0, 1, 2): a ``gc.callbacks``
+    hook (``install``/``uninstall``) that times each collection from its "start" to its "stop"
+    callback.  A collection stops every thread of the process, so these are pauses of the
+    node's event loop whichever thread set one off; with several nodes in one process (tests),
+    each node's hook sees every collection of the process.  Collections never overlap (the
+    interpreter runs one at a time), so one start time is enough."""
+
+    __slots__ = ("_clock", "_started", "by_generation", "max_s")
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.by_generation = tuple(LatencyHistogram(GC_PAUSE_BUCKETS_S) for _ in range(3))
+        self.max_s = [0.0, 0.0, 0.0]
+        self._clock = clock
+        self._started: float | None = None
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = self._clock()
+            return
+        started, self._started = self._started, None
+        if started is None:  # installed during a collection: its stop has no start
+            return
+        elapsed = self._clock() - started
+        generation = info["generation"]
+        self.by_generation[generation].observe(elapsed)
+        if elapsed > self.max_s[generation]:
+            self.max_s[generation] = elapsed
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def uninstall(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
+
+
 def leader_counts(node: Node) -> tuple[int, int, int]:
     """``(groups, groups led by this node, groups without a known leader)``."""
     me = node.settings.node_id
@@ -95,6 +143,7 @@ class NodeMetrics:
         self.append_ok = LatencyHistogram()
         self.append_error = LatencyHistogram()
         self.commit = LatencyHistogram()
+        self.gc_pauses = CollectorPauses()
         self.registry = CollectorRegistry()
         self.registry.register(NodeCollector(self, clients))
 
@@ -102,10 +151,12 @@ class NodeMetrics:
         """Install the hot-path hooks (one node has one ``NodeMetrics``)."""
         self.service.on_append_latency = self.observe_append
         self.node.driver.on_commit_latency = self.commit.observe
+        self.gc_pauses.install()
 
     def detach(self) -> None:
         self.service.on_append_latency = None
         self.node.driver.on_commit_latency = None
+        self.gc_pauses.uninstall()
 
     def observe_append(self, seconds: float, ok: bool) -> None:
         (self.append_ok if ok else self.append_error).observe(seconds)
@@ -147,6 +198,7 @@ class NodeCollector(Collector):
         yield from self._raft()
         yield from self._wal()
         yield from self._peers()
+        yield from self._collector()
 
     def _service(self) -> Iterator[Metric]:
         m, service, router = self.metrics, self.metrics.service, self.metrics.node.router
@@ -464,3 +516,23 @@ class NodeCollector(Collector):
                 )
             ),
         )
+
+    def _collector(self) -> Iterator[Metric]:
+        pauses = self.metrics.gc_pauses
+        family = HistogramMetricFamily(
+            "ctxstore_gc_pause_seconds",
+            "Collections of the cyclic garbage collector (every thread of the process stops), "
+            "by generation.",
+            labels=["generation"],
+        )
+        for generation, h in enumerate(pauses.by_generation):
+            family.add_metric([str(generation)], h.cumulative(), h.sum_s)
+        yield family
+        most = GaugeMetricFamily(
+            "ctxstore_gc_pause_seconds_max",
+            "The longest collection of the cyclic garbage collector since start, by generation.",
+            labels=["generation"],
+        )
+        for generation, seconds in enumerate(pauses.max_s):
+            most.add_metric([str(generation)], seconds)
+        yield most

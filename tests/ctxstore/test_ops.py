@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
@@ -21,9 +22,9 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctxstore.config import Settings
-from ctxstore.metrics import LatencyHistogram
+from ctxstore.metrics import CollectorPauses, LatencyHistogram
 from ctxstore.node import Node
-from ctxstore.ops import OpsLimits, OpsServer, Readiness, serve_ops, serve_source
+from ctxstore.ops import NodeSource, OpsLimits, OpsServer, Readiness, serve_ops, serve_source
 from ctxstore.server import Service
 from tests.cluster.harness import free_port
 from wire.aio import Server
@@ -239,6 +240,7 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
                 with pytest.raises(ClientError) as conflict:
                     await c.append("s1", "late", expected_seq=1)
                 assert conflict.value.code == "conflict"
+                gc.collect()  # one full collection at least, timed by the hook
                 during = await h.scrape()
             after = await h.scrape()
 
@@ -279,6 +281,10 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
             during["ctxstore_forwards_sent_total"] == during["ctxstore_forwards_served_total"] == 0
         )
         assert during["ctxstore_peer_connections"] == 0  # a single node has no peers
+        full = 'ctxstore_gc_pause_seconds_count{generation="2"}'
+        assert during[full] >= before[full] + 1
+        assert during['ctxstore_gc_pause_seconds_max{generation="2"}'] > 0
+        assert during['ctxstore_gc_pause_seconds_bucket{generation="2",le="+Inf"}'] == during[full]
         assert (
             during['ctxstore_node_info{cluster_id="ctxstore",node_id="1",wal_writer="thread"}'] == 1
         )
@@ -332,9 +338,11 @@ def test_closing_the_ops_server_removes_the_hooks(tmp_path: Path) -> None:
             def hooks() -> list[object]:
                 return [h.service.on_append_latency, h.node.driver.on_commit_latency]
 
-            assert None not in hooks()
+            source = h.ops.source
+            assert isinstance(source, NodeSource)
+            assert None not in hooks() and source.metrics.gc_pauses in gc.callbacks
             h.ops.close()
-            assert hooks() == [None, None]
+            assert hooks() == [None, None] and source.metrics.gc_pauses not in gc.callbacks
 
     run(main())
 
@@ -610,3 +618,36 @@ def test_latency_histogram_buckets_are_cumulative_with_le_semantics() -> None:
     assert h.sum_s == pytest.approx(3.5131)
     with pytest.raises(AssertionError):
         LatencyHistogram((0.1, 0.01))
+
+
+# -- the collector's pauses ------------------------------------------------------------------------
+def test_collector_pauses_are_timed_from_start_to_stop_by_generation() -> None:
+    now = [0.0]
+    pauses = CollectorPauses(clock=lambda: now[0])
+    for generation, seconds in ((0, 0.0002), (0, 0.0004), (2, 0.03), (1, 0.002)):
+        pauses("start", {"generation": generation})
+        now[0] += seconds
+        pauses("stop", {"generation": generation, "collected": 0, "uncollectable": 0})
+    pauses("stop", {"generation": 1})  # installed mid-collection: a stop without its start
+    assert [h.count for h in pauses.by_generation] == [2, 1, 1]
+    assert pauses.max_s == pytest.approx([0.0004, 0.002, 0.03])
+    assert pauses.by_generation[0].sum_s == pytest.approx(0.0006)
+    assert dict(pauses.by_generation[2].cumulative())["0.05"] == 1
+    assert dict(pauses.by_generation[2].cumulative())["0.02"] == 0
+
+
+def test_collector_pauses_see_real_collections_until_uninstalled() -> None:
+    pauses = CollectorPauses()
+    pauses.install()
+    pauses.install()  # once only
+    try:
+        assert gc.callbacks.count(pauses) == 1
+        gc.collect(0)
+        gc.collect(2)
+        assert pauses.by_generation[0].count >= 1 and pauses.by_generation[2].count >= 1
+        assert pauses.max_s[2] > 0
+    finally:
+        pauses.uninstall()
+    seen = [h.count for h in pauses.by_generation]
+    gc.collect(2)
+    assert [h.count for h in pauses.by_generation] == seen and pauses not in gc.callbacks
