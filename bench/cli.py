@@ -58,6 +58,10 @@ def common_options() -> argparse.ArgumentParser:
     where.add_argument("--nodes", type=int, help="start a local cluster of N nodes (temporary)")
     c = p.add_argument_group("cluster options")
     c.add_argument("--token", default=None, help="client token, if the cluster wants one")
+    c.add_argument(
+        "--ops", default=None, metavar="ID=H:P[,...]",
+        help="with --target: the nodes' ops ports, for their pauses (local nodes: known)",
+    )  # fmt: skip
     c.add_argument("--data-parent", default=None, help="where the local cluster's data goes")
     c.add_argument("--keep-data", action="store_true", help="keep the local cluster's data")
     g = p.add_argument_group("load")
@@ -132,6 +136,18 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--nodes: 1 to 7")
     if node_args and args.nodes is None:
         p.error("flags after -- are for local nodes (--nodes)")
+    args.ops_ports = {}
+    if args.ops is not None:
+        if args.nodes is not None:
+            p.error("--ops is for --target clusters (local nodes' ops ports are known)")
+        try:
+            for item in filter(None, (x.strip() for x in args.ops.split(","))):
+                node, _, address = item.partition("=")
+                if not address.rpartition(":")[2].isdigit():
+                    raise ValueError(item)
+                args.ops_ports[int(node)] = address
+        except ValueError:
+            p.error("--ops: NODE_ID=HOST:PORT[,...], e.g. 1=10.0.0.1:7600,2=10.0.0.2:7600")
     if args.scenario == "failover" and (args.nodes or 0) < 3:
         p.error("failover kills a node of a local cluster: --nodes 3 (or more)")
     if args.scenario == "mixed" and not (0 <= args.read_ratio <= 1 and 1 <= args.read_last <= 1000):
@@ -144,7 +160,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"json", "quiet", "token", "data_parent", "keep_data"}
+    skip = {"json", "quiet", "token", "data_parent", "keep_data", "ops_ports"}
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -161,7 +177,7 @@ async def _main(args: argparse.Namespace, argv: Sequence[str], background: float
             targets = local.targets
         else:
             targets = [t.strip() for t in args.target.split(",") if t.strip()]
-        target: Target = await discover(targets, args.token, local)
+        target: Target = await discover(targets, args.token, local, args.ops_ports)
         log(f"{len(target.nodes)} nodes, {target.groups} groups; setting up", args.quiet)
         figures = await run_scenario(args, target, background)
     except Exception:

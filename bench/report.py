@@ -20,6 +20,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .nodestats import describe
+
 REFRESH_S = 0.25
 LATENCY_COLUMNS = ("mean", "p50", "p90", "p99", "p99.9", "max")
 ACKS, ERRORS, READS, REPLAYS, OUTSTANDING = range(5)  # as in load
@@ -175,6 +177,8 @@ def details_table(doc: dict[str, Any]) -> Table:
         f"{cpu['machine_cores']} cores, {cpu['machine_busy_pct']} % busy, "
         f"other processes {cpu['others_pct_of_core']} % of a core",
     )
+    if doc.get("node_pauses"):
+        table.add_row("node pauses", describe(doc["node_pauses"]))
     tl = doc.get("timeline")
     if tl is not None and tl["worst"] is not None:
         over = tl["over_target"]

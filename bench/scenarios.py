@@ -31,6 +31,7 @@ from . import verify as verify_mod
 from .failover import Kill, failover_figures, kill_leader
 from .histogram import LatencyHistogram
 from .load import WorkerResult, Workers, WorkerSpec, session_id
+from .nodestats import node_pauses, scrape_nodes
 from .report import Progress
 from .sysinfo import cpu_between, cpu_seconds, sample_cpu
 from .timeline import timeline, timeline_summary
@@ -52,6 +53,7 @@ class Target:
     leaders: list[int]
     local: LocalCluster | None = None
     cpu_at_kill: dict[str, float] = dataclasses.field(default_factory=dict)
+    ops: dict[int, str] = dataclasses.field(default_factory=dict)  # node id -> its ops port
 
     def node_pids(self) -> dict[str, int]:
         if self.local is None:
@@ -76,8 +78,14 @@ class Target:
         return await connect(targets, token=token, client_name="ctxstore-bench", timeout_s=10)
 
 
-async def discover(targets: list[str], token: str | None, local: LocalCluster | None) -> Target:
-    """Node ids (Welcome), groups and leaders (GetRoutes) of the cluster behind ``targets``."""
+async def discover(
+    targets: list[str],
+    token: str | None,
+    local: LocalCluster | None,
+    ops: dict[int, str] | None = None,
+) -> Target:
+    """Node ids (Welcome), groups and leaders (GetRoutes) of the cluster behind ``targets``;
+    the ops ports are the local nodes' or ``ops``."""
     nodes: dict[int, str] = {}
     routes = None
     for address in targets:
@@ -92,7 +100,9 @@ async def discover(targets: list[str], token: str | None, local: LocalCluster | 
     assert routes is not None
     for node_id, address in routes.addresses.items():
         nodes.setdefault(node_id, address)  # nodes the targets did not name
-    return Target(nodes, len(routes.leaders), list(routes.leaders), local)
+    if local is not None:
+        ops = {i: f"{c.ops[0]}:{c.ops[1]}" for i, c in local.children.items()}
+    return Target(nodes, len(routes.leaders), list(routes.leaders), local, ops=dict(ops or {}))
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -198,6 +208,7 @@ class LoadRun:
     results: list[WorkerResult]
     cpu: dict[str, Any]
     client_pids: dict[str, int]
+    pauses: dict[str, Any]  # nodestats.node_pauses of the window
 
 
 During = Callable[[float, float, Progress], Coroutine[Any, Any, None]]
@@ -219,10 +230,12 @@ async def run_load(
         pids = {**target.node_pids(), **workers.pids, "bench": os.getpid()}
         await asyncio.sleep(max(0.0, measure - now()))
         first = sample_cpu(pids)
+        first_scrape = await scrape_nodes(target.ops)
         if during is not None:
             side = asyncio.create_task(during(measure, end, progress))
         await asyncio.sleep(max(0.0, end - now()))
         last = sample_cpu(pids)
+        last_scrape = await scrape_nodes(target.ops)
         if side is not None:
             await side
         progress.phase_note("drain")
@@ -234,7 +247,8 @@ async def run_load(
             await progress.stop()
         workers.stop()
     cpu = cpu_between(first, last, target.cpu_at_kill)
-    return LoadRun(t0, measure, end, results, cpu, workers.pids)
+    pauses = node_pauses(first_scrape, last_scrape, end - measure)
+    return LoadRun(t0, measure, end, results, cpu, workers.pids, pauses)
 
 
 # -- figures --------------------------------------------------------------------------------------
@@ -273,6 +287,7 @@ def load_figures(args: argparse.Namespace, run: LoadRun) -> dict[str, Any]:
             "acks_not_logged": sum(r.acks_unlogged for r in run.results),
         },
         "cpu": run.cpu,
+        "node_pauses": run.pauses,
     }
     if args.rate is not None:
         out["client"]["send_lag_ms"] = hist["send_lag"].summary_ms()

@@ -186,7 +186,9 @@ def serve_main(args: argparse.Namespace) -> int:
 def _add_cluster(sub: Any) -> None:
     p = sub.add_parser("cluster", help="a local cluster of child processes")
     csub = p.add_subparsers(dest="cluster_command", required=True)
-    up = csub.add_parser("up", help="start it, print the client addresses, run until SIGINT")
+    up = csub.add_parser(
+        "up", help="start it, print the client and ops addresses, run until SIGINT"
+    )
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--base-port", type=int, default=7400)
     up.add_argument("--data-dir", default=None, help="default: a temporary directory")
@@ -210,7 +212,8 @@ async def _cluster_up(args: argparse.Namespace) -> int:
         await cluster.stop()
         return 1
     _emit({
-        "nodes": [{"id": c.id, "client": c.target, "data_dir": c.data_dir}
+        "nodes": [{"id": c.id, "client": c.target, "ops": f"{c.ops[0]}:{c.ops[1]}",
+                   "data_dir": c.data_dir}
                   for c in cluster.children.values()],
         "targets": ",".join(cluster.targets),
     })  # fmt: skip

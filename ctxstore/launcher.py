@@ -1,7 +1,8 @@
 """Start a local ctxstore cluster as child processes (``ctxstore cluster up``, tests, bench).
 
-Node ``i`` (1-based) listens for clients on ``base_port + i - 1`` and for peers on
-``base_port + 100 + i - 1`` (``base_port`` 0: free ports are picked), keeps its data in
+Node ``i`` (1-based) listens for clients on ``base_port + i - 1``, for peers on
+``base_port + 100 + i - 1`` and serves its ops port (health, ``/metrics``) on
+``base_port + 200 + i - 1`` (``base_port`` 0: free ports are picked), keeps its data in
 ``<data_dir>/node<i>`` and logs to ``<data_dir>/node<i>.log``.  Each child prints JSON events
 on stdout; the launcher waits for ``{"event": "ready"}`` (every group has a leader).
 
@@ -43,6 +44,7 @@ class Child:
     id: int
     client: tuple[str, int]
     peer: tuple[str, int]
+    ops: tuple[str, int]  # the ops port: /health/*, /metrics
     data_dir: str
     log_path: str
     process: asyncio.subprocess.Process | None = None
@@ -72,14 +74,16 @@ class LocalCluster:
         if base_port:
             clients = [base_port + i for i in range(nodes)]
             peers = [base_port + 100 + i for i in range(nodes)]
+            ops = [base_port + 200 + i for i in range(nodes)]
         else:
-            ports = free_ports(2 * nodes)
-            clients, peers = ports[:nodes], ports[nodes:]
+            ports = free_ports(3 * nodes)
+            clients, peers, ops = ports[:nodes], ports[nodes : 2 * nodes], ports[2 * nodes :]
         self.children = {
             i: Child(
                 i,
                 (host, clients[i - 1]),
                 (host, peers[i - 1]),
+                (host, ops[i - 1]),
                 os.path.join(self.data_dir, f"node{i}"),
                 os.path.join(self.data_dir, f"node{i}.log"),
             )
@@ -101,6 +105,7 @@ class LocalCluster:
             "--data-dir", c.data_dir,
             "--listen", c.target,
             "--peer-listen", f"{c.peer[0]}:{c.peer[1]}",
+            "--http", f"{c.ops[0]}:{c.ops[1]}",
         ]  # fmt: skip
         if peers:
             args += ["--peers", peers]

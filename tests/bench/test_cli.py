@@ -17,6 +17,9 @@ def test_defaults_and_node_flags() -> None:
     assert args.node_args == ["--groups", "16", "--tick-ms", "20"]
     args = parse(["append", "--target", "h:1", "--rate", "5000"])
     assert args.concurrency is None and args.rate == 5000 and not args.verify
+    assert args.ops_ports == {}
+    args = parse(["append", "--target", "h:1", "--ops", "1=h:7600, 2=10.0.0.2:7601"])
+    assert args.ops_ports == {1: "h:7600", 2: "10.0.0.2:7601"}
 
 
 @pytest.mark.parametrize(
@@ -30,6 +33,10 @@ def test_defaults_and_node_flags() -> None:
         ["mixed", "--nodes", "1", "--read-ratio", "2"],
         ["replay", "--nodes", "1", "--page", "5000"],
         ["append", "--nodes", "1", "--duration", "0"],
+        ["append", "--nodes", "1", "--ops", "1=h:7600"],  # local nodes' ops ports are known
+        ["append", "--target", "h:1", "--ops", "h:7600"],  # no node id
+        ["append", "--target", "h:1", "--ops", "1=h"],  # no port
+        ["append", "--target", "h:1", "--ops", "x=h:7600"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str]) -> None:

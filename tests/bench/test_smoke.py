@@ -47,12 +47,21 @@ def bench(tmp_path: Path, *argv: str) -> dict[str, Any]:
     assert tl["worst"]["p99"] == max(step["p99"] for step in tl["appends"])
     assert tl["over_target"] == [] and "timeline" in done.stdout
     assert sum(doc["cluster"]["groups_led"].values()) == 16
+    # The nodes' own pauses in the window, from their ops ports (a restarted node: since then).
+    pauses = doc["node_pauses"]
+    assert pauses and set(pauses) <= {f"node{i}" for i in range(1, 8)}
+    assert all(
+        set(p["gc"]) == {"0", "1", "2"} and p["pass_max_ms_since_start"] > 0
+        for p in pauses.values()
+    )
+    assert "node pauses" in done.stdout
     return doc
 
 
 def test_append_closed_loop(tmp_path: Path) -> None:
     doc = bench(tmp_path, "append", "--nodes", "1", "--concurrency", "8")
     assert doc["cpu"]["pct_of_core"]["node1"] > 0
+    assert list(doc["node_pauses"]) == ["node1"] and not doc["node_pauses"]["node1"]["restarted"]
 
 
 def test_mixed_open_loop(tmp_path: Path) -> None:

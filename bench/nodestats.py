@@ -1,0 +1,163 @@
+"""What the nodes say of their own pauses: their ``/metrics`` (the ops port), scraped at the
+start and at the end of the measured window.
+
+A slow second in the timeline has one of three causes: the nodes' event loops stopped (a
+garbage collection, a long driver pass, a slow fsync), the client stopped, or the machine gave
+the processes no CPU.  These figures answer the first: per node, the cyclic collector's pauses
+in the window (count, total, the bucket of the longest, by generation: the difference of the
+two scrapes of ``ctxstore_gc_pause_seconds``), and the longest driver pass and fsync since the
+node started (``ctxstore_raft_pass_seconds_max``, ``ctxstore_wal_fsync_seconds_max``: gauges,
+not per window).  A node that does not answer (killed, or its ops port not reachable) has no
+figures; one restarted in the window (``failover``) has those since its restart; nothing here
+fails a run.
+
+Local clusters (``--nodes``) serve their ops ports on addresses the launcher chose; an
+existing cluster's are given with ``--ops``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import h11
+from prometheus_client.parser import text_string_to_metric_families
+
+Scrape = dict[str, float]  # 'name{label="v",...}' (labels sorted) -> value
+SCRAPE_TIMEOUT_S = 5.0
+SCRAPE_BYTES_MAX = 4 << 20  # a node's /metrics is a few tens of KiB
+GENERATIONS = ("0", "1", "2")
+GC_COUNT = "ctxstore_gc_pause_seconds_count"
+
+
+def parse_metrics(text: str) -> Scrape:
+    """Every sample of a Prometheus text exposition, keyed by name and sorted labels."""
+    out: Scrape = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+async def fetch_metrics(address: str, timeout_s: float = SCRAPE_TIMEOUT_S) -> Scrape:
+    """GET /metrics from ``host:port`` (one HTTP/1.1 request on its own connection)."""
+    host, _, port = address.rpartition(":")
+
+    async def get() -> bytes:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            head = h11.Request(method="GET", target="/metrics", headers=[("Host", address)])
+            writer.write(conn.send(head) + conn.send(h11.EndOfMessage()))
+            body = bytearray()
+            status = 0
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > SCRAPE_BYTES_MAX:
+                        raise ValueError(f"{address}/metrics: more than {SCRAPE_BYTES_MAX} bytes")
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ConnectionError(f"{address}/metrics: closed before the response ended")
+            if status != 200:
+                raise ConnectionError(f"{address}/metrics: HTTP {status}")
+            return bytes(body)
+        finally:
+            writer.close()
+
+    return parse_metrics((await asyncio.wait_for(get(), timeout_s)).decode())
+
+
+async def scrape_nodes(ops: Mapping[int, str]) -> dict[int, Scrape | None]:
+    """Every node's metrics at once; None for a node that did not answer."""
+
+    async def one(address: str) -> Scrape | None:
+        try:
+            return await fetch_metrics(address)
+        except (OSError, TimeoutError, ValueError, h11.ProtocolError):
+            return None
+
+    answers = await asyncio.gather(*(one(a) for a in ops.values()))
+    return dict(zip(ops, answers, strict=True))
+
+
+def _gc_generation(first: Scrape, last: Scrape, generation: str) -> dict[str, Any]:
+    label = f'generation="{generation}"'
+    count = last[f"ctxstore_gc_pause_seconds_count{{{label}}}"] - first.get(
+        f"ctxstore_gc_pause_seconds_count{{{label}}}", 0.0
+    )
+    seconds = last[f"ctxstore_gc_pause_seconds_sum{{{label}}}"] - first.get(
+        f"ctxstore_gc_pause_seconds_sum{{{label}}}", 0.0
+    )
+    longest: float | None = None  # the upper bound of the highest bucket the window reached
+    prefix = "ctxstore_gc_pause_seconds_bucket{"
+    below = 0.0
+    for key in sorted(
+        (k for k in last if k.startswith(prefix) and label in k),
+        key=lambda k: math.inf if 'le="+Inf"' in k else float(k.split('le="')[1].split('"')[0]),
+    ):
+        n = last[key] - first.get(key, 0.0)
+        if n > below:
+            bound = key.split('le="')[1].split('"')[0]
+            longest = math.inf if bound == "+Inf" else float(bound)
+        below = n
+    return {
+        "count": int(count),
+        "seconds": round(seconds, 4),
+        "longest_le_ms": None if longest is None else longest * 1000,
+    }
+
+
+def node_pauses(
+    first: Mapping[int, Scrape | None], last: Mapping[int, Scrape | None], window_s: float
+) -> dict[str, Any]:
+    """Per node (``node<i>``) that answered both scrapes: its collector's pauses in the window
+    (since its restart if it restarted in between) and the longest pass and fsync since it
+    started; ``{}`` without scrapes."""
+    out: dict[str, Any] = {}
+    for node_id, end in sorted(last.items()):
+        start = first.get(node_id)
+        if start is None or end is None or not any(k.startswith(GC_COUNT) for k in end):
+            continue  # gone, or a node without the collector's metrics
+        restarted = any(end.get(k, 0.0) < v for k, v in start.items() if k.startswith(GC_COUNT))
+        if restarted:  # its counters began again: the window's figures are since its restart
+            start = {}
+        gc = {g: _gc_generation(start, end, g) for g in GENERATIONS}
+        total = sum(v["seconds"] for v in gc.values())
+        out[f"node{node_id}"] = {
+            "restarted": restarted,
+            "gc": gc,
+            "gc_seconds": round(total, 4),
+            "gc_pct_of_window": round(100 * total / window_s, 2) if window_s > 0 else None,
+            "pass_max_ms_since_start": round(end["ctxstore_raft_pass_seconds_max"] * 1000, 2),
+            "fsync_max_ms_since_start": round(end["ctxstore_wal_fsync_seconds_max"] * 1000, 2),
+        }
+    return out
+
+
+def describe(pauses: Mapping[str, Any]) -> str:
+    """One line for the report: per node, the collections of the window and the longest
+    pauses."""
+    parts = []
+    for name, p in pauses.items():
+        gc = p["gc"]
+        count = sum(v["count"] for v in gc.values())
+        worst = max(
+            (v["longest_le_ms"], g) for g, v in gc.items() if v["longest_le_ms"] is not None
+        ) if count else None  # fmt: skip
+        longest = "" if worst is None else f", longest ≤ {worst[0]:g} ms (gen {worst[1]})"
+        parts.append(
+            f"{name} GC {count} in {p['gc_seconds'] * 1000:.0f} ms{longest}; "
+            f"pass ≤ {p['pass_max_ms_since_start']:.0f} ms, "
+            f"fsync ≤ {p['fsync_max_ms_since_start']:.0f} ms since start"
+        )
+    return " | ".join(parts)
