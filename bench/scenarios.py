@@ -230,9 +230,9 @@ async def run_load(
         pids = {**target.node_pids(), **workers.pids, "bench": os.getpid()}
         await asyncio.sleep(max(0.0, measure - now()))
         first = sample_cpu(pids)
-        first_scrape = await scrape_nodes(target.ops)
         if during is not None:
             side = asyncio.create_task(during(measure, end, progress))
+        first_scrape = await scrape_nodes(target.ops)  # after starting ``during``: on time
         await asyncio.sleep(max(0.0, end - now()))
         last = sample_cpu(pids)
         last_scrape = await scrape_nodes(target.ops)
