@@ -101,7 +101,7 @@ async def discover(
     for node_id, address in routes.addresses.items():
         nodes.setdefault(node_id, address)  # nodes the targets did not name
     if local is not None:
-        ops = {i: f"{c.ops[0]}:{c.ops[1]}" for i, c in local.children.items()}
+        ops = {i: c.ops_target for i, c in local.children.items()}
     return Target(nodes, len(routes.leaders), list(routes.leaders), local, ops=dict(ops or {}))
 
 

@@ -212,7 +212,7 @@ async def _cluster_up(args: argparse.Namespace) -> int:
         await cluster.stop()
         return 1
     _emit({
-        "nodes": [{"id": c.id, "client": c.target, "ops": f"{c.ops[0]}:{c.ops[1]}",
+        "nodes": [{"id": c.id, "client": c.target, "ops": c.ops_target,
                    "data_dir": c.data_dir}
                   for c in cluster.children.values()],
         "targets": ",".join(cluster.targets),

@@ -56,6 +56,10 @@ class Child:
     def target(self) -> str:
         return f"{self.client[0]}:{self.client[1]}"
 
+    @property
+    def ops_target(self) -> str:
+        return f"{self.ops[0]}:{self.ops[1]}"
+
 
 class LocalCluster:
     def __init__(
@@ -105,7 +109,7 @@ class LocalCluster:
             "--data-dir", c.data_dir,
             "--listen", c.target,
             "--peer-listen", f"{c.peer[0]}:{c.peer[1]}",
-            "--http", f"{c.ops[0]}:{c.ops[1]}",
+            "--http", c.ops_target,
         ]  # fmt: skip
         if peers:
             args += ["--peers", peers]

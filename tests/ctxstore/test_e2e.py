@@ -78,8 +78,8 @@ def test_a_single_node_keeps_everything_across_restarts_and_kill_9(
         cluster = LocalCluster(1, str(tmp_path), extra_args=FAST, wal_writer=wal_writer)
         await cluster.start()
         try:
-            ops = cluster.children[1].ops  # the launcher gives every node its ops port
-            metrics = await fetch_metrics(f"{ops[0]}:{ops[1]}")
+            # The launcher gives every node its ops port.
+            metrics = await fetch_metrics(cluster.children[1].ops_target)
             assert metrics["ctxstore_raft_groups"] == metrics["ctxstore_raft_groups_led"] == 64
             async with await connect(cluster.targets) as c:
                 await c.create_session("alice", "bot", {"topic": "x"}, "s1")
