@@ -4,12 +4,12 @@ start and at the end of the measured window.
 A slow second in the timeline has one of three causes: the nodes' event loops stopped (a
 garbage collection, a long driver pass, a slow fsync), the client stopped, or the machine gave
 the processes no CPU.  These figures answer the first: per node, the cyclic collector's pauses
-in the window (count, total, the bucket of the longest, by generation: the difference of the
-two scrapes of ``ctxstore_gc_pause_seconds``), and the longest driver pass and fsync since the
-node started (``ctxstore_raft_pass_seconds_max``, ``ctxstore_wal_fsync_seconds_max``: gauges,
-not per window).  A node that does not answer (killed, or its ops port not reachable) has no
-figures; one restarted in the window (``failover``) has those since its restart; nothing here
-fails a run.
+by generation and the WAL's fsyncs in the window (count, total time, the bucket of the
+longest: the difference of the two scrapes of the histograms ``ctxstore_gc_pause_seconds``
+and ``ctxstore_wal_fsync_seconds``), and the longest driver pass since the node started
+(``ctxstore_raft_pass_seconds_max``, a gauge, not per window).  A node that does not answer
+(killed, or its ops port not reachable) has no figures; one restarted in the window
+(``failover``) has those since its restart; nothing here fails a run.
 
 Local clusters (``--nodes``) serve their ops ports on addresses the launcher chose; an
 existing cluster's are given with ``--ops``.
@@ -90,29 +90,31 @@ async def scrape_nodes(ops: Mapping[int, str]) -> dict[int, Scrape | None]:
     return dict(zip(ops, answers, strict=True))
 
 
-def _gc_generation(first: Scrape, last: Scrape, generation: str) -> dict[str, Any]:
-    label = f'generation="{generation}"'
-    count = last[f"ctxstore_gc_pause_seconds_count{{{label}}}"] - first.get(
-        f"ctxstore_gc_pause_seconds_count{{{label}}}", 0.0
-    )
-    seconds = last[f"ctxstore_gc_pause_seconds_sum{{{label}}}"] - first.get(
-        f"ctxstore_gc_pause_seconds_sum{{{label}}}", 0.0
-    )
-    longest: float | None = None  # the upper bound of the highest bucket the window reached
-    prefix = "ctxstore_gc_pause_seconds_bucket{"
+def _le(key: str) -> float:
+    bound = key.split('le="')[1].split('"')[0]
+    return math.inf if bound == "+Inf" else float(bound)
+
+
+def window_histogram(first: Scrape, last: Scrape, name: str, labels: str = "") -> dict[str, Any]:
+    """What histogram ``name`` (with ``labels``, e.g. ``generation="1"``) counted between two
+    scrapes: count, seconds, and the upper bound of the highest bucket it reached (ms; None:
+    nothing counted, inf: above the last bound)."""
+
+    def delta(key: str) -> float:
+        return last[key] - first.get(key, 0.0)
+
+    suffix = f"{{{labels}}}" if labels else ""
+    prefix = f"{name}_bucket{{" + (f"{labels}," if labels else "") + 'le="'
+    longest: float | None = None
     below = 0.0
-    for key in sorted(
-        (k for k in last if k.startswith(prefix) and label in k),
-        key=lambda k: math.inf if 'le="+Inf"' in k else float(k.split('le="')[1].split('"')[0]),
-    ):
-        n = last[key] - first.get(key, 0.0)
+    for key in sorted((k for k in last if k.startswith(prefix)), key=_le):
+        n = delta(key)  # cumulative: the window's observations <= this bound
         if n > below:
-            bound = key.split('le="')[1].split('"')[0]
-            longest = math.inf if bound == "+Inf" else float(bound)
+            longest = _le(key)
         below = n
     return {
-        "count": int(count),
-        "seconds": round(seconds, 4),
+        "count": int(delta(f"{name}_count{suffix}")),
+        "seconds": round(delta(f"{name}_sum{suffix}"), 4),
         "longest_le_ms": None if longest is None else longest * 1000,
     }
 
@@ -120,9 +122,9 @@ def _gc_generation(first: Scrape, last: Scrape, generation: str) -> dict[str, An
 def node_pauses(
     first: Mapping[int, Scrape | None], last: Mapping[int, Scrape | None], window_s: float
 ) -> dict[str, Any]:
-    """Per node (``node<i>``) that answered both scrapes: its collector's pauses in the window
-    (since its restart if it restarted in between) and the longest pass and fsync since it
-    started; ``{}`` without scrapes."""
+    """Per node (``node<i>``) that answered both scrapes: its collector's pauses and its WAL
+    fsyncs in the window (since its restart if it restarted in between), and the longest pass
+    and fsync since it started; ``{}`` without scrapes."""
     out: dict[str, Any] = {}
     for node_id, end in sorted(last.items()):
         start = first.get(node_id)
@@ -131,13 +133,17 @@ def node_pauses(
         restarted = any(end.get(k, 0.0) < v for k, v in start.items() if k.startswith(GC_COUNT))
         if restarted:  # its counters began again: the window's figures are since its restart
             start = {}
-        gc = {g: _gc_generation(start, end, g) for g in GENERATIONS}
+        gc = {
+            g: window_histogram(start, end, "ctxstore_gc_pause_seconds", f'generation="{g}"')
+            for g in GENERATIONS
+        }
         total = sum(v["seconds"] for v in gc.values())
         out[f"node{node_id}"] = {
             "restarted": restarted,
             "gc": gc,
             "gc_seconds": round(total, 4),
             "gc_pct_of_window": round(100 * total / window_s, 2) if window_s > 0 else None,
+            "fsync": window_histogram(start, end, "ctxstore_wal_fsync_seconds"),
             "pass_max_ms_since_start": round(end["ctxstore_raft_pass_seconds_max"] * 1000, 2),
             "fsync_max_ms_since_start": round(end["ctxstore_wal_fsync_seconds_max"] * 1000, 2),
         }
@@ -145,19 +151,21 @@ def node_pauses(
 
 
 def describe(pauses: Mapping[str, Any]) -> str:
-    """One line for the report: per node, the collections of the window and the longest
-    pauses."""
+    """One line for the report: per node, the collections and fsyncs of the window with the
+    longest of each, and the longest pass since the node started."""
     parts = []
     for name, p in pauses.items():
-        gc = p["gc"]
+        gc, fsync = p["gc"], p["fsync"]
         count = sum(v["count"] for v in gc.values())
         worst = max(
             (v["longest_le_ms"], g) for g, v in gc.items() if v["longest_le_ms"] is not None
         ) if count else None  # fmt: skip
-        longest = "" if worst is None else f", longest ≤ {worst[0]:g} ms (gen {worst[1]})"
-        parts.append(
-            f"{name} GC {count} in {p['gc_seconds'] * 1000:.0f} ms{longest}; "
-            f"pass ≤ {p['pass_max_ms_since_start']:.0f} ms, "
-            f"fsync ≤ {p['fsync_max_ms_since_start']:.0f} ms since start"
-        )
+        text = f"{name} GC {count} in {p['gc_seconds'] * 1000:.0f} ms"
+        if worst is not None:
+            text += f", longest ≤ {worst[0]:g} ms (gen {worst[1]})"
+        text += f"; fsyncs {fsync['count']:,}"
+        if fsync["longest_le_ms"] is not None:
+            text += f", longest ≤ {fsync['longest_le_ms']:g} ms"
+        text += f"; pass ≤ {p['pass_max_ms_since_start']:.0f} ms since start"
+        parts.append(text)
     return " | ".join(parts)

@@ -31,11 +31,11 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
 from raft import NONE
+from raft.wal_segments import FSYNC_BUCKETS_S
 from wire.aio import Server
 
 from .node import Node
@@ -74,14 +74,20 @@ class LatencyHistogram:
         return sum(self.counts)
 
     def cumulative(self) -> list[tuple[str, float]]:
-        """``(le, observations <= le)`` for every bound, then ``+Inf``: Prometheus buckets."""
-        out: list[tuple[str, float]] = []
-        total = 0
-        for bound, n in zip(self.bounds, self.counts, strict=False):
-            total += n
-            out.append((repr(float(bound)), total))
-        out.append(("+Inf", total + self.counts[-1]))
-        return out
+        return cumulative_buckets(self.bounds, self.counts)
+
+
+def cumulative_buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """``(le, observations <= le)`` for every bound, then ``+Inf``: Prometheus buckets, from
+    ``counts`` per bucket (``counts[i]``: in (bounds[i - 1], bounds[i]]; one more at the end,
+    above every bound)."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, n in zip(bounds, counts, strict=False):
+        total += n
+        out.append((repr(float(bound)), total))
+    out.append(("+Inf", total + counts[-1]))
+    return out
 
 
 class CollectorPauses:
@@ -383,10 +389,12 @@ class NodeCollector(Collector):
     def _wal(self) -> Iterator[Metric]:
         wal = self.metrics.node.wal
         st = wal.stats
-        yield SummaryMetricFamily(
+        # Copied first: the writer thread may count one more meanwhile (count = the +Inf bucket).
+        fsyncs = list(st.fsync_buckets)
+        yield HistogramMetricFamily(
             "ctxstore_wal_fsync_seconds",
-            "WAL segment fsyncs (one per group commit) and their time.",
-            count_value=st.fsyncs,
+            "WAL segment fsyncs (one per group commit) by time.",
+            buckets=cumulative_buckets(FSYNC_BUCKETS_S, fsyncs),
             sum_value=st.fsync_seconds_total,
         )
         yield _gauge(

@@ -25,8 +25,9 @@ import os
 import re
 import struct
 import time
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from crc32c import crc32c
@@ -48,6 +49,11 @@ _SEGMENT_RE = re.compile(r"^([0-9a-f]{16})\.wal$")
 _SNAPSHOT_RE = re.compile(r"^([0-9a-f]{8})-([0-9a-f]{16})-([0-9a-f]{8})\.snap$")
 _SNAPSHOT_HEADER = struct.Struct("<4sIQ")  # magic, CRC32C of the data, data length
 _SNAPSHOT_MAGIC = b"RSN1"
+# Upper bounds of the fsync-time buckets (``Stats.fsync_buckets``; ``le`` semantics, then one
+# bucket above the last bound): 0.1 ms (a disk with a write cache) … 5 s (a stalled one).
+FSYNC_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
 
 
 def segment_name(seq: int) -> str:
@@ -144,6 +150,9 @@ class Stats:
     fsync_seconds_last: float = 0.0
     fsync_seconds_max: float = 0.0
     fsync_seconds_total: float = 0.0
+    # fsyncs of segments by time: fsync_buckets[i] counts those with FSYNC_BUCKETS_S[i - 1] <
+    # seconds <= FSYNC_BUCKETS_S[i]; the last, those above every bound
+    fsync_buckets: list[int] = field(default_factory=lambda: [0] * (len(FSYNC_BUCKETS_S) + 1))
     segments_created: int = 0
     segments_deleted: int = 0
     snapshot_files: int = 0
@@ -341,6 +350,7 @@ class SegmentWriter:
         st.fsync_seconds_last = dt
         st.fsync_seconds_total += dt
         st.fsync_seconds_max = max(st.fsync_seconds_max, dt)
+        st.fsync_buckets[bisect_left(FSYNC_BUCKETS_S, dt)] += 1
         if dir_too:
             self.fsync_dir()
 

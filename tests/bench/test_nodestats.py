@@ -10,29 +10,38 @@ import uvloop
 
 from bench.nodestats import describe, fetch_metrics, node_pauses, parse_metrics, scrape_nodes
 from ctxstore.metrics import GC_PAUSE_BUCKETS_S
+from raft.wal_segments import FSYNC_BUCKETS_S
 from tests.cluster.harness import free_port
 
 
+def histogram(name: str, labels: str, bounds: tuple[float, ...], values: list[float]) -> list[str]:
+    """The lines of one Prometheus histogram of ``values``."""
+    head = f"{labels}," if labels else ""
+    lines = [f'{name}_bucket{{{head}le="{b!r}"}} {sum(v <= b for v in values)}' for b in bounds]
+    lines.append(f'{name}_bucket{{{head}le="+Inf"}} {len(values)}')
+    suffix = f"{{{labels}}}" if labels else ""
+    return [*lines, f"{name}_count{suffix} {len(values)}", f"{name}_sum{suffix} {sum(values)}"]
+
+
 def exposition(
-    gc: dict[str, list[float]], pass_max_s: float = 0.012, fsync_max_s: float = 0.004
+    gc: dict[str, list[float]], fsyncs: list[float] | None = None, pass_max_s: float = 0.012
 ) -> str:
     """A node's /metrics text as ``ctxstore.metrics`` writes it: ``gc`` maps a generation to
-    its pauses (seconds) since start."""
+    its pauses (seconds) since start, ``fsyncs`` lists the WAL's fsync times since start."""
+    fsyncs = fsyncs or []
     lines = ["# TYPE ctxstore_gc_pause_seconds histogram"]
     for generation in ("0", "1", "2"):
         pauses = gc.get(generation, [])
-        label = f'generation="{generation}"'
-        for bound in GC_PAUSE_BUCKETS_S:
-            n = sum(p <= bound for p in pauses)
-            lines.append(f'ctxstore_gc_pause_seconds_bucket{{{label},le="{bound!r}"}} {n}')
-        lines.append(f'ctxstore_gc_pause_seconds_bucket{{{label},le="+Inf"}} {len(pauses)}')
-        lines.append(f"ctxstore_gc_pause_seconds_count{{{label}}} {len(pauses)}")
-        lines.append(f"ctxstore_gc_pause_seconds_sum{{{label}}} {sum(pauses)}")
+        lines += histogram(
+            "ctxstore_gc_pause_seconds", f'generation="{generation}"', GC_PAUSE_BUCKETS_S, pauses
+        )
+    lines.append("# TYPE ctxstore_wal_fsync_seconds histogram")
+    lines += histogram("ctxstore_wal_fsync_seconds", "", FSYNC_BUCKETS_S, fsyncs)
     lines += [
         "# TYPE ctxstore_raft_pass_seconds_max gauge",
         f"ctxstore_raft_pass_seconds_max {pass_max_s}",
         "# TYPE ctxstore_wal_fsync_seconds_max gauge",
-        f"ctxstore_wal_fsync_seconds_max {fsync_max_s}",
+        f"ctxstore_wal_fsync_seconds_max {max(fsyncs, default=0.0)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -48,9 +57,13 @@ def test_parse_keys_samples_by_name_and_sorted_labels() -> None:
 def test_the_window_has_the_collections_between_the_scrapes() -> None:
     before = {"0": [0.0003] * 5, "1": [0.04]}  # the 40 ms one is before the window
     during = {"0": [0.0003] * 5 + [0.0004, 0.0015, 0.0002], "1": [0.04, 0.008]}
-    first = {1: parse_metrics(exposition(before)), 2: parse_metrics(exposition(before))}
+    fsyncs = [0.9, 0.001]  # the 900 ms one is before the window
+    first = {
+        1: parse_metrics(exposition(before, fsyncs)),
+        2: parse_metrics(exposition(before, fsyncs)),
+    }
     last = {
-        1: parse_metrics(exposition(during, pass_max_s=0.019)),
+        1: parse_metrics(exposition(during, [*fsyncs, 0.0008, 0.15, 0.002], pass_max_s=0.019)),
         2: None,  # killed: no figures
         3: parse_metrics(exposition(during)),  # no first scrape: no figures
     }
@@ -62,10 +75,13 @@ def test_the_window_has_the_collections_between_the_scrapes() -> None:
     assert n1["gc"]["2"] == {"count": 0, "seconds": 0.0, "longest_le_ms": None}
     assert n1["gc_seconds"] == pytest.approx(0.0101)
     assert n1["gc_pct_of_window"] == pytest.approx(0.51, abs=0.01)
-    assert (n1["pass_max_ms_since_start"], n1["fsync_max_ms_since_start"]) == (19.0, 4.0)
+    assert n1["fsync"] == {"count": 3, "seconds": pytest.approx(0.1528), "longest_le_ms": 200.0}
+    assert (n1["pass_max_ms_since_start"], n1["fsync_max_ms_since_start"]) == (19.0, 900.0)
     assert not n1["restarted"]
-    text = describe(out)
-    assert text.startswith("node1 GC 4 in 10 ms, longest ≤ 10 ms (gen 1); pass ≤ 19 ms")
+    assert describe(out) == (
+        "node1 GC 4 in 10 ms, longest ≤ 10 ms (gen 1); fsyncs 3, longest ≤ 200 ms; "
+        "pass ≤ 19 ms since start"
+    )
 
 
 def test_a_pause_beyond_the_last_bucket_and_a_restarted_node() -> None:
@@ -74,6 +90,7 @@ def test_a_pause_beyond_the_last_bucket_and_a_restarted_node() -> None:
     n1 = node_pauses(first, last, window_s=1.0)["node1"]
     assert n1["restarted"]
     assert n1["gc"]["2"] == {"count": 1, "seconds": 2.5, "longest_le_ms": float("inf")}
+    assert n1["fsync"] == {"count": 0, "seconds": 0.0, "longest_le_ms": None}
 
 
 def test_a_node_without_the_collector_metrics_is_left_out() -> None:

@@ -258,6 +258,9 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
         assert (
             during["ctxstore_wal_fsync_seconds_count"] > before["ctxstore_wal_fsync_seconds_count"]
         )
+        fsyncs = during["ctxstore_wal_fsync_seconds_count"]
+        assert during['ctxstore_wal_fsync_seconds_bucket{le="+Inf"}'] == fsyncs
+        assert during['ctxstore_wal_fsync_seconds_bucket{le="5.0"}'] <= fsyncs
         passes, readies = "ctxstore_raft_passes_total", "ctxstore_raft_readies_total"
         assert during[passes] > before[passes] and during[readies] >= during[passes]
         assert (

@@ -15,6 +15,7 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from functools import partial
@@ -303,6 +304,28 @@ def test_a_batch_for_50_groups_is_one_write_and_one_fdatasync(
         model = Model()
         model.write(batch)
         assert_same(wal, model)
+
+
+def test_fsyncs_are_counted_by_their_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Stats.fsync_buckets`` (the ``ctxstore_wal_fsync_seconds`` histogram): one count per
+    fsync, in the bucket of its time."""
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        time.sleep(0.06)
+        real(fd)
+
+    with WAL.open(str(tmp_path)) as wal:
+        st = wal.stats
+        before, fsyncs = list(st.fsync_buckets), st.fsyncs
+        wal.write_sync([GroupWrite(1, entries(1, 1, 3), HardState(1, 0, 1))])
+        monkeypatch.setattr(os, "fdatasync", slow)
+        wal.write_sync([GroupWrite(1, entries(1, 4, 3), HardState(1, 0, 1))])
+        delta = [n - b for n, b in zip(st.fsync_buckets, before, strict=True)]
+    bounds = [*wal_segments.FSYNC_BUCKETS_S, float("inf")]
+    assert len(delta) == len(bounds) and sum(delta) == st.fsyncs - fsyncs == 2
+    assert sum(n for n, bound in zip(delta, bounds, strict=True) if bound > 0.05) >= 1
+    assert st.fsync_seconds_max >= 0.06
 
 
 @pytest.mark.wal_writer("thread")  # its coalescing; inline: test_an_inline_wal_writes_...
