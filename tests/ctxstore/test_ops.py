@@ -19,8 +19,8 @@ import h11
 import msgspec
 import pytest
 import uvloop
-from prometheus_client.parser import text_string_to_metric_families
 
+from bench.nodestats import parse_metrics
 from ctxstore.config import Settings
 from ctxstore.metrics import CollectorPauses, LatencyHistogram
 from ctxstore.node import Node
@@ -165,12 +165,7 @@ class Harness:
         answer = await fetch(self.ops.address, "/metrics")
         assert answer.status == 200
         assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(answer.body.decode()):
-            for s in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
+        return parse_metrics(answer.body.decode())
 
 
 @contextlib.asynccontextmanager
