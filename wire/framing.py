@@ -15,9 +15,12 @@ Rules of this file:
   server accepts at most ``HELLO_FRAME_BYTES_MAX`` before the Hello); the receive buffer is
   compacted in place, once per wait for more bytes.
 - A well-framed request that fails the schema is a ``BadRequest``: the server has already queued
-  a ``bad_request`` Error naming the field, and the connection goes on.  Anything else that is
-  broken (oversize frame, undecodable msgpack, an unreadable ``rid``, a first frame that is not
-  a valid Hello, a frame the table does not allow) is a ``ProtocolError``.  It is sticky: the
+  a ``bad_request`` Error naming the field, and the connection goes on.  So is a request whose
+  ``rid`` is readable but whose body nests deeper than the decoder goes, and an ``Append`` or
+  ``CreateSession`` whose metadata is over ``METADATA_BYTES_MAX`` or ``METADATA_DEPTH_MAX``.
+  Anything else that is broken (oversize frame, undecodable msgpack, an unreadable ``rid``, a
+  first frame that is not a valid Hello, a frame the table does not allow) is a
+  ``ProtocolError``.  It is sticky: the
   buffer is dropped, later input is ignored, ``next_event`` returns it again, ``send`` discards,
   and a server has queued ``Error{rid: 0}``: write ``data_to_send()``, then close.
 - A server holds the frames that follow a Hello unparsed until the Welcome is sent, so no
@@ -48,6 +51,7 @@ from .errors import LocalProtocolError
 from .protocol import (
     FRAME_BYTES_MAX,
     METADATA_BYTES_MAX,
+    METADATA_DEPTH_MAX,
     PROTOCOL_VERSION,
     RETRYABLE,
     Append,
@@ -173,9 +177,6 @@ ClientEvent = ResponseReceived | PushReceived | ProtocolError | ConnectionClosed
 _encoder: Final = msgspec.msgpack.Encoder()
 _request_decoder: Final = msgspec.msgpack.Decoder(Request)
 _server_message_decoder: Final = msgspec.msgpack.Decoder(Response | Push)  # one tagged union
-_head_decoder: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
-_tag_decoder: Final = msgspec.msgpack.Decoder(str)
-_rid_decoder: Final = msgspec.msgpack.Decoder(int)
 _PATH: Final = re.compile(r"`\$\[(\d+)\]")
 _UNDECODABLE: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 """What a decoder raises for bytes that are not the message (msgspec lets an invalid UTF-8
@@ -371,7 +372,7 @@ class ServerConnection(_Connection):
         except msgspec.ValidationError as e:
             return self._bad_request(body, e, state)
         except RecursionError:
-            raise _Broken("bad_request", "undecodable frame: nested too deeply") from None
+            return self._too_deep(body, state)
         except _UNDECODABLE as e:
             raise _Broken("bad_request", f"undecodable frame: {e}") from None
         kind = Input.HELLO if type(request) is Hello else Input.REQUEST
@@ -393,11 +394,16 @@ class ServerConnection(_Connection):
                     f"(this server speaks {sorted(self.supported_versions)})",
                 )
             self.hello = request
-        elif len(body) > METADATA_BYTES_MAX and isinstance(request, Append | CreateSession):
-            size = len(_encoder.encode(request.metadata))
-            if size > METADATA_BYTES_MAX:
+        elif isinstance(request, Append | CreateSession) and request.metadata:
+            if len(body) > METADATA_BYTES_MAX:
+                size = len(_encoder.encode(request.metadata))
+                if size > METADATA_BYTES_MAX:
+                    return self._answer_bad(
+                        rid, "metadata", f"{size} bytes encoded exceeds {METADATA_BYTES_MAX}"
+                    )
+            if nested_deeper(request.metadata, METADATA_DEPTH_MAX):
                 return self._answer_bad(
-                    rid, "metadata", f"{size} bytes encoded exceeds {METADATA_BYTES_MAX}"
+                    rid, "metadata", f"nested deeper than {METADATA_DEPTH_MAX} levels"
                 )
         self.state = after
         self._pending[rid] = len(body)
@@ -415,6 +421,16 @@ class ServerConnection(_Connection):
         if rid in self._pending:
             return self._answer_bad(rid, "rid", f"request {rid} is already in flight")
         return self._answer_bad(rid, field, message)
+
+    def _too_deep(self, body: bytearray, state: State) -> BadRequest:
+        """A body nested deeper than the decoder goes: ``bad_request`` for its rid if readable."""
+        _, _, rid = read_head(body)
+        message = f"a value is nested too deeply (metadata: at most {METADATA_DEPTH_MAX} levels)"
+        if state is State.IDLE or not rid:
+            raise _Broken("bad_request", f"undecodable frame: {message}")
+        if rid in self._pending:
+            return self._answer_bad(rid, "rid", f"request {rid} is already in flight")
+        return self._answer_bad(rid, None, message)
 
     def _answer_bad(self, rid: int, field: str | None, message: str) -> BadRequest:
         if field is not None and not message.startswith(f"{field}:"):
@@ -511,16 +527,11 @@ def describe_schema_error(
     """``(rid, field, message)`` for a request body that failed the schema: the rid if it can be
     read, and the field named by the struct's own field name (msgspec reports ``$[2]``)."""
     text = str(exc)
-    try:
-        head = _head_decoder.decode(body)
-    except _UNDECODABLE:
+    length, tag, rid = read_head(body)
+    if length is None:
         return None, None, text
-    tag = _read(head, 0, _tag_decoder)
-    rid = _read(head, 1, _rid_decoder)
-    if rid is not None and not 0 <= rid <= _RID_MAX:
-        rid = None
-    cls = _REQUEST_BY_TAG.get(tag) if isinstance(tag, str) else None
-    if isinstance(tag, str) and cls is None:
+    cls = _REQUEST_BY_TAG.get(tag) if tag is not None else None
+    if tag is not None and cls is None:
         return rid, "type", f"type: unknown request type {tag!r}"
     if cls is None:
         return rid, "type", "type: the first element must be the request type (a string)"
@@ -531,21 +542,94 @@ def describe_schema_error(
         if 0 <= index < len(fields):
             detail = text.split(" - at ", 1)[0]
             return rid, fields[index], f"{fields[index]}: {detail}"
-    if text.startswith("Expected `array` of at least length") and 1 <= len(head) <= len(fields):
-        missing = fields[len(head) - 1]
+    if text.startswith("Expected `array` of at least length") and 1 <= length <= len(fields):
+        missing = fields[length - 1]
         return rid, missing, f"{missing}: missing ({cls.__name__} has {len(fields)} fields)"
     if text.startswith("Expected `array` of at most length"):
         return rid, None, f"too many fields ({cls.__name__} has {len(fields)})"
     return rid, None, text
 
 
-def _read(head: list[msgspec.Raw], index: int, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
-    if index >= len(head):
-        return None
+def read_head(body: bytes | bytearray) -> tuple[int | None, str | None, int | None]:
+    """``(length, tag, rid)`` of a request body read by hand from its first bytes: the array's
+    length, then its first two elements if they are a string and an integer in ``1.._RID_MAX``
+    (None for what is not there or not that), whatever follows them (a value nested too deeply
+    for the decoder, say)."""
+    end = len(body)
+    if end == 0:
+        return None, None, None
+    lead = body[0]
+    if 0x90 <= lead <= 0x9F:
+        length, pos = lead & 0x0F, 1
+    elif lead == 0xDC or lead == 0xDD:
+        pos = 3 if lead == 0xDC else 5
+        if end < pos:
+            return None, None, None
+        length = int.from_bytes(body[1:pos], "big")
+    else:
+        return None, None, None
+    tag, pos = _read_str(body, pos) if length >= 1 else (None, -1)
+    rid = _read_uint(body, pos) if length >= 2 and pos >= 0 else None
+    if rid is not None and not 0 < rid <= _RID_MAX:
+        rid = None
+    return length, tag, rid
+
+
+def _read_str(body: bytes | bytearray, pos: int) -> tuple[str | None, int]:
+    """The msgpack string at ``pos`` (None for a binary or undecodable one) and the position
+    after it, or ``(None, -1)`` if no string or binary is there."""
+    if pos >= len(body):
+        return None, -1
+    lead = body[pos]
+    if 0xA0 <= lead <= 0xBF:
+        size, start = lead & 0x1F, pos + 1
+    elif 0xD9 <= lead <= 0xDB or 0xC4 <= lead <= 0xC6:
+        start = pos + 1 + (1 << ((lead - 0xD9) if lead >= 0xD9 else (lead - 0xC4)))
+        size = int.from_bytes(body[pos + 1 : start], "big")
+    else:
+        return None, -1
+    end = start + size
+    if end > len(body):
+        return None, -1
+    if lead < 0xA0 or 0xC4 <= lead <= 0xC6:
+        return None, end
     try:
-        return decoder.decode(head[index])
-    except _UNDECODABLE:
+        return bytes(body[start:end]).decode(), end
+    except UnicodeDecodeError:
+        return None, end
+
+
+def _read_uint(body: bytes | bytearray, pos: int) -> int | None:
+    """The non-negative msgpack integer at ``pos``, or None."""
+    if pos >= len(body):
         return None
+    lead = body[pos]
+    if lead <= 0x7F:
+        return lead
+    if 0xCC <= lead <= 0xCF:
+        end = pos + 1 + (1 << (lead - 0xCC))
+        return int.from_bytes(body[pos + 1 : end], "big") if end <= len(body) else None
+    return None
+
+
+def nested_deeper(value: object, levels_max: int) -> bool:
+    """Whether ``value`` nests maps and arrays more than ``levels_max`` levels deep (a map or an
+    array is one level, with one more for each map or array inside it; scalars are none)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > levels_max:
+            return True
+        for child in children:
+            if isinstance(child, dict | list | tuple):
+                stack.append((child, depth + 1))
+    return False
 
 
 # -- the client end --------------------------------------------------------------------------------
@@ -619,6 +703,7 @@ __all__ = [
     "HEADER",
     "HELLO_FRAME_BYTES_MAX",
     "METADATA_BYTES_MAX",
+    "METADATA_DEPTH_MAX",
     "PUSH_TYPES",
     "SUPPORTED_VERSIONS",
     "TRANSITIONS",
@@ -637,4 +722,6 @@ __all__ = [
     "describe_schema_error",
     "encode_frame",
     "input_of",
+    "nested_deeper",
+    "read_head",
 ]

@@ -29,6 +29,7 @@ from msgspec import Meta
 PROTOCOL_VERSION = 1
 FRAME_BYTES_MAX = 4 * 1024 * 1024  # default negotiated maximum (Welcome.max_frame_bytes)
 METADATA_BYTES_MAX = 16 * 1024  # a metadata map, msgpack-encoded
+METADATA_DEPTH_MAX = 32  # nesting levels of a metadata map: the map is 1, a map or array in it 2
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
 Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
@@ -37,7 +38,7 @@ Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Limit = Annotated[int, Meta(ge=1, le=1000)]
 Kind = Annotated[str, Meta(min_length=1, max_length=64)]
 Content = Annotated[str, Meta(max_length=1024 * 1024)]
-Metadata = dict[str, Any]  # msgpack map with string keys; at most 16 KiB encoded (server-checked)
+Metadata = dict[str, Any]  # string keys; at most 16 KiB encoded, 32 levels deep (server-checked)
 SubId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 Sender = Literal["user", "agent", "system"]
 Timestamp = int  # ms since the Unix epoch
@@ -377,6 +378,7 @@ def error(rid: int, code: ErrorCode, message: str, **details: Any) -> Error:
 __all__ = [
     "FRAME_BYTES_MAX",
     "METADATA_BYTES_MAX",
+    "METADATA_DEPTH_MAX",
     "PROTOCOL_VERSION",
     "RETRYABLE",
     "Append",

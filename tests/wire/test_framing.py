@@ -17,6 +17,7 @@ from wire.framing import (
     CONNECTION_CLOSED,
     HELLO_FRAME_BYTES_MAX,
     METADATA_BYTES_MAX,
+    METADATA_DEPTH_MAX,
     PUSH_TYPES,
     TRANSITIONS,
     BadRequest,
@@ -504,7 +505,7 @@ def test_schema_errors_name_the_field_and_keep_the_connection(body: list[Any], f
         raw(["ping", "9"]),  # an unreadable rid
         raw(["nope", -1]),
         raw(["ping", 2**64 - 1]),
-        frame(b"\x93\xa6append\x09" + b"\x91" * 100_000 + b"\x00"),  # nested too deeply
+        frame(b"\x92\xa5hello" + b"\x91" * 100_000 + b"\x00"),  # a Hello nested too deeply
         frame(b"\x91\xa1\x80"),  # a tag that is not UTF-8
         frame(b"\x92\xa1\x80\x09"),
         frame(b"\x93\xabget_session\x09\xa1\x80"),  # a string that is not UTF-8
@@ -514,6 +515,58 @@ def test_undecodable_requests_are_protocol_errors(data: bytes) -> None:
     server = open_server()
     server.receive_data(data)
     assert_protocol_error(server, "bad_request")
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """A metadata map ``levels`` deep (the map itself is level 1)."""
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def deep_body(head: bytes, levels: int) -> bytes:
+    """``head`` (an array header and its first elements), then one array ``levels`` deep: deeper
+    than msgspec encodes or decodes for a large ``levels``."""
+    return frame(head + b"\x91" * levels + b"\xc0")
+
+
+APPEND_HEAD = b"\x9b\xa6append\x09\xa1s\xa4user\xa0\xa4text\xa2hi"  # 8 of 11 fields
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (deep_body(b"\x93\xa4ping\x09", 100_000), None),  # an extra field nested too deeply
+        (deep_body(b"\x93\xa4ping\x09", 990), None),
+        (deep_body(b"\x94\xabget_session\x09\xa1s", 5000), None),
+        (frame(APPEND_HEAD + b"\x81\xa1a" * 100_000 + b"\x80\xc0\xc0\xc0"), None),  # undecodable
+        (raw(with_field(7, nested(METADATA_DEPTH_MAX + 1))), "metadata"),
+        (raw(with_field(7, {"k": [nested(METADATA_DEPTH_MAX - 1)]})), "metadata"),
+        (frame(APPEND_HEAD + b"\x81\xa1a" * 500 + b"\x80\xc0\xc0\xc0"), "metadata"),  # decodable
+        (raw(["create_session", 9, "u", "a", nested(METADATA_DEPTH_MAX + 1), None]), "metadata"),
+    ],
+)
+def test_deep_nesting_with_a_readable_rid_is_a_bad_request(data: bytes, field: str | None) -> None:
+    """Issue 27 item 5: a request nested too deeply is answered ``bad_request`` for its rid
+    (naming the field when known); the connection goes on."""
+    server = open_server()
+    server.receive_data(data)
+    [event] = drain(server)
+    assert isinstance(event, BadRequest), event
+    assert event.rid == 9 and event.error.details == ({} if field is None else {"field": field})
+    assert responses(server.data_to_send()) == [event.error]
+    assert server.in_flight == 0
+    server.receive_data(encode_frame(Ping(10)))
+    assert drain(server) == [RequestReceived(Ping(10))]
+
+
+def test_metadata_at_the_depth_limit_is_accepted() -> None:
+    server = open_server()
+    metadata = {"k": [nested(METADATA_DEPTH_MAX - 2)], "flat": 1}  # 1 + 1 + 30 levels
+    request = Append(2, "s", "user", "", "text", "hi", metadata, None, None, None)
+    server.receive_data(encode_frame(request))
+    assert drain(server) == [RequestReceived(request)]
 
 
 def test_metadata_under_the_limit_is_accepted() -> None:
