@@ -116,6 +116,16 @@ def parse_targets(targets: str | list[str]) -> list[Address]:
     return out
 
 
+def _first_frame_is_ours(data: bytes) -> bool:
+    """Whether a server's first bytes can start a Welcome or a goodbye ``Error``: a small frame
+    whose body is a msgpack array (an HTTP server's ``HTTP/1.1 400`` is not)."""
+    if len(data) < 5:
+        return True  # too little to tell
+    return int.from_bytes(data[:4]) <= FRAME_BYTES_MAX and (
+        0x90 <= data[4] <= 0x9F or data[4] in (0xDC, 0xDD)
+    )
+
+
 def expect_response(response: Response, expect: type[R], asked: str) -> R:
     """``response`` if it is an ``expect``; raises ``ClientError`` for an ``Error`` (its code)
     or for any other answer to the request ``asked`` (``internal``).  What every call does with
@@ -159,6 +169,7 @@ class _Connection(asyncio.Protocol):
         self.core = ClientConnection(max_frame_bytes)
         self.error: ClientError | None = None  # sticky: set once, the connection is retired
         self.goodbye: ProtocolError | None = None  # what broke it, when the protocol did
+        self.first_bytes = b""  # the server's first bytes: a stranger's tell it is not ctxstore
         self.pending: dict[int, asyncio.Future[Response]] = {}
         self.sinks: dict[int, PushSink] = {}  # sub_id -> where its pushes go
         self.pushes_dropped = 0  # pushes of no registered subscription
@@ -283,6 +294,8 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if not self.first_bytes:
+            self.first_bytes = bytes(data[:32])
         self.core.receive_data(data)
         self._process()
 
@@ -690,6 +703,12 @@ class Client:
         except ClientError as e:
             conn.fail(f"handshake failed: {e.message}")
             goodbye = conn.goodbye
+            if goodbye is not None and not _first_frame_is_ours(conn.first_bytes):
+                raise ClientError(
+                    "unavailable",
+                    f"{host}:{port} does not speak the ctxstore protocol "
+                    f"(it answered {conn.first_bytes[:16]!r})",
+                ) from None
             if goodbye is not None and goodbye.code in NON_RETRYABLE_REFUSALS:
                 raise ClientError(goodbye.code, goodbye.message, False) from None
             raise
