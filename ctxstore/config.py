@@ -74,6 +74,42 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
 
 FIELDS = Settings.__struct_fields__
 
+# What each key means, for ``ctxstore serve --help`` (which adds the allowed values and the
+# default from the Settings above): every key has an entry (tests/ctxstore/test_cli.py checks).
+HELP: dict[str, str] = {
+    "node_id": "this node's id, fixed for its data directory",
+    "data_dir": "the node's WAL, snapshots, archive and identity (node.json)",
+    "listen": "HOST:PORT of the client protocol",
+    "peer_listen": "HOST:PORT for Raft and forwarding between nodes",
+    "http": "HOST:PORT of the ops HTTP port (/health/live, /health/ready, /metrics); "
+    "none: no ops port",
+    "peers": "ID=HOST:PORT,... of the other nodes' peer ports; empty: a single-node cluster",
+    "cluster_id": "the cluster's name, checked by the peer handshake",
+    "secret": "the cluster's shared secret for the peer handshake (at least 8 characters; "
+    "the default is a development secret)",
+    "tokens": "static client tokens (the flag is repeatable; CTXSTORE_TOKENS is "
+    "comma-separated); none: clients need no token",
+    "groups": "Raft groups (fixed for a data directory)",
+    "tick_ms": "the Raft clock's tick in milliseconds",
+    "election_ticks": "ticks without a leader before an election (randomised up to twice)",
+    "heartbeat_ticks": "ticks between a leader's heartbeats (less than election_ticks)",
+    "snapshot_entries": "applied entries per group between snapshots",
+    "tail_messages_max": "messages per session kept in RAM (older ones are read from the archive)",
+    "group_tail_bytes_max": "bytes of all hot tails of one group kept in RAM",
+    "request_timeout_s": "a write's deadline in seconds (then the client gets timeout)",
+    "retention_max_messages": "keep the newest N messages of each session; none: keep all",
+    "retention_max_age_s": "delete messages older than this many seconds; none: keep all",
+    "shutdown_timeout_s": "on SIGTERM, exit within this many seconds (past it: status 70)",
+    "gc_young_threshold": "allocations between collections of the garbage collector's young "
+    "generation",
+    "wal_writer": "where the WAL is written and fsync'd: thread (a writer thread) or inline "
+    "(the event loop's thread; for nodes sharing a machine's cores)",
+    "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)",
+}
+
+ENV_PREFIX = "CTXSTORE_"
+ENV_OTHERS = frozenset({"CTXSTORE_PURE_PYTHON"})  # read by setup.py at install, not by a node
+
 
 def parse_address(text: str, key: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
@@ -97,11 +133,18 @@ def parse_peers(text: str) -> dict[int, tuple[str, int]]:
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in FIELDS:
-        value = environ.get(f"CTXSTORE_{key.upper()}")
+        value = environ.get(ENV_PREFIX + key.upper())
         if value is None:
             continue
         out[key] = [t for t in value.split(",") if t] if key == "tokens" else value
     return out
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The ``CTXSTORE_*`` variables that name no key (a typo a node would otherwise ignore)."""
+    environ = os.environ if environ is None else environ
+    known = {ENV_PREFIX + key.upper() for key in FIELDS} | ENV_OTHERS
+    return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
 
 
 def load(

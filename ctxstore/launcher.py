@@ -39,6 +39,16 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+class NodeExited(RuntimeError):
+    """A node exited while the launcher waited for it to become ready."""
+
+    def __init__(self, node: int, code: int, log_path: str) -> None:
+        super().__init__(f"node {node} exited with status {code}; its log: {log_path}")
+        self.node = node
+        self.code = code
+        self.log_path = log_path
+
+
 @dataclass
 class Child:
     id: int
@@ -144,8 +154,10 @@ class LocalCluster:
         for i in ids or list(self.children):
             c = self.children[i]
             while not any(e.get("event") == "ready" for e in c.events):
-                if c.process is None or c.process.returncode is not None:
-                    raise RuntimeError(f"node {i} exited; see {c.log_path}")
+                if c.process is None:
+                    raise RuntimeError(f"node {i} was not started")
+                if c.process.returncode is not None:
+                    raise NodeExited(i, c.process.returncode, c.log_path)
                 if loop.time() > deadline:
                     raise TimeoutError(f"node {i} not ready in {timeout_s} s; see {c.log_path}")
                 await asyncio.sleep(0.02)
@@ -182,8 +194,20 @@ class LocalCluster:
             c.log = None
         return code
 
-    async def stop(self) -> None:
-        await asyncio.gather(*(self.stop_node(i) for i in self.children))
+    async def stop(self) -> dict[int, int | None]:
+        """SIGTERM every node; each one's exit status (None: never started)."""
+        codes = await asyncio.gather(*(self.stop_node(i) for i in self.children))
+        return dict(zip(self.children, codes, strict=True))
+
+    def log_tail(self, i: int, lines: int = 10) -> list[str]:
+        """The last ``lines`` lines of node ``i``'s log (at most its last 16 KiB)."""
+        try:
+            with open(self.children[i].log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+                tail = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return []
+        return tail[-lines:]
 
     async def __aenter__(self) -> LocalCluster:
         await self.start()

@@ -1,0 +1,401 @@
+"""The ``ctxstore`` command as a new user meets it: help, one-line errors with exit statuses by
+class, JSON outputs and JSON logs (real processes, a real node)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from ctxstore.cli import (
+    EXIT_ANSWER,
+    EXIT_CONNECT,
+    EXIT_FATAL,
+    EXIT_START,
+    EXIT_USAGE,
+    build_parser,
+)
+from ctxstore.config import FIELDS, HELP, Settings, unknown_env
+from ctxstore.launcher import free_ports
+from ctxstore.logs import JsonFormatter
+
+FAST = ["--tick-ms", "20", "--groups", "8"]
+TIMEOUT_S = 60
+
+
+def ctxstore(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ctxstore", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], status: int) -> str:
+    """The process failed with ``status`` and said why on stderr, with no traceback."""
+    assert done.returncode == status, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    return done.stderr
+
+
+def json_error(done: subprocess.CompletedProcess[str], status: int) -> dict[str, object]:
+    """The one JSON line on stderr of a client command or a node that failed."""
+    lines = one_line_error(done, status).splitlines()
+    assert len(lines) == 1, lines
+    error = json.loads(lines[0])
+    assert isinstance(error, dict)
+    return error
+
+
+# -- help ------------------------------------------------------------------------------------------
+def parsers() -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every parser of the command, by its command line."""
+    todo = [("ctxstore", build_parser())]
+    while todo:
+        name, parser = todo.pop()
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {n}", p) for n, p in action.choices.items()]
+
+
+def test_every_option_has_help_with_its_default_and_no_markup() -> None:
+    checked = 0
+    for name, parser in parsers():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            where = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, where
+            assert "``" not in action.help and "`" not in action.help, where
+            if action.option_strings and not action.required:
+                assert "default: " in action.help or "required" in action.help, where
+            checked += 1
+    assert checked > 50
+
+
+def test_every_setting_has_a_help_that_states_its_default() -> None:
+    assert set(HELP) == set(FIELDS)
+    serve = dict(parsers())["ctxstore serve"]
+    helps = {a.dest: a.help or "" for a in serve._actions}
+    defaults = msgspec.structs.asdict(Settings())
+    assert "(1 to 65535; default: 1; env CTXSTORE_NODE_ID)" in helps["node_id"]
+    assert "default: 5;" in helps["request_timeout_s"]
+    assert "thread or inline" in helps["wal_writer"] or "inline or thread" in helps["wal_writer"]
+    for key in FIELDS:
+        assert f"env CTXSTORE_{key.upper()}" in helps[key], key
+        if isinstance(defaults[key], int) and not isinstance(defaults[key], bool):
+            assert f"default: {defaults[key]}" in helps[key], key
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["--help"],
+        ["serve", "--help"],
+        ["cluster", "up", "--help"],
+        ["client", "--help"],
+        *(
+            ["client", "--target", "h:1", sub, "--help"]
+            for sub in (
+                "create-session",
+                "get-session",
+                "list-sessions",
+                "append",
+                "read",
+                "tail",
+                "inbox",
+                "mark-read",
+                "ping",
+            )
+        ),
+    ],
+)
+def test_help_as_printed_has_no_markup(command: list[str]) -> None:
+    done = ctxstore(*command)
+    assert done.returncode == 0, done.stderr
+    assert "``" not in done.stdout and "usage: ctxstore" in done.stdout
+    assert "--help" in done.stdout and "`" not in done.stdout
+
+
+# -- argument errors (status 2) --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["client", "--target", "nowhere", "ping"], "--target"),
+        (["client", "--target", "h:99999", "ping"], "--target"),
+        (["client", "--target", "h:1", "--timeout", "-1", "ping"], "--timeout"),
+        (["client", "--target", "h:1", "--timeout", "soon", "ping"], "--timeout"),
+        (["client", "--target", "h:1", "--timeout", "nan", "ping"], "--timeout"),
+        (["client", "--target", "h:1", "read", "s", "--limit", "0"], "--limit"),
+        (["client", "--target", "h:1", "read", "s", "--limit", "-1"], "--limit"),
+        (["client", "--target", "h:1", "read", "s", "--after-seq", "-5"], "--after-seq"),
+        (
+            [
+                "client",
+                "--target",
+                "h:1",
+                "create-session",
+                "--user",
+                "u",
+                "--agent",
+                "a",
+                "--metadata",
+                "{bad",
+            ],
+            "--metadata",
+        ),
+        (
+            [
+                "client",
+                "--target",
+                "h:1",
+                "create-session",
+                "--user",
+                "u",
+                "--agent",
+                "a",
+                "--metadata",
+                "[1]",
+            ],
+            "--metadata",
+        ),
+        (["client", "--target", "h:1", "append", "s"], "--text"),
+        (
+            ["client", "--target", "h:1", "append", "s", "--text-file", "/nonexistent/f"],
+            "--text-file",
+        ),
+        (["cluster", "up", "--nodes", "9"], "--nodes"),
+        (["serve", "--tick-ms", "0"], "tick_ms"),
+    ],
+)
+def test_a_bad_argument_is_one_line_naming_it_with_status_2(args: list[str], flag: str) -> None:
+    err = one_line_error(ctxstore(*args), EXIT_USAGE)
+    assert flag in err.splitlines()[-1], err
+
+
+# -- a node: start-up failures (status 5), the client against it, its logs ------------------------
+def serve_args(data_dir: Path, client: int, peer: int, *extra: str) -> list[str]:
+    return ["serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{client}",
+            "--peer-listen", f"127.0.0.1:{peer}", *FAST, *extra]  # fmt: skip
+
+
+class RunningNode:
+    def __init__(self, tmp: Path) -> None:
+        self.client, self.peer = free_ports(2)
+        self.target = f"127.0.0.1:{self.client}"
+        self.data_dir = tmp / "node"
+        self.log = tmp / "node.log"
+        env = {**os.environ, "CTXSTORE_NO_SUCH_KEY": "1"}
+        args = serve_args(self.data_dir, self.client, self.peer, "--log-level", "info")
+        cmd = [sys.executable, "-m", "ctxstore", *args]
+        self.stderr = open(self.log, "w")  # noqa: SIM115 - closed in stop
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env
+        )
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if json.loads(line).get("event") == "ready":
+                return
+        raise AssertionError(f"the node exited: {self.log.read_text()}")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(TIMEOUT_S)
+        self.stderr.close()
+        return code
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return ctxstore("client", "--target", self.target, *args, stdin=stdin)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    running = RunningNode(tmp_path_factory.mktemp("cli"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_a_port_in_use_is_one_line_with_status_5(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (peer,) = free_ports(1)
+        error = json_error(ctxstore(*serve_args(tmp_path / "d", port, peer)), EXIT_START)
+    assert error["level"] == "ERROR"
+    assert error["msg"] == f"cannot start: listen 127.0.0.1:{port}: address already in use " + (
+        "(another process listens there)"
+    )
+
+
+def test_a_data_dir_locked_by_a_running_node_is_one_line_with_status_5(
+    node: RunningNode,
+) -> None:
+    client, peer = free_ports(2)
+    error = json_error(ctxstore(*serve_args(node.data_dir, client, peer)), EXIT_START)
+    assert error["msg"] == f"cannot start: data_dir {node.data_dir}: locked by another " + (
+        "process (a node running on it?)"
+    )
+
+
+def test_a_data_dir_that_cannot_be_created_is_one_line_with_status_5(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    client, peer = free_ports(2)
+    error = json_error(ctxstore(*serve_args(tmp_path / "file" / "d", client, peer)), EXIT_START)
+    assert str(error["msg"]).startswith(f"cannot start: data_dir {tmp_path}/file/d: Not a dir")
+
+
+def test_a_port_that_does_not_speak_ctxstore_is_named_with_status_3() -> None:
+    with socket.socket() as http:
+        http.bind(("127.0.0.1", 0))
+        http.listen()
+
+        def answer() -> None:
+            for _ in range(3):  # the client tries a target 3 times
+                conn, _ = http.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        address = f"127.0.0.1:{http.getsockname()[1]}"
+        error = json_error(ctxstore("client", "--target", address, "ping"), EXIT_CONNECT)
+        server.join(TIMEOUT_S)
+    assert f"{address} does not speak the ctxstore protocol (it answered b'HTTP/1.1" in str(
+        error["message"]
+    )
+
+
+def test_nothing_listening_is_status_3() -> None:
+    (port,) = free_ports(1)
+    error = json_error(ctxstore("client", "--target", f"127.0.0.1:{port}", "ping"), EXIT_CONNECT)
+    assert error["error"] == "unavailable"
+
+
+def test_an_error_answered_by_the_server_is_status_4(node: RunningNode) -> None:
+    error = json_error(node.cli("get-session", "nope"), EXIT_ANSWER)
+    assert error["error"] == "not_found"
+
+
+def test_non_ascii_text_is_printed_as_is_from_stdin_and_from_a_file(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    created = node.cli("create-session", "--user", "zoe", "--agent", "a", "--id", "utf",
+                       "--metadata", '{"ville": "Besançon"}')  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert '"Besançon"' in created.stdout
+    assert node.cli("append", "utf", "--text", "-", stdin="déjà vu ✓\n").returncode == 0
+    (tmp_path / "m.txt").write_text("日本語\nline two", encoding="utf-8")
+    assert node.cli("append", "utf", "--text-file", str(tmp_path / "m.txt")).returncode == 0
+    read = node.cli("read", "utf")
+    assert read.returncode == 0, read.stderr
+    contents = [json.loads(line)["content"] for line in read.stdout.splitlines()]
+    assert contents == ["déjà vu ✓\n", "日本語\nline two"]
+    assert "日本語" in read.stdout and "\\u" not in read.stdout
+
+
+def test_creating_an_existing_session_with_other_metadata_says_so(node: RunningNode) -> None:
+    args = ["create-session", "--user", "u", "--agent", "a", "--id", "again"]
+    first = node.cli(*args, "--metadata", '{"v": 1}')
+    assert first.returncode == 0, first.stderr
+    assert node.cli(*args, "--metadata", '{"v": 1}').stdout == first.stdout  # idempotent
+    error = json_error(node.cli(*args, "--metadata", '{"v": 2}'), EXIT_ANSWER)
+    assert error["error"] == "conflict"
+    assert error["message"] == "session again exists with other metadata"
+    assert error["details"] == {**json.loads(first.stdout)}
+
+
+def test_every_line_a_node_logs_is_json(tmp_path: Path) -> None:
+    """At start (an unknown CTXSTORE_* variable: a warning), while it runs, at shutdown."""
+    running = RunningNode(tmp_path)
+    assert running.cli("create-session", "--user", "u", "--agent", "a").returncode == 0
+    assert running.stop() == 0
+    lines = running.log.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all(set(r) >= {"t", "level", "logger", "msg"} for r in records)
+    assert {
+        "level": "WARNING",
+        "logger": "ctxstore",
+        "msg": "ignoring CTXSTORE_NO_SUCH_KEY: no setting has that name (ctxstore serve --help)",
+    }.items() <= records[0].items()
+
+
+def test_the_log_formatter_writes_any_message_and_traceback_as_one_json_line() -> None:
+    import logging
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "quote ' \" newline \n é %s", ("arg",), sys.exc_info()
+        )
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["msg"] == "quote ' \" newline \n é arg"
+    assert "ValueError: boom" in parsed["exc"]
+    assert parsed["t"].endswith("Z")
+
+
+def test_unknown_ctxstore_variables_are_found() -> None:
+    env = {"CTXSTORE_TICK_MS": "20", "CTXSTORE_TICKMS": "20", "CTXSTORE_PURE_PYTHON": "1"}
+    assert unknown_env({**env, "OTHER": "x"}) == ["CTXSTORE_TICKMS"]
+
+
+# -- cluster up ------------------------------------------------------------------------------------
+def cluster_up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ctxstore", "cluster", "up", "--nodes", "1", "--base-port", "0",
+         "--data-dir", str(tmp_path), "--", *FAST],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    started = json.loads(process.stdout.readline())
+    return process, started
+
+
+def test_cluster_up_says_where_the_logs_are_and_what_ctrl_c_stopped(tmp_path: Path) -> None:
+    process, started = cluster_up(tmp_path)
+    (node,) = started["nodes"]  # type: ignore[misc]
+    assert node["log"] == str(tmp_path / "node1.log") and os.path.exists(node["log"])
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=TIMEOUT_S)
+    assert process.returncode == 0, err
+    assert json.loads(out) == {
+        "event": "stopped",
+        "data_dir": str(tmp_path),
+        "nodes": [{"id": 1, "exit_code": 0}],
+    }
+
+
+def test_cluster_up_reports_a_node_that_died(tmp_path: Path) -> None:
+    process, started = cluster_up(tmp_path)
+    (node,) = started["nodes"]  # type: ignore[misc]
+    os.kill(node["pid"], signal.SIGKILL)
+    out, err = process.communicate(timeout=TIMEOUT_S)
+    assert process.returncode == EXIT_FATAL  # its only node died
+    exited = json.loads(err)
+    assert (exited["event"], exited["node"], exited["exit_code"], exited["signal"]) == (
+        "node_exited", 1, -9, "SIGKILL",
+    )  # fmt: skip
+    assert exited["log"] == node["log"] and isinstance(exited["log_tail"], list)
+    assert json.loads(out)["nodes"] == [{"id": 1, "exit_code": -9}]
