@@ -42,7 +42,8 @@ class CreateSession(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=
 
 
 class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
-    """Append one message; the state machine assigns ``seq = last_seq + 1``."""
+    """Append one message; the state machine assigns ``seq = last_seq + 1``.  With sender
+    ``user`` it also moves the session owner's read cursor to that seq."""
 
     session_id: str
     sender: Sender
@@ -57,7 +58,8 @@ class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
 
 
 class MarkRead(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
-    """Move ``user_id``'s read cursor of the session forward to ``seq`` (never back)."""
+    """Move ``user_id``'s read cursor of the session forward to ``seq`` (never back); refused
+    (``forbidden``) unless ``user_id`` is the session's user."""
 
     session_id: str
     user_id: str

@@ -6,7 +6,8 @@ most recently active first, at most ``snapshot_max``; ``truncated`` says more ex
 pushes ``InboxDelta``s: the sessions that changed (a message, a new session, a read cursor
 moved), batched every ``interval_s`` (250 ms) or at once when ``dirty_max`` (50) sessions are
 waiting.  Entries are built from the state when the delta leaves, so a delta always shows the
-latest values; unread = ``last_seq`` minus the owner's read cursor.
+latest values; unread = ``last_seq`` minus the owner's read cursor, which an append as ``user``
+moves to its seq: the user's own messages never count (``ctxstore.state``).
 
 Bounds: a subscriber's pending changes are a set of session ids (at most the user's sessions);
 while its connection is backlogged the set waits (and merges) instead of queueing deltas.
@@ -56,12 +57,11 @@ def entry(state: ConversationState, session_id: str) -> InboxEntry | None:
     if session is None:
         return None
     last: Message | None = state.last_message(session_id)
-    cursor = state.read_cursor(session_id, session.user_id) or 0
     return InboxEntry(
         session.id,
         session.agent_id,
         session.last_seq,
-        session.last_seq - cursor,
+        state.unread(session_id, session.user_id) or 0,
         last.inserted_at if last is not None else session.created_at,
         last.sender if last is not None else None,
         last.sender_id if last is not None else None,

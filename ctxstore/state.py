@@ -23,8 +23,13 @@ session:
   newest message, then the next (the order is part of the snapshot, so every replica trims
   the same tails).  Older messages are not in memory (``ReadResult.first_seq`` tells the
   caller; the node's archive serves them);
-- **read cursors** per user, forward only, at most ``cursors_max``; a new user beyond that
-  evicts the lowest cursor (ties: lowest user id), whose user then reads as cursor 0.
+- the **read cursor** of the session's user (its owner), forward only: ``MarkRead`` moves it
+  and is refused (``forbidden``) for any other ``user_id``; an append with sender ``user``
+  moves it to that append's seq, as a chat app does (the user wrote after everything before
+  it), so unread = ``last_seq`` - cursor never counts the user's own messages and costs O(1)
+  per append, with no history scan.  Cursors are kept per user id, at most ``cursors_max``
+  (snapshots of older versions may hold other users' cursors); a new user beyond that evicts
+  the lowest cursor (ties: lowest user id), whose user then reads as cursor 0.
 Limits change replicated outcomes (dedupe, cursors): every replica must use the same
 ``StateLimits``.  Node-wide indexes, maintained on apply and fixed on restore: session id ->
 group (for queries), user id -> sorted session ids (for ``list_sessions``).
@@ -109,7 +114,8 @@ class StateObserver(Protocol):
         """A session was created."""
 
     def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
-        """``user_id``'s read cursor of a session owned by ``owner_id`` moved to ``seq``."""
+        """``user_id``'s read cursor of a session owned by ``owner_id`` moved to ``seq`` by a
+        ``MarkRead`` (the move of an append as ``user`` is told by ``on_message`` alone)."""
 
     def on_evict(self, group: int, index: int, message: Message) -> None:
         """``message`` left the hot tail, pushed out by applying the entry at ``index`` (0: by a
@@ -462,6 +468,8 @@ class ConversationState:
             evicted.clear()
         if cmid is not None:
             s.remember(cmid, (seq, cmd.inserted_at, fingerprint), self.limits.dedupe_ids_max)
+        if cmd.sender == "user":  # the user has read what came before its own message
+            s.set_cursor(s.user_id, seq, self.limits.cursors_max)
         if observer is not None:
             observer.on_message(group, index, s.user_id, msg)
         return Appended(seq, cmd.inserted_at, False)
@@ -470,6 +478,8 @@ class ConversationState:
         s = sessions.get(cmd.session_id)
         if s is None:
             return _not_found(cmd.session_id)
+        if cmd.user_id != s.user_id:  # not bound to the token yet: issue 23 (authorization)
+            return Rejected("forbidden", "only the session's user may mark it read", {})
         if cmd.seq > s.last_seq:
             return Rejected(
                 "bad_request",
@@ -560,6 +570,7 @@ class ConversationState:
         return None if s is None else s.cursors.get(user_id, 0)
 
     def unread(self, session_id: str, user_id: str) -> int | None:
+        """Messages after ``user_id``'s read cursor (for the owner: never its own messages)."""
         s = self._lookup(session_id)
         return None if s is None else s.last_seq - s.cursors.get(user_id, 0)
 

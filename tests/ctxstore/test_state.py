@@ -91,7 +91,7 @@ def test_commands_and_results_round_trip() -> None:
         assert c.decode_command(c.encode_command(cmd)) == cmd
     node = Node()
     created = node.create("s")
-    results = [created, node.append("s"), node.mark("s", "u", 1), node.append("nope")]
+    results = [created, node.append("s"), node.mark("s", "u1", 1), node.append("nope")]
     for result in results:
         assert c.decode_result(c.encode_result(result)) == result  # type: ignore[arg-type]
 
@@ -228,34 +228,81 @@ def test_without_a_group_count_any_group_may_hold_a_session_but_only_one() -> No
 
 def test_mark_read_moves_forward_only_and_counts_unread() -> None:
     node = Node()
-    node.create("s")
+    node.create("s")  # owned by u1
     for _ in range(5):
-        node.append("s")
+        node.append("s", sender="agent")
     state = node.state
     assert (state.read_cursor("s", "u1"), state.unread("s", "u1")) == (0, 5)
     assert node.mark("s", "u1", 3) == c.ReadMarked(3)
     assert node.mark("s", "u1", 2) == c.ReadMarked(3)  # never back
     assert (state.read_cursor("s", "u1"), state.unread("s", "u1")) == (3, 2)
-    assert state.unread("s", "u2") == 5  # cursors are per user
     beyond = node.mark("s", "u1", 6)
     assert isinstance(beyond, c.Rejected)
     assert (beyond.code, beyond.details) == ("bad_request", {"last_seq": 5})
-    node.append("s")
+    node.append("s", sender="system")
     assert state.unread("s", "u1") == 3
 
 
-def test_read_cursors_beyond_the_limit_evict_the_lowest() -> None:
-    node = Node(StateLimits(cursors_max=3))
+def test_mark_read_is_the_owners_only() -> None:
+    node = Node()
+    node.create("s")  # owned by u1
+    node.append("s", sender="agent")
+    for user in ("u2", "U1", ""):
+        refused = node.mark("s", user, 1)
+        assert isinstance(refused, c.Rejected)
+        assert (refused.code, refused.details) == ("forbidden", {})
+        assert node.state.read_cursor("s", user) == 0
+    assert node.state.read_cursor("s", "u1") == 0  # nothing moved
+    unknown = node.mark("nope", "u2", 0)  # an unknown session is not_found, whoever asks
+    assert isinstance(unknown, c.Rejected) and unknown.code == "not_found"
+    assert node.mark("s", "u1", 1) == c.ReadMarked(1)
+
+
+def test_the_users_own_messages_are_never_unread() -> None:
+    """An append as ``user`` moves the owner's cursor to its seq (a chat app's rule: writing
+    reads what came before); the agent's and the system's messages count."""
+    node = Node()
     node.create("s")
+    state = node.state
+    assert node.append("s") == c.Appended(1, 1_001, False)
+    assert (state.read_cursor("s", "u1"), state.unread("s", "u1")) == (1, 0)
+    node.append("s", sender="agent")
+    assert (state.read_cursor("s", "u1"), state.unread("s", "u1")) == (1, 1)
+    node.append("s", sender="system")
+    node.append("s", sender="agent")
+    assert state.unread("s", "u1") == 3
+    node.append("s", cmid="m1")  # the user answers: all read
+    assert (state.read_cursor("s", "u1"), state.unread("s", "u1")) == (5, 0)
+    node.append("s", sender="agent")
+    assert node.append("s", cmid="m1") == c.Appended(5, 1_005, True)  # a retry moves nothing
+    assert node.append("s", expected_seq=0) == c.Rejected(
+        "conflict", "expected_seq 0 but last_seq is 6", {"last_seq": 6}
+    )  # nor does a refused append
+    assert (state.read_cursor("s", "u1"), state.unread("s", "u1")) == (5, 1)
+    assert node.mark("s", "u1", 2) == c.ReadMarked(5)  # never back
+    copy = reborn(state)  # the cursor is in the snapshot
+    assert (copy.read_cursor("s", "u1"), copy.unread("s", "u1")) == (5, 1)
+
+
+def test_read_cursors_beyond_the_limit_evict_the_lowest() -> None:
+    """Since mark_read is the owner's a session holds one cursor; a snapshot of an older
+    version may hold more, and restoring it keeps at most ``cursors_max``."""
+    node = Node(StateLimits(cursors_max=3))
+    node.create("s", user="d")
     for _ in range(9):
-        node.append("s")
-    for user, seq in [("c", 2), ("b", 5), ("a", 2)]:
-        node.mark("s", user, seq)
+        node.append("s", sender="agent")
+    g = node.group("s")
+    snap = msgspec.msgpack.decode(node.state.snapshot(g))
+    snap[1][0][8] = {"c": 2, "b": 5, "a": 2}  # SessionSnap.cursors, in insertion order
+    node.state.restore(g, msgspec.msgpack.encode(snap))
+    assert [node.state.read_cursor("s", u) for u in "abcd"] == [2, 5, 2, 0]
     node.mark("s", "d", 1)  # evicts the lowest cursor: seq 2, lowest id among a and c -> a
     assert [node.state.read_cursor("s", u) for u in "abcd"] == [0, 5, 2, 1]
-    node.mark("s", "c", 9)  # an existing user never evicts
-    node.mark("s", "e", 9)  # evicts d (1)
-    assert [node.state.read_cursor("s", u) for u in "abcde"] == [0, 5, 9, 0, 9]
+    node.mark("s", "d", 9)  # an existing user never evicts
+    assert [node.state.read_cursor("s", u) for u in "abcd"] == [0, 5, 2, 9]
+    small = ConversationState(StateLimits(cursors_max=1), node.state.group_count)
+    small.restore(g, node.state.snapshot(g))  # keeps the last one inserted that fits: d
+    assert [small.read_cursor("s", u) for u in "abcd"] == [0, 0, 0, 9]
 
 
 def test_non_command_entries_return_none() -> None:
@@ -353,9 +400,10 @@ def busy_node(groups: int = 4) -> Node:
     for i in range(12):
         node.create(f"s{i}", f"u{i % 3}", "a1", metadata={"i": i})
     for j in range(60):
-        sid = f"s{j % 7}"
-        node.append(sid, f"m{j}", cmid=f"c{j % 9}" if j % 2 else None)
-        node.mark(sid, f"r{j % 3}", j // 7)
+        i = j % 7
+        sender = "user" if j % 5 == 0 else "agent"
+        node.append(f"s{i}", f"m{j}", cmid=f"c{j % 9}" if j % 2 else None, sender=sender)
+        node.mark(f"s{i}", f"u{i % 3}", j // 7)  # the owner's
     return node
 
 
@@ -366,7 +414,7 @@ def observe(
     out: list[object] = []
     for sid in sessions:
         out += [state.get_session(sid), state.read(sid, 0, 1000)]
-        out += [(state.read_cursor(sid, r), state.unread(sid, r)) for r in ("r0", "r1", "r2")]
+        out += [(state.read_cursor(sid, r), state.unread(sid, r)) for r in ("u0", "u1", "u2")]
     return out + [state.list_sessions(u, None, 100) for u in users]
 
 
@@ -411,7 +459,7 @@ def test_snapshot_then_suffix_equals_replay() -> None:
         restored.state.restore(g, data)
     for node in (full, restored):
         assert node.append("a", cmid="m2") == c.Appended(3, 1_003, True)
-        assert node.mark("a", "x", 4) == c.ReadMarked(4)
+        assert node.mark("a", "u1", 4) == c.ReadMarked(5)  # the user's appends read up to 5
         assert node.append("b", "x", expected_seq=0) == c.Appended(1, 1_007, False)
     assert snapshots(restored.state) == snapshots(full.state)
 
@@ -495,18 +543,30 @@ class Model:
             Message(sid, seq, cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata,
                     cmd.client_msg_id, cmd.inserted_at, cmd.token_count)
         )  # fmt: skip
+        if cmd.sender == "user":
+            self.cursors[sid][self.owners[sid][0]] = seq
         return ("appended", seq, cmd.inserted_at, False)
 
     def mark_read(self, sid: str, cmd: c.MarkRead) -> tuple[object, ...]:
+        if cmd.user_id != self.owners[sid][0]:
+            return ("rejected", "forbidden", {})
         if cmd.seq > len(self.history[sid]):
             return ("rejected", "bad_request", {"last_seq": len(self.history[sid])})
         cursors = self.cursors[sid]
-        if cmd.seq <= cursors.get(cmd.user_id, 0):
-            return ("marked", cursors.get(cmd.user_id, 0))
-        if cmd.user_id not in cursors and len(cursors) == self.limits.cursors_max:
-            del cursors[min(cursors, key=lambda u: (cursors[u], u))]
+        current = cursors.get(cmd.user_id, 0)
+        if cmd.seq <= current:
+            return ("marked", current)
         cursors[cmd.user_id] = cmd.seq
         return ("marked", cmd.seq)
+
+    def unread(self, sid: str, user: str) -> int:
+        """Written the obvious way: the messages after the cursor not sent by the owner ...
+        which, as an append as ``user`` moves the owner's cursor, are all of them."""
+        cursor = self.cursors[sid].get(user, 0)
+        after = self.history[sid][cursor:]
+        if user == self.owners[sid][0]:
+            assert all(m.sender != "user" for m in after)
+        return len(after)
 
     def tail(self, sid: str) -> list[Message]:
         out: list[Message] = []
@@ -540,7 +600,7 @@ SMALL = StateLimits(dedupe_ids_max=3, tail_messages_max=4, tail_bytes_max=12, cu
 GROUPS_SMALL = 3
 SIDS = ["s0", "s1", "s2", "s3"]
 USERS = ["u0", "u1"]
-READERS = ["r0", "r1", "r2"]
+READERS = [*USERS, "r0"]  # the owners, and one who owns nothing
 
 creates = st.builds(
     c.CreateSession,
@@ -689,9 +749,8 @@ def test_matches_a_naive_model_and_survives_snapshots_anywhere(
         last_seq = len(model.history[sid])
         assert state.read(sid, 0, 100) == ReadResult(tail, last_seq, last_seq - len(tail) + 1)
         for reader in READERS:
-            read_seq = model.cursors[sid].get(reader, 0)
-            assert state.read_cursor(sid, reader) == read_seq
-            assert state.unread(sid, reader) == last_seq - read_seq
+            assert state.read_cursor(sid, reader) == model.cursors[sid].get(reader, 0)
+            assert state.unread(sid, reader) == model.unread(sid, reader)
     for user in USERS:
         mine = sorted(sid for sid, (owner, _) in model.owners.items() if owner == user)
         listed, cursor = [], None
@@ -730,10 +789,11 @@ def test_the_observer_hears_every_change_in_apply_order() -> None:
     g = node.group("s")
     node.create("s", user="owner")
     node.create("s", user="owner")  # idempotent: no second session event
-    node.append("s")
+    node.append("s", sender="agent")
     node.append("nope")  # refused: nothing to hear but the applied index
-    node.mark("s", "reader", 1)
-    node.mark("s", "reader", 1)  # no move
+    node.mark("s", "reader", 1)  # forbidden: not the owner
+    node.mark("s", "owner", 1)
+    node.mark("s", "owner", 1)  # no move
     gn = node.group("nope")
     assert rec.events == [
         ("session", g, 1, "s"),
@@ -742,9 +802,10 @@ def test_the_observer_hears_every_change_in_apply_order() -> None:
         ("message", g, 3, "owner", 1),
         ("applied", g, 3),
         ("applied", gn, node.last_index[gn]),
-        ("cursor", "s", "owner", "reader", 1),
         ("applied", g, 4),
+        ("cursor", "s", "owner", "owner", 1),
         ("applied", g, 5),
+        ("applied", g, 6),
     ]
     assert node.state.last_message("s") is not None
     assert node.state.last_seq("s") == 1

@@ -172,7 +172,7 @@ def test_inbox_unread_counts_follow_appends_and_mark_read_in_batched_deltas(
         try:
             async with await connect(cluster.targets) as c, await connect(cluster.targets) as w:
                 await w.create_session("ann", "bot", {}, "s1")
-                await w.append("s1", "first")
+                await w.append("s1", "first", "agent", "bot")
                 async with c.subscribe_inbox("ann") as inbox:
                     it = aiter(inbox)
                     snap = await anext(it)
@@ -196,8 +196,10 @@ def test_inbox_unread_counts_follow_appends_and_mark_read_in_batched_deltas(
                     delta = await anext(it)
                     assert isinstance(delta, InboxDelta)
                     assert [(x.session_id, x.unread) for x in delta.entries] == [("s1", 1)]
-                    # Another user's cursor does not change ann's unread count: no delta.
-                    await w.mark_read("s1", "someone-else", 3)
+                    # Only ann moves her cursor: no delta.
+                    with pytest.raises(ClientError) as refused:
+                        await w.mark_read("s1", "someone-else", 3)
+                    assert (refused.value.code, refused.value.retryable) == ("forbidden", False)
                     # 60 new sessions at once: a delta leaves as soon as 50 are waiting.
                     ids = [f"n{i:02d}" for i in range(60)]
                     await asyncio.gather(*(w.create_session("ann", "bot", {}, i) for i in ids))
@@ -370,7 +372,8 @@ def test_the_cli_tails_a_session_with_its_gaps_and_follows_an_inbox(tmp_path: Pa
                     assert (line["seq"], line["content"]) == (seq, f"line {seq - 1}")
                 snap = json.loads(await asyncio.wait_for(inbox.stdout.readline(), 10))
                 assert [e["session_id"] for e in snap["snapshot"]] == ["cli"]
-                assert snap["snapshot"][0]["unread"] == 5 and snap["truncated"] is False
+                assert snap["snapshot"][0]["unread"] == 0  # bo's own messages
+                assert snap["truncated"] is False
                 await c.append("cli", "live")  # the 4th message for tail, a delta for inbox
                 line = json.loads(await asyncio.wait_for(tail.stdout.readline(), 10))
                 assert (line["seq"], line["content"]) == (6, "live")
