@@ -308,14 +308,23 @@ class Raft:
             if self.role is Role.LEADER:
                 self.bcast_append()
 
-    def bcast_heartbeat(self, context: bytes = b"") -> None:
-        """Heartbeat every follower.  With ``skip_busy_heartbeats`` and no read ``context`` to
-        confirm, skip a busy one: it was sent appends and acknowledged appends since the last
-        round, and was already sent the commit index a heartbeat would tell it.  Those appends
-        reset its election timer and their answers count for check-quorum: the heartbeat would
-        carry nothing new (under load, most of them)."""
+    def flush_reads(self) -> None:
+        """Start the heartbeat round that the reads queued since the last one wait for: the
+        reads that arrive in one Ready share one round (RawNode.ready calls this)."""
+        if self.role is Role.LEADER and self.read_only.round_wanted():
+            self.bcast_heartbeat()
+
+    def bcast_heartbeat(self) -> None:
+        """Heartbeat every follower: the next read round (raft/readonly.py).  With
+        ``skip_busy_heartbeats`` and no read waiting, skip a busy follower: it was sent appends
+        and acknowledged appends since the last round, and was already sent the commit index a
+        heartbeat would tell it.  Those appends reset its election timer and their answers
+        count for check-quorum: the heartbeat would carry nothing new (under load, most of
+        them).  A waiting read needs every voter's answer, so then nobody is skipped."""
         committed = self.log.committed
-        skip_busy = self.cfg.skip_busy_heartbeats and not context
+        read_only = self.read_only
+        round_ = read_only.start_round(self.id)
+        skip_busy = self.cfg.skip_busy_heartbeats and not read_only.queue
         for to, pr in self.prs.items():
             if to == self.id:
                 continue
@@ -326,9 +335,11 @@ class Raft:
             pr.acked = False
             if skip_busy and busy and pr.sent_commit >= commit:
                 continue
-            self._send(Heartbeat(self.id, to, self.term, commit, context))
+            self._send(Heartbeat(self.id, to, self.term, commit, b"", False, round_))
             if commit > pr.sent_commit:
                 pr.sent_commit = commit
+        if read_only.queue:
+            self._release_reads()  # our own answer may complete a quorum (e.g. voters shrank)
 
     def send_quiesce(self, to: list[int]) -> None:
         """Tell caught-up followers that this leader stops heartbeating (raft/multi.py)."""
@@ -361,7 +372,7 @@ class Raft:
             and not self.bcast_pending
             and self.lead_transferee == NONE
             and not self.pending_reads
-            and self.read_only.last_pending_context() is None
+            and not self.read_only.queue
             and log.committed == last
             and log.applied == last
             and self.pending_conf_index <= log.applied
@@ -524,7 +535,7 @@ class Raft:
                 self.lead_transferee = NONE  # the transfer did not finish in time: abort it
         if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks:
             self.heartbeat_elapsed = 0
-            self.bcast_heartbeat(self.read_only.last_pending_context() or b"")
+            self.bcast_heartbeat()
 
     def _quorum_active(self) -> bool:
         active = 0
@@ -655,7 +666,7 @@ class Raft:
             # We go quiet with our leader: an answer would tell it nothing (it quiesced only
             # with us caught up, and ignores a plain answer of its term while quiescent).
             return
-        self._send(HeartbeatResponse(self.id, m.frm, self.term, m.context))
+        self._send(HeartbeatResponse(self.id, m.frm, self.term, m.context, m.round))
 
     def accepts_quiesce(self, m: Heartbeat) -> bool:
         """A follower goes quiet with a quiesce heartbeat from its leader of this term when it
@@ -749,13 +760,10 @@ class Raft:
                 and pr.next > last
             ):
                 self.send_append(m.frm)
-        if not m.context or pr.is_learner:
-            return
-        acks = self.read_only.recv_ack(m.frm, m.context)
-        if acks is None or not self.read_only.has_quorum(acks, self.voters):
-            return
-        for req in self.read_only.advance(m.context):
-            self._answer_read(req.frm, req.context, req.index)
+        # §6.4: the answer confirms every read queued before the round it answers (never by
+        # context: a late answer to an earlier round confirms nothing newer).
+        if not pr.is_learner and self.read_only.recv_ack(m.frm, m.round):
+            self._release_reads()
 
     def _maybe_commit(self) -> bool:
         match = {id_: pr.match for id_, pr in self.prs.items()}
@@ -818,10 +826,9 @@ class Raft:
         if self.read_only.full():
             if local:
                 raise ProposalDropped("too many pending reads")
-            return
-        if self.read_only.add_request(self.log.committed, frm, context):
-            self.read_only.recv_ack(self.id, context)
-            self.bcast_heartbeat(context)
+            return  # a remote request is dropped: its asker times out (docs/raft.md §8.7)
+        # Confirmed by the next heartbeat round, which flush_reads starts with the next Ready.
+        self.read_only.add_request(self.log.committed, frm, context)
 
     def _answer_read(self, frm: int, context: bytes, index: int) -> None:
         if frm == self.id:
@@ -956,16 +963,13 @@ class Raft:
                     self.lead_transferee = NONE
                 if self._maybe_commit():  # a smaller quorum may commit more
                     self.bcast_append()
-                self._release_confirmed_reads()  # ... or confirm pending reads
+                self._release_reads()  # ... or confirm pending reads
         return self.conf_state()
 
-    def _release_confirmed_reads(self) -> None:
-        """Answer the pending reads whose acks are a quorum of the current voters."""
-        for ctx in reversed(self.read_only.queue):
-            if self.read_only.has_quorum(self.read_only.pending[ctx].acks, self.voters):
-                for req in self.read_only.advance(ctx):
-                    self._answer_read(req.frm, req.context, req.index)
-                return
+    def _release_reads(self) -> None:
+        """Answer the queued reads that a quorum of the current voters has confirmed."""
+        for req in self.read_only.release(self.voters):
+            self._answer_read(req.frm, req.context, req.index)
 
     def _hand_over_and_step_down(self) -> None:
         """We applied our own removal: let the most caught-up voter campaign at once.

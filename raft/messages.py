@@ -95,8 +95,10 @@ class AppendResponse(msgspec.Struct, array_like=True, tag=2, gc=False):
 
 
 class Heartbeat(msgspec.Struct, array_like=True, tag=3, gc=False):
-    """``quiesce``: the leader stops ticking this group after it (raft/multi.py); the core
-    treats it as any heartbeat."""
+    """``round``: the leader's heartbeat round in its term (1, 2, 3 ..., raft/readonly.py),
+    echoed in the answer; 0 in a quiesce heartbeat, which is not a round.  ``quiesce``: the
+    leader stops ticking this group after it (raft/multi.py); the core treats it as any
+    heartbeat.  ``context`` is no longer set (reads are confirmed by rounds) but still echoed."""
 
     frm: int
     to: int
@@ -104,13 +106,17 @@ class Heartbeat(msgspec.Struct, array_like=True, tag=3, gc=False):
     commit: int
     context: bytes = b""
     quiesce: bool = False
+    round: int = 0
 
 
 class HeartbeatResponse(msgspec.Struct, array_like=True, tag=4, gc=False):
+    """``round``: the round of the heartbeat answered (its ``context`` is echoed too)."""
+
     frm: int
     to: int
     term: int
     context: bytes = b""
+    round: int = 0
 
 
 class RequestVote(msgspec.Struct, array_like=True, tag=5, gc=False):

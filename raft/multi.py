@@ -246,12 +246,13 @@ class MultiRaft:
     def _keeps_quiet(r: Raft, m: Message) -> bool:
         term = r.term
         if isinstance(m, Heartbeat):
-            # Its leader's quiescing heartbeat, or a plain one sent before it and delivered
-            # late: it brings nothing this follower lacks.
-            stale = m.frm == r.lead and not m.context and m.commit <= r.log.committed
+            # Its leader's quiescing heartbeat, or one sent before it and delivered late, or a
+            # read round of an awake leader: it brings nothing this follower lacks (the step
+            # still answers it, which is all a read round needs).
+            stale = m.frm == r.lead and m.commit <= r.log.committed
             return m.term == term and (m.quiesce or stale)
         if isinstance(m, HeartbeatResponse):
-            return m.term == term and not m.context
+            return m.term == term  # a quiescent leader has no read waiting for it
         return False
 
     def propose(self, group: int, data: bytes) -> int:

@@ -139,7 +139,7 @@ class RawNode:
         if self._outstanding is not None:
             return False
         r = self.raft
-        if r.msgs or r.read_states or r.bcast_pending:
+        if r.msgs or r.read_states or r.bcast_pending or r.read_only.round_wanted():
             return True
         log = r.log
         if log.unstable.entries or log.unstable.snapshot is not None or log.has_next_committed():
@@ -158,6 +158,7 @@ class RawNode:
             raise InvariantViolation(f"Ready {self._outstanding.number} was not advanced")
         r = self.raft
         r.flush_proposals()
+        r.flush_reads()
         prev_soft, prev = self._prev_soft, self._prev_hard
         # New SoftState / HardState objects only when a field changed (most Readies: none).
         soft_changed = r.lead != prev_soft.lead or r.role is not prev_soft.role
