@@ -47,6 +47,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     retention_max_age_s: Annotated[float, Meta(gt=0)] | None = None  # per session; None: keep all
     shutdown_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0  # SIGTERM: exit within
     gc_young_threshold: Annotated[int, Meta(ge=100, le=10_000_000)] = YOUNG_THRESHOLD
+    # The client port's bounds (wire/aio.py, docs/ctxstore.md "Limits"): connections per node
+    # (lowered at start to what the open-file limit leaves, node.client_connections_cap) and
+    # per source address, the idle timeout, and the bytes a connection / all connections may
+    # hold for requests in flight and answers not yet written.
+    client_connections_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+    client_connections_per_source_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+    client_idle_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
+    connection_pending_bytes_max: Annotated[int, Meta(ge=16 * 1024 * 1024)] = 64 * 1024 * 1024
+    node_pending_bytes_max: Annotated[int, Meta(ge=16 * 1024 * 1024)] = 256 * 1024 * 1024
     # Where the WAL's group commits are written and fsync'd: on a writer thread ("thread": the
     # loop works on while the disk syncs, at the price of the hand-offs between the threads) or
     # on the event loop's thread ("inline": less CPU, the loop waits for the disk): raft/wal.py,
@@ -64,6 +73,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
             raise ConfigError(f"config: peers: must not include this node ({self.node_id})")
         if self.heartbeat_ticks >= self.election_ticks:
             raise ConfigError("config: heartbeat_ticks: must be less than election_ticks")
+        if self.node_pending_bytes_max < self.connection_pending_bytes_max:
+            raise ConfigError(
+                "config: node_pending_bytes_max: must be at least connection_pending_bytes_max"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"config: log_level: unknown level {self.log_level!r}")
 
@@ -104,6 +117,15 @@ HELP: dict[str, str] = {
     "generation",
     "wal_writer": "where the WAL is written and fsync'd: thread (a writer thread) or inline "
     "(the event loop's thread; for nodes sharing a machine's cores)",
+    "client_connections_max": "client connections at once (more are refused with "
+    "unavailable); lowered at start to what the open-file limit leaves",
+    "client_connections_per_source_max": "client connections at once from one address",
+    "client_idle_timeout_s": "close a client connection with nothing in flight, no "
+    "subscription and nothing received for this many seconds",
+    "connection_pending_bytes_max": "bytes a client connection may hold for requests in "
+    "flight (each with a reserve for its answer) and answers it has not read; over it the node "
+    "stops reading the connection",
+    "node_pending_bytes_max": "the same, for all client connections together",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)",
 }
 

@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import time
 
 from raft import NONE, Config
@@ -30,6 +31,7 @@ from raft.driver import Driver, DriverConfig
 from raft.multi import HostConfig, MultiRaft
 from raft.transport import Transport
 from raft.wal import WAL
+from wire.aio import Handler, Server, serve
 from wire.protocol import Message, Session
 
 from .archive import Archive, ArchiveConfig, Retention
@@ -260,3 +262,61 @@ class Node:
                 return False
             await asyncio.sleep(0.02)
         return True
+
+
+NODE_FDS_RESERVED = 512
+"""File descriptors a node keeps for itself whatever its clients do: WAL segments, snapshots
+being written or sent, the archive, peer connections (two per peer), the ops port's 64
+connections, the listening sockets, the event loop's own."""
+CLIENT_CONNECTIONS_MIN = 16
+
+
+def client_connections_cap(settings: Settings) -> int:
+    """``client_connections_max`` within the open-file limit: the soft ``RLIMIT_NOFILE`` is
+    raised (up to the hard one) to hold it and ``NODE_FDS_RESERVED``; what it cannot hold is
+    taken off the client connections (with a warning), so a flood of connections is refused
+    before the node runs out of descriptors for its WAL and snapshots.  ``ConfigError`` if
+    fewer than ``CLIENT_CONNECTIONS_MIN`` are left."""
+    wanted = settings.client_connections_max
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + NODE_FDS_RESERVED
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    room = soft - NODE_FDS_RESERVED
+    if room < CLIENT_CONNECTIONS_MIN:
+        raise ConfigError(
+            f"config: client_connections_max: the open-file limit (ulimit -n) is {soft}; a node "
+            f"needs {NODE_FDS_RESERVED + CLIENT_CONNECTIONS_MIN} at least "
+            f"({NODE_FDS_RESERVED} for itself, {CLIENT_CONNECTIONS_MIN} for clients)"
+        )
+    if room < wanted:
+        logger.warning(
+            "client_connections_max lowered from %d to %d: the open-file limit is %d",
+            wanted,
+            room,
+            soft,
+        )
+        return room
+    return wanted
+
+
+async def serve_clients(handler: Handler, settings: Settings, host: str, port: int) -> Server:
+    """The client port (``wire.aio``) with the settings' bounds."""
+    connections_max = client_connections_cap(settings)
+    return await serve(
+        handler,
+        host,
+        port,
+        pending_bytes_max=settings.connection_pending_bytes_max,
+        node_pending_bytes_max=settings.node_pending_bytes_max,
+        idle_timeout_s=settings.client_idle_timeout_s,
+        connections_max=connections_max,
+        connections_per_source_max=settings.client_connections_per_source_max,
+    )

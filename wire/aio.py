@@ -21,10 +21,21 @@ to its sans-IO core and hands requests to the handler:
 Rules of this module:
 - Responses go out in the order they are ready, each matched to its request by ``rid``.
   Everything replied during one loop iteration leaves in one ``transport.write``.
-- Bounded memory per connection: at most ``max_in_flight`` requests (and
-  ``max_in_flight_bytes`` of their frames) unanswered; at the bound, and while the transport's
-  write buffer is above its high-water mark, the connection stops handing out requests and
-  stops reading.  It resumes once half the bound is free and the writer has drained.
+- Bounded memory, per connection and per server (the node): a request in flight is charged its
+  frame bytes plus ``answer_reserve_bytes`` (an upper bound of its answer: ``ANSWER_BYTES_MAX``
+  by request type, a whole frame for the large ones), until it is answered; a connection whose
+  writer is paused (above ``write_buffer_high_bytes``) is charged what it has not written yet.
+  At most ``max_in_flight`` requests are unanswered on a connection; when a connection's
+  charges reach ``pending_bytes_max``, or all connections' reach ``node_pending_bytes_max``, or
+  its writer is paused, it stops handing out requests and stops reading.  It resumes once half
+  its bounds are free and the writer has drained; connections stopped by the node's bound wait
+  in a queue and are woken in turn when the node is below half of it.  So a client that sends
+  requests and never reads holds at most about ``pending_bytes_max`` plus the writer's
+  high-water mark, and all of them ``node_pending_bytes_max`` plus a high-water mark each.
+- Bounded connections: at most ``connections_max`` (and ``connections_per_source_max`` from one
+  address); one more is told ``Error{rid: 0, code: "unavailable"}`` and closed.  An open
+  connection that is idle (nothing in flight, no subscription, nothing received) for
+  ``idle_timeout_s`` is told ``Error{rid: 0, code: "unavailable"}`` and closed.
 - A protocol error (or a refused Hello) writes the queued Error, then closes.  A handshake that
   does not finish within ``hello_timeout_s`` is aborted.
 - A peer that half-closes gets its remaining answers before the connection closes.
@@ -41,14 +52,17 @@ import contextlib
 import hmac
 import logging
 import socket
+from collections import deque
 from collections.abc import Awaitable, Collection
 from typing import Any, Protocol, cast
 
 import msgspec
 
 from .errors import LocalProtocolError, WireError
-from .flow import set_reading
+from .flow import CountedLog, set_reading
 from .framing import (
+    HEADER,
+    REQUEST_TYPES,
     BadRequest,
     ConnectionClosed,
     ProtocolError,
@@ -58,13 +72,26 @@ from .framing import (
 )
 from .protocol import (
     FRAME_BYTES_MAX,
+    METADATA_BYTES_MAX,
     PROTOCOL_VERSION,
+    Append,
+    CreateSession,
     Error,
     ErrorCode,
+    GetRoutes,
+    GetSession,
     Hello,
+    InboxSnapshot,
+    MarkRead,
+    Ping,
     Push,
     Request,
     Response,
+    Subscribe,
+    Subscribed,
+    SubscriptionClosed,
+    Unsubscribe,
+    Unsubscribed,
     Welcome,
     error,
 )
@@ -74,6 +101,23 @@ logger.addHandler(logging.NullHandler())
 
 Reply = Response | Awaitable[Response] | None
 """What a handler returns: the answer, an awaitable of it, or None (``conn.reply`` later)."""
+
+SMALL_ANSWER_BYTES_MAX = 4 * 1024
+"""An upper bound of the frame of a small answer (an ``Error`` included)."""
+ANSWER_BYTES_MAX: dict[type[Any], int] = {
+    Hello: SMALL_ANSWER_BYTES_MAX,
+    Ping: SMALL_ANSWER_BYTES_MAX,
+    Append: SMALL_ANSWER_BYTES_MAX,
+    MarkRead: SMALL_ANSWER_BYTES_MAX,
+    Subscribe: SMALL_ANSWER_BYTES_MAX,  # its pushes are flow-controlled on their own
+    Unsubscribe: SMALL_ANSWER_BYTES_MAX,
+    GetSession: METADATA_BYTES_MAX + SMALL_ANSWER_BYTES_MAX,  # a session and its metadata
+    CreateSession: METADATA_BYTES_MAX + SMALL_ANSWER_BYTES_MAX,
+    GetRoutes: 64 * 1024,  # 4 096 groups at most
+}
+"""The reserve charged for the answer of a request in flight, by request type; any other
+(``read``, ``list_sessions``, ``subscribe_inbox``) is charged a whole frame, which bounds every
+answer (a larger one becomes ``too_large``)."""
 
 
 class Handler(Protocol):
@@ -123,19 +167,42 @@ class Server:
         *,
         max_frame_bytes: int,
         max_in_flight: int,
-        max_in_flight_bytes: int,
+        pending_bytes_max: int,
+        node_pending_bytes_max: int,
         write_buffer_high_bytes: int,
         hello_timeout_s: float,
+        idle_timeout_s: float,
+        connections_max: int,
+        connections_per_source_max: int,
     ) -> None:
-        if max_in_flight < 1 or max_in_flight_bytes < max_frame_bytes:
-            raise ValueError("max_in_flight >= 1 and max_in_flight_bytes >= max_frame_bytes")
+        frame = max_frame_bytes + HEADER.size
+        if max_in_flight < 1 or pending_bytes_max < 2 * frame:
+            raise ValueError("max_in_flight >= 1 and pending_bytes_max >= two frames")
+        if node_pending_bytes_max < pending_bytes_max:
+            raise ValueError("node_pending_bytes_max >= pending_bytes_max")
+        if connections_max < 1 or connections_per_source_max < 1:
+            raise ValueError("connections_max and connections_per_source_max >= 1")
         self.handler = handler
         self.max_frame_bytes = max_frame_bytes
         self.max_in_flight = max_in_flight
-        self.max_in_flight_bytes = max_in_flight_bytes
+        self.pending_bytes_max = pending_bytes_max
+        self.node_pending_bytes_max = node_pending_bytes_max
         self.write_buffer_high_bytes = write_buffer_high_bytes
         self.hello_timeout_s = hello_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.connections_max = connections_max
+        self.connections_per_source_max = min(connections_per_source_max, connections_max)
         self.connections: set[Connection] = set()
+        self.pending_bytes = 0
+        """All connections' charges: requests in flight and the unwritten bytes of paused
+        writers (the node's bound is on this)."""
+        self.refused = CountedLog(logger, logging.WARNING)  # connections closed at once: over
+        # connections_max or connections_per_source_max (refused.count: how many)
+        self.idle_closed = 0  # connections closed after idle_timeout_s
+        self.reserve = dict.fromkeys(REQUEST_TYPES, frame) | ANSWER_BYTES_MAX
+        self._per_source: dict[str, int] = {}
+        self._waiting: deque[Connection] = deque()  # stopped by node_pending_bytes_max
+        self._wake_scheduled = False
         self._server: asyncio.Server | None = None
 
     @property
@@ -170,6 +237,57 @@ class Server:
     def _make_connection(self) -> Connection:
         return Connection(self)
 
+    # the node-wide bounds ------------------------------------------------------------------------
+
+    def _admit(self, conn: Connection, source: str) -> str | None:
+        """Count ``conn`` in; or why not (over a connection bound)."""
+        if len(self.connections) >= self.connections_max:
+            return f"too many connections (this node's limit: {self.connections_max})"
+        count = self._per_source.get(source, 0)
+        if count >= self.connections_per_source_max:
+            return (
+                f"too many connections from {source} "
+                f"(this node's limit: {self.connections_per_source_max})"
+            )
+        self._per_source[source] = count + 1
+        self.connections.add(conn)
+        return None
+
+    def _forget(self, conn: Connection, source: str) -> None:
+        self.connections.discard(conn)
+        count = self._per_source.pop(source, 0) - 1
+        if count > 0:
+            self._per_source[source] = count
+
+    def _wait(self, conn: Connection) -> None:
+        """``conn`` stopped at the node's bound: wake it in turn once the node is below half."""
+        if not conn._waiting:
+            conn._waiting = True
+            self._waiting.append(conn)
+
+    def _release(self, size: int) -> None:
+        self.pending_bytes -= size
+        if (
+            self._waiting
+            and not self._wake_scheduled
+            and self.pending_bytes <= self.node_pending_bytes_max // 2
+        ):
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        """Hand the waiting connections their turn, oldest first, while the node has room (one
+        that stops at the bound again queues at the back)."""
+        self._wake_scheduled = False
+        waiting = self._waiting
+        for _ in range(len(waiting)):
+            if self.pending_bytes >= self.node_pending_bytes_max:
+                break
+            conn = waiting.popleft()
+            conn._waiting = False
+            if conn._blocked:
+                conn._pump()
+
 
 async def serve(
     handler: Handler,
@@ -179,9 +297,13 @@ async def serve(
     sock: socket.socket | None = None,
     max_frame_bytes: int = FRAME_BYTES_MAX,
     max_in_flight: int = 1024,
-    max_in_flight_bytes: int = 64 * 1024 * 1024,
+    pending_bytes_max: int = 64 * 1024 * 1024,
+    node_pending_bytes_max: int = 256 * 1024 * 1024,
     write_buffer_high_bytes: int = 1024 * 1024,
     hello_timeout_s: float = 10.0,
+    idle_timeout_s: float = 300.0,
+    connections_max: int = 4096,
+    connections_per_source_max: int = 1024,
     backlog: int = 1024,
 ) -> Server:
     """Listen on ``host:port`` (port 0: any free port, see ``Server.address``) or on ``sock``."""
@@ -189,9 +311,13 @@ async def serve(
         handler,
         max_frame_bytes=max_frame_bytes,
         max_in_flight=max_in_flight,
-        max_in_flight_bytes=max_in_flight_bytes,
+        pending_bytes_max=pending_bytes_max,
+        node_pending_bytes_max=node_pending_bytes_max,
         write_buffer_high_bytes=write_buffer_high_bytes,
         hello_timeout_s=hello_timeout_s,
+        idle_timeout_s=idle_timeout_s,
+        connections_max=connections_max,
+        connections_per_source_max=connections_per_source_max,
     )
     loop = asyncio.get_running_loop()
     if sock is not None:
@@ -218,7 +344,16 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Future[Response]] = set()
         self._resume_in_flight = server.max_in_flight // 2
-        self._resume_in_flight_bytes = server.max_in_flight_bytes // 2
+        self.pending_bytes = 0  # the charges of requests in flight + unwritten bytes if paused
+        self._charges: dict[int, int] = {}  # rid -> charge, of the requests in flight
+        self._unwritten_charged = 0  # the part of pending_bytes that is unwritten bytes
+        self._resume_pending_bytes = server.pending_bytes_max // 2
+        self._waiting = False  # in the server's queue of connections stopped by its bound
+        self.subscriptions: set[int] = set()  # sub_ids answered and not ended
+        self._source = ""
+        self._admitted = False
+        self._last_received = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._flush_bytes = server.write_buffer_high_bytes
         self._pumping = False
         self._blocked = False  # requests wait in the core (bound reached or Hello pending)
@@ -253,6 +388,14 @@ class Connection(asyncio.Protocol):
                 raise  # a handler bug: a second answer, or an answer to no request
             logger.error("cannot send %s: %s", type(response).__name__, e)
             core.send(error(response.rid, "internal", "the response could not be sent"))
+        charge = self._charges.pop(response.rid, 0)
+        self.pending_bytes -= charge
+        self.server._release(charge)
+        kind = type(response)
+        if kind is Subscribed or kind is InboxSnapshot:
+            self.subscriptions.add(cast(Subscribed | InboxSnapshot, response).sub_id)
+        elif kind is Unsubscribed:
+            self.subscriptions.discard(cast(Unsubscribed, response).sub_id)
         self._flush_soon()
         if core.bytes_to_send >= self._flush_bytes:
             self._flush()  # a batch is big enough: let the transport see it (and pause us)
@@ -261,6 +404,7 @@ class Connection(asyncio.Protocol):
         elif self._hello_timer is not None and core.state is State.OPEN:
             self._hello_timer.cancel()
             self._hello_timer = None
+            self._idle_timer = self._loop.call_later(self.server.idle_timeout_s, self._idle_check)
         if self._blocked and not self._pumping and self._may_resume():
             self._pump()
         elif self._peer_eof and core.in_flight == 0:
@@ -275,6 +419,8 @@ class Connection(asyncio.Protocol):
             return 0
         core = self.core
         size = core.push(event)
+        if type(event) is SubscriptionClosed:
+            self.subscriptions.discard(event.sub_id)
         if size:
             self._flush_soon()
             if core.bytes_to_send >= self._flush_bytes:
@@ -311,12 +457,21 @@ class Connection(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        high = self.server.write_buffer_high_bytes
+        server = self.server
+        peer = self.peername
+        self._source = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        refusal = server._admit(self, self._source)
+        if refusal is not None:
+            server.refused.note(f"refusing client connections: {refusal}")
+            self.close("unavailable", refusal)
+            return
+        self._admitted = True
+        high = server.write_buffer_high_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
-        self.server.connections.add(self)
-        self._hello_timer = self._loop.call_later(self.server.hello_timeout_s, self._hello_timeout)
+        self._hello_timer = self._loop.call_later(server.hello_timeout_s, self._hello_timeout)
 
     def data_received(self, data: bytes) -> None:
+        self._last_received = self._loop.time()
         self.core.receive_data(data)
         self._pump()
 
@@ -330,6 +485,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._charge_unwritten(0)  # what is left is below the low-water mark
         if self._blocked and self._may_resume():
             self._pump()
         if not (self.closed or self._closing):
@@ -340,10 +496,16 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
-            self._hello_timer = None
-        self.server.connections.discard(self)
+        for timer in (self._hello_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._hello_timer = self._idle_timer = None
+        self._charges.clear()
+        charged, self.pending_bytes = self.pending_bytes, 0
+        self.server._release(charged)
+        if not self._admitted:
+            return
+        self.server._forget(self, self._source)
         try:
             self.server.handler.on_close(self)
         except Exception:
@@ -359,23 +521,35 @@ class Connection(asyncio.Protocol):
         core = self.core
         server = self.server
         max_in_flight = server.max_in_flight
-        max_bytes = server.max_in_flight_bytes
+        max_bytes = server.pending_bytes_max
+        node_max_bytes = server.node_pending_bytes_max
+        reserve = server.reserve
         blocked = False
         try:
             while True:
                 if (
                     self._write_paused
                     or core.in_flight >= max_in_flight
-                    or core.in_flight_bytes >= max_bytes
+                    or self.pending_bytes >= max_bytes
                 ):
                     blocked = True
                     break
+                if server.pending_bytes >= node_max_bytes:
+                    blocked = True
+                    server._wait(self)
+                    break
+                before = core.in_flight_bytes
                 event = core.next_event()
                 if event is None:
                     blocked = core.state is State.GREETING
                     break
                 if type(event) is RequestReceived:
-                    self._dispatch(event.request)
+                    request = event.request
+                    charge = core.in_flight_bytes - before + reserve[type(request)]
+                    self._charges[request.rid] = charge
+                    self.pending_bytes += charge
+                    server.pending_bytes += charge
+                    self._dispatch(request)
                 elif type(event) is BadRequest:
                     logger.debug("%s: %s", self.peername, event.error.message)
                     self._flush_soon()
@@ -401,7 +575,7 @@ class Connection(asyncio.Protocol):
             not self._write_paused
             and core.state is not State.GREETING
             and core.in_flight <= self._resume_in_flight
-            and core.in_flight_bytes <= self._resume_in_flight_bytes
+            and self.pending_bytes <= self._resume_pending_bytes
         )
 
     def _set_reading(self, reading: bool) -> None:
@@ -445,8 +619,22 @@ class Connection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False  # a flush still scheduled finds nothing and returns
         data = self.core.data_to_send()
-        if data and self._transport is not None and not self.closed:
-            self._transport.write(data)
+        transport = self._transport
+        if data and transport is not None and not self.closed:
+            transport.write(data)
+            if self._write_paused:  # (set by write itself, over the high-water mark)
+                self._charge_unwritten(transport.get_write_buffer_size())
+
+    def _charge_unwritten(self, size: int) -> None:
+        """Charge ``size`` unwritten bytes (instead of what was charged for them before)."""
+        delta = size - self._unwritten_charged
+        if delta and not self.closed:
+            self._unwritten_charged = size
+            self.pending_bytes += delta
+            if delta > 0:
+                self.server.pending_bytes += delta
+            else:
+                self.server._release(-delta)
 
     def _close_after_flush(self) -> None:
         if self._closing:
@@ -462,6 +650,25 @@ class Connection(asyncio.Protocol):
             logger.info("closing %s: no completed handshake in time", self.peername)
             if self._transport is not None:
                 self._transport.abort()
+
+    def _idle_check(self) -> None:
+        """Close the connection if it is idle: nothing in flight, no subscription, nothing
+        received for ``idle_timeout_s``; otherwise look again when it could be."""
+        self._idle_timer = None
+        if self.closed or self._closing:
+            return
+        timeout_s = self.server.idle_timeout_s
+        due = self._last_received + timeout_s
+        now = self._loop.time()
+        if self.core.in_flight or self.subscriptions or now < due:
+            self._idle_timer = self._loop.call_at(max(due, now + timeout_s / 8), self._idle_check)
+            return
+        self.server.idle_closed += 1
+        logger.debug("closing %s: idle for %g s", self.peername, timeout_s)
+        if self.backlog_bytes and self._transport is not None:
+            self._transport.abort()  # nor does it read what it was sent
+            return
+        self.close("unavailable", f"closing an idle connection (nothing for {timeout_s:g} s)")
 
 
 def _error_for(rid: int, exc: BaseException) -> Error:

@@ -15,7 +15,7 @@ from msgspec.structs import replace
 
 from wire.aio import Connection, Server, serve
 from wire.errors import ClientError, LocalProtocolError
-from wire.framing import ProtocolError, PushReceived, ResponseReceived
+from wire.framing import ClientConnection, ProtocolError, PushReceived, ResponseReceived
 from wire.protocol import (
     Append,
     Error,
@@ -29,6 +29,8 @@ from wire.protocol import (
     Read,
     Request,
     Response,
+    Subscribe,
+    Subscribed,
 )
 
 from .helpers import (
@@ -112,12 +114,12 @@ def test_in_flight_bound_stops_reading_until_answers_free_room(loop: LoopFactory
     run(main, loop)
 
 
-def test_in_flight_bytes_bound(loop: LoopFactory) -> None:
+def test_pending_bytes_bound_counts_request_frames(loop: LoopFactory) -> None:
     async def main() -> None:
         handler = StoreHandler()
         limit = 64 * 1024
         async with await serve(
-            handler, max_frame_bytes=limit, max_in_flight_bytes=4 * limit
+            handler, max_frame_bytes=limit, pending_bytes_max=4 * limit
         ) as server:
             client = await RawClient.open(server.address)
             handler.hold = True
@@ -125,9 +127,10 @@ def test_in_flight_bytes_bound(loop: LoopFactory) -> None:
             client.send(
                 *[Append(r, "s", "user", "", "t", big, {}, None, None, None) for r in range(2, 12)]
             )
-            await wait_until(lambda: len(handler.held) == 5)
+            await wait_until(lambda: len(handler.held) == 4)
             await asyncio.sleep(0.05)
-            assert len(handler.seen) == 5  # the bound, overshot by at most one frame
+            # each is charged its frame and a small answer's reserve: the 4th reaches the bound
+            assert len(handler.seen) == 4
             handler.hold = False
             handler.release()
             events = await client.events(10)
@@ -523,5 +526,227 @@ def test_stop_listening_keeps_the_open_connections(loop: LoopFactory) -> None:
         server.close("unavailable", "node shutting down")
         [event] = await client.events(1)
         assert event == ProtocolError("unavailable", "node shutting down", retryable=True)
+
+    run(main, loop)
+
+
+# -- queued answers: bounded per connection and per node (issue 27 item 4) ------------------------
+
+MiB = 1024 * 1024
+
+
+def big_reads(handler: StoreHandler, content_bytes: int) -> None:
+    """Make ``handler`` answer every ``read`` with one message of ``content_bytes``."""
+    answer = handler.answer
+    message = msgspec.structs.replace(MESSAGES[0], content="x" * content_bytes)
+
+    def big_answer(request: Request) -> Response:
+        if isinstance(request, Read):
+            return Messages(request.rid, [message], 1)
+        return answer(request)
+
+    handler.answer = big_answer  # type: ignore[method-assign]
+
+
+async def release_while_unread(handler: StoreHandler, server: Server, bound: int) -> int:
+    """Answer what the server hands out, for a while, with the clients reading nothing; the most
+    the server held meanwhile (charges and unwritten answers), checked against ``bound``."""
+    most = 0
+    for _ in range(40):
+        handler.release()
+        await asyncio.sleep(0.01)
+        held = sum(c.core.bytes_to_send + c.backlog_bytes for c in server.connections)
+        held += sum(c.pending_bytes - c._unwritten_charged for c in server.connections)
+        most = max(most, held, server.pending_bytes)
+        assert most <= bound, (most, bound)
+    return most
+
+
+def test_unread_answers_stay_within_the_connection_bound(loop: LoopFactory) -> None:
+    """1 000 pipelined reads whose 256 KiB answers are never read: the server holds about its
+    ``pending_bytes_max`` plus the writer's high-water mark, not 250 MiB; then all arrive."""
+
+    async def main() -> None:
+        handler = StoreHandler()
+        big_reads(handler, 256 * 1024)
+        limit, high = 1 * MiB, 256 * 1024
+        async with await serve(
+            handler,
+            max_frame_bytes=limit,
+            pending_bytes_max=8 * MiB,
+            write_buffer_high_bytes=high,
+        ) as server:
+            client = await RawClient.open(server.address)
+            handler.hold = True  # answers come later (a read waiting on its ReadIndex)
+            client.send(*[Read(rid, "s", 0, 10) for rid in range(2, 1002)])
+            await wait_until(lambda: len(handler.held) >= 7)
+            await asyncio.sleep(0.05)
+            assert len(handler.held) == 8  # 8 MiB / (1 MiB reserved for each answer)
+            bound = 8 * MiB + high + limit + 64 * 1024  # the bound, a frame over, a socket's slack
+            most = await release_while_unread(handler, server, bound)
+            assert most > 4 * MiB  # (the bound was reached)
+            assert len(handler.seen) < 100
+            handler.hold = False
+            handler.release()
+            events = await client.events(1000)
+            assert sorted(e.response.rid for e in events) == list(range(2, 1002))
+            assert server.pending_bytes == only_connection(server).pending_bytes == 0
+
+    run(main, loop)
+
+
+def test_unread_answers_stay_within_the_node_bound_and_every_connection_gets_its_turn(
+    loop: LoopFactory,
+) -> None:
+    """Four connections pipelining big reads that are not read: together they hold about the
+    node's ``node_pending_bytes_max``; the ones stopped by it are woken in turn (none starves)
+    and every answer arrives once the clients read."""
+
+    async def main() -> None:
+        handler = StoreHandler()
+        big_reads(handler, 256 * 1024)
+        limit, high = 1 * MiB, 256 * 1024
+        async with await serve(
+            handler,
+            max_frame_bytes=limit,
+            pending_bytes_max=4 * MiB,
+            node_pending_bytes_max=8 * MiB,
+            write_buffer_high_bytes=high,
+        ) as server:
+            clients = [await RawClient.open(server.address) for _ in range(4)]
+            handler.hold = True
+            for client in clients:
+                client.send(*[Read(rid, "s", 0, 10) for rid in range(2, 202)])
+            await wait_until(lambda: len(handler.held) >= 8)
+            await asyncio.sleep(0.05)
+            assert len(handler.held) == 8 and server.pending_bytes >= 8 * MiB
+            assert len(server._waiting) == 2  # two connections wait for the node's room
+            bound = 8 * MiB + 4 * (high + 64 * 1024) + limit
+            await release_while_unread(handler, server, bound)
+            handler.hold = False
+            handler.release()
+            for client in clients:
+                events = await asyncio.wait_for(client.events(200), 20)
+                assert sorted(e.response.rid for e in events) == list(range(2, 202))
+            assert server.pending_bytes == 0 and not server._waiting
+
+    run(main, loop)
+
+
+def test_small_appends_pipelined_256_deep_pay_only_a_small_reserve(loop: LoopFactory) -> None:
+    async def main() -> None:
+        handler = StoreHandler()
+        async with await serve(handler) as server:
+            client = await RawClient.open(server.address)
+            handler.hold = True
+            client.send(
+                *[
+                    Append(r, "s", "user", "", "t", "hi", {}, None, None, None)
+                    for r in range(2, 258)
+                ]
+            )
+            await wait_until(lambda: len(handler.held) == 256)
+            conn = only_connection(server)
+            assert conn.pending_bytes == server.pending_bytes < 256 * 4200
+            handler.hold = False
+            handler.release()
+            assert len(await client.events(256)) == 256
+            assert server.pending_bytes == 0
+
+    run(main, loop)
+
+
+# -- connection caps and the idle timeout (issue 27 item 6) ----------------------------------------
+
+
+async def goodbye_of(reader: asyncio.StreamReader) -> ProtocolError:
+    """The goodbye (``Error{rid: 0}``) a refused or closed connection reads before its end."""
+    core = ClientConnection()
+    core.receive_data(await asyncio.wait_for(reader.read(), 5))
+    event = core.next_event()
+    assert isinstance(event, ProtocolError) and event.retryable, event
+    return event
+
+
+def test_connections_over_the_cap_are_refused_with_a_goodbye_and_one_log_line(
+    loop: LoopFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        handler = StoreHandler()
+        async with await serve(handler, connections_max=8, connections_per_source_max=8) as server:
+            bare = [await asyncio.open_connection(*server.address) for _ in range(8)]
+            await wait_until(lambda: len(server.connections) == 8)
+            refused = [await asyncio.open_connection(*server.address) for _ in range(50)]
+            for reader, _ in refused:
+                error = await goodbye_of(reader)
+                assert error.code == "unavailable" and "too many connections" in error.message
+            assert server.refused.count == 50 and len(server.connections) == 8
+            bare[0][1].close()
+            await wait_until(lambda: len(server.connections) == 7)
+            client = await RawClient.open(server.address)  # room again: a real client
+            client.send(Ping(2))
+            assert pongs(await client.events(1)) == [2]
+            for _, writer in bare[1:] + refused:
+                writer.close()
+        lines = [r for r in caplog.records if "refusing client connections" in r.getMessage()]
+        assert len(lines) == 1, lines  # one line per interval, with a count
+
+    with caplog.at_level(logging.WARNING, logger="wire.aio"):
+        run(main, loop)
+
+
+def test_the_per_source_cap_leaves_room_for_other_addresses(loop: LoopFactory) -> None:
+    async def main() -> None:
+        async with await serve(StoreHandler(), connections_per_source_max=3) as server:
+            mine = [await asyncio.open_connection(*server.address) for _ in range(3)]
+            await wait_until(lambda: len(server.connections) == 3)
+            reader, writer = await asyncio.open_connection(*server.address)
+            assert "from 127.0.0.1" in (await goodbye_of(reader)).message
+            other, other_writer = await asyncio.open_connection(
+                *server.address, local_addr=("127.0.0.2", 0)
+            )
+            await wait_until(lambda: len(server.connections) == 4)
+            for _, w in [*mine, (reader, writer), (other, other_writer)]:
+                w.close()
+
+    run(main, loop)
+
+
+def test_idle_connections_are_closed_busy_and_subscribed_ones_are_kept(
+    loop: LoopFactory,
+) -> None:
+    async def main() -> None:
+        handler = StoreHandler()
+        answer = handler.answer
+
+        def subscribing(request: Request) -> Response:
+            if isinstance(request, Subscribe):
+                return Subscribed(request.rid, 1, 0)
+            return answer(request)
+
+        handler.answer = subscribing  # type: ignore[method-assign]
+        async with await serve(handler, idle_timeout_s=0.2) as server:
+            idle = await RawClient.open(server.address)
+            busy = await RawClient.open(server.address)
+            subscribed = await RawClient.open(server.address)
+            subscribed.send(Subscribe(2, "s", 0))
+            [event] = await subscribed.events(1)
+            assert type(event.response) is Subscribed
+            handler.hold = True
+            busy.send(Ping(2))  # in flight for longer than the timeout
+            await wait_until(lambda: len(handler.held) == 1)
+            [goodbye] = await asyncio.wait_for(idle.events(1), 2)
+            assert isinstance(goodbye, ProtocolError) and goodbye.code == "unavailable"
+            assert "idle" in goodbye.message and await idle.closed()
+            await asyncio.sleep(0.5)
+            assert len(server.connections) == 2 and server.idle_closed == 1
+            handler.hold = False
+            handler.release()
+            assert pongs(await busy.events(1)) == [2]
+            [goodbye] = await asyncio.wait_for(busy.events(1), 2)  # idle once answered
+            assert isinstance(goodbye, ProtocolError)
+            subscribed.send(Ping(3))
+            assert pongs(await subscribed.events(1)) == [3]
+            assert len(server.connections) == 1
 
     run(main, loop)

@@ -7,10 +7,23 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from ctxstore.launcher import LocalCluster
 from tests.ctxstore.test_ops import run, single_node
 from wire.client import connect
 from wire.framing import ResponseReceived
-from wire.protocol import METADATA_DEPTH_MAX, Append, CreateSession, Error, Message, Ping, Pong
+from wire.protocol import (
+    METADATA_DEPTH_MAX,
+    Append,
+    CreateSession,
+    Error,
+    Message,
+    Messages,
+    Ping,
+    Pong,
+    Read,
+)
 
 from .helpers import RawClient, frame
 
@@ -59,3 +72,57 @@ def test_deep_nesting_is_refused_at_the_boundary_and_the_limit_round_trips(
                 await client.close()
 
     run(main())
+
+
+MiB = 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.cluster
+def test_a_node_holds_bounded_memory_for_reads_whose_answers_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 27 item 4, on a real ``ctxstore serve`` process: three connections pipeline 100
+    reads of ~1.4 MB answers each and read nothing (420 MB of answers): the node's RSS grows by
+    about its ``node_pending_bytes_max`` (32 MiB here), not by the answers; then every answer
+    arrives."""
+    monkeypatch.setenv("CTXSTORE_CONNECTION_PENDING_BYTES_MAX", str(16 * MiB))
+    monkeypatch.setenv("CTXSTORE_NODE_PENDING_BYTES_MAX", str(32 * MiB))
+
+    async def main() -> None:
+        async with LocalCluster(1, str(tmp_path), extra_args=["--groups", "4"]) as cluster:
+            child = cluster.children[1]
+            assert child.process is not None
+            client = await connect(child.target, timeout_s=10)
+            try:
+                await client.create_session("u", "a", session_id="big")
+                for _ in range(2):
+                    await client.append("big", "x" * 700_000)
+                first = await client.read("big", 0, 10)
+            finally:
+                await client.close()
+            answer_bytes = sum(len(m.content) for m in first.messages)
+            assert answer_bytes >= 1_400_000
+            base = rss_bytes(child.process.pid)
+            raws = [await RawClient.open(child.client) for _ in range(3)]
+            for raw in raws:
+                raw.send(*[Read(rid, "big", 0, 10) for rid in range(2, 102)])
+            peak = base
+            for _ in range(30):
+                await asyncio.sleep(0.1)
+                peak = max(peak, rss_bytes(child.process.pid))
+            assert peak - base < 120 * MiB, (base, peak)  # 420 MB before the bound
+            for raw in raws:
+                events = await asyncio.wait_for(raw.events(100), 60)
+                assert sorted(answer(e).rid for e in events) == list(range(2, 102))
+                assert all(type(answer(e)) is Messages for e in events)
+                raw.close()
+
+    run(main(), timeout_s=120)
