@@ -16,6 +16,14 @@ once, as ``MessageEvent`` pushes, with a ``GapEvent`` for any range the node can
   left out; so does one whose session jumped ahead (a snapshot was installed).  A connection's
   unsent bytes therefore stay below ``backlog_bytes_high`` + one page (or one message).
 
+Every message of a subscription is pushed, or stated missing: a ``MessageEvent`` holds at most
+``page_bytes`` of messages (one message may be alone over it) and is split further if the
+connection's frame cannot hold it; a message no frame could hold alone (ruled out at start-up by
+ctxstore/limits.py) becomes a ``GapEvent`` (``unavailable``) and is logged and counted
+(``unpushable``).  Any other failure while pushing closes the subscription
+(``unavailable``): the client subscribes again after the last seq it processed, so nothing is
+skipped silently.
+
 Memory per subscription is a few hundred bytes plus at most one page while replaying; what a
 slow reader has not taken stays in the store, not in a buffer.  A subscription that could not
 push anything for ``slow_timeout_s`` is told ``SubscriptionClosed(slow_consumer)`` and dropped.
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from wire.aio import Connection
+from wire.errors import LocalProtocolError
 from wire.protocol import (
     CloseReason,
     GapEvent,
@@ -98,6 +107,7 @@ class Subscriptions(Streams[str, _Sub]):
         self.dropped_slow = 0
         self.pushed_messages = 0
         self.gaps = 0
+        self.unpushable = 0  # messages no frame could hold: pushed as a gap (never expected)
 
     # -- requests ---------------------------------------------------------------------------------
     def start(
@@ -165,32 +175,61 @@ class Subscriptions(Streams[str, _Sub]):
         for sub in dirty:
             if sub.closed or not sub.live or not sub.outbox:
                 continue
-            room = high - sub.conn.backlog_bytes
-            outbox, sub.outbox = sub.outbox, []
-            cut, size = 0, 0
-            for m in outbox:  # what fits under the high mark (at least one message)
-                size += message_bytes(m)
-                if size > room and (cut or room <= 0):
-                    break
-                cut += 1
-            if cut:
-                self._push_messages(sub, outbox[:cut] if cut < len(outbox) else outbox)
-            if cut < len(outbox):  # the rest is read again from the store, when it fits
-                sub.next_seq = outbox[cut].seq
-                sub.live = False
-                self._replay(sub)
+            try:
+                self._flush_one(sub, high)
+            except Exception:  # a bug: never lose the outbox silently; the client resumes
+                logger.exception("subscription %d: pushing live messages failed", sub.sub_id)
+                self._close(sub, "unavailable", "internal error; subscribe again")
+
+    def _flush_one(self, sub: _Sub, high: int) -> None:
+        room = high - sub.conn.backlog_bytes
+        outbox, sub.outbox = sub.outbox, []
+        cut, size = 0, 0
+        for m in outbox:  # what fits under the high mark (at least one message)
+            size += message_bytes(m)
+            if size > room and (cut or room <= 0):
+                break
+            cut += 1
+        if cut:
+            self._push_messages(sub, outbox[:cut] if cut < len(outbox) else outbox)
+        if cut < len(outbox):  # the rest is read again from the store, when it fits
+            sub.next_seq = outbox[cut].seq
+            sub.live = False
+            self._replay(sub)
 
     def _push_messages(self, sub: _Sub, messages: list[Message]) -> None:
-        """One or more MessageEvents (each about ``page_bytes`` at most)."""
+        """One or more MessageEvents, each at most ``page_bytes`` of messages (or one)."""
         limit = self.limits.page_bytes
         start, size = 0, 0
         for i, m in enumerate(messages):
-            size += message_bytes(m)
-            if size > limit and i > start:
-                sub.conn.push(MessageEvent(sub.sub_id, messages[start:i]))
-                start, size = i, message_bytes(m)
-        sub.conn.push(MessageEvent(sub.sub_id, messages[start:] if start else messages))
+            n = message_bytes(m)
+            if size + n > limit and i > start:
+                self._push_event(sub, messages[start:i])
+                start, size = i, 0
+            size += n
+        self._push_event(sub, messages[start:] if start else messages)
         self.pushed_messages += len(messages)
+
+    def _push_event(self, sub: _Sub, messages: list[Message]) -> None:
+        """Push ``messages`` in one MessageEvent, or in halves if the frame cannot hold them;
+        a message alone over the frame limit becomes a GapEvent (see the module docstring)."""
+        try:
+            sub.conn.push(MessageEvent(sub.sub_id, messages))
+            return
+        except LocalProtocolError as e:
+            if e.code != "too_large":
+                raise
+        if len(messages) > 1:
+            half = len(messages) // 2
+            self._push_event(sub, messages[:half])
+            self._push_event(sub, messages[half:])
+            return
+        seq = messages[0].seq
+        self.unpushable += 1
+        self.gaps += 1
+        logger.error("subscription %d: message %d of session %r fits no frame: sent as a gap",
+                     sub.sub_id, seq, sub.session_id)  # fmt: skip
+        sub.conn.push(GapEvent(sub.sub_id, seq, seq, "unavailable"))
 
     def _to_replay(self, sub: _Sub) -> None:
         if sub.outbox:
