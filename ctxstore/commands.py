@@ -25,9 +25,19 @@ from typing import Any
 import msgspec
 import msgspec.msgpack
 
-from wire.protocol import ErrorCode, Sender, Session
+from wire.protocol import MESSAGE_BYTES_MAX, ErrorCode, Sender, Session
 
 Metadata = dict[str, Any]
+
+ENTRY_FIELDS_BYTES_MAX = 4096
+"""What an ``Append`` command holds besides its message's payload (content and metadata): ids and
+``kind`` (bounded by the wire schema: at most 128 + 4 x 128 + 4 x 64 + 128 bytes), numbers and
+msgpack headers; about 1.1 KiB at most, the rest is headroom."""
+ENTRY_BYTES_MAX = MESSAGE_BYTES_MAX + ENTRY_FIELDS_BYTES_MAX
+"""The largest command (Raft entry) a node proposes: ``Router`` refuses a bigger one with
+``too_large``.  An ``Append`` whose message is within ``MESSAGE_BYTES_MAX`` fits; so does any
+``CreateSession`` (metadata at most ``METADATA_BYTES_MAX``) and ``MarkRead``.  ctxstore/limits.py
+checks at start-up that an entry this big fits the peer transport."""
 
 
 # -- commands (proposed by a leader, applied by every replica) -------------------------------------
@@ -125,6 +135,8 @@ def decode_result(data: bytes) -> Result:
 
 
 __all__ = [
+    "ENTRY_BYTES_MAX",
+    "ENTRY_FIELDS_BYTES_MAX",
     "Append",
     "Appended",
     "Command",

@@ -109,7 +109,7 @@ HELP: dict[str, str] = {
     "snapshot_entries": "applied entries per group between snapshots",
     "tail_messages_max": "messages per session kept in RAM (older ones are read from the archive)",
     "group_tail_bytes_max": "bytes of all hot tails of one group kept in RAM",
-    "request_timeout_s": "a write's deadline in seconds (then the client gets timeout)",
+    "request_timeout_s": "every request's deadline in seconds (then the client gets timeout)",
     "retention_max_messages": "keep the newest N messages of each session; none: keep all",
     "retention_max_age_s": "delete messages older than this many seconds; none: keep all",
     "shutdown_timeout_s": "on SIGTERM, exit within this many seconds (past it: status 70)",

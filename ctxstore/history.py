@@ -42,9 +42,11 @@ class Page(NamedTuple):
 
 
 def message_bytes(m: Message) -> int:
-    """An estimate of a message's encoded size: its payload (content, metadata) as the state
-    counts it, plus ids and fixed fields."""
-    return payload_bytes(m) + 96 + len(m.session_id)
+    """A bound on a message's encoded size (what pages and response budgets count): its payload
+    (content, metadata) as the state counts it, its strings (4 bytes a character where no
+    pattern keeps them ASCII), and 64 bytes for numbers and msgpack headers."""
+    ids = len(m.session_id) + len(m.client_msg_id or "")
+    return payload_bytes(m) + 64 + ids + 4 * (len(m.sender_id) + len(m.kind))
 
 
 def _capped(messages: list[Message], bytes_max: int) -> list[Message]:

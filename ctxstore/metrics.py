@@ -493,6 +493,7 @@ class NodeCollector(Collector):
                     ("slow", ps.dropped_slow),
                     ("overflow", ps.dropped_overflow),
                     ("unconnected", ps.dropped_unconnected),
+                    ("unfit", ps.dropped_unfit),
                 )
             ),
         )

@@ -39,6 +39,7 @@ from .backfill import Backfill, serve_history
 from .config import ConfigError, Settings, parse_address
 from .history import History
 from .inbox import Inboxes, InboxLimits
+from .limits import Limits, check
 from .router import HistoryFetch, HistoryRows, Router, RouterConfig
 from .state import ConversationState, StateLimits
 from .subscriptions import SubscriptionLimits, Subscriptions
@@ -54,15 +55,19 @@ def now_ms() -> int:
 
 
 class Node:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, limits: Limits | None = None) -> None:
+        """Raises ``ConfigError`` for settings or ``limits`` that do not agree (limits.check: a
+        largest message must fit every stage it passes through)."""
         self.settings = s = settings
+        self.limits = lim = limits or Limits()
+        check(lim)
         self.voters = tuple(sorted({s.node_id, *s.peer_map}))
         os.makedirs(s.data_dir, exist_ok=True)
         self._check_identity()
-        limits = StateLimits(
+        state_limits = StateLimits(
             tail_messages_max=s.tail_messages_max, group_tail_bytes_max=s.group_tail_bytes_max
         )
-        self.state = ConversationState(limits, groups=s.groups, observer=self)
+        self.state = ConversationState(state_limits, groups=s.groups, observer=self)
         self.retention = Retention(s.retention_max_messages, s.retention_max_age_s)
         self.archive = Archive(
             os.path.join(s.data_dir, ARCHIVE_FILE),
@@ -70,7 +75,9 @@ class Node:
             on_fatal=self._fatal,
         )
         self.history = History(self.state, self.archive, self.retention, now_ms)
-        self.subscriptions = Subscriptions(self.state, self.history, SubscriptionLimits())
+        self.subscriptions = Subscriptions(
+            self.state, self.history, SubscriptionLimits(page_bytes=lim.push_page_bytes)
+        )
         self.inboxes = Inboxes(self.state, InboxLimits())
         self.failed: asyncio.Future[BaseException] | None = None
         self._evicted_early: list[tuple[int, int, Message]] | None = []
@@ -81,6 +88,7 @@ class Node:
             commit_broadcast=False,
             skip_busy_heartbeats=True,
             seed=s.node_id,
+            max_size_per_msg=lim.raft_msg_bytes_max,
         )
         self.host = MultiRaft(HostConfig(group_cfg))
         self.wal = WAL.open(os.path.join(s.data_dir, "wal"), inline=s.wal_writer == "inline")
@@ -90,7 +98,11 @@ class Node:
             self.state,
             DriverConfig(tick_s=s.tick_ms / 1000, snapshot_entries=s.snapshot_entries),
         )
-        self.router = Router(s.node_id, self.driver, RouterConfig(s.request_timeout_s))
+        self.router = Router(
+            s.node_id,
+            self.driver,
+            RouterConfig(s.request_timeout_s, entry_bytes_max=lim.entry_bytes_max),
+        )
         self.router.history_server = self._serve_history
         self.driver.on_leader_change = self.router.on_leader_change
         self.driver.compact_floor = self.archive.archived_index
@@ -202,6 +214,9 @@ class Node:
                 on_peer_down,
                 snap,
                 on_app=self.router.on_app,
+                frame_bytes_max=self.limits.peer_frame_bytes_max,
+                queue_bytes_max=self.limits.peer_queue_bytes_max,
+                app_queue_bytes_max=self.limits.app_queue_bytes_max,
             )
             self.driver.attach(self.transport)
             self.router.attach(self.transport)

@@ -18,8 +18,13 @@ leader's connection dropped with the forward in flight, the deadline passed, a s
 over the entry) fails with ``timeout``: the client retries with its ``client_msg_id``, which the
 state machine deduplicates.
 
-Every request has a deadline (``request_timeout_s``); waiting forwards are bounded
-(``forwards_max``) and fail at once when the peer they wait on goes down.
+Every request has a deadline (``request_timeout_s``) that holds on every path: a request
+still unanswered at its deadline — waiting for a leader, forwarded, proposed here and not yet
+applied (a group that cannot commit), retrying a read barrier — fails then (``timeout``; its
+late result is dropped), checked every ``SWEEP_S``.  Waiting forwards are bounded
+(``forwards_max``) and fail at once when the peer they wait on goes down.  A command over
+``entry_bytes_max`` (commands.ENTRY_BYTES_MAX) is refused ``too_large`` before anything else:
+the peer transport could not carry it (ctxstore/limits.py).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +47,8 @@ from wire.protocol import Message
 from . import commands
 
 logger = logging.getLogger(__name__)
+
+SWEEP_S = 0.05  # how often deadlines are checked (a request fails at most this late)
 
 
 class RouteError(Exception):
@@ -110,6 +118,7 @@ class RouterConfig:
     retry_delay_s: float = 0.02
     history_serves_max: int = 8  # history fetches served at once (more: "unavailable")
     read_retry_s: float = 1.0  # a read barrier not answered by then is asked again
+    entry_bytes_max: int = commands.ENTRY_BYTES_MAX  # a bigger command: too_large
 
 
 class _Pending:
@@ -137,6 +146,9 @@ class Router:
         self._fids = itertools.count(1)
         self._forwards: dict[int, _Pending] = {}  # fid -> request forwarded by this node
         self._leader_waits: dict[int, list[_Pending]] = {}  # group -> requests without a leader
+        # Every request, in the order of its deadline (all share request_timeout_s); finished
+        # ones leave when they reach the front, so this holds at most a timeout's requests.
+        self._deadlines: deque[_Pending] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self.client_address = ""  # set by the server once it listens
         self.addresses: dict[int, str] = {}  # node id -> client address (advertised)
@@ -160,7 +172,7 @@ class Router:
 
     def start(self) -> None:
         loop = self._running_loop()
-        self._timer = loop.call_later(0.05, self._sweep)
+        self._timer = loop.call_later(SWEEP_S, self._sweep)
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -172,6 +184,9 @@ class Router:
             for p in waits:
                 self._fail(p, RouteError("unavailable", "the node is stopping"))
         self._leader_waits.clear()
+        for p in self._deadlines:
+            self._fail(p, RouteError("unavailable", "the node is stopping"))
+        self._deadlines.clear()
         for fut, _, _ in self._fetches.values():
             if not fut.done():
                 fut.set_exception(RouteError("unavailable", "the node is stopping"))
@@ -187,8 +202,12 @@ class Router:
         """``submit`` without a future: ``done(result, None)`` or ``done(None, RouteError)``,
         exactly once, possibly from inside the driver's pass (``Driver.propose_then``): it must
         not raise and must not call into the router or the driver synchronously."""
+        if len(command) > self.config.entry_bytes_max:
+            limit = self.config.entry_bytes_max
+            done(None, RouteError("too_large", f"a {len(command)}-byte command > {limit}"))
+            return
         deadline = self._running_loop().time() + self.config.request_timeout_s
-        self._route(_Pending(group, command, done, deadline))
+        self._start(_Pending(group, command, done, deadline))
 
     def barrier(self, group: int) -> asyncio.Future[Any]:
         """A linearizable read barrier for ``group`` (ReadIndex, served by any replica):
@@ -196,8 +215,12 @@ class Router:
         loop = self._running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         deadline = loop.time() + self.config.request_timeout_s
-        self._route(_Pending(group, None, settle(future), deadline))
+        self._start(_Pending(group, None, settle(future), deadline))
         return future
+
+    def _start(self, p: _Pending) -> None:
+        self._deadlines.append(p)
+        self._route(p)
 
     def _reachable_leader(self, group: int) -> int:
         """The group's leader if this node can reach it, else NONE (a leader whose peer
@@ -359,7 +382,21 @@ class Router:
                 self._leader_waits[group] = keep
             else:
                 del self._leader_waits[group]
-        self._timer = loop.call_later(0.05, self._sweep)
+        self._expire(now)
+        self._timer = loop.call_later(SWEEP_S, self._sweep)
+
+    def _expire(self, now: float) -> None:
+        """Fail every request past its deadline, wherever it waits (a proposal the group never
+        commits, a read barrier retried until then...); what answers it later is dropped."""
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0].finished or deadlines[0].deadline <= now):
+            p = deadlines.popleft()
+            if p.finished:
+                continue
+            if p.command is None:
+                self._fail(p, RouteError("timeout", "the read barrier was not confirmed in time"))
+            else:
+                self._fail(p, RouteError("timeout", "not applied in time; outcome unknown"))
 
     # -- the leader's side ---------------------------------------------------------------------
     def on_app(self, peer: int, payloads: list[bytes]) -> None:

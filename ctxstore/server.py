@@ -20,8 +20,13 @@
 - Errors: domain refusals carry the state machine's code (``not_found``, ``conflict``,
   ``bad_request``); a request that cannot reach a leader in time is ``unavailable``
   (retryable); one whose outcome is unknown is ``timeout`` (retry with the same
-  ``client_msg_id``).  Input limits are the wire's (the schema, and metadata at most
-  ``METADATA_BYTES_MAX`` encoded, checked by ``wire.framing`` before a request reaches us).
+  ``client_msg_id``).  Every request is answered within ``request_timeout_s`` (the router's
+  deadline; an archive read likewise).  Input limits are the wire's (the schema, and metadata
+  at most ``METADATA_BYTES_MAX`` encoded, checked by ``wire.framing`` before a request reaches
+  us), plus an append's message: content and metadata at most ``MESSAGE_BYTES_MAX`` together
+  (``too_large``), so that it fits its Raft entry, the peer transport and one response frame
+  (ctxstore/limits.py).  A ``read`` answer holds at most ``Limits.read_bytes_max`` of messages
+  (``READ_BYTES_MAX``), always at least one: the client reads on from the last seq.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 
 from wire.aio import BaseHandler, Connection, Reply
 from wire.protocol import (
+    MESSAGE_BYTES_MAX,
     Append,
     Appended,
     CreateSession,
@@ -62,16 +68,18 @@ from wire.protocol import (
     Unsubscribed,
     error,
 )
+from wire.protocol import Message as WireMessage
 
 from . import commands
 from .history import HistoryUnavailable
 from .node import Node
 from .placement import group_of
 from .router import RouteError
+from .state import payload_bytes
 
 logger = logging.getLogger(__name__)
 
-READ_BYTES_MAX = 2 * 1024 * 1024  # a Messages answer stops adding messages past this
+_ROUTE_CODES = frozenset({"unavailable", "timeout", "too_large"})  # passed on to the client
 
 
 def now_ms() -> int:
@@ -91,6 +99,8 @@ class Service(BaseHandler):
         self.inboxes = node.inboxes
         self.archive = node.archive
         self.history = node.history
+        self.read_bytes_max = node.limits.read_bytes_max
+        self.request_timeout_s = s.request_timeout_s
         self._sub_ids = itertools.count(1)
         self.requests = 0
         self.errors: dict[str, int] = {}
@@ -170,7 +180,20 @@ class Service(BaseHandler):
             r.session_id, r.sender, r.sender_id, r.kind, r.content, r.metadata,
             r.client_msg_id, r.expected_seq, r.token_count, self.clock_ms(),
         )  # fmt: skip
-        return self._submit(conn, r.rid, r.session_id, cmd, r)
+        data = commands.encode_command(cmd)
+        if len(data) > MESSAGE_BYTES_MAX:  # the payload may be over: measure it
+            size = payload_bytes(WireMessage(
+                r.session_id, 0, r.sender, r.sender_id, r.kind, r.content, r.metadata,
+                r.client_msg_id, 0, r.token_count,
+            ))  # fmt: skip
+            if size > MESSAGE_BYTES_MAX:
+                message = (
+                    f"the message's content and metadata are {size} bytes "
+                    f"(UTF-8 and msgpack) > {MESSAGE_BYTES_MAX}"
+                )
+                e = error(r.rid, "too_large", message, bytes=size, limit=MESSAGE_BYTES_MAX)
+                return self._error(e)
+        return self._submit_data(conn, r.rid, r.session_id, data, r)
 
     def _create(self, conn: Connection, r: CreateSession) -> Reply:
         sid = r.session_id if r.session_id is not None else uuid.uuid4().hex
@@ -180,20 +203,27 @@ class Service(BaseHandler):
     def _submit(
         self, conn: Connection, rid: int, sid: str, cmd: commands.Command, request: Request
     ) -> Reply:
+        return self._submit_data(conn, rid, sid, commands.encode_command(cmd), request)
+
+    def _submit_data(
+        self, conn: Connection, rid: int, sid: str, data: bytes, request: Request
+    ) -> Reply:
         received = time.perf_counter()
 
         def done(result: Any, exc: BaseException | None) -> None:  # maybe inside a driver pass
             try:
                 response = self._answer(rid, result, exc, request)
                 conn.reply(response)
-            except Exception:
+            except Exception:  # a bug: still answer, or the client waits for nothing
                 logger.exception("answering request %d failed", rid)
+                if conn.core.awaits_answer(rid):
+                    conn.reply(self._error(error(rid, "internal", "internal error")))
                 return
             if self.on_append_latency is not None and isinstance(request, Append):
                 ok = not isinstance(response, Error)
                 self.on_append_latency(time.perf_counter() - received, ok)
 
-        self.router.submit_then(group_of(sid, self.groups), commands.encode_command(cmd), done)
+        self.router.submit_then(group_of(sid, self.groups), data, done)
         return None
 
     def _answer(
@@ -216,7 +246,7 @@ class Service(BaseHandler):
 
     def _failure(self, rid: int, exc: BaseException) -> Error:
         if isinstance(exc, RouteError):
-            code = exc.code if exc.code in ("unavailable", "timeout") else "internal"
+            code = exc.code if exc.code in _ROUTE_CODES else "internal"
             return self._error(error(rid, code, exc.message))  # type: ignore[arg-type]
         logger.error("request %d failed: %r", rid, exc)
         return self._error(error(rid, "internal", "internal error"))
@@ -234,7 +264,7 @@ class Service(BaseHandler):
                 conn.reply(self._failure(rid, exc))
             elif isinstance(request, Read):
                 page = self.history.read_tail(
-                    request.session_id, request.after_seq, request.limit, READ_BYTES_MAX
+                    request.session_id, request.after_seq, request.limit, self.read_bytes_max
                 )
                 if page is False:  # older than the tail: the archive, off the loop
                     task = asyncio.get_running_loop().create_task(self._read(request))
@@ -273,9 +303,14 @@ class Service(BaseHandler):
 
     async def _read(self, r: Read) -> Response:
         try:
-            page = await self.history.read(r.session_id, r.after_seq, r.limit, READ_BYTES_MAX)
+            async with asyncio.timeout(self.request_timeout_s):
+                page = await self.history.read(
+                    r.session_id, r.after_seq, r.limit, self.read_bytes_max
+                )
         except HistoryUnavailable as e:
             return self._error(error(r.rid, "unavailable", str(e)))
+        except TimeoutError:
+            return self._error(error(r.rid, "timeout", "the archive did not answer in time"))
         if page is None:
             return self._not_found(r.rid, r.session_id)
         return Messages(r.rid, page.messages, page.last_seq)

@@ -12,6 +12,10 @@ The wire protocol lives in ``peer_codec`` (sans I/O); this module owns sockets a
   over ``queue_bytes_max``, messages Raft resends (appends, heartbeats and their responses)
   are dropped and counted; other messages wait in the queue up to ``queue_bytes_max``, beyond
   which they are dropped and counted too.  Nothing is queued for a peer that is not connected.
+  A message that could not fit even an empty queue (or one frame) would be dropped on every
+  resend: it is counted apart (``dropped_unfit``) and logged (at most every
+  ``UNFIT_LOG_INTERVAL_S``); the application must keep its entries small enough that this never
+  happens (ctxstore checks it at start-up: ctxstore/limits.py).
 - Snapshots travel on a separate lane, as chunks of the encoded ``InstallSnapshot``: at most
   one chunk per peer per flush, so batches of other groups interleave with them.  The receiver
   reassembles and delivers an ordinary ``(group, InstallSnapshot)`` item; the sender reports
@@ -63,6 +67,9 @@ RESENDABLE: frozenset[type] = frozenset(
 
 _MESSAGE_OVERHEAD_BYTES = 48
 _ENTRY_OVERHEAD_BYTES = 16
+QUEUE_BYTES_MAX = 4 * 1024 * 1024  # default queue_bytes_max: Raft messages queued per peer
+APP_QUEUE_BYTES_MAX = 8 * 1024 * 1024  # default app_queue_bytes_max: app payloads per peer
+UNFIT_LOG_INTERVAL_S = 10.0  # at most one log line per peer per this for unfit messages
 
 
 def message_bytes(message: Message) -> int:
@@ -85,6 +92,7 @@ class PeerStats:
     dropped_slow: int = 0  # resendable messages dropped while the peer was slow
     dropped_overflow: int = 0  # other messages dropped because the queue was full
     dropped_unconnected: int = 0  # messages for a peer without a connection
+    dropped_unfit: int = 0  # messages larger than an empty queue or one frame (never sendable)
     snapshots_sent: int = 0
     snapshots_failed: int = 0
     snapshots_received: int = 0
@@ -121,6 +129,7 @@ class _Peer:
     app_queue: list[bytes] = field(default_factory=list)
     app_queue_bytes: int = 0
     dialer: asyncio.Task[None] | None = None
+    unfit_logged_at: float = -1.0  # loop time of the last "unfit" log line (-1: never)
 
 
 class Transport:
@@ -138,8 +147,8 @@ class Transport:
         on_app: Callable[[int, list[bytes]], None] = lambda peer, payloads: None,
         *,
         frame_bytes_max: int = codec.FRAME_BYTES_MAX,
-        queue_bytes_max: int = 4 * 1024 * 1024,
-        app_queue_bytes_max: int = 8 * 1024 * 1024,
+        queue_bytes_max: int = QUEUE_BYTES_MAX,
+        app_queue_bytes_max: int = APP_QUEUE_BYTES_MAX,
         write_buffer_high_bytes: int = 4 * 1024 * 1024,
         snapshot_chunk_bytes: int = 1024 * 1024,
         snapshot_bytes_max: int = 1024 * 1024 * 1024,
@@ -251,6 +260,9 @@ class Transport:
                 peer.stats.dropped_unconnected += 1
                 continue
             size = message_bytes(message)
+            if size > self.queue_bytes_max:
+                self._drop_unfit(peer, group, f"a {type(message).__name__} of ~{size} bytes")
+                continue
             full = peer.queue_bytes + size > self.queue_bytes_max
             if conn.paused or full:
                 if type(message) in RESENDABLE:
@@ -262,6 +274,20 @@ class Transport:
             peer.queue.append((group, message))
             peer.queue_bytes += size
         self._schedule_flush()
+
+    def _drop_unfit(self, peer: _Peer, group: int, what: str) -> None:
+        """Drop a message that can never be sent (over an empty queue or one frame): counted,
+        and logged at most once per ``UNFIT_LOG_INTERVAL_S`` per peer."""
+        peer.stats.dropped_unfit += 1
+        now = self._loop.time() if self._loop is not None else 0.0
+        if peer.unfit_logged_at < 0 or now - peer.unfit_logged_at >= UNFIT_LOG_INTERVAL_S:
+            peer.unfit_logged_at = now
+            logger.error(
+                "node %d: dropping %s for node %d, group %d: it can never be sent "
+                "(queue_bytes_max %d, frame_bytes_max %d; %d such drops so far)",
+                self.node_id, what, peer.id, group, self.queue_bytes_max,
+                self.frame_bytes_max, peer.stats.dropped_unfit,
+            )  # fmt: skip
 
     def send_app(self, to: int, payload: bytes) -> bool:
         """Queue an application payload for ``to``; False (and nothing queued) if ``to`` is
@@ -345,8 +371,8 @@ class Transport:
             data = conn.core.send(codec.Batch(items))
         except codec.ProtocolError:
             if len(items) == 1:
-                logger.error("dropping a message too large for one frame to node %d", peer.id)
-                peer.stats.dropped_overflow += 1
+                group, message = items[0]
+                self._drop_unfit(peer, group, f"a {type(message).__name__} over one frame")
                 return
             half = len(items) // 2
             self._write_batch(peer, conn, items[:half])

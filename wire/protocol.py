@@ -29,6 +29,14 @@ from msgspec import Meta
 PROTOCOL_VERSION = 1
 FRAME_BYTES_MAX = 4 * 1024 * 1024  # default negotiated maximum (Welcome.max_frame_bytes)
 METADATA_BYTES_MAX = 16 * 1024  # a metadata map, msgpack-encoded
+MESSAGE_BYTES_MAX = 1024 * 1024
+"""The largest message an append may carry: its content (UTF-8) and metadata (msgpack-encoded)
+together; more is answered ``too_large``.  The rest of a message is bounded by the schema (ids,
+``kind``), so a node can prove at start-up that the largest message fits its Raft entry, its
+peer transport and one response frame (ctxstore/limits.py)."""
+READ_BYTES_MAX = 2 * 1024 * 1024
+"""The byte budget of a ``read`` answer: messages are added while their encoded size stays
+within it, and there is always at least one (a page of ``MESSAGE_BYTES_MAX`` messages fits)."""
 METADATA_DEPTH_MAX = 32  # nesting levels of a metadata map: the map is 1, a map or array in it 2
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
@@ -37,7 +45,7 @@ Rid = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # 0 is reserved: Error{rid: 0} =
 Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Limit = Annotated[int, Meta(ge=1, le=1000)]
 Kind = Annotated[str, Meta(min_length=1, max_length=64)]
-Content = Annotated[str, Meta(max_length=1024 * 1024)]
+Content = str  # with the metadata at most MESSAGE_BYTES_MAX bytes (server-checked: too_large)
 Metadata = dict[str, Any]  # string keys; at most 16 KiB encoded, 32 levels deep (server-checked)
 SubId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 Sender = Literal["user", "agent", "system"]
@@ -59,7 +67,7 @@ ErrorCode = Literal[
     "forbidden",
     "not_found",
     "conflict",  # expected_seq mismatch, client_msg_id reused with other content, id taken
-    "too_large",
+    "too_large",  # a frame, a message (MESSAGE_BYTES_MAX) or a response over its limit
     "rate_limited",
     "unavailable",  # no leader / no quorum yet: retry (retryable = true)
     "timeout",  # outcome unknown: retry with the same client_msg_id
@@ -377,9 +385,11 @@ def error(rid: int, code: ErrorCode, message: str, **details: Any) -> Error:
 
 __all__ = [
     "FRAME_BYTES_MAX",
+    "MESSAGE_BYTES_MAX",
     "METADATA_BYTES_MAX",
     "METADATA_DEPTH_MAX",
     "PROTOCOL_VERSION",
+    "READ_BYTES_MAX",
     "RETRYABLE",
     "Append",
     "Appended",
