@@ -27,6 +27,14 @@ The wire protocol lives in ``peer_codec`` (sans I/O); this module owns sockets a
   or the queue is full, so the caller can fail the request at once.
 - Liveness per peer: a Ping every ``ping_interval_s``; a connection silent for
   ``dead_after_s`` is closed and reported down.
+- Bounded handshakes: an inbound connection must authenticate within ``handshake_timeout_s``
+  (2 s).  At most ``handshakes_max`` (64) inbound connections are in their handshake at once,
+  and ``handshakes_per_source_max`` (8) from one address; a new one always gets a slot, which
+  it takes from the oldest handshake of its own address if that address has all of its own,
+  else from the oldest of all if all are taken (that one is closed).  So stalled or slow
+  unauthenticated connections cannot keep a peer out: a peer's handshake takes milliseconds,
+  and is lost only if more connections than that arrive meanwhile (it dials again).  Closed
+  unauthenticated connections are logged once per ``REFUSED_LOG_INTERVAL_S`` with a count.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -64,6 +73,7 @@ RESENDABLE: frozenset[type] = frozenset(
     {AppendEntries, AppendResponse, Heartbeat, HeartbeatResponse}
 )
 """Messages Raft sends again on its own (next heartbeat / probe), so a slow peer may lose them."""
+REFUSED_LOG_INTERVAL_S = 10.0  # one log line per this for closed unauthenticated connections
 
 _MESSAGE_OVERHEAD_BYTES = 48
 _ENTRY_OVERHEAD_BYTES = 16
@@ -105,6 +115,7 @@ class PeerStats:
 class TransportStats:
     accepted: int = 0  # inbound TCP connections
     refused: int = 0  # connections closed during the handshake (either side)
+    handshakes_evicted: int = 0  # inbound handshakes closed to make room for newer ones
     protocol_errors: int = 0  # established connections closed for a protocol error
     peers: dict[int, PeerStats] = field(default_factory=dict)
 
@@ -152,8 +163,9 @@ class Transport:
         write_buffer_high_bytes: int = 4 * 1024 * 1024,
         snapshot_chunk_bytes: int = 1024 * 1024,
         snapshot_bytes_max: int = 1024 * 1024 * 1024,
-        handshake_timeout_s: float = 5.0,
+        handshake_timeout_s: float = 2.0,
         handshakes_max: int = 64,
+        handshakes_per_source_max: int = 8,
         connect_timeout_s: float = 5.0,
         backoff_min_s: float = 0.05,
         backoff_max_s: float = 2.0,
@@ -179,6 +191,7 @@ class Transport:
         self.snapshot_bytes_max = snapshot_bytes_max
         self.handshake_timeout_s = handshake_timeout_s
         self.handshakes_max = handshakes_max
+        self.handshakes_per_source_max = min(handshakes_per_source_max, handshakes_max)
         self.connect_timeout_s = connect_timeout_s
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
@@ -192,6 +205,9 @@ class Transport:
         }
         self._lower_ids = frozenset(pid for pid in peers if pid < node_id)
         self._connections: set[_Connection] = set()  # every open connection, authenticated or not
+        # inbound connections in their handshake -> their source address, oldest first
+        self._handshaking: dict[_Connection, str] = {}
+        self._refused_log = _CountedLog(REFUSED_LOG_INTERVAL_S)
         self._server: asyncio.Server | None = None
         self._flush_scheduled = False
         self._liveness: asyncio.TimerHandle | None = None
@@ -445,14 +461,38 @@ class Transport:
         return conn.authenticated
 
     def _opened(self, conn: _Connection) -> None:
-        """Track a new connection; refuse it if too many handshakes are already in progress."""
-        pending = sum(1 for c in self._connections if not c.authenticated)
+        """Track a new connection; an inbound one takes a handshake slot, closing the oldest
+        handshake of its address, or of all, if they are all taken."""
         self._connections.add(conn)
-        if pending >= self.handshakes_max:
-            logger.warning("node %d: %d handshakes in progress; refusing", self.node_id, pending)
-            conn.abort("too_many_handshakes")
+        if conn.role is not codec.Role.ACCEPTOR:
+            return  # our own dials: one per peer
+        handshaking = self._handshaking
+        same = [c for c, source in handshaking.items() if source == conn.source]
+        if len(same) >= self.handshakes_per_source_max:
+            self._evict(same[0], f"{len(same)} handshakes in progress from {conn.source}")
+        elif len(handshaking) >= self.handshakes_max:
+            self._evict(next(iter(handshaking)), f"{len(handshaking)} handshakes in progress")
+        handshaking[conn] = conn.source
+
+    def _evict(self, conn: _Connection, why: str) -> None:
+        del self._handshaking[conn]
+        self.stats.handshakes_evicted += 1
+        conn.abort("evicted")
+        self.refused(f"closing the oldest: {why}")
+
+    def refused(self, what: str) -> None:
+        """Log a closed unauthenticated connection (counted: once per interval)."""
+        line = self._refused_log.line()
+        if line is not None:
+            logger.warning(
+                "node %d: unauthenticated peer connections closed: %s (%s)",
+                self.node_id,
+                what,
+                line,
+            )
 
     def _authenticated(self, conn: _Connection, peer_id: int) -> None:
+        self._handshaking.pop(conn, None)
         peer = self._peers[peer_id]
         old = peer.conn
         peer.conn = conn
@@ -466,6 +506,7 @@ class Transport:
 
     def _lost(self, conn: _Connection) -> None:
         self._connections.discard(conn)
+        self._handshaking.pop(conn, None)
         if not conn.authenticated:
             self.stats.refused += 1
             logger.info(
@@ -507,6 +548,25 @@ class Transport:
         self._liveness = self._loop.call_later(self.ping_interval_s, self._check_liveness)
 
 
+class _CountedLog:
+    """Counts events and says when one more log line is due: at most one per ``interval_s``."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._count = 0
+        self._next = 0.0
+
+    def line(self) -> str | None:
+        """Count one event; the count to log now (since the last line), or None."""
+        self._count += 1
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        count, self._count = self._count, 0
+        self._next = now + self.interval_s
+        return f"{count} in the last {self.interval_s:g} s"
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection: feeds bytes to a ``PeerProtocol`` and reports to its ``Transport``.
 
@@ -525,6 +585,7 @@ class _Connection(asyncio.Protocol):
             owner.frame_bytes_max,
         )
         self.authenticated = False
+        self.source = ""  # the remote address (host)
         self.paused = False
         self.error: str | None = None
         self.last_receive_s = 0.0
@@ -545,11 +606,13 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         high = self.owner.write_buffer_high_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
+        peer = transport.get_extra_info("peername")
+        self.source = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
         loop = asyncio.get_running_loop()
         self.last_receive_s = loop.time()
         self._timer = loop.call_later(self.owner.handshake_timeout_s, self._handshake_timeout)
         self.owner._opened(self)
-        self._write_own()  # nothing if _opened refused it
+        self._write_own()
 
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
@@ -609,14 +672,12 @@ class _Connection(asyncio.Protocol):
                 e,
             )
         else:
-            logger.warning(
-                "node %d: refused %s connection: %s", self.owner.node_id, self.role.value, e
-            )
+            self.owner.refused(f"{self.role.value} from {self.source}: {e}")
         self.abort(e.code)
 
     def _handshake_timeout(self) -> None:
         if not self.authenticated:
-            logger.warning("node %d: handshake timed out", self.owner.node_id)
+            self.owner.refused(f"{self.role.value} from {self.source}: handshake timed out")
             self.abort("handshake_timeout")
 
     def _write_own(self) -> None:

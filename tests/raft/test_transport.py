@@ -392,19 +392,69 @@ def test_garbage_and_oversized_frames_close_that_connection_only(junk: bytes) ->
     run(main)
 
 
-def test_handshakes_in_progress_are_limited() -> None:
+def test_handshake_slots_go_to_the_newest_connections() -> None:
+    """At most ``handshakes_max`` inbound handshakes: a new connection takes the slot of the
+    oldest (closed at once, long before its handshake deadline)."""
+
     async def main() -> None:
-        nodes = await start_nodes([1, 2], handshakes_max=2)
+        nodes = await start_nodes([1, 2], handshakes_max=2, handshake_timeout_s=10.0)
         await connected(nodes)
         streams = [await asyncio.open_connection("127.0.0.1", nodes[2].port) for _ in range(4)]
-        for reader, _ in streams[2:]:  # beyond the limit: closed at once
-            assert await asyncio.wait_for(reader.read(), 3) == b""
+        for reader, _ in streams[:2]:  # the oldest two: evicted
+            assert await asyncio.wait_for(reader.read(), 1) == b""
+        await wait_for(lambda: nodes[2].t.stats.handshakes_evicted == 2)
+        assert len(nodes[2].t._handshaking) == 2
         await exchange(nodes[1], nodes[2])
         for _, writer in streams:
             writer.close()
         await close_all(*nodes.values())
 
     run(main)
+
+
+def test_a_peer_reconnects_through_a_flood_of_stalled_connections(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 27 item 6: stalled unauthenticated connections (from another address, and from
+    the peer's own) keep coming and never send a byte; a peer whose connection dropped is
+    connected again within a second, and the log has a few lines, not one per connection."""
+
+    async def main() -> None:
+        nodes = await start_nodes([1, 2], handshake_timeout_s=30.0)
+        await connected(nodes)
+        stalled: list[asyncio.StreamWriter] = []
+
+        async def flood() -> None:
+            while True:
+                for source in ("127.0.0.2", "127.0.0.1"):
+                    _, writer = await asyncio.open_connection(
+                        "127.0.0.1", nodes[2].port, local_addr=(source, 0)
+                    )
+                    stalled.append(writer)
+                await asyncio.sleep(0.002)
+
+        flooding = asyncio.create_task(flood())
+        await wait_for(lambda: len(stalled) >= 300)
+        assert len(nodes[2].t._handshaking) <= 64
+        old = nodes[1].t._peers[2].conn
+        assert old is not None
+        old.abort("the peer went away")
+        start = time.monotonic()
+        await wait_for(lambda: nodes[1].t.stats.peers[2].connects == 2, timeout_s=3)
+        await connected(nodes)
+        assert time.monotonic() - start < 1.5
+        await exchange(nodes[1], nodes[2])
+        flooding.cancel()
+        evicted = nodes[2].t.stats.handshakes_evicted
+        assert evicted >= len(stalled) - 64 - 10, (evicted, len(stalled))
+        for writer in stalled:
+            writer.close()
+        await close_all(*nodes.values())
+        lines = [r for r in caplog.records if "unauthenticated" in r.getMessage()]
+        assert 1 <= len(lines) <= 3, [r.getMessage() for r in lines]
+
+    with caplog.at_level("WARNING", logger="raft.transport"):
+        run(main)
 
 
 def test_garbage_from_an_authenticated_peer_closes_and_it_reconnects() -> None:
