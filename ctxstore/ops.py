@@ -14,8 +14,11 @@ Rules of this module:
 - Keep-alive and pipelining: requests are answered in order as they are parsed (answers are
   computed at once, on the loop: no task per request).  While the transport's write buffer is
   above ``write_buffer_high_bytes`` the connection stops parsing and reading.
-- Bounded: at most ``connections_max`` connections (one more is closed at once), and one that
-  completes no request within ``idle_timeout_s`` is closed.
+- Bounded: at most ``connections_max`` connections, and one that completes no request within
+  ``idle_timeout_s`` is closed.  A new connection always gets in: when all are taken, the one
+  that has been quiet the longest (no request completed, or none since it opened) is closed
+  for it, so idle or stalled connections cannot keep a health check out (evictions are logged
+  once per 10 s with a count).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import msgspec
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from wire.aio import Server
+from wire.flow import CountedLog
 
 from .metrics import NodeMetrics, leader_counts
 from .node import Node
@@ -100,7 +104,7 @@ class OpsServer:
         self.source = source
         self.limits = limits
         self.connections: set[OpsConnection] = set()
-        self.refused = 0  # connections closed at once: too many open
+        self.evicted = CountedLog(logger, logging.WARNING)  # quietest closed for a new one
         self.requests = 0
         self.bad_requests = 0  # malformed or oversized: answered 400/431, closed
         self.on_close: Callable[[], None] = lambda: None
@@ -172,19 +176,23 @@ class OpsConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._idle: asyncio.TimerHandle | None = None
+        self.active_s = self._loop.time()  # when it opened or last completed a request
         self._write_paused = False
         self._closing = False
 
     # asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = t = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        limits = self.server.limits
-        if len(self.server.connections) >= limits.connections_max:
-            self.server.refused += 1
-            self._closing = True
-            t.close()
-            return
-        self.server.connections.add(self)
+        server = self.server
+        limits = server.limits
+        if len(server.connections) >= limits.connections_max:
+            quietest = min(server.connections, key=lambda c: c.active_s)
+            server.connections.discard(quietest)
+            server.evicted.note(
+                f"ops: {limits.connections_max} connections open; closing the quietest"
+            )
+            quietest.abort()
+        server.connections.add(self)
         high = limits.write_buffer_high_bytes
         t.set_write_buffer_limits(high=high, low=high // 4)
         self._arm_idle()
@@ -314,7 +322,14 @@ class OpsConnection(asyncio.Protocol):
         if self.h11.our_state is h11.MUST_CLOSE:
             self.close()
 
+    def abort(self) -> None:
+        """Close at once, whatever is unwritten (to make room for a new connection)."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
     def _arm_idle(self) -> None:
+        self.active_s = self._loop.time()
         if self._idle is not None:
             self._idle.cancel()
         self._idle = self._loop.call_later(self.server.limits.idle_timeout_s, self._idle_timeout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import random
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
@@ -511,25 +512,49 @@ def test_a_client_that_does_not_read_stops_the_server_reading() -> None:
     run(main())
 
 
-def test_the_connection_cap_refuses_one_more() -> None:
+def test_at_the_connection_cap_the_quietest_connection_makes_room() -> None:
     async def main() -> None:
         async with fake_ops(connections_max=2) as (ops, _):
-            held = [await Wire.open(ops.address) for _ in range(2)]
-            for w in held:  # each is registered once it has been answered
-                await w.write(get("/health/live"))
-                assert (await w.answer()).status == 200
-            extra = await Wire.open(ops.address)
-            assert await extra.closed()
-            assert (ops.refused, len(ops.connections)) == (1, 2)
-            await held.pop().close()
-            for _ in range(100):
-                if len(ops.connections) < 2:
-                    break
-                await asyncio.sleep(0.01)
-            assert (await fetch(ops.address, "/health/live")).status == 200
-            await held.pop().close()
+            quiet = await Wire.open(ops.address)  # never sends a byte
+            await asyncio.sleep(0.01)
+            busy = await Wire.open(ops.address)
+            await busy.write(get("/health/live"))
+            assert (await busy.answer()).status == 200
+            assert (await fetch(ops.address, "/health/live")).status == 200  # one more
+            assert await quiet.closed()
+            assert ops.evicted.count == 1
+            await busy.write(get("/health/live"))  # the one that asked recently stayed
+            assert (await busy.answer()).status == 200
+            await busy.close()
 
     run(main())
+
+
+def test_health_checks_answer_under_a_flood_of_idle_connections(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 27 item 6: 500 connections that send nothing (or half a request) hold the ops
+    port's 64 slots; ``/health/ready`` still answers at once, and the log has a line or two."""
+
+    async def main() -> None:
+        async with single_node(tmp_path) as h:
+            assert await h.node.wait_leaders(10)
+            flood = [await Wire.open(h.ops.address) for _ in range(500)]
+            for w in flood[::2]:
+                await w.write(b"GET /health/ready HTTP/1.1\r\n")  # a head that never ends
+            assert len(h.ops.connections) <= 64
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            answer = await asyncio.wait_for(fetch(h.ops.address, "/health/ready"), 2)
+            assert answer.status == 200 and answer.json()["status"] == "ready"
+            assert loop.time() - start < 0.5
+            for w in flood:
+                await w.close()
+
+    with caplog.at_level(logging.WARNING, logger="ctxstore.ops"):
+        run(main())
+    lines = [r for r in caplog.records if "closing the quietest" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
 
 
 def test_idle_connections_are_closed() -> None:
