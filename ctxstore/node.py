@@ -96,7 +96,11 @@ class Node:
             self.host,
             self.wal,
             self.state,
-            DriverConfig(tick_s=s.tick_ms / 1000, snapshot_entries=s.snapshot_entries),
+            DriverConfig(
+                tick_s=s.tick_ms / 1000,
+                snapshot_entries=s.snapshot_entries,
+                proposal_timeout_s=s.request_timeout_s,  # the router answered by then
+            ),
         )
         self.router = Router(
             s.node_id,

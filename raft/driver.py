@@ -32,7 +32,9 @@ application's state machine, on one event loop:
   entry is applied at their index (a new leader overwrote it) they fail with
   ``ProposalDropped``; when this node stops leading the group, or a snapshot jumps over them,
   with ``OutcomeUnknown`` (they may still commit).  At most ``pending_max`` proposals and
-  reads wait at once (``ProposalDropped`` beyond).
+  reads wait at once (``ProposalDropped`` beyond).  A proposal not applied within
+  ``proposal_timeout_s`` (a group that cannot commit) fails with ``OutcomeUnknown`` too, at the
+  next sweep, so a stuck group cannot hold the node's slots: its callers' deadlines are shorter.
 - A failed WAL write stops the node: every waiter fails and ``failed`` resolves; the process
   must exit and recover from disk.
 """
@@ -97,6 +99,7 @@ class DriverConfig:
     snapshot_entries: int = 100_000  # applied entries between snapshots of a group
     wal_segments_max: int = 16  # above this, compact the groups pinning the oldest segment
     pending_max: int = 200_000  # proposals and reads waiting on this node
+    proposal_timeout_s: float = 60.0  # not applied by then: OutcomeUnknown (checked per sweep)
 
 
 @dataclass
@@ -109,6 +112,7 @@ class DriverStats:
     snapshots_taken: int = 0
     snapshots_restored: int = 0
     soft_state_changes: int = 0  # leader or role changes of a group
+    proposals_expired: int = 0  # failed after proposal_timeout_s without being applied
     messages_sent: int = 0
     pass_seconds_max: float = 0.0
 
@@ -606,11 +610,26 @@ class Driver:
             transport.send(to, items)
 
     def _sweep(self) -> None:
-        """Forget reads whose caller gave up (a lost ReadIndex answer is never resent)."""
+        """Forget reads whose caller gave up (a lost ReadIndex answer is never resent); fail
+        proposals waiting for longer than ``proposal_timeout_s``."""
         for reads in self._reads.values():
             for ctx in [c for c, f in reads.items() if f.done()]:
                 del reads[ctx]
                 self._pending -= 1
+        timeout = self.config.proposal_timeout_s
+        cutoff = time.perf_counter() - timeout
+        for waiting in self._proposals.values():
+            old: list[int] = []
+            for index, w in waiting.items():  # in index order, so oldest first
+                if w.proposed_at > cutoff:
+                    break
+                old.append(index)
+            for index in old:
+                w = waiting.pop(index)
+                self._pending -= 1
+                self.stats.proposals_expired += 1
+                error = OutcomeUnknown(f"entry {index} was not applied within {timeout:g} s")
+                _resolve(w, None, error)
 
     # -- failure ----------------------------------------------------------------------------------
     def _crash(self, exc: BaseException) -> None:

@@ -15,7 +15,7 @@ import uvloop
 
 from raft import NotLeader, ProposalDropped, Role
 from raft.core import Config
-from raft.driver import Driver, DriverConfig, NodeStopped
+from raft.driver import Driver, DriverConfig, NodeStopped, OutcomeUnknown
 from raft.messages import AppendEntries
 from raft.multi import HostConfig, MultiRaft
 from raft.node import LogMachine
@@ -384,5 +384,35 @@ def test_waiting_requests_are_bounded(tmp_path: Path) -> None:
         await asyncio.gather(*futures)
         await m.driver.propose(0, b"room again")
         await m.stop()
+
+    run(main())
+
+
+def test_a_proposal_its_group_never_applies_fails_after_proposal_timeout_s(
+    tmp_path: Path,
+) -> None:
+    """The leader's appends of group 0 are lost for good (as a message the transport can never
+    queue was): the proposal fails with OutcomeUnknown and frees its slot, instead of waiting
+    for as long as the group stays stuck."""
+
+    async def main() -> None:
+        members, stop = await cluster(tmp_path, 3, groups=1, proposal_timeout_s=0.3)
+        try:
+            await until(lambda: leader_of(members, 0) is not None, what="a leader")
+            lead = leader_of(members, 0)
+            assert lead is not None and lead.transport is not None
+            send = lead.transport.send
+
+            def lose_appends(to: int, items: Any) -> None:
+                send(to, [(g, m) for g, m in items if not isinstance(m, AppendEntries)])
+
+            lead.transport.send = lose_appends  # type: ignore[method-assign]
+            outcome: list[BaseException | None] = []
+            lead.driver.propose_then(0, b"stuck", lambda result, exc: outcome.append(exc))
+            await until(lambda: bool(outcome), timeout=5, what="the proposal's outcome")
+            assert isinstance(outcome[0], OutcomeUnknown), outcome
+            assert lead.driver.stats.proposals_expired == 1 and lead.leads(0)
+        finally:
+            await stop()
 
     run(main())
