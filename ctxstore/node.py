@@ -285,8 +285,11 @@ class Node:
 
 NODE_FDS_RESERVED = 512
 """File descriptors a node keeps for itself whatever its clients do: WAL segments, snapshots
-being written or sent, the archive, peer connections (two per peer), the ops port's 64
-connections, the listening sockets, the event loop's own."""
+being written or sent, the archive, peer connections (two per peer and 64 handshakes), the ops
+port's 64 connections, the listening sockets, the event loop's own; and the client
+connections accepted over the cap before they are closed (at most ``CLIENT_BACKLOG`` at once:
+the event loop accepts a listen queue in one go)."""
+CLIENT_BACKLOG = 256  # the client port's listen queue
 CLIENT_CONNECTIONS_MIN = 16
 
 
@@ -338,4 +341,5 @@ async def serve_clients(handler: Handler, settings: Settings, host: str, port: i
         idle_timeout_s=settings.client_idle_timeout_s,
         connections_max=connections_max,
         connections_per_source_max=settings.client_connections_per_source_max,
+        backlog=CLIENT_BACKLOG,
     )
