@@ -62,6 +62,15 @@ EXIT_STATUSES = f"""exit status:
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped as usual; the exit statuses' table kept as it is written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("exit status:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class UsageError(Exception):
     """A bad argument found after parsing (an unreadable --text-file): exit status 2."""
 
@@ -166,6 +175,8 @@ def _allowed(kind: schema.Type) -> str:
         return " or ".join(str(v) for v in kind.values)
     if isinstance(kind, schema.StrType) and kind.max_length is not None:
         return f"{kind.min_length or 0} to {kind.max_length} characters"
+    if isinstance(kind, schema.StrType) and (kind.min_length or 0) > 1:
+        return f"at least {kind.min_length} characters"
     return ""
 
 
@@ -193,7 +204,7 @@ def _add_serve(sub: Any) -> None:
         "CTXSTORE_* environment variables < these flags; an invalid value stops start-up "
         "with a message naming its key.",
         epilog=EXIT_STATUSES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--config",
@@ -273,7 +284,8 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
     """Open the data directory, start Raft and open the ports; an operator's problem (a port in
     use, a data directory locked by another node or unusable) is a ``StartupError`` naming
     its key, after what was started is stopped."""
-    from .node import serve_clients
+    from wire.aio import serve as wire_serve
+
     from .server import Service
 
     node = _open_node(settings)
@@ -283,7 +295,7 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
         tune_collector(settings.gc_young_threshold)
         service = Service(node)
         host, port = parse_address(settings.listen, "listen")
-        server = await _opening("listen", settings, serve_clients(service, settings, host, port))
+        server = await _opening("listen", settings, wire_serve(service, host, port))
         bound = server.address
         node.advertise(f"{bound[0]}:{bound[1]}")
         ops = None
@@ -403,7 +415,7 @@ def _add_cluster(sub: Any) -> None:
         "status and the last lines of its log), and on Ctrl-C stop the nodes and print what "
         "was stopped.",
         epilog=EXIT_STATUSES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     up.add_argument(
         "--nodes",
@@ -514,7 +526,7 @@ def _add_client(sub: Any) -> None:
         "(text as it is, non-ASCII included); an error is one JSON line "
         '{"error": code, "message": ...} on stderr.',
         epilog=EXIT_STATUSES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--target",
@@ -537,7 +549,12 @@ def _add_client(sub: Any) -> None:
     c = p.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return c.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")  # type: ignore[no-any-return]
+        description = text[0].upper() + text[1:] + "."
+        parser: argparse.ArgumentParser = c.add_parser(
+            name, help=text, description=description, epilog=EXIT_STATUSES,
+            formatter_class=_HelpFormatter,
+        )  # fmt: skip
+        return parser
 
     cs = command("create-session", "create a session of a user with an agent; print it")
     cs.add_argument("--user", required=True, help="the user's id (required)")
@@ -777,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ctxstore",
         description="ctxstore: a replicated store for conversations between users and agents.",
         epilog=EXIT_STATUSES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)

@@ -98,8 +98,8 @@ HELP: dict[str, str] = {
     "none: no ops port",
     "peers": "ID=HOST:PORT,... of the other nodes' peer ports; empty: a single-node cluster",
     "cluster_id": "the cluster's name, checked by the peer handshake",
-    "secret": "the cluster's shared secret for the peer handshake (at least 8 characters; "
-    "the default is a development secret)",
+    "secret": "the cluster's shared secret for the peer handshake; set your own for a real "
+    "cluster (the default is a development secret)",
     "tokens": "static client tokens (the flag is repeatable; CTXSTORE_TOKENS is "
     "comma-separated); none: clients need no token",
     "groups": "Raft groups (fixed for a data directory)",

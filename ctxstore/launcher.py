@@ -149,18 +149,28 @@ class LocalCluster:
                 c.events.append(json.loads(line))
 
     async def wait_ready(self, timeout_s: float, ids: list[int] | None = None) -> None:
+        """Until each node of ``ids`` (all: None) announced ``ready``; ``NodeExited`` as soon as
+        one of them exits (a node that cannot start may be what keeps the others unready)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        for i in ids or list(self.children):
-            c = self.children[i]
-            while not any(e.get("event") == "ready" for e in c.events):
+        ids = list(self.children) if ids is None else ids
+        while True:
+            for i in ids:
+                c = self.children[i]
                 if c.process is None:
                     raise RuntimeError(f"node {i} was not started")
                 if c.process.returncode is not None:
                     raise NodeExited(i, c.process.returncode, c.log_path)
-                if loop.time() > deadline:
-                    raise TimeoutError(f"node {i} not ready in {timeout_s} s; see {c.log_path}")
-                await asyncio.sleep(0.02)
+            waiting = [i for i in ids if not self._ready(i)]
+            if not waiting:
+                return
+            if loop.time() > deadline:
+                path = self.children[waiting[0]].log_path
+                raise TimeoutError(f"node {waiting[0]} not ready in {timeout_s} s; see {path}")
+            await asyncio.sleep(0.02)
+
+    def _ready(self, i: int) -> bool:
+        return any(e.get("event") == "ready" for e in self.children[i].events)
 
     def kill(self, i: int) -> None:
         """kill -9 node ``i``."""

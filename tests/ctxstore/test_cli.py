@@ -4,6 +4,7 @@ class, JSON outputs and JSON logs (real processes, a real node)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -216,9 +218,11 @@ class RunningNode:
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(TIMEOUT_S)
-        self.stderr.close()
-        return code
+        try:
+            return self.process.wait(TIMEOUT_S)
+        finally:
+            self.process.kill()  # if it did not stop in time
+            self.stderr.close()
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return ctxstore("client", "--target", self.target, *args, stdin=stdin)
@@ -327,8 +331,10 @@ def test_creating_an_existing_session_with_other_metadata_says_so(node: RunningN
 def test_every_line_a_node_logs_is_json(tmp_path: Path) -> None:
     """At start (an unknown CTXSTORE_* variable: a warning), while it runs, at shutdown."""
     running = RunningNode(tmp_path)
-    assert running.cli("create-session", "--user", "u", "--agent", "a").returncode == 0
-    assert running.stop() == 0
+    try:
+        assert running.cli("create-session", "--user", "u", "--agent", "a").returncode == 0
+    finally:
+        assert running.stop() == 0
     lines = running.log.read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
     assert all(set(r) >= {"t", "level", "logger", "msg"} for r in records)
@@ -362,24 +368,41 @@ def test_unknown_ctxstore_variables_are_found() -> None:
 
 
 # -- cluster up ------------------------------------------------------------------------------------
-def cluster_up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, object]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ctxstore", "cluster", "up", "--nodes", "1", "--base-port", "0",
-         "--data-dir", str(tmp_path), "--", *FAST],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert process.stdout is not None
-    started = json.loads(process.stdout.readline())
-    return process, started
+class ClusterUp:
+    """``ctxstore cluster up`` in a session of its own: whatever happens, the test ends it and
+    its nodes (its process group)."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ctxstore", "cluster", "up", "--nodes", "1",
+             "--data-dir", str(tmp_path), *args, "--", *FAST],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+
+    def started(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        started: dict[str, Any] = json.loads(self.process.stdout.readline())
+        return started
+
+    def wait(self) -> tuple[str, str]:
+        return self.process.communicate(timeout=TIMEOUT_S)
+
+    def __enter__(self) -> ClusterUp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.communicate()
 
 
 def test_cluster_up_says_where_the_logs_are_and_what_ctrl_c_stopped(tmp_path: Path) -> None:
-    process, started = cluster_up(tmp_path)
-    (node,) = started["nodes"]  # type: ignore[misc]
-    assert node["log"] == str(tmp_path / "node1.log") and os.path.exists(node["log"])
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=TIMEOUT_S)
-    assert process.returncode == 0, err
+    with ClusterUp(tmp_path, "--base-port", "0") as up:
+        (node,) = up.started()["nodes"]
+        assert node["log"] == str(tmp_path / "node1.log") and os.path.exists(node["log"])
+        up.process.send_signal(signal.SIGINT)
+        out, err = up.wait()
+    assert up.process.returncode == 0, err
     assert json.loads(out) == {
         "event": "stopped",
         "data_dir": str(tmp_path),
@@ -388,14 +411,35 @@ def test_cluster_up_says_where_the_logs_are_and_what_ctrl_c_stopped(tmp_path: Pa
 
 
 def test_cluster_up_reports_a_node_that_died(tmp_path: Path) -> None:
-    process, started = cluster_up(tmp_path)
-    (node,) = started["nodes"]  # type: ignore[misc]
-    os.kill(node["pid"], signal.SIGKILL)
-    out, err = process.communicate(timeout=TIMEOUT_S)
-    assert process.returncode == EXIT_FATAL  # its only node died
+    with ClusterUp(tmp_path, "--base-port", "0") as up:
+        (node,) = up.started()["nodes"]
+        os.kill(node["pid"], signal.SIGKILL)
+        out, err = up.wait()
+    assert up.process.returncode == EXIT_FATAL  # its only node died
     exited = json.loads(err)
     assert (exited["event"], exited["node"], exited["exit_code"], exited["signal"]) == (
         "node_exited", 1, -9, "SIGKILL",
     )  # fmt: skip
     assert exited["log"] == node["log"] and isinstance(exited["log_tail"], list)
     assert json.loads(out)["nodes"] == [{"id": 1, "exit_code": -9}]
+
+
+def test_cluster_up_reports_a_node_that_cannot_start(tmp_path: Path) -> None:
+    """Its ops port is taken: the node exits with status 5, and cluster up says which and why."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = taken.getsockname()[1] - 200  # node 1's ops port is base + 200
+        if base < 1024:
+            pytest.skip("no room below the port the system gave")
+        with ClusterUp(tmp_path, "--base-port", str(base)) as up:
+            out, err = up.wait()
+    assert up.process.returncode == EXIT_START and out == "", err
+    error = json.loads(err)
+    assert error["message"] == f"node 1 exited with status {EXIT_START}; its log: " + str(
+        tmp_path / "node1.log"
+    )
+    assert json.loads(error["log_tail"][-1])["msg"] == (
+        f"cannot start: http 127.0.0.1:{base + 200}: address already in use (another process "
+        "listens there)"
+    )
