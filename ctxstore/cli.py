@@ -8,7 +8,8 @@
 once every group has a known leader, ``stopped``) and logs JSON lines on stderr (``logs.py``).
 Client commands print one JSON object per line; their errors print one line
 ``{"error": code, "message": ...}`` on stderr.  Every failure ends with one line, never a
-traceback, and an exit status by its class (``EXIT_*`` below, listed by ``ctxstore --help``).
+traceback, and an exit status by its class (``cli_common.EXIT_*``, listed by ``--help``).
+The client commands are in ``cli_client.py``.
 """
 
 from __future__ import annotations
@@ -17,26 +18,36 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import json
 import logging
-import math
 import os
 import signal
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from msgspec import inspect as schema
 
+from .cli_client import add_client, run_client
+from .cli_common import (
+    EXIT_FATAL,
+    EXIT_INTERRUPTED,
+    EXIT_START,
+    EXIT_STATUSES,
+    EXIT_USAGE,
+    HelpFormatter,
+    UsageError,
+    emit,
+    int_in,
+    os_error,
+)
 from .collector import tune_collector
 from .config import FIELDS, HELP, ConfigError, Settings, load, parse_address, unknown_env
 from .logs import configure as configure_logs
 
 if TYPE_CHECKING:  # imported when serving only: the client commands start faster without them
     from wire.aio import Server
-    from wire.client import Client
 
     from .launcher import LocalCluster
     from .node import Node
@@ -45,103 +56,9 @@ if TYPE_CHECKING:  # imported when serving only: the client commands start faste
 
 T = TypeVar("T")
 
-EXIT_USAGE = 2  # bad arguments, flags, configuration or input file (argparse's status too)
-EXIT_CONNECT = 3  # no target answered, or it does not speak the ctxstore protocol
-EXIT_ANSWER = 4  # the server answered an error (its code is in the line on stderr)
-EXIT_START = 5  # a node could not start: a port in use, a data directory locked or unusable
-EXIT_FATAL = 70  # a running node failed (WAL, archive) or overran its shutdown timeout
-EXIT_INTERRUPTED = 130  # Ctrl-C (how tail and inbox stop)
-
-EXIT_STATUSES = f"""exit status:
-  0    done
-  {EXIT_USAGE}    bad arguments, flags, configuration or input file
-  {EXIT_CONNECT}    cannot connect: no target answered, or it is not a ctxstore node
-  {EXIT_ANSWER}    the server answered an error (its code is on stderr)
-  {EXIT_START}    a node could not start: a port in use, a data directory locked or unusable
-  {EXIT_FATAL}   a running node failed (WAL or archive error) or overran its shutdown timeout
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Descriptions wrapped as usual; the exit statuses' table kept as it is written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if text.startswith("exit status:"):
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-class UsageError(Exception):
-    """A bad argument found after parsing (an unreadable --text-file): exit status 2."""
-
 
 class StartupError(Exception):
     """A node cannot start for a reason its operator must fix: exit status 5."""
-
-
-def _emit(obj: Any, stream: Any = None) -> None:
-    """One JSON object per line (Structs as objects with their field names; text as it is,
-    non-ASCII characters included)."""
-    if isinstance(obj, msgspec.Struct):
-        obj = msgspec.structs.asdict(obj)
-    stream = stream or sys.stdout
-    stream.write(json.dumps(msgspec.to_builtins(obj), ensure_ascii=False) + "\n")
-    stream.flush()
-
-
-# -- argument types: a bad value is a usage error naming its flag ---------------------------------
-def _int_in(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bounds = f">= {minimum}" if maximum is None else f"{minimum} to {maximum}"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
-    return value
-
-
-def _targets(text: str) -> str:
-    from wire.client import parse_targets
-
-    try:
-        targets = parse_targets(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{e} (expected HOST:PORT[,HOST:PORT...])") from None
-    for host, port in targets:
-        if not 0 < port <= 65535:
-            raise argparse.ArgumentTypeError(f"port {port} of {host} is not in 1..65535")
-    return text
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
-def _port_base(text: str) -> int:
-    value = _int_in(0)(text)
-    if value + 200 + 6 > 65535:  # the ops ports of up to 7 nodes
-        raise argparse.ArgumentTypeError(f"must be at most {65535 - 206}, got {value}")
-    return value
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -204,7 +121,7 @@ def _add_serve(sub: Any) -> None:
         "CTXSTORE_* environment variables < these flags; an invalid value stops start-up "
         "with a message naming its key.",
         epilog=EXIT_STATUSES,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--config",
@@ -244,7 +161,7 @@ async def _serve(settings: Settings) -> int:
     }
     if ops is not None:
         event["http"] = "{}:{}".format(*ops.address)
-    _emit(event)
+    emit(event)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
 
@@ -258,7 +175,7 @@ async def _serve(settings: Settings) -> int:
     async def announce_ready() -> None:
         while not await node.wait_leaders(3600):
             pass
-        _emit({"event": "ready", "node": settings.node_id})
+        emit({"event": "ready", "node": settings.node_id})
 
     ready = loop.create_task(announce_ready())
     assert node.failed is not None
@@ -276,7 +193,7 @@ async def _serve(settings: Settings) -> int:
             "shutdown took longer than %g s; exiting anyway", settings.shutdown_timeout_s
         )
         return EXIT_FATAL
-    _emit({"event": "stopped", "node": settings.node_id})
+    emit({"event": "stopped", "node": settings.node_id})
     return 0
 
 
@@ -326,7 +243,7 @@ def _open_node(settings: Settings) -> Node:
     except BlockingIOError:  # the WAL's lock
         raise StartupError(f"{where}: locked by another process (a node running on it?)") from None
     except OSError as e:
-        raise StartupError(f"{where}: {_os_error(e)}") from None
+        raise StartupError(f"{where}: {os_error(e)}") from None
     except SQLiteError as e:
         raise StartupError(f"{where}: the archive: {e}") from None
 
@@ -343,12 +260,7 @@ async def _opening(key: str, settings: Settings, opening: Awaitable[T]) -> T:
                 errno.EACCES: "permission denied (ports below 1024 need privileges)",
             }[e.errno]
             raise StartupError(f"{key} {getattr(settings, key)}: {reason}") from None
-        raise StartupError(f"data_dir {settings.data_dir}: {_os_error(e)}") from None
-
-
-def _os_error(e: OSError) -> str:
-    text = e.strerror or str(e)
-    return f"{text}: {e.filename}" if e.filename else text
+        raise StartupError(f"data_dir {settings.data_dir}: {os_error(e)}") from None
 
 
 async def _shut_down(node: Node, service: Service, server: Server, ops: OpsServer | None) -> None:
@@ -400,6 +312,13 @@ def serve_main(args: argparse.Namespace) -> int:
 
 
 # -- cluster up -----------------------------------------------------------------------------------
+def _port_base(text: str) -> int:
+    value = int_in(0)(text)
+    if value + 200 + 6 > 65535:  # the ops ports of up to 7 nodes
+        raise argparse.ArgumentTypeError(f"must be at most {65535 - 206}, got {value}")
+    return value
+
+
 def _add_cluster(sub: Any) -> None:
     p = sub.add_parser(
         "cluster",
@@ -415,11 +334,11 @@ def _add_cluster(sub: Any) -> None:
         "status and the last lines of its log), and on Ctrl-C stop the nodes and print what "
         "was stopped.",
         epilog=EXIT_STATUSES,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     up.add_argument(
         "--nodes",
-        type=_int_in(1, 7),
+        type=int_in(1, 7),
         default=3,
         metavar="N",
         help="how many nodes, 1 to 7 (default: 3)",
@@ -454,7 +373,7 @@ async def _cluster_up(args: argparse.Namespace) -> int:
     try:
         os.makedirs(data_dir, exist_ok=True)
     except OSError as e:
-        _emit({"error": "start_failed", "message": f"data dir {data_dir}: {_os_error(e)}"},
+        emit({"error": "start_failed", "message": f"data dir {data_dir}: {os_error(e)}"},
               sys.stderr)  # fmt: skip
         return EXIT_START
     extra = [a for a in args.extra if a != "--"]
@@ -469,10 +388,10 @@ async def _cluster_up(args: argparse.Namespace) -> int:
         failed: dict[str, Any] = {"error": "start_failed", "message": str(e)}
         if isinstance(e, NodeExited):
             failed.update(node=e.node, log=e.log_path, log_tail=cluster.log_tail(e.node))
-        _emit(failed, sys.stderr)
+        emit(failed, sys.stderr)
         await cluster.stop()
         return EXIT_START
-    _emit({
+    emit({
         "nodes": [{"id": c.id, "pid": c.process.pid if c.process else None,
                    "client": c.target, "ops": c.ops_target,
                    "data_dir": c.data_dir, "log": c.log_path}
@@ -481,7 +400,7 @@ async def _cluster_up(args: argparse.Namespace) -> int:
     })  # fmt: skip
     everyone_exited = await _watch(cluster, stop)
     codes = await cluster.stop()
-    _emit({"event": "stopped", "data_dir": cluster.data_dir,
+    emit({"event": "stopped", "data_dir": cluster.data_dir,
            "nodes": [{"id": i, "exit_code": code} for i, code in codes.items()]})  # fmt: skip
     return EXIT_FATAL if everyone_exited else 0
 
@@ -510,283 +429,11 @@ async def _watch(cluster: LocalCluster, stop: asyncio.Future[None]) -> bool:
                     exited["signal"] = signal.Signals(-code).name
                 log = cluster.children[i].log_path
                 exited.update(log=log, log_tail=cluster.log_tail(i))
-                _emit(exited, sys.stderr)
+                emit(exited, sys.stderr)
     finally:
         for task in exits:
             task.cancel()
     return not exits
-
-
-# -- client ---------------------------------------------------------------------------------------
-def _add_client(sub: Any) -> None:
-    p = sub.add_parser(
-        "client",
-        help="talk to a cluster: one command, JSON lines out",
-        description="Send one command to a ctxstore cluster. Results are JSON lines on stdout "
-        "(text as it is, non-ASCII included); an error is one JSON line "
-        '{"error": code, "message": ...} on stderr.',
-        epilog=EXIT_STATUSES,
-        formatter_class=_HelpFormatter,
-    )
-    p.add_argument(
-        "--target",
-        required=True,
-        type=_targets,
-        metavar="HOST:PORT[,HOST:PORT...]",
-        help="the nodes' client addresses, tried in this order; the client fails "
-        "over between them (required)",
-    )
-    p.add_argument(
-        "--token", default=None, help="the client token, when the nodes require one (default: none)"
-    )
-    p.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="each request's deadline in seconds, > 0 (default: 10)",
-    )
-    c = p.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
-
-    def command(name: str, text: str) -> argparse.ArgumentParser:
-        description = text[0].upper() + text[1:] + "."
-        parser: argparse.ArgumentParser = c.add_parser(
-            name, help=text, description=description, epilog=EXIT_STATUSES,
-            formatter_class=_HelpFormatter,
-        )  # fmt: skip
-        return parser
-
-    cs = command("create-session", "create a session of a user with an agent; print it")
-    cs.add_argument("--user", required=True, help="the user's id (required)")
-    cs.add_argument("--agent", required=True, help="the agent's id (required)")
-    cs.add_argument(
-        "--id",
-        default=None,
-        help="the session's id; if it exists with the same "
-        "user, agent and metadata it is printed, with other metadata it is an error "
-        "(default: a new id)",
-    )
-    cs.add_argument(
-        "--metadata",
-        type=_json_object,
-        default={},
-        metavar="JSON",
-        help="a JSON object stored with the session (default: {})",
-    )
-    gs = command("get-session", "print a session")
-    gs.add_argument("session", help="the session's id")
-    ls = command("list-sessions", "print a user's sessions, one per line")
-    ls.add_argument("--user", required=True, help="the user's id (required)")
-    ls.add_argument(
-        "--limit",
-        type=_int_in(1, 1000),
-        default=100,
-        metavar="N",
-        help="sessions asked per request, 1 to 1000; all are printed (default: 100)",
-    )
-    ap = command("append", "append a message to a session; print its seq")
-    ap.add_argument("session", help="the session's id")
-    text = ap.add_mutually_exclusive_group(required=True)
-    text.add_argument(
-        "--text",
-        help="the message's text; - reads it from stdin "
-        "(one of --text and --text-file is required)",
-    )
-    text.add_argument(
-        "--text-file",
-        metavar="FILE",
-        help="read the message's text from FILE (UTF-8), as it is (one of --text and "
-        "--text-file is required)",
-    )
-    ap.add_argument(
-        "--sender",
-        choices=("user", "agent", "system"),
-        default="user",
-        help="who wrote it (default: user)",
-    )
-    ap.add_argument("--sender-id", default="", help="the writer's id (default: empty)")
-    ap.add_argument("--kind", default="text", help="the message's kind (default: text)")
-    ap.add_argument(
-        "--client-msg-id",
-        default=None,
-        help="an id that makes the append idempotent: sent again, it returns the "
-        "first seq with deduped true (default: a new id per call)",
-    )
-    ap.add_argument(
-        "--expected-seq",
-        type=_int_in(0),
-        default=None,
-        metavar="N",
-        help="append only if the session's last seq is N, else conflict (default: no check)",
-    )
-    rd = command("read", "print a session's messages, one per line")
-    rd.add_argument("session", help="the session's id")
-    rd.add_argument(
-        "--after-seq",
-        type=_int_in(0),
-        default=0,
-        metavar="N",
-        help="print the messages after this seq, >= 0 (default: 0)",
-    )
-    rd.add_argument(
-        "--limit",
-        type=_int_in(1),
-        default=100,
-        metavar="N",
-        help="print at most this many messages, >= 1 (default: 100)",
-    )
-    tl = command("tail", "follow a session: its messages, then live ones, until Ctrl-C")
-    tl.add_argument("session", help="the session's id")
-    tl.add_argument(
-        "--after-seq",
-        type=_int_in(0),
-        default=0,
-        metavar="N",
-        help="start after this seq, >= 0 (default: 0)",
-    )
-    tl.add_argument(
-        "--count",
-        type=_int_in(1),
-        default=None,
-        metavar="N",
-        help="stop after this many messages (default: run until Ctrl-C)",
-    )
-    ib = command("inbox", "follow a user's inbox: a snapshot, then deltas, until Ctrl-C")
-    ib.add_argument("user", help="the user's id")
-    ib.add_argument(
-        "--count",
-        type=_int_in(1),
-        default=None,
-        metavar="N",
-        help="stop after this many deltas (default: run until Ctrl-C)",
-    )
-    mr = command("mark-read", "set a user's read cursor in a session")
-    mr.add_argument("session", help="the session's id")
-    mr.add_argument("--user", required=True, help="the user's id (required)")
-    mr.add_argument(
-        "--seq",
-        type=_int_in(0),
-        required=True,
-        metavar="N",
-        help="the last seq the user read, >= 0 (required)",
-    )
-    command("ping", "check that a node answers")
-
-
-def _message_text(args: argparse.Namespace) -> str:
-    """An append's text: --text, stdin for --text -, or the file of --text-file."""
-    if args.text_file is None:
-        return sys.stdin.read() if args.text == "-" else str(args.text)
-    try:
-        with open(args.text_file, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise UsageError(f"argument --text-file: cannot read it: {_os_error(e)}") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"argument --text-file: not UTF-8 text: {e}") from None
-
-
-async def _client(args: argparse.Namespace) -> int:
-    from wire.client import NON_RETRYABLE_REFUSALS, ClientError, connect
-
-    text = _message_text(args) if args.client_command == "append" else ""
-    try:
-        client = await connect(args.target, token=args.token, timeout_s=args.timeout)
-    except ClientError as e:
-        _emit({"error": e.code, "message": e.message}, sys.stderr)
-        return EXIT_ANSWER if e.code in NON_RETRYABLE_REFUSALS else EXIT_CONNECT
-    try:
-        return await _command(client, args, text)
-    except ClientError as e:
-        _emit({"error": e.code, "message": e.message, "details": e.details}, sys.stderr)
-        return EXIT_CONNECT if client.target is None else EXIT_ANSWER  # None: connection lost
-    finally:
-        await client.close()
-
-
-async def _command(client: Client, args: argparse.Namespace, text: str) -> int:
-    match args.client_command:
-        case "create-session":
-            info = await client.create_session(args.user, args.agent, args.metadata, args.id)
-            if info.session.metadata != args.metadata:  # the id exists: created before
-                existing = msgspec.structs.asdict(info.session)
-                message = f"session {info.session.id} exists with other metadata"
-                _emit({"error": "conflict", "message": message, "details": existing}, sys.stderr)
-                return EXIT_ANSWER
-            _emit(info.session)
-        case "get-session":
-            _emit((await client.get_session(args.session)).session)
-        case "list-sessions":
-            cursor = None
-            while True:
-                page = await client.list_sessions(args.user, cursor, args.limit)
-                for s in page.sessions:
-                    _emit(s)
-                if page.next_cursor is None:
-                    break
-                cursor = page.next_cursor
-        case "append":
-            ack = await client.append_with_retry(
-                args.session, text, args.sender, args.sender_id, args.kind,
-                client_msg_id=args.client_msg_id, expected_seq=args.expected_seq,
-            )  # fmt: skip
-            _emit({"seq": ack.seq, "inserted_at": ack.inserted_at, "deduped": ack.deduped})
-        case "read":
-            after, left = args.after_seq, args.limit
-            while left > 0:
-                got = await client.read(args.session, after, min(left, 1000))
-                for m in got.messages:
-                    _emit(m)
-                if not got.messages:
-                    break
-                after = got.messages[-1].seq
-                left -= len(got.messages)
-        case "mark-read":
-            marked = await client.mark_read(args.session, args.user, args.seq)
-            _emit({"session_id": marked.session_id, "user_id": marked.user_id,
-                   "seq": marked.seq})  # fmt: skip
-        case "ping":
-            await client.ping()
-            _emit({"pong": True})
-        case "tail":
-            await _tail(client, args.session, args.after_seq, args.count)
-        case "inbox":
-            await _inbox(client, args.user, args.count)
-    return 0
-
-
-async def _tail(client: Any, session_id: str, after_seq: int, count: int | None) -> None:
-    """One JSON line per message; a gap is a line {"gap": {"from_seq", "to_seq", "reason"}}."""
-    from wire.protocol import GapEvent
-
-    seen = 0
-    async with client.subscribe(session_id, after_seq) as sub:
-        async for item in sub:
-            if isinstance(item, GapEvent):
-                _emit({"gap": {"from_seq": item.from_seq, "to_seq": item.to_seq,
-                               "reason": item.reason}})  # fmt: skip
-                continue
-            _emit(item)
-            seen += 1
-            if count is not None and seen >= count:
-                return
-
-
-async def _inbox(client: Any, user_id: str, count: int | None) -> None:
-    """A line {"snapshot": [...], "truncated": b}, then one line {"delta": [...]} per delta."""
-    from wire.protocol import InboxSnapshot
-
-    deltas = 0
-    async with client.subscribe_inbox(user_id) as sub:
-        async for item in sub:
-            if isinstance(item, InboxSnapshot):
-                entries = [msgspec.structs.asdict(e) for e in item.entries]
-                _emit({"snapshot": entries, "truncated": item.truncated})
-                continue
-            _emit({"delta": [msgspec.structs.asdict(e) for e in item.entries]})
-            deltas += 1
-            if count is not None and deltas >= count:
-                return
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -794,12 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ctxstore",
         description="ctxstore: a replicated store for conversations between users and agents.",
         epilog=EXIT_STATUSES,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_cluster(sub)
-    _add_client(sub)
+    add_client(sub)
     return parser
 
 
@@ -812,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "cluster":
             return uvloop.run(_cluster_up(args))
-        return uvloop.run(_client(args))
+        return uvloop.run(run_client(args))
     except UsageError as e:
         command = " ".join(
             ["ctxstore", args.command, *([args.client_command] if args.command == "client" else [])]

@@ -1,5 +1,6 @@
-"""The ``ctxstore`` command as a new user meets it: help, one-line errors with exit statuses by
-class, JSON outputs and JSON logs (real processes, a real node)."""
+"""The ``ctxstore`` command (cli.py, cli_client.py, cli_common.py) as a new user meets it:
+help, one-line errors with exit statuses by class, JSON outputs and JSON logs (real processes,
+a real node)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from ctxstore.cli import (
-    EXIT_ANSWER,
-    EXIT_CONNECT,
-    EXIT_FATAL,
-    EXIT_START,
-    EXIT_USAGE,
-    build_parser,
-)
+from ctxstore.cli import build_parser
+from ctxstore.cli_common import EXIT_ANSWER, EXIT_CONNECT, EXIT_FATAL, EXIT_START, EXIT_USAGE
 from ctxstore.config import FIELDS, HELP, Settings, unknown_env
 from ctxstore.launcher import free_ports
 from ctxstore.logs import JsonFormatter
