@@ -118,6 +118,7 @@ ANSWER_BYTES_MAX: dict[type[Any], int] = {
 """The reserve charged for the answer of a request in flight, by request type; any other
 (``read``, ``list_sessions``, ``subscribe_inbox``) is charged a whole frame, which bounds every
 answer (a larger one becomes ``too_large``)."""
+_SUBSCRIPTION_ANSWERS: frozenset[type[Any]] = frozenset({Subscribed, InboxSnapshot, Unsubscribed})
 
 
 class Handler(Protocol):
@@ -199,7 +200,7 @@ class Server:
         self.refused = CountedLog(logger, logging.WARNING)  # connections closed at once: over
         # connections_max or connections_per_source_max (refused.count: how many)
         self.idle_closed = 0  # connections closed after idle_timeout_s
-        self.reserve = dict.fromkeys(REQUEST_TYPES, frame) | ANSWER_BYTES_MAX
+        self.answer_reserve = dict.fromkeys(REQUEST_TYPES, frame) | ANSWER_BYTES_MAX
         self._per_source: dict[str, int] = {}
         self._waiting: deque[Connection] = deque()  # stopped by node_pending_bytes_max
         self._wake_scheduled = False
@@ -336,7 +337,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.core = ServerConnection(server.max_frame_bytes)
+        self.core = ServerConnection(server.max_frame_bytes, answer_reserve=server.answer_reserve)
         self.context: Any = None
         self.peername: Any = None
         self.closed = False
@@ -344,9 +345,7 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Future[Response]] = set()
         self._resume_in_flight = server.max_in_flight // 2
-        self.pending_bytes = 0  # the charges of requests in flight + unwritten bytes if paused
-        self._charges: dict[int, int] = {}  # rid -> charge, of the requests in flight
-        self._unwritten_charged = 0  # the part of pending_bytes that is unwritten bytes
+        self._unwritten_charged = 0  # unwritten bytes charged (while the writer is paused)
         self._resume_pending_bytes = server.pending_bytes_max // 2
         self._waiting = False  # in the server's queue of connections stopped by its bound
         self.subscriptions: set[int] = set()  # sub_ids answered and not ended
@@ -381,6 +380,7 @@ class Connection(asyncio.Protocol):
         if self.closed or self._closing:
             return
         core = self.core
+        charged = core.in_flight_bytes
         try:
             core.send(response)
         except LocalProtocolError as e:
@@ -388,14 +388,12 @@ class Connection(asyncio.Protocol):
                 raise  # a handler bug: a second answer, or an answer to no request
             logger.error("cannot send %s: %s", type(response).__name__, e)
             core.send(error(response.rid, "internal", "the response could not be sent"))
-        charge = self._charges.pop(response.rid, 0)
-        self.pending_bytes -= charge
-        self.server._release(charge)
-        kind = type(response)
-        if kind is Subscribed or kind is InboxSnapshot:
-            self.subscriptions.add(cast(Subscribed | InboxSnapshot, response).sub_id)
-        elif kind is Unsubscribed:
-            self.subscriptions.discard(cast(Unsubscribed, response).sub_id)
+        server = self.server
+        server.pending_bytes -= charged - core.in_flight_bytes
+        if server._waiting:
+            server._release(0)
+        if type(response) in _SUBSCRIPTION_ANSWERS:
+            self._follow_subscriptions(response)
         self._flush_soon()
         if core.bytes_to_send >= self._flush_bytes:
             self._flush()  # a batch is big enough: let the transport see it (and pause us)
@@ -409,6 +407,12 @@ class Connection(asyncio.Protocol):
             self._pump()
         elif self._peer_eof and core.in_flight == 0:
             self._close_after_flush()
+
+    def _follow_subscriptions(self, response: Response) -> None:
+        if type(response) is Unsubscribed:
+            self.subscriptions.discard(response.sub_id)
+        else:
+            self.subscriptions.add(cast(Subscribed | InboxSnapshot, response).sub_id)
 
     def push(self, event: Push) -> int:
         """Queue a push (sent with the replies of this loop iteration); the bytes queued, or 0
@@ -426,6 +430,12 @@ class Connection(asyncio.Protocol):
             if core.bytes_to_send >= self._flush_bytes:
                 self._flush()  # let the transport see a big batch (and pause us)
         return size
+
+    @property
+    def pending_bytes(self) -> int:
+        """This connection's charges: its requests in flight (frames and answer reserves) and,
+        while its writer is paused, its unwritten bytes."""
+        return self.core.in_flight_bytes + self._unwritten_charged
 
     @property
     def backlog_bytes(self) -> int:
@@ -500,9 +510,7 @@ class Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._hello_timer = self._idle_timer = None
-        self._charges.clear()
-        charged, self.pending_bytes = self.pending_bytes, 0
-        self.server._release(charged)
+        self.server._release(self.pending_bytes)  # (what it holds: no more changes once closed)
         if not self._admitted:
             return
         self.server._forget(self, self._source)
@@ -523,14 +531,13 @@ class Connection(asyncio.Protocol):
         max_in_flight = server.max_in_flight
         max_bytes = server.pending_bytes_max
         node_max_bytes = server.node_pending_bytes_max
-        reserve = server.reserve
         blocked = False
         try:
             while True:
                 if (
                     self._write_paused
                     or core.in_flight >= max_in_flight
-                    or self.pending_bytes >= max_bytes
+                    or core.in_flight_bytes + self._unwritten_charged >= max_bytes
                 ):
                     blocked = True
                     break
@@ -544,12 +551,8 @@ class Connection(asyncio.Protocol):
                     blocked = core.state is State.GREETING
                     break
                 if type(event) is RequestReceived:
-                    request = event.request
-                    charge = core.in_flight_bytes - before + reserve[type(request)]
-                    self._charges[request.rid] = charge
-                    self.pending_bytes += charge
-                    server.pending_bytes += charge
-                    self._dispatch(request)
+                    server.pending_bytes += core.in_flight_bytes - before
+                    self._dispatch(event.request)
                 elif type(event) is BadRequest:
                     logger.debug("%s: %s", self.peername, event.error.message)
                     self._flush_soon()
@@ -630,7 +633,6 @@ class Connection(asyncio.Protocol):
         delta = size - self._unwritten_charged
         if delta and not self.closed:
             self._unwritten_charged = size
-            self.pending_bytes += delta
             if delta > 0:
                 self.server.pending_bytes += delta
             else:

@@ -27,8 +27,9 @@ Rules of this file:
   request is handled before the Hello is accepted (the token checked).
 - An ``Error`` with ``rid`` 0 is the server's last word on a connection, so requests use rids
   >= 1 (a request with rid 0 is a protocol error).
-- A server answers each request exactly once, in any order (``rid`` matches them); the number and
-  frame bytes of unanswered requests are ``in_flight`` and ``in_flight_bytes``.
+- A server answers each request exactly once, in any order (``rid`` matches them); the number of
+  unanswered requests is ``in_flight``, and ``in_flight_bytes`` their charges: each its frame
+  bytes plus the ``answer_reserve`` of its type (none by default).
 - Pushes (subscription events) flow only while OPEN, interleaved with responses in any order;
   they answer no request and leave the in-flight accounting alone.  A push is never cut to fit:
   one over ``max_frame_bytes`` raises ``too_large`` so the server splits its batch.
@@ -326,12 +327,16 @@ class ServerConnection(_Connection):
         self,
         max_frame_bytes: int = FRAME_BYTES_MAX,
         supported_versions: frozenset[int] = SUPPORTED_VERSIONS,
+        answer_reserve: dict[type[Any], int] | None = None,
     ) -> None:
         super().__init__(max_frame_bytes)
         self.supported_versions = supported_versions
         self.hello: Hello | None = None  # the client's Hello, once received
         self.in_flight_bytes = 0
-        self._pending: dict[int, int] = {}  # rid -> frame bytes, of unanswered requests
+        # request type -> bytes charged for its answer while it is in flight (wire.aio)
+        self.answer_reserve: dict[type[Any], int] = dict.fromkeys(REQUEST_TYPES, 0)
+        self.answer_reserve.update(answer_reserve or {})
+        self._pending: dict[int, int] = {}  # rid -> charge, of unanswered requests
 
     @property
     def in_flight(self) -> int:
@@ -406,8 +411,9 @@ class ServerConnection(_Connection):
                     rid, "metadata", f"nested deeper than {METADATA_DEPTH_MAX} levels"
                 )
         self.state = after
-        self._pending[rid] = len(body)
-        self.in_flight_bytes += len(body)
+        charge = len(body) + self.answer_reserve[type(request)]
+        self._pending[rid] = charge
+        self.in_flight_bytes += charge
         return RequestReceived(request)
 
     def _bad_request(
