@@ -1,1 +1,1 @@
-"""bench package (see ../shared/design.md §2)."""
+"""bench package (see docs/architecture.md §4; docs/benchmarks.md)."""

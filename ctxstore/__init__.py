@@ -1,4 +1,4 @@
-"""ctxstore package (see ../shared/design.md §2).
+"""ctxstore package (see docs/architecture.md §4).
 
 ``state`` is compiled with mypyc when the package is installed (setup.py); importing the package
 refuses a compiled module older than its source, as ``raft`` does."""

@@ -53,6 +53,19 @@ def test_every_document_named_exists(doc: Path) -> None:
         assert any(c.resolve().exists() for c in candidates), f"{doc.name}: {name}"
 
 
+SOURCES = sorted(
+    p for pkg in ("raft", "wire", "ctxstore", "bench") for p in (ROOT / pkg).rglob("*.py")
+)
+
+
+def test_no_docstring_points_outside_the_repository() -> None:
+    """The packages' docstrings and comments name documents of the repository too."""
+    for source in SOURCES:
+        text = source.read_text(encoding="utf-8")
+        assert not UP_PATH.findall(text), source.relative_to(ROOT)
+        assert "design.md" not in text, source.relative_to(ROOT)
+
+
 def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     text = "see `../shared/design.md` and [x](../shared/design.md), /work/main/README.md"
     assert UP_PATH.findall(text) == ["../shared/design.md", "../shared/design.md"]

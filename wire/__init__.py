@@ -1,4 +1,4 @@
-"""wire package (see ../shared/design.md §2 and §4.1; docs/protocol.md).
+"""wire package (see docs/architecture.md §4; docs/protocol.md).
 
 - ``protocol``: the messages of the native binary protocol (the contract): requests,
   responses, and pushes (subscription events).

@@ -5,6 +5,7 @@ a real node)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -19,11 +20,12 @@ from typing import Any
 
 import msgspec
 import pytest
+import uvloop
 
 from ctxstore.cli import build_parser
 from ctxstore.cli_common import EXIT_ANSWER, EXIT_CONNECT, EXIT_FATAL, EXIT_START, EXIT_USAGE
 from ctxstore.config import FIELDS, HELP, Settings, unknown_env
-from ctxstore.launcher import free_ports
+from ctxstore.launcher import LocalCluster, free_ports
 from ctxstore.logs import JsonFormatter
 
 FAST = ["--tick-ms", "20", "--groups", "8"]
@@ -323,21 +325,31 @@ def test_creating_an_existing_session_with_other_metadata_says_so(node: RunningN
     assert error["details"] == {**json.loads(first.stdout)}
 
 
-def test_every_line_a_node_logs_is_json(tmp_path: Path) -> None:
-    """At start (an unknown CTXSTORE_* variable: a warning), while it runs, at shutdown."""
-    running = RunningNode(tmp_path)
-    try:
-        assert running.cli("create-session", "--user", "u", "--agent", "a").returncode == 0
-    finally:
-        assert running.stop() == 0
-    lines = running.log.read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines]
-    assert all(set(r) >= {"t", "level", "logger", "msg"} for r in records)
-    assert {
-        "level": "WARNING",
-        "logger": "ctxstore",
-        "msg": "ignoring CTXSTORE_NO_SUCH_KEY: no setting has that name (ctxstore serve --help)",
-    }.items() <= records[0].items()
+def test_every_line_nodes_log_is_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start (warnings: an unknown CTXSTORE_* variable, the development secret), while they
+    run (a peer connected) and at shutdown (a peer down), for both nodes of a cluster."""
+    monkeypatch.setenv("CTXSTORE_NO_SUCH_KEY", "1")
+
+    async def start_and_stop() -> None:
+        cluster = LocalCluster(2, str(tmp_path), extra_args=[*FAST, "--log-level", "info"])
+        try:
+            await cluster.start()
+        finally:
+            assert await cluster.stop() == {1: 0, 2: 0}
+
+    uvloop.run(asyncio.wait_for(start_and_stop(), TIMEOUT_S))
+    for i in (1, 2):
+        lines = (tmp_path / f"node{i}.log").read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines]
+        assert all(set(r) >= {"t", "level", "logger", "msg"} for r in records)
+        messages = [(r["level"], r["msg"]) for r in records]
+        assert messages[:2] == [
+            ("WARNING", "ignoring CTXSTORE_NO_SUCH_KEY: no setting has that name "
+             "(ctxstore serve --help)"),
+            ("WARNING", "using the development cluster secret"),
+        ]  # fmt: skip
+        assert any(m.startswith(f"node {i}: connected to node ") for _, m in messages)
+        assert any(m == f"node {i}: node {3 - i} down" for _, m in messages)
 
 
 def test_the_log_formatter_writes_any_message_and_traceback_as_one_json_line() -> None:
