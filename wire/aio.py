@@ -22,8 +22,8 @@ Rules of this module:
 - Responses go out in the order they are ready, each matched to its request by ``rid``.
   Everything replied during one loop iteration leaves in one ``transport.write``.
 - Bounded memory, per connection and per server (the node): a request in flight is charged its
-  frame bytes plus ``answer_reserve_bytes`` (an upper bound of its answer: ``ANSWER_BYTES_MAX``
-  by request type, a whole frame for the large ones), until it is answered; a connection whose
+  frame bytes plus a reserve for its answer (an upper bound: ``ANSWER_BYTES_MAX`` by request
+  type, at most a whole frame), until it is answered; a connection whose
   writer is paused (above ``write_buffer_high_bytes``) is charged what it has not written yet.
   At most ``max_in_flight`` requests are unanswered on a connection; when a connection's
   charges reach ``pending_bytes_max``, or all connections' reach ``node_pending_bytes_max``, or
@@ -74,6 +74,7 @@ from .protocol import (
     FRAME_BYTES_MAX,
     METADATA_BYTES_MAX,
     PROTOCOL_VERSION,
+    READ_BYTES_MAX,
     Append,
     CreateSession,
     Error,
@@ -85,6 +86,7 @@ from .protocol import (
     MarkRead,
     Ping,
     Push,
+    Read,
     Request,
     Response,
     Subscribe,
@@ -114,10 +116,11 @@ ANSWER_BYTES_MAX: dict[type[Any], int] = {
     GetSession: METADATA_BYTES_MAX + SMALL_ANSWER_BYTES_MAX,  # a session and its metadata
     CreateSession: METADATA_BYTES_MAX + SMALL_ANSWER_BYTES_MAX,
     GetRoutes: 64 * 1024,  # 4 096 groups at most
+    Read: READ_BYTES_MAX + SMALL_ANSWER_BYTES_MAX,  # the server's byte budget of a read answer
 }
-"""The reserve charged for the answer of a request in flight, by request type; any other
-(``read``, ``list_sessions``, ``subscribe_inbox``) is charged a whole frame, which bounds every
-answer (a larger one becomes ``too_large``)."""
+"""The reserve charged for the answer of a request in flight, by request type, at most a whole
+frame; any other (``list_sessions``, ``subscribe_inbox``) is charged a whole frame, which bounds
+every answer (a larger one becomes ``too_large``)."""
 _SUBSCRIPTION_ANSWERS: frozenset[type[Any]] = frozenset({Subscribed, InboxSnapshot, Unsubscribed})
 
 
@@ -200,7 +203,7 @@ class Server:
         self.refused = CountedLog(logger, logging.WARNING)  # connections closed at once: over
         # connections_max or connections_per_source_max (refused.count: how many)
         self.idle_closed = 0  # connections closed after idle_timeout_s
-        self.answer_reserve = dict.fromkeys(REQUEST_TYPES, frame) | ANSWER_BYTES_MAX
+        self.answer_reserve = {t: min(frame, ANSWER_BYTES_MAX.get(t, frame)) for t in REQUEST_TYPES}
         self._per_source: dict[str, int] = {}
         self._waiting: deque[Connection] = deque()  # stopped by node_pending_bytes_max
         self._wake_scheduled = False
