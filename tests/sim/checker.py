@@ -13,7 +13,10 @@ role seen in a scan, a read answered); the checker keeps its own global history 
 - a node grants at most one vote per term, across crashes (§5.2);
 - every replica applies the same data at the same index, each index once and in order;
 - a proposal is applied at one index only;
-- a ReadIndex answer is at least the commit index known anywhere when the read was asked.
+- a ReadIndex answer is at least the commit index known anywhere when the read was asked:
+  linearizable reads see every write committed (so possibly acknowledged to a client) before
+  they began.  Reads are told apart by the asking node and its context; contexts repeat
+  across nodes, as the driver's do, and the core must not confuse them.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ class Checker:
         self.entries: dict[tuple[int, int, int], tuple[bytes, int]] = {}  # (g, i, t) -> data, prev
         self.committed: dict[tuple[int, int], tuple[int, bytes, int]] = {}  # (g,i) -> t, data, term
         self.max_committed: dict[int, int] = {}  # group -> highest index seen committed
+        self.max_commit_index: dict[int, int] = {}  # group -> highest commit index a scan saw
         self.applied_data: dict[tuple[int, int], bytes] = {}  # (g, i) -> data
         self.state_at: dict[tuple[int, int], bytes] = {}  # (g, i) -> app hash after applying i
         self.applied_where: dict[bytes, tuple[int, int]] = {}  # proposal data -> (g, i)
         self.commit_seen: dict[tuple[int, int], int] = {}  # (node, g) -> commit, per incarnation
-        self.reads: dict[bytes, tuple[int, int]] = {}  # context -> (group, committed at ask)
+        # (node, context) -> (group, committed at ask)
+        self.reads: dict[tuple[int, bytes], tuple[int, int]] = {}
         self.reads_answered = 0
         self.votes: dict[tuple[int, int, int], int] = {}  # (group, voter, term) -> candidate
 
@@ -67,6 +72,8 @@ class Checker:
         if commit < self.commit_seen.get(key, 0):
             self.fail(f"g{group} n{node}: commit went back {self.commit_seen[key]} -> {commit}")
         self.commit_seen[key] = commit
+        if commit > self.max_commit_index.get(group, 0):
+            self.max_commit_index[group] = commit
         if r.role is Role.LEADER:
             holder = self.leaders.get((group, r.term))
             if holder is None:
@@ -181,18 +188,26 @@ class Checker:
             self.fail(f"g{group} n{node}: snapshot state at {index} differs from replicas")
 
     # -- reads -------------------------------------------------------------------------------
-    def on_read_asked(self, group: int, context: bytes) -> None:
-        self.reads[context] = (group, self.max_committed.get(group, 0))
+    def known_committed(self, group: int) -> int:
+        """The highest index known committed anywhere: applied anywhere (as far as a client
+        may have been told), or a commit index any live node holds (scanned every round)."""
+        return max(self.max_committed.get(group, 0), self.max_commit_index.get(group, 0))
+
+    def on_read_asked(self, node: int, group: int, context: bytes) -> None:
+        self.reads[(node, context)] = (group, self.known_committed(group))
+
+    def on_read_dropped(self, node: int, context: bytes) -> None:
+        del self.reads[(node, context)]
 
     def on_read_answered(self, node: int, group: int, context: bytes, index: int) -> None:
         # A duplicated request may be answered twice; every answer must be fresh enough.
-        asked = self.reads.get(context)
+        asked = self.reads.get((node, context))
         if asked is None:
             self.fail(f"g{group} n{node}: read state for unknown context {context!r}")
             return
         self.reads_answered += 1
         if asked[0] != group or index < asked[1]:
             self.fail(
-                f"g{group} n{node}: read index {index} is older than commit {asked[1]} "
-                "known when the read was asked (stale read)"
+                f"g{group} n{node}: read {context.hex()} answered at index {index}, older than "
+                f"commit {asked[1]} known when it was asked (stale read)"
             )

@@ -65,6 +65,12 @@ HEARTBEAT_TICKS = 3
 # read timeout or a failed write (a few rounds), a new one after its handshake.
 PEER_DOWN_ROUNDS = (2, 12)
 PEER_UP_ROUNDS = (1, 4)
+# A read wave (when a node pauses; with Faults.read_waves also after every leadership transfer
+# and at random): every node reads the group in each
+# of READ_WAVE_ROUNDS rounds, starting 0..READ_WAVE_STAGGER rounds in, with the nodes' context
+# counters aligned first (``SimCluster.read_wave``).
+READ_WAVE_ROUNDS = 24
+READ_WAVE_STAGGER = 12
 TORN_WRITE = 0.5  # with a WAL: the chance that a crash happens during a pending Ready's write
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -93,6 +99,10 @@ class Faults:
     partition: float = 0.003  # per round
     heal: float = 0.006  # per round
     max_size_per_msg: int = 256
+    pause: float = 0.0005  # per round: a node stops (a GC pause, SIGSTOP) and resumes later
+    # Read waves after every leadership transfer and in 0.2 % of rounds, not only on pauses
+    # (test_sim.py's read-heavy seeds; doubles a seed's run time).
+    read_waves: bool = False
     fifo: bool = False  # no reordering between two nodes (as on one TCP connection)
 
 
@@ -296,6 +306,9 @@ class SimNode:
         self.host: MultiRaft | None = None
         self.replicas = {g: Replica(node_id, g) for g in groups}
         self.acked: dict[int, Durable] = {}  # at the last crash: each group's durable state
+        # Read contexts as raft/driver.py makes them: a counter per node, so two nodes' reads
+        # carry the same bytes (kept across restarts: a driver's are unique per process).
+        self.read_seq = 0
         self.torn: tuple[int, Ready] | None = None  # the write the last crash interrupted
 
     def start(self) -> None:
@@ -349,6 +362,7 @@ class Stats:
     snapshots_taken: int = 0
     snapshots_installed: int = 0
     reads: int = 0
+    pauses: int = 0
     peer_reports: int = 0
     quiesced: int = 0  # times a group went quiescent on a host, summed over incarnations
     awake_outsiders: int = 0  # replicas outside their group's configuration (runner.py)
@@ -384,8 +398,10 @@ class SimCluster:
         self.trace = trace
         self.now = 0
         self.alive: set[int] = set(self.ids)
+        self.read_waves: dict[tuple[int, int], tuple[int, int]] = {}  # (n, g) -> rounds
+        self.paused: dict[int, int] = {}  # node -> round it resumes
+        self.held: list[Packet] = []  # sent to a paused node
         self.proposal_counter = itertools.count(1)
-        self.read_counter = itertools.count(1)
         self.dir: str | None = None
         if self.wal:
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -463,6 +479,9 @@ class SimCluster:
     # -- one round -----------------------------------------------------------------------------
     def round(self) -> None:
         self.now += 1
+        for n, until in list(self.paused.items()):
+            if self.now >= until:
+                self.resume(n)
         incarnations = {n: node.incarnation for n, node in self.nodes.items() if n in self.alive}
         for report in self.links.update(self.now, incarnations, self.net.blocked):
             host = self.nodes[report.observer].host
@@ -473,10 +492,13 @@ class SimCluster:
                 host.peer_down(report.peer)
             self.stats.peer_reports += 1
         for p in self.net.due(self.now):
+            if p.dst in self.paused:
+                self.held.append(p)  # in the paused process's socket buffer
+                continue
             host = self.nodes[p.dst].host
             if host is not None:
                 host.step(p.group, _decode(p.data))
-        for node in self.nodes.values():  # each node's due writes go in one batch (one fsync)
+        for node in self.running():  # each node's due writes go in one batch (one fsync)
             due = [
                 r
                 for r in node.replicas.values()
@@ -484,17 +506,19 @@ class SimCluster:
             ]
             if due:
                 self._complete(node, due)
-        for node in self.nodes.values():
+        for node in self.running():
             if node.host is not None:
                 for g, rd in node.host.ready():
                     self._take_ready(node.replicas[g], rd)
         if self.now % ROUNDS_PER_TICK == 0:
-            for node in self.nodes.values():
+            for node in self.running():
                 if node.host is not None:
                     node.host.tick()  # the Readies of the groups it ticked are taken next round
         for rep in self.replicas.values():
             if rep.rn is not None:
                 self.checker.scan(rep.node_id, rep.group, rep.rn)
+        if self.read_waves:
+            self._read_waves()
 
     def _take_ready(self, rep: Replica, rd: Ready) -> None:
         assert rep.rn is not None
@@ -555,6 +579,8 @@ class SimCluster:
             return
         self.log(f"crash n{n}")
         self.stats.crashes += 1
+        if self.paused.pop(n, None) is not None:
+            self.held = [p for p in self.held if p.dst != n]  # lost with the process
         self.stats.quiesced += node.host.stats.quiesced
         self.alive.discard(n)
         torn: tuple[int, Ready] | None = None
@@ -605,6 +631,38 @@ class SimCluster:
         self.stats.partitions += 1
         self.block(a, b)
 
+    def running(self) -> list[SimNode]:
+        """The nodes not paused (crashed ones included: they have no host)."""
+        return [node for n, node in self.nodes.items() if n not in self.paused]
+
+    def pause(self, n: int, rounds: int) -> None:
+        """Node ``n`` stops for ``rounds``: no ticks, no Readies, no writes finish, nothing it
+        is sent is read.  Its peers' connections stay up; a leader does not know it was away.
+        A read wave on every group runs when it stops (see ``resume``)."""
+        if n not in self.alive or n in self.paused:
+            return
+        self.log(f"pause n{n} for {rounds} rounds")
+        self.stats.pauses += 1
+        self.paused[n] = self.now + rounds
+        for g in self.groups:
+            self.read_wave(g)
+
+    def resume(self, n: int) -> None:
+        """The paused node first serves the reads its clients asked meanwhile, then reads what
+        its peers sent, in the order it arrived (a stale leader meets late heartbeat answers,
+        and reads whose contexts others used just before it stopped: its counter lags)."""
+        del self.paused[n]
+        self.log(f"resume n{n}")
+        for g in self.groups:
+            self.read(n, g)
+        held = [p for p in self.held if p.dst == n]
+        self.held = [p for p in self.held if p.dst != n]
+        host = self.nodes[n].host
+        assert host is not None
+        for p in held:
+            if (p.src, p.dst) not in self.net.blocked:
+                host.step(p.group, _decode(p.data))
+
     def heal(self) -> None:
         if self.net.blocked:
             self.log("heal")
@@ -623,7 +681,7 @@ class SimCluster:
             rep = self.rng.choice(leaders) if leaders else None
         else:
             rep = self.leader(g)
-        if rep is None or rep.rn is None:
+        if rep is None or rep.rn is None or rep.node_id in self.paused:
             return None
         host = self.nodes[rep.node_id].host
         assert host is not None
@@ -637,7 +695,7 @@ class SimCluster:
 
     def conf_change(self, g: int, pick: random.Random) -> None:
         rep = self.leader(g)
-        if rep is None or rep.rn is None:
+        if rep is None or rep.rn is None or rep.node_id in self.paused:
             return
         r = rep.rn.raft
         voters, learners = set(r.voters), set(r.learners)
@@ -662,7 +720,7 @@ class SimCluster:
 
     def transfer(self, g: int, pick: random.Random) -> None:
         rep = self.leader(g)
-        if rep is None or rep.rn is None:
+        if rep is None or rep.rn is None or rep.node_id in self.paused:
             return
         targets = [v for v in rep.rn.raft.voters if v != rep.node_id]
         if not targets:
@@ -676,11 +734,34 @@ class SimCluster:
             return
         self.log(f"g{g} transfer n{rep.node_id} -> n{to}")
         self.stats.transfers += 1
+        if self.faults.read_waves:
+            self.read_wave(g)
+
+    def read_wave(self, g: int, align: bool = True) -> None:
+        """Every node reads ``g`` in each round of a stretch of READ_WAVE_ROUNDS, each node's
+        stretch starting up to READ_WAVE_STAGGER rounds later than another's; the nodes'
+        context counters are aligned first.  So one node's read carries the context another
+        node's read carried a few rounds earlier, while the leadership may be moving: the
+        reads meet old and new leaders with equal contexts, and with heartbeat answers for
+        earlier reads still on their way."""
+        base = max(node.read_seq for node in self.nodes.values())
+        for n, node in self.nodes.items():
+            if align:
+                node.read_seq = base  # (counters only grow: a node's contexts stay unique)
+            start = self.now + self.rng.randint(0, READ_WAVE_STAGGER)
+            self.read_waves[(n, g)] = (start, start + READ_WAVE_ROUNDS)
+
+    def _read_waves(self) -> None:
+        for (n, g), (start, end) in list(self.read_waves.items()):
+            if self.now >= end:
+                del self.read_waves[(n, g)]
+            elif self.now >= start and n in self.alive:
+                self.read(n, g)
 
     def compact(self, n: int, g: int) -> None:
         """The application snapshots ``g`` at its applied index and compacts the log to it."""
         rep = self.replicas[(n, g)]
-        if rep.rn is None or rep.storage is None:
+        if rep.rn is None or rep.storage is None or n in self.paused:
             return
         r = rep.rn.raft
         index = rep.app_index
@@ -692,16 +773,18 @@ class SimCluster:
         self.log(f"g{g} n{n} snapshot+compact at {index}")
 
     def read(self, n: int, g: int) -> None:
+        """A linearizable read of ``g`` at node ``n`` (a leader's own, or through its leader)."""
         rep = self.replicas[(n, g)]
-        host = self.nodes[n].host
-        if rep.rn is None or host is None:
+        node = self.nodes[n]
+        if rep.rn is None or node.host is None or n in self.paused:
             return
-        ctx = f"read{next(self.read_counter)}".encode()
-        self.checker.on_read_asked(g, ctx)
+        node.read_seq += 1
+        ctx = node.read_seq.to_bytes(8, "big")
+        self.checker.on_read_asked(n, g, ctx)
         try:
-            host.read_index(g, ctx)
+            node.host.read_index(g, ctx)
         except RaftError:
-            self.checker.reads.pop(ctx, None)
+            self.checker.on_read_dropped(n, ctx)
             return
         self.stats.reads += 1
 

@@ -77,14 +77,20 @@ def _safety_round(c: SimCluster) -> None:
     x = rng.random()
     if x < 0.30:
         c.propose(g, via=n if rng.random() < 0.1 else None, stale=True)
-    elif x < 0.34:
+    elif x < (0.335 if f.read_waves else 0.34):
         c.read(n, g)
+    elif f.read_waves and x < 0.337:
+        c.read_wave(g)
     elif x < 0.35:
         c.compact(n, g)
     elif x < 0.354:
         c.conf_change(g, rng)
     elif x < 0.357:
         c.transfer(g, rng)
+    if rng.random() < f.pause:  # preferably a leader: it comes back stale
+        lead = c.leader(g)
+        who = lead.node_id if lead is not None else n
+        c.pause(who, rng.randint(2 * ELECTION_TICKS, 4 * ELECTION_TICKS) * ROUNDS_PER_TICK)
     if rng.random() < f.crash and len(c.alive) > 1:
         c.crash(n)
     if rng.random() < f.restart:
@@ -130,6 +136,8 @@ def liveness_phase(c: SimCluster, liveness_ticks: int) -> None:
     c.faults.drop = 0.0
     c.faults.duplicate = 0.0
     c.faults.fifo = True  # one TCP connection per pair (raft/transport.py): in order, no loss
+    for n in sorted(c.paused):
+        c.resume(n)
     for n in sorted(set(c.ids) - c.alive):
         c.restart(n)
     away = _pick_isolated(c)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from raft import Entry, HardState, MemoryStorage, Ready
+from raft import Config, ConfState, Entry, HardState, MemoryStorage, RawNode, Ready
 from raft.messages import VoteResponse
 from raft.wal_segments import segment_name
 
@@ -97,12 +97,27 @@ def test_replicas_applying_different_data() -> None:
 def test_stale_read() -> None:
     ch = Checker()
     ch.on_committed(1, 0, 1, [Entry(1, 9, data=b"a")])
-    ch.on_read_asked(0, b"r1")
+    ch.on_read_asked(1, 0, b"r1")
     ch.on_read_answered(1, 0, b"r1", 9)
     with pytest.raises(Violation, match="stale read"):
-        ch.on_read_answered(2, 0, b"r1", 8)
+        ch.on_read_answered(1, 0, b"r1", 8)
     with pytest.raises(Violation, match="unknown context"):
-        ch.on_read_answered(2, 0, b"nope", 9)
+        ch.on_read_answered(1, 0, b"nope", 9)
+
+
+def test_reads_are_told_apart_by_node_and_judged_by_any_commit_index() -> None:
+    """Two nodes' reads carry the same context; a commit index a scan saw (not yet applied
+    anywhere) counts as known committed."""
+    ch = Checker()
+    ch.on_read_asked(1, 0, b"r1")  # nothing committed yet
+    storage = MemoryStorage(ConfState((1,)))
+    storage.append([Entry(1, i) for i in (1, 2, 3)])
+    storage.set_hard_state(HardState(1, 1, 3))
+    ch.scan(2, 0, RawNode(Config(id=2), storage))
+    ch.on_read_asked(2, 0, b"r1")
+    ch.on_read_answered(1, 0, b"r1", 0)
+    with pytest.raises(Violation, match="stale read"):
+        ch.on_read_answered(2, 0, b"r1", 2)
 
 
 # -- the disk and the host: what recovery and quiescence must show -----------------------------
