@@ -14,6 +14,17 @@ Rules of this module:
   sticky: every request in flight on it fails with a retryable ``unavailable``, the connection
   is retired, and the next call connects to the next target (round robin; after a whole round
   fails, a jittered exponential backoff), at most ``connect_attempts`` tries per call.
+- Failover on answers, not only on broken connections: a node that answers ``unavailable`` or
+  ``timeout`` (``MOVE_ON_ERRORS``; e.g. "group 7 has no leader" from a node cut off from its
+  peers), lets a request time out, closes a subscription as ``unavailable``/``shutdown``, or
+  whose connection fails, is **suspect** for a jittered ``suspect_s`` / 2 .. ``suspect_s``
+  (5 s).  If another target is not suspect, the next call connects there (the caller still
+  gets the error: retrying is its decision; ``append_with_retry`` and subscriptions do it), the
+  requests in flight on the node left keep their answers, its subscriptions resume on the new
+  connection, and it closes once they are answered.  Reconnecting tries targets that are not
+  suspect first; when all are, it stays on the open connection, if any, or tries the one whose
+  suspicion ends first.  The happy path of a request (``append_nowait`` included) pays one
+  type check of its answer.
 - A request unanswered after ``timeout_s`` fails with ``timeout`` (retryable; its outcome is
   unknown).  An append is safe to retry with the same ``client_msg_id``: ``append_with_retry``
   picks one and retries retryable errors, a bounded number of times.
@@ -27,11 +38,12 @@ Rules of this module:
   overshoot by its own size); while any queue is full the connection stops reading, which
   holds back the server (its ``writable`` turns false) and **also delays the responses of other
   calls on this connection**, until the queue drains below half.
-- A subscription resumes by itself: when its connection fails, or the server closes it
-  (``slow_consumer``, ``shutdown``, ``unavailable``), it drops what it had queued and not yet
-  yielded and subscribes again from the last seq it yielded, through the usual reconnect
-  (next target, backoff, bounded attempts).  It checks the order of what it yields and raises
-  ``internal`` on a seq that is not the next one: duplicates are a server bug, not filtered.
+- A subscription resumes by itself: when its connection fails, the client moves to another
+  node, or the server closes it (``slow_consumer``, ``shutdown``, ``unavailable``), it drops
+  what it had queued and not yet yielded and subscribes again from the last seq it yielded,
+  through the usual reconnect (next target, backoff, bounded attempts).  It checks the order
+  of what it yields and raises ``internal`` on a seq that is not the next one: duplicates are
+  a server bug, not filtered.
 """
 
 from __future__ import annotations
@@ -101,6 +113,14 @@ Address = tuple[str, int]
 NON_RETRYABLE_REFUSALS = frozenset({"bad_request", "unauthorized", "forbidden"})
 """Handshake answers that no other node would answer differently: ``connect`` raises them."""
 
+MOVE_ON_ERRORS = frozenset({"unavailable", "timeout"})
+"""Error answers that say more about the node than about the request (no leader reachable from
+there, no quorum, shutting down, overloaded; no answer from the leader in time): the node is
+suspected and the next call goes to another target.  Retrying there is safe: a read changes
+nothing, an append is retried with its ``client_msg_id``."""
+MOVE_ON_CLOSINGS = frozenset({"unavailable", "shutdown"})
+"""``SubscriptionClosed`` reasons that suspect the node the same way."""
+
 
 def parse_targets(targets: str | list[str]) -> list[Address]:
     """``"host:port"``, ``"h1:p1,h2:p2"`` or a list of ``"host:port"`` (``[v6]:port`` too)."""
@@ -164,6 +184,7 @@ class _Connection(asyncio.Protocol):
         max_frame_bytes: int,
         timeout_s: float,
         next_rid: Callable[[], int],
+        on_trouble: Callable[[_Connection], None] | None = None,
     ) -> None:
         self.target = target
         self.core = ClientConnection(max_frame_bytes)
@@ -174,6 +195,7 @@ class _Connection(asyncio.Protocol):
         self.sinks: dict[int, PushSink] = {}  # sub_id -> where its pushes go
         self.pushes_dropped = 0  # pushes of no registered subscription
         self._next_rid = next_rid
+        self._on_trouble = on_trouble  # told of MOVE_ON_* answers, timeouts and failures
         self._subscribing: dict[int, PushSink] = {}  # rid -> sink, of subscribes in flight
         self._holders: set[object] = set()  # sinks whose queue is full: events wait unread
         self._reading_paused = False
@@ -272,16 +294,20 @@ class _Connection(asyncio.Protocol):
         now = self._loop.time()
         deadlines = self._deadlines
         pending = self.pending
+        expired = False
         while deadlines and deadlines[0][0] <= now:
             _, rid = deadlines.popleft()
             self._subscribing.pop(rid, None)
             future = pending.pop(rid, None)
             if future is not None and not future.done():
+                expired = True
                 future.set_exception(
                     ClientError("timeout", f"no answer within {self._timeout_s} s", True)
                 )
         if deadlines:
             self._arm(max(deadlines[0][0], now))
+        if expired and self._on_trouble is not None:
+            self._on_trouble(self)
 
     # asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -324,6 +350,8 @@ class _Connection(asyncio.Protocol):
                 self.fail("closed by the server")
 
     def _on_response(self, response: Response) -> None:
+        if type(response) is Error:
+            self._on_error(response)
         rid = response.rid
         future = self.pending.pop(rid, None)
         sink = self._subscribing.pop(rid, None) if self._subscribing else None
@@ -336,6 +364,12 @@ class _Connection(asyncio.Protocol):
         if future is not None and not future.done():
             future.set_result(response)
 
+    def _on_error(self, error: Error) -> None:
+        """Tell the client of an answer that suspects the node, before the caller sees it (and
+        retries)."""
+        if error.code in MOVE_ON_ERRORS and self._on_trouble is not None:
+            self._on_trouble(self)
+
     def _on_push(self, push: Push) -> None:
         sinks = self.sinks
         sink = sinks.get(push.sub_id)
@@ -345,6 +379,8 @@ class _Connection(asyncio.Protocol):
         if type(push) is SubscriptionClosed:
             del sinks[push.sub_id]
             self.release(sink)
+            if push.reason in MOVE_ON_CLOSINGS and self._on_trouble is not None:
+                self._on_trouble(self)  # before the sink resumes
         sink.deliver(push)
 
     def pause_writing(self) -> None:
@@ -361,11 +397,15 @@ class _Connection(asyncio.Protocol):
 
     # the sticky error ----------------------------------------------------------------------------
 
-    def fail(self, reason: str, retryable: bool = True) -> None:
-        """Retire the connection: every request in flight fails with ``unavailable``."""
+    def fail(self, reason: str, retryable: bool = True, suspect: bool = True) -> None:
+        """Close the connection for good: every request in flight fails with ``unavailable``.
+        ``suspect``: a failure of the node's (the client avoids it for a while), not a close
+        of the client's own."""
         if self.error is None:
             host, port = self.target
             self.error = ClientError("unavailable", f"{host}:{port}: {reason}", retryable)
+            if retryable and suspect and self._on_trouble is not None:
+                self._on_trouble(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -385,6 +425,20 @@ class _Connection(asyncio.Protocol):
         self.resume_writing()
         if self._transport is not None:
             self._transport.close()
+
+    def retire(self, reason: str) -> None:
+        """The client moved to another connection: the subscriptions here end now (each is
+        told its connection was lost, so it resumes on the client's current connection); the
+        requests in flight keep their chance of an answer until ``fail``."""
+        host, port = self.target
+        lost = ClientError("unavailable", f"{host}:{port}: {reason}", True)
+        sinks, self.sinks = self.sinks, {}
+        for sub_id, sink in sinks.items():
+            self.unsubscribe_quietly(sub_id)
+            try:
+                sink.connection_lost(lost)
+            except Exception:
+                logger.exception("a subscription failed to handle the move")
 
 
 def _drop_outcome(future: asyncio.Future[Response]) -> None:
@@ -407,8 +461,9 @@ class Client:
         backoff_min_s: float,
         backoff_max_s: float,
         max_frame_bytes: int,
+        suspect_s: float = 5.0,
     ) -> None:
-        if timeout_s <= 0 or connect_timeout_s <= 0 or connect_attempts < 1:
+        if timeout_s <= 0 or connect_timeout_s <= 0 or suspect_s <= 0 or connect_attempts < 1:
             raise ValueError("timeouts must be positive and connect_attempts >= 1")
         if not 0 < backoff_min_s <= backoff_max_s:
             raise ValueError("0 < backoff_min_s <= backoff_max_s")
@@ -421,9 +476,15 @@ class Client:
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self.max_frame_bytes = max_frame_bytes
+        self.suspect_s = suspect_s
         self.welcome: Welcome | None = None  # of the current connection
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
+        # The current connection while the client moves away from it (``_conn`` is None then):
+        # kept if no other target answers, retired once another does.
+        self._leaving: _Connection | None = None
+        self._retired: set[_Connection] = set()  # closed once their requests are answered
+        self._suspects: dict[Address, float] = {}  # target -> loop time until which it is avoided
         self._next_target = 0
         self._rid = 0
         self._closed = False
@@ -600,9 +661,11 @@ class Client:
             connecting.cancel()
             with contextlib.suppress(BaseException):
                 await connecting
-        if self._conn is not None:
-            self._conn.fail("the client is closed", retryable=False)
-            self._conn = None
+        for conn in [self._conn, self._leaving, *self._retired]:
+            if conn is not None:
+                conn.fail("the client is closed", retryable=False)
+        self._conn = self._leaving = None
+        self._retired.clear()
 
     async def __aenter__(self) -> Client:
         return self
@@ -657,24 +720,37 @@ class Client:
     def _connected(self, task: asyncio.Task[_Connection]) -> None:
         self._connecting = None
         if not task.cancelled() and task.exception() is None:
-            if self._conn is not None:
-                self._pushes_dropped += self._conn.pushes_dropped
-            self._conn = task.result()
+            conn = task.result()
+            olds = (self._conn, self._leaving)
+            self._conn, self._leaving = conn, None
+            for old in olds:
+                if old is not None and old is not conn:
+                    self._pushes_dropped += old.pushes_dropped
+                    if old.error is None:
+                        self._retire(old)
 
     async def _reconnect(self) -> _Connection:
-        """Try the targets round robin, backing off after each failed round."""
+        """Try the targets round robin, those not suspect first, backing off after each failed
+        round; the connection being left when no other target answers first."""
         n = len(self.targets)
         backoff_s = self.backoff_min_s
         last: ClientError | None = None
         for attempt in range(self.connect_attempts):
-            target = self.targets[self._next_target % n]
-            self._next_target += 1
+            target, suspect = self._pick_target()
+            leaving = self._leaving
+            if (
+                leaving is not None
+                and leaving.error is None
+                and (suspect or leaving.target == target)
+            ):
+                return leaving  # every target is suspect: stay on the one that is open
             try:
                 return await self._open(target)
             except ClientError as e:
                 if not e.retryable:
                     raise
                 last = e
+                self._suspect(target)
                 logger.debug("connecting to %s:%d failed: %s", *target, e)
             if (attempt + 1) % n == 0 and attempt + 1 < self.connect_attempts:
                 await asyncio.sleep(self._rng.uniform(backoff_s / 2, backoff_s))
@@ -686,10 +762,75 @@ class Client:
             True,
         )
 
+    # -- which node -------------------------------------------------------------------------------
+
+    def _trouble(self, conn: _Connection) -> None:
+        """``conn``'s node answered ``MOVE_ON_ERRORS``, let a request time out or failed:
+        avoid it for a while; if it is the current connection and another target is not
+        suspect, the next call moves there (``_reconnect``; the requests in flight here keep
+        their chance of an answer)."""
+        self._suspect(conn.target)
+        if conn is self._conn and conn.error is None and self._alternative(conn.target):
+            logger.debug("moving away from %s:%d", *conn.target)
+            self._conn, self._leaving = None, conn
+
+    def _suspect(self, target: Address) -> None:
+        now = asyncio.get_running_loop().time()
+        self._suspects[target] = now + self._rng.uniform(self.suspect_s / 2, self.suspect_s)
+
+    def _alternative(self, target: Address) -> bool:
+        """Whether a target other than ``target`` is not suspect."""
+        now = asyncio.get_running_loop().time()
+        suspects = self._suspects
+        return any(t != target and suspects.get(t, 0.0) <= now for t in self.targets)
+
+    def _pick_target(self) -> tuple[Address, bool]:
+        """The next target round robin that is not suspect (and False); if all are, the one
+        whose suspicion ends first (so a round of failures still goes round), and True."""
+        targets, suspects = self.targets, self._suspects
+        now = asyncio.get_running_loop().time()
+        n = len(targets)
+        best = self._next_target % n
+        for i in range(n):
+            k = (self._next_target + i) % n
+            until = suspects.get(targets[k], 0.0)
+            if until <= now:
+                self._next_target = k + 1
+                return targets[k], False
+            if until < suspects.get(targets[best], 0.0):
+                best = k
+        self._next_target = best + 1
+        return targets[best], True
+
+    def _retire(self, conn: _Connection) -> None:
+        """Leave ``conn`` for good: its subscriptions resume on the new connection now; it
+        closes once the requests in flight on it are answered (each has its deadline, so at
+        the latest after ``timeout_s``).  Nothing new is sent on it."""
+        why = "the client moved to another node"
+        conn.retire(why)
+        futures = list(conn.pending.values())  # with the Unsubscribes ``retire`` sent
+        left = len(futures)
+        if not left:
+            conn.fail(why, suspect=False)
+            return
+        self._retired.add(conn)
+
+        def done(_: object) -> None:
+            nonlocal left
+            left -= 1
+            if not left:
+                self._retired.discard(conn)
+                conn.fail(why, suspect=False)
+
+        for future in futures:
+            future.add_done_callback(done)
+
     async def _open(self, target: Address) -> _Connection:
         """Connect to ``target`` and complete the handshake."""
         loop = asyncio.get_running_loop()
-        conn = _Connection(target, self.max_frame_bytes, self.connect_timeout_s, self._next_rid)
+        conn = _Connection(
+            target, self.max_frame_bytes, self.connect_timeout_s, self._next_rid, self._trouble
+        )
         host, port = target
         try:
             await asyncio.wait_for(
@@ -1068,11 +1209,14 @@ async def connect(
     backoff_min_s: float = 0.05,
     backoff_max_s: float = 2.0,
     max_frame_bytes: int = FRAME_BYTES_MAX,
+    suspect_s: float = 5.0,
 ) -> Client:
     """A client connected to the first target that answers (tried in the given order).
 
     ``timeout_s`` bounds each request; ``connect_timeout_s`` each connection and handshake;
-    ``connect_attempts`` (default: twice the targets, at least 3) the tries of one call."""
+    ``connect_attempts`` (default: twice the targets, at least 3) the tries of one call;
+    ``suspect_s`` how long (jittered, ``suspect_s`` / 2 .. ``suspect_s``) a node that answered
+    ``unavailable`` or ``timeout``, or failed, is avoided."""
     addresses = parse_targets(targets)
     client = Client(
         addresses,
@@ -1084,6 +1228,7 @@ async def connect(
         backoff_min_s=backoff_min_s,
         backoff_max_s=backoff_max_s,
         max_frame_bytes=max_frame_bytes,
+        suspect_s=suspect_s,
     )
     await client._connection()
     return client

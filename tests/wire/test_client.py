@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from wire.aio import Server, serve
-from wire.client import Client, connect, parse_targets
+from wire.aio import Connection, Reply, Server, serve
+from wire.client import Client, connect, expect_response, parse_targets
 from wire.errors import ClientError
 from wire.protocol import (
     Append,
@@ -19,11 +19,17 @@ from wire.protocol import (
     Messages,
     Pong,
     ReadMarked,
+    Request,
+    Response,
     SessionInfo,
     SessionList,
+    Subscribe,
+    SubscriptionClosed,
+    error,
 )
 
 from .helpers import LOOP_IDS, LOOPS, StoreHandler, run, wait_until
+from .test_subscriptions import FeedHandler, seqs, take
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 FAST = {"backoff_min_s": 0.01, "backoff_max_s": 0.05, "connect_timeout_s": 1.0}
@@ -350,3 +356,169 @@ def test_parse_targets() -> None:
     for bad in ["a", "a:", ":1", "a:x", []]:
         with pytest.raises(ValueError):
             parse_targets(bad)  # type: ignore[arg-type]
+
+
+# -- failover on answers ---------------------------------------------------------------------------
+
+
+class NoLeaderHandler(StoreHandler):
+    """A node cut off from its peers: it answers every request ``unavailable``."""
+
+    def answer(self, request: Request) -> Response:
+        return Error(request.rid, "unavailable", "group 7 has no leader", True, {})
+
+
+@pytest.mark.parametrize("loop", LOOPS, ids=LOOP_IDS)
+def test_an_unavailable_answer_sends_the_next_attempt_to_another_target(
+    loop: LoopFactory,
+) -> None:
+    async def main() -> None:
+        cut_off, serving = NoLeaderHandler(), StoreHandler()
+        first, second = await serve(cut_off), await serve(serving)
+        client = await connect([target(first), target(second)], **FAST)  # type: ignore[arg-type]
+        async with client, first, second:
+            assert client.target == first.address
+            started = time.monotonic()
+            ack = await client.append_with_retry("s", "x")
+            assert ack.seq == 1 and time.monotonic() - started < 1
+            assert client.target == second.address
+            [tried] = [r for r in cut_off.seen if isinstance(r, Append)]
+            [landed] = [r for r in serving.seen if isinstance(r, Append)]
+            assert tried.client_msg_id == landed.client_msg_id is not None
+            for _ in range(5):  # the cut-off node is suspect: the client stays where it works
+                assert isinstance(await client.ping(), Pong)
+            assert len(cut_off.seen) == 1 and client.target == second.address
+            await wait_until(lambda: not first.connections)  # the node left is let go
+
+    run(main, loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS, ids=LOOP_IDS)
+def test_a_plain_call_raises_the_error_and_the_next_one_goes_elsewhere(loop: LoopFactory) -> None:
+    async def main() -> None:
+        first_handler, second_handler = StoreHandler(), StoreHandler()
+        first, second = await serve(first_handler), await serve(second_handler)
+        client = await connect([target(first), target(second)], **FAST)  # type: ignore[arg-type]
+        async with client, first, second:
+            first_handler.hold = True
+            held = [client.append_nowait("s", f"m{i}", client_msg_id=f"c{i}") for i in range(3)]
+            await wait_until(lambda: len(first_handler.held) == 3)
+            first_handler.fail = [("timeout", True)]  # the leader did not answer in time
+            first_handler.hold = False
+            first_handler.release()
+            answers = [await f for f in held if f is not None]
+            assert len(answers) == 3 and isinstance(answers[0], Error)
+            assert [type(a) for a in answers[1:]] == [Appended, Appended]  # still answered
+            assert client.append_nowait("s", "y") is None  # leaving: nothing sent there
+            with pytest.raises(ClientError) as info:  # a caller still sees its error
+                await expect_and_raise(answers[0])
+            assert info.value.code == "timeout"
+            ack = await client.append("s", "m0", client_msg_id="c0")
+            assert (ack.seq, client.target) == (1, second.address)
+            assert len(first_handler.seen) == 3
+            await wait_until(lambda: not first.connections)
+
+    run(main, loop)
+
+
+async def expect_and_raise(response: Response) -> None:
+    expect_response(response, Appended, "Append")
+
+
+def test_with_every_other_target_down_the_client_stays_on_the_node_it_has() -> None:
+    async def main() -> None:
+        handler = StoreHandler()
+        async with await serve(handler) as server:
+            client = await connect([target(server), dead_target(), dead_target()], **FAST)  # type: ignore[arg-type]
+            async with client:
+                handler.fail = [("unavailable", True)]
+                with pytest.raises(ClientError):
+                    await client.ping()
+                assert client.target is None  # moving away...
+                assert isinstance(await client.ping(), Pong)  # ... but nowhere else answers
+                assert client.target == server.address and len(server.connections) == 1
+                handler.fail = [("unavailable", True)]
+                with pytest.raises(ClientError):
+                    await client.ping()
+                assert client.target == server.address  # every other target is suspect now
+                assert isinstance(await client.ping(), Pong)
+
+    run(main)
+
+
+def test_suspicion_is_bounded_and_jittered() -> None:
+    async def main() -> None:
+        handlers = [StoreHandler(), StoreHandler()]
+        first, second = [await serve(h) for h in handlers]
+        client = await connect([target(first), target(second)], suspect_s=0.2, **FAST)  # type: ignore[arg-type]
+        async with client, first, second:
+            handlers[0].fail = [("unavailable", True)]
+            with pytest.raises(ClientError):
+                await client.ping()
+            await client.ping()
+            until = client._suspects[first.address] - asyncio.get_running_loop().time()
+            assert 0 < until <= 0.2
+            handlers[1].fail = [("unavailable", True)]
+            await asyncio.sleep(0.2)  # the first is no longer suspect: the client goes back
+            with pytest.raises(ClientError):
+                await client.ping()
+            await client.ping()
+            assert client.target == first.address
+            waits = set()
+            for _ in range(50):
+                client._suspect(first.address)
+                waits.add(client._suspects[first.address] - asyncio.get_running_loop().time())
+            assert len(waits) > 40 and all(0.09 <= w <= 0.2 for w in waits)
+
+    run(main)
+
+
+class RefusingFeedHandler(FeedHandler):
+    """``FeedHandler`` whose subscribes are answered ``unavailable`` while told so."""
+
+    refuse_subscribes = False
+
+    def on_request(self, conn: Connection, request: Request) -> Reply:
+        if self.refuse_subscribes and isinstance(request, Subscribe):
+            return error(request.rid, "unavailable", "group 7 has no leader")
+        return super().on_request(conn, request)
+
+
+@pytest.mark.parametrize("reason", ["answer", "closing", "move"])
+def test_a_subscription_resumes_on_another_target_when_its_node_is_unavailable(
+    reason: str,
+) -> None:
+    """A Subscribe answered ``unavailable``, a subscription closed ``unavailable``, or another
+    call answered ``unavailable`` on the subscription's connection: it resumes, from the last
+    seq yielded, on the other node."""
+
+    async def main() -> None:
+        first_handler, second_handler = RefusingFeedHandler(), FeedHandler()
+        second_handler.sessions, second_handler.messages = (
+            first_handler.sessions, first_handler.messages
+        )  # fmt: skip
+        first_handler.fill("s-1", 3)
+        first, second = await serve(first_handler), await serve(second_handler)
+        client = await connect([target(first), target(second)], **FAST)  # type: ignore[arg-type]
+        async with client, first, second:
+            first_handler.refuse_subscribes = reason == "answer"
+            sub = await client.subscribe("s-1")
+            assert seqs(await take(sub, 2)) == [1, 2]
+            if reason == "closing":
+                (conn, sub_id), _ = first_handler.feeds.popitem()
+                conn.push(SubscriptionClosed(sub_id, "unavailable", "group 7 has no leader"))
+                await wait_until(lambda: not sub._queue)  # seq 3, queued, is dropped
+            elif reason == "move":
+                first_handler.fail = [("unavailable", True)]
+                with pytest.raises(ClientError):
+                    await client.read("s-1")
+                await client.ping()  # on the other node: the subscription follows
+            assert seqs(await take(sub, 1)) == [3]
+            await client.append("s-1", "live")
+            assert seqs(await take(sub, 1)) == [4]
+            assert client.target == second.address
+            after = [r.after_seq for r in second_handler.subscribes()]
+            assert after == ([0] if reason == "answer" else [2])
+            assert sub.resumes == 1
+
+    run(main)
