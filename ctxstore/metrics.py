@@ -240,8 +240,29 @@ class NodeCollector(Collector):
             sum_value=m.commit.sum_s,
         )
         if self.clients is not None:
-            n = len(self.clients.connections)
+            clients = self.clients
+            n = len(clients.connections)
             yield _gauge("ctxstore_client_connections", "Open client connections.", n)
+            yield _gauge(
+                "ctxstore_client_pending_bytes",
+                "Bytes held for client requests in flight and unread answers.",
+                clients.pending_bytes,
+            )
+            yield _gauge(
+                "ctxstore_client_connections_waiting",
+                "Client connections stopped by node_pending_bytes_max.",
+                clients.waiting,
+            )
+            yield _counter(
+                "ctxstore_client_connections_refused_total",
+                "Client connections refused: over client_connections_max or per source.",
+                clients.refused.count,
+            )
+            yield _counter(
+                "ctxstore_client_connections_idle_closed_total",
+                "Client connections closed after client_idle_timeout_s.",
+                clients.idle_closed,
+            )
         yield _counter(
             "ctxstore_forwards_sent_total",
             "Writes this node forwarded to their group's leader.",
@@ -438,6 +459,11 @@ class NodeCollector(Collector):
             "ctxstore_peer_refused_connections_total",
             "Peer connections closed during the handshake.",
             ts.refused,
+        )
+        yield _counter(
+            "ctxstore_peer_handshakes_evicted_total",
+            "Inbound peer handshakes closed to make room for newer ones.",
+            ts.handshakes_evicted,
         )
         yield _counter(
             "ctxstore_peer_protocol_errors_total",

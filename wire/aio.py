@@ -215,6 +215,11 @@ class Server:
         host, port = self._server.sockets[0].getsockname()[:2]
         return host, port
 
+    @property
+    def waiting(self) -> int:
+        """Connections stopped by ``node_pending_bytes_max``, waiting for their turn."""
+        return len(self._waiting)
+
     def stop_listening(self) -> None:
         """Accept no more connections; the open ones go on (a graceful shutdown's first step)."""
         if self._server is not None:

@@ -270,6 +270,10 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
             1,
             0,
         )
+        assert after["ctxstore_client_pending_bytes"] == 0
+        assert after["ctxstore_client_connections_waiting"] == 0
+        assert after["ctxstore_client_connections_refused_total"] == 0
+        assert after["ctxstore_client_connections_idle_closed_total"] == 0
         assert during["ctxstore_raft_groups"] == during["ctxstore_raft_groups_led"] == GROUPS
         assert during["ctxstore_raft_groups_without_leader"] == 0
         assert during["ctxstore_raft_campaigns_total{trigger=\"election_timeout\"}"] + during[
@@ -313,6 +317,7 @@ def test_peer_and_forward_metrics_in_a_three_node_cluster(tmp_path: Path) -> Non
         assert m[0]['ctxstore_append_latency_seconds_count{outcome="ok"}'] == 12
         for i, x in enumerate(m, start=1):
             assert x["ctxstore_peer_connections"] == 2
+            assert x["ctxstore_peer_handshakes_evicted_total"] == 0
             batches_sent = 0.0
             for peer in {1, 2, 3} - {i}:
                 assert x[f'ctxstore_peer_up{{peer="{peer}"}}'] == 1
