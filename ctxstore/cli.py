@@ -382,12 +382,24 @@ async def _cluster_up(args: argparse.Namespace) -> int:
     stop: asyncio.Future[None] = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))  # type: ignore[func-returns-value]
-    try:
-        await cluster.start()
-    except (NodeExited, TimeoutError) as e:
-        failed: dict[str, Any] = {"error": "start_failed", "message": str(e)}
-        if isinstance(e, NodeExited):
-            failed.update(node=e.node, log=e.log_path, log_tail=cluster.log_tail(e.node))
+    starting = asyncio.ensure_future(cluster.start())
+    await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+    failure = None if not starting.done() else starting.exception()
+    if failure is not None and not stop.done():
+        await asyncio.wait({stop}, timeout=0.5)  # a Ctrl-C reaches the nodes too: is it ours?
+    if stop.done():  # Ctrl-C while starting
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await _stop(cluster)
+        return EXIT_INTERRUPTED
+    if failure is not None:
+        if not isinstance(failure, NodeExited | TimeoutError):
+            raise failure
+        failed: dict[str, Any] = {"error": "start_failed", "message": str(failure)}
+        if isinstance(failure, NodeExited):
+            node = failure.node
+            failed.update(node=node, log=failure.log_path, log_tail=cluster.log_tail(node))
         emit(failed, sys.stderr)
         await cluster.stop()
         return EXIT_START
@@ -399,10 +411,15 @@ async def _cluster_up(args: argparse.Namespace) -> int:
         "targets": ",".join(cluster.targets),
     })  # fmt: skip
     everyone_exited = await _watch(cluster, stop)
+    await _stop(cluster)
+    return EXIT_FATAL if everyone_exited else 0
+
+
+async def _stop(cluster: LocalCluster) -> None:
+    """Stop every node; print what was stopped, with each node's exit status."""
     codes = await cluster.stop()
     emit({"event": "stopped", "data_dir": cluster.data_dir,
-           "nodes": [{"id": i, "exit_code": code} for i, code in codes.items()]})  # fmt: skip
-    return EXIT_FATAL if everyone_exited else 0
+          "nodes": [{"id": i, "exit_code": code} for i, code in codes.items()]})  # fmt: skip
 
 
 async def _watch(cluster: LocalCluster, stop: asyncio.Future[None]) -> bool:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,14 @@ import pytest
 import uvloop
 
 from ctxstore.cli import build_parser
-from ctxstore.cli_common import EXIT_ANSWER, EXIT_CONNECT, EXIT_FATAL, EXIT_START, EXIT_USAGE
+from ctxstore.cli_common import (
+    EXIT_ANSWER,
+    EXIT_CONNECT,
+    EXIT_FATAL,
+    EXIT_INTERRUPTED,
+    EXIT_START,
+    EXIT_USAGE,
+)
 from ctxstore.config import FIELDS, HELP, Settings, unknown_env
 from ctxstore.launcher import LocalCluster, free_ports
 from ctxstore.logs import JsonFormatter
@@ -379,10 +387,10 @@ class ClusterUp:
     """``ctxstore cluster up`` in a session of its own: whatever happens, the test ends it and
     its nodes (its process group)."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, node_flags: tuple[str, ...] = ()) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ctxstore", "cluster", "up", "--nodes", "1",
-             "--data-dir", str(tmp_path), *args, "--", *FAST],
+             "--data-dir", str(tmp_path), *args, "--", *FAST, *node_flags],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
 
@@ -450,3 +458,20 @@ def test_cluster_up_reports_a_node_that_cannot_start(tmp_path: Path) -> None:
         f"cannot start: http 127.0.0.1:{base + 200}: address already in use (another process "
         "listens there)"
     )
+
+
+def test_ctrl_c_while_cluster_up_starts_stops_what_it_started(tmp_path: Path) -> None:
+    """The node never becomes ready (a peer that never answers: no quorum)."""
+    (nobody,) = free_ports(1)
+    with ClusterUp(
+        tmp_path, "--base-port", "0", node_flags=("--peers", f"2=127.0.0.1:{nobody}")
+    ) as up:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (tmp_path / "node1.log").exists():  # the node is starting
+            assert time.monotonic() < deadline and up.process.poll() is None
+            time.sleep(0.01)
+        up.process.send_signal(signal.SIGINT)
+        out, err = up.wait()
+    assert up.process.returncode == EXIT_INTERRUPTED, err
+    stopped = json.loads(out)
+    assert stopped["event"] == "stopped" and [n["id"] for n in stopped["nodes"]] == [1]
