@@ -23,14 +23,15 @@ Rules of this module:
   Everything replied during one loop iteration leaves in one ``transport.write``.
 - Bounded memory, per connection and per server (the node): a request in flight is charged its
   frame bytes plus a reserve for its answer (an upper bound: ``ANSWER_BYTES_MAX`` by request
-  type, at most a whole frame), until it is answered; a connection whose
-  writer is paused (above ``write_buffer_high_bytes``) is charged what it has not written yet.
-  At most ``max_in_flight`` requests are unanswered on a connection; when a connection's
-  charges reach ``pending_bytes_max``, or all connections' reach ``node_pending_bytes_max``, or
-  its writer is paused, it stops handing out requests and stops reading.  It resumes once half
-  its bounds are free and the writer has drained; connections stopped by the node's bound wait
-  in a queue and are woken in turn when the node is below half of it.  So a client that sends
-  requests and never reads holds at most about ``pending_bytes_max`` plus the writer's
+  type, at most a whole frame), until it is answered; a connection whose writer is paused
+  (above ``write_buffer_high_bytes``) is charged what it has not written yet.  At most
+  ``max_in_flight`` requests are unanswered on a connection; when a connection's charges reach
+  ``pending_bytes_max``, or all connections' reach ``node_pending_bytes_max``, or its writer is
+  paused, it stops handing out requests and stops reading.  It resumes once half its bounds are
+  free and the writer has drained; connections stopped by the node's bound wait in a queue and
+  are woken in turn when the node is below half of it (while others hold it with answers their
+  clients never read, until those are read or closed: the idle timeout).  So a client that
+  sends requests and never reads holds at most about ``pending_bytes_max`` plus the writer's
   high-water mark, and all of them ``node_pending_bytes_max`` plus a high-water mark each.
 - Bounded connections: at most ``connections_max`` (and ``connections_per_source_max`` from one
   address); one more is told ``Error{rid: 0, code: "unavailable"}`` and closed.  An open
