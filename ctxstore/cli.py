@@ -201,8 +201,7 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
     """Open the data directory, start Raft and open the ports; an operator's problem (a port in
     use, a data directory locked by another node or unusable) is a ``StartupError`` naming
     its key, after what was started is stopped."""
-    from wire.aio import serve as wire_serve
-
+    from .node import serve_clients
     from .server import Service
 
     node = _open_node(settings)
@@ -212,7 +211,7 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
         tune_collector(settings.gc_young_threshold)
         service = Service(node)
         host, port = parse_address(settings.listen, "listen")
-        server = await _opening("listen", settings, wire_serve(service, host, port))
+        server = await _opening("listen", settings, serve_clients(service, settings, host, port))
         bound = server.address
         node.advertise(f"{bound[0]}:{bound[1]}")
         ops = None
