@@ -54,6 +54,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     client_connections_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
     client_connections_per_source_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
     client_idle_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
+    client_write_stall_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 60.0
     connection_pending_bytes_max: Annotated[int, Meta(ge=16 * 1024 * 1024)] = 64 * 1024 * 1024
     node_pending_bytes_max: Annotated[int, Meta(ge=16 * 1024 * 1024)] = 256 * 1024 * 1024
     # Where the WAL's group commits are written and fsync'd: on a writer thread ("thread": the
@@ -122,6 +123,9 @@ HELP: dict[str, str] = {
     "client_connections_per_source_max": "client connections at once from one address",
     "client_idle_timeout_s": "close a client connection with nothing in flight, no "
     "subscription and nothing received for this many seconds",
+    "client_write_stall_timeout_s": "abort a client connection that reads nothing of what it "
+    "is sent (its unwritten answers over the write buffer's high-water mark) for this many "
+    "seconds, giving back its share of node_pending_bytes_max",
     "connection_pending_bytes_max": "bytes a client connection may hold for requests in "
     "flight (each with a reserve for its answer) and answers it has not read; over it the node "
     "stops reading the connection",

@@ -263,6 +263,11 @@ class NodeCollector(Collector):
                 "Client connections closed after client_idle_timeout_s.",
                 clients.idle_closed,
             )
+            yield _counter(
+                "ctxstore_client_connections_stalled_closed_total",
+                "Client connections aborted after client_write_stall_timeout_s.",
+                clients.stalled_closed,
+            )
         yield _counter(
             "ctxstore_forwards_sent_total",
             "Writes this node forwarded to their group's leader.",

@@ -339,6 +339,7 @@ async def serve_clients(handler: Handler, settings: Settings, host: str, port: i
         pending_bytes_max=settings.connection_pending_bytes_max,
         node_pending_bytes_max=settings.node_pending_bytes_max,
         idle_timeout_s=settings.client_idle_timeout_s,
+        write_stall_timeout_s=settings.client_write_stall_timeout_s,
         connections_max=connections_max,
         connections_per_source_max=settings.client_connections_per_source_max,
         backlog=CLIENT_BACKLOG,

@@ -36,7 +36,9 @@ Rules of this module:
 - Bounded connections: at most ``connections_max`` (and ``connections_per_source_max`` from one
   address); one more is told ``Error{rid: 0, code: "unavailable"}`` and closed.  An open
   connection that is idle (nothing in flight, no subscription, nothing received) for
-  ``idle_timeout_s`` is told ``Error{rid: 0, code: "unavailable"}`` and closed.
+  ``idle_timeout_s`` is told ``Error{rid: 0, code: "unavailable"}`` and closed.  One whose
+  writer stays paused (its client reads nothing) for ``write_stall_timeout_s`` is aborted: it
+  gives back what it holds of the node's bound to the connections whose clients do read.
 - A protocol error (or a refused Hello) writes the queued Error, then closes.  A handshake that
   does not finish within ``hello_timeout_s`` is aborted.
 - A peer that half-closes gets its remaining answers before the connection closes.
@@ -177,6 +179,7 @@ class Server:
         write_buffer_high_bytes: int,
         hello_timeout_s: float,
         idle_timeout_s: float,
+        write_stall_timeout_s: float,
         connections_max: int,
         connections_per_source_max: int,
     ) -> None:
@@ -195,6 +198,7 @@ class Server:
         self.write_buffer_high_bytes = write_buffer_high_bytes
         self.hello_timeout_s = hello_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.write_stall_timeout_s = write_stall_timeout_s
         self.connections_max = connections_max
         self.connections_per_source_max = min(connections_per_source_max, connections_max)
         self.connections: set[Connection] = set()
@@ -204,6 +208,7 @@ class Server:
         self.refused = CountedLog(logger, logging.WARNING)  # connections closed at once: over
         # connections_max or connections_per_source_max (refused.count: how many)
         self.idle_closed = 0  # connections closed after idle_timeout_s
+        self.stalled_closed = 0  # connections aborted after write_stall_timeout_s
         self.answer_reserve = {t: min(frame, ANSWER_BYTES_MAX.get(t, frame)) for t in REQUEST_TYPES}
         self._per_source: dict[str, int] = {}
         self._waiting: deque[Connection] = deque()  # stopped by node_pending_bytes_max
@@ -312,6 +317,7 @@ async def serve(
     write_buffer_high_bytes: int = 1024 * 1024,
     hello_timeout_s: float = 10.0,
     idle_timeout_s: float = 300.0,
+    write_stall_timeout_s: float = 60.0,
     connections_max: int = 4096,
     connections_per_source_max: int = 1024,
     backlog: int = 1024,
@@ -326,6 +332,7 @@ async def serve(
         write_buffer_high_bytes=write_buffer_high_bytes,
         hello_timeout_s=hello_timeout_s,
         idle_timeout_s=idle_timeout_s,
+        write_stall_timeout_s=write_stall_timeout_s,
         connections_max=connections_max,
         connections_per_source_max=connections_per_source_max,
     )
@@ -362,6 +369,7 @@ class Connection(asyncio.Protocol):
         self._admitted = False
         self._last_received = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None  # armed while the writer is paused
         self._flush_bytes = server.write_buffer_high_bytes
         self._pumping = False
         self._blocked = False  # requests wait in the core (bound reached or Hello pending)
@@ -501,9 +509,16 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._stall_timer is None:
+            self._stall_timer = self._loop.call_later(
+                self.server.write_stall_timeout_s, self._write_stalled
+            )
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         self._charge_unwritten(0)  # what is left is below the low-water mark
         if self._blocked and self._may_resume():
             self._pump()
@@ -515,10 +530,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for timer in (self._hello_timer, self._idle_timer):
+        for timer in (self._hello_timer, self._idle_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._hello_timer = self._idle_timer = None
+        self._hello_timer = self._idle_timer = self._stall_timer = None
         self.server._release(self.pending_bytes)  # (what it holds: no more changes once closed)
         if not self._admitted:
             return
@@ -550,7 +565,8 @@ class Connection(asyncio.Protocol):
                 ):
                     blocked = True
                     break
-                if server.pending_bytes >= node_max_bytes:
+                if server.pending_bytes >= node_max_bytes and core.state is State.OPEN:
+                    # (a Hello always passes: a new client gets its Welcome, then waits)
                     blocked = True
                     server._wait(self)
                     break
@@ -680,6 +696,18 @@ class Connection(asyncio.Protocol):
             self._transport.abort()  # nor does it read what it was sent
             return
         self.close("unavailable", f"closing an idle connection (nothing for {timeout_s:g} s)")
+
+    def _write_stalled(self) -> None:
+        """The writer stayed paused for ``write_stall_timeout_s``: the client reads nothing of
+        what it was sent, so nothing else would reach it either.  Abort."""
+        self._stall_timer = None
+        if self.closed or not self._write_paused or self._transport is None:
+            return
+        self.server.stalled_closed += 1
+        logger.debug(
+            "aborting %s: read nothing for %g s", self.peername, self.server.write_stall_timeout_s
+        )
+        self._transport.abort()
 
 
 def _error_for(rid: int, exc: BaseException) -> Error:

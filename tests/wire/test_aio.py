@@ -750,3 +750,54 @@ def test_idle_connections_are_closed_busy_and_subscribed_ones_are_kept(
             assert len(server.connections) == 1
 
     run(main, loop)
+
+
+def test_a_client_that_reads_nothing_is_aborted_and_gives_back_what_it_held(
+    loop: LoopFactory,
+) -> None:
+    """A client pipelines big reads and reads nothing: once its writer has stayed paused for
+    ``write_stall_timeout_s`` (the kernel's buffers full too), the connection is aborted and its
+    share of the node's bound is free again; a client that reads is never aborted."""
+
+    async def main() -> None:
+        handler = StoreHandler()
+        limit = 1 * MiB
+        big_reads(handler, limit - 4096)
+        async with await serve(
+            handler, max_frame_bytes=limit, pending_bytes_max=8 * MiB, write_stall_timeout_s=0.5
+        ) as server:
+            stuck = await RawClient.open(server.address)
+            stuck.send(*[Read(rid, "s", 0, 10) for rid in range(2, 202)])
+            await wait_until(lambda: not only_connection(server).writable)
+            assert server.pending_bytes > 1 * MiB  # (its unwritten answers, charged)
+            reader = await RawClient.open(server.address)
+            for rid in range(2, 22):  # slower than the timeout in all, reading as it goes
+                reader.send(Read(rid, "s", 0, 10))
+                [event] = await reader.events(1)
+                assert event.response.rid == rid
+                await asyncio.sleep(0.05)
+            await wait_until(lambda: len(server.connections) == 1)
+            assert server.stalled_closed == 1 and await stuck.closed()
+            assert server.pending_bytes == only_connection(server).pending_bytes == 0
+
+    run(main, loop)
+
+
+def test_a_new_client_gets_its_welcome_while_the_node_bound_is_full(loop: LoopFactory) -> None:
+    async def main() -> None:
+        handler = StoreHandler()
+        async with await serve(
+            handler, pending_bytes_max=16 * MiB, node_pending_bytes_max=16 * MiB
+        ) as server:
+            busy = await RawClient.open(server.address)
+            handler.hold = True  # reads waiting on their ReadIndex hold the node's bound
+            busy.send(*[Read(rid, "s", 0, 10) for rid in range(2, 202)])
+            await wait_until(lambda: server.pending_bytes >= 16 * MiB)
+            late = await asyncio.wait_for(RawClient.open(server.address), 2)  # its Welcome
+            late.send(Ping(2))
+            await wait_until(lambda: server.waiting == 1)  # then it waits for room
+            handler.hold = False
+            handler.release()
+            assert pongs(await asyncio.wait_for(late.events(1), 5)) == [2]
+
+    run(main, loop)
