@@ -22,6 +22,14 @@ Everything random comes from one ``random.Random(seed)``; the same seed replays 
   may also tear the write of one of those Readies.  A restart recovers the disk, checks that it
   holds everything acknowledged, and rebuilds the host from the disk alone.
 - The application is a hash chain over applied data, snapshotted into the log's snapshots.
+- Pauses (``Faults.pause``): a node, preferably a leader, stops for 2-4 election timeouts (a GC
+  pause, SIGSTOP): nothing it is sent is read, its writes do not finish, it does not tick.  It
+  stops a few rounds into a *read wave* (every node reads every group each round, the nodes'
+  context counters aligned, the pausing node starting last so that its counter lags).  When it
+  resumes it first serves its clients' reads, then reads what it was sent, in order: a stale
+  leader meets late heartbeat answers and reads whose contexts others used before it stopped.
+- Reads carry contexts as raft/driver.py makes them (a counter per node, so equal bytes across
+  nodes); the checker tells them apart by node and context.
 """
 
 from __future__ import annotations
@@ -65,8 +73,7 @@ HEARTBEAT_TICKS = 3
 # read timeout or a failed write (a few rounds), a new one after its handshake.
 PEER_DOWN_ROUNDS = (2, 12)
 PEER_UP_ROUNDS = (1, 4)
-# A read wave (when a node pauses; with Faults.read_waves also after every leadership transfer
-# and at random): every node reads the group in each
+# A read wave (before a node pauses): every node reads the group in each
 # of READ_WAVE_ROUNDS rounds, starting 0..READ_WAVE_STAGGER rounds in, with the nodes' context
 # counters aligned first (``SimCluster.read_wave``).
 READ_WAVE_ROUNDS = 24
@@ -100,9 +107,6 @@ class Faults:
     heal: float = 0.006  # per round
     max_size_per_msg: int = 256
     pause: float = 0.0005  # per round: a node stops (a GC pause, SIGSTOP) and resumes later
-    # Read waves after every leadership transfer and in 0.2 % of rounds, not only on pauses
-    # (test_sim.py's read-heavy seeds; doubles a seed's run time).
-    read_waves: bool = False
     fifo: bool = False  # no reordering between two nodes (as on one TCP connection)
 
 
@@ -400,6 +404,7 @@ class SimCluster:
         self.alive: set[int] = set(self.ids)
         self.read_waves: dict[tuple[int, int], tuple[int, int]] = {}  # (n, g) -> rounds
         self.paused: dict[int, int] = {}  # node -> round it resumes
+        self.pausing: dict[int, tuple[int, int]] = {}  # node -> (round it stops, for how long)
         self.held: list[Packet] = []  # sent to a paused node
         self.proposal_counter = itertools.count(1)
         self.dir: str | None = None
@@ -482,6 +487,8 @@ class SimCluster:
         for n, until in list(self.paused.items()):
             if self.now >= until:
                 self.resume(n)
+        if self.pausing:
+            self._start_pauses()
         incarnations = {n: node.incarnation for n, node in self.nodes.items() if n in self.alive}
         for report in self.links.update(self.now, incarnations, self.net.blocked):
             host = self.nodes[report.observer].host
@@ -579,6 +586,7 @@ class SimCluster:
             return
         self.log(f"crash n{n}")
         self.stats.crashes += 1
+        self.pausing.pop(n, None)
         if self.paused.pop(n, None) is not None:
             self.held = [p for p in self.held if p.dst != n]  # lost with the process
         self.stats.quiesced += node.host.stats.quiesced
@@ -636,16 +644,24 @@ class SimCluster:
         return [node for n, node in self.nodes.items() if n not in self.paused]
 
     def pause(self, n: int, rounds: int) -> None:
-        """Node ``n`` stops for ``rounds``: no ticks, no Readies, no writes finish, nothing it
-        is sent is read.  Its peers' connections stay up; a leader does not know it was away.
-        A read wave on every group runs when it stops (see ``resume``)."""
-        if n not in self.alive or n in self.paused:
+        """Node ``n`` will stop for ``rounds``: no ticks, no Readies, no writes finish, nothing
+        it is sent is read.  Its peers' connections stay up; a leader does not know it was
+        away.  First a read wave on every group, in which ``n`` starts reading last (so its
+        context counter lags the others'); ``n`` stops a few rounds into it, with the answers
+        to the heartbeats of the latest reads on their way to it (see ``resume``)."""
+        if n not in self.alive or n in self.paused or n in self.pausing:
             return
-        self.log(f"pause n{n} for {rounds} rounds")
-        self.stats.pauses += 1
-        self.paused[n] = self.now + rounds
         for g in self.groups:
-            self.read_wave(g)
+            self.read_wave(g, last=n)
+        self.pausing[n] = (self.now + READ_WAVE_STAGGER + self.rng.randint(2, 8), rounds)
+
+    def _start_pauses(self) -> None:
+        for n, (at, rounds) in list(self.pausing.items()):
+            if self.now >= at:
+                del self.pausing[n]
+                self.log(f"pause n{n} for {rounds} rounds")
+                self.stats.pauses += 1
+                self.paused[n] = self.now + rounds
 
     def resume(self, n: int) -> None:
         """The paused node first serves the reads its clients asked meanwhile, then reads what
@@ -734,21 +750,21 @@ class SimCluster:
             return
         self.log(f"g{g} transfer n{rep.node_id} -> n{to}")
         self.stats.transfers += 1
-        if self.faults.read_waves:
-            self.read_wave(g)
 
-    def read_wave(self, g: int, align: bool = True) -> None:
+    def read_wave(self, g: int, last: int | None = None) -> None:
         """Every node reads ``g`` in each round of a stretch of READ_WAVE_ROUNDS, each node's
         stretch starting up to READ_WAVE_STAGGER rounds later than another's; the nodes'
         context counters are aligned first.  So one node's read carries the context another
         node's read carried a few rounds earlier, while the leadership may be moving: the
         reads meet old and new leaders with equal contexts, and with heartbeat answers for
-        earlier reads still on their way."""
+        earlier reads still on their way.  Node ``last`` starts after every other."""
         base = max(node.read_seq for node in self.nodes.values())
         for n, node in self.nodes.items():
-            if align:
-                node.read_seq = base  # (counters only grow: a node's contexts stay unique)
-            start = self.now + self.rng.randint(0, READ_WAVE_STAGGER)
+            node.read_seq = base  # (counters only grow: a node's contexts stay unique)
+            if n == last:
+                start = self.now + READ_WAVE_STAGGER
+            else:
+                start = self.now + self.rng.randint(0, READ_WAVE_STAGGER - 1)
             self.read_waves[(n, g)] = (start, start + READ_WAVE_ROUNDS)
 
     def _read_waves(self) -> None:

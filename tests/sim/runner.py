@@ -1,17 +1,18 @@
 """Seeded runs of the simulated cluster: a safety phase with faults, then a liveness phase.
 
 Safety phase: for ``ticks`` ticks, each round may propose, read, compact, change membership,
-transfer leadership, crash (with a WAL, possibly in the middle of a write) or restart a node,
-partition (isolate one node, split the cluster, cut one direction of a link) or heal, all drawn
-from the seed's RNG; the checker watches every step, every restart checks what the disk
-recovered, and the logs are compared pairwise every 100 ticks.
+transfer leadership, crash (with a WAL, possibly in the middle of a write), pause (preferably a
+leader) or restart a node, partition (isolate one node, split the cluster, cut one direction of
+a link) or heal, all drawn from the seed's RNG; the checker watches every step, every restart
+checks what the disk recovered, and the logs are compared pairwise every 100 ticks.
 
 Liveness phase: heal the network (no more drops, duplicates or reordering between two nodes),
-restart every node (or keep one node isolated where every group keeps a working majority
-without it), and require that within ``liveness_ticks`` every group has a leader that commits a
-new proposal and every live member of the group applies everything ever committed.  Then, when
-the hosts quiesce, that within ``QUIESCE_TICKS`` more every group sleeps on every live node with
-nothing on its way, and that during a further election timeout no node sends a single message
+resume paused nodes, restart every node (or keep one node isolated where every group keeps a
+working majority without it), and require that within ``liveness_ticks`` every group has a
+leader that commits a new proposal and every live member of the group applies everything ever
+committed.  Then, when the hosts quiesce, that within ``QUIESCE_TICKS`` more every group sleeps
+on every live node with nothing on its way, and that during a further election timeout no node
+sends a single message
 (see ``_quiescence`` for the replicas exempt).
 """
 
@@ -77,10 +78,8 @@ def _safety_round(c: SimCluster) -> None:
     x = rng.random()
     if x < 0.30:
         c.propose(g, via=n if rng.random() < 0.1 else None, stale=True)
-    elif x < (0.335 if f.read_waves else 0.34):
+    elif x < 0.34:
         c.read(n, g)
-    elif f.read_waves and x < 0.337:
-        c.read_wave(g)
     elif x < 0.35:
         c.compact(n, g)
     elif x < 0.354:
@@ -136,6 +135,7 @@ def liveness_phase(c: SimCluster, liveness_ticks: int) -> None:
     c.faults.drop = 0.0
     c.faults.duplicate = 0.0
     c.faults.fifo = True  # one TCP connection per pair (raft/transport.py): in order, no loss
+    c.pausing.clear()
     for n in sorted(c.paused):
         c.resume(n)
     for n in sorted(set(c.ids) - c.alive):
