@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -197,6 +198,10 @@ class Driver:
         self._reads: dict[int, dict[bytes, asyncio.Future[int]]] = {}  # group -> ctx -> future
         self._read_waits: dict[int, list[tuple[int, asyncio.Future[int]]]] = {}
         self._pending = 0
+        # A read's context is this process's random prefix and a counter: an answer still on
+        # its way to an earlier process of this node must not answer a read of this one (both
+        # counters start at 1).  The core never matches by context (docs/raft.md §8.7).
+        self._read_prefix = os.urandom(8)
         self._read_seq = 0
         self._snap_index: dict[int, int] = {}  # group -> index of its newest (or coming) snapshot
         self._compact: set[int] = set()
@@ -294,7 +299,7 @@ class Driver:
         everything committed before the call (``ProposalDropped`` without a leader)."""
         self._admit()
         self._read_seq += 1
-        ctx = self._read_seq.to_bytes(8, "big")
+        ctx = self._read_prefix + self._read_seq.to_bytes(8, "big")
         self.host.read_index(group, ctx)
         loop = self._loop
         assert loop is not None

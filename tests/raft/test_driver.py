@@ -194,6 +194,31 @@ def test_single_node_commits_applies_and_recovers_its_history(tmp_path: Path, in
     run(main())
 
 
+def test_read_contexts_differ_between_processes_of_one_node(tmp_path: Path) -> None:
+    """Issue 27: the driver numbered its reads from 1 in every process, so an answer to a read
+    of a node's earlier process (a ReadIndexResponse still on its way) carried the context of
+    a read of the restarted one and answered it, at an index older than writes committed
+    before it began (the simulation with per-process counters: seeds 19, 21, 1042...)."""
+
+    async def first_read_context() -> bytes:
+        m = Member(tmp_path, 1, (1,), groups=1)
+        await m.start(None, {})
+        try:
+            await until(lambda: m.leads(0), what="leader")
+            future = m.driver.read_index(0)
+            [ctx] = m.driver._reads[0]
+            assert await future >= 1
+            return ctx
+        finally:
+            await m.stop()
+
+    async def main() -> None:
+        first = await first_read_context()
+        assert await first_read_context() != first  # the same node, restarted
+
+    run(main())
+
+
 def test_propose_then_calls_back_once_per_entry_and_survives_a_failing_callback(
     tmp_path: Path,
 ) -> None:
