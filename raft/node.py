@@ -54,6 +54,22 @@ EXIT_FATAL = 70
 
 
 # -- the test state machine ------------------------------------------------------------------------
+class _JsonLines(logging.Formatter):
+    """One JSON object per log line (as ``ctxstore serve`` writes them; raft imports no
+    ctxstore): the message as text, so every line parses whatever the message holds."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "t": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
 class LogMachine:
     """Per group: every non-empty data entry applied, in order."""
 
@@ -503,11 +519,9 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         p.error(f"--peers must include this node ({a.id})")
     if not 1 <= a.groups <= 4096:
         p.error("--groups must be in 1..4096")
-    logging.basicConfig(
-        level=a.log_level.upper(),
-        format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines())
+    logging.basicConfig(level=a.log_level.upper(), handlers=[handler])
     return NodeConfig(
         id=a.id,
         peers=a.peers,

@@ -34,7 +34,8 @@ The wire protocol lives in ``peer_codec`` (sans I/O); this module owns sockets a
   else from the oldest of all if all are taken (that one is closed).  So stalled or slow
   unauthenticated connections cannot keep a peer out: a peer's handshake takes milliseconds,
   and is lost only if more connections than that arrive meanwhile (it dials again).  Closed
-  unauthenticated connections are logged once per ``REFUSED_LOG_INTERVAL_S`` with a count.
+  unauthenticated connections are logged once per ``REFUSED_LOG_INTERVAL_S`` per reason (the
+  refusal's code, a timeout, an eviction) with a count.
 """
 
 from __future__ import annotations
@@ -207,7 +208,9 @@ class Transport:
         self._connections: set[_Connection] = set()  # every open connection, authenticated or not
         # inbound connections in their handshake -> their source address, oldest first
         self._handshaking: dict[_Connection, str] = {}
-        self._refused_log = _CountedLog(REFUSED_LOG_INTERVAL_S)
+        # One counted log per reason (the codec's error codes, a timeout, an eviction: a small
+        # fixed set), so a flood of one kind does not hide another.
+        self._refused_logs: dict[str, _CountedLog] = {}
         self._server: asyncio.Server | None = None
         self._flush_scheduled = False
         self._liveness: asyncio.TimerHandle | None = None
@@ -478,11 +481,14 @@ class Transport:
         del self._handshaking[conn]
         self.stats.handshakes_evicted += 1
         conn.abort("evicted")
-        self.refused(f"closing the oldest: {why}")
+        self.refused("evicted", f"closing the oldest: {why}")
 
-    def refused(self, what: str) -> None:
-        """Log a closed unauthenticated connection (counted: once per interval)."""
-        line = self._refused_log.line()
+    def refused(self, reason: str, what: str) -> None:
+        """Log a closed unauthenticated connection (counted: once per interval per reason)."""
+        log = self._refused_logs.get(reason)
+        if log is None:
+            log = self._refused_logs[reason] = _CountedLog(REFUSED_LOG_INTERVAL_S)
+        line = log.line()
         if line is not None:
             logger.warning(
                 "node %d: unauthenticated peer connections closed: %s (%s)",
@@ -672,12 +678,14 @@ class _Connection(asyncio.Protocol):
                 e,
             )
         else:
-            self.owner.refused(f"{self.role.value} from {self.source}: {e}")
+            self.owner.refused(e.code, f"{self.role.value} from {self.source}: {e}")
         self.abort(e.code)
 
     def _handshake_timeout(self) -> None:
         if not self.authenticated:
-            self.owner.refused(f"{self.role.value} from {self.source}: handshake timed out")
+            self.owner.refused(
+                "handshake_timeout", f"{self.role.value} from {self.source}: handshake timed out"
+            )
             self.abort("handshake_timeout")
 
     def _write_own(self) -> None:

@@ -15,6 +15,7 @@ measured figures are printed and recorded as ``figure:*`` user properties (shown
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
@@ -564,6 +565,10 @@ def test_bad_peers_are_refused(make_cluster: ClusterFactory) -> None:
             ):  # fmt: skip
                 assert code in log3, f"{code!r} not in node 3's log"
             assert codec.UNKNOWN_NODE in log1 and codec.MALFORMED_FRAME in log1
+            for log in (log1, log3):  # every line a node writes is JSON (the harness's are not)
+                for line in log.splitlines():
+                    if not line.startswith("=== harness"):
+                        assert isinstance(json.loads(line)["msg"], str), line
 
             # Knowing the secret, a peer can displace node 1's connection; its oversized frame
             # closes it, and node 1 dials again.
