@@ -217,10 +217,12 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
         ops = None
         if settings.http is not None:
             from .ops import serve_ops
+            from .web import WebLimits
 
             address = parse_address(settings.http, "http")
+            web = WebLimits(settings.web_ping_interval_s, settings.web_idle_timeout_s)
             ops = await _opening(
-                "http", settings, serve_ops(node, service, *address, clients=server)
+                "http", settings, serve_ops(node, service, *address, clients=server, web_limits=web)
             )
     except BaseException:
         if server is not None:

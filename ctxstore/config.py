@@ -57,6 +57,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     client_write_stall_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 60.0
     connection_pending_bytes_max: Annotated[int, Meta(ge=16 * 1024 * 1024)] = 64 * 1024 * 1024
     node_pending_bytes_max: Annotated[int, Meta(ge=16 * 1024 * 1024)] = 256 * 1024 * 1024
+    # The WebSockets at /v1/ws on the HTTP port (ctxstore/web.py, docs/web.md): a ping every
+    # web_ping_interval_s; a peer silent (no message, no pong) for web_idle_timeout_s is closed.
+    web_ping_interval_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    web_idle_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 90.0
     # Where the WAL's group commits are written and fsync'd: on a writer thread ("thread": the
     # loop works on while the disk syncs, at the price of the hand-offs between the threads) or
     # on the event loop's thread ("inline": less CPU, the loop waits for the disk): raft/wal.py,
@@ -78,6 +82,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
             raise ConfigError(
                 "config: node_pending_bytes_max: must be at least connection_pending_bytes_max"
             )
+        if self.web_idle_timeout_s <= self.web_ping_interval_s:
+            raise ConfigError("config: web_idle_timeout_s: must exceed web_ping_interval_s")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"config: log_level: unknown level {self.log_level!r}")
 
@@ -95,8 +101,8 @@ HELP: dict[str, str] = {
     "data_dir": "the node's WAL, snapshots, archive and identity (node.json)",
     "listen": "HOST:PORT of the client protocol",
     "peer_listen": "HOST:PORT for Raft and forwarding between nodes",
-    "http": "HOST:PORT of the ops HTTP port (/health/live, /health/ready, /metrics); "
-    "none: no ops port",
+    "http": "HOST:PORT of the HTTP port (/health/live, /health/ready, /metrics, and the "
+    "WebSocket protocol at /v1/ws); none: no HTTP port",
     "peers": "ID=HOST:PORT,... of the other nodes' peer ports; empty: a single-node cluster",
     "cluster_id": "the cluster's name, checked by the peer handshake",
     "secret": "the cluster's shared secret for the peer handshake; set your own for a real "
@@ -130,6 +136,9 @@ HELP: dict[str, str] = {
     "flight (each with a reserve for its answer) and answers it has not read; over it the node "
     "stops reading the connection",
     "node_pending_bytes_max": "the same, for all client connections together",
+    "web_ping_interval_s": "seconds between the pings a WebSocket at /v1/ws is sent",
+    "web_idle_timeout_s": "close a WebSocket from which nothing (a message, a pong) arrived "
+    "for this many seconds, with 1001 (more than web_ping_interval_s)",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)",
 }
 

@@ -4,10 +4,13 @@
     GET /health/ready  200 {"status": "ready", ...} once every local group has a known leader,
                        503 {"status": "not_ready", ...} before (and after a fatal WAL error)
     GET /metrics       the Prometheus text format (``metrics.NodeMetrics``)
+    GET /v1/ws         the WebSocket protocol (``web.WebGateway``; docs/web.md)
 
 HTTP/1.1 is h11's (sans-IO); ``OpsConnection`` is the thin asyncio protocol that owns the socket.
 Rules of this module:
 - GET and HEAD only (405 with ``Allow`` otherwise); unknown paths 404; no request bodies (413).
+- ``OpsServer.handovers`` routes a path to a handler that takes the request and may take the
+  connection over (``OpsConnection.detach``): the WebSocket upgrade; GET only.
   A request that declares a body is answered, then the connection closes.
 - Malformed input is answered 400 (431: a request head over ``header_bytes_max``), then the
   connection closes.  Nothing a client sends raises out of this module.
@@ -28,7 +31,7 @@ import http
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import h11
 import msgspec
@@ -40,11 +43,15 @@ from wire.flow import CountedLog
 from .metrics import NodeMetrics, leader_counts
 from .node import Node
 from .server import Service
+from .web import PATH as WEB_SOCKET_PATH
+from .web import WebCollector, WebGateway, WebLimits
 
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
 Answer = tuple[int, str, bytes]  # status, content type, body
+Handover = Callable[["OpsConnection", h11.Request], None]
+"""Takes a request (answering it with ``respond``, or the socket with ``detach``)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,8 @@ class OpsServer:
             b"/health/ready": self._ready,
             b"/metrics": self._metrics,
         }
+        self.handovers: dict[bytes, Handover] = {}
+        self.gateway: WebGateway | None = None  # the WebSockets, if served
         self._server: asyncio.Server | None = None
 
     @property
@@ -266,14 +275,35 @@ class OpsConnection(asyncio.Protocol):
         if head_bytes > self.server.limits.header_bytes_max:  # h11 bounds only a partial head
             self._bad_request(431)
             return
-        if method not in (b"GET", b"HEAD"):
+        handover = self.server.handovers.get(request.target.split(b"?", 1)[0])
+        if handover is not None and method == b"GET" and not has_body:
+            handover(self, request)
+            return
+        if method not in (b"GET", b"HEAD") or (handover is not None and method == b"HEAD"):
             status, ctype, body = _error(405)
         elif has_body:
             status, ctype, body = _error(413)
         else:
             status, ctype, body = self.server.answer(request.target)
-        headers = [("allow", "GET, HEAD")] if status == 405 else []
+        allow = "GET" if handover is not None else "GET, HEAD"
+        headers = [("allow", allow)] if status == 405 else []
         self._respond(status, ctype, body, head=method == b"HEAD", close=has_body, extra=headers)
+
+    def respond(self, status: int, body: dict[str, Any], headers: list[tuple[str, str]]) -> None:
+        """Answer a handed-over request with a JSON body, then close."""
+        self._respond(status, JSON, msgspec.json.encode(body), close=True, extra=headers)
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Give up the socket (to a handover): its transport and the bytes received after the
+        request.  This connection is then forgotten."""
+        assert self._transport is not None
+        self._closing = True
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self.server.connections.discard(self)
+        transport, self._transport = self._transport, None
+        return transport, bytes(self.h11.trailing_data[0])
 
     def _next_cycle(self) -> None:
         if self.h11.our_state is h11.MUST_CLOSE:
@@ -362,11 +392,25 @@ async def serve_ops(
     *,
     clients: Server | None = None,
     limits: OpsLimits | None = None,
+    web_limits: WebLimits | None = None,
 ) -> OpsServer:
     """The ops port of a started node: ``clients`` is the client server (for its connection
-    count).  Installs the metrics' hot-path hooks until the ops server closes."""
+    count, and the connections of the WebSockets at ``/v1/ws``, served only with it).
+    Installs the metrics' hot-path hooks until the ops server closes."""
     source = NodeSource(node, service, clients)
     server = await serve_source(source, host, port, limits)
     source.metrics.attach()
-    server.on_close = source.metrics.detach
+    if clients is None:
+        server.on_close = source.metrics.detach
+        return server
+    gateway = WebGateway(clients, web_limits)
+    server.handovers[WEB_SOCKET_PATH] = gateway.upgrade
+    source.metrics.registry.register(WebCollector(gateway))
+    server.gateway = gateway
+
+    def on_close() -> None:
+        gateway.close()
+        source.metrics.detach()
+
+    server.on_close = on_close
     return server

@@ -1,0 +1,460 @@
+"""The WebSocket protocol at ``/v1/ws`` (``ctxstore/web.py``) against a real node.
+
+A single-node cluster in-process, its client ``Server`` and HTTP port on loopback sockets; the
+client is wsproto over asyncio streams (``wsclient.py``), and raw bytes where the test needs
+to break the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from wsproto.events import BytesMessage, TextMessage
+
+from bench.nodestats import parse_metrics
+from ctxstore.config import Settings
+from ctxstore.node import Node
+from ctxstore.ops import OpsServer, serve_ops
+from ctxstore.server import Service
+from ctxstore.web import WebLimits
+from ctxstore.web_codec import JSON, MSGPACK
+from wire.aio import Server, serve
+from wire.protocol import (
+    Append,
+    Appended,
+    CreateSession,
+    Error,
+    Hello,
+    MessageEvent,
+    Messages,
+    Ping,
+    Pong,
+    Read,
+    SessionInfo,
+    Subscribe,
+    Subscribed,
+    SubscriptionClosed,
+)
+
+from .test_ops import fetch, run
+from .wsclient import Refused, WsClient
+
+JUNK_JSON = [
+    '{"type":', '{"rid": 1e400}', '{"type": "append", "rid": 9, "metadata": [[[[]]]]}', "[]",
+    '"x"', "{}", "\x00", '{"type": "hello", "rid": 1, "protocol_version": 1}',
+]  # fmt: skip
+BOTH = pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
+
+
+@dataclass
+class Web:
+    node: Node
+    clients: Server
+    ops: OpsServer
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.ops.address
+
+    async def open(self, subprotocol: str = JSON, **kw: Any) -> WsClient:
+        return await WsClient.open(self.address, [subprotocol], **kw)
+
+
+@contextlib.asynccontextmanager
+async def web_node(
+    tmp_path: Path,
+    web: WebLimits | None = None,
+    tokens: list[str] | None = None,
+    **bounds: Any,
+) -> AsyncIterator[Web]:
+    settings = Settings(
+        data_dir=str(tmp_path / "n1"), listen="127.0.0.1:0", peer_listen="127.0.0.1:0",
+        groups=4, tick_ms=10, tokens=tokens or [],
+    )  # fmt: skip
+    node = Node(settings)
+    await node.start()
+    clients = await serve(Service(node), "127.0.0.1", 0, **bounds)
+    service = clients.handler
+    assert isinstance(service, Service)
+    ops = await serve_ops(node, service, "127.0.0.1", 0, clients=clients, web_limits=web)
+    try:
+        assert await node.wait_leaders(10)
+        yield Web(node, clients, ops)
+    finally:
+        ops.close()
+        clients.close()
+        await ops.wait_closed()
+        await clients.wait_closed()
+        await node.stop()
+
+
+def append(rid: int, sid: str, content: str, **kw: Any) -> Append:
+    return Append(rid, sid, "user", "u1", "text", content, {}, kw.get("msg_id"), None, None)
+
+
+# -- the handshake ---------------------------------------------------------------------------------
+def test_the_upgrade_needs_one_of_the_two_subprotocols(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            for offered in ([], ["chat", "ctxstore.v2.json"]):
+                with pytest.raises(Refused) as refused:
+                    await WsClient.open(w.address, offered, hello=False)
+                assert refused.value.status == 400
+                body = msgspec.json.decode(refused.value.body)
+                assert body["error"] == "bad_request"
+                assert JSON in body["message"] and MSGPACK in body["message"]
+                assert body["subprotocols"] == [JSON, MSGPACK]
+            for subprotocol in (JSON, MSGPACK):  # the first one offered that is served
+                c = await WsClient.open(w.address, ["chat", subprotocol, JSON], hello=False)
+                assert c.subprotocol == subprotocol
+                await c.close()
+            # Not an upgrade at all: wsproto's verdict, as JSON; HEAD is not allowed.
+            answer = await fetch(w.address, "/v1/ws")
+            assert answer.status == 400 and "Upgrade" in answer.json()["message"]
+            assert (await fetch(w.address, "/v1/ws", "HEAD")).status == 405
+            assert w.ops.gateway is not None and w.ops.gateway.refused == 3
+
+    run(main())
+
+
+@BOTH
+def test_sessions_appends_reads_and_live_pushes(tmp_path: Path, subprotocol: str) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            writer = await w.open(subprotocol)
+            reader = await w.open(subprotocol)
+            created = await writer.request(CreateSession(2, "u1", "a1", {"k": [1, None]}, "s1"))
+            assert isinstance(created, SessionInfo) and created.session.metadata == {"k": [1, None]}
+            first = await writer.request(append(3, "s1", "héllo ☃"))
+            assert isinstance(first, Appended) and first.seq == 1
+            subscribed = await reader.request(Subscribe(2, "s1", 0))
+            assert subscribed == Subscribed(2, 1, 1)
+            replay = await reader.recv()
+            assert isinstance(replay, MessageEvent) and replay.messages[0].content == "héllo ☃"
+            for i in range(2, 6):  # live: each append reaches the subscriber
+                assert isinstance(await writer.request(append(10 + i, "s1", f"m{i}")), Appended)
+                live = await reader.recv()
+                assert isinstance(live, MessageEvent) and live.sub_id == 1
+                assert [m.seq for m in live.messages] == [i]
+            page = await writer.request(Read(20, "s1", 2, 10))
+            assert isinstance(page, Messages) and [m.seq for m in page.messages] == [3, 4, 5]
+            assert page.last_seq == 5
+            missing = await writer.request(Read(21, "nope", 0, 10))
+            assert isinstance(missing, Error) and missing.code == "not_found"
+            await writer.close()
+            await reader.close()
+
+    run(main())
+
+
+@BOTH
+def test_pipelined_appends_are_all_answered_by_rid(tmp_path: Path, subprotocol: str) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(subprotocol)
+            await c.request(CreateSession(2, "u1", "a1", {}, "s1"))
+            n = 300
+            for i in range(n):
+                await c.send(append(100 + i, "s1", f"m{i}", msg_id=f"id{i}"))
+            answers = [await c.recv() for _ in range(n)]
+            assert all(isinstance(a, Appended) for a in answers)
+            seqs = {a.rid: a.seq for a in answers if isinstance(a, Appended)}
+            assert sorted(seqs) == list(range(100, 100 + n))
+            assert sorted(seqs.values()) == list(range(1, n + 1))
+
+    run(main())
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_bad_json_requests_are_answered_for_their_rid_and_the_socket_stays(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(JSON)
+            cases = {
+                '{"type": "nope", "rid": 5}': ("type", "unknown request type 'nope'"),
+                '{"rid": 6}': ("type", "unknown request type ''"),
+                '{"type": "read", "rid": 7, "session_id": "s"}': ("after_seq", "missing"),
+                '{"type": "read", "rid": 8, "session_id": "", "after_seq": 0, "limit": 1}': (
+                    "session_id",
+                    "length >= 1",
+                ),
+                '{"type": "ping", "rid": 9, "extra": 1}': (None, "too many fields"),
+            }
+            for text, (field, words) in cases.items():
+                await c.send_text(text)
+                e = await c.recv()
+                assert isinstance(e, Error) and e.code == "bad_request", (text, e)
+                assert e.rid == msgspec.json.decode(text)["rid"]
+                assert words in e.message and e.details.get("field") == field, (text, e)
+            assert await c.request(Ping(10)) == Pong(10)  # still open
+            # No readable rid: the goodbye, then close (as on the native port).
+            for text in ("{not json", "[1, 2]", '{"type": "ping"}'):
+                c = await w.open(JSON)
+                await c.send_text(text)
+                goodbye = await c.recv()
+                assert isinstance(goodbye, Error) and goodbye.rid == 0, (text, goodbye)
+                assert goodbye.code == "bad_request"
+                closed = await c.closed()
+                assert closed.code == 1008 and closed.reason == goodbye.message
+
+    run(main())
+
+
+def test_the_first_message_must_be_the_hello_and_the_token_is_checked(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path, tokens=["secret"]) as w:
+            c = await w.open(JSON, hello=False)
+            await c.send(Ping(1))
+            goodbye = await c.recv()
+            assert isinstance(goodbye, Error) and goodbye.rid == 0
+            assert "hello" in goodbye.message
+            assert (await c.closed()).code == 1008
+            for token in (None, "wrong"):
+                c = await w.open(MSGPACK, hello=False)
+                refused = await c.request(Hello(3, 1, "t", token))
+                assert isinstance(refused, Error) and refused.code == "unauthorized"
+                assert refused.rid == 3
+                assert (await c.closed()).code == 1008
+            c = await w.open(MSGPACK, token="secret")
+            assert await c.request(Ping(2)) == Pong(2)
+
+    run(main())
+
+
+@BOTH
+def test_an_oversize_message_is_closed_1009(tmp_path: Path, subprotocol: str) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path, max_frame_bytes=64 * 1024) as w:
+            # before the Hello: 16 KiB at most
+            c = await w.open(subprotocol, hello=False)
+            if c.json:
+                await c.send_text("x" * 20_000)
+            else:
+                await c.send_bytes(b"x" * 20_000)
+            goodbye = await c.recv()
+            assert isinstance(goodbye, Error) and goodbye.code == "too_large"
+            assert (await c.closed()).code == 1009
+            # after it, the frame limit: in fragments too
+            c = await w.open(subprotocol)
+            assert w.ops.gateway is not None
+            part: Any = "x" * 30_000 if c.json else b"x" * 30_000
+            kind = TextMessage if c.json else BytesMessage
+            for _ in range(3):
+                await c.send_raw(c.ws.send(kind(part, message_finished=False)))
+            closed = await c.closed()
+            assert closed.code == 1009 and "more than 65536 bytes" in closed.reason
+
+    run(main())
+
+
+def test_invalid_utf8_and_the_wrong_kind_of_message_close_the_socket(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(JSON)
+            # a text frame (opcode 1), masked with a zero key, holding invalid UTF-8
+            payload = b'{"type": "ping", "rid": 2, "x": "\xff"}'
+            await c.send_raw(bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload)
+            assert (await c.closed()).code == 1007
+            c = await w.open(JSON)
+            await c.send_bytes(msgspec.msgpack.encode(Ping(2)))
+            closed = await c.closed()
+            assert closed.code == 1003 and "text" in closed.reason
+            c = await w.open(MSGPACK)
+            await c.send_text("{}")
+            assert (await c.closed()).code == 1003
+            # invalid UTF-8 inside msgpack: undecodable, as on the native port
+            c = await w.open(MSGPACK)
+            await c.send_bytes(b"\x92\xa4ping\x02"[:1] + b"\xa4p\xffng\x02")
+            goodbye = await c.recv()
+            assert isinstance(goodbye, Error) and goodbye.rid == 0
+            assert (await c.closed()).code == 1008
+
+    run(main())
+
+
+@BOTH
+def test_a_conversation_fed_one_byte_at_a_time(tmp_path: Path, subprotocol: str) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(subprotocol, hello=False)
+            script = [
+                Hello(1, 1, "bytewise", None),
+                CreateSession(2, "u1", "a1", {}, "s1"),
+                append(3, "s1", "one"),
+                Read(4, "s1", 0, 10),
+            ]
+            raw = bytearray()
+            for request in script:  # each as two fragments
+                if c.json:
+                    from ctxstore.web_codec import json_request
+
+                    text = json_request(request).decode()
+                    raw += c.ws.send(TextMessage(text[:5], message_finished=False))
+                    raw += c.ws.send(TextMessage(text[5:]))
+                else:
+                    data = msgspec.msgpack.encode(request)
+                    raw += c.ws.send(BytesMessage(data[:3], message_finished=False))
+                    raw += c.ws.send(BytesMessage(data[3:]))
+            for i in range(len(raw)):
+                await c.send_raw(raw[i : i + 1])
+            answers = [await c.recv() for _ in script]
+            assert [a.rid for a in answers] == [1, 2, 3, 4]  # type: ignore[union-attr]
+            page = answers[3]
+            assert isinstance(page, Messages) and page.messages[0].content == "one"
+
+    run(main())
+
+
+def test_a_client_that_never_reads_is_bounded_and_dropped(tmp_path: Path) -> None:
+    async def main() -> None:
+        web = WebLimits(close_timeout_s=0.5)
+        pending_max = 16 * 1024 * 1024
+        bounds = {"write_stall_timeout_s": 1.0, "pending_bytes_max": pending_max}
+        async with web_node(tmp_path, web, **bounds) as w:
+            c = await w.open(MSGPACK)
+            await c.request(CreateSession(2, "u1", "a1", {}, "s1"))
+            body = "y" * 500_000
+            for i in range(20):  # 10 MB of history
+                assert isinstance(await c.request(append(10 + i, "s1", body)), Appended)
+            await c.close()
+            # A client with a small receive buffer that asks for it all, again and again.
+            sleepy = await w.open(MSGPACK, rcvbuf_bytes=16 * 1024)
+            writer = sleepy.writer
+            for i in range(200):
+                await sleepy.send(Read(2 + i, "s1", 0, 5))
+            gateway = w.ops.gateway
+            assert gateway is not None
+            high = 0
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+                for conn in gateway.connections:
+                    high = max(high, conn.transport.get_write_buffer_size())
+            # Bounded as a native connection: the answers of the requests in flight at most
+            # (pending_bytes_max), plus the write buffer's high-water mark (1 MiB).
+            assert 4 * 1024 * 1024 < high < pending_max + 1024 * 1024
+            assert w.clients.pending_bytes < pending_max + 1024 * 1024
+            await asyncio.sleep(1.0)  # the stall timeout, then the close timeout
+            for _ in range(40):
+                if not gateway.connections:
+                    break
+                await asyncio.sleep(0.05)
+            assert not gateway.connections
+            assert w.clients.stalled_closed == 1
+            assert w.clients.pending_bytes == 0 and not w.clients.connections
+            writer.close()
+            # The node still serves.
+            c2 = await w.open(JSON)
+            assert await c2.request(Ping(2)) == Pong(2)
+
+    run(main())
+
+
+def test_the_node_survives_malformed_frames_and_http_requests(tmp_path: Path) -> None:
+    async def main() -> None:
+        rng = random.Random(18)
+        async with web_node(tmp_path) as w:
+
+            async def garbage(i: int) -> None:
+                kind = i % 4
+                if kind == 0:  # HTTP: a mangled upgrade request
+                    head = bytearray(
+                        b"GET /v1/ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ctxstore.v1.json"
+                        b"\r\n\r\n"
+                    )
+                    for _ in range(rng.randint(1, 4)):
+                        head[rng.randrange(len(head))] = rng.randrange(256)
+                    reader, writer = await asyncio.open_connection(*w.address)
+                    writer.write(bytes(head) + rng.randbytes(rng.randint(0, 64)))
+                else:
+                    c = await w.open(JSON if kind == 1 else MSGPACK, hello=kind != 3)
+                    writer = c.writer
+                    reader = c.reader
+                    if kind == 1:  # JSON-ish text
+                        text = rng.choice(JUNK_JSON)
+                        await c.send_text(text + rng.choice(["", "}", "]]"]))
+                    else:  # random WebSocket frames and random msgpack
+                        await c.send_raw(rng.randbytes(rng.randint(1, 40)))
+                        await c.send_bytes(rng.randbytes(rng.randint(0, 40)))
+                with contextlib.suppress(OSError):
+                    writer.write_eof()  # the node must close: nothing more is coming
+                    while await asyncio.wait_for(reader.read(65536), 5):
+                        pass
+                writer.close()
+
+            for start in range(0, 2000, 50):
+                await asyncio.gather(*(garbage(i) for i in range(start, start + 50)))
+            c = await w.open(MSGPACK)
+            assert await c.request(Ping(2)) == Pong(2)
+            assert (await fetch(w.address, "/health/live")).status == 200
+
+    run(main(), timeout_s=120)
+
+
+# -- the port's other duties, keepalive, shutdown --------------------------------------------------
+def test_health_and_metrics_on_the_same_port_count_the_websockets(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(JSON)
+            d = await w.open(MSGPACK)
+            assert await c.request(Ping(2)) == Pong(2)
+            assert (await fetch(w.address, "/health/ready")).status == 200
+            answer = await fetch(w.address, "/metrics")
+            m = parse_metrics(answer.body.decode())
+            assert m['ctxstore_web_connections{subprotocol="ctxstore.v1.json"}'] == 1
+            assert m['ctxstore_web_connections{subprotocol="ctxstore.v1.msgpack"}'] == 1
+            assert m["ctxstore_web_upgrades_total"] == 2
+            assert m["ctxstore_web_messages_received_total"] == 3  # two Hellos, a ping
+            assert m["ctxstore_client_connections"] == 2  # the native bounds count them
+            await d.close()
+            await asyncio.sleep(0.1)
+            m = parse_metrics((await fetch(w.address, "/metrics")).body.decode())
+            assert m['ctxstore_web_closes_total{code="1000"}'] >= 1
+
+    run(main())
+
+
+def test_pings_keep_a_reading_peer_and_a_silent_one_is_closed(tmp_path: Path) -> None:
+    async def main() -> None:
+        web = WebLimits(ping_interval_s=0.1, idle_timeout_s=0.45)
+        async with web_node(tmp_path, web) as w:
+            alive = await w.open(JSON)
+            silent = await w.open(JSON)
+            await alive.pump(1.2)  # reads, and answers the pings
+            assert alive.pings >= 5
+            assert await alive.request(Ping(2)) == Pong(2)
+            closed = await silent.closed()
+            assert closed.code == 1001 and "nothing received" in closed.reason
+
+    run(main())
+
+
+@BOTH
+def test_shutdown_says_goodbye_then_closes_1001(tmp_path: Path, subprotocol: str) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(subprotocol)
+            await c.request(CreateSession(2, "u1", "a1", {}, "s1"))
+            assert isinstance(await c.request(Subscribe(3, "s1", 0)), Subscribed)
+            service = w.clients.handler
+            assert isinstance(service, Service)
+            service.close_subscriptions("the node is shutting down")
+            w.clients.close("unavailable", "the node is shutting down")
+            closed_sub = await c.recv()
+            assert isinstance(closed_sub, SubscriptionClosed) and closed_sub.reason == "shutdown"
+            goodbye = await c.recv()
+            assert isinstance(goodbye, Error) and goodbye.rid == 0
+            assert goodbye.code == "unavailable" and goodbye.retryable
+            closed = await c.closed()
+            assert closed.code == 1001 and closed.reason == "the node is shutting down"
+
+    run(main())

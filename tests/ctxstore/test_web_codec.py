@@ -1,0 +1,165 @@
+"""The JSON encoding of the WebSocket protocol (``ctxstore/web_codec.py``): every message
+round-trips, the shapes are the native schemas' (fields, order, limits, tags)."""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+import msgspec
+import pytest
+
+from ctxstore.web_codec import (
+    REQUEST_TWINS,
+    SERVER_MESSAGE_TWINS,
+    Undecodable,
+    bodies,
+    frame_of_json,
+    from_json_object,
+    goodbye_of,
+    json_request,
+    json_text,
+    json_twin,
+)
+from wire.framing import ServerConnection, encode_frame
+from wire.protocol import (
+    Append,
+    Appended,
+    CreateSession,
+    Error,
+    GapEvent,
+    GetRoutes,
+    GetSession,
+    Hello,
+    InboxDelta,
+    InboxEntry,
+    InboxSnapshot,
+    ListSessions,
+    MarkRead,
+    Message,
+    MessageEvent,
+    Messages,
+    Ping,
+    Pong,
+    Push,
+    Read,
+    ReadMarked,
+    Request,
+    Response,
+    Routes,
+    Session,
+    SessionInfo,
+    SessionList,
+    Subscribe,
+    Subscribed,
+    SubscribeInbox,
+    SubscriptionClosed,
+    Unsubscribe,
+    Unsubscribed,
+    Welcome,
+    error,
+)
+
+SESSION = Session("s1", "u1", "a1", 1_700_000_000_000, {"topic": "x", "n": [1, 2.5, None]}, 3)
+MESSAGE = Message("s1", 3, "agent", "a1", "text", "héllo \u2603 \"q\"\n", {"m": {"k": True}},
+                  "c-1", 1_700_000_000_001, 12)  # fmt: skip
+ENTRY = InboxEntry("s1", "a1", 3, 2, 1_700_000_000_001, "agent", "a1", "héllo")
+REQUESTS: list[Any] = [
+    Hello(1, 1, "web", "tok"),
+    Hello(1, 1, "web", None),
+    CreateSession(2, "u1", "a1", {"k": "v"}, None),
+    CreateSession(2, "u1", "a1", {}, "s1"),
+    GetSession(3, "s1"),
+    ListSessions(4, "u1", None, 50),
+    Append(5, "s1", "user", "u1", "text", "hi", {"a": 1}, "c-1", 2, 7),
+    Append(5, "s1", "system", "", "note", "", {}, None, None, None),
+    Read(6, "s1", 0, 100),
+    MarkRead(7, "s1", "u1", 3),
+    Ping(8),
+    GetRoutes(9),
+    Subscribe(10, "s1", 0),
+    Unsubscribe(11, 4),
+    SubscribeInbox(12, "u1"),
+]
+RESPONSES: list[Any] = [
+    Welcome(1, 1, "ctxstore", 1, 4 * 1024 * 1024),
+    SessionInfo(2, SESSION),
+    SessionList(4, [SESSION, SESSION], "s1"),
+    SessionList(4, [], None),
+    Appended(5, 4, 1_700_000_000_002, False),
+    Messages(6, [MESSAGE, MESSAGE], 3),
+    ReadMarked(7, "s1", "u1", 3),
+    Pong(8),
+    error(9, "conflict", "expected_seq 2, last_seq 3", last_seq=3),
+    Routes(9, 12, [1, 0, 2], {1: "127.0.0.1:7400", 2: "127.0.0.1:7401"}),
+    Subscribed(10, 4, 3),
+    Unsubscribed(11, 4),
+    InboxSnapshot(12, 5, [ENTRY], False),
+]
+PUSHES: list[Any] = [
+    MessageEvent(4, [MESSAGE]),
+    GapEvent(4, 1, 2, "retention"),
+    InboxDelta(5, [ENTRY, InboxEntry("s2", "a2", 0, 0, 5, None, None, "")]),
+    SubscriptionClosed(4, "slow_consumer", "the subscriber did not read for 30 s"),
+]
+
+
+def test_the_samples_cover_every_message_type() -> None:
+    assert {type(m) for m in REQUESTS} == set(get_args(Request))
+    assert {type(m) for m in RESPONSES} == set(get_args(Response))
+    assert {type(m) for m in PUSHES} == set(get_args(Push))
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: type(r).__name__)
+def test_every_request_round_trips_and_reaches_the_core_as_itself(request_: Any) -> None:
+    text = json_request(request_)
+    obj = msgspec.json.decode(text)
+    assert obj["type"] == type(request_).__struct_config__.tag
+    assert list(obj)[1:] == list(type(request_).__struct_fields__)  # named, in schema order
+    assert from_json_object(msgspec.json.decode(text, type=REQUEST_TWINS)) == request_
+    # What the server does with it: the native frame, decoded by the native core.
+    core = ServerConnection()
+    if type(request_) is not Hello:
+        core.receive_data(encode_frame(Hello(99, 1, "t", None)))
+        core.next_event()
+        core.send(Welcome(99, 0, "", 1, core.max_frame_bytes))
+    core.receive_data(frame_of_json(text))
+    event = core.next_event()
+    assert getattr(event, "request", None) == request_, event
+
+
+@pytest.mark.parametrize("message", RESPONSES + PUSHES, ids=lambda r: type(r).__name__)
+def test_every_response_and_push_round_trips(message: Any) -> None:
+    (body,) = bodies(encode_frame(message))
+    text = json_text(body)
+    obj = msgspec.json.decode(text)
+    assert obj["type"] == type(message).__struct_config__.tag
+    assert from_json_object(msgspec.json.decode(text, type=SERVER_MESSAGE_TWINS)) == message
+
+
+def test_the_twins_keep_the_limits_and_refuse_unknown_fields() -> None:
+    twin = json_twin(Append)
+    good = msgspec.json.decode(json_request(REQUESTS[6]))
+    msgspec.convert(good, twin)
+    for field, value in (("rid", 0), ("session_id", "bad id"), ("sender", "robot")):
+        with pytest.raises(msgspec.ValidationError, match=field):
+            msgspec.convert(good | {field: value}, twin)
+    with pytest.raises(msgspec.ValidationError, match="unknown field `x`"):
+        msgspec.convert(good | {"x": 1}, twin)
+    with pytest.raises(msgspec.ValidationError, match="missing required field `content`"):
+        msgspec.convert({k: v for k, v in good.items() if k != "content"}, twin)
+
+
+def test_only_a_json_object_is_a_request() -> None:
+    for text in (b"", b"{", b"[1]", b"1", b'"ping"', b"\xff"):
+        with pytest.raises(Undecodable):
+            frame_of_json(text)
+    with pytest.raises(Undecodable):  # an integer msgpack cannot carry
+        frame_of_json(b'{"type": "ping", "rid": 1' + b"0" * 30 + b"}")
+
+
+def test_the_goodbye_is_recognised_from_its_bytes() -> None:
+    (bye,) = bodies(encode_frame(Error(0, "unavailable", "shutting down", True, {})))
+    assert goodbye_of(bye) == ("unavailable", "shutting down")
+    for other in (error(1, "bad_request", "x"), Pong(0 + 1)):
+        (body,) = bodies(encode_frame(other))
+        assert goodbye_of(body) is None
