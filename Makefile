@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml setup.py $(COMPILED)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# One node (a single-node cluster) with its data in ./data, clients on 127.0.0.1:7400.
+# One node (a single-node cluster) with its data in ./data, clients on 127.0.0.1:7400, the
+# HTTP port (health, /metrics, the WebSocket protocol at /v1/ws) on 127.0.0.1:7600.
 run: $(STAMP)
-	$(BIN)/ctxstore serve --data-dir ./data --listen 127.0.0.1:7400
+	@echo "clients: 127.0.0.1:7400  HTTP: http://127.0.0.1:7600 (WebSocket: ws://127.0.0.1:7600/v1/ws)"
+	$(BIN)/ctxstore serve --data-dir ./data --listen 127.0.0.1:7400 --http 127.0.0.1:7600
 
 # A local 3-node cluster (clients on 127.0.0.1:7400-7402) until Ctrl-C.
 cluster: $(STAMP)

@@ -406,7 +406,7 @@ async def _cluster_up(args: argparse.Namespace) -> int:
         return EXIT_START
     emit({
         "nodes": [{"id": c.id, "pid": c.process.pid if c.process else None,
-                   "client": c.target, "ops": c.ops_target,
+                   "client": c.target, "ops": c.ops_target, "ws": f"ws://{c.ops_target}/v1/ws",
                    "data_dir": c.data_dir, "log": c.log_path}
                   for c in cluster.children.values()],
         "targets": ",".join(cluster.targets),

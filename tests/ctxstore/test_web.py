@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -458,3 +459,30 @@ def test_shutdown_says_goodbye_then_closes_1001(tmp_path: Path, subprotocol: str
             assert closed.code == 1001 and closed.reason == "the node is shutting down"
 
     run(main())
+
+
+def test_cluster_up_serves_websockets_and_sigterm_closes_them_1001(tmp_path: Path) -> None:
+    from .test_cli import ClusterUp
+
+    async def main(up: ClusterUp) -> None:
+        (node,) = up.started()["nodes"]
+        host, port = node["ops"].rsplit(":", 1)
+        assert node["ws"] == f"ws://{host}:{port}/v1/ws"
+        c = None
+        for _ in range(100):  # the line is printed once the node listens; ready is later
+            with contextlib.suppress(OSError, Refused):
+                c = await WsClient.open((host, int(port)), [JSON])
+                break
+            await asyncio.sleep(0.1)
+        assert c is not None
+        assert await c.request(Ping(2)) == Pong(2)
+        up.process.send_signal(signal.SIGINT)  # cluster up stops its nodes with SIGTERM
+        goodbye = await c.recv()
+        assert isinstance(goodbye, Error) and goodbye.rid == 0 and goodbye.code == "unavailable"
+        closed = await c.closed()
+        assert closed.code == 1001
+
+    with ClusterUp(tmp_path, "--base-port", "0") as up:
+        run(main(up))
+        up.wait()
+    assert up.process.returncode == 0
