@@ -58,7 +58,7 @@ class Limits:
 
     message_bytes_max: int = MESSAGE_BYTES_MAX
     entry_bytes_max: int = commands.ENTRY_BYTES_MAX
-    raft_msg_bytes_max: int = RaftConfig.max_size_per_msg
+    raft_msg_bytes_max: int = RaftConfig(id=1).max_size_per_msg  # (an instance: mypyc compiles it)
     peer_queue_bytes_max: int = QUEUE_BYTES_MAX
     peer_frame_bytes_max: int = peer_codec.FRAME_BYTES_MAX
     app_queue_bytes_max: int = APP_QUEUE_BYTES_MAX
