@@ -265,6 +265,9 @@ def test_invalid_utf8_and_the_wrong_kind_of_message_close_the_socket(tmp_path: P
             await c.send_raw(bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload)
             assert (await c.closed()).code == 1007
             c = await w.open(JSON)
+            await c.send_raw(bytes([0x81, 2]) + b"{}")  # unmasked: a client must mask
+            assert (await c.closed()).code == 1002
+            c = await w.open(JSON)
             await c.send_bytes(msgspec.msgpack.encode(Ping(2)))
             closed = await c.closed()
             assert closed.code == 1003 and "text" in closed.reason
