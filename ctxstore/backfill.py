@@ -8,8 +8,12 @@ leader first, then any connected peer), one page at a time, and hands the rows t
 already deleted is dropped.  Until a range is filled, reads that need it answer ``unavailable``
 (``History``), never a gap.
 
-Bounds: one fetch in flight per node, pages of ``page_messages`` messages; a failed fetch is
-retried after ``retry_s`` with the next peer.
+Bounds: one fetch in flight per node, pages of ``page_messages`` messages.  A round in which
+no peer could serve any range is retried after ``retry_s``, doubled after each such round up to
+``retry_max_s`` (back to ``retry_s`` once a page lands), so a range no peer can serve costs a
+fetch per peer every 30 s, not a stream of them.  Failures are counted (``fetch_failures``)
+and logged as a warning naming the range, the peer and its answer, at most once per
+``FAILURE_LOG_INTERVAL_S`` with the count since the last line.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import contextlib
 import logging
 
 from raft.driver import Driver
+from wire.flow import CountedLog
 
 from .archive import Archive
 from .history import History, HistoryUnavailable
 from .router import HistoryFetch, HistoryRows, RouteError, Router
 
 logger = logging.getLogger(__name__)
+
+FAILURE_LOG_INTERVAL_S = 60.0
 
 
 class Backfill:
@@ -37,6 +44,7 @@ class Backfill:
         *,
         page_messages: int = 1000,
         retry_s: float = 0.5,
+        retry_max_s: float = 30.0,
     ) -> None:
         self.node_id = node_id
         self.archive = archive
@@ -44,8 +52,10 @@ class Backfill:
         self.driver = driver
         self.page_messages = page_messages
         self.retry_s = retry_s
+        self.retry_max_s = retry_max_s
         self.rows_copied = 0
         self.fetch_failures = 0
+        self._failure_log = CountedLog(logger, logging.WARNING, FAILURE_LOG_INTERVAL_S)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -64,6 +74,7 @@ class Backfill:
         self._wake.set()
 
     async def _run(self) -> None:
+        delay_s = self.retry_s
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -78,12 +89,18 @@ class Backfill:
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # keep going: the range stays recorded
-                    self.fetch_failures += 1
-                    logger.info("backfill of %s %d..%d: %r", session_id, lo, hi, e)
+                    self._failed(session_id, lo, hi, f"{e!r}")
+            if progress:
+                delay_s = self.retry_s
             if self.archive.backfill_ranges():
                 if not progress:
-                    await asyncio.sleep(self.retry_s)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(2 * delay_s, self.retry_max_s)
                 self._wake.set()
+
+    def _failed(self, session_id: str, lo: int, hi: int, why: str) -> None:
+        self.fetch_failures += 1
+        self._failure_log.note(f"backfill of {session_id} {lo}..{hi} failed: {why}")
 
     def _peers(self, group: int) -> list[int]:
         transport = self.router.transport
@@ -100,11 +117,11 @@ class Backfill:
                 rows = await self.router.fetch_history(
                     peer, session_id, lo - 1, hi, self.page_messages
                 )
-            except RouteError:
-                self.fetch_failures += 1
+            except RouteError as e:
+                self._failed(session_id, lo, hi, f"node {peer}: {e.code}: {e}")
                 continue
             if rows.code:
-                self.fetch_failures += 1
+                self._failed(session_id, lo, hi, f"node {peer}: {rows.code}: {rows.message}")
                 continue
             if rows.gap_to >= lo:
                 await self.archive.forget(session_id, min(rows.gap_to, hi))
