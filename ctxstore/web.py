@@ -84,6 +84,7 @@ CLOSE_CODES: dict[str, int] = {
 }
 """The close code after the native goodbye ``Error{rid: 0, code}``; any other code: 1008."""
 POLICY = 1008
+INTERNAL = 1011
 UNSUPPORTED_DATA = 1003
 GOING_AWAY = 1001
 
@@ -288,7 +289,14 @@ class WebSocket(asyncio.Protocol):
             if goodbye is not None:
                 self._goodbye = goodbye
             if self.json:
-                out += ws.send(TextMessage(json_text(body)))
+                try:
+                    text = json_text(body)
+                except Exception:  # a bug: never drop a message silently
+                    logger.exception("WebSocket %s: cannot encode as JSON", self.inner.peername)
+                    self.transport.write(out)
+                    self.close(INTERNAL, "internal error: a message has no JSON form")
+                    return
+                out += ws.send(TextMessage(text))
             else:
                 out += ws.send(BytesMessage(cast(bytes, body)))
             self.gateway.messages_sent += 1

@@ -21,6 +21,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import base64
 import types
 import typing
 from collections.abc import Iterator
@@ -100,7 +101,16 @@ _FIELDS: Final[dict[str, tuple[str, ...]]] = {
     t.__struct_config__.tag: t.__struct_fields__ for t in REQUEST_TYPES
 }
 _json_decoder: Final = msgspec.json.Decoder()
-_json_encoder: Final = msgspec.json.Encoder()
+
+
+def _json_value(obj: Any) -> Any:
+    """A metadata value msgpack holds and JSON has no form for: a msgpack extension."""
+    if isinstance(obj, msgspec.msgpack.Ext):
+        return {"msgpack_ext": obj.code, "data": base64.b64encode(obj.data).decode()}
+    raise NotImplementedError(f"{type(obj).__name__} has no JSON form")
+
+
+_json_encoder: Final = msgspec.json.Encoder(enc_hook=_json_value)
 _msgpack_encoder: Final = msgspec.msgpack.Encoder()
 _server_message_decoder: Final = msgspec.msgpack.Decoder(Response | Push)
 

@@ -136,6 +136,26 @@ def test_every_response_and_push_round_trips(message: Any) -> None:
     assert from_json_object(msgspec.json.decode(text, type=SERVER_MESSAGE_TWINS)) == message
 
 
+def test_metadata_without_a_json_form_is_given_one() -> None:
+    """msgpack holds values JSON has not (a native client may store them): binary, extension
+    types, integer keys, NaN.  A JSON reader gets a stand-in, never an encoding failure."""
+    metadata = {
+        "b": b"\x00\x01",
+        "e": msgspec.msgpack.Ext(5, b"xy"),
+        "k": {1: 2},
+        "n": float("nan"),
+    }
+    message = Message("s1", 1, "user", "u", "text", "hi", metadata, None, 5, None)
+    (body,) = bodies(encode_frame(Messages(1, [message], 1)))
+    (got,) = msgspec.json.decode(json_text(body))["messages"]
+    assert got["metadata"] == {
+        "b": "AAE=",
+        "e": {"msgpack_ext": 5, "data": "eHk="},
+        "k": {"1": 2},
+        "n": None,
+    }
+
+
 def test_the_twins_keep_the_limits_and_refuse_unknown_fields() -> None:
     twin = json_twin(Append)
     good = msgspec.json.decode(json_request(REQUESTS[6]))
