@@ -202,19 +202,23 @@ class WebSocket(asyncio.Protocol):
         if self.ws.state is ConnectionState.CLOSED:
             return
         self._last_received = self._loop.time()
-        self.ws.receive_data(data)
-        for event in self.ws.events():
-            if isinstance(event, Message):
-                if not self._closed:
-                    self._on_data(event)
-                continue
+        try:
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, Message):
+                    if not self._closed:
+                        self._on_data(event)
+                    continue
+                self._hand_frames()
+                if isinstance(event, Ping):
+                    self._send(event.response())
+                elif isinstance(event, CloseConnection):
+                    self._on_close(event)
+                # Pong: it was received (above); nothing else to do
             self._hand_frames()
-            if isinstance(event, Ping):
-                self._send(event.response())
-            elif isinstance(event, CloseConnection):
-                self._on_close(event)
-            # Pong: it was received (above); nothing else to do
-        self._hand_frames()
+        except Exception:  # a bug: this connection ends, the node goes on
+            logger.exception("WebSocket %s: failed on input", self.inner.peername)
+            self.close(INTERNAL, "internal error")
 
     def eof_received(self) -> bool:
         return False  # the socket closes: connection_lost

@@ -135,6 +135,8 @@ def frame_of_json(text: bytes | bytearray) -> bytearray:
         obj = _json_decoder.decode(text)
     except msgspec.DecodeError as e:
         raise Undecodable(f"undecodable JSON: {e}") from None
+    except RecursionError:  # nested deeper than the decoder goes (metadata: 32 levels)
+        raise Undecodable("undecodable JSON: nested too deeply") from None
     if type(obj) is not dict:
         raise Undecodable(f"a request is a JSON object, not {type(obj).__name__}")
     tag = obj.get("type")
@@ -159,8 +161,8 @@ def frame_of_items(items: list[Any]) -> bytearray:
     buf = bytearray(HEADER.size)
     try:
         _msgpack_encoder.encode_into(items, buf, HEADER.size)
-    except (TypeError, ValueError, OverflowError) as e:  # an integer msgpack cannot hold
-        raise Undecodable(f"unencodable value: {e}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:  # an integer too big
+        raise Undecodable(f"a value msgpack cannot hold: {e}") from None
     HEADER.pack_into(buf, 0, len(buf) - HEADER.size)
     return buf
 

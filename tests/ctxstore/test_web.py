@@ -197,7 +197,8 @@ def test_bad_json_requests_are_answered_for_their_rid_and_the_socket_stays(tmp_p
                 assert words in e.message and e.details.get("field") == field, (text, e)
             assert await c.request(Ping(10)) == Pong(10)  # still open
             # No readable rid: the goodbye, then close (as on the native port).
-            for text in ("{not json", "[1, 2]", '{"type": "ping"}'):
+            deep = '{"type": "ping", "rid": 11, "x": ' + "[" * 5000 + "]" * 5000 + "}"
+            for text in ("{not json", "[1, 2]", '{"type": "ping"}', deep):
                 c = await w.open(JSON)
                 await c.send_text(text)
                 goodbye = await c.recv()

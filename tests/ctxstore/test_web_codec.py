@@ -175,6 +175,10 @@ def test_only_a_json_object_is_a_request() -> None:
             frame_of_json(text)
     with pytest.raises(Undecodable):  # an integer msgpack cannot carry
         frame_of_json(b'{"type": "ping", "rid": 1' + b"0" * 30 + b"}")
+    for depth in (999, 5000, 100_000):  # nested deeper than the decoder goes
+        deep = b"[" * depth + b"]" * depth
+        with pytest.raises(Undecodable, match="nested too deeply"):
+            frame_of_json(b'{"type": "ping", "rid": 1, "x": ' + deep + b"}")
 
 
 def test_the_goodbye_is_recognised_from_its_bytes() -> None:
