@@ -130,6 +130,9 @@ class WebGateway:
             extra = [(n.decode(), v.decode()) for n, v in getattr(hint, "headers", [])]
             self._refuse(http, status, str(e), extra)
             return
+        except ValueError as e:  # a header wsproto cannot decode (not ASCII, a bad host name)
+            self._refuse(http, 400, f"undecodable upgrade request: {e}", [])
+            return
         upgrade = next(handshake.events())
         assert isinstance(upgrade, WsRequest)
         chosen = next((p for p in upgrade.subprotocols if p in SUBPROTOCOLS), None)
