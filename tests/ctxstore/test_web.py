@@ -420,7 +420,10 @@ def test_the_node_survives_malformed_frames_and_http_requests(
                             await c.send_text(msgspec.json.encode(random_request(rng)).decode())
                         text = rng.choice(JUNK_JSON)
                         await c.send_text(text + rng.choice(["", "}", "]]"]))
-                    else:  # random WebSocket frames and random msgpack
+                    else:  # msgpack requests with random values, random frames and bytes
+                        for _ in range(rng.randint(0, 5) if kind == 2 else 0):
+                            fields = random_request(rng)
+                            await c.send_bytes(msgspec.msgpack.encode(list(fields.values())))
                         await c.send_raw(rng.randbytes(rng.randint(1, 40)))
                         await c.send_bytes(rng.randbytes(rng.randint(0, 40)))
                 with contextlib.suppress(OSError):
