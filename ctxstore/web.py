@@ -121,6 +121,11 @@ class WebGateway:
 
     def upgrade(self, http: HttpConnection, request: h11.Request) -> None:
         """Answer ``request`` (a GET of ``PATH``): 101 and a ``WebSocket``, or a refusal."""
+        if not self.clients.listening:  # the node is shutting down, as on the native port
+            body = {"error": "unavailable", "message": "the node is shutting down"}
+            http.respond(503, body, [("retry-after", "1")])
+            self.refused += 1
+            return
         handshake = H11Handshake(ConnectionType.SERVER)
         try:
             handshake.initiate_upgrade_connection(list(request.headers), request.target)

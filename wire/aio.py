@@ -226,6 +226,11 @@ class Server:
         """Connections stopped by ``node_pending_bytes_max``, waiting for their turn."""
         return len(self._waiting)
 
+    @property
+    def listening(self) -> bool:
+        """Whether new connections are accepted (until ``stop_listening`` or ``close``)."""
+        return self._server is not None and self._server.is_serving()
+
     def stop_listening(self) -> None:
         """Accept no more connections; the open ones go on (a graceful shutdown's first step)."""
         if self._server is not None:

@@ -499,6 +499,12 @@ def test_shutdown_says_goodbye_then_closes_1001(tmp_path: Path, subprotocol: str
             assert goodbye.code == "unavailable" and goodbye.retryable
             closed = await c.closed()
             assert closed.code == 1001 and closed.reason == "the node is shutting down"
+            # The client port no longer listens: nor does /v1/ws (health still answers).
+            with pytest.raises(Refused) as refused:
+                await w.open(subprotocol)
+            assert refused.value.status == 503
+            assert msgspec.json.decode(refused.value.body)["error"] == "unavailable"
+            assert (await fetch(w.address, "/health/live")).status == 200
 
     run(main())
 
