@@ -114,7 +114,7 @@ class WebGateway:
         self.limits = limits or WebLimits()
         self.connections: set[WebSocket] = set()
         self.upgrades = 0
-        self.refused = 0  # upgrade requests answered 400/426
+        self.refused = 0  # upgrade requests answered 400/426/503
         self.closes: Counter[int] = Counter()  # close codes sent or received
         self.messages_received = 0
         self.messages_sent = 0

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from wsproto.events import BytesMessage, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 from bench.nodestats import parse_metrics
 from ctxstore.config import Settings
@@ -199,6 +199,26 @@ def test_pipelined_appends_are_all_answered_by_rid(tmp_path: Path, subprotocol: 
             seqs = {a.rid: a.seq for a in answers if isinstance(a, Appended)}
             assert sorted(seqs) == list(range(100, 100 + n))
             assert sorted(seqs.values()) == list(range(1, n + 1))
+
+    run(main())
+
+
+def test_the_client_closes_and_the_server_answers_its_close(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(JSON)
+            await c.request(CreateSession(2, "u1", "a1", {}, "s1"))
+            assert isinstance(await c.request(Subscribe(3, "s1", 0)), Subscribed)
+            assert w.node.subscriptions.count == 1
+            await c.send_raw(c.ws.send(CloseConnection(1000, "bye")))
+            closed = await c.closed()
+            assert (closed.code, closed.reason) == (1000, "bye")  # echoed
+            assert await c.reader.read() == b""  # then the server closes the socket
+            for _ in range(50):
+                if not w.clients.connections:
+                    break
+                await asyncio.sleep(0.02)
+            assert not w.clients.connections and w.node.subscriptions.count == 0
 
     run(main())
 
