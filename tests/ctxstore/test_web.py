@@ -554,3 +554,12 @@ def test_cluster_up_serves_websockets_and_sigterm_closes_them_1001(tmp_path: Pat
         run(main(up))
         up.wait()
     assert up.process.returncode == 0
+
+
+def test_the_idle_timeout_must_exceed_the_ping_interval() -> None:
+    from ctxstore.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="web_idle_timeout_s"):
+        load(flags={"web_ping_interval_s": "30", "web_idle_timeout_s": "30"}, environ={})
+    s = load(environ={"CTXSTORE_WEB_PING_INTERVAL_S": "5", "CTXSTORE_WEB_IDLE_TIMEOUT_S": "12"})
+    assert (s.web_ping_interval_s, s.web_idle_timeout_s) == (5.0, 12.0)
