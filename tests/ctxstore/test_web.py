@@ -29,6 +29,7 @@ from ctxstore.server import Service
 from ctxstore.web import WebLimits
 from ctxstore.web_codec import JSON, MSGPACK
 from wire.aio import Server, serve
+from wire.client import connect
 from wire.framing import REQUEST_TYPES
 from wire.protocol import (
     Append,
@@ -482,6 +483,22 @@ def test_health_and_metrics_on_the_same_port_count_the_websockets(tmp_path: Path
             await asyncio.sleep(0.1)
             m = parse_metrics((await fetch(w.address, "/metrics")).body.decode())
             assert m['ctxstore_web_closes_total{code="1000"}'] >= 1
+
+    run(main())
+
+
+def test_websockets_count_against_the_client_connection_cap(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path, connections_max=2) as w:
+            native = await connect("{}:{}".format(*w.clients.address))
+            first = await w.open(MSGPACK)
+            second = await w.open(JSON, hello=False)  # the 101 comes, then the refusal
+            goodbye = await second.recv()
+            assert isinstance(goodbye, Error) and goodbye.rid == 0
+            assert goodbye.code == "unavailable" and "too many connections" in goodbye.message
+            assert (await second.closed()).code == 1001
+            assert await first.request(Ping(2)) == Pong(2)
+            await native.close()
 
     run(main())
 

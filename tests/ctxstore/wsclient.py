@@ -90,6 +90,7 @@ class WsClient:
             for event in ws.events():
                 if isinstance(event, AcceptConnection):
                     client = cls(reader, writer, ws, event.subprotocol)
+                    client._events()  # what came with the 101
                     if hello:
                         welcome = await client.request(Hello(1, PROTOCOL_VERSION, "t", token))
                         assert type(welcome).__name__ == "Welcome", welcome
