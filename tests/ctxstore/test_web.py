@@ -503,6 +503,16 @@ def test_websockets_count_against_the_client_connection_cap(tmp_path: Path) -> N
     run(main())
 
 
+def test_no_hello_in_time_is_closed_1008(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path, hello_timeout_s=0.3) as w:
+            c = await w.open(JSON, hello=False)
+            closed = await c.closed()
+            assert closed.code == 1008 and "handshake" in closed.reason
+
+    run(main())
+
+
 def test_pings_keep_a_reading_peer_and_a_silent_one_is_closed(tmp_path: Path) -> None:
     async def main() -> None:
         web = WebLimits(ping_interval_s=0.1, idle_timeout_s=0.45)
