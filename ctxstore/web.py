@@ -22,6 +22,8 @@ Rules of this module:
 - The close code follows the native connection's last word (``CLOSE_CODES``): the goodbye's
   code, its message as the reason.  Invalid UTF-8 in a text message closes with 1007 and a
   broken WebSocket frame with 1002 (wsproto's verdicts, RFC 6455 §8.1, §7.4.1).
+- Reading stops while the native connection says so (its bounds) and while the socket's
+  writer is paused (so pings cannot make unread pongs pile up).
 - Keepalive: a ping every ``ping_interval_s``; a peer from which nothing (a message, a pong)
   arrived for ``idle_timeout_s`` while we were reading is closed (1001).  Pings are not
   requests: the native idle timeout (nothing in flight, no subscription) still applies.
@@ -191,7 +193,9 @@ class WebSocket(asyncio.Protocol):
         self._messages = 0  # complete messages received
         self._message_bytes_max = gateway.clients.max_frame_bytes
         self._last_received = self._loop.time()
-        self._reading_paused = False  # by ``inner`` (its bounds)
+        self._inner_reading = True  # what ``inner`` wants (its bounds)
+        self._write_paused = False  # the socket's writer is above its high-water mark
+        self._reading_paused = False  # for either reason
         self._closed = False  # our close sent (or the socket gone): nothing more is written
         self._goodbye: tuple[str, str] | None = None
         self._keepalive: asyncio.TimerHandle | None = None
@@ -232,9 +236,13 @@ class WebSocket(asyncio.Protocol):
         return False  # the socket closes: connection_lost
 
     def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()  # (pongs are ours to write: no more pings are read meanwhile)
         self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
         self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -355,12 +363,20 @@ class WebSocket(asyncio.Protocol):
             )
 
     def set_reading(self, reading: bool) -> None:
-        self._reading_paused = not reading
-        if reading:
-            self._last_received = self._loop.time()  # silence while paused is ours
-            self.transport.resume_reading()
-        else:
+        """What the native connection wants (it stops reading at its bounds)."""
+        self._inner_reading = reading
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        paused = self._write_paused or not self._inner_reading
+        if paused is self._reading_paused or self._closed:
+            return
+        self._reading_paused = paused
+        if paused:
             self.transport.pause_reading()
+        else:
+            self._last_received = self._loop.time()  # silence while paused was ours
+            self.transport.resume_reading()
 
     def _keepalive_check(self) -> None:
         self._keepalive = None
@@ -412,7 +428,7 @@ class _Tunnel(asyncio.Transport):
         self.socket.set_reading(True)
 
     def is_reading(self) -> bool:
-        return not self.socket._reading_paused
+        return self.socket._inner_reading
 
 
 class WebCollector(Collector):

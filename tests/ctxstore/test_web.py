@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.events import Ping as Ping_
 
 from bench.nodestats import parse_metrics
 from ctxstore.config import Settings
@@ -408,6 +409,29 @@ def test_a_client_that_never_reads_is_bounded_and_dropped(tmp_path: Path) -> Non
             # The node still serves.
             c2 = await w.open(JSON)
             assert await c2.request(Ping(2)) == Pong(2)
+
+    run(main())
+
+
+def test_a_client_that_floods_pings_and_reads_nothing_is_bounded(tmp_path: Path) -> None:
+    """Pongs are written by the WebSocket itself: while its writer is paused it reads no more
+    (as a native connection stops reading), so unread pongs cannot pile up."""
+
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(MSGPACK, rcvbuf_bytes=16 * 1024)
+            ping = c.ws.send(Ping_(b"p" * 125))
+            flood = asyncio.ensure_future(c.send_raw(ping * 400_000))  # 51 MB of pings
+            gateway = w.ops.gateway
+            assert gateway is not None
+            high = 0
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+                for conn in gateway.connections:
+                    high = max(high, conn.transport.get_write_buffer_size())
+            assert not flood.done()  # the node stopped reading: the client's writes wait
+            assert 0 < high < 4 * 1024 * 1024
+            flood.cancel()
 
     run(main())
 
