@@ -289,11 +289,11 @@ class WebSocket(asyncio.Protocol):
             self.inner.data_received(frames)  # type: ignore[arg-type]  # (bytes-like)
 
     def _on_close(self, event: CloseConnection) -> None:
-        self.gateway.closes[event.code] += 1
-        if self.ws.state is ConnectionState.REMOTE_CLOSING:
-            self._send(event.response())  # the peer's close, answered
-        elif self.ws.state is ConnectionState.OPEN:  # wsproto found the peer's data broken
+        if self.ws.state is ConnectionState.OPEN:  # wsproto found the peer's data broken
             self._send(CloseConnection(event.code, event.reason))
+        else:
+            self.gateway.closes[event.code] += 1  # the peer's close (or its answer to ours)
+            self._send(event.response())  # answered, if it was the peer's
         self._closed = True
         self._close_socket()
 
