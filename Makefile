@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run cluster test lint typecheck pytest soak sim clean
+.PHONY: run cluster test lint typecheck pytest jstest soak sim clean
 
 # setup.py compiles these with mypyc: editing one rebuilds (raft/_build.py refuses stale builds).
 COMPILED := $(shell sed -n 's/^    "\([a-z]*\/[a-z_]*\.py\)",$$/\1/p' setup.py)
@@ -25,7 +25,7 @@ run: $(STAMP)
 cluster: $(STAMP)
 	$(BIN)/ctxstore cluster up --nodes 3 --base-port 7400 --data-dir ./data/cluster
 
-test: lint typecheck pytest
+test: lint typecheck pytest jstest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -36,6 +36,13 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q -n auto --durations=10
+
+# The browser client (clients/js) under Node's own test runner, against a real node; Node 20
+# needs --experimental-websocket for its WebSocket (later versions have it on).
+NODE_WS := $(shell node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' 2>/dev/null || echo --experimental-websocket)
+jstest: $(STAMP)
+	@command -v node >/dev/null || { echo "jstest: node (>= 20) is required" >&2; exit 1; }
+	node $(NODE_WS) --test clients/js/test/*.test.js
 
 # Long deterministic-simulation run (not part of `make test`): SEEDS=first-last.
 SEEDS ?= 1-10000

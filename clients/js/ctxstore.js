@@ -1,0 +1,1 @@
+../../ctxstore/static/ctxstore.js

@@ -1,0 +1,181 @@
+// ctxstore.js against a real node (node.js) and, for what a node does not do on demand, a
+// scripted one (fake.js).  Run: node --test clients/js/test/ (Node 20: --experimental-websocket).
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+
+import { CtxstoreError, connect, webSocketUrl } from "../ctxstore.js";
+import { fakeServer, until } from "./fake.js";
+import { Node } from "./node.js";
+
+const FAST = { backoffBaseMs: 20, backoffMaxMs: 200 };
+const msg = (seq, content = `m${seq}`) => ({
+  session_id: "s1", seq, sender: "user", sender_id: "u1", kind: "text", content, metadata: {},
+  client_msg_id: null, inserted_at: 1, token_count: null,
+});
+
+describe("against a real node", () => {
+  const node = new Node();
+  before(() => node.start());
+  after(() => node.remove());
+
+  test("sessions, appends, reads and errors", async () => {
+    const client = await connect({ targets: [node.url] });
+    try {
+      assert.equal(client.nodeId, 1);
+      const s = await client.createSession({ userId: "u1", agentId: "a1", metadata: { t: 1 } });
+      assert.deepEqual(await client.getSession(s.id), s);
+      const a = await client.append(s.id, { sender: "user", senderId: "u1", content: "hi" });
+      assert.equal(a.seq, 1);
+      const again = await client.append(s.id, {
+        sender: "user", senderId: "u1", content: "hi", clientMsgId: a.client_msg_id,
+      });
+      assert.deepEqual([again.seq, again.deduped], [1, true]);
+      const page = await client.read(s.id, { afterSeq: 0 });
+      assert.deepEqual(page.messages.map((m) => m.content), ["hi"]);
+      const listed = await client.listSessions("u1");
+      assert.ok(listed.sessions.some((x) => x.id === s.id));
+      await assert.rejects(client.getSession("nope"), (e) => {
+        assert.ok(e instanceof CtxstoreError);
+        assert.deepEqual([e.code, e.retryable], ["not_found", false]);
+        return true;
+      });
+      await assert.rejects(client.subscribe("nope", {}, () => {}), { code: "not_found" });
+    } finally {
+      client.close();
+    }
+  });
+
+  test("the inbox counts unread messages and mark-read clears them", async () => {
+    const client = await connect({ targets: [node.url] });
+    try {
+      const s = await client.createSession({ userId: "inbox-u", agentId: "a1" });
+      const events = [];
+      const inbox = await client.subscribeInbox("inbox-u", (e) => events.push(e));
+      assert.equal(events[0].type, "snapshot");
+      for (const content of ["one", "two"]) {
+        await client.append(s.id, { sender: "agent", senderId: "a1", content });
+      }
+      await until(() => inbox.entries.get(s.id)?.unread === 2);
+      await client.markRead(s.id, "inbox-u", 2);
+      await until(() => inbox.entries.get(s.id)?.unread === 0);
+      assert.equal(inbox.entries.get(s.id).preview, "two");
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a subscription resumes across a node restart: every message once, in order", async () => {
+    const dead = "ws://127.0.0.1:1/v1/ws"; // nothing listens there: tried, then skipped
+    const statuses = [];
+    const client = await connect({
+      targets: [node.url, dead], ...FAST, onStatus: (s) => statuses.push(s.state),
+    });
+    try {
+      const s = await client.createSession({ userId: "u2", agentId: "a1" });
+      const seqs = [];
+      const sub = await client.subscribe(s.id, { afterSeq: 0 }, (e) => {
+        assert.equal(e.type, "message");
+        seqs.push(e.message.seq);
+      });
+      const send = (i) => client.append(s.id, { sender: "user", senderId: "u2", content: `m${i}` });
+      for (let i = 1; i <= 5; i++) await send(i);
+      await until(() => seqs.length === 5);
+      await node.kill("SIGKILL");
+      const inFlight = send(6); // retried until the node is back
+      await node.start();
+      assert.equal((await inFlight).seq, 6);
+      for (let i = 7; i <= 10; i++) await send(i);
+      await until(() => seqs.length >= 10);
+      assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+      assert.ok(sub.resubscribes >= 1, "it subscribed again");
+      assert.ok(statuses.includes("disconnected"));
+      assert.equal(sub.lastSeq, 10);
+    } finally {
+      client.close();
+    }
+  });
+});
+
+describe("against a scripted node", () => {
+  test("duplicates are dropped, a gap is reported once, a hole makes it subscribe again", async () => {
+    let subscribes = 0;
+    const server = fakeServer((m, reply) => {
+      if (m.type === "subscribe") {
+        subscribes += 1;
+        reply({ type: "subscribed", rid: m.rid, sub_id: subscribes, last_seq: 9 });
+        const sub_id = subscribes;
+        if (subscribes === 1) {
+          assert.equal(m.after_seq, 0);
+          reply({ type: "message_event", sub_id, messages: [msg(1), msg(2), msg(2)] });
+          reply({ type: "gap_event", sub_id, from_seq: 2, to_seq: 4, reason: "retention" });
+          reply({ type: "message_event", sub_id, messages: [msg(5), msg(7)] }); // 6 missing
+        } else {
+          assert.equal(m.after_seq, 5); // from the last seq delivered
+          reply({ type: "message_event", sub_id, messages: [msg(6), msg(7)] });
+        }
+      } else if (m.type === "unsubscribe") {
+        reply({ type: "unsubscribed", rid: m.rid, sub_id: m.sub_id });
+      }
+    });
+    const client = await connect({ targets: ["ws://fake:1"], WebSocket: server.WebSocket, ...FAST });
+    try {
+      const events = [];
+      await client.subscribe("s1", {}, (e) => events.push(e));
+      await until(() => events.length === 6);
+      assert.deepEqual(
+        events.map((e) => (e.type === "gap" ? `gap ${e.fromSeq}-${e.toSeq}` : e.message.seq)),
+        [1, 2, "gap 3-4", 5, 6, 7],
+      );
+      assert.equal(subscribes, 2);
+    } finally {
+      client.close();
+    }
+  });
+
+  test("an append is retried with the same client_msg_id; a request times out", async () => {
+    const appends = [];
+    const server = fakeServer((m, reply) => {
+      if (m.type === "append") {
+        appends.push(m);
+        if (appends.length === 1) {
+          reply({ type: "error", rid: m.rid, code: "timeout", message: "t", retryable: true,
+            details: {} });
+        } else {
+          reply({ type: "appended", rid: m.rid, seq: 3, inserted_at: 1, deduped: true });
+        }
+      } // a get_session is never answered
+    });
+    const client = await connect({
+      targets: ["ws://fake:1"], WebSocket: server.WebSocket, requestTimeoutMs: 100, retryAttempts: 2,
+      ...FAST,
+    });
+    try {
+      const a = await client.append("s1", { sender: "user", senderId: "u1", content: "x" });
+      assert.equal(a.seq, 3);
+      assert.equal(appends.length, 2);
+      assert.equal(appends[0].client_msg_id, appends[1].client_msg_id);
+      assert.match(appends[0].client_msg_id, /^c-[0-9a-f]{32}$/);
+      assert.notEqual(appends[0].rid, appends[1].rid);
+      await assert.rejects(client.getSession("s1"), { code: "timeout" });
+    } finally {
+      client.close();
+    }
+  });
+
+  test("an unauthorized hello fails connect; targets are normalised", async () => {
+    const server = fakeServer(() => {});
+    const Refusing = class extends server.WebSocket {
+      send(text) {
+        const m = JSON.parse(text);
+        this.push({ type: "error", rid: m.rid, code: "unauthorized", message: "bad token",
+          retryable: false, details: {} });
+      }
+    };
+    await assert.rejects(
+      connect({ targets: ["ws://fake:1"], WebSocket: Refusing, token: "x" }),
+      { code: "unauthorized" },
+    );
+    assert.equal(webSocketUrl("http://127.0.0.1:7600"), "ws://127.0.0.1:7600/v1/ws");
+    assert.throws(() => webSocketUrl("ftp://x"), TypeError);
+  });
+});

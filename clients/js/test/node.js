@@ -1,0 +1,64 @@
+// Start a real ctxstore node for the tests: `ctxstore serve` on free ports in a temporary
+// directory (CTXSTORE_BIN: the ctxstore executable, default the repository's .venv).
+import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+
+const ROOT = fileURLToPath(new URL("../../..", import.meta.url));
+const BIN = process.env.CTXSTORE_BIN ?? join(ROOT, ".venv", "bin", "ctxstore");
+
+export class Node {
+  constructor() {
+    this.dataDir = mkdtempSync(join(tmpdir(), "ctxstore-js-"));
+    this.http = null; // host:port of the HTTP port, fixed after the first start
+    this.process = null;
+  }
+
+  get url() {
+    return `ws://${this.http}/v1/ws`;
+  }
+
+  /** Start (again, on the same HTTP port); resolves once the node is ready. */
+  start(timeoutMs = 30000) {
+    const args = [
+      "serve", "--data-dir", this.dataDir, "--listen", "127.0.0.1:0",
+      "--peer-listen", "127.0.0.1:0", "--http", this.http ?? "127.0.0.1:0",
+      "--tick-ms", "20", "--groups", "4", "--wal-writer", "inline",
+    ];
+    const child = spawn(BIN, args, { stdio: ["ignore", "pipe", "inherit"] });
+    this.process = child;
+    this.exited = new Promise((resolve) => child.once("exit", resolve));
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error("node not ready in time")), timeoutMs);
+      child.once("exit", (code) => reject(new Error(`node exited with ${code}`)));
+      createInterface({ input: child.stdout }).on("line", (line) => {
+        let event;
+        try {
+          event = JSON.parse(line);
+        } catch {
+          return;
+        }
+        if (event.event === "listening") this.http = event.http;
+        if (event.event === "ready") {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+    });
+  }
+
+  async kill(signal = "SIGKILL") {
+    if (this.process?.exitCode === null && this.process.signalCode === null) {
+      this.process.kill(signal);
+      await this.exited;
+    }
+  }
+
+  async remove() {
+    await this.kill();
+    rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,568 @@
+// ctxstore.js: the browser client of ctxstore's WebSocket protocol (docs/web.md, "Browser client").
+//
+// One dependency-free ES module (types: clients/js/ctxstore.d.ts).  A Client holds one WebSocket
+// (subprotocol ctxstore.v1.json) to one of the nodes it was given and multiplexes on it:
+// - requests are promises matched by rid, each with a timeout;
+// - idempotent requests (append with its client_msg_id, reads, mark_read) are retried on a
+//   retryable error or a lost connection with jittered exponential backoff, a bounded number of
+//   times; a connection lost is replaced by one to the next node, in turn;
+// - a subscription delivers every message after its afterSeq once, in seq order: it resumes
+//   after a reconnect from the last seq it delivered, drops what it already delivered, reports
+//   what will not come as a gap event, and resubscribes rather than skip over a hole.
+
+export const SUBPROTOCOL = "ctxstore.v1.json";
+export const PROTOCOL_VERSION = 1;
+const RETRYABLE = new Set(["unavailable", "timeout", "rate_limited"]);
+const PUSHES = new Set(["message_event", "gap_event", "inbox_delta", "subscription_closed"]);
+const ROTATE_AFTER_ATTEMPTS = 3; // a request failing this often on one node moves to the next
+
+export const DEFAULTS = Object.freeze({
+  token: null,
+  clientName: "ctxstore.js",
+  requestTimeoutMs: 10000, // one attempt of one request
+  connectTimeoutMs: 5000, // from opening a WebSocket to its welcome
+  retryAttempts: 8, // attempts of a retried request, in all
+  backoffBaseMs: 100, // the first retry waits 50-100 ms, each next one twice that, up to
+  backoffMaxMs: 5000,
+  onStatus: null,
+  WebSocket: null, // the WebSocket class: globalThis.WebSocket if null
+});
+
+/** An error of the protocol (docs/protocol.md section 5): a stable code, retryable or not. */
+export class CtxstoreError extends Error {
+  constructor(code, message, retryable = RETRYABLE.has(code), details = {}) {
+    super(message);
+    this.name = "CtxstoreError";
+    this.code = code;
+    this.retryable = retryable;
+    this.details = details;
+  }
+}
+
+const closedError = () => new CtxstoreError("unavailable", "client closed", false);
+
+/** A fresh client_msg_id: "c-" and 128 random bits (crypto.getRandomValues works on http too). */
+export function newClientMsgId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return "c-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** A WebSocket URL: ws(s)://host:port[/v1/ws]; http(s) is taken as its ws(s) counterpart. */
+export function webSocketUrl(target) {
+  const url = new URL(target);
+  if (url.protocol === "http:") url.protocol = "ws:";
+  if (url.protocol === "https:") url.protocol = "wss:";
+  if (url.protocol !== "ws:" && url.protocol !== "wss:") {
+    throw new TypeError(`target ${target}: not a ws:// or wss:// URL`);
+  }
+  if (url.pathname === "/") url.pathname = "/v1/ws";
+  return url.href;
+}
+
+function strip(answer) {
+  const { type: _type, rid: _rid, ...rest } = answer;
+  return rest;
+}
+
+/** One WebSocket to one node: its requests in flight and the subscriptions made on it. */
+class Link {
+  constructor(target, options) {
+    this.target = target;
+    this.nodeId = null;
+    this.open = false;
+    this.nextRid = 1;
+    this.pending = new Map(); // rid -> {resolve, reject, timer, onAnswer}
+    this.subs = new Map(); // sub_id -> Subscription
+    this.outbox = []; // what was sent before the socket opened
+    this.goodbye = null; // the server's last word (error with rid 0)
+    this.done = new Promise((resolve) => (this._done = resolve)); // resolved once closed
+    this.closed = false;
+    const ws = new options.WebSocket(target, [SUBPROTOCOL]);
+    this.ws = ws;
+    ws.onopen = () => {
+      for (const text of this.outbox) ws.send(text);
+      this.outbox = [];
+    };
+    ws.onmessage = (e) => this._receive(e.data);
+    ws.onerror = () => {}; // a close follows
+    ws.onclose = (e) => this._closed(e.code, e.reason);
+  }
+
+  /** Send a request (a body without rid); the answer, or a CtxstoreError. `onAnswer` is called
+   * at once with the answer, before any later message of the socket is handled. */
+  request(body, timeoutMs, onAnswer = null) {
+    if (this.closed) return Promise.reject(this._lost());
+    const rid = this.nextRid++;
+    const text = JSON.stringify({ ...body, rid });
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(rid);
+        reject(new CtxstoreError("timeout", `${body.type}: no answer in ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(rid, { resolve, reject, timer, onAnswer });
+      if (this.ws.readyState === 1) this.ws.send(text);
+      else this.outbox.push(text);
+    });
+  }
+
+  close(code = 1000, reason = "") {
+    if (this.closed) return;
+    try {
+      this.ws.close(code, reason);
+    } catch {
+      // already closing
+    }
+    this._closed(code, reason || "closed by the client");
+  }
+
+  _receive(data) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      this.close(1003, "not JSON");
+      return;
+    }
+    if (PUSHES.has(msg.type)) {
+      this.subs.get(msg.sub_id)?._push(this, msg);
+      return;
+    }
+    if (msg.rid === 0) {
+      this.goodbye = msg; // the close follows
+      return;
+    }
+    const entry = this.pending.get(msg.rid);
+    if (entry === undefined) return; // answered after its timeout
+    this.pending.delete(msg.rid);
+    clearTimeout(entry.timer);
+    if (msg.type === "error") {
+      entry.reject(new CtxstoreError(msg.code, msg.message, msg.retryable, msg.details ?? {}));
+      return;
+    }
+    try {
+      entry.onAnswer?.(msg);
+    } catch (e) {
+      entry.reject(e);
+      return;
+    }
+    entry.resolve(msg);
+  }
+
+  _lost() {
+    const why = this.goodbye ? `${this.goodbye.code}: ${this.goodbye.message}` : "connection lost";
+    return new CtxstoreError("unavailable", `${this.target}: ${why}`, true);
+  }
+
+  _closed(code, reason) {
+    if (this.closed) return;
+    this.closed = true;
+    this.open = false;
+    this.closeCode = code;
+    this.closeReason = reason;
+    const error = this._lost();
+    for (const entry of this.pending.values()) {
+      clearTimeout(entry.timer);
+      entry.reject(error);
+    }
+    this.pending.clear();
+    this._done(error);
+  }
+}
+
+/** A subscription to a session's messages or to a user's inbox; see Client.subscribe. */
+export class Subscription {
+  constructor(client, kind, key, afterSeq, onEvent) {
+    this.client = client;
+    this.kind = kind; // "session" or "inbox"
+    this.key = key; // the session id or the user id
+    this.lastSeq = afterSeq; // the last seq delivered (a message's or a gap's to_seq)
+    this.entries = new Map(); // inbox: session_id -> entry, kept up to date
+    this.onEvent = onEvent;
+    this.closed = false;
+    this.link = null;
+    this.subId = null;
+    this.resubscribes = 0; // attachments after the first
+    this._wake = null;
+    this._failures = 0;
+  }
+
+  /** Stop: unsubscribe (if connected); no event is delivered after this. */
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    this.client.subs.delete(this);
+    const { link, subId } = this;
+    this._detach();
+    if (link !== null && !link.closed) {
+      link
+        .request({ type: "unsubscribe", sub_id: subId }, this.client.options.requestTimeoutMs)
+        .catch(() => {});
+    }
+  }
+
+  _emit(event) {
+    if (this.closed) return;
+    try {
+      this.onEvent(event);
+    } catch (e) {
+      console.error("ctxstore: a subscription's onEvent threw", e);
+    }
+  }
+
+  _detach(why = null) {
+    if (this.link !== null) this.link.subs.delete(this.subId);
+    this.link = null;
+    this.subId = null;
+    this._wake?.(why);
+  }
+
+  _request() {
+    return this.kind === "session"
+      ? { type: "subscribe", session_id: this.key, after_seq: this.lastSeq }
+      : { type: "subscribe_inbox", user_id: this.key };
+  }
+
+  _attached(link, answer) {
+    this.link = link;
+    this.subId = answer.sub_id;
+    link.subs.set(answer.sub_id, this);
+    if (this.kind === "inbox") {
+      this.entries = new Map(answer.entries.map((e) => [e.session_id, e]));
+      this._emit({ type: "snapshot", entries: answer.entries, truncated: answer.truncated });
+    }
+  }
+
+  /** Attach to the client's connection, again after each loss, until closed. */
+  async _run(first) {
+    const client = this.client;
+    while (!this.closed) {
+      const woken = new Promise((resolve) => (this._wake = resolve));
+      let link;
+      try {
+        link = await client._link(Infinity);
+        if (this.closed) return;
+        await link.request(this._request(), client.options.requestTimeoutMs, (answer) =>
+          this._attached(link, answer),
+        );
+      } catch (e) {
+        if (this.closed) return;
+        if (!(e instanceof CtxstoreError) || !e.retryable) {
+          this._end(e, first);
+          return;
+        }
+        this._failures += 1;
+        await client._sleep(client._backoff(this._failures));
+        continue;
+      }
+      if (first !== null) first.resolve(this);
+      else this.resubscribes += 1;
+      first = null;
+      const why = await Promise.race([woken, link.done.then(() => "lost")]);
+      this._detach();
+      if (why === "shutdown") client._rotate(link);
+      if (why !== "lost" && !this.closed) {
+        this._failures += 1; // closed by the server or out of order: resubscribe, backing off
+        await client._sleep(client._backoff(this._failures));
+      }
+    }
+  }
+
+  _end(error, first) {
+    const wasOpen = !this.closed;
+    this.closed = true;
+    this.client.subs.delete(this);
+    this._detach();
+    if (first !== null) first.reject(error);
+    else if (wasOpen) {
+      try {
+        this.onEvent({ type: "closed", reason: error.code ?? "error", message: error.message });
+      } catch (e) {
+        console.error("ctxstore: a subscription's onEvent threw", e);
+      }
+    }
+  }
+
+  _push(link, msg) {
+    if (this.closed || link !== this.link || msg.sub_id !== this.subId) return;
+    switch (msg.type) {
+      case "message_event":
+        for (const m of msg.messages) {
+          if (m.seq <= this.lastSeq) continue; // delivered already
+          if (m.seq !== this.lastSeq + 1) {
+            // a hole nobody reported: never skip it, ask again from the last seq delivered
+            this._unsubscribe(link, msg.sub_id);
+            this._detach("out_of_order");
+            return;
+          }
+          this.lastSeq = m.seq;
+          this._failures = 0;
+          this._emit({ type: "message", message: m });
+        }
+        return;
+      case "gap_event": {
+        if (msg.to_seq <= this.lastSeq) return;
+        const fromSeq = Math.max(msg.from_seq, this.lastSeq + 1);
+        if (fromSeq !== this.lastSeq + 1) {
+          this._unsubscribe(link, msg.sub_id);
+          this._detach("out_of_order");
+          return;
+        }
+        this.lastSeq = msg.to_seq;
+        this._emit({ type: "gap", fromSeq, toSeq: msg.to_seq, reason: msg.reason });
+        return;
+      }
+      case "inbox_delta":
+        for (const e of msg.entries) this.entries.set(e.session_id, e);
+        this._emit({ type: "delta", entries: msg.entries });
+        return;
+      case "subscription_closed":
+        if (msg.reason === "not_found") {
+          this._end(new CtxstoreError("not_found", msg.message, false), null);
+        } else {
+          this._detach(msg.reason); // slow_consumer, unavailable, shutdown: subscribe again
+        }
+        return;
+    }
+  }
+
+  _unsubscribe(link, subId) {
+    link
+      .request({ type: "unsubscribe", sub_id: subId }, this.client.options.requestTimeoutMs)
+      .catch(() => {});
+  }
+}
+
+/** A connection to a ctxstore cluster through the nodes' WebSocket URLs. */
+export class Client {
+  constructor(options) {
+    const opts = { ...DEFAULTS, ...options };
+    if (!Array.isArray(opts.targets) || opts.targets.length === 0) {
+      throw new TypeError("targets: give at least one ws:// URL");
+    }
+    opts.WebSocket ??= globalThis.WebSocket;
+    if (typeof opts.WebSocket !== "function") {
+      throw new TypeError("no WebSocket class: pass options.WebSocket");
+    }
+    this.options = opts;
+    this.targets = opts.targets.map(webSocketUrl);
+    this.link = null;
+    this.subs = new Set();
+    this.closed = false;
+    this.fatal = null; // a non-retryable refusal of the hello (a wrong token)
+    this._next = 0; // the target tried next
+    this._connecting = null;
+    this._sleepers = new Set();
+  }
+
+  /** The node and URL connected to (null while reconnecting). */
+  get nodeId() {
+    return this.link?.open ? this.link.nodeId : null;
+  }
+
+  get target() {
+    return this.link?.open ? this.link.target : null;
+  }
+
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    for (const sub of [...this.subs]) sub.close();
+    this.link?.close(1000, "client closed");
+    for (const wake of this._sleepers) wake();
+    this._status({ state: "closed" });
+  }
+
+  createSession({ userId, agentId, metadata = {}, sessionId = null }) {
+    // not retried: a retry after a lost answer could find the session made (conflict)
+    const body = { type: "create_session", user_id: userId, agent_id: agentId };
+    return this._call({ ...body, metadata, session_id: sessionId }, false).then((a) => a.session);
+  }
+
+  getSession(sessionId) {
+    return this._call({ type: "get_session", session_id: sessionId }, true).then((a) => a.session);
+  }
+
+  listSessions(userId, { cursor = null, limit = 50 } = {}) {
+    const body = { type: "list_sessions", user_id: userId, cursor, limit };
+    return this._call(body, true).then(strip);
+  }
+
+  /** Append; retried with the same client_msg_id (given, or made here) until acknowledged. */
+  async append(sessionId, options) {
+    const { sender, senderId, content, kind = "text", metadata = {} } = options;
+    const clientMsgId = options.clientMsgId ?? newClientMsgId();
+    const body = {
+      type: "append",
+      session_id: sessionId,
+      sender,
+      sender_id: senderId,
+      kind,
+      content,
+      metadata,
+      client_msg_id: clientMsgId,
+      expected_seq: options.expectedSeq ?? null,
+      token_count: options.tokenCount ?? null,
+    };
+    const answer = await this._call(body, true);
+    return { ...strip(answer), client_msg_id: clientMsgId };
+  }
+
+  read(sessionId, { afterSeq = 0, limit = 100 } = {}) {
+    const body = { type: "read", session_id: sessionId, after_seq: afterSeq, limit };
+    return this._call(body, true).then(strip);
+  }
+
+  markRead(sessionId, userId, seq) {
+    const body = { type: "mark_read", session_id: sessionId, user_id: userId, seq };
+    return this._call(body, true).then(strip);
+  }
+
+  /** Follow a session from afterSeq: resolves once subscribed; onEvent gets
+   * {type: "message", message}, {type: "gap", fromSeq, toSeq, reason} and, at the end,
+   * {type: "closed", reason, message}. */
+  subscribe(sessionId, { afterSeq = 0 } = {}, onEvent) {
+    return this._subscribe(new Subscription(this, "session", sessionId, afterSeq, onEvent));
+  }
+
+  /** Follow a user's inbox: {type: "snapshot", entries, truncated} on each (re)subscription,
+   * then {type: "delta", entries}; `subscription.entries` holds the current state. */
+  subscribeInbox(userId, onEvent) {
+    return this._subscribe(new Subscription(this, "inbox", userId, 0, onEvent));
+  }
+
+  _subscribe(sub) {
+    if (typeof sub.onEvent !== "function") throw new TypeError("onEvent: a function");
+    if (this.closed) return Promise.reject(closedError());
+    this.subs.add(sub);
+    return new Promise((resolve, reject) => sub._run({ resolve, reject }));
+  }
+
+  /** One request, retried (if `retry`) on retryable errors and lost connections. */
+  async _call(body, retry) {
+    const { requestTimeoutMs, retryAttempts } = this.options;
+    for (let attempt = 1; ; attempt++) {
+      let link = null;
+      try {
+        link = await this._link(requestTimeoutMs);
+        return await link.request(body, requestTimeoutMs);
+      } catch (e) {
+        const retryable = e instanceof CtxstoreError && e.retryable;
+        if (!retry || !retryable || attempt >= retryAttempts || this.closed) throw e;
+        if (attempt >= ROTATE_AFTER_ATTEMPTS && link !== null) this._rotate(link);
+        await this._sleep(this._backoff(attempt));
+      }
+    }
+  }
+
+  /** The open link, connecting (in turn to each target, backing off) if there is none. */
+  _link(timeoutMs) {
+    if (this.closed) return Promise.reject(this.fatal ?? closedError());
+    if (this.link?.open) return Promise.resolve(this.link);
+    if (this._connecting === null) {
+      this._connecting = this._connectLoop();
+      this._connecting.catch(() => {});
+    }
+    if (timeoutMs === Infinity) return this._connecting;
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(
+        () => reject(new CtxstoreError("unavailable", `no node answered in ${timeoutMs} ms`)),
+        timeoutMs,
+      );
+    });
+    return Promise.race([this._connecting, late]).finally(() => clearTimeout(timer));
+  }
+
+  async _connectLoop() {
+    try {
+      for (let attempt = 1; !this.closed; attempt++) {
+        const target = this.targets[this._next];
+        this._next = (this._next + 1) % this.targets.length;
+        this._status({ state: "connecting", target });
+        const link = new Link(target, this.options);
+        try {
+          const welcome = await link.request(
+            {
+              type: "hello",
+              protocol_version: PROTOCOL_VERSION,
+              client_name: this.options.clientName,
+              token: this.options.token,
+            },
+            this.options.connectTimeoutMs,
+          );
+          if (this.closed) break;
+          link.nodeId = welcome.node_id;
+          link.open = true;
+          this.link = link;
+          link.done.then((error) => this._lost(link, error));
+          this._status({ state: "connected", target, nodeId: welcome.node_id });
+          return link;
+        } catch (e) {
+          link.close(1000, "handshake failed");
+          if (e instanceof CtxstoreError && !e.retryable) {
+            this.fatal = e;
+            this._status({ state: "failed", target, error: e });
+            this.close();
+            throw e;
+          }
+          this._status({ state: "disconnected", target, error: e });
+          // every target once at once, then backing off between attempts
+          if (attempt >= this.targets.length) await this._sleep(this._backoff(attempt));
+        }
+      }
+      throw this.fatal ?? closedError();
+    } finally {
+      this._connecting = null;
+    }
+  }
+
+  _lost(link, error) {
+    if (this.link !== link) return;
+    this.link = null;
+    if (!this.closed) this._status({ state: "disconnected", target: link.target, error });
+  }
+
+  /** Give up a node that keeps failing (or is going away): the next link goes to another. */
+  _rotate(link) {
+    if (this.link === link) link.close(1000, "moving to another node");
+  }
+
+  _backoff(attempt) {
+    const { backoffBaseMs, backoffMaxMs } = this.options;
+    const ceiling = Math.min(backoffMaxMs, backoffBaseMs * 2 ** Math.min(attempt - 1, 30));
+    return ceiling * (0.5 + Math.random() / 2);
+  }
+
+  _sleep(ms) {
+    if (this.closed) return Promise.resolve();
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        this._sleepers.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, ms);
+      this._sleepers.add(wake);
+    });
+  }
+
+  _status(status) {
+    try {
+      this.options.onStatus?.(status);
+    } catch (e) {
+      console.error("ctxstore: onStatus threw", e);
+    }
+  }
+}
+
+/** A client connected to one of `targets` (tried in the order given). */
+export async function connect(options) {
+  const client = new Client(options);
+  try {
+    await client._link(client.options.requestTimeoutMs);
+  } catch (e) {
+    client.close();
+    throw e;
+  }
+  return client;
+}
