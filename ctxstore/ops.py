@@ -5,6 +5,7 @@
                        503 {"status": "not_ready", ...} before (and after a fatal WAL error)
     GET /metrics       the Prometheus text format (``metrics.NodeMetrics``)
     GET /v1/ws         the WebSocket protocol (``web.WebGateway``; docs/web.md)
+    GET /, /static/*   the demo page and the browser client (``ctxstore.static``)
 
 HTTP/1.1 is h11's (sans-IO); ``OpsConnection`` is the thin asyncio protocol that owns the socket.
 Rules of this module:
@@ -43,6 +44,7 @@ from wire.flow import CountedLog
 from .metrics import NodeMetrics, leader_counts
 from .node import Node
 from .server import Service
+from .static import assets
 from .web import PATH as WEB_SOCKET_PATH
 from .web import WebCollector, WebGateway, WebLimits
 
@@ -174,6 +176,10 @@ class OpsServer:
 def _error(status: int) -> Answer:
     phrase = http.HTTPStatus(status).phrase
     return status, JSON, msgspec.json.encode({"error": phrase.lower(), "status": status})
+
+
+def _fixed(answer: Answer) -> Callable[[], Answer]:
+    return lambda: answer
 
 
 class OpsConnection(asyncio.Protocol):
@@ -405,6 +411,8 @@ async def serve_ops(
         return server
     gateway = WebGateway(clients, web_limits)
     server.handovers[WEB_SOCKET_PATH] = gateway.upgrade
+    for path, (ctype, body) in assets().items():  # the demo page and ctxstore.js
+        server.routes[path] = _fixed((200, ctype, body))
     source.metrics.registry.register(WebCollector(gateway))
     server.gateway = gateway
 

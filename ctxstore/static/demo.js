@@ -1,0 +1,160 @@
+// The demo page: a small chat UI on ctxstore.js (docs/web.md "Demo page").
+// ?nodes=ws://a/v1/ws,ws://b/v1/ws picks the nodes (default: the node serving the page);
+// ?user=alice signs in at once.
+import { connect } from "/static/ctxstore.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const state = { client: null, me: null, inbox: null, session: null, sub: null };
+
+$("nodes").value = params.get("nodes") ?? `ws://${location.host}/v1/ws`;
+if (params.get("user")) $("user").value = params.get("user");
+
+function showError(e) {
+  $("error").textContent = e ? `${e.code ?? "error"}: ${e.message}` : "";
+  $("error").hidden = !e;
+}
+
+function setStatus(s) {
+  const el = $("status");
+  el.dataset.state = s.state;
+  el.dataset.node = s.state === "connected" ? String(s.nodeId) : "";
+  el.textContent = {
+    connecting: `connecting to ${s.target}…`,
+    connected: `connected to node ${s.nodeId} (${s.target})`,
+    disconnected: `lost ${s.target}, reconnecting…`,
+    failed: `refused by ${s.target}: ${s.error?.message}`,
+    closed: "not connected",
+  }[s.state];
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  showError(null);
+  state.client?.close();
+  state.me = $("user").value.trim();
+  const targets = $("nodes").value.split(",").map((t) => t.trim()).filter(Boolean);
+  try {
+    state.client = await connect({ targets, clientName: "ctxstore-demo", onStatus: setStatus });
+    state.inbox = await state.client.subscribeInbox(state.me, renderInbox);
+  } catch (e) {
+    showError(e);
+    return;
+  }
+  $("me-name").textContent = state.me;
+  $("me").hidden = false;
+  renderInbox();
+  if (params.get("session")) await openSession(params.get("session"));
+}
+
+function renderInbox() {
+  if (state.inbox === null) return;
+  const entries = [...state.inbox.entries.values()];
+  entries.sort((a, b) => b.last_activity - a.last_activity);
+  $("inbox").replaceChildren(
+    ...entries.map((e) => {
+      const li = document.createElement("li");
+      li.dataset.session = e.session_id;
+      li.classList.toggle("current", e.session_id === state.session?.id);
+      const name = document.createElement("span");
+      name.className = "name";
+      name.textContent = `${e.agent_id} · ${e.session_id.slice(0, 8)}`;
+      const unread = document.createElement("span");
+      unread.className = "unread";
+      unread.dataset.count = String(e.unread);
+      unread.textContent = String(e.unread);
+      const preview = document.createElement("span");
+      preview.className = "preview";
+      preview.textContent = e.preview || "(no messages yet)";
+      li.append(name, unread, preview);
+      li.onclick = () => openSession(e.session_id).catch(showError);
+      return li;
+    }),
+  );
+}
+
+async function openSession(sessionId) {
+  showError(null);
+  const session = await state.client.getSession(sessionId);
+  state.sub?.close();
+  state.session = session;
+  $("session-id").textContent = session.id;
+  $("session-who").textContent = `user ${session.user_id} · agent ${session.agent_id}`;
+  $("mark-read").disabled = session.user_id !== state.me;
+  $("messages").replaceChildren();
+  $("session").hidden = false;
+  renderInbox();
+  const afterSeq = Math.max(0, session.last_seq - 500); // the latest 500 at most
+  state.sub = await state.client.subscribe(session.id, { afterSeq }, (event) => {
+    if (state.session?.id === session.id) renderEvent(event);
+  });
+}
+
+function renderEvent(event) {
+  const li = document.createElement("li");
+  if (event.type === "message") {
+    const m = event.message;
+    li.dataset.seq = String(m.seq);
+    li.classList.toggle("mine", m.sender_id === state.me);
+    const from = document.createElement("span");
+    from.className = "from";
+    from.textContent = `#${m.seq} ${m.sender} ${m.sender_id}`;
+    const content = document.createElement("span");
+    content.className = "content";
+    content.textContent = m.content;
+    li.append(from, content);
+  } else if (event.type === "gap") {
+    li.className = "gap";
+    li.textContent = `messages ${event.fromSeq}-${event.toSeq} are gone (${event.reason})`;
+  } else {
+    li.className = "gap";
+    li.textContent = `subscription ended: ${event.message}`;
+  }
+  const list = $("messages");
+  list.append(li);
+  list.scrollTop = list.scrollHeight;
+}
+
+async function send(event) {
+  event.preventDefault();
+  const input = $("text");
+  const content = input.value;
+  const session = state.session;
+  if (!content || session === null) return;
+  input.value = "";
+  const sender = session.user_id === state.me ? "user" : "agent";
+  try {
+    await state.client.append(session.id, { sender, senderId: state.me, content });
+  } catch (e) {
+    showError(e);
+    input.value ||= content;
+  }
+}
+
+async function create(event) {
+  event.preventDefault();
+  try {
+    const s = await state.client.createSession({ userId: state.me, agentId: $("agent").value });
+    await openSession(s.id);
+  } catch (e) {
+    showError(e);
+  }
+}
+
+async function markRead() {
+  try {
+    await state.client.markRead(state.session.id, state.me, state.sub.lastSeq);
+  } catch (e) {
+    showError(e);
+  }
+}
+
+$("signin").onsubmit = signIn;
+$("create").onsubmit = create;
+$("open").onsubmit = (e) => {
+  e.preventDefault();
+  openSession($("open-id").value.trim()).catch(showError);
+};
+$("composer").onsubmit = send;
+$("mark-read").onclick = markRead;
+if (params.get("user")) $("signin").requestSubmit();
