@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml setup.py $(COMPILED)
 # HTTP port (health, /metrics, the WebSocket protocol at /v1/ws) on 127.0.0.1:7600.
 run: $(STAMP)
 	@echo "clients: 127.0.0.1:7400  HTTP: http://127.0.0.1:7600 (WebSocket: ws://127.0.0.1:7600/v1/ws)"
+	@echo "demo chat page: open http://127.0.0.1:7600/ in a browser"
 	$(BIN)/ctxstore serve --data-dir ./data --listen 127.0.0.1:7400 --http 127.0.0.1:7600
 
 # A local 3-node cluster (clients on 127.0.0.1:7400-7402) until Ctrl-C.
