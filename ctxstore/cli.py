@@ -140,6 +140,10 @@ def _add_serve(sub: Any) -> None:
             p.add_argument("--token", action="append", dest="tokens", default=None,
                            metavar="TOKEN", help=help_text)  # fmt: skip
             continue
+        if field.name == "web_cors_origin":  # repeatable
+            p.add_argument(_flag(field.name), action="append", dest=field.name, default=None,
+                           metavar="ORIGIN", help=help_text)  # fmt: skip
+            continue
         spec: dict[str, Any] = {"default": None, "help": help_text}
         if isinstance(kind, schema.LiteralType):
             spec["choices"] = kind.values
@@ -222,7 +226,16 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
             address = parse_address(settings.http, "http")
             web = WebLimits(settings.web_ping_interval_s, settings.web_idle_timeout_s)
             ops = await _opening(
-                "http", settings, serve_ops(node, service, *address, clients=server, web_limits=web)
+                "http",
+                settings,
+                serve_ops(
+                    node,
+                    service,
+                    *address,
+                    clients=server,
+                    web_limits=web,
+                    cors_origins=settings.web_cors_origin,
+                ),
             )
     except BaseException:
         if server is not None:

@@ -8,6 +8,7 @@ unknown key stops start-up with a message that names it (``ConfigError``).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -61,6 +62,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     # web_ping_interval_s; a peer silent (no message, no pong) for web_idle_timeout_s is closed.
     web_ping_interval_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     web_idle_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 90.0
+    # The origins whose pages may call the HTTP API under /v1 (CORS, ctxstore/web_http.py):
+    # "scheme://host[:port]" each, or "*" for any; empty: no CORS headers.
+    web_cors_origin: list[str] = []
     # Where the WAL's group commits are written and fsync'd: on a writer thread ("thread": the
     # loop works on while the disk syncs, at the price of the hand-offs between the threads) or
     # on the event loop's thread ("inline": less CPU, the loop waits for the disk): raft/wal.py,
@@ -84,6 +88,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
             )
         if self.web_idle_timeout_s <= self.web_ping_interval_s:
             raise ConfigError("config: web_idle_timeout_s: must exceed web_ping_interval_s")
+        for origin in self.web_cors_origin:
+            if origin != "*" and re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", origin) is None:
+                raise ConfigError(
+                    f"config: web_cors_origin: expected * or scheme://host[:port], got {origin!r}"
+                )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"config: log_level: unknown level {self.log_level!r}")
 
@@ -139,6 +148,9 @@ HELP: dict[str, str] = {
     "web_ping_interval_s": "seconds between the pings a WebSocket at /v1/ws is sent",
     "web_idle_timeout_s": "close a WebSocket from which nothing (a message, a pong) arrived "
     "for this many seconds, with 1001 (more than web_ping_interval_s)",
+    "web_cors_origin": "an origin (scheme://host[:port], or * for any) whose pages may call "
+    "the HTTP API under /v1 (CORS; the flag is repeatable, CTXSTORE_WEB_CORS_ORIGIN is "
+    "comma-separated); none: no cross-origin calls",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)",
 }
 
@@ -171,7 +183,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         value = environ.get(ENV_PREFIX + key.upper())
         if value is None:
             continue
-        out[key] = [t for t in value.split(",") if t] if key == "tokens" else value
+        listed = key in ("tokens", "web_cors_origin")
+        out[key] = [t for t in value.split(",") if t] if listed else value
     return out
 
 

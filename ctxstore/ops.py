@@ -6,6 +6,7 @@
     GET /metrics       the Prometheus text format (``metrics.NodeMetrics``)
     GET /v1/ws         the WebSocket protocol (``web.WebGateway``; docs/web.md)
     GET /, /static/*   the demo page and the browser client (``ctxstore.static``)
+    /v1/...            the HTTP/JSON API and its event streams (``web_http.HttpApi``)
 
 HTTP/1.1 is h11's (sans-IO); ``OpsConnection`` is the thin asyncio protocol that owns the socket.
 Rules of this module:
@@ -13,6 +14,9 @@ Rules of this module:
 - ``OpsServer.handovers`` routes a path to a handler that takes the request and may take the
   connection over (``OpsConnection.detach``): the WebSocket upgrade; GET only.
   A request that declares a body is answered, then the connection closes.
+- ``OpsServer.api`` takes every other ``/v1/`` request, any method, once its body is read (at
+  most ``api.body_bytes_max``: a larger one is answered 413 and the connection closes); it
+  answers with ``answer`` (at once or later: nothing else is parsed meanwhile) or detaches.
 - Malformed input is answered 400 (431: a request head over ``header_bytes_max``), then the
   connection closes.  Nothing a client sends raises out of this module.
 - Keep-alive and pipelining: requests are answered in order as they are parsed (answers are
@@ -30,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -47,6 +51,8 @@ from .server import Service
 from .static import assets
 from .web import PATH as WEB_SOCKET_PATH
 from .web import WebCollector, WebGateway, WebLimits
+from .web_http import PREFIX as API_PREFIX
+from .web_http import HttpApi
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +130,7 @@ class OpsServer:
         }
         self.handovers: dict[bytes, Handover] = {}
         self.gateway: WebGateway | None = None  # the WebSockets, if served
+        self.api: HttpApi | None = None  # the HTTP/JSON API under /v1, if served
         self._server: asyncio.Server | None = None
 
     @property
@@ -194,6 +201,11 @@ class OpsConnection(asyncio.Protocol):
         self.active_s = self._loop.time()  # when it opened or last completed a request
         self._write_paused = False
         self._closing = False
+        self._api_request: h11.Request | None = None  # an API request whose body is read
+        self._body = bytearray()
+        self._awaiting = False  # the API answers the request later: parse nothing meanwhile
+        self._processing = False
+        self.on_lost: Callable[[], None] | None = None  # the API's, while it answers
 
     # asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -240,6 +252,9 @@ class OpsConnection(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
         self.server.connections.discard(self)
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
 
     def close(self) -> None:
         """Close once what was answered is written (within ``idle_timeout_s``)."""
@@ -254,7 +269,16 @@ class OpsConnection(asyncio.Protocol):
     def _process(self) -> None:
         """Answer every complete request that is buffered, in order, up to the write bound.
         (Each turn consumes buffered bytes or returns: the loop ends with the buffer.)"""
-        while not self._closing and not self._write_paused:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_events()
+        finally:
+            self._processing = False
+
+    def _process_events(self) -> None:
+        while not self._closing and not self._write_paused and not self._awaiting:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as e:
@@ -264,11 +288,15 @@ class OpsConnection(asyncio.Protocol):
                 return
             if isinstance(event, h11.Request):
                 self._request(event)
+            elif isinstance(event, h11.Data):
+                self._api_data(event.data)  # (only an API request's body comes)
             elif isinstance(event, h11.EndOfMessage):
-                self._next_cycle()
+                if self._api_request is not None:
+                    self._api_call()
+                else:
+                    self._next_cycle()
             elif isinstance(event, h11.ConnectionClosed):
                 self.close()
-            # h11.Data cannot come: a request with a body is answered, then closed
 
     def _request(self, request: h11.Request) -> None:
         self.server.requests += 1
@@ -281,7 +309,12 @@ class OpsConnection(asyncio.Protocol):
         if head_bytes > self.server.limits.header_bytes_max:  # h11 bounds only a partial head
             self._bad_request(431)
             return
-        handover = self.server.handovers.get(request.target.split(b"?", 1)[0])
+        path = request.target.split(b"?", 1)[0]
+        handover = self.server.handovers.get(path)
+        api = self.server.api
+        if handover is None and api is not None and path.startswith(API_PREFIX):
+            self._api_begin(api, request)
+            return
         if handover is not None and method == b"GET" and not has_body:
             handover(self, request)
             return
@@ -294,6 +327,54 @@ class OpsConnection(asyncio.Protocol):
         allow = "GET" if handover is not None else "GET, HEAD"
         headers = [("allow", allow)] if status == 405 else []
         self._respond(status, ctype, body, head=method == b"HEAD", close=has_body, extra=headers)
+
+    # the API (``web_http.HttpHost``) -----------------------------------------------------------
+    def _api_begin(self, api: HttpApi, request: h11.Request) -> None:
+        declared = next((v for n, v in request.headers if n == b"content-length"), b"0")
+        if int(declared) > api.body_bytes_max:  # (h11 checked it is a number)
+            self._api_too_large(api, request)
+            return
+        self._api_request = request
+        self._body = bytearray()
+
+    def _api_data(self, data: bytes) -> None:
+        api, request = self.server.api, self._api_request
+        if api is None or request is None:
+            return
+        if len(self._body) + len(data) > api.body_bytes_max:
+            self._api_request = None
+            self._api_too_large(api, request)
+            return
+        self._body += data
+
+    def _api_too_large(self, api: HttpApi, request: h11.Request) -> None:
+        message = f"a request body of more than {api.body_bytes_max} bytes"
+        api.reply_error(self, request, "too_large", message, close=True, limit=api.body_bytes_max)
+
+    def _api_call(self) -> None:
+        api, request = self.server.api, self._api_request
+        assert api is not None and request is not None
+        body, self._api_request, self._body = bytes(self._body), None, bytearray()
+        self._awaiting = True
+        if self._idle is not None:  # the API answers within the request deadline
+            self._idle.cancel()
+            self._idle = None
+        api.handle(self, request, body)
+
+    def answer(
+        self, status: int, ctype: str, body: bytes, headers: list[tuple[str, str]], close: bool
+    ) -> None:
+        """Answer the API's request (now or later), then go on with the next."""
+        if self._closing:
+            return
+        self._awaiting = False
+        self._respond(status, ctype, body, close=close, extra=headers)
+        if self._api_request is None and self.h11.their_state is h11.DONE:
+            self._next_cycle()
+        self._process()
+
+    def extra_info(self, name: str) -> Any:
+        return None if self._transport is None else self._transport.get_extra_info(name)
 
     def respond(self, status: int, body: dict[str, Any], headers: list[tuple[str, str]]) -> None:
         """Answer a handed-over request with a JSON body, then close."""
@@ -399,6 +480,7 @@ async def serve_ops(
     clients: Server | None = None,
     limits: OpsLimits | None = None,
     web_limits: WebLimits | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> OpsServer:
     """The ops port of a started node: ``clients`` is the client server (for its connection
     count, and the connections of the WebSockets at ``/v1/ws``, served only with it).
@@ -413,6 +495,7 @@ async def serve_ops(
     server.handovers[WEB_SOCKET_PATH] = gateway.upgrade
     for path, (ctype, body) in assets().items():  # the demo page and ctxstore.js
         server.routes[path] = _fixed((200, ctype, body))
+    server.api = HttpApi(clients, cors_origins)
     source.metrics.registry.register(WebCollector(gateway))
     server.gateway = gateway
 

@@ -88,6 +88,11 @@ def _twin_type(tp: Any) -> Any:
     return origin[tuple(_twin_type(a) for a in args)]
 
 
+def twin_type(tp: Any) -> Any:
+    """The JSON type of a native field's type (data Structs replaced by their twins)."""
+    return _twin_type(tp)
+
+
 def _union(members: tuple[type[Any], ...]) -> Any:
     return Union[tuple(json_twin(t) for t in members)]  # noqa: UP007
 
@@ -201,6 +206,11 @@ def json_text(body: memoryview) -> str:
     return _json_encoder.encode(to_json_object(message)).decode()
 
 
+def encode_json(obj: Any) -> bytes:
+    """JSON of a twin (or any value), metadata's msgpack-only values as their stand-ins."""
+    return _json_encoder.encode(obj)
+
+
 def json_request(request: Request) -> bytes:
     """The JSON text of a request (for clients and tests)."""
     return _json_encoder.encode(to_json_object(request))
@@ -215,6 +225,7 @@ __all__ = [
     "Subprotocol",
     "Undecodable",
     "bodies",
+    "encode_json",
     "frame_of_body",
     "frame_of_json",
     "from_json_object",
@@ -223,4 +234,5 @@ __all__ = [
     "json_text",
     "json_twin",
     "to_json_object",
+    "twin_type",
 ]

@@ -1,0 +1,112 @@
+"""The OpenAPI 3.1 document of the HTTP API (``GET /v1/openapi.json``), generated from the routes
+(``web_http.Route``) and the JSON shapes derived from the native schemas: the schemas are
+msgspec's (``msgspec.json.schema_components``) of the very types that decode the requests and
+encode the answers, so the document cannot drift from what is served."""
+
+from __future__ import annotations
+
+import typing
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import msgspec.json
+
+from wire.protocol import Error, GapEvent, InboxDelta, Message, SubscriptionClosed
+
+from .web_codec import json_twin, twin_type
+
+if TYPE_CHECKING:
+    from .web_http import Route
+
+REF = "#/components/schemas/{name}"
+ERROR_STATUSES = ("400", "401", "403", "404", "409", "413", "429", "500", "503", "504")
+SSE_EVENTS = """Server-Sent Events (text/event-stream), each `data:` one JSON object:
+`subscribed` / `snapshot` first (schema: the 200 answer's), then
+`message` (default event type; `id:` the message's seq; data: Message),
+`gap` (`id:` its to_seq; data: GapEventAnswer), `delta` (data: InboxDeltaAnswer),
+`closed` (data: SubscriptionClosedAnswer; the stream ends), `error` (data: Error; the node
+goes away, the stream ends); comments `: keepalive`."""
+
+
+def openapi_document(routes: list[Route]) -> dict[str, Any]:
+    from .web_http import answer_twin
+
+    error_twin = answer_twin(Error)
+    types_: list[Any] = [error_twin, json_twin(Message)]
+    types_ += [answer_twin(t) for t in (GapEvent, InboxDelta, SubscriptionClosed)]
+    for r in routes:
+        types_.append(answer_twin(r.answer))
+        types_ += [t for t in (r.body, r.query) if t is not None]
+    _, components = msgspec.json.schema_components(types_, ref_template=REF)
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routes:
+        paths.setdefault(r.pattern, {})[r.method.decode().lower()] = _operation(r, components)
+    paths["/v1/openapi.json"] = {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1",
+                                  "content": {"application/json": {"schema": {}}}}},
+        }
+    }  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ctxstore HTTP API",
+            "version": "1",
+            "description": "docs/web.md; the operations are those of docs/protocol.md",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{}, {"bearer": []}],
+    }
+
+
+def _ref(t: type[Any]) -> dict[str, str]:
+    return {"$ref": REF.format(name=t.__name__)}
+
+
+def _operation(r: Route, components: dict[str, Any]) -> dict[str, Any]:
+    from .web_http import answer_twin
+
+    hints = typing.get_type_hints(r.request, include_extras=True)
+    params: list[dict[str, Any]] = [
+        {"name": n, "in": "path", "required": True,
+         "schema": msgspec.json.schema(twin_type(hints[n]))}
+        for n in r.params
+    ]  # fmt: skip
+    if r.query is not None:
+        props = components[r.query.__name__]["properties"]
+        params += [{"name": n, "in": "query", "required": False, "schema": props[n]}
+                   for n in r.query.__struct_fields__]  # fmt: skip
+    if r.stream and "after_seq" in (r.query.__struct_fields__ if r.query else ()):
+        params.append({"name": "Last-Event-ID", "in": "header", "required": False,
+                       "description": "a seq: resume after it (overrides after_seq)",
+                       "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"}})  # fmt: skip
+    answer = _ref(answer_twin(r.answer))
+    if r.stream:
+        ok = {"description": SSE_EVENTS,
+              "content": {"text/event-stream": {"schema": {"type": "string"}},
+                          "application/json": {"schema": answer}}}  # fmt: skip
+    else:
+        ok = {"description": "OK", "content": {"application/json": {"schema": answer}}}
+    error = {"content": {"application/json": {"schema": _ref(answer_twin(Error))}}}
+    responses: dict[str, Any] = {"200": ok}
+    for status in ERROR_STATUSES:
+        responses[status] = {"description": "error (code: see docs/web.md)", **error}
+    op: dict[str, Any] = {
+        "operationId": r.request.__struct_config__.tag,
+        "summary": r.summary,
+        "parameters": params,
+        "responses": responses,
+    }
+    if r.body is not None:
+        op["requestBody"] = {"required": True,
+                             "content": {"application/json": {"schema": _ref(r.body)}}}  # fmt: skip
+    return op
+
+
+__all__ = ["openapi_document"]

@@ -1,0 +1,515 @@
+"""The HTTP/JSON API and its Server-Sent Events under ``/v1`` (``ctxstore/web_http.py``,
+``web_sse.py``, ``web_openapi.py``) against a real node on loopback sockets; the client is raw
+HTTP/1.1 bytes with h11 parsing the answers (``test_ops.Wire``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import h11
+import msgspec
+import pytest
+
+from ctxstore.launcher import LocalCluster
+from ctxstore.web_http import answer_twin
+from wire.protocol import Appended, Error, Messages, ReadMarked, SessionInfo, SessionList
+
+from .test_ops import Answer, Wire, run
+from .test_web import web_node
+
+FAST = ["--tick-ms", "20", "--groups", "8"]
+
+
+def http(method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> bytes:
+    raw = b"" if body is None else body if isinstance(body, bytes) else msgspec.json.encode(body)
+    head = f"{method} {path} HTTP/1.1\r\nHost: t\r\n"
+    for k, v in (headers or {}).items():
+        head += f"{k}: {v}\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+    return (head + "\r\n").encode() + raw
+
+
+async def call(
+    address: tuple[str, int], method: str, path: str, body: Any = None, **headers: str
+) -> Answer:
+    w = await Wire.open(address)
+    try:
+        await w.write(
+            http(method, path, body, {k.replace("_", "-"): v for k, v in headers.items()})
+        )
+        return await w.answer(method.encode())
+    finally:
+        with contextlib.suppress(ConnectionResetError):  # closed with a body left unread
+            await w.close()
+
+
+def message(content: str, **kw: Any) -> dict[str, Any]:
+    return {"sender": "user", "sender_id": "u1", "kind": "text", "content": content,
+            "metadata": {}, **kw}  # fmt: skip
+
+
+def decoded(answer: Answer, native: type[Any]) -> Any:
+    """The body decoded with the type the OpenAPI document's schema was generated from."""
+    return msgspec.json.decode(answer.body, type=answer_twin(native))
+
+
+class Events:
+    """An SSE stream read with h11: ``next()`` gives ``(id, event, data)``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.buffer = b""
+        self.response: h11.Response | None = None
+        self.body = b""
+        self.ended = False
+
+    @classmethod
+    async def open(cls, address: tuple[str, int], path: str, **headers: str) -> Events:
+        r, w = await asyncio.open_connection(*address)
+        e = cls(r, w)
+        hs = [("host", "t"), *((k.replace("_", "-"), v) for k, v in headers.items())]
+        w.write(e.h11.send(h11.Request(method="GET", target=path, headers=hs)))
+        w.write(e.h11.send(h11.EndOfMessage()))
+        while e.response is None:
+            await e._read()
+        return e
+
+    @property
+    def status(self) -> int:
+        assert self.response is not None
+        return self.response.status_code
+
+    async def _read(self) -> None:
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                data = await asyncio.wait_for(self.reader.read(65536), 10)
+                self.h11.receive_data(data)
+                if not data:
+                    self.ended = True
+                    return
+            elif isinstance(event, h11.Response):
+                self.response = event
+                return
+            elif isinstance(event, h11.Data):
+                self.buffer += event.data
+                self.body += event.data
+                return
+            else:
+                self.ended = True
+                return
+
+    async def next(self) -> tuple[int | None, str, Any]:
+        while True:
+            while b"\n\n" not in self.buffer:
+                if self.ended:
+                    raise EOFError
+                await self._read()
+            block, self.buffer = self.buffer.split(b"\n\n", 1)
+            fields: dict[str, str] = {}
+            for line in block.decode().split("\n"):
+                if line.startswith(":"):
+                    continue
+                name, _, value = line.partition(": ")
+                fields[name] = value
+            if "data" not in fields:
+                continue  # retry:, a comment
+            ident = int(fields["id"]) if "id" in fields else None
+            return ident, fields.get("event", "message"), msgspec.json.decode(fields["data"])
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def api_node(tmp_path: Path, **kw: Any) -> AsyncIterator[tuple[str, int]]:
+    async with web_node(tmp_path, **kw) as w:
+        yield w.address
+
+
+# -- the routes ----------------------------------------------------------------------------------
+def test_every_route_answers_and_its_errors_have_their_status(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path) as a:
+            body = {"user_id": "u1", "agent_id": "a1", "metadata": {"t": 1}, "session_id": "s1"}
+            r = await call(a, "POST", "/v1/sessions", body)
+            assert r.status == 200, r.body
+            assert decoded(r, SessionInfo).session.id == "s1"
+            r = await call(a, "POST", "/v1/sessions", {"user_id": "u1", "agent_id": "a1",
+                                                       "metadata": {}})  # fmt: skip
+            assert r.status == 200 and len(r.json()["session"]["id"]) == 32  # picked by the node
+            r = await call(a, "GET", "/v1/sessions/s1")
+            assert r.status == 200 and r.json()["session"]["metadata"] == {"t": 1}
+            r = await call(a, "GET", "/v1/users/u1/sessions?limit=1")
+            page = decoded(r, SessionList)
+            assert r.status == 200 and len(page.sessions) == 1 and page.next_cursor is not None
+            r = await call(a, "GET", f"/v1/users/u1/sessions?limit=5&cursor={page.next_cursor}")
+            assert r.status == 200 and len(r.json()["sessions"]) == 1
+            r = await call(a, "POST", "/v1/sessions/s1/messages", message("hi", client_msg_id="c1"))
+            assert r.status == 200 and decoded(r, Appended).seq == 1
+            r = await call(a, "POST", "/v1/sessions/s1/messages", message("hi", client_msg_id="c1"))
+            assert r.status == 200 and r.json()["seq"] == 1 and r.json()["deduped"] is True
+            r = await call(a, "POST", "/v1/sessions/s1/messages", message("2", expected_seq=1))
+            assert r.status == 200 and r.json()["seq"] == 2
+            r = await call(a, "POST", "/v1/sessions/s1/messages", message("x", expected_seq=1))
+            assert r.status == 409 and r.json()["code"] == "conflict"
+            assert r.json()["details"] == {"last_seq": 2}
+            decoded(r, Error)
+            r = await call(a, "GET", "/v1/sessions/s1/messages?after_seq=1&limit=10")
+            assert r.status == 200 and [m.seq for m in decoded(r, Messages).messages] == [2]
+            r = await call(a, "GET", "/v1/sessions/s1/messages")
+            assert [m["content"] for m in r.json()["messages"]] == ["hi", "2"]
+            r = await call(a, "POST", "/v1/sessions/s1/read", {"user_id": "u1", "seq": 2})
+            assert r.status == 200 and decoded(r, ReadMarked).seq == 2
+            # errors
+            for method, path, body, status, code in [
+                ("GET", "/v1/sessions/nope", None, 404, "not_found"),
+                ("GET", "/v1/sessions/nope/messages", None, 404, "not_found"),
+                ("POST", "/v1/sessions/nope/messages", message("x"), 404, "not_found"),
+                ("GET", "/v1/nothing", None, 404, "not_found"),
+                ("GET", "/v1/sessions/bad%20id", None, 400, "bad_request"),
+                ("GET", "/v1/sessions/s1/messages?limit=0", None, 400, "bad_request"),
+                ("GET", "/v1/sessions/s1/messages?limit=x", None, 400, "bad_request"),
+                ("GET", "/v1/sessions/s1/messages?extra=1", None, 400, "bad_request"),
+                ("POST", "/v1/sessions/s1/messages", {"content": "x"}, 400, "bad_request"),
+                ("POST", "/v1/sessions/s1/messages", b"{not json", 400, "bad_request"),
+                ("POST", "/v1/sessions/s1/messages", message("x", what=1), 400, "bad_request"),
+                ("POST", "/v1/sessions/s1/messages", message("x", expected_seq=-1), 400,
+                 "bad_request"),
+                ("DELETE", "/v1/sessions/s1", None, 405, "bad_request"),
+                ("GET", "/v1/sessions/s1", b"{}", 400, "bad_request"),
+            ]:  # fmt: skip
+                r = await call(a, method, path, body)
+                assert (r.status, r.json()["code"]) == (status, code), (method, path, r.body)
+                assert set(r.json()) == {"code", "message", "retryable", "details"}
+            w = await Wire.open(a)  # a declared body over the frame limit: answered at once
+            await w.write(b"POST /v1/sessions/s1/messages HTTP/1.1\r\nHost: t\r\n"
+                          b"Content-Length: 5000000\r\n\r\n{")  # fmt: skip
+            r = await w.answer(b"POST")
+            assert r.status == 413 and r.json()["details"] == {"limit": 4 << 20}
+            assert await w.closed()
+            r = await call(a, "POST", "/v1/sessions/s1/messages", message("x" * (1 << 20)))
+            assert r.status == 413 and r.json()["code"] == "too_large"  # the native limit
+
+    run(main())
+
+
+def test_keep_alive_and_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path) as a:
+            await call(a, "POST", "/v1/sessions", {"user_id": "u1", "agent_id": "a1",
+                                                   "metadata": {}, "session_id": "s1"})  # fmt: skip
+            w = await Wire.open(a)
+            raw = b"".join(
+                http("POST", "/v1/sessions/s1/messages", message(f"m{i}")) for i in range(20)
+            )
+            await w.write(raw + http("GET", "/health/live"))
+            seqs = [(await w.answer(b"POST")).json()["seq"] for _ in range(20)]
+            assert seqs == list(range(1, 21))
+            assert (await w.answer()).json()["status"] == "live"
+            await w.close()
+
+    run(main())
+
+
+def test_the_bearer_token_is_checked_as_the_hello_token(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path, tokens=["s3cret"]) as a:
+            r = await call(a, "GET", "/v1/users/u1/sessions")
+            assert r.status == 401 and r.json()["code"] == "unauthorized"
+            assert r.headers["www-authenticate"] == "Bearer"
+            r = await call(a, "GET", "/v1/users/u1/sessions", authorization="Bearer nope")
+            assert r.status == 401
+            r = await call(a, "GET", "/v1/users/u1/sessions", authorization="Basic s3cret")
+            assert r.status == 401
+            r = await call(a, "GET", "/v1/users/u1/sessions", authorization="Bearer s3cret")
+            assert r.status == 200 and r.json() == {"sessions": [], "next_cursor": None}
+            e = await Events.open(a, "/v1/users/u1/inbox/events")
+            assert e.status == 401
+            await e.close()
+
+    run(main())
+
+
+def test_requests_count_against_the_client_connection_cap(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path, connections_max=1) as a:
+            e = await Events.open(a, "/v1/users/u1/inbox/events")
+            assert e.status == 200
+            r = await call(a, "GET", "/v1/users/u1/sessions")
+            assert r.status == 503 and r.json()["code"] == "unavailable"
+            assert r.headers["retry-after"] == "1" and r.json()["retryable"] is True
+            await e.close()
+            for _ in range(50):
+                r = await call(a, "GET", "/v1/users/u1/sessions")
+                if r.status == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert r.status == 200
+
+    run(main())
+
+
+# -- CORS and OpenAPI ----------------------------------------------------------------------------
+def test_cors_is_answered_for_the_allowed_origins_only(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            a = w.address
+            r = await call(a, "GET", "/v1/users/u1/sessions", origin="https://app.example")
+            assert r.status == 200 and "access-control-allow-origin" not in r.headers
+            r = await call(a, "OPTIONS", "/v1/sessions", origin="https://app.example")
+            assert r.status == 403
+            assert w.ops.api is not None
+            w.ops.api.cors_origins = frozenset({"https://app.example"})
+            r = await call(a, "OPTIONS", "/v1/sessions/s1/messages", origin="https://app.example",
+                           access_control_request_method="POST")  # fmt: skip
+            assert r.status == 204
+            assert r.headers["access-control-allow-origin"] == "https://app.example"
+            assert "authorization" in r.headers["access-control-allow-headers"]
+            assert "POST" in r.headers["access-control-allow-methods"]
+            r = await call(a, "GET", "/v1/users/u1/sessions", origin="https://app.example")
+            assert r.headers["access-control-allow-origin"] == "https://app.example"
+            r = await call(a, "GET", "/v1/sessions/x", origin="https://app.example")
+            assert r.status == 404 and "access-control-allow-origin" in r.headers
+            r = await call(a, "GET", "/v1/users/u1/sessions", origin="https://evil.example")
+            assert "access-control-allow-origin" not in r.headers
+
+    run(main())
+
+
+def test_the_cors_origins_are_a_config_key() -> None:
+    from ctxstore.config import ConfigError, load
+
+    s = load(environ={"CTXSTORE_WEB_CORS_ORIGIN": "https://a.example,http://b:8080"})
+    assert s.web_cors_origin == ["https://a.example", "http://b:8080"]
+    assert load(flags={"web_cors_origin": ["*"]}).web_cors_origin == ["*"]
+    with pytest.raises(ConfigError, match="web_cors_origin"):
+        load(flags={"web_cors_origin": ["https://a.example/path"]})
+
+
+def test_the_openapi_document_describes_the_real_answers(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path) as a:
+            doc = (await call(a, "GET", "/v1/openapi.json")).json()
+            assert doc["openapi"] == "3.1.0"
+            schemas = doc["components"]["schemas"]
+
+            def check_refs(obj: Any) -> None:
+                if isinstance(obj, dict):
+                    ref = obj.get("$ref")
+                    if ref is not None:
+                        assert ref.startswith("#/components/schemas/")
+                        assert ref.rsplit("/", 1)[1] in schemas, ref
+                    for v in obj.values():
+                        check_refs(v)
+                elif isinstance(obj, list):
+                    for v in obj:
+                        check_refs(v)
+
+            check_refs(doc)
+            ops = {(m, p): op for p, item in doc["paths"].items() for m, op in item.items()}
+            assert {op["operationId"] for op in ops.values()} >= {
+                "create_session", "get_session", "list_sessions", "append", "read", "mark_read",
+                "subscribe", "subscribe_inbox",
+            }  # fmt: skip
+            # a real answer of each operation against its schema's required fields and types
+            body = {"user_id": "u1", "agent_id": "a1", "metadata": {}, "session_id": "s1"}
+            answers = {
+                ("post", "/v1/sessions"): await call(a, "POST", "/v1/sessions", body),
+                ("get", "/v1/sessions/{session_id}"): await call(a, "GET", "/v1/sessions/s1"),
+                ("post", "/v1/sessions/{session_id}/messages"): await call(
+                    a, "POST", "/v1/sessions/s1/messages", message("hi")),
+                ("get", "/v1/sessions/{session_id}/messages"): await call(
+                    a, "GET", "/v1/sessions/s1/messages"),
+                ("post", "/v1/sessions/{session_id}/read"): await call(
+                    a, "POST", "/v1/sessions/s1/read", {"user_id": "u1", "seq": 1}),
+                ("get", "/v1/users/{user_id}/sessions"): await call(
+                    a, "GET", "/v1/users/u1/sessions"),
+            }  # fmt: skip
+            for (m, p), r in answers.items():
+                assert r.status == 200, (m, p, r.body)
+                schema = ops[(m, p)]["responses"]["200"]["content"]["application/json"]["schema"]
+                conform(r.json(), schema, schemas)
+            r = await call(a, "GET", "/v1/sessions/zz")
+            err = ops[("get", "/v1/sessions/{session_id}")]["responses"]["404"]
+            conform(r.json(), err["content"]["application/json"]["schema"], schemas)
+
+    run(main())
+
+
+def conform(value: Any, schema: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """A small JSON Schema check (jsonschema is not installed): refs, types, required fields,
+    no extra properties where the schema forbids them, anyOf."""
+    if "$ref" in schema:
+        conform(value, schemas[schema["$ref"].rsplit("/", 1)[1]], schemas)
+        return
+    if "anyOf" in schema:
+        errors = []
+        for option in schema["anyOf"]:
+            try:
+                conform(value, option, schemas)
+                return
+            except AssertionError as e:
+                errors.append(e)
+        raise AssertionError(f"{value!r} matches no option: {errors}")
+    kinds = {"object": dict, "array": list, "string": str, "integer": int, "boolean": bool,
+             "null": type(None)}  # fmt: skip
+    kind = schema.get("type")
+    if kind is not None:
+        assert isinstance(value, kinds[kind]), (value, schema)
+    if "enum" in schema:
+        assert value in schema["enum"]
+    if isinstance(value, dict) and kind == "object":
+        for name in schema.get("required", []):
+            assert name in value, (name, value)
+        props = schema.get("properties", {})
+        if schema.get("additionalProperties") is False:
+            assert set(value) <= set(props), (value, props)
+        for name, v in value.items():
+            if name in props:
+                conform(v, props[name], schemas)
+    if isinstance(value, list) and "items" in schema:
+        for v in value:
+            conform(v, schema["items"], schemas)
+
+
+# -- Server-Sent Events --------------------------------------------------------------------------
+def test_session_events_replay_then_live_then_resume_by_last_event_id(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path) as a:
+            await call(a, "POST", "/v1/sessions", {"user_id": "u1", "agent_id": "a1",
+                                                   "metadata": {}, "session_id": "s1"})  # fmt: skip
+            for i in range(1, 4):
+                await call(a, "POST", "/v1/sessions/s1/messages", message(f"m{i}"))
+            e = await Events.open(a, "/v1/sessions/s1/events?after_seq=1")
+            assert e.status == 200
+            assert e.response is not None
+            assert dict(e.response.headers)[b"content-type"] == b"text/event-stream"
+            assert await e.next() == (None, "subscribed", {"last_seq": 3})
+            got = [await e.next() for _ in range(2)]
+            assert [(i, ev, d["content"]) for i, ev, d in got] == [
+                (2, "message", "m2"), (3, "message", "m3")]  # fmt: skip
+            await call(a, "POST", "/v1/sessions/s1/messages", message("m4"))
+            ident, _, data = await e.next()
+            assert ident == 4 and data["content"] == "m4" and data["seq"] == 4
+            await e.close()
+            await call(a, "POST", "/v1/sessions/s1/messages", message("m5"))
+            e = await Events.open(a, "/v1/sessions/s1/events?after_seq=0", last_event_id="4")
+            assert (await e.next())[1] == "subscribed"
+            assert (await e.next())[0] == 5
+            await e.close()
+            e = await Events.open(a, "/v1/sessions/nope/events")
+            assert e.status == 404
+            e = await Events.open(a, "/v1/sessions/s1/events", last_event_id="x")
+            assert e.status == 400
+            e = await Events.open(a, "/v1/sessions/s1/events?after_seq=99")
+            assert e.status == 400
+
+    run(main())
+
+
+def test_inbox_events_are_a_snapshot_then_deltas(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path) as a:
+            await call(a, "POST", "/v1/sessions", {"user_id": "u1", "agent_id": "a1",
+                                                   "metadata": {}, "session_id": "s1"})  # fmt: skip
+            e = await Events.open(a, "/v1/users/u1/inbox/events")
+            _, name, snap = await e.next()
+            assert name == "snapshot" and snap["truncated"] is False
+            assert [x["session_id"] for x in snap["entries"]] == ["s1"]
+            await call(a, "POST", "/v1/sessions/s1/messages", message("hello"))
+            _, name, delta = await e.next()
+            assert name == "delta" and delta["entries"][0]["last_seq"] == 1
+            await e.close()
+
+    run(main())
+
+
+def test_the_node_survives_1000_malformed_http_requests(tmp_path: Path) -> None:
+    async def main() -> None:
+        rng = random.Random(18)
+        pieces = [b"POST /v1/sessions HTTP/1.1\r\n", b"GET /v1/sessions/", b"\r\n", b"\x00",
+                  b"Content-Length: 5\r\n", b"Content-Length: 99999999999\r\n", b"{", b"}",
+                  b"Transfer-Encoding: chunked\r\n", b"zz\r\n", b"Host: t\r\n", b"%ff", b"?a=",
+                  b"Last-Event-ID: -1\r\n", b"GET /v1/sessions/s1/events HTTP/1.0\r\n",
+                  b"Authorization: Bearer\r\n", b'{"user_id": 1}', b"\xff\xfe"]  # fmt: skip
+        async with api_node(tmp_path) as a:
+
+            async def one(i: int) -> None:
+                raw = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+                with contextlib.suppress(OSError, asyncio.TimeoutError):
+                    r, w = await asyncio.open_connection(*a)
+                    w.write(raw)
+                    if i % 2:
+                        w.write_eof()
+                    await w.drain()
+                    await asyncio.wait_for(r.read(65536), 0.5)
+                    w.close()
+
+            for start in range(0, 1000, 50):
+                await asyncio.gather(*(one(i) for i in range(start, start + 50)))
+            r = await call(a, "GET", "/v1/users/u1/sessions")
+            assert r.status == 200
+
+    run(main(), 120)
+
+
+def test_session_events_resume_by_last_event_id_across_a_node_kill(tmp_path: Path) -> None:
+    """Three real nodes; the stream's node is killed -9 mid-conversation; the reader resumes
+    from another node with ``Last-Event-ID`` and gets every message once, in order."""
+
+    async def main() -> None:
+        cluster = LocalCluster(3, str(tmp_path), extra_args=FAST)
+        await cluster.start()
+        try:
+            ops = {i: c.ops for i, c in cluster.children.items()}
+            body = {"user_id": "u1", "agent_id": "a1", "metadata": {}, "session_id": "s1"}
+            assert (await call(ops[2], "POST", "/v1/sessions", body)).status == 200
+            seen: list[int] = []
+            e = await Events.open(ops[1], "/v1/sessions/s1/events")
+            assert (await e.next())[1] == "subscribed"
+            sent = 0
+
+            async def send(n: int, node: int) -> None:
+                nonlocal sent
+                for _ in range(n):
+                    sent += 1
+                    for _attempt in range(100):  # until acknowledged (same client_msg_id)
+                        r = await call(ops[node], "POST", "/v1/sessions/s1/messages",
+                                       message(f"m{sent}", client_msg_id=f"c{sent}"))  # fmt: skip
+                        if r.status == 200:
+                            break
+                        assert r.status in (503, 504), r.body
+                        await asyncio.sleep(0.1)
+
+            await send(10, 2)
+            while len(seen) < 10:
+                ident, name, data = await e.next()
+                assert name == "message" and ident == data["seq"]
+                seen.append(ident)
+            cluster.kill(1)
+            await cluster.wait_exit(1)
+            await e.close()
+            await send(10, 3)
+            e = await Events.open(ops[2], "/v1/sessions/s1/events", last_event_id=str(seen[-1]))
+            assert e.status == 200
+            assert (await e.next())[1] == "subscribed"
+            while len(seen) < 20:
+                ident, name, data = await e.next()
+                assert name == "message" and data["content"] == f"m{ident}"
+                seen.append(ident)
+            assert seen == list(range(1, 21))
+            await e.close()
+        finally:
+            await cluster.stop()
+
+    run(main(), 150)
