@@ -52,7 +52,7 @@ from .static import assets
 from .web import PATH as WEB_SOCKET_PATH
 from .web import WebCollector, WebGateway, WebLimits
 from .web_http import PREFIX as API_PREFIX
-from .web_http import HttpApi
+from .web_http import HttpApi, HttpApiCollector
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ class OpsConnection(asyncio.Protocol):
         self._api_request: h11.Request | None = None  # an API request whose body is read
         self._body = bytearray()
         self._awaiting = False  # the API answers the request later: parse nothing meanwhile
+        self._api_head = False  # the request answered is a HEAD (its answer has no body)
         self._processing = False
         self.on_lost: Callable[[], None] | None = None  # the API's, while it answers
 
@@ -356,6 +357,7 @@ class OpsConnection(asyncio.Protocol):
         assert api is not None and request is not None
         body, self._api_request, self._body = bytes(self._body), None, bytearray()
         self._awaiting = True
+        self._api_head = request.method == b"HEAD"
         if self._idle is not None:  # the API answers within the request deadline
             self._idle.cancel()
             self._idle = None
@@ -368,7 +370,8 @@ class OpsConnection(asyncio.Protocol):
         if self._closing:
             return
         self._awaiting = False
-        self._respond(status, ctype, body, close=close, extra=headers)
+        self._respond(status, ctype, body, head=self._api_head, close=close, extra=headers)
+        self._api_head = False
         if self._api_request is None and self.h11.their_state is h11.DONE:
             self._next_cycle()
         self._process()
@@ -497,6 +500,7 @@ async def serve_ops(
         server.routes[path] = _fixed((200, ctype, body))
     server.api = HttpApi(clients, cors_origins)
     source.metrics.registry.register(WebCollector(gateway))
+    source.metrics.registry.register(HttpApiCollector(server.api))
     server.gateway = gateway
 
     def on_close() -> None:

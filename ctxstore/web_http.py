@@ -35,7 +35,7 @@ import logging
 import re
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, Union, get_args, get_origin
 from urllib.parse import parse_qsl, unquote
@@ -43,6 +43,8 @@ from urllib.parse import parse_qsl, unquote
 import h11
 import msgspec
 import msgspec.msgpack
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from wire.aio import Connection, Server
 from wire.protocol import (
@@ -481,11 +483,37 @@ class Exchange:
         self._end()
 
 
+class HttpApiCollector(Collector):
+    """The HTTP API's metrics (registered with the node's ``NodeMetrics``)."""
+
+    def __init__(self, api: HttpApi) -> None:
+        self.api = api
+
+    def collect(self) -> Iterator[Any]:
+        api = self.api
+        yield CounterMetricFamily(
+            "ctxstore_http_api_requests_total", "HTTP API requests (/v1, but /v1/ws).",
+            value=api.requests,
+        )  # fmt: skip
+        errors = CounterMetricFamily(
+            "ctxstore_http_api_errors_total", "HTTP API error answers by status.",
+            labels=["status"],
+        )  # fmt: skip
+        for status, n in sorted(api.errors.items()):
+            errors.add_metric([str(status)], n)
+        yield errors
+        yield GaugeMetricFamily(
+            "ctxstore_http_api_event_streams", "Open Server-Sent Events streams.",
+            value=len(api.streams),
+        )  # fmt: skip
+
+
 __all__ = [
     "PREFIX",
     "STATUS",
     "Exchange",
     "HttpApi",
+    "HttpApiCollector",
     "HttpHost",
     "Route",
     "answer_json",

@@ -15,6 +15,7 @@ import h11
 import msgspec
 import pytest
 
+from bench.nodestats import parse_metrics
 from ctxstore.launcher import LocalCluster
 from ctxstore.web_http import answer_twin
 from wire.protocol import Appended, Error, Messages, ReadMarked, SessionInfo, SessionList
@@ -199,6 +200,13 @@ def test_every_route_answers_and_its_errors_have_their_status(tmp_path: Path) ->
             assert await w.closed()
             r = await call(a, "POST", "/v1/sessions/s1/messages", message("x" * (1 << 20)))
             assert r.status == 413 and r.json()["code"] == "too_large"  # the native limit
+            r = await call(a, "HEAD", "/v1/sessions/s1")
+            assert r.status == 405 and r.body == b"" and r.headers["allow"] == "GET"
+            r = await call(a, "GET", "/v1/sessions/s1")  # the port goes on
+            assert r.status == 200
+            metrics = parse_metrics((await call(a, "GET", "/metrics")).body.decode())
+            assert metrics["ctxstore_http_api_requests_total"] >= 25
+            assert metrics['ctxstore_http_api_errors_total{status="404"}'] >= 4
 
     run(main())
 
