@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -220,7 +221,8 @@ class EventStream(asyncio.Protocol):
         head = [("content-type", ctype), ("content-length", str(len(body))),
                 ("cache-control", "no-store"), *headers, ("connection", "close")]  # fmt: skip
         try:
-            out = self.h11.send(h11.Response(status_code=status, headers=head))
+            reason = HTTPStatus(status).phrase.encode()
+            out = self.h11.send(h11.Response(status_code=status, headers=head, reason=reason))
             out = (out or b"") + (self.h11.send(h11.Data(data=body)) or b"")
             out += self.h11.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
@@ -240,7 +242,8 @@ class EventStream(asyncio.Protocol):
             ("x-accel-buffering", "no"),
             *self.api.cors(self.request),
         ]
-        self.transport.write(self.h11.send(h11.Response(status_code=200, headers=headers)) or b"")
+        response = h11.Response(status_code=200, headers=headers, reason=b"OK")
+        self.transport.write(self.h11.send(response) or b"")
         self._keepalive = self._loop.call_later(self.limits.keepalive_s, self._keepalive_tick)
 
     def _write(self, data: bytes | bytearray) -> None:

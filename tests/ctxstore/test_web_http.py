@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -402,6 +403,7 @@ def test_session_events_replay_then_live_then_resume_by_last_event_id(tmp_path: 
             assert e.status == 200
             assert e.response is not None
             assert dict(e.response.headers)[b"content-type"] == b"text/event-stream"
+            assert e.response.reason == b"OK"
             assert await e.next() == (None, "subscribed", {"last_seq": 3})
             got = [await e.next() for _ in range(2)]
             assert [(i, ev, d["content"]) for i, ev, d in got] == [
@@ -422,6 +424,27 @@ def test_session_events_replay_then_live_then_resume_by_last_event_id(tmp_path: 
             e = await Events.open(a, "/v1/sessions/s1/events?after_seq=99")
             assert e.status == 400
 
+    run(main())
+
+
+def test_curl_follows_a_session_and_resumes_by_last_event_id(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path) as a:
+            body = {"user_id": "u1", "agent_id": "a1", "metadata": {}, "session_id": "s1"}
+            await call(a, "POST", "/v1/sessions", body)
+            for i in range(1, 4):
+                await call(a, "POST", "/v1/sessions/s1/messages", message(f"m{i}"))
+            url = f"http://{a[0]}:{a[1]}/v1/sessions/s1/events"
+            curl = await asyncio.create_subprocess_exec(
+                "curl", "-sN", "--max-time", "2", "-H", "Last-Event-ID: 1", url,
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, _ = await curl.communicate()
+            ids = [line for line in out.decode().split("\n") if line.startswith("id: ")]
+            assert ids == ["id: 2", "id: 3"], out
+
+    if shutil.which("curl") is None:
+        pytest.skip("no curl")
     run(main())
 
 
