@@ -39,7 +39,7 @@ export class CtxstoreError extends Error {
   }
 }
 
-const closedError = () => new CtxstoreError("unavailable", "client closed", false);
+const closedError = () => new CtxstoreError("unavailable", "closed by the client", false);
 
 /** A fresh client_msg_id: "c-" and 128 random bits (crypto.getRandomValues works on http too). */
 export function newClientMsgId() {
@@ -223,6 +223,10 @@ export class Subscription {
   }
 
   _attached(link, answer) {
+    if (this.closed) {
+      this._unsubscribe(link, answer.sub_id); // closed while subscribing
+      return;
+    }
     this.link = link;
     this.subId = answer.sub_id;
     link.subs.set(answer.sub_id, this);
@@ -244,8 +248,12 @@ export class Subscription {
         await link.request(this._request(), client.options.requestTimeoutMs, (answer) =>
           this._attached(link, answer),
         );
+        if (this.closed) throw closedError();
       } catch (e) {
-        if (this.closed) return;
+        if (this.closed) {
+          first?.reject(closedError());
+          return;
+        }
         if (!(e instanceof CtxstoreError) || !e.retryable) {
           this._end(e, first);
           return;

@@ -162,6 +162,29 @@ describe("against a scripted node", () => {
     }
   });
 
+  test("a subscription closed while subscribing is unsubscribed once it is made", async () => {
+    const server = fakeServer((m, reply) => {
+      if (m.type === "subscribe") {
+        setTimeout(() => reply({ type: "subscribed", rid: m.rid, sub_id: 7, last_seq: 0 }), 50);
+      } else if (m.type === "unsubscribe") {
+        reply({ type: "unsubscribed", rid: m.rid, sub_id: m.sub_id });
+      }
+    });
+    const client = await connect({ targets: ["ws://fake:1"], WebSocket: server.WebSocket, ...FAST });
+    try {
+      const events = [];
+      const made = client.subscribe("s1", {}, (e) => events.push(e)).catch((e) => e.code);
+      await until(() => server.received.some((m) => m.type === "subscribe"));
+      client.subs.values().next().value.close();
+      await until(() => server.received.some((m) => m.type === "unsubscribe" && m.sub_id === 7));
+      server.sockets[0].push({ type: "message_event", sub_id: 7, messages: [msg(1)] });
+      assert.equal(await made, "unavailable"); // closed before it was made
+      assert.deepEqual(events, []);
+    } finally {
+      client.close();
+    }
+  });
+
   test("an unauthorized hello fails connect; targets are normalised", async () => {
     const server = fakeServer(() => {});
     const Refusing = class extends server.WebSocket {
