@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import random
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -445,6 +446,41 @@ def test_curl_follows_a_session_and_resumes_by_last_event_id(tmp_path: Path) -> 
 
     if shutil.which("curl") is None:
         pytest.skip("no curl")
+    run(main())
+
+
+def test_an_event_stream_that_is_never_read_is_bounded_and_cut_off(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path, write_stall_timeout_s=1.0) as w:
+            a = w.address
+            body = {"user_id": "u1", "agent_id": "a1", "metadata": {}, "session_id": "s1"}
+            await call(a, "POST", "/v1/sessions", body)
+            for _ in range(20):  # 10 MB of history
+                r = await call(a, "POST", "/v1/sessions/s1/messages", message("y" * 500_000))
+                assert r.status == 200
+            _reader, writer = await asyncio.open_connection(*a)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+            writer.write(http("GET", "/v1/sessions/s1/events"))
+            api = w.ops.api
+            assert api is not None
+            high = 0
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                for stream in api.streams:
+                    high = max(high, stream.transport.get_write_buffer_size())
+            # The native subscription's flow control: pushes wait while the socket's buffer
+            # is over its high-water mark (1 MiB), so about one batch (1 MiB) more at most.
+            assert 0 < high < 3 * 1024 * 1024
+            for _ in range(60):  # the write-stall timeout: cut off
+                if not api.streams:
+                    break
+                await asyncio.sleep(0.05)
+            assert not api.streams and w.clients.stalled_closed == 1
+            assert w.clients.pending_bytes == 0 and not w.clients.connections
+            writer.close()
+            assert (await call(a, "GET", "/v1/sessions/s1")).status == 200
+
     run(main())
 
 
