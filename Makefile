@@ -40,7 +40,7 @@ pytest: $(STAMP)
 
 # The browser client (clients/js) under Node's own test runner, against a real node; Node 20
 # needs --experimental-websocket for its WebSocket (later versions have it on).
-NODE_WS := $(shell node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' 2>/dev/null || echo --experimental-websocket)
+NODE_WS := $(shell { node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)'; } 2>/dev/null || echo --experimental-websocket)
 jstest: $(STAMP)
 	@command -v node >/dev/null || { echo "jstest: node (>= 20) is required" >&2; exit 1; }
 	node $(NODE_WS) --test clients/js/test/*.test.js
