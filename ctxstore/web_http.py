@@ -371,7 +371,10 @@ class HttpApi:
     ) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name, raw in zip(route.params, m.groups(), strict=True):
-            values[name] = unquote(raw, errors="strict")
+            try:
+                values[name] = unquote(raw, errors="strict")
+            except UnicodeDecodeError:
+                raise _BadInput(f"{name}: not UTF-8 once percent-decoded") from None
         if route.query is not None:
             values.update(decode_query(route.query, raw_query))
         elif raw_query:

@@ -180,6 +180,8 @@ def test_every_route_answers_and_its_errors_have_their_status(tmp_path: Path) ->
                 ("POST", "/v1/sessions/nope/messages", message("x"), 404, "not_found"),
                 ("GET", "/v1/nothing", None, 404, "not_found"),
                 ("GET", "/v1/sessions/bad%20id", None, 400, "bad_request"),
+                ("GET", "/v1/sessions/%ff", None, 400, "bad_request"),
+                ("GET", "/v1/sessions/s1/messages?after_seq=%ff", None, 400, "bad_request"),
                 ("GET", "/v1/sessions/s1/messages?limit=0", None, 400, "bad_request"),
                 ("GET", "/v1/sessions/s1/messages?limit=x", None, 400, "bad_request"),
                 ("GET", "/v1/sessions/s1/messages?extra=1", None, 400, "bad_request"),
