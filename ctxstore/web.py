@@ -6,8 +6,8 @@ the transport's protocol becomes a ``WebSocket`` on the same event loop.
 
 A ``WebSocket`` carries one native connection (``wire.aio.Connection`` of the client port's
 ``Server``, served by the same ``Service``): each WebSocket message is one native frame's body
-(``web_codec`` converts JSON), and the native connection writes into a ``_Tunnel``, a
-transport that sends each frame it is given as one WebSocket message.  So every rule of the
+(``web_codec`` converts JSON), and the native connection writes into a ``web_pipe.Pipe``, a
+transport whose frames the WebSocket sends one per message.  So every rule of the
 native port holds as it is: the Hello and its token, rids, sub_ids, pushes, error codes, the
 bounds on requests in flight and on bytes held per connection and per node, the connection
 caps, the idle, hello and write-stall timeouts, the goodbye.
@@ -75,6 +75,7 @@ from .web_codec import (
     goodbye_of,
     json_text,
 )
+from .web_pipe import Pipe
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class WebSocket(asyncio.Protocol):
         self.json = subprotocol == JSON
         self.subprotocol = subprotocol
         self.inner = Connection(gateway.clients)
-        self.tunnel = _Tunnel(self)
+        self.tunnel = Pipe(self, transport, transport.get_extra_info)
         self._loop = asyncio.get_running_loop()
         self._message = bytearray()  # the message being received (its fragments so far)
         self._frames = bytearray()  # native frames to hand to ``inner`` after this read
@@ -362,6 +363,17 @@ class WebSocket(asyncio.Protocol):
                 self.gateway.limits.close_timeout_s, self.transport.abort
             )
 
+    # the pipe's owner (``web_pipe.PipeOwner``) --------------------------------------------------
+    def pipe_closed(self) -> None:
+        self.close_after_goodbye()
+
+    def pipe_aborted(self) -> None:
+        self.cut_off()
+
+    @property
+    def pipe_closing(self) -> bool:
+        return self._closed
+
     def set_reading(self, reading: bool) -> None:
         """What the native connection wants (it stops reading at its bounds)."""
         self._inner_reading = reading
@@ -391,44 +403,6 @@ class WebSocket(asyncio.Protocol):
             return
         self._send(Ping())
         self._keepalive = self._loop.call_later(limits.ping_interval_s, self._keepalive_check)
-
-
-class _Tunnel(asyncio.Transport):
-    """The transport the native connection writes into: its frames become messages."""
-
-    def __init__(self, socket: WebSocket) -> None:
-        super().__init__()
-        self.socket = socket
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.socket.write_frames(data)
-
-    def close(self) -> None:
-        self.socket.close_after_goodbye()
-
-    def abort(self) -> None:
-        self.socket.cut_off()
-
-    def is_closing(self) -> bool:
-        return self.socket._closed
-
-    def get_write_buffer_size(self) -> int:
-        return self.socket.transport.get_write_buffer_size()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self.socket.transport.set_write_buffer_limits(high, low)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.socket.transport.get_extra_info(name, default)
-
-    def pause_reading(self) -> None:
-        self.socket.set_reading(False)
-
-    def resume_reading(self) -> None:
-        self.socket.set_reading(True)
-
-    def is_reading(self) -> bool:
-        return self.socket._inner_reading
 
 
 class WebCollector(Collector):

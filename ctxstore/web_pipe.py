@@ -1,9 +1,12 @@
-"""The transport a native connection (``wire.aio.Connection``) of the HTTP API writes into.
+"""The transport a native connection (``wire.aio.Connection``) of the web port writes into.
 
-An API request or an event stream (``web_http``, ``web_sse``) is served by a native connection
-that has no socket of its own: it writes its frames into a ``Pipe``, which gives them to its
-owner; the owner's socket (if it has one: ``flow``) is what the write-buffer and flow-control
-questions are about.  Without ``flow`` the pipe has no buffer (an answer is written at once).
+A WebSocket, an API request or an event stream (``web``, ``web_http``, ``web_sse``) is served
+by a native connection that has no socket of its own: it writes its frames into a ``Pipe``,
+which gives them to its owner (which sends them as WebSocket messages, an HTTP answer or
+events); the owner's socket (if it has one: ``flow``) is what the write-buffer and
+flow-control questions are about.  Without ``flow`` the pipe has no buffer (an answer is
+written at once).  The native connection's close and abort, and its wish to stop or resume
+reading, go to the owner.
 """
 
 from __future__ import annotations
