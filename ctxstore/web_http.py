@@ -153,10 +153,6 @@ def answer_json(message: Response | Push) -> bytes:
     return encode_json(msgspec.convert(message, answer_twin(type(message)), from_attributes=True))
 
 
-def error_json(code: str, message: str, **details: Any) -> bytes:
-    return answer_json(error(0, code, message, **details))  # type: ignore[arg-type]
-
-
 # -- the routes --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Route:
@@ -273,19 +269,25 @@ class HttpApi:
         *, status: int | None = None, close: bool = False, extra: Sequence[tuple[str, str]] = (),
         **details: Any,
     ) -> None:  # fmt: skip
-        status = status or STATUS.get(code, 500)
+        e = error(0, code, message, **details)  # type: ignore[arg-type]
+        self._send_error(http, request, e, status, close, extra)
+
+    def _send_error(
+        self, http: HttpHost, request: h11.Request, e: Error, status: int | None = None,
+        close: bool = False, extra: Sequence[tuple[str, str]] = (),
+    ) -> None:  # fmt: skip
+        status = status or STATUS.get(e.code, 500)
         self.errors[status] = self.errors.get(status, 0) + 1
         headers = [*self.cors(request), *extra]
         if status in (429, 503):
             headers.append(("retry-after", str(RETRY_AFTER_S)))
         if status == 401:
             headers.append(("www-authenticate", "Bearer"))
-        body = error_json(code, message, **details)
-        http.answer(status, "application/json", body, headers, close)
+        http.answer(status, "application/json", answer_json(e), headers, close)
 
     def reply_message(self, http: HttpHost, request: h11.Request, message: Response) -> None:
         if isinstance(message, Error):
-            self.reply_error(http, request, message.code, message.message, **message.details)
+            self._send_error(http, request, message)
             return
         http.answer(200, "application/json", answer_json(message), self.cors(request), False)
 
@@ -521,6 +523,5 @@ __all__ = [
     "Route",
     "answer_json",
     "answer_twin",
-    "error_json",
     "http_twin",
 ]

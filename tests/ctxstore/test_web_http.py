@@ -602,3 +602,31 @@ def test_session_events_resume_by_last_event_id_across_a_node_kill(tmp_path: Pat
             await cluster.stop()
 
     run(main(), 150)
+
+
+def test_an_errors_details_are_passed_whatever_their_names() -> None:
+    """A native error's details are its own: keys that are also parameter names (status,
+    close, code) neither break the answer nor change its status."""
+    from ctxstore.web_http import HttpApi
+
+    class Host:
+        answers: list[tuple[int, bytes, list[tuple[str, str]], bool]] = []
+
+        def answer(
+            self, status: int, ctype: str, body: bytes, headers: list[tuple[str, str]], close: bool
+        ) -> None:
+            self.answers.append((status, body, headers, close))
+
+    class Clients:
+        max_frame_bytes = 4 << 20
+
+    api = HttpApi(Clients())  # type: ignore[arg-type]
+    host = Host()
+    request = h11.Request(method="GET", target="/v1/sessions/s1", headers=[("host", "t")])
+    e = Error(2, "unavailable", "busy", True, {"status": 200, "close": True, "code": "x",
+                                               "extra": 1})  # fmt: skip
+    api.reply_message(host, request, e)  # type: ignore[arg-type]
+    ((status, body, headers, close),) = host.answers
+    assert status == 503 and not close and ("retry-after", "1") in headers
+    assert msgspec.json.decode(body)["details"] == {"status": 200, "close": True, "code": "x",
+                                                    "extra": 1}  # fmt: skip
