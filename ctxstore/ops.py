@@ -24,9 +24,10 @@ Rules of this module:
   above ``write_buffer_high_bytes`` the connection stops parsing and reading.
 - Bounded: at most ``connections_max`` connections, and one that completes no request within
   ``idle_timeout_s`` is closed.  A new connection always gets in: when all are taken, the one
-  that has been quiet the longest (no request completed, or none since it opened) is closed
-  for it, so idle or stalled connections cannot keep a health check out (evictions are logged
-  once per 10 s with a count).
+  that has been quiet the longest (no request completed, or none since it opened; not one
+  waiting for the API's answer, unless all are) is closed for it, so idle or stalled
+  connections cannot keep a health check out (evictions are logged once per 10 s with a
+  count).
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ class OpsConnection(asyncio.Protocol):
         server = self.server
         limits = server.limits
         if len(server.connections) >= limits.connections_max:
-            quietest = min(server.connections, key=lambda c: c.active_s)
+            # (one waiting for the API's answer is not quiet: closing it would lose the answer)
+            quietest = min(server.connections, key=lambda c: (c._awaiting, c.active_s))
             server.connections.discard(quietest)
             server.evicted.note(
                 f"ops: {limits.connections_max} connections open; closing the quietest"

@@ -630,3 +630,39 @@ def test_an_errors_details_are_passed_whatever_their_names() -> None:
     assert status == 503 and not close and ("retry-after", "1") in headers
     assert msgspec.json.decode(body)["details"] == {"status": 200, "close": True, "code": "x",
                                                     "extra": 1}  # fmt: skip
+
+
+def test_at_the_http_connection_cap_a_request_in_flight_is_not_the_one_closed() -> None:
+    """The HTTP port closes its quietest connection for a new one; a connection whose API
+    request is still in flight is not quiet (closing it would lose an answer, maybe an ack)."""
+    from ctxstore.ops import OpsConnection
+
+    from .test_ops import fake_ops, fetch, get
+
+    class SlowApi:
+        body_bytes_max = 1024
+        waiting: list[OpsConnection] = []
+
+        def handle(self, http: OpsConnection, request: h11.Request, body: bytes) -> None:
+            self.waiting.append(http)  # answered later
+
+    async def main() -> None:
+        async with fake_ops(connections_max=2) as (ops, _):
+            api = SlowApi()
+            ops.api = api  # type: ignore[assignment]
+            asking = await Wire.open(ops.address)
+            await asking.write(get("/v1/sessions/s1"))
+            while not api.waiting:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)
+            other = await Wire.open(ops.address)
+            await other.write(get("/health/live"))
+            assert (await other.answer()).status == 200
+            await asyncio.sleep(0.01)
+            assert (await fetch(ops.address, "/health/live")).status == 200  # one more
+            assert await other.closed()  # the quietest that is not waiting for an answer
+            api.waiting[0].answer(200, "application/json", b"{}", [], False)
+            assert (await asking.answer()).body == b"{}"
+            await asking.close()
+
+    run(main())
