@@ -5,6 +5,7 @@
     ctxstore-bench mixed --nodes 3 --read-ratio 0.5
     ctxstore-bench replay --nodes 3 --backlog 10000 --page 1000 --readers 2
     ctxstore-bench failover --nodes 3 --concurrency 64 --duration 20
+    ctxstore-bench append --nodes 3 --concurrency 256 --via ws    (or ws-json, http: web API)
     ctxstore-bench append --nodes 3 -- --groups 16 --tick-ms 20     (flags after -- go to nodes)
 
 Exit status: 0 when the gate passes, 1 when it does not (p99 over ``--p99-target-ms``, a request
@@ -31,6 +32,7 @@ from .load import WorkerError
 from .report import log, print_report, write_json
 from .scenarios import Target, discover, run_scenario
 from .sysinfo import run_info, wait_quiet
+from .webclients import VIAS
 
 BACKGROUND_WARN_PCT = 10.0
 SCENARIOS = {
@@ -74,6 +76,12 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     g.add_argument("--procs", type=_positive(int), default=None, help="client processes")
     g.add_argument("--route", choices=("leader", "any"), default="leader")
+    g.add_argument(
+        "--via", choices=VIAS, default="native",
+        help="the clients' transport: the native port (default), or each node's HTTP port: "
+        "WebSocket /v1/ws (ws: msgpack, ws-json: JSON) or the HTTP/JSON API (http); "
+        "with --target, --ops names the HTTP ports",
+    )  # fmt: skip
     g.add_argument(
         "--max-outstanding", type=_positive(int), default=10_000,
         help="open loop: requests in flight at most (beyond: skipped as overload)",
@@ -148,6 +156,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                 args.ops_ports[int(node)] = address
         except ValueError:
             p.error("--ops: NODE_ID=HOST:PORT[,...], e.g. 1=10.0.0.1:7600,2=10.0.0.2:7600")
+    if args.via != "native" and args.nodes is None and not args.ops_ports:
+        p.error(f"--via {args.via} with --target: --ops names each node's HTTP port")
     if args.scenario == "failover" and (args.nodes or 0) < 3:
         p.error("failover kills a node of a local cluster: --nodes 3 (or more)")
     if args.scenario == "mixed" and not (0 <= args.read_ratio <= 1 and 1 <= args.read_last <= 1000):
@@ -192,6 +202,7 @@ async def _main(args: argparse.Namespace, argv: Sequence[str], background: float
             log(f"data (and the nodes' logs) kept in {data_dir}")
     doc = {
         "scenario": args.scenario,
+        "via": args.via,
         **run_info(argv, data_dir or args.data_parent or tempfile.gettempdir()),
         "config": config(args),
         "background_pct_of_core": round(background, 1),

@@ -10,6 +10,9 @@ node, see ``routing``) runs its share of the load between the times the parent g
   others are skipped as ``overload``;
 - replay readers (``readers``): new connections that read a backlog session from seq 0 in pages.
 
+The requests go through ``via`` (``routing.new_load_client``): the native port, a WebSocket or
+the HTTP/JSON API of each node; everything else here is the same whatever the transport.
+
 Requests whose start (first send, or intended time) falls in the measured window
 [measure, end) are recorded in the window's histograms (appends and open-loop send lags from
 their logs once the run is over, not in its hot path).  Every append carries a
@@ -39,13 +42,14 @@ from typing import Any, TypeVar
 
 from ctxstore.collector import tune_collector
 from ctxstore.placement import group_of
-from wire.client import Client, ClientError, expect_response
+from wire.client import ClientError, expect_response
 from wire.protocol import Appended, Response
 
 from .histogram import LatencyHistogram
-from .routing import Route, Router, new_client
+from .routing import Route, Router, new_load_client
 from .schedule import OpenLoopSchedule
 from .timeline import window_histogram
+from .webclients import LoadClient, Via
 
 T = TypeVar("T")
 now = time.monotonic  # CLOCK_MONOTONIC: one clock for every process of the machine
@@ -98,6 +102,8 @@ class WorkerSpec:
     retry_for_s: float
     timeout_s: float
     seed: int
+    via: Via = "native"  # the transport (``routing.new_load_client``)
+    web: dict[int, str] = dataclasses.field(default_factory=dict)  # node id -> its HTTP port
 
 
 @dataclasses.dataclass
@@ -129,7 +135,13 @@ class Worker:
         self.counters = counters
         self.rng = random.Random(spec.seed * 1000 + spec.index)
         self.router = Router(
-            spec.nodes, list(spec.leaders), spec.route, token=spec.token, timeout_s=spec.timeout_s
+            spec.nodes,
+            list(spec.leaders),
+            spec.route,
+            token=spec.token,
+            timeout_s=spec.timeout_s,
+            via=spec.via,
+            web=spec.web,
         )
         self.session_ids = [session_id(spec.run_id, i) for i in range(spec.sessions)]
         self.session_groups = [group_of(s, spec.groups) for s in self.session_ids]
@@ -197,7 +209,7 @@ class Worker:
         self,
         group: int,
         start: float,
-        call: Callable[[Client], Awaitable[T]],
+        call: Callable[[LoadClient], Awaitable[T]],
         tried: int = 0,
     ) -> T:
         """``call`` on the node ``group``'s requests go to, until it succeeds.  Raises
@@ -241,7 +253,7 @@ class Worker:
     async def append(self, start: float, sidx: int, n: int, tried: int = 0) -> None:
         sid, content, msg_id = self.session_ids[sidx], self.content, f"{self.msg_prefix}{n}"
 
-        def call(client: Client) -> Awaitable[Any]:
+        def call(client: LoadClient) -> Awaitable[Any]:
             return client.append(sid, content, client_msg_id=msg_id)
 
         try:
@@ -303,7 +315,7 @@ class Worker:
         sid, limit = self.session_ids[sidx], self.spec.read_last
         after = max(0, self.last_seq[sidx] - limit)
 
-        def call(client: Client) -> Awaitable[Any]:
+        def call(client: LoadClient) -> Awaitable[Any]:
             return client.read(sid, after, limit)
 
         try:
@@ -333,7 +345,9 @@ class Worker:
         sid, page = spec.backlog_session, spec.page
         group = group_of(sid, spec.groups)
         node_id = self.router.pick(group)
-        client = new_client(spec.nodes[node_id], spec.token, spec.timeout_s)
+        client = new_load_client(
+            spec.via, spec.nodes[node_id], spec.web.get(node_id), spec.token, spec.timeout_s
+        )
         after = 0
         self.replaying += 1
         try:

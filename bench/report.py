@@ -149,7 +149,8 @@ def title(doc: dict[str, Any]) -> str:
     if node_args:
         where += f" ({' '.join(node_args)})"
     return (
-        f"ctxstore-bench {doc['scenario']}: {load}, {c['sessions']:,} sessions, "
+        f"ctxstore-bench {doc['scenario']} via {doc.get('via', 'native')}: {load}, "
+        f"{c['sessions']:,} sessions, "
         f"{c['payload_bytes']} B, route {c['route']}, {where}, {doc['window_s']:g} s measured"
     )
 
@@ -223,7 +224,7 @@ def details_table(doc: dict[str, Any]) -> Table:
 def print_report(doc: dict[str, Any], console: Console | None = None) -> None:
     if console is None:
         console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(title(doc), highlight=False)
+    console.print(title(doc), highlight=False, soft_wrap=True)  # one line, for grep
     console.print(latency_table(doc))
     console.print(details_table(doc))
 

@@ -8,6 +8,10 @@
 
 A node whose connection broke or was refused is skipped for ``DOWN_S``; when every node is
 down the next one is tried anyway.
+
+``via`` picks the clients' transport (``bench.webclients``): the native port (``native``), or
+the node's HTTP port (its address in ``web``): a WebSocket (``ws``: msgpack, ``ws-json``: JSON)
+or the HTTP/JSON API (``http``).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import contextlib
 import time
 from typing import Literal
 
+from ctxstore.web_codec import JSON, MSGPACK
 from wire.client import Client, ClientError, parse_targets
 from wire.protocol import FRAME_BYTES_MAX
+
+from .webclients import HttpClient, LoadClient, Via, WsClient
 
 Route = Literal["leader", "any"]
 
@@ -43,6 +50,19 @@ def new_client(address: str, token: str | None, timeout_s: float) -> Client:
     )
 
 
+def new_load_client(
+    via: Via, address: str, web_address: str | None, token: str | None, timeout_s: float
+) -> LoadClient:
+    """A client of one node through ``via``: its native ``address`` or its HTTP port's."""
+    if via == "native":
+        return new_client(address, token, timeout_s)
+    if web_address is None:
+        raise ValueError(f"--via {via} needs the node's HTTP port ({address} has none known)")
+    if via == "http":
+        return HttpClient(web_address, new_client(address, token, timeout_s), token, timeout_s)
+    return WsClient(web_address, JSON if via == "ws-json" else MSGPACK, token, timeout_s)
+
+
 class Router:
     def __init__(
         self,
@@ -52,6 +72,8 @@ class Router:
         *,
         token: str | None,
         timeout_s: float,
+        via: Via = "native",
+        web: dict[int, str] | None = None,
     ) -> None:
         if not nodes:
             raise ValueError("no nodes")
@@ -61,7 +83,12 @@ class Router:
         self.route = route
         self.token = token
         self.timeout_s = timeout_s
-        self.clients = {i: new_client(a, token, timeout_s) for i, a in self.nodes.items()}
+        self.via = via
+        self.web = dict(web or {})
+        self.clients = {
+            i: new_load_client(via, a, self.web.get(i), token, timeout_s)
+            for i, a in self.nodes.items()
+        }
         self.down_until: dict[int, float] = {}
         self.refreshes = 0
         self._next = 0
@@ -147,4 +174,4 @@ class Router:
                     await self._refresh_once()
 
 
-__all__ = ["Route", "Router", "new_client"]
+__all__ = ["Route", "Router", "new_client", "new_load_client"]

@@ -195,6 +195,8 @@ def worker_specs(
             retry_for_s=args.retry_for_s,
             timeout_s=args.timeout_s,
             seed=args.seed,
+            via=args.via,
+            web=dict(target.ops),
         )
         for k in range(procs)
     ]
@@ -397,6 +399,8 @@ async def run_scenario(
             backlog = (sid, max((seq for _, seq in backlog_acks), default=0))
     finally:
         await setup.close()
+    if args.via != "native" and not set(target.nodes) <= set(target.ops):
+        raise RuntimeError(f"--via {args.via}: the nodes' HTTP ports are not known (--ops)")
     specs = worker_specs(args, target, run_id, backlog)
     kill = Kill()
     during: During | None = None

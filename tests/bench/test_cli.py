@@ -20,6 +20,8 @@ def test_defaults_and_node_flags() -> None:
     assert args.ops_ports == {}
     args = parse(["append", "--target", "h:1", "--ops", "1=h:7600, 2=10.0.0.2:7601"])
     assert args.ops_ports == {1: "h:7600", 2: "10.0.0.2:7601"}
+    assert args.via == "native"
+    assert parse(["append", "--nodes", "3", "--via", "ws-json"]).via == "ws-json"
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,8 @@ def test_defaults_and_node_flags() -> None:
         ["append", "--target", "h:1", "--ops", "h:7600"],  # no node id
         ["append", "--target", "h:1", "--ops", "1=h"],  # no port
         ["append", "--target", "h:1", "--ops", "x=h:7600"],
+        ["append", "--nodes", "1", "--via", "grpc"],
+        ["append", "--target", "h:1", "--via", "ws"],  # the HTTP ports: --ops
     ],
 )
 def test_usage_errors_exit_2(argv: list[str]) -> None:

@@ -34,6 +34,7 @@ def bench(tmp_path: Path, *argv: str) -> dict[str, Any]:
     assert LatencyHistogram.decode(doc["appends"]["histogram"]).count == doc["appends"]["count"]
     assert doc["appends"]["per_s"] == pytest.approx(doc["appends"]["count"] / doc["window_s"], 0.01)
     assert doc["command"].startswith("ctxstore-bench " + argv[0])
+    assert f"ctxstore-bench {argv[0]} via {doc['via']}:" in done.stdout
     assert doc["machine"]["nproc"] and "git_commit" in doc
     assert all(v is not None for v in doc["cpu"]["pct_of_core"].values())
     assert not list(tmp_path.glob("ctxstore-bench-*")), "the cluster's data was not removed"
@@ -90,6 +91,24 @@ def test_failover_kills_and_restarts_a_leader(tmp_path: Path, load: list[str]) -
     assert fo["p99_before"]["count"] > 0 and fo["p99_after"]["count"] > 0
     assert doc["verify"]["read_from_node"] == fo["victim"]
     assert doc["cpu"]["gone"] == [f"node{fo['victim']}"]  # killed in the window
+
+
+@pytest.mark.parametrize(
+    ("via", "load"),
+    [
+        ("ws", ["append", "--concurrency", "16"]),
+        ("ws-json", ["append", "--rate", "300"]),  # the open loop's append_nowait
+        ("http", ["mixed", "--concurrency", "8"]),
+    ],
+)
+def test_through_the_http_port(tmp_path: Path, via: str, load: list[str]) -> None:
+    """The same load through a WebSocket or the HTTP/JSON API of each node (docs/web.md):
+    every append acked and read back, the transport named in the JSON and the report."""
+    doc = bench(tmp_path, load[0], "--nodes", "1", "--via", via, *load[1:])
+    assert doc["via"] == doc["config"]["via"] == via
+    assert not doc["errors"] and doc["retries"] == 0
+    if load[0] == "mixed":
+        assert doc["reads"]["count"] > 0
 
 
 def test_archive_benchmark_runs() -> None:
