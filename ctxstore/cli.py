@@ -220,7 +220,7 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
         node.advertise(f"{bound[0]}:{bound[1]}")
         ops = None
         if settings.http is not None:
-            from .ops import serve_ops
+            from .ops import OpsLimits, serve_ops
             from .web import WebLimits
 
             address = parse_address(settings.http, "http")
@@ -233,6 +233,7 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
                     service,
                     *address,
                     clients=server,
+                    limits=OpsLimits(connections_max=settings.http_connections_max),
                     web_limits=web,
                     cors_origins=settings.web_cors_origin,
                 ),

@@ -62,6 +62,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     # web_ping_interval_s; a peer silent (no message, no pong) for web_idle_timeout_s is closed.
     web_ping_interval_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     web_idle_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 90.0
+    # Connections the HTTP port (--http: health, metrics, /v1) holds at once; at the cap a new
+    # one closes the quietest (ctxstore/ops.py).  Its descriptors are kept out of the clients'.
+    http_connections_max: Annotated[int, Meta(ge=8, le=100_000)] = 256
     # The origins whose pages may call the HTTP API under /v1 (CORS, ctxstore/web_http.py):
     # "scheme://host[:port]" each, or "*" for any; empty: no CORS headers.
     web_cors_origin: list[str] = []
@@ -148,6 +151,8 @@ HELP: dict[str, str] = {
     "web_ping_interval_s": "seconds between the pings a WebSocket at /v1/ws is sent",
     "web_idle_timeout_s": "close a WebSocket from which nothing (a message, a pong) arrived "
     "for this many seconds, with 1001 (more than web_ping_interval_s)",
+    "http_connections_max": "connections the HTTP port (health, metrics, the /v1 API and "
+    "WebSockets before their upgrade) holds at once; at the cap a new one closes the quietest",
     "web_cors_origin": "an origin (scheme://host[:port], or * for any) whose pages may call "
     "the HTTP API under /v1 (CORS; the flag is repeatable, CTXSTORE_WEB_CORS_ORIGIN is "
     "comma-separated); none: no cross-origin calls",

@@ -285,8 +285,9 @@ class Node:
 
 NODE_FDS_RESERVED = 512
 """File descriptors a node keeps for itself whatever its clients do: WAL segments, snapshots
-being written or sent, the archive, peer connections (two per peer and 64 handshakes), the ops
-port's 64 connections, the listening sockets, the event loop's own; and the client
+being written or sent, the archive, peer connections (two per peer and 64 handshakes), 64 of the
+HTTP port's connections (``http_connections_max`` above 64 reserves the rest), the listening
+sockets, the event loop's own; and the client
 connections accepted over the cap before they are closed (at most ``CLIENT_BACKLOG`` at once:
 the event loop accepts a listen queue in one go)."""
 CLIENT_BACKLOG = 256  # the client port's listen queue
@@ -300,8 +301,9 @@ def client_connections_cap(settings: Settings) -> int:
     before the node runs out of descriptors for its WAL and snapshots.  ``ConfigError`` if
     fewer than ``CLIENT_CONNECTIONS_MIN`` are left."""
     wanted = settings.client_connections_max
+    reserved = NODE_FDS_RESERVED + max(0, settings.http_connections_max - 64)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = wanted + NODE_FDS_RESERVED
+    need = wanted + reserved
     if soft != resource.RLIM_INFINITY and soft < need:
         raised = need if hard == resource.RLIM_INFINITY else min(hard, need)
         try:
@@ -311,12 +313,12 @@ def client_connections_cap(settings: Settings) -> int:
             pass
     if soft == resource.RLIM_INFINITY:
         return wanted
-    room = soft - NODE_FDS_RESERVED
+    room = soft - reserved
     if room < CLIENT_CONNECTIONS_MIN:
         raise ConfigError(
             f"config: client_connections_max: the open-file limit (ulimit -n) is {soft}; a node "
-            f"needs {NODE_FDS_RESERVED + CLIENT_CONNECTIONS_MIN} at least "
-            f"({NODE_FDS_RESERVED} for itself, {CLIENT_CONNECTIONS_MIN} for clients)"
+            f"needs {reserved + CLIENT_CONNECTIONS_MIN} at least "
+            f"({reserved} for itself and its HTTP port, {CLIENT_CONNECTIONS_MIN} for clients)"
         )
     if room < wanted:
         logger.warning(

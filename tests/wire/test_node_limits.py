@@ -130,9 +130,10 @@ def test_a_node_holds_bounded_memory_for_reads_whose_answers_are_not_read(
 
 
 class LowFileLimitCluster(LocalCluster):
-    """A local cluster whose nodes run with an open-file limit (soft and hard) of ``nofile``."""
+    """A local cluster whose nodes run with an open-file limit (soft and hard) of ``nofile``:
+    512 reserved, 192 more for the HTTP port's 256 connections, 188 for clients."""
 
-    nofile = 700
+    nofile = 892
 
     def args(self, i: int) -> list[str]:
         argv = super().args(i)
@@ -148,11 +149,11 @@ class LowFileLimitCluster(LocalCluster):
 def test_a_connection_flood_under_a_low_open_file_limit_is_refused_and_the_node_lives_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 27 item 6: with ``ulimit -n`` 700, 800 bare connections from one address used to
+    """Issue 27 item 6: with a low ``ulimit -n``, 800 bare connections from one address used to
     exhaust the descriptors (the next snapshot failed with EMFILE and the node exited).  The cap
-    (700 - 512 reserved = 188, 100 per address here) refuses the rest with a goodbye; a real
-    client from another address works, snapshots are taken, the node lives on, and the refusals
-    are logged in a line or two."""
+    (892 - 512 reserved - 192 for the HTTP port = 188, 100 per address here) refuses the rest
+    with a goodbye; a real client from another address works, snapshots are taken, the node lives
+    on, and the refusals are logged in a line or two."""
     monkeypatch.setenv("CTXSTORE_CLIENT_CONNECTIONS_PER_SOURCE_MAX", "100")
     args = ["--groups", "2", "--snapshot-entries", "10", "--log-level", "INFO"]
 
@@ -195,3 +196,34 @@ def test_a_connection_flood_under_a_low_open_file_limit_is_refused_and_the_node_
         assert "client_connections_max lowered from 4096 to 188" in log
 
     run(main(), timeout_s=120)
+
+
+@pytest.mark.cluster
+def test_the_http_port_holds_http_connections_max_and_a_health_check_gets_in(
+    tmp_path: Path,
+) -> None:
+    """``--http-connections-max 8``: with 8 idle connections open, a health check still gets in,
+    and one idle connection was closed for it (the cap was a fixed 64)."""
+
+    async def main() -> None:
+        args = ["--groups", "2", "--http-connections-max", "8"]
+        async with LocalCluster(1, str(tmp_path), extra_args=args) as cluster:
+            host, port = cluster.children[1].ops_target.rsplit(":", 1)
+            idle = [await asyncio.open_connection(host, int(port)) for _ in range(8)]
+            await asyncio.sleep(0.1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /health/live HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+
+            async def closed(r: asyncio.StreamReader) -> bool:
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(r.read(), 1) == b""
+                return False
+
+            # one of them was closed to make room (with a cap of 64: none)
+            assert sum(await asyncio.gather(*(closed(r) for r, _ in idle))) == 1
+            for _, w in [*idle, (reader, writer)]:
+                w.close()
+
+    run(main(), timeout_s=60)
