@@ -477,7 +477,7 @@ def test_the_node_survives_malformed_frames_and_http_requests(
                         pass
                 writer.close()
 
-            for start in range(0, 4000, 50):  # 2 000 HTTP requests, 2 000 WebSockets
+            for start in range(0, 10_000, 50):  # 5 000 HTTP requests, 5 000 WebSockets
                 await asyncio.gather(*(garbage(i) for i in range(start, start + 50)))
             c = await w.open(MSGPACK)
             assert await c.request(Ping(2)) == Pong(2)
@@ -485,7 +485,7 @@ def test_the_node_survives_malformed_frames_and_http_requests(
             assert w.ops.gateway is not None and w.ops.gateway.closes[1011] == 0
             assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
-    run(main(), timeout_s=120)
+    run(main(), timeout_s=240)
 
 
 # -- the port's other duties, keepalive, shutdown --------------------------------------------------
