@@ -70,8 +70,8 @@ def test_failing_fetches_back_off_and_are_logged_once_with_the_answer(
                 assert len(lines) == 1, lines
                 assert "backfill of a 1..9 failed: node 2: unavailable: rows 1..9" in lines[0]
                 peers.serving = True
-                await wait_until(lambda: not archive.backfill_ranges(), timeout_s=2)
-                assert worker.rows_copied == 9
+                await wait_until(lambda: worker.rows_copied == 9, timeout_s=2)
+                assert not archive.backfill_ranges()
             finally:
                 await worker.stop()
 
