@@ -108,7 +108,9 @@ class Node:
             RouterConfig(s.request_timeout_s, entry_bytes_max=lim.entry_bytes_max),
         )
         self.router.history_server = self._serve_history
-        self.driver.on_leader_change = self.router.on_leader_change
+        self.driver.on_leader_change = self._on_leader_change
+        self._leaderless: dict[int, float] = {}  # group -> since when (loop time) no leader
+        self._leaderless_timer: asyncio.TimerHandle | None = None
         self.driver.compact_floor = self.archive.archived_index
         self.driver.on_snapshot_installed = self._snapshot_installed
         self.driver.add_groups(range(s.groups), self.voters)
@@ -230,12 +232,43 @@ class Node:
         self.driver.failed.add_done_callback(self._driver_failed)
         self.router.start()
         self.backfill.start()
+        if peers:
+            self._leaderless_timer = asyncio.get_running_loop().call_later(
+                LEADERLESS_CHECK_S, self._check_leaderless
+            )
 
     def _driver_failed(self, f: asyncio.Future[BaseException]) -> None:
         if self.failed is not None and not self.failed.done() and not f.cancelled():
             self.failed.set_result(f.result())
 
+    def _on_leader_change(self, group: int, leader: int) -> None:
+        self.router.on_leader_change(group, leader)
+        if leader == NONE:
+            self._leaderless.setdefault(group, asyncio.get_running_loop().time())
+        else:
+            self._leaderless.pop(group, None)
+
+    def _check_leaderless(self) -> None:
+        """End the subscriptions of groups this node has known no leader for since
+        ``request_timeout_s``: cut off from its peers, it can deliver nothing more, and its
+        subscribers would wait in silence for as long as the cut lasts (reads and writes here
+        already fail ``unavailable`` after that long)."""
+        loop = asyncio.get_running_loop()
+        self._leaderless_timer = loop.call_later(LEADERLESS_CHECK_S, self._check_leaderless)
+        cutoff = loop.time() - self.settings.request_timeout_s
+        for group, since in self._leaderless.items():
+            if since <= cutoff:
+                message = (
+                    f"group {group} has had no leader here for {self.settings.request_timeout_s:g}"
+                    " s: subscribe on another node"
+                )
+                if self.subscriptions.close_group(group, message):
+                    logger.info("ended the subscriptions of group %d: no leader", group)
+
     async def stop(self) -> None:
+        if self._leaderless_timer is not None:
+            self._leaderless_timer.cancel()
+            self._leaderless_timer = None
         await self.backfill.stop()
         self.router.stop()
         await self.driver.stop()
@@ -282,6 +315,8 @@ class Node:
             await asyncio.sleep(0.02)
         return True
 
+
+LEADERLESS_CHECK_S = 1.0  # how often groups without a leader are looked for (_check_leaderless)
 
 NODE_FDS_RESERVED = 512
 """File descriptors a node keeps for itself whatever its clients do: WAL segments, snapshots

@@ -28,7 +28,9 @@ Memory per subscription is a few hundred bytes plus at most one page while repla
 slow reader has not taken stays in the store, not in a buffer.  A subscription that could not
 push anything for ``slow_timeout_s`` is told ``SubscriptionClosed(slow_consumer)`` and dropped.
 Subscriptions per connection (``bad_request``) and per node (``unavailable``: try another
-node) are capped.
+node) are capped.  When this node has known no leader for a subscription's group for a while
+(the node is cut off from its peers, ``Node`` decides), ``close_group`` ends its subscriptions
+with ``unavailable``, so their clients resume on another node instead of waiting in silence.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ class Subscriptions(Streams[str, _Sub]):
         self.pushed_messages = 0
         self.gaps = 0
         self.unpushable = 0  # messages no frame could hold: pushed as a gap (never expected)
+        self.closed_leaderless = 0  # closed by close_group
 
     # -- requests ---------------------------------------------------------------------------------
     def start(
@@ -141,6 +144,15 @@ class Subscriptions(Streams[str, _Sub]):
     def close_all(self, reason: CloseReason, message: str) -> None:
         for sub in self._subs.all():
             self._close(sub, reason, message)
+
+    def close_group(self, group: int, message: str) -> int:
+        """End the subscriptions of ``group``'s sessions with ``unavailable`` (this node cannot
+        follow the group: its clients should resume elsewhere); how many were ended."""
+        subs = [sub for sub in self._subs.all() if sub.group == group]
+        for sub in subs:
+            self._close(sub, "unavailable", message)
+        self.closed_leaderless += len(subs)
+        return len(subs)
 
     # -- the state's side -------------------------------------------------------------------------
     def on_message(self, message: Message) -> None:

@@ -121,3 +121,45 @@ def test_a_client_given_every_node_keeps_appending_while_one_is_cut_off(
             await cluster.stop()
 
     run(main(), 180)
+
+
+def test_a_subscriber_on_a_node_cut_off_from_its_peers_resumes_on_another(
+    tmp_path: Path,
+) -> None:
+    """A client that only follows a session, on node 1, which is then cut off from its peers: the
+    node ends the subscription (``unavailable``) once it has known no leader for the group for
+    ``request_timeout_s``, and the client resumes on another node and gets what was written
+    meanwhile (before, it waited in silence for as long as the cut lasted)."""
+
+    async def main() -> None:
+        cluster = ProxiedCluster(3, str(tmp_path), extra_args=[*FAST, "--request-timeout-s", "2"])
+        try:
+            await cluster.start()
+            others = [cluster.children[i].client for i in (2, 3)]
+            follower = await connect(cluster.targets, timeout_s=10)
+            writer = await connect([f"{h}:{p}" for h, p in others], timeout_s=10)
+            async with follower, writer:
+                assert follower.target == cluster.children[1].client
+                await writer.create_session("ann", "bot", {}, "s")
+                await writer.append("s", "before")
+                sub = await follower.subscribe("s")
+                got: list[Message] = []
+                async with asyncio.timeout(10):
+                    async for item in sub:
+                        assert isinstance(item, Message)
+                        got.append(item)
+                        break
+                cluster.isolate(1)
+                await writer.append_with_retry("s", "during the cut")
+                async with asyncio.timeout(20):
+                    async for item in sub:
+                        assert isinstance(item, Message)
+                        got.append(item)
+                        break
+                assert [(m.seq, m.content) for m in got] == [(1, "before"), (2, "during the cut")]
+                assert sub.resumes >= 1 and follower.target in others
+                await sub.close()
+        finally:
+            await cluster.stop()
+
+    run(main(), 120)
