@@ -40,6 +40,7 @@ import msgspec
 from .core import Config
 from .driver import Driver, DriverConfig
 from .errors import NotLeader, RaftError
+from .logs import JsonFormatter
 from .messages import Entry, EntryType
 from .multi import HostConfig, MultiRaft
 from .transport import Transport
@@ -54,22 +55,6 @@ EXIT_FATAL = 70
 
 
 # -- the test state machine ------------------------------------------------------------------------
-class _JsonLines(logging.Formatter):
-    """One JSON object per log line (as ``ctxstore serve`` writes them; raft imports no
-    ctxstore): the message as text, so every line parses whatever the message holds."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "t": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
-
-
 class LogMachine:
     """Per group: every non-empty data entry applied, in order."""
 
@@ -520,7 +505,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     if not 1 <= a.groups <= 4096:
         p.error("--groups must be in 1..4096")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonLines())
+    handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=a.log_level.upper(), handlers=[handler])
     return NodeConfig(
         id=a.id,
