@@ -112,7 +112,7 @@ def _json_value(obj: Any) -> Any:
     """A metadata value msgpack holds and JSON has no form for: a msgpack extension."""
     if isinstance(obj, msgspec.msgpack.Ext):
         return {"msgpack_ext": obj.code, "data": base64.b64encode(obj.data).decode()}
-    raise NotImplementedError(f"{type(obj).__name__} has no JSON form")
+    raise TypeError(f"{type(obj).__name__} has no JSON form")  # (msgspec passes it on)
 
 
 _json_encoder: Final = msgspec.json.Encoder(enc_hook=_json_value)
