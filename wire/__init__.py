@@ -5,8 +5,9 @@
 - ``framing``: its frames and connection states, sans I/O (``ServerConnection``,
   ``ClientConnection``).
 - ``aio``: the asyncio server (``serve``, ``Handler``, ``BaseHandler``; ``Connection.push``).
-- ``client``: the Python client (``connect``, ``Client``; ``Subscription``,
-  ``InboxSubscription``).
+- ``client``: the Python client (``connect``, ``Client``); ``client_connection``: one of its
+  connections; ``subscription``: its subscriptions that resume by themselves
+  (``Subscription``, ``InboxSubscription``; their states in ``TRANSITIONS``).
 - ``errors``: ``ClientError``, ``LocalProtocolError``.
 
 Imports neither ``raft`` nor ``ctxstore``.  ``framing`` is compiled with mypyc when the package

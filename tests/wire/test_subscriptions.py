@@ -35,6 +35,7 @@ from wire.protocol import (
     Unsubscribed,
     error,
 )
+from wire.subscription import TRANSITIONS, FollowerState
 
 from .helpers import LOOP_IDS, LOOPS, StoreHandler, run, wait_until
 
@@ -376,6 +377,80 @@ def test_an_out_of_order_item_raises_loudly(bad: str, what: str) -> None:
 
 
 # -- resuming --------------------------------------------------------------------------------------
+
+
+# -- the state table -------------------------------------------------------------------------------
+
+
+def test_every_follower_state_is_reached_and_every_one_can_end() -> None:
+    S = FollowerState
+    reached, todo = {S.IDLE}, [S.IDLE]
+    while todo:
+        for after in TRANSITIONS[todo.pop()] - reached:
+            reached.add(after)
+            todo.append(after)
+    assert reached == set(S)
+    assert all(S.CLOSED in TRANSITIONS[s] for s in S if s is not S.CLOSED)
+    assert TRANSITIONS[S.CLOSED] == frozenset()
+
+
+def test_a_follower_walks_its_states_as_it_subscribes_holds_is_lost_and_resumes() -> None:
+    async def main() -> None:
+        client, server, handler = await feed_and_client()
+        async with client, server:
+            S = FollowerState
+            handler.batch = 2
+            handler.fill("s-1", 40)
+            sub = client.subscribe("s-1", queue_max=8)
+            assert sub.state is S.IDLE
+            started = asyncio.ensure_future(sub.__aenter__())
+            await asyncio.sleep(0)
+            assert sub.state is S.SUBSCRIBING
+            await started
+            await wait_until(lambda: sub.state is S.HOLDING)  # 8 of 40 queued: reading paused
+            assert seqs(await take(sub, 6)) == list(range(1, 7))
+            assert sub.state is S.LIVE  # drained below half: reading again
+            assert seqs(await take(sub, 34)) == list(range(7, 41))
+            feed = handler.feeds.pop((handler.feed().conn, handler.feed().sub_id))
+            feed.conn.push(SubscriptionClosed(feed.sub_id, "slow_consumer", ""))
+            await wait_until(lambda: sub.state is S.LOST)
+            await client.append("s-1", "live")
+            assert seqs(await take(sub, 1)) == [41]  # resumed after 40
+            assert sub.state is S.LIVE and sub.resumes == 1
+            await sub.close()
+            assert sub.state is S.CLOSED
+            with pytest.raises(StopAsyncIteration):
+                await anext(sub)
+
+    run(main)
+
+
+def test_a_subscribe_cancelled_after_its_answer_came_stays_subscribed_once() -> None:
+    """The caller's task is cancelled between the ``Subscribed`` and its own wake-up: the
+    subscription is registered, so the next read must not subscribe a second time (which
+    would deliver every push twice)."""
+
+    async def main() -> None:
+        client, server, handler = await feed_and_client()
+        async with client, server:
+            handler.fill("s-1", 3)
+            sub = client.subscribe("s-1")
+            started = asyncio.ensure_future(sub.__aenter__())
+            subscribed = sub.subscribed
+
+            def then_cancel(conn: Any, response: Any) -> None:
+                subscribed(conn, response)
+                started.cancel()
+
+            sub.subscribed = then_cancel  # type: ignore[method-assign]
+            with pytest.raises(asyncio.CancelledError):
+                await started
+            assert sub.state is FollowerState.LIVE
+            await client.append("s-1", "live")
+            assert seqs(await take(sub, 4)) == [1, 2, 3, 4]
+            assert len(handler.subscribes()) == 1
+
+    run(main)
 
 
 def two_servers_one_store() -> tuple[FeedHandler, FeedHandler]:
