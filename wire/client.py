@@ -20,17 +20,21 @@ Rules of this file:
   flight until they are answered, and its subscriptions resume on the new one.  When every
   target is suspect, the client stays on the open connection, if any.
 - An append is safe to retry with the same ``client_msg_id``: ``append_with_retry`` picks one
-  and retries retryable errors, a bounded number of times.
+  and retries retryable errors, at most ``append_attempts`` times.  The append's arguments are
+  written once, in ``append_message``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import random
 import uuid
-from typing import TypeVar, cast
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import msgspec
 
@@ -71,6 +75,8 @@ logger.addHandler(logging.NullHandler())
 
 R = TypeVar("R", bound=msgspec.Struct)
 T = TypeVar("T")
+C = TypeVar("C")
+P = ParamSpec("P")
 
 NON_RETRYABLE_REFUSALS = frozenset({"bad_request", "unauthorized", "forbidden"})
 """Handshake answers that no other node would answer differently: ``connect`` raises them."""
@@ -115,6 +121,52 @@ def new_client_msg_id() -> str:
     return uuid.uuid4().hex
 
 
+def append_message(
+    session_id: str,
+    content: str,
+    sender: Sender = "user",
+    sender_id: str = "",
+    kind: str = "text",
+    metadata: Metadata | None = None,
+    client_msg_id: str | None = None,
+    expected_seq: int | None = None,
+    token_count: int | None = None,
+) -> Append:
+    """The arguments of ``Client.append``, ``append_nowait`` and ``append_with_retry``: an
+    ``Append`` whose ``rid`` the client sets as it sends it."""
+    return Append(
+        0, session_id, sender, sender_id, kind, content, metadata or {}, client_msg_id,
+        expected_seq, token_count,
+    )  # fmt: skip
+
+
+def _called_as(
+    build: Callable[P, Append],
+) -> Callable[[Callable[[C, Append], T]], Callable[Concatenate[C, P], T]]:
+    """A method called with ``build``'s arguments, given the request ``build`` returns.
+
+    The method is generated with ``build``'s parameters spelled out, the way ``dataclasses``
+    writes ``__init__``: a ``*args, **kwargs`` wrapper would double the cost of the call, on the
+    path of every pipelined append."""
+    signature = inspect.signature(build)
+    params = signature.parameters.values()
+    names = ", ".join(p.name for p in params)
+    spelled = ", ".join(p.name if p.default is p.empty else f"{p.name}=_d_{p.name}" for p in params)
+
+    def decorate(method: Callable[[C, Append], T]) -> Callable[Concatenate[C, P], T]:
+        scope: dict[str, Any] = {"_method": method, "_build": build}
+        scope.update((f"_d_{p.name}", p.default) for p in params if p.default is not p.empty)
+        exec(f"def called(self, {spelled}):\n    return _method(self, _build({names}))", scope)
+        called: Any = functools.update_wrapper(scope["called"], method)
+        called.__signature__ = signature.replace(
+            parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *params],
+            return_annotation=inspect.signature(method).return_annotation,
+        )
+        return cast(Callable[Concatenate[C, P], T], called)
+
+    return decorate
+
+
 class Client:
     """A connection to a ctxstore cluster (see ``connect``).  Safe to share between tasks."""
 
@@ -131,9 +183,12 @@ class Client:
         backoff_max_s: float,
         max_frame_bytes: int,
         suspect_s: float = 5.0,
+        append_attempts: int = 5,
     ) -> None:
-        if timeout_s <= 0 or connect_timeout_s <= 0 or suspect_s <= 0 or connect_attempts < 1:
-            raise ValueError("timeouts must be positive and connect_attempts >= 1")
+        if timeout_s <= 0 or connect_timeout_s <= 0 or suspect_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if connect_attempts < 1 or append_attempts < 1:
+            raise ValueError("connect_attempts and append_attempts must be >= 1")
         if not 0 < backoff_min_s <= backoff_max_s:
             raise ValueError("0 < backoff_min_s <= backoff_max_s")
         self.targets = targets
@@ -142,6 +197,7 @@ class Client:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.connect_attempts = connect_attempts
+        self.append_attempts = append_attempts  # the sends of one append_with_retry
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self.max_frame_bytes = max_frame_bytes
@@ -193,38 +249,15 @@ class Client:
         request = ListSessions(self._next_rid(), user_id, cursor, limit)
         return await self._call(request, SessionList)
 
-    async def append(
-        self,
-        session_id: str,
-        content: str,
-        sender: Sender = "user",
-        sender_id: str = "",
-        kind: str = "text",
-        metadata: Metadata | None = None,
-        client_msg_id: str | None = None,
-        expected_seq: int | None = None,
-        token_count: int | None = None,
-    ) -> Appended:
+    @_called_as(append_message)
+    async def append(self, request: Append) -> Appended:
         """Append one message.  On a retryable error the outcome is unknown: send it again
         with the same ``client_msg_id`` (or use ``append_with_retry``)."""
-        request = self._append_request(
-            session_id, content, sender, sender_id, kind, metadata, client_msg_id, expected_seq,
-            token_count,
-        )  # fmt: skip
+        request.rid = self._next_rid()
         return await self._call(request, Appended)
 
-    def append_nowait(
-        self,
-        session_id: str,
-        content: str,
-        sender: Sender = "user",
-        sender_id: str = "",
-        kind: str = "text",
-        metadata: Metadata | None = None,
-        client_msg_id: str | None = None,
-        expected_seq: int | None = None,
-        token_count: int | None = None,
-    ) -> asyncio.Future[Response] | None:
+    @_called_as(append_message)
+    def append_nowait(self, request: Append) -> asyncio.Future[Response] | None:
         """``append`` for callers that pipeline without a coroutine per request (a load
         generator, a bridge): queues the append on the open connection and returns the future
         of its response, ``Appended`` or ``Error`` (a value here, not raised; a failed
@@ -235,50 +268,26 @@ class Client:
         conn = self._conn
         if conn is None or conn.error is not None or conn.writing_paused is not None:
             return None
-        request = self._append_request(
-            session_id, content, sender, sender_id, kind, metadata, client_msg_id, expected_seq,
-            token_count,
-        )  # fmt: skip
+        request.rid = self._next_rid()
         return conn.request(request)
 
-    async def append_with_retry(
-        self,
-        session_id: str,
-        content: str,
-        sender: Sender = "user",
-        sender_id: str = "",
-        kind: str = "text",
-        metadata: Metadata | None = None,
-        client_msg_id: str | None = None,
-        expected_seq: int | None = None,
-        token_count: int | None = None,
-        *,
-        attempts: int = 5,
-    ) -> Appended:
+    @_called_as(append_message)
+    async def append_with_retry(self, request: Append) -> Appended:
         """``append`` with a ``client_msg_id`` (a fresh one unless given), sent again on
-        retryable errors with jittered backoff, at most ``attempts`` times.  A resend the server
-        has already applied returns the original ``seq`` with ``deduped``."""
-        if attempts < 1:
-            raise ValueError("attempts must be >= 1")
-        msg_id = client_msg_id or new_client_msg_id()
+        retryable errors with jittered backoff, at most ``append_attempts`` times (a client
+        setting).  A resend the server has already applied returns the original ``seq`` with
+        ``deduped``."""
+        if request.client_msg_id is None:
+            request.client_msg_id = new_client_msg_id()
         backoff_s = self.backoff_min_s
-        for attempt in range(attempts):
+        for attempt in range(self.append_attempts):
+            request.rid = self._next_rid()
             try:
-                return await self.append(
-                    session_id,
-                    content,
-                    sender,
-                    sender_id,
-                    kind,
-                    metadata,
-                    msg_id,
-                    expected_seq,
-                    token_count,
-                )
+                return await self._call(request, Appended)
             except ClientError as e:
-                if not e.retryable or attempt + 1 >= attempts or self._closed:
+                if not e.retryable or attempt + 1 >= self.append_attempts or self._closed:
                     raise
-                logger.debug("append %s: %s; retrying", msg_id, e)
+                logger.debug("append %s: %s; retrying", request.client_msg_id, e)
             await asyncio.sleep(self._rng.uniform(backoff_s / 2, backoff_s))
             backoff_s = min(backoff_s * 2, self.backoff_max_s)
         raise AssertionError("unreachable")
@@ -343,23 +352,6 @@ class Client:
         await self.close()
 
     # the call path -------------------------------------------------------------------------------
-
-    def _append_request(
-        self,
-        session_id: str,
-        content: str,
-        sender: Sender,
-        sender_id: str,
-        kind: str,
-        metadata: Metadata | None,
-        client_msg_id: str | None,
-        expected_seq: int | None,
-        token_count: int | None,
-    ) -> Append:
-        return Append(
-            self._next_rid(), session_id, sender, sender_id, kind, content, metadata or {},
-            client_msg_id, expected_seq, token_count,
-        )  # fmt: skip
 
     def _next_rid(self) -> int:
         self._rid += 1
@@ -547,13 +539,15 @@ async def connect(
     backoff_max_s: float = 2.0,
     max_frame_bytes: int = FRAME_BYTES_MAX,
     suspect_s: float = 5.0,
+    append_attempts: int = 5,
 ) -> Client:
     """A client connected to the first target that answers (tried in the given order).
 
     ``timeout_s`` bounds each request; ``connect_timeout_s`` each connection and handshake;
     ``connect_attempts`` (default: twice the targets, at least 3) the tries of one call;
     ``suspect_s`` how long (jittered, ``suspect_s`` / 2 .. ``suspect_s``) a node that answered
-    ``unavailable`` or ``timeout``, or failed, is avoided."""
+    ``unavailable`` or ``timeout``, or failed, is avoided; ``append_attempts`` the sends of one
+    ``append_with_retry``."""
     addresses = parse_targets(targets)
     client = Client(
         addresses,
@@ -566,6 +560,7 @@ async def connect(
         backoff_max_s=backoff_max_s,
         max_frame_bytes=max_frame_bytes,
         suspect_s=suspect_s,
+        append_attempts=append_attempts,
     )
     await client._connection()
     return client
@@ -580,6 +575,7 @@ __all__ = [
     "InboxSubscription",
     "PushSink",
     "Subscription",
+    "append_message",
     "connect",
     "expect_response",
     "new_client_msg_id",

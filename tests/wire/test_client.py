@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from wire.aio import Connection, Reply, Server, serve
-from wire.client import Client, connect, expect_response, parse_targets
+from wire.client import Client, append_message, connect, expect_response, parse_targets
 from wire.errors import ClientError
 from wire.protocol import (
     Append,
@@ -211,6 +212,15 @@ def test_a_request_without_an_answer_times_out(loop: LoopFactory) -> None:
     run(main, loop)
 
 
+def test_the_three_appends_take_append_messages_arguments() -> None:
+    expected = list(inspect.signature(append_message).parameters.values())
+    for method in (Client.append, Client.append_nowait, Client.append_with_retry):
+        self_, *rest = inspect.signature(method).parameters.values()
+        assert self_.name == "self" and rest == expected, method.__name__
+    request = append_message("s", "x", "agent", metadata={"a": 1}, token_count=3)
+    assert request == Append(0, "s", "agent", "", "text", "x", {"a": 1}, None, None, 3)
+
+
 @pytest.mark.parametrize("loop", LOOPS, ids=LOOP_IDS)
 def test_append_nowait_pipelines_on_the_open_connection_only(loop: LoopFactory) -> None:
     async def main() -> None:
@@ -260,8 +270,9 @@ def test_append_with_retry_stops_on_errors_that_are_not_retryable() -> None:
                 await client.append_with_retry("s", "x")
             assert info.value.code == "conflict" and len(handler.seen) == 2
             handler.fail = [("rate_limited", True)] * 3
+            client.append_attempts = 3
             with pytest.raises(ClientError) as info:
-                await client.append_with_retry("s", "x", attempts=3)
+                await client.append_with_retry("s", "x")
             assert info.value.code == "rate_limited" and len(handler.seen) == 5
 
     run(main)
