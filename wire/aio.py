@@ -76,7 +76,6 @@ from .framing import (
 from .protocol import (
     FRAME_BYTES_MAX,
     METADATA_BYTES_MAX,
-    PROTOCOL_VERSION,
     READ_BYTES_MAX,
     Append,
     CreateSession,
@@ -392,10 +391,12 @@ class Connection(asyncio.Protocol):
         return self.core.hello
 
     def welcome(self, node_id: int, cluster_id: str) -> Welcome:
-        """The Welcome answering this connection's Hello."""
+        """The Welcome answering this connection's Hello: the client's protocol version (the
+        core accepted only a supported one)."""
         hello = self.core.hello
         assert hello is not None, "no Hello received"
-        return Welcome(hello.rid, node_id, cluster_id, PROTOCOL_VERSION, self.core.max_frame_bytes)
+        version = hello.protocol_version
+        return Welcome(hello.rid, node_id, cluster_id, version, self.core.max_frame_bytes)
 
     def reply(self, response: Response) -> None:
         """Answer the request ``response.rid`` (discarded once the connection is closed)."""

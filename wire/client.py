@@ -45,8 +45,12 @@ from .protocol import (
     PROTOCOL_VERSION,
     Append,
     Appended,
+    Compact,
+    Context,
+    ContextChanged,
     CreateSession,
     Error,
+    GetContext,
     GetRoutes,
     GetSession,
     Hello,
@@ -54,16 +58,22 @@ from .protocol import (
     MarkRead,
     Messages,
     Metadata,
+    NewMessage,
+    Part,
     Ping,
+    Policy,
     Pong,
     Read,
     ReadMarked,
     Request,
     Response,
+    Role,
     Routes,
     Sender,
     SessionInfo,
     SessionList,
+    SetContextConfig,
+    Tokenizer,
     Unsubscribe,
     Unsubscribed,
     Welcome,
@@ -131,12 +141,16 @@ def append_message(
     client_msg_id: str | None = None,
     expected_seq: int | None = None,
     token_count: int | None = None,
+    role: Role | None = None,
+    parts: list[Part] | None = None,
+    if_version: int | None = None,
 ) -> Append:
     """The arguments of ``Client.append``, ``append_nowait`` and ``append_with_retry``: an
-    ``Append`` whose ``rid`` the client sets as it sends it."""
+    ``Append`` whose ``rid`` the client sets as it sends it.  A structured message gives
+    ``parts`` (AI SDK UI-message parts, wire/parts.py) and an empty ``content``."""
     return Append(
         0, session_id, sender, sender_id, kind, content, metadata or {}, client_msg_id,
-        expected_seq, token_count,
+        expected_seq, token_count, role, parts, if_version,
     )  # fmt: skip
 
 
@@ -298,6 +312,40 @@ class Client:
     async def mark_read(self, session_id: str, user_id: str, seq: int) -> ReadMarked:
         return await self._call(MarkRead(self._next_rid(), session_id, user_id, seq), ReadMarked)
 
+    async def set_context_config(
+        self,
+        session_id: str,
+        token_budget: int,
+        policy: Policy,
+        trigger_ratio: float = 0.7,
+        tokenizer: Tokenizer | None = None,
+    ) -> ContextChanged:
+        """Configure the session's context window (``LastN``, ``SkipParts``, ``TokenBudget``
+        or ``Manual`` from wire.protocol); the policy applies at once."""
+        request = SetContextConfig(
+            self._next_rid(), session_id, token_budget, trigger_ratio, policy, tokenizer
+        )
+        return await self._call(request, ContextChanged)
+
+    async def get_context(self, session_id: str) -> Context:
+        """The session's context window: its messages as the policy shapes them, its token
+        count, version, segments and whether it needs a compaction."""
+        return await self._call(GetContext(self._next_rid(), session_id), Context)
+
+    async def compact(
+        self,
+        session_id: str,
+        from_seq: int,
+        to_seq: int,
+        replacement: list[NewMessage],
+        if_version: int | None = None,
+    ) -> ContextChanged:
+        """Replace the window's messages ``from_seq..to_seq`` (whole segments) with
+        ``replacement``; ``if_version``: only while the window is at that version
+        (``ClientError`` ``conflict`` with ``details["version"]`` otherwise)."""
+        request = Compact(self._next_rid(), session_id, from_seq, to_seq, replacement, if_version)
+        return await self._call(request, ContextChanged)
+
     async def ping(self) -> Pong:
         return await self._call(Ping(self._next_rid()), Pong)
 
@@ -306,15 +354,21 @@ class Client:
         return await self._call(GetRoutes(self._next_rid()), Routes)
 
     def subscribe(
-        self, session_id: str, after_seq: int = 0, *, queue_max: int = 10_000
+        self,
+        session_id: str,
+        after_seq: int = 0,
+        *,
+        queue_max: int = 10_000,
+        context_events: bool = False,
     ) -> Subscription:
         """Follow a session: an async iterator of every ``Message`` with ``seq > after_seq``
         (and ``GapEvent`` for those that will not come), in order, then the live ones; it
         resumes by itself after a failure.  ``await client.subscribe(...)``, ``async with
         client.subscribe(...) as sub`` or the first ``async for`` step sends the Subscribe and
         waits for ``Subscribed``; they raise ``ClientError`` if it fails (``not_found``: no such
-        session)."""
-        return Subscription(self, session_id, after_seq, queue_max)
+        session).  ``context_events``: also yield a ``ContextEvent`` whenever the session's
+        context window is compacted, trimmed or configured, or goes over its budget."""
+        return Subscription(self, session_id, after_seq, queue_max, context_events)
 
     def subscribe_inbox(self, user_id: str, *, queue_max: int = 10_000) -> InboxSubscription:
         """Follow a user's inbox: an async iterator of an ``InboxSnapshot``, then

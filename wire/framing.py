@@ -49,13 +49,15 @@ import msgspec
 import msgspec.msgpack
 
 from .errors import LocalProtocolError
+from .parts import PartError, check_parts
 from .protocol import (
     FRAME_BYTES_MAX,
     METADATA_BYTES_MAX,
     METADATA_DEPTH_MAX,
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
     RETRYABLE,
     Append,
+    Compact,
     CreateSession,
     Error,
     ErrorCode,
@@ -70,7 +72,7 @@ HEADER: Final = struct.Struct(">I")
 HELLO_FRAME_BYTES_MAX: Final = 16 * 1024
 """Limit of a server's first frame (a Hello), before the client is known."""
 FRAME_BYTES_CEILING: Final = 2**32 - 1  # what 4 length bytes can declare
-SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})
+SUPPORTED_VERSIONS: Final = PROTOCOL_VERSIONS
 
 
 class State(enum.Enum):
@@ -410,6 +412,10 @@ class ServerConnection(_Connection):
                 return self._answer_bad(
                     rid, "metadata", f"nested deeper than {METADATA_DEPTH_MAX} levels"
                 )
+        if type(request) is Append or type(request) is Compact:
+            bad = check_body(request)
+            if bad is not None:
+                return self._answer_bad(rid, bad.path, bad.message)
         self.state = after
         charge = len(body) + self.answer_reserve[type(request)]
         self._pending[rid] = charge
@@ -521,6 +527,48 @@ def _too_large_response(rid: int, length: int, limit: int) -> Error:
         False,
         {"max_frame_bytes": limit},
     )
+
+
+def check_body(request: Append | Compact) -> PartError | None:
+    """What is wrong with the message bodies of a request the schema passed: the parts
+    (wire/parts.py), a body given both as ``content`` and ``parts``, or neither, a metadata
+    map nested too deeply, or a ``role`` its ``sender`` may not write; None if nothing."""
+    if type(request) is Append:
+        if request.role is not None and request.role not in SENDER_ROLES[request.sender]:
+            allowed = " or ".join(SENDER_ROLES[request.sender])
+            return PartError("role", f"a {request.sender} writes role {allowed}")
+        return _check_message_body(request.content, request.parts, "")
+    assert type(request) is Compact
+    for i, m in enumerate(request.replacement):
+        where = f"replacement[{i}]."
+        if m.metadata and nested_deeper(m.metadata, METADATA_DEPTH_MAX):
+            return PartError(f"{where}metadata", f"nested deeper than {METADATA_DEPTH_MAX} levels")
+        bad = _check_message_body(m.content, m.parts, where)
+        if bad is not None:
+            return bad
+    return None
+
+
+SENDER_ROLES: Final[dict[str, tuple[str, ...]]] = {
+    "user": ("user",),
+    "agent": ("assistant", "tool"),
+    "system": ("system", "user", "assistant", "tool"),
+}
+"""The roles a sender may write (``Append.role``); the first is its default."""
+
+
+def _check_message_body(content: str, parts: list[Any] | None, where: str) -> PartError | None:
+    if parts is None:
+        return None
+    if content:
+        return PartError(f"{where}content", "must be empty when parts are given")
+    if nested_deeper(parts, METADATA_DEPTH_MAX + 1):  # the list, then each part's map
+        return PartError(f"{where}parts", f"nested deeper than {METADATA_DEPTH_MAX} levels")
+    try:
+        check_parts(parts, f"{where}parts")
+    except PartError as e:
+        return e
+    return None
 
 
 def _tag(message: Request | Response | Push) -> str:
@@ -711,6 +759,7 @@ __all__ = [
     "METADATA_BYTES_MAX",
     "METADATA_DEPTH_MAX",
     "PUSH_TYPES",
+    "SENDER_ROLES",
     "SUPPORTED_VERSIONS",
     "TRANSITIONS",
     "BadRequest",
@@ -725,6 +774,7 @@ __all__ = [
     "ServerConnection",
     "ServerEvent",
     "State",
+    "check_body",
     "describe_schema_error",
     "encode_frame",
     "input_of",

@@ -10,7 +10,7 @@ Rules of this file:
   is the ``sub_id`` (>= 1) of the subscription it belongs to.
 - Every field is required on the wire: an optional value is sent as nil, never left out (a
   missing field is a ``bad_request``, not a default).  Schema evolution: a new field is appended
-  at the end *with* a default; tags and field types never change.
+  at the end *with* a default; tags and field types never change (``PROTOCOL_VERSIONS``).
 - Limits are part of the schema (``Meta``): a value out of range fails validation, which the
   server answers with ``bad_request`` naming the field.
 - Data types shared by requests and responses (``Session``, ``Message``) are plain Structs,
@@ -26,7 +26,17 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-PROTOCOL_VERSION = 1
+from .parts import Role
+
+PROTOCOL_VERSION = 2
+PROTOCOL_VERSIONS = frozenset({1, 2})
+"""What a server accepts in ``Hello`` and a client in ``Welcome`` (which echoes the client's).
+Version 2 added structured messages (``role``, ``parts``) and context windows.  The rule: a
+version only appends fields (with defaults) and adds request, response and push types, so a
+server of version N serves clients of every version up to N: a version-1 client never sends
+the new requests, leaves the new fields out (they mean what version 1 meant) and ignores the
+fields appended to what it receives.  A client of version N needs a server of version N
+(its requests carry the new fields): upgrade the servers first."""
 FRAME_BYTES_MAX = 4 * 1024 * 1024  # default negotiated maximum (Welcome.max_frame_bytes)
 METADATA_BYTES_MAX = 16 * 1024  # a metadata map, msgpack-encoded
 MESSAGE_BYTES_MAX = 1024 * 1024
@@ -49,6 +59,17 @@ Content = str  # with the metadata at most MESSAGE_BYTES_MAX bytes (server-check
 Metadata = dict[str, Any]  # string keys; at most 16 KiB encoded, 32 levels deep (server-checked)
 SubId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 Sender = Literal["user", "agent", "system"]
+Part = dict[str, Any]  # one part of a structured message: wire/parts.py (checked by the server)
+Version = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # of a session's context window
+TokenCount = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Tokenizer = Literal["o200k_base", "cl100k_base"]
+PartPrefix = Annotated[str, Meta(min_length=1, max_length=64)]
+ContextReason = Literal[
+    "compacted",  # a range of the window was replaced (compact)
+    "trimmed",  # the policy dropped messages (or parts) from the window
+    "configured",  # the window's configuration changed
+    "needs_compaction",  # the window went over budget x trigger_ratio
+]
 Timestamp = int  # ms since the Unix epoch
 GapReason = Literal[
     "retention",  # deleted by the retention policy
@@ -96,6 +117,66 @@ class Message(msgspec.Struct, array_like=True, frozen=True, gc=False):
     client_msg_id: str | None
     inserted_at: Timestamp
     token_count: int | None
+    # version 2
+    role: Role | None = None  # nil only for messages stored by version 1 (see sender)
+    parts: list[Part] | None = None  # nil: the short form, ``content`` is one text part
+
+
+class NewMessage(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """A message a request writes besides ``Append`` (a compaction's replacement): a map, as
+    in JSON (every key required).  ``parts`` given: ``content`` must be empty."""
+
+    role: Role
+    kind: Kind
+    content: Content
+    parts: list[Part] | None
+    metadata: Metadata
+    token_count: TokenCount | None  # nil: counted by the server
+
+
+# -- context windows (version 2) ---------------------------------------------------------------
+class LastN(msgspec.Struct, tag="last_n", forbid_unknown_fields=True):
+    """Keep the newest ``limit`` messages of the window."""
+
+    limit: Annotated[int, Meta(ge=1, le=100_000)]
+
+
+class SkipParts(msgspec.Struct, tag="skip_parts", forbid_unknown_fields=True):
+    """Leave out of the window the parts whose type starts with one of ``types`` (``tool-``,
+    ``reasoning``...), keeping their messages; ``limit``: as ``last_n`` too (nil: no limit)."""
+
+    types: Annotated[list[PartPrefix], Meta(min_length=1, max_length=32)]
+    limit: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+
+
+class TokenBudget(msgspec.Struct, tag="token_budget", forbid_unknown_fields=True):
+    """Drop the oldest messages until the window fits ``token_budget x trigger_ratio``; a tool
+    call and its result (the ``tool`` messages after it) leave together."""
+
+
+class Manual(msgspec.Struct, tag="manual", forbid_unknown_fields=True):
+    """Nothing automatic: the client compacts (``needs_compaction`` tells when)."""
+
+
+Policy = LastN | SkipParts | TokenBudget | Manual
+
+
+class ContextConfig(msgspec.Struct, array_like=True, frozen=True):
+    token_budget: int
+    trigger_ratio: float
+    policy: Policy
+    tokenizer: Tokenizer
+
+
+class Segment(msgspec.Struct, array_like=True, frozen=True):
+    """A run of the window: ``count`` messages of ``Context.messages`` standing for the
+    session's messages ``from_seq..to_seq``: those very messages, or (``compacted``) the
+    replacement a compaction put in their place."""
+
+    from_seq: int
+    to_seq: int
+    count: int
+    compacted: bool
 
 
 class InboxEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -167,6 +248,10 @@ class Append(msgspec.Struct, array_like=True, tag="append", forbid_unknown_field
     client_msg_id: Id | None
     expected_seq: Seq | None
     token_count: Annotated[int, Meta(ge=0)] | None
+    # version 2 (a version-1 client leaves them out: the sender's role, content, no guard)
+    role: Role | None = None  # nil: the sender's (user: user, agent: assistant, system: system)
+    parts: list[Part] | None = None  # then ``content`` must be empty
+    if_version: Version | None = None  # append only while the window is at this version
 
 
 class Read(msgspec.Struct, array_like=True, tag="read", forbid_unknown_fields=True):
@@ -206,6 +291,9 @@ class Subscribe(msgspec.Struct, array_like=True, tag="subscribe", forbid_unknown
     rid: Rid
     session_id: Id
     after_seq: Seq
+    # version 2: also push a ``ContextEvent`` when the session's context window changes other
+    # than by an append, or goes over its budget
+    context_events: bool = False
 
 
 class Unsubscribe(msgspec.Struct, array_like=True, tag="unsubscribe", forbid_unknown_fields=True):
@@ -224,6 +312,39 @@ class SubscribeInbox(
     user_id: Id
 
 
+class SetContextConfig(
+    msgspec.Struct, array_like=True, tag="set_context_config", forbid_unknown_fields=True
+):
+    """Configure the session's context window; the policy applies at once."""
+
+    rid: Rid
+    session_id: Id
+    token_budget: Annotated[int, Meta(ge=1, le=100_000_000)]
+    trigger_ratio: Annotated[float, Meta(gt=0.0, le=1.0)]
+    policy: Policy
+    tokenizer: Tokenizer | None  # nil: the node's default (``--tokenizer``)
+
+
+class GetContext(msgspec.Struct, array_like=True, tag="get_context", forbid_unknown_fields=True):
+    """The session's context window (linearizable, like ``read``)."""
+
+    rid: Rid
+    session_id: Id
+
+
+class Compact(msgspec.Struct, array_like=True, tag="compact", forbid_unknown_fields=True):
+    """Replace the window's messages ``from_seq..to_seq`` (a run of whole segments) with
+    ``replacement``; the session's history is not changed.  ``if_version``: only while the
+    window is at this version (``conflict`` with ``details.version`` otherwise)."""
+
+    rid: Rid
+    session_id: Id
+    from_seq: Annotated[int, Meta(ge=1, le=2**63 - 1)]
+    to_seq: Annotated[int, Meta(ge=1, le=2**63 - 1)]
+    replacement: Annotated[list[NewMessage], Meta(max_length=64)]
+    if_version: Version | None
+
+
 Request = (
     Hello
     | CreateSession
@@ -237,6 +358,9 @@ Request = (
     | Subscribe
     | Unsubscribe
     | SubscribeInbox
+    | SetContextConfig
+    | GetContext
+    | Compact
 )
 
 
@@ -325,6 +449,33 @@ class InboxSnapshot(msgspec.Struct, array_like=True, tag="inbox_snapshot"):
     truncated: bool  # more sessions exist than the snapshot holds
 
 
+class Context(msgspec.Struct, array_like=True, tag="context"):
+    """Answers ``get_context``: the window's messages, oldest first, as the policy shapes
+    them (``skip_parts`` leaves parts out); a compaction's replacement messages have seq 0."""
+
+    rid: int
+    session_id: str
+    messages: list[Message]
+    segments: list[Segment]
+    token_count: int  # of the window, as counted by its tokenizer
+    version: int
+    needs_compaction: bool  # token_count > token_budget x trigger_ratio
+    window_first_seq: int  # the oldest seq the window stands for (last_seq + 1: empty)
+    last_seq: int
+    config: ContextConfig | None  # nil: never configured (manual, no budget)
+
+
+class ContextChanged(msgspec.Struct, array_like=True, tag="context_changed"):
+    """Answers ``set_context_config`` and ``compact``: the window after the change."""
+
+    rid: int
+    session_id: str
+    version: int
+    token_count: int
+    needs_compaction: bool
+    window_first_seq: int
+
+
 Response = (
     Welcome
     | SessionInfo
@@ -338,6 +489,8 @@ Response = (
     | Subscribed
     | Unsubscribed
     | InboxSnapshot
+    | Context
+    | ContextChanged
 )
 
 
@@ -374,7 +527,19 @@ class SubscriptionClosed(msgspec.Struct, array_like=True, tag="subscription_clos
     message: str
 
 
-Push = MessageEvent | GapEvent | InboxDelta | SubscriptionClosed
+class ContextEvent(msgspec.Struct, array_like=True, tag="context_event"):
+    """The subscribed session's context window changed other than by an append (``reason``),
+    or went over its budget x trigger_ratio (``needs_compaction``): a summariser acts on it."""
+
+    sub_id: int
+    reason: ContextReason
+    version: int
+    token_count: int
+    needs_compaction: bool
+    window_first_seq: int
+
+
+Push = MessageEvent | GapEvent | InboxDelta | SubscriptionClosed | ContextEvent
 
 RETRYABLE: frozenset[str] = frozenset({"unavailable", "timeout", "rate_limited"})
 
@@ -389,43 +554,62 @@ __all__ = [
     "METADATA_BYTES_MAX",
     "METADATA_DEPTH_MAX",
     "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
     "READ_BYTES_MAX",
     "RETRYABLE",
     "Append",
     "Appended",
     "CloseReason",
+    "Compact",
+    "Context",
+    "ContextChanged",
+    "ContextConfig",
+    "ContextEvent",
+    "ContextReason",
     "CreateSession",
     "Error",
     "ErrorCode",
     "GapEvent",
     "GapReason",
+    "GetContext",
     "GetRoutes",
     "GetSession",
     "Hello",
     "InboxDelta",
     "InboxEntry",
     "InboxSnapshot",
+    "LastN",
     "ListSessions",
+    "Manual",
     "MarkRead",
     "Message",
     "MessageEvent",
     "Messages",
+    "NewMessage",
+    "Part",
     "Ping",
+    "Policy",
     "Pong",
     "Push",
     "Read",
     "ReadMarked",
     "Request",
     "Response",
+    "Role",
     "Routes",
+    "Segment",
     "Session",
     "SessionInfo",
     "SessionList",
+    "SetContextConfig",
+    "SkipParts",
     "SubId",
     "Subscribe",
     "SubscribeInbox",
     "Subscribed",
     "SubscriptionClosed",
+    "TokenBudget",
+    "Tokenizer",
     "Unsubscribe",
     "Unsubscribed",
     "Welcome",

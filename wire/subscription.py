@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
 from .client_connection import Connection
 from .errors import ClientError
 from .protocol import (
+    ContextEvent,
     GapEvent,
     InboxDelta,
     InboxSnapshot,
@@ -340,19 +341,28 @@ class Follower(abc.ABC, Generic[T]):
         self._wake()
 
 
-class Subscription(Follower[Message | GapEvent]):
+class Subscription(Follower[Message | GapEvent | ContextEvent]):
     """A session followed in seq order: yields ``Message`` and ``GapEvent`` (see
-    ``Client.subscribe``).  ``last_seq``: the seq of the last item yielded (a GapEvent's
-    ``to_seq``); a resume subscribes again after it."""
+    ``Client.subscribe``), and ``ContextEvent`` when asked for (``context_events``).
+    ``last_seq``: the seq of the last message or gap yielded (a GapEvent's ``to_seq``); a
+    resume subscribes again after it."""
 
-    def __init__(self, client: Client, session_id: str, after_seq: int, queue_max: int) -> None:
+    def __init__(
+        self,
+        client: Client,
+        session_id: str,
+        after_seq: int,
+        queue_max: int,
+        context_events: bool = False,
+    ) -> None:
         super().__init__(client, queue_max)
         self.session_id = session_id
         self.last_seq = after_seq
+        self.context_events = context_events
         self.start_last_seq: int | None = None  # Subscribed.last_seq of the latest subscribe
 
     def _request(self, rid: int) -> Request:
-        return Subscribe(rid, self.session_id, self.last_seq)
+        return Subscribe(rid, self.session_id, self.last_seq, self.context_events)
 
     def _expect(self) -> type[Subscribed]:
         return Subscribed
@@ -365,13 +375,15 @@ class Subscription(Follower[Message | GapEvent]):
     def _accept(self, push: Push) -> None:
         if type(push) is MessageEvent:
             self._queue.extend(push.messages)
-        elif type(push) is GapEvent:
+        elif type(push) is GapEvent or (type(push) is ContextEvent and self.context_events):
             self._queue.append(push)
         else:
             self._fail(ClientError("internal", f"{type(push).__name__} for a session", False))
 
-    def _check(self, item: Message | GapEvent) -> None:
+    def _check(self, item: Message | GapEvent | ContextEvent) -> None:
         expected = self.last_seq + 1
+        if type(item) is ContextEvent:
+            return
         if type(item) is Message:
             if item.seq != expected:
                 raise _out_of_order(f"expected seq {expected}, got message {item.seq}")

@@ -8,20 +8,29 @@ from typing import Any, get_args
 from wire.protocol import (
     Append,
     Appended,
+    Compact,
+    Context,
+    ContextChanged,
+    ContextConfig,
+    ContextEvent,
     CreateSession,
     Error,
     GapEvent,
+    GetContext,
     GetRoutes,
     GetSession,
     Hello,
     InboxDelta,
     InboxEntry,
     InboxSnapshot,
+    LastN,
     ListSessions,
+    Manual,
     MarkRead,
     Message,
     MessageEvent,
     Messages,
+    NewMessage,
     Ping,
     Pong,
     Push,
@@ -30,13 +39,17 @@ from wire.protocol import (
     Request,
     Response,
     Routes,
+    Segment,
     Session,
     SessionInfo,
     SessionList,
+    SetContextConfig,
+    SkipParts,
     Subscribe,
     Subscribed,
     SubscribeInbox,
     SubscriptionClosed,
+    TokenBudget,
     Unsubscribe,
     Unsubscribed,
     Welcome,
@@ -46,9 +59,37 @@ T0 = 1_700_000_000_000  # ms since the epoch
 
 SESSION = Session("s-1", "u-1", "agent-1", T0, {"title": "Trip"}, 2)
 MESSAGES = [
-    Message("s-1", 1, "user", "u-1", "text", "hello", {}, "m-1", T0 + 1, None),
+    Message("s-1", 1, "user", "u-1", "text", "hello", {}, "m-1", T0 + 1, 1, "user"),
     Message("s-1", 2, "agent", "agent-1", "text", "hi, 世界", {"model": "x"}, None, T0 + 2, 7),
+    Message(
+        "s-1",
+        3,
+        "agent",
+        "agent-1",
+        "text",
+        "",
+        {},
+        None,
+        T0 + 3,
+        21,
+        "assistant",
+        [
+            {"type": "reasoning", "text": "look it up"},
+            {
+                "type": "tool-search",
+                "toolCallId": "c1",
+                "state": "output-available",
+                "input": {"q": "paris"},
+                "output": ["Paris"],
+            },
+            {"type": "text", "text": "Paris."},
+        ],
+    ),
 ]
+SUMMARY = Message(
+    "s-1", 0, "system", "", "summary", "they said hello", {}, None, T0 + 4, 4, "system"
+)
+CONFIG = ContextConfig(8000, 0.7, LastN(50), "o200k_base")
 INBOX = [
     InboxEntry("s-1", "agent-1", 2, 1, T0 + 2, "agent", "agent-1", "hi, 世界"),
     InboxEntry("s-2", "agent-2", 0, 0, T0, None, None, ""),
@@ -67,6 +108,18 @@ REQUESTS: dict[str, Request] = {
     "subscribe": Subscribe(10, "s-1", 0),
     "unsubscribe": Unsubscribe(11, 1),
     "subscribe_inbox": SubscribeInbox(12, "u-1"),
+    "set_context_config": SetContextConfig(13, "s-1", 8000, 0.7, LastN(50), "o200k_base"),
+    "get_context": GetContext(14, "s-1"),
+    "compact": Compact(
+        15,
+        "s-1",
+        1,
+        2,
+        [
+            NewMessage("system", "summary", "they said hello", None, {}, None),
+        ],
+        3,
+    ),
 }
 
 RESPONSES: dict[str, Response] = {
@@ -82,6 +135,19 @@ RESPONSES: dict[str, Response] = {
     "subscribed": Subscribed(10, 1, 2),
     "unsubscribed": Unsubscribed(11, 1),
     "inbox_snapshot": InboxSnapshot(12, 2, INBOX, False),
+    "context": Context(
+        14,
+        "s-1",
+        [SUMMARY, MESSAGES[2]],
+        [Segment(1, 2, 1, True), Segment(3, 3, 1, False)],
+        25,
+        4,
+        False,
+        1,
+        3,
+        CONFIG,
+    ),
+    "context_changed": ContextChanged(15, "s-1", 4, 25, False, 1),
 }
 
 PUSHES: dict[str, Push] = {
@@ -89,6 +155,7 @@ PUSHES: dict[str, Push] = {
     "gap_event": GapEvent(1, 3, 5, "retention"),
     "inbox_delta": InboxDelta(2, INBOX[:1]),
     "subscription_closed": SubscriptionClosed(1, "slow_consumer", "1000 messages behind"),
+    "context_event": ContextEvent(1, "compacted", 4, 25, False, 1),
 }
 
 SAMPLES: dict[str, Request | Response | Push] = {**REQUESTS, **RESPONSES, **PUSHES}
@@ -109,6 +176,26 @@ EDGE_REQUESTS: list[Request] = [
     Subscribe(1, "s", 2**63 - 1),
     Unsubscribe(1, 2**63 - 1),
     SubscribeInbox(1, "u" * 128),
+    Append(
+        1,
+        "s",
+        "agent",
+        "a",
+        "text",
+        "",
+        {},
+        None,
+        None,
+        None,
+        "tool",
+        [{"type": "data-x", "data": None}],
+        2**63 - 1,
+    ),
+    Append(1, "s", "user", "u", "text", "hi", {}, None, None, None, None, None, None),
+    SetContextConfig(1, "s", 1, 1.0, SkipParts(["tool-", "reasoning"], None), None),
+    SetContextConfig(1, "s", 100_000_000, 1e-9, TokenBudget(), "cl100k_base"),
+    SetContextConfig(1, "s", 5, 0.5, Manual(), None),
+    Compact(1, "s", 2**63 - 1, 2**63 - 1, [], None),
 ]
 EDGE_RESPONSES: list[Response] = [
     Welcome(1, 0, "", 1, 1),
@@ -120,6 +207,7 @@ EDGE_RESPONSES: list[Response] = [
     Error(0, "unavailable", "node shutting down", True, {}),
     Subscribed(1, 2**63 - 1, 0),
     InboxSnapshot(1, 1, [], True),
+    Context(1, "s", [], [], 0, 0, False, 1, 0, None),
 ]
 EDGE_PUSHES: list[Push] = [
     MessageEvent(2**63 - 1, MESSAGES),
@@ -129,6 +217,7 @@ EDGE_PUSHES: list[Push] = [
     SubscriptionClosed(1, "not_found", ""),
     SubscriptionClosed(1, "shutdown", "node shutting down"),
     SubscriptionClosed(1, "unavailable", "ünïcode"),
+    ContextEvent(1, "needs_compaction", 2**63 - 1, 0, True, 2**63 - 1),
 ]
 
 
