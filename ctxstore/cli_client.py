@@ -265,7 +265,7 @@ async def _command(client: Client, args: argparse.Namespace, text: str) -> int:
 
 async def _tail(client: Any, session_id: str, after_seq: int, count: int | None) -> None:
     """One JSON line per message; a gap is a line {"gap": {"from_seq", "to_seq", "reason"}}."""
-    from wire.protocol import GapEvent
+    from wire.protocol import ContextEvent, GapEvent
 
     seen = 0
     async with client.subscribe(session_id, after_seq) as sub:
@@ -273,6 +273,9 @@ async def _tail(client: Any, session_id: str, after_seq: int, count: int | None)
             if isinstance(item, GapEvent):
                 emit({"gap": {"from_seq": item.from_seq, "to_seq": item.to_seq,
                                "reason": item.reason}})  # fmt: skip
+                continue
+            if isinstance(item, ContextEvent):
+                emit({"context": msgspec.structs.asdict(item)})
                 continue
             emit(item)
             seen += 1

@@ -25,14 +25,24 @@ from typing import Any
 import msgspec
 import msgspec.msgpack
 
-from wire.protocol import MESSAGE_BYTES_MAX, ErrorCode, Sender, Session
+from wire.protocol import (
+    MESSAGE_BYTES_MAX,
+    ContextConfig,
+    ErrorCode,
+    Message,
+    Part,
+    Role,
+    Sender,
+    Session,
+)
 
 Metadata = dict[str, Any]
 
-ENTRY_FIELDS_BYTES_MAX = 4096
-"""What an ``Append`` command holds besides its message's payload (content and metadata): ids and
-``kind`` (bounded by the wire schema: at most 128 + 4 x 128 + 4 x 64 + 128 bytes), numbers and
-msgpack headers; about 1.1 KiB at most, the rest is headroom."""
+ENTRY_FIELDS_BYTES_MAX = 16 * 1024
+"""What an ``Append`` command holds besides its message's payload (content, parts and
+metadata): ids and ``kind`` (bounded by the wire schema: at most 128 + 4 x 128 + 4 x 64 + 128
+bytes), the role, numbers, one token count per part (at most ``PARTS_MAX`` x 5 bytes) and
+msgpack headers; about 6.3 KiB at most, the rest is headroom."""
 ENTRY_BYTES_MAX = MESSAGE_BYTES_MAX + ENTRY_FIELDS_BYTES_MAX
 """The largest command (Raft entry) a node proposes: ``Router`` refuses a bigger one with
 ``too_large``.  An ``Append`` whose message is within ``MESSAGE_BYTES_MAX`` fits; so does any
@@ -53,7 +63,11 @@ class CreateSession(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=
 
 class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
     """Append one message; the state machine assigns ``seq = last_seq + 1``.  With sender
-    ``user`` it also moves the session owner's read cursor to that seq."""
+    ``user`` it also moves the session owner's read cursor to that seq.  ``token_count`` was
+    counted by the proposer (ctxstore/tokens.py), ``part_tokens`` per part; ``role`` is set
+    (the proposer resolved the sender's default).  Fields after ``inserted_at`` came with
+    context windows: an entry written before them is a short-form message, counted as
+    ceil(payload bytes / 4) tokens."""
 
     session_id: str
     sender: Sender
@@ -65,6 +79,10 @@ class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
     expected_seq: int | None
     token_count: int | None
     inserted_at: int
+    role: Role | None = None
+    parts: list[Part] | None = None
+    part_tokens: list[int] | None = None  # one per part
+    if_version: int | None = None  # the context window's version the append requires
 
 
 class MarkRead(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
@@ -76,7 +94,26 @@ class MarkRead(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
     seq: int
 
 
-Command = CreateSession | Append | MarkRead
+class SetContextConfig(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=4):
+    """Configure a session's context window (its policy applies at once)."""
+
+    session_id: str
+    config: ContextConfig
+
+
+class Compact(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5):
+    """Replace the window's records of ``from_seq..to_seq`` by ``replacement`` (messages with
+    seq 0, counted by the proposer: ``token_count`` set, ``part_tokens`` per message)."""
+
+    session_id: str
+    from_seq: int
+    to_seq: int
+    replacement: list[Message]
+    part_tokens: list[list[int]]
+    if_version: int | None
+
+
+Command = CreateSession | Append | MarkRead | SetContextConfig | Compact
 
 
 # -- results (one per applied command) -------------------------------------------------------------
@@ -107,7 +144,16 @@ class Rejected(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=4):
     details: dict[str, Any]
 
 
-Result = SessionCreated | Appended | ReadMarked | Rejected
+class ContextChanged(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5):
+    """The window after a ``SetContextConfig`` or ``Compact``."""
+
+    version: int
+    token_count: int
+    needs_compaction: bool
+    window_first_seq: int
+
+
+Result = SessionCreated | Appended | ReadMarked | Rejected | ContextChanged
 
 
 # -- codecs ----------------------------------------------------------------------------------------
@@ -140,12 +186,15 @@ __all__ = [
     "Append",
     "Appended",
     "Command",
+    "Compact",
+    "ContextChanged",
     "CreateSession",
     "MarkRead",
     "ReadMarked",
     "Rejected",
     "Result",
     "SessionCreated",
+    "SetContextConfig",
     "decode_command",
     "decode_result",
     "encode_command",

@@ -73,6 +73,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     # on the event loop's thread ("inline": less CPU, the loop waits for the disk): raft/wal.py,
     # docs/ctxstore.md.
     wal_writer: Literal["thread", "inline"] = "thread"
+    # The tokenizer that counts a message's tokens (ctxstore/tokens.py) unless its session's
+    # context configuration names another.
+    tokenizer: Literal["o200k_base", "cl100k_base"] = "o200k_base"
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
@@ -136,6 +139,8 @@ HELP: dict[str, str] = {
     "generation",
     "wal_writer": "where the WAL is written and fsync'd: thread (a writer thread) or inline "
     "(the event loop's thread; for nodes sharing a machine's cores)",
+    "tokenizer": "the tokenizer that counts messages' tokens (o200k_base or cl100k_base) "
+    "for sessions whose context configuration names none",
     "client_connections_max": "client connections at once (more are refused with "
     "unavailable); lowered at start to what the open-file limit leaves",
     "client_connections_per_source_max": "client connections at once from one address",

@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple
 from wire.protocol import Message
 
 from .archive import Archive, Retention
-from .state import ConversationState, payload_bytes
+from .state import ConversationState, message_bytes
 
 PAGE_BYTES_MAX = 1024 * 1024
 
@@ -39,14 +39,6 @@ class Page(NamedTuple):
     messages: list[Message]
     gap: tuple[int, int, str] | None  # (from_seq, to_seq, reason) just before ``messages``
     last_seq: int  # the session's last seq when the page was read
-
-
-def message_bytes(m: Message) -> int:
-    """A bound on a message's encoded size (what pages and response budgets count): its payload
-    (content, metadata) as the state counts it, its strings (4 bytes a character where no
-    pattern keeps them ASCII), and 64 bytes for numbers and msgpack headers."""
-    ids = len(m.session_id) + len(m.client_msg_id or "")
-    return payload_bytes(m) + 64 + ids + 4 * (len(m.sender_id) + len(m.kind))
 
 
 def _capped(messages: list[Message], bytes_max: int) -> list[Message]:

@@ -32,7 +32,7 @@ from raft.multi import HostConfig, MultiRaft
 from raft.transport import Transport
 from raft.wal import WAL
 from wire.aio import Handler, Server, serve
-from wire.protocol import Message, Session
+from wire.protocol import ContextReason, Message, Session
 
 from .archive import Archive, ArchiveConfig, Retention
 from .backfill import Backfill, serve_history
@@ -43,6 +43,8 @@ from .limits import Limits, check
 from .router import HistoryFetch, HistoryRows, Router, RouterConfig
 from .state import ConversationState, StateLimits
 from .subscriptions import SubscriptionLimits, Subscriptions
+from .tokens import TokenCounters
+from .window import Window
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class Node:
             self.state, self.history, SubscriptionLimits(page_bytes=lim.push_page_bytes)
         )
         self.inboxes = Inboxes(self.state, InboxLimits())
+        self.counters = TokenCounters(s.tokenizer)
         self.failed: asyncio.Future[BaseException] | None = None
         self._evicted_early: list[tuple[int, int, Message]] | None = []
         group_cfg = Config(
@@ -128,6 +131,9 @@ class Node:
     def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
         if user_id == owner_id:  # unread counts follow the owner's cursor
             self.inboxes.on_change(owner_id, session_id)
+
+    def on_context(self, session_id: str, window: Window, reasons: list[ContextReason]) -> None:
+        self.subscriptions.on_context(session_id, window, reasons)
 
     def on_evict(self, group: int, index: int, message: Message) -> None:
         if self._evicted_early is not None:  # restored before the archive started

@@ -36,16 +36,21 @@ import itertools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from wire.aio import BaseHandler, Connection, Reply
+from wire.framing import SENDER_ROLES
 from wire.protocol import (
     MESSAGE_BYTES_MAX,
     Append,
     Appended,
+    Compact,
+    ContextChanged,
     CreateSession,
     Error,
+    GetContext,
     GetRoutes,
     GetSession,
     InboxSnapshot,
@@ -61,6 +66,7 @@ from wire.protocol import (
     Routes,
     SessionInfo,
     SessionList,
+    SetContextConfig,
     Subscribe,
     Subscribed,
     SubscribeInbox,
@@ -70,12 +76,13 @@ from wire.protocol import (
 )
 from wire.protocol import Message as WireMessage
 
-from . import commands
+from . import commands, context
 from .history import HistoryUnavailable
 from .node import Node
 from .placement import group_of
 from .router import RouteError
 from .state import payload_bytes
+from .tokens import offload
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +108,10 @@ class Service(BaseHandler):
         self.history = node.history
         self.read_bytes_max = node.limits.read_bytes_max
         self.request_timeout_s = s.request_timeout_s
+        self.counters = node.counters
+        # Appends of a connection waiting for a count off the loop, and those behind them (a
+        # connection's appends are proposed in the order they came).
+        self._counting: dict[Connection, deque[Append]] = {}
         self._sub_ids = itertools.count(1)
         self.requests = 0
         self.errors: dict[str, int] = {}
@@ -113,6 +124,13 @@ class Service(BaseHandler):
                 return self._append(conn, request)
             case Read():
                 return self._after_barrier(conn, request.rid, request.session_id, request)
+            case GetContext():
+                return self._after_barrier(conn, request.rid, request.session_id, request)
+            case SetContextConfig():
+                configure = context.configure(request, self.counters)
+                return self._submit(conn, request.rid, request.session_id, configure, request)
+            case Compact():
+                return self._compact(conn, request)
             case GetSession():
                 return self._after_barrier(conn, request.rid, request.session_id, request)
             case Subscribe():
@@ -152,6 +170,7 @@ class Service(BaseHandler):
         self.inboxes.on_writable(conn)
 
     def on_close(self, conn: Connection) -> None:
+        self._counting.pop(conn, None)
         self.subscriptions.on_close(conn)
         self.inboxes.on_close(conn)
 
@@ -176,24 +195,81 @@ class Service(BaseHandler):
             return self._error(
                 error(r.rid, "unavailable", "this node's archive is behind; retry shortly")
             )
+        queue = self._counting.get(conn)
+        if queue is not None:  # behind a message counted off the loop: keep the order
+            queue.append(r)
+            return None
+        if not offload(r.content, r.parts):
+            return self._append_counted(conn, r, *self._count(r))
+        self._counting[conn] = deque([r])
+        asyncio.get_running_loop().create_task(self._count_off_loop(conn))
+        return None
+
+    def _count(self, r: Append) -> tuple[int, list[int] | None]:
+        """The message's tokens (the client's count wins) and its parts' (ctxstore/tokens.py),
+        by the session's tokenizer as this node knows it."""
+        if r.token_count is not None and r.parts is None:
+            return r.token_count, None
+        counter = self.counters.get(context.tokenizer_of(self.state, r.session_id))
+        tokens, per_part = counter.message(r.content, r.parts)
+        return (tokens if r.token_count is None else r.token_count), (
+            per_part if r.parts is not None else None
+        )
+
+    async def _count_off_loop(self, conn: Connection) -> None:
+        queue = self._counting[conn]
+        try:
+            while queue:
+                r = queue[0]
+                if offload(r.content, r.parts):
+                    counted = await asyncio.to_thread(self._count, r)
+                else:
+                    counted = self._count(r)
+                if self._counting.get(conn) is not queue:
+                    return  # the connection closed meanwhile
+                queue.popleft()
+                refused = self._append_counted(conn, r, *counted)
+                if isinstance(refused, Error):
+                    conn.reply(refused)
+        except Exception:  # a bug: answer what waits, or its client waits for nothing
+            logger.exception("counting tokens failed")
+            for r in queue:
+                conn.reply(self._error(error(r.rid, "internal", "internal error")))
+        finally:
+            if self._counting.get(conn) is queue:
+                del self._counting[conn]
+
+    def _append_counted(
+        self, conn: Connection, r: Append, tokens: int, part_tokens: list[int] | None
+    ) -> Reply:
+        role = r.role if r.role is not None else SENDER_ROLES[r.sender][0]
         cmd = commands.Append(
             r.session_id, r.sender, r.sender_id, r.kind, r.content, r.metadata,
-            r.client_msg_id, r.expected_seq, r.token_count, self.clock_ms(),
+            r.client_msg_id, r.expected_seq, tokens, self.clock_ms(), role, r.parts,  # type: ignore[arg-type]
+            part_tokens, r.if_version,
         )  # fmt: skip
         data = commands.encode_command(cmd)
         if len(data) > MESSAGE_BYTES_MAX:  # the payload may be over: measure it
             size = payload_bytes(WireMessage(
                 r.session_id, 0, r.sender, r.sender_id, r.kind, r.content, r.metadata,
-                r.client_msg_id, 0, r.token_count,
+                r.client_msg_id, 0, r.token_count, role, r.parts,  # type: ignore[arg-type]
             ))  # fmt: skip
             if size > MESSAGE_BYTES_MAX:
                 message = (
-                    f"the message's content and metadata are {size} bytes "
+                    f"the message's content, parts and metadata are {size} bytes "
                     f"(UTF-8 and msgpack) > {MESSAGE_BYTES_MAX}"
                 )
                 e = error(r.rid, "too_large", message, bytes=size, limit=MESSAGE_BYTES_MAX)
                 return self._error(e)
         return self._submit_data(conn, r.rid, r.session_id, data, r)
+
+    def _compact(self, conn: Connection, r: Compact) -> Reply:
+        tokenizer = context.tokenizer_of(self.state, r.session_id)
+        messages, per_part = context.replacement(
+            r.replacement, r.session_id, self.clock_ms(), tokenizer, self.counters
+        )
+        cmd = commands.Compact(r.session_id, r.from_seq, r.to_seq, messages, per_part, r.if_version)
+        return self._submit(conn, r.rid, r.session_id, cmd, r)
 
     def _create(self, conn: Connection, r: CreateSession) -> Reply:
         sid = r.session_id if r.session_id is not None else uuid.uuid4().hex
@@ -239,6 +315,9 @@ class Service(BaseHandler):
             case commands.ReadMarked(seq):
                 assert isinstance(request, MarkRead)
                 return ReadMarked(rid, request.session_id, request.user_id, seq)
+            case commands.ContextChanged(version, tokens, needs, first_seq):
+                assert isinstance(request, SetContextConfig | Compact)
+                return ContextChanged(rid, request.session_id, version, tokens, needs, first_seq)
             case commands.Rejected(code, message, details):
                 return self._error(error(rid, code, message, **details))
         logger.error("unexpected result %r", result)
@@ -253,7 +332,11 @@ class Service(BaseHandler):
 
     # -- reads ------------------------------------------------------------------------------------
     def _after_barrier(
-        self, conn: Connection, rid: int, sid: str, request: Read | GetSession | Subscribe
+        self,
+        conn: Connection,
+        rid: int,
+        sid: str,
+        request: Read | GetSession | Subscribe | GetContext,
     ) -> Reply:
         fut = self.router.barrier(group_of(sid, self.groups))
 
@@ -275,6 +358,8 @@ class Service(BaseHandler):
                     conn.reply(Messages(rid, page.messages, page.last_seq))
             elif isinstance(request, Subscribe):
                 self._subscribe(conn, request)
+            elif isinstance(request, GetContext):
+                self._get_context(conn, request)
             else:
                 session = self.state.get_session(request.session_id)
                 if session is None:
@@ -299,7 +384,31 @@ class Service(BaseHandler):
         sub_id = next(self._sub_ids)
         conn.reply(Subscribed(r.rid, sub_id, last_seq))
         group = group_of(r.session_id, self.groups)
-        self.subscriptions.start(conn, sub_id, r.session_id, group, r.after_seq, last_seq)
+        self.subscriptions.start(
+            conn, sub_id, r.session_id, group, r.after_seq, last_seq, r.context_events
+        )
+
+    def _get_context(self, conn: Connection, r: GetContext) -> None:
+        plan = context.plan(self.state, r)
+        if plan is None:
+            conn.reply(self._not_found(r.rid, r.session_id))
+            return
+        found = context.from_tail(self.state, plan)
+        if found is not False:
+            conn.reply(context.answer(r.rid, plan, found))
+            return
+        task = asyncio.get_running_loop().create_task(self._context_from_history(r, plan))
+        task.add_done_callback(lambda t: conn.reply(self._task_answer(r.rid, t)))
+
+    async def _context_from_history(self, r: GetContext, plan: context.Plan) -> Response:
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                found = await context.from_history(self.history, plan, self.read_bytes_max)
+        except HistoryUnavailable as e:
+            return self._error(error(r.rid, "unavailable", str(e)))
+        except TimeoutError:
+            return self._error(error(r.rid, "timeout", "the archive did not answer in time"))
+        return context.answer(r.rid, plan, found)
 
     async def _read(self, r: Read) -> Response:
         try:

@@ -67,20 +67,24 @@ import msgspec.msgpack
 
 from raft.errors import InvariantViolation, check
 from raft.messages import Entry, EntryType
-from wire.protocol import Message, Session
+from wire.protocol import ContextReason, Message, Session
 
 from .commands import (
     Append,
     Appended,
+    Compact,
+    ContextChanged,
     CreateSession,
     MarkRead,
     ReadMarked,
     Rejected,
     SessionCreated,
+    SetContextConfig,
     decode_command,
 )
 from .placement import group_of
-from .state_schema import GroupSnap, ReadResult, SessionSnap
+from .state_schema import GroupSnap, ReadResult, RecordSnap, SessionSnap, WindowSnap
+from .window import Record, Window, WindowLimits
 
 SNAPSHOT_VERSION = 1
 
@@ -94,10 +98,14 @@ class StateLimits:
     tail_bytes_max: int = 8 * 1024 * 1024  # payload bytes of the hot tail per session
     group_tail_bytes_max: int = 4 * 1024 * 1024  # all hot tails of a group (payload + overhead)
     cursors_max: int = 1024  # read cursors (users) per session
+    window_records_max: int = 10_000  # messages of a context window
+    window_bytes_max: int = 2 * 1024 * 1024  # encoded size of a window's messages
+    replacement_bytes_max: int = 1024 * 1024  # encoded size of one compaction's replacement
 
     def __post_init__(self) -> None:
         for name in ("dedupe_ids_max", "tail_messages_max", "tail_bytes_max", "cursors_max",
-                     "group_tail_bytes_max"):  # fmt: skip
+                     "group_tail_bytes_max", "window_records_max", "window_bytes_max",
+                     "replacement_bytes_max"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"StateLimits.{name} must be at least 1")
 
@@ -116,6 +124,11 @@ class StateObserver(Protocol):
     def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
         """``user_id``'s read cursor of a session owned by ``owner_id`` moved to ``seq`` by a
         ``MarkRead`` (the move of an append as ``user`` is told by ``on_message`` alone)."""
+
+    def on_context(self, session_id: str, window: Window, reasons: list[ContextReason]) -> None:
+        """The session's context window changed other than by taking an appended message in
+        (``reasons``: ``wire.protocol.ContextReason``); called after that entry's
+        ``on_message``, if any."""
 
     def on_evict(self, group: int, index: int, message: Message) -> None:
         """``message`` left the hot tail, pushed out by applying the entry at ``index`` (0: by a
@@ -136,10 +149,37 @@ def _fingerprint(cmd: Append) -> bytes:
 
 
 def payload_bytes(msg: Message) -> int:
-    """The bytes a message counts against ``tail_bytes_max``: a function of the message only."""
+    """The bytes a message counts against ``tail_bytes_max`` (its content, parts and metadata,
+    as UTF-8 and msgpack): a function of the message only."""
     content = msg.content
     size = len(content) if content.isascii() else len(content.encode())
+    if msg.parts is not None:
+        size += len(_encoder.encode(msg.parts))
     return size + (len(_encoder.encode(msg.metadata)) if msg.metadata else 1)
+
+
+def message_bytes(m: Message) -> int:
+    """A bound on a message's encoded size (what pages and response budgets count): its payload
+    (content, parts, metadata) as the state counts it, its strings (4 bytes a character where
+    no pattern keeps them ASCII), and 64 bytes for numbers, its role and msgpack headers."""
+    ids = len(m.session_id) + len(m.client_msg_id or "")
+    return payload_bytes(m) + 64 + ids + 4 * (len(m.sender_id) + len(m.kind))
+
+
+DEFAULT_ROLES: dict[str, str] = {"user": "user", "agent": "assistant", "system": "system"}
+"""The role of a message whose command names none (entries written before roles existed)."""
+
+
+def _record(msg: Message, tokens: int | None, part_tokens: list[int] | None) -> Record:
+    """The context-window record of a message (its counts as the proposer made them)."""
+    size = message_bytes(msg)
+    if tokens is None:  # proposed before counts existed: a deterministic estimate
+        tokens = (payload_bytes(msg) + 3) // 4
+    per_part = None  # without counts per part (an old entry), skip_parts keeps its count
+    if msg.parts is not None and part_tokens is not None and len(part_tokens) == len(msg.parts):
+        per_part = [(p["type"], n) for p, n in zip(msg.parts, part_tokens, strict=True)]
+    role = msg.role if msg.role is not None else DEFAULT_ROLES[msg.sender]
+    return Record(msg.seq, msg.seq, role, tokens, per_part, size)
 
 
 MESSAGE_OVERHEAD_BYTES = 400
@@ -149,6 +189,14 @@ estimate (measured: ~200-660 B), charged against ``group_tail_bytes_max``."""
 
 def _not_found(session_id: str) -> Rejected:
     return Rejected("not_found", f"no session {session_id!r}", {})
+
+
+def _stale(if_version: int, version: int) -> Rejected:
+    return Rejected(
+        "conflict",
+        f"if_version {if_version} but the context window is at version {version}",
+        {"version": version},
+    )
 
 
 class _Session:
@@ -166,10 +214,17 @@ class _Session:
         "tail_bytes",
         "tail_sizes",
         "user_id",
+        "window",
     )
 
     def __init__(
-        self, id: str, user_id: str, agent_id: str, created_at: int, metadata: dict[str, Any]
+        self,
+        id: str,
+        user_id: str,
+        agent_id: str,
+        created_at: int,
+        metadata: dict[str, Any],
+        window_limits: WindowLimits,
     ) -> None:
         self.id = id
         self.user_id = user_id
@@ -182,6 +237,7 @@ class _Session:
         self.tail_bytes = 0
         self.dedupe: dict[str, tuple[int, int, bytes]] = {}  # id -> (seq, inserted_at, print)
         self.cursors: dict[str, int] = {}  # user id -> last read seq
+        self.window = Window(window_limits)
 
     def to_wire(self) -> Session:
         return Session(
@@ -249,13 +305,17 @@ class _Session:
             list(self.tail),
             self.dedupe,
             self.cursors,
+            _window_snap(self.window),
         )
 
     @classmethod
     def from_snap(
         cls, snap: SessionSnap, limits: StateLimits, evicted: list[Message] | None
     ) -> _Session:
-        s = cls(snap.id, snap.user_id, snap.agent_id, snap.created_at, snap.metadata)
+        s = cls(
+            snap.id, snap.user_id, snap.agent_id, snap.created_at, snap.metadata,
+            _window_limits(limits),
+        )  # fmt: skip
         s.last_seq = snap.last_seq
         check(
             all(m.seq == snap.last_seq - len(snap.tail) + 1 + i for i, m in enumerate(snap.tail)),
@@ -267,7 +327,35 @@ class _Session:
             s.remember(cmid, seen, limits.dedupe_ids_max)
         for user_id, seq in snap.cursors.items():
             s.set_cursor(user_id, seq, limits.cursors_max)
+        if snap.window is not None:
+            _restore_window(s.window, snap.window)
         return s
+
+
+def _window_limits(limits: StateLimits) -> WindowLimits:
+    return WindowLimits(
+        limits.window_records_max, limits.window_bytes_max, limits.replacement_bytes_max
+    )
+
+
+def _window_snap(w: Window) -> WindowSnap:
+    records = [
+        RecordSnap(r.first_seq, r.last_seq, r.role, r.tokens, r.part_tokens, r.size, r.message)
+        for r in w.records
+    ]
+    return WindowSnap(w.config, w.version, w.needs_compaction, records)
+
+
+def _restore_window(w: Window, snap: WindowSnap) -> None:
+    """Rebuild a window as it was (no policy runs: the snapshot holds its outcome)."""
+    if snap.config is not None:
+        w.configure(snap.config)
+    for r in snap.records:
+        part_tokens = None if r.part_tokens is None else [(t, n) for t, n in r.part_tokens]
+        w.restore(Record(r.first_seq, r.last_seq, r.role, r.tokens, part_tokens, r.size,
+                         r.message))  # fmt: skip
+    w.version = snap.version
+    w.needs_compaction = snap.needs_compaction
 
 
 class ConversationState:
@@ -291,6 +379,7 @@ class ConversationState:
         self.limits = limits if limits is not None else StateLimits()
         self.group_count = groups
         self.observer = observer
+        self._window_limits = _window_limits(self.limits)
         self._evicted: list[Message] = []  # scratch: what one append pushes out of the tails
         self._groups: dict[int, dict[str, _Session]] = {}
         self._charge: dict[int, int] = {}  # group -> what its tails cost (``_Session.charge``)
@@ -345,6 +434,10 @@ class ConversationState:
                     out.append(self._create(group, e.index, sessions, cmd))
                 case MarkRead():
                     out.append(self._mark_read(sessions, cmd))
+                case SetContextConfig():
+                    out.append(self._configure(sessions, cmd))
+                case Compact():
+                    out.append(self._compact(sessions, cmd))
         if self.observer is not None and entries:
             self.observer.on_applied(group, entries[-1].index)
         return out
@@ -407,7 +500,10 @@ class ConversationState:
                     f"session {cmd.session_id!r} belongs to group {home}, not {group}",
                     {"group": home},
                 )
-        s = _Session(cmd.session_id, cmd.user_id, cmd.agent_id, cmd.created_at, cmd.metadata)
+        s = _Session(
+            cmd.session_id, cmd.user_id, cmd.agent_id, cmd.created_at, cmd.metadata,
+            self._window_limits,
+        )  # fmt: skip
         self._add(group, sessions, s)
         wire = s.to_wire()
         if self.observer is not None:
@@ -440,6 +536,9 @@ class ConversationState:
                 f"expected_seq {cmd.expected_seq} but last_seq is {s.last_seq}",
                 {"last_seq": s.last_seq},
             )
+        window = s.window
+        if cmd.if_version is not None and cmd.if_version != window.version:
+            return _stale(cmd.if_version, window.version)
         seq = s.last_seq = s.last_seq + 1
         msg = Message(
             s.id,
@@ -452,7 +551,10 @@ class ConversationState:
             cmid,
             cmd.inserted_at,
             cmd.token_count,
+            cmd.role,
+            cmd.parts,
         )
+        reasons = window.append(_record(msg, cmd.token_count, cmd.part_tokens))
         observer = self.observer
         evicted = self._evicted if observer is not None else None  # reused: no list per append
         charge = s.push(msg, self.limits, evicted)
@@ -472,7 +574,52 @@ class ConversationState:
             s.set_cursor(s.user_id, seq, self.limits.cursors_max)
         if observer is not None:
             observer.on_message(group, index, s.user_id, msg)
+            if reasons:
+                observer.on_context(s.id, window, reasons)
         return Appended(seq, cmd.inserted_at, False)
+
+    def _configure(
+        self, sessions: dict[str, _Session], cmd: SetContextConfig
+    ) -> ContextChanged | Rejected:
+        s = sessions.get(cmd.session_id)
+        if s is None:
+            return _not_found(cmd.session_id)
+        return self._context_changed(s, s.window.configure(cmd.config))
+
+    def _compact(self, sessions: dict[str, _Session], cmd: Compact) -> ContextChanged | Rejected:
+        s = sessions.get(cmd.session_id)
+        if s is None:
+            return _not_found(cmd.session_id)
+        window = s.window
+        if cmd.if_version is not None and cmd.if_version != window.version:
+            return _stale(cmd.if_version, window.version)
+        records = [
+            _record(m, m.token_count, tokens)
+            for m, tokens in zip(cmd.replacement, cmd.part_tokens, strict=True)
+        ]
+        for r, m in zip(records, cmd.replacement, strict=True):
+            r.message = m
+            r.compacted = True
+        size = sum(r.size for r in records)
+        if size > window.limits.replacement_bytes_max:
+            return Rejected(
+                "too_large",
+                f"the replacement is {size} bytes > {window.limits.replacement_bytes_max}",
+                {"bytes": size, "limit": window.limits.replacement_bytes_max},
+            )
+        outcome = window.compact(cmd.from_seq, cmd.to_seq, records)
+        if isinstance(outcome, str):
+            return Rejected("bad_request", outcome, {"version": window.version})
+        return self._context_changed(s, outcome)
+
+    def _context_changed(self, s: _Session, reasons: list[ContextReason]) -> ContextChanged:
+        w = s.window
+        if self.observer is not None and reasons:
+            self.observer.on_context(s.id, w, reasons)
+        first = w.first_seq
+        return ContextChanged(
+            w.version, w.tokens, w.needs_compaction, s.last_seq + 1 if first is None else first
+        )
 
     def _mark_read(self, sessions: dict[str, _Session], cmd: MarkRead) -> ReadMarked | Rejected:
         s = sessions.get(cmd.session_id)
@@ -565,6 +712,12 @@ class ConversationState:
     def session_ids(self, group: int) -> list[str]:
         return list(self._groups.get(group, ()))
 
+    def window(self, session_id: str) -> tuple[Window, int] | None:
+        """The session's context window and last seq (shared with the state: read it, do not
+        change it, before the next apply)."""
+        s = self._lookup(session_id)
+        return None if s is None else (s.window, s.last_seq)
+
     def read_cursor(self, session_id: str, user_id: str) -> int | None:
         s = self._lookup(session_id)
         return None if s is None else s.cursors.get(user_id, 0)
@@ -619,5 +772,6 @@ __all__ = [
     "ReadResult",
     "StateLimits",
     "StateObserver",
+    "message_bytes",
     "payload_bytes",
 ]

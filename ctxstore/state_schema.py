@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from wire.protocol import Message
+from wire.protocol import ContextConfig, Message
 
 
 class ReadResult(msgspec.Struct, array_like=True, frozen=True):
@@ -32,6 +32,26 @@ class SessionSnap(msgspec.Struct, array_like=True, gc=False):
     tail: list[Message]
     dedupe: dict[str, tuple[int, int, bytes]]  # oldest first
     cursors: dict[str, int]  # insertion order
+    window: WindowSnap | None = None  # None: taken before context windows (an empty window)
+
+
+class RecordSnap(msgspec.Struct, array_like=True, gc=False):
+    """One record of a context window (ctxstore/window.py)."""
+
+    first_seq: int
+    last_seq: int
+    role: str
+    tokens: int
+    part_tokens: list[tuple[str, int]] | None
+    size: int
+    message: Message | None  # a compaction's replacement message
+
+
+class WindowSnap(msgspec.Struct, array_like=True, gc=False):
+    config: ContextConfig | None
+    version: int
+    needs_compaction: bool
+    records: list[RecordSnap]
 
 
 class GroupSnap(msgspec.Struct, array_like=True, gc=False):

@@ -45,6 +45,8 @@ from wire.aio import Connection
 from wire.errors import LocalProtocolError
 from wire.protocol import (
     CloseReason,
+    ContextEvent,
+    ContextReason,
     GapEvent,
     GapReason,
     Message,
@@ -55,6 +57,7 @@ from wire.protocol import (
 from .history import History, HistoryUnavailable, message_bytes
 from .registry import Streams
 from .state import ConversationState
+from .window import Window
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +74,14 @@ class SubscriptionLimits:
 
 
 class _Sub:
-    __slots__ = ("closed", "conn", "group", "live", "next_seq", "outbox", "session_id", "sub_id",
-                 "task")  # fmt: skip
+    __slots__ = ("closed", "conn", "context_events", "events", "group", "live", "next_seq",
+                 "outbox", "session_id", "sub_id", "task")  # fmt: skip
 
-    def __init__(self, sub_id: int, conn: Connection, session_id: str, group: int) -> None:
+    def __init__(
+        self, sub_id: int, conn: Connection, session_id: str, group: int, context_events: bool
+    ) -> None:
         self.sub_id = sub_id
+        self.context_events = context_events
         self.conn = conn
         self.session_id = session_id
         self.group = group
@@ -83,6 +89,7 @@ class _Sub:
         self.live = False
         self.closed = False
         self.outbox: list[Message] = []
+        self.events: list[ContextEvent] = []  # pushed after the outbox's messages
         self.task: asyncio.Task[None] | None = None
 
 
@@ -121,10 +128,11 @@ class Subscriptions(Streams[str, _Sub]):
         group: int,
         after_seq: int,
         last_seq: int,
+        context_events: bool = False,
     ) -> None:
         """Begin delivering after ``after_seq`` (the ``Subscribed`` answer, with the session's
-        ``last_seq``, is already queued)."""
-        sub = _Sub(sub_id, conn, session_id, group)
+        ``last_seq``, is already queued); ``context_events``: ``on_context`` pushes too."""
+        sub = _Sub(sub_id, conn, session_id, group, context_events)
         sub.next_seq = after_seq + 1
         self._subs.add(session_id, sub)
         if sub.next_seq > last_seq:
@@ -163,12 +171,35 @@ class Subscriptions(Streams[str, _Sub]):
             if not sub.live:
                 continue  # replaying: its task reads this message from the store
             if message.seq == sub.next_seq:
-                if not sub.outbox:
+                if not sub.outbox and not sub.events:
                     self._dirty.append(sub)
                 sub.outbox.append(message)
                 sub.next_seq += 1
             elif message.seq > sub.next_seq:  # the session jumped (a snapshot): read it
                 self._to_replay(sub)
+        if self._dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def on_context(self, session_id: str, window: Window, reasons: list[ContextReason]) -> None:
+        """Queue a ``ContextEvent`` per reason for the session's subscribers, pushed after the
+        messages applied before it (a replaying subscription gets it at once)."""
+        subs = self._subs.of_key(session_id)
+        if not subs:
+            return
+        first = window.first_seq
+        if first is None:
+            first = (self.state.last_seq(session_id) or 0) + 1
+        for sub in subs.values():
+            if not sub.context_events:
+                continue
+            if not sub.outbox and not sub.events:
+                self._dirty.append(sub)
+            for reason in reasons:
+                sub.events.append(ContextEvent(
+                    sub.sub_id, reason, window.version, window.tokens, window.needs_compaction,
+                    first,
+                ))  # fmt: skip
         if self._dirty and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -185,10 +216,14 @@ class Subscriptions(Streams[str, _Sub]):
         dirty, self._dirty = self._dirty, []
         high = self.limits.backlog_bytes_high
         for sub in dirty:
-            if sub.closed or not sub.live or not sub.outbox:
+            if sub.closed:
                 continue
             try:
-                self._flush_one(sub, high)
+                if sub.live and sub.outbox:
+                    self._flush_one(sub, high)
+                events, sub.events = sub.events, []
+                for event in events:
+                    sub.conn.push(event)
             except Exception:  # a bug: never lose the outbox silently; the client resumes
                 logger.exception("subscription %d: pushing live messages failed", sub.sub_id)
                 self._close(sub, "unavailable", "internal error; subscribe again")

@@ -152,7 +152,8 @@ def test_a_long_history_replays_from_the_archive_with_bounded_memory(tmp_path: P
                 print(f"replay {attempt}: RSS {before >> 20} MiB -> peak {peak >> 20} MiB")
                 # The history alone is ~30 MiB of payload (~70 MiB as objects): none of it stays.
                 assert growth < 32 * 1024 * 1024, f"RSS grew {growth >> 20} MiB during replay"
-                assert peak < 96 * 1024 * 1024, f"RSS peaked at {peak >> 20} MiB"
+                # The bound holds the o200k_base vocabulary (~63 MiB, ctxstore/tokens.py).
+                assert peak < 160 * 1024 * 1024, f"RSS peaked at {peak >> 20} MiB"
                 if attempt == 0:
                     await cluster.stop_node(1)
                     await cluster.start_node(1)

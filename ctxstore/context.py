@@ -1,0 +1,163 @@
+"""Serving context windows: the ``Context`` answer of ``get_context``, and the commands of
+``set_context_config`` and ``compact`` with their token counts (design §5.8; docs/context.md).
+
+The window (ctxstore/window.py) holds seqs, counts and a compaction's replacement messages;
+the messages of the history it stands for are read here, from the hot tail when it holds
+them (no await: the common case), else through ``History`` (the archive, off the loop).  A
+message the history can no longer give (deleted by retention) is left out of the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from wire.framing import SENDER_ROLES
+from wire.parts import matches
+from wire.protocol import (
+    Context,
+    ContextConfig,
+    GetContext,
+    Message,
+    NewMessage,
+    Segment,
+    SetContextConfig,
+)
+
+from . import commands
+from .history import History
+from .state import ConversationState
+from .tokens import TokenCounters
+from .window import Record, Window
+
+_ROLE_SENDER = {"user": "user", "assistant": "agent", "tool": "agent", "system": "system"}
+assert all(role in SENDER_ROLES[sender] for role, sender in _ROLE_SENDER.items())
+
+
+class Plan:
+    """What one ``get_context`` answers, taken from the window at once (the window may change
+    while the archive is read): its segments and the history seqs to fetch."""
+
+    __slots__ = ("config", "last_seq", "needs_compaction", "segments", "session_id", "skip",
+                 "tokens", "version")  # fmt: skip
+
+    def __init__(self, session_id: str, window: Window, last_seq: int) -> None:
+        self.session_id = session_id
+        self.segments = window.segments()
+        self.config = window.config
+        self.version = window.version
+        self.tokens = window.tokens
+        self.needs_compaction = window.needs_compaction
+        self.last_seq = last_seq
+        policy = window.config.policy if window.config is not None else None
+        self.skip: list[str] = list(getattr(policy, "types", []) or [])
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The history ranges to read: one per history segment."""
+        return [(first, last) for first, last, _, compacted in self.segments if not compacted]
+
+    @property
+    def first_seq(self) -> int:
+        return self.segments[0][0] if self.segments else self.last_seq + 1
+
+
+def from_tail(state: ConversationState, plan: Plan) -> dict[int, Message] | Literal[False]:
+    """The history messages of the plan from the hot tail, False if the tail lacks some."""
+    found: dict[int, Message] = {}
+    for first, last in plan.runs():
+        r = state.read(plan.session_id, first - 1, last - first + 1)
+        if r is None or r.first_seq > first:
+            return False
+        for m in r.messages:
+            found[m.seq] = m
+    return found
+
+
+async def from_history(history: History, plan: Plan, bytes_max: int) -> dict[int, Message]:
+    """The history messages of the plan, wherever they are held (tail or archive)."""
+    found: dict[int, Message] = {}
+    for first, last in plan.runs():
+        after = first - 1
+        while after < last:
+            page = await history.read(plan.session_id, after, min(1000, last - after), bytes_max)
+            if page is None or not page.messages:
+                break
+            for m in page.messages:
+                if m.seq > last:
+                    break
+                found[m.seq] = m
+            after = page.messages[-1].seq
+    return found
+
+
+def answer(rid: int, plan: Plan, found: dict[int, Message]) -> Context:
+    messages: list[Message] = []
+    segments: list[Segment] = []
+    for first, last, records, compacted in plan.segments:
+        count = 0
+        for r in records:
+            m = r.message if r.message is not None else found.get(r.first_seq)
+            if m is None:
+                continue  # gone from the history (retention)
+            messages.append(_view(m, r, plan.skip))
+            count += 1
+        segments.append(Segment(first, last, count, compacted))
+    return Context(
+        rid, plan.session_id, messages, segments, plan.tokens, plan.version,
+        plan.needs_compaction, plan.first_seq, plan.last_seq, plan.config,
+    )  # fmt: skip
+
+
+def _view(m: Message, r: Record, skip: list[str]) -> Message:
+    """The message as the window shows it: without the parts the policy skips, and with the
+    window's count of it."""
+    parts = m.parts
+    if skip and parts is not None:
+        kept = [p for p in parts if not matches(p["type"], skip)]
+        if len(kept) != len(parts):
+            return msgspec.structs.replace(m, parts=kept, token_count=r.view_tokens)
+    return m
+
+
+# -- commands -----------------------------------------------------------------------------------
+def configure(r: SetContextConfig, counters: TokenCounters) -> commands.SetContextConfig:
+    tokenizer = r.tokenizer or counters.default
+    config = ContextConfig(r.token_budget, r.trigger_ratio, r.policy, tokenizer)  # type: ignore[arg-type]
+    return commands.SetContextConfig(r.session_id, config)
+
+
+def replacement(
+    messages: list[NewMessage], session_id: str, now_ms: int, tokenizer: str | None,
+    counters: TokenCounters,
+) -> tuple[list[Message], list[list[int]]]:  # fmt: skip
+    """A compaction's replacement as stored messages (seq 0) and their counts per part."""
+    counter = counters.get(tokenizer)
+    out: list[Message] = []
+    per_part: list[list[int]] = []
+    for n in messages:
+        tokens, parts = counter.message(n.content, n.parts)
+        count = n.token_count if n.token_count is not None else tokens
+        sender: Any = _ROLE_SENDER[n.role]
+        out.append(Message(
+            session_id, 0, sender, "", n.kind, n.content, n.metadata, None, now_ms, count,
+            n.role, n.parts,
+        ))  # fmt: skip
+        per_part.append(parts)
+    return out, per_part
+
+
+def tokenizer_of(state: ConversationState, session_id: str) -> str | None:
+    """The session's tokenizer as this node knows it (None: the node's default)."""
+    view = state.window(session_id)
+    if view is None or view[0].config is None:
+        return None
+    return view[0].config.tokenizer
+
+
+def plan(state: ConversationState, r: GetContext) -> Plan | None:
+    view = state.window(r.session_id)
+    return None if view is None else Plan(r.session_id, view[0], view[1])
+
+
+__all__ = ["Plan", "answer", "configure", "from_history", "from_tail", "plan", "replacement"]

@@ -1,0 +1,211 @@
+"""Context windows through one in-process node (``Service``, the state machine, the client):
+structured messages, token counts, policies, compaction with ``if_version``, the pushes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctxstore.tokens import TokenCounter
+from wire.client import Client, ClientError, connect
+from wire.protocol import (
+    ContextEvent,
+    LastN,
+    Manual,
+    Message,
+    NewMessage,
+    SkipParts,
+    TokenBudget,
+)
+
+from .test_ops import run, single_node
+
+O200K = TokenCounter("o200k_base")
+CL100K = TokenCounter("cl100k_base")
+
+TOOL_CALL: dict[str, Any] = {
+    "type": "tool-weather",
+    "toolCallId": "call-1",
+    "state": "output-available",
+    "input": {"city": "Paris"},
+    "output": {"celsius": 21},
+}
+PARTS: list[dict[str, Any]] = [
+    {"type": "reasoning", "text": "The user wants the weather; call the tool."},
+    TOOL_CALL,
+    {"type": "text", "text": "It is 21 degrees in Paris."},
+]
+
+
+async def node_client(h: Any) -> Client:
+    assert await h.node.wait_leaders(10)
+    return await connect(h.target)
+
+
+def test_structured_messages_are_stored_with_their_role_parts_and_real_token_counts(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            await c.create_session("u", "a", {}, "s")
+            await c.append("s", "What is the weather in Paris?")
+            await c.append("s", "", "agent", "a", parts=PARTS)
+            await c.append("s", "given count", token_count=99)
+            messages = (await c.read("s")).messages
+            assert [m.role for m in messages] == ["user", "assistant", "user"]
+            assert messages[0].parts is None
+            assert messages[0].token_count == O200K.text("What is the weather in Paris?") == 7
+            assert messages[1].parts == PARTS and messages[1].content == ""
+            assert messages[1].token_count == O200K.message("", PARTS)[0]
+            assert messages[2].token_count == 99  # the client's count wins
+            window = await c.get_context("s")
+            assert window.token_count == sum(m.token_count or 0 for m in messages)
+            assert [m.seq for m in window.messages] == [1, 2, 3]
+            assert window.config is None and not window.needs_compaction
+
+    run(main())
+
+
+def test_bad_parts_and_configs_are_refused_naming_the_field(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            await c.create_session("u", "a", {}, "s")
+            cases: list[tuple[dict[str, Any], str]] = [
+                ({"parts": [{"type": "video", "url": "x"}]}, "parts[0].type"),
+                ({"parts": [{"type": "text"}]}, "parts[0].text"),
+                ({"parts": [{**TOOL_CALL, "state": "output-error"}]}, "parts[0].errorText"),
+                ({"parts": [{"type": "text", "text": "x"}], "content": "y"}, "content"),
+                ({"role": "assistant"}, "role"),  # a user does not write as the assistant
+            ]
+            for fields, where in cases:
+                with pytest.raises(ClientError) as e:
+                    await c.append("s", **{"content": "", **fields})
+                assert e.value.code == "bad_request", e.value
+                assert e.value.details["field"] == where, e.value
+            for budget, ratio, policy, field in [
+                (0, 0.5, Manual(), "token_budget"),
+                (10, 0.0, Manual(), "trigger_ratio"),
+                (10, 1.5, Manual(), "trigger_ratio"),
+            ]:
+                with pytest.raises(ClientError) as e:
+                    await c.set_context_config("s", budget, policy, ratio)
+                assert (e.value.code, e.value.details["field"]) == ("bad_request", field)
+            assert (await c.get_context("s")).version == 0  # nothing changed
+            with pytest.raises(ClientError) as e:
+                await c.set_context_config("missing", 10, Manual())
+            assert e.value.code == "not_found"
+
+    run(main())
+
+
+def test_policies_shape_the_window_and_compaction_replaces_a_range(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            await c.create_session("u", "a", {}, "s")
+            for i in range(1, 7):
+                await c.append("s", f"message number {i}")
+            await c.append("s", "", "agent", "a", parts=PARTS)  # seq 7
+            changed = await c.set_context_config("s", 1000, LastN(5))
+            window = await c.get_context("s")
+            assert [m.seq for m in window.messages] == [3, 4, 5, 6, 7]
+            assert window.window_first_seq == changed.window_first_seq == 3
+            # skip_parts drops the reasoning and tool parts but keeps the message
+            await c.set_context_config("s", 1000, SkipParts(["reasoning", "tool-"], None))
+            window = await c.get_context("s")
+            last = window.messages[-1]
+            assert last.parts == [PARTS[2]]
+            assert last.token_count == O200K.part(PARTS[2])
+            assert [m.seq for m in window.messages] == [3, 4, 5, 6, 7]  # no limit: kept
+            # compact 3..5 into one summary, guarded by the version
+            version = window.version
+            summary = NewMessage("system", "summary", "messages 3 to 5 were greetings", None,
+                                 {}, None)  # fmt: skip
+            with pytest.raises(ClientError) as e:
+                await c.compact("s", 3, 5, [summary], if_version=version - 1)
+            assert (e.value.code, e.value.details["version"]) == ("conflict", version)
+            done = await c.compact("s", 3, 5, [summary], if_version=version)
+            assert done.version == version + 1
+            window = await c.get_context("s")
+            assert [(m.seq, m.content) for m in window.messages[:2]] == [
+                (0, "messages 3 to 5 were greetings"),
+                (6, "message number 6"),
+            ]
+            assert [(s.from_seq, s.to_seq, s.count, s.compacted) for s in window.segments] == [
+                (3, 5, 1, True),
+                (6, 7, 2, False),
+            ]
+            # a range inside the summary or beyond the window is refused
+            for a, b in [(4, 5), (3, 4), (1, 2), (6, 9)]:
+                with pytest.raises(ClientError) as e:
+                    await c.compact("s", a, b, [])
+                assert e.value.code == "bad_request", (a, b)
+            # the history is untouched
+            assert [m.seq for m in (await c.read("s")).messages] == list(range(1, 8))
+            # append if_version
+            with pytest.raises(ClientError) as e:
+                await c.append("s", "late", if_version=version)
+            assert e.value.code == "conflict"
+            await c.append("s", "on time", if_version=done.version)
+
+    run(main())
+
+
+def test_token_budget_trims_whole_tool_exchanges_and_pushes_context_events(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            await c.create_session("u", "a", {}, "s")
+            sub = await c.subscribe("s", context_events=True)
+            events: list[ContextEvent] = []
+            seen: list[int] = []
+
+            async def follow() -> None:
+                async for item in sub:
+                    if isinstance(item, ContextEvent):
+                        events.append(item)
+                    elif isinstance(item, Message):
+                        seen.append(item.seq)
+
+            task = asyncio.create_task(follow())
+            await c.set_context_config("s", 100, Manual(), 0.5, "cl100k_base")
+            await c.append("s", "", "agent", "a", token_count=20, role="assistant",
+                           parts=[{**TOOL_CALL, "state": "input-available"}])  # fmt: skip
+            await c.append("s", "", "agent", "a", token_count=20, role="tool",
+                           parts=[TOOL_CALL])  # fmt: skip
+            await c.append("s", "ok", token_count=20)  # 60 > 50: needs compaction
+            window = await c.get_context("s")
+            assert window.needs_compaction and window.config is not None
+            assert window.config.tokenizer == "cl100k_base"
+            await c.set_context_config("s", 100, TokenBudget(), 0.5)
+            window = await c.get_context("s")
+            # the call and its result left together: only "ok" remains
+            assert [m.seq for m in window.messages] == [3]
+            assert window.token_count == 20 and not window.needs_compaction
+            await asyncio.sleep(0.3)
+            task.cancel()
+            reasons = [e.reason for e in events]
+            assert reasons == ["configured", "needs_compaction", "configured", "trimmed"]
+            assert events[-1].version == window.version and events[-1].window_first_seq == 3
+            assert seen == [1, 2, 3]
+            await sub.close()
+
+    run(main())
+
+
+def test_replacement_counts_use_the_session_tokenizer(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            await c.create_session("u", "a", {}, "s")
+            await c.set_context_config("s", 10_000, Manual(), 1.0, "cl100k_base")
+            await c.append("s", "tiktoken is great!")
+            text = "tiktoken is great!"
+            assert (await c.read("s")).messages[0].token_count == CL100K.text(text) == 6
+            await c.compact("s", 1, 1, [NewMessage("system", "summary", text, None, {}, None)])
+            window = await c.get_context("s")
+            assert window.token_count == 6
+
+    run(main())
