@@ -32,14 +32,25 @@ import msgspec.json
 import msgspec.msgpack
 
 from wire.framing import HEADER, REQUEST_TYPES
-from wire.protocol import Error, InboxEntry, Message, Push, Request, Response, Session
+from wire.protocol import (
+    ContextConfig,
+    Error,
+    InboxEntry,
+    Message,
+    Push,
+    Request,
+    Response,
+    Segment,
+    Session,
+)
 
 JSON: Final = "ctxstore.v1.json"
 MSGPACK: Final = "ctxstore.v1.msgpack"
 SUBPROTOCOLS: Final = (JSON, MSGPACK)
 Subprotocol = Literal["ctxstore.v1.json", "ctxstore.v1.msgpack"]
 
-_DATA_TYPES: Final = (Session, Message, InboxEntry)  # array-like Structs nested in messages
+# array-like Structs nested in messages
+_DATA_TYPES: Final = (Session, Message, InboxEntry, ContextConfig, Segment)
 _GOODBYE_HEAD: Final = b"\x96\xa5error\x00"  # msgpack of an Error's array, tag and rid 0
 
 

@@ -51,8 +51,12 @@ from wire.protocol import (
     PROTOCOL_VERSION,
     Append,
     Appended,
+    Compact,
+    Context,
+    ContextChanged,
     CreateSession,
     Error,
+    GetContext,
     GetSession,
     InboxSnapshot,
     ListSessions,
@@ -64,6 +68,7 @@ from wire.protocol import (
     Response,
     SessionInfo,
     SessionList,
+    SetContextConfig,
     Subscribe,
     Subscribed,
     SubscribeInbox,
@@ -202,7 +207,15 @@ def _routes() -> list[Route]:
               "Move a user's read cursor forward", body=_body(MarkRead, sid)),
         Route(b"GET", "/v1/sessions/{session_id}/events", Subscribe, Subscribed,
               "Follow a session: Server-Sent Events", stream=True,
-              query=_query(Subscribe, "EventsQuery", ("after_seq",), after_seq=0)),
+              query=_query(Subscribe, "EventsQuery", ("after_seq", "context_events"),
+                           after_seq=0, context_events=False)),
+        Route(b"GET", "/v1/sessions/{session_id}/context", GetContext, Context,
+              "Get the session's context window"),
+        Route(b"POST", "/v1/sessions/{session_id}/context/config", SetContextConfig,
+              ContextChanged, "Configure the session's context window",
+              body=_body(SetContextConfig, sid)),
+        Route(b"POST", "/v1/sessions/{session_id}/context/compact", Compact, ContextChanged,
+              "Replace a range of the context window", body=_body(Compact, sid)),
         Route(b"GET", "/v1/users/{user_id}/inbox/events", SubscribeInbox, InboxSnapshot,
               "Follow a user's inbox: Server-Sent Events", stream=True),
     ]  # fmt: skip
@@ -415,7 +428,10 @@ def decode_query(query_type: type[msgspec.Struct], raw: bytes) -> dict[str, Any]
 def native_items(request: type[Any], values: dict[str, Any]) -> list[Any]:
     """The native request's array (tag, rid, fields in schema order)."""
     tag = request.__struct_config__.tag
-    return [tag, RID, *(values[n] for n in request.__struct_fields__[1:])]
+    fields = request.__struct_fields__
+    defaults = dict(zip(fields[len(fields) - len(request.__struct_defaults__) :],
+                        request.__struct_defaults__, strict=True))  # fmt: skip
+    return [tag, RID, *(values[n] if n in values else defaults[n] for n in fields[1:])]
 
 
 def hello_items(token: str | None) -> list[Any]:

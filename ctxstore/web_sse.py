@@ -10,7 +10,8 @@ turns what it is answered into the response:
   ``event: subscribed`` (``event: snapshot``); an ``error``: its status and JSON, no stream.
 - each message of a ``message_event``: an event with ``id: <seq>`` and the message as ``data``
   (event type ``message``); a ``gap_event``: ``event: gap`` with ``id: <to_seq>``; an
-  ``inbox_delta``: ``event: delta``; ``subscription_closed``: ``event: closed``, then the
+  ``inbox_delta``: ``event: delta``; a ``context_event`` (``?context_events=true``):
+  ``event: context``; ``subscription_closed``: ``event: closed``, then the
   stream ends (EventSource reconnects, with ``Last-Event-ID``: the last seq it got).
 - a goodbye ``error`` (the node shuts down): ``event: error``, then the stream ends.
 
@@ -39,6 +40,7 @@ import msgspec
 
 from wire.aio import Connection
 from wire.protocol import (
+    ContextEvent,
     Error,
     GapEvent,
     InboxDelta,
@@ -183,6 +185,8 @@ class EventStream(asyncio.Protocol):
                     out += _event(message.to_seq, b"gap", answer_json(message))
                 case InboxDelta():
                     out += _event(None, b"delta", answer_json(message))
+                case ContextEvent():  # asked for with ?context_events=true
+                    out += _event(None, b"context", answer_json(message))
                 case SubscriptionClosed():
                     out += _event(None, b"closed", answer_json(message))
                     end = True
