@@ -1,0 +1,293 @@
+"""The context window (ctxstore/window.py) against a naive model, on random appends, policies
+and compactions (ranges at the edges, inside segments, overlapping; stale versions), and
+through the state machine: snapshots, restores, refusals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctxstore import commands
+from ctxstore.state import ConversationState, StateLimits
+from ctxstore.window import Record, Window, WindowLimits
+from raft.messages import Entry
+from wire.parts import matches
+from wire.protocol import ContextConfig, LastN, Manual, Message, SkipParts, TokenBudget
+
+PART_TYPES = ["text", "reasoning", "tool-search", "tool-weather", "data-x", "file"]
+
+
+# -- the naive model ------------------------------------------------------------------------------
+@dataclass
+class Rec:
+    first: int
+    last: int
+    role: str
+    tokens: int
+    parts: list[tuple[str, int]] | None
+    size: int
+    compacted: bool
+
+
+@dataclass
+class Model:
+    limits: WindowLimits
+    config: ContextConfig | None = None
+    recs: list[Rec] = field(default_factory=list)
+    version: int = 0
+    needs: bool = False
+
+    def view(self, r: Rec) -> int:
+        policy = self.config.policy if self.config else None
+        if not isinstance(policy, SkipParts) or r.parts is None:
+            return r.tokens
+        kept = [n for t, n in r.parts if not matches(t, policy.types)]
+        return r.tokens if len(kept) == len(r.parts) else sum(kept)
+
+    def tokens(self) -> int:
+        return sum(self.view(r) for r in self.recs)
+
+    def must_trim(self) -> bool:
+        if len(self.recs) > self.limits.records_max:
+            return True
+        if sum(r.size for r in self.recs) > self.limits.bytes_max:
+            return True
+        if self.config is None:
+            return False
+        policy = self.config.policy
+        limit = getattr(policy, "limit", None)
+        if limit is not None and len(self.recs) > limit:
+            return True
+        budget = self.config.token_budget * self.config.trigger_ratio
+        return isinstance(policy, TokenBudget) and self.tokens() > budget
+
+    def hard(self) -> bool:
+        size = sum(r.size for r in self.recs)
+        return len(self.recs) > self.limits.records_max or size > self.limits.bytes_max
+
+    def trim(self) -> bool:
+        trimmed = False
+        while self.recs and self.must_trim():
+            unit = 1
+            while unit < len(self.recs) and self.recs[unit].role == "tool":
+                unit += 1
+            if unit == len(self.recs) and not self.hard():
+                break
+            del self.recs[:unit]
+            trimmed = True
+        return trimmed
+
+    def events(self, reasons: list[str]) -> list[str]:
+        c = self.config
+        needs = c is not None and self.tokens() > c.token_budget * c.trigger_ratio
+        if needs and not self.needs:
+            reasons.append("needs_compaction")
+        self.needs = needs
+        return reasons
+
+    def append(self, r: Rec) -> list[str]:
+        self.recs.append(r)
+        self.version += 1
+        return self.events(["trimmed"] if self.trim() else [])
+
+    def configure(self, config: ContextConfig) -> list[str]:
+        self.config = config
+        self.version += 1
+        reasons = ["configured"]
+        if self.trim():
+            reasons.append("trimmed")
+        return self.events(reasons)
+
+    def compact(self, first: int, last: int, new: list[Rec]) -> list[str] | None:
+        # the records fully inside [first, last] go; the range must start and end on
+        # record boundaries and leave no record cut
+        inside = [i for i, r in enumerate(self.recs) if first <= r.first and r.last <= last]
+        cut = [r for r in self.recs if r.first < first <= r.last or r.first <= last < r.last]
+        if first > last or not inside or cut:
+            return None
+        if self.recs[inside[0]].first != first or self.recs[inside[-1]].last != last:
+            return None
+        for r in new:
+            r.first, r.last = first, last
+        self.recs[inside[0] : inside[-1] + 1] = new
+        self.version += 1
+        reasons = ["compacted"]
+        if self.trim():
+            reasons.append("trimmed")
+        return self.events(reasons)
+
+
+# -- strategies ----------------------------------------------------------------------------------
+policies = st.one_of(
+    st.builds(LastN, st.integers(1, 8)),
+    st.builds(
+        SkipParts,
+        st.lists(st.sampled_from(["tool-", "reasoning", "data-", "text"]), min_size=1, max_size=2),
+        st.none() | st.integers(1, 8),
+    ),
+    st.just(TokenBudget()),
+    st.just(Manual()),
+)
+configs = st.builds(
+    ContextConfig,
+    st.integers(1, 400),
+    st.sampled_from([0.1, 0.5, 0.7, 1.0]),
+    policies,
+    st.just("o200k_base"),
+)
+parts = st.none() | st.lists(
+    st.tuples(st.sampled_from(PART_TYPES), st.integers(0, 40)), min_size=0, max_size=4
+)
+message = st.tuples(
+    st.sampled_from(["user", "assistant", "tool", "system"]),
+    parts,
+    st.integers(0, 60),  # extra tokens beyond the parts (a client-given count)
+    st.integers(1, 300),  # size
+)
+operation = st.one_of(
+    st.tuples(st.just("append"), message),
+    st.tuples(st.just("configure"), configs),
+    st.tuples(
+        st.just("compact"),
+        st.tuples(st.integers(-2, 30), st.integers(0, 6), st.lists(message, max_size=3)),
+    ),
+)
+
+
+def records(seq: int, m: tuple[Any, ...]) -> tuple[Record, Rec]:
+    role, part_list, extra, size = m
+    tokens = (sum(n for _, n in part_list) if part_list is not None else 0) + extra
+    plist = list(part_list) if part_list is not None else None
+    return (
+        Record(seq, seq, role, tokens, plist, size),
+        Rec(seq, seq, role, tokens, plist, size, False),
+    )
+
+
+def assert_same(w: Window, m: Model) -> None:
+    got = [(r.first_seq, r.last_seq, r.role, r.tokens, r.compacted) for r in w.records]
+    want = [(r.first, r.last, r.role, r.tokens, r.compacted) for r in m.recs]
+    assert got == want
+    assert w.tokens == m.tokens()
+    assert w.size == sum(r.size for r in m.recs)
+    assert (w.version, w.needs_compaction) == (m.version, m.needs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(operation, max_size=40), st.integers(3, 12), st.integers(200, 3000))
+def test_the_window_behaves_as_the_naive_model(
+    ops: list[tuple[str, Any]], records_max: int, bytes_max: int
+) -> None:
+    limits = WindowLimits(records_max, bytes_max, 10_000)
+    w, m = Window(limits), Model(limits)
+    seq = 0
+    for kind, arg in ops:
+        if kind == "append":
+            seq += 1
+            rec, rec_m = records(seq, arg)
+            assert w.append(rec) == m.append(rec_m)
+        elif kind == "configure":
+            assert w.configure(arg) == m.configure(arg)
+        else:
+            offset, span, new = arg
+            # ranges around the window's own boundaries, and beyond them
+            bounds = sorted({r.first_seq for r in w.records} | {r.last_seq for r in w.records})
+            first = bounds[offset % len(bounds)] if bounds and offset >= 0 else seq + offset
+            last = first + span
+            pairs = [records(0, x) for x in new]
+            for rec, _ in pairs:
+                rec.message = Message("s", 0, "system", "", "k", "x", {}, None, 0, rec.tokens)
+                rec.compacted = True
+            got = w.compact(first, last, [p[0] for p in pairs])
+            want = m.compact(first, last, [p[1] for p in pairs])
+            for _, rec_m in pairs:
+                rec_m.compacted = True
+            if want is None:
+                assert isinstance(got, str), (first, last)
+            else:
+                assert got == want
+        assert_same(w, m)
+        # the invariants of the file's rules
+        firsts = [r.first_seq for r in w.records]
+        assert firsts == sorted(firsts)
+        for a, b in zip(w.records, list(w.records)[1:], strict=False):
+            assert a.last_seq < b.first_seq or (a.compacted and b.compacted and a.first_seq ==
+                                                b.first_seq)  # fmt: skip
+        assert len(w.records) <= records_max or len(w.records) == 0
+
+
+def test_a_tool_call_leaves_with_its_results_and_the_newest_unit_stays() -> None:
+    w = Window()
+    w.configure(ContextConfig(100, 0.5, TokenBudget(), "o200k_base"))
+    w.append(Record(1, 1, "user", 10, None, 1))
+    w.append(Record(2, 2, "assistant", 10, [("tool-x", 10)], 1))
+    w.append(Record(3, 3, "tool", 10, [("tool-x", 10)], 1))
+    w.append(Record(4, 4, "tool", 10, [("tool-x", 10)], 1))
+    assert [r.first_seq for r in w.records] == [1, 2, 3, 4]  # 40 <= 50
+    w.append(Record(5, 5, "assistant", 15, None, 1))  # 55 > 50: the user message goes
+    assert [r.first_seq for r in w.records] == [2, 3, 4, 5]
+    w.append(Record(6, 6, "user", 30, None, 1))  # 2..4 leave together
+    assert [r.first_seq for r in w.records] == [5, 6]
+    w.append(Record(7, 7, "user", 80, None, 1))  # alone over budget: still kept
+    assert [r.first_seq for r in w.records] == [7] and w.needs_compaction
+
+
+# -- through the state machine -------------------------------------------------------------------
+def _apply(state: ConversationState, index: int, cmd: commands.Command) -> Any:
+    return state.apply(0, [Entry(1, index, data=commands.encode_command(cmd))])[0]
+
+
+def _append(sid: str, text: str, tokens: int, inserted_at: int, **kw: Any) -> commands.Append:
+    return commands.Append(sid, "user", "u", "text", text, {}, None, None, tokens, inserted_at,
+                           "user", **kw)  # fmt: skip
+
+
+def test_the_window_survives_a_snapshot_and_both_replicas_go_on_alike() -> None:
+    a = ConversationState(StateLimits(), groups=None)
+    _apply(a, 1, commands.CreateSession("s", "u", "a", {}, 0))
+    for i in range(2, 12):
+        _apply(a, i, _append("s", f"m{i}", i, i))
+    config = ContextConfig(60, 0.9, SkipParts(["tool-"], 6), "cl100k_base")
+    assert isinstance(
+        _apply(a, 12, commands.SetContextConfig("s", config)), commands.ContextChanged
+    )
+    summary = Message("s", 0, "system", "", "summary", "sum", {}, None, 13, 3, "system")
+    done = _apply(a, 13, commands.Compact("s", 6, 8, [summary], [[]], None))
+    assert isinstance(done, commands.ContextChanged), done
+    b = ConversationState(StateLimits(), groups=None)
+    b.restore(0, a.snapshot(0))
+    for state in (a, b):
+        _apply(state, 14, _append("s", "after", 5, 14, parts=[{"type": "tool-x",
+               "toolCallId": "c", "state": "input-available", "input": {}}], part_tokens=[5]))  # fmt: skip
+    wa, wb = a.window("s"), b.window("s")
+    assert wa is not None and wb is not None
+    ra = [(r.first_seq, r.last_seq, r.tokens, r.view_tokens, r.message) for r in wa[0].records]
+    rb = [(r.first_seq, r.last_seq, r.tokens, r.view_tokens, r.message) for r in wb[0].records]
+    assert ra == rb and [r[:2] for r in ra] == [(5, 5), (6, 8), (9, 9), (10, 10), (11, 11)]
+    assert (wa[0].version, wa[0].tokens, wa[0].config) == (wb[0].version, wb[0].tokens, config)
+    assert ra[-1][3] == 0  # the tool part is skipped: nothing of it counts
+
+
+def test_refusals_change_nothing() -> None:
+    s = ConversationState(StateLimits(replacement_bytes_max=200), groups=None)
+    _apply(s, 1, commands.CreateSession("s", "u", "a", {}, 0))
+    _apply(s, 2, _append("s", "one", 1, 2))
+    _apply(s, 3, _append("s", "two", 1, 3))
+    view = s.window("s")
+    assert view is not None
+    version = view[0].version
+    stale = _apply(s, 4, _append("s", "x", 1, 4, if_version=version - 1))
+    assert (stale.code, stale.details) == ("conflict", {"version": version})
+    big = Message("s", 0, "system", "", "summary", "x" * 500, {}, None, 4, 1, "system")
+    too_big = _apply(s, 5, commands.Compact("s", 1, 2, [big], [[]], None))
+    assert too_big.code == "too_large"
+    for first, last in [(2, 1), (0, 1), (1, 3), (3, 3)]:
+        bad = _apply(s, 6, commands.Compact("s", first, last, [], [], None))
+        assert bad.code == "bad_request", (first, last, bad)
+    missing = _apply(s, 7, commands.SetContextConfig("nope", ContextConfig(1, 1.0, Manual(),
+                                                                           "o200k_base")))  # fmt: skip
+    assert missing.code == "not_found"
+    assert view[0].version == version and s.last_seq("s") == 2
