@@ -259,9 +259,9 @@ def test_the_window_survives_a_snapshot_and_both_replicas_go_on_alike() -> None:
     assert isinstance(done, commands.ContextChanged), done
     b = ConversationState(StateLimits(), groups=None)
     b.restore(0, a.snapshot(0))
+    part = {"type": "tool-x", "toolCallId": "c", "state": "input-available", "input": {}}
     for state in (a, b):
-        _apply(state, 14, _append("s", "after", 5, 14, parts=[{"type": "tool-x",
-               "toolCallId": "c", "state": "input-available", "input": {}}], part_tokens=[5]))  # fmt: skip
+        _apply(state, 14, _append("s", "after", 5, 14, parts=[part], part_tokens=[5]))
     wa, wb = a.window("s"), b.window("s")
     assert wa is not None and wb is not None
     ra = [(r.first_seq, r.last_seq, r.tokens, r.view_tokens, r.message) for r in wa[0].records]
@@ -287,7 +287,7 @@ def test_refusals_change_nothing() -> None:
     for first, last in [(2, 1), (0, 1), (1, 3), (3, 3)]:
         bad = _apply(s, 6, commands.Compact("s", first, last, [], [], None))
         assert bad.code == "bad_request", (first, last, bad)
-    missing = _apply(s, 7, commands.SetContextConfig("nope", ContextConfig(1, 1.0, Manual(),
-                                                                           "o200k_base")))  # fmt: skip
+    config = ContextConfig(1, 1.0, Manual(), "o200k_base")
+    missing = _apply(s, 7, commands.SetContextConfig("nope", config))
     assert missing.code == "not_found"
     assert view[0].version == version and s.last_seq("s") == 2
