@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -59,9 +60,12 @@ def add_client(sub: Any) -> None:
     def command(name: str, text: str) -> argparse.ArgumentParser:
         description = text[0].upper() + text[1:] + "."
         parser: argparse.ArgumentParser = c.add_parser(
-            name, help=text, description=description, epilog=EXIT_STATUSES,
+            name,
+            help=text,
+            description=description,
+            epilog=EXIT_STATUSES,
             formatter_class=HelpFormatter,
-        )  # fmt: skip
+        )
         return parser
 
     cs = command("create-session", "create a session of a user with an agent; print it")
@@ -98,13 +102,26 @@ def add_client(sub: Any) -> None:
     text.add_argument(
         "--text",
         help="the message's text; - reads it from stdin "
-        "(one of --text and --text-file is required)",
+        "(one of --text, --text-file and --parts is required)",
     )
     text.add_argument(
         "--text-file",
         metavar="FILE",
-        help="read the message's text from FILE (UTF-8), as it is (one of --text and "
-        "--text-file is required)",
+        help="read the message's text from FILE (UTF-8), as it is (one of --text, "
+        "--text-file and --parts is required)",
+    )
+    text.add_argument(
+        "--parts",
+        type=json_array,
+        metavar="JSON",
+        help="a structured message: a JSON array of AI SDK UI-message parts, e.g. "
+        '\'[{"type": "text", "text": "hi"}]\' (one of --text, --text-file and --parts is required)',
+    )
+    ap.add_argument(
+        "--role",
+        choices=("user", "assistant", "system", "tool"),
+        default=None,
+        help="the message's role (default: the sender's: user, assistant for an agent, system)",
     )
     ap.add_argument(
         "--sender",
@@ -178,7 +195,143 @@ def add_client(sub: Any) -> None:
         metavar="N",
         help="the last seq the user read, >= 0 (required)",
     )
+    cx = command("context", "print a session's context window as one JSON object")
+    cx.add_argument("session", help="the session's id")
+    cc = command("configure-context", "set a session's context window configuration")
+    cc.add_argument("session", help="the session's id")
+    cc.add_argument(
+        "--budget",
+        type=int_in(1),
+        required=True,
+        metavar="TOKENS",
+        help="the window's token budget, >= 1 (required)",
+    )
+    cc.add_argument(
+        "--ratio",
+        type=ratio,
+        default=0.7,
+        metavar="R",
+        help="compaction is needed over budget x R, 0 < R <= 1 (default: 0.7)",
+    )
+    cc.add_argument(
+        "--policy",
+        choices=("last_n", "skip_parts", "token_budget", "manual"),
+        default="manual",
+        help="last_n: the newest --limit messages; skip_parts: leave out parts whose type "
+        "starts with one of --skip (and keep at most --limit messages if given); "
+        "token_budget: drop the oldest messages to fit budget x ratio; manual: compact "
+        "yourself (default: manual)",
+    )
+    cc.add_argument(
+        "--limit",
+        type=int_in(1, 100_000),
+        default=None,
+        metavar="N",
+        help="messages kept by last_n (required with it) or skip_parts (default: no limit)",
+    )
+    cc.add_argument(
+        "--skip",
+        default=None,
+        metavar="PREFIX[,PREFIX...]",
+        help="part type prefixes skip_parts leaves out, e.g. tool-,reasoning (required with it)",
+    )
+    cc.add_argument(
+        "--tokenizer",
+        choices=("o200k_base", "cl100k_base"),
+        default=None,
+        help="count this session's tokens with it (default: the node's)",
+    )
+    cp = command("compact", "replace a range of a session's context window; print the window")
+    cp.add_argument("session", help="the session's id")
+    cp.add_argument(
+        "--from-seq",
+        type=int_in(1),
+        required=True,
+        metavar="N",
+        help="the first seq of the range (required)",
+    )
+    cp.add_argument(
+        "--to-seq",
+        type=int_in(1),
+        required=True,
+        metavar="N",
+        help="the last seq of the range (required)",
+    )
+    cp.add_argument(
+        "--replacement",
+        type=json_array,
+        required=True,
+        metavar="JSON",
+        help='the messages that replace it, a JSON array of {"role", "content" or "parts", '
+        '"kind" (default summary), "metadata", "token_count"}, e.g. '
+        '\'[{"role": "system", "content": "the story so far"}]\' (required)',
+    )
+    cp.add_argument(
+        "--if-version",
+        type=int_in(0),
+        default=None,
+        metavar="V",
+        help="only if the window is at version V, else conflict (default: no check)",
+    )
     command("ping", "check that a node answers")
+
+
+def json_array(text: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a JSON array, got {text[:64]!r}")
+    return value
+
+
+def ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 1, not {value}")
+    return value
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    from wire.protocol import LastN, Manual, SkipParts, TokenBudget
+
+    if args.policy == "last_n":
+        if args.limit is None:
+            raise UsageError("argument --limit: required with --policy last_n")
+        return LastN(args.limit)
+    if args.policy == "skip_parts":
+        if not args.skip:
+            raise UsageError("argument --skip: required with --policy skip_parts")
+        return SkipParts([p for p in args.skip.split(",") if p], args.limit)
+    if args.limit is not None or args.skip is not None:
+        raise UsageError(f"arguments --limit and --skip do not apply to --policy {args.policy}")
+    return TokenBudget() if args.policy == "token_budget" else Manual()
+
+
+def _replacement(items: list[Any]) -> list[Any]:
+    from wire.protocol import NewMessage
+
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise UsageError(f"argument --replacement: item {i} is not a JSON object")
+        full = {
+            "kind": "summary",
+            "content": "",
+            "parts": None,
+            "metadata": {},
+            "token_count": None,
+            **item,
+        }
+        try:
+            out.append(msgspec.convert(full, NewMessage))
+        except msgspec.ValidationError as e:
+            raise UsageError(f"argument --replacement: item {i}: {e}") from None
+    return out
 
 
 def _message_text(args: argparse.Namespace) -> str:
@@ -197,7 +350,13 @@ def _message_text(args: argparse.Namespace) -> str:
 async def run_client(args: argparse.Namespace) -> int:
     from wire.client import NON_RETRYABLE_REFUSALS, ClientError, connect
 
-    text = _message_text(args) if args.client_command == "append" else ""
+    text = ""
+    if args.client_command == "append" and args.parts is None:
+        text = _message_text(args)
+    if args.client_command == "configure-context":
+        args.policy = _policy(args)
+    if args.client_command == "compact":
+        args.replacement = _replacement(args.replacement)
     try:
         client = await connect(args.target, token=args.token, timeout_s=args.timeout)
     except ClientError as e:
@@ -235,9 +394,16 @@ async def _command(client: Client, args: argparse.Namespace, text: str) -> int:
                 cursor = page.next_cursor
         case "append":
             ack = await client.append_with_retry(
-                args.session, text, args.sender, args.sender_id, args.kind,
-                client_msg_id=args.client_msg_id, expected_seq=args.expected_seq,
-            )  # fmt: skip
+                args.session,
+                text,
+                args.sender,
+                args.sender_id,
+                args.kind,
+                client_msg_id=args.client_msg_id,
+                expected_seq=args.expected_seq,
+                role=args.role,
+                parts=args.parts,
+            )
             emit({"seq": ack.seq, "inserted_at": ack.inserted_at, "deduped": ack.deduped})
         case "read":
             after, left = args.after_seq, args.limit
@@ -251,16 +417,34 @@ async def _command(client: Client, args: argparse.Namespace, text: str) -> int:
                 left -= len(got.messages)
         case "mark-read":
             marked = await client.mark_read(args.session, args.user, args.seq)
-            emit({"session_id": marked.session_id, "user_id": marked.user_id,
-                   "seq": marked.seq})  # fmt: skip
+            emit({"session_id": marked.session_id, "user_id": marked.user_id, "seq": marked.seq})
         case "ping":
             await client.ping()
             emit({"pong": True})
+        case "context":
+            emit(_answer(await client.get_context(args.session)))
+        case "configure-context":
+            await client.set_context_config(
+                args.session, args.budget, args.policy, args.ratio, args.tokenizer
+            )
+            emit(_answer(await client.get_context(args.session)))
+        case "compact":
+            await client.compact(
+                args.session, args.from_seq, args.to_seq, args.replacement, args.if_version
+            )
+            emit(_answer(await client.get_context(args.session)))
         case "tail":
             await _tail(client, args.session, args.after_seq, args.count)
         case "inbox":
             await _inbox(client, args.user, args.count)
     return 0
+
+
+def _answer(response: Any) -> Any:
+    """A response as the HTTP API writes it (JSON objects, no rid)."""
+    from .web_http import answer_twin
+
+    return msgspec.convert(response, answer_twin(type(response)), from_attributes=True)
 
 
 async def _tail(client: Any, session_id: str, after_seq: int, count: int | None) -> None:
@@ -271,8 +455,15 @@ async def _tail(client: Any, session_id: str, after_seq: int, count: int | None)
     async with client.subscribe(session_id, after_seq) as sub:
         async for item in sub:
             if isinstance(item, GapEvent):
-                emit({"gap": {"from_seq": item.from_seq, "to_seq": item.to_seq,
-                               "reason": item.reason}})  # fmt: skip
+                emit(
+                    {
+                        "gap": {
+                            "from_seq": item.from_seq,
+                            "to_seq": item.to_seq,
+                            "reason": item.reason,
+                        }
+                    }
+                )
                 continue
             if isinstance(item, ContextEvent):
                 emit({"context": msgspec.structs.asdict(item)})

@@ -188,6 +188,52 @@ def test_help_as_printed_has_no_markup(command: list[str]) -> None:
             ["client", "--target", "h:1", "append", "s", "--text-file", "/nonexistent/f"],
             "--text-file",
         ),
+        (["client", "--target", "h:1", "append", "s", "--parts", '{"type": "text"}'], "--parts"),
+        (["client", "--target", "h:1", "configure-context", "s", "--budget", "0"], "--budget"),
+        (
+            [
+                "client",
+                "--target",
+                "h:1",
+                "configure-context",
+                "s",
+                "--budget",
+                "9",
+                "--ratio",
+                "1.5",
+            ],
+            "--ratio",
+        ),
+        (
+            [
+                "client",
+                "--target",
+                "h:1",
+                "configure-context",
+                "s",
+                "--budget",
+                "9",
+                "--policy",
+                "last_n",
+            ],
+            "--limit",
+        ),
+        (
+            [
+                "client",
+                "--target",
+                "h:1",
+                "compact",
+                "s",
+                "--from-seq",
+                "1",
+                "--to-seq",
+                "2",
+                "--replacement",
+                '[{"content": "no role"}]',
+            ],
+            "--replacement",
+        ),
         (["cluster", "up", "--nodes", "9"], "--nodes"),
         (["serve", "--tick-ms", "0"], "tick_ms"),
     ],
@@ -321,6 +367,35 @@ def test_non_ascii_text_is_printed_as_is_from_stdin_and_from_a_file(
     contents = [json.loads(line)["content"] for line in read.stdout.splitlines()]
     assert contents == ["déjà vu ✓\n", "日本語\nline two"]
     assert "日本語" in read.stdout and "\\u" not in read.stdout
+
+
+def test_a_context_window_is_configured_printed_and_compacted(node: RunningNode) -> None:
+    assert node.cli("create-session", "--user", "u", "--agent", "a", "--id", "ctx").returncode == 0
+    for text in ("first question", "first answer", "second question"):
+        assert node.cli("append", "ctx", "--text", text).returncode == 0
+    parts = '[{"type": "reasoning", "text": "think"}, {"type": "text", "text": "reply"}]'
+    appended = node.cli("append", "ctx", "--sender", "agent", "--parts", parts)
+    assert appended.returncode == 0, appended.stderr
+    configured = node.cli("configure-context", "ctx", "--budget", "1000", "--policy",
+                          "skip_parts", "--skip", "reasoning")  # fmt: skip
+    assert configured.returncode == 0, configured.stderr
+    window = json.loads(configured.stdout)
+    assert window["config"]["policy"] == {"type": "skip_parts", "types": ["reasoning"],
+                                          "limit": None}  # fmt: skip
+    assert window["messages"][-1]["parts"] == [{"type": "text", "text": "reply"}]
+    assert window["messages"][-1]["role"] == "assistant"
+    summary = '[{"role": "system", "content": "they asked twice"}]'
+    stale = node.cli("compact", "ctx", "--from-seq", "1", "--to-seq", "3", "--replacement",
+                     summary, "--if-version", str(window["version"] - 1))  # fmt: skip
+    error = json_error(stale, EXIT_ANSWER)
+    assert (error["error"], error["details"]) == ("conflict", {"version": window["version"]})
+    compacted = node.cli("compact", "ctx", "--from-seq", "1", "--to-seq", "3", "--replacement",
+                         summary, "--if-version", str(window["version"]))  # fmt: skip
+    assert compacted.returncode == 0, compacted.stderr
+    after = json.loads(node.cli("context", "ctx").stdout)
+    assert [m["content"] for m in after["messages"]] == ["they asked twice", ""]
+    assert after["segments"][0] == {"from_seq": 1, "to_seq": 3, "count": 1, "compacted": True}
+    assert after["version"] == window["version"] + 1
 
 
 def test_creating_an_existing_session_with_other_metadata_says_so(node: RunningNode) -> None:
