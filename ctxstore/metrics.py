@@ -219,6 +219,21 @@ class NodeCollector(Collector):
             },
         )
         yield _counter("ctxstore_requests_total", "Client requests received.", service.requests)
+        yield _counter(
+            "ctxstore_tokens_counted_messages_total",
+            "Messages whose tokens this node counted (ctxstore/tokens.py).",
+            service.messages_counted,
+        )
+        yield _counter(
+            "ctxstore_tokens_counted_off_loop_total",
+            "Of those, long ones counted on a thread, off the event loop.",
+            service.counted_off_loop,
+        )
+        yield _counter(
+            "ctxstore_tokens_count_seconds_total",
+            "Time spent counting tokens (on the loop and on threads).",
+            service.count_seconds,
+        )
         yield _counters(
             "ctxstore_request_errors_total",
             "Client requests answered with an error, by error code.",

@@ -112,6 +112,9 @@ class Service(BaseHandler):
         # Appends of a connection waiting for a count off the loop, and those behind them (a
         # connection's appends are proposed in the order they came).
         self._counting: dict[Connection, deque[Append]] = {}
+        self.messages_counted = 0  # messages whose tokens this node counted
+        self.counted_off_loop = 0  # of those, counted on a thread (long ones)
+        self.count_seconds = 0.0  # time spent counting (on the loop and on threads)
         self._sub_ids = itertools.count(1)
         self.requests = 0
         self.errors: dict[str, int] = {}
@@ -211,7 +214,10 @@ class Service(BaseHandler):
         if r.token_count is not None and r.parts is None:
             return r.token_count, None
         counter = self.counters.get(context.tokenizer_of(self.state, r.session_id))
+        started = time.perf_counter()
         tokens, per_part = counter.message(r.content, r.parts)
+        self.count_seconds += time.perf_counter() - started
+        self.messages_counted += 1
         return (tokens if r.token_count is None else r.token_count), (
             per_part if r.parts is not None else None
         )
@@ -222,6 +228,7 @@ class Service(BaseHandler):
             while queue:
                 r = queue[0]
                 if offload(r.content, r.parts):
+                    self.counted_off_loop += 1
                     counted = await asyncio.to_thread(self._count, r)
                 else:
                     counted = self._count(r)

@@ -78,6 +78,7 @@ from .protocol import (
     METADATA_BYTES_MAX,
     READ_BYTES_MAX,
     Append,
+    Compact,
     CreateSession,
     Error,
     ErrorCode,
@@ -91,6 +92,7 @@ from .protocol import (
     Read,
     Request,
     Response,
+    SetContextConfig,
     Subscribe,
     Subscribed,
     SubscriptionClosed,
@@ -119,6 +121,9 @@ ANSWER_BYTES_MAX: dict[type[Any], int] = {
     CreateSession: METADATA_BYTES_MAX + SMALL_ANSWER_BYTES_MAX,
     GetRoutes: 64 * 1024,  # 4 096 groups at most
     Read: READ_BYTES_MAX + SMALL_ANSWER_BYTES_MAX,  # the server's byte budget of a read answer
+    SetContextConfig: SMALL_ANSWER_BYTES_MAX,
+    Compact: SMALL_ANSWER_BYTES_MAX,
+    # GetContext: a whole frame (a window holds up to StateLimits.window_bytes_max of messages)
 }
 """The reserve charged for the answer of a request in flight, by request type, at most a whole
 frame; any other (``list_sessions``, ``subscribe_inbox``) is charged a whole frame, which bounds

@@ -209,3 +209,22 @@ def test_replacement_counts_use_the_session_tokenizer(tmp_path: Path) -> None:
             assert window.token_count == 6
 
     run(main())
+
+
+def test_a_long_message_is_counted_off_the_loop_and_later_appends_keep_their_order(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            await c.create_session("u", "a", {}, "s")
+            long_text = "word " * 40_000  # 200 000 characters: counted on a thread
+            futures = [c.append_nowait("s", long_text)]
+            futures += [c.append_nowait("s", f"short {i}") for i in range(20)]
+            answers = [await f for f in futures if f is not None]
+            assert len(answers) == 21
+            assert [a.seq for a in answers] == list(range(1, 22))  # type: ignore[union-attr]
+            assert h.service.counted_off_loop == 1
+            first = (await c.read("s", 0, 1)).messages[0]
+            assert first.token_count == O200K.text(long_text) == 40_001  # the last space too
+
+    run(main())

@@ -248,6 +248,10 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
         assert during["ctxstore_commit_latency_seconds_count"] >= 7  # create + 6 appends
         assert during["ctxstore_requests_total"] - before["ctxstore_requests_total"] >= 7
         assert during['ctxstore_request_errors_total{code="conflict"}'] == 1
+        counted = "ctxstore_tokens_counted_messages_total"
+        assert during[counted] - before[counted] == 6  # every append, the refused one too
+        assert during["ctxstore_tokens_count_seconds_total"] > 0
+        assert during["ctxstore_tokens_counted_off_loop_total"] == 0  # short ones: on the loop
         assert (
             during["ctxstore_raft_proposals_total"] >= before["ctxstore_raft_proposals_total"] + 7
         )
