@@ -16,7 +16,8 @@ group; a message no response frame can hold is acknowledged and never readable. 
   (``app_queue_bytes_max``), as do history pages for a peer's archive (``history_page_bytes``);
 - back to clients, one response frame (``client_frame_bytes_max``) carries a ``read`` answer
   (at most ``read_bytes_max`` of messages, always at least one) or a ``MessageEvent`` push (at
-  most ``push_page_bytes``, always at least one).
+  most ``push_page_bytes``, always at least one), or a ``context`` answer (a window holds at
+  most ``window_bytes_max`` of messages in ``window_records_max`` segments at most).
 
 ``check`` proves every link with the real encoders and the transport's own accounting, with
 ``HEADROOM`` to spare on the peer side (the transport's estimate and per-entry overheads), and
@@ -33,13 +34,24 @@ from raft import peer_codec
 from raft.core import Config as RaftConfig
 from raft.messages import AppendEntries, Entry
 from raft.transport import APP_QUEUE_BYTES_MAX, QUEUE_BYTES_MAX, message_bytes
-from wire.protocol import FRAME_BYTES_MAX, MESSAGE_BYTES_MAX, READ_BYTES_MAX, Message, Messages
+from wire.protocol import (
+    FRAME_BYTES_MAX,
+    MESSAGE_BYTES_MAX,
+    READ_BYTES_MAX,
+    Context,
+    ContextConfig,
+    Message,
+    Messages,
+    Segment,
+    SkipParts,
+)
 
 from . import commands
 from .config import ConfigError
 from .history import PAGE_BYTES_MAX
 from .history import message_bytes as stored_message_bytes
 from .router import Forward, HistoryRows
+from .state import StateLimits
 from .subscriptions import SubscriptionLimits
 
 HEADROOM = 2
@@ -66,6 +78,8 @@ class Limits:
     client_frame_bytes_max: int = FRAME_BYTES_MAX
     read_bytes_max: int = READ_BYTES_MAX
     push_page_bytes: int = SubscriptionLimits.page_bytes
+    window_bytes_max: int = StateLimits().window_bytes_max  # (an instance: mypyc compiles it)
+    window_records_max: int = StateLimits().window_records_max
 
 
 def largest_message(payload_bytes: int) -> Message:
@@ -142,6 +156,17 @@ def check(limits: Limits) -> None:
         need(size <= lim.client_frame_bytes_max,
              f"a response of {what} ({budget}) or of one message of message_bytes_max is "
              f"{size} bytes > client_frame_bytes_max ({lim.client_frame_bytes_max})")  # fmt: skip
+    # A context answer: its messages (each counted as the window counts it), one segment each
+    # at worst, and its configuration.
+    config = ContextConfig(_I64, 1.0, SkipParts(["x" * 64] * 32, _I64), "cl100k_base")
+    context = Context(_I64, "s" * 128, [], [], _I64, _I64, True, _I64, _I64, config)
+    segment = len(_encode(Segment(_I64, _I64, _I64, True)))
+    window = len(_encode(context)) + 10 + max(lim.window_bytes_max, one)
+    window += lim.window_records_max * segment
+    need(window <= lim.client_frame_bytes_max,
+         f"a context answer of window_bytes_max ({lim.window_bytes_max}) in "
+         f"window_records_max ({lim.window_records_max}) segments is {window} bytes > "
+         f"client_frame_bytes_max ({lim.client_frame_bytes_max})")  # fmt: skip
     need(HEADROOM * (envelope + one) <= lim.client_frame_bytes_max,
          f"a response holding one message of message_bytes_max is {envelope + one} bytes: "
          f"{HEADROOM} x that > client_frame_bytes_max ({lim.client_frame_bytes_max})")  # fmt: skip

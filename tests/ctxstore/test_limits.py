@@ -46,6 +46,8 @@ def test_the_default_limits_agree_and_a_largest_append_fits_its_entry() -> None:
         ({"client_frame_bytes_max": 2 * 1024 * 1024}, "client_frame_bytes_max"),
         ({"read_bytes_max": 4 * 1024 * 1024}, "client_frame_bytes_max"),
         ({"push_page_bytes": 4 * 1024 * 1024}, "client_frame_bytes_max"),
+        ({"window_bytes_max": 4 * 1024 * 1024}, "window_bytes_max"),
+        ({"window_records_max": 100_000}, "window_records_max"),
     ],
 )  # fmt: skip
 def test_limits_that_do_not_fit_each_other_are_refused(change: dict[str, int], named: str) -> None:
@@ -77,7 +79,10 @@ def test_the_stored_size_estimate_bounds_the_encoded_size() -> None:
             "s" * rng.randrange(1, 129), rng.randrange(2**63), "agent",
             text[: rng.randrange(0, 129)], text[:64] or "t", text, meta,
             rng.choice([None, "c" * rng.randrange(1, 129)]), rng.randrange(2**63),
-            rng.choice([None, rng.randrange(2**63)]),
+            rng.choice([None, rng.randrange(2**63)]), rng.choice([None, "assistant", "tool"]),
+            rng.choice([None, [{"type": "text", "text": text}],
+                        [{"type": "tool-t" + text[:8], "toolCallId": text[:64],
+                          "state": "input-available", "input": {"q": text}}]]),
         ))  # fmt: skip
     for m in messages:
         assert len(_encode(m)) <= message_bytes(m), m.seq
