@@ -65,8 +65,19 @@ def entry(state: ConversationState, session_id: str) -> InboxEntry | None:
         last.inserted_at if last is not None else session.created_at,
         last.sender if last is not None else None,
         last.sender_id if last is not None else None,
-        last.content[:PREVIEW_CHARS] if last is not None else "",
+        preview(last) if last is not None else "",
     )
+
+
+def preview(m: Message) -> str:
+    """The start of a message's text: its content, or its first text part's."""
+    if m.parts is None:
+        return m.content[:PREVIEW_CHARS]
+    for p in m.parts:
+        if p["type"] == "text":
+            text: str = p["text"]
+            return text[:PREVIEW_CHARS]
+    return ""
 
 
 class Inboxes(Streams[str, _InboxSub]):

@@ -13,6 +13,7 @@ from ctxstore.tokens import TokenCounter
 from wire.client import Client, ClientError, connect
 from wire.protocol import (
     ContextEvent,
+    InboxSnapshot,
     LastN,
     Manual,
     Message,
@@ -226,5 +227,18 @@ def test_a_long_message_is_counted_off_the_loop_and_later_appends_keep_their_ord
             assert h.service.counted_off_loop == 1
             first = (await c.read("s", 0, 1)).messages[0]
             assert first.token_count == O200K.text(long_text) == 40_001  # the last space too
+
+    run(main())
+
+
+def test_the_inbox_previews_a_structured_message_by_its_first_text_part(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            await c.create_session("u", "a", {}, "s")
+            await c.append("s", "", "agent", "a", parts=PARTS)
+            async with c.subscribe_inbox("u") as inbox:
+                snapshot = await anext(aiter(inbox))
+            assert isinstance(snapshot, InboxSnapshot)
+            assert snapshot.entries[0].preview == "It is 21 degrees in Paris."
 
     run(main())
