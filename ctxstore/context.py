@@ -42,15 +42,16 @@ class Plan:
     __slots__ = ("config", "last_seq", "needs_compaction", "segments", "session_id", "skip",
                  "tokens", "version")  # fmt: skip
 
-    def __init__(self, session_id: str, window: Window, last_seq: int) -> None:
+    def __init__(self, session_id: str, window: Window | None, last_seq: int) -> None:
+        """``window`` None: never configured (an empty window at version 0)."""
         self.session_id = session_id
-        self.segments = window.segments()
-        self.config = window.config
-        self.version = window.version
-        self.tokens = window.tokens
-        self.needs_compaction = window.needs_compaction
         self.last_seq = last_seq
-        policy = window.config.policy if window.config is not None else None
+        self.segments = [] if window is None else window.segments()
+        self.config = None if window is None else window.config
+        self.version = 0 if window is None else window.version
+        self.tokens = 0 if window is None else window.tokens
+        self.needs_compaction = window is not None and window.needs_compaction
+        policy = self.config.policy if self.config is not None else None
         self.skip: list[str] = list(getattr(policy, "types", []) or [])
 
     def runs(self) -> list[tuple[int, int]]:
@@ -150,7 +151,7 @@ def replacement(
 def tokenizer_of(state: ConversationState, session_id: str) -> str | None:
     """The session's tokenizer as this node knows it (None: the node's default)."""
     view = state.window(session_id)
-    if view is None or view[0].config is None:
+    if view is None or view[0] is None or view[0].config is None:
         return None
     return view[0].config.tokenizer
 

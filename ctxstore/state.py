@@ -42,6 +42,9 @@ content <= 1 MiB as the wire allows; measured with tracemalloc):
 - dedupe window: ~400 B per id (dict slot, 128-char id, tuple, 16-byte digest, ints; ~160 B
   while the id is shared with a message of the tail) -> 1 024 x 400 B ~ 0.4 MiB;
 - read cursors: ~200 B per user (128-char id) -> 1 024 x 200 B ~ 0.2 MiB;
+- a context window, once configured (ctxstore/window.py): ~150 B per record, at most
+  ``window_records_max`` records (~1.5 MiB), plus compactions' replacement messages (part of
+  its ``window_bytes_max``);
 - the session record and its index entries: ~1 KiB plus its metadata (<= 16 KiB encoded).
 So about 16 MiB per session at most with the defaults; a typical chat session (short messages,
 few users, a few hundred messages) costs tens to hundreds of KiB.  Tails are further bounded
@@ -170,13 +173,27 @@ DEFAULT_ROLES: dict[str, str] = {"user": "user", "agent": "assistant", "system":
 """The role of a message whose command names none (entries written before roles existed)."""
 
 
+def _shares(tokens: int, parts: list[dict[str, Any]]) -> list[int]:
+    """Counts per part where none were made (a message taken from the tail when a window
+    opens, an entry older than counts): the message's count shared by the parts' encoded
+    sizes, the rounding on the last part (deterministic, so alike on every replica)."""
+    sizes = [len(_encoder.encode(p)) for p in parts]
+    total = sum(sizes) or 1
+    shares = [tokens * size // total for size in sizes]
+    if shares:
+        shares[-1] += tokens - sum(shares)
+    return shares
+
+
 def _record(msg: Message, tokens: int | None, part_tokens: list[int] | None) -> Record:
     """The context-window record of a message (its counts as the proposer made them)."""
     size = message_bytes(msg)
     if tokens is None:  # proposed before counts existed: a deterministic estimate
         tokens = (payload_bytes(msg) + 3) // 4
-    per_part = None  # without counts per part (an old entry), skip_parts keeps its count
-    if msg.parts is not None and part_tokens is not None and len(part_tokens) == len(msg.parts):
+    per_part = None
+    if msg.parts is not None:
+        if part_tokens is None or len(part_tokens) != len(msg.parts):
+            part_tokens = _shares(tokens, msg.parts)
         per_part = [(p["type"], n) for p, n in zip(msg.parts, part_tokens, strict=True)]
     role = msg.role if msg.role is not None else DEFAULT_ROLES[msg.sender]
     return Record(msg.seq, msg.seq, role, tokens, per_part, size)
@@ -189,6 +206,10 @@ estimate (measured: ~200-660 B), charged against ``group_tail_bytes_max``."""
 
 def _not_found(session_id: str) -> Rejected:
     return Rejected("not_found", f"no session {session_id!r}", {})
+
+
+def _version(window: Window | None) -> int:
+    return 0 if window is None else window.version
 
 
 def _stale(if_version: int, version: int) -> Rejected:
@@ -215,6 +236,7 @@ class _Session:
         "tail_sizes",
         "user_id",
         "window",
+        "window_limits",
     )
 
     def __init__(
@@ -237,7 +259,8 @@ class _Session:
         self.tail_bytes = 0
         self.dedupe: dict[str, tuple[int, int, bytes]] = {}  # id -> (seq, inserted_at, print)
         self.cursors: dict[str, int] = {}  # user id -> last read seq
-        self.window = Window(window_limits)
+        self.window: Window | None = None  # until the session's first set_context_config
+        self.window_limits = window_limits
 
     def to_wire(self) -> Session:
         return Session(
@@ -305,7 +328,7 @@ class _Session:
             list(self.tail),
             self.dedupe,
             self.cursors,
-            _window_snap(self.window),
+            None if self.window is None else _window_snap(self.window),
         )
 
     @classmethod
@@ -328,8 +351,18 @@ class _Session:
         for user_id, seq in snap.cursors.items():
             s.set_cursor(user_id, seq, limits.cursors_max)
         if snap.window is not None:
+            s.window = Window(s.window_limits)
             _restore_window(s.window, snap.window)
         return s
+
+    def open_window(self) -> Window:
+        """The session's window, started at its first configuration with the messages of its
+        hot tail (replicated state, so every replica starts it alike)."""
+        if self.window is None:
+            self.window = w = Window(self.window_limits)
+            for m in self.tail:
+                w.restore(_record(m, m.token_count, None))
+        return self.window
 
 
 def _window_limits(limits: StateLimits) -> WindowLimits:
@@ -537,8 +570,8 @@ class ConversationState:
                 {"last_seq": s.last_seq},
             )
         window = s.window
-        if cmd.if_version is not None and cmd.if_version != window.version:
-            return _stale(cmd.if_version, window.version)
+        if cmd.if_version is not None and cmd.if_version != (version := _version(window)):
+            return _stale(cmd.if_version, version)
         seq = s.last_seq = s.last_seq + 1
         msg = Message(
             s.id,
@@ -554,7 +587,9 @@ class ConversationState:
             cmd.role,
             cmd.parts,
         )
-        reasons = window.append(_record(msg, cmd.token_count, cmd.part_tokens))
+        reasons = None
+        if window is not None:
+            reasons = window.append(_record(msg, cmd.token_count, cmd.part_tokens))
         observer = self.observer
         evicted = self._evicted if observer is not None else None  # reused: no list per append
         charge = s.push(msg, self.limits, evicted)
@@ -575,6 +610,7 @@ class ConversationState:
         if observer is not None:
             observer.on_message(group, index, s.user_id, msg)
             if reasons:
+                assert window is not None
                 observer.on_context(s.id, window, reasons)
         return Appended(seq, cmd.inserted_at, False)
 
@@ -584,15 +620,19 @@ class ConversationState:
         s = sessions.get(cmd.session_id)
         if s is None:
             return _not_found(cmd.session_id)
-        return self._context_changed(s, s.window.configure(cmd.config))
+        window = s.open_window()
+        return self._context_changed(s, window, window.configure(cmd.config))
 
     def _compact(self, sessions: dict[str, _Session], cmd: Compact) -> ContextChanged | Rejected:
         s = sessions.get(cmd.session_id)
         if s is None:
             return _not_found(cmd.session_id)
         window = s.window
-        if cmd.if_version is not None and cmd.if_version != window.version:
-            return _stale(cmd.if_version, window.version)
+        if cmd.if_version is not None and cmd.if_version != (version := _version(window)):
+            return _stale(cmd.if_version, version)
+        if window is None:
+            return Rejected("bad_request", "the session has no context window: configure it "
+                            "first (set_context_config)", {"version": 0})  # fmt: skip
         records = [
             _record(m, m.token_count, tokens)
             for m, tokens in zip(cmd.replacement, cmd.part_tokens, strict=True)
@@ -610,10 +650,11 @@ class ConversationState:
         outcome = window.compact(cmd.from_seq, cmd.to_seq, records)
         if isinstance(outcome, str):
             return Rejected("bad_request", outcome, {"version": window.version})
-        return self._context_changed(s, outcome)
+        return self._context_changed(s, window, outcome)
 
-    def _context_changed(self, s: _Session, reasons: list[ContextReason]) -> ContextChanged:
-        w = s.window
+    def _context_changed(
+        self, s: _Session, w: Window, reasons: list[ContextReason]
+    ) -> ContextChanged:
         if self.observer is not None and reasons:
             self.observer.on_context(s.id, w, reasons)
         first = w.first_seq
@@ -712,9 +753,9 @@ class ConversationState:
     def session_ids(self, group: int) -> list[str]:
         return list(self._groups.get(group, ()))
 
-    def window(self, session_id: str) -> tuple[Window, int] | None:
-        """The session's context window and last seq (shared with the state: read it, do not
-        change it, before the next apply)."""
+    def window(self, session_id: str) -> tuple[Window | None, int] | None:
+        """The session's context window (None: never configured) and last seq (shared with
+        the state: read it, do not change it, before the next apply)."""
         s = self._lookup(session_id)
         return None if s is None else (s.window, s.last_seq)
 

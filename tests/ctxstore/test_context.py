@@ -62,10 +62,18 @@ def test_structured_messages_are_stored_with_their_role_parts_and_real_token_cou
             assert messages[1].parts == PARTS and messages[1].content == ""
             assert messages[1].token_count == O200K.message("", PARTS)[0]
             assert messages[2].token_count == 99  # the client's count wins
+            window = await c.get_context("s")  # never configured: no window yet
+            assert (window.messages, window.version, window.config) == ([], 0, None)
+            assert window.window_first_seq == 4 and not window.needs_compaction
+            with pytest.raises(ClientError) as e:
+                await c.compact("s", 1, 1, [])
+            assert e.value.code == "bad_request"
+            # configured, it starts with what the hot tail holds
+            await c.set_context_config("s", 1000, Manual())
             window = await c.get_context("s")
             assert window.token_count == sum(m.token_count or 0 for m in messages)
             assert [m.seq for m in window.messages] == [1, 2, 3]
-            assert window.config is None and not window.needs_compaction
+            assert window.config is not None and not window.needs_compaction
 
     run(main())
 
@@ -106,6 +114,7 @@ def test_policies_shape_the_window_and_compaction_replaces_a_range(tmp_path: Pat
     async def main() -> None:
         async with single_node(tmp_path) as h, await node_client(h) as c:
             await c.create_session("u", "a", {}, "s")
+            await c.set_context_config("s", 1000, Manual())  # counts per part from now on
             for i in range(1, 7):
                 await c.append("s", f"message number {i}")
             await c.append("s", "", "agent", "a", parts=PARTS)  # seq 7

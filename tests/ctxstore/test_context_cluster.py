@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -17,6 +19,7 @@ from wire.protocol import Context, Manual, NewMessage
 from .test_e2e import FAST, append_until_acked, run
 
 pytestmark = pytest.mark.cluster
+T = TypeVar("T")
 
 
 def shape(c: Context) -> tuple[object, ...]:
@@ -43,6 +46,19 @@ async def windows(cluster: LocalCluster, session_id: str, nodes: list[int]) -> l
     return out
 
 
+async def retried(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()`` again while it fails retryably (a leader change on a busy machine); every
+    call retried here is idempotent or a read."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await call()
+        except ClientError as e:
+            if not e.retryable or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 def test_racing_compactions_one_wins_and_every_replica_keeps_the_same_window(
     tmp_path: Path,
 ) -> None:
@@ -53,11 +69,13 @@ def test_racing_compactions_one_wins_and_every_replica_keeps_the_same_window(
         try:
             clients = [await connect(t) for t in cluster.targets]
             a, b = clients[0], clients[1]
-            await a.create_session("u", "agent", {}, "s")
-            await a.set_context_config("s", 200, Manual(), 0.5)
+            await retried(lambda: a.create_session("u", "agent", {}, "s"))
+            await retried(lambda: a.set_context_config("s", 200, Manual(), 0.5))
             for i in range(1, 21):
-                await clients[i % 3].append("s", f"turn {i}: some words to count")
-            before = await a.get_context("s")
+                await append_until_acked(
+                    clients[i % 3], "s", f"turn {i}: some words to count", f"t{i}"
+                )
+            before = await retried(lambda: a.get_context("s"))
             assert before.needs_compaction
             # Two summarisers on two nodes compact the same range from the same version.
             summaries = [
@@ -70,11 +88,15 @@ def test_racing_compactions_one_wins_and_every_replica_keeps_the_same_window(
                 return_exceptions=True,
             )
             won = [o for o in outcomes if not isinstance(o, BaseException)]
-            lost = [o for o in outcomes if isinstance(o, ClientError)]
-            assert len(won) == 1 and len(lost) == 1, outcomes
-            assert lost[0].code == "conflict"
-            assert lost[0].details["version"] == won[0].version == before.version + 1
+            lost = [o for o in outcomes if isinstance(o, ClientError) and o.code == "conflict"]
+            unknown = [o for o in outcomes if isinstance(o, ClientError) and o.retryable]
+            assert len(won) <= 1 and len(won) + len(lost) + len(unknown) == 2, outcomes
+            for w in won:
+                assert w.version == before.version + 1
+            for e in lost:  # what the loser was told is the winner's version
+                assert e.details["version"] == before.version + 1
             after = await windows(cluster, "s", [1, 2, 3])
+            assert after[0].version == before.version + 1  # exactly one compaction applied
             assert len({repr(shape(w)) for w in after}) == 1, [shape(w) for w in after]
             first = after[0]
             assert first.messages[0].content in ("summary by a", "summary by b")
@@ -82,7 +104,8 @@ def test_racing_compactions_one_wins_and_every_replica_keeps_the_same_window(
                 (1, 15, True),
                 (16, 20, False),
             ]
-            assert len((await a.read("s", 0, 100)).messages) == 20  # history untouched
+            history = await retried(lambda: a.read("s", 0, 100))
+            assert len(history.messages) == 20  # untouched
 
             # kill -9 a node; the others go on (more appends: snapshots, log compaction)
             cluster.kill(3)
@@ -91,14 +114,8 @@ def test_racing_compactions_one_wins_and_every_replica_keeps_the_same_window(
             for i in range(21, 121):  # retried: a forward to node 3 may have died with it
                 await append_until_acked(clients[i % 2], "s", f"turn {i}", f"t{i}")
             later = NewMessage("assistant", "summary", "later", None, {}, 3)
-            deadline = time.monotonic() + 30
-            while True:  # no guard: a retry after an unknown outcome finds the same range
-                try:
-                    await clients[0].compact("s", 16, 40, [later])
-                    break
-                except ClientError as e:
-                    assert e.retryable and time.monotonic() < deadline, e
-                    await asyncio.sleep(0.1)
+            # no guard: a retry after an unknown outcome finds the same range, replaces it again
+            await retried(lambda: clients[0].compact("s", 16, 40, [later]))
             # back, node 3 is far behind a compacted log: it gets the window by snapshot
             await cluster.start_node(3)
             latest = await windows(cluster, "s", [1, 2, 3])

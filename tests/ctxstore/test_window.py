@@ -263,7 +263,7 @@ def test_the_window_survives_a_snapshot_and_both_replicas_go_on_alike() -> None:
     for state in (a, b):
         _apply(state, 14, _append("s", "after", 5, 14, parts=[part], part_tokens=[5]))
     wa, wb = a.window("s"), b.window("s")
-    assert wa is not None and wb is not None
+    assert wa is not None and wb is not None and wa[0] is not None and wb[0] is not None
     ra = [(r.first_seq, r.last_seq, r.tokens, r.view_tokens, r.message) for r in wa[0].records]
     rb = [(r.first_seq, r.last_seq, r.tokens, r.view_tokens, r.message) for r in wb[0].records]
     assert ra == rb and [r[:2] for r in ra] == [(5, 5), (6, 8), (9, 9), (10, 10), (11, 11)]
@@ -275,9 +275,12 @@ def test_refusals_change_nothing() -> None:
     s = ConversationState(StateLimits(replacement_bytes_max=200), groups=None)
     _apply(s, 1, commands.CreateSession("s", "u", "a", {}, 0))
     _apply(s, 2, _append("s", "one", 1, 2))
+    no_window = _apply(s, 3, commands.Compact("s", 1, 1, [], [], None))
+    assert (no_window.code, no_window.details) == ("bad_request", {"version": 0})
+    _apply(s, 3, commands.SetContextConfig("s", ContextConfig(10, 1.0, Manual(), "o200k_base")))
     _apply(s, 3, _append("s", "two", 1, 3))
     view = s.window("s")
-    assert view is not None
+    assert view is not None and view[0] is not None
     version = view[0].version
     stale = _apply(s, 4, _append("s", "x", 1, 4, if_version=version - 1))
     assert (stale.code, stale.details) == ("conflict", {"version": version})
@@ -291,3 +294,20 @@ def test_refusals_change_nothing() -> None:
     missing = _apply(s, 7, commands.SetContextConfig("nope", config))
     assert missing.code == "not_found"
     assert view[0].version == version and s.last_seq("s") == 2
+
+
+def test_a_window_opens_with_the_hot_tail_and_shares_counts_among_unknown_parts() -> None:
+    s = ConversationState(StateLimits(tail_messages_max=3), groups=None)
+    _apply(s, 1, commands.CreateSession("s", "u", "a", {}, 0))
+    parts = [{"type": "reasoning", "text": "r" * 30}, {"type": "text", "text": "t" * 10}]
+    for i in range(2, 6):
+        _apply(s, i, _append("s", "", 10, i, parts=parts))  # no counts per part: an old entry
+    config = ContextConfig(100, 1.0, SkipParts(["reasoning"], None), "o200k_base")
+    _apply(s, 6, commands.SetContextConfig("s", config))
+    view = s.window("s")
+    assert view is not None and view[0] is not None
+    window = view[0]
+    assert [r.first_seq for r in window.records] == [2, 3, 4]  # the tail held the last 3
+    # 10 tokens shared by encoded size: the reasoning part is the bigger share, skipped
+    assert all(0 < r.view_tokens < 5 for r in window.records)
+    assert window.tokens == sum(r.view_tokens for r in window.records)
