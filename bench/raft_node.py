@@ -1,4 +1,4 @@
-"""Benchmark of ``raft/`` on a local 3-node cluster of ``python -m raft.node`` processes.
+"""Benchmark of ``raft/`` on a local 3-node cluster of ``python -m bench.raft_testnode`` processes.
 
     python -m bench.raft_node throughput --concurrency 256 --duration 20 [--json out.json]
     python -m bench.raft_node idle --duration 60
@@ -39,7 +39,6 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -47,14 +46,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from multiprocessing.sharedctypes import RawArray
-from typing import Any, cast
-
-import msgspec
+from typing import Any
 
 from bench import sysinfo
 from bench.load import stop_workers
+from bench.raft_control import ControlClient, ControlError, Propose, Status
 from bench.sysinfo import CpuSample, cpu_seconds, run_command
-from raft.node import Propose, Reply, Status
 
 HOST = "127.0.0.1"
 NODE_IDS = (1, 2, 3)
@@ -65,90 +62,6 @@ DOWN_RETRY_S = 0.5  # a node whose connection failed is not tried again before t
 DRAIN_S = 15.0  # after the window, how long the clients wait for the requests still in flight
 ROLE_LEADER = "leader"
 now = time.monotonic  # CLOCK_MONOTONIC: one clock for every process of the machine
-
-
-# -- the control protocol (the wire format of raft.node, on an asyncio.Protocol) ----------------
-_HEADER = struct.Struct(">I")
-_encoder = msgspec.msgpack.Encoder()
-_reply_decoder = msgspec.msgpack.Decoder(Reply)
-
-
-class RequestFailed(Exception):
-    """An error reply of a node (``code`` as in raft.errors, plus timeout and bad_request)."""
-
-    def __init__(self, code: str, message: str, leader: int) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.leader = leader
-
-
-class Link(asyncio.Protocol):
-    """A pipelined connection to one node's control port.
-
-    Like ``raft.node.ControlClient`` but a plain protocol (no StreamReader, fewer copies, less
-    client CPU); a request on a lost connection fails at once with ``ConnectionError``."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.rid = 0
-        self.waiting: dict[int, asyncio.Future[Reply]] = {}
-        self.closed = False
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> Link:
-        loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(cls, host, port)
-        return proto
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos, end = 0, len(buf)
-        with memoryview(buf) as view:
-            while end - pos >= 4:
-                (n,) = _HEADER.unpack_from(buf, pos)
-                if end - pos - 4 < n:
-                    break
-                reply = _reply_decoder.decode(view[pos + 4 : pos + 4 + n])
-                pos += 4 + n
-                fut = self.waiting.pop(reply.rid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
-        if pos:
-            del buf[:pos]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.transport = None
-        waiting, self.waiting = self.waiting, {}
-        for fut in waiting.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError(f"control connection lost: {exc!r}"))
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def send(self, make: Callable[..., msgspec.Struct], *args: Any) -> asyncio.Future[Reply]:
-        """Send ``make(rid, *args)``; the future resolves with the node's reply."""
-        if self.closed or self.transport is None:
-            raise ConnectionError("control connection closed")
-        self.rid += 1
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self.waiting[self.rid] = fut
-        body = _encoder.encode(make(self.rid, *args))
-        self.transport.write(_HEADER.pack(len(body)) + body)
-        return fut
-
-    async def call(self, make: Callable[..., msgspec.Struct], *args: Any) -> Any:
-        reply = await self.send(make, *args)
-        if not reply.ok:
-            raise RequestFailed(reply.code, reply.message, reply.leader)
-        return reply.value
 
 
 # -- measurements from /proc and elsewhere -------------------------------------------------------
@@ -275,7 +188,7 @@ class NodeProc:
 
 _SWITCH_LAUNCHER = (
     "import runpy, sys; sys.setswitchinterval(float(sys.argv.pop(1)) / 1000); "
-    "runpy.run_module('raft.node', run_name='__main__', alter_sys=True)"
+    "runpy.run_module('bench.raft_testnode', run_name='__main__', alter_sys=True)"
 )
 
 
@@ -284,8 +197,8 @@ class ClusterError(Exception):
 
 
 class Cluster:
-    """Three ``raft.node`` processes in their own sessions (a Ctrl-C reaches only the bench,
-    which stops them: SIGTERM, then SIGKILL after 10 s)."""
+    """Three ``bench.raft_testnode`` processes in their own sessions (a Ctrl-C reaches only the
+    bench, which stops them: SIGTERM, then SIGKILL after 10 s)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.groups: int = args.groups
@@ -300,7 +213,7 @@ class Cluster:
             self.extra.append("--lazy-commit")
         if args.skip_busy_heartbeats:
             self.extra.append("--skip-busy-heartbeats")
-        self.launcher = [sys.executable, "-m", "raft.node"]
+        self.launcher = [sys.executable, "-m", "bench.raft_testnode"]
         if args.switch_interval_ms:  # an experiment: the GIL hand-over period of the nodes
             self.launcher = [sys.executable, "-c", _SWITCH_LAUNCHER, str(args.switch_interval_ms)]
         self.keep = args.keep_data
@@ -316,7 +229,7 @@ class Cluster:
             )
             for k, i in enumerate(NODE_IDS)
         }
-        self.links: dict[int, Link] = {}
+        self.links: dict[int, ControlClient] = {}
 
     def peers_arg(self) -> str:
         return ",".join(f"{n.id}={HOST}:{n.peer_port}" for n in self.nodes.values())
@@ -378,11 +291,11 @@ class Cluster:
             return b"".join(f.readlines()[-lines:]).decode(errors="replace")
         return ""
 
-    async def link(self, node_id: int) -> Link:
+    async def link(self, node_id: int) -> ControlClient:
         link = self.links.get(node_id)
         if link is None or link.closed:
             link = await asyncio.wait_for(
-                Link.open(HOST, self.nodes[node_id].control_port), STATUS_TIMEOUT_S
+                ControlClient.connect(HOST, self.nodes[node_id].control_port), STATUS_TIMEOUT_S
             )
             self.links[node_id] = link
         return link
@@ -500,8 +413,8 @@ class LoadClient:
         self.leaders = [
             spec.leaders.get(g, NODE_IDS[g % len(NODE_IDS)]) for g in range(spec.groups)
         ]
-        self.links: dict[int, Link] = {}
-        self.connecting: dict[int, asyncio.Future[Link]] = {}
+        self.links: dict[int, ControlClient] = {}
+        self.connecting: dict[int, asyncio.Future[ControlClient]] = {}
         self.down_until: dict[int, float] = {}
         self.done: array.array[float] = array.array("d")
         self.latency: array.array[float] = array.array("d")
@@ -514,7 +427,7 @@ class LoadClient:
         for node_id in self.spec.nodes:
             await self.link(node_id)
 
-    async def link(self, node_id: int) -> Link:
+    async def link(self, node_id: int) -> ControlClient:
         link = self.links.get(node_id)
         if link is not None and not link.closed:
             return link
@@ -523,10 +436,10 @@ class LoadClient:
             return await asyncio.shield(pending)
         if self.down_until.get(node_id, 0.0) > now():
             raise ConnectionError(f"node {node_id} is down")
-        fut: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[ControlClient] = asyncio.get_running_loop().create_future()
         self.connecting[node_id] = fut
         try:
-            link = await asyncio.wait_for(Link.open(*self.spec.nodes[node_id]), 2.0)
+            link = await asyncio.wait_for(ControlClient.connect(*self.spec.nodes[node_id]), 2.0)
         except (OSError, TimeoutError) as e:
             self.down_until[node_id] = now() + DOWN_RETRY_S
             fut.set_exception(ConnectionError(f"node {node_id}: {e!r}"))
@@ -1160,7 +1073,7 @@ async def scenario_failover(args: argparse.Namespace, cluster: Cluster) -> dict[
     caught_up = None
     st: dict[str, Any] = {}
     while now() - started < args.rejoin_timeout:
-        with contextlib.suppress(OSError, TimeoutError, RequestFailed, ConnectionError):
+        with contextlib.suppress(OSError, TimeoutError, ControlError, ConnectionError):
             st = await cluster.status(victim)
             behind = [
                 g

@@ -1,5 +1,5 @@
 """A node's logs: one JSON object per line on stderr (``ctxstore serve``), in the format of
-``raft.logs.JsonFormatter`` (shared with ``python -m raft.node``).
+``raft.logs.JsonFormatter`` (shared with ``python -m bench.raft_testnode``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Log lines as JSON, one object per line: what ``ctxstore serve`` and ``python -m raft.node``
-write on stderr.
+"""Log lines as JSON, one object per line: what ``ctxstore serve`` and
+``python -m bench.raft_testnode`` write on stderr.
 
 Each line is ``{"t": "2026-01-31T12:00:00.123Z", "level": "WARNING", "logger": "ctxstore.node",
 "msg": "..."}``, plus ``"exc"`` (the formatted traceback) when the record carries an exception

@@ -31,8 +31,7 @@ RAFT_IO_MODULES = frozenset(
         "raft/wal_segments.py",
         "raft/transport.py",
         "raft/driver.py",
-        "raft/node.py",
-        "raft/logs.py",  # log lines' timestamps (the runnable node's and ctxstore serve's)
+        "raft/logs.py",  # log lines' timestamps (the test node's and ctxstore serve's)
         "raft/_build.py",  # compares the compiled modules' file times with their sources'
     }
 )

@@ -1,1 +1,1 @@
-"""Tests of real ``raft.node`` processes on loopback, with a fault-injecting TCP proxy."""
+"""Tests of real ``bench.raft_testnode`` processes on loopback, with a fault-injecting TCP proxy."""

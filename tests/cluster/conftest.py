@@ -16,7 +16,7 @@ CLUSTERS = pytest.StashKey[list[Cluster]]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "cluster: runs real raft.node processes on loopback (tests/cluster)"
+        "markers", "cluster: runs real bench.raft_testnode processes on loopback (tests/cluster)"
     )
 
 

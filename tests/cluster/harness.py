@@ -1,4 +1,4 @@
-"""A harness to run real ``python -m raft.node`` processes on loopback.
+"""A harness to run real ``python -m bench.raft_testnode`` processes on loopback.
 
 - ``Cluster`` starts, stops (SIGTERM), kills (SIGKILL) and restarts node processes with fixed
   ports and one data directory per node, every peer link through a ``LinkProxy``
@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import uvloop
 
-from raft.node import ControlClient, ControlError
+from bench.raft_control import ControlClient, ControlError
 
 from .proxy import LinkProxy
 
@@ -175,7 +175,7 @@ class ProposeFailed(Exception):
 
 
 # -- processes -------------------------------------------------------------------------------------
-# Run raft.node through a tiny launcher that asks the kernel to SIGKILL it when the test process
+# Run the test node through a tiny launcher that asks the kernel to SIGKILL it when the test process
 # dies (PR_SET_PDEATHSIG survives execve), then execs the node: the pid stays the same.
 _LAUNCHER = """\
 import ctypes, os, signal, sys
@@ -183,7 +183,7 @@ if sys.platform.startswith("linux"):
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != int(sys.argv[1]):
         os._exit(1)  # the parent died before prctl
-os.execv(sys.executable, [sys.executable, "-m", "raft.node", *sys.argv[2:]])
+os.execv(sys.executable, [sys.executable, "-m", "bench.raft_testnode", *sys.argv[2:]])
 """
 
 
@@ -489,9 +489,7 @@ class Cluster:
         lock = self._client_locks.setdefault(i, asyncio.Lock())
         async with lock:
             c = self._clients.get(i)
-            # ControlClient has no public "is it still connected": its reader task ends with
-            # the connection, and a request written after that would never be answered.
-            if c is not None and not c._task.done():
+            if c is not None and not c.closed:
                 return c
             if c is not None:
                 await self._drop_client(i)
@@ -506,9 +504,7 @@ class Cluster:
     async def _drop_client(self, i: int) -> None:
         c = self._clients.pop(i, None)
         if c is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await c.close()
+            c.close()
 
     async def call(
         self, i: int, fn: Callable[[ControlClient], Awaitable[T]], timeout: float = CALL_TIMEOUT_S

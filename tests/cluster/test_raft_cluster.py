@@ -1,7 +1,7 @@
-"""Real ``python -m raft.node`` processes: 3 nodes x 256 groups on loopback, every peer link
-through a fault-injecting proxy (tests/cluster/harness.py, proxy.py).
+"""Real ``python -m bench.raft_testnode`` processes: 3 nodes x 256 groups on loopback, every
+peer link through a fault-injecting proxy (tests/cluster/harness.py, proxy.py).
 
-Timing model (defaults of raft.node): tick 50 ms, election timeout 10 ticks (randomised in
+Timing model (defaults of bench.raft_testnode): tick 50 ms, election timeout 10 ticks (randomised in
 [0.5, 1) s), quiescent groups that only wake on a message or when the transport reports a peer
 down; a killed or cut peer is reported down at once (its connection resets), a silent one
 after ``dead_after_s`` = 5 s (checked every ``ping_interval_s`` = 1 s).
@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import pytest
 
+from bench.raft_control import ControlClient
 from raft import peer_codec as codec
-from raft.node import ControlClient
 
 from .conftest import ClusterFactory
 from .harness import (

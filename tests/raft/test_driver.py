@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import uvloop
 
+from bench.raft_testnode import LogMachine
 from raft import NotLeader, ProposalDropped, Role
 from raft.core import Config
 from raft.driver import Driver, DriverConfig, NodeStopped, OutcomeUnknown
 from raft.messages import AppendEntries
 from raft.multi import HostConfig, MultiRaft
-from raft.node import LogMachine
 from raft.transport import Transport
 from raft.wal import WAL
 

@@ -1,55 +1,57 @@
-"""A runnable Raft node with a test state machine, for tests and benchmarks of ``raft/``.
+"""A runnable node of the bare Raft (``raft/``) with a test state machine, for the tests of
+tests/cluster and the benchmark ``python -m bench.raft_node`` (docs/raft.md "A runnable node").
 
-    python -m raft.node --id 1 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 \\
+    python -m bench.raft_testnode --id 1 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=... \\
         --control 127.0.0.1:8001 --data ./n1 [--groups 256] [--secret S]
 
 The state machine (``LogMachine``) keeps, per group, the list of every data entry applied: a
-test can compare the full history of every replica.  The control port speaks a small framed
-protocol (4-byte big-endian length + msgpack, requests pipelined by ``rid``):
-
-    Propose(rid, group, data)              -> Reply(value = 1-based position in the history)
-    Read(rid, group, after, limit, linearizable) -> Reply(value = [applied, [data...]])
-    Status(rid)                            -> Reply(value = {...})
-    Transfer(rid, group, to) / Compact(rid, group) -> Reply(value = None)
-
-Errors come back as ``Reply(ok=False, code, message, leader)`` with the codes of raft.errors
-plus ``timeout`` and ``bad_request``.  ``ControlClient`` is the asyncio client.  Once both ports
-listen, the node prints one JSON line ``{"event": "ready", ...}`` on stdout.  SIGTERM or SIGINT
-stop it cleanly; a fatal error (a failed WAL write, a broken invariant) exits with status 70.
-
-The product node (ctxstore) composes the same pieces with its own state machine.
+test can compare the full history of every replica.  The control port speaks
+``bench.raft_control``.  Once both ports listen, the node prints one JSON line
+``{"event": "ready", ...}`` on stdout.  SIGTERM or SIGINT stop it cleanly; a fatal error (a
+failed WAL write, a broken invariant) exits with status 70.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import signal
-import struct
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
 import msgspec
 
-from .core import Config
-from .driver import Driver, DriverConfig
-from .errors import NotLeader, RaftError
-from .logs import JsonFormatter
-from .messages import Entry, EntryType
-from .multi import HostConfig, MultiRaft
-from .transport import Transport
-from .wal import WAL
+from raft.core import Config
+from raft.driver import Driver, DriverConfig
+from raft.errors import NotLeader, RaftError
+from raft.logs import JsonFormatter
+from raft.messages import Entry, EntryType
+from raft.multi import HostConfig, MultiRaft
+from raft.transport import Transport
+from raft.wal import WAL
 
-logger = logging.getLogger("raft.node")
+from .raft_control import (
+    READ_LIMIT_MAX,
+    Compact,
+    ControlError,
+    Framer,
+    Propose,
+    Read,
+    Reply,
+    Request,
+    Status,
+    Transfer,
+    frame,
+    request_decoder,
+)
 
-FRAME_BYTES_MAX = 16 << 20
-READ_LIMIT_MAX = 100_000
+logger = logging.getLogger("bench.raft_testnode")
+
 REQUEST_TIMEOUT_S = 10.0
 EXIT_FATAL = 70
 
@@ -79,88 +81,11 @@ class LogMachine:
         self.history[group] = msgspec.msgpack.decode(data, type=list[bytes]) if data else []
 
 
-# -- the control protocol --------------------------------------------------------------------------
-class Propose(msgspec.Struct, tag="propose", array_like=True, forbid_unknown_fields=True):
-    rid: int
-    group: int
-    data: bytes
-
-
-class Read(msgspec.Struct, tag="read", array_like=True, forbid_unknown_fields=True):
-    rid: int
-    group: int
-    after: int
-    limit: int
-    linearizable: bool
-
-
-class Status(msgspec.Struct, tag="status", array_like=True, forbid_unknown_fields=True):
-    rid: int
-
-
-class Transfer(msgspec.Struct, tag="transfer", array_like=True, forbid_unknown_fields=True):
-    rid: int
-    group: int
-    to: int
-
-
-class Compact(msgspec.Struct, tag="compact", array_like=True, forbid_unknown_fields=True):
-    rid: int
-    group: int
-
-
-Request = Propose | Read | Status | Transfer | Compact
-
-
-class Reply(msgspec.Struct, array_like=True):
-    rid: int
-    ok: bool
-    value: Any = None
-    code: str = ""
-    message: str = ""
-    leader: int = 0
-
-
-class ControlError(Exception):
-    def __init__(self, code: str, message: str, leader: int = 0) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.leader = leader
-
-
-_HEADER = struct.Struct(">I")
-_request_decoder = msgspec.msgpack.Decoder(Request)
-_reply_decoder = msgspec.msgpack.Decoder(Reply)
-_encoder = msgspec.msgpack.Encoder()
-
-
-class _Framer:
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self.buf += data
-        out = []
-        while len(self.buf) >= 4:
-            (n,) = _HEADER.unpack_from(self.buf)
-            if n > FRAME_BYTES_MAX:
-                raise ValueError(f"frame of {n} bytes exceeds {FRAME_BYTES_MAX}")
-            if len(self.buf) < 4 + n:
-                break
-            out.append(bytes(self.buf[4 : 4 + n]))
-            del self.buf[: 4 + n]
-        return out
-
-
-def _frame(obj: object) -> bytes:
-    body = _encoder.encode(obj)
-    return _HEADER.pack(len(body)) + body
-
-
+# -- the control port ------------------------------------------------------------------------------
 class ControlServer(asyncio.Protocol):
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.framer = _Framer()
+        self.framer = Framer()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -176,7 +101,7 @@ class ControlServer(asyncio.Protocol):
             return
         for body in frames:
             try:
-                req = _request_decoder.decode(body)
+                req = request_decoder.decode(body)
             except msgspec.ValidationError as e:
                 self.reply(Reply(0, False, None, "bad_request", str(e)))
                 continue
@@ -187,82 +112,10 @@ class ControlServer(asyncio.Protocol):
 
     def reply(self, r: Reply) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_frame(r))
+            self.transport.write(frame(r))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-
-
-class ControlClient:
-    """Asyncio client of the control port; many requests in flight on one connection."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._rid = 0
-        self._waiting: dict[int, asyncio.Future[Reply]] = {}
-        self._task = asyncio.get_running_loop().create_task(self._read_loop())
-
-    @classmethod
-    async def connect(cls, host: str, port: int) -> ControlClient:
-        reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer)
-
-    async def close(self) -> None:
-        self._writer.close()
-        self._task.cancel()
-        await asyncio.wait({self._task})  # a cancellation of our caller still propagates
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
-
-    async def _read_loop(self) -> None:
-        exc: BaseException = ConnectionError("control connection closed")
-        try:
-            while True:
-                header = await self._reader.readexactly(4)
-                (n,) = _HEADER.unpack(header)
-                reply = _reply_decoder.decode(await self._reader.readexactly(n))
-                fut = self._waiting.pop(reply.rid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
-        except (asyncio.IncompleteReadError, OSError) as e:
-            exc = ConnectionError(f"control connection lost: {e!r}")
-        finally:
-            for fut in self._waiting.values():
-                if not fut.done():
-                    fut.set_exception(exc)
-            self._waiting.clear()
-
-    async def call(self, make: Any, *args: Any) -> Any:
-        if self._task.done():
-            raise ConnectionError("control connection closed")
-        self._rid += 1
-        rid = self._rid
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = fut
-        self._writer.write(_frame(make(rid, *args)))
-        reply = await fut
-        if not reply.ok:
-            raise ControlError(reply.code, reply.message, reply.leader)
-        return reply.value
-
-    async def propose(self, group: int, data: bytes) -> int:
-        return int(await self.call(Propose, group, data))
-
-    async def read(
-        self, group: int, after: int = 0, limit: int = READ_LIMIT_MAX, linearizable: bool = False
-    ) -> tuple[int, list[bytes]]:
-        applied, items = await self.call(Read, group, after, limit, linearizable)
-        return int(applied), list(items)
-
-    async def status(self) -> dict[str, Any]:
-        return dict(await self.call(Status))
-
-    async def transfer(self, group: int, to: int) -> None:
-        await self.call(Transfer, group, to)
-
-    async def compact(self, group: int) -> None:
-        await self.call(Compact, group)
 
 
 # -- the node --------------------------------------------------------------------------------------
@@ -479,7 +332,9 @@ def _peers(text: str) -> dict[int, tuple[str, int]]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
-    p = argparse.ArgumentParser(prog="python -m raft.node", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.raft_testnode", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--id", type=int, required=True)
     p.add_argument("--peers", type=_peers, required=True, help="ID=HOST:PORT,... (all members)")
     p.add_argument("--control", type=_address, required=True, help="HOST:PORT")
