@@ -9,9 +9,9 @@ import pytest
 import uvloop
 
 from bench.nodestats import describe, fetch_metrics, node_pauses, parse_metrics, scrape_nodes
+from bench.raft_cluster import free_port
 from ctxstore.metrics import GC_PAUSE_BUCKETS_S
 from raft.wal_segments import FSYNC_BUCKETS_S
-from tests.cluster.harness import free_port
 
 
 def histogram(name: str, labels: str, bounds: tuple[float, ...], values: list[float]) -> list[str]:

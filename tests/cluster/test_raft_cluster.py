@@ -24,13 +24,12 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import pytest
 
+from bench.raft_cluster import CLUSTER_ID, SECRET
 from bench.raft_control import ControlClient
 from raft import peer_codec as codec
 
 from .conftest import ClusterFactory
 from .harness import (
-    CLUSTER_ID,
-    SECRET,
     Address,
     Cluster,
     Load,

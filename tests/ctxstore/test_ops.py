@@ -22,12 +22,12 @@ import pytest
 import uvloop
 
 from bench.nodestats import parse_metrics
+from bench.raft_cluster import free_port
 from ctxstore.config import Settings
 from ctxstore.metrics import CollectorPauses, LatencyHistogram
 from ctxstore.node import Node
 from ctxstore.ops import NodeSource, OpsLimits, OpsServer, Readiness, serve_ops, serve_source
 from ctxstore.server import Service
-from tests.cluster.harness import free_port
 from wire.aio import Server
 from wire.aio import serve as wire_serve
 from wire.client import ClientError, connect
