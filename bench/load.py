@@ -1,4 +1,5 @@
-"""The load: client processes that append (and read) and measure, and their parent's handle.
+"""The load: client processes that append (and read) and measure, and their parent's handle
+(``Workers``, on ``procs.ClientProcesses``).
 
 Each client process (spawned with ``multiprocessing``; uvloop; one pipelined connection per
 node, see ``routing``) runs its share of the load between the times the parent gives it:
@@ -36,8 +37,7 @@ import signal
 import string
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from multiprocessing.sharedctypes import RawArray
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ctxstore.collector import tune_collector
@@ -46,6 +46,7 @@ from wire.client import ClientError, expect_response
 from wire.protocol import Appended, Response
 
 from .histogram import LatencyHistogram
+from .procs import ClientProcesses, WorkerError
 from .routing import Route, Router, new_load_client
 from .schedule import OpenLoopSchedule
 from .timeline import window_histogram
@@ -61,7 +62,6 @@ BACKOFF_MAX_S = 0.2
 ACK_LOG_MAX = 4_000_000  # per process (~160 MB); beyond it acks are counted, not logged
 ERROR_LOG_MAX = 1_000_000
 SEND_LAG_LOG_MAX = 4_000_000  # per process (32 MB); beyond it lags are recorded as they come
-START_TIMEOUT_S = 60.0
 # progress counters shared with the parent (RawArray 'q'), all since the start of the run
 ACKS, ERRORS, READS, REPLAYS, OUTSTANDING = range(5)
 
@@ -500,91 +500,14 @@ def worker_main(
         raise
 
 
-class WorkerError(Exception):
-    pass
-
-
-class Workers:
-    """The parent's handle on P client processes."""
+class Workers(ClientProcesses):
+    """The parent's handle on the client processes of a load (one per spec)."""
 
     def __init__(self, specs: list[WorkerSpec]) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.procs: list[multiprocessing.process.BaseProcess] = []
-        self.pipes: list[multiprocessing.connection.Connection] = []
-        self.counters: list[Any] = []
-        self.pids: dict[str, int] = {}
-        for spec in specs:
-            counters = RawArray("q", 5)
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker_main,
-                args=(spec, counters, child),
-                name=f"bench-client{spec.index}",
-                daemon=True,
-            )
-            self.procs.append(proc)
-            self.pipes.append(parent)
-            self.counters.append(counters)
+        super().__init__(worker_main, specs, counters=5)
 
-    async def _recv(self, k: int, timeout_s: float) -> Any:
-        pipe, proc = self.pipes[k], self.procs[k]
-        deadline = now() + timeout_s
-        while not pipe.poll():
-            if not proc.is_alive():
-                raise WorkerError(f"client process {k} died (exit {proc.exitcode})")
-            if now() > deadline:
-                raise WorkerError(f"client process {k}: no message in {timeout_s} s")
-            await asyncio.sleep(0.02)
-        message = pipe.recv()
-        if message[0] == "error":
-            raise WorkerError(f"client process {k} failed: {message[1]}")
-        return message
-
-    async def start(self) -> None:
-        for proc in self.procs:
-            proc.start()
-        for k in range(len(self.procs)):
-            _, pid = await self._recv(k, START_TIMEOUT_S)
-            self.pids[f"client{k + 1}"] = pid
-
-    def go(self, t0: float, measure: float, end: float) -> None:
-        for pipe in self.pipes:
-            pipe.send(("go", t0, measure, end))
-
-    def total(self, counter: int) -> int:
-        return sum(int(c[counter]) for c in self.counters)
-
-    async def results(self, timeout_s: float) -> list[WorkerResult]:
-        out = []
-        for k in range(len(self.procs)):
-            _, result = await self._recv(k, timeout_s)
-            out.append(WorkerResult(**result))
-        for proc in self.procs:
-            proc.join(5.0)
-        return out
-
-    def stop(self) -> None:
-        stop_workers(self.pipes, self.procs)
+    async def load_results(self, timeout_s: float) -> list[WorkerResult]:
+        return [WorkerResult(**result) for result in await self.results(timeout_s)]
 
 
-__all__ = ["WorkerResult", "WorkerSpec", "Workers", "session_id"]
-
-
-def stop_workers(
-    pipes: Sequence[multiprocessing.connection.Connection],
-    procs: Sequence[multiprocessing.process.BaseProcess],
-) -> None:
-    """Ask client processes to stop; terminate, then kill, those that do not."""
-    for pipe in pipes:
-        with contextlib.suppress(OSError):
-            pipe.send(("stop",))
-    for proc in procs:
-        if proc.pid is None:
-            continue
-        proc.join(2.0)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(2.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+__all__ = ["WorkerError", "WorkerResult", "WorkerSpec", "Workers", "session_id"]

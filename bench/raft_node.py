@@ -1,12 +1,12 @@
-"""Benchmark of ``raft/`` on a local 3-node cluster of ``python -m bench.raft_testnode`` processes.
+"""Benchmark of ``raft/`` on a local 3-node cluster of test nodes (``bench.raft_testnode``).
 
     python -m bench.raft_node throughput --concurrency 256 --duration 20 [--json out.json]
     python -m bench.raft_node idle --duration 60
     python -m bench.raft_node failover --concurrency 64 --duration 20
 
-Every run starts its own cluster (free local ports, a temporary data directory that is removed
-afterwards, the node processes killed on exit or Ctrl-C), waits until every group has a leader
-and then runs one scenario:
+Every run starts its own cluster (``bench.raft_cluster``: free local ports, a temporary data
+directory that is removed afterwards, the node processes killed on exit or Ctrl-C), waits until
+every group has a leader and then runs one scenario with client processes (``bench.raft_load``):
 
 - ``throughput``: a closed loop of C proposals in flight in total, over the groups round-robin,
   each sent to the group's leader (``not_leader`` hints are followed) from P client processes;
@@ -24,614 +24,80 @@ docs/raft-bench.md.
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import itertools
 import json
-import math
-import multiprocessing
-import multiprocessing.connection
 import os
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from multiprocessing.sharedctypes import RawArray
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
-from bench import sysinfo
-from bench.load import stop_workers
-from bench.raft_control import ControlClient, ControlError, Propose, Status
-from bench.sysinfo import CpuSample, cpu_seconds, run_command
+from .histogram import LatencyHistogram
+from .procs import WorkerError
+from .raft_cluster import NODE_MODULE, Cluster
+from .raft_control import ControlError
+from .raft_load import DRAIN_S, NODE_IDS, Clients
+from .raft_profile import run_profile
+from .raft_report import report
+from .report import log
+from .sysinfo import CpuSample, cpu_between, run_info, sample_cpu, wait_quiet
 
-HOST = "127.0.0.1"
-NODE_IDS = (1, 2, 3)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-READY_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 5.0
-DOWN_RETRY_S = 0.5  # a node whose connection failed is not tried again before this
-DRAIN_S = 15.0  # after the window, how long the clients wait for the requests still in flight
 ROLE_LEADER = "leader"
 now = time.monotonic  # CLOCK_MONOTONIC: one clock for every process of the machine
-
-
-# -- measurements from /proc and elsewhere -------------------------------------------------------
-
-
-def machine_busy_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine, over every core, from /proc/stat."""
-    with open("/proc/stat") as f:
-        parts = f.readline().split()
-    values = [int(v) for v in parts[1:]]
-    total = sum(values[:8])  # user nice system idle iowait irq softirq steal
-    idle = values[3] + values[4]
-    return (total - idle) / CLK_TCK, total / CLK_TCK
-
-
-def sample_cpu(pids: dict[str, int]) -> CpuSample:
-    return CpuSample(now(), {k: cpu_seconds(p) for k, p in pids.items()}, machine_busy_seconds())
-
-
-def cpu_between(a: CpuSample, b: CpuSample) -> dict[str, Any]:
-    """CPU use over [a, b]: per process as % of one core, and the machine's busy %."""
-    span = b.t - a.t
-    out: dict[str, Any] = {"seconds": span, "processes": {}}
-    for key, before in a.pids.items():
-        after = b.pids.get(key)
-        if before is None or after is None:
-            out["processes"][key] = None
-            continue
-        out["processes"][key] = {
-            "cpu_seconds": after - before,
-            "pct_of_core": 100.0 * (after - before) / span if span > 0 else 0.0,
-        }
-    busy = b.machine[0] - a.machine[0]
-    total = b.machine[1] - a.machine[1]
-    ours = sum(p["cpu_seconds"] for p in out["processes"].values() if p)
-    out["machine_busy_pct"] = 100.0 * busy / total if total > 0 else 0.0
-    out["machine_cores"] = os.cpu_count() or 1
-    # CPU of every other process of the machine (other work on the box skews the figures):
-    out["others_pct_of_core"] = 100.0 * max(0.0, busy - ours) / span if span > 0 else 0.0
-    return out
-
-
-def background_load(seconds: float = 1.0) -> float:
-    """The machine's busy CPU before the run, in % of one core."""
-    a = machine_busy_seconds()
-    time.sleep(seconds)
-    b = machine_busy_seconds()
-    return 100.0 * (b[0] - a[0]) / seconds
-
-
-def machine_info(data_parent: str) -> dict[str, Any]:
-    # The nodes and clients inherit the bench's nice value.
-    return {**sysinfo.machine_info(data_parent), "nice": os.getpriority(os.PRIO_PROCESS, 0)}
-
-
-def run_info(argv: Sequence[str], data_parent: str) -> dict[str, Any]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return {
-        "command": shlex.join([sys.executable, "-m", "bench.raft_node", *argv]),
-        "git_commit": run_command(["git", "-C", root, "rev-parse", "HEAD"]),
-        "git_dirty": bool(run_command(["git", "-C", root, "status", "--porcelain", "--", "raft"])),
-        "machine": machine_info(data_parent),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    """Exact nearest-rank percentiles of ``values`` (seconds) in milliseconds."""
-    if not values:
-        return {}
-    s = sorted(values)
-    n = len(s)
-
-    def rank(q: float) -> float:
-        return 1000.0 * s[max(0, math.ceil(q * n) - 1)]
-
-    return {
-        "count": n,
-        "mean": 1000.0 * sum(s) / n,
-        "p50": rank(0.50),
-        "p90": rank(0.90),
-        "p99": rank(0.99),
-        "p99.9": rank(0.999),
-        "max": 1000.0 * s[-1],
-    }
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-# -- the cluster ---------------------------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@dataclasses.dataclass
-class NodeProc:
-    id: int
-    peer_port: int
-    control_port: int
-    data: str
-    log_path: str
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
 _SWITCH_LAUNCHER = (
     "import runpy, sys; sys.setswitchinterval(float(sys.argv.pop(1)) / 1000); "
     "runpy.run_module('bench.raft_testnode', run_name='__main__', alter_sys=True)"
 )
 
 
-class ClusterError(Exception):
-    pass
+def new_cluster(args: argparse.Namespace) -> Cluster:
+    """Three nodes with the scenario's flags, in a fresh directory under ``--data-parent``."""
+    extra = [
+        f"--heartbeat-ticks={args.heartbeat_ticks}",
+        f"--snapshot-entries={args.snapshot_entries}",
+        f"--log-level={args.node_log_level}",
+        *(["--lazy-commit"] if args.lazy_commit else []),
+        *(["--skip-busy-heartbeats"] if args.skip_busy_heartbeats else []),
+    ]
+    node_args: Sequence[str] = NODE_MODULE
+    if args.switch_interval_ms:  # an experiment: the GIL hand-over period of the nodes
+        node_args = ["-c", _SWITCH_LAUNCHER, str(args.switch_interval_ms)]
+    base = Path(tempfile.mkdtemp(prefix="raft-bench-", dir=args.data_parent))
+    return Cluster(
+        base, len(NODE_IDS), args.groups, args.tick_ms, args.election_ticks,
+        extra_args=extra, node_args=node_args,
+    )  # fmt: skip
 
 
-class Cluster:
-    """Three ``bench.raft_testnode`` processes in their own sessions (a Ctrl-C reaches only the
-    bench, which stops them: SIGTERM, then SIGKILL after 10 s)."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.groups: int = args.groups
-        self.extra: list[str] = [
-            f"--tick-ms={args.tick_ms}",
-            f"--election-ticks={args.election_ticks}",
-            f"--heartbeat-ticks={args.heartbeat_ticks}",
-            f"--snapshot-entries={args.snapshot_entries}",
-            f"--log-level={args.node_log_level}",
-        ]
-        if args.lazy_commit:
-            self.extra.append("--lazy-commit")
-        if args.skip_busy_heartbeats:
-            self.extra.append("--skip-busy-heartbeats")
-        self.launcher = [sys.executable, "-m", "bench.raft_testnode"]
-        if args.switch_interval_ms:  # an experiment: the GIL hand-over period of the nodes
-            self.launcher = [sys.executable, "-c", _SWITCH_LAUNCHER, str(args.switch_interval_ms)]
-        self.keep = args.keep_data
-        self.dir = tempfile.mkdtemp(prefix="raft-bench-", dir=args.data_parent)
-        ports = free_ports(2 * len(NODE_IDS))
-        self.nodes = {
-            i: NodeProc(
-                i,
-                ports[k],
-                ports[len(NODE_IDS) + k],
-                os.path.join(self.dir, f"n{i}"),
-                os.path.join(self.dir, f"n{i}.log"),
-            )
-            for k, i in enumerate(NODE_IDS)
-        }
-        self.links: dict[int, ControlClient] = {}
-
-    def peers_arg(self) -> str:
-        return ",".join(f"{n.id}={HOST}:{n.peer_port}" for n in self.nodes.values())
-
-    def controls(self) -> dict[int, tuple[str, int]]:
-        return {n.id: (HOST, n.control_port) for n in self.nodes.values()}
-
-    def pids(self) -> dict[str, int]:
-        return {f"n{n.id}": n.pid for n in self.nodes.values() if n.alive()}
-
-    def alive_ids(self) -> list[int]:
-        return [n.id for n in self.nodes.values() if n.alive()]
-
-    async def start_node(self, node_id: int) -> float:
-        """Start a node; return the seconds until its ready line."""
-        n = self.nodes[node_id]
-        os.makedirs(n.data, exist_ok=True)
-        cmd = [
-            *self.launcher,
-            f"--id={n.id}",
-            f"--peers={self.peers_arg()}",
-            f"--control={HOST}:{n.control_port}",
-            f"--data={n.data}",
-            f"--groups={self.groups}",
-            *self.extra,
-        ]
-        started = now()
-        with open(n.log_path, "ab") as err:
-            n.proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
-            )
-        n.starts += 1
-        assert n.proc.stdout is not None
-        loop = asyncio.get_running_loop()
-        try:
-            line = await asyncio.wait_for(
-                loop.run_in_executor(None, n.proc.stdout.readline), READY_TIMEOUT_S
-            )
-        except TimeoutError:
-            raise ClusterError(f"node {n.id}: no ready line in {READY_TIMEOUT_S} s") from None
-        try:
-            ready = json.loads(line)
-        except ValueError:
-            raise ClusterError(f"node {n.id} did not start:\n{self.log_tail(n.id)}") from None
-        if ready.get("event") != "ready" or ready.get("pid") != n.proc.pid:
-            raise ClusterError(f"node {n.id}: unexpected first line {line!r}")
-        return now() - started
-
-    async def start(self) -> None:
-        await asyncio.gather(*(self.start_node(i) for i in self.nodes))
-
-    def log_tail(self, node_id: int, lines: int = 20) -> str:
-        with contextlib.suppress(OSError), open(self.nodes[node_id].log_path, "rb") as f:
-            return b"".join(f.readlines()[-lines:]).decode(errors="replace")
-        return ""
-
-    async def link(self, node_id: int) -> ControlClient:
-        link = self.links.get(node_id)
-        if link is None or link.closed:
-            link = await asyncio.wait_for(
-                ControlClient.connect(HOST, self.nodes[node_id].control_port), STATUS_TIMEOUT_S
-            )
-            self.links[node_id] = link
-        return link
-
-    async def status(self, node_id: int) -> dict[str, Any]:
-        link = await self.link(node_id)
-        return dict(await asyncio.wait_for(link.call(Status), STATUS_TIMEOUT_S))
-
-    async def statuses(self, ids: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
-        """The status of each node given (default: the live ones) that answers."""
-        ids = list(self.alive_ids() if ids is None else ids)
-        got = await asyncio.gather(*(self.status(i) for i in ids), return_exceptions=True)
-        return {i: s for i, s in zip(ids, got, strict=True) if isinstance(s, dict)}
-
-    def leaders(self, statuses: dict[int, dict[str, Any]]) -> dict[int, int]:
-        """group -> the node that reports itself leader with the highest term (if any)."""
-        best: dict[int, tuple[int, int]] = {}
-        for node_id, st in statuses.items():
-            for g, role, term, *_ in st["groups"]:
-                if role == ROLE_LEADER and term > best.get(g, (-1, 0))[0]:
-                    best[g] = (term, node_id)
-        return {g: node for g, (_, node) in best.items()}
-
-    async def wait_leaders(self, timeout: float) -> dict[int, int]:
-        """Until every group has a leader that every live node knows."""
-        deadline = now() + timeout
-        while True:
-            self.check_alive()
-            sts = await self.statuses()
-            leaders = self.leaders(sts)
-            agreed = len(sts) == len(self.alive_ids()) and all(
-                leaders.get(g) == lead and lead != 0
-                for st in sts.values()
-                for g, _, _, lead, *_ in st["groups"]
-            )
-            if agreed and len(leaders) == self.groups:
-                return leaders
-            if now() > deadline:
-                raise ClusterError(f"only {len(leaders)}/{self.groups} groups have a leader")
-            await asyncio.sleep(0.1)
-
-    def check_alive(self) -> None:
-        for n in self.nodes.values():
-            if n.proc is not None and n.proc.poll() is not None and n.proc.returncode != -9:
-                raise ClusterError(
-                    f"node {n.id} exited with {n.proc.returncode}:\n{self.log_tail(n.id)}"
-                )
-
-    def kill(self, node_id: int) -> None:
-        n = self.nodes[node_id]
-        assert n.proc is not None
-        n.proc.send_signal(signal.SIGKILL)
-        n.proc.wait()
-        link = self.links.pop(node_id, None)
-        if link is not None:
-            link.close()
-
-    def close_links(self) -> None:
-        for link in self.links.values():
-            link.close()
-        self.links.clear()
-
-    def stop(self) -> None:
-        """Synchronous, idempotent: stop every node, remove the data unless --keep-data."""
-        procs = [n.proc for n in self.nodes.values() if n.proc is not None]
-        for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(OSError):
-                    p.send_signal(signal.SIGTERM)
-        deadline = now() + 10.0
-        for p in procs:
-            try:
-                p.wait(max(0.0, deadline - now()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            if p.stdout is not None:
-                p.stdout.close()
-        if self.keep:
-            log(f"data kept in {self.dir}")
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+def latency_ms(values: list[float]) -> dict[str, float]:
+    """count, mean, p50, p90, p99, p99.9 and max of ``values`` (seconds) in milliseconds, at
+    the histograms' precision (``bench.histogram``); {} when there is none."""
+    if not values:
+        return {}
+    h = LatencyHistogram()
+    for v in values:
+        h.record_s(v)
+    return h.summary_ms()
 
 
-# -- the client processes ------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class WorkerSpec:
-    index: int
-    slots: tuple[int, ...]  # global slot numbers: slot j sends to groups j, j + C, j + 2C, ...
-    concurrency: int  # C, in all processes
-    groups: int
-    payload_bytes: int
-    nodes: dict[int, tuple[str, int]]  # control addresses
-    leaders: dict[int, int]  # group -> leader at start
-    retry_s: float
-
-
-@dataclasses.dataclass
-class WorkerResult:
-    index: int
-    pid: int
-    done: array.array[float]  # ack time (monotonic) of each acked request
-    latency: array.array[float]  # seconds from the first send to the ack
-    group: array.array[int]
-    errors: list[tuple[float, str]]  # (time, code) of every error reply or connection failure
-    unfinished: int  # requests still in flight after the drain
-
-
-class LoadClient:
-    """The closed loop of one client process."""
-
-    def __init__(self, spec: WorkerSpec, counters: Any) -> None:
-        self.spec = spec
-        self.counters = counters  # RawArray('q', 2): acks, errors (read by the parent)
-        self.leaders = [
-            spec.leaders.get(g, NODE_IDS[g % len(NODE_IDS)]) for g in range(spec.groups)
-        ]
-        self.links: dict[int, ControlClient] = {}
-        self.connecting: dict[int, asyncio.Future[ControlClient]] = {}
-        self.down_until: dict[int, float] = {}
-        self.done: array.array[float] = array.array("d")
-        self.latency: array.array[float] = array.array("d")
-        self.group: array.array[int] = array.array("H")
-        self.errors: list[tuple[float, str]] = []
-        self.inflight = 0
-        self.data = os.urandom(spec.payload_bytes)
-
-    async def connect_all(self) -> None:
-        for node_id in self.spec.nodes:
-            await self.link(node_id)
-
-    async def link(self, node_id: int) -> ControlClient:
-        link = self.links.get(node_id)
-        if link is not None and not link.closed:
-            return link
-        pending = self.connecting.get(node_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        if self.down_until.get(node_id, 0.0) > now():
-            raise ConnectionError(f"node {node_id} is down")
-        fut: asyncio.Future[ControlClient] = asyncio.get_running_loop().create_future()
-        self.connecting[node_id] = fut
-        try:
-            link = await asyncio.wait_for(ControlClient.connect(*self.spec.nodes[node_id]), 2.0)
-        except (OSError, TimeoutError) as e:
-            self.down_until[node_id] = now() + DOWN_RETRY_S
-            fut.set_exception(ConnectionError(f"node {node_id}: {e!r}"))
-            fut.exception()  # retrieved: no "never retrieved" warning
-            raise ConnectionError(f"node {node_id}: {e!r}") from None
-        finally:
-            del self.connecting[node_id]
-        self.links[node_id] = link
-        fut.set_result(link)
-        return link
-
-    def usable(self, node_id: int) -> bool:
-        link = self.links.get(node_id)
-        return (link is not None and not link.closed) or self.down_until.get(node_id, 0.0) <= now()
-
-    def other_node(self, node_id: int) -> int:
-        ids = sorted(self.spec.nodes)
-        k = ids.index(node_id) if node_id in ids else -1
-        for step in range(1, len(ids) + 1):
-            candidate = ids[(k + step) % len(ids)]
-            if self.usable(candidate):
-                return candidate
-        return ids[(k + 1) % len(ids)]
-
-    def error(self, code: str) -> None:
-        self.errors.append((now(), code))
-        self.counters[1] += 1
-
-    async def propose(self, group: int) -> None:
-        """Propose until acked, following leader hints; record the latency."""
-        sent = now()
-        retry_s = self.spec.retry_s
-        while True:
-            node_id = self.leaders[group]
-            try:
-                link = await self.link(node_id)
-                reply = await link.send(Propose, group, self.data)
-            except ConnectionError:
-                self.error("connection_lost")
-                if self.down_until.get(node_id, 0.0) < now():
-                    self.down_until[node_id] = now() + DOWN_RETRY_S
-                self.leaders[group] = self.other_node(node_id)
-                await asyncio.sleep(retry_s)
-                continue
-            if reply.ok:
-                t = now()
-                self.done.append(t)
-                self.latency.append(t - sent)
-                self.group.append(group)
-                self.counters[0] += 1
-                return
-            self.error(reply.code)
-            if reply.code == "not_leader":
-                hint = reply.leader
-                if hint and hint != node_id and hint in self.spec.nodes and self.usable(hint):
-                    self.leaders[group] = hint
-                    continue
-                self.leaders[group] = self.other_node(node_id)
-            await asyncio.sleep(retry_s)
-
-    async def slot(self, j: int, end: float) -> None:
-        spec = self.spec
-        i = 0
-        while now() < end:
-            group = (j + i * spec.concurrency) % spec.groups
-            i += 1
-            self.inflight += 1
-            try:
-                await self.propose(group)
-            finally:
-                self.inflight -= 1
-
-    async def run(self, start: float, end: float) -> int:
-        await asyncio.sleep(max(0.0, start - now()))
-        tasks = [asyncio.create_task(self.slot(j, end)) for j in self.spec.slots]
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, end - now()) + DRAIN_S)
-        unfinished = self.inflight
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for link in self.links.values():
-            link.close()
-        return unfinished
-
-
-def worker_main(
-    spec: WorkerSpec, counters: Any, conn: multiprocessing.connection.Connection
-) -> None:
-    """Entry point of a client process (spawned)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    import uvloop
-
-    async def main() -> None:
-        client = LoadClient(spec, counters)
-        await client.connect_all()
-        conn.send(("ready", os.getpid()))
-        loop = asyncio.get_running_loop()
-        message = await loop.run_in_executor(None, conn.recv)
-        if message[0] != "go":
-            return
-        _, start, end = message
-        unfinished = await client.run(start, end)
-        # A plain dict: a class of this module pickles as __mp_main__.X in a spawned child.
-        result = {
-            "index": spec.index,
-            "pid": os.getpid(),
-            "done": client.done,
-            "latency": client.latency,
-            "group": client.group,
-            "errors": client.errors,
-            "unfinished": unfinished,
-        }
-        conn.send(("result", result))
-
-    try:
-        uvloop.run(main())
-    except Exception as e:
-        with contextlib.suppress(OSError):
-            conn.send(("error", repr(e)))
-        raise
-
-
-class Clients:
-    """P spawned client processes running the closed loop together."""
-
-    def __init__(self, spec_args: argparse.Namespace, cluster: Cluster, leaders: dict[int, int]):
-        c, p = spec_args.concurrency, spec_args.procs
-        self.ctx = multiprocessing.get_context("spawn")
-        self.procs: list[multiprocessing.process.BaseProcess] = []
-        self.pipes: list[multiprocessing.connection.Connection] = []
-        self.counters: list[Any] = []
-        self.pids: dict[str, int] = {}
-        for k in range(p):
-            spec = WorkerSpec(
-                index=k,
-                slots=tuple(range(k, c, p)),
-                concurrency=c,
-                groups=cluster.groups,
-                payload_bytes=spec_args.payload_bytes,
-                nodes=cluster.controls(),
-                leaders=leaders,
-                retry_s=spec_args.retry_ms / 1000,
-            )
-            counters = RawArray("q", 2)
-            parent, child = self.ctx.Pipe()
-            proc = self.ctx.Process(
-                target=worker_main, args=(spec, counters, child), name=f"client{k}", daemon=True
-            )
-            self.procs.append(proc)
-            self.pipes.append(parent)
-            self.counters.append(counters)
-
-    async def _recv(self, k: int, timeout: float) -> Any:
-        pipe = self.pipes[k]
-        loop = asyncio.get_running_loop()
-        deadline = now() + timeout
-        while not pipe.poll():
-            if not self.procs[k].is_alive():
-                raise ClusterError(f"client process {k} died (exit {self.procs[k].exitcode})")
-            if now() > deadline:
-                raise ClusterError(f"client process {k}: no message in {timeout} s")
-            await asyncio.sleep(0.02)
-        message = await loop.run_in_executor(None, pipe.recv)
-        if message[0] == "error":
-            raise ClusterError(f"client process {k} failed: {message[1]}")
-        return message
-
-    async def start(self) -> None:
-        for proc in self.procs:
-            proc.start()
-        for k in range(len(self.procs)):
-            _, pid = await self._recv(k, 60.0)
-            self.pids[f"c{k + 1}"] = pid
-
-    def go(self, start: float, end: float) -> None:
-        for pipe in self.pipes:
-            pipe.send(("go", start, end))
-
-    def totals(self) -> tuple[int, int]:
-        return sum(c[0] for c in self.counters), sum(c[1] for c in self.counters)
-
-    async def results(self, timeout: float) -> list[WorkerResult]:
-        out = []
-        for k in range(len(self.procs)):
-            _, result = await self._recv(k, timeout)
-            out.append(WorkerResult(**result))
-        for proc in self.procs:
-            proc.join(5.0)
-        return out
-
-    def stop(self) -> None:
-        stop_workers(self.pipes, self.procs)
+def leaders_reported(statuses: dict[int, dict[str, Any]]) -> dict[int, int]:
+    """group -> the node that reports itself leader with the highest term (if any)."""
+    best: dict[int, tuple[int, int]] = {}
+    for node_id, st in statuses.items():
+        for g, role, term, *_ in st["groups"]:
+            if role == ROLE_LEADER and term > best.get(g, (-1, 0))[0]:
+                best[g] = (term, node_id)
+    return {g: node for g, (_, node) in best.items()}
 
 
 # -- runs ----------------------------------------------------------------------------------------
@@ -648,7 +114,7 @@ class Snapshot:
 
 async def snapshot(cluster: Cluster, pids: dict[str, int]) -> Snapshot:
     cpu = sample_cpu(pids)
-    return Snapshot(cpu, await cluster.statuses())
+    return Snapshot(cpu, await cluster.statuses(answered_only=True))
 
 
 def node_figures(a: Snapshot, b: Snapshot) -> dict[str, Any]:
@@ -748,7 +214,8 @@ async def run_load(
     during: Callable[[float, float, Progress], Coroutine[Any, Any, None]] | None = None,
 ) -> LoadRun:
     """The closed loop: start the clients, warm up, measure [measure, end], drain, collect."""
-    clients = Clients(args, cluster, leaders)
+    nodes = {i: cluster.nodes[i].control for i in cluster.ids}
+    clients = Clients(args, nodes, cluster.groups, leaders)
     progress: Progress | None = None
     side: asyncio.Task[None] | None = None
     profile: asyncio.Task[None] | None = None
@@ -767,12 +234,13 @@ async def run_load(
         if during is not None:
             side = asyncio.create_task(during(measure, end, progress))
         if args.profile_node:
-            profile = asyncio.create_task(run_profile(args, cluster, end - now()))
+            node = cluster.nodes[args.profile_node]
+            profile = asyncio.create_task(run_profile(args, node.pid, node.id, end - now()))
         await sleep_until(end)
         last = await snapshot(cluster, pids)
         if side is not None:
             await side
-        results = await clients.results(DRAIN_S + 30.0)
+        results = await clients.load_results(DRAIN_S + 30.0)
         if profile is not None:
             await profile
     finally:
@@ -805,7 +273,7 @@ def load_figures(run: LoadRun, t_from: float, t_to: float) -> dict[str, Any]:
         "seconds": t_to - t_from,
         "acks": len(lat),
         "acks_per_s": len(lat) / (t_to - t_from) if t_to > t_from else 0.0,
-        "latency_ms": percentiles(lat),
+        "latency_ms": latency_ms(lat),
         "errors": dict(sorted(errors.items())),
     }
 
@@ -831,110 +299,13 @@ def window_figures(args: argparse.Namespace, run: LoadRun) -> dict[str, Any]:
     }
 
 
-# -- profiling (py-spy) --------------------------------------------------------------------------
-def _py_spy() -> str | None:
-    near = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    return near if os.access(near, os.X_OK) else shutil.which("py-spy")
-
-
-async def run_profile(args: argparse.Namespace, cluster: Cluster, seconds: float) -> None:
-    exe = _py_spy()
-    node = cluster.nodes[args.profile_node]
-    if exe is None:
-        log("py-spy not found (pip install py-spy): no profile")
-        return
-    out = args.profile_out or os.path.join(os.getcwd(), f"raft-profile-n{node.id}.txt")
-    cmd = [
-        exe,
-        "record",
-        "--pid",
-        str(node.pid),
-        "--duration",
-        str(max(1, int(seconds))),
-        "--rate",
-        str(args.profile_rate),
-        "--format",
-        "raw",
-        "--function",
-        "--threads",
-        "--output",
-        out,
-        *(["--native"] if args.profile_native else []),
-        *(["--gil"] if args.profile_gil else []),
-    ]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        _, err = await proc.communicate()
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        raise
-    if proc.returncode != 0:
-        log(f"py-spy failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}")
-        return
-    report = profile_report(out, args.profile_top, seconds * args.profile_rate)
-    print(report)
-    with open(out + ".top.txt", "w") as f:
-        f.write(report + "\n")
-    log(f"profile: {out} (collapsed stacks), {out}.top.txt")
-
-
-@dataclasses.dataclass
-class _ThreadProfile:
-    samples: int = 0
-    self_: Counter[str] = dataclasses.field(default_factory=Counter)
-    incl: Counter[str] = dataclasses.field(default_factory=Counter)
-
-
-def profile_report(path: str, top: int, instants: float) -> str:
-    """Per thread: its samples, and its top functions by self and by inclusive samples (as % of
-    the thread's samples), from py-spy's collapsed stacks (``--threads --function``)."""
-    threads: dict[str, _ThreadProfile] = {}
-    with open(path) as f:
-        for line in f:
-            stack, _, count_s = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
-            count = int(count_s)
-            frames = [fr.strip() for fr in stack.split(";") if fr.strip()]
-            name = "?"
-            if frames and frames[0].startswith("thread "):
-                name = frames.pop(0).split(": ", 1)[-1]
-            if not frames:
-                continue
-            tp = threads.setdefault(name, _ThreadProfile())
-            tp.samples += count
-            tp.self_[frames[-1]] += count
-            for fr in set(frames):
-                tp.incl[fr] += count
-    lines = [
-        f"profile: {instants:.0f} sampling instants; a thread is sampled when it is not idle"
-        " (running, runnable or in a blocking system call such as fdatasync)"
-    ]
-    for name, tp in sorted(threads.items(), key=lambda kv: -kv[1].samples):
-        n = max(tp.samples, 1)
-        lines.append(
-            f"thread {name}: {tp.samples} samples ({100.0 * tp.samples / max(instants, 1):.0f} %"
-            " of the instants)"
-        )
-        k = top if tp.samples * 3 >= sum(t.samples for t in threads.values()) else 5
-        lines.append(f"  top {k} by self samples (% of the thread's samples):")
-        for fr, c in tp.self_.most_common(k):
-            lines.append(f"    {100.0 * c / n:6.2f} %  {fr}")
-        lines.append(f"  top {k} by inclusive samples (frames present in every sample omitted):")
-        for fr, c in [(fr, c) for fr, c in tp.incl.most_common() if c < tp.samples][:k]:
-            lines.append(f"    {100.0 * c / n:6.2f} %  {fr}")
-    return "\n".join(lines)
-
-
 # -- the scenarios -------------------------------------------------------------------------------
 async def prepare(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
     started = now()
     await cluster.start()
     ready = now() - started
-    leaders = await cluster.wait_leaders(args.leader_timeout)
+    leaders = await cluster.wait_leaders(timeout=args.leader_timeout)
+    cluster.check_running()
     counts = Counter(leaders.values())
     log(
         f"cluster up in {ready:.2f} s, every group led after {now() - started:.2f} s "
@@ -954,7 +325,7 @@ async def scenario_idle(args: argparse.Namespace, cluster: Cluster) -> dict[str,
     started = now()
     awake: dict[int, int] = {}
     while True:
-        sts = await cluster.statuses()
+        sts = await cluster.statuses(answered_only=True)
         awake = {i: st["awake"] for i, st in sts.items()}
         if all(v == 0 for v in awake.values()) and len(awake) == len(NODE_IDS):
             break
@@ -973,15 +344,15 @@ async def scenario_idle(args: argparse.Namespace, cluster: Cluster) -> dict[str,
     while now() < t_end:
         await sleep_until(min(last.t + 1.0, t_end))
         cur = sample_cpu(pids)
-        pct = cpu_between(last, cur)["processes"]
+        pct = cpu_between(last, cur)["pct_of_core"]
         log(
             f"[{cur.t - first.cpu.t:5.1f}s] idle  "
-            + "  ".join(f"{k} {v['pct_of_core']:4.1f}%" for k, v in pct.items() if v)
+            + "  ".join(f"{k} {v:4.1f}%" for k, v in pct.items() if v is not None)
         )
         last = cur
         if now() >= next_status and now() < t_end - 0.5:
             next_status += args.status_every
-            for i, st in (await cluster.statuses()).items():
+            for i, st in (await cluster.statuses(answered_only=True)).items():
                 awake_max[i] = max(awake_max.get(i, 0), st["awake"])
     final = await snapshot(cluster, pids)
     for i, st in final.statuses.items():
@@ -1006,22 +377,22 @@ async def scenario_failover(args: argparse.Namespace, cluster: Cluster) -> dict[
 
     async def during(measure: float, end: float, progress: Progress) -> None:
         await sleep_until(measure + args.duration / 2)
-        sts = await cluster.statuses()
+        sts = await cluster.statuses(answered_only=True)
         led = {i: [g[0] for g in st["groups"] if g[1] == ROLE_LEADER] for i, st in sts.items()}
         victim = max(led, key=lambda i: len(led[i]))
-        survivors = [i for i in cluster.alive_ids() if i != victim]
+        survivors = [i for i in cluster.running() if i != victim]
         t_kill = now()  # before the signal: the clients may see the connections drop at once
-        cluster.kill(victim)
+        await cluster.kill(victim)
         progress.note = f"  << killed n{victim} (leader of {len(led[victim])} groups)"
         kill.update(victim=victim, t_kill=t_kill, groups=led[victim], survivors=survivors)
         first_led: dict[int, float] = {}
         polls = 0
         while now() < end:
             await asyncio.sleep(args.poll_ms / 1000)
-            sts = await cluster.statuses(survivors)
+            sts = await cluster.statuses(survivors, answered_only=True)
             t = now()
             polls += 1
-            for g in cluster.leaders(sts):
+            for g in leaders_reported(sts):
                 first_led.setdefault(g, t)
             if len(first_led) == cluster.groups:
                 break
@@ -1034,7 +405,7 @@ async def scenario_failover(args: argparse.Namespace, cluster: Cluster) -> dict[
 
     run = await run_load(args, cluster, setup["leaders"], during)
     if not kill:
-        raise ClusterError("the kill did not happen")
+        raise RuntimeError("the kill did not happen")
     victim, t_kill, victim_groups = kill["victim"], kill["t_kill"], set(kill["groups"])
     first_led: dict[int, float] = kill["first_led"]
     all_led = max(first_led.values()) if len(first_led) == cluster.groups else None
@@ -1060,21 +431,21 @@ async def scenario_failover(args: argparse.Namespace, cluster: Cluster) -> dict[
     baseline_gaps.sort()
 
     # Restart the killed node; it must catch up with the leaders' commit indexes.
-    sts = await cluster.statuses()
-    leaders = cluster.leaders(sts)
+    sts = await cluster.statuses(answered_only=True)
+    leaders = leaders_reported(sts)
     target = {  # group -> commit index on its leader
         g: commit
         for node_id, st in sts.items()
         for g, _, _, _, commit, *_ in st["groups"]
         if leaders.get(g) == node_id
     }
-    restart_ready = await cluster.start_node(victim)
+    restart_ready = await cluster.restart(victim)
     started = now()
     caught_up = None
     st: dict[str, Any] = {}
     while now() - started < args.rejoin_timeout:
         with contextlib.suppress(OSError, TimeoutError, ControlError, ConnectionError):
-            st = await cluster.status(victim)
+            st = await cluster.status(victim, STATUS_TIMEOUT_S)
             behind = [
                 g
                 for g, _, _, lead, _, applied, *_ in st["groups"]
@@ -1095,12 +466,12 @@ async def scenario_failover(args: argparse.Namespace, cluster: Cluster) -> dict[
         "killed_at_s": t_kill - run.measure,
         "killed_node_led_groups": len(victim_groups),
         "all_groups_led_after_s": None if all_led is None else all_led - t_kill,
-        "victim_groups_led_after_ms": percentiles(victim_led),
+        "victim_groups_led_after_ms": latency_ms(victim_led),
         "status_polls": kill["polls"],
         "max_ack_gap_on_victim_groups_ms": 1000.0 * max(spans) if spans else None,
-        "ack_gap_on_victim_groups_ms": percentiles(spans),
-        "first_ack_after_kill_on_victim_groups_ms": percentiles(first_ack),
-        "baseline_ack_gap_on_victim_groups_ms": percentiles(baseline_gaps),
+        "ack_gap_on_victim_groups_ms": latency_ms(spans),
+        "first_ack_after_kill_on_victim_groups_ms": latency_ms(first_ack),
+        "baseline_ack_gap_on_victim_groups_ms": latency_ms(baseline_gaps),
         "before_kill": load_figures(run, run.measure, t_kill),
         "after_kill": load_figures(run, t_kill, run.end),
         "after_all_led": load_figures(run, all_led, run.end) if all_led else None,
@@ -1110,203 +481,6 @@ async def scenario_failover(args: argparse.Namespace, cluster: Cluster) -> dict[
             "live_peers": st.get("live_peers"),
         },
     }
-
-
-# -- reporting -----------------------------------------------------------------------------------
-def _fmt(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers], *[[_fmt(c) for c in r] for r in rows]]
-    widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
-    lines = []
-    for n, r in enumerate(cells):
-        lines.append(
-            "  ".join(
-                c.rjust(w) if k else c.ljust(w)
-                for k, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _latency_row(name: str, fig: dict[str, Any] | None) -> list[Any]:
-    if not fig:
-        return [name, "-", "-", "-", "-", "-", "-", "-", "-"]
-    lat = fig["latency_ms"] or {}
-    errors = ", ".join(f"{k}={v}" for k, v in fig["errors"].items()) or "none"
-    return [
-        name,
-        fig["acks_per_s"],
-        lat.get("p50"),
-        lat.get("p90"),
-        lat.get("p99"),
-        lat.get("p99.9"),
-        lat.get("max"),
-        fig["acks"],
-        errors,
-    ]
-
-
-LATENCY_HEADERS = (
-    "window",
-    "acks/s",
-    "p50 ms",
-    "p90 ms",
-    "p99 ms",
-    "p99.9 ms",
-    "max ms",
-    "acks",
-    "errors",
-)
-
-
-def report_nodes(res: dict[str, Any]) -> str:
-    procs = res["cpu"]["processes"]
-    rows = []
-    for name, n in res["nodes"].items():
-        cpu = procs.get(name)
-        rows.append(
-            [
-                name,
-                n["leads"],
-                cpu["pct_of_core"] if cpu else None,
-                n["fsyncs_per_s"],
-                n["batches_per_fsync"],
-                n["records_per_fsync"],
-                n["bytes_per_fsync"] / 1024,
-                n["fsync_ms_avg"],
-                n["wal_busy_pct"],
-                n["messages_per_s"],
-                n["passes_per_s"],
-            ]
-        )
-    headers = (
-        "node",
-        "leads",
-        "CPU %core",
-        "fsyncs/s",
-        "batches/fsync",
-        "records/fsync",
-        "KiB/fsync",
-        "fsync ms",
-        "fsync busy %",
-        "msgs sent/s",
-        "passes/s",
-    )
-    clients = [
-        f"{k} {v['pct_of_core']:.1f} %"
-        for k, v in procs.items()
-        if (k.startswith("c") or k == "bench") and v
-    ]
-    text = table(headers, rows)
-    if clients:
-        text += "\nclient CPU (% of one core): " + ", ".join(clients)
-    return text + "\n" + machine_line(res["cpu"])
-
-
-def machine_line(cpu: dict[str, Any]) -> str:
-    return (
-        f"machine busy: {cpu['machine_busy_pct']:.1f} % of {cpu['machine_cores']} cores, shared"
-        f" by nodes and clients; other processes: {cpu['others_pct_of_core']:.1f} % of one core"
-    )
-
-
-def report(res: dict[str, Any]) -> str:
-    out = []
-    if res["scenario"] in ("throughput", "failover"):
-        c = res["config"]
-        out.append(
-            f"{res['scenario']}: concurrency {c['concurrency']} in {c['procs']} client process(es),"
-            f" {c['groups']} groups, {c['payload_bytes']} B payload, {c['duration_s']} s window"
-            f" after {c['warmup_s']} s warm-up"
-            + (f"  [node {c['profiled_node']} profiled]" if c["profiled_node"] else "")
-            + (
-                f"  [nodes: switch interval {c['node_switch_interval_ms']} ms]"
-                if c["node_switch_interval_ms"]
-                else ""
-            )
-        )
-        rows = [_latency_row("window", res)]
-        if res["scenario"] == "failover":
-            rows += [
-                _latency_row("before kill", res["before_kill"]),
-                _latency_row("after kill", res["after_kill"]),
-                _latency_row("after all led", res["after_all_led"]),
-            ]
-        out += ["", table(LATENCY_HEADERS, rows), "", report_nodes(res)]
-        if res["unfinished_after_drain"]:
-            out.append(f"requests unfinished after the drain: {res['unfinished_after_drain']}")
-    if res["scenario"] == "failover":
-        led = res["victim_groups_led_after_ms"]
-        gap = res["ack_gap_on_victim_groups_ms"]
-        base = res["baseline_ack_gap_on_victim_groups_ms"]
-        first = res["first_ack_after_kill_on_victim_groups_ms"]
-        r = res["restart"]
-        out += [
-            "",
-            f"killed n{res['killed_node']} (leader of {res['killed_node_led_groups']} groups) "
-            f"{res['killed_at_s']:.2f} s into the window",
-            f"every group led again after: {_fmt(res['all_groups_led_after_s'], 3)} s "
-            f"(its groups: p50 {_fmt(led.get('p50'))} ms, max {_fmt(led.get('max'))} ms;"
-            f" {res['status_polls']} polls)",
-            f"ack gap across the kill on its groups: max {_fmt(gap.get('max'))} ms, "
-            f"p50 {_fmt(gap.get('p50'))} ms (before the kill: p50 {_fmt(base.get('p50'))} ms, "
-            f"max {_fmt(base.get('max'))} ms); first ack after the kill: p50 "
-            f"{_fmt(first.get('p50'))} ms, max {_fmt(first.get('max'))} ms",
-            f"restart: ready after {_fmt(r['ready_s'], 2)} s, caught up "
-            f"{_fmt(r['caught_up_s'], 2)} s later (live peers {r['live_peers']})",
-        ]
-    if res["scenario"] == "idle":
-        procs = res["cpu"]["processes"]
-        rows = []
-        for name, n in res["nodes"].items():
-            cpu = procs.get(name)
-            rows.append(
-                [
-                    name,
-                    cpu["pct_of_core"] if cpu else None,
-                    n["awake_start"],
-                    n["awake_max_sampled"],
-                    n["awake_end"],
-                    n["driver"]["messages_sent"],
-                    n["messages_per_s"],
-                    n["host"]["ticks"],
-                    n["host"]["woken"],
-                    n["wal"]["fsyncs"],
-                ]
-            )
-        headers = (
-            "node",
-            "CPU %core",
-            "awake start",
-            "awake max",
-            "awake end",
-            "msgs sent",
-            "msgs/s",
-            "ticks",
-            "woken",
-            "fsyncs",
-        )
-        out += [
-            f"idle: {res['config']['duration_s']} s, {res['config']['groups']} groups, quiescent "
-            f"{res['quiescent_after_s']:.2f} s after every group had a leader",
-            "",
-            table(headers, rows),
-            "goal: each node < 2 % of one core; bench process "
-            f"{_fmt((procs.get('bench') or {}).get('pct_of_core'))} %",
-            machine_line(res["cpu"]),
-        ]
-    return "\n".join(out)
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -1426,32 +600,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     info = run_info(argv, args.data_parent or tempfile.gettempdir())
-    deadline = time.monotonic() + args.wait_quiet
-    while (bg := background_load(3.0 if args.wait_quiet else 1.0)) > 10.0:
-        if time.monotonic() > deadline:
-            break
-        log(f"waiting for a quiet machine (busy: {bg:.0f} % of a core)")
+    info["command"] = shlex.join([sys.executable, "-m", "bench.raft_node", *argv])
+    info["machine"]["nice"] = os.getpriority(os.PRIO_PROCESS, 0)  # the nodes and clients' too
+    if args.wait_quiet:
+        log(f"waiting up to {args.wait_quiet} s for a quiet machine")
+    bg = wait_quiet(args.wait_quiet)
     info["background_busy_pct_of_core"] = bg
     if bg > 10.0:
         log(f"warning: the machine is already busy ({bg:.0f} % of a core) before the run")
-    cluster = Cluster(args)
+    cluster = new_cluster(args)
 
     async def go() -> dict[str, Any]:
         try:
             return await SCENARIOS[args.scenario](args, cluster)
         finally:
-            cluster.close_links()
+            await cluster.close()
 
     try:
         result = uvloop.run(go())
     except KeyboardInterrupt:
         log("interrupted")
         return 130
-    except ClusterError as e:
+    except (WorkerError, RuntimeError, TimeoutError, AssertionError, ControlError, OSError) as e:
         log(f"error: {e}")
         return 1
     finally:
-        cluster.stop()
+        cluster.kill_all()
+        if args.keep_data:
+            log(f"data kept in {cluster.base}")
+        else:
+            shutil.rmtree(cluster.base, ignore_errors=True)
     print(report(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -241,7 +241,7 @@ async def run_load(
         if side is not None:
             await side
         progress.phase_note("drain")
-        results = await workers.results(args.retry_for_s + args.timeout_s + 30.0)
+        results = await workers.load_results(args.retry_for_s + args.timeout_s + 30.0)
     finally:
         if side is not None and not side.done():
             side.cancel()

@@ -115,3 +115,27 @@ def test_archive_benchmark_runs() -> None:
     from bench.archive import main
 
     assert main(["--rows", "2000", "--sessions", "10", "--json"]) == 0
+
+
+def test_the_raft_benchmark_runs_and_cleans_up(tmp_path: Path) -> None:
+    """``python -m bench.raft_node``: the bare Raft's cluster (bench/raft_cluster.py, shared
+    with tests/cluster), its client processes and its report, through the command line."""
+    out = tmp_path / "raft.json"
+    cmd = [
+        sys.executable, "-m", "bench.raft_node", "throughput", "--duration", "1",
+        "--warmup", "0.3", "--groups", "4", "--tick-ms", "20", "--concurrency", "4",
+        "--procs", "2", "--data-parent", str(tmp_path), "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(out.read_text())
+    result = doc["result"]
+    assert result["scenario"] == "throughput" and result["acks"] > 0
+    lat = result["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    assert set(result["nodes"]) == {"n1", "n2", "n3"}
+    assert sum(n["leads"] for n in result["nodes"].values()) == 4
+    assert {"n1", "n2", "n3", "c1", "c2", "bench"} <= set(result["cpu"]["pct_of_core"])
+    assert doc["command"].endswith("bench.raft_node throughput " + " ".join(cmd[4:]))
+    assert "acks/s" in done.stdout and "fsyncs/s" in done.stdout
+    assert not list(tmp_path.glob("raft-bench-*")), "the cluster's data was not removed"

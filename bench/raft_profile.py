@@ -1,0 +1,112 @@
+"""Profiling a node of the Raft benchmark with py-spy (``python -m bench.raft_node ...
+--profile-node N``): the collapsed stacks, and a report of the top functions per thread."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import sys
+from collections import Counter
+
+from .report import log
+
+
+def _py_spy() -> str | None:
+    near = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return near if os.access(near, os.X_OK) else shutil.which("py-spy")
+
+
+async def run_profile(args: argparse.Namespace, pid: int, node_id: int, seconds: float) -> None:
+    """py-spy node ``node_id`` (``pid``) for ``seconds``; print and write its report."""
+    exe = _py_spy()
+    if exe is None:
+        log("py-spy not found (pip install py-spy): no profile")
+        return
+    out = args.profile_out or os.path.join(os.getcwd(), f"raft-profile-n{node_id}.txt")
+    cmd = [
+        exe,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, int(seconds))),
+        "--rate",
+        str(args.profile_rate),
+        "--format",
+        "raw",
+        "--function",
+        "--threads",
+        "--output",
+        out,
+        *(["--native"] if args.profile_native else []),
+        *(["--gil"] if args.profile_gil else []),
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        _, err = await proc.communicate()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
+    if proc.returncode != 0:
+        log(f"py-spy failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}")
+        return
+    report = profile_report(out, args.profile_top, seconds * args.profile_rate)
+    print(report)
+    with open(out + ".top.txt", "w") as f:
+        f.write(report + "\n")
+    log(f"profile: {out} (collapsed stacks), {out}.top.txt")
+
+
+@dataclasses.dataclass
+class _ThreadProfile:
+    samples: int = 0
+    self_: Counter[str] = dataclasses.field(default_factory=Counter)
+    incl: Counter[str] = dataclasses.field(default_factory=Counter)
+
+
+def profile_report(path: str, top: int, instants: float) -> str:
+    """Per thread: its samples, and its top functions by self and by inclusive samples (as % of
+    the thread's samples), from py-spy's collapsed stacks (``--threads --function``)."""
+    threads: dict[str, _ThreadProfile] = {}
+    with open(path) as f:
+        for line in f:
+            stack, _, count_s = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            count = int(count_s)
+            frames = [fr.strip() for fr in stack.split(";") if fr.strip()]
+            name = "?"
+            if frames and frames[0].startswith("thread "):
+                name = frames.pop(0).split(": ", 1)[-1]
+            if not frames:
+                continue
+            tp = threads.setdefault(name, _ThreadProfile())
+            tp.samples += count
+            tp.self_[frames[-1]] += count
+            for fr in set(frames):
+                tp.incl[fr] += count
+    lines = [
+        f"profile: {instants:.0f} sampling instants; a thread is sampled when it is not idle"
+        " (running, runnable or in a blocking system call such as fdatasync)"
+    ]
+    for name, tp in sorted(threads.items(), key=lambda kv: -kv[1].samples):
+        n = max(tp.samples, 1)
+        lines.append(
+            f"thread {name}: {tp.samples} samples ({100.0 * tp.samples / max(instants, 1):.0f} %"
+            " of the instants)"
+        )
+        k = top if tp.samples * 3 >= sum(t.samples for t in threads.values()) else 5
+        lines.append(f"  top {k} by self samples (% of the thread's samples):")
+        for fr, c in tp.self_.most_common(k):
+            lines.append(f"    {100.0 * c / n:6.2f} %  {fr}")
+        lines.append(f"  top {k} by inclusive samples (frames present in every sample omitted):")
+        for fr, c in [(fr, c) for fr, c in tp.incl.most_common() if c < tp.samples][:k]:
+            lines.append(f"    {100.0 * c / n:6.2f} %  {fr}")
+    return "\n".join(lines)
