@@ -21,9 +21,9 @@ import contextlib
 import time
 from typing import Literal
 
-from ctxstore.web_codec import JSON, MSGPACK
 from wire.client import Client, ClientError, parse_targets
 from wire.protocol import FRAME_BYTES_MAX
+from wire.web_codec import JSON, MSGPACK
 
 from .webclients import HttpClient, LoadClient, Via, WsClient
 

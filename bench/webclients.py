@@ -32,14 +32,6 @@ import msgspec
 import wsproto
 import wsproto.events as ws_events
 
-from ctxstore.web_codec import (
-    JSON,
-    MSGPACK,
-    SERVER_MESSAGE_TWINS,
-    from_json_object,
-    json_request,
-    json_twin,
-)
 from wire.client import Client, ClientError, expect_response
 from wire.protocol import (
     PROTOCOL_VERSION,
@@ -58,6 +50,14 @@ from wire.protocol import (
     Response,
     Routes,
     Welcome,
+)
+from wire.web_codec import (
+    JSON,
+    MSGPACK,
+    SERVER_MESSAGE_TWINS,
+    from_json_object,
+    json_request,
+    json_twin,
 )
 
 Via = Literal["native", "ws", "ws-json", "http"]

@@ -6,7 +6,7 @@ the transport's protocol becomes a ``WebSocket`` on the same event loop.
 
 A ``WebSocket`` carries one native connection (``wire.aio.Connection`` of the client port's
 ``Server``, served by the same ``Service``): each WebSocket message is one native frame's body
-(``web_codec`` converts JSON), and the native connection writes into a ``web_pipe.Pipe``, a
+(``wire.web_codec`` converts JSON), and the native connection writes into a ``web_pipe.Pipe``, a
 transport whose frames the WebSocket sends one per message.  So every rule of the
 native port holds as it is: the Hello and its token, rids, sub_ids, pushes, error codes, the
 bounds on requests in flight and on bytes held per connection and per node, the connection
@@ -64,8 +64,7 @@ from wsproto.utilities import RemoteProtocolError
 
 from wire.aio import Connection, Server
 from wire.framing import HELLO_FRAME_BYTES_MAX, State
-
-from .web_codec import (
+from wire.web_codec import (
     JSON,
     SUBPROTOCOLS,
     Undecodable,
@@ -75,6 +74,7 @@ from .web_codec import (
     goodbye_of,
     json_text,
 )
+
 from .web_pipe import Pipe
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ request is in flight.  So the checks, the answers and the error codes are the na
 
 Rules of this module:
 - The JSON shapes are derived from the native Structs (``wire.protocol``), as the WebSocket's
-  (``web_codec.json_twin``): a request body holds the request's fields but the ``rid`` and the
+  (``wire.web_codec.json_twin``): a request body holds the request's fields but the ``rid`` and the
   path's ids (fields that may be null may be left out); a query holds the named fields (with
   the documented defaults); an answer is the response's fields but the ``rid``.  A body is
   decoded with its twin, then the native core validates the native request again (ids in the
@@ -75,8 +75,8 @@ from wire.protocol import (
     Welcome,
     error,
 )
+from wire.web_codec import bodies, encode_json, frame_of_items, twin_type
 
-from .web_codec import bodies, encode_json, frame_of_items, twin_type
 from .web_pipe import Pipe
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def http_twin(
     omissible: bool = False,
 ) -> type[msgspec.Struct]:
     """A JSON object Struct of the fields of ``cls`` but ``drop``, with their types and limits
-    (``web_codec.twin_type``); with ``omissible``, a field that may be null may be left out;
+    (``wire.web_codec.twin_type``); with ``omissible``, a field that may be null may be left out;
     ``defaults``: the documented defaults of query parameters."""
     hints = typing.get_type_hints(cls, include_extras=True)
     fields: list[Any] = []

@@ -12,8 +12,7 @@ import msgspec
 import msgspec.json
 
 from wire.protocol import Error, GapEvent, InboxDelta, Message, SubscriptionClosed
-
-from .web_codec import json_twin, twin_type
+from wire.web_codec import json_twin, twin_type
 
 if TYPE_CHECKING:
     from .web_http import Route

@@ -53,8 +53,8 @@ from wire.protocol import (
     Welcome,
     error,
 )
+from wire.web_codec import bodies, encode_json, frame_of_items, json_twin
 
-from .web_codec import bodies, encode_json, frame_of_items, json_twin
 from .web_http import (
     RID,
     _server_message_decoder,

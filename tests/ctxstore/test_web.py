@@ -28,7 +28,6 @@ from ctxstore.node import Node
 from ctxstore.ops import OpsServer, serve_ops
 from ctxstore.server import Service
 from ctxstore.web import WebLimits
-from ctxstore.web_codec import JSON, MSGPACK
 from wire.aio import Server, serve
 from wire.client import connect
 from wire.framing import REQUEST_TYPES
@@ -48,6 +47,7 @@ from wire.protocol import (
     Subscribed,
     SubscriptionClosed,
 )
+from wire.web_codec import JSON, MSGPACK
 
 from .test_ops import Wire, fetch, run
 from .wsclient import Refused, WsClient
@@ -350,7 +350,7 @@ def test_a_conversation_fed_one_byte_at_a_time(tmp_path: Path, subprotocol: str)
             raw = bytearray()
             for request in script:  # each as two fragments
                 if c.json:
-                    from ctxstore.web_codec import json_request
+                    from wire.web_codec import json_request
 
                     text = json_request(request).decode()
                     raw += c.ws.send(TextMessage(text[:5], message_finished=False))

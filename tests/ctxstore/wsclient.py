@@ -26,9 +26,9 @@ from wsproto.events import (
     TextMessage,
 )
 
-from ctxstore.web_codec import JSON, SERVER_MESSAGE_TWINS, from_json_object, json_request
 from wire.protocol import PROTOCOL_VERSION, Hello, Push, Response
 from wire.protocol import Request as WireRequest
+from wire.web_codec import JSON, SERVER_MESSAGE_TWINS, from_json_object, json_request
 
 _msgpack_decoder = msgspec.msgpack.Decoder(Response | Push)
 _json_decoder = msgspec.json.Decoder(SERVER_MESSAGE_TWINS)

@@ -1,6 +1,6 @@
 """The two encodings of the WebSocket protocol (docs/web.md): native frames in, messages out.
 
-A WebSocket connection (``ctxstore.web``) is a native connection (``wire.aio.Connection``)
+A WebSocket connection (served by ``ctxstore.web``) is a native connection (``wire.aio.Connection``)
 whose bytes travel in WebSocket messages: one message is one native frame's body.  This module
 converts between the two, for each subprotocol:
 
@@ -31,8 +31,8 @@ import msgspec
 import msgspec.json
 import msgspec.msgpack
 
-from wire.framing import HEADER, REQUEST_TYPES
-from wire.protocol import (
+from .framing import HEADER, REQUEST_TYPES
+from .protocol import (
     ContextConfig,
     Error,
     InboxEntry,

@@ -1,4 +1,4 @@
-"""The JSON encoding of the WebSocket protocol (``ctxstore/web_codec.py``): every message
+"""The JSON encoding of the WebSocket protocol (``wire/web_codec.py``): every message
 round-trips, the shapes are the native schemas' (fields, order, limits, tags)."""
 
 from __future__ import annotations
@@ -8,18 +8,6 @@ from typing import Any, get_args
 import msgspec
 import pytest
 
-from ctxstore.web_codec import (
-    REQUEST_TWINS,
-    SERVER_MESSAGE_TWINS,
-    Undecodable,
-    bodies,
-    frame_of_json,
-    from_json_object,
-    goodbye_of,
-    json_request,
-    json_text,
-    json_twin,
-)
 from wire.framing import ServerConnection, encode_frame
 from wire.protocol import (
     Append,
@@ -68,6 +56,18 @@ from wire.protocol import (
     Unsubscribed,
     Welcome,
     error,
+)
+from wire.web_codec import (
+    REQUEST_TWINS,
+    SERVER_MESSAGE_TWINS,
+    Undecodable,
+    bodies,
+    frame_of_json,
+    from_json_object,
+    goodbye_of,
+    json_request,
+    json_text,
+    json_twin,
 )
 
 SESSION = Session("s1", "u1", "a1", 1_700_000_000_000, {"topic": "x", "n": [1, 2.5, None]}, 3)
