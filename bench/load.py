@@ -41,8 +41,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ctxstore.collector import tune_collector
-from ctxstore.placement import group_of
 from wire.client import ClientError, expect_response
+from wire.placement import group_of
 from wire.protocol import Appended, Response
 
 from .histogram import LatencyHistogram

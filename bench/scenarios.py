@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from ctxstore.launcher import LocalCluster
-from ctxstore.placement import group_of
 from wire.client import Client, ClientError, connect
+from wire.placement import group_of
 
 from . import verify as verify_mod
 from .failover import Kill, failover_figures, kill_leader

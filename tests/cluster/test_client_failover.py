@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ctxstore.launcher import LocalCluster
-from ctxstore.placement import group_of
 from wire.client import connect
+from wire.placement import group_of
 from wire.protocol import Message
 
 from ..ctxstore.test_e2e import FAST, run

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ctxstore.placement import GROUPS, group_of
+from wire import placement
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,7 @@ def test_golden_values(session_id: str, group: int, group_of_7: int) -> None:
     # Changing these moves every session of every cluster: never do it.
     assert group_of(session_id) == group
     assert group_of(session_id, 7) == group_of_7
+    assert placement.group_of(session_id, 256) == group  # what clients compute (protocol.md)
 
 
 def test_same_in_another_process_with_another_hash_seed() -> None:
