@@ -40,13 +40,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ctxstore.collector import tune_collector
 from wire.client import ClientError, expect_response
 from wire.placement import group_of
 from wire.protocol import Appended, Response
 
 from .histogram import LatencyHistogram
-from .procs import ClientProcesses, WorkerError
+from .procs import ClientProcesses, WorkerError, tune_collector
 from .routing import Route, Router, new_load_client
 from .schedule import OpenLoopSchedule
 from .timeline import window_histogram
@@ -479,8 +478,6 @@ def worker_main(
         worker = Worker(spec, counters)
         try:
             await worker.router.start()
-            # As a node does: the clients share the cores with the nodes, and what the
-            # collector costs them (and its pauses, counted as latency) is taken from the nodes.
             tune_collector()
             conn.send(("ready", os.getpid()))
             message = await asyncio.get_running_loop().run_in_executor(None, conn.recv)

@@ -1,7 +1,8 @@
 """The layering rules of design.md §2, checked by reading the source with ``ast`` (no imports).
 
 - Dependency direction: raft and wire import neither each other nor the product; only bench
-  may import bench.
+  may import bench; bench uses ctxstore only through its public client (``wire``) and its
+  commands (the launcher of ``ctxstore cluster up``, or a subprocess), never its internals.
 - Purity: the consensus core and the domain state machine import no I/O, no clock and no global
   randomness.  Randomness enters only as a ``random.Random`` built from a seed.
 """
@@ -23,6 +24,9 @@ FORBIDDEN_DEPS: dict[str, frozenset[str]] = {
     "ctxstore": frozenset({"bench"}),
     "bench": frozenset(),
 }
+
+# The only modules of ctxstore bench may import: the launcher behind ``ctxstore cluster up``.
+BENCH_MAY_IMPORT = frozenset({"ctxstore.launcher"})
 
 # The raft modules allowed to do I/O.  Every other module under raft/ is pure.
 RAFT_IO_MODULES = frozenset(
@@ -72,12 +76,19 @@ def check_source(source: str, rel: str) -> list[str]:
     def bad(node: ast.AST, message: str) -> None:
         out.append(f"{rel}:{getattr(node, 'lineno', 0)}: {message}")
 
+    bench = rel.startswith("bench/")
+
+    def bench_reaches_inside(module: str) -> bool:
+        return bench and module.split(".")[0] == "ctxstore" and module not in BENCH_MAY_IMPORT
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 top = alias.name.split(".")[0]
                 if top in forbidden:
                     bad(node, f"{rel.split('/')[0]}/ must not import {top} (import {alias.name})")
+                if bench_reaches_inside(alias.name):
+                    bad(node, f"bench/ must not use ctxstore's internals (import {alias.name})")
                 if pure and top in IMPURE_IMPORTS:
                     bad(node, f"pure module imports {alias.name} (I/O, clock or nondeterminism)")
                 if top == "random":
@@ -90,6 +101,10 @@ def check_source(source: str, rel: str) -> list[str]:
             top = module.split(".")[0]
             if top in forbidden:
                 bad(node, f"{rel.split('/')[0]}/ must not import {top} (from {module} import ...)")
+            names = [module] if module != "ctxstore" else [f"ctxstore.{a.name}" for a in node.names]
+            for name in names:
+                if bench_reaches_inside(name):
+                    bad(node, f"bench/ must not use ctxstore's internals (from {module} import)")
             if pure and top in IMPURE_IMPORTS:
                 bad(node, f"pure module imports from {module} (I/O, clock or nondeterminism)")
             if pure and module == "random":
@@ -135,6 +150,9 @@ def test_packages_respect_layering_and_purity() -> None:
         ("wire/codec.py", "from raft.messages import Entry"),
         ("ctxstore/state.py", "from time import monotonic"),
         ("ctxstore/server.py", "from bench import cli"),
+        ("bench/load.py", "from ctxstore.placement import group_of"),
+        ("bench/load.py", "import ctxstore.archive"),
+        ("bench/load.py", "from ctxstore import state"),
     ],
 )
 def test_checker_reports_violations(rel: str, source: str) -> None:
@@ -157,6 +175,7 @@ def test_violation_names_file_and_line() -> None:
         ("raft/wal.py", "import os\nimport threading\nos.fsync(3)"),
         ("ctxstore/server.py", "import asyncio\nfrom raft import RawNode\nfrom wire import x"),
         ("bench/cli.py", "import time\nfrom wire import client\nfrom ctxstore import launcher"),
+        ("bench/scenarios.py", "from ctxstore.launcher import LocalCluster\nimport raft.wal"),
     ],
 )
 def test_checker_accepts_allowed_imports(rel: str, source: str) -> None:

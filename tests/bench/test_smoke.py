@@ -112,9 +112,9 @@ def test_through_the_http_port(tmp_path: Path, via: str, load: list[str]) -> Non
 
 
 def test_archive_benchmark_runs() -> None:
-    from bench.archive import main
+    from bench.__main__ import main
 
-    assert main(["--rows", "2000", "--sessions", "10", "--json"]) == 0
+    assert main(["archive", "--rows", "2000", "--sessions", "10", "--json"]) == 0
 
 
 def test_the_raft_benchmark_runs_and_cleans_up(tmp_path: Path) -> None:

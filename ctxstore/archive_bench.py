@@ -1,4 +1,5 @@
-"""``python -m bench archive``: what the local archive costs per message (docs/benchmarks.md).
+"""``python -m ctxstore.archive_bench`` (or ``python -m bench archive``): what the local archive
+costs per message (docs/benchmarks.md).
 
 Feeds ``--rows`` 200-byte messages over ``--sessions`` sessions and 256 groups into a fresh
 ``ctxstore.archive.Archive`` the way a node does (``add`` per message, ``applied`` per apply
@@ -13,12 +14,14 @@ import asyncio
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 
-from ctxstore.archive import Archive, ArchiveConfig
 from wire.protocol import Message
+
+from .archive import Archive, ArchiveConfig
 
 
 def _cpu_s() -> float:
@@ -56,7 +59,7 @@ async def _run(rows: int, sessions: int, batch: int, payload: int) -> dict[str, 
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench archive", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m ctxstore.archive_bench", description=__doc__)
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--batch", type=int, default=100, help="messages per apply batch")
@@ -75,3 +78,7 @@ def main(argv: Sequence[str]) -> int:
             f"slowest commit {1000 * result['commit_seconds_max']:.1f} ms"
         )
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
