@@ -8,12 +8,8 @@ machine every replica applies and the sans-I/O frame codec both ends of a client
 no wire Struct (mypyc erases the annotations msgspec reads: ctxstore/state_schema.py).
 
 The WAL's record codec, the transport and the codecs stay interpreted: they spend their time in
-the kernel, uvloop and msgspec, meet untyped objects from them (mypyc checks declared types at
-run time, and typeshed is not always right about uvloop), and define wire and disk Structs.
-The segment writer is compiled (it encodes every round's records on the WAL's thread, holding
-the GIL): once, compiled, it wrote snapshot files twice over, as mypyc 2.4 evaluates the start of
-a memoryview slice twice (``view[os.write(fd, view):]``); the simulation caught it, and the loop
-no longer writes that way."""
+the kernel, uvloop and msgspec, meet untyped objects from them, and define wire and disk
+Structs.  What compiling changes, and what to keep out of compiled code: docs/raft.md."""
 
 import os
 

@@ -436,8 +436,8 @@ class Worker:
 
     def recorded(self) -> dict[str, LatencyHistogram]:
         """The histograms, with what the run only logged: the latencies of the logged acks of
-        the window and the send lags (an HDR record costs ~3 µs of the client's CPU, which on a
-        shared machine is taken from the nodes: it is spent after the window instead)."""
+        the window and the send lags (recording costs the client CPU, which on a shared machine
+        is taken from the nodes: it is spent after the window instead)."""
         self.hist["append"].merge(window_histogram([self], self.measure, self.end))
         lags = self.hist["send_lag"]
         for lag in self.send_lags:

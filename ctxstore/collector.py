@@ -13,8 +13,7 @@ def tune_collector(young_threshold: int = YOUNG_THRESHOLD) -> None:
     young generation is collected every ``young_threshold`` allocations instead of Python's 700,
     so the short-lived objects of requests in flight die by reference count before a
     collection sees them.  Cycles are still collected (later, and bounded by the threshold).
-    Measured: the collector took 9 % of a node's CPU under load with Python's defaults (py-spy
-    --native), and gen-2 scans showed up as p99 latency (docs/benchmarks.md)."""
+    What it saves, measured: docs/benchmarks.md (the table of changes)."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()

@@ -24,9 +24,9 @@ Threads and the view-update rule:
 ``inline=True`` (``WAL.open``) has no writer thread: ``submit`` writes and fdatasyncs the batch
 on the calling thread before it returns an already-resolved Future, and deletes the files that
 earlier publishes made obsolete first.  It saves the hand-offs between the two threads (waking
-the writer, the GIL passed back and forth around each system call, waking the event loop:
-~10 % of a node's CPU at moderate load, up to 20 % per append at one in flight,
-docs/benchmarks.md) and costs the overlap: the caller waits for the disk.  Everything else
+the writer, the GIL passed back and forth around each system call, waking the event loop;
+measured in docs/benchmarks.md, "The WAL on the loop's thread") and costs the overlap: the
+caller waits for the disk.  Everything else
 (checks, views, publish, failure) is the same.
 
 A failed write or fsync is not retried (its outcome on disk is unknown): the WAL stops and every

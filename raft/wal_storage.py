@@ -263,8 +263,9 @@ def _take(out: list[Entry], more: list[Entry], budget: list[int | None]) -> bool
 
 
 EVICT_SLICE = 32
-"""An eviction frees 1/32 of the budget (2 MiB of the default 64 MiB), often: freeing a quarter at
-once took ~6 ms, on every node of a cluster at about the same moment (docs/benchmarks.md)."""
+"""An eviction frees 1/32 of the budget (2 MiB of the default 64 MiB), often: freeing much more at
+once stalls every node of a cluster at about the same moment (docs/benchmarks.md, "Cache
+evictions in slices")."""
 
 
 def evict(views: Iterable[GroupStorage], account: CacheAccount, budget_bytes: int) -> None:
