@@ -2,7 +2,7 @@
 // Objects the server sends keep the protocol's JSON field names (snake_case).
 
 export declare const SUBPROTOCOL: "ctxstore.v1.json";
-export declare const PROTOCOL_VERSION: 1;
+export declare const PROTOCOL_VERSION: 2;
 
 export type ErrorCode =
   | "bad_request" | "unauthorized" | "forbidden" | "not_found" | "conflict" | "too_large"
@@ -23,10 +23,88 @@ export interface Session {
   metadata: Metadata; last_seq: number;
 }
 
+export type Role = "user" | "assistant" | "system" | "tool";
+
+/** A part of a structured message: the AI SDK's UIMessage part shapes (camelCase keys), checked
+ * by the node (docs/protocol.md, "Structured messages"). */
+export type Part =
+  | { type: "text" | "reasoning"; text: string; state?: "streaming" | "done";
+      providerMetadata?: Record<string, unknown> }
+  | { type: "step-start" }
+  | { type: "file"; mediaType: string; url: string; filename?: string;
+      providerMetadata?: Record<string, unknown> }
+  | { type: "source-url"; sourceId: string; url: string; title?: string;
+      providerMetadata?: Record<string, unknown> }
+  | { type: "source-document"; sourceId: string; mediaType: string; title: string;
+      filename?: string; providerMetadata?: Record<string, unknown> }
+  | ToolPart
+  | DynamicToolPart
+  | { type: `data-${string}`; data: unknown; id?: string };
+
+/** A tool call, and once it ran its result: input-available needs input, output-available
+ * output, output-error errorText. */
+export interface ToolCall {
+  toolCallId: string;
+  state: "input-streaming" | "input-available" | "approval-requested" | "approval-responded"
+    | "output-available" | "output-error" | "output-denied";
+  input?: unknown; output?: unknown; errorText?: string; rawInput?: unknown;
+  providerExecuted?: boolean; preliminary?: boolean;
+  callProviderMetadata?: Record<string, unknown>;
+  approval?: { id: string; approved?: boolean; reason?: string };
+}
+
+export type ToolPart = ToolCall & { type: `tool-${string}` };
+export type DynamicToolPart = ToolCall & { type: "dynamic-tool"; toolName: string };
+
 export interface Message {
+  /** seq 0: a compaction's replacement message (in a context window only). */
   session_id: string; seq: number; sender: Sender; sender_id: string; kind: string;
   content: string; metadata: Metadata; client_msg_id: string | null; inserted_at: number;
   token_count: number | null;
+  /** null only for messages stored by protocol version 1 (see sender). */
+  role: Role | null;
+  /** null: the short form, content is one text part. */
+  parts: Part[] | null;
+}
+
+export type Policy =
+  | { type: "last_n"; limit: number }
+  | { type: "skip_parts"; types: string[]; limit?: number | null }
+  | { type: "token_budget" }
+  | { type: "manual" };
+
+export type Tokenizer = "o200k_base" | "cl100k_base";
+
+export interface ContextConfig {
+  token_budget: number; trigger_ratio: number; policy: Policy; tokenizer: Tokenizer;
+}
+
+export interface Segment {
+  from_seq: number; to_seq: number; count: number; compacted: boolean;
+}
+
+export interface Context {
+  session_id: string; messages: Message[]; segments: Segment[]; token_count: number;
+  version: number; needs_compaction: boolean; window_first_seq: number; last_seq: number;
+  /** null: never configured (manual, no budget). */
+  config: ContextConfig | null;
+}
+
+export interface ContextChanged {
+  session_id: string; version: number; token_count: number; needs_compaction: boolean;
+  window_first_seq: number;
+}
+
+/** A compaction's replacement message. */
+export interface NewMessage {
+  role: Role;
+  /** Empty (or left out) when parts are given. */
+  content?: string;
+  parts?: Part[] | null;
+  kind?: string;
+  metadata?: Metadata;
+  /** null: counted by the node. */
+  tokenCount?: number | null;
 }
 
 export interface InboxEntry {
@@ -68,6 +146,9 @@ export declare const DEFAULTS: Readonly<Required<Omit<Options, "targets">>>;
 export type SessionEvent =
   | { type: "message"; message: Message }
   | { type: "gap"; fromSeq: number; toSeq: number; reason: "retention" | "unavailable" }
+  /** With contextEvents: the window changed other than by an append, or went over budget. */
+  | { type: "context"; reason: "compacted" | "trimmed" | "configured" | "needs_compaction";
+      version: number; tokenCount: number; needsCompaction: boolean; windowFirstSeq: number }
   | { type: "closed"; reason: string; message: string };
 
 export type InboxEvent =
@@ -92,7 +173,13 @@ export declare class Subscription {
 export interface AppendOptions {
   sender: Sender;
   senderId: string;
-  content: string;
+  /** Left out (or empty) when parts are given. */
+  content?: string;
+  /** Default: the sender's (user: user, agent: assistant, system: system). */
+  role?: Role | null;
+  parts?: Part[] | null;
+  /** Append only while the context window is at this version (else "conflict"). */
+  ifVersion?: number | null;
   kind?: string;
   metadata?: Metadata;
   /** Made here if not given; the retries of this append reuse it. */
@@ -124,7 +211,14 @@ export declare class Client {
     Promise<{ messages: Message[]; last_seq: number }>;
   markRead(sessionId: string, userId: string, seq: number):
     Promise<{ session_id: string; user_id: string; seq: number }>;
-  subscribe(sessionId: string, options: { afterSeq?: number } | undefined,
+  setContextConfig(sessionId: string, options: {
+    tokenBudget: number; triggerRatio?: number; policy: Policy; tokenizer?: Tokenizer | null;
+  }): Promise<ContextChanged>;
+  getContext(sessionId: string): Promise<Context>;
+  compact(sessionId: string, options: {
+    fromSeq: number; toSeq: number; replacement: NewMessage[]; ifVersion?: number | null;
+  }): Promise<ContextChanged>;
+  subscribe(sessionId: string, options: { afterSeq?: number; contextEvents?: boolean } | undefined,
     onEvent: (event: SessionEvent) => void): Promise<Subscription>;
   subscribeInbox(userId: string, onEvent: (event: InboxEvent) => void): Promise<Subscription>;
 }

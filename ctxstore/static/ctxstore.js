@@ -8,12 +8,16 @@
 //   times; a connection lost is replaced by one to the next node, in turn;
 // - a subscription delivers every message after its afterSeq once, in seq order: it resumes
 //   after a reconnect from the last seq it delivered, drops what it already delivered, reports
-//   what will not come as a gap event, and resubscribes rather than skip over a hole.
+//   what will not come as a gap event, and resubscribes rather than skip over a hole;
+// - protocol version 2 (docs/protocol.md): structured messages (role, parts) and context
+//   windows (setContextConfig, getContext, compact, context events of a subscription).
 
 export const SUBPROTOCOL = "ctxstore.v1.json";
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2; // needs a node of version 2 (it serves 1 and 2)
 const RETRYABLE = new Set(["unavailable", "timeout", "rate_limited"]);
-const PUSHES = new Set(["message_event", "gap_event", "inbox_delta", "subscription_closed"]);
+const PUSHES = new Set([
+  "message_event", "gap_event", "inbox_delta", "subscription_closed", "context_event",
+]);
 const ROTATE_AFTER_ATTEMPTS = 3; // a request failing this often on one node moves to the next
 
 export const DEFAULTS = Object.freeze({
@@ -62,6 +66,18 @@ export function webSocketUrl(target) {
 function strip(answer) {
   const { type: _type, rid: _rid, ...rest } = answer;
   return rest;
+}
+
+/** The protocol's NewMessage (a compaction's replacement) of a JS one. */
+function newMessage({ role, content, parts = null, kind = "text", metadata = {}, tokenCount }) {
+  return {
+    role,
+    kind,
+    content: content ?? (parts === null ? undefined : ""),
+    parts,
+    metadata,
+    token_count: tokenCount ?? null,
+  };
 }
 
 /** One WebSocket to one node: its requests in flight and the subscriptions made on it. */
@@ -171,10 +187,11 @@ class Link {
 
 /** A subscription to a session's messages or to a user's inbox; see Client.subscribe. */
 export class Subscription {
-  constructor(client, kind, key, afterSeq, onEvent) {
+  constructor(client, kind, key, afterSeq, onEvent, contextEvents = false) {
     this.client = client;
     this.kind = kind; // "session" or "inbox"
     this.key = key; // the session id or the user id
+    this.contextEvents = contextEvents; // session: also the context window's changes
     this.lastSeq = afterSeq; // the last seq delivered (a message's or a gap's to_seq)
     this.entries = new Map(); // inbox: session_id -> entry, kept up to date
     this.onEvent = onEvent;
@@ -218,7 +235,12 @@ export class Subscription {
 
   _request() {
     return this.kind === "session"
-      ? { type: "subscribe", session_id: this.key, after_seq: this.lastSeq }
+      ? {
+          type: "subscribe",
+          session_id: this.key,
+          after_seq: this.lastSeq,
+          context_events: this.contextEvents,
+        }
       : { type: "subscribe_inbox", user_id: this.key };
   }
 
@@ -319,6 +341,15 @@ export class Subscription {
         this._emit({ type: "gap", fromSeq, toSeq: msg.to_seq, reason: msg.reason });
         return;
       }
+      case "context_event": {
+        // not replayed on a resubscription: read getContext again after one (resubscribes)
+        const { reason, version, token_count, needs_compaction, window_first_seq } = msg;
+        this._emit({
+          type: "context", reason, version, tokenCount: token_count,
+          needsCompaction: needs_compaction, windowFirstSeq: window_first_seq,
+        });
+        return;
+      }
       case "inbox_delta":
         for (const e of msg.entries) this.entries.set(e.session_id, e);
         this._emit({ type: "delta", entries: msg.entries });
@@ -395,9 +426,13 @@ export class Client {
     return this._call(body, true).then(strip);
   }
 
-  /** Append; retried with the same client_msg_id (given, or made here) until acknowledged. */
+  /** Append; retried with the same client_msg_id (given, or made here) until acknowledged
+   * (a resend the node applied already answers its seq, deduped, before any ifVersion check).
+   * A structured message gives `parts` (AI SDK UI-message parts) and no content. */
   async append(sessionId, options) {
-    const { sender, senderId, content, kind = "text", metadata = {} } = options;
+    const { sender, senderId, kind = "text", metadata = {} } = options;
+    const parts = options.parts ?? null;
+    const content = options.content ?? (parts === null ? undefined : "");
     const clientMsgId = options.clientMsgId ?? newClientMsgId();
     const body = {
       type: "append",
@@ -410,6 +445,9 @@ export class Client {
       client_msg_id: clientMsgId,
       expected_seq: options.expectedSeq ?? null,
       token_count: options.tokenCount ?? null,
+      role: options.role ?? null,
+      parts,
+      if_version: options.ifVersion ?? null,
     };
     const answer = await this._call(body, true);
     return { ...strip(answer), client_msg_id: clientMsgId };
@@ -425,11 +463,52 @@ export class Client {
     return this._call(body, true).then(strip);
   }
 
+  /** Configure the session's context window: tokenBudget, triggerRatio (default 0.7), policy
+   * ({type: "last_n", limit}, {type: "skip_parts", types, limit}, {type: "token_budget"},
+   * {type: "manual"}), tokenizer (null: the node's).  Retried: the same configuration again
+   * changes nothing but the version. */
+  setContextConfig(sessionId, { tokenBudget, triggerRatio = 0.7, policy, tokenizer = null }) {
+    const body = {
+      type: "set_context_config",
+      session_id: sessionId,
+      token_budget: tokenBudget,
+      trigger_ratio: triggerRatio,
+      policy,
+      tokenizer,
+    };
+    return this._call(body, true).then(strip);
+  }
+
+  /** The session's context window: {session_id, messages, segments, token_count, version,
+   * needs_compaction, window_first_seq, last_seq, config}. */
+  getContext(sessionId) {
+    return this._call({ type: "get_context", session_id: sessionId }, true).then(strip);
+  }
+
+  /** Replace the window's messages fromSeq..toSeq (whole segments) with `replacement`
+   * ([{role, content, parts?, kind?, metadata?, tokenCount?}]); ifVersion: only while the
+   * window is at that version (else CtxstoreError "conflict", details.version the current
+   * one).  Not retried: a compaction applied whose answer was lost would then conflict or
+   * apply twice. */
+  compact(sessionId, { fromSeq, toSeq, replacement, ifVersion = null }) {
+    const body = {
+      type: "compact",
+      session_id: sessionId,
+      from_seq: fromSeq,
+      to_seq: toSeq,
+      replacement: replacement.map(newMessage),
+      if_version: ifVersion,
+    };
+    return this._call(body, false).then(strip);
+  }
+
   /** Follow a session from afterSeq: resolves once subscribed; onEvent gets
-   * {type: "message", message}, {type: "gap", fromSeq, toSeq, reason} and, at the end,
-   * {type: "closed", reason, message}. */
-  subscribe(sessionId, { afterSeq = 0 } = {}, onEvent) {
-    return this._subscribe(new Subscription(this, "session", sessionId, afterSeq, onEvent));
+   * {type: "message", message}, {type: "gap", fromSeq, toSeq, reason}, with contextEvents
+   * {type: "context", reason, version, tokenCount, needsCompaction, windowFirstSeq} and, at
+   * the end, {type: "closed", reason, message}. */
+  subscribe(sessionId, { afterSeq = 0, contextEvents = false } = {}, onEvent) {
+    const sub = new Subscription(this, "session", sessionId, afterSeq, onEvent, contextEvents);
+    return this._subscribe(sub);
   }
 
   /** Follow a user's inbox: {type: "snapshot", entries, truncated} on each (re)subscription,

@@ -45,6 +45,76 @@ describe("against a real node", () => {
     }
   });
 
+  test("structured messages and the context window: config, events, compaction", async () => {
+    const client = await connect({ targets: [node.url] });
+    try {
+      const s = await client.createSession({ userId: "ctx-u", agentId: "a1" });
+      const events = [];
+      await client.subscribe(s.id, { contextEvents: true }, (e) => events.push(e));
+      const parts = [
+        { type: "reasoning", text: "Call the weather tool." },
+        { type: "tool-weather", toolCallId: "c1", state: "output-available",
+          input: { city: "Paris" }, output: { celsius: 21 } },
+        { type: "text", text: "It is 21 degrees." },
+      ];
+      for (let i = 1; i <= 4; i++) {
+        await client.append(s.id, { sender: "user", senderId: "ctx-u", content: `question ${i}` });
+      }
+      const a = await client.append(s.id, { sender: "agent", senderId: "a1", parts });
+      assert.equal(a.seq, 5);
+      const [stored] = (await client.read(s.id, { afterSeq: 4 })).messages;
+      assert.deepEqual([stored.role, stored.parts, stored.content], ["assistant", parts, ""]);
+      assert.ok(stored.token_count > 0);
+      await assert.rejects(
+        client.append(s.id, { sender: "user", senderId: "ctx-u", parts: [{ type: "text" }] }),
+        (e) => e.code === "bad_request" && e.details.field === "parts[0].text",
+      );
+      const configured = await client.setContextConfig(s.id, {
+        tokenBudget: 1000, policy: { type: "last_n", limit: 4 },
+      });
+      let w = await client.getContext(s.id);
+      assert.deepEqual(w.messages.map((m) => m.seq), [2, 3, 4, 5]);
+      assert.deepEqual(w.config, {
+        token_budget: 1000, trigger_ratio: 0.7, policy: { type: "last_n", limit: 4 },
+        tokenizer: "o200k_base",
+      });
+      assert.equal(w.version, configured.version);
+      assert.equal(w.token_count, w.messages.reduce((n, m) => n + m.token_count, 0));
+      await until(() => events.some((e) => e.type === "context" && e.reason === "configured"));
+      // a stale ifVersion: conflict with the current version; a current one: compacted
+      const summary = [{ role: "system", content: "The user asked three questions." }];
+      await assert.rejects(
+        client.compact(s.id, { fromSeq: 2, toSeq: 4, replacement: summary, ifVersion: 0 }),
+        (e) => e.code === "conflict" && e.details.version === w.version,
+      );
+      await assert.rejects(
+        client.append(s.id, { sender: "user", senderId: "ctx-u", content: "x", ifVersion: 0 }),
+        { code: "conflict" },
+      );
+      const compacted = await client.compact(s.id, {
+        fromSeq: 2, toSeq: 4, replacement: summary, ifVersion: w.version,
+      });
+      assert.ok(compacted.version > w.version);
+      w = await client.getContext(s.id);
+      assert.deepEqual(w.messages.map((m) => [m.seq, m.role]), [[0, "system"], [5, "assistant"]]);
+      assert.equal(w.messages[0].content, "The user asked three questions.");
+      assert.deepEqual(w.segments.map((g) => [g.from_seq, g.to_seq, g.compacted]),
+        [[2, 4, true], [5, 5, false]]);
+      await until(() => events.some((e) => e.type === "context" && e.reason === "compacted"));
+      const event = events.find((e) => e.reason === "compacted");
+      assert.deepEqual(event, {
+        type: "context", reason: "compacted", version: compacted.version,
+        tokenCount: compacted.token_count, needsCompaction: false, windowFirstSeq: 2,
+      });
+      assert.deepEqual(events.filter((e) => e.type === "message").map((e) => e.message.seq),
+        [1, 2, 3, 4, 5]);
+      // the history is never rewritten
+      assert.equal((await client.read(s.id)).messages.length, 5);
+    } finally {
+      client.close();
+    }
+  });
+
   test("the inbox counts unread messages and mark-read clears them", async () => {
     const client = await connect({ targets: [node.url] });
     try {
@@ -127,6 +197,8 @@ describe("against a scripted node", () => {
         [1, 2, "gap 3-4", 5, 6, 7],
       );
       assert.equal(subscribes, 2);
+      assert.equal(server.received[0].protocol_version, 2); // the hello
+      assert.equal(server.received[1].context_events, false);
     } finally {
       client.close();
     }
