@@ -1,7 +1,10 @@
 """The OpenAPI 3.1 document of the HTTP API (``GET /v1/openapi.json``), generated from the routes
 (``web_http.Route``) and the JSON shapes derived from the native schemas: the schemas are
 msgspec's (``msgspec.json.schema_components``) of the very types that decode the requests and
-encode the answers, so the document cannot drift from what is served."""
+encode the answers, so the document cannot drift from what is served.  One exception: a
+message's ``parts`` are plain maps to the codec (``wire.parts.check_parts`` validates them, as
+their types are prefix families no tag expresses), so their schema (``Part``) is generated from
+``wire.parts``' Structs and put in place of the maps' ``{"type": "object"}``."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import msgspec.json
 
-from wire.protocol import Error, GapEvent, InboxDelta, Message, SubscriptionClosed
+from wire.parts import PART_NAME_PATTERN, PART_TYPES, PARTS_MAX, DataPart, ToolPart
+from wire.protocol import ContextEvent, Error, GapEvent, InboxDelta, Message, SubscriptionClosed
 from wire.web_codec import json_twin, twin_type
 
 if TYPE_CHECKING:
@@ -23,8 +27,15 @@ SSE_EVENTS = """Server-Sent Events (text/event-stream), each `data:` one JSON ob
 `subscribed` / `snapshot` first (schema: the 200 answer's), then
 `message` (default event type; `id:` the message's seq; data: Message),
 `gap` (`id:` its to_seq; data: GapEventAnswer), `delta` (data: InboxDeltaAnswer),
+`context` (with `?context_events=true`; data: ContextEventAnswer),
 `closed` (data: SubscriptionClosedAnswer; the stream ends), `error` (data: Error; the node
 goes away, the stream ends); comments `: keepalive`."""
+PART_DESCRIPTION = """A part of a structured message, in the AI SDK UI-message shape
+(camelCase keys, unknown keys refused): `text`, `reasoning`, `step-start`, `file`, `source-url`,
+`source-document`, `dynamic-tool`, `tool-<name>`, `data-<name>`.  A tool part's `state`
+decides what it must hold: `input-available` an `input`, `output-available` an `output`,
+`output-error` an `errorText`.  A bad part is a 400 whose `details.field` is its path
+(`parts[1].toolCallId`)."""
 
 
 def openapi_document(routes: list[Route]) -> dict[str, Any]:
@@ -32,11 +43,12 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
 
     error_twin = answer_twin(Error)
     types_: list[Any] = [error_twin, json_twin(Message)]
-    types_ += [answer_twin(t) for t in (GapEvent, InboxDelta, SubscriptionClosed)]
+    types_ += [answer_twin(t) for t in (GapEvent, InboxDelta, SubscriptionClosed, ContextEvent)]
     for r in routes:
         types_.append(answer_twin(r.answer))
         types_ += [t for t in (r.body, r.query) if t is not None]
     _, components = msgspec.json.schema_components(types_, ref_template=REF)
+    _describe_parts(components)
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
         paths.setdefault(r.pattern, {})[r.method.decode().lower()] = _operation(r, components)
@@ -62,6 +74,37 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
         },
         "security": [{}, {"bearer": []}],
     }
+
+
+def _describe_parts(components: dict[str, Any]) -> None:
+    """Add the ``Part`` schema and make every ``parts`` array's items refer to it."""
+    name = PART_NAME_PATTERN.removeprefix("^")
+    kinds: list[tuple[type[Any], dict[str, Any]]] = [
+        (schema, {"enum": [part_type]}) for part_type, schema in PART_TYPES.items()
+    ]
+    kinds += [
+        (ToolPart, {"type": "string", "pattern": f"^tool-{name}"}),
+        (DataPart, {"type": "string", "pattern": f"^data-{name}"}),
+    ]
+    _, parts = msgspec.json.schema_components([k for k, _ in kinds], ref_template=REF)
+    for k, type_schema in kinds:
+        parts[k.__name__]["properties"]["type"] = type_schema
+    parts["DynamicToolPart"]["required"].append("toolName")  # (checked by check_part)
+    assert not set(parts) & set(components), "a part schema's name is taken"
+    components.update(parts)
+    components["Part"] = {
+        "title": "Part",
+        "description": PART_DESCRIPTION,
+        "anyOf": [{"$ref": REF.format(name=k.__name__)} for k, _ in kinds],
+    }
+    for schema in components.values():
+        part_list = schema.get("properties", {}).get("parts")
+        if part_list is None:
+            continue
+        for option in part_list.get("anyOf", [part_list]):
+            if option.get("type") == "array":
+                option["items"] = {"$ref": REF.format(name="Part")}
+                option["maxItems"] = PARTS_MAX
 
 
 def _ref(t: type[Any]) -> dict[str, str]:

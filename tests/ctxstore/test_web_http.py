@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import shutil
 import socket
 from collections.abc import AsyncIterator
@@ -20,7 +21,16 @@ import pytest
 from bench.nodestats import parse_metrics
 from ctxstore.launcher import LocalCluster
 from ctxstore.web_http import answer_twin
-from wire.protocol import Appended, Error, Messages, ReadMarked, SessionInfo, SessionList
+from wire.protocol import (
+    Appended,
+    Context,
+    ContextChanged,
+    Error,
+    Messages,
+    ReadMarked,
+    SessionInfo,
+    SessionList,
+)
 
 from .test_ops import Answer, Wire, run
 from .test_web import web_node
@@ -55,6 +65,29 @@ async def call(
 def message(content: str, **kw: Any) -> dict[str, Any]:
     return {"sender": "user", "sender_id": "u1", "kind": "text", "content": content,
             "metadata": {}, **kw}  # fmt: skip
+
+
+TOOL_CALL: dict[str, Any] = {
+    "type": "tool-weather", "toolCallId": "call-1", "state": "output-available",
+    "input": {"city": "Paris"}, "output": {"celsius": 21},
+}  # fmt: skip
+PARTS: list[dict[str, Any]] = [
+    {"type": "reasoning", "text": "The user wants the weather: call the tool."},
+    TOOL_CALL,
+    {"type": "text", "text": "It is 21 degrees in Paris."},
+]
+
+
+def structured(parts: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    """An agent's append body with ``parts`` (no content)."""
+    return {"sender": "agent", "sender_id": "a1", "kind": "text", "content": "", "metadata": {},
+            "parts": parts, **kw}  # fmt: skip
+
+
+def summary(content: str, **kw: Any) -> dict[str, Any]:
+    """A compaction's replacement message (NewMessage: every key given)."""
+    return {"role": "system", "kind": "summary", "content": content, "parts": None,
+            "metadata": {}, "token_count": None, **kw}  # fmt: skip
 
 
 def decoded(answer: Answer, native: type[Any]) -> Any:
@@ -271,6 +304,166 @@ def test_requests_count_against_the_client_connection_cap(tmp_path: Path) -> Non
     run(main())
 
 
+# -- context windows -----------------------------------------------------------------------------
+def test_structured_messages_and_the_context_window_over_http(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path) as a:
+            body = {"user_id": "u1", "agent_id": "a1", "metadata": {}, "session_id": "s1"}
+            assert (await call(a, "POST", "/v1/sessions", body)).status == 200
+            base = "/v1/sessions/s1"
+            for i in range(1, 5):
+                r = await call(a, "POST", f"{base}/messages", message(f"question {i}"))
+                assert r.status == 200, r.body
+            r = await call(a, "POST", f"{base}/messages", structured(PARTS))
+            assert r.status == 200 and r.json()["seq"] == 5, r.body
+            stored = decoded(await call(a, "GET", f"{base}/messages?after_seq=4"), Messages)
+            (m,) = stored.messages
+            assert (m.role, m.parts, m.content) == ("assistant", PARTS, "")
+            assert m.token_count is not None and m.token_count > 0
+            r = await call(a, "GET", f"{base}/context")
+            assert r.status == 200, r.body
+            window = decoded(r, Context)
+            assert [x.seq for x in window.messages] == [1, 2, 3, 4, 5]
+            assert window.config is None and window.version == 5 and not window.needs_compaction
+            assert window.token_count == sum(x.token_count for x in window.messages)
+            # each policy shape, as JSON; the window's config is answered in the same shape
+            # (a policy drops messages from the window for good: the tighter ones come last)
+            policies: list[tuple[dict[str, Any], list[int]]] = [
+                ({"type": "manual"}, [1, 2, 3, 4, 5]),
+                ({"type": "token_budget"}, [1, 2, 3, 4, 5]),
+                ({"type": "skip_parts", "types": ["reasoning", "tool-"]}, [1, 2, 3, 4, 5]),
+                ({"type": "skip_parts", "types": ["tool-"], "limit": 4}, [2, 3, 4, 5]),
+                ({"type": "last_n", "limit": 3}, [3, 4, 5]),
+            ]
+            for policy, seqs in policies:
+                config = {"token_budget": 1000, "trigger_ratio": 0.5, "policy": policy}
+                r = await call(a, "POST", f"{base}/context/config", config)
+                assert r.status == 200, (policy, r.body)
+                changed = decoded(r, ContextChanged)
+                r = await call(a, "GET", f"{base}/context")
+                got = r.json()
+                assert got["config"] == {
+                    **config,
+                    "tokenizer": "o200k_base",
+                    "policy": {"limit": None, **policy}
+                    if policy["type"] == "skip_parts"
+                    else policy,
+                }
+                assert [x["seq"] for x in got["messages"]] == seqs, policy
+                assert got["version"] == changed.version
+                assert got["window_first_seq"] == changed.window_first_seq == seqs[0]
+                if policy["type"] == "skip_parts" and "reasoning" in policy["types"]:
+                    assert got["messages"][-1]["parts"] == [PARTS[2]]  # the message stays
+            # a compaction of 3..4 guarded by a stale version: 409 naming the current one
+            version = got["version"]
+            compact = {"from_seq": 3, "to_seq": 4, "replacement": [summary("Two questions.")],
+                       "if_version": version - 1}  # fmt: skip
+            r = await call(a, "POST", f"{base}/context/compact", compact)
+            assert r.status == 409 and r.json()["code"] == "conflict", r.body
+            assert r.json()["details"] == {"version": version}
+            r = await call(a, "POST", f"{base}/messages", message("x", if_version=version - 1))
+            assert r.status == 409 and r.json()["details"] == {"version": version}
+            r = await call(a, "POST", f"{base}/context/compact", {**compact, "if_version": version})
+            assert r.status == 200, r.body
+            assert decoded(r, ContextChanged).version > version
+            got = (await call(a, "GET", f"{base}/context")).json()
+            assert [(x["seq"], x["role"], x["content"]) for x in got["messages"]] == [
+                (0, "system", "Two questions."), (5, "assistant", "")]  # fmt: skip
+            assert [(g["from_seq"], g["to_seq"], g["compacted"]) for g in got["segments"]] == [
+                (3, 4, True), (5, 5, False)]  # fmt: skip
+            r = await call(a, "GET", f"{base}/messages")  # the history is never rewritten
+            assert [x["seq"] for x in r.json()["messages"]] == [1, 2, 3, 4, 5]
+
+    run(main())
+
+
+def test_bad_parts_policies_and_replacements_are_400_naming_the_field(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path) as a:
+            body = {"user_id": "u1", "agent_id": "a1", "metadata": {}, "session_id": "s1"}
+            assert (await call(a, "POST", "/v1/sessions", body)).status == 200
+            base = "/v1/sessions/s1"
+            config = {"token_budget": 100, "trigger_ratio": 0.5, "policy": {"type": "manual"}}
+            for path, body, where in [
+                ("messages", structured([{"type": "video", "url": "x"}]), "parts[0].type"),
+                ("messages", structured([PARTS[2], {"type": "text"}]), "parts[1].text"),
+                ("messages", structured([{**TOOL_CALL, "state": "output-error"}]),
+                 "parts[0].errorText"),
+                ("messages", structured([PARTS[2]], content="both"), "content"),
+                ("messages", message("x", role="assistant"), "role"),
+                ("context/config", {**config, "token_budget": 0}, "token_budget"),
+                ("context/config", {**config, "trigger_ratio": 1.5}, "trigger_ratio"),
+                ("context/config", {**config, "policy": {"type": "last_n"}}, "limit"),
+                ("context/config", {**config, "policy": {"type": "nope"}}, "policy"),
+                ("context/compact", {"from_seq": 1, "to_seq": 1,
+                                     "replacement": [summary("", parts=[{"type": "text"}])]},
+                 "replacement[0].parts[0].text"),
+                ("context/compact", {"from_seq": 1, "to_seq": 1,
+                                     "replacement": [{"role": "system", "content": "s"}]},
+                 "kind"),
+            ]:  # fmt: skip
+                r = await call(a, "POST", f"{base}/{path}", body)
+                assert (r.status, r.json()["code"]) == (400, "bad_request"), (body, r.body)
+                assert where in r.json()["message"], (where, r.body)
+                if "parts" in where or path == "messages":  # the node's check: a detail too
+                    assert r.json()["details"]["field"] == where, r.body
+            got = (await call(a, "GET", f"{base}/context")).json()
+            assert got["version"] == 0 and got["config"] is None  # nothing changed
+            r = await call(a, "POST", "/v1/sessions/nope/context/config", config)
+            assert r.status == 404 and r.json()["code"] == "not_found"
+            r = await call(a, "GET", "/v1/sessions/nope/context")
+            assert r.status == 404
+            r = await call(a, "GET", f"{base}/context", b"{}")
+            assert r.status == 400  # takes no body
+
+    run(main())
+
+
+def test_context_events_on_the_session_stream(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with api_node(tmp_path) as a:
+            body = {"user_id": "u1", "agent_id": "a1", "metadata": {}, "session_id": "s1"}
+            await call(a, "POST", "/v1/sessions", body)
+            base = "/v1/sessions/s1"
+            plain = await Events.open(a, f"{base}/events")
+            e = await Events.open(a, f"{base}/events?context_events=true")
+            assert (await e.next())[1] == (await plain.next())[1] == "subscribed"
+            config = {"token_budget": 20, "trigger_ratio": 0.5, "policy": {"type": "manual"}}
+            r = await call(a, "POST", f"{base}/context/config", config)
+            assert r.status == 200, r.body
+            assert await e.next() == (None, "context", {
+                "reason": "configured", "version": 1, "token_count": 0,
+                "needs_compaction": False, "window_first_seq": 1})  # fmt: skip
+            over = "the second message goes well over ten tokens, the budget times its ratio"
+            for text in ("hi", over):  # 1 + 14 tokens: over 20 x 0.5
+                await call(a, "POST", f"{base}/messages", message(text))
+            got = [await e.next() for _ in range(3)]
+            assert [(ev, d.get("seq", d.get("reason"))) for _, ev, d in got] == [
+                ("message", 1), ("message", 2), ("context", "needs_compaction")]  # fmt: skip
+            version = got[2][2]["version"]
+            compact = {"from_seq": 1, "to_seq": 2, "replacement": [summary("two")],
+                       "if_version": version}  # fmt: skip
+            r = await call(a, "POST", f"{base}/context/compact", compact)
+            assert r.status == 200, r.body
+            _, name, data = await e.next()
+            assert (name, data["reason"], data["needs_compaction"]) == (
+                "context",
+                "compacted",
+                False,
+            )
+            assert data["version"] == r.json()["version"]
+            # without ?context_events: the messages only
+            await call(a, "POST", f"{base}/messages", message("after"))
+            assert [(await plain.next())[1] for _ in range(3)] == ["message"] * 3
+            assert (await e.next())[0] == 3
+            r = await call(a, "GET", f"{base}/events?context_events=maybe")
+            assert r.status == 400
+            await e.close()
+            await plain.close()
+
+    run(main())
+
+
 # -- CORS and OpenAPI ----------------------------------------------------------------------------
 def test_cors_is_answered_for_the_allowed_origins_only(tmp_path: Path) -> None:
     async def main() -> None:
@@ -331,7 +524,7 @@ def test_the_openapi_document_describes_the_real_answers(tmp_path: Path) -> None
             ops = {(m, p): op for p, item in doc["paths"].items() for m, op in item.items()}
             assert {op["operationId"] for op in ops.values()} >= {
                 "create_session", "get_session", "list_sessions", "append", "read", "mark_read",
-                "subscribe", "subscribe_inbox",
+                "subscribe", "subscribe_inbox", "set_context_config", "get_context", "compact",
             }  # fmt: skip
             # a real answer of each operation against its schema's required fields and types
             body = {"user_id": "u1", "agent_id": "a1", "metadata": {}, "session_id": "s1"}
@@ -346,7 +539,22 @@ def test_the_openapi_document_describes_the_real_answers(tmp_path: Path) -> None
                     a, "POST", "/v1/sessions/s1/read", {"user_id": "u1", "seq": 1}),
                 ("get", "/v1/users/{user_id}/sessions"): await call(
                     a, "GET", "/v1/users/u1/sessions"),
+                ("post", "/v1/sessions/{session_id}/context/config"): await call(
+                    a, "POST", "/v1/sessions/s1/context/config",
+                    {"token_budget": 100, "trigger_ratio": 0.5,
+                     "policy": {"type": "skip_parts", "types": ["reasoning"]}}),
+                ("post", "/v1/sessions/{session_id}/context/compact"): await call(
+                    a, "POST", "/v1/sessions/s1/context/compact",
+                    {"from_seq": 1, "to_seq": 1, "replacement": [summary("s", parts=None)]}),
             }  # fmt: skip
+            r = await call(a, "POST", "/v1/sessions/s1/messages", structured(PARTS))
+            assert r.status == 200, r.body
+            answers[("get", "/v1/sessions/{session_id}/context")] = await call(
+                a, "GET", "/v1/sessions/s1/context"
+            )
+            answers[("get", "/v1/sessions/{session_id}/messages")] = await call(
+                a, "GET", "/v1/sessions/s1/messages"
+            )  # with the structured message
             for (m, p), r in answers.items():
                 assert r.status == 200, (m, p, r.body)
                 schema = ops[(m, p)]["responses"]["200"]["content"]["application/json"]["schema"]
@@ -354,6 +562,37 @@ def test_the_openapi_document_describes_the_real_answers(tmp_path: Path) -> None
             r = await call(a, "GET", "/v1/sessions/zz")
             err = ops[("get", "/v1/sessions/{session_id}")]["responses"]["404"]
             conform(r.json(), err["content"]["application/json"]["schema"], schemas)
+            # parts are described part by part (a bad one does not conform), policies by type
+            part = {"$ref": "#/components/schemas/Part"}
+            for good in [
+                *PARTS,
+                {"type": "data-chart", "data": [1]},
+                {"type": "step-start"},
+                {**TOOL_CALL, "type": "dynamic-tool", "toolName": "weather"},
+            ]:
+                conform(good, part, schemas)
+            for bad in [
+                {"type": "video"},
+                {"type": "text"},
+                {"type": "text", "text": "", "x": 1},
+                {**TOOL_CALL, "type": "dynamic-tool"},
+                {**TOOL_CALL, "type": "tool-"},
+            ]:
+                with pytest.raises(AssertionError):
+                    conform(bad, part, schemas)
+            for name in ("AppendBody", "NewMessage", "Message"):
+                (array, _null) = schemas[name]["properties"]["parts"]["anyOf"]
+                assert array["items"] == part, name
+            policy = schemas["SetContextConfigBody"]["properties"]["policy"]
+            assert set(policy["discriminator"]["mapping"]) == {
+                "last_n", "skip_parts", "token_budget", "manual"}  # fmt: skip
+            conform({"type": "last_n", "limit": 5}, policy, schemas)
+            with pytest.raises(AssertionError):
+                conform({"type": "last_n"}, policy, schemas)
+            events = ops[("get", "/v1/sessions/{session_id}/events")]
+            assert "context_events" in {p["name"] for p in events["parameters"]}
+            assert "`context`" in events["responses"]["200"]["description"]
+            assert "ContextEventAnswer" in schemas
 
     run(main())
 
@@ -373,13 +612,16 @@ def conform(value: Any, schema: dict[str, Any], schemas: dict[str, Any]) -> None
             except AssertionError as e:
                 errors.append(e)
         raise AssertionError(f"{value!r} matches no option: {errors}")
-    kinds = {"object": dict, "array": list, "string": str, "integer": int, "boolean": bool,
-             "null": type(None)}  # fmt: skip
+    kinds: dict[str, Any] = {"object": dict, "array": list, "string": str, "integer": int,
+                             "boolean": bool, "number": (int, float),
+                             "null": type(None)}  # fmt: skip
     kind = schema.get("type")
     if kind is not None:
         assert isinstance(value, kinds[kind]), (value, schema)
     if "enum" in schema:
         assert value in schema["enum"]
+    if "pattern" in schema:
+        assert re.search(schema["pattern"], value), (value, schema)
     if isinstance(value, dict) and kind == "object":
         for name in schema.get("required", []):
             assert name in value, (name, value)
