@@ -34,18 +34,27 @@ from wire.framing import REQUEST_TYPES
 from wire.protocol import (
     Append,
     Appended,
+    Compact,
+    Context,
+    ContextChanged,
+    ContextEvent,
     CreateSession,
     Error,
+    GetContext,
     Hello,
     MessageEvent,
     Messages,
+    NewMessage,
     Ping,
     Pong,
     Read,
     SessionInfo,
+    SetContextConfig,
+    SkipParts,
     Subscribe,
     Subscribed,
     SubscriptionClosed,
+    Welcome,
 )
 from wire.web_codec import JSON, MSGPACK
 
@@ -183,6 +192,128 @@ def test_sessions_appends_reads_and_live_pushes(tmp_path: Path, subprotocol: str
             assert isinstance(missing, Error) and missing.code == "not_found"
             await writer.close()
             await reader.close()
+
+    run(main())
+
+
+@BOTH
+def test_structured_messages_and_the_context_window(tmp_path: Path, subprotocol: str) -> None:
+    parts: list[dict[str, Any]] = [
+        {"type": "reasoning", "text": "Call the weather tool."},
+        {"type": "tool-weather", "toolCallId": "c1", "state": "output-available",
+         "input": {"city": "Paris"}, "output": {"celsius": 21}},
+        {"type": "text", "text": "It is 21 degrees."},
+    ]  # fmt: skip
+
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(subprotocol)
+            follower = await w.open(subprotocol)
+            await c.request(CreateSession(2, "u1", "a1", {}, "s1"))
+            assert await follower.request(Subscribe(2, "s1", 0, True)) == Subscribed(2, 1, 0)
+            for i in range(3):
+                assert isinstance(await c.request(append(3 + i, "s1", f"q{i}")), Appended)
+            agent = Append(6, "s1", "agent", "a1", "text", "", {}, None, None, None, None, parts)
+            assert isinstance(await c.request(agent), Appended)
+            changed = await c.request(SetContextConfig(7, "s1", 1000, 0.5, SkipParts(["tool-"], 3),
+                                                       None))  # fmt: skip
+            assert isinstance(changed, ContextChanged) and changed.window_first_seq == 2
+            window = await c.request(GetContext(8, "s1"))
+            assert isinstance(window, Context), window
+            assert [m.seq for m in window.messages] == [2, 3, 4]
+            assert window.messages[-1].role == "assistant"
+            assert window.messages[-1].parts == [parts[0], parts[2]]  # the tool part skipped
+            assert window.config is not None and window.config.policy == SkipParts(["tool-"], 3)
+            summary = NewMessage("system", "summary", "q1 and q2", None, {}, None)
+            stale = await c.request(Compact(9, "s1", 2, 3, [summary], window.version - 1))
+            assert isinstance(stale, Error) and stale.code == "conflict"
+            assert stale.details == {"version": window.version}
+            done = await c.request(Compact(10, "s1", 2, 3, [summary], window.version))
+            assert isinstance(done, ContextChanged) and done.version > window.version
+            window = await c.request(GetContext(11, "s1"))
+            assert isinstance(window, Context)
+            assert [(m.seq, m.content) for m in window.messages] == [(0, "q1 and q2"), (4, "")]
+            pushes: list[Any] = []
+            while (
+                not pushes
+                or not isinstance(pushes[-1], ContextEvent)
+                or (pushes[-1].reason != "compacted")
+            ):
+                pushes.append(await follower.recv())
+                assert len(pushes) <= 10, pushes
+            events = [p for p in pushes if isinstance(p, ContextEvent)]
+            # configuring last 3 trims seq 1 from the window: two events
+            assert [e.reason for e in events] == ["configured", "trimmed", "compacted"]
+            assert events[-1].version == done.version
+            seqs = [m.seq for p in pushes if isinstance(p, MessageEvent) for m in p.messages]
+            assert seqs == [1, 2, 3, 4]
+            await c.close()
+            await follower.close()
+
+    run(main())
+
+
+def test_the_json_shapes_of_parts_and_policies_and_a_version_1_hello(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w:
+            c = await w.open(JSON, hello=False)
+            welcome = await c.request(Hello(1, 2, "t", None))
+            assert isinstance(welcome, Welcome) and welcome.protocol_version == 2
+            await c.request(CreateSession(2, "u1", "a1", {}, "s1"))
+            head = '"type": "append", "session_id": "s1", "sender": "agent", "sender_id": "a1"'
+            rest = '"kind": "text", "content": "", "metadata": {}, "client_msg_id": null'
+            guards = '"expected_seq": null, "token_count": null, "role": null'
+            await c.send_text(
+                f'{{"rid": 3, {head}, {rest}, {guards}, '
+                '"parts": [{"type": "text", "text": "hi"}, {"type": "text"}]}'
+            )
+            bad = await c.recv()
+            assert isinstance(bad, Error) and bad.code == "bad_request"
+            assert bad.details["field"] == "parts[1].text", bad
+            await c.send_text(
+                f'{{"rid": 4, {head}, {rest}, {guards}, '
+                '"parts": [{"type": "data-chart", "data": [1, 2]}]}'
+            )
+            assert isinstance(await c.recv(), Appended)
+            await c.send_text(
+                '{"type": "set_context_config", "rid": 5, "session_id": "s1", '
+                '"token_budget": 50, "trigger_ratio": 1.0, '
+                '"policy": {"type": "last_n", "limit": 5}, "tokenizer": null}'
+            )
+            assert isinstance(await c.recv(), ContextChanged)
+            await c.send_text('{"type": "get_context", "rid": 6, "session_id": "s1"}')
+            text = await c.recv_raw()
+            assert isinstance(text, str)
+            window = msgspec.json.decode(text)
+            assert window["config"]["policy"] == {"type": "last_n", "limit": 5}
+            assert window["messages"][0]["parts"] == [{"type": "data-chart", "data": [1, 2]}]
+            await c.send_text(
+                '{"type": "set_context_config", "rid": 7, "session_id": "s1", '
+                '"token_budget": 50, "trigger_ratio": 1.0, '
+                '"policy": {"type": "last_n"}, "tokenizer": null}'
+            )
+            bad = await c.recv()
+            assert isinstance(bad, Error) and "limit" in bad.message, bad
+            await c.close()
+            # A version-1 client: welcomed as such, its requests without the new fields served
+            # as before (it ignores the fields appended to what it receives).
+            old = await w.open(JSON, hello=False)
+            welcome = await old.request(Hello(1, 1, "old", None))
+            assert isinstance(welcome, Welcome) and welcome.protocol_version == 1
+            await old.send_text(
+                f'{{"rid": 2, {head.replace("agent", "user")}, '
+                '"kind": "text", "content": "v1", "metadata": {}, '
+                '"client_msg_id": null, "expected_seq": null, "token_count": null}'
+            )
+            assert isinstance(await old.recv(), Appended)
+            await old.send_text(
+                '{"type": "subscribe", "rid": 3, "session_id": "s1", "after_seq": 1}'
+            )
+            assert isinstance(await old.recv(), Subscribed)
+            replay = await old.recv()
+            assert isinstance(replay, MessageEvent)
+            assert [(m.content, m.role) for m in replay.messages] == [("v1", "user")]
+            await old.close()
 
     run(main())
 
