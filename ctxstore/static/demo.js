@@ -5,7 +5,8 @@ import { connect } from "/static/ctxstore.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const state = { client: null, me: null, inbox: null, session: null, sub: null };
+const state = { client: null, me: null, inbox: null, session: null, sub: null, refresh: null };
+const WINDOW_REFRESH_MS = 150; // a burst of messages or context events: one get_context
 
 $("nodes").value = params.get("nodes") ?? `ws://${location.host}/v1/ws`;
 if (params.get("user")) $("user").value = params.get("user");
@@ -82,12 +83,53 @@ async function openSession(sessionId) {
   $("session-who").textContent = `user ${session.user_id} · agent ${session.agent_id}`;
   $("mark-read").disabled = session.user_id !== state.me;
   $("messages").replaceChildren();
+  renderWindow(null);
   $("session").hidden = false;
   renderInbox();
   const afterSeq = Math.max(0, session.last_seq - 500); // the latest 500 at most
-  state.sub = await state.client.subscribe(session.id, { afterSeq }, (event) => {
-    if (state.session?.id === session.id) renderEvent(event);
+  const options = { afterSeq, contextEvents: true };
+  state.sub = await state.client.subscribe(session.id, options, (event) => {
+    if (state.session?.id !== session.id) return;
+    if (event.type !== "context") renderEvent(event);
+    if (event.type === "context" || event.type === "message") refreshWindow(session.id);
   });
+  refreshWindow(session.id);
+}
+
+/** Read the session's context window again soon (once for a burst of events). */
+function refreshWindow(sessionId) {
+  if (state.refresh !== null) return;
+  state.refresh = setTimeout(async () => {
+    state.refresh = null;
+    try {
+      const w = await state.client.getContext(sessionId);
+      if (state.session?.id === sessionId) renderWindow(w);
+    } catch {
+      // shown again at the next event (the client retries what a node failover loses)
+    }
+  }, WINDOW_REFRESH_MS);
+}
+
+/** The open session's context window: its tokens (of its budget) and whether it needs a
+ * compaction (docs/web.md, "Context windows"). */
+function renderWindow(w) {
+  const el = $("window");
+  el.dataset.tokens = w === null ? "" : String(w.token_count);
+  el.dataset.needsCompaction = String(w?.needs_compaction ?? false);
+  if (w === null) {
+    el.textContent = "";
+    return;
+  }
+  const budget = w.config === null ? "" : ` / ${w.config.token_budget}`;
+  const count = `${w.messages.length} message${w.messages.length === 1 ? "" : "s"}`;
+  el.textContent = `window: ${w.token_count}${budget} tokens, ${count}, v${w.version}` +
+    (w.needs_compaction ? " · needs compaction" : "");
+}
+
+/** A message's text: its content, or the text of its text parts (a structured message). */
+function messageText(m) {
+  if (m.content || m.parts === null) return m.content;
+  return m.parts.filter((p) => p.type === "text").map((p) => p.text).join("\n");
 }
 
 function renderEvent(event) {
@@ -99,9 +141,15 @@ function renderEvent(event) {
     const from = document.createElement("span");
     from.className = "from";
     from.textContent = `#${m.seq} ${m.sender} ${m.sender_id}`;
+    if (m.token_count !== null) {
+      const tokens = document.createElement("span");
+      tokens.className = "tokens";
+      tokens.textContent = `${m.token_count} token${m.token_count === 1 ? "" : "s"}`;
+      from.append(" · ", tokens);
+    }
     const content = document.createElement("span");
     content.className = "content";
-    content.textContent = m.content;
+    content.textContent = messageText(m);
     li.append(from, content);
   } else if (event.type === "gap") {
     li.className = "gap";

@@ -2,8 +2,9 @@
 
 Two pages chat in one session on a 3-node cluster; the node the first page is connected to is
 killed with kill -9 mid-conversation, and both pages go on through the others with every
-message exactly once, in order; the first page's inbox counts the unread messages and clears
-them on mark-read.  A screenshot of the page is saved in the test's tmp directory.
+message exactly once, in order, each with its token count, and the session's context window
+with their sum; the first page's inbox counts the unread messages and clears them on
+mark-read.  A screenshot of the page is saved in the test's tmp directory.
 
 Chromium is the system's (``.ci/run`` installs the ``chromium`` package when it is missing);
 Playwright never downloads a browser here.
@@ -119,6 +120,14 @@ async def scenario(cluster: LocalCluster, browser: Browser, tmp_path: Path) -> N
 
     unread = alice.unread(sid)
     await expect(unread).to_have_text("2")  # helper's last two, after alice's "thanks"
+    # each message shows its token count; the session's window, their sum (no policy)
+    for chat in (alice, helper):
+        texts = await chat.page.locator("#messages li .tokens").all_inner_texts()
+        tokens = [int(t.split()[0]) for t in texts]
+        assert len(tokens) == len(said) and all(n > 0 for n in tokens), texts
+        window = chat.page.locator("#window")
+        await expect(window).to_have_attribute("data-tokens", str(sum(tokens)))
+        await expect(window).to_have_attribute("data-needs-compaction", "false")
     await alice.page.screenshot(path=tmp_path / "demo.png", full_page=True)
     await alice.page.click("#mark-read")
     await expect(unread).to_have_text("0")
