@@ -116,11 +116,12 @@ function renderWindow(w) {
   const el = $("window");
   el.dataset.tokens = w === null ? "" : String(w.token_count);
   el.dataset.needsCompaction = String(w?.needs_compaction ?? false);
-  if (w === null) {
-    el.textContent = "";
+  if (w === null || w.config === null) {
+    // a session has no window until it is configured (set_context_config)
+    el.textContent = w === null ? "" : "no context window";
     return;
   }
-  const budget = w.config === null ? "" : ` / ${w.config.token_budget}`;
+  const budget = ` / ${w.config.token_budget}`;
   const count = `${w.messages.length} message${w.messages.length === 1 ? "" : "s"}`;
   el.textContent = `window: ${w.token_count}${budget} tokens, ${count}, v${w.version}` +
     (w.needs_compaction ? " · needs compaction" : "");

@@ -13,7 +13,9 @@ Playwright never downloads a browser here.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,17 @@ class Chat:
 
     def unread(self, session_id: str) -> Locator:
         return self.page.locator(f"#inbox li[data-session='{session_id}'] .unread")
+
+
+def configure_window(http: str, session_id: str) -> None:
+    """Open the session's context window (manual, a budget no chat here reaches)."""
+    config = {"token_budget": 100_000, "trigger_ratio": 0.7, "policy": {"type": "manual"}}
+    request = urllib.request.Request(
+        f"http://{http}/v1/sessions/{session_id}/context/config",
+        data=json.dumps(config).encode(), headers={"content-type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
 
 
 async def open_chat(browser: Browser, http: str, nodes: list[str], query: str) -> Chat:
@@ -96,6 +109,11 @@ async def scenario(cluster: LocalCluster, browser: Browser, tmp_path: Path) -> N
     sid = await session.inner_text()
     helper = await open_chat(browser, http[1], [*ws[1:], ws[0]], f"user=helper&session={sid}")
     await expect(helper.page.locator("#session-id")).to_have_text(sid)
+    for chat in (alice, helper):
+        await expect(chat.page.locator("#window")).to_have_text("no context window")
+    await asyncio.to_thread(configure_window, http[2], sid)  # both pages get its event
+    for chat in (alice, helper):
+        await expect(chat.page.locator("#window")).to_contain_text("0 / 100000 tokens")
 
     said: list[str] = []
 
@@ -120,7 +138,7 @@ async def scenario(cluster: LocalCluster, browser: Browser, tmp_path: Path) -> N
 
     unread = alice.unread(sid)
     await expect(unread).to_have_text("2")  # helper's last two, after alice's "thanks"
-    # each message shows its token count; the session's window, their sum (no policy)
+    # each message shows its token count; the session's window, their sum (manual policy)
     for chat in (alice, helper):
         texts = await chat.page.locator("#messages li .tokens").all_inner_texts()
         tokens = [int(t.split()[0]) for t in texts]

@@ -320,12 +320,11 @@ def test_structured_messages_and_the_context_window_over_http(tmp_path: Path) ->
             (m,) = stored.messages
             assert (m.role, m.parts, m.content) == ("assistant", PARTS, "")
             assert m.token_count is not None and m.token_count > 0
-            r = await call(a, "GET", f"{base}/context")
+            r = await call(a, "GET", f"{base}/context")  # never configured: no window
             assert r.status == 200, r.body
             window = decoded(r, Context)
-            assert [x.seq for x in window.messages] == [1, 2, 3, 4, 5]
-            assert window.config is None and window.version == 5 and not window.needs_compaction
-            assert window.token_count == sum(x.token_count for x in window.messages)
+            assert (window.messages, window.segments, window.version) == ([], [], 0)
+            assert window.config is None and window.last_seq == 5
             # each policy shape, as JSON; the window's config is answered in the same shape
             # (a policy drops messages from the window for good: the tighter ones come last)
             policies: list[tuple[dict[str, Any], list[int]]] = [
@@ -352,6 +351,9 @@ def test_structured_messages_and_the_context_window_over_http(tmp_path: Path) ->
                 assert [x["seq"] for x in got["messages"]] == seqs, policy
                 assert got["version"] == changed.version
                 assert got["window_first_seq"] == changed.window_first_seq == seqs[0]
+                if policy["type"] == "manual":  # the first configuration opens the window
+                    counts = [x["token_count"] for x in got["messages"]]
+                    assert counts[-1] == m.token_count and got["token_count"] == sum(counts)
                 if policy["type"] == "skip_parts" and "reasoning" in policy["types"]:
                     assert got["messages"][-1]["parts"] == [PARTS[2]]  # the message stays
             # a compaction of 3..4 guarded by a stale version: 409 naming the current one
@@ -409,6 +411,10 @@ def test_bad_parts_policies_and_replacements_are_400_naming_the_field(tmp_path: 
                     assert r.json()["details"]["field"] == where, r.body
             got = (await call(a, "GET", f"{base}/context")).json()
             assert got["version"] == 0 and got["config"] is None  # nothing changed
+            await call(a, "POST", f"{base}/messages", message("one"))
+            compact = {"from_seq": 1, "to_seq": 1, "replacement": [summary("s")]}
+            r = await call(a, "POST", f"{base}/context/compact", compact)
+            assert r.status == 400, r.body  # no window before its first configuration
             r = await call(a, "POST", "/v1/sessions/nope/context/config", config)
             assert r.status == 404 and r.json()["code"] == "not_found"
             r = await call(a, "GET", "/v1/sessions/nope/context")
