@@ -346,7 +346,10 @@ class HttpApi:
         try:
             values = self._values(route, m, raw_query, body)
         except _BadInput as e:
-            self.reply_error(http, request, "bad_request", str(e))
+            if e.field is None:
+                self.reply_error(http, request, "bad_request", str(e))
+            else:
+                self.reply_error(http, request, "bad_request", str(e), field=e.field)
             return
         if route.stream:
             from .web_sse import start_stream
@@ -398,13 +401,26 @@ class HttpApi:
             try:
                 obj = msgspec.json.decode(body, type=route.body)
             except (msgspec.DecodeError, RecursionError) as e:
-                raise _BadInput(f"the body: {e}") from None
+                raise _BadInput(f"the body: {e}", field_of(str(e))) from None
             values.update(msgspec.structs.asdict(obj))
         return values
 
 
 class _BadInput(Exception):
-    pass
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field  # the details.field of the answer
+
+
+_AT_FIELD: Final = re.compile(r" - at `\$\.(\w+)")
+_ROOT_FIELD: Final = re.compile(r"^Object (?:missing required|contains unknown) field `(\w+)`$")
+
+
+def field_of(message: str) -> str | None:
+    """The body's top-level field a msgspec error is about (as the native core names it:
+    ``policy`` for ``$.policy.limit``), None if it names none."""
+    m = _AT_FIELD.search(message) or _ROOT_FIELD.match(message)
+    return None if m is None else m.group(1)
 
 
 def decode_query(query_type: type[msgspec.Struct], raw: bytes) -> dict[str, Any]:

@@ -386,6 +386,7 @@ def test_bad_parts_policies_and_replacements_are_400_naming_the_field(tmp_path: 
             assert (await call(a, "POST", "/v1/sessions", body)).status == 200
             base = "/v1/sessions/s1"
             config = {"token_budget": 100, "trigger_ratio": 0.5, "policy": {"type": "manual"}}
+            # where: in the message; details.field: that path, or its top-level field
             for path, body, where in [
                 ("messages", structured([{"type": "video", "url": "x"}]), "parts[0].type"),
                 ("messages", structured([PARTS[2], {"type": "text"}]), "parts[1].text"),
@@ -407,8 +408,8 @@ def test_bad_parts_policies_and_replacements_are_400_naming_the_field(tmp_path: 
                 r = await call(a, "POST", f"{base}/{path}", body)
                 assert (r.status, r.json()["code"]) == (400, "bad_request"), (body, r.body)
                 assert where in r.json()["message"], (where, r.body)
-                if "parts" in where or path == "messages":  # the node's check: a detail too
-                    assert r.json()["details"]["field"] == where, r.body
+                field = {"limit": "policy", "kind": "replacement"}.get(where, where)
+                assert r.json()["details"]["field"] == field, r.body
             got = (await call(a, "GET", f"{base}/context")).json()
             assert got["version"] == 0 and got["config"] is None  # nothing changed
             await call(a, "POST", f"{base}/messages", message("one"))
