@@ -12,9 +12,11 @@ converts between the two, for each subprotocol:
 
 Rules of this file:
 - Requests are validated once, by the native core (``wire.framing``): a JSON request is turned
-  into the native array (its fields in schema order, cut at the first missing one) and fed to
-  the core, which answers a bad one exactly as on the native port (``bad_request`` naming the
-  field, the connection kept when the ``rid`` is readable; otherwise the goodbye, then close).
+  into the native array (its fields in schema order, a field left out that has a default (the
+  fields a protocol version appended) given its default, cut at the first other missing one)
+  and fed to the core, which answers a bad one exactly as on the native port (``bad_request``
+  naming the field, the connection kept when the ``rid`` is readable; otherwise the goodbye,
+  then close).
   Only JSON that is not an object (or no JSON at all) is refused here, as an undecodable frame.
 - What the core writes is a run of whole native frames; each becomes one WebSocket message.
 """
@@ -116,6 +118,19 @@ SERVER_MESSAGE_TWINS: Final[Any] = _union(get_args(Response) + get_args(Push))
 _FIELDS: Final[dict[str, tuple[str, ...]]] = {
     t.__struct_config__.tag: t.__struct_fields__ for t in REQUEST_TYPES
 }
+
+
+def _defaults(t: Any) -> dict[str, Any]:
+    fields, defaults = t.__struct_fields__, t.__struct_defaults__
+    return dict(zip(fields[len(fields) - len(defaults) :], defaults, strict=True))
+
+
+_DEFAULTS: Final[dict[str, dict[str, Any]]] = {
+    t.__struct_config__.tag: _defaults(t) for t in REQUEST_TYPES
+}
+"""The request fields a JSON object may leave out (the later versions' fields): a client of
+an earlier version leaves them all out, a later one may give some (``parts``) and not others
+(``role``), which must not cut its request short."""
 _json_decoder: Final = msgspec.json.Decoder()
 
 
@@ -164,12 +179,16 @@ def frame_of_json(text: bytes | bytearray) -> bytearray:
         if "rid" in obj:
             items.append(obj["rid"])
     else:
+        defaults = _DEFAULTS[tag]
         for name in fields:
-            if name not in obj:
+            if name in obj:
+                items.append(obj[name])
+            elif name in defaults:
+                items.append(defaults[name])
+            else:
                 break  # the core names the first missing field
-            items.append(obj[name])
-        if len(obj) > len(items):  # a field the schema does not have: the core refuses it
-            items.extend(v for k, v in obj.items() if k != "type" and k not in fields)
+        unknown = [v for k, v in obj.items() if k != "type" and k not in fields]
+        items.extend(unknown)  # a field the schema does not have: the core refuses it
     return frame_of_items(items)
 
 

@@ -227,6 +227,42 @@ def test_only_a_json_object_is_a_request() -> None:
             frame_of_json(b'{"type": "ping", "rid": 1, "x": ' + deep + b"}")
 
 
+def test_a_field_left_out_takes_its_default_and_never_cuts_the_request_short() -> None:
+    """The fields a protocol version appended may be left out, each on its own: ``parts``
+    without ``role`` is a structured message (it was once cut at ``role``: an empty text
+    message, the parts dropped); a required field left out, or an unknown one, is refused."""
+    core = ServerConnection()
+    core.receive_data(encode_frame(Hello(99, 2, "t", None)))
+    core.next_event()
+    core.send(Welcome(99, 0, "", 2, core.max_frame_bytes))
+    base = {"type": "append", "rid": 1, "session_id": "s1", "sender": "agent",
+            "sender_id": "a1", "kind": "text", "content": "", "metadata": {},
+            "client_msg_id": None, "expected_seq": None, "token_count": None}  # fmt: skip
+    parts = [{"type": "text", "text": "hi"}]
+    core.receive_data(frame_of_json(msgspec.json.encode({**base, "parts": parts})))
+    event = core.next_event()
+    request = getattr(event, "request", None)
+    assert isinstance(request, Append), event
+    assert (request.parts, request.role, request.if_version) == (parts, None, None)
+    core.receive_data(frame_of_json(msgspec.json.encode({**base, "rid": 2, "if_version": 3})))
+    request = getattr(core.next_event(), "request", None)
+    assert isinstance(request, Append) and request.if_version == 3 and request.parts is None
+    subscribe = {"type": "subscribe", "rid": 3, "session_id": "s1", "after_seq": 0}
+    core.receive_data(frame_of_json(msgspec.json.encode(subscribe)))
+    request = getattr(core.next_event(), "request", None)
+    assert isinstance(request, Subscribe) and request.context_events is False
+    for rid, bad, words in [
+        (4, {**subscribe, "rid": 4, "bogus": 1}, "too many fields"),
+        (5, {k: v for k, v in base.items() if k != "kind"} | {"rid": 5}, "kind"),
+    ]:
+        core.receive_data(frame_of_json(msgspec.json.encode(bad)))
+        core.next_event()
+        *_, body = bodies(core.data_to_send())
+        answer = msgspec.msgpack.decode(body, type=Error)
+        assert isinstance(answer, Error) and answer.rid == rid, answer
+        assert answer.code == "bad_request" and words in answer.message, answer
+
+
 def test_the_goodbye_is_recognised_from_its_bytes() -> None:
     (bye,) = bodies(encode_frame(Error(0, "unavailable", "shutting down", True, {})))
     assert goodbye_of(bye) == ("unavailable", "shutting down")
