@@ -3,13 +3,14 @@
     ctxstore serve [--config FILE] [--node-id N] [--data-dir DIR] [--listen H:P] ...
     ctxstore cluster up [--nodes 3] [--base-port P] [--data-dir DIR] [-- flags for every node]
     ctxstore client --target H:P[,H:P...] [--token T] [--timeout S] COMMAND ...
+    ctxstore db migrate|status [--postgres-dsn DSN]
 
 ``serve`` prints JSON events on stdout (``listening`` once the client port is open, ``ready``
 once every group has a known leader, ``stopped``) and logs JSON lines on stderr (``logs.py``).
 Client commands print one JSON object per line; their errors print one line
 ``{"error": code, "message": ...}`` on stderr.  Every failure ends with one line, never a
 traceback, and an exit status by its class (``cli_common.EXIT_*``, listed by ``--help``).
-The client commands are in ``cli_client.py``.
+The client commands are in ``cli_client.py``, the ``db`` commands in ``cli_db.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .cli_common import (
     int_in,
     os_error,
 )
+from .cli_db import add_db, run_db
 from .collector import tune_collector
 from .config import FIELDS, HELP, ConfigError, Settings, load, parse_address, unknown_env
 from .logs import configure as configure_logs
@@ -71,6 +73,8 @@ SERVE_METAVARS = {
     "cluster_id": "NAME",
     "secret": "SECRET",
     "log_level": "LEVEL",
+    "postgres_dsn": "DSN",
+    "postgres_serve_history": "true|false",
 }
 
 
@@ -479,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_cluster(sub)
     add_client(sub)
+    add_db(sub)
     return parser
 
 
@@ -491,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "cluster":
             return uvloop.run(_cluster_up(args))
+        if args.command == "db":
+            return uvloop.run(run_db(args))
         return uvloop.run(run_client(args))
     except UsageError as e:
         command = " ".join(

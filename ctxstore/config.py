@@ -77,6 +77,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     # context configuration names another.
     tokenizer: Literal["o200k_base", "cl100k_base"] = "o200k_base"
     log_level: str = "WARNING"
+    # The PostgreSQL write-behind (ctxstore/pg/, docs/postgres.md): off without a DSN.
+    postgres_dsn: str | None = None
+    postgres_flush_interval_ms: Annotated[int, Meta(ge=10, le=3_600_000)] = 5000
+    postgres_flush_rows: Annotated[int, Meta(ge=1, le=50_000)] = 5000
+    postgres_pool_size: Annotated[int, Meta(ge=1, le=16)] = 2
+    postgres_serve_history: bool = False
 
     def __post_init__(self) -> None:
         for key in ("listen", "peer_listen"):
@@ -99,6 +105,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
                 raise ConfigError(
                     f"config: web_cors_origin: expected * or scheme://host[:port], got {origin!r}"
                 )
+        if self.postgres_dsn is not None and not re.match(r"postgres(ql)?://", self.postgres_dsn):
+            raise ConfigError(
+                "config: postgres_dsn: expected postgresql://[user[:password]@]host[:port]/db..."
+            )
+        if self.postgres_serve_history and self.postgres_dsn is None:
+            raise ConfigError("config: postgres_serve_history: needs postgres_dsn")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"config: log_level: unknown level {self.log_level!r}")
 
@@ -162,6 +174,14 @@ HELP: dict[str, str] = {
     "the HTTP API under /v1 (CORS; the flag is repeatable, CTXSTORE_WEB_CORS_ORIGIN is "
     "comma-separated); none: no cross-origin calls",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)",
+    "postgres_dsn": "postgresql://... of a database the leaders of the groups copy every "
+    "committed message, session and read cursor into (docs/postgres.md); none: no Postgres",
+    "postgres_flush_interval_ms": "milliseconds between a leader's flushes to Postgres (sooner "
+    "when postgres_flush_rows rows wait)",
+    "postgres_flush_rows": "rows (messages, sessions, cursors) of one flush transaction",
+    "postgres_pool_size": "connections a node keeps to Postgres",
+    "postgres_serve_history": "true: page history a node lacks locally (a new replica, a "
+    "pruned archive) from Postgres, not from a peer (needs postgres_dsn)",
 }
 
 ENV_PREFIX = "CTXSTORE_"
