@@ -113,7 +113,16 @@ class Compact(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5):
     if_version: int | None
 
 
-Command = CreateSession | Append | MarkRead | SetContextConfig | Compact
+class PostgresFlushed(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=20):
+    """The group's leader copied sessions to Postgres (ctxstore/pg/flusher.py): for each mark
+    ``(session_id, seq, index)``, every message up to ``seq``, and the session's row and read
+    cursors as of the entry at ``index`` (its latest change when the leader read it).  Marks
+    never move back; stale or unknown ones are ignored."""
+
+    marks: list[tuple[str, int, int]]
+
+
+Command = CreateSession | Append | MarkRead | SetContextConfig | Compact | PostgresFlushed
 
 
 # -- results (one per applied command) -------------------------------------------------------------
@@ -153,7 +162,11 @@ class ContextChanged(msgspec.Struct, array_like=True, frozen=True, gc=False, tag
     window_first_seq: int
 
 
-Result = SessionCreated | Appended | ReadMarked | Rejected | ContextChanged
+class PostgresMarked(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=20):
+    clean: int  # sessions of the command now entirely in Postgres
+
+
+Result = SessionCreated | Appended | ReadMarked | Rejected | ContextChanged | PostgresMarked
 
 
 # -- codecs ----------------------------------------------------------------------------------------
@@ -190,6 +203,8 @@ __all__ = [
     "ContextChanged",
     "CreateSession",
     "MarkRead",
+    "PostgresFlushed",
+    "PostgresMarked",
     "ReadMarked",
     "Rejected",
     "Result",

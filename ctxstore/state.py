@@ -30,6 +30,15 @@ session:
   per append, with no history scan.  Cursors are kept per user id, at most ``cursors_max``
   (snapshots of older versions may hold other users' cursors); a new user beyond that evicts
   the lowest cursor (ties: lowest user id), whose user then reads as cursor 0.
+Postgres watermarks (design §5.4, ctxstore/pg/flusher.py): per group, the sessions not yet
+entirely in Postgres, each with (changed_index: the raft index of its latest change, a create,
+append or cursor move; flushed_seq: its messages up to there are in Postgres; flushed_index: its
+row and cursors as of that entry are).  A change adds a clean session (flushed_seq its last_seq
+before the change); ``PostgresFlushed`` (proposed by the leader after a flush) moves the marks
+forward, never back, and drops the session once ``flushed_seq = last_seq`` and
+``flushed_index >= changed_index``.  A session absent is entirely in Postgres.  Kept whether or
+not Postgres is configured (the state cannot know), about 100 bytes per session changed since
+its last flush.
 Limits change replicated outcomes (dedupe, cursors): every replica must use the same
 ``StateLimits``.  Node-wide indexes, maintained on apply and fixed on restore: session id ->
 group (for queries), user id -> sorted session ids (for ``list_sessions``).
@@ -79,6 +88,8 @@ from .commands import (
     ContextChanged,
     CreateSession,
     MarkRead,
+    PostgresFlushed,
+    PostgresMarked,
     ReadMarked,
     Rejected,
     SessionCreated,
@@ -420,6 +431,8 @@ class ConversationState:
         self._evictable: dict[int, dict[str, _Session]] = {}
         self._where: dict[str, int] = {}  # session id -> group, all groups
         self._by_user: dict[str, list[str]] = {}  # user id -> sorted session ids, all groups
+        # group -> session id -> [changed_index, flushed_seq, flushed_index] (Postgres marks)
+        self._pg: dict[int, dict[str, list[int]]] = {}
 
     # -- groups ------------------------------------------------------------------------------------
     def add_group(self, group: int) -> None:
@@ -428,6 +441,7 @@ class ConversationState:
         self._groups.setdefault(group, {})
         self._charge.setdefault(group, 0)
         self._evictable.setdefault(group, {})
+        self._pg.setdefault(group, {})
 
     def remove_group(self, group: int) -> None:
         """Forget ``group`` (its replica moved away)."""
@@ -435,6 +449,7 @@ class ConversationState:
             self._unindex(s)
         self._charge.pop(group, None)
         self._evictable.pop(group, None)
+        self._pg.pop(group, None)
 
     @property
     def hosted_groups(self) -> list[int]:
@@ -466,11 +481,13 @@ class ConversationState:
                 case CreateSession():
                     out.append(self._create(group, e.index, sessions, cmd))
                 case MarkRead():
-                    out.append(self._mark_read(sessions, cmd))
+                    out.append(self._mark_read(group, e.index, sessions, cmd))
                 case SetContextConfig():
                     out.append(self._configure(sessions, cmd))
                 case Compact():
                     out.append(self._compact(sessions, cmd))
+                case PostgresFlushed():
+                    out.append(self._postgres_flushed(group, sessions, cmd))
         if self.observer is not None and entries:
             self.observer.on_applied(group, entries[-1].index)
         return out
@@ -478,7 +495,8 @@ class ConversationState:
     def snapshot(self, group: int) -> bytes:
         sessions = self._groups.get(group, {})
         evictable = list(self._evictable.get(group, ()))
-        snap = GroupSnap(SNAPSHOT_VERSION, [s.to_snap() for s in sessions.values()], evictable)
+        pg = [(sid, e[0], e[1], e[2]) for sid, e in self._pg.get(group, {}).items()]
+        snap = GroupSnap(SNAPSHOT_VERSION, [s.to_snap() for s in sessions.values()], evictable, pg)
         return _encoder.encode(snap)
 
     def restore(self, group: int, data: bytes) -> None:
@@ -509,6 +527,10 @@ class ConversationState:
             check(s is not None, f"group {group}: snapshot names unknown session {sid!r}")
             if s is not None and len(s.tail) > 1:
                 evictable[sid] = s
+        pg = self._pg[group]
+        for sid, changed, flushed_seq, flushed_index in snap.postgres:
+            check(sid in sessions, f"group {group}: snapshot marks unknown session {sid!r}")
+            pg[sid] = [changed, flushed_seq, flushed_index]
         self._charge[group] = 0
         self._recharge(group, sum(s.charge() for s in sessions.values()), evicted)
         if evicted:  # smaller limits here than where the snapshot was taken
@@ -538,6 +560,7 @@ class ConversationState:
             self._window_limits,
         )  # fmt: skip
         self._add(group, sessions, s)
+        self._pg[group][s.id] = [index, 0, 0]
         wire = s.to_wire()
         if self.observer is not None:
             self.observer.on_session(group, index, wire)
@@ -573,6 +596,11 @@ class ConversationState:
         if cmd.if_version is not None and cmd.if_version != (version := _version(window)):
             return _stale(cmd.if_version, version)
         seq = s.last_seq = s.last_seq + 1
+        mark = self._pg[group].get(s.id)
+        if mark is None:
+            self._pg[group][s.id] = [index, seq - 1, 0]
+        else:
+            mark[0] = index
         msg = Message(
             s.id,
             seq,
@@ -662,7 +690,9 @@ class ConversationState:
             w.version, w.tokens, w.needs_compaction, s.last_seq + 1 if first is None else first
         )
 
-    def _mark_read(self, sessions: dict[str, _Session], cmd: MarkRead) -> ReadMarked | Rejected:
+    def _mark_read(
+        self, group: int, index: int, sessions: dict[str, _Session], cmd: MarkRead
+    ) -> ReadMarked | Rejected:
         s = sessions.get(cmd.session_id)
         if s is None:
             return _not_found(cmd.session_id)
@@ -678,9 +708,33 @@ class ConversationState:
         if cmd.seq <= current:
             return ReadMarked(current)
         s.set_cursor(cmd.user_id, cmd.seq, self.limits.cursors_max)
+        mark = self._pg[group].get(s.id)
+        if mark is None:
+            self._pg[group][s.id] = [index, s.last_seq, 0]
+        else:
+            mark[0] = index
         if self.observer is not None:
             self.observer.on_cursor(s.id, s.user_id, cmd.user_id, cmd.seq)
         return ReadMarked(cmd.seq)
+
+    def _postgres_flushed(
+        self, group: int, sessions: dict[str, _Session], cmd: PostgresFlushed
+    ) -> PostgresMarked:
+        pg = self._pg[group]
+        clean = 0
+        for sid, seq, index in cmd.marks:
+            mark = pg.get(sid)
+            s = sessions.get(sid)
+            if mark is None or s is None:
+                continue  # entirely in Postgres already (a stale or repeated flush)
+            if seq > mark[1]:
+                mark[1] = min(seq, s.last_seq)
+            if index > mark[2]:
+                mark[2] = index
+            if mark[1] >= s.last_seq and mark[2] >= mark[0]:
+                del pg[sid]
+                clean += 1
+        return PostgresMarked(clean)
 
     # -- queries -----------------------------------------------------------------------------------
     def get_session(self, session_id: str) -> Session | None:
@@ -767,6 +821,33 @@ class ConversationState:
         """Messages after ``user_id``'s read cursor (for the owner: never its own messages)."""
         s = self._lookup(session_id)
         return None if s is None else s.last_seq - s.cursors.get(user_id, 0)
+
+    def postgres_pending(self, group: int) -> list[tuple[str, int, int, int]]:
+        """The sessions of ``group`` not entirely in Postgres, oldest change first:
+        (session_id, changed_index, flushed_seq, last_seq)."""
+        out: list[tuple[str, int, int, int]] = []
+        sessions = self._groups.get(group, {})
+        for sid, mark in self._pg.get(group, {}).items():
+            out.append((sid, mark[0], mark[1], sessions[sid].last_seq))
+        return out
+
+    def postgres_backlog(self, group: int) -> int:
+        """Messages of ``group`` not yet in Postgres."""
+        sessions = self._groups.get(group, {})
+        return sum(sessions[sid].last_seq - m[1] for sid, m in self._pg.get(group, {}).items())
+
+    def postgres_flushed_seq(self, session_id: str) -> int | None:
+        """The session's messages up to this seq are in Postgres (None: unknown session)."""
+        s = self._lookup(session_id)
+        if s is None:
+            return None
+        mark = self._pg[self._where[session_id]].get(session_id)
+        return s.last_seq if mark is None else mark[1]
+
+    def cursors(self, session_id: str) -> dict[str, int] | None:
+        """Every read cursor of the session, user id -> seq (a copy)."""
+        s = self._lookup(session_id)
+        return None if s is None else dict(s.cursors)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _recharge(self, group: int, delta: int, evicted: list[Message] | None) -> None:

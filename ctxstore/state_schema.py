@@ -58,3 +58,6 @@ class GroupSnap(msgspec.Struct, array_like=True, gc=False):
     version: int
     sessions: list[SessionSnap]  # creation order
     evictable: list[str] = []  # sessions whose tail may shrink, least recently appended first
+    # Sessions not yet entirely in Postgres (ConversationState, "Postgres watermarks"):
+    # (session_id, changed_index, flushed_seq, flushed_index), oldest change first.
+    postgres: list[tuple[str, int, int, int]] = []
