@@ -28,6 +28,10 @@ Rules of this file:
   present, so retention drops or clips a range once the rows above its lower part are deleted
   (``max_messages``: below ``max_seq - N``; age: below the highest seq the sweep deleted,
   inserted_at being non-decreasing along seq).
+- ``hold`` (when the node copies to Postgres): retention never deletes a row above
+  ``hold(session_id)``, the seq up to which the session is in Postgres (ctxstore/pg/).  It is
+  called on the writer thread; a stale answer is lower than the current one (watermarks only
+  grow), so it keeps more, never less.
 - A failure of the writer (any sqlite3 error) is final, as for the WAL: it is recorded in
   ``stats.last_error``, ``on_fatal`` is called once, pending barriers and fills fail with it, and
   later ``add``/``applied``/``restore`` are ignored.  The node must stop and restart.
@@ -341,10 +345,17 @@ def _runs(seqs: Iterable[int]) -> list[tuple[int, int]]:
 class _Writer:
     """The write connection and the writer's copy of the backfill ranges.  Thread: the writer."""
 
-    def __init__(self, path: str, config: ArchiveConfig, clock_ms: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        path: str,
+        config: ArchiveConfig,
+        clock_ms: Callable[[], int],
+        hold: Callable[[str], int] | None = None,
+    ) -> None:
         self.path = path
         self.config = config
         self.clock_ms = clock_ms
+        self.hold = hold
         self.ranges: dict[str, list[Range]] = {}
         self._encoder = msgspec.msgpack.Encoder()
         self._conn: sqlite3.Connection | None = None
@@ -517,6 +528,8 @@ class _Writer:
             return
         for sid, top in self._touched.items():
             floor = top - n
+            if self.hold is not None:
+                floor = min(floor, self.hold(sid))
             if floor <= 0:
                 continue
             done.deleted += self.conn.execute(
@@ -558,6 +571,10 @@ class _Writer:
         keys = conn.execute(
             "SELECT session_id, seq FROM messages WHERE inserted_at < ? LIMIT ?", (cutoff, limit)
         ).fetchall()
+        selected = len(keys)
+        if self.hold is not None:
+            hold, held = self.hold, dict[str, int]()
+            keys = [k for k in keys if k[1] <= held.setdefault(k[0], hold(k[0]))]
         if not keys:
             return done, False
         started = time.perf_counter()
@@ -576,7 +593,7 @@ class _Writer:
         conn.execute("COMMIT")
         done.seconds = time.perf_counter() - started
         done.committed = True
-        return done, len(keys) == limit
+        return done, selected == limit
 
 
 # -- the asyncio-facing archive -------------------------------------------------------------------
@@ -591,8 +608,10 @@ class Archive:
         *,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         on_fatal: Callable[[BaseException], None] | None = None,
+        hold: Callable[[str], int] | None = None,
     ) -> None:
         self.path = path
+        self._hold = hold
         self.config = config
         self.stats = ArchiveStats()
         self._clock_ms = clock_ms
@@ -637,7 +656,7 @@ class Archive:
         loop = self._loop = asyncio.get_running_loop()
         opened: asyncio.Future[dict[int, int]] = loop.create_future()
         self._exited = loop.create_future()
-        writer = _Writer(self.path, self.config, self._clock_ms)
+        writer = _Writer(self.path, self.config, self._clock_ms, self._hold)
         self._thread = threading.Thread(
             target=self._writer_main, args=(writer, opened), name="archive-writer", daemon=True
         )

@@ -8,7 +8,9 @@ subscriptions and inboxes (every message).  The log is compacted no further than
 archive's durable index (``Driver.compact_floor``): a message is always in the WAL, in a
 snapshot's tail, or durably in the archive.  A snapshot installed from a leader hands its
 tails to the archive, which records what it lacks for ``Backfill`` to copy from peers.  A
-fatal archive or WAL error resolves ``failed``.
+fatal archive or WAL error resolves ``failed``.  With ``postgres_dsn``, a ``Flusher``
+(``ctxstore/pg/``) copies what the groups this node leads commit to Postgres, and the archive's
+retention keeps every row not yet there.
 
 Placement (for now): every node of the cluster replicates every group (a 3-node cluster has
 3 replicas of each of its ``groups`` groups); ``group = placement.group_of(session_id)``.
@@ -25,6 +27,7 @@ import logging
 import os
 import resource
 import time
+from typing import TYPE_CHECKING
 
 from raft import NONE, Config
 from raft.driver import Driver, DriverConfig
@@ -45,6 +48,9 @@ from .state import ConversationState, StateLimits
 from .subscriptions import SubscriptionLimits, Subscriptions
 from .tokens import TokenCounters
 from .window import Window
+
+if TYPE_CHECKING:
+    from .pg.flusher import Flusher
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,7 @@ class Node:
             os.path.join(s.data_dir, ARCHIVE_FILE),
             ArchiveConfig(retention=self.retention),
             on_fatal=self._fatal,
+            hold=None if s.postgres_dsn is None else self._postgres_hold,
         )
         self.history = History(self.state, self.archive, self.retention, now_ms)
         self.subscriptions = Subscriptions(
@@ -119,11 +126,33 @@ class Node:
         self.driver.add_groups(range(s.groups), self.voters)
         self.backfill = Backfill(s.node_id, self.archive, self.router, self.driver)
         self.transport: Transport | None = None
+        self.postgres: Flusher | None = None
+        if s.postgres_dsn is not None:
+            from .pg.flusher import Flusher, PostgresConfig
+
+            config = PostgresConfig(
+                s.postgres_dsn,
+                flush_interval_s=s.postgres_flush_interval_ms / 1000,
+                flush_rows=s.postgres_flush_rows,
+                pool_size=s.postgres_pool_size,
+                propose_timeout_s=s.request_timeout_s,
+            )
+            self.postgres = Flusher(s.node_id, self.state, self.archive, self.driver, config)
+
+    def _postgres_hold(self, session_id: str) -> int:
+        """The archive's retention floor for ``session_id`` (called on the archive's writer
+        thread: a session being removed on the loop meanwhile holds everything)."""
+        try:
+            return self.state.postgres_flushed_seq(session_id) or 0
+        except (KeyError, RuntimeError):
+            return 0
 
     # -- StateObserver -----------------------------------------------------------------------------
     def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
         self.subscriptions.on_message(message)
         self.inboxes.on_change(user_id, message.session_id)
+        if self.postgres is not None:
+            self.postgres.on_message()
 
     def on_session(self, group: int, index: int, session: Session) -> None:
         self.inboxes.on_change(session.user_id, session.id)
@@ -238,6 +267,8 @@ class Node:
         self.driver.failed.add_done_callback(self._driver_failed)
         self.router.start()
         self.backfill.start()
+        if self.postgres is not None:
+            self.postgres.start()
         if peers:
             self._leaderless_timer = asyncio.get_running_loop().call_later(
                 LEADERLESS_CHECK_S, self._check_leaderless
@@ -276,6 +307,8 @@ class Node:
             self._leaderless_timer.cancel()
             self._leaderless_timer = None
         await self.backfill.stop()
+        if self.postgres is not None:
+            await self.postgres.stop()
         self.router.stop()
         await self.driver.stop()
         if self.transport is not None:

@@ -1,0 +1,418 @@
+"""The Postgres write-behind: on each group's leader, copy what the group committed to Postgres,
+then record through Raft how far it got (design §5.4, docs/postgres.md).
+
+Rules of this file:
+- Nothing on the append path waits for Postgres.  The state keeps, per group, the sessions not
+  yet entirely in Postgres and their watermarks (``ConversationState``, "Postgres
+  watermarks"); ``on_message`` only counts, to wake the flusher early.
+- One task per node.  Every ``flush_interval_s``, or as soon as ``flush_rows`` messages were
+  applied since the last flush, it takes the groups this node leads and, for their pending
+  sessions (oldest change first), up to ``flush_rows`` rows and ``FLUSH_BYTES_MAX`` bytes: each
+  session's row, its read cursors, and its messages after its watermark, read from the hot tail
+  or, older, from the local archive (on disk).  It writes them in one transaction: ``COPY``
+  into temporary tables, then ``INSERT ... ON CONFLICT DO NOTHING`` for messages (a message
+  never changes) and ``DO UPDATE`` for sessions' ``last_seq`` and cursors, only ever forward.
+  After the COMMIT it proposes ``PostgresFlushed`` with the new watermarks to each group and
+  waits for them to apply, then starts over at once if rows were left.
+- Idempotent: a leader killed between its COMMIT and the watermark's commit, an old leader
+  flushing after a new one was elected, a retried transaction: each copies rows already there,
+  which the INSERTs skip.  A message is the same on every replica (Raft), so "already there"
+  means "equal".  So no gap (a watermark only moves past rows a COMMIT holds) and no duplicate.
+- Postgres down, refusing or slow (every statement has a timeout): the transaction fails, the
+  watermarks stay, the flusher retries with exponential backoff (``BACKOFF_MIN_S`` to
+  ``BACKOFF_MAX_S``, jittered) and logs a warning when the outage starts and every
+  ``WARN_EVERY_S`` while it lasts.  Appends go on: the backlog is what the state's watermarks
+  say, held in the hot tails (in snapshots, on disk) and in the local archive, whose retention
+  keeps every row above its session's watermark (``hold``).  No backlog in memory only.
+- A hole below the hot tail that the archive cannot fill: the rows a peer is still copying to
+  this node (backfill ranges) are waited for; rows that no longer exist here (deleted by a
+  retention limit before Postgres was configured) are skipped, counted (``skipped``) and logged.
+- Schema migrations (``schema.migrate``) run at the first connection, before any flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from raft.driver import Driver
+from raft.errors import RaftError
+from wire.protocol import Message
+
+from ..archive import Archive
+from ..commands import PostgresFlushed, encode_command
+from ..history import message_bytes
+from ..state import ConversationState
+from . import schema
+from .rows import (
+    CURSOR_COLUMNS,
+    MESSAGE_COLUMNS,
+    SESSION_COLUMNS,
+    cursor_records,
+    message_record,
+    session_record,
+)
+
+log = logging.getLogger(__name__)
+
+FLUSH_BYTES_MAX = 32 * 1024 * 1024  # message bytes (history.message_bytes) of one transaction
+MARKS_PER_COMMAND = 1000  # watermarks per PostgresFlushed entry (<= ~150 KiB)
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+WARN_EVERY_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+STATEMENT_TIMEOUT_S = 30.0  # each statement; a black-holed server fails a flush after this
+TRANSACTION_TIMEOUT_S = 120.0  # a whole flush transaction
+
+TEMP_TABLES = (
+    "CREATE TEMP TABLE flush_sessions (LIKE sessions) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE flush_messages (LIKE messages) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE flush_cursors (LIKE read_cursors) ON COMMIT DELETE ROWS",
+)
+INSERT_SESSIONS = (
+    "INSERT INTO sessions SELECT * FROM flush_sessions ON CONFLICT (id) DO UPDATE"
+    " SET last_seq = EXCLUDED.last_seq WHERE sessions.last_seq < EXCLUDED.last_seq"
+)
+INSERT_MESSAGES = "INSERT INTO messages SELECT * FROM flush_messages ON CONFLICT DO NOTHING"
+INSERT_CURSORS = (
+    "INSERT INTO read_cursors SELECT * FROM flush_cursors ON CONFLICT (session_id, user_id)"
+    " DO UPDATE SET last_read_seq = EXCLUDED.last_read_seq"
+    " WHERE read_cursors.last_read_seq < EXCLUDED.last_read_seq"
+)
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    dsn: str
+    flush_interval_s: float = 5.0
+    flush_rows: int = 5000
+    pool_size: int = 2
+    propose_timeout_s: float = 5.0  # waiting for the watermarks to apply
+
+    def __post_init__(self) -> None:
+        if self.flush_interval_s <= 0 or self.flush_rows < 1 or self.pool_size < 1:
+            raise ValueError("PostgresConfig: interval, rows and pool size must be positive")
+
+
+@dataclass
+class FlusherStats:
+    flushes: int = 0  # transactions committed
+    messages: int = 0  # message rows copied (including rows Postgres already had)
+    messages_inserted: int = 0  # of those, rows Postgres did not have
+    sessions: int = 0
+    cursors: int = 0
+    failures: int = 0  # flushes that failed (Postgres down, refusing, too slow)
+    skipped: int = 0  # messages no longer on this node when their turn came
+    seconds_total: float = 0.0  # time in flush transactions
+    migrated: list[int] = field(default_factory=list)  # versions this node applied
+    last_error: str | None = None
+    connected: bool = False
+
+
+@dataclass
+class _Batch:
+    sessions: list[tuple[Any, ...]] = field(default_factory=list)
+    messages: list[tuple[Any, ...]] = field(default_factory=list)
+    cursors: list[tuple[Any, ...]] = field(default_factory=list)
+    marks: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)
+    bytes: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.sessions) + len(self.messages) + len(self.cursors)
+
+
+class Flusher:
+    def __init__(
+        self,
+        node_id: int,
+        state: ConversationState,
+        archive: Archive,
+        driver: Driver,
+        config: PostgresConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node_id = node_id
+        self.state = state
+        self.archive = archive
+        self.driver = driver
+        self.config = config
+        self.stats = FlusherStats()
+        self._clock = clock
+        self._pool: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._applied_since = 0  # messages applied since the last flush began
+        self._caught_up_at = clock()  # wall time of the last flush that left nothing behind
+        self._down_since: float | None = None
+        self._warned_at = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        assert self._task is None, "flusher started twice"
+        self._caught_up_at = self._clock()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="postgres-flusher")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5.0)
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                pool.terminate()
+        self.stats.connected = False
+
+    # -- called by the node ------------------------------------------------------------------------
+    def on_message(self) -> None:
+        """A message was applied (any group): wake the flusher once ``flush_rows`` wait."""
+        self._applied_since += 1
+        if self._applied_since == self.config.flush_rows:
+            self._wake.set()
+
+    def led_groups(self) -> list[int]:
+        me, driver = self.node_id, self.driver
+        return [g for g in driver.host.groups() if driver.leader(g) == me]
+
+    def backlog_rows(self) -> int:
+        """Messages of the groups this node leads not yet in Postgres."""
+        return sum(self.state.postgres_backlog(g) for g in self.led_groups())
+
+    def lag_seconds(self, backlog: int | None = None) -> float:
+        """0 without a backlog; else the time since the last flush that left none (an upper
+        bound on the age of the oldest message not yet in Postgres)."""
+        if (self.backlog_rows() if backlog is None else backlog) == 0:
+            return 0.0
+        return max(0.0, self._clock() - self._caught_up_at)
+
+    # -- the task ----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                if self._pool is None:
+                    await self._connect()
+                more = await self.flush()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                failures += 1
+                self._failed(e)
+                delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(failures - 1, 16))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            if failures or self._down_since is not None:
+                log.warning(
+                    "postgres: flushing again after %d failed attempts; %d messages wait",
+                    failures,
+                    self.backlog_rows(),
+                )
+            failures = 0
+            self._down_since = None
+            if not more:
+                await self._sleep(self.config.flush_interval_s)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    def _failed(self, e: BaseException) -> None:
+        s = self.stats
+        s.failures += 1
+        s.last_error = f"{type(e).__name__}: {e}"
+        s.connected = False
+        now = self._clock()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            log.warning(
+                "postgres: flush failed (%s); appends go on, %d messages wait in the local "
+                "archive for Postgres (down for %.0f s)",
+                s.last_error,
+                self.backlog_rows(),
+                now - self._down_since,
+            )
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self.config.dsn, timeout=CONNECT_TIMEOUT_S)
+        try:
+            applied = await asyncio.wait_for(schema.migrate(conn), TRANSACTION_TIMEOUT_S)
+        finally:
+            await conn.close(timeout=CONNECT_TIMEOUT_S)
+        if applied:
+            log.warning("postgres: applied schema migrations %s", applied)
+            self.stats.migrated += applied
+        self._pool = await asyncpg.create_pool(
+            self.config.dsn,
+            min_size=1,
+            max_size=self.config.pool_size,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=STATEMENT_TIMEOUT_S,
+            init=_init_connection,
+        )
+        self.stats.connected = True
+
+    # -- one flush ---------------------------------------------------------------------------------
+    async def flush(self) -> bool:
+        """Copy one transaction's worth of pending rows; whether more wait (or a hole was met)."""
+        started = self._clock()
+        self._applied_since = 0
+        batch, more = await self._collect()
+        if batch.rows:
+            t0 = time.perf_counter()
+            inserted = await asyncio.wait_for(self._write(batch), TRANSACTION_TIMEOUT_S)
+            s = self.stats
+            s.seconds_total += time.perf_counter() - t0
+            s.flushes += 1
+            s.messages += len(batch.messages)
+            s.messages_inserted += inserted
+            s.sessions += len(batch.sessions)
+            s.cursors += len(batch.cursors)
+            s.connected = True
+            await self._record(batch)
+        if not more:
+            self._caught_up_at = started
+        return more
+
+    async def _collect(self) -> tuple[_Batch, bool]:
+        batch = _Batch()
+        rows_max, state = self.config.flush_rows, self.state
+        more = False
+        for group in self.led_groups():
+            for sid, changed, flushed, last in state.postgres_pending(group):
+                if batch.rows >= rows_max or batch.bytes >= FLUSH_BYTES_MAX:
+                    return batch, True
+                session = state.get_session(sid)
+                cursors = state.cursors(sid)
+                if session is None or cursors is None:  # the group left this node meanwhile
+                    break
+                batch.sessions.append(session_record(session))
+                batch.cursors += cursor_records(sid, cursors)
+                messages, upto = await self._messages(
+                    sid, flushed, last, max(1, rows_max - batch.rows)
+                )
+                for m in messages:
+                    batch.messages.append(message_record(m))
+                    batch.bytes += message_bytes(m)
+                more = more or upto < last
+                batch.marks.setdefault(group, []).append((sid, upto, changed))
+        return batch, more
+
+    async def _messages(
+        self, sid: str, after: int, last: int, limit: int
+    ) -> tuple[list[Message], int]:
+        """Consecutive messages of ``sid`` from ``after + 1`` up to ``last`` (at most ``limit``,
+        about ``FLUSH_BYTES_MAX`` bytes), from the hot tail or the archive; and the seq up to
+        which every message is in them or skipped as gone."""
+        out: list[Message] = []
+        upto, size = after, 0
+        while upto < last and len(out) < limit and size < FLUSH_BYTES_MAX:
+            r = self.state.read(sid, upto, limit - len(out))
+            if r is None:
+                break
+            found = r.messages
+            if upto + 1 < r.first_seq:
+                to = min(r.first_seq - 1, last)
+                archived = await self._archived(sid, upto, to, limit - len(out))
+                if archived is None:  # being copied from a peer: later
+                    break
+                found = archived
+                if not found or found[0].seq != upto + 1:
+                    to = min(found[0].seq if found else r.first_seq, last + 1)
+                    log.warning(
+                        "postgres: messages %d..%d of session %r are gone from this node "
+                        "(retention); they cannot be copied to Postgres",
+                        upto + 1,
+                        to - 1,
+                        sid,
+                    )
+                    self.stats.skipped += to - upto - 1
+                    upto = to - 1
+                    continue
+            took = 0
+            for m in found:
+                if m.seq != upto + 1 or m.seq > last or len(out) >= limit:
+                    break
+                if size >= FLUSH_BYTES_MAX:
+                    break
+                out.append(m)
+                upto = m.seq
+                size += message_bytes(m)
+                took += 1
+            if not took:
+                break
+        return out, upto
+
+    async def _archived(self, sid: str, after: int, to: int, limit: int) -> list[Message] | None:
+        """Archived messages of ``sid`` in ``after+1..to`` (waiting for the archive's queue if
+        the first is missing); None while a backfill range covers ``after + 1``."""
+        for _, _, lo, hi in self.archive.backfill_ranges(sid):
+            if lo <= after + 1 <= hi:
+                return None
+        bytes_max = FLUSH_BYTES_MAX
+        rows = await self.archive.read(sid, after, limit, to_seq=to, bytes_max=bytes_max)
+        if not rows or rows[0].seq != after + 1:
+            await self.archive.barrier()  # evicted from the tail, still queued for the archive?
+            rows = await self.archive.read(sid, after, limit, to_seq=to, bytes_max=bytes_max)
+        return rows
+
+    async def _write(self, batch: _Batch) -> int:
+        """One transaction; the message rows Postgres did not have."""
+        async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn, conn.transaction():
+            if batch.sessions:
+                await conn.copy_records_to_table(
+                    "flush_sessions", records=batch.sessions, columns=SESSION_COLUMNS
+                )
+                await conn.execute(INSERT_SESSIONS)
+            inserted = 0
+            if batch.messages:
+                await conn.copy_records_to_table(
+                    "flush_messages", records=batch.messages, columns=MESSAGE_COLUMNS
+                )
+                status = await conn.execute(INSERT_MESSAGES)
+                inserted = int(status.rsplit(" ", 1)[-1])
+            if batch.cursors:
+                await conn.copy_records_to_table(
+                    "flush_cursors", records=batch.cursors, columns=CURSOR_COLUMNS
+                )
+                await conn.execute(INSERT_CURSORS)
+        return inserted
+
+    async def _record(self, batch: _Batch) -> None:
+        """Propose the new watermarks to each group and wait for them (a failure is left to
+        the next flush, by this node or the group's next leader: the rows are idempotent)."""
+        futures: list[asyncio.Future[object]] = []
+        for group, marks in batch.marks.items():
+            for i in range(0, len(marks), MARKS_PER_COMMAND):
+                command = encode_command(PostgresFlushed(marks[i : i + MARKS_PER_COMMAND]))
+                with contextlib.suppress(RaftError):  # no longer the leader
+                    futures.append(self.driver.propose(group, command))
+        if not futures:
+            return
+        done, pending = await asyncio.wait(futures, timeout=self.config.propose_timeout_s)
+        for f in pending:
+            f.cancel()
+        for f in done:
+            if not f.cancelled() and f.exception() is not None:
+                log.info("postgres: a watermark was not recorded: %r", f.exception())
+
+
+async def _init_connection(conn: Any) -> None:
+    for statement in TEMP_TABLES:
+        await conn.execute(statement)
+
+
+__all__ = ["FLUSH_BYTES_MAX", "Flusher", "FlusherStats", "PostgresConfig"]

@@ -1,0 +1,120 @@
+"""Sessions, messages and read cursors as Postgres rows (the columns of ``schema``), and back.
+
+PostgreSQL's ``text`` and ``jsonb`` cannot hold the NUL character (U+0000), which a message may
+contain: it is stored as U+FFFD (the replacement character).  Everything else round-trips:
+timestamps (ms since the epoch) as ``timestamptz``, metadata as ``jsonb`` (msgpack binary
+values as base64 strings, as msgspec's JSON encoder writes them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+
+from wire.protocol import Message, Session
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+NUL, REPLACEMENT = "\x00", "\ufffd"
+
+MESSAGE_COLUMNS = (
+    "session_id", "seq", "sender", "sender_id", "kind", "content", "metadata", "client_msg_id",
+    "inserted_at", "token_count",
+)  # fmt: skip
+SESSION_COLUMNS = ("id", "user_id", "agent_id", "created_at", "metadata", "last_seq")
+CURSOR_COLUMNS = ("session_id", "user_id", "last_read_seq")
+
+_encode_json = msgspec.json.Encoder().encode
+_JSON_NUL = b"\\u0000"
+_decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def timestamp(ms: int) -> dt.datetime:
+    return EPOCH + dt.timedelta(milliseconds=ms)
+
+
+def millis(t: dt.datetime) -> int:
+    delta = t - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def text(value: str) -> str:
+    return value.replace(NUL, REPLACEMENT) if NUL in value else value
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return text(value)
+    if isinstance(value, dict):
+        return {text(str(k)): _scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    data = _encode_json(value)
+    if _JSON_NUL in data:  # a NUL somewhere in a string (or a literal "\u0000"): rewrite
+        data = _encode_json(_scrub(value))
+    return data.decode()
+
+
+def stored_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` as it reads back from Postgres (through JSON, NUL replaced)."""
+    return _decode_metadata(json_text(value))
+
+
+def message_record(m: Message) -> tuple[Any, ...]:
+    return (
+        m.session_id,
+        m.seq,
+        m.sender,
+        text(m.sender_id),
+        text(m.kind),
+        text(m.content),
+        json_text(m.metadata),
+        None if m.client_msg_id is None else text(m.client_msg_id),
+        timestamp(m.inserted_at),
+        m.token_count,
+    )
+
+
+def session_record(s: Session) -> tuple[Any, ...]:
+    return (s.id, s.user_id, s.agent_id, timestamp(s.created_at), json_text(s.metadata), s.last_seq)
+
+
+def cursor_records(session_id: str, cursors: dict[str, int]) -> list[tuple[Any, ...]]:
+    return [(session_id, user_id, seq) for user_id, seq in cursors.items()]
+
+
+def message_from_row(row: Any) -> Message:
+    """A ``messages`` row (selected with ``MESSAGE_COLUMNS``, metadata as text) as a Message."""
+    return Message(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        _decode_metadata(row[6]),
+        row[7],
+        millis(row[8]),
+        row[9],
+    )
+
+
+__all__ = [
+    "CURSOR_COLUMNS",
+    "MESSAGE_COLUMNS",
+    "SESSION_COLUMNS",
+    "cursor_records",
+    "json_text",
+    "message_from_row",
+    "message_record",
+    "millis",
+    "session_record",
+    "stored_metadata",
+    "text",
+    "timestamp",
+]

@@ -1,0 +1,231 @@
+"""ctxstore/pg/flusher.py on a real single node (in this process) and a real PostgreSQL (a
+database of each test's own): what the node commits reaches Postgres exactly once, from the
+hot tail and from the archive, through an outage (a proxy in front of Postgres, cut), and
+without duplicates when a watermark is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import uvloop
+
+from ctxstore import commands as c
+from ctxstore.config import Settings
+from ctxstore.node import Node
+from ctxstore.pg import rows
+from ctxstore.placement import group_of
+from wire.protocol import Message
+
+from ..cluster.proxy import LinkProxy
+from .pgdb import fetch
+
+GROUPS = 4
+
+
+def run(coro: Any, timeout: float = 60.0) -> Any:
+    async def guarded() -> Any:
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(guarded())
+
+
+@contextlib.asynccontextmanager
+async def node(tmp_path: Path, dsn: str, **kw: Any) -> AsyncIterator[Node]:
+    settings = Settings(
+        data_dir=str(tmp_path / "n1"),
+        listen="127.0.0.1:0",
+        groups=GROUPS,
+        tick_ms=10,
+        postgres_dsn=dsn,
+        postgres_flush_interval_ms=kw.pop("interval_ms", 50),
+        **kw,
+    )
+    n = Node(settings)
+    await n.start()
+    try:
+        assert await n.wait_leaders(10)
+        yield n
+    finally:
+        await n.stop()
+
+
+async def submit(n: Node, cmd: c.CreateSession | c.Append | c.MarkRead) -> Any:
+    result = await n.router.submit(group_of(cmd.session_id, GROUPS), c.encode_command(cmd))
+    assert not isinstance(result, c.Rejected), result
+    return result
+
+
+async def create(n: Node, sid: str, user: str = "u1") -> None:
+    await submit(n, c.CreateSession(sid, user, "agent", {"topic": sid}, 1_700_000_000_000))
+
+
+async def append(n: Node, sid: str, content: str, **kw: Any) -> int:
+    cmd = c.Append(
+        sid,
+        kw.get("sender", "agent"),
+        "bot",
+        "text",
+        content,
+        kw.get("metadata", {}),
+        kw.get("cmid"),
+        None,
+        kw.get("tokens"),
+        1_700_000_000_000 + len(content),
+    )
+    result = await submit(n, cmd)
+    assert isinstance(result, c.Appended)
+    return result.seq
+
+
+async def wait_flushed(n: Node, timeout: float = 20.0) -> None:
+    assert n.postgres is not None
+    async with asyncio.timeout(timeout):
+        while n.postgres.backlog_rows() or any(n.state.postgres_pending(g) for g in range(GROUPS)):
+            await asyncio.sleep(0.02)
+
+
+async def pg_messages(dsn: str) -> list[Message]:
+    columns = ", ".join(rows.MESSAGE_COLUMNS).replace("metadata", "metadata::text")
+    found = await fetch(dsn, f"SELECT {columns} FROM messages ORDER BY session_id, seq")
+    return [rows.message_from_row(r) for r in found]
+
+
+async def history(n: Node, sid: str) -> list[Message]:
+    out: list[Message] = []
+    while True:
+        page = await n.history.read(sid, out[-1].seq if out else 0, 1000)
+        assert page is not None and page.gap is None
+        if not page.messages:
+            return out
+        out += page.messages
+
+
+def scrubbed(m: Message) -> Message:
+    """``m`` as Postgres stores it (NUL as U+FFFD)."""
+    return Message(
+        m.session_id, m.seq, m.sender, m.sender_id, m.kind, rows.text(m.content),
+        rows.stored_metadata(m.metadata), m.client_msg_id, m.inserted_at, m.token_count,
+    )  # fmt: skip
+
+
+def test_every_committed_message_session_and_cursor_reaches_postgres_once(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    async def main() -> None:
+        async with node(tmp_path, pg_dsn, tail_messages_max=4) as n:
+            sids = [f"s{i}" for i in range(6)]
+            for sid in sids:
+                await create(n, sid)
+            weird = {"nested": {"list": [1, 2.5, None, True], "nul": "a\x00b"}, "é": "ü"}
+            for k in range(30):
+                for sid in sids:
+                    await append(n, sid, f"m{k} of {sid}", metadata=weird if k == 3 else {})
+            await append(n, "s0", "with a \x00 NUL", cmid="c1", tokens=12)
+            await append(n, "s1", "from the user", sender="user")
+            await submit(n, c.MarkRead("s2", "u1", 7))
+            await wait_flushed(n)
+            expected = [scrubbed(m) for sid in sids for m in await history(n, sid)]
+            assert len(expected) == 6 * 30 + 2
+            got = await pg_messages(pg_dsn)
+            assert got == sorted(expected, key=lambda m: (m.session_id, m.seq))
+            sessions = await fetch(pg_dsn, "SELECT id, user_id, last_seq FROM sessions")
+            assert sorted(tuple(r) for r in sessions) == sorted(
+                (sid, "u1", 31 if sid in ("s0", "s1") else 30) for sid in sids
+            )
+            cursors = await fetch(pg_dsn, "SELECT * FROM read_cursors ORDER BY session_id")
+            assert [tuple(r) for r in cursors] == [("s1", "u1", 31), ("s2", "u1", 7)]
+            assert n.postgres is not None
+            assert n.postgres.stats.skipped == 0 and n.postgres.stats.failures == 0
+            # the tail held 4 per session: most rows came from the archive
+            assert n.history.archive_reads > 0
+
+    run(main())
+
+
+def test_a_lost_watermark_costs_a_second_copy_not_a_duplicate(
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader killed between its COMMIT and its watermark: the next flush copies the same rows
+    again, and Postgres keeps one of each."""
+
+    async def main() -> None:
+        async with node(tmp_path, pg_dsn, interval_ms=60_000) as n:
+            flusher = n.postgres
+            assert flusher is not None
+            await flusher.stop()  # flushes by hand below
+            await create(n, "s")
+            for k in range(20):
+                await append(n, "s", f"m{k}")
+            record = flusher._record
+
+            async def lost(batch: Any) -> None:
+                pass
+
+            monkeypatch.setattr(flusher, "_record", lost)
+            await flusher._connect()
+            assert await flusher.flush() is False
+            assert flusher.stats.messages_inserted == 20
+            assert flusher.backlog_rows() == 20  # the watermark did not move
+            monkeypatch.setattr(flusher, "_record", record)
+            await append(n, "s", "one more")
+            await flusher.flush()
+            assert flusher.stats.messages == 20 + 21 and flusher.stats.messages_inserted == 21
+            assert flusher.backlog_rows() == 0
+            assert [m.seq for m in await pg_messages(pg_dsn)] == list(range(1, 22))
+
+    run(main())
+
+
+def test_an_outage_keeps_the_backlog_on_disk_and_drains_after(
+    tmp_path: Path, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Postgres behind a proxy, cut: appends go on, the backlog grows (and retention keeps the
+    rows Postgres lacks), a warning is logged; healed, the table catches up exactly."""
+
+    async def main() -> None:
+        parts = urlsplit(pg_dsn)
+        assert parts.hostname is not None and parts.port is not None
+        proxy = LinkProxy((parts.hostname, parts.port), "postgres")
+        host, port = await proxy.start()
+        proxied = parts._replace(netloc=f"postgres@{host}:{port}").geturl()
+        try:
+            async with node(tmp_path, proxied, tail_messages_max=3, retention_max_messages=5) as n:
+                flusher = n.postgres
+                assert flusher is not None
+                await create(n, "s")
+                await append(n, "s", "before")
+                await wait_flushed(n)
+                proxy.cut()
+                for k in range(40):
+                    await append(n, "s", f"during {k}")
+                await asyncio.sleep(0.5)
+                assert flusher.backlog_rows() == 40
+                assert flusher.stats.failures >= 1 and not flusher.stats.connected
+                assert flusher.lag_seconds() > 0.3
+                await n.archive.barrier()
+                # retention keeps 5 per session, but not past what Postgres lacks
+                kept = [m.seq for m in await n.archive.read("s", 0, 100)]
+                assert [s for s in kept if s >= 2] == list(range(2, 39))
+                proxy.heal()
+                await wait_flushed(n, timeout=40)
+                assert flusher.lag_seconds() == 0
+                got = await pg_messages(pg_dsn)
+                assert [m.seq for m in got] == list(range(1, 42))
+                assert [m.content for m in got[1:]] == [f"during {k}" for k in range(40)]
+                # drained: now retention deletes what Postgres holds
+                await append(n, "s", "after")
+                await n.archive.barrier()
+                assert len(await n.archive.read("s", 0, 100)) <= 5
+        finally:
+            await proxy.close()
+        assert any("appends go on" in r.getMessage() for r in caplog.records)
+
+    run(main(), timeout=90)
