@@ -201,6 +201,7 @@ class NodeCollector(Collector):
         yield from self._service()
         yield from self._streams()
         yield from self._archive()
+        yield from self._postgres()
         yield from self._raft()
         yield from self._wal()
         yield from self._peers()
@@ -371,6 +372,50 @@ class NodeCollector(Collector):
             "ctxstore_history_archive_waits_total",
             "Of those, pages that met a hole and waited for the archive's queue.",
             node.history.archive_barriers,
+        )
+
+    def _postgres(self) -> Iterator[Metric]:
+        """The write-behind (ctxstore/pg/flusher.py): only with postgres_dsn."""
+        flusher = self.metrics.node.postgres
+        if flusher is None:
+            return
+        st = flusher.stats
+        backlog = flusher.backlog_rows()
+        yield _gauge(
+            "ctxstore_postgres_backlog_rows",
+            "Messages of the groups this node leads not yet in Postgres.",
+            backlog,
+        )
+        yield _gauge(
+            "ctxstore_postgres_lag_seconds",
+            "0 without a backlog; else the time since the last flush that left none.",
+            flusher.lag_seconds(backlog),
+        )
+        yield _gauge("ctxstore_postgres_up", "1 if the last flush (or connection) worked.",
+                     int(st.connected))  # fmt: skip
+        yield _counter("ctxstore_postgres_flushes_total", "Flush transactions committed.",
+                       st.flushes)  # fmt: skip
+        yield _counter(
+            "ctxstore_postgres_flush_failures_total",
+            "Flushes that failed (Postgres down, refusing or too slow); retried with backoff.",
+            st.failures,
+        )
+        yield _counter(
+            "ctxstore_postgres_rows_total",
+            "Message rows copied to Postgres (a row copied twice counts twice).",
+            st.messages,
+        )
+        yield _counter(
+            "ctxstore_postgres_rows_inserted_total",
+            "Of those, rows Postgres did not have yet.",
+            st.messages_inserted,
+        )
+        yield _counter("ctxstore_postgres_flush_seconds_total",
+                       "Time spent in flush transactions.", st.seconds_total)  # fmt: skip
+        yield _counter(
+            "ctxstore_postgres_skipped_rows_total",
+            "Messages gone from this node (retention) before they could be copied.",
+            st.skipped,
         )
 
     def _raft(self) -> Iterator[Metric]:

@@ -1,0 +1,287 @@
+"""The Postgres write-behind end to end: three real ``ctxstore serve`` processes under append
+load, a real PostgreSQL (a database of each test's own) reached through a TCP proxy in this
+process (``tests/cluster/proxy.py``) that the tests cut or black-hole, and kill -9 of a leader.
+After each: every acknowledged message is in ``messages`` exactly once, equal to what the store
+returns, and ``sessions.last_seq`` and ``read_cursors`` agree with the store."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import uvloop
+
+from bench.nodestats import fetch_metrics
+from ctxstore.launcher import LocalCluster
+from ctxstore.pg import rows
+from wire.client import Client, ClientError, connect
+from wire.protocol import Message
+
+from ..cluster.proxy import LinkProxy
+from .pgdb import fetch
+from .test_ops import fetch as http_get
+
+pytestmark = pytest.mark.cluster
+
+SESSIONS = [f"pg-{i}" for i in range(12)]
+OUTAGE_S = 6.0  # the issue asks for 60 s; the suite's time budget allows this (see docs)
+FAST = ["--tick-ms", "20", "--groups", "16", "--postgres-flush-interval-ms", "100"]
+
+
+def run(coro: Coroutine[Any, Any, None], timeout_s: float = 120) -> None:
+    uvloop.run(asyncio.wait_for(coro, timeout_s))
+
+
+@asynccontextmanager
+async def proxied(dsn: str) -> AsyncIterator[tuple[LinkProxy, str]]:
+    parts = urlsplit(dsn)
+    assert parts.hostname is not None and parts.port is not None
+    proxy = LinkProxy((parts.hostname, parts.port), "postgres")
+    host, port = await proxy.start()
+    user = f"{parts.username}@" if parts.username else ""
+    try:
+        yield proxy, parts._replace(netloc=f"{user}{host}:{port}").geturl()
+    finally:
+        await proxy.close()
+
+
+@asynccontextmanager
+async def cluster_with(tmp_path: Path, dsn: str, *extra: str) -> AsyncIterator[LocalCluster]:
+    cluster = LocalCluster(3, str(tmp_path), extra_args=[*FAST, "--postgres-dsn", dsn, *extra])
+    await cluster.start()
+    try:
+        async with await connect(cluster.targets) as c:
+            for sid in SESSIONS:
+                await c.create_session("user", "agent", {"sid": sid}, sid)
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+class Load:
+    """``writers`` clients appending (retrying with the same client_msg_id until acked) and
+    marking read, until stopped; every ack recorded."""
+
+    def __init__(self, cluster: LocalCluster, writers: int = 12) -> None:
+        self.cluster = cluster
+        self.acks: dict[tuple[str, int], str] = {}
+        self.failures: list[BaseException] = []
+        self._stop = False
+        self._tasks = [asyncio.create_task(self._writer(k)) for k in range(writers)]
+
+    async def _writer(self, k: int) -> None:
+        rng = random.Random(k)
+        targets = self.cluster.targets[k % 3 :] + self.cluster.targets[: k % 3]
+        client = await connect(targets, timeout_s=5, backoff_max_s=0.5)
+        try:
+            i = 0
+            while not self._stop:
+                sid = rng.choice(SESSIONS)
+                content = f"w{k}-{i}"
+                seq = await append_until_acked(client, sid, content, f"{k}-{i}")
+                assert (sid, seq) not in self.acks, f"{sid} seq {seq} acknowledged twice"
+                self.acks[sid, seq] = content
+                if i % 10 == 0:
+                    await mark_read(client, sid, seq)
+                i += 1
+        except BaseException as e:
+            self.failures.append(e)
+            raise
+        finally:
+            await client.close()
+
+    async def wait(self, n: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        start = len(self.acks)
+        while len(self.acks) < start + n:
+            assert not self.failures, self.failures
+            assert time.monotonic() < deadline, f"only {len(self.acks) - start} acks"
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self._stop = True
+        await asyncio.gather(*self._tasks)
+
+
+async def append_until_acked(client: Client, sid: str, content: str, msg_id: str) -> int:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return (await client.append(sid, content, client_msg_id=msg_id)).seq
+        except ClientError as e:
+            if not e.retryable or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def mark_read(client: Client, sid: str, seq: int) -> None:
+    """Retried until answered (moving a cursor forward again changes nothing)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await client.mark_read(sid, "user", seq)
+            return
+        except ClientError as e:
+            if not e.retryable or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def read_all(client: Client, session_id: str) -> list[Message]:
+    out: list[Message] = []
+    while True:
+        page = await client.read(session_id, out[-1].seq if out else 0, 1000)
+        out += page.messages
+        if not page.messages or out[-1].seq >= page.last_seq:
+            return out
+
+
+async def pg_messages(dsn: str) -> list[Message]:
+    columns = ", ".join(rows.MESSAGE_COLUMNS).replace("metadata", "metadata::text")
+    found = await fetch(dsn, f"SELECT {columns} FROM messages ORDER BY session_id, seq")
+    return [rows.message_from_row(r) for r in found]
+
+
+async def wait_caught_up(dsn: str, expected: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        count = (await fetch(dsn, "SELECT count(*) FROM messages"))[0][0]
+        if count >= expected:
+            return
+        assert time.monotonic() < deadline, f"{count} of {expected} messages in Postgres"
+        await asyncio.sleep(0.1)
+
+
+async def check_postgres(cluster: LocalCluster, dsn: str, load: Load) -> None:
+    """Every acked message in Postgres exactly once (the primary key makes "once"; a missing
+    or extra row fails the equality), equal to the store's history; sessions and cursors."""
+    async with await connect(cluster.targets) as c:
+        store = {sid: await read_all(c, sid) for sid in SESSIONS}
+        sessions = {sid: (await c.get_session(sid)).session for sid in SESSIONS}
+    total = sum(map(len, store.values()))
+    assert total == len(load.acks)
+    for sid, messages in store.items():
+        assert {(sid, m.seq): m.content for m in messages} == {
+            k: v for k, v in load.acks.items() if k[0] == sid
+        }
+    await wait_caught_up(dsn, total)
+    # the cursors and last_seqs go with the rows' flush; wait for the last watermark too
+    await asyncio.sleep(0.5)
+    got = await pg_messages(dsn)
+    assert got == [m for sid in sorted(store) for m in store[sid]]
+    pg_sessions = await fetch(dsn, "SELECT id, user_id, agent_id, last_seq FROM sessions")
+    assert sorted(tuple(r) for r in pg_sessions) == sorted(
+        (sid, "user", "agent", s.last_seq) for sid, s in sessions.items()
+    )
+    cursors = await fetch(dsn, "SELECT session_id, last_read_seq FROM read_cursors")
+    for sid, seq in cursors:
+        assert 0 < seq <= sessions[sid].last_seq
+
+
+async def scrape(cluster: LocalCluster) -> list[dict[str, float]]:
+    return [await fetch_metrics(c.ops_target) for c in cluster.children.values()]
+
+
+def test_every_acknowledged_message_reaches_postgres_exactly_once(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    async def main() -> None:
+        async with cluster_with(tmp_path, pg_dsn) as cluster:
+            load = Load(cluster)
+            await load.wait(1500)
+            await load.stop()
+            await check_postgres(cluster, pg_dsn, load)
+            metrics = await scrape(cluster)
+            assert sum(m["ctxstore_postgres_flushes_total"] for m in metrics) > 0
+            assert sum(m["ctxstore_postgres_rows_inserted_total"] for m in metrics) == len(
+                load.acks
+            )
+            migrated = await fetch(pg_dsn, "SELECT version FROM schema_migrations")
+            assert [r[0] for r in migrated] == [1]  # three nodes started together: once
+
+    run(main())
+
+
+def test_a_postgres_outage_under_load_loses_and_duplicates_nothing(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Postgres cut off (the proxy refuses) under load for ``OUTAGE_S`` and 1 200 appends, far
+    more than the hot tails hold (5 messages a session: the rest waits in the archives): no
+    append fails because of it, the nodes stay ready, the backlog and lag show; healed, the
+    table catches up exactly."""
+
+    async def main() -> None:
+        tail = ("--tail-messages-max", "5")
+        async with proxied(pg_dsn) as (proxy, dsn), cluster_with(tmp_path, dsn, *tail) as cluster:
+            load = Load(cluster)
+            await load.wait(200)
+            proxy.cut()
+            cut_at, cut_time = len(load.acks), time.monotonic()
+            await load.wait(1200)  # all acked: no failure, the writers would have raised
+            await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - cut_time)))
+            metrics = await scrape(cluster)
+            assert sum(m["ctxstore_postgres_backlog_rows"] for m in metrics) > 500
+            assert max(m["ctxstore_postgres_lag_seconds"] for m in metrics) > 1
+            assert sum(m["ctxstore_postgres_flush_failures_total"] for m in metrics) > 0
+            for child in cluster.children.values():
+                host, port = child.ops_target.rsplit(":", 1)
+                ready = await http_get((host, int(port)), "/health/ready")
+                assert ready.status == 200
+            count = (await fetch(pg_dsn, "SELECT count(*) FROM messages"))[0][0]
+            assert count <= cut_at
+            proxy.heal()
+            await load.wait(200)
+            await load.stop()
+            await check_postgres(cluster, dsn, load)
+            for m in await scrape(cluster):
+                assert m["ctxstore_postgres_skipped_rows_total"] == 0
+
+    run(main(), timeout_s=180)
+
+
+def test_kill_9_of_a_leader_in_the_middle_of_a_flush(tmp_path: Path, pg_dsn: str) -> None:
+    """The proxy black-holes Postgres, so every node's flush hangs inside its transaction; the
+    node leading the most groups is killed -9 there, Postgres comes back: the new leaders
+    resume from the watermarks recorded through Raft; no gap, no duplicate."""
+
+    async def main() -> None:
+        async with proxied(pg_dsn) as (proxy, dsn), cluster_with(tmp_path, dsn) as cluster:
+            load = Load(cluster)
+            await load.wait(300)
+            proxy.blackhole()
+            await load.wait(300)
+            assert proxy.dropped_bytes > 0  # a flush was sent into the hole
+            counts = await leader_counts(cluster)
+            victim = counts.most_common(1)[0][0]
+            cluster.kill(victim)
+            await cluster.wait_exit(victim)
+            await load.wait(300)
+            proxy.heal()
+            await cluster.start_node(victim)
+            await load.wait(200)
+            await load.stop()
+            await check_postgres(cluster, dsn, load)
+
+    run(main(), timeout_s=180)
+
+
+async def leader_counts(cluster: LocalCluster) -> Counter[int]:
+    for target in cluster.targets:
+        try:
+            client = await connect(target, timeout_s=5, connect_attempts=1)
+        except ClientError:
+            continue
+        try:
+            routes = await client.get_routes()
+        finally:
+            await client.close()
+        return Counter(lead for lead in routes.leaders if lead)
+    raise AssertionError("no node answered")
