@@ -8,6 +8,9 @@ leader first, then any connected peer), one page at a time, and hands the rows t
 already deleted is dropped.  Until a range is filled, reads that need it answer ``unavailable``
 (``History``), never a gap.
 
+With ``source`` (``postgres_serve_history``: ``ctxstore/pg/history.py``), each range is asked
+of Postgres first, and of the peers only for what Postgres does not hold (yet).
+
 Bounds: one fetch in flight per node, pages of ``page_messages`` messages.  A round in which
 no peer could serve any range is retried after ``retry_s``, doubled after each such round up to
 ``retry_max_s`` (back to ``retry_s`` once a page lands), so a range no peer can serve costs a
@@ -21,15 +24,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from raft.driver import Driver
 from wire.flow import CountedLog
+from wire.protocol import Message
 
 from .archive import Archive
 from .history import History, HistoryUnavailable
 from .router import HistoryFetch, HistoryRows, RouteError, Router
 
 logger = logging.getLogger(__name__)
+
+# (session_id, after_seq, to_seq, limit) -> consecutive messages from after_seq + 1, or []
+HistorySource = Callable[[str, int, int, int], Awaitable[list[Message]]]
 
 FAILURE_LOG_INTERVAL_S = 60.0
 
@@ -55,6 +63,7 @@ class Backfill:
         self.retry_max_s = retry_max_s
         self.rows_copied = 0
         self.fetch_failures = 0
+        self.source: HistorySource | None = None
         self._failure_log = CountedLog(logger, logging.WARNING, FAILURE_LOG_INTERVAL_S)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -112,6 +121,16 @@ class Backfill:
         return peers
 
     async def _one(self, group: int, session_id: str, lo: int, hi: int) -> bool:
+        if self.source is not None:
+            try:
+                messages = await self.source(session_id, lo - 1, hi, self.page_messages)
+            except Exception as e:  # Postgres down or slow: the peers
+                self._failed(session_id, lo, hi, f"postgres: {e!r}")
+                messages = []
+            if messages:
+                await self.archive.fill(session_id, messages)
+                self.rows_copied += len(messages)
+                return True
         for peer in self._peers(group):
             try:
                 rows = await self.router.fetch_history(

@@ -417,6 +417,13 @@ class NodeCollector(Collector):
             "Messages gone from this node (retention) before they could be copied.",
             st.skipped,
         )
+        history = self.metrics.node.postgres_history
+        if history is not None:
+            yield _counter(
+                "ctxstore_postgres_history_rows_total",
+                "Messages this node's archive copied from Postgres (postgres_serve_history).",
+                history.rows_served,
+            )
 
     def _raft(self) -> Iterator[Metric]:
         node = self.metrics.node

@@ -51,6 +51,7 @@ from .window import Window
 
 if TYPE_CHECKING:
     from .pg.flusher import Flusher
+    from .pg.history import PostgresHistory
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Node:
         self.backfill = Backfill(s.node_id, self.archive, self.router, self.driver)
         self.transport: Transport | None = None
         self.postgres: Flusher | None = None
+        self.postgres_history: PostgresHistory | None = None
         if s.postgres_dsn is not None:
             from .pg.flusher import Flusher, PostgresConfig
 
@@ -138,6 +140,12 @@ class Node:
                 propose_timeout_s=s.request_timeout_s,
             )
             self.postgres = Flusher(s.node_id, self.state, self.archive, self.driver, config)
+            if s.postgres_serve_history:
+                from .pg.history import PostgresHistory
+
+                flusher = self.postgres
+                self.postgres_history = PostgresHistory(lambda: flusher.pool)
+                self.backfill.source = self.postgres_history.fetch
 
     def _postgres_hold(self, session_id: str) -> int:
         """The archive's retention floor for ``session_id`` (called on the archive's writer

@@ -176,6 +176,11 @@ class Flusher:
                 pool.terminate()
         self.stats.connected = False
 
+    @property
+    def pool(self) -> Any:
+        """The asyncpg pool once connected and migrated (None before)."""
+        return self._pool
+
     # -- called by the node ------------------------------------------------------------------------
     def on_message(self) -> None:
         """A message was applied (any group): wake the flusher once ``flush_rows`` wait."""
