@@ -2,21 +2,39 @@
 
     ctxstore db migrate [--postgres-dsn DSN] [--config FILE]
     ctxstore db status  [--postgres-dsn DSN] [--config FILE]
+    ctxstore db backfill --http HOST:PORT [--timeout SECONDS]
 
 The DSN comes as for ``serve``: the flag < ``CTXSTORE_POSTGRES_DSN`` < the ``postgres_dsn``
 of a TOML file, reversed (flag wins).  Each command prints one JSON object on stdout; a failure
 prints one line ``{"error": code, "message": ...}`` on stderr and exits with the status of its
 class (``cli_common``).
+
+``backfill`` asks a running node (its ops port, ``pg/admin.py``) to have every group copy its
+whole history to the nodes' database again (for a database that is new or was emptied), then
+prints the rows left about once a second until every group has copied what it held.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+import time
 from typing import Any
 
-from .cli_common import EXIT_ANSWER, EXIT_CONNECT, EXIT_STATUSES, EXIT_USAGE, HelpFormatter, emit
-from .config import ConfigError, load
+import h11
+import msgspec
+
+from .cli_common import (
+    EXIT_ANSWER,
+    EXIT_CONNECT,
+    EXIT_STATUSES,
+    EXIT_USAGE,
+    HelpFormatter,
+    emit,
+    seconds,
+)
+from .config import ConfigError, load, parse_address
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -24,7 +42,7 @@ CONNECT_TIMEOUT_S = 10.0
 def add_db(sub: Any) -> None:
     p = sub.add_parser(
         "db",
-        help="the PostgreSQL database of the write-behind: migrate, status",
+        help="the PostgreSQL database of the write-behind: migrate, status, backfill",
         description="Manage the PostgreSQL database ctxstore copies its history into "
         "(docs/postgres.md). The DSN comes from --postgres-dsn, CTXSTORE_POSTGRES_DSN or the "
         "postgres_dsn of --config, in that order.",
@@ -47,6 +65,24 @@ def add_db(sub: Any) -> None:
         cmd.add_argument(
             "--config", metavar="FILE", default=None, help="a TOML file of settings (default: none)"
         )
+    text = (
+        "have a running cluster copy its whole history to its database again (a new or "
+        "emptied database; rows it holds are skipped), and wait until it did"
+    )
+    cmd = c.add_parser("backfill", help=text, description=text, formatter_class=HelpFormatter)
+    cmd.add_argument(
+        "--http",
+        required=True,
+        metavar="HOST:PORT",
+        help="the ops (HTTP) port of a node started with --postgres-dsn (required)",
+    )
+    cmd.add_argument(
+        "--timeout",
+        type=seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="give up waiting after this many seconds, > 0 (default: 3600)",
+    )
 
 
 def _error(code: str, message: str, status: int) -> int:
@@ -54,7 +90,75 @@ def _error(code: str, message: str, status: int) -> int:
     return status
 
 
+async def http_call(address: tuple[str, int], method: str, path: str) -> tuple[int, Any]:
+    """One HTTP/1.1 request on its own connection; the status and the JSON body."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        conn = h11.Connection(h11.CLIENT)
+        host = f"{address[0]}:{address[1]}"
+        head = h11.Request(method=method, target=path, headers=[("Host", host)])
+        writer.write(conn.send(head) + conn.send(h11.EndOfMessage()))
+        status, body = 0, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > 1 << 20:
+                    raise ValueError(f"{host}{path}: an answer over 1 MiB")
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+        return status, msgspec.json.decode(body) if body else None
+    finally:
+        writer.close()
+
+
+async def _backfill(args: argparse.Namespace) -> int:
+    try:
+        address = parse_address(args.http, "http")
+    except ConfigError as e:
+        return _error("bad_request", str(e), EXIT_USAGE)
+    try:
+        status, started = await asyncio.wait_for(
+            http_call(address, "POST", "/admin/postgres/backfill"), CONNECT_TIMEOUT_S
+        )
+    except (OSError, TimeoutError, ValueError, h11.ProtocolError) as e:
+        return _error("unavailable", f"cannot reach {args.http}: {e}", EXIT_CONNECT)
+    if status == 404:
+        return _error("bad_request", f"{args.http}: the node has no postgres_dsn", EXIT_ANSWER)
+    if status != 202:
+        return _error("internal", f"{args.http}: answered {status}: {started}", EXIT_ANSWER)
+    emit({"started": True, "groups": started["groups"], "node": started["node"]})
+    before: dict[str, int] = started["epochs"]
+    deadline = time.monotonic() + args.timeout
+    last_print = 0.0
+    while True:
+        try:
+            status, now = await asyncio.wait_for(
+                http_call(address, "GET", "/admin/postgres"), CONNECT_TIMEOUT_S
+            )
+        except (OSError, TimeoutError, ValueError, h11.ProtocolError) as e:
+            return _error("unavailable", f"{args.http}: {e}", EXIT_CONNECT)
+        if status != 200:
+            return _error("internal", f"{args.http}: answered {status}: {now}", EXIT_ANSWER)
+        reset = sum(now["epochs"].get(g, 0) > e for g, e in before.items())
+        if reset == len(before) and now["backfill_rows"] == 0:
+            emit({"done": True, "groups": reset})
+            return 0
+        if time.monotonic() - last_print >= 1.0:
+            last_print = time.monotonic()
+            emit({"groups_reset": reset, "backfill_rows": now["backfill_rows"]})
+        if time.monotonic() > deadline:
+            return _error("timeout", f"not done after {args.timeout:g} s", EXIT_ANSWER)
+        await asyncio.sleep(0.2)
+
+
 async def run_db(args: argparse.Namespace) -> int:
+    if args.db_command == "backfill":
+        return await _backfill(args)
     import asyncpg
 
     from .pg import schema

@@ -117,9 +117,14 @@ class PostgresFlushed(msgspec.Struct, array_like=True, frozen=True, gc=False, ta
     """The group's leader copied sessions to Postgres (ctxstore/pg/flusher.py): for each mark
     ``(session_id, seq, index)``, every message up to ``seq``, and the session's row and read
     cursors as of the entry at ``index`` (its latest change when the leader read it).  Marks
-    never move back; stale or unknown ones are ignored."""
+    never move back; stale or unknown ones are ignored, and so are all of a command whose
+    ``epoch`` (the group's when the leader read it) is older than the group's.  ``reset``
+    (``ctxstore db backfill``) makes every session of the group pending from seq 0 and starts
+    a new epoch: everything is copied again."""
 
     marks: list[tuple[str, int, int]]
+    epoch: int = 0
+    reset: bool = False
 
 
 Command = CreateSession | Append | MarkRead | SetContextConfig | Compact | PostgresFlushed

@@ -7,10 +7,12 @@
     GET /v1/ws         the WebSocket protocol (``web.WebGateway``; docs/web.md)
     GET /, /static/*   the demo page and the browser client (``ctxstore.static``)
     /v1/...            the HTTP/JSON API and its event streams (``web_http.HttpApi``)
+    GET /admin/postgres, POST /admin/postgres/backfill   with postgres_dsn (``pg/admin.py``)
 
 HTTP/1.1 is h11's (sans-IO); ``OpsConnection`` is the thin asyncio protocol that owns the socket.
 Rules of this module:
-- GET and HEAD only (405 with ``Allow`` otherwise); unknown paths 404; no request bodies (413).
+- GET and HEAD only (405 with ``Allow`` otherwise), except the paths of ``OpsServer.posts``
+  (POST only, no body, answered at once); unknown paths 404; no request bodies (413).
 - ``OpsServer.handovers`` routes a path to a handler that takes the request and may take the
   connection over (``OpsConnection.detach``): the WebSocket upgrade; GET only.
   A request that declares a body is answered, then the connection closes.
@@ -130,6 +132,7 @@ class OpsServer:
             b"/metrics": self._metrics,
         }
         self.handovers: dict[bytes, Handover] = {}
+        self.posts: dict[bytes, Callable[[], Answer]] = {}  # operator actions (POST, no body)
         self.gateway: WebGateway | None = None  # the WebSockets, if served
         self.api: HttpApi | None = None  # the HTTP/JSON API under /v1, if served
         self._server: asyncio.Server | None = None
@@ -153,9 +156,11 @@ class OpsServer:
         if self._server is not None:
             await self._server.wait_closed()
 
-    def answer(self, target: bytes) -> Answer:
+    def answer(
+        self, target: bytes, routes: dict[bytes, Callable[[], Answer]] | None = None
+    ) -> Answer:
         path = target.split(b"?", 1)[0]
-        route = self.routes.get(path)
+        route = (self.routes if routes is None else routes).get(path)
         if route is None:
             return _error(404)
         try:
@@ -321,13 +326,18 @@ class OpsConnection(asyncio.Protocol):
         if handover is not None and method == b"GET" and not has_body:
             handover(self, request)
             return
-        if method not in (b"GET", b"HEAD") or (handover is not None and method == b"HEAD"):
+        post = path in self.server.posts
+        if post and method == b"POST" and not has_body:
+            status, ctype, body = self.server.answer(request.target, self.server.posts)
+            self._respond(status, ctype, body, head=False, close=False, extra=[])
+            return
+        if post or method not in (b"GET", b"HEAD") or (handover is not None and method == b"HEAD"):
             status, ctype, body = _error(405)
         elif has_body:
             status, ctype, body = _error(413)
         else:
             status, ctype, body = self.server.answer(request.target)
-        allow = "GET" if handover is not None else "GET, HEAD"
+        allow = "POST" if post else "GET" if handover is not None else "GET, HEAD"
         headers = [("allow", allow)] if status == 405 else []
         self._respond(status, ctype, body, head=method == b"HEAD", close=has_body, extra=headers)
 
@@ -492,6 +502,10 @@ async def serve_ops(
     Installs the metrics' hot-path hooks until the ops server closes."""
     source = NodeSource(node, service, clients)
     server = await serve_source(source, host, port, limits)
+    if node.postgres is not None:
+        from .pg.admin import install
+
+        install(server, node)
     source.metrics.attach()
     if clients is None:
         server.on_close = source.metrics.detach

@@ -36,9 +36,10 @@ append or cursor move; flushed_seq: its messages up to there are in Postgres; fl
 row and cursors as of that entry are).  A change adds a clean session (flushed_seq its last_seq
 before the change); ``PostgresFlushed`` (proposed by the leader after a flush) moves the marks
 forward, never back, and drops the session once ``flushed_seq = last_seq`` and
-``flushed_index >= changed_index``.  A session absent is entirely in Postgres.  Kept whether or
-not Postgres is configured (the state cannot know), about 100 bytes per session changed since
-its last flush.
+``flushed_index >= changed_index``; a reset (``ctxstore db backfill``) makes every session of
+the group pending from seq 0 and starts a new epoch, whose older marks are ignored.  A session
+absent is entirely in Postgres.  Kept whether or not Postgres is configured (the state cannot
+know), about 100 bytes per session changed since its last flush.
 Limits change replicated outcomes (dedupe, cursors): every replica must use the same
 ``StateLimits``.  Node-wide indexes, maintained on apply and fixed on restore: session id ->
 group (for queries), user id -> sorted session ids (for ``list_sessions``).
@@ -431,8 +432,10 @@ class ConversationState:
         self._evictable: dict[int, dict[str, _Session]] = {}
         self._where: dict[str, int] = {}  # session id -> group, all groups
         self._by_user: dict[str, list[str]] = {}  # user id -> sorted session ids, all groups
-        # group -> session id -> [changed_index, flushed_seq, flushed_index] (Postgres marks)
+        # group -> session id -> [changed_index, flushed_seq, flushed_index, reset_seq] (Postgres
+        # marks; reset_seq: last_seq at the group's last reset, the part a backfill copies)
         self._pg: dict[int, dict[str, list[int]]] = {}
+        self._pg_epoch: dict[int, int] = {}  # group -> index of its last reset
 
     # -- groups ------------------------------------------------------------------------------------
     def add_group(self, group: int) -> None:
@@ -442,6 +445,7 @@ class ConversationState:
         self._charge.setdefault(group, 0)
         self._evictable.setdefault(group, {})
         self._pg.setdefault(group, {})
+        self._pg_epoch.setdefault(group, 0)
 
     def remove_group(self, group: int) -> None:
         """Forget ``group`` (its replica moved away)."""
@@ -450,6 +454,7 @@ class ConversationState:
         self._charge.pop(group, None)
         self._evictable.pop(group, None)
         self._pg.pop(group, None)
+        self._pg_epoch.pop(group, None)
 
     @property
     def hosted_groups(self) -> list[int]:
@@ -487,7 +492,7 @@ class ConversationState:
                 case Compact():
                     out.append(self._compact(sessions, cmd))
                 case PostgresFlushed():
-                    out.append(self._postgres_flushed(group, sessions, cmd))
+                    out.append(self._postgres_flushed(group, e.index, sessions, cmd))
         if self.observer is not None and entries:
             self.observer.on_applied(group, entries[-1].index)
         return out
@@ -495,8 +500,14 @@ class ConversationState:
     def snapshot(self, group: int) -> bytes:
         sessions = self._groups.get(group, {})
         evictable = list(self._evictable.get(group, ()))
-        pg = [(sid, e[0], e[1], e[2]) for sid, e in self._pg.get(group, {}).items()]
-        snap = GroupSnap(SNAPSHOT_VERSION, [s.to_snap() for s in sessions.values()], evictable, pg)
+        pg = [(sid, e[0], e[1], e[2], e[3]) for sid, e in self._pg.get(group, {}).items()]
+        snap = GroupSnap(
+            SNAPSHOT_VERSION,
+            [s.to_snap() for s in sessions.values()],
+            evictable,
+            pg,
+            self._pg_epoch.get(group, 0),
+        )
         return _encoder.encode(snap)
 
     def restore(self, group: int, data: bytes) -> None:
@@ -528,9 +539,10 @@ class ConversationState:
             if s is not None and len(s.tail) > 1:
                 evictable[sid] = s
         pg = self._pg[group]
-        for sid, changed, flushed_seq, flushed_index in snap.postgres:
+        for sid, changed, flushed_seq, flushed_index, reset_seq in snap.postgres:
             check(sid in sessions, f"group {group}: snapshot marks unknown session {sid!r}")
-            pg[sid] = [changed, flushed_seq, flushed_index]
+            pg[sid] = [changed, flushed_seq, flushed_index, reset_seq]
+        self._pg_epoch[group] = snap.postgres_epoch
         self._charge[group] = 0
         self._recharge(group, sum(s.charge() for s in sessions.values()), evicted)
         if evicted:  # smaller limits here than where the snapshot was taken
@@ -560,7 +572,7 @@ class ConversationState:
             self._window_limits,
         )  # fmt: skip
         self._add(group, sessions, s)
-        self._pg[group][s.id] = [index, 0, 0]
+        self._pg[group][s.id] = [index, 0, 0, 0]
         wire = s.to_wire()
         if self.observer is not None:
             self.observer.on_session(group, index, wire)
@@ -598,7 +610,7 @@ class ConversationState:
         seq = s.last_seq = s.last_seq + 1
         mark = self._pg[group].get(s.id)
         if mark is None:
-            self._pg[group][s.id] = [index, seq - 1, 0]
+            self._pg[group][s.id] = [index, seq - 1, 0, 0]
         else:
             mark[0] = index
         msg = Message(
@@ -710,7 +722,7 @@ class ConversationState:
         s.set_cursor(cmd.user_id, cmd.seq, self.limits.cursors_max)
         mark = self._pg[group].get(s.id)
         if mark is None:
-            self._pg[group][s.id] = [index, s.last_seq, 0]
+            self._pg[group][s.id] = [index, s.last_seq, 0, 0]
         else:
             mark[0] = index
         if self.observer is not None:
@@ -718,8 +730,14 @@ class ConversationState:
         return ReadMarked(cmd.seq)
 
     def _postgres_flushed(
-        self, group: int, sessions: dict[str, _Session], cmd: PostgresFlushed
+        self, group: int, index: int, sessions: dict[str, _Session], cmd: PostgresFlushed
     ) -> PostgresMarked:
+        if cmd.reset:
+            self._pg[group] = {sid: [index, 0, 0, s.last_seq] for sid, s in sessions.items()}
+            self._pg_epoch[group] = index
+            return PostgresMarked(0)
+        if cmd.epoch < self._pg_epoch[group]:
+            return PostgresMarked(0)  # read before a reset: copied to what may be gone
         pg = self._pg[group]
         clean = 0
         for sid, seq, index in cmd.marks:
@@ -831,10 +849,18 @@ class ConversationState:
             out.append((sid, mark[0], mark[1], sessions[sid].last_seq))
         return out
 
+    def postgres_epoch(self, group: int) -> int:
+        """The index of ``group``'s last reset (0: none): a flush tells it with its marks."""
+        return self._pg_epoch.get(group, 0)
+
     def postgres_backlog(self, group: int) -> int:
         """Messages of ``group`` not yet in Postgres."""
         sessions = self._groups.get(group, {})
         return sum(sessions[sid].last_seq - m[1] for sid, m in self._pg.get(group, {}).items())
+
+    def postgres_backfill_rows(self, group: int) -> int:
+        """Messages of ``group`` its last reset asks to copy again, not copied yet."""
+        return sum(max(0, m[3] - m[1]) for m in self._pg.get(group, {}).values())
 
     def postgres_flushed_seq(self, session_id: str) -> int | None:
         """The session's messages up to this seq are in Postgres (None: unknown session)."""

@@ -59,5 +59,6 @@ class GroupSnap(msgspec.Struct, array_like=True, gc=False):
     sessions: list[SessionSnap]  # creation order
     evictable: list[str] = []  # sessions whose tail may shrink, least recently appended first
     # Sessions not yet entirely in Postgres (ConversationState, "Postgres watermarks"):
-    # (session_id, changed_index, flushed_seq, flushed_index), oldest change first.
-    postgres: list[tuple[str, int, int, int]] = []
+    # (session_id, changed_index, flushed_seq, flushed_index, reset_seq), oldest change first.
+    postgres: list[tuple[str, int, int, int, int]] = []
+    postgres_epoch: int = 0  # index of the group's last PostgresFlushed(reset=True)

@@ -123,6 +123,7 @@ class _Batch:
     messages: list[tuple[Any, ...]] = field(default_factory=list)
     cursors: list[tuple[Any, ...]] = field(default_factory=list)
     marks: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)
+    epochs: dict[int, int] = field(default_factory=dict)  # group -> its epoch when read
     bytes: int = 0
 
     @property
@@ -297,6 +298,7 @@ class Flusher:
         rows_max, state = self.config.flush_rows, self.state
         more = False
         for group in self.led_groups():
+            batch.epochs[group] = state.postgres_epoch(group)
             for sid, changed, flushed, last in state.postgres_pending(group):
                 if batch.rows >= rows_max or batch.bytes >= FLUSH_BYTES_MAX:
                     return batch, True
@@ -402,7 +404,8 @@ class Flusher:
         futures: list[asyncio.Future[object]] = []
         for group, marks in batch.marks.items():
             for i in range(0, len(marks), MARKS_PER_COMMAND):
-                command = encode_command(PostgresFlushed(marks[i : i + MARKS_PER_COMMAND]))
+                chunk = marks[i : i + MARKS_PER_COMMAND]
+                command = encode_command(PostgresFlushed(chunk, batch.epochs[group]))
                 with contextlib.suppress(RaftError):  # no longer the leader
                     futures.append(self.driver.propose(group, command))
         if not futures:

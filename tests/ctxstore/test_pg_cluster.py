@@ -7,7 +7,9 @@ returns, and ``sessions.last_seq`` and ``read_cursors`` agree with the store."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 import uvloop
 
@@ -322,5 +325,41 @@ def test_a_replica_restored_from_snapshots_pages_its_history_from_postgres(
                 rebuilt = {sid: await read_all(c, sid) for sid in SESSIONS}
             got = {(m.session_id, m.seq): m.content for ms in rebuilt.values() for m in ms}
             assert got == load.acks
+
+    run(main())
+
+
+def test_db_backfill_copies_the_whole_history_into_an_emptied_database(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """The database loses every row (a new one, restored empty): the watermarks say everything
+    is there, so nothing would come back by itself; ``ctxstore db backfill`` resets them and
+    waits until the leaders copied everything again, from their tails and archives."""
+
+    async def main() -> None:
+        async with cluster_with(tmp_path, pg_dsn, "--tail-messages-max", "5") as cluster:
+            load = Load(cluster)
+            await load.wait(600)
+            await load.stop()
+            await wait_caught_up(pg_dsn, len(load.acks))
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                await conn.execute("TRUNCATE messages, sessions, read_cursors")
+            finally:
+                await conn.close()
+            host, port = cluster.children[2].ops_target.rsplit(":", 1)
+            wrong = await http_get((host, int(port)), "/admin/postgres/backfill")  # a GET
+            assert wrong.status == 405 and wrong.headers["allow"] == "POST"
+            command = [sys.executable, "-m", "ctxstore", "db", "backfill"]
+            command += ["--http", cluster.children[2].ops_target, "--timeout", "60"]
+            child = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            out, err = await child.communicate()
+            assert child.returncode == 0, err.decode()
+            lines = [json.loads(line) for line in out.decode().splitlines()]
+            assert lines[0] == {"started": True, "groups": 16, "node": 2}
+            assert lines[-1] == {"done": True, "groups": 16}
+            await check_postgres(cluster, pg_dsn, load)
 
     run(main())

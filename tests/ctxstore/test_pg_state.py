@@ -135,3 +135,31 @@ def test_pending_matches_a_model(ops: list[tuple[str, int]]) -> None:
         else:
             assert pending(n, "s") == [("s", changed, flushed_seq, last)]
         assert n.state.postgres_backlog(g) == last - flushed_seq
+
+
+def test_a_reset_makes_every_session_pending_and_ignores_older_marks() -> None:
+    n = Node()
+    n.create("s1")
+    n.append("s1")
+    n.append("s1")
+    g = n.group("s1")
+    epoch = n.state.postgres_epoch(g)
+    n.run(c.PostgresFlushed([("s1", 2, 3)], epoch), g)
+    assert pending(n, "s1") == []
+    n.run(c.PostgresFlushed([], reset=True), g)
+    reset_at = n.last_index[g]
+    assert n.state.postgres_epoch(g) == reset_at
+    assert pending(n, "s1") == [("s1", reset_at, 0, 2)]
+    assert n.state.postgres_backlog(g) == 2 and n.state.postgres_backfill_rows(g) == 2
+    n.append("s1")  # new messages are not part of the backfill
+    assert n.state.postgres_backlog(g) == 3 and n.state.postgres_backfill_rows(g) == 2
+    n.run(c.PostgresFlushed([("s1", 1, reset_at)], reset_at), g)
+    assert n.state.postgres_backfill_rows(g) == 1
+    # a flush read before the reset (its epoch is older) is ignored
+    assert n.run(c.PostgresFlushed([("s1", 2, reset_at)], epoch), g) == c.PostgresMarked(0)
+    assert pending(n, "s1") == [("s1", reset_at + 1, 1, 3)]
+    assert n.run(c.PostgresFlushed([("s1", 3, reset_at + 1)], reset_at), g) == c.PostgresMarked(1)
+    assert pending(n, "s1") == []
+    other = ConversationState(groups=n.state.group_count)
+    other.restore(g, n.state.snapshot(g))
+    assert other.postgres_epoch(g) == reset_at

@@ -1,0 +1,68 @@
+"""The write-behind's operator endpoints on the ops port (installed with postgres_dsn):
+
+    GET  /admin/postgres            200 the flusher's state and, for every group, its epoch and
+                                    what waits (from this node's applied, replicated state)
+    POST /admin/postgres/backfill   202 proposes ``PostgresFlushed(reset=True)`` to every group
+                                    (forwarded to its leader): everything is copied again
+
+``ctxstore db backfill`` posts the reset, then polls the status until every group's epoch
+moved past the one it saw and ``backfill_rows`` is 0.  A reset is idempotent in effect (rows
+Postgres holds are skipped); the ops port, like /metrics, is for operators only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..commands import PostgresFlushed, encode_command
+
+if TYPE_CHECKING:
+    from ..node import Node
+    from ..ops import Answer, OpsServer
+
+log = logging.getLogger(__name__)
+JSON = "application/json"
+
+
+def install(server: OpsServer, node: Node) -> None:
+    server.routes[b"/admin/postgres"] = lambda: status(node)
+    server.posts[b"/admin/postgres/backfill"] = lambda: backfill(node)
+
+
+def status(node: Node) -> Answer:
+    state, flusher = node.state, node.postgres
+    assert flusher is not None
+    groups = list(node.host.groups())
+    body: dict[str, Any] = {
+        "node": node.settings.node_id,
+        "connected": flusher.stats.connected,
+        "last_error": flusher.stats.last_error,
+        "led_backlog_rows": flusher.backlog_rows(),
+        "backlog_rows": sum(state.postgres_backlog(g) for g in groups),
+        "backfill_rows": sum(state.postgres_backfill_rows(g) for g in groups),
+        "pending_sessions": sum(len(state.postgres_pending(g)) for g in groups),
+        "epochs": {str(g): state.postgres_epoch(g) for g in groups},
+    }
+    return 200, JSON, msgspec.json.encode(body)
+
+
+def backfill(node: Node) -> Answer:
+    groups = list(node.host.groups())
+    command = encode_command(PostgresFlushed([], reset=True))
+
+    def done(result: object, error: BaseException | None) -> None:
+        if error is not None:
+            log.warning("postgres backfill: a group's reset failed: %s", error)
+
+    epochs = {str(g): node.state.postgres_epoch(g) for g in groups}
+    for g in groups:
+        node.router.submit_then(g, command, done)
+    log.warning("postgres backfill: every group copies its history again (%d groups)", len(groups))
+    body = {"node": node.settings.node_id, "groups": len(groups), "epochs": epochs}
+    return 202, JSON, msgspec.json.encode(body)
+
+
+__all__ = ["backfill", "install", "status"]
