@@ -72,6 +72,16 @@ CONNECT_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 30.0  # each statement; a black-holed server fails a flush after this
 TRANSACTION_TIMEOUT_S = 120.0  # a whole flush transaction
 
+CLOSE_TIMEOUT_S = 2.0  # stopping: then the pool's connections are aborted
+# What Postgres being down, slow, refusing or of a newer schema looks like (logged as an outage).
+EXPECTED_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    schema.SchemaTooNew,
+)
+
 TEMP_TABLES = (
     "CREATE TEMP TABLE flush_sessions (LIKE sessions) ON COMMIT DELETE ROWS",
     "CREATE TEMP TABLE flush_messages (LIKE messages) ON COMMIT DELETE ROWS",
@@ -172,7 +182,7 @@ class Flusher:
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
-                await asyncio.wait_for(pool.close(), 5.0)
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
             except (TimeoutError, OSError, asyncpg.PostgresError):
                 pool.terminate()
         self.stats.connected = False
@@ -212,7 +222,11 @@ class Flusher:
                 if self._pool is None:
                     await self._connect()
                 more = await self.flush()
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # whatever it is, the store goes on; retried with backoff
+                if not isinstance(e, EXPECTED_ERRORS):
+                    log.exception("postgres: the flush failed unexpectedly")
                 failures += 1
                 self._failed(e)
                 delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(failures - 1, 16))

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 import uvloop
 
 from ctxstore import commands as c
 from ctxstore.config import Settings
 from ctxstore.node import Node
-from ctxstore.pg import rows
+from ctxstore.pg import rows, schema
 from ctxstore.placement import group_of
 from wire.protocol import Message
 
@@ -229,3 +230,26 @@ def test_an_outage_keeps_the_backlog_on_disk_and_drains_after(
         assert any("appends go on" in r.getMessage() for r in caplog.records)
 
     run(main(), timeout=90)
+
+
+def test_a_database_of_a_newer_ctxstore_stops_the_copy_not_the_store(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    async def main() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await schema.migrate(conn)
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (99, 'x')")
+        finally:
+            await conn.close()
+        async with node(tmp_path, pg_dsn) as n:
+            assert n.postgres is not None
+            await create(n, "s")
+            assert await append(n, "s", "still works") == 1
+            async with asyncio.timeout(10):
+                while not n.postgres.stats.failures:
+                    await asyncio.sleep(0.02)
+            assert "version 99" in (n.postgres.stats.last_error or "")
+            assert n.postgres.backlog_rows() == 1
+
+    run(main())
