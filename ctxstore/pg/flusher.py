@@ -320,27 +320,29 @@ class Flusher:
                 cursors = state.cursors(sid)
                 if session is None or cursors is None:  # the group left this node meanwhile
                     break
+                room = rows_max - batch.rows - 1 - len(cursors)  # for messages
+                if room < 1 and batch.rows:
+                    return batch, True
                 batch.sessions.append(session_record(session))
                 batch.cursors += cursor_records(sid, cursors)
-                messages, upto = await self._messages(
-                    sid, flushed, last, max(1, rows_max - batch.rows)
+                messages, upto, size = await self._messages(
+                    sid, flushed, last, max(1, room), FLUSH_BYTES_MAX - batch.bytes
                 )
-                for m in messages:
-                    batch.messages.append(message_record(m))
-                    batch.bytes += message_bytes(m)
+                batch.messages += map(message_record, messages)
+                batch.bytes += size
                 more = more or upto < last
                 batch.marks.setdefault(group, []).append((sid, upto, changed))
         return batch, more
 
     async def _messages(
-        self, sid: str, after: int, last: int, limit: int
-    ) -> tuple[list[Message], int]:
+        self, sid: str, after: int, last: int, limit: int, bytes_max: int
+    ) -> tuple[list[Message], int, int]:
         """Consecutive messages of ``sid`` from ``after + 1`` up to ``last`` (at most ``limit``,
-        about ``FLUSH_BYTES_MAX`` bytes), from the hot tail or the archive; and the seq up to
-        which every message is in them or skipped as gone."""
+        about ``bytes_max`` bytes: ``history.message_bytes``), from the hot tail or the archive;
+        the seq up to which every message is in them or skipped as gone; their bytes."""
         out: list[Message] = []
         upto, size = after, 0
-        while upto < last and len(out) < limit and size < FLUSH_BYTES_MAX:
+        while upto < last and len(out) < limit and size < bytes_max:
             r = self.state.read(sid, upto, limit - len(out))
             if r is None:
                 break
@@ -367,7 +369,7 @@ class Flusher:
             for m in found:
                 if m.seq != upto + 1 or m.seq > last or len(out) >= limit:
                     break
-                if size >= FLUSH_BYTES_MAX:
+                if size >= bytes_max:
                     break
                 out.append(m)
                 upto = m.seq
@@ -375,7 +377,7 @@ class Flusher:
                 took += 1
             if not took:
                 break
-        return out, upto
+        return out, upto, size
 
     async def _archived(self, sid: str, after: int, to: int, limit: int) -> list[Message] | None:
         """Archived messages of ``sid`` in ``after+1..to`` (waiting for the archive's queue if

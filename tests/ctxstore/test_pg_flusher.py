@@ -253,3 +253,34 @@ def test_a_database_of_a_newer_ctxstore_stops_the_copy_not_the_store(
             assert n.postgres.backlog_rows() == 1
 
     run(main())
+
+
+def test_a_flush_takes_at_most_its_rows_and_bytes(
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ctxstore.pg import flusher as flusher_module
+
+    async def main() -> None:
+        async with node(tmp_path, pg_dsn, interval_ms=60_000, postgres_flush_rows=12) as n:
+            flusher = n.postgres
+            assert flusher is not None
+            await flusher.stop()
+            for sid in ("a", "b"):
+                await create(n, sid)
+                for k in range(10):
+                    await append(n, sid, f"{sid}{k} " + "x" * 300)
+            await flusher._connect()
+            assert await flusher.flush() is True  # 12 rows: a's row and 10 messages, b's row
+            assert flusher.stats.messages == 10 and flusher.backlog_rows() == 10
+            monkeypatch.setattr(flusher_module, "FLUSH_BYTES_MAX", 1500)  # 4 messages or so
+            assert await flusher.flush() is True
+            assert 10 < flusher.stats.messages < 16
+            while await flusher.flush():
+                pass
+            assert flusher.backlog_rows() == 0
+            got = await pg_messages(pg_dsn)
+            assert [(m.session_id, m.seq) for m in got] == [
+                (sid, k) for sid in ("a", "b") for k in range(1, 11)
+            ]
+
+    run(main())
