@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -284,3 +285,44 @@ def test_a_flush_takes_at_most_its_rows_and_bytes(
             ]
 
     run(main())
+
+
+def test_a_black_holed_postgres_times_out_and_the_flusher_comes_back(
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postgres stops answering (a proxy that eats every byte, connections left open): each
+    flush fails on its statement timeout, appends go on; healed, the backlog drains."""
+    from ctxstore.pg import flusher as flusher_module
+
+    monkeypatch.setattr(flusher_module, "STATEMENT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(flusher_module, "TRANSACTION_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(flusher_module, "CONNECT_TIMEOUT_S", 1.0)
+
+    async def main() -> None:
+        parts = urlsplit(pg_dsn)
+        assert parts.hostname is not None and parts.port is not None
+        proxy = LinkProxy((parts.hostname, parts.port), "postgres")
+        host, port = await proxy.start()
+        proxied = parts._replace(netloc=f"postgres@{host}:{port}").geturl()
+        try:
+            async with node(tmp_path, proxied) as n:
+                flusher = n.postgres
+                assert flusher is not None
+                await create(n, "s")
+                await wait_flushed(n)
+                proxy.blackhole()
+                started = time.monotonic()
+                for k in range(20):
+                    await append(n, "s", f"during {k}")
+                assert time.monotonic() - started < 2  # appends never wait for Postgres
+                async with asyncio.timeout(10):
+                    while flusher.stats.failures < 2:
+                        await asyncio.sleep(0.05)
+                assert flusher.backlog_rows() == 20
+                proxy.heal()
+                await wait_flushed(n, timeout=30)
+                assert [m.seq for m in await pg_messages(pg_dsn)] == list(range(1, 21))
+        finally:
+            await proxy.close()
+
+    run(main(), timeout=60)
