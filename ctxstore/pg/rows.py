@@ -20,14 +20,19 @@ NUL, REPLACEMENT = "\x00", "\ufffd"
 
 MESSAGE_COLUMNS = (
     "session_id", "seq", "sender", "sender_id", "kind", "content", "metadata", "client_msg_id",
-    "inserted_at", "token_count",
+    "inserted_at", "token_count", "role", "parts",
 )  # fmt: skip
+# The message columns to SELECT for ``message_from_row`` (jsonb as text: msgspec decodes it).
+MESSAGE_SELECT = ", ".join(
+    f"{c}::text" if c in ("metadata", "parts") else c for c in MESSAGE_COLUMNS
+)
 SESSION_COLUMNS = ("id", "user_id", "agent_id", "created_at", "metadata", "last_seq")
 CURSOR_COLUMNS = ("session_id", "user_id", "last_read_seq")
 
 _encode_json = msgspec.json.Encoder().encode
 _JSON_NUL = b"\\u0000"
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_parts = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
 def timestamp(ms: int) -> dt.datetime:
@@ -77,6 +82,8 @@ def message_record(m: Message) -> tuple[Any, ...]:
         None if m.client_msg_id is None else text(m.client_msg_id),
         timestamp(m.inserted_at),
         m.token_count,
+        m.role,
+        None if m.parts is None else json_text(m.parts),
     )
 
 
@@ -89,7 +96,7 @@ def cursor_records(session_id: str, cursors: dict[str, int]) -> list[tuple[Any, 
 
 
 def message_from_row(row: Any) -> Message:
-    """A ``messages`` row (selected with ``MESSAGE_COLUMNS``, metadata as text) as a Message."""
+    """A ``messages`` row (selected with ``MESSAGE_SELECT``) as a Message."""
     return Message(
         row[0],
         row[1],
@@ -101,12 +108,15 @@ def message_from_row(row: Any) -> Message:
         row[7],
         millis(row[8]),
         row[9],
+        row[10],
+        None if row[11] is None else _decode_parts(row[11]),
     )
 
 
 __all__ = [
     "CURSOR_COLUMNS",
     "MESSAGE_COLUMNS",
+    "MESSAGE_SELECT",
     "SESSION_COLUMNS",
     "cursor_records",
     "json_text",

@@ -61,6 +61,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             " PRIMARY KEY (session_id, user_id))",
         ),
     ),
+    Migration(
+        2,
+        "structured messages: role and parts",
+        ("ALTER TABLE messages ADD COLUMN role text, ADD COLUMN parts jsonb",),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 

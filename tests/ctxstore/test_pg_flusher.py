@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import msgspec
 import pytest
 import uvloop
 
@@ -81,6 +82,8 @@ async def append(n: Node, sid: str, content: str, **kw: Any) -> int:
         None,
         kw.get("tokens"),
         1_700_000_000_000 + len(content),
+        kw.get("role"),
+        kw.get("parts"),
     )
     result = await submit(n, cmd)
     assert isinstance(result, c.Appended)
@@ -95,8 +98,7 @@ async def wait_flushed(n: Node, timeout: float = 20.0) -> None:
 
 
 async def pg_messages(dsn: str) -> list[Message]:
-    columns = ", ".join(rows.MESSAGE_COLUMNS).replace("metadata", "metadata::text")
-    found = await fetch(dsn, f"SELECT {columns} FROM messages ORDER BY session_id, seq")
+    found = await fetch(dsn, f"SELECT {rows.MESSAGE_SELECT} FROM messages ORDER BY 1, 2")
     return [rows.message_from_row(r) for r in found]
 
 
@@ -112,9 +114,11 @@ async def history(n: Node, sid: str) -> list[Message]:
 
 def scrubbed(m: Message) -> Message:
     """``m`` as Postgres stores it (NUL as U+FFFD)."""
+    parts = None if m.parts is None else msgspec.json.decode(rows.json_text(m.parts))
     return Message(
         m.session_id, m.seq, m.sender, m.sender_id, m.kind, rows.text(m.content),
         rows.stored_metadata(m.metadata), m.client_msg_id, m.inserted_at, m.token_count,
+        m.role, parts,
     )  # fmt: skip
 
 
@@ -131,16 +135,18 @@ def test_every_committed_message_session_and_cursor_reaches_postgres_once(
                 for sid in sids:
                     await append(n, sid, f"m{k} of {sid}", metadata=weird if k == 3 else {})
             await append(n, "s0", "with a \x00 NUL", cmid="c1", tokens=12)
-            await append(n, "s1", "from the user", sender="user")
+            await append(n, "s1", "from the user", sender="user", role="user")
+            parts = [{"type": "text", "text": "a\x00b"}, {"type": "reasoning", "text": "hm"}]
+            await append(n, "s3", "", role="assistant", parts=parts)
             await submit(n, c.MarkRead("s2", "u1", 7))
             await wait_flushed(n)
             expected = [scrubbed(m) for sid in sids for m in await history(n, sid)]
-            assert len(expected) == 6 * 30 + 2
+            assert len(expected) == 6 * 30 + 3
             got = await pg_messages(pg_dsn)
             assert got == sorted(expected, key=lambda m: (m.session_id, m.seq))
             sessions = await fetch(pg_dsn, "SELECT id, user_id, last_seq FROM sessions")
             assert sorted(tuple(r) for r in sessions) == sorted(
-                (sid, "u1", 31 if sid in ("s0", "s1") else 30) for sid in sids
+                (sid, "u1", 31 if sid in ("s0", "s1", "s3") else 30) for sid in sids
             )
             cursors = await fetch(pg_dsn, "SELECT * FROM read_cursors ORDER BY session_id")
             assert [tuple(r) for r in cursors] == [("s1", "u1", 31), ("s2", "u1", 7)]

@@ -37,12 +37,12 @@ def tables(dsn: str) -> set[str]:
 
 
 def test_migrate_creates_the_schema_once(pg_dsn: str) -> None:
-    assert run(_with(pg_dsn, schema.migrate)) == [1]
+    assert run(_with(pg_dsn, schema.migrate)) == [1, 2]
     assert tables(pg_dsn) == {"schema_migrations", "sessions", "messages", "read_cursors"}
     assert run(_with(pg_dsn, schema.migrate)) == []
     status = run(_with(pg_dsn, schema.status))
     assert status.version == schema.LATEST and status.pending == []
-    assert [a.version for a in status.applied] == [1]
+    assert [a.version for a in status.applied] == [1, 2]
 
 
 def test_nodes_migrating_together_apply_each_migration_once(pg_dsn: str) -> None:
@@ -55,21 +55,22 @@ def test_nodes_migrating_together_apply_each_migration_once(pg_dsn: str) -> None
                 await c.close()
 
     results = run(many())
-    assert sorted(v for r in results for v in r) == [1]
-    rows = run(fetch(pg_dsn, "SELECT version FROM schema_migrations"))
-    assert [r[0] for r in rows] == [1]
+    assert sorted(v for r in results for v in r) == [1, 2]
+    rows = run(fetch(pg_dsn, "SELECT version FROM schema_migrations ORDER BY 1"))
+    assert [r[0] for r in rows] == [1, 2]
 
 
 def test_a_failing_migration_leaves_nothing_half_applied(pg_dsn: str) -> None:
-    broken = (*MIGRATIONS, Migration(2, "broken", ("CREATE TABLE t2 (x int)", "SELECT nope")))
+    nxt = schema.LATEST + 1
+    broken = (*MIGRATIONS, Migration(nxt, "broken", ("CREATE TABLE t2 (x int)", "SELECT nope")))
     with pytest.raises(asyncpg.PostgresError):
         run(_with(pg_dsn, lambda c: schema.migrate(c, broken)))
     assert "t2" not in tables(pg_dsn)
     status = run(_with(pg_dsn, lambda c: schema.status(c, broken)))
-    assert status.version == 1 and [m.version for m in status.pending] == [2]
-    # the lock was released: a fixed migration 2 goes through
-    fixed = (*MIGRATIONS, Migration(2, "fixed", ("CREATE TABLE t2 (x int)",)))
-    assert run(_with(pg_dsn, lambda c: schema.migrate(c, fixed))) == [2]
+    assert status.version == schema.LATEST and [m.version for m in status.pending] == [nxt]
+    # the lock was released: a fixed migration goes through
+    fixed = (*MIGRATIONS, Migration(nxt, "fixed", ("CREATE TABLE t2 (x int)",)))
+    assert run(_with(pg_dsn, lambda c: schema.migrate(c, fixed))) == [nxt]
     assert "t2" in tables(pg_dsn)
 
 
@@ -89,14 +90,14 @@ def test_a_database_of_a_newer_ctxstore_is_refused(pg_dsn: str) -> None:
 def test_db_commands(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["db", "status", "--postgres-dsn", pg_dsn]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["version"] == 0 and [p["version"] for p in out["pending"]] == [1]
+    assert out["version"] == 0 and [p["version"] for p in out["pending"]] == [1, 2]
     assert main(["db", "migrate", "--postgres-dsn", pg_dsn]) == 0
-    assert json.loads(capsys.readouterr().out) == {"migrated": [1], "version": 1, "latest": 1}
+    assert json.loads(capsys.readouterr().out) == {"migrated": [1, 2], "version": 2, "latest": 2}
     assert main(["db", "migrate", "--postgres-dsn", pg_dsn]) == 0
     assert json.loads(capsys.readouterr().out)["migrated"] == []
     assert main(["db", "status", "--postgres-dsn", pg_dsn]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["version"] == 1 and out["pending"] == [] and out["applied"][0]["version"] == 1
+    assert out["version"] == 2 and out["pending"] == [] and out["applied"][0]["version"] == 1
 
 
 def test_db_commands_fail_with_one_line(
