@@ -143,8 +143,7 @@ class Node:
             if s.postgres_serve_history:
                 from .pg.history import PostgresHistory
 
-                flusher = self.postgres
-                self.postgres_history = PostgresHistory(lambda: flusher.pool)
+                self.postgres_history = PostgresHistory(self.postgres)
                 self.backfill.source = self.postgres_history.fetch
 
     def _postgres_hold(self, session_id: str) -> int:

@@ -160,6 +160,7 @@ class Flusher:
         self.stats = FlusherStats()
         self._clock = clock
         self._pool: Any = None
+        self._connected = asyncio.Event()  # set once the pool exists (it then reconnects itself)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._applied_since = 0  # messages applied since the last flush began
@@ -190,6 +191,12 @@ class Flusher:
     @property
     def pool(self) -> Any:
         """The asyncpg pool once connected and migrated (None before)."""
+        return self._pool
+
+    async def wait_pool(self, timeout_s: float) -> Any:
+        """The pool, waiting up to ``timeout_s`` for the first connection (None: not yet)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
         return self._pool
 
     # -- called by the node ------------------------------------------------------------------------
@@ -283,6 +290,7 @@ class Flusher:
             command_timeout=STATEMENT_TIMEOUT_S,
             init=_init_connection,
         )
+        self._connected.set()
         self.stats.connected = True
 
     # -- one flush ---------------------------------------------------------------------------------

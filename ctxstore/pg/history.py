@@ -9,35 +9,42 @@ are stored (a NUL character as U+FFFD: ``rows``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from wire.protocol import Message
 
-from .rows import MESSAGE_COLUMNS, message_from_row
+from .rows import MESSAGE_SELECT, message_from_row
 
-_COLUMNS = ", ".join(MESSAGE_COLUMNS).replace("metadata", "metadata::text")
+if TYPE_CHECKING:
+    from .flusher import Flusher
+
 SELECT_PAGE = (
-    f"SELECT {_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2 AND seq <= $3"
+    f"SELECT {MESSAGE_SELECT} FROM messages WHERE session_id = $1 AND seq > $2 AND seq <= $3"
     " ORDER BY seq LIMIT $4"
 )
 TIMEOUT_S = 10.0
+POOL_WAIT_S = 10.0
 
 
 class PostgresHistory:
-    """Reads through the flusher's pool (``pool()``: None while Postgres is not connected)."""
+    """Reads through the flusher's pool.  A node restored from a snapshot asks at once, often
+    before its flusher's first connection: the first fetch waits up to ``POOL_WAIT_S`` for it
+    (later ones, if it timed out, go straight to the peers until Postgres is connected)."""
 
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
+    def __init__(self, flusher: Flusher) -> None:
+        self._flusher = flusher
         self.rows_served = 0
         self.pages = 0
+        self._wait_s = POOL_WAIT_S
 
     async def fetch(
         self, session_id: str, after_seq: int, to_seq: int, limit: int
     ) -> list[Message]:
         """The messages ``after_seq < seq <= to_seq`` Postgres holds, at most ``limit``, cut at
         the first hole; [] when Postgres is not connected or lacks ``after_seq + 1``."""
-        pool = self._pool()
+        pool = await self._flusher.wait_pool(self._wait_s)
         if pool is None:
+            self._wait_s = 0.0
             return []
         found = await pool.fetch(
             SELECT_PAGE, session_id, after_seq, to_seq, limit, timeout=TIMEOUT_S
