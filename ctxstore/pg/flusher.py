@@ -184,7 +184,7 @@ class Flusher:
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
-            except (TimeoutError, OSError, asyncpg.PostgresError):
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 pool.terminate()
         self.stats.connected = False
 

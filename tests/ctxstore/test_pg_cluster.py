@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -35,7 +36,9 @@ from .test_ops import fetch as http_get
 pytestmark = pytest.mark.cluster
 
 SESSIONS = [f"pg-{i}" for i in range(12)]
-OUTAGE_S = 6.0  # the issue asks for 60 s; the suite's time budget allows this (see docs)
+# The issue asks for 60 s; the suite's time budget allows 6 (CTXSTORE_TEST_PG_OUTAGE_S=60 for
+# the long run, docs/postgres.md).
+OUTAGE_S = float(os.environ.get("CTXSTORE_TEST_PG_OUTAGE_S", "6"))
 FAST = ["--tick-ms", "20", "--groups", "16", "--postgres-flush-interval-ms", "100"]
 
 
@@ -246,7 +249,7 @@ def test_a_postgres_outage_under_load_loses_and_duplicates_nothing(
             for m in await scrape(cluster):
                 assert m["ctxstore_postgres_skipped_rows_total"] == 0
 
-    run(main(), timeout_s=180)
+    run(main(), timeout_s=180 + OUTAGE_S)
 
 
 def test_kill_9_of_a_leader_in_the_middle_of_a_flush(tmp_path: Path, pg_dsn: str) -> None:
