@@ -3,6 +3,7 @@
 python -m bench append --nodes 3 --concurrency 256   (= ctxstore-bench, docs/benchmarks.md)
 python -m bench raft-node throughput --concurrency 256   (= python -m bench.raft_node ...)
 python -m bench archive   (= python -m ctxstore.archive_bench: the local archive's cost per message)
+python -m bench pg-flush  (= python -m ctxstore.pg.bench: the Postgres write-behind's rows/s)
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ def _archive(argv: Sequence[str]) -> int:
     return subprocess.run([sys.executable, "-m", "ctxstore.archive_bench", *argv]).returncode
 
 
+def _pg_flush(argv: Sequence[str]) -> int:
+    return subprocess.run([sys.executable, "-m", "ctxstore.pg.bench", *argv]).returncode
+
+
 BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "raft-node": (_raft_node, "raft/ on a local 3-node cluster (docs/raft-bench.md)"),
     "archive": (_archive, "the local SQLite archive: rows/s and CPU per message"),
+    "pg-flush": (_pg_flush, "the Postgres write-behind: rows/s copied (needs PostgreSQL)"),
 }
 
 

@@ -332,3 +332,10 @@ def test_a_black_holed_postgres_times_out_and_the_flusher_comes_back(
             await proxy.close()
 
     run(main(), timeout=60)
+
+
+def test_the_flush_benchmark_runs() -> None:
+    """``python -m bench pg-flush`` (ctxstore/pg/bench.py), on a database of its own."""
+    from bench.__main__ import main
+
+    assert main(["pg-flush", "--rows", "2000", "--sessions", "10", "--json"]) == 0

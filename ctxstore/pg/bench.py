@@ -1,4 +1,5 @@
-"""``python -m bench.pg_flush``: how fast the Postgres write-behind copies (docs/benchmarks.md).
+"""``python -m ctxstore.pg.bench`` (or ``python -m bench pg-flush``): how fast the Postgres
+write-behind copies (docs/benchmarks.md).
 
 Starts one node in this process (``ctxstore.node.Node``, 16 groups, Postgres on with flushes
 held back), appends ``--rows`` messages of ``--payload-bytes`` over ``--sessions`` sessions
@@ -23,10 +24,10 @@ from typing import Any
 
 import asyncpg
 
-from ctxstore import commands
-from ctxstore.config import Settings
-from ctxstore.node import Node
-from ctxstore.placement import group_of
+from .. import commands
+from ..config import Settings
+from ..node import Node
+from ..placement import group_of
 
 GROUPS = 16
 
@@ -109,7 +110,7 @@ async def _run(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.pg_flush", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m ctxstore.pg.bench", description=__doc__)
     p.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--sessions", type=int, default=1000)
