@@ -295,10 +295,12 @@ class Flusher:
 
     # -- one flush ---------------------------------------------------------------------------------
     async def flush(self) -> bool:
-        """Copy one transaction's worth of pending rows; whether more wait (or a hole was met)."""
+        """Copy one transaction's worth of pending rows; whether more wait that it had no room
+        for (rows waiting for a peer's copy to this node are not "more": they wait for the next
+        interval)."""
         started = self._clock()
         self._applied_since = 0
-        batch, more = await self._collect()
+        batch, more, drained = await self._collect()
         if batch.rows:
             t0 = time.perf_counter()
             inserted = await asyncio.wait_for(self._write(batch), TRANSACTION_TIMEOUT_S)
@@ -311,36 +313,42 @@ class Flusher:
             s.cursors += len(batch.cursors)
             s.connected = True
             await self._record(batch)
-        if not more:
+        if drained:
             self._caught_up_at = started
         return more
 
-    async def _collect(self) -> tuple[_Batch, bool]:
+    async def _collect(self) -> tuple[_Batch, bool, bool]:
+        """The rows of one flush; whether it ran out of room; whether it took every pending
+        message (none left, none waiting for a peer's copy)."""
         batch = _Batch()
         rows_max, state = self.config.flush_rows, self.state
         more = False
+        drained = True
         for group in self.led_groups():
             batch.epochs[group] = state.postgres_epoch(group)
             for sid, changed, flushed, last in state.postgres_pending(group):
                 if batch.rows >= rows_max or batch.bytes >= FLUSH_BYTES_MAX:
-                    return batch, True
+                    return batch, True, False
                 session = state.get_session(sid)
                 cursors = state.cursors(sid)
                 if session is None or cursors is None:  # the group left this node meanwhile
                     break
                 room = rows_max - batch.rows - 1 - len(cursors)  # for messages
                 if room < 1 and batch.rows:
-                    return batch, True
+                    return batch, True, False
                 batch.sessions.append(session_record(session))
                 batch.cursors += cursor_records(sid, cursors)
+                budget = FLUSH_BYTES_MAX - batch.bytes
                 messages, upto, size = await self._messages(
-                    sid, flushed, last, max(1, room), FLUSH_BYTES_MAX - batch.bytes
+                    sid, flushed, last, max(1, room), budget
                 )
                 batch.messages += map(message_record, messages)
                 batch.bytes += size
-                more = more or upto < last
+                if upto < last:
+                    drained = False
+                    more = more or len(messages) >= max(1, room) or size >= budget
                 batch.marks.setdefault(group, []).append((sid, upto, changed))
-        return batch, more
+        return batch, more, drained
 
     async def _messages(
         self, sid: str, after: int, last: int, limit: int, bytes_max: int

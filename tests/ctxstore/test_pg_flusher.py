@@ -339,3 +339,34 @@ def test_the_flush_benchmark_runs() -> None:
     from bench.__main__ import main
 
     assert main(["pg-flush", "--rows", "2000", "--sessions", "10", "--json"]) == 0
+
+
+def test_rows_a_peer_is_still_copying_here_wait_without_spinning(
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages below the hot tail in a backfill range (a peer's copy to this node under way)
+    are waited for: the flusher copies what it can, goes back to its interval (not a tight
+    loop), counts the lag, and takes them once the range is filled."""
+
+    async def main() -> None:
+        async with node(tmp_path, pg_dsn, interval_ms=100, tail_messages_max=3) as n:
+            flusher = n.postgres
+            assert flusher is not None
+            await flusher.stop()  # until the range is in place
+            await create(n, "s")
+            for k in range(10):
+                await append(n, "s", f"m{k}")
+            await n.archive.barrier()
+            g = group_of("s", GROUPS)
+            copying = [(g, "s", 1, 7)]
+            monkeypatch.setattr(n.archive, "backfill_ranges", lambda sid=None: copying)
+            flusher.start()
+            await asyncio.sleep(1.0)
+            assert flusher.stats.flushes < 20  # ~10 intervals, not a spin
+            assert flusher.backlog_rows() == 10 and flusher.lag_seconds() > 0.5
+            assert await pg_messages(pg_dsn) == []
+            copying.clear()
+            await wait_flushed(n)
+            assert [m.seq for m in await pg_messages(pg_dsn)] == list(range(1, 11))
+
+    run(main())
