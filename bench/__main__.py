@@ -36,7 +36,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 }
 
 
-SCENARIOS = ("append", "mixed", "replay", "failover")
+SCENARIOS = ("append", "mixed", "replay", "failover", "context")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -46,7 +46,7 @@ def main(argv: Sequence[str]) -> int:
         return ctxstore_bench(argv)
     if not argv or argv[0] not in BENCHMARKS:
         print(
-            "usage: python -m bench {append,mixed,replay,failover} ... (ctxstore-bench)\n"
+            "usage: python -m bench {append,mixed,replay,failover,context} ... (ctxstore-bench)\n"
             "       python -m bench BENCHMARK [ARGS...]\n\nbenchmarks:",
             file=sys.stderr,
         )

@@ -5,6 +5,8 @@
     ctxstore-bench mixed --nodes 3 --read-ratio 0.5
     ctxstore-bench replay --nodes 3 --backlog 10000 --page 1000 --readers 2
     ctxstore-bench failover --nodes 3 --concurrency 64 --duration 20
+    ctxstore-bench append --nodes 3 --concurrency 256 --parts 3 --context-policy token_budget
+    ctxstore-bench context --nodes 3 --concurrency 256 --context-tokens 100000 --context-rate 20
     ctxstore-bench append --nodes 3 --concurrency 256 --via ws    (or ws-json, http: web API)
     ctxstore-bench append --nodes 3 -- --groups 16 --tick-ms 20     (flags after -- go to nodes)
 
@@ -28,6 +30,7 @@ from typing import Any
 from ctxstore.launcher import LocalCluster
 from wire.client import ClientError
 
+from .context import add_options, add_scenario_options, check_options
 from .load import WorkerError
 from .report import log, print_report, write_json
 from .scenarios import Target, discover, run_scenario
@@ -40,6 +43,7 @@ SCENARIOS = {
     "mixed": "appends and reads of the last messages of a session",
     "replay": "new readers replay a backlog session while writers append",
     "failover": "kill -9 the node leading the most groups mid-run (--nodes 3 or more)",
+    "context": "get_context of full windows (--context-tokens) at a fixed rate while appending",
 }
 
 
@@ -90,6 +94,7 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--timeout-s", type=_positive(float), default=10.0, help="per request")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--run-id", default=None, help="prefix of session and message ids")
+    add_options(p)
     o = p.add_argument_group("output and gate")
     o.add_argument("--json", default=None, metavar="FILE")
     o.add_argument("--p99-target-ms", type=_positive(float), default=150.0)
@@ -124,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
     fo.add_argument("--kill-at", type=float, default=0.5, help="fraction of the window")
     fo.add_argument("--poll-ms", type=_positive(float), default=25.0)
     fo.add_argument("--unavailability-target-s", type=_positive(float), default=3.0)
+    add_scenario_options(sub.add_parser("context", parents=parents, help=SCENARIOS["context"]))
     return top
 
 
@@ -166,6 +172,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--page: 1 to 1000")
     if args.scenario == "failover" and not 0 < args.kill_at < 1:
         p.error("--kill-at: a fraction of the window in (0, 1)")
+    check_options(args, p.error)
     return args
 
 

@@ -44,6 +44,13 @@ from wire.client import ClientError, expect_response
 from wire.placement import group_of
 from wire.protocol import Appended, Response
 
+from .context import (
+    CONTEXT_OUTSTANDING_MAX,
+    append_structured,
+    append_structured_nowait,
+    get_context,
+    message_parts,
+)
 from .histogram import LatencyHistogram
 from .procs import ClientProcesses, WorkerError, tune_collector
 from .routing import Route, Router, new_load_client
@@ -103,6 +110,9 @@ class WorkerSpec:
     seed: int
     via: Via = "native"  # the transport (``routing.new_load_client``)
     web: dict[int, str] = dataclasses.field(default_factory=dict)  # node id -> its HTTP port
+    parts: int = 0  # structured messages of this many parts (bench.context; 0: the short form)
+    context_sessions: tuple[str, ...] = ()  # get_context on these, in turn, ...
+    context_rate: float = 0.0  # ... at this rate (open loop; 0: none)
 
 
 @dataclasses.dataclass
@@ -124,6 +134,7 @@ class WorkerResult:
     error_code: array.array[int]
     error_codes: list[str]
     routes_refreshes: int
+    context_windows: dict[str, int] = dataclasses.field(default_factory=dict)  # what they held
 
 
 class Worker:
@@ -147,11 +158,15 @@ class Worker:
         self.last_seq = [0] * spec.sessions
         alphabet = string.ascii_letters + string.digits
         self.content = "".join(self.rng.choice(alphabet) for _ in range(spec.payload_bytes))
+        self.parts = message_parts(spec.parts, self.content)  # None: the short form
+        self.context_groups = [group_of(s, spec.groups) for s in spec.context_sessions]
+        self.context_windows: dict[str, int] = {}
         self.msg_prefix = f"{spec.run_id}-{spec.index}-"
         self.next_n = 0
         self.measure = self.end = 0.0
         self.hist = {
-            name: LatencyHistogram() for name in ("append", "read", "replay", "page", "send_lag")
+            name: LatencyHistogram()
+            for name in ("append", "read", "replay", "page", "send_lag", "context")
         }
         self.errors: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
@@ -251,8 +266,11 @@ class Worker:
 
     async def append(self, start: float, sidx: int, n: int, tried: int = 0) -> None:
         sid, content, msg_id = self.session_ids[sidx], self.content, f"{self.msg_prefix}{n}"
+        parts = self.parts
 
         def call(client: LoadClient) -> Awaitable[Any]:
+            if parts is not None:
+                return append_structured(client, sid, parts, msg_id)
             return client.append(sid, content, client_msg_id=msg_id)
 
         try:
@@ -269,9 +287,15 @@ class Worker:
         sidx = self.rng.randrange(self.spec.sessions)
         node_id = self.router.pick(self.session_groups[sidx])
         n = self.next_n
-        future = self.router.clients[node_id].append_nowait(
-            self.session_ids[sidx], self.content, client_msg_id=f"{self.msg_prefix}{n}"
-        )
+        client = self.router.clients[node_id]
+        if self.parts is not None:
+            future = append_structured_nowait(
+                client, self.session_ids[sidx], self.parts, f"{self.msg_prefix}{n}"
+            )
+        else:
+            future = client.append_nowait(
+                self.session_ids[sidx], self.content, client_msg_id=f"{self.msg_prefix}{n}"
+            )
         if future is None:
             return False
         self.next_n += 1
@@ -325,6 +349,49 @@ class Worker:
         self.counters[READS] += 1
         if self.in_window(start):
             self.hist["read"].record_s(now() - start)
+
+    async def get_context(self, start: float, k: int) -> None:
+        """``get_context`` of the ``k``-th context session, intended at ``start``."""
+        sid = self.spec.context_sessions[k]
+
+        def call(client: LoadClient) -> Awaitable[Any]:
+            return get_context(client, sid)
+
+        self.counters[OUTSTANDING] += 1
+        try:
+            try:
+                window = await self.attempt(self.context_groups[k], start, call)
+            except Failed as e:
+                self.fail(start, f"context:{e.reason}")
+                return
+            if self.in_window(start):
+                self.hist["context"].record_s(now() - start)
+                held = self.context_windows
+                tokens, messages = window.token_count, len(window.messages)
+                held["tokens_min"] = min(held.get("tokens_min", tokens), tokens)
+                held["tokens_max"] = max(held.get("tokens_max", tokens), tokens)
+                held["messages_min"] = min(held.get("messages_min", messages), messages)
+                held["messages_max"] = max(held.get("messages_max", messages), messages)
+        finally:
+            self.counters[OUTSTANDING] -= 1
+
+    async def context_loop(self, t0: float) -> None:
+        """``get_context`` on the context sessions in turn at ``context_rate`` (open loop)."""
+        spec = self.spec
+        schedule = OpenLoopSchedule(t0, 1 / spec.context_rate, self.end, CONTEXT_OUTSTANDING_MAX)
+        ops = self.ops
+        k = 0
+        while not schedule.finished:
+            due = schedule.poll(now(), len(ops))
+            for intended in due.send:
+                task = asyncio.create_task(self.get_context(intended, k))
+                k = (k + 1) % len(spec.context_sessions)
+                ops.add(task)
+                task.add_done_callback(ops.discard)
+            for intended in due.skipped:
+                self.error(intended, "overload")
+                self.fail(intended, "context:overload")
+            await asyncio.sleep(max(OPEN_LOOP_TICK_S, schedule.next_s - now()))
 
     async def operation(self, start: float) -> None:
         ratio = self.spec.read_ratio
@@ -423,6 +490,8 @@ class Worker:
             loops.add(asyncio.create_task(self.open_loop(t0)))
         loops |= {asyncio.create_task(self.closed_slot()) for _ in range(spec.concurrency)}
         loops |= {asyncio.create_task(self.reader()) for _ in range(spec.readers)}
+        if spec.context_rate > 0 and spec.context_sessions:
+            loops.add(asyncio.create_task(self.context_loop(t0)))
         await asyncio.sleep(max(0.0, end - now()))
         deadline = now() + spec.retry_for_s + spec.timeout_s + 2.0
         pending: set[asyncio.Future[Any]] = set(loops)
@@ -464,6 +533,7 @@ class Worker:
             "error_code": self.error_code,
             "error_codes": self.error_codes,
             "routes_refreshes": self.router.refreshes,
+            "context_windows": self.context_windows,
         }
 
 

@@ -127,6 +127,8 @@ def latency_table(doc: dict[str, Any]) -> Table:
     if "replay" in doc:
         table.add_row(*_latency_row("replay (backlog)", doc["replay"]))
         table.add_row(*_summary_row("  replay page", doc["replay"]["page_latency_ms"]))
+    if "context" in doc:
+        table.add_row(*_latency_row("get_context", doc["context"]))
     if "failover" in doc:
         fo = doc["failover"]
         table.add_row(*_summary_row("append before kill", fo["p99_before"]))
@@ -145,13 +147,16 @@ def title(doc: dict[str, Any]) -> str:
         else f"closed loop, concurrency {c['concurrency']}"
     )
     where = f"{c['nodes']} local nodes" if c["nodes"] else f"target {c['target']}"
+    body = f"{c['payload_bytes']} B" + (f" in {c['parts']} parts" if c.get("parts") else "")
+    if c.get("context_policy"):
+        body += f", window {c['context_policy']} (budget {c['context_budget']:,})"
     node_args = doc.get("cluster", {}).get("node_args")
     if node_args:
         where += f" ({' '.join(node_args)})"
     return (
         f"ctxstore-bench {doc['scenario']} via {doc.get('via', 'native')}: {load}, "
         f"{c['sessions']:,} sessions, "
-        f"{c['payload_bytes']} B, route {c['route']}, {where}, {doc['window_s']:g} s measured"
+        f"{body}, route {c['route']}, {where}, {doc['window_s']:g} s measured"
     )
 
 
@@ -198,6 +203,16 @@ def details_table(doc: dict[str, Any]) -> Table:
             f"after {fo['all_led_again_s']} s; longest no-ack gap on its groups "
             f"{fo['unavailable_s']} s (median {fo['unavailable_median_s']} s); "
             f"restart {fo['restart_s']} s",
+        )
+    if "context" in doc:
+        f, s = doc["context"].get("filled", {}), doc["context"]["served"]
+        table.add_row(
+            "context",
+            f"{f.get('sessions', 0)} windows filled with {f.get('message_bytes', 0):,} B messages "
+            f"to {f.get('tokens_min', 0):,}-{f.get('tokens_max', 0):,} tokens; served "
+            f"{s.get('tokens_min', 0):,}-{s.get('tokens_max', 0):,} tokens in "
+            f"{s.get('messages_min', 0):,}-{s.get('messages_max', 0):,} messages; get_context "
+            f"p99 target {doc['config']['context_p99_target_ms']:g} ms",
         )
     if "replay" in doc:
         table.add_row("replay", f"{doc['config']['backlog']:,} messages per replay")

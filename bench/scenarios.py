@@ -27,6 +27,7 @@ from ctxstore.launcher import LocalCluster
 from wire.client import Client, ClientError, connect
 from wire.placement import group_of
 
+from . import context as context_mod
 from . import verify as verify_mod
 from .failover import Kill, failover_figures, kill_leader
 from .histogram import LatencyHistogram
@@ -167,11 +168,15 @@ def split(total: int, parts: int, k: int) -> int:
 
 
 def worker_specs(
-    args: argparse.Namespace, target: Target, run_id: str, backlog: tuple[str, int] | None
+    args: argparse.Namespace,
+    target: Target,
+    run_id: str,
+    backlog: tuple[str, int] | None,
+    context_sessions: list[str] | None = None,
 ) -> list[WorkerSpec]:
     procs = default_procs(args)
     open_loop = args.rate is not None
-    return [
+    specs = [
         WorkerSpec(
             index=k,
             procs=procs,
@@ -197,9 +202,16 @@ def worker_specs(
             seed=args.seed,
             via=args.via,
             web=dict(target.ops),
+            parts=args.parts,
         )
         for k in range(procs)
     ]
+    if context_sessions:  # one more process, for get_context only (its loop is not the load's)
+        specs.append(dataclasses.replace(
+            specs[0], index=procs, concurrency=0, rate=0.0, readers=0,
+            context_sessions=tuple(context_sessions), context_rate=args.context_rate,
+        ))  # fmt: skip
+    return specs
 
 
 @dataclasses.dataclass
@@ -295,6 +307,13 @@ def load_figures(args: argparse.Namespace, run: LoadRun) -> dict[str, Any]:
         out["client"]["send_lag_ms"] = hist["send_lag"].summary_ms()
     if hist["read"].count or getattr(args, "read_ratio", 0):
         out["reads"] = rate_figures(hist["read"], seconds)
+    if hist["context"].count or args.scenario == "context":
+        out["context"] = rate_figures(hist["context"], seconds)
+        served: dict[str, int] = {}
+        for r in run.results:
+            for k, v in r.context_windows.items():
+                served[k] = (min if k.endswith("_min") else max)(served.get(k, v), v)
+        out["context"]["served"] = served
     if hist["replay"].count or getattr(args, "readers", 0):
         out["replay"] = rate_figures(hist["replay"], seconds)
         out["replay"]["page_latency_ms"] = hist["page"].summary_ms()
@@ -373,6 +392,13 @@ def gate(args: argparse.Namespace, scenario: str, figures: dict[str, Any]) -> di
         p99_ok("append", figures["appends"]["latency_ms"])
         if "reads" in figures:
             p99_ok("read", figures["reads"]["latency_ms"])
+    if "context" in figures:
+        lat = figures["context"]["latency_ms"]
+        limit = float(args.context_p99_target_ms)
+        if not lat["count"]:
+            failures.append("no get_context answered in the window")
+        elif lat["p99"] > limit:
+            failures.append(f"get_context p99 {lat['p99']:.1f} ms > {limit:g} ms")
     if figures["failed"]:
         failures.append(f"requests failed for good: {figures['failed']}")
     if figures["unfinished"]:
@@ -392,8 +418,18 @@ async def run_scenario(
     setup = await target.client(args.token)
     backlog: tuple[str, int] | None = None
     backlog_acks: list[tuple[str, int]] = []
+    context_sids: list[str] = []
+    context_acks: dict[str, list[tuple[str, int]]] = {}
+    context_held: dict[str, Any] = {}
     try:
         await create_sessions(setup, run_id, args.sessions)
+        if args.context_policy is not None:
+            sids = [session_id(run_id, i) for i in range(args.sessions)]
+            await context_mod.configure_windows(setup, sids, args, with_retry, pipelined)
+        if scenario == "context":
+            context_sids, context_acks, context_held = await context_mod.fill_windows(
+                setup, run_id, args, with_retry
+            )
         if scenario == "replay":
             sid, backlog_acks = await fill_backlog(setup, run_id, args.backlog, args.payload_bytes)
             backlog = (sid, max((seq for _, seq in backlog_acks), default=0))
@@ -401,7 +437,7 @@ async def run_scenario(
         await setup.close()
     if args.via != "native" and not set(target.nodes) <= set(target.ops):
         raise RuntimeError(f"--via {args.via}: the nodes' HTTP ports are not known (--ops)")
-    specs = worker_specs(args, target, run_id, backlog)
+    specs = worker_specs(args, target, run_id, backlog, context_sids)
     kill = Kill()
     during: During | None = None
     if scenario == "failover":
@@ -415,6 +451,8 @@ async def run_scenario(
     run = await run_load(args, target, specs, during)
     figures = load_figures(args, run)
     figures["run_id"] = run_id
+    if scenario == "context":
+        figures["context"]["filled"] = context_held
     verify_node: int | None = None
     if scenario == "failover":
         assert target.local is not None and kill.victim
@@ -429,6 +467,7 @@ async def run_scenario(
         acked = acked_by_session(run_id, args.sessions, run.results)
         if backlog is not None:
             acked[backlog[0]] = backlog_acks
+        acked.update(context_acks)
         client = await target.client(args.token, verify_node)
         try:
             verdict = await verify_mod.verify(client, acked, f"{run_id}-")
