@@ -4,6 +4,7 @@ python -m bench append --nodes 3 --concurrency 256   (= ctxstore-bench, docs/ben
 python -m bench raft-node throughput --concurrency 256   (= python -m bench.raft_node ...)
 python -m bench archive   (= python -m ctxstore.archive_bench: the local archive's cost per message)
 python -m bench pg-flush  (= python -m ctxstore.pg.bench: the Postgres write-behind's rows/s)
+python -m bench tokens   (the tokenizer's cost per append)
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from collections.abc import Callable, Sequence
 
 def _raft_node(argv: Sequence[str]) -> int:
     from bench.raft_node import main
+
+    return main(argv)
+
+
+def _tokens(argv: Sequence[str]) -> int:
+    from bench.tokens import main
 
     return main(argv)
 
@@ -33,6 +40,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "raft-node": (_raft_node, "raft/ on a local 3-node cluster (docs/raft-bench.md)"),
     "archive": (_archive, "the local SQLite archive: rows/s and CPU per message"),
     "pg-flush": (_pg_flush, "the Postgres write-behind: rows/s copied (needs PostgreSQL)"),
+    "tokens": (_tokens, "the tokenizer's CPU per message, as a node counts an append"),
 }
 
 
