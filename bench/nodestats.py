@@ -7,9 +7,11 @@ the processes no CPU.  These figures answer the first: per node, the cyclic coll
 by generation and the WAL's fsyncs in the window (count, total time, the bucket of the
 longest: the difference of the two scrapes of the histograms ``ctxstore_gc_pause_seconds``
 and ``ctxstore_wal_fsync_seconds``), and the longest driver pass since the node started
-(``ctxstore_raft_pass_seconds_max``, a gauge, not per window).  A node that does not answer
-(killed, or its ops port not reachable) has no figures; one restarted in the window
-(``failover``) has those since its restart; nothing here fails a run.
+(``ctxstore_raft_pass_seconds_max``, a gauge, not per window).  Besides, what counting tokens
+cost each node in the window (``ctxstore_tokens_counted_messages_total`` and
+``ctxstore_tokens_count_seconds_total``: the node's own clock around each count).  A node
+that does not answer (killed, or its ops port not reachable) has no figures; one restarted in
+the window (``failover``) has those since its restart; nothing here fails a run.
 
 Local clusters (``--nodes``) serve their ops ports on addresses the launcher chose; an
 existing cluster's are given with ``--ops``.
@@ -30,6 +32,8 @@ SCRAPE_TIMEOUT_S = 5.0
 SCRAPE_BYTES_MAX = 4 << 20  # a node's /metrics is a few tens of KiB
 GENERATIONS = ("0", "1", "2")
 GC_COUNT = "ctxstore_gc_pause_seconds_count"
+TOKENS_COUNTED = "ctxstore_tokens_counted_messages_total"
+TOKENS_SECONDS = "ctxstore_tokens_count_seconds_total"
 
 
 def parse_metrics(text: str) -> Scrape:
@@ -147,7 +151,28 @@ def node_pauses(
             "pass_max_ms_since_start": round(end["ctxstore_raft_pass_seconds_max"] * 1000, 2),
             "fsync_max_ms_since_start": round(end["ctxstore_wal_fsync_seconds_max"] * 1000, 2),
         }
+        if TOKENS_COUNTED in end:  # nodes before token counting have none
+            counted = int(end[TOKENS_COUNTED] - start.get(TOKENS_COUNTED, 0.0))
+            seconds = end.get(TOKENS_SECONDS, 0.0) - start.get(TOKENS_SECONDS, 0.0)
+            out[f"node{node_id}"]["tokens"] = {
+                "counted": counted,
+                "seconds": round(seconds, 4),
+                "us_per_message": round(seconds / counted * 1e6, 2) if counted else None,
+            }
     return out
+
+
+def describe_tokens(pauses: Mapping[str, Any]) -> str | None:
+    """One line for the report: the messages each node counted in the window and the time
+    per message; None when no node reports counting."""
+    parts = []
+    for name, p in pauses.items():
+        t = p.get("tokens")
+        if t is None:
+            continue
+        each = f", {t['us_per_message']:.1f} µs each" if t["us_per_message"] is not None else ""
+        parts.append(f"{name} {t['counted']:,} messages in {t['seconds'] * 1000:,.0f} ms{each}")
+    return " | ".join(parts) or None
 
 
 def describe(pauses: Mapping[str, Any]) -> str:

@@ -144,3 +144,6 @@ def test_context_scenario_reads_full_windows_under_load(tmp_path: Path) -> None:
     assert doc["verify"]["sessions"] == 50 + 2  # the filled sessions are read back too
     clients = [k for k in doc["cpu"]["pct_of_core"] if k.startswith("client")]
     assert clients == ["client1", "client2"]  # the load's process, then get_context's
+    # the node's own figure of what counting the appends' tokens cost it in the window
+    counted = doc["node_pauses"]["node1"]["tokens"]
+    assert counted["counted"] >= doc["appends"]["count"] // 2 and counted["us_per_message"] > 0
