@@ -12,7 +12,10 @@ bench/ uses no ctxstore internals, so the counting rule is written out here
 (``count_message``); tests/bench/test_tokens.py checks it against ``ctxstore.tokens``.  The
 package is imported whole (its ``__init__`` also builds a tiktoken-like wrapper the node skips:
 a one-off import cost, not part of a count).  Each figure is the median over ``--repeat``
-rounds of the CPU time of ``--count`` counts divided by ``--count``.
+rounds of the CPU time of ``--count`` counts divided by ``--count``.  ``--cold``: between two
+counts, copy ``EVICT_BYTES`` of memory (evicting the CPU's caches, as the rest of a busy
+node's work and the other processes of the machine do) and time each count alone: a count
+whose tables are no longer in the caches.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .context import message_parts, prose
 
 TEXT_TYPES: Final = frozenset({"text", "reasoning"})
 ENCODINGS: Final = ("o200k_base", "cl100k_base")
+EVICT_BYTES: Final = 64 * 1024 * 1024  # more than this machine's last-level cache
 _json = msgspec.json.Encoder()
 
 
@@ -87,7 +91,24 @@ def time_per_call(call: Callable[[], object], count: int, repeat: int) -> float:
     return median(rounds)
 
 
-def measure(encoding: str, payload_bytes: int, count: int, repeat: int) -> dict[str, Any]:
+def time_per_cold_call(call: Callable[[], object], count: int, repeat: int) -> float:
+    """Median CPU seconds per call, each call after evicting the caches (``--cold``)."""
+    junk = bytearray(EVICT_BYTES)
+    rounds = []
+    for _ in range(repeat):
+        spent = 0.0
+        for _ in range(count):
+            junk[:] = bytes(junk)  # reads and writes every cache line of 64 MiB
+            started = _cpu()
+            call()
+            spent += _cpu() - started
+        rounds.append(spent / count)
+    return median(rounds)
+
+
+def measure(
+    encoding: str, payload_bytes: int, count: int, repeat: int, cold: bool = False
+) -> dict[str, Any]:
     started = time.perf_counter()
     tok = tokenizer(encoding)
     tok.count("warm up")  # a vocabulary is built when first used
@@ -96,11 +117,12 @@ def measure(encoding: str, payload_bytes: int, count: int, repeat: int) -> dict[
     for name, (content, parts) in samples(payload_bytes).items():
         tokens = count_message(tok, content, parts)
         chars = len(content) + sum(len(_json.encode(p)) for p in parts or [])
-        per_call = time_per_call(partial(count_message, tok, content, parts), count, repeat)
+        timer = time_per_cold_call if cold else time_per_call
+        per_call = timer(partial(count_message, tok, content, parts), count, repeat)
         rows.append(
             {"message": name, "chars": chars, "tokens": tokens, "us": round(per_call * 1e6, 2)}
         )
-    return {"encoding": encoding, "load_s": round(load_s, 3), "messages": rows}
+    return {"encoding": encoding, "cold": cold, "load_s": round(load_s, 3), "messages": rows}
 
 
 def main(argv: Sequence[str]) -> int:
@@ -109,19 +131,21 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--payload-bytes", type=int, default=200, help="as ctxstore-bench's")
     p.add_argument("--count", type=int, default=2000, help="counts per round")
     p.add_argument("--repeat", type=int, default=5, help="rounds (the median is reported)")
+    p.add_argument("--cold", action="store_true", help="evict the CPU caches before each count")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     if args.payload_bytes < 3 or args.count < 1 or args.repeat < 1:
         p.error("--payload-bytes 3 or more, --count and --repeat positive")
     results = [
-        measure(e, args.payload_bytes, args.count, args.repeat)
+        measure(e, args.payload_bytes, args.count, args.repeat, args.cold)
         for e in args.encoding or ["o200k_base"]
     ]
     if args.json:
         print(json.dumps(results))
         return 0
     for r in results:
-        print(f"{r['encoding']} (first use {r['load_s']:.2f} s): CPU per count, median")
+        caches = ", caches evicted before each count" if r["cold"] else ""
+        print(f"{r['encoding']} (first use {r['load_s']:.2f} s): CPU per count, median{caches}")
         for m in r["messages"]:
             print(
                 f"  {m['message']:34s} {m['chars']:6,d} chars {m['tokens']:6,d} tokens "

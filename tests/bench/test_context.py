@@ -90,6 +90,8 @@ def test_the_micro_benchmark_counts_as_a_node_does(encoding: str) -> None:
 def test_tokens_command_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert tokens.main(["--count", "10", "--repeat", "1"]) == 0
     assert "plain 200 B (bench append)" in capsys.readouterr().out
+    cold = tokens.measure("cl100k_base", 200, count=1, repeat=1, cold=True)
+    assert cold["cold"] and all(m["us"] > 0 for m in cold["messages"])
 
 
 @pytest.mark.cluster
