@@ -95,10 +95,13 @@ class MarkRead(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
 
 
 class SetContextConfig(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=4):
-    """Configure a session's context window (its policy applies at once)."""
+    """Configure a session's context window (its policy applies at once).  ``counts``: the
+    proposer's ``(seq, tokens, tokens per part)`` of the hot tail's messages, when this opens
+    the window or changes its tokenizer (appends are counted only for windowed sessions)."""
 
     session_id: str
     config: ContextConfig
+    counts: list[tuple[int, int, list[int]]] = []
 
 
 class Compact(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5):

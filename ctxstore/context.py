@@ -28,7 +28,7 @@ from wire.protocol import (
 from . import commands
 from .history import History
 from .state import ConversationState
-from .tokens import TokenCounters
+from .tokens import TokenCounter, TokenCounters
 from .window import Record, Window
 
 _ROLE_SENDER = {"user": "user", "assistant": "agent", "tool": "agent", "system": "system"}
@@ -118,21 +118,56 @@ def _view(m: Message, r: Record, skip: list[str]) -> Message:
         kept = [p for p in parts if not matches(p["type"], skip)]
         if len(kept) != len(parts):
             return msgspec.structs.replace(m, parts=kept, token_count=r.view_tokens)
+    if m.token_count != r.view_tokens:  # appended before the window: counted when it opened
+        return msgspec.structs.replace(m, token_count=r.view_tokens)
     return m
 
 
 # -- commands -----------------------------------------------------------------------------------
-def configure(r: SetContextConfig, counters: TokenCounters) -> commands.SetContextConfig:
+def configure(
+    r: SetContextConfig, counters: TokenCounters, counts: list[tuple[int, int, list[int]]]
+) -> commands.SetContextConfig:
     tokenizer = r.tokenizer or counters.default
     config = ContextConfig(r.token_budget, r.trigger_ratio, r.policy, tokenizer)  # type: ignore[arg-type]
-    return commands.SetContextConfig(r.session_id, config)
+    return commands.SetContextConfig(r.session_id, config, counts)
+
+
+def tail_to_count(
+    state: ConversationState, session_id: str, tokenizer: str, records_max: int
+) -> list[Message]:
+    """The hot tail's messages (the newest ``records_max``) a configuration must count: all of
+    them when it opens the window or changes its tokenizer, none otherwise."""
+    view = state.window(session_id)
+    if view is None:
+        return []
+    window, last_seq = view
+    if window is not None and window.config is not None and window.config.tokenizer == tokenizer:
+        return []
+    r = state.read(session_id, max(0, last_seq - records_max), records_max)
+    return [] if r is None else r.messages
+
+
+def tail_chars(messages: list[Message]) -> int:
+    return sum(len(m.content) + (len(m.parts) * 256 if m.parts else 0) for m in messages)
+
+
+def count_tail(counter: TokenCounter, messages: list[Message]) -> list[tuple[int, int, list[int]]]:
+    """``(seq, tokens, tokens of each part)`` of each message (a client's count wins)."""
+    out = []
+    for m in messages:
+        tokens, per_part = counter.message(m.content, m.parts)
+        if m.token_count is not None and m.parts is None:
+            tokens = m.token_count
+        out.append((m.seq, tokens, per_part))
+    return out
 
 
 def replacement(
     messages: list[NewMessage], session_id: str, now_ms: int, tokenizer: str | None,
     counters: TokenCounters,
 ) -> tuple[list[Message], list[list[int]]]:  # fmt: skip
-    """A compaction's replacement as stored messages (seq 0) and their counts per part."""
+    """A compaction's replacement as stored messages (seq 0) and their counts per part (a
+    session without a window: by the node's default tokenizer; the state refuses it)."""
     counter = counters.get(tokenizer)
     out: list[Message] = []
     per_part: list[list[int]] = []
@@ -148,8 +183,9 @@ def replacement(
     return out, per_part
 
 
-def tokenizer_of(state: ConversationState, session_id: str) -> str | None:
-    """The session's tokenizer as this node knows it (None: the node's default)."""
+def window_tokenizer(state: ConversationState, session_id: str) -> str | None:
+    """The tokenizer of the session's context window as this node knows it; None when the
+    session has none (its appends are not counted)."""
     view = state.window(session_id)
     if view is None or view[0] is None or view[0].config is None:
         return None

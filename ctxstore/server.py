@@ -82,7 +82,7 @@ from .node import Node
 from .placement import group_of
 from .router import RouteError
 from .state import payload_bytes
-from .tokens import offload
+from .tokens import OFFLOAD_CHARS, offload
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class Service(BaseHandler):
         self.read_bytes_max = node.limits.read_bytes_max
         self.request_timeout_s = s.request_timeout_s
         self.counters = node.counters
+        self.window_records_max = node.state.limits.window_records_max
         # Appends of a connection waiting for a count off the loop, and those behind them (a
         # connection's appends are proposed in the order they came).
         self._counting: dict[Connection, deque[Append]] = {}
@@ -130,8 +131,7 @@ class Service(BaseHandler):
             case GetContext():
                 return self._after_barrier(conn, request.rid, request.session_id, request)
             case SetContextConfig():
-                configure = context.configure(request, self.counters)
-                return self._submit(conn, request.rid, request.session_id, configure, request)
+                return self._configure(conn, request)
             case Compact():
                 return self._compact(conn, request)
             case GetSession():
@@ -202,18 +202,27 @@ class Service(BaseHandler):
         if queue is not None:  # behind a message counted off the loop: keep the order
             queue.append(r)
             return None
-        if not offload(r.content, r.parts):
+        if not offload(r.content, r.parts) or not self._counted(r):
             return self._append_counted(conn, r, *self._count(r))
         self._counting[conn] = deque([r])
         asyncio.get_running_loop().create_task(self._count_off_loop(conn))
         return None
 
-    def _count(self, r: Append) -> tuple[int, list[int] | None]:
-        """The message's tokens (the client's count wins) and its parts' (ctxstore/tokens.py),
-        by the session's tokenizer as this node knows it."""
+    def _counted(self, r: Append) -> bool:
+        """Whether this append is counted: its session has a context window (as this node
+        knows it), and the client did not count it (a structured one: for its parts)."""
         if r.token_count is not None and r.parts is None:
+            return False
+        return context.window_tokenizer(self.state, r.session_id) is not None
+
+    def _count(self, r: Append) -> tuple[int | None, list[int] | None]:
+        """The message's tokens (the client's count wins) and its parts' (ctxstore/tokens.py),
+        by the session's tokenizer, for a session with a context window; else the client's
+        count (or none)."""
+        tokenizer = context.window_tokenizer(self.state, r.session_id)
+        if tokenizer is None or (r.token_count is not None and r.parts is None):
             return r.token_count, None
-        counter = self.counters.get(context.tokenizer_of(self.state, r.session_id))
+        counter = self.counters.get(tokenizer)
         started = time.perf_counter()
         tokens, per_part = counter.message(r.content, r.parts)
         self.count_seconds += time.perf_counter() - started
@@ -227,7 +236,7 @@ class Service(BaseHandler):
         try:
             while queue:
                 r = queue[0]
-                if offload(r.content, r.parts):
+                if offload(r.content, r.parts) and self._counted(r):
                     self.counted_off_loop += 1
                     counted = await asyncio.to_thread(self._count, r)
                 else:
@@ -247,7 +256,7 @@ class Service(BaseHandler):
                 del self._counting[conn]
 
     def _append_counted(
-        self, conn: Connection, r: Append, tokens: int, part_tokens: list[int] | None
+        self, conn: Connection, r: Append, tokens: int | None, part_tokens: list[int] | None
     ) -> Reply:
         role = r.role if r.role is not None else SENDER_ROLES[r.sender][0]
         cmd = commands.Append(
@@ -270,8 +279,37 @@ class Service(BaseHandler):
                 return self._error(e)
         return self._submit_data(conn, r.rid, r.session_id, data, r)
 
+    def _configure(self, conn: Connection, r: SetContextConfig) -> Reply:
+        """Propose the configuration with the counts of the hot tail's messages when it opens
+        the window or changes its tokenizer (counted here, on a thread when long)."""
+        tokenizer = r.tokenizer or self.counters.default
+        tail = context.tail_to_count(self.state, r.session_id, tokenizer, self.window_records_max)
+        if not tail:
+            cmd = context.configure(r, self.counters, [])
+            return self._submit(conn, r.rid, r.session_id, cmd, r)
+
+        async def count_then_submit() -> Response | None:
+            counter = self.counters.get(tokenizer)
+            if context.tail_chars(tail) > OFFLOAD_CHARS:
+                self.counted_off_loop += len(tail)
+                counts = await asyncio.to_thread(context.count_tail, counter, tail)
+            else:
+                counts = context.count_tail(counter, tail)
+            self.messages_counted += len(tail)
+            cmd = context.configure(r, self.counters, counts)
+            refused = self._submit(conn, r.rid, r.session_id, cmd, r)
+            return refused if isinstance(refused, Error) else None
+
+        task = asyncio.get_running_loop().create_task(count_then_submit())
+        task.add_done_callback(lambda t: self._answer_task(conn, r.rid, t))
+        return None
+
+    def _answer_task(self, conn: Connection, rid: int, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is not None or task.result() is not None:
+            conn.reply(self._task_answer(rid, task))
+
     def _compact(self, conn: Connection, r: Compact) -> Reply:
-        tokenizer = context.tokenizer_of(self.state, r.session_id)
+        tokenizer = context.window_tokenizer(self.state, r.session_id)
         messages, per_part = context.replacement(
             r.replacement, r.session_id, self.clock_ms(), tokenizer, self.counters
         )

@@ -367,13 +367,17 @@ class _Session:
             _restore_window(s.window, snap.window)
         return s
 
-    def open_window(self) -> Window:
+    def open_window(self, counts: dict[int, tuple[int, list[int]]]) -> Window:
         """The session's window, started at its first configuration with the messages of its
-        hot tail (replicated state, so every replica starts it alike)."""
+        hot tail (replicated state, so every replica starts it alike), counted by ``counts``
+        (the proposer's, by seq) or else as they were stored."""
         if self.window is None:
             self.window = w = Window(self.window_limits)
             for m in self.tail:
-                w.restore(_record(m, m.token_count, None))
+                tokens, per_part = counts.get(m.seq, (m.token_count, None))
+                w.restore(_record(m, tokens, per_part or None))
+        elif counts:  # a new tokenizer: the proposer counted the tail again
+            self.window.recount(counts)
         return self.window
 
 
@@ -660,7 +664,8 @@ class ConversationState:
         s = sessions.get(cmd.session_id)
         if s is None:
             return _not_found(cmd.session_id)
-        window = s.open_window()
+        counts = {seq: (tokens, per_part) for seq, tokens, per_part in cmd.counts}
+        window = s.open_window(counts)
         return self._context_changed(s, window, window.configure(cmd.config))
 
     def _compact(self, sessions: dict[str, _Session], cmd: Compact) -> ContextChanged | Rejected:

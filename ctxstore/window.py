@@ -101,6 +101,17 @@ class Window:
         )
         self._push(record)
 
+    def recount(self, counts: dict[int, tuple[int, list[int]]]) -> None:
+        """New counts ``(tokens, tokens per part)`` for the history records of these seqs (a new
+        tokenizer); ``configure`` follows, which recomputes the view."""
+        for r in self.records:
+            new = counts.get(r.first_seq) if not r.compacted else None
+            if new is None:
+                continue
+            r.tokens = new[0]
+            if r.part_tokens is not None and len(new[1]) == len(r.part_tokens):
+                r.part_tokens = [(t, n) for (t, _), n in zip(r.part_tokens, new[1], strict=True)]
+
     def configure(self, config: ContextConfig) -> list[ContextReason]:
         self.config = config
         policy = config.policy

@@ -134,7 +134,7 @@ def test_context_scenario_reads_full_windows_under_load(tmp_path: Path) -> None:
     doc: dict[str, Any] = bench(
         tmp_path, "context", "--nodes", "1", "--concurrency", "8", "--parts", "3",
         "--context-sessions", "2", "--context-tokens", "3000", "--context-rate", "50",
-        "--context-p99-target-ms", "5000",
+        "--context-p99-target-ms", "5000", "--context-policy", "manual",
     )  # fmt: skip
     ctx = doc["context"]
     assert ctx["count"] == pytest.approx(50 * doc["window_s"], abs=3)
@@ -146,6 +146,7 @@ def test_context_scenario_reads_full_windows_under_load(tmp_path: Path) -> None:
     assert doc["verify"]["sessions"] == 50 + 2  # the filled sessions are read back too
     clients = [k for k in doc["cpu"]["pct_of_core"] if k.startswith("client")]
     assert clients == ["client1", "client2"]  # the load's process, then get_context's
-    # the node's own figure of what counting the appends' tokens cost it in the window
+    # the node's own figure of what counting the appends' tokens cost it in the window (the
+    # load's sessions have windows: --context-policy; appends to others are not counted)
     counted = doc["node_pauses"]["node1"]["tokens"]
     assert counted["counted"] >= doc["appends"]["count"] // 2 and counted["us_per_message"] > 0

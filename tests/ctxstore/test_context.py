@@ -58,22 +58,29 @@ def test_structured_messages_are_stored_with_their_role_parts_and_real_token_cou
             messages = (await c.read("s")).messages
             assert [m.role for m in messages] == ["user", "assistant", "user"]
             assert messages[0].parts is None
-            assert messages[0].token_count == O200K.text("What is the weather in Paris?") == 7
             assert messages[1].parts == PARTS and messages[1].content == ""
-            assert messages[1].token_count == O200K.message("", PARTS)[0]
-            assert messages[2].token_count == 99  # the client's count wins
+            # no window yet: nothing is counted but what the client counted
+            assert [m.token_count for m in messages] == [None, None, 99]
+            assert h.service.messages_counted == 0
             window = await c.get_context("s")  # never configured: no window yet
             assert (window.messages, window.version, window.config) == ([], 0, None)
             assert window.window_first_seq == 4 and not window.needs_compaction
             with pytest.raises(ClientError) as e:
                 await c.compact("s", 1, 1, [])
             assert e.value.code == "bad_request"
-            # configured, it starts with what the hot tail holds
+            # configured, it starts with the hot tail, counted by the node that took the
+            # configuration (the client's count wins)
             await c.set_context_config("s", 1000, Manual())
             window = await c.get_context("s")
-            assert window.token_count == sum(m.token_count or 0 for m in messages)
+            counts = [m.token_count for m in window.messages]
+            assert counts == [7, O200K.message("", PARTS)[0], 99]
+            assert window.token_count == sum(counts)
             assert [m.seq for m in window.messages] == [1, 2, 3]
             assert window.config is not None and not window.needs_compaction
+            # from now on every append is counted before it is proposed
+            await c.append("s", "", "agent", "a", parts=PARTS)
+            stored = (await c.read("s", 3)).messages[0]
+            assert stored.token_count == O200K.message("", PARTS)[0]
 
     run(main())
 
@@ -227,6 +234,7 @@ def test_a_long_message_is_counted_off_the_loop_and_later_appends_keep_their_ord
     async def main() -> None:
         async with single_node(tmp_path) as h, await node_client(h) as c:
             await c.create_session("u", "a", {}, "s")
+            await c.set_context_config("s", 100_000, Manual())
             long_text = "word " * 40_000  # 200 000 characters: counted on a thread
             futures = [c.append_nowait("s", long_text)]
             futures += [c.append_nowait("s", f"short {i}") for i in range(20)]

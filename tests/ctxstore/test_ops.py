@@ -31,6 +31,7 @@ from ctxstore.server import Service
 from wire.aio import Server
 from wire.aio import serve as wire_serve
 from wire.client import ClientError, connect
+from wire.protocol import Manual
 
 GROUPS = 4
 
@@ -231,6 +232,7 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
             before = await h.scrape()
             async with await connect(h.target) as c:
                 await c.create_session("alice", "bot", {}, "s1")
+                await c.set_context_config("s1", 1000, Manual())  # appends are counted
                 for i in range(5):
                     await c.append("s1", f"m{i}")
                 with pytest.raises(ClientError) as conflict:
@@ -245,8 +247,8 @@ def test_metrics_parse_and_move_with_appends(tmp_path: Path) -> None:
         assert (before[ok], during[ok], during[err]) == (0, 5, 1)
         assert during['ctxstore_append_latency_seconds_bucket{le="+Inf",outcome="ok"}'] == 5
         assert 0 < during['ctxstore_append_latency_seconds_sum{outcome="ok"}'] < 25
-        assert during["ctxstore_commit_latency_seconds_count"] >= 7  # create + 6 appends
-        assert during["ctxstore_requests_total"] - before["ctxstore_requests_total"] >= 7
+        assert during["ctxstore_commit_latency_seconds_count"] >= 8  # create, config, 6 appends
+        assert during["ctxstore_requests_total"] - before["ctxstore_requests_total"] >= 8
         assert during['ctxstore_request_errors_total{code="conflict"}'] == 1
         counted = "ctxstore_tokens_counted_messages_total"
         assert during[counted] - before[counted] == 6  # every append, the refused one too
