@@ -259,3 +259,19 @@ def test_the_inbox_previews_a_structured_message_by_its_first_text_part(tmp_path
             assert snapshot.entries[0].preview == "It is 21 degrees in Paris."
 
     run(main())
+
+
+def test_a_new_tokenizer_recounts_the_window(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            await c.create_session("u", "a", {}, "s")
+            await c.set_context_config("s", 1000, Manual(), 1.0, "o200k_base")
+            await c.append("s", "こんにちは世界")
+            assert (await c.get_context("s")).token_count == 2
+            await c.set_context_config("s", 1000, Manual(), 1.0, "cl100k_base")
+            window = await c.get_context("s")
+            assert window.token_count == 4 and window.messages[0].token_count == 4
+            await c.append("s", "こんにちは世界")  # counted by the new one from now on
+            assert (await c.get_context("s")).token_count == 8
+
+    run(main())
