@@ -134,29 +134,34 @@ def configure(
 
 def tail_to_count(
     state: ConversationState, session_id: str, tokenizer: str, records_max: int
-) -> list[Message]:
+) -> tuple[list[Message], bool]:
     """The hot tail's messages (the newest ``records_max``) a configuration must count: all of
-    them when it opens the window or changes its tokenizer, none otherwise."""
+    them when it opens the window or changes its tokenizer, none otherwise; and whether it
+    opens the window."""
     view = state.window(session_id)
     if view is None:
-        return []
+        return [], False
     window, last_seq = view
     if window is not None and window.config is not None and window.config.tokenizer == tokenizer:
-        return []
+        return [], False
     r = state.read(session_id, max(0, last_seq - records_max), records_max)
-    return [] if r is None else r.messages
+    return ([] if r is None else r.messages), window is None
 
 
 def tail_chars(messages: list[Message]) -> int:
     return sum(len(m.content) + (len(m.parts) * 256 if m.parts else 0) for m in messages)
 
 
-def count_tail(counter: TokenCounter, messages: list[Message]) -> list[tuple[int, int, list[int]]]:
-    """``(seq, tokens, tokens of each part)`` of each message (a client's count wins)."""
+def count_tail(
+    counter: TokenCounter, messages: list[Message], opening: bool
+) -> list[tuple[int, int, list[int]]]:
+    """``(seq, tokens, tokens of each part)`` of each message.  ``opening`` a window, a stored
+    count (the client's: nothing else counted them) wins; for a new tokenizer, every message
+    is counted again (a stored count may be the old tokenizer's)."""
     out = []
     for m in messages:
         tokens, per_part = counter.message(m.content, m.parts)
-        if m.token_count is not None and m.parts is None:
+        if opening and m.token_count is not None and m.parts is None:
             tokens = m.token_count
         out.append((m.seq, tokens, per_part))
     return out

@@ -283,7 +283,9 @@ class Service(BaseHandler):
         """Propose the configuration with the counts of the hot tail's messages when it opens
         the window or changes its tokenizer (counted here, on a thread when long)."""
         tokenizer = r.tokenizer or self.counters.default
-        tail = context.tail_to_count(self.state, r.session_id, tokenizer, self.window_records_max)
+        tail, opening = context.tail_to_count(
+            self.state, r.session_id, tokenizer, self.window_records_max
+        )
         if not tail:
             cmd = context.configure(r, self.counters, [])
             return self._submit(conn, r.rid, r.session_id, cmd, r)
@@ -292,9 +294,9 @@ class Service(BaseHandler):
             counter = self.counters.get(tokenizer)
             if context.tail_chars(tail) > OFFLOAD_CHARS:
                 self.counted_off_loop += len(tail)
-                counts = await asyncio.to_thread(context.count_tail, counter, tail)
+                counts = await asyncio.to_thread(context.count_tail, counter, tail, opening)
             else:
-                counts = context.count_tail(counter, tail)
+                counts = context.count_tail(counter, tail, opening)
             self.messages_counted += len(tail)
             cmd = context.configure(r, self.counters, counts)
             refused = self._submit(conn, r.rid, r.session_id, cmd, r)

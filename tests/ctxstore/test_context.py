@@ -197,7 +197,7 @@ def test_token_budget_trims_whole_tool_exchanges_and_pushes_context_events(
             window = await c.get_context("s")
             assert window.needs_compaction and window.config is not None
             assert window.config.tokenizer == "cl100k_base"
-            await c.set_context_config("s", 100, TokenBudget(), 0.5)
+            await c.set_context_config("s", 100, TokenBudget(), 0.5, "cl100k_base")
             window = await c.get_context("s")
             # the call and its result left together: only "ok" remains
             assert [m.seq for m in window.messages] == [3]

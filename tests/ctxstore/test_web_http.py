@@ -319,7 +319,7 @@ def test_structured_messages_and_the_context_window_over_http(tmp_path: Path) ->
             stored = decoded(await call(a, "GET", f"{base}/messages?after_seq=4"), Messages)
             (m,) = stored.messages
             assert (m.role, m.parts, m.content) == ("assistant", PARTS, "")
-            assert m.token_count is not None and m.token_count > 0
+            assert m.token_count is None  # counted only for sessions with a window
             r = await call(a, "GET", f"{base}/context")  # never configured: no window
             assert r.status == 200, r.body
             window = decoded(r, Context)
@@ -353,7 +353,7 @@ def test_structured_messages_and_the_context_window_over_http(tmp_path: Path) ->
                 assert got["window_first_seq"] == changed.window_first_seq == seqs[0]
                 if policy["type"] == "manual":  # the first configuration opens the window
                     counts = [x["token_count"] for x in got["messages"]]
-                    assert counts[-1] == m.token_count and got["token_count"] == sum(counts)
+                    assert counts[-1] > 0 and got["token_count"] == sum(counts)
                 if policy["type"] == "skip_parts" and "reasoning" in policy["types"]:
                     assert got["messages"][-1]["parts"] == [PARTS[2]]  # the message stays
             # a compaction of 3..4 guarded by a stale version: 409 naming the current one
