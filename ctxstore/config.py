@@ -76,6 +76,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     # The tokenizer that counts a message's tokens (ctxstore/tokens.py) unless its session's
     # context configuration names another.
     tokenizer: Literal["o200k_base", "cl100k_base"] = "o200k_base"
+    # Bytes of context windows' messages kept in RAM once out of their hot tails, so that
+    # get_context seldom reads the archive (ctxstore/context.py WindowCache; a node's cache).
+    context_cache_bytes: Annotated[int, Meta(ge=0, le=2**40)] = 64 * 1024 * 1024
     log_level: str = "WARNING"
     # The PostgreSQL write-behind (ctxstore/pg/, docs/postgres.md): off without a DSN.
     postgres_dsn: str | None = None
@@ -153,6 +156,8 @@ HELP: dict[str, str] = {
     "(the event loop's thread; for nodes sharing a machine's cores)",
     "tokenizer": "the tokenizer that counts messages' tokens (o200k_base or cl100k_base) "
     "for sessions whose context configuration names none",
+    "context_cache_bytes": "bytes of context windows' messages this node keeps in RAM once "
+    "they left the hot tail, so get_context seldom reads the archive; 0: none",
     "client_connections_max": "client connections at once (more are refused with "
     "unavailable); lowered at start to what the open-file limit leaves",
     "client_connections_per_source_max": "client connections at once from one address",

@@ -9,6 +9,7 @@ message the history can no longer give (deleted by retention) is left out of the
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Literal
 
 import msgspec
@@ -26,7 +27,7 @@ from wire.protocol import (
 )
 
 from . import commands
-from .history import History
+from .history import History, message_bytes
 from .state import ConversationState
 from .tokens import TokenCounter, TokenCounters
 from .window import Record, Window
@@ -63,20 +64,81 @@ class Plan:
         return self.segments[0][0] if self.segments else self.last_seq + 1
 
 
-def from_tail(state: ConversationState, plan: Plan) -> dict[int, Message] | Literal[False]:
-    """The history messages of the plan from the hot tail, False if the tail lacks some."""
+class WindowCache:
+    """This node's copies of the messages of context windows that left the hot tail (the
+    group's tail budget trims the tails of quiet sessions), so that ``get_context`` seldom
+    reads the archive.  Not replicated state: a cache, least recently used out first, at most
+    ``bytes_max`` (``history.message_bytes`` each)."""
+
+    def __init__(self, bytes_max: int) -> None:
+        self.bytes_max = bytes_max
+        self.bytes = 0
+        self._messages: OrderedDict[tuple[str, int], Message] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def offer(self, state: ConversationState, m: Message) -> None:
+        """Keep ``m`` (leaving the hot tail) if its session's window holds it."""
+        view = state.window(m.session_id)
+        if view is None or view[0] is None:
+            return
+        first = view[0].first_seq
+        if first is None or m.seq < first:
+            return
+        self.put(m)
+
+    def put(self, m: Message) -> None:
+        key = (m.session_id, m.seq)
+        if key in self._messages:
+            self._messages.move_to_end(key)
+            return
+        size = message_bytes(m)
+        if size > self.bytes_max:
+            return
+        self._messages[key] = m
+        self.bytes += size
+        while self.bytes > self.bytes_max:
+            _, old = self._messages.popitem(last=False)
+            self.bytes -= message_bytes(old)
+
+    def get(self, session_id: str, seq: int) -> Message | None:
+        m = self._messages.get((session_id, seq))
+        if m is not None:
+            self._messages.move_to_end((session_id, seq))
+        return m
+
+
+def from_memory(
+    state: ConversationState, cache: WindowCache, plan: Plan
+) -> dict[int, Message] | Literal[False]:
+    """The history messages of the plan from the hot tail and the cache, False if they lack
+    some (then ``from_history``)."""
     found: dict[int, Message] = {}
+    sid = plan.session_id
     for first, last in plan.runs():
-        r = state.read(plan.session_id, first - 1, last - first + 1)
-        if r is None or r.first_seq > first:
+        r = state.read(sid, first - 1, last - first + 1)
+        if r is None:
             return False
+        for seq in range(first, min(r.first_seq, last + 1)):  # older than the tail
+            m = cache.get(sid, seq)
+            if m is None:
+                cache.misses += 1
+                return False
+            found[seq] = m
         for m in r.messages:
             found[m.seq] = m
+    cache.hits += 1
     return found
 
 
-async def from_history(history: History, plan: Plan, bytes_max: int) -> dict[int, Message]:
-    """The history messages of the plan, wherever they are held (tail or archive)."""
+async def from_history(
+    history: History, cache: WindowCache, plan: Plan, bytes_max: int
+) -> dict[int, Message]:
+    """The history messages of the plan, wherever they are held (tail or archive); those of
+    the archive are kept in the cache for the next ``get_context``."""
     found: dict[int, Message] = {}
     for first, last in plan.runs():
         after = first - 1
@@ -88,6 +150,7 @@ async def from_history(history: History, plan: Plan, bytes_max: int) -> dict[int
                 if m.seq > last:
                     break
                 found[m.seq] = m
+                cache.put(m)
             after = page.messages[-1].seq
     return found
 
@@ -202,4 +265,13 @@ def plan(state: ConversationState, r: GetContext) -> Plan | None:
     return None if view is None else Plan(r.session_id, view[0], view[1])
 
 
-__all__ = ["Plan", "answer", "configure", "from_history", "from_tail", "plan", "replacement"]
+__all__ = [
+    "Plan",
+    "WindowCache",
+    "answer",
+    "configure",
+    "from_history",
+    "from_memory",
+    "plan",
+    "replacement",
+]

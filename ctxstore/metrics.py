@@ -235,6 +235,18 @@ class NodeCollector(Collector):
             "Time spent counting tokens (on the loop and on threads).",
             service.count_seconds,
         )
+        cache = service.window_cache
+        yield _gauge(
+            "ctxstore_context_cache_bytes",
+            "Context windows' messages kept in RAM after they left the hot tail.",
+            cache.bytes,
+        )
+        yield _counters(
+            "ctxstore_context_reads_total",
+            "get_context answers by where their older messages came from.",
+            ["source"],
+            [(["memory"], cache.hits), (["archive"], cache.misses)],
+        )
         yield _counters(
             "ctxstore_request_errors_total",
             "Client requests answered with an error, by error code.",

@@ -40,6 +40,7 @@ from wire.protocol import ContextReason, Message, Session
 from .archive import Archive, ArchiveConfig, Retention
 from .backfill import Backfill, serve_history
 from .config import ConfigError, Settings, parse_address
+from .context import WindowCache
 from .history import History
 from .inbox import Inboxes, InboxLimits
 from .limits import Limits, check
@@ -90,6 +91,7 @@ class Node:
         )
         self.inboxes = Inboxes(self.state, InboxLimits())
         self.counters = TokenCounters(s.tokenizer)
+        self.window_cache = WindowCache(s.context_cache_bytes)
         self.failed: asyncio.Future[BaseException] | None = None
         self._evicted_early: list[tuple[int, int, Message]] | None = []
         group_cfg = Config(
@@ -172,6 +174,7 @@ class Node:
         self.subscriptions.on_context(session_id, window, reasons)
 
     def on_evict(self, group: int, index: int, message: Message) -> None:
+        self.window_cache.offer(self.state, message)
         if self._evicted_early is not None:  # restored before the archive started
             self._evicted_early.append((group, index, message))
         else:

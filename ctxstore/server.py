@@ -109,6 +109,7 @@ class Service(BaseHandler):
         self.read_bytes_max = node.limits.read_bytes_max
         self.request_timeout_s = s.request_timeout_s
         self.counters = node.counters
+        self.window_cache = node.window_cache
         self.window_records_max = node.state.limits.window_records_max
         # Appends of a connection waiting for a count off the loop, and those behind them (a
         # connection's appends are proposed in the order they came).
@@ -440,7 +441,7 @@ class Service(BaseHandler):
         if plan is None:
             conn.reply(self._not_found(r.rid, r.session_id))
             return
-        found = context.from_tail(self.state, plan)
+        found = context.from_memory(self.state, self.window_cache, plan)
         if found is not False:
             conn.reply(context.answer(r.rid, plan, found))
             return
@@ -450,7 +451,9 @@ class Service(BaseHandler):
     async def _context_from_history(self, r: GetContext, plan: context.Plan) -> Response:
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                found = await context.from_history(self.history, plan, self.read_bytes_max)
+                found = await context.from_history(
+                    self.history, self.window_cache, plan, self.read_bytes_max
+                )
         except HistoryUnavailable as e:
             return self._error(error(r.rid, "unavailable", str(e)))
         except TimeoutError:

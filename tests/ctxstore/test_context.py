@@ -275,3 +275,28 @@ def test_a_new_tokenizer_recounts_the_window(tmp_path: Path) -> None:
             assert (await c.get_context("s")).token_count == 8
 
     run(main())
+
+
+@pytest.mark.parametrize("cache_bytes", [64 * 1024 * 1024, 0])
+def test_a_window_older_than_the_hot_tail_is_served_from_the_cache_or_the_archive(
+    tmp_path: Path, cache_bytes: int
+) -> None:
+    async def main() -> None:
+        async with (
+            single_node(tmp_path, tail_messages_max=3, context_cache_bytes=cache_bytes) as h,
+            await node_client(h) as c,
+        ):
+            await c.create_session("u", "a", {}, "s")
+            await c.set_context_config("s", 100_000, Manual())
+            for i in range(1, 21):
+                await c.append("s", f"message {i}")
+            reads = h.node.history.archive_reads
+            window = await c.get_context("s")
+            assert [m.content for m in window.messages] == [f"message {i}" for i in range(1, 21)]
+            cache = h.service.window_cache
+            if cache_bytes:  # the 17 evicted from the tail were kept: no archive read
+                assert (h.node.history.archive_reads, cache.hits, len(cache)) == (reads, 1, 17)
+            else:
+                assert h.node.history.archive_reads > reads and len(cache) == 0
+
+    run(main())

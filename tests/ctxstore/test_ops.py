@@ -172,10 +172,11 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def nodes(
-    tmp_path: Path, n: int, wal_writers: tuple[str, ...] = ()
+    tmp_path: Path, n: int, wal_writers: tuple[str, ...] = (), **extra: Any
 ) -> AsyncIterator[list[Harness]]:
     """``n`` nodes of one cluster on this loop, each with its client server and ops port (and
-    its ``wal_writer`` from ``wal_writers``, default the configuration's)."""
+    its ``wal_writer`` from ``wal_writers``, default the configuration's; ``settings``: more
+    settings for every node: ``extra``)."""
     peer_ports = {i: free_port() if n > 1 else 0 for i in range(1, n + 1)}
     stack = contextlib.AsyncExitStack()
     harnesses = []
@@ -185,7 +186,7 @@ async def nodes(
             settings = Settings(
                 node_id=i, data_dir=str(tmp_path / f"n{i}"), listen="127.0.0.1:0",
                 peer_listen=f"127.0.0.1:{peer_ports[i]}", peers=peers, groups=GROUPS, tick_ms=10,
-                **({"wal_writer": wal_writers[i - 1]} if wal_writers else {}),
+                **({"wal_writer": wal_writers[i - 1]} if wal_writers else {}), **extra,
             )  # fmt: skip
             node = Node(settings)
             await node.start()
@@ -203,8 +204,8 @@ async def nodes(
 
 
 @contextlib.asynccontextmanager
-async def single_node(tmp_path: Path) -> AsyncIterator[Harness]:
-    async with nodes(tmp_path, 1) as (h,):
+async def single_node(tmp_path: Path, **settings: Any) -> AsyncIterator[Harness]:
+    async with nodes(tmp_path, 1, **settings) as (h,):
         yield h
 
 
