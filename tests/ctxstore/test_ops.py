@@ -175,8 +175,8 @@ async def nodes(
     tmp_path: Path, n: int, wal_writers: tuple[str, ...] = (), **extra: Any
 ) -> AsyncIterator[list[Harness]]:
     """``n`` nodes of one cluster on this loop, each with its client server and ops port (and
-    its ``wal_writer`` from ``wal_writers``, default the configuration's; ``settings``: more
-    settings for every node: ``extra``)."""
+    its ``wal_writer`` from ``wal_writers``, default the configuration's; ``extra``: more
+    settings for every node)."""
     peer_ports = {i: free_port() if n > 1 else 0 for i in range(1, n + 1)}
     stack = contextlib.AsyncExitStack()
     harnesses = []
