@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from .cli_common import (
     UsageError,
     emit,
     int_in,
+    json_array,
     json_object,
     os_error,
     seconds,
@@ -274,16 +274,6 @@ def add_client(sub: Any) -> None:
         help="only if the window is at version V, else conflict (default: no check)",
     )
     command("ping", "check that a node answers")
-
-
-def json_array(text: str) -> list[Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a JSON array, got {text[:64]!r}")
-    return value
 
 
 def ratio(text: str) -> float:

@@ -90,13 +90,23 @@ def targets(text: str) -> str:
     return text
 
 
-def json_object(text: str) -> dict[str, Any]:
+def _json(text: str, kind: type[Any], name: str) -> Any:
     try:
         value = json.loads(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    if not isinstance(value, kind):
+        raise argparse.ArgumentTypeError(f"expected a JSON {name}, got {text[:64]!r}")
+    return value
+
+
+def json_object(text: str) -> dict[str, Any]:
+    value: dict[str, Any] = _json(text, dict, "object")
+    return value
+
+
+def json_array(text: str) -> list[Any]:
+    value: list[Any] = _json(text, list, "array")
     return value
 
 
