@@ -45,7 +45,16 @@ from .cli_common import (
 )
 from .cli_db import add_db, run_db
 from .collector import tune_collector
-from .config import FIELDS, HELP, ConfigError, Settings, load, parse_address, unknown_env
+from .config import (
+    FIELDS,
+    HELP,
+    LISTED,
+    ConfigError,
+    Settings,
+    load,
+    parse_address,
+    unknown_env,
+)
 from .logs import configure as configure_logs
 
 if TYPE_CHECKING:  # imported when serving only: the client commands start faster without them
@@ -75,6 +84,11 @@ SERVE_METAVARS = {
     "log_level": "LEVEL",
     "postgres_dsn": "DSN",
     "postgres_serve_history": "true|false",
+    "web_cors_origin": "ORIGIN",
+    "auth_jwt_secret": "[KID=]SECRET",
+    "auth_jwt_public_key": "[KID=]FILE",
+    "auth_jwt_audience": "AUD",
+    "auth_jwt_issuer": "ISS",
 }
 
 
@@ -144,9 +158,10 @@ def _add_serve(sub: Any) -> None:
             p.add_argument("--token", action="append", dest="tokens", default=None,
                            metavar="TOKEN", help=help_text)  # fmt: skip
             continue
-        if field.name == "web_cors_origin":  # repeatable
+        if field.name in LISTED:  # repeatable
             p.add_argument(_flag(field.name), action="append", dest=field.name, default=None,
-                           metavar="ORIGIN", help=help_text)  # fmt: skip
+                           metavar=SERVE_METAVARS.get(field.name, "TEXT"),
+                           help=help_text)  # fmt: skip
             continue
         spec: dict[str, Any] = {"default": None, "help": help_text}
         if isinstance(kind, schema.LiteralType):
@@ -305,6 +320,9 @@ def serve_main(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, key) for key in FIELDS}
     try:
         settings = load(args.config, flags)
+        from .auth import verifier_of
+
+        verifier_of(settings)  # its keys' files readable and usable
     except ConfigError as e:
         log.error("%s", e)
         return EXIT_USAGE

@@ -36,6 +36,14 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     cluster_id: Annotated[str, Meta(min_length=1, max_length=64)] = "ctxstore"
     secret: Annotated[str, Meta(min_length=8)] = DEV_SECRET
     tokens: list[str] = []  # static client tokens; empty: no token needed
+    # Client authentication (ctxstore/auth.py, docs/auth.md): None: static when tokens are
+    # given, off otherwise.  jwt: signed tokens by these keys ([KID=]SECRET, [KID=]FILE).
+    auth: Literal["off", "static", "jwt"] | None = None
+    auth_jwt_secret: list[str] = []
+    auth_jwt_public_key: list[str] = []
+    auth_jwt_audience: Annotated[str, Meta(min_length=1)] | None = None
+    auth_jwt_issuer: Annotated[str, Meta(min_length=1)] | None = None
+    auth_jwt_leeway_s: Annotated[float, Meta(ge=0, le=300)] = 5.0
     groups: Annotated[int, Meta(ge=1, le=4096)] = 256
     tick_ms: Annotated[int, Meta(ge=1, le=10_000)] = 50
     election_ticks: Annotated[int, Meta(ge=3, le=1000)] = 10
@@ -114,8 +122,32 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
             )
         if self.postgres_serve_history and self.postgres_dsn is None:
             raise ConfigError("config: postgres_serve_history: needs postgres_dsn")
+        self._check_auth()
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"config: log_level: unknown level {self.log_level!r}")
+
+    @property
+    def auth_mode(self) -> Literal["off", "static", "jwt"]:
+        if self.auth is not None:
+            return self.auth
+        return "static" if self.tokens else "off"
+
+    def _check_auth(self) -> None:
+        mode = self.auth_mode
+        if mode == "off":
+            return
+        if self.secret == DEV_SECRET:
+            raise ConfigError(
+                f"config: secret: auth is {mode}, so the peer port needs a secret of your own "
+                "(the default is a development secret everybody knows)"
+            )
+        if mode == "static" and not self.tokens:
+            raise ConfigError("config: tokens: auth static needs at least one token")
+        if mode == "jwt" and not (self.auth_jwt_secret or self.auth_jwt_public_key):
+            raise ConfigError(
+                "config: auth_jwt_secret: auth jwt needs a secret or a public key "
+                "(auth_jwt_public_key)"
+            )
 
     @property
     def peer_map(self) -> dict[int, tuple[str, int]]:
@@ -139,6 +171,15 @@ HELP: dict[str, str] = {
     "cluster (the default is a development secret)",
     "tokens": "static client tokens (the flag is repeatable; CTXSTORE_TOKENS is "
     "comma-separated); none: clients need no token",
+    "auth": "client authentication: off, static (one of the tokens) or jwt (signed tokens, "
+    "docs/auth.md); none: static when tokens are given, off otherwise",
+    "auth_jwt_secret": "an HS256 secret of at least 32 bytes, KID=SECRET to name it (the flag "
+    "is repeatable for rotation; CTXSTORE_AUTH_JWT_SECRET is comma-separated)",
+    "auth_jwt_public_key": "a PEM file of an Ed25519 (EdDSA) or P-256 (ES256) public key, "
+    "KID=FILE to name it (repeatable; CTXSTORE_AUTH_JWT_PUBLIC_KEY is comma-separated)",
+    "auth_jwt_audience": "the aud a token must name; none: aud is not checked",
+    "auth_jwt_issuer": "the iss a token must name; none: iss is not checked",
+    "auth_jwt_leeway_s": "seconds of clock skew allowed on a token's exp and nbf",
     "groups": "Raft groups (fixed for a data directory)",
     "tick_ms": "the Raft clock's tick in milliseconds",
     "election_ticks": "ticks without a leader before an election (randomised up to twice)",
@@ -190,6 +231,8 @@ HELP: dict[str, str] = {
 }
 
 ENV_PREFIX = "CTXSTORE_"
+LISTED = frozenset({"tokens", "web_cors_origin", "auth_jwt_secret", "auth_jwt_public_key"})
+"""The list keys (comma-separated in the environment, repeatable flags)."""
 ENV_OTHERS = frozenset({"CTXSTORE_PURE_PYTHON"})  # read by setup.py at install, not by a node
 
 
@@ -218,7 +261,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         value = environ.get(ENV_PREFIX + key.upper())
         if value is None:
             continue
-        listed = key in ("tokens", "web_cors_origin")
+        listed = key in LISTED
         out[key] = [t for t in value.split(",") if t] if listed else value
     return out
 

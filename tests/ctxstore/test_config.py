@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,9 +33,10 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
 
 
 def test_peers_and_tokens_parse(tmp_path: Path) -> None:
-    env = {"CTXSTORE_TOKENS": "a,b", "CTXSTORE_PEERS": "2=127.0.0.1:7501,3=10.0.0.3:7500"}
+    env = {"CTXSTORE_TOKENS": "a,b", "CTXSTORE_PEERS": "2=127.0.0.1:7501,3=10.0.0.3:7500",
+           "CTXSTORE_SECRET": "our-own-secret"}  # fmt: skip
     s = load(environ=env)
-    assert s.tokens == ["a", "b"]
+    assert s.tokens == ["a", "b"] and s.auth_mode == "static"
     assert s.peer_map == {2: ("127.0.0.1", 7501), 3: ("10.0.0.3", 7500)}
 
 
@@ -89,3 +91,29 @@ def test_the_garbage_collector_is_tuned_for_a_server() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+SECRET = "s" * 32
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"auth": "static", "secret": "our-own-secret"}, "tokens: auth static needs"),
+        ({"tokens": ["t"]}, "secret: auth is static"),  # the default cluster secret
+        ({"auth": "jwt", "auth_jwt_secret": [SECRET]}, "secret: auth is jwt"),
+        ({"auth": "jwt", "secret": "our-own-secret"}, "auth_jwt_secret: auth jwt needs"),
+        ({"auth_jwt_leeway_s": -1}, "auth_jwt_leeway_s"),
+    ],
+)
+def test_auth_settings_are_checked(given: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(flags=given, environ={})
+
+
+def test_auth_keys_come_from_the_environment_as_lists() -> None:
+    env = {"CTXSTORE_AUTH": "jwt", "CTXSTORE_SECRET": "our-own-secret",
+           "CTXSTORE_AUTH_JWT_SECRET": f"k1={SECRET},k2={SECRET}"}  # fmt: skip
+    s = load(environ=env)
+    assert s.auth_mode == "jwt" and s.auth_jwt_secret == [f"k1={SECRET}", f"k2={SECRET}"]
+    assert load(environ={}).auth_mode == "off"

@@ -193,7 +193,11 @@ async def append_until_acked(client: Client, sid: str, content: str, msg_id: str
 
 def test_tokens_are_required_when_configured(tmp_path: Path) -> None:
     async def main() -> None:
-        cluster = LocalCluster(1, str(tmp_path), extra_args=[*FAST, "--token", "t-1"])
+        cluster = LocalCluster(
+            1,
+            str(tmp_path),
+            extra_args=[*FAST, "--token", "t-1", "--secret", "a-test-cluster-secret"],
+        )
         await cluster.start()
         try:
             with pytest.raises(ClientError) as e:

@@ -61,6 +61,8 @@ from wire.web_codec import JSON, MSGPACK
 from .test_ops import Wire, fetch, run
 from .wsclient import Refused, WsClient
 
+TEST_SECRET = "a-test-cluster-secret"  # auth on needs a secret of our own
+
 JUNK_JSON = [
     '{"type":', '{"rid": 1e400}', '{"type": "append", "rid": 9, "metadata": [[[[]]]]}', "[]",
     '"x"', "{}", "\x00", '{"type": "hello", "rid": 1, "protocol_version": 1}',
@@ -101,11 +103,13 @@ async def web_node(
     tmp_path: Path,
     web: WebLimits | None = None,
     tokens: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
     **bounds: Any,
 ) -> AsyncIterator[Web]:
     settings = Settings(
         data_dir=str(tmp_path / "n1"), listen="127.0.0.1:0", peer_listen="127.0.0.1:0",
-        groups=4, tick_ms=10, tokens=tokens or [],
+        groups=4, tick_ms=10, tokens=tokens or [], **({"secret": TEST_SECRET} if tokens else {}),
+        **(extra or {}),
     )  # fmt: skip
     node = Node(settings)
     await node.start()
