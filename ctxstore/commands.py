@@ -51,6 +51,16 @@ checks at start-up that an entry this big fits the peer transport."""
 
 
 # -- commands (proposed by a leader, applied by every replica) -------------------------------------
+class Actor(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Who asked for a command, when the node that took it had a restricted principal (a
+    ``user`` or ``agent`` token, ctxstore/auth.py): the state machine refuses it
+    (``forbidden``) unless that principal owns the session (``authz.owns``), so the leader
+    enforces the rule wherever the request arrived.  None: a service (or auth off)."""
+
+    role: str
+    sub: str
+
+
 class CreateSession(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=1):
     """Create a session; again with the same user and agent it is a no-op (idempotent)."""
 
@@ -59,6 +69,7 @@ class CreateSession(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=
     agent_id: str
     metadata: Metadata
     created_at: int
+    actor: Actor | None = None  # who asked, if restricted (checked on apply)
 
 
 class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
@@ -83,6 +94,7 @@ class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
     parts: list[Part] | None = None
     part_tokens: list[int] | None = None  # one per part
     if_version: int | None = None  # the context window's version the append requires
+    actor: Actor | None = None  # who asked, if restricted (checked on apply)
 
 
 class MarkRead(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
@@ -92,6 +104,7 @@ class MarkRead(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
     session_id: str
     user_id: str
     seq: int
+    actor: Actor | None = None  # who asked, if restricted (checked on apply)
 
 
 class SetContextConfig(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=4):
@@ -102,6 +115,7 @@ class SetContextConfig(msgspec.Struct, array_like=True, frozen=True, gc=False, t
     session_id: str
     config: ContextConfig
     counts: list[tuple[int, int, list[int]]] = []
+    actor: Actor | None = None  # who asked, if restricted (checked on apply)
 
 
 class Compact(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5):
@@ -114,6 +128,7 @@ class Compact(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5):
     replacement: list[Message]
     part_tokens: list[list[int]]
     if_version: int | None
+    actor: Actor | None = None  # who asked, if restricted (checked on apply)
 
 
 class PostgresFlushed(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=20):
@@ -204,6 +219,7 @@ def decode_result(data: bytes) -> Result:
 __all__ = [
     "ENTRY_BYTES_MAX",
     "ENTRY_FIELDS_BYTES_MAX",
+    "Actor",
     "Append",
     "Appended",
     "Command",

@@ -14,6 +14,15 @@
   then ``Subscriptions`` pushes replay and live messages.  ``SubscribeInbox`` answers an
   ``InboxSnapshot`` from applied state, then ``Inboxes`` pushes deltas.  Sub ids are unique per
   node.
+- Authorization (ctxstore/auth.py, ctxstore/authz.py, docs/auth.md): the Hello's token (or the
+  credential its transport carried) becomes the connection's ``Principal`` (``conn.context``);
+  a restricted one (a user or an agent token, or one narrowed to sessions) has every request
+  checked by ``authz.admit`` before anything else, its writes carry an ``Actor`` the state
+  machine checks against the session on apply (on the leader, wherever the request came in),
+  and its reads are checked against the session after the barrier: ``forbidden`` either way,
+  whether or not the session exists.  An append's sender is the token's.  When the token
+  expires, the connection is closed with the goodbye ``unauthorized`` (its subscriptions end):
+  the client connects again with a new token.
 - Backpressure: while the local archive is behind (``Archive.overloaded``) appends are refused
   ``unavailable`` (retryable) so the archive's queue stays bounded.
 - Answers never block the loop and need no task per request: the router's futures call back.
@@ -40,6 +49,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from msgspec.structs import replace
+
 from wire.aio import BaseHandler, Connection, Reply
 from wire.framing import SENDER_ROLES
 from wire.protocol import (
@@ -53,6 +64,7 @@ from wire.protocol import (
     GetContext,
     GetRoutes,
     GetSession,
+    Hello,
     InboxSnapshot,
     ListSessions,
     MarkRead,
@@ -76,7 +88,8 @@ from wire.protocol import (
 )
 from wire.protocol import Message as WireMessage
 
-from . import commands, context
+from . import authz, commands, context
+from .auth import SERVICE, Principal, Unauthorized, Verifier, verifier_of
 from .history import HistoryUnavailable
 from .node import Node
 from .placement import group_of
@@ -94,9 +107,13 @@ def now_ms() -> int:
 
 
 class Service(BaseHandler):
-    def __init__(self, node: Node, clock_ms: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self, node: Node, clock_ms: Callable[[], int] = now_ms, verifier: Verifier | None = None
+    ) -> None:
         s = node.settings
-        super().__init__(s.node_id, s.cluster_id, s.tokens or None)
+        super().__init__(s.node_id, s.cluster_id)
+        self.verifier = verifier_of(s) if verifier is None else verifier
+        self._expiries: dict[Connection, asyncio.TimerHandle] = {}
         self.node = node
         self.state = node.state
         self.router = node.router
@@ -122,8 +139,59 @@ class Service(BaseHandler):
         self.errors: dict[str, int] = {}
         self.on_append_latency: Callable[[float, bool], None] | None = None  # seconds, ok
 
+    def on_hello(self, conn: Connection, hello: Hello) -> Reply:
+        try:
+            principal = self.verifier.verify(hello.token or conn.credential)
+        except Unauthorized as e:
+            return self._error(error(hello.rid, "unauthorized", e.message))
+        conn.context = principal
+        if principal.expires_at is not None:
+            delay_s = max(0.0, principal.expires_at - time.time())
+            loop = asyncio.get_running_loop()
+            self._expiries[conn] = loop.call_later(delay_s, self._expired, conn)
+        return conn.welcome(self.node_id, self.cluster_id)
+
+    def _expired(self, conn: Connection) -> None:
+        self._expiries.pop(conn, None)
+        self.verifier.refuse("expired")
+        conn.close("unauthorized", "the token expired: connect again with a new token")
+
+    def _refusal(self, conn: Connection, p: Principal, request: Request) -> Error | None:
+        """Why a restricted principal may not make ``request`` (the checks needing no state)."""
+        if p.expires_at is not None and time.time() > p.expires_at:
+            self.verifier.refuse("expired")
+            return self._error(error(request.rid, "unauthorized", "the token expired"))
+        operation = request.__struct_config__.tag
+        assert isinstance(operation, str)
+        session_id = getattr(request, "session_id", None)
+        user_id = getattr(request, "user_id", None)
+        if authz.admit(p.role, p.sub, p.sessions, operation, session_id, user_id):
+            return None
+        return self._forbidden(request.rid)
+
+    def _forbidden(self, rid: int) -> Error:
+        return self._error(error(rid, "forbidden", authz.FORBIDDEN_MESSAGE))
+
+    def _may_touch(self, session_id: str, actor: commands.Actor) -> bool:
+        """False if the session is known here and ``actor`` does not own it (one not known here
+        yet is left to the state machine's check on apply)."""
+        state = self.state
+        return state.last_seq(session_id) is None or state.owned_by(
+            session_id, actor.role, actor.sub
+        )
+
+    @staticmethod
+    def _actor(conn: Connection) -> commands.Actor | None:
+        p: Principal = conn.context or SERVICE
+        return None if p.role == "service" else commands.Actor(p.role, p.sub)
+
     def on_request(self, conn: Connection, request: Request) -> Reply:
         self.requests += 1
+        principal: Principal = conn.context or SERVICE
+        if principal.restricted:
+            denied = self._refusal(conn, principal, request)
+            if denied is not None:
+                return denied
         match request:
             case Append():
                 return self._append(conn, request)
@@ -154,7 +222,9 @@ class Service(BaseHandler):
             case CreateSession():
                 return self._create(conn, request)
             case MarkRead():
-                cmd = commands.MarkRead(request.session_id, request.user_id, request.seq)
+                cmd = commands.MarkRead(
+                    request.session_id, request.user_id, request.seq, self._actor(conn)
+                )
                 return self._submit(conn, request.rid, request.session_id, cmd, request)
             case ListSessions():
                 sessions, cursor = self.state.list_sessions(
@@ -174,6 +244,9 @@ class Service(BaseHandler):
         self.inboxes.on_writable(conn)
 
     def on_close(self, conn: Connection) -> None:
+        timer = self._expiries.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
         self._counting.pop(conn, None)
         self.subscriptions.on_close(conn)
         self.inboxes.on_close(conn)
@@ -259,11 +332,14 @@ class Service(BaseHandler):
     def _append_counted(
         self, conn: Connection, r: Append, tokens: int | None, part_tokens: list[int] | None
     ) -> Reply:
-        role = r.role if r.role is not None else SENDER_ROLES[r.sender][0]
+        sender, sender_id, actor = r.sender, r.sender_id, self._actor(conn)
+        if actor is not None:  # the token says who sends (a user as user, an agent as agent)
+            sender, sender_id = actor.role, actor.sub  # type: ignore[assignment]
+        role = r.role if r.role is not None else SENDER_ROLES[sender][0]
         cmd = commands.Append(
-            r.session_id, r.sender, r.sender_id, r.kind, r.content, r.metadata,
+            r.session_id, sender, sender_id, r.kind, r.content, r.metadata,
             r.client_msg_id, r.expected_seq, tokens, self.clock_ms(), role, r.parts,  # type: ignore[arg-type]
-            part_tokens, r.if_version,
+            part_tokens, r.if_version, actor,
         )  # fmt: skip
         data = commands.encode_command(cmd)
         if len(data) > MESSAGE_BYTES_MAX:  # the payload may be over: measure it
@@ -283,12 +359,15 @@ class Service(BaseHandler):
     def _configure(self, conn: Connection, r: SetContextConfig) -> Reply:
         """Propose the configuration with the counts of the hot tail's messages when it opens
         the window or changes its tokenizer (counted here, on a thread when long)."""
+        actor = self._actor(conn)
+        if actor is not None and not self._may_touch(r.session_id, actor):
+            return self._forbidden(r.rid)  # (before counting another's messages)
         tokenizer = r.tokenizer or self.counters.default
         tail, opening = context.tail_to_count(
             self.state, r.session_id, tokenizer, self.window_records_max
         )
         if not tail:
-            cmd = context.configure(r, self.counters, [])
+            cmd = replace(context.configure(r, self.counters, []), actor=actor)
             return self._submit(conn, r.rid, r.session_id, cmd, r)
 
         async def count_then_submit() -> Response | None:
@@ -299,7 +378,7 @@ class Service(BaseHandler):
             else:
                 counts = context.count_tail(counter, tail, opening)
             self.messages_counted += len(tail)
-            cmd = context.configure(r, self.counters, counts)
+            cmd = replace(context.configure(r, self.counters, counts), actor=actor)
             refused = self._submit(conn, r.rid, r.session_id, cmd, r)
             return refused if isinstance(refused, Error) else None
 
@@ -316,12 +395,16 @@ class Service(BaseHandler):
         messages, per_part = context.replacement(
             r.replacement, r.session_id, self.clock_ms(), tokenizer, self.counters
         )
-        cmd = commands.Compact(r.session_id, r.from_seq, r.to_seq, messages, per_part, r.if_version)
+        cmd = commands.Compact(
+            r.session_id, r.from_seq, r.to_seq, messages, per_part, r.if_version, self._actor(conn)
+        )
         return self._submit(conn, r.rid, r.session_id, cmd, r)
 
     def _create(self, conn: Connection, r: CreateSession) -> Reply:
         sid = r.session_id if r.session_id is not None else uuid.uuid4().hex
-        cmd = commands.CreateSession(sid, r.user_id, r.agent_id, r.metadata, self.clock_ms())
+        cmd = commands.CreateSession(
+            sid, r.user_id, r.agent_id, r.metadata, self.clock_ms(), self._actor(conn)
+        )
         return self._submit(conn, r.rid, sid, cmd, r)
 
     def _submit(
@@ -393,6 +476,10 @@ class Service(BaseHandler):
                 conn.reply(self._error(error(rid, "timeout", "read barrier timed out")))
             elif (exc := f.exception()) is not None:
                 conn.reply(self._failure(rid, exc))
+            elif (actor := self._actor(conn)) is not None and not self.state.owned_by(
+                sid, actor.role, actor.sub
+            ):
+                conn.reply(self._forbidden(rid))
             elif isinstance(request, Read):
                 page = self.history.read_tail(
                     request.session_id, request.after_seq, request.limit, self.read_bytes_max
@@ -487,4 +574,6 @@ class Service(BaseHandler):
 
     def _error(self, e: Error) -> Error:
         self.errors[e.code] = self.errors.get(e.code, 0) + 1
+        if e.code == "forbidden":
+            self.verifier.refuse("forbidden")
         return e

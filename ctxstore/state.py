@@ -82,7 +82,9 @@ from raft.errors import InvariantViolation, check
 from raft.messages import Entry, EntryType
 from wire.protocol import ContextReason, Message, Session
 
+from .authz import FORBIDDEN_MESSAGE, owns
 from .commands import (
+    Actor,
     Append,
     Appended,
     Compact,
@@ -218,6 +220,14 @@ estimate (measured: ~200-660 B), charged against ``group_tail_bytes_max``."""
 
 def _not_found(session_id: str) -> Rejected:
     return Rejected("not_found", f"no session {session_id!r}", {})
+
+
+def _refused(s: _Session | None, actor: Actor | None) -> Rejected | None:
+    """``forbidden`` unless ``actor`` (a restricted principal) owns ``s``: the same answer
+    whether or not the session exists (ctxstore/authz.py)."""
+    if actor is None or (s is not None and owns(actor.role, actor.sub, s.user_id, s.agent_id)):
+        return None
+    return Rejected("forbidden", FORBIDDEN_MESSAGE, {})
 
 
 def _version(window: Window | None) -> int:
@@ -559,7 +569,12 @@ class ConversationState:
         self, group: int, index: int, sessions: dict[str, _Session], cmd: CreateSession
     ) -> SessionCreated | Rejected:
         s = sessions.get(cmd.session_id)
+        actor = cmd.actor
+        if actor is not None and not owns(actor.role, actor.sub, cmd.user_id, cmd.agent_id):
+            return Rejected("forbidden", FORBIDDEN_MESSAGE, {})
         if s is not None:
+            if (refused := _refused(s, actor)) is not None:
+                return refused
             if s.user_id == cmd.user_id and s.agent_id == cmd.agent_id:
                 return SessionCreated(s.to_wire(), False)
             return Rejected("conflict", f"session {s.id!r} exists for another user or agent", {})
@@ -586,6 +601,8 @@ class ConversationState:
         self, group: int, index: int, sessions: dict[str, _Session], cmd: Append
     ) -> Appended | Rejected:
         s = sessions.get(cmd.session_id)
+        if (refused := _refused(s, cmd.actor)) is not None:
+            return refused
         if s is None:
             return _not_found(cmd.session_id)
         cmid = cmd.client_msg_id
@@ -662,6 +679,8 @@ class ConversationState:
         self, sessions: dict[str, _Session], cmd: SetContextConfig
     ) -> ContextChanged | Rejected:
         s = sessions.get(cmd.session_id)
+        if (refused := _refused(s, cmd.actor)) is not None:
+            return refused
         if s is None:
             return _not_found(cmd.session_id)
         counts = {seq: (tokens, per_part) for seq, tokens, per_part in cmd.counts}
@@ -670,6 +689,8 @@ class ConversationState:
 
     def _compact(self, sessions: dict[str, _Session], cmd: Compact) -> ContextChanged | Rejected:
         s = sessions.get(cmd.session_id)
+        if (refused := _refused(s, cmd.actor)) is not None:
+            return refused
         if s is None:
             return _not_found(cmd.session_id)
         window = s.window
@@ -711,9 +732,11 @@ class ConversationState:
         self, group: int, index: int, sessions: dict[str, _Session], cmd: MarkRead
     ) -> ReadMarked | Rejected:
         s = sessions.get(cmd.session_id)
+        if (refused := _refused(s, cmd.actor)) is not None:
+            return refused
         if s is None:
             return _not_found(cmd.session_id)
-        if cmd.user_id != s.user_id:  # not bound to the token yet: issue 23 (authorization)
+        if cmd.user_id != s.user_id:  # (a user token's user_id is its sub: ctxstore/authz.py)
             return Rejected("forbidden", "only the session's user may mark it read", {})
         if cmd.seq > s.last_seq:
             return Rejected(
@@ -763,6 +786,11 @@ class ConversationState:
     def get_session(self, session_id: str) -> Session | None:
         s = self._lookup(session_id)
         return None if s is None else s.to_wire()
+
+    def owned_by(self, session_id: str, role: str, sub: str) -> bool:
+        """Whether the session exists here and ``role``/``sub`` owns it (ctxstore/authz.py)."""
+        s = self._lookup(session_id)
+        return s is not None and owns(role, sub, s.user_id, s.agent_id)
 
     def read(self, session_id: str, after_seq: int, limit: int) -> ReadResult | None:
         """At most ``limit`` messages with ``seq > after_seq`` still in the hot tail.  When

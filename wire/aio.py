@@ -364,6 +364,10 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.core = ServerConnection(server.max_frame_bytes, answer_reserve=server.answer_reserve)
         self.context: Any = None
+        self.credential: str | None = None
+        """A token the transport carried before the Hello (a WebSocket upgrade's
+        ``Authorization`` header or ``token`` query parameter): the handler's to use when the
+        Hello has none."""
         self.peername: Any = None
         self.closed = False
         self._transport: asyncio.Transport | None = None

@@ -1,0 +1,296 @@
+"""Authorization on a node (ctxstore/server.py with --auth jwt): every operation x role x own /
+other session on the native protocol, the sender an append gets from its token, a
+subscription outliving its token, and a 3-node cluster where the principal travels with a
+forwarded write and the leader enforces it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctxstore.auth import issue
+from ctxstore.placement import group_of
+from wire.framing import ClientConnection, ProtocolError, PushReceived, ResponseReceived
+from wire.protocol import (
+    PROTOCOL_VERSION,
+    Append,
+    Compact,
+    CreateSession,
+    Error,
+    GetContext,
+    GetRoutes,
+    GetSession,
+    Hello,
+    ListSessions,
+    Manual,
+    MarkRead,
+    NewMessage,
+    Ping,
+    Read,
+    Request,
+    Response,
+    SetContextConfig,
+    Subscribe,
+    SubscribeInbox,
+    Unsubscribe,
+    Welcome,
+)
+
+from .test_ops import GROUPS, Harness, nodes, run
+
+SECRET = "kid1=" + "k" * 32
+AUTH = {"auth": "jwt", "secret": "a-test-cluster-secret", "auth_jwt_secret": [SECRET]}
+
+
+class Native:
+    """A raw native connection: ``call`` one request, ``push`` the next push."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.core = ClientConnection()
+        self.rids = itertools.count(2)
+        self.pushes: list[Any] = []
+        self.answers: dict[int, Response] = {}
+        self.closed = False
+        self.goodbye: ProtocolError | None = None
+
+    @classmethod
+    async def open(cls, target: str, token: str | None) -> tuple[Native, Response]:
+        host, port = target.rsplit(":", 1)
+        n = cls(*await asyncio.open_connection(host, int(port)))
+        return n, await n.call(Hello(1, PROTOCOL_VERSION, "t", token), rid=1)
+
+    async def _receive(self) -> None:
+        data = await asyncio.wait_for(self.reader.read(65536), 10)
+        self.core.receive_data(data or None)
+        while (e := self.core.next_event()) is not None:
+            if isinstance(e, ResponseReceived):
+                self.answers[e.response.rid] = e.response
+            elif isinstance(e, PushReceived):
+                self.pushes.append(e.push)
+            else:  # the goodbye (a ProtocolError with its code) or the end
+                self.goodbye = e if isinstance(e, ProtocolError) else self.goodbye
+                self.closed = True
+                break
+        if not data:
+            self.closed = True
+
+    async def call(self, request: Any, rid: int | None = None) -> Response:
+        if rid is None:
+            request.rid = rid = next(self.rids)
+        self.core.send(request)
+        self.writer.write(self.core.data_to_send())
+        while rid not in self.answers:
+            assert not self.closed, "closed"
+            await self._receive()
+        return self.answers.pop(rid)
+
+    async def until_closed(self) -> None:
+        while not self.closed:
+            await self._receive()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def token(sub: str, role: str, ttl_s: float = 600, **kw: Any) -> str:
+    return issue(SECRET, sub, role, ttl_s, **kw)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def session_as(h: Harness, tok: str | None) -> AsyncIterator[Native]:
+    n, welcome = await Native.open(h.target, tok)
+    assert isinstance(welcome, Welcome), welcome
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def code(answer: Response) -> str:
+    return answer.code if isinstance(answer, Error) else "ok"
+
+
+def append(sid: str, sender: str = "user", sender_id: str = "x") -> Append:
+    return Append(0, sid, sender, sender_id, "text", "hi", {}, None, None, None)  # type: ignore[arg-type]
+
+
+NEW = itertools.count()
+# operation -> a request on a session (own or other) owned by user ``u`` and agent ``a``.
+OPERATIONS: dict[str, Callable[[str, str, str], Request]] = {
+    "create_session": lambda sid, u, a: CreateSession(0, u, a, {}, f"new-{next(NEW)}"),
+    "get_session": lambda sid, u, a: GetSession(0, sid),
+    "list_sessions": lambda sid, u, a: ListSessions(0, u, None, 10),
+    "append": lambda sid, u, a: append(sid),
+    "read": lambda sid, u, a: Read(0, sid, 0, 10),
+    "subscribe": lambda sid, u, a: Subscribe(0, sid, 0),
+    "subscribe_inbox": lambda sid, u, a: SubscribeInbox(0, u),
+    "mark_read": lambda sid, u, a: MarkRead(0, sid, u, 0),
+    "set_context_config": lambda sid, u, a: SetContextConfig(0, sid, 1000, 1.0, Manual(), None),
+    "get_context": lambda sid, u, a: GetContext(0, sid),
+    "compact": lambda sid, u, a: Compact(
+        0, sid, 1, 1, [NewMessage("system", "summary", "s", None, {}, None)], None
+    ),
+    "unsubscribe": lambda sid, u, a: Unsubscribe(0, 999),
+    "ping": lambda sid, u, a: Ping(0),
+    "get_routes": lambda sid, u, a: GetRoutes(0),
+}
+# (operation, role) -> the answer on its own session, on another's: "ok", or the error code.
+EXPECTED: dict[tuple[str, str], tuple[str, str]] = {
+    ("create_session", "user"): ("ok", "forbidden"),
+    ("create_session", "agent"): ("forbidden", "forbidden"),
+    ("list_sessions", "agent"): ("forbidden", "forbidden"),
+    ("subscribe_inbox", "agent"): ("forbidden", "forbidden"),
+    ("mark_read", "agent"): ("forbidden", "forbidden"),
+    ("unsubscribe", "user"): ("not_found", "not_found"),  # (sub 999: none, but allowed)
+    ("unsubscribe", "agent"): ("not_found", "not_found"),
+    ("unsubscribe", "service"): ("not_found", "not_found"),
+    ("ping", "user"): ("ok", "ok"),
+    ("ping", "agent"): ("ok", "ok"),
+    ("get_routes", "user"): ("ok", "ok"),
+    ("get_routes", "agent"): ("ok", "ok"),
+}
+for op in OPERATIONS:
+    EXPECTED.setdefault((op, "service"), ("ok", "ok"))
+    for role in ("user", "agent"):
+        EXPECTED.setdefault((op, role), ("ok", "forbidden"))
+PRINCIPALS = {"user": "alice", "agent": "bot", "service": "svc"}
+
+
+def test_every_operation_by_every_role_on_own_and_other_sessions(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH) as (h,):
+            assert await h.node.wait_leaders(10)
+            async with session_as(h, token("svc", "service")) as svc:
+                for sid, u, a in (("own", "alice", "bot"), ("other", "bob", "bot2")):
+                    assert code(await svc.call(CreateSession(0, u, a, {}, sid))) == "ok"
+                    assert code(await svc.call(append(sid))) == "ok"
+                    configure = SetContextConfig(0, sid, 1000, 1.0, Manual(), None)
+                    assert code(await svc.call(configure)) == "ok"
+            failures = []
+            for (op, role), (own, other) in sorted(EXPECTED.items()):
+                async with session_as(h, token(PRINCIPALS[role], role)) as c:
+                    for sid, u, a, expected in (
+                        ("own", "alice", "bot", own),
+                        ("other", "bob", "bot2", other),
+                    ):
+                        got = code(await c.call(OPERATIONS[op](sid, u, a)))
+                        if got != expected:
+                            failures.append(f"{op} by {role} on {sid}: {got}, not {expected}")
+            assert not failures, "\n".join(failures)
+            # A refusal does not tell whether the session exists: the same words either way.
+            async with session_as(h, token("alice", "user")) as c:
+                other = await c.call(Read(0, "other", 0, 10))
+                missing = await c.call(Read(0, "nowhere", 0, 10))
+                assert isinstance(other, Error) and isinstance(missing, Error)
+                assert (other.code, other.message) == (missing.code, missing.message)
+                mixed = await c.call(MarkRead(0, "other", "alice", 1))  # another's session
+                assert code(mixed) == "forbidden"
+            assert h.service.verifier.refusals["forbidden"] > 20
+
+    run(main())
+
+
+def test_the_sender_of_an_append_is_the_tokens(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH) as (h,):
+            assert await h.node.wait_leaders(10)
+            async with session_as(h, token("alice", "user")) as c:
+                assert code(await c.call(CreateSession(0, "alice", "bot", {}, "s"))) == "ok"
+                assert code(await c.call(append("s", "agent", "bot"))) == "ok"  # claims agent
+            async with session_as(h, token("bot", "agent")) as c:
+                assert code(await c.call(append("s", "system", "root"))) == "ok"
+            async with session_as(h, token("svc", "service")) as c:
+                assert code(await c.call(append("s", "system", "root"))) == "ok"
+            last = h.node.state.read("s", 0, 10)
+            assert last is not None
+            assert [(m.sender, m.sender_id) for m in last.messages] == [
+                ("user", "alice"), ("agent", "bot"), ("system", "root"),
+            ]  # fmt: skip
+
+    run(main())
+
+
+def test_sessions_claim_narrows_a_token(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH) as (h,):
+            assert await h.node.wait_leaders(10)
+            async with session_as(h, token("alice", "user")) as c:
+                for sid in ("s1", "s2"):
+                    assert code(await c.call(CreateSession(0, "alice", "bot", {}, sid))) == "ok"
+            async with session_as(h, token("alice", "user", sessions=["s1"])) as c:
+                assert code(await c.call(Read(0, "s1", 0, 10))) == "ok"
+                assert code(await c.call(Read(0, "s2", 0, 10))) == "forbidden"
+                assert code(await c.call(ListSessions(0, "alice", None, 10))) == "forbidden"
+                assert code(await c.call(append("s2"))) == "forbidden"
+
+    run(main())
+
+
+EXPIRED = issue(SECRET, "alice", "user", 60, now=time.time() - 600)
+
+
+@pytest.mark.parametrize("token_text", [None, "", "not-a-jwt", EXPIRED])
+def test_a_hello_without_a_valid_token_is_unauthorized(tmp_path: Path, token_text: Any) -> None:
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH) as (h,):
+            n, answer = await Native.open(h.target, token_text)
+            assert code(answer) == "unauthorized"
+            await n.until_closed()
+            assert sum(h.service.verifier.refusals.values()) == 1
+
+    run(main())
+
+
+def test_a_subscription_ends_when_its_token_expires(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH, auth_jwt_leeway_s=0.0) as (h,):
+            assert await h.node.wait_leaders(10)
+            async with session_as(h, token("alice", "user")) as c:
+                assert code(await c.call(CreateSession(0, "alice", "bot", {}, "s"))) == "ok"
+            async with session_as(h, token("alice", "user", ttl_s=2)) as c:
+                assert code(await c.call(Subscribe(0, "s", 0))) == "ok"
+                await asyncio.wait_for(c.until_closed(), 5)
+                goodbye = c.goodbye
+                assert goodbye is not None and goodbye.code == "unauthorized"
+                assert "expired" in goodbye.message
+            assert h.node.subscriptions.count == 0
+            assert h.service.verifier.refusals["expired"] == 1
+
+    run(main())
+
+
+def test_forwarded_writes_keep_their_principal_on_three_nodes(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(tmp_path, 3, **AUTH) as hs:
+            assert all([await h.node.wait_leaders(20) for h in hs])
+            entry = hs[0]  # every request goes to node 1; pick sessions led elsewhere
+            sids = [f"s{i}" for i in range(64)]
+            led_elsewhere = [s for s in sids if entry.node.host.leader(group_of(s, GROUPS)) != 1]
+            mine, theirs = led_elsewhere[:2]
+            async with session_as(entry, token("svc", "service")) as svc:
+                assert code(await svc.call(CreateSession(0, "bob", "bot", {}, theirs))) == "ok"
+            async with session_as(entry, token("alice", "user")) as c:
+                assert code(await c.call(CreateSession(0, "alice", "bot", {}, mine))) == "ok"
+                assert code(await c.call(append(mine, "system", "root"))) == "ok"
+                # Appends are not checked where they arrive: the leader refuses this one.
+                assert code(await c.call(append(theirs))) == "forbidden"
+                assert code(await c.call(MarkRead(0, theirs, "alice", 0))) == "forbidden"
+            assert entry.node.router.forwarded >= 4
+            leader_id = entry.node.host.leader(group_of(mine, GROUPS))
+            leader = next(h for h in hs if h.node.settings.node_id == leader_id)
+            assert leader.node.router.served_forwards >= 2
+            page = leader.node.state.read(mine, 0, 10)
+            assert page is not None
+            assert [(m.sender, m.sender_id) for m in page.messages] == [("user", "alice")]
+            assert leader.service.verifier.refusals["forbidden"] == 0  # refused by apply...
+            assert entry.service.verifier.refusals["forbidden"] == 2  # ...answered here
+
+    run(main())
