@@ -38,6 +38,7 @@ from raft import NONE
 from raft.wal_segments import FSYNC_BUCKETS_S
 from wire.aio import Server
 
+from .auth import REASONS
 from .node import Node
 from .server import Service
 
@@ -252,6 +253,20 @@ class NodeCollector(Collector):
             "Client requests answered with an error, by error code.",
             ["code"],
             (([code], n) for code, n in sorted(service.errors.items())),
+        )
+        verifier = service.verifier
+        yield InfoMetricFamily("ctxstore_auth", "Client authentication.", value={
+            "mode": verifier.mode})  # fmt: skip
+        yield _counter(
+            "ctxstore_auth_verified_total", "Client tokens verified (Hellos accepted).",
+            verifier.verified,
+        )  # fmt: skip
+        yield _counters(
+            "ctxstore_auth_refusals_total",
+            "Clients refused, by reason: a bad token's (unauthorized; docs/auth.md) or "
+            "forbidden (a valid token, a request it may not make).",
+            ["reason"],
+            (([reason], verifier.refusals[reason]) for reason in REASONS),
         )
         append = HistogramMetricFamily(
             "ctxstore_append_latency_seconds",

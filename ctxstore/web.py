@@ -10,7 +10,9 @@ A ``WebSocket`` carries one native connection (``wire.aio.Connection`` of the cl
 transport whose frames the WebSocket sends one per message.  So every rule of the
 native port holds as it is: the Hello and its token, rids, sub_ids, pushes, error codes, the
 bounds on requests in flight and on bytes held per connection and per node, the connection
-caps, the idle, hello and write-stall timeouts, the goodbye.
+caps, the idle, hello and write-stall timeouts, the goodbye.  A token on the upgrade request
+(``Authorization: Bearer``, or the ``token`` query parameter a browser's WebSocket must use)
+stands for a Hello that carries none (``credential``; docs/auth.md).
 
 Rules of this module:
 - One subprotocol per connection, chosen by the client: ``ctxstore.v1.json`` (text messages
@@ -42,6 +44,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
+from urllib.parse import parse_qs
 
 import h11
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -157,6 +160,7 @@ class WebGateway:
         transport, trailing = http.detach()
         transport.write(accept)
         conn = WebSocket(self, transport, ws, chosen)
+        conn.inner.credential = credential(request)
         self.connections.add(conn)
         self.upgrades += 1
         transport.set_protocol(conn)
@@ -173,6 +177,23 @@ class WebGateway:
         """Close every WebSocket (1001 after the native goodbye ``unavailable``)."""
         for conn in list(self.connections):
             conn.inner.close("unavailable", "the node is shutting down")
+
+
+def credential(request: h11.Request) -> str | None:
+    """The token an upgrade request carries: ``Authorization: Bearer T`` or, for a browser's
+    WebSocket (which cannot set headers), the ``token`` query parameter; the native Hello's
+    own token wins (docs/auth.md).  Never logged: the target is logged without its query."""
+    for name, value in request.headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    _, _, query = request.target.partition(b"?")
+    if query:
+        values = parse_qs(query.decode("latin-1"), max_num_fields=32).get("token")
+        if values:
+            return values[-1]
+    return None
 
 
 class WebSocket(asyncio.Protocol):

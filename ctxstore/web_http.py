@@ -311,7 +311,7 @@ class HttpApi:
         try:
             self._handle(http, request, body)
         except Exception:  # a bug: this request fails, the connection and the node go on
-            logger.exception("HTTP API: %r failed", request.target)
+            logger.exception("HTTP API: %r failed", request.target.partition(b"?")[0])
             self.reply_error(http, request, "internal", "internal error", close=True)
 
     def _handle(self, http: HttpHost, request: h11.Request, body: bytes) -> None:

@@ -74,6 +74,7 @@ class WsClient:
         token: str | None = None,
         path: str = "/v1/ws",
         rcvbuf_bytes: int | None = None,
+        headers: list[tuple[str, str]] | None = None,
     ) -> WsClient:
         sock = socket.socket()
         if rcvbuf_bytes is not None:  # (set before connecting: the window is negotiated then)
@@ -82,7 +83,13 @@ class WsClient:
         await asyncio.get_running_loop().sock_connect(sock, address)
         reader, writer = await asyncio.open_connection(sock=sock)
         ws = WSConnection(ConnectionType.CLIENT)
-        writer.write(ws.send(Request(host="t", target=path, subprotocols=subprotocols)))
+        writer.write(
+            ws.send(
+                Request(
+                    host="t", target=path, subprotocols=subprotocols, extra_headers=headers or []
+                )
+            )
+        )
         status, body = 0, b""
         while True:
             data = await asyncio.wait_for(reader.read(65536), 5)
