@@ -1,9 +1,10 @@
-"""The ctxstore command (also python -m ctxstore): serve, cluster up, client.
+"""The ctxstore command (also python -m ctxstore): serve, cluster up, client, db, token.
 
     ctxstore serve [--config FILE] [--node-id N] [--data-dir DIR] [--listen H:P] ...
     ctxstore cluster up [--nodes 3] [--base-port P] [--data-dir DIR] [-- flags for every node]
     ctxstore client --target H:P[,H:P...] [--token T] [--timeout S] COMMAND ...
     ctxstore db migrate|status [--postgres-dsn DSN]
+    ctxstore token issue --sub ID --role user|agent|service [--ttl 1h] [--sessions ID,...]
 
 ``serve`` prints JSON events on stdout (``listening`` once the client port is open, ``ready``
 once every group has a known leader, ``stopped``) and logs JSON lines on stderr (``logs.py``).
@@ -44,6 +45,7 @@ from .cli_common import (
     os_error,
 )
 from .cli_db import add_db, run_db
+from .cli_token import add_token, run_token
 from .collector import tune_collector
 from .config import (
     FIELDS,
@@ -502,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster(sub)
     add_client(sub)
     add_db(sub)
+    add_token(sub)
     return parser
 
 
@@ -509,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve_main(args)
+    if args.command == "token":
+        return run_token(args)
     import uvloop
 
     try:

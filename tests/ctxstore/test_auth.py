@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from ctxstore import authz
 from ctxstore.auth import SERVICE, Unauthorized, Verifier, issue, public_key, secret_key
 from ctxstore.config import ConfigError
+
+from .test_cli import ctxstore
 
 SECRET = "k" * 32
 OTHER = "o" * 32
@@ -204,3 +207,23 @@ def test_the_table_gives_services_everything_and_others_only_what_it_lists() -> 
     assert not authz.admit("service", "svc", narrowed, "read", "s2", None)
     assert not authz.admit("user", "alice", narrowed, "list_sessions", None, "alice")
     assert not authz.admit("user", "alice", narrowed, "create_session", None, "alice")
+
+
+def test_token_issue_mints_what_the_node_accepts(tmp_path: Path) -> None:
+    env = {**os.environ, "CTXSTORE_AUTH": "jwt", "CTXSTORE_SECRET": "our-own-secret",
+           "CTXSTORE_AUTH_JWT_SECRET": f"k1={OTHER},k2={SECRET}",
+           "CTXSTORE_AUTH_JWT_AUDIENCE": "chat"}  # fmt: skip
+    args = ["token", "issue", "--sub", "alice", "--role", "user", "--ttl", "15m",
+            "--sessions", "s1,s2", "--kid", "k2"]  # fmt: skip
+    done = ctxstore(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    minted = done.stdout.strip()
+    v = verifier(f"k1={OTHER}", f"k2={SECRET}", audience="chat")
+    p = v.verify(minted)
+    assert (p.sub, p.role, p.sessions) == ("alice", "user", frozenset({"s1", "s2"}))
+    assert p.expires_at is not None and 890 < p.expires_at - time.time() < 910
+    assert jwt.get_unverified_header(minted)["kid"] == "k2"
+    bad = ctxstore(*args[:-2], "--ttl", "soon", env=env)
+    assert bad.returncode == 2 and "duration" in bad.stderr
+    unset = ctxstore(*args[:-2], env={**os.environ, "CTXSTORE_AUTH_JWT_SECRET": ""})
+    assert unset.returncode == 2 and "no secret configured" in unset.stderr
