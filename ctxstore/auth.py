@@ -41,6 +41,9 @@ from .config import ConfigError, Settings
 SESSIONS_MAX: Final = 256
 SECRET_BYTES_MIN: Final = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
 TOKEN_CHARS_MAX: Final = 4096
+CACHE_MAX: Final = 1024
+"""Tokens verified recently, kept with their principal: a client that connects again (every
+HTTP API request does) with the same token costs a lookup, and its expiry is checked again."""
 ALGORITHMS: Final = frozenset({"HS256", "EdDSA", "ES256"})
 
 REASONS: Final = (
@@ -144,7 +147,9 @@ class Verifier:
         self.issuer = issuer
         self.leeway_s = leeway_s
         required = ["exp", "sub"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
-        self._options: Any = {"require": required}
+        self._jwt = jwt.PyJWT({"require": required})
+        self._only = keys[0] if len(keys) == 1 else None
+        self._cache: dict[str, Principal] = {}  # verified tokens, oldest first (CACHE_MAX)
         self.refusals: Counter[str] = Counter()
         self.verified = 0
 
@@ -178,32 +183,62 @@ class Verifier:
             raise Unauthorized("malformed", "invalid token")
         if len(token) > TOKEN_CHARS_MAX:
             raise Unauthorized("malformed", f"the token is over {TOKEN_CHARS_MAX} characters")
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.expires_at is not None and time.time() > cached.expires_at:
+                del self._cache[token]
+                raise Unauthorized("expired", _MESSAGES["expired"])
+            return cached
+        principal = self._decode(token)
+        cache = self._cache
+        if len(cache) >= CACHE_MAX:
+            del cache[next(iter(cache))]  # the oldest
+        cache[token] = principal
+        return principal
+
+    def _decode(self, token: str) -> Principal:
+        only = self._only
+        if only is not None:  # one key: no need to read the header first
+            key = only
+        else:
+            try:
+                key = self._key_for(jwt.get_unverified_header(token))
+            except jwt.PyJWTError:
+                raise Unauthorized("malformed", "the token is not a JWT") from None
         try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise Unauthorized("malformed", "the token is not a JWT") from None
-        key = self._key_for(header)
-        try:
-            payload = jwt.decode(
+            complete = self._jwt.decode_complete(
                 token,
                 key.key,
                 algorithms=[key.algorithm],
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway_s,
-                options=self._options,
             )
         except jwt.PyJWTError as e:
+            if only is not None and isinstance(e, jwt.InvalidSignatureError):
+                self._check_kid(jwt.get_unverified_header(token), only)  # another key's?
             for kind, reason in _FAILURES:
                 if isinstance(e, kind):
                     raise Unauthorized(reason, _MESSAGES[reason]) from None
             raise Unauthorized("bad_claims", "the token's claims are invalid") from None
+        if only is not None:
+            self._check_kid(complete["header"], only)
+        payload = complete["payload"]
         try:
             claims = msgspec.convert(payload, Claims)
         except msgspec.ValidationError as e:
             raise Unauthorized("bad_claims", f"the token's claims: {e}") from None
         sessions = None if claims.sessions is None else frozenset(claims.sessions)
         return Principal(claims.sub, claims.role, sessions, float(claims.exp) + self.leeway_s)
+
+    @staticmethod
+    def _check_kid(header: dict[str, Any], key: Key) -> None:
+        """The one key verified the token: was it the key the header names?"""
+        kid = header.get("kid")
+        if kid is not None and kid != key.kid:
+            raise Unauthorized("unknown_key", "the token's key id (kid) is unknown")
+        if kid is None and key.kid is not None:
+            raise Unauthorized("bad_algorithm", "no key of this node signs with that algorithm")
 
     def _key_for(self, header: dict[str, Any]) -> Key:
         algorithm = header.get("alg")

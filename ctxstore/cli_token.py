@@ -1,13 +1,20 @@
 """``ctxstore token issue``: mint an HS256 client token with the node's configured secret
 (docs/auth.md).  The secret comes from ``--config``/``CTXSTORE_AUTH_JWT_SECRET`` as a node
 reads it (``--kid`` picks one of several; default: the first), ``aud``/``iss`` likewise; the
-token alone is printed on stdout."""
+token alone is printed on stdout.
+
+``ctxstore token bench``: what verifying one token costs a node (``Verifier.verify``, as a
+Hello does), by algorithm: distinct fresh tokens, each verified once; one JSON line per
+algorithm with the mean and percentiles in microseconds (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import statistics
 import sys
+import time
 from typing import Any
 
 from .cli_common import EXIT_USAGE
@@ -47,11 +54,18 @@ def add_token(sub: Any) -> None:
                    help="narrow the token to these session ids (default: all)")  # fmt: skip
     i.add_argument("--kid", default=None, help="sign with the secret of this key id "
                    "(default: the first configured)")  # fmt: skip
+    b = tsub.add_parser("bench", help="measure the cost of verifying a token")
+    b.add_argument("--tokens", type=int, default=20_000, metavar="N",
+                   help="tokens verified per algorithm (default: 20000)")  # fmt: skip
     i.add_argument("--config", metavar="FILE", help="the node's TOML settings (default: none; "
                    "CTXSTORE_* variables are read too)")  # fmt: skip
 
 
 def run_token(args: argparse.Namespace) -> int:
+    if args.token_command == "bench":
+        for line in bench(max(100, args.tokens)):
+            print(json.dumps(line), flush=True)
+        return 0
     from .auth import issue, secret_key  # (PyJWT and cryptography: only for this command)
 
     try:
@@ -77,4 +91,49 @@ def run_token(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_token", "run_token"]
+def bench(n: int) -> list[dict[str, Any]]:
+    """Verify ``n`` distinct tokens per algorithm; the cost of each, in microseconds."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    from .auth import CACHE_MAX, Key, Verifier
+
+    secret = b"s" * 32
+    ed = ed25519.Ed25519PrivateKey.generate()
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    signers: list[tuple[str, Any, Any]] = [
+        ("HS256", secret, secret), ("EdDSA", ed, ed.public_key()),
+        ("ES256", p256, p256.public_key()),
+    ]  # fmt: skip
+    out = []
+    for algorithm, private, public in signers:
+        verifier = Verifier("jwt", keys=[Key("k", algorithm, public)])
+        exp = int(time.time()) + 3600
+        tokens = [
+            jwt.encode({"sub": f"user-{i}", "role": "user", "exp": exp, "sessions": [f"s{i}"]},
+                       private, algorithm=algorithm, headers={"kid": "k"})
+            for i in range(n)
+        ]  # fmt: skip
+        costs = []
+        clock = time.perf_counter
+        for token in tokens:
+            started = clock()
+            verifier.verify(token)
+            costs.append(clock() - started)
+        again = []  # the same tokens again: from the verifier's cache (the last CACHE_MAX)
+        for token in tokens[-CACHE_MAX:]:
+            started = clock()
+            verifier.verify(token)
+            again.append(clock() - started)
+        costs.sort()
+        micro = [c * 1e6 for c in costs]
+        out.append({
+            "algorithm": algorithm, "tokens": n, "mean_us": round(statistics.fmean(micro), 1),
+            "p50_us": round(micro[n // 2], 1), "p99_us": round(micro[n * 99 // 100], 1),
+            "max_us": round(micro[-1], 1), "token_bytes": len(tokens[0]),
+            "cached_p50_us": round(sorted(again)[len(again) // 2] * 1e6, 2),
+        })  # fmt: skip
+    return out
+
+
+__all__ = ["add_token", "bench", "run_token"]

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ctxstore import authz
 from ctxstore.auth import SERVICE, Unauthorized, Verifier, issue, public_key, secret_key
+from ctxstore.cli_token import bench
 from ctxstore.config import ConfigError
 
 from .test_cli import ctxstore
@@ -227,3 +228,21 @@ def test_token_issue_mints_what_the_node_accepts(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "duration" in bad.stderr
     unset = ctxstore(*args[:-2], env={**os.environ, "CTXSTORE_AUTH_JWT_SECRET": ""})
     assert unset.returncode == 2 and "no secret configured" in unset.stderr
+
+
+def test_a_cached_token_is_checked_for_expiry_again() -> None:
+    v = verifier(leeway_s=0)
+    token = hs(claims(exp=int(time.time()) + 1))
+    first = v.verify(token)
+    assert v.verify(token) is first  # from the cache
+    time.sleep(max(0.0, (first.expires_at or 0) - time.time()) + 0.05)
+    assert refusal(v, token) == "expired"
+    assert refusal(v, token) == "expired"  # (and no longer cached: PyJWT says so too)
+
+
+def test_the_verification_bench_measures_every_algorithm() -> None:
+    lines = bench(200)
+    assert [line["algorithm"] for line in lines] == ["HS256", "EdDSA", "ES256"]
+    for line in lines:
+        assert line["tokens"] == 200 and 0 < line["p50_us"] <= line["p99_us"] <= line["max_us"]
+        assert line["cached_p50_us"] < line["p50_us"]
