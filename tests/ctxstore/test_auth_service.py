@@ -271,10 +271,10 @@ def test_forwarded_writes_keep_their_principal_on_three_nodes(tmp_path: Path) ->
     async def main() -> None:
         async with nodes(tmp_path, 3, **AUTH) as hs:
             assert all([await h.node.wait_leaders(20) for h in hs])
-            entry = hs[0]  # every request goes to node 1; pick sessions led elsewhere
-            sids = [f"s{i}" for i in range(64)]
-            led_elsewhere = [s for s in sids if entry.node.host.leader(group_of(s, GROUPS)) != 1]
-            mine, theirs = led_elsewhere[:2]
+            mine, theirs = "s-alice", "s-bob"
+            leaders = {hs[0].node.host.leader(group_of(s, GROUPS)) for s in (mine, theirs)}
+            # every request goes to a node that leads neither session's group
+            entry = next(h for h in hs if h.node.settings.node_id not in leaders)
             async with session_as(entry, token("svc", "service")) as svc:
                 assert code(await svc.call(CreateSession(0, "bob", "bot", {}, theirs))) == "ok"
             async with session_as(entry, token("alice", "user")) as c:
