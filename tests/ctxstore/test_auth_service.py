@@ -193,6 +193,8 @@ def test_every_operation_by_every_role_on_own_and_other_sessions(tmp_path: Path)
                 assert (other.code, other.message) == (missing.code, missing.message)
                 mixed = await c.call(MarkRead(0, "other", "alice", 1))  # another's session
                 assert code(mixed) == "forbidden"
+                taken = await c.call(CreateSession(0, "alice", "bot", {}, "other"))  # bob's id
+                assert isinstance(taken, Error) and taken.message == other.message
             assert h.service.verifier.refusals["forbidden"] > 20
 
     run(main())
