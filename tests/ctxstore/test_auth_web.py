@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench.nodestats import parse_metrics
-from ctxstore.web_codec import JSON
 from wire.protocol import PROTOCOL_VERSION, CreateSession, Error, Hello, Manual, SetContextConfig
+from wire.web_codec import JSON
 
 from .test_auth_service import AUTH, EXPECTED, OPERATIONS, PRINCIPALS, append, code, token
 from .test_ops import fetch, run
