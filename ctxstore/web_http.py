@@ -38,7 +38,7 @@ import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, Union, get_args, get_origin
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlencode
 
 import h11
 import msgspec
@@ -343,6 +343,8 @@ class HttpApi:
         token = self._token(http, request)
         if token is False:
             return
+        if route.stream and token is None:  # a browser's EventSource cannot set a header
+            token, raw_query = query_token(raw_query)
         try:
             values = self._values(route, m, raw_query, body)
         except _BadInput as e:
@@ -421,6 +423,20 @@ def field_of(message: str) -> str | None:
     ``policy`` for ``$.policy.limit``), None if it names none."""
     m = _AT_FIELD.search(message) or _ROOT_FIELD.match(message)
     return None if m is None else m.group(1)
+
+
+def query_token(raw: bytes) -> tuple[str | None, bytes]:
+    """The ``token`` query parameter of an event stream (docs/auth.md), and the query without
+    it; the query as it is when it has none (or cannot be parsed: ``decode_query`` says why)."""
+    if b"token=" not in raw:
+        return None, raw
+    try:
+        pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, max_num_fields=64)
+    except ValueError:
+        return None, raw
+    tokens = [v for k, v in pairs if k == "token"]
+    rest = urlencode([(k, v) for k, v in pairs if k != "token"]).encode("latin-1")
+    return (tokens[-1] or None) if tokens else None, rest
 
 
 def decode_query(query_type: type[msgspec.Struct], raw: bytes) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from wire.web_codec import JSON
 from .test_auth_service import AUTH, EXPECTED, OPERATIONS, PRINCIPALS, append, code, token
 from .test_ops import fetch, run
 from .test_web import web_node
-from .test_web_http import call
+from .test_web_http import Events, call
 from .wsclient import WsClient
 
 RIDS = itertools.count(2)
@@ -99,5 +99,27 @@ def test_http_answers_401_without_a_token_and_403_for_another_users_session(
             missing = await call(w.address, "GET", "/v1/sessions/nowhere", **bob)
             assert forbidden.status == missing.status == 403
             assert forbidden.body == missing.body  # never tells whether it exists
+
+    run(main())
+
+
+def test_event_streams_take_the_token_from_the_query(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path, extra=AUTH) as w:
+            alice = token("alice", "user")
+            body = {"user_id": "alice", "agent_id": "bot", "metadata": {}, "session_id": "s1"}
+            auth = {"authorization": f"Bearer {alice}"}
+            assert (await call(w.address, "POST", "/v1/sessions", body, **auth)).status == 200
+            e = await Events.open(w.address, f"/v1/sessions/s1/events?token={alice}&after_seq=0")
+            assert e.status == 200 and (await e.next())[1] == "subscribed"
+            await e.close()
+            e = await Events.open(w.address, f"/v1/users/alice/inbox/events?token={alice}")
+            assert e.status == 200
+            await e.close()
+            bob = token("bob", "user")
+            e = await Events.open(w.address, f"/v1/sessions/s1/events?token={bob}")
+            assert e.status == 403
+            e = await Events.open(w.address, "/v1/sessions/s1/events?after_seq=0")
+            assert e.status == 401
 
     run(main())
