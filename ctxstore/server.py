@@ -336,6 +336,10 @@ class Service(BaseHandler):
         if actor is not None:  # the token says who sends (a user as user, an agent as agent)
             sender, sender_id = actor.role, actor.sub  # type: ignore[assignment]
         role = r.role if r.role is not None else SENDER_ROLES[sender][0]
+        if role not in SENDER_ROLES[sender]:  # the token's sender may not write this role
+            allowed = " or ".join(SENDER_ROLES[sender])
+            message = f"role: a {sender} writes role {allowed}"
+            return self._error(error(r.rid, "bad_request", message, field="role"))
         cmd = commands.Append(
             r.session_id, sender, sender_id, r.kind, r.content, r.metadata,
             r.client_msg_id, r.expected_seq, tokens, self.clock_ms(), role, r.parts,  # type: ignore[arg-type]

@@ -209,6 +209,11 @@ def test_the_sender_of_an_append_is_the_tokens(tmp_path: Path) -> None:
                 assert code(await c.call(append("s", "agent", "bot"))) == "ok"  # claims agent
             async with session_as(h, token("bot", "agent")) as c:
                 assert code(await c.call(append("s", "system", "root"))) == "ok"
+            # the role follows the token's sender: a user claiming system writes no system role
+            async with session_as(h, token("alice", "user")) as c:
+                claim = Append(0, "s", "system", "root", "text", "hi", {}, None, None, None,
+                               "system")  # fmt: skip
+                assert code(await c.call(claim)) == "bad_request"
             async with session_as(h, token("svc", "service")) as c:
                 assert code(await c.call(append("s", "system", "root"))) == "ok"
             last = h.node.state.read("s", 0, 10)
