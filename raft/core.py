@@ -361,6 +361,19 @@ class Raft:
             for pr in self.prs.values():
                 pr.recent_active = True
 
+    def set_election_timeout(self, ticks: int) -> None:
+        """Campaign after ``ticks`` ticks without a leader (at least the configured election
+        timeout) instead of the drawn timeout, until the next reset draws one again
+        (raft/multi.py's back-off after failed campaigns)."""
+        check(ticks >= self.cfg.election_ticks, f"election timeout {ticks} below the configured")
+        self.randomized_election_timeout = ticks
+
+    def heartbeat_next_tick(self) -> None:
+        """A leader heartbeats at its next tick instead of at the end of its interval (a peer
+        just connected: raft/multi.py).  Nothing for other roles."""
+        if self.role is Role.LEADER:
+            self.heartbeat_elapsed = self.cfg.heartbeat_ticks
+
     def idle_leader(self) -> bool:
         """A leader with nothing in flight: all it has is committed and applied, and no
         transfer, read or membership change is pending.  Followers are judged by the caller."""

@@ -144,7 +144,7 @@ class MultiRaft:
         r = g.node.raft
         if r.role is Role.LEADER and self.config.quiesce and self._maybe_quiesce(g):
             return
-        r.tick()
+        g.node.tick()
         self._dirty[g.id] = g
         if r.role is Role.LEADER:
             g.failures = 0
@@ -167,13 +167,13 @@ class MultiRaft:
             g.failures += 1
             et = self.config.group.election_ticks
             factor = min(1 << (g.failures - 1), self.config.backoff_factor_max)
-            r.randomized_election_timeout = et + self._rng.randrange(et * factor)
+            g.node.set_election_timeout(et + self._rng.randrange(et * factor))
             g.campaign_at = None
         elif g.campaign_at is not None and self.now >= g.campaign_at:
             g.campaign_at = None
             if r.role is Role.FOLLOWER:
                 self.stats.early_campaigns += 1
-                r.hup()
+                g.node.campaign()
 
     def _maybe_quiesce(self, g: _Group) -> bool:
         """Before a leader's tick: quiesce ``g`` if it has been idle long enough."""
@@ -200,7 +200,7 @@ class MultiRaft:
         g.idle_ticks += 1
         if g.idle_ticks < self.config.quiesce_after_ticks:
             return False
-        r.send_quiesce(live_caught_up)
+        node.quiesce(live_caught_up)
         self._dirty[g.id] = g
         self._quiesce(g)
         return True
@@ -215,7 +215,7 @@ class MultiRaft:
         if g.quiescent:
             g.quiescent = False
             g.idle_ticks = 0
-            g.node.raft.wake()
+            g.node.wake()
             self._awake[g.id] = g
             self.stats.woken += 1
 
@@ -300,7 +300,7 @@ class MultiRaft:
             r = g.node.raft
             if r.role is Role.LEADER and peer in r.prs:
                 self._wake(g)
-                r.heartbeat_elapsed = self.config.group.heartbeat_ticks  # heartbeat next tick
+                g.node.heartbeat_next_tick()
                 self._dirty[g.id] = g
 
     def peer_down(self, peer: int) -> None:

@@ -114,6 +114,22 @@ class RawNode:
     def propose(self, data: bytes) -> int:
         return self.raft.propose(data)
 
+    def set_election_timeout(self, ticks: int) -> None:
+        """See ``Raft.set_election_timeout`` (a host's campaign back-off)."""
+        self.raft.set_election_timeout(ticks)
+
+    def heartbeat_next_tick(self) -> None:
+        """See ``Raft.heartbeat_next_tick`` (a host saw a peer connect)."""
+        self.raft.heartbeat_next_tick()
+
+    def quiesce(self, followers: list[int]) -> None:
+        """A leader tells caught-up ``followers`` it stops heartbeating (``Raft.send_quiesce``)."""
+        self.raft.send_quiesce(followers)
+
+    def wake(self) -> None:
+        """The group ticks again after quiescence (``Raft.wake``)."""
+        self.raft.wake()
+
     def propose_conf_change(self, change: ConfChange) -> int:
         return self.raft.propose_conf_change(change)
 

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import ast
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from raft import ConfChange, ConfChangeType, ConfState, MemoryStorage, Message, Role
+from raft import (
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    InvariantViolation,
+    MemoryStorage,
+    Message,
+    RawNode,
+    Role,
+)
 from raft.core import Config
 from raft.messages import AppendEntries, Heartbeat, HeartbeatResponse, RequestVote
 from raft.multi import HostConfig, MultiRaft
 from raft.storage import bootstrap
 
-from .helpers import persist
+from .helpers import Cluster, of_type, persist
 
 GROUPS = 24
 
@@ -297,3 +308,62 @@ def test_a_late_plain_heartbeat_does_not_wake_a_quiescent_follower() -> None:
         h.tick(100)
         assert all(n.awake_count() == 0 for n in h.nodes.values())
         assert sum(h.sent.values()) == 0
+
+
+def test_the_host_drives_groups_through_the_raw_node_not_the_cores_fields() -> None:
+    """Issue 25: multi.py wrote the core's ``randomized_election_timeout`` and
+    ``heartbeat_elapsed`` and called ``hup()`` past RawNode; it reads the core, and changes it
+    only through RawNode's methods (``set_election_timeout``, ``heartbeat_next_tick``...)."""
+    source = Path(__file__).parents[2] / "raft" / "multi.py"
+    tree = ast.parse(source.read_text())
+    writes = []
+    for node in ast.walk(tree):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+            targets = [node.target]
+        for t in targets:
+            if isinstance(t, ast.Attribute):
+                root = t.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if not (isinstance(root, ast.Name) and root.id in ("self", "g")) or (
+                    "raft" in ast.unparse(t) or ".node." in ast.unparse(t)
+                ):
+                    writes.append(ast.unparse(t))
+    calls = [
+        ast.unparse(n)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and n.func.attr in ("hup", "send_quiesce", "tick")
+        and isinstance(n.func.value, ast.Name)
+        and n.func.value.id == "r"
+    ]
+    assert not writes and not calls, (writes, calls)
+
+
+def test_the_raw_nodes_timer_api() -> None:
+    """A host may lengthen the election timeout (never below the configured one) and have a
+    leader heartbeat at its next tick."""
+    fresh = Cluster((1, 2, 3))
+    fresh.stabilize()  # the bootstrap membership applied: node 1 may campaign
+    rn: RawNode = fresh.nodes[1]
+    with pytest.raises(InvariantViolation):
+        rn.set_election_timeout(9)
+    rn.set_election_timeout(25)
+    roles = []
+    for _ in range(25):
+        rn.tick()
+        roles.append(rn.raft.role)
+    assert roles[:24] == [Role.FOLLOWER] * 24 and roles[24] is not Role.FOLLOWER  # campaigned
+
+    c = Cluster((1, 2, 3), heartbeat_ticks=3)
+    c.elect(1)
+    leader = c.nodes[1]
+    leader.tick()  # mid-interval: no heartbeat yet
+    assert not of_type(c.process(1), Heartbeat)
+    leader.heartbeat_next_tick()
+    leader.tick()
+    assert len(of_type(c.process(1), Heartbeat)) == 2
