@@ -11,12 +11,15 @@ from .errors import (
     Compacted,
     ConfigInvalid,
     InvariantViolation,
+    NodeStopped,
     NotLeader,
+    OutcomeUnknown,
     ProposalDropped,
     RaftError,
     SnapshotOutOfDate,
     SnapshotTemporarilyUnavailable,
     Unavailable,
+    WalFailed,
 )
 from .messages import (
     NONE,
@@ -48,7 +51,9 @@ __all__ = [
     "InvariantViolation",
     "MemoryStorage",
     "Message",
+    "NodeStopped",
     "NotLeader",
+    "OutcomeUnknown",
     "ProposalDropped",
     "Raft",
     "RaftError",
@@ -64,4 +69,5 @@ __all__ = [
     "Status",
     "Storage",
     "Unavailable",
+    "WalFailed",
 ]

@@ -52,13 +52,20 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .core import Role
-from .errors import InvariantViolation, ProposalDropped, RaftError
+from .errors import (
+    InvariantViolation,
+    NodeStopped,
+    OutcomeUnknown,
+    ProposalDropped,
+    RaftError,
+    WalFailed,
+)
 from .messages import ConfState, Entry, HardState, Message, Snapshot, SnapshotMeta
 from .multi import MultiRaft
 from .rawnode import Ready
 from .storage import MemoryStorage, bootstrap
 from .transport import Item, Transport
-from .wal import WAL, GroupWrite, WalFailed, Written
+from .wal import WAL, GroupWrite, Written
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
@@ -80,18 +87,6 @@ class StateMachine(Protocol):
     def restore(self, group: int, data: bytes) -> None:
         """Replace the group's state by a snapshot's (``b""``: the empty state)."""
         ...
-
-
-class OutcomeUnknown(RaftError):
-    """The proposal may or may not have been applied (a snapshot jumped over it)."""
-
-    code = "outcome_unknown"
-
-
-class NodeStopped(RaftError):
-    """The driver stopped (shut down, or its WAL failed) before the request finished."""
-
-    code = "node_stopped"
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,26 @@ class ConfigInvalid(RaftError):
     code = "config_invalid"
 
 
+class OutcomeUnknown(RaftError):
+    """A proposal may or may not be applied: this node stopped leading its group, a snapshot
+    jumped over it, or it was not applied in time (it may still commit under another leader)."""
+
+    code = "outcome_unknown"
+
+
+class NodeStopped(RaftError):
+    """The node's driver stopped (shut down, its WAL failed, or a bug stopped it) before the
+    request finished."""
+
+    code = "node_stopped"
+
+
+class WalFailed(Exception):
+    """A write or fsync of the WAL failed; nothing more is written (restart and recover)."""
+
+    code = "wal_failed"
+
+
 class InvariantViolation(Exception):
     """A state the algorithm forbids.  Never caught; never removed by ``-O``."""
 

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from types import TracebackType
 
-from .errors import InvariantViolation, SnapshotOutOfDate, check
+from .errors import InvariantViolation, SnapshotOutOfDate, WalFailed, check
 from .messages import ConfState, Entry, HardState, Snapshot
 from .storage import MemoryStorage, bootstrap
 from .wal_records import (
@@ -77,12 +77,6 @@ __all__ = ["WAL", "Done", "GroupStorage", "GroupWrite", "Stats", "WalFailed", "W
 SEGMENT_BYTES = 64 << 20
 CACHE_BYTES_MAX = 64 << 20
 ROUND_BATCHES_MAX = 4096  # batches coalesced into one write at most
-
-
-class WalFailed(Exception):
-    """A write or fsync of the WAL failed; nothing more is written (restart and recover)."""
-
-    code = "wal_failed"
 
 
 class _Shape:
