@@ -65,7 +65,7 @@ from .multi import MultiRaft
 from .rawnode import Ready
 from .storage import MemoryStorage, bootstrap
 from .transport import Item, Transport
-from .wal import WAL, GroupWrite, Written
+from .wal import WAL, GroupWrite, WriteMode, Written
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
@@ -415,7 +415,7 @@ class Driver:
                 now.append((group, rd))
         self._flush()  # the leader's appends leave before its own fsync starts:
         if writes:
-            if self.wal.inline and self.transport is not None:
+            if self.wal.mode is WriteMode.INLINE and self.transport is not None:
                 self.transport.flush_now()  # written now, not after the inline fsync below
             self._submit_with_lazy(_Round(wait), writes)
         for group, rd in now:

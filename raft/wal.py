@@ -21,12 +21,13 @@ Threads and the view-update rule:
 - Files that are no longer needed (obsolete segments, superseded snapshots) are deleted by the
   writer thread after the publish that made them obsolete.
 
-``inline=True`` (``WAL.open``) has no writer thread: ``submit`` writes and fdatasyncs the batch
-on the calling thread before it returns an already-resolved Future, and deletes the files that
-earlier publishes made obsolete first.  It saves the hand-offs between the two threads (waking
-the writer, the GIL passed back and forth around each system call, waking the event loop;
-measured in docs/benchmarks.md, "The WAL on the loop's thread") and costs the overlap: the
-caller waits for the disk.  Everything else
+``inline=True`` (``WAL.open``) has no writer thread (``mode`` is ``WriteMode.INLINE``, where it
+is ``THREAD`` otherwise): ``submit`` writes and fdatasyncs the batch on the calling thread
+before it returns an already-resolved Future, and deletes the files that earlier publishes made
+obsolete first.  It saves the hand-offs between the two threads (waking the writer, the GIL
+passed back and forth around each system call, waking the event loop; measured in
+docs/benchmarks.md, "The WAL on the loop's thread") and costs the overlap: the caller waits for
+the disk.  Everything else
 (checks, views, publish, failure) is the same.
 
 A failed write or fsync is not retried (its outcome on disk is unknown): the WAL stops and every
@@ -64,6 +65,7 @@ from .wal_segments import (
     GroupWrite,
     SegmentWriter,
     Stats,
+    WriteMode,
     Written,
     load_snapshot_file,
     parse_segment_name,
@@ -72,7 +74,16 @@ from .wal_segments import (
 )
 from .wal_storage import CacheAccount, GroupStorage, Location, evict
 
-__all__ = ["WAL", "Done", "GroupStorage", "GroupWrite", "Stats", "WalFailed", "Written"]
+__all__ = [
+    "WAL",
+    "Done",
+    "GroupStorage",
+    "GroupWrite",
+    "Stats",
+    "WalFailed",
+    "WriteMode",
+    "Written",
+]
 
 SEGMENT_BYTES = 64 << 20
 CACHE_BYTES_MAX = 64 << 20
@@ -110,7 +121,7 @@ class WAL:
         inline: bool,
     ) -> None:
         """Use ``WAL.open``."""
-        self.inline = inline
+        self.mode = WriteMode.INLINE if inline else WriteMode.THREAD
         check(segment_bytes > 0 and cache_bytes_max >= 0, "segment and cache sizes")
         path = self.path = os.fspath(path)
         self.cache_bytes_max = cache_bytes_max
@@ -172,7 +183,7 @@ class WAL:
         if self._writer_thread is not None:
             self._writer_thread.join()
             self._writer_thread = None
-        elif self.inline:
+        elif self.mode is WriteMode.INLINE:
             with self._cond:
                 unlinks = self._take_unlinks()
                 if unlinks and self._failed is None:
@@ -230,7 +241,7 @@ class WAL:
             self._submitted += 1
             future: Future[Written] = Future()
             future.set_running_or_notify_cancel()  # a write cannot be cancelled
-            if self.inline:
+            if self.mode is WriteMode.INLINE:
                 self._round([_Pending(self._submitted, writes, future)], self._take_unlinks())
                 return future
             self._pending.append(_Pending(self._submitted, writes, future))

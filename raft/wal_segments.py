@@ -28,6 +28,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 import msgspec
 from crc32c import crc32c
@@ -120,6 +121,16 @@ class Done:
         self.write = write
         self.snapshot_file = snapshot_file
         self.locations = locations
+
+
+class WriteMode(Enum):
+    """How a WAL's ``submit`` writes, reported by the WAL (``WAL.mode``) for its caller to plan
+    around: ``THREAD``, a writer thread does, and ``submit`` returns a pending Future;
+    ``INLINE``, ``submit`` writes and syncs on the caller's thread and returns a resolved one
+    (the caller waits for the disk: what it means to send before the write must leave first)."""
+
+    THREAD = "thread"
+    INLINE = "inline"
 
 
 class Written:

@@ -306,7 +306,7 @@ def test_peer_and_forward_metrics_in_a_three_node_cluster(tmp_path: Path) -> Non
     async def main() -> None:
         # Both WAL writers in one cluster: the metrics read the same stats from either.
         async with nodes(tmp_path, 3, ("inline", "thread", "inline")) as hs:
-            assert [h.node.wal.inline for h in hs] == [True, False, True]
+            assert [h.node.wal.mode.value for h in hs] == ["inline", "thread", "inline"]
             for h in hs:
                 assert await h.node.wait_leaders(10)
                 assert (await fetch(h.ops.address, "/health/ready")).status == 200
