@@ -24,6 +24,7 @@ COMPILED = [
     "raft/core.py",
     "raft/rawnode.py",
     "raft/multi.py",
+    "raft/pipeline.py",
     "raft/driver.py",
     "raft/wal_storage.py",
     "raft/wal.py",

@@ -206,7 +206,7 @@ def test_read_contexts_differ_between_processes_of_one_node(tmp_path: Path) -> N
         try:
             await until(lambda: m.leads(0), what="leader")
             future = m.driver.read_index(0)
-            [ctx] = m.driver._reads[0]
+            [ctx] = m.driver.pipeline._reads[0]
             assert await future >= 1
             return ctx
         finally:
@@ -388,9 +388,35 @@ def test_a_failed_wal_write_stops_the_node_and_fails_its_waiters(
         # replaced on an instance, the os module's functions can).
         monkeypatch.setattr(os, "fdatasync", broken)
         fut = m.driver.propose(0, b"doomed")
-        with pytest.raises(NodeStopped):
+        with pytest.raises(NodeStopped, match="the WAL failed"):
             await fut
         assert m.driver.failed is not None and m.driver.failed.done()
+        with pytest.raises(NodeStopped):
+            m.driver.propose(0, b"later")
+        m.wal.close()
+
+    run(main())
+
+
+def test_an_internal_error_stops_the_node_and_is_not_blamed_on_the_wal(tmp_path: Path) -> None:
+    """A bug (here: the state machine raising) stops the driver as a failed write does, but
+    its waiters are told it was an internal error, not that the WAL failed (issue 25)."""
+
+    async def main() -> None:
+        m = Member(tmp_path, 1, (1,), groups=1)
+        await m.start(None, {})
+        await until(lambda: m.leads(0), what="leader")
+
+        def broken(group: int, entries: list[Any]) -> list[object]:
+            raise RuntimeError("a bug in apply")
+
+        m.sm.apply = broken  # type: ignore[method-assign]
+        fut = m.driver.propose(0, b"applied by a broken machine")
+        with pytest.raises(NodeStopped, match="internal error") as info:
+            await fut
+        assert "WAL" not in str(info.value)
+        assert m.driver.failed is not None and m.driver.failed.done()
+        assert isinstance(m.driver.failed.result(), RuntimeError)
         with pytest.raises(NodeStopped):
             m.driver.propose(0, b"later")
         m.wal.close()
