@@ -242,6 +242,8 @@ class SnapshotPolicy:
             applied = r.log.applied
             if applied <= self._index[group]:
                 continue
+            if applied < r.log.first_index() - 1:
+                continue  # a leader's snapshot, stepped but not yet in a Ready, replaces it
             meta = SnapshotMeta(applied, r.log.term(applied), r.conf_state())
             snap = Snapshot(meta, self.sm.snapshot(group))
             self._index[group] = applied
