@@ -311,12 +311,13 @@ class Pipeline:
 
     # -- set-up --------------------------------------------------------------------------------
     def add_groups(self, groups: Iterable[int], voters: tuple[int, ...]) -> None:
-        """Host ``groups``; a group new to the log starts with ``voters`` (one write for all)."""
+        """Host ``groups``; a group new to the log starts with ``voters`` (one write for all),
+        or empty without voters (this node joins it later and learns it from the log)."""
         groups = list(groups)
         fresh = []
         for g in groups:
             view = self.log.storage(g)
-            if view.last_index() == 0:  # (nor a snapshot: it would be the last index)
+            if voters and view.last_index() == 0:  # (nor a snapshot: it would be the last)
                 memory = MemoryStorage()
                 bootstrap(memory, ConfState(voters))
                 fresh.append(GroupWrite(g, memory.ents[1:], memory.hard_state))

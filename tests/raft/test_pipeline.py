@@ -111,3 +111,13 @@ def test_a_compaction_takes_the_state_at_the_applied_index() -> None:
     assert p.stats.snapshots_taken == 1
     view = p.log.storage(0)
     assert view.snapshot().meta.index == 3 and view.snapshot().data == b"state@3"
+
+
+def test_a_group_added_without_voters_starts_empty() -> None:
+    """A node that joins a group later hosts it empty and learns it from the log."""
+    p, _ = follower()
+    p.add_groups([1], ())
+    assert p.log.storage(1).last_index() == 0
+    assert not p.host.node(1).raft.voters
+    p.add_groups([2], (1, 2, 3))
+    assert p.host.node(2).raft.log.last_index() == 3  # bootstrapped with its voters
