@@ -2,12 +2,17 @@
 
 Everything random comes from one ``random.Random(seed)``; the same seed replays the same run.
 
-- Each node is one ``MultiRaft`` host (raft/multi.py) holding a replica of every group (a
-  non-member's starts empty and learns from the log).  Its inputs go through the host: ticks,
-  messages, proposals, membership changes, transfers, reads and the peer liveness reports; its
-  outputs are ``host.ready()``.  With ``quiesce`` (every seed but one in 7) idle groups stop
-  ticking and heartbeating; without it, every group ticks as the bare core would.
-- Time advances in *rounds*; every ``ROUNDS_PER_TICK`` rounds each live host ticks.
+- Each node runs the production driver's pipeline (raft/pipeline.py: the code the asyncio
+  driver runs, less its loop) over a ``MultiRaft`` host holding a replica of every group (a
+  non-member's starts empty and learns from the log), a simulated disk, and ctxstore's state
+  machine (tests/sim/app.py).  Inputs go through the pipeline (messages, peer liveness reports,
+  ticks, client commands, reads, transfers, compactions; membership changes through the host,
+  which the driver does not offer).  With ``quiesce`` (every seed but one in 7) idle groups
+  stop ticking and heartbeating; without it, every group ticks as the bare core would.
+- Time advances in *rounds*, one loop iteration of every node: peer reports and deliveries,
+  then the writes that became durable finish their rounds (``Pipeline.written``), then one
+  pass if an input asked for one; every ``ROUNDS_PER_TICK`` rounds each live node ticks.  The
+  pipeline's clock is the round (``SIM_TICK_S`` per tick).
 - The network (``Network``) delays each message by 0..``max_delay`` rounds (so it reorders),
   drops and duplicates at configured rates, and drops whatever crosses a blocked link when it
   is sent or when it arrives (symmetric and asymmetric partitions, isolating a node).  Every
@@ -15,56 +20,53 @@ Everything random comes from one ``random.Random(seed)``; the same seed replays 
 - Peer liveness (``Links``): what a transport would report.  A connection is up while both
   nodes live and neither direction of their link is blocked; a break reaches each live end as
   ``peer_down`` a few rounds later, a (re)connection reaches both ends as ``peer_up`` soon after.
-- The disk (tests/sim/disk.py): a ``MemoryStorage`` per group, or (``wal``, every third seed) the
-  node's real ``WAL``.  A Ready is taken at once but persisted ``0..max_persist_delay`` rounds
-  later (the fsync); its "after persist" messages, applies and ``advance`` happen only then.  A
-  crash drops the host, the Readies being persisted and the application's state; with a WAL it
-  may also tear the write of one of those Readies.  A restart recovers the disk, checks that it
-  holds everything acknowledged, and rebuilds the host from the disk alone.
-- The application is a hash chain over applied data, snapshotted into the log's snapshots.
+- The disk (tests/sim/disk.py): a ``MemoryStorage`` per group, or (``wal``, every third seed)
+  the node's real ``WAL``.  Each pass's group commit becomes durable ``0..max_persist_delay``
+  rounds later (the fsync; at once, inside ``submit``, as an inline WAL's, when the delay is 0).
+  A crash drops the pipeline, the writes in flight and the application's state; with a WAL it
+  may also tear the write in flight.  A restart recovers the disk, checks that it holds
+  everything acknowledged, and starts a new pipeline over the disk alone.
+- Snapshots are the pipeline's: every ``snapshot_entries`` applied entries, when too many WAL
+  segments live, and when a node is asked to compact; on one seed in 5 an "archive" lags the
+  applied index (the compaction floor, as ctxstore's archive), holding snapshots back.
 - Pauses (``Faults.pause``): a node, preferably a leader, stops for 2-4 election timeouts (a GC
   pause, SIGSTOP): nothing it is sent is read, its writes do not finish, it does not tick.  It
   stops a few rounds into a *read wave* (every node reads every group each round, the nodes'
   context counters aligned, the pausing node starting last so that its counter lags).  When it
   resumes it first serves its clients' reads, then reads what it was sent, in order: a stale
   leader meets late heartbeat answers and reads whose contexts others used before it stopped.
-- Reads carry contexts as raft/driver.py makes them (a counter per node, so equal bytes across
-  nodes); the checker tells them apart by node and context.
+- Reads carry contexts as the pipeline makes them, with the same (empty) prefix on every node,
+  so equal bytes across nodes; the checker tells them apart by node and context.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import os
 import random
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import msgspec
 
-from raft import (
-    ConfChange,
-    ConfChangeType,
-    Config,
-    ConfState,
-    EntryType,
-    RaftError,
-    RawNode,
-    Ready,
-    Role,
-    Storage,
-)
+from ctxstore import commands
+from raft import ConfChange, ConfChangeType, Config, ConfState, RaftError, RawNode, Role
 from raft.messages import Message
 from raft.multi import HostConfig, MultiRaft
+from raft.pipeline import DriverConfig, Pipeline, Round
+from raft.wal import GroupWrite, Written
 
-from .checker import GENESIS, Checker, Violation, chain
-from .disk import Disk, Durable, MemoryDisk, WalDisk, allowed_outcomes, writes_something
+from .app import Clients, History, SimApp
+from .checker import Checker, Violation
+from .disk import Durable, MemoryDisk, SimDisk, WalDisk, allowed_outcomes
 
 ROUNDS_PER_TICK = 4
 ELECTION_TICKS = 10
@@ -269,89 +271,165 @@ class Links:
         return not self.queue
 
 
+SIM_TICK_S = 0.05  # the pipeline's clock: seconds per tick
+SIM_DRIVER = DriverConfig(
+    tick_s=SIM_TICK_S,
+    snapshot_entries=200,  # a snapshot every 200 applied entries of a group
+    wal_segments_max=6,  # 4 KiB segments: the groups pinning the oldest are compacted often
+    proposal_timeout_s=100 * SIM_TICK_S,  # proposals a stuck group holds fail after 100 ticks
+)
+
+
 class Replica:
-    """One group's replica on one node; only what its node's disk holds survives a crash."""
+    """One group's replica on one node, as seen from outside (the node's pipeline and app)."""
 
-    def __init__(self, node_id: int, group: int) -> None:
-        self.node_id = node_id
+    def __init__(self, node: SimNode, group: int) -> None:
+        self.node = node
+        self.node_id = node.id
         self.group = group
-        self.rn: RawNode | None = None
-        self.storage: Storage | None = None
-        self.pending: Ready | None = None
-        self.pending_due = 0
-        self.app_state = GENESIS
-        self.app_index = 0
 
-    def start(self, host: MultiRaft, storage: Storage) -> None:
-        snap = storage.snapshot()
-        self.storage = storage
-        self.app_index = snap.meta.index
-        self.app_state = snap.data if snap.meta.index else GENESIS
-        self.rn = host.add_group(self.group, storage, applied=snap.meta.index)
-        self.pending = None
+    @property
+    def rn(self) -> RawNode | None:
+        p = self.node.pipeline
+        return p.host.node(self.group) if p is not None else None
 
-    def stop(self) -> None:
-        self.rn = None
-        self.storage = None
-        self.pending = None
+    @property
+    def app_index(self) -> int:
+        app = self.node.app
+        return app.index[self.group] if app is not None else 0
+
+
+class _Outbox:
+    """A node's peer messages into the simulated network (the transport's part)."""
+
+    def __init__(self, node_id: int, cluster: SimCluster) -> None:
+        self.id = node_id
+        self.cluster = cluster
+
+    def send(self, to: int, items: list[tuple[int, Message]]) -> None:
+        c = self.cluster
+        for g, m in items:
+            c.net.send(c.now, self.id, g, m)
+
+    def flush_now(self) -> None:
+        pass  # (the simulated disk never blocks the node: nothing to hurry)
 
 
 class SimNode:
-    """One node: a MultiRaft host over a disk.  A crash loses the host, never the disk."""
+    """One node: the production pipeline (raft/pipeline.py) over a simulated disk, running
+    ctxstore's state machine.  A crash loses the pipeline and the application, never the disk."""
 
     def __init__(
-        self, node_id: int, groups: list[int], disk: Disk, config: HostConfig, seed: int
+        self, node_id: int, groups: list[int], disk: SimDisk, config: HostConfig, c: SimCluster
     ) -> None:
         self.id = node_id
+        self.groups = groups
         self.disk = disk
         self.config = config
-        self.seed = seed
+        self.cluster = c
         self.incarnation = 0
-        self.host: MultiRaft | None = None
-        self.replicas = {g: Replica(node_id, g) for g in groups}
+        self.pipeline: Pipeline | None = None
+        self.app: SimApp | None = None
+        self.waiting: deque[tuple[Round, Future[Written]]] = deque()
+        self.kicked = False
+        self.replicas = {g: Replica(self, g) for g in groups}
         self.acked: dict[int, Durable] = {}  # at the last crash: each group's durable state
-        # Read contexts as raft/driver.py makes them: a counter per node, so two nodes' reads
-        # carry the same bytes (kept across restarts: a driver's are unique per process).
-        self.read_seq = 0
-        self.torn: tuple[int, Ready] | None = None  # the write the last crash interrupted
+        # Read contexts as the driver makes them, with one prefix for all nodes (b""): two
+        # nodes' reads carry the same bytes.  The counter is kept across restarts (a driver's
+        # contexts are unique per process through its random prefix).
+        self._read_seq = 0
+        self.torn: list[GroupWrite] | None = None  # the write the last crash interrupted
+        self.snapshots_taken = 0  # by earlier incarnations
+
+    @property
+    def host(self) -> MultiRaft | None:
+        return self.pipeline.host if self.pipeline is not None else None
+
+    @property
+    def read_seq(self) -> int:
+        return self.pipeline.read_seq if self.pipeline is not None else self._read_seq
+
+    @read_seq.setter
+    def read_seq(self, value: int) -> None:
+        self._read_seq = value
+        if self.pipeline is not None:
+            self.pipeline.read_seq = value
 
     def start(self) -> None:
+        c = self.cluster
         self.incarnation += 1
-        cfg = dataclasses.replace(self.config.group, seed=self.seed * 1000 + self.incarnation)
-        host = self.host = MultiRaft(dataclasses.replace(self.config, group=cfg))
-        for g, rep in self.replicas.items():
-            rep.start(host, self.disk.storage(g))
+        cfg = dataclasses.replace(self.config.group, seed=c.seed * 1000 + self.incarnation)
+        host = MultiRaft(dataclasses.replace(self.config, group=cfg))
+        app = self.app = SimApp(
+            self.id, len(c.groups), c.checker, c.history, lambda g: host.node(g).raft.term
+        )
+        app.on_command = self._applied
+        p = Pipeline(host, self.disk, app, SIM_DRIVER, c.clock, read_prefix=b"")
+        p.read_seq = self._read_seq
+        p.outbox = _Outbox(self.id, c)
+        p.wait_for_write = lambda rnd, future: self.waiting.append((rnd, future))
+        p.want_pass = self._kick
+        self.kicked = True
+        p.on_leader_change = self._leader_change
+        p.on_snapshot_installed = self._installed
+        if c.archive_lag:  # an archive that lags the applied index holds the compactions
+            p.snapshots.floor = lambda g: app.index[g] - c.archive_lag
+        self.pipeline = p
+        p.add_groups(self.groups, ())  # (the disks were bootstrapped: no group starts here)
 
-    def crash(self, torn: tuple[int, Ready] | None, rng: random.Random) -> str | None:
-        """Stop the node; with ``torn``, the crash interrupts that write (see disk.py)."""
+    def _leader_change(self, group: int, lead: int) -> None:
+        if lead == self.id:
+            assert self.host is not None
+            self.cluster.log(f"g{group} n{self.id} leads term {self.host.node(group).raft.term}")
+
+    def _kick(self) -> None:
+        self.kicked = True  # a pass in this round (the driver: one in the next loop iteration)
+
+    def _applied(self) -> None:
+        self.cluster.stats.committed += 1
+
+    def _installed(self, group: int, index: int) -> None:
+        self.cluster.stats.snapshots_installed += 1
+
+    def finish_writes(self) -> None:
+        """The disk's writes due by now are durable: the pipeline finishes their rounds."""
+        p = self.pipeline
+        assert p is not None
+        self.disk.complete()
+        while self.waiting and self.waiting[0][1].done():
+            rnd, future = self.waiting.popleft()
+            p.written(rnd, future)
+
+    def crash(self, tear: bool, rng: random.Random) -> str | None:
+        """Stop the node; with ``tear``, the crash interrupts the write in flight (disk.py)."""
+        assert self.pipeline is not None
         self.acked = {g: Durable.of(self.disk.storage(g)) for g in self.replicas}
-        self.torn = torn
-        what = self.disk.crash(torn, rng)
-        self.host = None
-        for rep in self.replicas.values():
-            rep.stop()
+        self.torn, what = self.disk.crash(tear, rng)
+        self.snapshots_taken += self.pipeline.stats.snapshots_taken
+        self._read_seq = self.pipeline.read_seq
+        self.pipeline = None
+        self.app = None
+        self.waiting.clear()
         return what
 
     def restart(self, checker: Checker) -> None:
-        """Recover the disk, judge what it recovered, and start a new host over it."""
+        """Recover the disk, judge what it recovered, and start a new pipeline over it."""
         self.disk.recover()
         for g in self.replicas:
             st = self.disk.storage(g)
             got = Durable.of(st)
             base = self.acked[g]
-            torn = self.torn if self.torn is not None and self.torn[0] == g else None
-            allowed = allowed_outcomes(base, torn[1]) if torn is not None else [base]
+            torn = [w for w in self.torn or () if w.group == g]
+            allowed = allowed_outcomes(base, torn) if torn else [base]
             if got not in allowed:
                 raise Violation(
                     f"g{g} n{self.id}: the disk recovered {got.describe()}, but acknowledged "
-                    f"was {base.describe()} (torn write: {torn is not None})"
+                    f"was {base.describe()} (torn write: {bool(torn)})"
                 )
             if got != base:  # part of the torn write survived: it is on disk now
                 checker.on_persist(self.id, g, st, list(got.entries))
         self.torn = None
         self.start()
-        for g, rep in self.replicas.items():
-            checker.on_restore(self.id, g, rep.app_index, rep.app_state)
 
 
 @dataclass
@@ -366,6 +444,8 @@ class Stats:
     snapshots_taken: int = 0
     snapshots_installed: int = 0
     reads: int = 0
+    acks: int = 0  # appends acknowledged to clients
+    dedupes: int = 0  # of which answered by a dedupe
     pauses: int = 0
     peer_reports: int = 0
     quiesced: int = 0  # times a group went quiescent on a host, summed over incarnations
@@ -406,7 +486,11 @@ class SimCluster:
         self.paused: dict[int, int] = {}  # node -> round it resumes
         self.pausing: dict[int, tuple[int, int]] = {}  # node -> (round it stops, for how long)
         self.held: list[Packet] = []  # sent to a paused node
-        self.proposal_counter = itertools.count(1)
+        self.history = History()
+        self.clients = Clients(self.rng, groups, self.history)
+        # Seeds where an archive lags the applied index by this many entries (the compaction
+        # floor, ctxstore's archived index): snapshots are held until it catches up.
+        self.archive_lag = 20 if seed % 5 == 1 else 0
         self.dir: str | None = None
         if self.wal:
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -428,11 +512,13 @@ class SimCluster:
         self.nodes: dict[int, SimNode] = {}
         try:
             for n in self.ids:
-                disk: Disk = MemoryDisk(self.groups)
+                disk: SimDisk = MemoryDisk(self.groups, self._now, self._persist_delay)
                 if self.dir is not None:
-                    disk = WalDisk(os.path.join(self.dir, f"n{n}"))
+                    path = os.path.join(self.dir, f"n{n}")
+                    disk = WalDisk(path, self._now, self._persist_delay)
+                disk.on_durable = functools.partial(self.checker.on_persist, n)
                 cfg = dataclasses.replace(config, group=dataclasses.replace(config.group, id=n))
-                self.nodes[n] = SimNode(n, self.groups, disk, cfg, seed)
+                self.nodes[n] = SimNode(n, self.groups, disk, cfg, self)
             for g in self.groups:
                 members = self.ids if nodes <= 3 else sorted(self.rng.sample(self.ids, 3))
                 for n in members:  # a non-member starts empty and learns from the log
@@ -462,6 +548,16 @@ class SimCluster:
     ) -> None:
         self.close()
 
+    def _now(self) -> int:
+        return self.now
+
+    def _persist_delay(self) -> int:
+        return self.rng.randint(0, self.faults.max_persist_delay)
+
+    def clock(self) -> float:
+        """The pipelines' clock: simulated seconds."""
+        return self.now * SIM_TICK_S / ROUNDS_PER_TICK
+
     def log(self, what: str) -> None:
         if self.trace is not None:
             self.trace(f"[r{self.now} t{self.now // ROUNDS_PER_TICK}] {what}")
@@ -483,6 +579,8 @@ class SimCluster:
 
     # -- one round -----------------------------------------------------------------------------
     def round(self) -> None:
+        """One loop iteration of every node: peer reports, deliveries, the writes that became
+        durable, one pipeline pass, a tick every ``ROUNDS_PER_TICK`` rounds; then the checks."""
         self.now += 1
         for n, until in list(self.paused.items()):
             if self.now >= until:
@@ -491,93 +589,40 @@ class SimCluster:
             self._start_pauses()
         incarnations = {n: node.incarnation for n, node in self.nodes.items() if n in self.alive}
         for report in self.links.update(self.now, incarnations, self.net.blocked):
-            host = self.nodes[report.observer].host
-            assert host is not None
+            p = self.nodes[report.observer].pipeline
+            assert p is not None
             if report.up:
-                host.peer_up(report.peer)
+                p.peer_up(report.peer)
             else:
-                host.peer_down(report.peer)
+                p.peer_down(report.peer)
             self.stats.peer_reports += 1
-        for p in self.net.due(self.now):
-            if p.dst in self.paused:
-                self.held.append(p)  # in the paused process's socket buffer
+        for packet in self.net.due(self.now):
+            if packet.dst in self.paused:
+                self.held.append(packet)  # in the paused process's socket buffer
                 continue
-            host = self.nodes[p.dst].host
-            if host is not None:
-                host.step(p.group, _decode(p.data))
-        for node in self.running():  # each node's due writes go in one batch (one fsync)
-            due = [
-                r
-                for r in node.replicas.values()
-                if r.pending is not None and r.pending_due <= self.now
-            ]
-            if due:
-                self._complete(node, due)
-        for node in self.running():
-            if node.host is not None:
-                for g, rd in node.host.ready():
-                    self._take_ready(node.replicas[g], rd)
+            p = self.nodes[packet.dst].pipeline
+            if p is not None:
+                p.step([(packet.group, _decode(packet.data))])
+        running = [node for node in self.running() if node.pipeline is not None]
+        for node in running:
+            node.finish_writes()
+        for node in running:
+            assert node.pipeline is not None
+            if node.kicked:  # as the driver's loop: a pass only when an input asked for one
+                node.kicked = False
+                node.pipeline.run_pass()
         if self.now % ROUNDS_PER_TICK == 0:
-            for node in self.running():
-                if node.host is not None:
-                    node.host.tick()  # the Readies of the groups it ticked are taken next round
+            for node in running:
+                assert node.pipeline is not None
+                node.pipeline.tick()  # the Readies of the groups it ticked: next round's pass
         for rep in self.replicas.values():
-            if rep.rn is not None:
-                self.checker.scan(rep.node_id, rep.group, rep.rn)
+            rn = rep.rn
+            if rn is not None:
+                self.checker.scan(rep.node_id, rep.group, rn)
+        if self.clients.violations:
+            raise self.clients.violations[0]
         if self.read_waves:
             self._read_waves()
-
-    def _take_ready(self, rep: Replica, rd: Ready) -> None:
-        assert rep.rn is not None
-        if rd.soft_state is not None and rd.soft_state.role is Role.LEADER:
-            self.log(f"g{rep.group} n{rep.node_id} leads term {rep.rn.raft.term}")
-        for m in rd.messages:
-            self.net.send(self.now, rep.node_id, rep.group, m)
-        rep.pending = rd
-        rep.pending_due = self.now + self.rng.randint(0, self.faults.max_persist_delay)
-        if rep.pending_due <= self.now:
-            self._complete(self.nodes[rep.node_id], [rep])
-
-    def _complete(self, node: SimNode, reps: list[Replica]) -> None:
-        """Write the pending Readies of ``reps`` (one batch), then finish each of them."""
-        writes = []
-        for rep in reps:
-            assert rep.pending is not None
-            writes.append((rep.group, rep.pending))
-        node.disk.write(writes)
-        for rep in reps:
-            self._persisted(node, rep)
-
-    def _persisted(self, node: SimNode, rep: Replica) -> None:
-        """The Ready's write is durable: send, apply, advance (the driver's contract)."""
-        rd, rn, st = rep.pending, rep.rn, rep.storage
-        assert rd is not None and rn is not None and st is not None and node.host is not None
-        rep.pending = None
-        self.checker.on_persist(rep.node_id, rep.group, st, rd.entries)
-        for m in rd.persisted_messages:
-            self.net.send(self.now, rep.node_id, rep.group, m)
-        if rd.snapshot is not None:
-            rep.app_index = rd.snapshot.meta.index
-            rep.app_state = rd.snapshot.data
-            self.stats.snapshots_installed += 1
-            self.checker.on_restore(rep.node_id, rep.group, rep.app_index, rep.app_state)
-        if rd.committed_entries:
-            self.checker.on_committed(rep.node_id, rep.group, rn.raft.term, rd.committed_entries)
-        for e in rd.committed_entries:
-            if e.index != rep.app_index + 1:
-                raise Violation(
-                    f"g{rep.group} n{rep.node_id}: applied {e.index} after {rep.app_index}"
-                )
-            data = e.data if e.type is EntryType.NORMAL else b"conf:" + e.data
-            rep.app_state = chain(rep.app_state, data)
-            rep.app_index = e.index
-            proposal = bool(e.data) and e.type is EntryType.NORMAL
-            self.checker.on_apply(rep.node_id, rep.group, e.index, data, rep.app_state, proposal)
-            if proposal:
-                self.stats.committed += 1
-        for rs in rd.read_states:
-            self.checker.on_read_answered(rep.node_id, rep.group, rs.context, rs.index)
-        node.host.advance(rep.group, rd)
 
     # -- faults --------------------------------------------------------------------------------
     def crash(self, n: int) -> None:
@@ -591,21 +636,12 @@ class SimCluster:
             self.held = [p for p in self.held if p.dst != n]  # lost with the process
         self.stats.quiesced += node.host.stats.quiesced
         self.alive.discard(n)
-        torn: tuple[int, Ready] | None = None
-        if self.wal and self.rng.random() < TORN_WRITE:
-            writing = [
-                r
-                for r in node.replicas.values()
-                if r.pending is not None and writes_something(r.pending)
-            ]
-            if writing:
-                rep = min(writing, key=lambda r: (r.pending_due, r.group))
-                assert rep.pending is not None
-                torn = (rep.group, rep.pending)
-        what = node.crash(torn, self.rng)
-        if torn is not None:
+        tear = self.wal and self.rng.random() < TORN_WRITE
+        what = node.crash(tear, self.rng)
+        if node.torn is not None:
             self.stats.torn_writes += 1
-            self.log(f"n{n} crashed writing g{torn[0]}'s Ready {torn[1].number}: {what}")
+            groups = sorted({w.group for w in node.torn})
+            self.log(f"n{n} crashed writing groups {groups}: {what}")
 
     def restart(self, n: int) -> None:
         if n in self.alive:
@@ -673,11 +709,11 @@ class SimCluster:
             self.read(n, g)
         held = [p for p in self.held if p.dst == n]
         self.held = [p for p in self.held if p.dst != n]
-        host = self.nodes[n].host
-        assert host is not None
+        pipeline = self.nodes[n].pipeline
+        assert pipeline is not None
         for p in held:
             if (p.src, p.dst) not in self.net.blocked:
-                host.step(p.group, _decode(p.data))
+                pipeline.step([(p.group, _decode(p.data))])
 
     def heal(self) -> None:
         if self.net.blocked:
@@ -688,8 +724,9 @@ class SimCluster:
     def propose(
         self, g: int, via: int | None = None, stale: bool = False
     ) -> tuple[int, int] | None:
-        """Propose new data: its (term, index).  Sent to the newest leader, to any node that
-        believes it leads (``stale``), or ``via`` a given node."""
+        """A client's next command for ``g`` (clients in app.py): its (term, index).  Sent to
+        the newest leader, to any node that believes it leads (``stale``), or ``via`` a given
+        node, through the node's pipeline."""
         if via is not None:
             rep: Replica | None = self.replicas[(via, g)]
         elif stale:
@@ -699,11 +736,11 @@ class SimCluster:
             rep = self.leader(g)
         if rep is None or rep.rn is None or rep.node_id in self.paused:
             return None
-        host = self.nodes[rep.node_id].host
-        assert host is not None
-        data = f"g{g}:n{rep.node_id}:p{next(self.proposal_counter)}".encode()
+        pipeline = self.nodes[rep.node_id].pipeline
+        assert pipeline is not None
+        cmd, done = self.clients.command(g)
         try:
-            index = host.propose(g, data)
+            index = pipeline.propose(g, commands.encode_command(cmd), done)
         except RaftError:
             return None
         self.stats.proposals += 1
@@ -728,9 +765,10 @@ class SimCluster:
         host = self.nodes[rep.node_id].host
         assert host is not None
         try:
-            host.propose_conf_change(g, cc)
+            host.propose_conf_change(g, cc)  # (the driver has no membership changes yet)
         except RaftError:
             return
+        self.nodes[rep.node_id].kicked = True
         self.log(f"g{g} n{rep.node_id} proposes {cc.type.name} n{cc.node_id}")
         self.stats.conf_changes += 1
 
@@ -742,10 +780,10 @@ class SimCluster:
         if not targets:
             return
         to = pick.choice(targets)
-        host = self.nodes[rep.node_id].host
-        assert host is not None
+        pipeline = self.nodes[rep.node_id].pipeline
+        assert pipeline is not None
         try:
-            host.transfer_leader(g, to)
+            pipeline.transfer_leader(g, to)
         except RaftError:
             return
         self.log(f"g{g} transfer n{rep.node_id} -> n{to}")
@@ -775,33 +813,50 @@ class SimCluster:
                 self.read(n, g)
 
     def compact(self, n: int, g: int) -> None:
-        """The application snapshots ``g`` at its applied index and compacts the log to it."""
-        rep = self.replicas[(n, g)]
-        if rep.rn is None or rep.storage is None or n in self.paused:
+        """Node ``n`` snapshots ``g`` at its applied index (the pipeline's ``compact``)."""
+        node = self.nodes[n]
+        if node.pipeline is None or n in self.paused:
             return
-        r = rep.rn.raft
-        index = rep.app_index
-        st = rep.storage
-        if index < st.first_index() or index > st.last_index() or index != r.log.applied:
-            return
-        self.nodes[n].disk.compact(g, index, r.conf_state(), rep.app_state)
-        self.stats.snapshots_taken += 1
-        self.log(f"g{g} n{n} snapshot+compact at {index}")
+        node.pipeline.compact(g)
+        self.log(f"g{g} n{n} compaction asked")
+
+    def snapshots_taken(self) -> int:
+        live = sum(
+            node.pipeline.stats.snapshots_taken for node in self.nodes.values() if node.pipeline
+        )
+        return live + sum(node.snapshots_taken for node in self.nodes.values())
 
     def read(self, n: int, g: int) -> None:
-        """A linearizable read of ``g`` at node ``n`` (a leader's own, or through its leader)."""
-        rep = self.replicas[(n, g)]
+        """A linearizable read of ``g`` at node ``n`` (a leader's own, or through its leader):
+        its answer must be fresh (checker) and the node's state must then hold every append
+        acknowledged before the read began (app.py)."""
         node = self.nodes[n]
-        if rep.rn is None or node.host is None or n in self.paused:
+        p, app = node.pipeline, node.app
+        if p is None or app is None or n in self.paused:
             return
-        node.read_seq += 1
-        ctx = node.read_seq.to_bytes(8, "big")
-        self.checker.on_read_asked(n, g, ctx)
+        floor = self.clients.read_floor(g)
+
+        def done(index: object, exc: object) -> None:
+            if exc is not None:
+                self.checker.on_read_dropped(n, ctx)
+                return
+            assert isinstance(index, int)
+            try:
+                self.checker.on_read_answered(n, g, ctx, index)
+                for sid, seq in floor.items():
+                    if (app.state.last_seq(sid) or 0) < seq:
+                        raise Violation(
+                            f"g{g} n{n}: a read answered at {index} misses {sid} seq {seq}, "
+                            f"acknowledged before it began"
+                        )
+            except Violation as v:
+                self.clients.violations.append(v)
+
         try:
-            node.host.read_index(g, ctx)
+            ctx = p.read_index(g, done)
         except RaftError:
-            self.checker.on_read_dropped(n, ctx)
             return
+        self.checker.on_read_asked(n, g, ctx)
         self.stats.reads += 1
 
     # -- whole-cluster checks ------------------------------------------------------------------

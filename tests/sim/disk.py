@@ -1,31 +1,40 @@
-"""The simulated disk of one node: what survives its crashes.
+"""The simulated disk of one node: the durable log the driver's pipeline writes, and what
+survives the node's crashes.
 
-- ``MemoryDisk``: one ``MemoryStorage`` per group.  A Ready's write happens whole or not at all.
-- ``WalDisk``: the node's real write-ahead log (``raft.wal.WAL``) in a directory of its own, all
-  groups in one WAL, each group's ``Storage`` being ``wal.storage(group)``.  A crash may happen
-  *during* a write (``crash(torn=...)``): the write reaches the segment, then what it wrote is
-  damaged as a torn write would be (the segment cut at a random offset inside the write's bytes,
-  or one of those bytes flipped, or left whole but never acknowledged); the WAL is closed with
-  nothing else done, and ``recover`` reopens it, which replays and truncates the damaged tail.
+Both disks are the pipeline's ``DurableLog`` (raft/pipeline.py), and report the writer-thread
+mode: ``submit`` returns a pending Future that the simulation resolves ``0..max_persist_delay``
+rounds later (the fsync), in submission order; a write due at once is written inside ``submit``
+and its Future returned resolved, as an inline WAL's is.  ``publish`` makes a write visible
+to the group's ``Storage``, as the WAL's does.
+
+- ``MemoryDisk``: one ``MemoryStorage`` per group; a write happens whole or not at all.
+- ``WalDisk``: the node's real write-ahead log (``raft.wal.WAL``, inline: the simulation is
+  its writer thread) in a directory of its own.  A crash may happen *during* the write at the
+  head of the queue (``crash(tear=True)``): it reaches the segment, then what it wrote is
+  damaged as a torn write would be (the segment cut at a random offset inside the write's
+  bytes, or one of those bytes flipped, or left whole but never acknowledged); the WAL is
+  closed with nothing else done, and ``recover`` reopens it, which replays and truncates the
+  damaged tail.
 
 ``Durable`` is what a group's storage holds; ``allowed_outcomes`` lists what recovery may show
-after a torn write: the acknowledged state plus any prefix of the write's records (a snapshot,
-then entries, then the hard state), since persisting more than was acknowledged is safe.
+after a torn write: the acknowledged state plus any prefix of the write's records for the
+group (per group write: a snapshot, then entries, then the hard state), since persisting more
+than was acknowledged is safe.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
 
-from raft import ConfState, Entry, HardState, MemoryStorage, Ready, Snapshot, SnapshotMeta, Storage
+from raft import ConfState, Entry, HardState, MemoryStorage, Snapshot, Storage
 from raft.storage import bootstrap
-from raft.wal import WAL, GroupWrite
+from raft.wal import WAL, Done, GroupWrite, WriteMode, Written
 from raft.wal_segments import parse_segment_name, segment_name
-
-from ..raft.helpers import persist
 
 # A run writes some 40-100 KiB per node: with 4 KiB segments they roll (and crashes tear their
 # heads) and old ones are deleted tens of times per node and run.
@@ -63,92 +72,162 @@ class Durable:
         return f"{self.hard_state} snap {meta.index}@t{meta.term} {tail}"
 
 
-def allowed_outcomes(base: Durable, rd: Ready) -> list[Durable]:
-    """``base``, then ``base`` with each longer prefix of the write of ``rd`` applied."""
+def apply_write(ms: MemoryStorage, w: GroupWrite) -> None:
+    """Write ``w`` to ``ms`` as the WAL's views take it (``WAL.publish``)."""
+    if w.snapshot is not None:
+        ms.apply_snapshot(w.snapshot)
+    if w.compact is not None:
+        meta = w.compact.meta
+        ms.create_snapshot(meta.index, meta.conf_state, w.compact.data)
+        ms.compact(meta.index)
+    ms.append(list(w.entries))
+    if w.hard_state is not None:
+        ms.set_hard_state(w.hard_state)
+
+
+def allowed_outcomes(base: Durable, writes: Sequence[GroupWrite]) -> list[Durable]:
+    """``base``, then ``base`` with each longer prefix of the records of ``writes`` (one
+    group's, in write order) applied."""
     out = [base]
-    ms = base.memory()
-    if rd.snapshot is not None:
-        ms.apply_snapshot(rd.snapshot)
-        out.append(Durable.of(ms))
-    for k in range(1, len(rd.entries) + 1):  # a record of entries, or (generously) a prefix
-        probe = out[-1].memory()
-        probe.append(rd.entries[:k])
-        out.append(Durable.of(probe))
-    if rd.hard_state is not None:
-        probe = out[-1].memory()
-        probe.set_hard_state(rd.hard_state)
-        out.append(Durable.of(probe))
+    for w in writes:
+        if w.snapshot is not None or w.compact is not None:
+            probe = out[-1].memory()
+            apply_write(probe, GroupWrite(w.group, snapshot=w.snapshot, compact=w.compact))
+            out.append(Durable.of(probe))
+        for k in range(1, len(w.entries) + 1):  # a record of entries, or (generously) a prefix
+            probe = out[-1].memory()
+            probe.append(list(w.entries[:k]))
+            out.append(Durable.of(probe))
+        if w.hard_state is not None:
+            probe = out[-1].memory()
+            probe.set_hard_state(w.hard_state)
+            out.append(Durable.of(probe))
     return out
 
 
-def writes_something(rd: Ready) -> bool:
-    return bool(rd.entries) or rd.hard_state is not None or rd.snapshot is not None
+class _Pending:
+    __slots__ = ("batch", "due", "future")
+
+    def __init__(self, batch: list[GroupWrite], future: Future[Written], due: int) -> None:
+        self.batch = batch
+        self.future = future
+        self.due = due
 
 
-def _write_of(group: int, rd: Ready) -> GroupWrite:
-    return GroupWrite(group, rd.entries, rd.hard_state, rd.snapshot)
+class SimDisk:
+    """A ``DurableLog`` whose writes finish when the simulation says (see the module doc).
 
+    ``now()`` is the simulation's round, ``delay()`` draws a write's rounds to durability;
+    ``on_durable(group, storage, entries)`` is told each write's entries once published."""
 
-class Disk(Protocol):
-    def storage(self, group: int) -> Storage: ...
+    mode = WriteMode.THREAD
 
-    def bootstrap(self, group: int, conf: ConfState) -> None: ...
+    def __init__(self, now: Callable[[], int], delay: Callable[[], int]) -> None:
+        self.now = now
+        self.delay = delay
+        self.on_durable: Callable[[int, Storage, list[Entry]], None] = lambda g, st, es: None
+        self.pending: deque[_Pending] = deque()
+        self._seq = 0
+        self._last_due = 0
 
-    def write(self, readies: list[tuple[int, Ready]]) -> None:
-        """Persist the (group, Ready) pairs durably, in one batch (it returns after the fsync)."""
-        ...
+    # -- what the pipeline calls ---------------------------------------------------------------
+    def submit(self, batch: Sequence[GroupWrite]) -> Future[Written]:
+        future: Future[Written] = Future()
+        future.set_running_or_notify_cancel()
+        due = max(self.now() + self.delay(), self._last_due)
+        self._last_due = due
+        if not self.pending and due <= self.now():
+            future.set_result(self._write(list(batch)))  # durable before submit returns
+        else:
+            self.pending.append(_Pending(list(batch), future, due))
+        return future
 
-    def compact(self, group: int, index: int, conf: ConfState, data: bytes) -> None:
-        """Save the application's snapshot at ``index`` and drop the entries up to it."""
-        ...
+    def write_sync(self, batch: Sequence[GroupWrite]) -> Written:
+        assert not self.pending, "write_sync with writes in flight"
+        written = self._write(list(batch))
+        self.publish(written)
+        return written
 
-    def crash(self, torn: tuple[int, Ready] | None, rng: random.Random) -> str | None:
-        """The node dies; with ``torn``, during that write.  Returns what happened to it."""
-        ...
+    def publish(self, written: Written) -> None:
+        self._publish(written)
+        for done in written.done:
+            w = done.write
+            if w.entries:
+                self.on_durable(w.group, self.storage(w.group), list(w.entries))
+
+    def segment_count(self) -> int:
+        return 0
+
+    def oldest_segment_groups(self) -> list[int]:
+        return []
+
+    # -- what the simulation calls -------------------------------------------------------------
+    def complete(self) -> None:
+        """Resolve the writes due by now, in order."""
+        now = self.now()
+        while self.pending and self.pending[0].due <= now:
+            p = self.pending.popleft()
+            p.future.set_result(self._write(p.batch))
+
+    def bootstrap(self, group: int, conf: ConfState) -> None:
+        memory = MemoryStorage()
+        bootstrap(memory, conf)
+        self.write_sync([GroupWrite(group, memory.ents[1:], memory.hard_state)])
+
+    def crash(self, tear: bool, rng: random.Random) -> tuple[list[GroupWrite] | None, str | None]:
+        """The node dies; with ``tear``, during the write at the head of the queue (if any).
+        Returns that write and what happened to it."""
+        head = self.pending[0].batch if tear and self.pending else None
+        self.pending.clear()
+        self._last_due = 0
+        what = self._crash(head, rng)
+        return (head, what) if what is not None else (None, None)
+
+    # -- the medium ------------------------------------------------------------------------------
+    def storage(self, group: int) -> Storage:
+        raise NotImplementedError
+
+    def _write(self, batch: list[GroupWrite]) -> Written:
+        raise NotImplementedError
+
+    def _publish(self, written: Written) -> None:
+        raise NotImplementedError
+
+    def _crash(self, head: list[GroupWrite] | None, rng: random.Random) -> str | None:
+        raise NotImplementedError
 
     def recover(self) -> None:
         """The node restarts: make its storage readable again (after ``crash``)."""
-        ...
 
     def close(self) -> None:
         """Release the disk for good (the run is over)."""
-        ...
 
 
-class MemoryDisk:
-    def __init__(self, groups: list[int]) -> None:
+class MemoryDisk(SimDisk):
+    def __init__(self, groups: list[int], now: Callable[[], int], delay: Callable[[], int]):
+        super().__init__(now, delay)
         self.stores = {g: MemoryStorage() for g in groups}
 
     def storage(self, group: int) -> Storage:
         return self.stores[group]
 
-    def bootstrap(self, group: int, conf: ConfState) -> None:
-        bootstrap(self.stores[group], conf)
+    def _write(self, batch: list[GroupWrite]) -> Written:
+        self._seq += 1
+        return Written(self._seq, [Done(w, "", []) for w in batch])
 
-    def write(self, readies: list[tuple[int, Ready]]) -> None:
-        for group, rd in readies:
-            persist(self.stores[group], rd)
+    def _publish(self, written: Written) -> None:
+        for done in written.done:
+            apply_write(self.stores[done.write.group], done.write)
 
-    def compact(self, group: int, index: int, conf: ConfState, data: bytes) -> None:
-        st = self.stores[group]
-        st.create_snapshot(index, conf, data)
-        st.compact(index)
-
-    def crash(self, torn: tuple[int, Ready] | None, rng: random.Random) -> str | None:
-        assert torn is None, "a MemoryStorage write cannot be torn"
-        return None
-
-    def recover(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    def _crash(self, head: list[GroupWrite] | None, rng: random.Random) -> str | None:
+        return None  # a MemoryStorage write cannot be torn
 
 
-class WalDisk:
+class WalDisk(SimDisk):
     """A real WAL in ``path``; open from construction until ``crash`` or ``close``."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, now: Callable[[], int], delay: Callable[[], int]) -> None:
+        super().__init__(now, delay)
         self.path = path
         self.wal: WAL | None = None
         self.recover()
@@ -160,6 +239,7 @@ class WalDisk:
             segment_bytes=WAL_SEGMENT_BYTES,
             cache_bytes_max=WAL_CACHE_BYTES,
             preallocate=False,
+            inline=True,
         )
 
     def _open(self) -> WAL:
@@ -169,34 +249,29 @@ class WalDisk:
     def storage(self, group: int) -> Storage:
         return self._open().storage(group)
 
-    def bootstrap(self, group: int, conf: ConfState) -> None:
-        self._open().bootstrap(group, conf)
+    def segment_count(self) -> int:
+        return self._open().segment_count()
 
-    def write(self, readies: list[tuple[int, Ready]]) -> None:
-        batch = [_write_of(g, rd) for g, rd in readies if writes_something(rd)]
-        if batch:
-            self._open().write_sync(batch)
+    def oldest_segment_groups(self) -> list[int]:
+        return self._open().oldest_segment_groups()
 
-    def compact(self, group: int, index: int, conf: ConfState, data: bytes) -> None:
-        wal = self._open()
-        meta = SnapshotMeta(index, wal.storage(group).term(index), conf)
-        wal.save_snapshot(group, Snapshot(meta, data))
+    def _write(self, batch: list[GroupWrite]) -> Written:
+        return self._open().submit(batch).result()  # inline: written and synced
 
-    def crash(self, torn: tuple[int, Ready] | None, rng: random.Random) -> str | None:
+    def _publish(self, written: Written) -> None:
+        self._open().publish(written)
+
+    def _crash(self, head: list[GroupWrite] | None, rng: random.Random) -> str | None:
         wal = self._open()
         self.wal = None
-        what = None
         written = 0
-        if torn is not None:
-            group, rd = torn
+        if head is not None:
             # Written and fsynced, but never published: the node dies before it learns so.  (A
             # publish could also let the writer delete segments this write made obsolete.)
-            wal.submit([_write_of(group, rd)]).result()
+            wal.submit(head).result()
             written = wal.stats.last_round_bytes
         wal.close()
-        if written:
-            what = self._damage(written, rng)
-        return what
+        return self._damage(written, rng) if written else None
 
     def _damage(self, written: int, rng: random.Random) -> str:
         """Damage the last ``written`` bytes of the newest segment as a crash mid-write would."""

@@ -145,6 +145,7 @@ def liveness_phase(c: SimCluster, liveness_ticks: int) -> None:
         c.isolate(away)
     c.log(f"liveness phase (isolated: {away})")
     _progress(c, liveness_ticks, away)
+    _history(c, away)
     if c.quiesce:
         _quiescence(c, away)
 
@@ -177,6 +178,17 @@ def _progress(c: SimCluster, liveness_ticks: int, away: int | None) -> None:
     raise Violation(
         f"liveness: groups {missing} made no progress in {liveness_ticks} ticks: {detail}"
     )
+
+
+def _history(c: SimCluster, away: int | None) -> None:
+    """Every live member of each group (caught up by now) holds every acknowledged append of
+    the group's sessions exactly once, at its seq (app.py)."""
+    for g in c.groups:
+        voters, learners = c.members(g)
+        for n in sorted((voters | learners) & c.alive - {away}):
+            app = c.nodes[n].app
+            assert app is not None
+            c.history.check_replica(n, app.state, c.clients.sessions[g])
 
 
 def _quiescence(c: SimCluster, away: int | None) -> None:
@@ -255,7 +267,7 @@ def _settled(c: SimCluster, away: int | None, zombies: set[int]) -> bool:
     for (n, g), rep in c.replicas.items():
         if n == away or g in zombies or rep.rn is None:
             continue
-        if rep.pending is not None or rep.rn.has_ready():
+        if rep.rn.outstanding or rep.rn.has_ready():  # (outstanding: its write is in flight)
             return False
     return True
 
@@ -341,4 +353,7 @@ def run_seed(
         except Exception:
             violation = f"crash: {traceback.format_exc()}"
         c.stats.quiesced = c.quiesced_total()
+        c.stats.snapshots_taken = c.snapshots_taken()
+        c.stats.acks = c.history.acks
+        c.stats.dedupes = c.history.dedupes
     return SimResult(seed, nodes, groups, ticks, violation, c.stats, wal, quiesce, lines)

@@ -7,11 +7,16 @@ import os
 
 import pytest
 
-from raft import Config, ConfState, Entry, HardState, MemoryStorage, RawNode, Ready
+from ctxstore import commands
+from ctxstore.state import ConversationState
+from raft import Config, ConfState, Entry, HardState, MemoryStorage, RawNode
 from raft.messages import VoteResponse
+from raft.wal import GroupWrite
 from raft.wal_segments import segment_name
+from wire.protocol import Sender
 
 from ..raft.helpers import Cluster
+from .app import History, SimApp
 from .checker import Checker, Violation
 from .cluster import ROUNDS_PER_TICK, Faults, SimCluster
 from .disk import Durable, WalDisk, allowed_outcomes
@@ -124,17 +129,13 @@ def test_reads_are_told_apart_by_node_and_judged_by_any_commit_index() -> None:
 CALM = Faults(drop=0.0, duplicate=0.0, crash=0.0, restart=0.0, partition=0.0, heal=0.0)
 
 
-def _ready(entries: list[Entry], hard_state: HardState | None) -> Ready:
-    return Ready(1, None, hard_state, entries, None, [], [], [], [], True)
-
-
 def test_a_torn_write_may_leave_any_prefix_of_its_records() -> None:
     st = MemoryStorage()
     st.append([Entry(1, 1), Entry(1, 2)])
     st.set_hard_state(HardState(1, 1, 2))
     base = Durable.of(st)
-    rd = _ready([Entry(2, 2, data=b"a"), Entry(2, 3, data=b"b")], HardState(2, 1, 2))
-    outcomes = allowed_outcomes(base, rd)
+    write = GroupWrite(0, [Entry(2, 2, data=b"a"), Entry(2, 3, data=b"b")], HardState(2, 1, 2))
+    outcomes = allowed_outcomes(base, [write])
     assert outcomes[0] == base
     assert outcomes[-1].hard_state == HardState(2, 1, 2)
     assert [e.term for e in outcomes[1].entries] == [1, 2]  # the suffix replaced from index 2
@@ -171,3 +172,89 @@ def test_groups_that_never_quiesce_fail_the_liveness_phase() -> None:
             c.restart(n)
         with pytest.raises(Violation, match="quiescence: still awake"):
             liveness_phase(c, 400)
+
+
+# -- the product's invariants (app.py) ---------------------------------------------------------
+def _append(cmid: str, content: str = "x", sender: Sender = "agent") -> commands.Append:
+    return commands.Append(
+        session_id="s",
+        sender=sender,
+        sender_id="u" if sender == "user" else "a",
+        kind="text",
+        content=content,
+        metadata={},
+        client_msg_id=cmid,
+        expected_seq=None,
+        token_count=None,
+        inserted_at=1,
+    )
+
+
+def _appended(seq: int, deduped: bool = False) -> commands.Appended:
+    return commands.Appended(seq, 1, deduped)
+
+
+def test_a_message_appended_twice_breaks_dedupe() -> None:
+    h = History()
+    h.applied_append(1, _append("c1"), _appended(1))
+    h.applied_append(2, _append("c1"), _appended(1))  # another replica: the same seq
+    h.applied_append(1, _append("c1"), _appended(1, deduped=True))  # a retry, deduped
+    with pytest.raises(Violation, match="deduped to seq 2"):
+        h.applied_append(1, _append("c1"), _appended(2, deduped=True))
+    with pytest.raises(Violation, match="appended twice"):
+        h.applied_append(1, _append("c1"), _appended(2))
+
+
+def test_two_messages_at_one_seq() -> None:
+    h = History()
+    h.applied_append(1, _append("c1"), _appended(1))
+    with pytest.raises(Violation, match="seq 1 holds c2"):
+        h.applied_append(2, _append("c2"), _appended(1))
+
+
+def test_an_append_acknowledged_at_two_seqs_or_where_it_was_not_applied() -> None:
+    h = History()
+    h.applied_append(1, _append("c1"), _appended(1))
+    h.acknowledged("s", "c1", _appended(1))
+    with pytest.raises(Violation, match="acknowledged at seq 1, then at 2"):
+        h.acknowledged("s", "c1", _appended(2, deduped=True))
+    with pytest.raises(Violation, match="not applied there"):
+        h.acknowledged("s", "c9", _appended(1))
+
+
+def test_a_cursor_a_client_was_told_moving_back() -> None:
+    h = History()
+    h.cursor_told("s", 3)
+    h.cursor_told("s", 3)
+    with pytest.raises(Violation, match="moved back"):
+        h.cursor_told("s", 2)
+
+
+def _entries(*cmds: commands.Command) -> list[Entry]:
+    return [Entry(1, i, data=commands.encode_command(c)) for i, c in enumerate(cmds, 1)]
+
+
+def test_a_replica_that_lost_an_acknowledged_append() -> None:
+    h = History()
+    state = ConversationState()
+    create = commands.CreateSession("s", "u", "a", {}, 1)
+    results = state.apply(0, _entries(create, _append("c1", "one")))
+    h.applied_append(1, _append("c1", "one"), results[1])
+    h.acknowledged("s", "c1", _appended(1))
+    h.check_replica(1, state, ["s"])
+    h.applied_append(2, _append("c2", "two"), _appended(2))  # applied elsewhere, not here
+    h.acknowledged("s", "c2", _appended(2))
+    with pytest.raises(Violation, match="acknowledged s c2 is not at seq 2"):
+        h.check_replica(1, state, ["s"])
+
+
+def test_a_replica_whose_cursor_moves_back() -> None:
+    app = SimApp(1, 1, Checker(), History(), term=lambda g: 1)
+    app.restore(0, b"")
+    create = commands.CreateSession("s", "u", "a", {}, 1)
+    app.apply(0, _entries(create, _append("c1", sender="user")))  # the user's: cursor 1
+    assert app.cursors["s"] == 1
+    app.cursors["s"] = 5  # as if this replica had seen the cursor at 5 before
+    mark = Entry(1, 3, data=commands.encode_command(commands.MarkRead("s", "u", 0)))
+    with pytest.raises(Violation, match="cursor moved back 5 -> 1"):
+        app.apply(0, [mark])

@@ -1,9 +1,10 @@
 """The simulation in the default test run: seeded sweeps, and hypothesis-driven schedules.
 
 Sweeps: 200 seeds x 2 000 ticks (100 on 3 nodes, 100 on 5 nodes, 3 groups each), every fault
-kind, each node a MultiRaft host.  Every third seed runs on the real WAL (with torn writes on
-crashes) and every seventh without quiescence (``wal_default``, ``quiesce_default``); each chunk
-of 10 seeds covers both.  A failure names the seed and the command that replays it.
+kind, each node the driver's pipeline over a MultiRaft host with ctxstore's state machine.
+Every third seed runs on the real WAL (with torn writes on crashes) and every seventh without
+quiescence (``wal_default``, ``quiesce_default``); each chunk of 10 seeds covers both.  A
+failure names the seed and the command that replays it.
 
 Hypothesis: a stateful machine whose rules are the simulator's actions (rounds of ticks and
 deliveries, drop rate, partitions, heal, crash, restart, propose, membership change, transfer,
@@ -51,6 +52,8 @@ def test_seed_sweep(nodes: int, first: int) -> None:
                 ("read", st_.reads),
                 ("pause", st_.pauses),
                 ("quiescence", st_.quiesced),
+                ("acknowledged append", st_.acks),
+                ("dedupe", st_.dedupes),
                 ("peer report", st_.peer_reports),
             )
             if n
@@ -69,6 +72,8 @@ def test_seed_sweep(nodes: int, first: int) -> None:
         "read",
         "pause",
         "quiescence",
+        "acknowledged append",
+        "dedupe",
         "peer report",
     }, kinds
 
