@@ -15,7 +15,8 @@ and as the clients hear answers, and over every replica's history at the end of 
   seqs are 1, 2, 3... with no gap;
 - dedupe holds across leader changes: a ``client_msg_id`` is appended at one seq only, and every
   answer for it (first or deduped, from any leader) names that seq;
-- read cursors never move back: on each replica as it applies, and in the answers clients get;
+- read cursors never move back: on each replica as it applies, and in the answers clients get
+  (an answer is never below one a client got before it asked);
 - a read barrier's answer sees every append acknowledged before the read began.
 """
 
@@ -89,11 +90,12 @@ class History:
         self.dedupes += result.deduped
         self.acked_max[sid] = max(self.acked_max.get(sid, 0), result.seq)
 
-    def cursor_told(self, sid: str, seq: int) -> None:
-        told = self.cursor_acked.get(sid, 0)
-        if seq < told:
-            raise Violation(f"{sid}: a client was told cursor {told}, then {seq} (moved back)")
-        self.cursor_acked[sid] = seq
+    def cursor_told(self, sid: str, seq: int, floor: int) -> None:
+        """A mark-read was answered with cursor ``seq``; ``floor``: the highest cursor a client
+        had been told when it was sent (an answer to a concurrent request may be lower)."""
+        if seq < floor:
+            raise Violation(f"{sid}: a client was told cursor {floor}, then {seq} (moved back)")
+        self.cursor_acked[sid] = max(self.cursor_acked.get(sid, 0), seq)
 
     def check_replica(self, node: int, state: ConversationState, sessions: list[str]) -> None:
         """Every acknowledged append of ``sessions`` is in the replica's history exactly once
@@ -300,11 +302,13 @@ class Clients:
         return self._guard(done)
 
     def _marked(self, sid: str) -> Callable[[object, object], None]:
+        floor = self.history.cursor_acked.get(sid, 0)
+
         def done(result: object, exc: object) -> None:
             if exc is None:
                 if not isinstance(result, commands.ReadMarked):
                     raise Violation(f"mark read {sid}: {result}")
-                self.history.cursor_told(sid, result.seq)
+                self.history.cursor_told(sid, result.seq, floor)
 
         return self._guard(done)
 

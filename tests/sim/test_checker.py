@@ -224,10 +224,12 @@ def test_an_append_acknowledged_at_two_seqs_or_where_it_was_not_applied() -> Non
 
 def test_a_cursor_a_client_was_told_moving_back() -> None:
     h = History()
-    h.cursor_told("s", 3)
-    h.cursor_told("s", 3)
+    h.cursor_told("s", 3, 0)
+    h.cursor_told("s", 2, 0)  # a request sent before the first answer: concurrent
+    assert h.cursor_acked["s"] == 3
+    h.cursor_told("s", 3, 3)
     with pytest.raises(Violation, match="moved back"):
-        h.cursor_told("s", 2)
+        h.cursor_told("s", 2, 3)
 
 
 def _entries(*cmds: commands.Command) -> list[Entry]:
