@@ -50,6 +50,7 @@ class History:
         self.seq_of: dict[tuple[str, str], int] = {}  # (session, client_msg_id) -> its seq
         self.content: dict[tuple[str, str], str] = {}  # (session, client_msg_id) -> content
         self.acked: dict[tuple[str, str], int] = {}  # acknowledged to a client: seq
+        self.acked_ids: dict[str, list[str]] = {}  # session -> acknowledged ids, in ack order
         self.acked_max: dict[str, int] = {}  # session -> highest acknowledged seq
         self.cursor_acked: dict[str, int] = {}  # session -> highest cursor a client was told
         self.acks = 0
@@ -81,8 +82,11 @@ class History:
 
     def acknowledged(self, sid: str, cmid: str, result: commands.Appended) -> None:
         key = (sid, cmid)
-        was = self.acked.setdefault(key, result.seq)
-        if was != result.seq:
+        was = self.acked.get(key)
+        if was is None:
+            self.acked[key] = result.seq
+            self.acked_ids.setdefault(sid, []).append(cmid)
+        elif was != result.seq:
             raise Violation(f"{sid} {cmid} acknowledged at seq {was}, then at {result.seq}")
         if self.at.get((sid, result.seq)) != cmid:
             raise Violation(f"{sid} {cmid} acknowledged at seq {result.seq}, not applied there")
@@ -168,16 +172,18 @@ class SimApp:
             cmd = commands.decode_command(e.data)
             if isinstance(cmd, commands.Append):
                 self.history.applied_append(node, cmd, result)
-            elif isinstance(cmd, commands.MarkRead) and not isinstance(result, commands.ReadMarked):
-                raise Violation(f"n{node}: mark read {cmd} refused: {result}")
-            if isinstance(cmd, commands.Append | commands.MarkRead):
+                if cmd.sender == "user":  # (other senders leave the cursors alone)
+                    self._cursor(group, cmd.session_id)
+            elif isinstance(cmd, commands.MarkRead):
+                if not isinstance(result, commands.ReadMarked):
+                    raise Violation(f"n{node}: mark read {cmd} refused: {result}")
                 self._cursor(group, cmd.session_id)
         return results
 
     def _cursor(self, group: int, sid: str) -> None:
-        session = self.state.get_session(sid)
-        assert session is not None
-        now = self.state.read_cursor(sid, session.user_id) or 0
+        """The owner's cursor of ``sid`` (its only reader in the simulation) after an entry
+        that may move it: never behind what this replica had."""
+        now = self.state.read_cursor(sid, owner(sid)) or 0
         was = self.cursors.get(sid, 0)
         if now < was:
             raise Violation(f"g{group} n{self.node}: {sid} cursor moved back {was} -> {now}")
@@ -193,10 +199,13 @@ class SimApp:
         self.index[group] = index
         self.chain[group] = state
         for sid in self.state.session_ids(group):
-            session = self.state.get_session(sid)
-            assert session is not None
-            self.cursors[sid] = self.state.read_cursor(sid, session.user_id) or 0
+            self.cursors[sid] = self.state.read_cursor(sid, owner(sid)) or 0
         self.checker.on_restore(self.node, group, index, state)
+
+
+def owner(sid: str) -> str:
+    """The user who owns session ``sid`` (the clients create every session so)."""
+    return f"u-{sid}"
 
 
 def session_ids(groups: int) -> dict[int, list[str]]:
@@ -242,23 +251,24 @@ class Clients:
         for sid in self.sessions[group]:
             if sid not in self.created:
                 cmd: commands.Command = commands.CreateSession(
-                    session_id=sid, user_id=f"u-{sid}", agent_id="a", metadata={}, created_at=n
+                    session_id=sid, user_id=owner(sid), agent_id="a", metadata={}, created_at=n
                 )
                 return cmd, self._created(sid)
         rng = self.rng
         sid = rng.choice(self.sessions[group])
         x = rng.random()
         unknown = self.unknown.setdefault(sid, {})
-        acked = [k for k in self.history.acked if k[0] == sid]
+        acked = self.history.acked_ids.get(sid, [])
         if x < 0.2 and unknown:  # retry an append whose outcome we do not know
             cmid = rng.choice(sorted(unknown))
             return self._append(sid, cmid, unknown[cmid], n), self._appended(sid, cmid)
         if x < 0.25 and acked:  # retry one we know: a dedupe
-            key = rng.choice(sorted(acked))
-            return self._append(sid, key[1], self.history.content[key], n), self._appended(*key)
+            cmid = rng.choice(acked)
+            content = self.history.content[(sid, cmid)]
+            return self._append(sid, cmid, content, n), self._appended(sid, cmid)
         if x < 0.35:
             top = self.history.acked_max.get(sid, 0)
-            cmd = commands.MarkRead(session_id=sid, user_id=f"u-{sid}", seq=rng.randint(0, top))
+            cmd = commands.MarkRead(session_id=sid, user_id=owner(sid), seq=rng.randint(0, top))
             return cmd, self._marked(sid)
         cmid = f"c{n}"
         unknown[cmid] = content = f"m{n}"
@@ -269,7 +279,7 @@ class Clients:
         return commands.Append(
             session_id=sid,
             sender=sender,
-            sender_id=f"u-{sid}" if sender == "user" else "a",
+            sender_id=owner(sid) if sender == "user" else "a",
             kind="text",
             content=content,
             metadata={},

@@ -274,7 +274,7 @@ class Links:
 SIM_TICK_S = 0.05  # the pipeline's clock: seconds per tick
 SIM_DRIVER = DriverConfig(
     tick_s=SIM_TICK_S,
-    snapshot_entries=200,  # a snapshot every 200 applied entries of a group
+    snapshot_entries=50,  # a snapshot every 50 applied entries of a group
     wal_segments_max=6,  # 4 KiB segments: the groups pinning the oldest are compacted often
     proposal_timeout_s=100 * SIM_TICK_S,  # proposals a stuck group holds fail after 100 ticks
 )

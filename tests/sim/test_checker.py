@@ -16,7 +16,7 @@ from raft.wal_segments import segment_name
 from wire.protocol import Sender
 
 from ..raft.helpers import Cluster
-from .app import History, SimApp
+from .app import History, SimApp, owner
 from .checker import Checker, Violation
 from .cluster import ROUNDS_PER_TICK, Faults, SimCluster
 from .disk import Durable, WalDisk, allowed_outcomes
@@ -253,10 +253,10 @@ def test_a_replica_that_lost_an_acknowledged_append() -> None:
 def test_a_replica_whose_cursor_moves_back() -> None:
     app = SimApp(1, 1, Checker(), History(), term=lambda g: 1)
     app.restore(0, b"")
-    create = commands.CreateSession("s", "u", "a", {}, 1)
+    create = commands.CreateSession("s", owner("s"), "a", {}, 1)
     app.apply(0, _entries(create, _append("c1", sender="user")))  # the user's: cursor 1
     assert app.cursors["s"] == 1
     app.cursors["s"] = 5  # as if this replica had seen the cursor at 5 before
-    mark = Entry(1, 3, data=commands.encode_command(commands.MarkRead("s", "u", 0)))
+    mark = Entry(1, 3, data=commands.encode_command(commands.MarkRead("s", owner("s"), 0)))
     with pytest.raises(Violation, match="cursor moved back 5 -> 1"):
         app.apply(0, [mark])
