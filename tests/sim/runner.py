@@ -22,8 +22,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from raft import InvariantViolation
-from raft.messages import Message
+from raft import ConfChangeType, EntryType, InvariantViolation
+from raft.messages import Message, decode_conf_change
 from raft.quorum import majority
 
 from .checker import Violation
@@ -124,10 +124,32 @@ def _pick_isolated(c: SimCluster) -> int | None:
         return None
     n = c.rng.choice(c.ids)
     for g in c.groups:
-        voters, _ = c.members(g)
-        if n in voters and len(voters - {n}) < majority(len(voters)) + 1:
-            return None
+        for voters in _voter_sets(c, g):
+            if n in voters and len(voters - {n}) < majority(len(voters)) + 1:
+                return None
     return n
+
+
+def _voter_sets(c: SimCluster, g: int) -> list[set[int]]:
+    """The group's voters as applied, and as each live log's membership changes not applied
+    yet would leave them (one may commit after the isolated node is chosen)."""
+    voters, _ = c.members(g)
+    out = [voters]
+    for rep in c.live(g):
+        assert rep.rn is not None
+        r = rep.rn.raft
+        log = r.log
+        vs = set(r.voters)
+        lo = max(log.applied + 1, log.first_index())
+        for e in log.slice(lo, log.last_index() + 1, None) if lo <= log.last_index() else []:
+            if e.type is EntryType.CONF_CHANGE:
+                cc = decode_conf_change(e.data)
+                if cc.type is ConfChangeType.ADD_NODE:
+                    vs.add(cc.node_id)
+                else:  # removed, or made a learner
+                    vs.discard(cc.node_id)
+        out.append(vs)
+    return out
 
 
 def liveness_phase(c: SimCluster, liveness_ticks: int) -> None:
