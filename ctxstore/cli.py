@@ -80,6 +80,9 @@ SERVE_METAVARS = {
     "listen": "HOST:PORT",
     "peer_listen": "HOST:PORT",
     "http": "HOST:PORT",
+    "h3": "HOST:PORT",
+    "tls_cert": "FILE",
+    "tls_key": "FILE",
     "peers": "ID=HOST:PORT,...",
     "cluster_id": "NAME",
     "secret": "SECRET",
@@ -186,6 +189,8 @@ async def _serve(settings: Settings) -> int:
     }
     if ops is not None:
         event["http"] = "{}:{}".format(*ops.address)
+        if ops.h3 is not None:
+            event["h3"] = "{}:{}".format(*ops.h3.address)
     emit(event)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
@@ -259,6 +264,24 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
                     cors_origins=settings.web_cors_origin,
                 ),
             )
+            if settings.h3 is not None:
+                from .web_h3 import H3Limits, attach_h3
+
+                limits = H3Limits(
+                    connections_max=settings.h3_connections_max,
+                    streams_max=settings.h3_streams_max,
+                    idle_timeout_s=settings.h3_idle_timeout_s,
+                )
+                assert settings.tls_cert is not None and settings.tls_key is not None
+                try:
+                    await _opening(
+                        "h3", settings,
+                        attach_h3(ops, server, *parse_address(settings.h3, "h3"),
+                                  settings.tls_cert, settings.tls_key, limits),
+                    )  # fmt: skip
+                except ValueError as e:  # the certificate or key (named)
+                    ops.close()
+                    raise StartupError(str(e)) from None
     except BaseException:
         if server is not None:
             server.close()

@@ -76,6 +76,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     # The origins whose pages may call the HTTP API under /v1 (CORS, ctxstore/web_http.py):
     # "scheme://host[:port]" each, or "*" for any; empty: no CORS headers.
     web_cors_origin: list[str] = []
+    # The HTTP/3 listener (UDP; ctxstore/web_h3.py, docs/web.md §8): the HTTP API and
+    # WebTransport at /v1/wt over QUIC, with its TLS certificate and key (PEM files); needs
+    # the HTTP port (which advertises it with Alt-Svc).  Its bounds: QUIC connections per node,
+    # streams a peer may have open per connection (each direction), QUIC's idle timeout.
+    h3: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    h3_connections_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+    h3_streams_max: Annotated[int, Meta(ge=4, le=100_000)] = 128
+    h3_idle_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     # Where the WAL's group commits are written and fsync'd: on a writer thread ("thread": the
     # loop works on while the disk syncs, at the price of the hand-offs between the threads) or
     # on the event loop's thread ("inline": less CPU, the loop waits for the disk): raft/wal.py,
@@ -100,6 +110,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
             parse_address(getattr(self, key), key)
         if self.http is not None:
             parse_address(self.http, "http")
+        if self.h3 is not None:
+            parse_address(self.h3, "h3")
+            if self.http is None:
+                raise ConfigError("config: h3: needs http (the HTTP port advertises it)")
+            if self.tls_cert is None or self.tls_key is None:
+                raise ConfigError("config: h3: needs tls_cert and tls_key (PEM files)")
         peer_map = parse_peers(self.peers)
         if self.node_id in peer_map:
             raise ConfigError(f"config: peers: must not include this node ({self.node_id})")
@@ -219,6 +235,13 @@ HELP: dict[str, str] = {
     "web_cors_origin": "an origin (scheme://host[:port], or * for any) whose pages may call "
     "the HTTP API under /v1 (CORS; the flag is repeatable, CTXSTORE_WEB_CORS_ORIGIN is "
     "comma-separated); none: no cross-origin calls",
+    "h3": "HOST:PORT (UDP) of the HTTP/3 listener: the HTTP API and WebTransport at /v1/wt "
+    "over QUIC (needs http, tls_cert and tls_key); none: no HTTP/3",
+    "tls_cert": "the HTTP/3 listener's TLS certificate chain (a PEM file)",
+    "tls_key": "the HTTP/3 listener's TLS private key (a PEM file)",
+    "h3_connections_max": "QUIC connections the HTTP/3 listener holds at once (more are refused)",
+    "h3_streams_max": "streams a QUIC peer may have open at once per connection, each direction",
+    "h3_idle_timeout_s": "close a QUIC connection from which nothing arrived for this many seconds",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)",
     "postgres_dsn": "postgresql://... of a database the leaders of the groups copy every "
     "committed message, session and read cursor into (docs/postgres.md); none: no Postgres",

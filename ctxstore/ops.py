@@ -39,7 +39,7 @@ import http
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import h11
 import msgspec
@@ -56,6 +56,9 @@ from .web import PATH as WEB_SOCKET_PATH
 from .web import WebCollector, WebGateway, WebLimits
 from .web_http import PREFIX as API_PREFIX
 from .web_http import HttpApi, HttpApiCollector
+
+if TYPE_CHECKING:
+    from .web_h3 import H3Server
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,8 @@ class OpsServer:
         self.posts: dict[bytes, Callable[[], Answer]] = {}  # operator actions (POST, no body)
         self.gateway: WebGateway | None = None  # the WebSockets, if served
         self.api: HttpApi | None = None  # the HTTP/JSON API under /v1, if served
+        self.alt_svc: str | None = None  # the Alt-Svc of every answer (the HTTP/3 listener)
+        self.h3: H3Server | None = None  # the HTTP/3 listener, if any (web_h3.attach_h3)
         self._server: asyncio.Server | None = None
 
     @property
@@ -439,6 +444,8 @@ class OpsConnection(asyncio.Protocol):
         ]
         if close:
             headers.append(("connection", "close"))
+        if self.server.alt_svc is not None:
+            headers.append(("alt-svc", self.server.alt_svc))
         reason = http.HTTPStatus(status).phrase.encode()
         try:
             out = [self.h11.send(h11.Response(status_code=status, headers=headers, reason=reason))]

@@ -1,0 +1,327 @@
+"""The HTTP/3 listener and WebTransport (``ctxstore/web_h3.py``, ``webtransport.py``) against a
+real node, with aioquic's own client (``h3client``): the HTTP API over HTTP/3, WebTransport
+sessions with many subscriptions (one stream each), a lossy relay (a lost packet of one
+subscription does not hold back another's), an address change keeping the subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from bench.nodestats import parse_metrics
+from ctxstore.config import ConfigError, Settings
+from ctxstore.tlscert import certificate_hash, generate
+from ctxstore.web_h3 import H3Limits, H3Server, attach_h3
+
+from .h3client import H3Client, LossyRelay, h3_client
+from .test_ops import Wire, run
+from .test_web import Web, web_node
+
+
+@contextlib.asynccontextmanager
+async def h3_node(
+    tmp_path: Path, limits: H3Limits | None = None
+) -> AsyncIterator[tuple[Web, H3Server]]:
+    cert = generate(str(tmp_path / "tls"))
+    async with web_node(tmp_path) as w:
+        h3 = await attach_h3(
+            w.ops, w.clients, "127.0.0.1", 0, cert.cert_path, cert.key_path, limits
+        )
+        yield w, h3
+
+
+def message(content: str, sender_id: str = "u1") -> dict[str, Any]:
+    return {"sender": "user", "sender_id": sender_id, "kind": "text", "content": content,
+            "metadata": {}}  # fmt: skip
+
+
+async def create(writer: H3Client, session_id: str) -> None:
+    body = {"user_id": "u1", "agent_id": "a", "metadata": {}, "session_id": session_id}
+    r = await writer.request("POST", "/v1/sessions", body)
+    assert r.status == 200, r.body
+
+
+def subscribe(rid: int, session_id: str) -> dict[str, Any]:
+    return {"type": "subscribe", "rid": rid, "session_id": session_id, "after_seq": 0,
+            "context_events": False}  # fmt: skip
+
+
+def hello(rid: int = 1) -> dict[str, Any]:
+    return {"type": "hello", "rid": rid, "protocol_version": 2, "client_name": "t", "token": None}
+
+
+def test_the_certificate_is_self_signed_ecdsa_for_at_most_14_days(tmp_path: Path) -> None:
+    cert = generate(str(tmp_path))
+    pem = Path(cert.cert_path).read_bytes()
+    assert certificate_hash(pem) == cert.sha256 and len(cert.sha256) == 64
+    from cryptography import x509
+
+    c = x509.load_pem_x509_certificate(pem)
+    assert (c.not_valid_after_utc - c.not_valid_before_utc).days <= 14
+    assert (Path(cert.key_path).stat().st_mode & 0o777) == 0o600
+
+
+def test_h3_needs_the_http_port_and_a_certificate() -> None:
+    with pytest.raises(ConfigError, match="h3: needs http"):
+        Settings(h3="127.0.0.1:7700", tls_cert="c", tls_key="k")
+    with pytest.raises(ConfigError, match="h3: needs tls_cert"):
+        Settings(h3="127.0.0.1:7700", http="127.0.0.1:7600")
+
+
+def test_the_http_api_over_http3_and_alt_svc(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path) as (w, h3), h3_client(h3.address) as c:
+            await create(c, "s1")
+            r = await c.request("GET", "/v1/sessions/s1")
+            assert r.status == 200 and r.json()["session"]["id"] == "s1"
+            for i in range(3):
+                r = await c.request("POST", "/v1/sessions/s1/messages", message(f"m{i}"))
+                assert r.status == 200 and r.json()["seq"] == i + 1
+            r = await c.request("GET", "/v1/sessions/s1/messages?after_seq=1&limit=10")
+            assert [m["content"] for m in r.json()["messages"]] == ["m1", "m2"]
+            r = await c.request("GET", "/v1/sessions/nope")
+            assert r.status == 404 and r.json()["code"] == "not_found"
+            r = await c.request("POST", "/v1/sessions/s1/messages", {"sender": "user"})
+            assert r.status == 400 and r.json()["details"]["field"]
+            r = await c.request("GET", "/v1/sessions/s1/events")  # SSE: HTTP/1.1 (or /v1/wt)
+            assert r.status == 404 and "WebTransport" in r.json()["message"]
+            r = await c.request("GET", "/health/live")
+            assert r.status == 200 and r.json()["status"] == "live"
+            big = b"{" + b" " * (w.clients.max_frame_bytes + 10) + b"}"
+            r = await c.request("POST", "/v1/sessions/s1/messages", big)
+            assert r.status == 413
+            metrics = parse_metrics((await c.request("GET", "/metrics")).body.decode())
+            assert metrics["ctxstore_quic_connections"] == 1
+            assert metrics["ctxstore_h3_requests_total"] >= 9
+            # the HTTP/1.1 port advertises the listener
+            wire = await Wire.open(w.ops.address)
+            await wire.write(b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = await wire.answer(b"GET")
+            await wire.close()
+            assert answer.headers["alt-svc"] == f'h3=":{h3.address[1]}"; ma=86400'
+
+    run(main())
+
+
+async def _session(c: H3Client, protocol: str = "ctxstore.v1.json") -> int:
+    session, status = await c.open_session(f"/v1/wt?protocol={protocol}")
+    assert status == 200
+    return session
+
+
+def test_webtransport_many_subscriptions_one_stream_each(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path) as (_, h3), h3_client(h3.address) as c, \
+                h3_client(h3.address) as writer:  # fmt: skip
+            session = await _session(c)
+            # requests may come before the hello's answer, on streams of their own
+            hello_stream = c.send(session, hello())
+            n = 24
+            subs: dict[str, int] = {}
+            for i in range(n):
+                await create(writer, f"s{i}")
+            await c.wait_for(lambda: c.wt[hello_stream].messages)
+            assert c.wt[hello_stream].messages[0]["type"] == "welcome"
+            answers = await asyncio.gather(*(
+                c.call(session, subscribe(10 + i, f"s{i}"))
+                for i in range(n)
+            ))  # fmt: skip
+            for i, a in enumerate(answers):
+                assert a["type"] == "subscribed" and a["rid"] == 10 + i
+                subs[f"s{i}"] = a["sub_id"]
+            for k in range(3):
+                await asyncio.gather(*(
+                    writer.request("POST", f"/v1/sessions/s{i}/messages", message(f"{i}-{k}"))
+                    for i in range(n)
+                ))  # fmt: skip
+
+            def complete() -> bool:
+                return all(len(c.pushes(s)) >= 3 for s in subs.values())
+
+            await c.wait_for(complete)
+            assert len(c.uni) == n  # one stream per subscription
+            for i in range(n):
+                pushes = c.pushes(subs[f"s{i}"])
+                contents = [m["content"] for p in pushes for m in p["messages"]]
+                assert contents == [f"{i}-{k}" for k in range(3)]
+            # each push of a subscription on its stream, none on another's
+            for stream in c.uni:
+                assert len({p["sub_id"] for p in c.wt[stream].messages}) == 1
+            # unsubscribe: answered on its own stream, the subscription's stream ends
+            a = await c.call(session, {"type": "unsubscribe", "rid": 99, "sub_id": subs["s0"]})
+            assert a == {"type": "unsubscribed", "rid": 99, "sub_id": subs["s0"]}
+            first = next(s for s in c.uni if c.wt[s].messages[0]["sub_id"] == subs["s0"])
+            await c.wait_for(lambda: c.wt[first].ended)
+            # a request's stream ends once answered
+            ping = c.send(session, {"type": "ping", "rid": 100})
+            await c.wait_for(lambda: c.wt[ping].ended)
+            assert c.wt[ping].messages == [{"type": "pong", "rid": 100}]
+            # a bad request: bad_request on its stream, the session goes on
+            a = await c.call(session, {"type": "read", "rid": 101, "session_id": "s1"})
+            assert a["code"] == "bad_request"
+            metrics = parse_metrics((await writer.request("GET", "/metrics")).body.decode())
+            assert metrics["ctxstore_wt_sessions"] == 1
+            assert metrics['ctxstore_quic_streams_total{opener="server"}'] >= n
+
+    run(main())
+
+
+def test_webtransport_msgpack_and_the_goodbye(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path) as (_, h3), h3_client(h3.address) as c:
+            session = await _session(c, "ctxstore.v1.msgpack")
+            welcome = await c.call(session, ["hello", 1, 2, "t", None])
+            assert welcome[0] == "welcome" and welcome[1] == 1
+            assert await c.call(session, ["ping", 2]) == ["pong", 2]
+            # a message that is not a request: the goodbye on a stream of its own, then close
+            c.send(session, "not an array")
+            await c.wait_for(lambda: c.uni and c.wt[c.uni[-1]].ended)
+            goodbye = c.wt[c.uni[-1]].messages[0]
+            assert goodbye[0] == "error" and goodbye[1] == 0 and goodbye[2] == "bad_request"
+            await c.wait_for(lambda: c.incoming[session].done.is_set())
+            assert not h3.sessions
+            _, status = await c.open_session("/v1/wt?protocol=chat")
+            assert status == 400
+
+    run(main())
+
+
+def test_a_lost_packet_of_one_subscription_does_not_delay_another(tmp_path: Path) -> None:
+    """Over one TCP stream, what is sent after a lost segment waits for its retransmission;
+    over WebTransport each subscription has its own QUIC stream: the relay drops the datagram
+    holding subscription A's push, and B's push, sent after it, is delivered first."""
+
+    async def main() -> None:
+        async with h3_node(tmp_path) as (_, h3), h3_client(h3.address) as writer:
+            relay = await LossyRelay.start(h3.address)
+            try:
+                async with h3_client(relay.address) as c:
+                    session = await _session(c)
+                    assert (await c.call(session, hello()))["type"] == "welcome"
+                    subs = {}
+                    for name in ("A", "B"):
+                        await create(writer, name)
+                        a = await c.call(session, subscribe(ord(name), name))
+                        subs[name] = a["sub_id"]
+                    # A's push fills datagrams, which the relay drops for 300 ms (its first
+                    # sending and the retransmissions); B's push, small, is sent after it
+                    loop = asyncio.get_running_loop()
+                    relay.drop_large_until = loop.time() + 0.3
+                    r = await writer.request("POST", "/v1/sessions/A/messages", message("x" * 3000))
+                    assert r.status == 200
+                    r = await writer.request("POST", "/v1/sessions/B/messages", message("b"))
+                    assert r.status == 200
+                    sent_b = loop.time()
+                    await c.wait_for(lambda: c.pushes(subs["A"]) and c.pushes(subs["B"]))
+                    assert relay.dropped_large, "the relay dropped A's push"
+                    times = {}
+                    for name in ("A", "B"):
+                        stream = next(
+                            s for s in c.uni if c.wt[s].messages[0]["sub_id"] == subs[name]
+                        )
+                        times[name] = c.wt[stream].times[0]
+                    # B's push was not held back behind A's lost one
+                    assert times["B"] - sent_b < 0.1 < times["A"] - sent_b, (times, sent_b)
+                    assert c.pushes(subs["A"])[0]["messages"][0]["content"] == "x" * 3000
+                    assert h3.packets_lost >= 1
+            finally:
+                relay.close()
+
+    run(main())
+
+
+async def migrate(relay: LossyRelay, c: H3Client, h3: H3Server) -> None:
+    """Move the client to a new address (the relay's new upstream socket) and wait until the
+    server has validated it.  Without loss meanwhile: aioquic abandons a path validation whose
+    challenge is lost (after 3 PTOs) and goes back to the old address, gone here."""
+    loss, reorder = relay.loss, relay.reorder
+    relay.loss = relay.reorder = 0.0
+    await relay.rebind()
+    port = relay.upstream_port
+
+    def moved() -> bool:
+        return any(
+            (path := conn._quic._network_paths[0]).addr[1] == port and path.is_validated
+            for conn in h3.connections
+        )
+
+    for _ in range(50):
+        await asyncio.wait_for(c.ping(), 5)  # (the client sends from its new address)
+        if moved():
+            break
+        await asyncio.sleep(0.02)
+    assert moved()
+    relay.loss, relay.reorder = loss, reorder
+
+
+def test_subscriptions_under_loss_and_reordering_and_an_address_change(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path) as (_, h3), h3_client(h3.address) as writer:
+            relay = await LossyRelay.start(h3.address, loss=0.05, reorder=0.1)
+            try:
+                async with h3_client(relay.address) as c:
+                    session = await _session(c)
+                    assert (await c.call(session, hello()))["type"] == "welcome"
+                    n, per = 8, 10
+                    subs = {}
+                    for i in range(n):
+                        await create(writer, f"s{i}")
+                        a = await c.call(session, subscribe(10 + i, f"s{i}"))
+                        subs[i] = a["sub_id"]
+                    first_port = relay.upstream_port
+                    for k in range(per):
+                        if k == per // 2:  # the client's address changes (a new network)
+                            await migrate(relay, c, h3)
+                        await asyncio.gather(*(
+                            writer.request("POST", f"/v1/sessions/s{i}/messages",
+                                           message(f"{i}-{k}"))
+                            for i in range(n)
+                        ))  # fmt: skip
+
+                    def contents(i: int) -> list[str]:
+                        return [m["content"] for p in c.pushes(subs[i]) for m in p["messages"]]
+
+                    await c.wait_for(lambda: all(len(contents(i)) >= per for i in range(n)), 20)
+                    for i in range(n):
+                        assert contents(i) == [f"{i}-{k}" for k in range(per)]
+                    assert relay.dropped > 0
+                    # the same connection and session, at the new address
+                    assert len(h3.connections) == 2 and len(h3.sessions) == 1
+                    session_obj = next(iter(h3.sessions))
+                    assert session_obj.host.peer_address()[1] == relay.upstream_port != first_port
+                    assert (await c.call(session, {"type": "ping", "rid": 500}))["type"] == "pong"
+            finally:
+                relay.close()
+
+    run(main())
+
+
+def test_connections_per_node_are_capped(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path, H3Limits(connections_max=1)) as (_, h3), \
+                h3_client(h3.address) as c:  # fmt: skip
+            assert (await c.request("GET", "/health/live")).status == 200
+            with pytest.raises(ConnectionError):
+                async with h3_client(h3.address) as other:
+                    await other.request("GET", "/health/live")
+            assert h3.refused == 1
+            assert (await c.request("GET", "/health/live")).status == 200
+
+    run(main())
+
+
+def test_metrics_body_is_prometheus_text(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path) as (_, h3), h3_client(h3.address) as c:
+            body = (await c.request("GET", "/metrics")).body.decode()
+            for name in ("ctxstore_quic_packets_lost_total", "ctxstore_wt_sessions_total"):
+                assert name in body
+            assert msgspec.json.decode((await c.request("GET", "/health/live")).body)
+
+    run(main())
