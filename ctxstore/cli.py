@@ -421,6 +421,13 @@ def _add_cluster(sub: Any) -> None:
         "(default: a new temporary directory, kept after the cluster stops)",
     )
     up.add_argument(
+        "--h3",
+        action="store_true",
+        help="serve HTTP/3 and WebTransport too (UDP, on each HTTP port's number) with a new "
+        "self-signed certificate in DIR/tls, whose SHA-256 (for a page's "
+        "serverCertificateHashes) is printed (default: off)",
+    )
+    up.add_argument(
         "extra",
         nargs=argparse.REMAINDER,
         metavar="-- FLAGS",
@@ -439,7 +446,13 @@ async def _cluster_up(args: argparse.Namespace) -> int:
               sys.stderr)  # fmt: skip
         return EXIT_START
     extra = [a for a in args.extra if a != "--"]
-    cluster = LocalCluster(args.nodes, data_dir, args.base_port, extra)
+    cert = None
+    if args.h3:
+        from .tlscert import generate
+
+        cert = generate(os.path.join(data_dir, "tls"))
+    tls = None if cert is None else (cert.cert_path, cert.key_path)
+    cluster = LocalCluster(args.nodes, data_dir, args.base_port, extra, tls=tls)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -465,13 +478,17 @@ async def _cluster_up(args: argparse.Namespace) -> int:
         emit(failed, sys.stderr)
         await cluster.stop()
         return EXIT_START
-    emit({
-        "nodes": [{"id": c.id, "pid": c.process.pid if c.process else None,
-                   "client": c.target, "ops": c.ops_target, "ws": f"ws://{c.ops_target}/v1/ws",
-                   "data_dir": c.data_dir, "log": c.log_path}
-                  for c in cluster.children.values()],
-        "targets": ",".join(cluster.targets),
-    })  # fmt: skip
+    nodes: list[dict[str, Any]] = [{"id": c.id, "pid": c.process.pid if c.process else None,
+              "client": c.target, "ops": c.ops_target, "ws": f"ws://{c.ops_target}/v1/ws",
+              "data_dir": c.data_dir, "log": c.log_path}
+             for c in cluster.children.values()]  # fmt: skip
+    started: dict[str, Any] = {"nodes": nodes, "targets": ",".join(cluster.targets)}
+    if cert is not None:
+        for entry, child in zip(nodes, cluster.children.values(), strict=True):
+            entry["wt"] = f"https://{child.ops_target}/v1/wt"
+        started["cert_sha256"] = cert.sha256
+        started["cert"] = cert.cert_path
+    emit(started)
     everyone_exited = await _watch(cluster, stop)
     await _stop(cluster)
     return EXIT_FATAL if everyone_exited else 0

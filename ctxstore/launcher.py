@@ -80,11 +80,13 @@ class LocalCluster:
         extra_args: list[str] | None = None,
         host: str = "127.0.0.1",
         wal_writer: str = "inline",
+        tls: tuple[str, str] | None = None,
     ) -> None:
         if not 1 <= nodes <= 7:
             raise ValueError("a local cluster has 1 to 7 nodes")
         self.data_dir = os.path.abspath(data_dir)
         self.extra_args = ["--wal-writer", wal_writer, *(extra_args or [])]  # later flags win
+        self.tls = tls  # (certificate, key): each node serves HTTP/3 on its HTTP port's number
         if base_port:
             clients = [base_port + i for i in range(nodes)]
             peers = [base_port + 100 + i for i in range(nodes)]
@@ -123,6 +125,8 @@ class LocalCluster:
         ]  # fmt: skip
         if peers:
             args += ["--peers", peers]
+        if self.tls is not None:  # (UDP: the same port number as the HTTP port's TCP)
+            args += ["--h3", c.ops_target, "--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
         return args + self.extra_args
 
     async def start(self, timeout_s: float = 60.0) -> None:

@@ -7,32 +7,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import trustme
+from aioquic.asyncio.client import connect
+from cryptography.hazmat.primitives import serialization
 
 from bench.nodestats import parse_metrics
 from ctxstore.config import ConfigError, Settings
 from ctxstore.tlscert import certificate_hash, generate
 from ctxstore.web_h3 import H3Limits, H3Server, attach_h3
 
-from .h3client import H3Client, LossyRelay, h3_client
+from .h3client import H3Client, LossyRelay, client_configuration, h3_client
 from .test_ops import Wire, run
 from .test_web import Web, web_node
 
 
 @contextlib.asynccontextmanager
 async def h3_node(
-    tmp_path: Path, limits: H3Limits | None = None
+    tmp_path: Path, limits: H3Limits | None = None, tls: tuple[str, str] | None = None
 ) -> AsyncIterator[tuple[Web, H3Server]]:
-    cert = generate(str(tmp_path / "tls"))
+    if tls is None:
+        cert = generate(str(tmp_path / "tls"))
+        tls = (cert.cert_path, cert.key_path)
     async with web_node(tmp_path) as w:
-        h3 = await attach_h3(
-            w.ops, w.clients, "127.0.0.1", 0, cert.cert_path, cert.key_path, limits
-        )
+        h3 = await attach_h3(w.ops, w.clients, "127.0.0.1", 0, *tls, limits)
         yield w, h3
 
 
@@ -325,3 +330,54 @@ def test_metrics_body_is_prometheus_text(tmp_path: Path) -> None:
             assert msgspec.json.decode((await c.request("GET", "/health/live")).body)
 
     run(main())
+
+
+def test_a_ca_issued_chain_and_a_verifying_client(tmp_path: Path) -> None:
+    """A real deployment's certificate: issued by a CA (trustme's), checked by the client."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+
+    async def main() -> None:
+        async with h3_node(tmp_path, tls=(str(cert), str(key))) as (_, h3):
+            config = client_configuration()
+            config.verify_mode = ssl.CERT_REQUIRED
+            config.server_name = "localhost"
+            ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+            config.load_verify_locations(cafile=str(tmp_path / "ca.pem"))
+            async with connect(*h3.address, configuration=config, create_protocol=H3Client) as c:
+                assert isinstance(c, H3Client)
+                assert (await c.request("GET", "/health/live")).status == 200
+            other = trustme.CA()  # a client trusting another CA refuses the node
+            config = client_configuration()
+            config.verify_mode = ssl.CERT_REQUIRED
+            config.server_name = "localhost"
+            other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
+            config.load_verify_locations(cafile=str(tmp_path / "other.pem"))
+            with pytest.raises(ConnectionError):
+                async with connect(*h3.address, configuration=config, create_protocol=H3Client):
+                    pass
+
+    run(main())
+
+
+def test_cluster_up_h3_prints_the_certificate_hash(tmp_path: Path) -> None:
+    from .test_cli import ClusterUp
+
+    with ClusterUp(tmp_path, "--base-port", "0", "--h3") as up:
+        started = up.started()
+        (node,) = started["nodes"]
+        host, port = node["ops"].split(":")
+        assert node["wt"] == f"https://{host}:{port}/v1/wt"
+
+        async def main() -> None:
+            async with h3_client((host, int(port))) as c:
+                session, status = await c.open_session()
+                assert status == 200
+                assert (await c.call(session, hello()))["type"] == "welcome"
+                der = c._quic.tls._peer_certificate.public_bytes(serialization.Encoding.DER)
+                assert hashlib.sha256(der).hexdigest() == started["cert_sha256"]
+
+        run(main())
