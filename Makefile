@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run cluster test lint typecheck pytest jstest soak sim clean
+.PHONY: run run-h3 cluster test lint typecheck pytest jstest soak sim clean
 
 # setup.py compiles these with mypyc: editing one rebuilds (raft/_build.py refuses stale builds).
 COMPILED := $(shell sed -n 's/^    "\([a-z]*\/[a-z_]*\.py\)",$$/\1/p' setup.py)
@@ -21,6 +21,14 @@ run: $(STAMP)
 	@echo "clients: 127.0.0.1:7400  HTTP: http://127.0.0.1:7600 (WebSocket: ws://127.0.0.1:7600/v1/ws)"
 	@echo "demo chat page: open http://127.0.0.1:7600/ in a browser"
 	$(BIN)/ctxstore serve --data-dir ./data --listen 127.0.0.1:7400 --http 127.0.0.1:7600
+
+# The same, with HTTP/3 and WebTransport (https://127.0.0.1:7600/v1/wt, UDP) and a new
+# self-signed certificate in ./data/tls; its SHA-256 is printed (serverCertificateHashes).
+run-h3: $(STAMP)
+	$(BIN)/python -m ctxstore.tlscert ./data/tls
+	@echo "WebTransport: https://127.0.0.1:7600/v1/wt  demo over WebTransport: http://127.0.0.1:7600/?wt=1"
+	$(BIN)/ctxstore serve --data-dir ./data --listen 127.0.0.1:7400 --http 127.0.0.1:7600 \
+		--h3 127.0.0.1:7600 --tls-cert ./data/tls/h3-cert.pem --tls-key ./data/tls/h3-key.pem
 
 # A local 3-node cluster (clients on 127.0.0.1:7400-7402) until Ctrl-C.
 cluster: $(STAMP)

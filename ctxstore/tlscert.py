@@ -85,3 +85,23 @@ def generate(directory: str, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> LocalCer
 
 
 __all__ = ["DEFAULT_HOSTS", "VALID_DAYS", "LocalCertificate", "certificate_hash", "generate"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ctxstore.tlscert DIR [HOST ...]``: write a certificate, print where and its
+    hash as one JSON line (``make run-h3``)."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m ctxstore.tlscert DIR [HOST ...]", file=sys.stderr)
+        return 2
+    cert = generate(args[0], tuple(args[1:]) or DEFAULT_HOSTS)
+    print(json.dumps({"cert": cert.cert_path, "key": cert.key_path, "cert_sha256": cert.sha256,
+                      "not_after": cert.not_after.isoformat()}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -115,7 +115,8 @@ export interface InboxEntry {
 
 export type Status =
   | { state: "connecting"; target: string }
-  | { state: "connected"; target: string; nodeId: number }
+  | { state: "connected"; target: string; nodeId: number;
+      transport: "websocket" | "webtransport" }
   | { state: "disconnected"; target: string; error: Error }
   | { state: "failed"; target: string; error: CtxstoreError }
   | { state: "closed" };
@@ -139,7 +140,16 @@ export interface Options {
   onStatus?: ((status: Status) => void) | null;
   /** The WebSocket class (default: globalThis.WebSocket). */
   WebSocket?: typeof WebSocket | null;
+  /** WebTransport first (https://host:port/v1/wt of each target, docs/web.md section 8), then
+   * WebSocket where it fails; with the SHA-256s (hex) of a self-signed certificate (default
+   * null: WebSocket only). */
+  webTransport?: boolean | { serverCertificateHashes?: string[] } | null;
+  /** The WebTransport class (default: globalThis.WebTransport). */
+  WebTransport?: (new (url: string, init?: object) => unknown) | null;
 }
+
+/** The WebTransport URL of a WebSocket target: https://host:port/v1/wt. */
+export declare function webTransportUrl(target: string): string;
 
 export declare const DEFAULTS: Readonly<Required<Omit<Options, "targets">>>;
 

@@ -1,7 +1,8 @@
 // ctxstore.js: the browser client of ctxstore's WebSocket protocol (docs/web.md, "Browser client").
 //
 // One dependency-free ES module (types: clients/js/ctxstore.d.ts).  A Client holds one WebSocket
-// (subprotocol ctxstore.v1.json) to one of the nodes it was given and multiplexes on it:
+// (subprotocol ctxstore.v1.json), or a WebTransport session where configured and available
+// (options.webTransport), to one of the nodes it was given and multiplexes on it:
 // - requests are promises matched by rid, each with a timeout;
 // - idempotent requests (append with its client_msg_id, reads, mark_read) are retried on a
 //   retryable error or a lost connection with jittered exponential backoff, a bounded number of
@@ -30,6 +31,11 @@ export const DEFAULTS = Object.freeze({
   backoffMaxMs: 5000,
   onStatus: null,
   WebSocket: null, // the WebSocket class: globalThis.WebSocket if null
+  // WebTransport (docs/web.md section 8): null/false: WebSocket only; true or
+  // {serverCertificateHashes: [hex SHA-256, ...]}: each target is tried first at
+  // https://host:port/v1/wt when the WebTransport class is there, and over WebSocket if that fails
+  webTransport: null,
+  WebTransport: null, // the WebTransport class: globalThis.WebTransport if null
 });
 
 /** An error of the protocol (docs/protocol.md section 5): a stable code, retryable or not. */
@@ -182,6 +188,176 @@ class Link {
     }
     this.pending.clear();
     this._done(error);
+  }
+}
+
+/** The WebTransport URL of a WebSocket target: https://host:port/v1/wt (same port, UDP). */
+export function webTransportUrl(target) {
+  const url = new URL(target);
+  url.protocol = "https:";
+  url.pathname = "/v1/wt";
+  url.search = "";
+  return url.href;
+}
+
+const textEncoder = new TextEncoder();
+const textDecoder = new TextDecoder();
+
+/** A message on a WebTransport stream: its 4-byte big-endian length, then the JSON text. */
+function wtFrame(text) {
+  const body = textEncoder.encode(text);
+  const out = new Uint8Array(4 + body.length);
+  new DataView(out.buffer).setUint32(0, body.length);
+  out.set(body, 4);
+  return out;
+}
+
+/** Calls `onText` with each message of a stream until it ends. */
+async function readWtMessages(readable, onText) {
+  const reader = readable.getReader();
+  let buf = new Uint8Array(0);
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    const joined = new Uint8Array(buf.length + value.length);
+    joined.set(buf);
+    joined.set(value, buf.length);
+    buf = joined;
+    while (buf.length >= 4) {
+      const n = new DataView(buf.buffer, buf.byteOffset, buf.byteLength).getUint32(0);
+      if (buf.length < 4 + n) break;
+      onText(textDecoder.decode(buf.subarray(4, 4 + n)));
+      buf = buf.subarray(4 + n);
+    }
+  }
+}
+
+const EARLY_PUSHES_MAX = 10000; // pushes of a subscription whose answer has not come yet
+
+/** The subscriptions of a WtLink: a push that overtook its subscription's answer (they come on
+ * different streams) is handed over once the subscription is attached. */
+class WtSubs extends Map {
+  constructor(link) {
+    super();
+    this.link = link;
+  }
+
+  set(subId, sub) {
+    super.set(subId, sub);
+    const early = this.link.early.get(subId);
+    if (early !== undefined) {
+      this.link.early.delete(subId);
+      queueMicrotask(() => {
+        for (const msg of early) sub._push(this.link, msg);
+      });
+    }
+    return this;
+  }
+}
+
+/** One WebTransport session to one node (docs/web.md section 8): each request on a
+ * bidirectional stream of its own, each subscription's pushes on a unidirectional stream the
+ * node opens; otherwise as a Link (whose answer handling it shares). */
+class WtLink {
+  constructor(target, options) {
+    this.target = target;
+    this.nodeId = null;
+    this.open = false;
+    this.nextRid = 1;
+    this.pending = new Map();
+    this.subs = new WtSubs(this);
+    this.early = new Map(); // sub_id -> pushes before its subscription was attached
+    this.earlyCount = 0;
+    this.goodbye = null;
+    this.done = new Promise((resolve) => (this._done = resolve));
+    this.closed = false;
+    const init = {};
+    const hashes = options.webTransport?.serverCertificateHashes;
+    if (hashes?.length) {
+      init.serverCertificateHashes = hashes.map((hex) => ({
+        algorithm: "sha-256",
+        value: new Uint8Array(hex.match(/../g).map((b) => parseInt(b, 16))),
+      }));
+    }
+    const wt = new options.WebTransport(target, init);
+    this.wt = wt;
+    wt.closed.then(
+      (info) => this._closed(info?.closeCode ?? 1000, info?.reason ?? ""),
+      (e) => this._closed(1006, String(e?.message ?? e)),
+    );
+    wt.ready.then(() => this._acceptPushStreams(), () => {});
+  }
+
+  async _acceptPushStreams() {
+    const reader = this.wt.incomingUnidirectionalStreams.getReader();
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        readWtMessages(value, (text) => this._receive(text)).catch(() => {});
+      }
+    } catch {
+      // the session closed
+    }
+  }
+
+  request(body, timeoutMs, onAnswer = null) {
+    if (this.closed) return Promise.reject(this._lost());
+    const rid = this.nextRid++;
+    const text = JSON.stringify({ ...body, rid });
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(rid);
+        reject(new CtxstoreError("timeout", `${body.type}: no answer in ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(rid, { resolve, reject, timer, onAnswer });
+      this._exchange(text).catch(() => {}); // (a failed stream: the session's close follows)
+    });
+  }
+
+  async _exchange(text) {
+    await this.wt.ready;
+    const stream = await this.wt.createBidirectionalStream();
+    const writer = stream.writable.getWriter();
+    await writer.write(wtFrame(text));
+    await writer.close();
+    await readWtMessages(stream.readable, (answer) => this._receive(answer));
+  }
+
+  close(code = 1000, reason = "") {
+    if (this.closed) return;
+    try {
+      this.wt.close({ closeCode: code, reason });
+    } catch {
+      // already closing
+    }
+    this._closed(code, reason || "closed by the client");
+  }
+
+  _receive(text) {
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      this.close(1003, "not JSON");
+      return;
+    }
+    if (PUSHES.has(msg.type) && !this.subs.has(msg.sub_id)) {
+      if (this.earlyCount++ >= EARLY_PUSHES_MAX) return; // (its subscription never came)
+      const list = this.early.get(msg.sub_id) ?? [];
+      list.push(msg);
+      this.early.set(msg.sub_id, list);
+      return;
+    }
+    Link.prototype._receive.call(this, text);
+  }
+
+  _lost() {
+    return Link.prototype._lost.call(this);
+  }
+
+  _closed(code, reason) {
+    Link.prototype._closed.call(this, code, reason);
   }
 }
 
@@ -391,6 +567,19 @@ export class Client {
     this._next = 0; // the target tried next
     this._connecting = null;
     this._sleepers = new Set();
+    opts.WebTransport ??= globalThis.WebTransport ?? null;
+    this._wtFailed = new Set(); // targets whose WebTransport failed: WebSocket from then on
+  }
+
+  /** A new link to `target`: WebTransport if configured, available and not failed there. */
+  _newLink(target) {
+    const { webTransport, WebTransport } = this.options;
+    if (webTransport && typeof WebTransport === "function" && !this._wtFailed.has(target)) {
+      const link = new WtLink(webTransportUrl(target), this.options);
+      link.wsTarget = target;
+      return link;
+    }
+    return new Link(target, this.options);
   }
 
   /** The node and URL connected to (null while reconnecting). */
@@ -566,7 +755,7 @@ export class Client {
         const target = this.targets[this._next];
         this._next = (this._next + 1) % this.targets.length;
         this._status({ state: "connecting", target });
-        const link = new Link(target, this.options);
+        const link = this._newLink(target);
         try {
           const welcome = await link.request(
             {
@@ -582,7 +771,8 @@ export class Client {
           link.open = true;
           this.link = link;
           link.done.then((error) => this._lost(link, error));
-          this._status({ state: "connected", target, nodeId: welcome.node_id });
+          const transport = link instanceof WtLink ? "webtransport" : "websocket";
+          this._status({ state: "connected", target, nodeId: welcome.node_id, transport });
           return link;
         } catch (e) {
           link.close(1000, "handshake failed");
@@ -593,6 +783,13 @@ export class Client {
             throw e;
           }
           this._status({ state: "disconnected", target, error: e });
+          if (link instanceof WtLink) {
+            // no WebTransport there (no HTTP/3 listener, a certificate refused): the same
+            // target over WebSocket, at once
+            this._wtFailed.add(target);
+            this._next = (this._next + this.targets.length - 1) % this.targets.length;
+            continue;
+          }
           // every target once at once, then backing off between attempts
           if (attempt >= this.targets.length) await this._sleep(this._backoff(attempt));
         }

@@ -1,6 +1,6 @@
 // The demo page: a small chat UI on ctxstore.js (docs/web.md "Demo page").
 // ?nodes=ws://a/v1/ws,ws://b/v1/ws picks the nodes (default: the node serving the page);
-// ?user=alice signs in at once.
+// ?user=alice signs in at once; ?wt=1 (or ?wt=<certificate SHA-256>) tries WebTransport first.
 import { connect } from "/static/ctxstore.js";
 
 const $ = (id) => document.getElementById(id);
@@ -20,9 +20,11 @@ function setStatus(s) {
   const el = $("status");
   el.dataset.state = s.state;
   el.dataset.node = s.state === "connected" ? String(s.nodeId) : "";
+  el.dataset.transport = s.state === "connected" ? s.transport : "";
   el.textContent = {
     connecting: `connecting to ${s.target}…`,
-    connected: `connected to node ${s.nodeId} (${s.target})`,
+    connected: `connected to node ${s.nodeId} (${s.target})` +
+      (s.transport === "webtransport" ? " over WebTransport" : ""),
     disconnected: `lost ${s.target}, reconnecting…`,
     failed: `refused by ${s.target}: ${s.error?.message}`,
     closed: "not connected",
@@ -36,7 +38,12 @@ async function signIn(event) {
   state.me = $("user").value.trim();
   const targets = $("nodes").value.split(",").map((t) => t.trim()).filter(Boolean);
   try {
-    state.client = await connect({ targets, clientName: "ctxstore-demo", onStatus: setStatus });
+    // ?wt=1 (or ?wt=<certificate SHA-256>): WebTransport first, then WebSocket (docs/web.md §8)
+    const wt = params.get("wt");
+    const webTransport = !wt ? null : wt.length === 64 ? { serverCertificateHashes: [wt] } : true;
+    state.client = await connect({
+      targets, clientName: "ctxstore-demo", onStatus: setStatus, webTransport,
+    });
     state.inbox = await state.client.subscribeInbox(state.me, renderInbox);
   } catch (e) {
     showError(e);

@@ -3,8 +3,8 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
-import { CtxstoreError, connect, webSocketUrl } from "../ctxstore.js";
-import { fakeServer, until } from "./fake.js";
+import { CtxstoreError, connect, webSocketUrl, webTransportUrl } from "../ctxstore.js";
+import { fakeServer, fakeWebTransport, until } from "./fake.js";
 import { Node } from "./node.js";
 
 const FAST = { backoffBaseMs: 20, backoffMaxMs: 200 };
@@ -272,5 +272,54 @@ describe("against a scripted node", () => {
     );
     assert.equal(webSocketUrl("http://127.0.0.1:7600"), "ws://127.0.0.1:7600/v1/ws");
     assert.throws(() => webSocketUrl("ftp://x"), TypeError);
+  });
+
+  test("WebTransport: a stream per request, pushes that overtake their answer", async () => {
+    const server = fakeWebTransport((m, reply, session) => {
+      if (m.type === "subscribe") {
+        // the push's stream arrives before the answer's: it waits for its subscription
+        session.push({ type: "message_event", sub_id: 3, messages: [msg(1)] });
+        setTimeout(() => reply({ type: "subscribed", rid: m.rid, sub_id: 3, last_seq: 1 }), 20);
+        setTimeout(() => session.push({ type: "message_event", sub_id: 3, messages: [msg(2)] }), 40);
+      } else if (m.type === "ping") {
+        reply({ type: "pong", rid: m.rid });
+      }
+    });
+    const statuses = [];
+    const client = await connect({
+      targets: ["ws://fake:7600"], WebSocket: fakeServer(() => {}).WebSocket,
+      WebTransport: server.WebTransport, webTransport: { serverCertificateHashes: ["ab01"] },
+      onStatus: (s) => statuses.push(s), ...FAST,
+    });
+    try {
+      assert.equal(server.sessions[0].url, "https://fake:7600/v1/wt");
+      assert.deepEqual([...server.sessions[0].init.serverCertificateHashes[0].value], [0xab, 1]);
+      assert.equal(statuses.at(-1).transport, "webtransport");
+      const events = [];
+      await client.subscribe("s1", {}, (e) => events.push(e));
+      await until(() => events.length === 2);
+      assert.deepEqual(events.map((e) => e.message.seq), [1, 2]);
+      assert.equal(server.streams, 2); // the hello's and the subscribe's
+    } finally {
+      client.close();
+    }
+    assert.equal(webTransportUrl("ws://h:1/v1/ws"), "https://h:1/v1/wt");
+  });
+
+  test("WebTransport refused: the same target over WebSocket", async () => {
+    const wt = fakeWebTransport(() => {}, { refuse: true });
+    const ws = fakeServer((m, reply) => reply({ type: "pong", rid: m.rid }));
+    const statuses = [];
+    const client = await connect({
+      targets: ["ws://fake:7600"], WebSocket: ws.WebSocket, WebTransport: wt.WebTransport,
+      webTransport: true, onStatus: (s) => statuses.push(s), ...FAST,
+    });
+    try {
+      assert.equal(wt.sessions.length, 1);
+      assert.equal(statuses.at(-1).transport, "websocket");
+      assert.equal(ws.sockets.length, 1);
+    } finally {
+      client.close();
+    }
   });
 });
