@@ -25,6 +25,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import contextlib
 import http
 import logging
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from aioquic.asyncio.server import QuicServer, serve
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
 from aioquic.quic.packet import QuicErrorCode
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -48,7 +49,7 @@ from wire.aio import Server
 from wire.web_codec import JSON, SUBPROTOCOLS
 
 from .webtransport import PATH as WT_PATH
-from .webtransport import SessionHost, WtSession
+from .webtransport import SessionHost, WtSession, release_stream
 
 if TYPE_CHECKING:
     from .ops import OpsServer
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVER_NAME: Final = "ctxstore"
+H3_NO_ERROR: Final = 0x100
 DATAGRAM_FRAME_BYTES: Final = 65536  # announced (WebTransport needs HTTP datagrams); unused
 
 
@@ -148,13 +150,8 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
         self.requests: dict[int, _Request] = {}
         self.exchanges: dict[int, H3Exchange] = {}
         self.sessions: dict[int, WtSession] = {}
-        self.refuse = len(server.connections) >= limits.connections_max
         self.terminated = False
-        if self.refuse:
-            server.refused += 1
-        else:
-            server.connections.add(self)
-            server.connections_total += 1
+        self.first = True  # no datagram received yet (then: refused, forgotten or counted)
         loss = quic._loss
         counted = loss._on_packets_lost
 
@@ -168,12 +165,30 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
 
     # QuicConnectionProtocol ------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        if self.refuse:  # refused during the handshake (its first flight closes it)
-            self.refuse = False
-            self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+        if not self.first:
+            super().datagram_received(data, addr)
+            return
+        self.first = False
+        self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+        server = self.server
+        if self._quic._state is QuicConnectionState.FIRSTFLIGHT:
+            self._forget()  # nothing in its first datagram decrypted: no client, no state kept
+            return
+        if len(server.connections) >= server.limits.connections_max:
+            server.refused += 1  # refused in its handshake (the first flight closes it)
             self.close(QuicErrorCode.CONNECTION_REFUSED, "too many connections to this node")
             return
-        super().datagram_received(data, addr)
+        server.connections.add(self)
+        server.connections_total += 1
+        self._process_events()
+        self.transmit()
+
+    def _forget(self) -> None:
+        self.terminated = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._connection_terminated_handler()  # (the listener forgets its connection ids)
 
     def transmit(self) -> None:
         super().transmit()
@@ -198,8 +213,8 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
             session = self.sessions.get(event.session_id)
             if session is not None:
                 session.stream_data(event.stream_id, event.data, event.stream_ended)
-            else:  # a stream of no session (closed): stop it
-                self.quic.stop_stream(event.stream_id, 0) if not event.stream_id & 2 else None
+            else:  # a stream of no session (closed): end it
+                release_stream(self.quic, event.stream_id)
         elif isinstance(event, HeadersReceived):
             self._headers(event.stream_id, event.headers, event.stream_ended)
         elif isinstance(event, DataReceived):
@@ -357,6 +372,10 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
     def send_capsule_and_end(self, session_id: int, data: bytes) -> None:
         if not self.terminated:
             self.h3.send_data(session_id, data, end_stream=True)
+            # and asks the client to stop sending on it, should it not end its side itself
+            # (the stream would keep one of the client's streams_max until then)
+            with contextlib.suppress(Exception):
+                self.quic.stop_stream(session_id, H3_NO_ERROR)
             self.transmit_soon()
 
     def transmit_soon(self) -> None:

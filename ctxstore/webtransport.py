@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 PATH: Final = "/v1/wt"
 CLOSE_SESSION_CAPSULE: Final = 0x2843  # CLOSE_WEBTRANSPORT_SESSION
+SESSION_GONE: Final = 0x170D7B68  # WT_SESSION_GONE: a stream of a session that is closed
 EARLY_MESSAGES_MAX: Final = 64  # messages held before the hello
 HELD_BYTES_MAX: Final = 16 * 1024 * 1024  # received while the native connection reads nothing
 REASON_BYTES_MAX: Final = 1024
@@ -98,6 +99,15 @@ def head_of(body: bytes | bytearray | memoryview) -> tuple[str, int | None, int 
         ints.append(value)
     ints += [None] * (2 - len(ints))
     return tag, ints[0], ints[1]
+
+
+def release_stream(quic: QuicConnection, stream_id: int) -> None:
+    """End both directions of a stream of a gone session (``WT_SESSION_GONE``)."""
+    for end in (quic.stop_stream, quic.reset_stream):
+        try:
+            end(stream_id, SESSION_GONE)
+        except Exception:  # that direction is not ours, or ended already
+            continue
 
 
 class SessionHost:
@@ -425,6 +435,14 @@ class WtSession:
         self._ended()
 
     def _ended(self) -> None:
+        """Its streams end (their QUIC stream credit returns to the client), then it goes."""
+        for sid in [*self._in, *self._sub_stream.values()]:
+            release_stream(self.host.quic, sid)
+        self._in.clear()
+        self._sub_stream.clear()
+        self._rid_stream.clear()
+        self._early = []
+        self._held = bytearray()
         self.host.session_ended(self)
         self._loop.call_soon(self._lose)
 
@@ -433,4 +451,12 @@ class WtSession:
             self.inner.connection_lost(None)
 
 
-__all__ = ["MSGPACK", "PATH", "PUSH_TAGS", "SessionHost", "WtSession", "head_of"]
+__all__ = [
+    "MSGPACK",
+    "PATH",
+    "PUSH_TAGS",
+    "SessionHost",
+    "WtSession",
+    "head_of",
+    "release_stream",
+]

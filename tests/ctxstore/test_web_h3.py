@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
+import resource
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +27,7 @@ from ctxstore.config import ConfigError, Settings
 from ctxstore.tlscert import certificate_hash, generate
 from ctxstore.web_h3 import H3Limits, H3Server, attach_h3
 
-from .h3client import H3Client, LossyRelay, client_configuration, h3_client
+from .h3client import HEADER, H3Client, LossyRelay, client_configuration, h3_client
 from .test_ops import Wire, run
 from .test_web import Web, web_node
 
@@ -377,7 +380,85 @@ def test_cluster_up_h3_prints_the_certificate_hash(tmp_path: Path) -> None:
                 session, status = await c.open_session()
                 assert status == 200
                 assert (await c.call(session, hello()))["type"] == "welcome"
-                der = c._quic.tls._peer_certificate.public_bytes(serialization.Encoding.DER)
+                peer = c._quic.tls._peer_certificate
+                assert peer is not None
+                der = peer.public_bytes(serialization.Encoding.DER)
                 assert hashlib.sha256(der).hexdigest() == started["cert_sha256"]
 
         run(main())
+
+
+def test_fuzz_malformed_datagrams_and_webtransport_messages(tmp_path: Path) -> None:
+    """100 000 malformed datagrams (random bytes, and client Initials with a new connection id
+    and a corrupted byte) and malformed WebTransport messages: no crash, no state kept for a
+    datagram that decrypts to nothing, bounded memory, clients still served."""
+
+    async def main() -> None:
+        async with h3_node(tmp_path) as (_, h3):
+            relay = await LossyRelay.start(h3.address)
+            initials: list[bytes] = []
+            forward = relay.datagram_received
+
+            def capture(data: bytes, addr: tuple[str, int]) -> None:
+                if not initials:
+                    initials.append(data)
+                forward(data, addr)
+
+            relay.datagram_received = capture  # type: ignore[method-assign]
+            async with h3_client(relay.address) as c:
+                assert (await c.request("GET", "/health/live")).status == 200
+            relay.close()
+            initial = initials[0]
+            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rng = random.Random(26)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            for i in range(100_000):
+                if i % 50 == 0:
+                    d = bytearray(initial)
+                    d[6:14] = rng.randbytes(8)  # a new destination connection id
+                    d[rng.randrange(40, len(d))] ^= 1 + rng.randrange(255)
+                    data = bytes(d)
+                else:
+                    data = rng.randbytes(rng.randrange(1, 1500))
+                with contextlib.suppress(BlockingIOError):
+                    sock.sendto(data, h3.address)
+                if i % 64 == 0:
+                    await asyncio.sleep(0)
+            sock.close()
+            await asyncio.sleep(0.2)
+            assert h3.quic is not None
+            assert not h3.connections and not h3.quic._protocols  # (nothing decrypted)
+            # malformed WebTransport messages: each a goodbye or an error, never a crash
+            async with h3_client(h3.address) as c:
+                session = await _session(c)
+                closed = 0
+                for i in range(300):
+                    kind = i % 5
+                    if kind == 0:
+                        raw = HEADER.pack(8) + rng.randbytes(8)  # not JSON
+                    elif kind == 1:
+                        raw = HEADER.pack(5) + b"[1,2]"  # not an object
+                    elif kind == 2:
+                        raw = HEADER.pack(40) + b'{"type":"hello"'  # cut, then the end
+                    elif kind == 3:
+                        raw = HEADER.pack(2**31) + b"x"  # over the limit
+                    else:
+                        obj = {"type": rng.choice(["ping", "read", "append", "x"]),
+                               "rid": rng.choice([1, 0, -1, "a", 2**70]), "z": 1}  # fmt: skip
+                        raw = c.encode(obj)
+                    sid = c.h3.create_webtransport_stream(session)
+                    c._quic.send_stream_data(sid, raw, True)
+                    c.transmit()
+                    await asyncio.sleep(0.002)
+                    if session not in {s.session_id for s in h3.sessions}:
+                        closed += 1
+                        session = await _session(c)
+                assert closed > 50  # (a goodbye each time: the session ends)
+                session = await _session(c)
+                assert (await c.call(session, hello()))["type"] == "welcome"
+                assert (await c.call(session, {"type": "ping", "rid": 2}))["type"] == "pong"
+            growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+            assert growth_mb < 64, growth_mb
+
+    run(main(), timeout_s=120)
