@@ -7,7 +7,8 @@
     ctxstore-bench failover --nodes 3 --concurrency 64 --duration 20
     ctxstore-bench append --nodes 3 --concurrency 256 --parts 3 --context-policy token_budget
     ctxstore-bench context --nodes 3 --concurrency 256 --context-tokens 100000 --context-rate 20
-    ctxstore-bench append --nodes 3 --concurrency 256 --via ws    (or ws-json, http: web API)
+    ctxstore-bench append --nodes 3 --concurrency 256 --via ws    (or ws-json, http: web API;
+                                                                   wt: WebTransport, HTTP/3)
     ctxstore-bench append --nodes 3 -- --groups 16 --tick-ms 20     (flags after -- go to nodes)
 
 Exit status: 0 when the gate passes, 1 when it does not (p99 over ``--p99-target-ms``, a request
@@ -19,6 +20,7 @@ See docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -188,7 +190,13 @@ async def _main(args: argparse.Namespace, argv: Sequence[str], background: float
     try:
         if args.nodes is not None:
             data_dir = tempfile.mkdtemp(prefix="ctxstore-bench-", dir=args.data_parent)
-            local = LocalCluster(args.nodes, data_dir, extra_args=args.node_args)
+            tls = None
+            if args.via == "wt":  # the nodes serve HTTP/3 on their HTTP ports' numbers
+                from ctxstore.tlscert import generate
+
+                cert = generate(os.path.join(data_dir, "tls"))
+                tls = (cert.cert_path, cert.key_path)
+            local = LocalCluster(args.nodes, data_dir, extra_args=args.node_args, tls=tls)
             log(f"starting {args.nodes} local nodes in {data_dir}", args.quiet)
             await local.start()
             targets = local.targets

@@ -58,6 +58,10 @@ def new_load_client(
         return new_client(address, token, timeout_s)
     if web_address is None:
         raise ValueError(f"--via {via} needs the node's HTTP port ({address} has none known)")
+    if via == "wt":  # (HTTP/3 on the HTTP port's number, UDP: cluster up --h3, bench --nodes)
+        from .wtclient import WtClient
+
+        return WtClient(web_address, token, timeout_s)
     if via == "http":
         return HttpClient(web_address, new_client(address, token, timeout_s), token, timeout_s)
     return WsClient(web_address, JSON if via == "ws-json" else MSGPACK, token, timeout_s)

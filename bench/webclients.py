@@ -60,8 +60,8 @@ from wire.web_codec import (
     json_twin,
 )
 
-Via = Literal["native", "ws", "ws-json", "http"]
-VIAS: Final[tuple[str, ...]] = ("native", "ws", "ws-json", "http")
+Via = Literal["native", "ws", "ws-json", "http", "wt"]
+VIAS: Final[tuple[str, ...]] = ("native", "ws", "ws-json", "http", "wt")  # wt: bench/wtclient.py
 CLIENT_NAME: Final = "ctxstore-bench"
 READ_BYTES: Final = 256 * 1024
 R = TypeVar("R", bound=msgspec.Struct)

@@ -99,6 +99,7 @@ def test_failover_kills_and_restarts_a_leader(tmp_path: Path, load: list[str]) -
         ("ws", ["append", "--concurrency", "16"]),
         ("ws-json", ["append", "--rate", "300"]),  # the open loop's append_nowait
         ("http", ["mixed", "--concurrency", "8"]),
+        ("wt", ["mixed", "--concurrency", "16"]),  # WebTransport: HTTP/3 on the same number
     ],
 )
 def test_through_the_http_port(tmp_path: Path, via: str, load: list[str]) -> None:
