@@ -54,6 +54,7 @@ class _WtConnection(QuicConnectionProtocol):
         self.error: ClientError | None = None
         self._writable: asyncio.Future[None] | None = None  # (aioquic buffers: never paused)
         self.context: Any = None  # the client's ``connect`` context, exited on close
+        self.on_push: Any = None  # called with each push (bench/subdelay.py)
 
     def open_session(self) -> None:
         sid = self._quic.get_next_available_stream_id()
@@ -91,7 +92,10 @@ class _WtConnection(QuicConnectionProtocol):
             del buf[: HEADER.size + n]
             rid = getattr(message, "rid", None)
             future = None if rid is None else self.pending.pop(rid, None)
-            if rid == 0:
+            if rid is None:
+                if self.on_push is not None:
+                    self.on_push(message)
+            elif rid == 0:
                 self.fail(unavailable(f"wt: goodbye: {message}"))
             elif future is not None and not future.done():
                 future.set_result(message)
