@@ -122,6 +122,7 @@ class H3Server:
         for session in list(self.sessions):
             session.inner.close("unavailable", "the node is shutting down")
         for conn in list(self.connections):
+            conn.transmit()  # the goodbyes and the sessions' close first (best effort: once)
             conn.close(QuicErrorCode.NO_ERROR, "the node is shutting down")
         if self.quic is not None:
             self.quic.close()

@@ -200,6 +200,21 @@ def test_webtransport_msgpack_and_the_goodbye(tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_node_shutting_down_says_goodbye_on_its_sessions(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path) as (_, h3), h3_client(h3.address) as c:
+            session = await _session(c)
+            assert (await c.call(session, hello()))["type"] == "welcome"
+            h3.close()
+            await c.wait_for(lambda: c.uni and c.wt[c.uni[-1]].messages)
+            goodbye = c.wt[c.uni[-1]].messages[0]
+            assert (goodbye["rid"], goodbye["code"]) == (0, "unavailable")
+            assert goodbye["retryable"] is True
+            await c.wait_for(lambda: c.terminated is not None)
+
+    run(main())
+
+
 def test_a_lost_packet_of_one_subscription_does_not_delay_another(tmp_path: Path) -> None:
     """Over one TCP stream, what is sent after a lost segment waits for its retransmission;
     over WebTransport each subscription has its own QUIC stream: the relay drops the datagram
