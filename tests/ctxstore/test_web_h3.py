@@ -327,9 +327,11 @@ def test_subscriptions_under_loss_and_reordering_and_an_address_change(tmp_path:
 
 def test_connections_per_node_are_capped(tmp_path: Path) -> None:
     async def main() -> None:
-        async with h3_node(tmp_path, H3Limits(connections_max=1)) as (_, h3), \
+        async with h3_node(tmp_path, H3Limits(connections_max=1, streams_max=6)) as (_, h3), \
                 h3_client(h3.address) as c:  # fmt: skip
             assert (await c.request("GET", "/health/live")).status == 200
+            # QUIC's stream limit is h3_streams_max, each direction
+            assert c._quic._remote_max_streams_bidi == c._quic._remote_max_streams_uni == 6
             with pytest.raises(ConnectionError):
                 async with h3_client(h3.address) as other:
                     await other.request("GET", "/health/live")
