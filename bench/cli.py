@@ -20,7 +20,6 @@ See docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import sys
@@ -190,13 +189,9 @@ async def _main(args: argparse.Namespace, argv: Sequence[str], background: float
     try:
         if args.nodes is not None:
             data_dir = tempfile.mkdtemp(prefix="ctxstore-bench-", dir=args.data_parent)
-            tls = None
-            if args.via == "wt":  # the nodes serve HTTP/3 on their HTTP ports' numbers
-                from ctxstore.tlscert import generate
-
-                cert = generate(os.path.join(data_dir, "tls"))
-                tls = (cert.cert_path, cert.key_path)
-            local = LocalCluster(args.nodes, data_dir, extra_args=args.node_args, tls=tls)
+            # --via wt: the nodes serve HTTP/3 on their HTTP ports' numbers (a new certificate)
+            h3 = args.via == "wt"
+            local = LocalCluster(args.nodes, data_dir, extra_args=args.node_args, h3=h3)
             log(f"starting {args.nodes} local nodes in {data_dir}", args.quiet)
             await local.start()
             targets = local.targets

@@ -446,13 +446,8 @@ async def _cluster_up(args: argparse.Namespace) -> int:
               sys.stderr)  # fmt: skip
         return EXIT_START
     extra = [a for a in args.extra if a != "--"]
-    cert = None
-    if args.h3:
-        from .tlscert import generate
-
-        cert = generate(os.path.join(data_dir, "tls"))
-    tls = None if cert is None else (cert.cert_path, cert.key_path)
-    cluster = LocalCluster(args.nodes, data_dir, args.base_port, extra, tls=tls)
+    cluster = LocalCluster(args.nodes, data_dir, args.base_port, extra, h3=args.h3)
+    cert = cluster.cert
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from .tlscert import LocalCertificate, generate
+
 
 def free_ports(n: int) -> list[int]:
     socks = []
@@ -81,12 +83,19 @@ class LocalCluster:
         host: str = "127.0.0.1",
         wal_writer: str = "inline",
         tls: tuple[str, str] | None = None,
+        h3: bool = False,
     ) -> None:
         if not 1 <= nodes <= 7:
             raise ValueError("a local cluster has 1 to 7 nodes")
         self.data_dir = os.path.abspath(data_dir)
         self.extra_args = ["--wal-writer", wal_writer, *(extra_args or [])]  # later flags win
-        self.tls = tls  # (certificate, key): each node serves HTTP/3 on its HTTP port's number
+        # (certificate, key): each node serves HTTP/3 on its HTTP port's number; h3 without
+        # tls: a new self-signed certificate in data_dir/tls (``cert``: its paths and hash)
+        self.cert: LocalCertificate | None = None
+        if h3 and tls is None:
+            self.cert = generate(os.path.join(self.data_dir, "tls"))
+            tls = (self.cert.cert_path, self.cert.key_path)
+        self.tls = tls
         if base_port:
             clients = [base_port + i for i in range(nodes)]
             peers = [base_port + 100 + i for i in range(nodes)]
