@@ -4,8 +4,8 @@ One ``H3Server`` per node, on the node's event loop, beside the HTTP/1.1 port (`
 whose routes it serves again over QUIC:
 
 - the HTTP/JSON API under ``/v1`` (``web_http.HttpApi``: each request served by a native
-  connection of its own, exactly as over HTTP/1.1), but the event streams (Server-Sent Events:
-  over HTTP/3 a WebTransport subscription does that, one stream each);
+  connection of its own, exactly as over HTTP/1.1), its event streams too (``web_sse``: the
+  request's stream is handed over, as an HTTP/1.1 socket is);
 - ``/health/*``, ``/metrics``, the demo page and ``/static/*`` (``ops.OpsServer.answer``);
 - **WebTransport** at ``/v1/wt`` (``webtransport.WtSession``), the WebSocket protocol over QUIC
   streams.
@@ -25,6 +25,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http
 import logging
@@ -40,7 +41,12 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    QuicEvent,
+    StopSendingReceived,
+    StreamReset,
+)
 from aioquic.quic.packet import QuicErrorCode
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -59,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 SERVER_NAME: Final = "ctxstore"
 H3_NO_ERROR: Final = 0x100
+H3_REQUEST_CANCELLED: Final = 0x10C
 DATAGRAM_FRAME_BYTES: Final = 65536  # announced (WebTransport needs HTTP datagrams); unused
 
 
@@ -151,6 +158,7 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
         self.requests: dict[int, _Request] = {}
         self.exchanges: dict[int, H3Exchange] = {}
         self.sessions: dict[int, WtSession] = {}
+        self.event_streams: dict[int, _H3StreamTransport] = {}  # Server-Sent Events
         self.terminated = False
         self.first = True  # no datagram received yet (then: refused, forgotten or counted)
         loss = quic._loss
@@ -195,6 +203,8 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
         super().transmit()
         for session in list(self.sessions.values()):
             session.check_flow()  # (acknowledgements shrink what is unacknowledged)
+        for stream in list(self.event_streams.values()):
+            stream.check_flow()
 
     def quic_event_received(self, event: QuicEvent) -> None:
         try:
@@ -202,6 +212,10 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
                 self._terminated()
                 return
             if isinstance(event, StreamReset):
+                self._stream_reset(event.stream_id)
+            elif isinstance(event, StopSendingReceived):  # the client reads no more of it
+                with contextlib.suppress(Exception):
+                    self.quic.reset_stream(event.stream_id, H3_REQUEST_CANCELLED)
                 self._stream_reset(event.stream_id)
             for h3_event in self.h3.handle_event(event):
                 self._h3_event(h3_event)
@@ -229,6 +243,9 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
         session = self.sessions.get(stream_id)
         if session is not None:
             session.peer_closed()
+        events = self.event_streams.get(stream_id)
+        if events is not None:
+            events.lost()
 
     def _terminated(self) -> None:
         if self.terminated:
@@ -240,6 +257,8 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
         for exchange in list(self.exchanges.values()):
             exchange.lost()
         self.exchanges.clear()
+        for events in list(self.event_streams.values()):
+            events.lost()
         self.requests.clear()
 
     # HTTP/3 requests ------------------------------------------------------------------------------
@@ -299,11 +318,8 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
                 api.reply_error(exchange, h11_request, "too_large", message,
                                 limit=api.body_bytes_max)  # fmt: skip
                 return
-            if path == b"/v1/ws" or self._is_stream_route(method, path):
-                message = (
-                    "event streams and WebSockets are served over HTTP/1.1; over HTTP/3 use "
-                    "WebTransport at /v1/wt"
-                )
+            if path == b"/v1/ws":
+                message = "WebSockets are served over HTTP/1.1; over HTTP/3: WebTransport at /v1/wt"
                 api.reply_error(exchange, h11_request, "not_found", message)
                 return
             self.exchanges[stream_id] = exchange
@@ -316,10 +332,6 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
         status, ctype, body = self.server.ops.answer(target)
         exchange.head = method == b"HEAD"
         exchange.answer(status, ctype, body, [], True)
-
-    def _is_stream_route(self, method: bytes, path: bytes) -> bool:
-        text = path.decode("latin-1")
-        return any(r.stream and r.regex.match(text) for r in self.server.api.routes)
 
     # WebTransport -------------------------------------------------------------------------------
     def _connect(self, stream_id: int, pseudo: dict[bytes, bytes]) -> None:
@@ -403,13 +415,130 @@ def _error_body(status: int, message: str | None = None) -> bytes:
     )
 
 
+HOP_BY_HOP: Final = frozenset({b"connection", b"transfer-encoding", b"keep-alive"})
+
+
+class _H3Codec(h11.Connection):
+    """What an event stream (``web_sse``) asks of h11, on an HTTP/3 request stream: each
+    response event is sent as HTTP/3 frames at once (and no bytes are returned to write)."""
+
+    def __init__(self, proto: H3Protocol, stream_id: int) -> None:
+        super().__init__(h11.SERVER)
+        self.proto = proto
+        self.stream_id = stream_id
+        self.ended = False
+
+    def send(self, event: Any) -> Any:  # (h11 overloads it: bytes, or None)
+        proto, sid = self.proto, self.stream_id
+        if self.ended or proto.terminated:
+            return b""
+        if isinstance(event, h11.Response):
+            head = [(b":status", str(event.status_code).encode()), (b"server", b"ctxstore")]
+            head += [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
+            proto.h3.send_headers(sid, head)
+        elif isinstance(event, h11.Data):
+            proto.h3.send_data(sid, bytes(event.data), end_stream=False)
+        elif isinstance(event, h11.EndOfMessage):
+            self.ended = True
+            proto.h3.send_data(sid, b"", end_stream=True)
+        proto.transmit_soon()
+        return b""
+
+
+class _H3StreamTransport(asyncio.Transport):
+    """An HTTP/3 request stream as the transport of an event stream (``web_sse.EventStream``):
+    its write buffer is the stream's unacknowledged bytes (the protocol's writer pauses over
+    the high-water mark), closing it ends the stream, aborting it resets it."""
+
+    def __init__(self, proto: H3Protocol, stream_id: int, codec: _H3Codec) -> None:
+        super().__init__()
+        self.proto = proto
+        self.stream_id = stream_id
+        self.codec = codec
+        self.protocol: asyncio.BaseProtocol | None = None
+        self.high = 1024 * 1024
+        self.low = self.high // 4
+        self.paused = False
+        self.closing = False
+        self.gone = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass  # (the codec sent it)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.codec.send(h11.EndOfMessage())
+        asyncio.get_running_loop().call_soon(self.lost)
+
+    def abort(self) -> None:
+        if not self.gone and not self.proto.terminated:
+            with contextlib.suppress(Exception):
+                self.proto.quic.reset_stream(self.stream_id, H3_REQUEST_CANCELLED)
+            self.proto.transmit_soon()
+        self.closing = True
+        self.lost()
+
+    def get_write_buffer_size(self) -> int:
+        stream = self.proto.quic._streams.get(self.stream_id)
+        return 0 if stream is None else len(stream.sender._buffer)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = 64 * 1024 if high is None else high
+        self.low = self.high // 4 if low is None else low
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self.low, self.high
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.proto.peer_address() if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass  # nothing is read after the request
+
+    def resume_reading(self) -> None:
+        pass
+
+    def check_flow(self) -> None:
+        if self.gone or not isinstance(self.protocol, asyncio.Protocol):
+            return
+        size = self.get_write_buffer_size()
+        if not self.paused and size > self.high:
+            self.paused = True
+            self.protocol.pause_writing()
+        elif self.paused and size <= self.low:
+            self.paused = False
+            self.protocol.resume_writing()
+
+    def lost(self) -> None:
+        """The stream is over (ended, reset, or the connection gone): the protocol learns it."""
+        if self.gone:
+            return
+        self.gone = True
+        self.proto.event_streams.pop(self.stream_id, None)
+        if self.protocol is not None:
+            self.protocol.connection_lost(None)
+
+
 class H3Exchange:
-    """One HTTP/3 request as the API's ``HttpHost``: its answer is the stream's response."""
+    """One HTTP/3 request as the API's ``HttpHost``: its answer is the stream's response, or
+    (an event stream) the stream is handed over (``detach``)."""
 
     def __init__(self, proto: H3Protocol, stream_id: int) -> None:
         self.proto = proto
         self.stream_id = stream_id
-        self.h11 = h11.Connection(h11.SERVER)  # (the event streams' only: not served here)
+        self.h11: h11.Connection = _H3Codec(proto, stream_id)
         self.on_lost: Any = None
         self.head = False
         self.done = False
@@ -438,7 +567,15 @@ class H3Exchange:
         self.proto.transmit_soon()
 
     def detach(self) -> tuple[Any, bytes]:
-        raise RuntimeError("HTTP/3 requests are not detached (no event streams here)")
+        """Hand the stream over to an event stream (``web_sse``)."""
+        self.done = True
+        self.on_lost = None
+        self.proto.exchanges.pop(self.stream_id, None)
+        codec = self.h11
+        assert isinstance(codec, _H3Codec)
+        transport = _H3StreamTransport(self.proto, self.stream_id, codec)
+        self.proto.event_streams[self.stream_id] = transport
+        return transport, b""
 
     def extra_info(self, name: str) -> Any:
         return self.proto.peer_address() if name == "peername" else None

@@ -81,6 +81,7 @@ class H3Client(QuicConnectionProtocol):
                 inc.body += e.data
                 if e.stream_ended:
                     inc.done.set()
+                self.changed.set()
             elif isinstance(e, WebTransportStreamDataReceived):
                 st = self.wt.get(e.stream_id)
                 if st is None:
@@ -127,6 +128,21 @@ class H3Client(QuicConnectionProtocol):
             raise ConnectionError(self.terminated.reason_phrase)
         hd = {k.decode(): v.decode() for k, v in inc.headers}
         return Reply(int(hd[":status"]), hd, bytes(inc.body))
+
+    def open_request(self, path: str, headers: dict[str, str] | None = None) -> int:
+        """A GET whose answer is read as it comes (``incoming[stream]``): an event stream."""
+        sid = self._quic.get_next_available_stream_id()
+        self.incoming[sid] = _Incoming()
+        head = [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":authority", b"localhost"),
+            (b":path", path.encode()),
+            *((k.encode(), v.encode()) for k, v in (headers or {}).items()),
+        ]
+        self.h3.send_headers(sid, head, end_stream=True)
+        self.transmit()
+        return sid
 
     # WebTransport ------------------------------------------------------------------------------
     async def open_session(self, path: str = "/v1/wt") -> tuple[int, int]:

@@ -97,7 +97,7 @@ def test_the_http_api_over_http3_and_alt_svc(tmp_path: Path) -> None:
             assert r.status == 404 and r.json()["code"] == "not_found"
             r = await c.request("POST", "/v1/sessions/s1/messages", {"sender": "user"})
             assert r.status == 400 and r.json()["details"]["field"]
-            r = await c.request("GET", "/v1/sessions/s1/events")  # SSE: HTTP/1.1 (or /v1/wt)
+            r = await c.request("GET", "/v1/ws")  # WebSockets: HTTP/1.1 (or /v1/wt)
             assert r.status == 404 and "WebTransport" in r.json()["message"]
             r = await c.request("GET", "/health/live")
             assert r.status == 200 and r.json()["status"] == "live"
@@ -113,6 +113,41 @@ def test_the_http_api_over_http3_and_alt_svc(tmp_path: Path) -> None:
             answer = await wire.answer(b"GET")
             await wire.close()
             assert answer.headers["alt-svc"] == f'h3=":{h3.address[1]}"; ma=86400'
+
+    run(main())
+
+
+def test_server_sent_events_over_http3(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path) as (w, h3), h3_client(h3.address) as c:
+            await create(c, "s1")
+            for i in range(2):
+                await c.request("POST", "/v1/sessions/s1/messages", message(f"m{i}"))
+            stream = c.open_request("/v1/sessions/s1/events?after_seq=0")
+            inc = c.incoming[stream]
+            await c.wait_for(lambda: b"id: 2\n" in inc.body)
+            head = dict(inc.headers)
+            assert head[b":status"] == b"200" and head[b"content-type"] == b"text/event-stream"
+            assert b"event: subscribed" in inc.body and b"transfer-encoding" not in head
+            await c.request("POST", "/v1/sessions/s1/messages", message("live"))
+            await c.wait_for(lambda: b"id: 3\n" in inc.body)
+            assert b'"content":"live"' in inc.body and not inc.done.is_set()
+            # Last-Event-ID resumes; an unknown session is an ordinary 404 before any stream
+            again = c.open_request("/v1/sessions/s1/events", {"last-event-id": "2"})
+            await c.wait_for(lambda: b"id: 3\n" in c.incoming[again].body)
+            assert b"id: 2\n" not in c.incoming[again].body
+            r = await c.request("GET", "/v1/sessions/nope/events")
+            assert r.status == 404 and r.json()["code"] == "not_found"
+            api = w.ops.api
+            assert api is not None and len(api.streams) == 2  # (the API's event streams)
+            # the client cancels a stream (reads no more of it): its subscription ends
+            c._quic.stop_stream(stream, 0x10C)
+            c.transmit()
+            for _ in range(200):
+                if len(api.streams) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(api.streams) == 1
 
     run(main())
 
