@@ -161,6 +161,7 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
         self.event_streams: dict[int, _H3StreamTransport] = {}  # Server-Sent Events
         self.terminated = False
         self.first = True  # no datagram received yet (then: refused, forgotten or counted)
+        self._keepalive: asyncio.TimerHandle | None = None
         loss = quic._loss
         counted = loss._on_packets_lost
 
@@ -189,8 +190,20 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
             return
         server.connections.add(self)
         server.connections_total += 1
+        self._keepalive = self._loop.call_later(server.limits.idle_timeout_s / 3, self._ping)
         self._process_events()
         self.transmit()
+
+    def _ping(self) -> None:
+        """While it carries a session or an event stream, a connection is pinged (its answer
+        keeps both ends' idle timers from closing a quiet subscriber's connection)."""
+        self._keepalive = None
+        if self.terminated:
+            return
+        if self.sessions or self.event_streams:
+            self._quic.send_ping(0)
+            self.transmit()
+        self._keepalive = self._loop.call_later(self.server.limits.idle_timeout_s / 3, self._ping)
 
     def _forget(self) -> None:
         self.terminated = True
@@ -251,6 +264,9 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
         if self.terminated:
             return
         self.terminated = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         self.server.connections.discard(self)
         for session in list(self.sessions.values()):
             session.peer_closed()

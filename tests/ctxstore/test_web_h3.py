@@ -235,6 +235,25 @@ def test_webtransport_msgpack_and_the_goodbye(tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_quiet_subscriber_is_kept_alive(tmp_path: Path) -> None:
+    """A session that only listens sends nothing: the node's pings keep QUIC's idle timeout
+    (here 1 s, the client's too) from closing it."""
+
+    async def main() -> None:
+        async with h3_node(tmp_path, H3Limits(idle_timeout_s=1.0)) as (_, h3):
+            config = client_configuration()
+            config.idle_timeout = 1.0
+            async with connect(*h3.address, configuration=config, create_protocol=H3Client) as c:
+                assert isinstance(c, H3Client)
+                session = await _session(c)
+                assert (await c.call(session, hello()))["type"] == "welcome"
+                await asyncio.sleep(3)
+                assert c.terminated is None and len(h3.sessions) == 1
+                assert (await c.call(session, {"type": "ping", "rid": 2}))["type"] == "pong"
+
+    run(main())
+
+
 def test_a_node_shutting_down_says_goodbye_on_its_sessions(tmp_path: Path) -> None:
     async def main() -> None:
         async with h3_node(tmp_path) as (_, h3), h3_client(h3.address) as c:
