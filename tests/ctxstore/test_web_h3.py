@@ -12,6 +12,8 @@ import random
 import resource
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -533,3 +535,18 @@ def test_fuzz_malformed_datagrams_and_webtransport_messages(tmp_path: Path) -> N
             assert growth_mb < 64, growth_mb
 
     run(main(), timeout_s=120)
+
+
+def test_serve_names_a_certificate_it_cannot_load(tmp_path: Path) -> None:
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    for cert, expected in (("missing.pem", "No such file"), ("bad.pem", "cannot load")):
+        done = subprocess.run(
+            [sys.executable, "-m", "ctxstore", "serve", "--data-dir", str(tmp_path / "d"),
+             "--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0",
+             "--http", "127.0.0.1:0", "--h3", "127.0.0.1:0",
+             "--tls-cert", str(tmp_path / cert), "--tls-key", str(tmp_path / cert)],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 5, done.stderr
+        assert f"cannot start: tls_cert {tmp_path / cert}" in done.stderr
+        assert expected in done.stderr
