@@ -54,6 +54,7 @@ from prometheus_client.registry import Collector
 from wire.aio import Server
 from wire.web_codec import JSON, SUBPROTOCOLS
 
+from .web import credential
 from .webtransport import PATH as WT_PATH
 from .webtransport import SessionHost, WtSession, release_stream
 
@@ -283,7 +284,7 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
             return
         pseudo = {n: v for n, v in headers if n.startswith(b":")}
         if pseudo.get(b":method") == b"CONNECT":
-            self._connect(stream_id, pseudo)
+            self._connect(stream_id, pseudo, headers)
             return
         self.server.streams += 1
         request = _Request(headers)
@@ -350,7 +351,9 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
         exchange.answer(status, ctype, body, [], True)
 
     # WebTransport -------------------------------------------------------------------------------
-    def _connect(self, stream_id: int, pseudo: dict[bytes, bytes]) -> None:
+    def _connect(
+        self, stream_id: int, pseudo: dict[bytes, bytes], headers: list[tuple[bytes, bytes]]
+    ) -> None:
         target = pseudo.get(b":path", b"")
         path, _, query = target.partition(b"?")
         if pseudo.get(b":protocol") != b"webtransport" or path.decode("latin-1") != WT_PATH:
@@ -379,6 +382,12 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
             ],
         )
         session = WtSession(self, stream_id, self.server.clients, subprotocol, self.server.stat)
+        # a token on the CONNECT (Authorization: Bearer, or ?token=) stands for a Hello that
+        # carries none, as on a WebSocket's upgrade (docs/auth.md)
+        regular = [(n, v) for n, v in headers if not n.startswith(b":") and n != b"host"]
+        with contextlib.suppress(h11.LocalProtocolError):
+            upgrade = h11.Request(method=b"GET", target=target, headers=[(b"host", b"h"), *regular])
+            session.inner.credential = credential(upgrade)
         self.sessions[stream_id] = session
         self.server.sessions.add(session)
         self.server.sessions_total += 1

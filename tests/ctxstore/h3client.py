@@ -145,7 +145,9 @@ class H3Client(QuicConnectionProtocol):
         return sid
 
     # WebTransport ------------------------------------------------------------------------------
-    async def open_session(self, path: str = "/v1/wt") -> tuple[int, int]:
+    async def open_session(
+        self, path: str = "/v1/wt", headers: dict[str, str] | None = None
+    ) -> tuple[int, int]:
         """(session id, status)."""
         sid = self._quic.get_next_available_stream_id()
         inc = self.incoming[sid] = _Incoming()
@@ -157,6 +159,7 @@ class H3Client(QuicConnectionProtocol):
                 (b":authority", b"localhost"),
                 (b":path", path.encode()),
                 (b":protocol", b"webtransport"),
+                *((k.encode(), v.encode()) for k, v in (headers or {}).items()),
             ],
         )
         self.transmit()

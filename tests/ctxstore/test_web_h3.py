@@ -36,12 +36,15 @@ from .test_web import Web, web_node
 
 @contextlib.asynccontextmanager
 async def h3_node(
-    tmp_path: Path, limits: H3Limits | None = None, tls: tuple[str, str] | None = None
+    tmp_path: Path,
+    limits: H3Limits | None = None,
+    tls: tuple[str, str] | None = None,
+    tokens: list[str] | None = None,
 ) -> AsyncIterator[tuple[Web, H3Server]]:
     if tls is None:
         cert = generate(str(tmp_path / "tls"))
         tls = (cert.cert_path, cert.key_path)
-    async with web_node(tmp_path) as w:
+    async with web_node(tmp_path, tokens=tokens) as w:
         h3 = await attach_h3(w.ops, w.clients, "127.0.0.1", 0, *tls, limits)
         yield w, h3
 
@@ -233,6 +236,30 @@ def test_webtransport_msgpack_and_the_goodbye(tmp_path: Path) -> None:
             assert not h3.sessions
             _, status = await c.open_session("/v1/wt?protocol=chat")
             assert status == 400
+
+    run(main())
+
+
+def test_a_token_on_the_connect_stands_for_the_hellos(tmp_path: Path) -> None:
+    """As on a WebSocket's upgrade (docs/auth.md): Authorization: Bearer or ?token= on the
+    CONNECT serve a Hello without a token; a wrong one, or none, is refused."""
+
+    async def main() -> None:
+        async with h3_node(tmp_path, tokens=["secret"]) as (_, h3), h3_client(h3.address) as c:
+            for path, headers, answer in (
+                ("/v1/wt", {}, "error"),
+                ("/v1/wt?token=wrong", {}, "error"),
+                ("/v1/wt?token=secret", {}, "welcome"),
+                ("/v1/wt", {"authorization": "Bearer secret"}, "welcome"),
+            ):
+                session, status = await c.open_session(path, headers)
+                assert status == 200
+                got = await c.call(session, hello())
+                assert got["type"] == answer, (path, headers, got)
+                if answer == "error":
+                    assert got["code"] == "unauthorized"
+            r = await c.request("GET", "/v1/sessions/x", headers={"authorization": "Bearer no"})
+            assert r.status == 401
 
     run(main())
 
