@@ -89,6 +89,7 @@ SERVE_METAVARS = {
     "log_level": "LEVEL",
     "postgres_dsn": "DSN",
     "postgres_serve_history": "true|false",
+    "h3_retry": "true|false",
     "web_cors_origin": "ORIGIN",
     "auth_jwt_secret": "[KID=]SECRET",
     "auth_jwt_public_key": "[KID=]FILE",
@@ -271,6 +272,7 @@ async def _start(settings: Settings) -> tuple[Node, Service, Server, OpsServer |
                     connections_max=settings.h3_connections_max,
                     streams_max=settings.h3_streams_max,
                     idle_timeout_s=settings.h3_idle_timeout_s,
+                    retry=settings.h3_retry,
                 )
                 assert settings.tls_cert is not None and settings.tls_key is not None
                 try:

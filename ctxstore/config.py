@@ -86,6 +86,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     h3_connections_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
     h3_streams_max: Annotated[int, Meta(ge=4, le=100_000)] = 128
     h3_idle_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    h3_retry: bool = False  # QUIC Retry: address validation before a connection is kept
     # Where the WAL's group commits are written and fsync'd: on a writer thread ("thread": the
     # loop works on while the disk syncs, at the price of the hand-offs between the threads) or
     # on the event loop's thread ("inline": less CPU, the loop waits for the disk): raft/wal.py,
@@ -242,6 +243,8 @@ HELP: dict[str, str] = {
     "h3_connections_max": "QUIC connections the HTTP/3 listener holds at once (more are refused)",
     "h3_streams_max": "streams a QUIC peer may have open at once per connection, each direction",
     "h3_idle_timeout_s": "close a QUIC connection from which nothing arrived for this many seconds",
+    "h3_retry": "true: answer a new QUIC connection with a Retry first, so that no state is kept "
+    "for a client that cannot receive at its address (one more round trip)",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)",
     "postgres_dsn": "postgresql://... of a database the leaders of the groups copy every "
     "committed message, session and read cursor into (docs/postgres.md); none: no Postgres",

@@ -76,6 +76,7 @@ class H3Limits:
     streams_max: int = 128  # streams a peer may have open per connection, each direction
     sessions_max: int = 16  # WebTransport sessions per connection
     idle_timeout_s: float = 60.0  # QUIC's: a connection silent this long is gone
+    retry: bool = False  # QUIC Retry: a client proves its address before any state is kept
 
 
 def configuration(cert: str, key: str, limits: H3Limits) -> QuicConfiguration:
@@ -630,7 +631,9 @@ async def serve_h3(
     def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> H3Protocol:
         return H3Protocol(quic, stream_handler, server=server)
 
-    server.quic = await serve(host, port, configuration=config, create_protocol=create_protocol)
+    server.quic = await serve(
+        host, port, configuration=config, create_protocol=create_protocol, retry=limits.retry
+    )
     return server
 
 

@@ -424,6 +424,16 @@ def test_connections_per_node_are_capped(tmp_path: Path) -> None:
     run(main())
 
 
+def test_with_retry_a_client_proves_its_address_first(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path, H3Limits(retry=True)) as (_, h3), \
+                h3_client(h3.address) as c:  # fmt: skip
+            assert (await c.request("GET", "/health/live")).status == 200
+            assert c._quic._retry_source_connection_id is not None  # (it was retried)
+
+    run(main())
+
+
 def test_metrics_body_is_prometheus_text(tmp_path: Path) -> None:
     async def main() -> None:
         async with h3_node(tmp_path) as (_, h3), h3_client(h3.address) as c:
