@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .cli_agents import add_agent, run_agent
 from .cli_common import (
     EXIT_ANSWER,
     EXIT_CONNECT,
@@ -274,6 +275,7 @@ def add_client(sub: Any) -> None:
         help="only if the window is at version V, else conflict (default: no check)",
     )
     command("ping", "check that a node answers")
+    add_agent(command)
 
 
 def ratio(text: str) -> float:
@@ -427,6 +429,8 @@ async def _command(client: Client, args: argparse.Namespace, text: str) -> int:
             await _tail(client, args.session, args.after_seq, args.count)
         case "inbox":
             await _inbox(client, args.user, args.count)
+        case "agent":
+            await run_agent(client, args)
     return 0
 
 

@@ -27,6 +27,7 @@ import msgspec.msgpack
 
 from wire.protocol import (
     MESSAGE_BYTES_MAX,
+    Agent,
     ContextConfig,
     ErrorCode,
     Message,
@@ -145,7 +146,47 @@ class PostgresFlushed(msgspec.Struct, array_like=True, frozen=True, gc=False, ta
     reset: bool = False
 
 
-Command = CreateSession | Append | MarkRead | SetContextConfig | Compact | PostgresFlushed
+# -- agents (tags 30..39; ctxstore/agents/, docs/agents.md) --------------------------------------
+class PutAgent(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=30):
+    """Register (``create``: refused ``conflict`` if the id is taken) or replace (refused
+    ``not_found`` if there is none) an agent; it lives in the group of ``group_of(agent.id)``."""
+
+    agent: Agent
+    create: bool
+
+
+class DisableAgent(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=31):
+    agent_id: str
+
+
+class DispatchBegin(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=32):
+    """The group leader starts call ``attempt`` of the session's agent for the user messages
+    up to ``trigger_seq``: the session's in-flight marker.  Refused (``conflict``) when the
+    session's cursor is already at or past ``trigger_seq``, when ``trigger_seq`` is not a user
+    message's seq it knows, or when the marker holds this attempt or a later one of it."""
+
+    session_id: str
+    trigger_seq: int
+    attempt: int
+    started_at: int
+
+
+class DispatchEnd(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=33):
+    """Store the outcome of call ``attempt`` (the assembled reply, or a ``system`` message
+    saying the dispatch was dropped) and move the cursor to ``trigger_seq``.  Applied only while
+    the in-flight marker is exactly (``trigger_seq``, ``attempt``): a deposed leader's late
+    outcome, or a second one, is refused (``conflict``) and stores nothing."""
+
+    session_id: str
+    trigger_seq: int
+    attempt: int
+    append: Append
+
+
+Command = (
+    CreateSession | Append | MarkRead | SetContextConfig | Compact | PostgresFlushed
+    | PutAgent | DisableAgent | DispatchBegin | DispatchEnd
+)  # fmt: skip
 
 
 # -- results (one per applied command) -------------------------------------------------------------
@@ -189,7 +230,19 @@ class PostgresMarked(msgspec.Struct, array_like=True, frozen=True, gc=False, tag
     clean: int  # sessions of the command now entirely in Postgres
 
 
-Result = SessionCreated | Appended | ReadMarked | Rejected | ContextChanged | PostgresMarked
+class AgentSaved(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=30):
+    agent: Agent
+
+
+class DispatchBegun(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=31):
+    trigger_seq: int
+    attempt: int
+
+
+Result = (
+    SessionCreated | Appended | ReadMarked | Rejected | ContextChanged | PostgresMarked
+    | AgentSaved | DispatchBegun
+)  # fmt: skip
 
 
 # -- codecs ----------------------------------------------------------------------------------------
@@ -220,15 +273,21 @@ __all__ = [
     "ENTRY_BYTES_MAX",
     "ENTRY_FIELDS_BYTES_MAX",
     "Actor",
+    "AgentSaved",
     "Append",
     "Appended",
     "Command",
     "Compact",
     "ContextChanged",
     "CreateSession",
+    "DisableAgent",
+    "DispatchBegin",
+    "DispatchBegun",
+    "DispatchEnd",
     "MarkRead",
     "PostgresFlushed",
     "PostgresMarked",
+    "PutAgent",
     "ReadMarked",
     "Rejected",
     "Result",

@@ -183,6 +183,9 @@ class Node:
     def on_applied(self, group: int, index: int) -> None:
         self.archive.applied(group, index)
 
+    def on_dispatch(self, group: int, session_id: str) -> None:
+        """Dispatch commands come with the dispatch engine (ctxstore/agents/engine.py)."""
+
     def _snapshot_installed(self, group: int, index: int) -> None:
         self._archive_tails(group, index)
         self.subscriptions.on_restore(group)

@@ -55,17 +55,23 @@ from wire.aio import BaseHandler, Connection, Reply
 from wire.framing import SENDER_ROLES
 from wire.protocol import (
     MESSAGE_BYTES_MAX,
+    AgentInfo,
+    AgentList,
     Append,
     Appended,
     Compact,
     ContextChanged,
+    CreateAgent,
     CreateSession,
+    DisableAgent,
     Error,
+    GetAgent,
     GetContext,
     GetRoutes,
     GetSession,
     Hello,
     InboxSnapshot,
+    ListAgents,
     ListSessions,
     MarkRead,
     Messages,
@@ -84,11 +90,13 @@ from wire.protocol import (
     SubscribeInbox,
     Unsubscribe,
     Unsubscribed,
+    UpdateAgent,
     error,
 )
 from wire.protocol import Message as WireMessage
 
 from . import authz, commands, context
+from .agents.registry import check_agent
 from .auth import SERVICE, Principal, Unauthorized, Verifier, verifier_of
 from .history import HistoryUnavailable
 from .node import Node
@@ -233,6 +241,8 @@ class Service(BaseHandler):
                 return SessionList(request.rid, sessions, cursor)
             case Ping():
                 return Pong(request.rid)
+            case CreateAgent() | UpdateAgent() | GetAgent() | ListAgents() | DisableAgent():
+                return self._agent_request(conn, request)
             case GetRoutes():
                 leaders = [self.node.host.leader(g) for g in range(self.groups)]
                 version = self.node.driver.stats.soft_state_changes
@@ -264,6 +274,44 @@ class Service(BaseHandler):
         entries, truncated = self.inboxes.snapshot(r.user_id)
         conn.reply(InboxSnapshot(r.rid, sub_id, entries, truncated))
         self.inboxes.start(conn, sub_id, r.user_id)
+        return None
+
+    # -- agents (ctxstore/agents/; docs/agents.md) ------------------------------------------------
+    def _agent_request(
+        self,
+        conn: Connection,
+        r: CreateAgent | UpdateAgent | GetAgent | ListAgents | DisableAgent,
+    ) -> Reply:
+        """Writes go through the agent's group (``group_of(agent_id)``); ``get_agent`` reads
+        after that group's barrier; ``list_agents`` reads this node's applied state (every
+        group is replicated here), like ``list_sessions``."""
+        match r:
+            case CreateAgent() | UpdateAgent():
+                bad = check_agent(r.agent)
+                if bad is not None:
+                    return self._error(error(r.rid, "bad_request", f"{bad[0]}: {bad[1]}"))
+                cmd: commands.Command = commands.PutAgent(r.agent, type(r) is CreateAgent)
+                return self._submit(conn, r.rid, r.agent.id, cmd, r)
+            case DisableAgent():
+                cmd = commands.DisableAgent(r.agent_id)
+                return self._submit(conn, r.rid, r.agent_id, cmd, r)
+            case ListAgents():
+                agents, cursor = self.state.list_agents(r.cursor, r.limit)
+                return AgentList(r.rid, agents, cursor)
+        rid, agent_id = r.rid, r.agent_id
+        fut = self.router.barrier(group_of(agent_id, self.groups))
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():
+                conn.reply(self._error(error(rid, "timeout", "read barrier timed out")))
+            elif (exc := f.exception()) is not None:
+                conn.reply(self._failure(rid, exc))
+            elif (agent := self.state.get_agent(agent_id)) is None:
+                conn.reply(self._error(error(rid, "not_found", f"no agent {agent_id!r}")))
+            else:
+                conn.reply(AgentInfo(rid, agent))
+
+        fut.add_done_callback(done)
         return None
 
     # -- writes ---------------------------------------------------------------------------------
@@ -453,6 +501,8 @@ class Service(BaseHandler):
             case commands.ContextChanged(version, tokens, needs, first_seq):
                 assert isinstance(request, SetContextConfig | Compact)
                 return ContextChanged(rid, request.session_id, version, tokens, needs, first_seq)
+            case commands.AgentSaved(agent):
+                return AgentInfo(rid, agent)
             case commands.Rejected(code, message, details):
                 return self._error(error(rid, code, message, **details))
         logger.error("unexpected result %r", result)

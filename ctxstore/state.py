@@ -80,19 +80,25 @@ import msgspec.msgpack
 
 from raft.errors import InvariantViolation, check
 from raft.messages import Entry, EntryType
-from wire.protocol import ContextReason, Message, Session
+from wire.protocol import Agent, ContextReason, Message, Session
 
 from .authz import FORBIDDEN_MESSAGE, owns
 from .commands import (
     Actor,
+    AgentSaved,
     Append,
     Appended,
     Compact,
     ContextChanged,
     CreateSession,
+    DisableAgent,
+    DispatchBegin,
+    DispatchBegun,
+    DispatchEnd,
     MarkRead,
     PostgresFlushed,
     PostgresMarked,
+    PutAgent,
     ReadMarked,
     Rejected,
     SessionCreated,
@@ -153,6 +159,10 @@ class StateObserver(Protocol):
 
     def on_applied(self, group: int, index: int) -> None:
         """Every entry of ``group`` up to ``index`` is applied (called once per apply batch)."""
+
+    def on_dispatch(self, group: int, session_id: str) -> None:
+        """The session's dispatch cursor or in-flight marker changed (``DispatchBegin``,
+        ``DispatchEnd``); called after that entry's ``on_message``, if any."""
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -250,8 +260,11 @@ class _Session:
         "created_at",
         "cursors",
         "dedupe",
+        "dispatched_seq",
         "id",
+        "inflight",
         "last_seq",
+        "last_user_seq",
         "metadata",
         "tail",
         "tail_bytes",
@@ -283,6 +296,9 @@ class _Session:
         self.cursors: dict[str, int] = {}  # user id -> last read seq
         self.window: Window | None = None  # until the session's first set_context_config
         self.window_limits = window_limits
+        self.last_user_seq = 0  # the newest message sent by ``user``
+        self.dispatched_seq = 0  # the user messages up to it are answered (or dropped)
+        self.inflight: tuple[int, int] | None = None  # (trigger seq, attempt) of the call
 
     def to_wire(self) -> Session:
         return Session(
@@ -351,6 +367,7 @@ class _Session:
             self.dedupe,
             self.cursors,
             None if self.window is None else _window_snap(self.window),
+            [self.dispatched_seq, self.last_user_seq, *(self.inflight or (0, 0))],
         )
 
     @classmethod
@@ -375,6 +392,10 @@ class _Session:
         if snap.window is not None:
             s.window = Window(s.window_limits)
             _restore_window(s.window, snap.window)
+        if snap.dispatch:
+            check(len(snap.dispatch) == 4, f"snapshot of session {snap.id!r}: bad dispatch state")
+            s.dispatched_seq, s.last_user_seq, trigger, attempt = snap.dispatch
+            s.inflight = (trigger, attempt) if attempt else None
         return s
 
     def open_window(self, counts: dict[int, tuple[int, list[int]]]) -> Window:
@@ -445,6 +466,7 @@ class ConversationState:
         # group -> sessions whose tail has more than one message, least recently appended first
         self._evictable: dict[int, dict[str, _Session]] = {}
         self._where: dict[str, int] = {}  # session id -> group, all groups
+        self._agents: dict[int, dict[str, Agent]] = {}  # group -> agent id -> agent
         self._by_user: dict[str, list[str]] = {}  # user id -> sorted session ids, all groups
         # group -> session id -> [changed_index, flushed_seq, flushed_index, reset_seq] (Postgres
         # marks; reset_seq: last_seq at the group's last reset, the part a backfill copies)
@@ -456,6 +478,7 @@ class ConversationState:
         """Host ``group`` (empty unless it is already hosted).  ``apply`` and ``restore`` add
         groups implicitly."""
         self._groups.setdefault(group, {})
+        self._agents.setdefault(group, {})
         self._charge.setdefault(group, 0)
         self._evictable.setdefault(group, {})
         self._pg.setdefault(group, {})
@@ -465,6 +488,7 @@ class ConversationState:
         """Forget ``group`` (its replica moved away)."""
         for s in self._groups.pop(group, {}).values():
             self._unindex(s)
+        self._agents.pop(group, None)
         self._charge.pop(group, None)
         self._evictable.pop(group, None)
         self._pg.pop(group, None)
@@ -507,6 +531,14 @@ class ConversationState:
                     out.append(self._compact(sessions, cmd))
                 case PostgresFlushed():
                     out.append(self._postgres_flushed(group, e.index, sessions, cmd))
+                case DispatchBegin():
+                    out.append(self._dispatch_begin(group, sessions, cmd))
+                case DispatchEnd():
+                    out.append(self._dispatch_end(group, e.index, sessions, cmd))
+                case PutAgent():
+                    out.append(self._put_agent(group, cmd))
+                case DisableAgent():
+                    out.append(self._disable_agent(group, cmd))
         if self.observer is not None and entries:
             self.observer.on_applied(group, entries[-1].index)
         return out
@@ -521,6 +553,7 @@ class ConversationState:
             evictable,
             pg,
             self._pg_epoch.get(group, 0),
+            [a for _, a in sorted(self._agents.get(group, {}).items())],
         )
         return _encoder.encode(snap)
 
@@ -546,6 +579,10 @@ class ConversationState:
                 f"group {group}: snapshot holds session {ss.id!r} twice or of another group",
             )
             self._add(group, sessions, _Session.from_snap(ss, self.limits, evicted))
+        agents = self._agents[group]
+        for a in snap.agents:
+            check(self._placed(a.id, group), f"group {group}: snapshot holds agent {a.id!r}")
+            agents[a.id] = a
         evictable = self._evictable[group]
         for sid in snap.evictable or list(sessions):
             s = sessions.get(sid)
@@ -668,6 +705,7 @@ class ConversationState:
             s.remember(cmid, (seq, cmd.inserted_at, fingerprint), self.limits.dedupe_ids_max)
         if cmd.sender == "user":  # the user has read what came before its own message
             s.set_cursor(s.user_id, seq, self.limits.cursors_max)
+            s.last_user_seq = seq
         if observer is not None:
             observer.on_message(group, index, s.user_id, msg)
             if reasons:
@@ -728,6 +766,74 @@ class ConversationState:
             w.version, w.tokens, w.needs_compaction, s.last_seq + 1 if first is None else first
         )
 
+    # -- agents ------------------------------------------------------------------------------
+    def _put_agent(self, group: int, cmd: PutAgent) -> AgentSaved | Rejected:
+        agent = cmd.agent
+        if not self._placed(agent.id, group):
+            return Rejected("bad_request", f"agent {agent.id!r} belongs to another group", {})
+        agents = self._agents[group]
+        known = agent.id in agents
+        if cmd.create and known:
+            return Rejected("conflict", f"agent {agent.id!r} exists (update_agent changes it)", {})
+        if not cmd.create and not known:
+            return Rejected("not_found", f"no agent {agent.id!r}", {})
+        agents[agent.id] = agent
+        return AgentSaved(agent)
+
+    def _disable_agent(self, group: int, cmd: DisableAgent) -> AgentSaved | Rejected:
+        agents = self._agents[group]
+        agent = agents.get(cmd.agent_id)
+        if agent is None:
+            return Rejected("not_found", f"no agent {cmd.agent_id!r}", {})
+        if agent.status != "disabled":
+            agent = agents[agent.id] = msgspec.structs.replace(agent, status="disabled")
+        return AgentSaved(agent)
+
+    def _dispatch_begin(
+        self, group: int, sessions: dict[str, _Session], cmd: DispatchBegin
+    ) -> DispatchBegun | Rejected:
+        s = sessions.get(cmd.session_id)
+        if s is None:
+            return _not_found(cmd.session_id)
+        trigger, attempt = cmd.trigger_seq, cmd.attempt
+        if trigger <= s.dispatched_seq or trigger > s.last_user_seq or attempt < 1:
+            return Rejected(
+                "conflict",
+                f"trigger {trigger} is not past the dispatch cursor {s.dispatched_seq} up to "
+                f"the last user message {s.last_user_seq}",
+                {"dispatched_seq": s.dispatched_seq, "last_user_seq": s.last_user_seq},
+            )
+        if s.inflight is not None and s.inflight >= (trigger, attempt):
+            return Rejected(
+                "conflict",
+                f"attempt {s.inflight[1]} of trigger {s.inflight[0]} is in flight",
+                {"trigger_seq": s.inflight[0], "attempt": s.inflight[1]},
+            )
+        s.inflight = (trigger, attempt)
+        if self.observer is not None:
+            self.observer.on_dispatch(group, s.id)
+        return DispatchBegun(trigger, attempt)
+
+    def _dispatch_end(
+        self, group: int, index: int, sessions: dict[str, _Session], cmd: DispatchEnd
+    ) -> Appended | Rejected:
+        s = sessions.get(cmd.session_id)
+        if s is None:
+            return _not_found(cmd.session_id)
+        if s.inflight != (cmd.trigger_seq, cmd.attempt) or cmd.append.session_id != s.id:
+            return Rejected(
+                "conflict",
+                f"attempt {cmd.attempt} of trigger {cmd.trigger_seq} is not in flight",
+                {"dispatched_seq": s.dispatched_seq},
+            )
+        result = self._append(group, index, sessions, cmd.append)
+        if isinstance(result, Appended):
+            s.dispatched_seq = cmd.trigger_seq
+            s.inflight = None
+            if self.observer is not None:
+                self.observer.on_dispatch(group, s.id)
+        return result
+
     def _mark_read(
         self, group: int, index: int, sessions: dict[str, _Session], cmd: MarkRead
     ) -> ReadMarked | Rejected:
@@ -783,6 +889,38 @@ class ConversationState:
         return PostgresMarked(clean)
 
     # -- queries -----------------------------------------------------------------------------------
+    def get_agent(self, agent_id: str) -> Agent | None:
+        for agents in self._agents.values():
+            agent = agents.get(agent_id)
+            if agent is not None:
+                return agent
+        return None
+
+    def list_agents(self, cursor: str | None, limit: int) -> tuple[list[Agent], str | None]:
+        """The agents of this node's groups with id > ``cursor``, by id; the next cursor is None
+        on the last page."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        ids = sorted(a for agents in self._agents.values() for a in agents)
+        start = 0 if cursor is None else bisect_right(ids, cursor)
+        page = ids[start : start + limit]
+        found = [a for a in (self.get_agent(i) for i in page) if a is not None]
+        return found, (page[-1] if start + limit < len(ids) else None)
+
+    def dispatch_state(
+        self, session_id: str
+    ) -> tuple[str, str, int, int, tuple[int, int] | None] | None:
+        """(agent id, user id, last user seq, dispatched seq, in-flight marker) of a session."""
+        s = self._lookup(session_id)
+        if s is None:
+            return None
+        return s.agent_id, s.user_id, s.last_user_seq, s.dispatched_seq, s.inflight
+
+    def undispatched(self, group: int) -> list[str]:
+        """The sessions of ``group`` with user messages past their dispatch cursor."""
+        return [s.id for s in self._groups.get(group, {}).values()
+                if s.last_user_seq > s.dispatched_seq]  # fmt: skip
+
     def get_session(self, session_id: str) -> Session | None:
         s = self._lookup(session_id)
         return None if s is None else s.to_wire()

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from wire.protocol import ContextConfig, Message
+from wire.protocol import Agent, ContextConfig, Message
 
 
 class ReadResult(msgspec.Struct, array_like=True, frozen=True):
@@ -33,6 +33,9 @@ class SessionSnap(msgspec.Struct, array_like=True, gc=False):
     dedupe: dict[str, tuple[int, int, bytes]]  # oldest first
     cursors: dict[str, int]  # insertion order
     window: WindowSnap | None = None  # None: taken before context windows (an empty window)
+    # agents' dispatch: [dispatched_seq, last_user_seq, in-flight trigger seq, attempt] (0, 0:
+    # none in flight); empty: taken before agents (nothing dispatched, no user seq known)
+    dispatch: list[int] = []
 
 
 class RecordSnap(msgspec.Struct, array_like=True, gc=False):
@@ -62,3 +65,4 @@ class GroupSnap(msgspec.Struct, array_like=True, gc=False):
     # (session_id, changed_index, flushed_seq, flushed_index, reset_seq), oldest change first.
     postgres: list[tuple[str, int, int, int, int]] = []
     postgres_epoch: int = 0  # index of the group's last PostgresFlushed(reset=True)
+    agents: list[Agent] = []  # the agents registered in this group, by id

@@ -43,17 +43,25 @@ from .errors import ClientError
 from .protocol import (
     FRAME_BYTES_MAX,
     PROTOCOL_VERSION,
+    Agent,
+    AgentInfo,
+    AgentList,
+    AgentProtocol,
     Append,
     Appended,
     Compact,
     Context,
     ContextChanged,
+    CreateAgent,
     CreateSession,
+    DisableAgent,
     Error,
+    GetAgent,
     GetContext,
     GetRoutes,
     GetSession,
     Hello,
+    ListAgents,
     ListSessions,
     MarkRead,
     Messages,
@@ -76,6 +84,7 @@ from .protocol import (
     Tokenizer,
     Unsubscribe,
     Unsubscribed,
+    UpdateAgent,
     Welcome,
 )
 from .subscription import Follower, InboxSubscription, Subscription
@@ -151,6 +160,27 @@ def append_message(
     return Append(
         0, session_id, sender, sender_id, kind, content, metadata or {}, client_msg_id,
         expected_seq, token_count, role, parts, if_version,
+    )  # fmt: skip
+
+
+def agent(
+    agent_id: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout_ms: int = 120_000,
+    idle_timeout_ms: int = 30_000,
+    debounce_ms: int = 500,
+    history: str = "all",
+    max_attempts: int = 5,
+    status: str = "active",
+    protocol: AgentProtocol = "auto",
+) -> Agent:
+    """An ``Agent`` with the defaults of docs/agents.md, validated as a server would."""
+    return msgspec.convert(
+        [agent_id, url, headers or {}, timeout_ms, idle_timeout_ms, debounce_ms, history,
+         max_attempts, status, protocol],
+        Agent,
     )  # fmt: skip
 
 
@@ -263,6 +293,23 @@ class Client:
         request = ListSessions(self._next_rid(), user_id, cursor, limit)
         return await self._call(request, SessionList)
 
+    # -- agents (docs/agents.md) ------------------------------------------------------------------
+    async def create_agent(self, agent: Agent) -> AgentInfo:
+        """Register an agent (``conflict`` if its id is taken); ``agent(...)`` builds one."""
+        return await self._call(CreateAgent(self._next_rid(), agent), AgentInfo)
+
+    async def update_agent(self, agent: Agent) -> AgentInfo:
+        return await self._call(UpdateAgent(self._next_rid(), agent), AgentInfo)
+
+    async def get_agent(self, agent_id: str) -> AgentInfo:
+        return await self._call(GetAgent(self._next_rid(), agent_id), AgentInfo)
+
+    async def list_agents(self, cursor: str | None = None, limit: int = 100) -> AgentList:
+        return await self._call(ListAgents(self._next_rid(), cursor, limit), AgentList)
+
+    async def disable_agent(self, agent_id: str) -> AgentInfo:
+        return await self._call(DisableAgent(self._next_rid(), agent_id), AgentInfo)
+
     @_called_as(append_message)
     async def append(self, request: Append) -> Appended:
         """Append one message.  On a retryable error the outcome is unknown: send it again
@@ -360,6 +407,7 @@ class Client:
         *,
         queue_max: int = 10_000,
         context_events: bool = False,
+        stream_chunks: bool = False,
     ) -> Subscription:
         """Follow a session: an async iterator of every ``Message`` with ``seq > after_seq``
         (and ``GapEvent`` for those that will not come), in order, then the live ones; it
@@ -367,8 +415,10 @@ class Client:
         client.subscribe(...) as sub`` or the first ``async for`` step sends the Subscribe and
         waits for ``Subscribed``; they raise ``ClientError`` if it fails (``not_found``: no such
         session).  ``context_events``: also yield a ``ContextEvent`` whenever the session's
-        context window is compacted, trimmed or configured, or goes over its budget."""
-        return Subscription(self, session_id, after_seq, queue_max, context_events)
+        context window is compacted, trimmed or configured, or goes over its budget.
+        ``stream_chunks``: also yield each ``ChunkEvent`` of the session's agent, live (not
+        replayed on a resume)."""
+        return Subscription(self, session_id, after_seq, queue_max, context_events, stream_chunks)
 
     def subscribe_inbox(self, user_id: str, *, queue_max: int = 10_000) -> InboxSubscription:
         """Follow a user's inbox: an async iterator of an ``InboxSnapshot``, then

@@ -28,14 +28,15 @@ from msgspec import Meta
 
 from .parts import Role
 
-PROTOCOL_VERSION = 2
-PROTOCOL_VERSIONS = frozenset({1, 2})
+PROTOCOL_VERSION = 3
+PROTOCOL_VERSIONS = frozenset({1, 2, 3})
 """What a server accepts in ``Hello`` and a client in ``Welcome`` (which echoes the client's).
-Version 2 added structured messages (``role``, ``parts``) and context windows.  The rule: a
-version only appends fields (with defaults) and adds request, response and push types, so a
-server of version N serves clients of every version up to N: a version-1 client never sends
-the new requests, leaves the new fields out (they mean what version 1 meant) and ignores the
-fields appended to what it receives.  A client of version N needs a server of version N
+Version 2 added structured messages (``role``, ``parts``) and context windows; version 3 the
+agents registry (``create_agent``...) and live agent chunks (``Subscribe.stream_chunks``).
+The rule: a version only appends fields (with defaults) and adds request, response and push
+types, so a server of version N serves clients of every version up to N: a version-1 client
+never sends the new requests, leaves the new fields out (they mean what version 1 meant) and
+ignores the fields appended to what it receives.  A client of version N needs a server of version N
 (its requests carry the new fields): upgrade the servers first."""
 FRAME_BYTES_MAX = 4 * 1024 * 1024  # default negotiated maximum (Welcome.max_frame_bytes)
 METADATA_BYTES_MAX = 16 * 1024  # a metadata map, msgpack-encoded
@@ -192,6 +193,38 @@ class InboxEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     preview: str  # the start of the last message's content
 
 
+# -- agents (version 3; docs/agents.md) ------------------------------------------------------------
+AgentUrl = Annotated[
+    str, Meta(min_length=10, max_length=2048, pattern=r"^https?://[^\s/?#@]+(?:[/?][^\s]*)?$")
+]
+HeaderName = Annotated[
+    str, Meta(min_length=1, max_length=128, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+]
+HeaderValue = Annotated[str, Meta(max_length=8192, pattern=r"^[^\r\n\x00]*$")]
+HistoryMode = Annotated[str, Meta(max_length=16, pattern=r"^(?:all|window|tail [1-9][0-9]{0,3})$")]
+"""Which messages a webhook call carries: ``all`` (the history up to the trigger, at most
+``AGENT_HISTORY_MESSAGES_MAX``, the newest), ``tail N`` (the last N, 1..9999) or ``window``
+(the session's context window, as ``get_context`` returns it)."""
+AgentStatus = Literal["active", "disabled"]
+AgentProtocol = Literal["auto", "h1", "h2"]  # h2 on http://: HTTP/2 with prior knowledge (h2c)
+AGENT_HEADERS_MAX = 32
+
+
+class Agent(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A registered agent: where and how its webhook is called (every field sent)."""
+
+    id: Id
+    url: AgentUrl
+    headers: Annotated[dict[HeaderName, HeaderValue], Meta(max_length=AGENT_HEADERS_MAX)]
+    timeout_ms: Annotated[int, Meta(ge=100, le=3_600_000)]  # the whole call
+    idle_timeout_ms: Annotated[int, Meta(ge=100, le=600_000)]  # between two chunks
+    debounce_ms: Annotated[int, Meta(ge=0, le=60_000)]
+    history: HistoryMode
+    max_attempts: Annotated[int, Meta(ge=1, le=20)]
+    status: AgentStatus
+    protocol: AgentProtocol
+
+
 # -- requests (client -> server) -------------------------------------------------------------------
 class Hello(msgspec.Struct, array_like=True, tag="hello", forbid_unknown_fields=True):
     """Must be the first frame of a connection."""
@@ -294,6 +327,8 @@ class Subscribe(msgspec.Struct, array_like=True, tag="subscribe", forbid_unknown
     # version 2: also push a ``ContextEvent`` when the session's context window changes other
     # than by an append, or goes over its budget
     context_events: bool = False
+    # version 3: also push the session's live agent chunks (``ChunkEvent``)
+    stream_chunks: bool = False
 
 
 class Unsubscribe(msgspec.Struct, array_like=True, tag="unsubscribe", forbid_unknown_fields=True):
@@ -345,6 +380,42 @@ class Compact(msgspec.Struct, array_like=True, tag="compact", forbid_unknown_fie
     if_version: Version | None
 
 
+class CreateAgent(msgspec.Struct, array_like=True, tag="create_agent", forbid_unknown_fields=True):
+    """Register an agent (``conflict`` if its id is taken: ``update_agent`` changes it)."""
+
+    rid: Rid
+    agent: Agent
+
+
+class UpdateAgent(msgspec.Struct, array_like=True, tag="update_agent", forbid_unknown_fields=True):
+    """Replace a registered agent's fields (``not_found`` if there is none)."""
+
+    rid: Rid
+    agent: Agent
+
+
+class GetAgent(msgspec.Struct, array_like=True, tag="get_agent", forbid_unknown_fields=True):
+    rid: Rid
+    agent_id: Id
+
+
+class ListAgents(msgspec.Struct, array_like=True, tag="list_agents", forbid_unknown_fields=True):
+    """Registered agents by id; ``cursor``: the ``next_cursor`` of the previous page."""
+
+    rid: Rid
+    cursor: Annotated[str, Meta(max_length=256)] | None
+    limit: Limit
+
+
+class DisableAgent(
+    msgspec.Struct, array_like=True, tag="disable_agent", forbid_unknown_fields=True
+):
+    """Stop dispatching to the agent (calls in flight finish); ``update_agent`` re-enables."""
+
+    rid: Rid
+    agent_id: Id
+
+
 Request = (
     Hello
     | CreateSession
@@ -361,6 +432,11 @@ Request = (
     | SetContextConfig
     | GetContext
     | Compact
+    | CreateAgent
+    | UpdateAgent
+    | GetAgent
+    | ListAgents
+    | DisableAgent
 )
 
 
@@ -476,6 +552,19 @@ class ContextChanged(msgspec.Struct, array_like=True, tag="context_changed"):
     window_first_seq: int
 
 
+class AgentInfo(msgspec.Struct, array_like=True, tag="agent"):
+    """Answers ``create_agent``, ``update_agent``, ``get_agent`` and ``disable_agent``."""
+
+    rid: int
+    agent: Agent
+
+
+class AgentList(msgspec.Struct, array_like=True, tag="agents"):
+    rid: int
+    agents: list[Agent]
+    next_cursor: str | None  # nil on the last page
+
+
 Response = (
     Welcome
     | SessionInfo
@@ -491,6 +580,8 @@ Response = (
     | InboxSnapshot
     | Context
     | ContextChanged
+    | AgentInfo
+    | AgentList
 )
 
 
@@ -539,7 +630,19 @@ class ContextEvent(msgspec.Struct, array_like=True, tag="context_event"):
     window_first_seq: int
 
 
-Push = MessageEvent | GapEvent | InboxDelta | SubscriptionClosed | ContextEvent
+class ChunkEvent(msgspec.Struct, array_like=True, tag="stream_chunk"):
+    """One chunk of an agent's streamed answer (AI SDK UI message stream), live, not stored:
+    the answer to the user messages up to ``trigger_seq``, call ``attempt`` (a client drops
+    the chunks of an earlier attempt when a later one starts).  Pushed only to subscriptions
+    that asked (``Subscribe.stream_chunks``)."""
+
+    sub_id: int
+    trigger_seq: int
+    attempt: int
+    chunk: dict[str, Any]
+
+
+Push = MessageEvent | GapEvent | InboxDelta | SubscriptionClosed | ContextEvent | ChunkEvent
 
 RETRYABLE: frozenset[str] = frozenset({"unavailable", "timeout", "rate_limited"})
 
@@ -549,6 +652,7 @@ def error(rid: int, code: ErrorCode, message: str, **details: Any) -> Error:
 
 
 __all__ = [
+    "AGENT_HEADERS_MAX",
     "FRAME_BYTES_MAX",
     "MESSAGE_BYTES_MAX",
     "METADATA_BYTES_MAX",
@@ -557,8 +661,15 @@ __all__ = [
     "PROTOCOL_VERSIONS",
     "READ_BYTES_MAX",
     "RETRYABLE",
+    "Agent",
+    "AgentInfo",
+    "AgentList",
+    "AgentProtocol",
+    "AgentStatus",
+    "AgentUrl",
     "Append",
     "Appended",
+    "ChunkEvent",
     "CloseReason",
     "Compact",
     "Context",
@@ -566,19 +677,24 @@ __all__ = [
     "ContextConfig",
     "ContextEvent",
     "ContextReason",
+    "CreateAgent",
     "CreateSession",
+    "DisableAgent",
     "Error",
     "ErrorCode",
     "GapEvent",
     "GapReason",
+    "GetAgent",
     "GetContext",
     "GetRoutes",
     "GetSession",
     "Hello",
+    "HistoryMode",
     "InboxDelta",
     "InboxEntry",
     "InboxSnapshot",
     "LastN",
+    "ListAgents",
     "ListSessions",
     "Manual",
     "MarkRead",
@@ -612,6 +728,7 @@ __all__ = [
     "Tokenizer",
     "Unsubscribe",
     "Unsubscribed",
+    "UpdateAgent",
     "Welcome",
     "error",
 ]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar
 from .client_connection import Connection
 from .errors import ClientError
 from .protocol import (
+    ChunkEvent,
     ContextEvent,
     GapEvent,
     InboxDelta,
@@ -341,7 +342,7 @@ class Follower(abc.ABC, Generic[T]):
         self._wake()
 
 
-class Subscription(Follower[Message | GapEvent | ContextEvent]):
+class Subscription(Follower[Message | GapEvent | ContextEvent | ChunkEvent]):
     """A session followed in seq order: yields ``Message`` and ``GapEvent`` (see
     ``Client.subscribe``), and ``ContextEvent`` when asked for (``context_events``).
     ``last_seq``: the seq of the last message or gap yielded (a GapEvent's ``to_seq``); a
@@ -354,15 +355,19 @@ class Subscription(Follower[Message | GapEvent | ContextEvent]):
         after_seq: int,
         queue_max: int,
         context_events: bool = False,
+        stream_chunks: bool = False,
     ) -> None:
         super().__init__(client, queue_max)
         self.session_id = session_id
         self.last_seq = after_seq
         self.context_events = context_events
+        self.stream_chunks = stream_chunks
         self.start_last_seq: int | None = None  # Subscribed.last_seq of the latest subscribe
 
     def _request(self, rid: int) -> Request:
-        return Subscribe(rid, self.session_id, self.last_seq, self.context_events)
+        return Subscribe(
+            rid, self.session_id, self.last_seq, self.context_events, self.stream_chunks
+        )
 
     def _expect(self) -> type[Subscribed]:
         return Subscribed
@@ -375,14 +380,18 @@ class Subscription(Follower[Message | GapEvent | ContextEvent]):
     def _accept(self, push: Push) -> None:
         if type(push) is MessageEvent:
             self._queue.extend(push.messages)
-        elif type(push) is GapEvent or (type(push) is ContextEvent and self.context_events):
+        elif (
+            type(push) is GapEvent
+            or (type(push) is ContextEvent and self.context_events)
+            or (type(push) is ChunkEvent and self.stream_chunks)
+        ):
             self._queue.append(push)
         else:
             self._fail(ClientError("internal", f"{type(push).__name__} for a session", False))
 
-    def _check(self, item: Message | GapEvent | ContextEvent) -> None:
+    def _check(self, item: Message | GapEvent | ContextEvent | ChunkEvent) -> None:
         expected = self.last_seq + 1
-        if type(item) is ContextEvent:
+        if type(item) is ContextEvent or type(item) is ChunkEvent:
             return
         if type(item) is Message:
             if item.seq != expected:

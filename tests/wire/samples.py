@@ -6,16 +6,23 @@ from __future__ import annotations
 from typing import Any, get_args
 
 from wire.protocol import (
+    Agent,
+    AgentInfo,
+    AgentList,
     Append,
     Appended,
+    ChunkEvent,
     Compact,
     Context,
     ContextChanged,
     ContextConfig,
     ContextEvent,
+    CreateAgent,
     CreateSession,
+    DisableAgent,
     Error,
     GapEvent,
+    GetAgent,
     GetContext,
     GetRoutes,
     GetSession,
@@ -24,6 +31,7 @@ from wire.protocol import (
     InboxEntry,
     InboxSnapshot,
     LastN,
+    ListAgents,
     ListSessions,
     Manual,
     MarkRead,
@@ -52,6 +60,7 @@ from wire.protocol import (
     TokenBudget,
     Unsubscribe,
     Unsubscribed,
+    UpdateAgent,
     Welcome,
 )
 
@@ -95,6 +104,11 @@ INBOX = [
     InboxEntry("s-2", "agent-2", 0, 0, T0, None, None, ""),
 ]
 
+AGENT = Agent(
+    "agent-1", "https://agents.example/hook?v=1", {"Authorization": "Bearer k"}, 120_000,
+    30_000, 500, "tail 20", 5, "active", "auto",
+)  # fmt: skip
+
 REQUESTS: dict[str, Request] = {
     "hello": Hello(1, 1, "ctxstore-python", "s3cret"),
     "create_session": CreateSession(2, "u-1", "agent-1", {"title": "Trip"}, "s-1"),
@@ -120,6 +134,11 @@ REQUESTS: dict[str, Request] = {
         ],
         3,
     ),
+    "create_agent": CreateAgent(16, AGENT),
+    "update_agent": UpdateAgent(17, AGENT),
+    "get_agent": GetAgent(18, "agent-1"),
+    "list_agents": ListAgents(19, None, 100),
+    "disable_agent": DisableAgent(20, "agent-1"),
 }
 
 RESPONSES: dict[str, Response] = {
@@ -148,6 +167,8 @@ RESPONSES: dict[str, Response] = {
         CONFIG,
     ),
     "context_changed": ContextChanged(15, "s-1", 4, 25, False, 1),
+    "agent": AgentInfo(16, AGENT),
+    "agents": AgentList(19, [AGENT], None),
 }
 
 PUSHES: dict[str, Push] = {
@@ -156,6 +177,7 @@ PUSHES: dict[str, Push] = {
     "inbox_delta": InboxDelta(2, INBOX[:1]),
     "subscription_closed": SubscriptionClosed(1, "slow_consumer", "1000 messages behind"),
     "context_event": ContextEvent(1, "compacted", 4, 25, False, 1),
+    "stream_chunk": ChunkEvent(1, 3, 1, {"type": "text-delta", "id": "t1", "delta": "Hel"}),
 }
 
 SAMPLES: dict[str, Request | Response | Push] = {**REQUESTS, **RESPONSES, **PUSHES}

@@ -294,8 +294,8 @@ def test_an_invalid_hello_is_a_protocol_error(body: list[Any]) -> None:
 
 def test_an_unsupported_protocol_version_is_refused() -> None:
     server = ServerConnection()
-    server.receive_data(encode_frame(Hello(1, 3, "x", None)))
-    assert_protocol_error(server, "bad_request", "protocol_version: 3 is not supported")
+    server.receive_data(encode_frame(Hello(1, 4, "x", None)))
+    assert_protocol_error(server, "bad_request", "protocol_version: 4 is not supported")
 
 
 def test_a_second_hello_is_a_protocol_error() -> None:
