@@ -37,6 +37,7 @@ from raft.wal import WAL
 from wire.aio import Handler, Server, serve
 from wire.protocol import ContextReason, Message, Session
 
+from .agents.engine import Dispatcher
 from .archive import Archive, ArchiveConfig, Retention
 from .backfill import Backfill, serve_history
 from .config import ConfigError, Settings, parse_address
@@ -147,6 +148,10 @@ class Node:
 
                 self.postgres_history = PostgresHistory(self.postgres)
                 self.backfill.source = self.postgres_history.fetch
+        self.dispatcher = Dispatcher(
+            s.node_id, self.state, self.router, self.host.leader, s.groups, self.history,
+            self.subscriptions, self.counters, now_ms,
+        )  # fmt: skip
 
     def _postgres_hold(self, session_id: str) -> int:
         """The archive's retention floor for ``session_id`` (called on the archive's writer
@@ -162,6 +167,7 @@ class Node:
         self.inboxes.on_change(user_id, message.session_id)
         if self.postgres is not None:
             self.postgres.on_message()
+        self.dispatcher.on_message(group, message)
 
     def on_session(self, group: int, index: int, session: Session) -> None:
         self.inboxes.on_change(session.user_id, session.id)
@@ -184,7 +190,7 @@ class Node:
         self.archive.applied(group, index)
 
     def on_dispatch(self, group: int, session_id: str) -> None:
-        """Dispatch commands come with the dispatch engine (ctxstore/agents/engine.py)."""
+        self.dispatcher.on_dispatch(group, session_id)
 
     def _snapshot_installed(self, group: int, index: int) -> None:
         self._archive_tails(group, index)
@@ -282,6 +288,7 @@ class Node:
         self.backfill.start()
         if self.postgres is not None:
             self.postgres.start()
+        self.dispatcher.start()
         if peers:
             self._leaderless_timer = asyncio.get_running_loop().call_later(
                 LEADERLESS_CHECK_S, self._check_leaderless
@@ -293,6 +300,7 @@ class Node:
 
     def _on_leader_change(self, group: int, leader: int) -> None:
         self.router.on_leader_change(group, leader)
+        self.dispatcher.on_leader_change(group, leader)
         if leader == NONE:
             self._leaderless.setdefault(group, asyncio.get_running_loop().time())
         else:
@@ -316,6 +324,7 @@ class Node:
                     logger.info("ended the subscriptions of group %d: no leader", group)
 
     async def stop(self) -> None:
+        await self.dispatcher.stop()
         if self._leaderless_timer is not None:
             self._leaderless_timer.cancel()
             self._leaderless_timer = None

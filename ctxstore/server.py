@@ -574,8 +574,9 @@ class Service(BaseHandler):
         conn.reply(Subscribed(r.rid, sub_id, last_seq))
         group = group_of(r.session_id, self.groups)
         self.subscriptions.start(
-            conn, sub_id, r.session_id, group, r.after_seq, last_seq, r.context_events
-        )
+            conn, sub_id, r.session_id, group, r.after_seq, last_seq, r.context_events,
+            r.stream_chunks,
+        )  # fmt: skip
 
     def _get_context(self, conn: Connection, r: GetContext) -> None:
         plan = context.plan(self.state, r)

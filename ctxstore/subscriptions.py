@@ -39,11 +39,12 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from wire.aio import Connection
 from wire.errors import LocalProtocolError
 from wire.protocol import (
+    ChunkEvent,
     CloseReason,
     ContextEvent,
     ContextReason,
@@ -75,13 +76,15 @@ class SubscriptionLimits:
 
 class _Sub:
     __slots__ = ("closed", "conn", "context_events", "events", "group", "live", "next_seq",
-                 "outbox", "session_id", "sub_id", "task")  # fmt: skip
+                 "outbox", "session_id", "stream_chunks", "sub_id", "task")  # fmt: skip
 
     def __init__(
-        self, sub_id: int, conn: Connection, session_id: str, group: int, context_events: bool
-    ) -> None:
+        self, sub_id: int, conn: Connection, session_id: str, group: int, context_events: bool,
+        stream_chunks: bool = False,
+    ) -> None:  # fmt: skip
         self.sub_id = sub_id
         self.context_events = context_events
+        self.stream_chunks = stream_chunks
         self.conn = conn
         self.session_id = session_id
         self.group = group
@@ -118,6 +121,8 @@ class Subscriptions(Streams[str, _Sub]):
         self.gaps = 0
         self.unpushable = 0  # messages no frame could hold: pushed as a gap (never expected)
         self.closed_leaderless = 0  # closed by close_group
+        self.pushed_chunks = 0  # live agent chunks pushed (ChunkEvent)
+        self.chunks_dropped = 0  # not pushed: the connection was behind
 
     # -- requests ---------------------------------------------------------------------------------
     def start(
@@ -129,10 +134,11 @@ class Subscriptions(Streams[str, _Sub]):
         after_seq: int,
         last_seq: int,
         context_events: bool = False,
+        stream_chunks: bool = False,
     ) -> None:
         """Begin delivering after ``after_seq`` (the ``Subscribed`` answer, with the session's
         ``last_seq``, is already queued); ``context_events``: ``on_context`` pushes too."""
-        sub = _Sub(sub_id, conn, session_id, group, context_events)
+        sub = _Sub(sub_id, conn, session_id, group, context_events, stream_chunks)
         sub.next_seq = after_seq + 1
         self._subs.add(session_id, sub)
         if sub.next_seq > last_seq:
@@ -180,6 +186,33 @@ class Subscriptions(Streams[str, _Sub]):
         if self._dirty and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def on_chunk(
+        self, session_id: str, trigger_seq: int, attempt: int, chunk: dict[str, Any]
+    ) -> int:
+        """Push one live agent chunk (ctxstore/agents/engine.py) to the session's subscribers
+        that asked for them, at once; to one whose connection is over ``backlog_bytes_high``
+        it is dropped (chunks are not replayed: the stored reply is the record).  How many
+        subscribers it was pushed to."""
+        subs = self._subs.of_key(session_id)
+        if not subs:
+            return 0
+        pushed = 0
+        high = self.limits.backlog_bytes_high
+        for sub in subs.values():
+            if not sub.stream_chunks or sub.closed:
+                continue
+            if sub.conn.backlog_bytes > high:
+                self.chunks_dropped += 1
+                continue
+            try:
+                sub.conn.push(ChunkEvent(sub.sub_id, trigger_seq, attempt, chunk))
+            except LocalProtocolError:  # too large for the frame, or the connection is going
+                self.chunks_dropped += 1
+                continue
+            pushed += 1
+        self.pushed_chunks += pushed
+        return pushed
 
     def on_context(self, session_id: str, window: Window, reasons: list[ContextReason]) -> None:
         """Queue a ``ContextEvent`` per reason for the session's subscribers, pushed after the

@@ -1,0 +1,506 @@
+"""The dispatch engine: on the leader of each session's group, call the session's agent for its
+new user messages, push the streamed chunks live, and store the assembled reply exactly once
+(design §5.5; docs/agents.md).
+
+Driven by replicated state (ctxstore/state.py), so a new leader resumes what an old one left:
+- each session keeps ``last_user_seq``, the cursor ``dispatched_seq`` and an in-flight marker
+  (trigger seq, attempt).  User messages past the cursor arm a **debounce** on the group's
+  leader (sliding: each new one restarts it, bounded by ``MAX_WAIT_FACTOR`` x ``debounce_ms``
+  after the first); when it fires, **one task per session** runs the calls;
+- a call starts by committing ``DispatchBegin`` (trigger = the newest user seq, attempt = the
+  marker's + 1 for the same trigger, else 1), and ends by committing ``DispatchEnd`` with the
+  reply (or a ``system`` message saying the dispatch was dropped), which the state machine
+  applies only while the marker is still that (trigger, attempt): a deposed leader's late reply
+  or a second outcome of the same attempt stores nothing.  The reply's ``client_msg_id`` is
+  ``agent-reply:<trigger>:<attempt>`` (``agent-drop:...`` for a drop): deterministic, so a
+  retried proposal is deduplicated too;
+- a leader that loses a group cancels that group's calls (their chunks stop); the new leader's
+  ``on_leader_change`` finds the sessions past their cursor and starts the next attempt.
+Failures: a stream that ends without ``finish``/``abort``, malformed chunks, an ``error`` chunk,
+a timeout (whole call or between chunks), a connection failure, 408, 429 and 5xx are retried
+with backoff (``backoff_base_s`` x 2^n up to ``backoff_max_s``, full jitter; ``Retry-After``
+honoured on 429/503, at most ``retry_after_max_s``) until ``max_attempts``; other 4xx, a wrong
+content type and an invalid reply are not.  Appends never wait on any of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import msgspec
+import msgspec.json
+
+from wire.parts import PartError, check_parts
+from wire.protocol import MESSAGE_BYTES_MAX, METADATA_BYTES_MAX, Agent, Message
+
+from .. import commands
+from ..context import Plan, answer, from_history, from_tail
+from ..history import History, HistoryUnavailable
+from ..placement import group_of
+from ..router import RouteError, Router
+from ..state import ConversationState, payload_bytes
+from ..subscriptions import Subscriptions
+from ..tokens import TokenCounters, offload
+from .assemble import Assembler
+from .http import HttpError
+from .pool import Pool
+from .registry import origin_of, target_of
+from .stream import StreamDecoder, StreamError, framing_of
+
+logger = logging.getLogger(__name__)
+
+MAX_WAIT_FACTOR = 5
+DRAIN_AFTER_END_S = 1.0  # how long the rest of a body is read after finish/abort (keep-alive)
+BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+_json = msgspec.json.Encoder()
+_msgpack = msgspec.msgpack.Encoder()
+
+
+@dataclass(frozen=True)
+class DispatchLimits:
+    history_messages_max: int = 10_000  # messages a call carries (``all``, ``tail N``)
+    history_bytes_max: int = 8 * 1024 * 1024  # their encoded size (the oldest left out)
+    backoff_base_s: float = 0.25
+    backoff_max_s: float = 5.0
+    retry_after_max_s: float = 60.0
+    end_tries_max: int = 8  # proposals of one DispatchEnd before the task gives up
+
+
+class Histogram:
+    __slots__ = ("counts", "sum_s")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS_S) + 1)
+        self.sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(BUCKETS_S, seconds)] += 1
+        self.sum_s += seconds
+
+
+@dataclass
+class AgentStats:
+    """Per agent, on this node (as the leader of the sessions' groups)."""
+
+    attempts: int = 0  # calls started
+    replies: int = 0  # replies stored
+    in_flight: int = 0
+    chunks: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # attempts failed, by reason
+    drops: dict[str, int] = field(default_factory=dict)  # dispatches dropped, by reason
+    first_chunk: Histogram = field(default_factory=Histogram)  # user message acked -> 1st chunk
+    duration: Histogram = field(default_factory=Histogram)  # one call, start to end
+
+
+class Failure(Exception):
+    def __init__(self, reason: str, detail: str, retryable: bool, after_s: float = 0.0):
+        super().__init__(detail)
+        self.reason, self.detail, self.retryable, self.after_s = reason, detail, retryable, after_s
+
+
+def _status_failure(status: int, retry_after: str, cap_s: float) -> Failure:
+    after = 0.0
+    if status in (429, 503) and retry_after:
+        after = _retry_after_s(retry_after, cap_s)
+    if status in (408, 429) or status >= 500:
+        return Failure(f"http_{status}", f"the agent answered {status}", True, after)
+    return Failure(f"http_{status}", f"the agent answered {status}", False)
+
+
+def _retry_after_s(value: str, cap_s: float) -> float:
+    value = value.strip()
+    try:
+        seconds = float(int(value))
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return 0.0
+    return max(0.0, min(seconds, cap_s))
+
+
+def ui_message(m: Message) -> dict[str, Any]:
+    """A stored message as the webhook gets it: the AI SDK UIMessage shape plus ctxstore's."""
+    role = m.role or {"user": "user", "agent": "assistant", "system": "system"}[m.sender]
+    parts = m.parts if m.parts is not None else [{"type": "text", "text": m.content}]
+    return {
+        "id": f"{m.session_id}:{m.seq}", "role": role, "parts": parts, "metadata": m.metadata,
+        "seq": m.seq, "sender": m.sender, "sender_id": m.sender_id, "kind": m.kind,
+        "inserted_at": m.inserted_at,
+    }  # fmt: skip
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        node_id: int,
+        state: ConversationState,
+        router: Router,
+        leader_of: Callable[[int], int],
+        groups: int,
+        history: History,
+        subscriptions: Subscriptions,
+        counters: TokenCounters,
+        clock_ms: Callable[[], int],
+        pool: Pool | None = None,
+        limits: DispatchLimits | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.state = state
+        self.router = router
+        self.leader_of = leader_of
+        self.groups = groups
+        self.history = history
+        self.subscriptions = subscriptions
+        self.counters = counters
+        self.clock_ms = clock_ms
+        self.pool = pool or Pool()
+        self.limits = limits or DispatchLimits()
+        self.running = False
+        self.stats: dict[str, AgentStats] = {}
+        self.relay: Callable[[str, int, int, dict[str, Any]], None] | None = None  # to peers
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # sid -> (first, timer)
+        self._acked_at: dict[str, float] = {}  # sid -> when its newest user message applied here
+        self._random = random.Random()
+
+    # -- the node's side ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        for group in range(self.groups):
+            if self._leads(group):
+                self._resume(group)
+
+    async def stop(self) -> None:
+        self.running = False
+        for _, timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.pool.close()
+
+    def on_message(self, group: int, message: Message) -> None:
+        """An applied message (state observer, inside apply): a user's arms the debounce."""
+        if message.sender != "user" or not self.running or not self._leads(group):
+            return
+        self._acked_at[message.session_id] = asyncio.get_running_loop().time()
+        self._arm(message.session_id)
+
+    def on_dispatch(self, group: int, session_id: str) -> None:
+        """Nothing to do: the session's task follows its own commands (kept for the observer)."""
+
+    def on_leader_change(self, group: int, leader: int) -> None:
+        if not self.running:
+            return
+        if leader == self.node_id:
+            self._resume(group)
+            return
+        for sid in [s for s in self._timers if group_of(s, self.groups) == group]:
+            self._timers.pop(sid)[1].cancel()
+        for sid, task in list(self._tasks.items()):
+            if group_of(sid, self.groups) == group:
+                task.cancel()  # the new leader resumes it with the next attempt
+
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    # -- scheduling --------------------------------------------------------------------------------
+    def _leads(self, group: int) -> bool:
+        return self.leader_of(group) == self.node_id
+
+    def _resume(self, group: int) -> None:
+        for sid in self.state.undispatched(group):
+            self._arm(sid, resume=True)
+
+    def _active_agent(self, session_id: str) -> Agent | None:
+        view = self.state.dispatch_state(session_id)
+        if view is None:
+            return None
+        agent = self.state.get_agent(view[0])
+        return agent if agent is not None and agent.status == "active" else None
+
+    def _arm(self, sid: str, resume: bool = False) -> None:
+        if sid in self._tasks:
+            return  # the running task re-checks the cursor when it ends
+        agent = self._active_agent(sid)
+        if agent is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        debounce = 0.0 if resume else agent.debounce_ms / 1000
+        first = now
+        armed = self._timers.pop(sid, None)
+        if armed is not None:
+            first = armed[0]
+            armed[1].cancel()
+        at = min(now + debounce, first + debounce * MAX_WAIT_FACTOR)
+        self._timers[sid] = (first, loop.call_at(at, self._fire, sid))
+
+    def _fire(self, sid: str) -> None:
+        self._timers.pop(sid, None)
+        if not self.running or sid in self._tasks:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(sid))
+        self._tasks[sid] = task
+        task.add_done_callback(lambda t: self._done(sid, t))
+
+    def _done(self, sid: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(sid) is task:
+            del self._tasks[sid]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("dispatch of session %r failed: %r", sid, exc, exc_info=exc)
+        if not self.running or task.cancelled():
+            return
+        view = self.state.dispatch_state(sid)
+        if view is not None and view[2] > view[3] and self._leads(group_of(sid, self.groups)):
+            self._arm(sid)  # user messages came during the call
+        else:
+            self._acked_at.pop(sid, None)
+
+    # -- one session's dispatches ------------------------------------------------------------------
+    async def _run(self, sid: str) -> None:
+        group = group_of(sid, self.groups)
+        for _ in range(1000):  # bounded: each pass commits a begin or an end, or returns
+            view = self.state.dispatch_state(sid)
+            if view is None:
+                return
+            agent_id, user_id, last_user, dispatched, inflight = view
+            agent = self._active_agent(sid)
+            if last_user <= dispatched or agent is None:
+                return
+            trigger = last_user
+            attempt = inflight[1] + 1 if inflight is not None and inflight[0] == trigger else 1
+            stats = self._stats(agent_id)
+            if attempt > agent.max_attempts:  # spent by earlier leaders
+                assert inflight is not None
+                await self._drop(sid, group, agent, trigger, inflight[1], "attempts",
+                                 "every attempt failed")  # fmt: skip
+                continue
+            begin = commands.DispatchBegin(sid, trigger, attempt, self.clock_ms())
+            try:
+                begun = await self.router.submit(group, commands.encode_command(begin))
+            except RouteError as e:
+                logger.info("dispatch of %r: begin not committed (%s); again", sid, e)
+                await asyncio.sleep(self._backoff(1))
+                continue
+            if not isinstance(begun, commands.DispatchBegun):
+                await asyncio.sleep(0)  # the state moved (another attempt, the cursor): re-read
+                continue
+            stats.attempts += 1
+            stats.in_flight += 1
+            started = asyncio.get_running_loop().time()
+            try:
+                reply = await self._call(agent, sid, user_id, trigger, attempt, stats)
+            except Failure as f:
+                stats.failures[f.reason] = stats.failures.get(f.reason, 0) + 1
+                logger.info("agent %r, session %r, trigger %d, attempt %d failed: %s (%s)",
+                            agent.id, sid, trigger, attempt, f.reason, f.detail)  # fmt: skip
+                if f.retryable and attempt < agent.max_attempts:
+                    await asyncio.sleep(max(f.after_s, self._backoff(attempt)))
+                    continue
+                await self._drop(sid, group, agent, trigger, attempt, f.reason, f.detail)
+                continue
+            finally:
+                stats.in_flight -= 1
+                stats.duration.observe(asyncio.get_running_loop().time() - started)
+            if await self._end(sid, group, trigger, attempt, reply):
+                stats.replies += 1
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.limits.backoff_max_s, self.limits.backoff_base_s * 2 ** (attempt - 1))
+        return self._random.uniform(cap / 2, cap)
+
+    def _stats(self, agent_id: str) -> AgentStats:
+        stats = self.stats.get(agent_id)
+        if stats is None:
+            stats = self.stats[agent_id] = AgentStats()
+        return stats
+
+    async def _end(
+        self, sid: str, group: int, trigger: int, attempt: int, append: commands.Append
+    ) -> bool:
+        """Commit the outcome; True if it was stored by this call (not refused)."""
+        end = commands.encode_command(commands.DispatchEnd(sid, trigger, attempt, append))
+        for n in range(1, self.limits.end_tries_max + 1):
+            try:
+                result = await self.router.submit(group, end)
+            except RouteError as e:  # timeout: maybe applied; a retry is refused if so
+                logger.info("dispatch of %r: end not committed (%s); again", sid, e)
+                await asyncio.sleep(self._backoff(n))
+                continue
+            return isinstance(result, commands.Appended)
+        raise RuntimeError(f"could not commit the reply of session {sid!r} trigger {trigger}")
+
+    async def _drop(
+        self, sid: str, group: int, agent: Agent, trigger: int, attempt: int, reason: str,
+        detail: str,
+    ) -> None:  # fmt: skip
+        stats = self._stats(agent.id)
+        stats.drops[reason] = stats.drops.get(reason, 0) + 1
+        meta = {"agent": {"id": agent.id, "trigger_seq": trigger, "attempt": attempt,
+                          "dropped": reason, "detail": detail[:1024]}}  # fmt: skip
+        content = f"The agent {agent.id} did not answer ({reason})."
+        tokens, _ = self.counters.get(None).message(content, None)
+        append = commands.Append(
+            sid, "system", "ctxstore", "agent_dropped", content, meta,
+            f"agent-drop:{trigger}:{attempt}", None, tokens, self.clock_ms(), "system",
+        )  # fmt: skip
+        await self._end(sid, group, trigger, attempt, append)
+
+    # -- one call ----------------------------------------------------------------------------------
+    async def _call(
+        self, agent: Agent, sid: str, user_id: str, trigger: int, attempt: int,
+        stats: AgentStats,
+    ) -> commands.Append:  # fmt: skip
+        messages = await self._messages(agent, sid, trigger)
+        body = _json.encode({"session_id": sid, "agent_id": agent.id, "user_id": user_id,
+                             "trigger_seq": trigger, "attempt": attempt,
+                             "messages": messages})  # fmt: skip
+        headers = [(b"content-type", b"application/json"),
+                   (b"accept", b"text/event-stream, application/x-ndjson"),
+                   (b"user-agent", b"ctxstore")]  # fmt: skip
+        headers += [(k.lower().encode(), v.encode()) for k, v in agent.headers.items()]
+        origin = origin_of(agent)
+        idle_s = agent.idle_timeout_ms / 1000
+        assembler = Assembler()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(agent.timeout_ms / 1000), self.pool.slot(origin):
+                response = await self.pool.request(
+                    origin, agent.protocol, target_of(agent), headers, body, idle_s
+                )
+                chunks = response.body
+                try:
+                    if not 200 <= response.status < 300:
+                        raise _status_failure(
+                            response.status, response.header(b"retry-after"),
+                            self.limits.retry_after_max_s,
+                        )  # fmt: skip
+                    framing = framing_of(response.header(b"content-type"))
+                    if framing is None:
+                        kind = response.header(b"content-type")[:64]
+                        raise Failure("content_type", f"content type {kind!r}", False)
+                    decoder = StreamDecoder(framing)
+                    async for data in chunks:
+                        for chunk in decoder.feed(data):
+                            self._chunk(sid, trigger, attempt, chunk, assembler, stats, loop)
+                        if decoder.error is not None:
+                            raise decoder.error
+                        if assembler.terminated is not None or decoder.done:
+                            break
+                    else:
+                        for chunk in decoder.end():
+                            self._chunk(sid, trigger, attempt, chunk, assembler, stats, loop)
+                    if assembler.terminated is not None:
+                        await _drain(chunks)
+                finally:
+                    await chunks.aclose()  # type: ignore[attr-defined]
+        except TimeoutError:
+            raise Failure("timeout", f"no finish within {agent.timeout_ms} ms", True) from None
+        except HttpError as e:
+            raise Failure(e.reason, str(e), True) from None
+        except StreamError as e:
+            raise Failure(e.reason, str(e), e.reason != "too_large") from None
+        if assembler.terminated is None:
+            raise Failure("no_finish", "the stream ended without finish or abort", True)
+        return await self._reply(agent, sid, trigger, attempt, assembler)
+
+    def _chunk(
+        self, sid: str, trigger: int, attempt: int, chunk: dict[str, Any], assembler: Assembler,
+        stats: AgentStats, loop: asyncio.AbstractEventLoop,
+    ) -> None:  # fmt: skip
+        assembler.add(chunk)  # raises StreamError before a bad chunk is shown
+        if assembler.chunks == 1:
+            acked = self._acked_at.pop(sid, None)
+            if acked is not None:
+                stats.first_chunk.observe(loop.time() - acked)
+        stats.chunks += 1
+        self.subscriptions.on_chunk(sid, trigger, attempt, chunk)
+        if self.relay is not None:
+            self.relay(sid, trigger, attempt, chunk)
+
+    async def _reply(
+        self, agent: Agent, sid: str, trigger: int, attempt: int, a: Assembler
+    ) -> commands.Append:
+        try:
+            check_parts(a.parts)
+        except PartError as e:
+            raise Failure("invalid_reply", str(e), False) from None
+        meta: dict[str, Any] = dict(a.metadata)
+        if len(_msgpack.encode(meta)) > METADATA_BYTES_MAX // 2:
+            meta = {"metadata_dropped": True}  # the agent's metadata is too big to keep
+        meta["agent"] = {"id": agent.id, "trigger_seq": trigger, "attempt": attempt,
+                         "termination": a.terminated, "finish_reason": a.finish_reason}  # fmt: skip
+        message = Message(sid, 0, "agent", agent.id, "text", "", meta, None, 0, None,
+                          "assistant", a.parts)  # fmt: skip
+        if payload_bytes(message) > MESSAGE_BYTES_MAX:
+            raise Failure("too_large", f"the reply is over {MESSAGE_BYTES_MAX} bytes", False)
+        counter = self.counters.get(None)
+        if offload("", a.parts):
+            tokens, per_part = await asyncio.to_thread(counter.message, "", a.parts)
+        else:
+            tokens, per_part = counter.message("", a.parts)
+        return commands.Append(
+            sid, "agent", agent.id, "text", "", meta, f"agent-reply:{trigger}:{attempt}", None,
+            tokens, self.clock_ms(), "assistant", a.parts, per_part,
+        )  # fmt: skip
+
+    # -- the history a call carries ----------------------------------------------------------------
+    async def _messages(self, agent: Agent, sid: str, trigger: int) -> list[dict[str, Any]]:
+        mode = agent.history
+        lim = self.limits
+        try:
+            if mode == "window":
+                view = self.state.window(sid)
+                if view is not None and view[0] is not None:
+                    plan = Plan(sid, view[0], view[1])
+                    found = from_tail(self.state, plan)
+                    if found is False:
+                        found = await from_history(self.history, plan, lim.history_bytes_max)
+                    context = answer(0, plan, found)
+                    return [ui_message(m) for m in context.messages if m.seq <= trigger]
+                mode = "all"  # no window configured: the whole history
+            count = lim.history_messages_max if mode == "all" else int(mode.split()[1])
+            after = max(0, trigger - min(count, lim.history_messages_max))
+            out: list[Message] = []
+            while after < trigger:
+                page = await self.history.read(sid, after, min(1000, trigger - after),
+                                               lim.history_bytes_max)  # fmt: skip
+                if page is None or not page.messages:
+                    break
+                out.extend(m for m in page.messages if m.seq <= trigger)
+                after = page.messages[-1].seq
+        except HistoryUnavailable as e:
+            raise Failure("history", str(e), True) from None
+        dicts = [ui_message(m) for m in out]
+        size = 0
+        for i in range(len(dicts) - 1, -1, -1):  # the newest within the byte budget
+            size += len(_json.encode(dicts[i]))
+            if size > lim.history_bytes_max:
+                return dicts[i + 1 :]
+        return dicts
+
+
+async def _drain(chunks: Any) -> None:
+    """Read what follows ``finish`` (``[DONE]``, the end) so a keep-alive connection can be
+    reused; a body that does not end soon is cut (its connection closed)."""
+    try:
+        async with asyncio.timeout(DRAIN_AFTER_END_S):
+            async for _ in chunks:
+                pass
+    except (TimeoutError, HttpError):
+        pass
+
+
+__all__ = ["AgentStats", "DispatchLimits", "Dispatcher", "Failure", "ui_message"]

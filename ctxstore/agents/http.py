@@ -1,0 +1,416 @@
+"""The webhook client's connections: HTTP/1.1 on h11 and HTTP/2 on h2, both sans-IO protocol
+objects driven by asyncio streams here (no hand-written HTTP).
+
+Rules of this file:
+- A connection carries requests whose response body is read as it streams (``Response.body``).
+  Each ``recv`` of the body has the caller's idle deadline; the whole call is bounded by the
+  caller (``asyncio.timeout``).
+- HTTP/1.1: one request at a time; the connection is handed back for keep-alive only when both
+  sides reached DONE (h11), else closed.
+- HTTP/2: many streams on one connection; a reader task feeds h2 and routes its events to the
+  streams; the received data is acknowledged as the caller consumes it (flow control), and the
+  request body waits for the peer's window.  The first connection error is sticky: every open
+  stream fails with it, and the connection is retired (style.md 8).  ``GOAWAY`` retires the
+  connection for new streams; streams above its ``last_stream_id`` fail (retryable), the others
+  finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import h11
+
+READ_BYTES: int = 64 * 1024
+RESPONSE_HEADERS_BYTES_MAX: int = 64 * 1024
+
+
+class HttpError(Exception):
+    """A call that failed below HTTP semantics (connect, TLS, reset, protocol, timeout)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Response:
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.headers = headers
+        self.body: AsyncIterator[bytes] = _empty()
+
+    def header(self, name: bytes) -> str:
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v.decode("latin-1")
+        return ""
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    nothing: tuple[bytes, ...] = ()
+    for chunk in nothing:
+        yield chunk
+
+
+class Connection:
+    """What a pool holds: ``request`` and whether it can take another one now."""
+
+    closed: bool = False
+    http_version: str = ""
+
+    async def request(
+        self, target: str, headers: list[tuple[bytes, bytes]], body: bytes, idle_s: float
+    ) -> Response:
+        raise NotImplementedError
+
+    def available(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+# -- HTTP/1.1 --------------------------------------------------------------------------------------
+class H1Connection(Connection):
+    http_version = "1.1"
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        authority: str,
+        release: Any,
+    ) -> None:
+        self.reader, self.writer = reader, writer
+        self.authority = authority.encode()
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=RESPONSE_HEADERS_BYTES_MAX)
+        self.busy = False
+        self._release = release  # called with self when the connection may be reused
+
+    def available(self) -> bool:
+        return not self.closed and not self.busy
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+    async def request(
+        self, target: str, headers: list[tuple[bytes, bytes]], body: bytes, idle_s: float
+    ) -> Response:
+        assert not self.busy and not self.closed
+        self.busy = True
+        try:
+            req = h11.Request(
+                method="POST",
+                target=target.encode(),
+                headers=[(b"host", self.authority), *headers,
+                         (b"content-length", str(len(body)).encode())],
+            )  # fmt: skip
+            out = self.h11.send(req) or b""
+            out += self.h11.send(h11.Data(data=body)) or b""
+            out += self.h11.send(h11.EndOfMessage()) or b""
+            self.writer.write(out)
+            await self.writer.drain()
+            event = await self._next(idle_s)
+            while isinstance(event, h11.InformationalResponse):
+                event = await self._next(idle_s)
+            if not isinstance(event, h11.Response):
+                raise HttpError("protocol", f"expected a response, got {type(event).__name__}")
+        except BaseException:
+            self.close()
+            raise
+        response = Response(event.status_code, list(event.headers))
+        response.body = self._body(idle_s)
+        return response
+
+    async def _next(self, idle_s: float) -> Any:
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                raise HttpError("protocol", f"HTTP/1.1: {e}") from None
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_BYTES), idle_s)
+            except TimeoutError:
+                raise HttpError("idle_timeout", f"no byte for {idle_s:g} s") from None
+            except OSError as e:
+                raise HttpError("connection", f"read failed: {e}") from None
+            self.h11.receive_data(data)  # b"": the end of the stream
+
+    async def _body(self, idle_s: float) -> AsyncIterator[bytes]:
+        done = False
+        try:
+            while True:
+                event = await self._next(idle_s)
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    done = True
+                    return
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise HttpError("connection", "the connection closed mid-response")
+                else:
+                    raise HttpError("protocol", f"unexpected {type(event).__name__}")
+        finally:
+            self.busy = False
+            if (
+                done
+                and self.h11.our_state is h11.DONE
+                and self.h11.their_state is h11.DONE
+                and not self.closed
+            ):
+                self.h11.start_next_cycle()
+                self._release(self)
+            else:
+                self.close()
+
+
+# -- HTTP/2 ----------------------------------------------------------------------------------------
+class _Stream:
+    __slots__ = ("data", "ended", "error", "headers", "wake", "window")
+
+    def __init__(self) -> None:
+        self.headers: asyncio.Future[list[tuple[bytes, bytes]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.data: deque[tuple[bytes, int]] = deque()
+        self.ended = False
+        self.error: HttpError | None = None
+        self.wake = asyncio.Event()
+        self.window = asyncio.Event()  # the peer opened its flow-control window
+
+
+class H2Connection(Connection):
+    http_version = "2"
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authority: str,
+        scheme: str,
+    ) -> None:  # fmt: skip
+        self.reader, self.writer = reader, writer
+        self.authority = authority.encode()
+        self.scheme = scheme.encode()
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config)
+        self.h2.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: RESPONSE_HEADERS_BYTES_MAX,
+            },
+        )
+        self.streams: dict[int, _Stream] = {}
+        self.error: HttpError | None = None  # sticky
+        self.goaway = False
+        self._capacity = asyncio.Event()
+        self._reader_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.h2.initiate_connection()
+        self._flush()
+        self._reader_task = asyncio.get_running_loop().create_task(self._read())
+
+    def available(self) -> bool:
+        return not self.closed and not self.goaway and self.error is None
+
+    def has_capacity(self) -> bool:
+        return self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._fail(HttpError("connection", "the connection was closed"))
+        with contextlib.suppress(Exception):
+            self.h2.close_connection()
+            self._flush()
+        self.writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def _fail(self, error: HttpError) -> None:
+        if self.error is None:
+            self.error = error
+        for stream in self.streams.values():
+            if stream.error is None and not stream.ended:
+                stream.error = error
+            if not stream.headers.done():
+                stream.headers.set_exception(error)
+            stream.wake.set()
+            stream.window.set()
+        self._capacity.set()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                data = await self.reader.read(READ_BYTES)
+                if not data:
+                    raise HttpError("connection", "the connection closed")
+                try:
+                    events = self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError as e:
+                    raise HttpError("protocol", f"HTTP/2: {e}") from None
+                for event in events:
+                    self._on_event(event)
+                self._flush()
+        except HttpError as e:
+            self._fail(e)
+        except OSError as e:
+            self._fail(HttpError("connection", f"read failed: {e}"))
+        except asyncio.CancelledError:
+            self._fail(HttpError("connection", "the connection was closed"))
+            raise
+        finally:
+            self.closed = True
+            self.writer.close()
+
+    def _on_event(self, event: Any) -> None:
+        stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
+        match event:
+            case h2.events.ResponseReceived():
+                if stream is not None and not stream.headers.done():
+                    stream.headers.set_result(list(event.headers or []))
+            case h2.events.DataReceived():
+                if stream is not None:
+                    stream.data.append((event.data or b"", event.flow_controlled_length or 0))
+                    stream.wake.set()
+                else:  # a stream we gave up on: give the window back
+                    self.h2.acknowledge_received_data(
+                        event.flow_controlled_length or 0, event.stream_id or 0
+                    )
+            case h2.events.StreamEnded():
+                if stream is not None:
+                    stream.ended = True
+                    stream.wake.set()
+            case h2.events.StreamReset():
+                if stream is not None:
+                    stream.error = HttpError("reset", f"stream reset ({event.error_code!r})")
+                    if not stream.headers.done():
+                        stream.headers.set_exception(stream.error)
+                    stream.wake.set()
+                    stream.window.set()
+            case h2.events.WindowUpdated():
+                for s in self.streams.values() if event.stream_id == 0 else (stream,):
+                    if s is not None:
+                        s.window.set()
+            case h2.events.ConnectionTerminated():
+                self.goaway = True
+                last = event.last_stream_id or 0
+                error = HttpError("goaway", f"GOAWAY ({event.error_code!r})")
+                for sid, s in self.streams.items():
+                    if sid > last and not s.ended:
+                        s.error = error
+                        if not s.headers.done():
+                            s.headers.set_exception(error)
+                        s.wake.set()
+            case h2.events.RemoteSettingsChanged():
+                self._capacity.set()
+
+    async def request(
+        self, target: str, headers: list[tuple[bytes, bytes]], body: bytes, idle_s: float
+    ) -> Response:
+        if self.error is not None:
+            raise self.error
+        while not self.has_capacity():
+            self._capacity.clear()
+            await self._capacity.wait()
+            if self.error is not None:
+                raise self.error
+        sid = self.h2.get_next_available_stream_id()
+        stream = self.streams[sid] = _Stream()
+        head = [(b":method", b"POST"), (b":scheme", self.scheme), (b":authority", self.authority),
+                (b":path", target.encode()), *headers,
+                (b"content-length", str(len(body)).encode())]  # fmt: skip
+        try:
+            self.h2.send_headers(sid, head, end_stream=not body)
+            self._flush()
+            await self._send_body(sid, stream, body)
+            try:
+                response_headers = await asyncio.wait_for(asyncio.shield(stream.headers), idle_s)
+            except TimeoutError:
+                raise HttpError("idle_timeout", f"no response for {idle_s:g} s") from None
+        except BaseException:
+            self._forget(sid)
+            raise
+        status = 0
+        rest = []
+        for k, v in response_headers:
+            if k == b":status":
+                status = int(v)
+            else:
+                rest.append((k, v))
+        response = Response(status, rest)
+        response.body = self._body(sid, stream, idle_s)
+        return response
+
+    async def _send_body(self, sid: int, stream: _Stream, body: bytes) -> None:
+        view = memoryview(body)
+        while view:
+            if stream.error is not None:
+                raise stream.error
+            window = self.h2.local_flow_control_window(sid)
+            size = min(window, self.h2.max_outbound_frame_size, len(view))
+            if size <= 0:
+                stream.window.clear()
+                await stream.window.wait()
+                continue
+            end = size == len(view)
+            self.h2.send_data(sid, bytes(view[:size]), end_stream=end)
+            self._flush()
+            view = view[size:]
+        await self.writer.drain()
+
+    async def _body(self, sid: int, stream: _Stream, idle_s: float) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                while stream.data:
+                    data, flow = stream.data.popleft()
+                    if flow:
+                        self.h2.acknowledge_received_data(flow, sid)
+                        self._flush()
+                    if data:
+                        yield data
+                if stream.error is not None:
+                    raise stream.error
+                if stream.ended:
+                    return
+                stream.wake.clear()
+                try:
+                    await asyncio.wait_for(stream.wake.wait(), idle_s)
+                except TimeoutError:
+                    raise HttpError("idle_timeout", f"no byte for {idle_s:g} s") from None
+        finally:
+            self._forget(sid)
+
+    def _forget(self, sid: int) -> None:
+        stream = self.streams.pop(sid, None)
+        if stream is None:
+            return
+        if not stream.ended and stream.error is None and not self.closed:
+            with contextlib.suppress(Exception):
+                self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                self._flush()
+        self._capacity.set()
+        if self.goaway and not self.streams:
+            self.close()
+
+
+__all__ = ["Connection", "H1Connection", "H2Connection", "HttpError", "Response"]

@@ -1,0 +1,161 @@
+"""Pooled webhook connections per origin, on the node's loop (docs/agents.md).
+
+Per origin (scheme, host, port): at most ``calls_per_origin_max`` calls at once (the rest wait
+for a slot, within the call's deadline); HTTP/2 origins share one connection (streams are
+multiplexed; a new one replaces it after GOAWAY or an error); HTTP/1.1 origins keep up to
+``idle_per_origin_max`` idle keep-alive connections.  Which to speak: ``h1`` and ``h2`` as the
+agent says (``h2`` on ``http://`` is prior-knowledge h2c); ``auto`` is ALPN over TLS
+(``h2``, then ``http/1.1``) and HTTP/1.1 on ``http://``.  TLS with the stdlib ``ssl``
+(the system's CAs; ``SSL_CERT_FILE`` points elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .http import Connection, H1Connection, H2Connection, HttpError, Response
+
+Origin = tuple[str, str, int]
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    calls_per_origin_max: int = 64
+    idle_per_origin_max: int = 8
+    connect_timeout_s: float = 10.0
+
+
+class Pool:
+    def __init__(
+        self,
+        limits: PoolLimits | None = None,
+        ssl_context: Callable[[], ssl.SSLContext] = ssl.create_default_context,
+    ) -> None:
+        self.limits = limits or PoolLimits()
+        self._new_ssl = ssl_context  # one context per ALPN choice
+        self._ssl: dict[str, ssl.SSLContext] = {}
+        self._slots: dict[Origin, asyncio.Semaphore] = {}
+        self._h2: dict[Origin, H2Connection] = {}
+        self._h2_opening: dict[Origin, asyncio.Future[H2Connection | None]] = {}
+        self._idle: dict[Origin, list[H1Connection]] = {}
+        self._alpn: dict[Origin, str] = {}  # what an https origin chose last
+        self.connections_opened = 0
+        self.closed = False
+
+    def slot(self, origin: Origin) -> asyncio.Semaphore:
+        sem = self._slots.get(origin)
+        if sem is None:
+            sem = self._slots[origin] = asyncio.Semaphore(self.limits.calls_per_origin_max)
+        return sem
+
+    async def request(
+        self,
+        origin: Origin,
+        protocol: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        idle_s: float,
+    ) -> Response:
+        """Send a POST; the caller holds ``slot(origin)`` and reads ``Response.body`` to its
+        end (or closes it) before releasing the slot."""
+        if self.closed:
+            raise HttpError("connection", "the pool is closed")
+        conn = await self._connection(origin, protocol)
+        return await conn.request(target, headers, body, idle_s)
+
+    async def _connection(self, origin: Origin, protocol: str) -> Connection:
+        h2c = self._h2.get(origin)
+        if h2c is not None and h2c.available():
+            return h2c
+        idle = self._idle.get(origin)
+        while idle:
+            c = idle.pop()
+            if c.available() and not c.reader.at_eof():
+                return c
+            c.close()
+        if protocol == "h1" or (origin[0] == "http" and protocol == "auto"):
+            return await self._open(origin, "h1")
+        if protocol == "auto" and self._alpn.get(origin) == "http/1.1":
+            return await self._open(origin, protocol)
+        opening = self._h2_opening.get(origin)
+        if opening is not None:  # another call is opening it: share the result
+            shared = await asyncio.shield(opening)
+            if shared is not None and shared.available():
+                return shared
+        future: asyncio.Future[H2Connection | None] = asyncio.get_running_loop().create_future()
+        self._h2_opening[origin] = future
+        try:
+            conn = await self._open(origin, protocol)
+        except BaseException:
+            future.set_result(None)
+            raise
+        finally:
+            self._h2_opening.pop(origin, None)
+        future.set_result(conn if isinstance(conn, H2Connection) else None)
+        return conn
+
+    async def _open(self, origin: Origin, protocol: str) -> Connection:
+        scheme, host, port = origin
+        tls = None
+        if scheme == "https":
+            tls = self._tls(protocol)
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout_s):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=tls, server_hostname=host if tls else None
+                )
+        except TimeoutError:
+            raise HttpError("connect_timeout", f"connecting to {host}:{port} timed out") from None
+        except ssl.SSLError as e:
+            raise HttpError("tls", f"TLS with {host}:{port}: {e}") from None
+        except OSError as e:
+            raise HttpError("connect", f"connecting to {host}:{port}: {e}") from None
+        self.connections_opened += 1
+        authority = host if port == (443 if scheme == "https" else 80) else f"{host}:{port}"
+        chosen = "h2" if protocol == "h2" and scheme == "http" else "http/1.1"
+        if tls is not None:
+            sslobj = writer.get_extra_info("ssl_object")
+            chosen = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
+            self._alpn[origin] = chosen
+            if protocol == "h2" and chosen != "h2":
+                writer.close()
+                raise HttpError("tls", f"{host}:{port} did not agree to HTTP/2 (ALPN)")
+        if chosen == "h2":
+            conn = H2Connection(reader, writer, authority, scheme)
+            conn.start()
+            self._h2[origin] = conn
+            return conn
+        return H1Connection(reader, writer, authority, lambda c: self._release(origin, c))
+
+    def _tls(self, protocol: str) -> ssl.SSLContext:
+        ctx = self._ssl.get(protocol)
+        if ctx is None:
+            ctx = self._ssl[protocol] = self._new_ssl()
+            ctx.set_alpn_protocols(
+                {"h2": ["h2"], "h1": ["http/1.1"]}.get(protocol, ["h2", "http/1.1"])
+            )
+        return ctx
+
+    def _release(self, origin: Origin, conn: H1Connection) -> None:
+        idle = self._idle.setdefault(origin, [])
+        if self.closed or len(idle) >= self.limits.idle_per_origin_max:
+            conn.close()
+        else:
+            idle.append(conn)
+
+    def close(self) -> None:
+        self.closed = True
+        for c in self._h2.values():
+            c.close()
+        for idle in self._idle.values():
+            for h1 in idle:
+                h1.close()
+        self._h2.clear()
+        self._idle.clear()
+
+
+__all__ = ["Origin", "Pool", "PoolLimits"]

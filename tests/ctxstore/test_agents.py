@@ -1,0 +1,201 @@
+"""Agent dispatch through one in-process node and a real HTTP server (hypercorn, h11 and h2):
+replies stored once over h2c, HTTP/1.1 keep-alive and TLS with ALPN; live chunks tagged with
+their attempt; retries, drops, debounce, history modes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from ctxstore.agents.engine import DispatchLimits
+from ctxstore.agents.pool import Pool
+from wire.client import Client, agent, connect
+from wire.protocol import ChunkEvent, Message
+
+from .agent_server import Served, agent_server, reply_text
+from .test_ops import Harness, run, single_node
+
+
+async def ready(h: Harness) -> Client:
+    assert await h.node.wait_leaders(10)
+    return await connect(h.target)
+
+
+async def wait_message(c: Client, sid: str, seq: int, timeout_s: float = 10) -> list[Message]:
+    """The session's messages once it has ``seq`` of them."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            messages = (await c.read(sid)).messages
+            if len(messages) >= seq:
+                return messages
+            await asyncio.sleep(0.02)
+
+
+async def collect_chunks(c: Client, sid: str, out: list[ChunkEvent]) -> None:
+    async with c.subscribe(sid, stream_chunks=True) as sub:
+        async for item in sub:
+            if isinstance(item, ChunkEvent):
+                out.append(item)
+
+
+def text_of(m: Message) -> str:
+    assert m.parts is not None
+    return "".join(p.get("text", "") for p in m.parts if p["type"] == "text")
+
+
+async def setup(h: Harness, srv: Served, path: str, **fields: Any) -> Client:
+    c = await ready(h)
+    h.node.dispatcher.limits = DispatchLimits(backoff_base_s=0.01, backoff_max_s=0.05)
+    fields.setdefault("debounce_ms", 0)
+    await c.create_agent(agent("bot", srv.url(path), **fields))
+    await c.create_session("u", "bot", {}, "s")
+    return c
+
+
+def test_an_sse_reply_over_h2c_is_stored_once_and_its_chunks_are_pushed_live(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await setup(h, srv, "/sse", protocol="h2", history="tail 5",
+                            headers={"Authorization": "Bearer k"})  # fmt: skip
+            chunks: list[ChunkEvent] = []
+            follower = asyncio.get_running_loop().create_task(collect_chunks(c, "s", chunks))
+            await asyncio.sleep(0.1)
+            await c.append("s", "hello")
+            _, reply = await wait_message(c, "s", 2)
+            await asyncio.sleep(0.05)
+            follower.cancel()
+            assert (reply.sender, reply.sender_id, reply.role) == ("agent", "bot", "assistant")
+            assert text_of(reply) == reply_text(3, "hello")
+            assert reply.parts is not None and reply.parts[0] == {"type": "step-start"}
+            assert reply.client_msg_id == "agent-reply:1:1"
+            assert reply.metadata["model"] == "echo" and reply.metadata["tokens"] == 3
+            assert reply.metadata["agent"]["termination"] == "finish"
+            (call,) = srv.agent.calls
+            assert call.http_version == "2" and call.headers["authorization"] == "Bearer k"
+            assert call.body["trigger_seq"] == 1 and call.body["user_id"] == "u"
+            assert [m["parts"] for m in call.body["messages"]] == [
+                [{"type": "text", "text": "hello"}]
+            ]
+            types = [e.chunk["type"] for e in chunks]
+            assert types[0] == "start" and types[-1] == "finish" and "text-delta" in types
+            assert {(e.trigger_seq, e.attempt) for e in chunks} == {(1, 1)}
+            await asyncio.sleep(0.3)
+            assert len((await c.read("s")).messages) == 2  # once
+            stats = h.node.dispatcher.stats["bot"]
+            assert (stats.attempts, stats.replies, stats.in_flight) == (1, 1, 0)
+
+    run(main())
+
+
+def test_jsonl_over_http11_reuses_its_keep_alive_connection(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await setup(h, srv, "/jsonl", history="all")
+            await c.append("s", "one")
+            await wait_message(c, "s", 2)
+            await c.append("s", "two")
+            messages = await wait_message(c, "s", 4)
+            assert text_of(messages[3]) == reply_text(3, "two")
+            assert [call.http_version for call in srv.agent.calls] == ["1.1", "1.1"]
+            assert len(srv.agent.calls[1].body["messages"]) == 3  # all, up to the trigger
+            assert h.node.dispatcher.pool.connections_opened == 1
+
+    run(main())
+
+
+def test_tls_with_alpn_speaks_http2(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server(tls=True) as srv:
+            h.node.dispatcher.pool = Pool(ssl_context=srv.client_context)
+            c = await setup(h, srv, "/sse")
+            await c.append("s", "secure")
+            _, reply = await wait_message(c, "s", 2)
+            assert text_of(reply) == reply_text(3, "secure")
+            assert srv.agent.calls[0].http_version == "2"
+
+    run(main())
+
+
+def test_failed_attempts_are_retried_and_the_reply_is_stored_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            srv.agent.plans["/r"] = ["429", "cut", "malformed", "nofinish", "error", "503", "sse"]
+            c = await setup(h, srv, "/r", max_attempts=7, protocol="h2")
+            chunks: list[ChunkEvent] = []
+            follower = asyncio.get_running_loop().create_task(collect_chunks(c, "s", chunks))
+            await asyncio.sleep(0.1)
+            await c.append("s", "again")
+            _, reply = await wait_message(c, "s", 2, 30)
+            await asyncio.sleep(0.2)
+            follower.cancel()
+            assert text_of(reply) == reply_text(3, "again")
+            assert reply.metadata["agent"]["attempt"] == 7
+            assert len((await c.read("s")).messages) == 2
+            attempts = {e.attempt for e in chunks}
+            assert {2, 3, 7} <= attempts and {e.trigger_seq for e in chunks} == {1}
+            failures = h.node.dispatcher.stats["bot"].failures
+            cut = {"reset", "connection"} & set(failures)  # hypercorn resets or closes
+            assert len(cut) == 1 and sum(failures.values()) == 6
+            assert set(failures) - cut == {"http_429", "invalid_json", "no_finish",
+                                           "agent_error", "http_503"}  # fmt: skip
+
+    run(main())
+
+
+def test_a_404_is_not_retried_and_the_drop_is_recorded(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await setup(h, srv, "/404")
+            await c.append("s", "anyone?")
+            _, note = await wait_message(c, "s", 2)
+            assert (note.sender, note.role, note.kind) == ("system", "system", "agent_dropped")
+            assert note.metadata["agent"]["dropped"] == "http_404"
+            assert len(srv.agent.calls) == 1
+            assert h.node.dispatcher.stats["bot"].drops == {"http_404": 1}
+
+    run(main())
+
+
+def test_a_stalled_agent_times_out_until_its_attempts_are_spent(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await setup(h, srv, "/stall", idle_timeout_ms=200, max_attempts=2)
+            await c.append("s", "hello?")
+            _, note = await wait_message(c, "s", 2)
+            assert note.metadata["agent"]["dropped"] == "idle_timeout"
+            assert len(srv.agent.calls) == 2
+
+    run(main())
+
+
+def test_a_burst_of_user_messages_is_answered_by_one_call(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await setup(h, srv, "/sse", debounce_ms=300)
+            for word in ("a", "b", "c"):
+                await c.append("s", word)
+            messages = await wait_message(c, "s", 4)
+            assert text_of(messages[3]) == reply_text(3, "c")
+            (call,) = srv.agent.calls
+            assert call.body["trigger_seq"] == 3
+            assert messages[3].metadata["agent"]["trigger_seq"] == 3
+
+    run(main())
+
+
+def test_disabled_and_unregistered_agents_are_not_called(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await setup(h, srv, "/sse")
+            await c.disable_agent("bot")
+            await c.create_session("u", "nobody", {}, "s2")
+            await c.append("s", "quiet")
+            await c.append("s2", "quiet")
+            await asyncio.sleep(0.5)
+            assert srv.agent.calls == []
+            assert len((await c.read("s")).messages) == 1
+
+    run(main())
