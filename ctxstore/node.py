@@ -152,6 +152,8 @@ class Node:
             s.node_id, self.state, self.router, self.host.leader, s.groups, self.history,
             self.subscriptions, self.counters, now_ms,
         )  # fmt: skip
+        self.dispatcher.relay = self.router.relay_chunk  # subscribers on other nodes
+        self.router.on_chunk = self.subscriptions.on_chunk
 
     def _postgres_hold(self, session_id: str) -> int:
         """The archive's retention floor for ``session_id`` (called on the archive's writer

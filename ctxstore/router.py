@@ -103,7 +103,18 @@ class HistoryRows(msgspec.Struct, array_like=True, tag=5):
     message: str
 
 
-Envelope = Forward | ForwardReply | Advertise | HistoryFetch | HistoryRows
+class ChunkRelay(msgspec.Struct, array_like=True, tag=30):
+    """A live agent chunk, from the leader running the call to every peer, for the session's
+    subscribers there (ctxstore/agents/engine.py); best effort, never queued past the peer's
+    application queue."""
+
+    session_id: str
+    trigger_seq: int
+    attempt: int
+    chunk: dict[str, Any]
+
+
+Envelope = Forward | ForwardReply | Advertise | HistoryFetch | HistoryRows | ChunkRelay
 HistoryServer = Callable[[HistoryFetch], Coroutine[Any, Any, HistoryRows]]
 _encode = msgspec.msgpack.Encoder().encode
 _decode_envelope = msgspec.msgpack.Decoder(Envelope).decode
@@ -155,6 +166,8 @@ class Router:
         self.forwarded = 0  # requests this node sent to a leader
         self.served_forwards = 0  # requests other nodes forwarded to this node
         self.history_server: HistoryServer | None = None
+        self.on_chunk: Callable[[str, int, int, dict[str, Any]], object] | None = None
+        self.chunks_relayed = 0
         self._fetches: dict[int, tuple[asyncio.Future[HistoryRows], int, float]] = {}
         self._history_serving = 0
         # The loop, kept: asyncio.get_running_loop() costs a getpid() system call each time
@@ -344,6 +357,17 @@ class Router:
             for p in waits:
                 self._route(p)
 
+    def relay_chunk(
+        self, session_id: str, trigger_seq: int, attempt: int, chunk: dict[str, Any]
+    ) -> None:
+        """Send a live agent chunk to every connected peer (``ChunkRelay``)."""
+        if self.transport is None:
+            return
+        data = _encode(ChunkRelay(session_id, trigger_seq, attempt, chunk))
+        for peer in self.transport.connected_peers():
+            if self.transport.send_app(peer, data):
+                self.chunks_relayed += 1
+
     def on_peer_up(self, peer: int) -> None:
         if self.client_address and self.transport is not None:
             self.transport.send_app(peer, _encode(Advertise(self.node_id, self.client_address)))
@@ -412,6 +436,10 @@ class Router:
                 self._answered(peer, envelope)
             elif isinstance(envelope, HistoryFetch):
                 self._serve_history(peer, envelope)
+            elif isinstance(envelope, ChunkRelay):
+                if self.on_chunk is not None:
+                    self.on_chunk(envelope.session_id, envelope.trigger_seq, envelope.attempt,
+                                  envelope.chunk)  # fmt: skip
             elif isinstance(envelope, HistoryRows):
                 entry = self._fetches.pop(envelope.fid, None)
                 if entry is not None and entry[1] == peer and not entry[0].done():
