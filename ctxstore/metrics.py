@@ -38,6 +38,7 @@ from raft import NONE
 from raft.wal_segments import FSYNC_BUCKETS_S
 from wire.aio import Server
 
+from .agents.engine import BUCKETS_S
 from .auth import REASONS
 from .node import Node
 from .server import Service
@@ -207,6 +208,59 @@ class NodeCollector(Collector):
         yield from self._wal()
         yield from self._peers()
         yield from self._collector()
+        yield from self._agents()
+
+    def _agents(self) -> Iterator[Metric]:
+        """The agents' dispatches this node ran as the leader of their sessions' groups."""
+        node = self.metrics.node
+        stats = sorted(node.dispatcher.stats.items())
+
+        def per_agent(name: str, doc: str, kind: str, field: str) -> Metric:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            metric = family(name, doc, labels=["agent"])
+            for agent, st in stats:
+                metric.add_metric([agent], getattr(st, field))
+            return metric
+
+        yield per_agent("ctxstore_agent_calls", "Webhook calls started (attempts).", "counter",
+                        "attempts")  # fmt: skip
+        yield per_agent("ctxstore_agent_replies", "Assembled replies stored.", "counter",
+                        "replies")  # fmt: skip
+        yield per_agent("ctxstore_agent_chunks", "Valid chunks received and pushed.", "counter",
+                        "chunks")  # fmt: skip
+        yield per_agent("ctxstore_agent_calls_in_flight", "Webhook calls running now.", "gauge",
+                        "in_flight")  # fmt: skip
+        for name, doc, field in (
+            ("ctxstore_agent_call_failures", "Attempts that failed, by reason.", "failures"),
+            ("ctxstore_agent_drops", "Dispatches dropped (stored as a system message), by "
+             "reason.", "drops"),
+        ):  # fmt: skip
+            metric = CounterMetricFamily(name, doc, labels=["agent", "reason"])
+            for agent, st in stats:
+                for reason, n in sorted(getattr(st, field).items()):
+                    metric.add_metric([agent, reason], n)
+            yield metric
+        for name, doc, field in (
+            ("ctxstore_agent_first_chunk_seconds",
+             "From the user message applied on the leader (acked) to its first chunk pushed.",
+             "first_chunk"),
+            ("ctxstore_agent_call_seconds", "One webhook call, from start to end.", "duration"),
+        ):  # fmt: skip
+            histogram = HistogramMetricFamily(name, doc, labels=["agent"])
+            for agent, st in stats:
+                h = getattr(st, field)
+                histogram.add_metric([agent], cumulative_buckets(BUCKETS_S, h.counts), h.sum_s)
+            yield histogram
+        subs = node.subscriptions
+        yield _counter("ctxstore_agent_chunks_pushed_total",
+                       "Live agent chunks pushed to subscribers here.",
+                       subs.pushed_chunks)  # fmt: skip
+        yield _counter("ctxstore_agent_chunks_dropped_total",
+                       "Live agent chunks not pushed: the subscriber was behind.",
+                       subs.chunks_dropped)  # fmt: skip
+        yield _counter("ctxstore_agent_chunks_relayed_total",
+                       "Live agent chunks sent to peers for their subscribers.",
+                       node.router.chunks_relayed)  # fmt: skip
 
     def _service(self) -> Iterator[Metric]:
         m, service, router = self.metrics, self.metrics.service, self.metrics.node.router

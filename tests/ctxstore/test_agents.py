@@ -141,6 +141,14 @@ def test_failed_attempts_are_retried_and_the_reply_is_stored_once(tmp_path: Path
             assert len(cut) == 1 and sum(failures.values()) == 6
             assert set(failures) - cut == {"http_429", "invalid_json", "no_finish",
                                            "agent_error", "http_503"}  # fmt: skip
+            scraped = await h.scrape()
+            assert scraped['ctxstore_agent_calls_total{agent="bot"}'] == 7
+            assert scraped['ctxstore_agent_replies_total{agent="bot"}'] == 1
+            assert scraped['ctxstore_agent_calls_in_flight{agent="bot"}'] == 0
+            assert scraped['ctxstore_agent_call_failures_total{agent="bot",reason="http_429"}'] == 1
+            assert scraped['ctxstore_agent_first_chunk_seconds_count{agent="bot"}'] == 1
+            assert scraped['ctxstore_agent_call_seconds_count{agent="bot"}'] == 7
+            assert scraped["ctxstore_agent_chunks_pushed_total"] >= len(chunks)
 
     run(main())
 
@@ -155,6 +163,8 @@ def test_a_404_is_not_retried_and_the_drop_is_recorded(tmp_path: Path) -> None:
             assert note.metadata["agent"]["dropped"] == "http_404"
             assert len(srv.agent.calls) == 1
             assert h.node.dispatcher.stats["bot"].drops == {"http_404": 1}
+            scraped = await h.scrape()
+            assert scraped['ctxstore_agent_drops_total{agent="bot",reason="http_404"}'] == 1
 
     run(main())
 
