@@ -77,7 +77,7 @@ async def run_agent(client: Client, args: argparse.Namespace) -> None:
                 base = msgspec.structs.asdict((await client.get_agent(args.id)).agent)
             fields = _fields(args, base)
             try:
-                agent = msgspec.convert([fields[f] for f in Agent.__struct_fields__], Agent)
+                agent = msgspec.convert(fields, Agent)
             except msgspec.ValidationError as e:
                 raise UsageError(f"agent: {e}") from None
             call = client.create_agent if args.agent_action == "create" else client.update_agent

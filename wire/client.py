@@ -177,11 +177,10 @@ def agent(
     protocol: AgentProtocol = "auto",
 ) -> Agent:
     """An ``Agent`` with the defaults of docs/agents.md, validated as a server would."""
-    return msgspec.convert(
-        [agent_id, url, headers or {}, timeout_ms, idle_timeout_ms, debounce_ms, history,
-         max_attempts, status, protocol],
-        Agent,
-    )  # fmt: skip
+    fields = {"id": agent_id, "url": url, "headers": headers or {}, "timeout_ms": timeout_ms,
+              "idle_timeout_ms": idle_timeout_ms, "debounce_ms": debounce_ms, "history": history,
+              "max_attempts": max_attempts, "status": status, "protocol": protocol}  # fmt: skip
+    return msgspec.convert(fields, Agent)
 
 
 def _called_as(

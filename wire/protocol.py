@@ -210,8 +210,9 @@ AgentProtocol = Literal["auto", "h1", "h2"]  # h2 on http://: HTTP/2 with prior 
 AGENT_HEADERS_MAX = 32
 
 
-class Agent(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """A registered agent: where and how its webhook is called (every field sent)."""
+class Agent(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """A registered agent: where and how its webhook is called.  A **map** (like
+    ``NewMessage``), the same in JSON; every field is required."""
 
     id: Id
     url: AgentUrl

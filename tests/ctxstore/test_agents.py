@@ -10,11 +10,26 @@ from typing import Any
 
 from ctxstore.agents.engine import DispatchLimits
 from ctxstore.agents.pool import Pool
+from ctxstore.web_codec import JSON
 from wire.client import Client, agent, connect
-from wire.protocol import ChunkEvent, Message
+from wire.protocol import (
+    AgentInfo,
+    AgentList,
+    Append,
+    ChunkEvent,
+    CreateAgent,
+    CreateSession,
+    ListAgents,
+    Message,
+    MessageEvent,
+    Subscribe,
+    Subscribed,
+)
 
 from .agent_server import Served, agent_server, reply_text
 from .test_ops import Harness, run, single_node
+from .test_web import web_node
+from .wsclient import WsClient
 
 
 async def ready(h: Harness) -> Client:
@@ -207,5 +222,33 @@ def test_disabled_and_unregistered_agents_are_not_called(tmp_path: Path) -> None
             await asyncio.sleep(0.5)
             assert srv.agent.calls == []
             assert len((await c.read("s")).messages) == 1
+
+    run(main())
+
+
+def test_agents_and_live_chunks_over_the_json_websocket(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w, agent_server() as srv:
+            ws = await WsClient.open(w.address, [JSON])
+            a = agent("bot", srv.url("/sse"), debounce_ms=0, protocol="h2")
+            assert await ws.request(CreateAgent(2, a)) == AgentInfo(2, a)
+            listed = await ws.request(ListAgents(3, None, 10))
+            assert listed == AgentList(3, [a], None)
+            await ws.request(CreateSession(4, "u", "bot", {}, "s"))
+            subscribed = await ws.request(Subscribe(5, "s", 0, False, True))
+            assert isinstance(subscribed, Subscribed)
+            await ws.send(Append(6, "s", "user", "u", "text", "web", {}, None, None, None))
+            kinds: list[str] = []
+            stored: list[Message] = []
+            while len(stored) < 2:
+                got = await ws.recv()
+                if isinstance(got, ChunkEvent):
+                    assert (got.trigger_seq, got.attempt) == (1, 1)
+                    kinds.append(got.chunk["type"])
+                elif isinstance(got, MessageEvent):
+                    stored += got.messages
+            assert kinds[0] == "start" and kinds[-1] == "finish" and "text-delta" in kinds
+            assert text_of(stored[1]) == reply_text(3, "web")
+            await ws.close()
 
     run(main())

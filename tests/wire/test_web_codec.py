@@ -10,16 +10,23 @@ import pytest
 
 from wire.framing import ServerConnection, encode_frame
 from wire.protocol import (
+    Agent,
+    AgentInfo,
+    AgentList,
     Append,
     Appended,
+    ChunkEvent,
     Compact,
     Context,
     ContextChanged,
     ContextConfig,
     ContextEvent,
+    CreateAgent,
     CreateSession,
+    DisableAgent,
     Error,
     GapEvent,
+    GetAgent,
     GetContext,
     GetRoutes,
     GetSession,
@@ -28,6 +35,7 @@ from wire.protocol import (
     InboxEntry,
     InboxSnapshot,
     LastN,
+    ListAgents,
     ListSessions,
     MarkRead,
     Message,
@@ -54,6 +62,7 @@ from wire.protocol import (
     SubscriptionClosed,
     Unsubscribe,
     Unsubscribed,
+    UpdateAgent,
     Welcome,
     error,
 )
@@ -74,6 +83,8 @@ SESSION = Session("s1", "u1", "a1", 1_700_000_000_000, {"topic": "x", "n": [1, 2
 MESSAGE = Message("s1", 3, "agent", "a1", "text", "héllo \u2603 \"q\"\n", {"m": {"k": True}},
                   "c-1", 1_700_000_000_001, 12)  # fmt: skip
 ENTRY = InboxEntry("s1", "a1", 3, 2, 1_700_000_000_001, "agent", "a1", "héllo")
+AGENT = Agent("a1", "https://a.example/hook", {"X-Key": "k"}, 1000, 500, 0, "tail 3", 2,
+              "active", "h2")  # fmt: skip
 REQUESTS: list[Any] = [
     Hello(1, 1, "web", "tok"),
     Hello(1, 1, "web", None),
@@ -110,6 +121,12 @@ REQUESTS: list[Any] = [
     SetContextConfig(15, "s1", 8000, 1.0, SkipParts(["tool-"], 3), "cl100k_base"),
     GetContext(16, "s1"),
     Compact(17, "s1", 1, 3, [NewMessage("system", "summary", "s", None, {}, 2)], 5),
+    CreateAgent(18, AGENT),
+    UpdateAgent(19, AGENT),
+    GetAgent(20, "a1"),
+    ListAgents(21, None, 10),
+    DisableAgent(22, "a1"),
+    Subscribe(23, "s1", 0, False, True),
 ]
 RESPONSES: list[Any] = [
     Welcome(1, 1, "ctxstore", 1, 4 * 1024 * 1024),
@@ -139,6 +156,8 @@ RESPONSES: list[Any] = [
     ),
     Context(16, "s1", [], [], 0, 0, False, 4, 3, None),
     ContextChanged(17, "s1", 8, 12, False, 3),
+    AgentInfo(18, AGENT),
+    AgentList(21, [AGENT], "a1"),
 ]
 PUSHES: list[Any] = [
     MessageEvent(4, [MESSAGE]),
@@ -146,6 +165,7 @@ PUSHES: list[Any] = [
     InboxDelta(5, [ENTRY, InboxEntry("s2", "a2", 0, 0, 5, None, None, "")]),
     SubscriptionClosed(4, "slow_consumer", "the subscriber did not read for 30 s"),
     ContextEvent(4, "trimmed", 9, 12, False, 3),
+    ChunkEvent(4, 3, 2, {"type": "text-delta", "id": "t", "delta": "hé"}),
 ]
 
 
