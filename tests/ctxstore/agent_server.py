@@ -7,7 +7,8 @@ Each path has a plan: a list of behaviours taken in turn (the last one repeats):
 (an SSE reply of ``SLOW_DELTAS`` deltas, ``SLOW_GAP_S`` apart), ``cut`` (a start, then the
 connection is dropped), ``stall`` (a start, then nothing), ``nofinish`` (a stream that ends
 without finish), ``malformed`` (a line that is not JSON), ``error`` (an error chunk),
-``abort``, ``429``/``503`` (with ``Retry-After: 0``), ``404``, ``500``."""
+``abort``, ``big`` (``BIG_DELTAS`` deltas of 4000 characters), ``429``/``503`` (with
+``Retry-After: 0``), ``404``, ``500``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tests.cluster.harness import free_port
 
 SLOW_DELTAS = 20
 SLOW_GAP_S = 0.1
+BIG_DELTAS = 100  # about 400 KB: past HTTP/2's initial flow-control windows
 
 
 @dataclass
@@ -102,11 +104,13 @@ class ScriptedAgent:
             await chunk("{not json")
         if behaviour == "error":
             await chunk({"type": "error", "errorText": "model overloaded"})
-        deltas = SLOW_DELTAS if behaviour == "slow" else 3
+        deltas = SLOW_DELTAS if behaviour == "slow" else BIG_DELTAS if behaviour == "big" else 3
         gap = SLOW_GAP_S if behaviour == "slow" else 0.0
         await chunk({"type": "start-step"})
         await chunk({"type": "text-start", "id": "t"})
         words = [f"echo: {said}"] + [f" {i}" for i in range(1, deltas)]
+        if behaviour == "big":
+            words = [f"echo: {said}"] + [" " + "x" * 4000 for _ in range(1, deltas)]
         for w in words:
             await chunk({"type": "text-delta", "id": "t", "delta": w}, gap)
         await chunk({"type": "text-end", "id": "t"})

@@ -252,3 +252,38 @@ def test_agents_and_live_chunks_over_the_json_websocket(tmp_path: Path) -> None:
             await ws.close()
 
     run(main())
+
+
+def test_http2_flow_control_carries_bodies_past_the_windows_both_ways(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await setup(h, srv, "/big", protocol="h2", history="all")
+            for i in range(3):  # 3 x 200 KB of history in the request
+                await c.append("s", f"{i}" * 200_000, "system", "", "note")
+            await c.append("s", "big")
+            messages = await wait_message(c, "s", 5)
+            text = text_of(messages[4])
+            assert text.startswith("echo: big") and len(text) == 9 + 99 * 4001
+            (call,) = srv.agent.calls
+            assert call.http_version == "2" and len(call.body["messages"]) == 4
+
+    run(main())
+
+
+def test_a_new_connection_replaces_one_the_agent_closed_with_goaway(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h:
+            async with agent_server() as srv:
+                c = await setup(h, srv, "/sse", protocol="h2")
+                await c.append("s", "one")
+                await wait_message(c, "s", 2)
+                port = srv.port
+            async with agent_server(port=port) as srv:  # the old one said GOAWAY and closed
+                await c.append("s", "two")
+                messages = await wait_message(c, "s", 4)
+                assert text_of(messages[3]) == reply_text(3, "two")
+                assert len(srv.agent.calls) == 1
+            assert h.node.dispatcher.pool.connections_opened == 2
+            assert h.node.dispatcher.stats["bot"].failures == {}
+
+    run(main())
