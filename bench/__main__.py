@@ -5,6 +5,7 @@ python -m bench raft-node throughput --concurrency 256   (= python -m bench.raft
 python -m bench archive   (= python -m ctxstore.archive_bench: the local archive's cost per message)
 python -m bench pg-flush  (= python -m ctxstore.pg.bench: the Postgres write-behind's rows/s)
 python -m bench tokens   (the tokenizer's cost per append)
+python -m bench agents --conversations 200   (= ctxstore-bench agents, docs/agents.md)
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ def _pg_flush(argv: Sequence[str]) -> int:
     return subprocess.run([sys.executable, "-m", "ctxstore.pg.bench", *argv]).returncode
 
 
+def _agents(argv: Sequence[str]) -> int:
+    from bench.agents import main
+
+    return main(argv)
+
+
 BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "agents": (_agents, "live agent chunks at subscribers (= ctxstore-bench agents)"),
     "raft-node": (_raft_node, "raft/ on a local 3-node cluster (docs/raft-bench.md)"),
     "archive": (_archive, "the local SQLite archive: rows/s and CPU per message"),
     "pg-flush": (_pg_flush, "the Postgres write-behind: rows/s copied (needs PostgreSQL)"),

@@ -10,6 +10,7 @@
     ctxstore-bench append --nodes 3 --concurrency 256 --via ws    (or ws-json, http: web API;
                                                                    wt: WebTransport, HTTP/3)
     ctxstore-bench append --nodes 3 -- --groups 16 --tick-ms 20     (flags after -- go to nodes)
+    ctxstore-bench agents --nodes 3 --conversations 200   (live agent chunks: bench/agents.py)
 
 Exit status: 0 when the gate passes, 1 when it does not (p99 over ``--p99-target-ms``, a request
 that failed for good, a read-back problem, failover unavailability over its target), 2 for
@@ -239,6 +240,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["agents"]:  # its own options (bench/agents.py)
+        from .agents import main as agents_main
+
+        return agents_main(argv[1:])
     args = parse(argv)
     import uvloop
 

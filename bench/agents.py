@@ -1,0 +1,289 @@
+"""``ctxstore-bench agents``: live agent chunks and the append path while agents stream.
+
+    ctxstore-bench agents --nodes 3 --conversations 200 --duration 20
+    ctxstore-bench agents --nodes 3 --slow-sessions 500 --slow-agent-s 2 --duration 20
+
+A local echo agent (HTTP/1.1 on h11, in this process) answers every call with an SSE stream:
+``--deltas`` text deltas ``--delta-gap-ms`` apart, each preceded by a transient ``data-t``
+chunk carrying the monotonic time it was written.  ``--conversations`` sessions each hold a
+subscription with ``stream_chunks`` and loop: append a user message, wait for the stored reply.
+Each ``data-t`` chunk's time from the agent's write to its arrival at the subscriber is
+recorded (the agent and the subscribers share this process's clock; the nodes are other
+processes).  The gate: that p99 <= ``--p99-target-ms`` (20 ms by default).
+
+With ``--slow-sessions N``: appends are measured twice for ``--duration`` each, on other
+sessions whose agent is not registered, with ``--append-concurrency`` in flight: first with no
+agent running, then while N sessions keep an agent that takes ``--slow-agent-s`` per call
+busy (each reply triggers the next).  Both p99s are reported (appends never wait on agents).
+Exit status: 0 gate passed, 1 not, 2 could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import h11
+
+from ctxstore.launcher import LocalCluster
+from wire.client import Client, ClientError, agent, connect
+from wire.protocol import ChunkEvent, Message
+
+from .histogram import LatencyHistogram
+from .report import log, write_json
+
+QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
+
+
+class EchoAgent:
+    """An agent webhook on h11: answers each POST with the SSE stream described above."""
+
+    def __init__(self, deltas: int, gap_s: float, slow_s: float) -> None:
+        self.deltas, self.gap_s, self.slow_s = deltas, gap_s, slow_s
+        self.calls = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                body = b""
+                request = None
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await reader.read(65536)
+                        conn.receive_data(data)
+                        if not data and conn.their_state is not h11.DONE:
+                            return
+                        continue
+                    if isinstance(event, h11.Request):
+                        request = event
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                    elif isinstance(event, h11.ConnectionClosed):
+                        return
+                assert request is not None
+                self.calls += 1
+                await self._answer(conn, writer, json.loads(body))
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError):
+            return
+        finally:
+            writer.close()
+
+    async def _answer(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, call: dict[str, Any]
+    ) -> None:
+        headers = [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")]
+        writer.write(conn.send(h11.Response(status_code=200, headers=headers)) or b"")
+        if self.slow_s:
+            await asyncio.sleep(self.slow_s)
+
+        def chunk(obj: Any) -> None:
+            text = obj if isinstance(obj, str) else json.dumps(obj)
+            writer.write(conn.send(h11.Data(data=f"data: {text}\n\n".encode())) or b"")
+
+        chunk({"type": "start"})
+        chunk({"type": "text-start", "id": "t"})
+        for i in range(self.deltas):
+            chunk({"type": "data-t", "data": time.monotonic_ns(), "transient": True})
+            chunk({"type": "text-delta", "id": "t", "delta": f"w{i} "})
+            await writer.drain()
+            if self.gap_s:
+                await asyncio.sleep(self.gap_s)
+        chunk({"type": "text-end", "id": "t"})
+        chunk({"type": "finish"})
+        chunk("[DONE]")
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await writer.drain()
+
+
+async def _conversation(
+    client: Client, sid: str, user: str, until: float, chunks: LatencyHistogram, counts: list[int]
+) -> None:
+    async with client.subscribe(sid, stream_chunks=True) as sub:
+        turn = 0
+        while time.monotonic() < until:
+            turn += 1
+            await client.append(sid, f"turn {turn}", "user", user)
+            async for item in sub:
+                if isinstance(item, ChunkEvent):
+                    if item.chunk["type"] == "data-t":
+                        chunks.record_us((time.monotonic_ns() - item.chunk["data"]) // 1000)
+                elif isinstance(item, Message) and item.sender == "agent":
+                    counts[0] += 1
+                    break
+
+
+async def _appends(
+    clients: list[Client], sessions: list[str], concurrency: int, until: float,
+    hist: LatencyHistogram,
+) -> int:  # fmt: skip
+    done = [0]
+
+    async def worker(k: int) -> None:
+        client = clients[k % len(clients)]
+        i = 0
+        while time.monotonic() < until:
+            sid = sessions[(k + i * concurrency) % len(sessions)]
+            started = time.perf_counter()
+            await client.append(sid, "x" * 100, "system", "", "note")
+            hist.record_s(time.perf_counter() - started)
+            done[0] += 1
+            i += 1
+
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return done[0]
+
+
+async def _keep_busy(client: Client, sid: str, stop: asyncio.Event) -> None:
+    async with client.subscribe(sid) as sub:
+        while not stop.is_set():
+            await client.append(sid, "again", "user", "u")
+            async for item in sub:
+                if isinstance(item, Message) and item.sender == "agent":
+                    break
+
+
+def _figures(hist: LatencyHistogram) -> dict[str, float]:
+    values = hist.quantiles_us(QUANTILES)
+    names = ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")
+    return {
+        "count": hist.count,
+        **{n: round(v / 1000, 3) for n, v in zip(names, values, strict=True)},
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    data_dir = tempfile.mkdtemp(prefix="ctxstore-bench-agents-")
+    cluster = LocalCluster(args.nodes, data_dir, extra_args=args.node_args)
+    echo = EchoAgent(args.deltas, args.delta_gap_ms / 1000, 0.0)
+    slow = EchoAgent(3, 0.0, args.slow_agent_s)
+    clients: list[Client] = []
+    try:
+        log(f"starting {args.nodes} local nodes in {data_dir}", args.quiet)
+        await cluster.start()
+        port, slow_port = await echo.start(), await slow.start()
+        targets = cluster.targets
+        clients = [await connect(targets[k % len(targets):] + targets[:k % len(targets)],
+                                 client_name="ctxstore-bench") for k in range(8)]  # fmt: skip
+        c = clients[0]
+        await c.create_agent(agent("echo", f"http://127.0.0.1:{port}/", debounce_ms=0,
+                                   history="tail 4", protocol="h1"))  # fmt: skip
+        await c.create_agent(agent("slow", f"http://127.0.0.1:{slow_port}/", debounce_ms=0,
+                                   history="tail 4", timeout_ms=60_000))  # fmt: skip
+        doc: dict[str, Any] = {"scenario": "agents", "config": {
+            k: v for k, v in vars(args).items() if k not in ("json", "quiet")}}  # fmt: skip
+        if args.slow_sessions:
+            plain = [f"plain-{i}" for i in range(64)]
+            busy = [f"busy-{i}" for i in range(args.slow_sessions)]
+            for sid in plain:
+                await c.create_session("u", "nobody", {}, sid)
+            for sid in busy:
+                await c.create_session("u", "slow", {}, sid)
+            base = LatencyHistogram()
+            log(f"appends without agents for {args.duration} s", args.quiet)
+            n = await _appends(clients, plain, args.append_concurrency,
+                               time.monotonic() + args.duration, base)  # fmt: skip
+            stop = asyncio.Event()
+            busy_tasks = [asyncio.create_task(_keep_busy(clients[i % len(clients)], sid, stop))
+                          for i, sid in enumerate(busy)]  # fmt: skip
+            await asyncio.sleep(1.0)
+            log(f"appends while {len(busy)} sessions call a {args.slow_agent_s} s agent",
+                args.quiet)  # fmt: skip
+            loaded = LatencyHistogram()
+            m = await _appends(clients, plain, args.append_concurrency,
+                               time.monotonic() + args.duration, loaded)  # fmt: skip
+            stop.set()
+            await asyncio.wait(busy_tasks, timeout=args.slow_agent_s * 3 + 5)
+            for t in busy_tasks:
+                t.cancel()
+            doc["appends_without_agents"] = {**_figures(base), "per_s": round(n / args.duration)}
+            doc["appends_with_agents"] = {**_figures(loaded), "per_s": round(m / args.duration),
+                                          "agent_calls": slow.calls}  # fmt: skip
+        sessions = [f"conv-{i}" for i in range(args.conversations)]
+        for sid in sessions:
+            await c.create_session(f"user-{sid}", "echo", {}, sid)
+        chunks = LatencyHistogram()
+        replies = [0]
+        log(f"{len(sessions)} conversations for {args.duration} s", args.quiet)
+        until = time.monotonic() + args.duration
+        await asyncio.gather(*(
+            _conversation(clients[i % len(clients)], sid, f"user-{sid}", until, chunks, replies)
+            for i, sid in enumerate(sessions)
+        ))  # fmt: skip
+        doc["chunk_latency"] = {**_figures(chunks), "replies": replies[0],
+                                "agent_calls": echo.calls}  # fmt: skip
+        p99 = doc["chunk_latency"]["p99_ms"]
+        doc["gate"] = {"p99_target_ms": args.p99_target_ms, "passed": p99 <= args.p99_target_ms}
+        return doc
+    finally:
+        for client in clients:
+            await client.close()
+        await echo.stop()
+        await slow.stop()
+        await cluster.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctxstore-bench agents", description=__doc__.split("\n")[0])
+    p.add_argument("--nodes", type=int, default=3, help="local nodes (default: 3)")
+    p.add_argument("--conversations", type=int, default=200, help="(default: 200)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per phase (default: 20)")
+    p.add_argument("--deltas", type=int, default=20, help="per reply (default: 20)")
+    p.add_argument("--delta-gap-ms", type=float, default=20.0, help="(default: 20)")
+    p.add_argument("--p99-target-ms", type=float, default=20.0, help="(default: 20)")
+    p.add_argument("--slow-sessions", type=int, default=0, help="(default: 0, no append phase)")
+    p.add_argument("--slow-agent-s", type=float, default=2.0, help="(default: 2)")
+    p.add_argument("--append-concurrency", type=int, default=64, help="(default: 64)")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    node_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, node_args = argv[:cut], argv[cut + 1 :]
+    args = parser().parse_args(argv)
+    args.node_args = node_args
+    import uvloop
+
+    try:
+        doc = uvloop.run(run(args))
+    except KeyboardInterrupt:
+        return 2
+    except (ClientError, RuntimeError, TimeoutError, OSError) as e:
+        log(f"ctxstore-bench agents: {e}")
+        return 2
+    print(json.dumps(doc, indent=2))
+    if args.json:
+        write_json(args.json, doc)
+    return 0 if doc["gate"]["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
