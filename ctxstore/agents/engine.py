@@ -42,7 +42,7 @@ from wire.parts import PartError, check_parts
 from wire.protocol import MESSAGE_BYTES_MAX, METADATA_BYTES_MAX, Agent, Message
 
 from .. import commands
-from ..context import Plan, answer, from_history, from_tail
+from ..context import Plan, answer, from_history, from_tail, window_tokenizer
 from ..history import History, HistoryUnavailable
 from ..placement import group_of
 from ..router import RouteError, Router
@@ -351,7 +351,10 @@ class Dispatcher:
         meta = {"agent": {"id": agent.id, "trigger_seq": trigger, "attempt": attempt,
                           "dropped": reason, "detail": detail[:1024]}}  # fmt: skip
         content = f"The agent {agent.id} did not answer ({reason})."
-        tokens, _ = self.counters.get(None).message(content, None)
+        tokenizer = window_tokenizer(self.state, sid)
+        tokens = (
+            None if tokenizer is None else self.counters.get(tokenizer).message(content, None)[0]
+        )
         append = commands.Append(
             sid, "system", "ctxstore", "agent_dropped", content, meta,
             f"agent-drop:{trigger}:{attempt}", None, tokens, self.clock_ms(), "system",
@@ -446,11 +449,15 @@ class Dispatcher:
                           "assistant", a.parts)  # fmt: skip
         if payload_bytes(message) > MESSAGE_BYTES_MAX:
             raise Failure("too_large", f"the reply is over {MESSAGE_BYTES_MAX} bytes", False)
-        counter = self.counters.get(None)
-        if offload("", a.parts):
-            tokens, per_part = await asyncio.to_thread(counter.message, "", a.parts)
-        else:
-            tokens, per_part = counter.message("", a.parts)
+        tokens: int | None = None
+        per_part: list[int] | None = None
+        tokenizer = window_tokenizer(self.state, sid)  # counted only for a context window
+        if tokenizer is not None:
+            counter = self.counters.get(tokenizer)
+            if offload("", a.parts):
+                tokens, per_part = await asyncio.to_thread(counter.message, "", a.parts)
+            else:
+                tokens, per_part = counter.message("", a.parts)
         return commands.Append(
             sid, "agent", agent.id, "text", "", meta, f"agent-reply:{trigger}:{attempt}", None,
             tokens, self.clock_ms(), "assistant", a.parts, per_part,

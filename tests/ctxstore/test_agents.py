@@ -10,7 +10,6 @@ from typing import Any
 
 from ctxstore.agents.engine import DispatchLimits
 from ctxstore.agents.pool import Pool
-from ctxstore.web_codec import JSON
 from wire.client import Client, agent, connect
 from wire.protocol import (
     AgentInfo,
@@ -19,12 +18,14 @@ from wire.protocol import (
     ChunkEvent,
     CreateAgent,
     CreateSession,
+    LastN,
     ListAgents,
     Message,
     MessageEvent,
     Subscribe,
     Subscribed,
 )
+from wire.web_codec import JSON
 
 from .agent_server import Served, agent_server, reply_text
 from .test_ops import Harness, run, single_node
@@ -285,5 +286,25 @@ def test_a_new_connection_replaces_one_the_agent_closed_with_goaway(tmp_path: Pa
                 assert len(srv.agent.calls) == 1
             assert h.node.dispatcher.pool.connections_opened == 2
             assert h.node.dispatcher.stats["bot"].failures == {}
+
+    run(main())
+
+
+def test_history_window_sends_the_context_window_and_the_reply_is_counted(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await setup(h, srv, "/sse", history="window")
+            await c.set_context_config("s", 100_000, LastN(2))
+            for word in ("a", "b"):
+                await c.append("s", word, "system", "", "note")
+            await c.append("s", "last")
+            messages = await wait_message(c, "s", 4)
+            (call,) = srv.agent.calls
+            assert [m["seq"] for m in call.body["messages"]] == [2, 3]
+            reply = messages[3]
+            assert reply.token_count is not None and reply.token_count > 0
+            assert messages[0].token_count is not None
 
     run(main())
