@@ -260,11 +260,14 @@ class Dispatcher:
             del self._tasks[sid]
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("dispatch of session %r failed: %r", sid, exc, exc_info=exc)
-        if not self.running or task.cancelled():
+        if not self.running:
             return
+        # User messages came during the call; or the task was cancelled by a leadership loss
+        # and this node leads the group again (its resume skipped the session: the task was
+        # still here).
         view = self.state.dispatch_state(sid)
         if view is not None and view[2] > view[3] and self._leads(group_of(sid, self.groups)):
-            self._arm(sid)  # user messages came during the call
+            self._arm(sid, resume=task.cancelled())
         else:
             self._acked_at.pop(sid, None)
 

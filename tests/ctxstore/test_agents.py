@@ -10,6 +10,7 @@ from typing import Any
 
 from ctxstore.agents.engine import DispatchLimits
 from ctxstore.agents.pool import Pool
+from ctxstore.placement import group_of
 from wire.client import Client, agent, connect
 from wire.protocol import (
     AgentInfo,
@@ -306,5 +307,29 @@ def test_history_window_sends_the_context_window_and_the_reply_is_counted(
             reply = messages[3]
             assert reply.token_count is not None and reply.token_count > 0
             assert messages[0].token_count is not None
+
+    run(main())
+
+
+def test_a_call_cancelled_by_a_leadership_flap_resumes_when_leadership_returns(
+    tmp_path: Path,
+) -> None:
+    """Lost and regained before the cancelled task ended: the resume skipped the session (its
+    task was still there), so the task's end arms it again."""
+
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            srv.agent.plans["/f"] = ["stall", "sse"]
+            c = await setup(h, srv, "/f", protocol="h2")
+            await c.append("s", "flap")
+            async with asyncio.timeout(10):
+                while not srv.agent.calls:
+                    await asyncio.sleep(0.01)
+            d = h.node.dispatcher
+            group = group_of("s", h.node.settings.groups)
+            d.on_leader_change(group, 99)  # lost: the call is cancelled
+            d.on_leader_change(group, h.node.settings.node_id)  # back before the task ended
+            _, reply = await wait_message(c, "s", 2)
+            assert reply.metadata["agent"]["attempt"] == 2 and len(srv.agent.calls) == 2
 
     run(main())
