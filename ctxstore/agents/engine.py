@@ -170,6 +170,7 @@ class Dispatcher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # sid -> (first, timer)
         self._acked_at: dict[str, float] = {}  # sid -> when its newest user message applied here
+        self._lookups: dict[str, dict[str, bool]] = {}  # agent id -> sessions waiting (resume)
         self._random = random.Random()
 
     # -- the node's side ---------------------------------------------------------------------------
@@ -230,11 +231,14 @@ class Dispatcher:
         agent = self.state.get_agent(view[0])
         return agent if agent is not None and agent.status == "active" else None
 
-    def _arm(self, sid: str, resume: bool = False) -> None:
+    def _arm(self, sid: str, resume: bool = False, checked: bool = False) -> None:
         if sid in self._tasks:
             return  # the running task re-checks the cursor when it ends
         agent = self._active_agent(sid)
         if agent is None:
+            view = self.state.dispatch_state(sid)
+            if view is not None and not checked:
+                self._refresh(view[0], sid, resume)
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -246,6 +250,35 @@ class Dispatcher:
             armed[1].cancel()
         at = min(now + debounce, first + debounce * MAX_WAIT_FACTOR)
         self._timers[sid] = (first, loop.call_at(at, self._fire, sid))
+
+    def _refresh(self, agent_id: str, sid: str, resume: bool) -> None:
+        """The agent is unknown here (or disabled): this replica of its group may not have
+        applied its registration yet (a follower learns a commit with the next message, and
+        an idle group sends none).  Read it after a barrier of its group, then arm again; one
+        barrier per agent at a time, shared by the sessions waiting for it."""
+        waiting = self._lookups.get(agent_id)
+        if waiting is not None:
+            waiting[sid] = waiting.get(sid, False) or resume
+            return
+        self._lookups[agent_id] = {sid: resume}
+        # Not from inside apply (the driver's pass): the barrier goes through the driver.
+        asyncio.get_running_loop().call_soon(self._lookup, agent_id)
+
+    def _lookup(self, agent_id: str) -> None:
+        if not self.running:
+            self._lookups.pop(agent_id, None)
+            return
+        fut = self.router.barrier(group_of(agent_id, self.groups))
+
+        def done(f: asyncio.Future[Any]) -> None:
+            sessions = self._lookups.pop(agent_id, {})
+            if f.cancelled() or f.exception() is not None or not self.running:
+                return  # no barrier now: the next user message or leader change tries again
+            for waiting_sid, waiting_resume in sessions.items():
+                if self._leads(group_of(waiting_sid, self.groups)):
+                    self._arm(waiting_sid, waiting_resume, checked=True)
+
+        fut.add_done_callback(done)
 
     def _fire(self, sid: str) -> None:
         self._timers.pop(sid, None)
