@@ -890,6 +890,8 @@ class ConversationState:
 
     # -- queries -----------------------------------------------------------------------------------
     def get_agent(self, agent_id: str) -> Agent | None:
+        if self.group_count is not None:  # placed like a session
+            return self._agents.get(group_of(agent_id, self.group_count), {}).get(agent_id)
         for agents in self._agents.values():
             agent = agents.get(agent_id)
             if agent is not None:
