@@ -554,3 +554,30 @@ def test_ctrl_c_while_cluster_up_starts_stops_what_it_started(tmp_path: Path) ->
     assert up.process.returncode == EXIT_INTERRUPTED, err
     stopped = json.loads(out)
     assert stopped["event"] == "stopped" and [n["id"] for n in stopped["nodes"]] == [1]
+
+
+def test_agents_are_created_updated_listed_and_disabled(node: RunningNode) -> None:
+    headers = '{"Authorization": "Bearer k"}'
+    created = node.cli("agent", "create", "helper", "--url", "http://127.0.0.1:9/hook",
+                       "--headers", headers, "--history", "tail 20")  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    agent = json.loads(created.stdout)
+    assert agent == {
+        "id": "helper", "url": "http://127.0.0.1:9/hook",
+        "headers": {"Authorization": "Bearer k"}, "timeout_ms": 120_000,
+        "idle_timeout_ms": 30_000, "debounce_ms": 500, "history": "tail 20", "max_attempts": 5,
+        "status": "active", "protocol": "auto",
+    }  # fmt: skip
+    updated = node.cli("agent", "update", "helper", "--debounce-ms", "0", "--protocol", "h2")
+    assert updated.returncode == 0, updated.stderr
+    assert json.loads(updated.stdout) == {**agent, "debounce_ms": 0, "protocol": "h2"}
+    assert json_error(node.cli("agent", "create", "helper", "--url", "http://x.y/"),
+                      EXIT_ANSWER)["error"] == "conflict"  # fmt: skip
+    bad = node.cli("agent", "create", "b", "--url", "ftp://x.y/")
+    assert bad.returncode == EXIT_USAGE and "url" in bad.stderr
+    listed = node.cli("agent", "list")
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == ["helper"]
+    disabled = node.cli("agent", "disable", "helper")
+    assert json.loads(disabled.stdout)["status"] == "disabled"
+    assert json.loads(node.cli("agent", "get", "helper").stdout)["status"] == "disabled"
+    assert json_error(node.cli("agent", "get", "nobody"), EXIT_ANSWER)["error"] == "not_found"
