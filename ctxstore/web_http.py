@@ -5,6 +5,9 @@
     POST /v1/sessions/{id}/messages         append            GET .../{id}/messages  read
     GET  /v1/sessions/{id}/events           subscribe (SSE)   GET /v1/openapi.json
     GET  /v1/users/{id}/inbox/events        subscribe_inbox (SSE)
+    POST /v1/agents                         create_agent      GET /v1/agents         list_agents
+    POST /v1/agents/update                  update_agent      GET /v1/agents/{id}    get_agent
+    POST /v1/agents/{id}/disable            disable_agent
 
 The HTTP port (``ctxstore.ops``, h11) hands every other ``/v1/`` request, its body read (at
 most ``body_bytes_max``, the native frame limit), to ``HttpApi.handle``.  A request becomes
@@ -49,16 +52,22 @@ from prometheus_client.registry import Collector
 from wire.aio import Connection, Server
 from wire.protocol import (
     PROTOCOL_VERSION,
+    AgentInfo,
+    AgentList,
     Append,
     Appended,
     Compact,
     Context,
     ContextChanged,
+    CreateAgent,
     CreateSession,
+    DisableAgent,
     Error,
+    GetAgent,
     GetContext,
     GetSession,
     InboxSnapshot,
+    ListAgents,
     ListSessions,
     MarkRead,
     Messages,
@@ -72,6 +81,7 @@ from wire.protocol import (
     Subscribe,
     Subscribed,
     SubscribeInbox,
+    UpdateAgent,
     Welcome,
     error,
 )
@@ -207,8 +217,9 @@ def _routes() -> list[Route]:
               "Move a user's read cursor forward", body=_body(MarkRead, sid)),
         Route(b"GET", "/v1/sessions/{session_id}/events", Subscribe, Subscribed,
               "Follow a session: Server-Sent Events", stream=True,
-              query=_query(Subscribe, "EventsQuery", ("after_seq", "context_events"),
-                           after_seq=0, context_events=False)),
+              query=_query(Subscribe, "EventsQuery",
+                           ("after_seq", "context_events", "stream_chunks"),
+                           after_seq=0, context_events=False, stream_chunks=False)),
         Route(b"GET", "/v1/sessions/{session_id}/context", GetContext, Context,
               "Get the session's context window"),
         Route(b"POST", "/v1/sessions/{session_id}/context/config", SetContextConfig,
@@ -218,6 +229,17 @@ def _routes() -> list[Route]:
               "Replace a range of the context window", body=_body(Compact, sid)),
         Route(b"GET", "/v1/users/{user_id}/inbox/events", SubscribeInbox, InboxSnapshot,
               "Follow a user's inbox: Server-Sent Events", stream=True),
+        # agents (docs/agents.md)
+        Route(b"POST", "/v1/agents", CreateAgent, AgentInfo, "Register an agent",
+              body=_body(CreateAgent, ())),
+        Route(b"POST", "/v1/agents/update", UpdateAgent, AgentInfo,
+              "Replace a registered agent's fields", body=_body(UpdateAgent, ())),
+        Route(b"GET", "/v1/agents", ListAgents, AgentList, "List the agents, ordered by id",
+              query=_query(ListAgents, "ListAgentsQuery", ("cursor", "limit"), cursor=None,
+                           limit=100)),
+        Route(b"GET", "/v1/agents/{agent_id}", GetAgent, AgentInfo, "Get an agent"),
+        Route(b"POST", "/v1/agents/{agent_id}/disable", DisableAgent, AgentInfo,
+              "Stop calling an agent", body=_body(DisableAgent, ("agent_id",))),
     ]  # fmt: skip
 
 

@@ -11,7 +11,8 @@ turns what it is answered into the response:
 - each message of a ``message_event``: an event with ``id: <seq>`` and the message as ``data``
   (event type ``message``); a ``gap_event``: ``event: gap`` with ``id: <to_seq>``; an
   ``inbox_delta``: ``event: delta``; a ``context_event`` (``?context_events=true``):
-  ``event: context``; ``subscription_closed``: ``event: closed``, then the
+  ``event: context``; a ``stream_chunk`` (``?stream_chunks=true``): ``event: chunk``;
+  ``subscription_closed``: ``event: closed``, then the
   stream ends (EventSource reconnects, with ``Last-Event-ID``: the last seq it got).
 - a goodbye ``error`` (the node shuts down): ``event: error``, then the stream ends.
 
@@ -40,6 +41,7 @@ import msgspec
 
 from wire.aio import Connection
 from wire.protocol import (
+    ChunkEvent,
     ContextEvent,
     Error,
     GapEvent,
@@ -187,6 +189,8 @@ class EventStream(asyncio.Protocol):
                     out += _event(None, b"delta", answer_json(message))
                 case ContextEvent():  # asked for with ?context_events=true
                     out += _event(None, b"context", answer_json(message))
+                case ChunkEvent():  # asked for with ?stream_chunks=true (docs/agents.md)
+                    out += _event(None, b"chunk", answer_json(message))
                 case SubscriptionClosed():
                     out += _event(None, b"closed", answer_json(message))
                     end = True

@@ -31,6 +31,7 @@ from wire.web_codec import JSON
 from .agent_server import Served, agent_server, reply_text
 from .test_ops import Harness, run, single_node
 from .test_web import web_node
+from .test_web_http import Events, call, message
 from .wsclient import WsClient
 
 
@@ -331,5 +332,44 @@ def test_a_call_cancelled_by_a_leadership_flap_resumes_when_leadership_returns(
             d.on_leader_change(group, h.node.settings.node_id)  # back before the task ended
             _, reply = await wait_message(c, "s", 2)
             assert reply.metadata["agent"]["attempt"] == 2 and len(srv.agent.calls) == 2
+
+    run(main())
+
+
+def test_agents_over_the_http_api_and_chunk_events_over_sse(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with web_node(tmp_path) as w, agent_server() as srv:
+            a = w.address
+            body = {"id": "bot", "url": srv.url("/sse"), "headers": {}, "timeout_ms": 10_000,
+                    "idle_timeout_ms": 5_000, "debounce_ms": 0, "history": "all",
+                    "max_attempts": 2, "status": "active", "protocol": "h2"}  # fmt: skip
+            r = await call(a, "POST", "/v1/agents", {"agent": body})
+            assert r.status == 200 and r.json() == {"agent": body}, r.body
+            assert (await call(a, "POST", "/v1/agents", {"agent": body})).status == 409
+            bad = await call(a, "POST", "/v1/agents", {"agent": {**body, "url": "ftp://x/"}})
+            assert bad.status == 400 and "url" in bad.json()["message"]
+            r = await call(a, "POST", "/v1/agents/update", {"agent": {**body, "max_attempts": 3}})
+            assert r.status == 200 and r.json()["agent"]["max_attempts"] == 3
+            r = await call(a, "GET", "/v1/agents?limit=10")
+            assert [x["id"] for x in r.json()["agents"]] == ["bot"] and r.json()[
+                "next_cursor"
+            ] is None
+            assert (await call(a, "GET", "/v1/agents/bot")).json()["agent"]["max_attempts"] == 3
+            assert (await call(a, "GET", "/v1/agents/nobody")).status == 404
+            session = {"user_id": "u1", "agent_id": "bot", "metadata": {}, "session_id": "s1"}
+            await call(a, "POST", "/v1/sessions", session)
+            events = await Events.open(a, "/v1/sessions/s1/events?stream_chunks=true")
+            assert (await events.next())[1] == "subscribed"
+            await call(a, "POST", "/v1/sessions/s1/messages", message("over http"))
+            got = []
+            while not any(name == "message" and d.get("sender") == "agent"
+                          for _, name, d in got):  # fmt: skip
+                got.append(await events.next())
+            chunks = [d for _, name, d in got if name == "chunk"]
+            assert chunks[0]["chunk"]["type"] == "start" and chunks[-1]["chunk"]["type"] == "finish"
+            assert {(c["trigger_seq"], c["attempt"]) for c in chunks} == {(1, 1)}
+            await events.close()
+            r = await call(a, "POST", "/v1/agents/bot/disable", {})
+            assert r.status == 200 and r.json()["agent"]["status"] == "disabled"
 
     run(main())
