@@ -1,0 +1,30 @@
+"""One short ``ctxstore-bench agents`` run against a real local cluster, through the command
+line: live chunks are timed, replies come back, and the append comparison runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def test_a_short_agents_run_times_chunks_and_appends(tmp_path: Path) -> None:
+    out = tmp_path / "agents.json"
+    cmd = [sys.executable, "-m", "bench.cli", "agents", "--nodes", "3", "--conversations", "4",
+           "--duration", "1.5", "--deltas", "5", "--delta-gap-ms", "5", "--slow-sessions", "10",
+           "--slow-agent-s", "0.2", "--append-concurrency", "4", "--p99-target-ms", "5000",
+           "--quiet", "--json", str(out), "--", "--groups", "16", "--tick-ms", "20"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(out.read_text())
+    chunks = doc["chunk_latency"]
+    assert chunks["replies"] > 0 and chunks["count"] >= 5 * chunks["replies"]
+    assert 0 < chunks["p50_ms"] <= chunks["p99_ms"] <= chunks["max_ms"]
+    assert doc["appends_without_agents"]["count"] > 0
+    assert doc["appends_with_agents"]["count"] > 0 and doc["appends_with_agents"]["agent_calls"] > 0
+    assert doc["gate"]["passed"]
