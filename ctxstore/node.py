@@ -150,7 +150,7 @@ class Node:
                 self.backfill.source = self.postgres_history.fetch
         self.dispatcher = Dispatcher(
             s.node_id, self.state, self.router, self.host.leader, s.groups, self.history,
-            self.subscriptions, self.counters, now_ms,
+            self.subscriptions, self.counters, now_ms, self.window_cache,
         )  # fmt: skip
         self.dispatcher.relay = self.router.relay_chunk  # subscribers on other nodes
         self.router.on_chunk = self.subscriptions.on_chunk

@@ -42,7 +42,7 @@ from wire.parts import PartError, check_parts
 from wire.protocol import MESSAGE_BYTES_MAX, METADATA_BYTES_MAX, Agent, Message
 
 from .. import commands
-from ..context import Plan, answer, from_history, from_tail, window_tokenizer
+from ..context import Plan, WindowCache, answer, from_history, from_memory, window_tokenizer
 from ..history import History, HistoryUnavailable
 from ..placement import group_of
 from ..router import RouteError, Router
@@ -150,6 +150,7 @@ class Dispatcher:
         subscriptions: Subscriptions,
         counters: TokenCounters,
         clock_ms: Callable[[], int],
+        window_cache: WindowCache,
         pool: Pool | None = None,
         limits: DispatchLimits | None = None,
     ) -> None:
@@ -162,6 +163,7 @@ class Dispatcher:
         self.subscriptions = subscriptions
         self.counters = counters
         self.clock_ms = clock_ms
+        self.window_cache = window_cache  # the node's copies of windows' older messages
         self.pool = pool or Pool()
         self.limits = limits or DispatchLimits()
         self.running = False
@@ -508,9 +510,11 @@ class Dispatcher:
                 view = self.state.window(sid)
                 if view is not None and view[0] is not None:
                     plan = Plan(sid, view[0], view[1])
-                    found = from_tail(self.state, plan)
+                    cache = self.window_cache
+                    found = from_memory(self.state, cache, plan)
                     if found is False:
-                        found = await from_history(self.history, plan, lim.history_bytes_max)
+                        found = await from_history(self.history, cache, plan,
+                                                   lim.history_bytes_max)  # fmt: skip
                     context = answer(0, plan, found)
                     return [ui_message(m) for m in context.messages if m.seq <= trigger]
                 mode = "all"  # no window configured: the whole history
