@@ -154,6 +154,8 @@ class Node:
         )  # fmt: skip
         self.dispatcher.relay = self.router.relay_chunk  # subscribers on other nodes
         self.router.on_chunk = self.subscriptions.on_chunk
+        self.router.chunk_sessions = lambda: list(self.subscriptions.chunk_sessions)
+        self.subscriptions.on_chunk_interest = self.router.chunk_interest
 
     def _postgres_hold(self, session_id: str) -> int:
         """The archive's retention floor for ``session_id`` (called on the archive's writer

@@ -114,7 +114,19 @@ class ChunkRelay(msgspec.Struct, array_like=True, tag=30):
     chunk: dict[str, Any]
 
 
-Envelope = Forward | ForwardReply | Advertise | HistoryFetch | HistoryRows | ChunkRelay
+class ChunkInterest(msgspec.Struct, array_like=True, tag=31):
+    """The sender has (``on``) or no longer has chunk subscribers of these sessions: a leader
+    relays a session's chunks only to the peers that have some.  Sent for one session as its
+    first subscriber comes or its last goes, and for all of them when a peer connects."""
+
+    sessions: list[str]
+    on: bool
+
+
+Envelope = (
+    Forward | ForwardReply | Advertise | HistoryFetch | HistoryRows | ChunkRelay | ChunkInterest
+)
+CHUNK_INTEREST_MAX = 100_000  # sessions one peer may ask chunks of (more are ignored)
 HistoryServer = Callable[[HistoryFetch], Coroutine[Any, Any, HistoryRows]]
 _encode = msgspec.msgpack.Encoder().encode
 _decode_envelope = msgspec.msgpack.Decoder(Envelope).decode
@@ -167,6 +179,8 @@ class Router:
         self.served_forwards = 0  # requests other nodes forwarded to this node
         self.history_server: HistoryServer | None = None
         self.on_chunk: Callable[[str, int, int, dict[str, Any]], object] | None = None
+        self.chunk_sessions: Callable[[], list[str]] = list  # those with subscribers here
+        self._chunk_peers: dict[int, set[str]] = {}  # peer -> sessions it wants chunks of
         self.chunks_relayed = 0
         self._fetches: dict[int, tuple[asyncio.Future[HistoryRows], int, float]] = {}
         self._history_serving = 0
@@ -360,19 +374,36 @@ class Router:
     def relay_chunk(
         self, session_id: str, trigger_seq: int, attempt: int, chunk: dict[str, Any]
     ) -> None:
-        """Send a live agent chunk to every connected peer (``ChunkRelay``)."""
+        """Send a live agent chunk to the connected peers with subscribers of the session
+        (``ChunkRelay``)."""
         if self.transport is None:
             return
-        data = _encode(ChunkRelay(session_id, trigger_seq, attempt, chunk))
+        data = b""
         for peer in self.transport.connected_peers():
+            if session_id not in self._chunk_peers.get(peer, ()):
+                continue
+            data = data or _encode(ChunkRelay(session_id, trigger_seq, attempt, chunk))
             if self.transport.send_app(peer, data):
                 self.chunks_relayed += 1
+
+    def chunk_interest(self, session_id: str, on: bool) -> None:
+        """Tell every connected peer that this node now has (or no longer has) chunk
+        subscribers of ``session_id``."""
+        if self.transport is None:
+            return
+        data = _encode(ChunkInterest([session_id], on))
+        for peer in self.transport.connected_peers():
+            self.transport.send_app(peer, data)
 
     def on_peer_up(self, peer: int) -> None:
         if self.client_address and self.transport is not None:
             self.transport.send_app(peer, _encode(Advertise(self.node_id, self.client_address)))
+        sessions = self.chunk_sessions()
+        if sessions and self.transport is not None:
+            self.transport.send_app(peer, _encode(ChunkInterest(sessions, True)))
 
     def on_peer_down(self, peer: int) -> None:
+        self._chunk_peers.pop(peer, None)
         for fid in [f for f, p in self._forwards.items() if p.peer == peer]:
             p = self._forwards.pop(fid)
             self._fail(p, RouteError("timeout", f"node {peer} went down with the request"))
@@ -436,6 +467,14 @@ class Router:
                 self._answered(peer, envelope)
             elif isinstance(envelope, HistoryFetch):
                 self._serve_history(peer, envelope)
+            elif isinstance(envelope, ChunkInterest):
+                wanted = self._chunk_peers.setdefault(peer, set())
+                if not envelope.on:
+                    wanted.difference_update(envelope.sessions)
+                else:
+                    for sid in envelope.sessions:
+                        if len(wanted) < CHUNK_INTEREST_MAX:
+                            wanted.add(sid)
             elif isinstance(envelope, ChunkRelay):
                 if self.on_chunk is not None:
                     self.on_chunk(envelope.session_id, envelope.trigger_seq, envelope.attempt,

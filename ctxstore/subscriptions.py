@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -122,6 +123,10 @@ class Subscriptions(Streams[str, _Sub]):
         self.unpushable = 0  # messages no frame could hold: pushed as a gap (never expected)
         self.closed_leaderless = 0  # closed by close_group
         self.pushed_chunks = 0  # live agent chunks pushed (ChunkEvent)
+        # Sessions with subscriptions here that asked for chunks (how many); the router tells
+        # the peers, so a leader relays a session's chunks only to the nodes that want them.
+        self.chunk_sessions: dict[str, int] = {}
+        self.on_chunk_interest: Callable[[str, bool], None] | None = None
         self.chunks_dropped = 0  # not pushed: the connection was behind
 
     # -- requests ---------------------------------------------------------------------------------
@@ -141,6 +146,8 @@ class Subscriptions(Streams[str, _Sub]):
         sub = _Sub(sub_id, conn, session_id, group, context_events, stream_chunks)
         sub.next_seq = after_seq + 1
         self._subs.add(session_id, sub)
+        if stream_chunks:
+            self._chunk_interest(session_id, 1)
         if sub.next_seq > last_seq:
             sub.live = True
         else:
@@ -213,6 +220,16 @@ class Subscriptions(Streams[str, _Sub]):
             pushed += 1
         self.pushed_chunks += pushed
         return pushed
+
+    def _chunk_interest(self, session_id: str, delta: int) -> None:
+        n = self.chunk_sessions.get(session_id, 0) + delta
+        if n > 0:
+            self.chunk_sessions[session_id] = n
+        else:
+            self.chunk_sessions.pop(session_id, None)
+        first_or_last = (n == 1 and delta > 0) or n <= 0
+        if first_or_last and self.on_chunk_interest is not None:
+            self.on_chunk_interest(session_id, n > 0)
 
     def on_context(self, session_id: str, window: Window, reasons: list[ContextReason]) -> None:
         """Queue a ``ContextEvent`` per reason for the session's subscribers, pushed after the
@@ -394,6 +411,8 @@ class Subscriptions(Streams[str, _Sub]):
             return
         sub.closed = True
         self._subs.remove(sub.session_id, sub)
+        if sub.stream_chunks:
+            self._chunk_interest(sub.session_id, -1)
         if sub.task is not None and sub.task is not asyncio.current_task():
             sub.task.cancel()
 

@@ -29,7 +29,7 @@ from wire.protocol import (
 from wire.web_codec import JSON
 
 from .agent_server import Served, agent_server, reply_text
-from .test_ops import Harness, run, single_node
+from .test_ops import Harness, nodes, run, single_node
 from .test_web import web_node
 from .test_web_http import Events, call, message
 from .wsclient import WsClient
@@ -371,5 +371,31 @@ def test_agents_over_the_http_api_and_chunk_events_over_sse(tmp_path: Path) -> N
             await events.close()
             r = await call(a, "POST", "/v1/agents/bot/disable", {})
             assert r.status == 200 and r.json()["agent"]["status"] == "disabled"
+
+    run(main())
+
+
+def test_a_leader_relays_chunks_only_to_peers_with_chunk_subscribers(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(tmp_path, 3) as hs, agent_server() as srv:
+            assert all([await h.node.wait_leaders(10) for h in hs])
+            async with await connect(hs[0].target) as c:
+                await c.create_agent(agent("bot", srv.url("/sse"), debounce_ms=0, protocol="h2"))
+                await c.create_session("u", "bot", {}, "s")
+            group = group_of("s", hs[0].node.settings.groups)
+            leader = next(h for h in hs if h.node.host.leader(group) == h.node.settings.node_id)
+            watcher, plain = [h for h in hs if h is not leader]
+            chunks: list[ChunkEvent] = []
+            async with await connect(watcher.target) as cw, await connect(plain.target) as cp:
+                follower = asyncio.get_running_loop().create_task(collect_chunks(cw, "s", chunks))
+                async with cp.subscribe("s"):  # messages only: no chunks wanted there
+                    await asyncio.sleep(0.3)
+                    await cp.append("s", "relay?")
+                    await wait_message(cp, "s", 2)
+                    await asyncio.sleep(0.2)
+                follower.cancel()
+            relayed = leader.node.router.chunks_relayed
+            assert chunks and relayed == len(chunks)  # to the watcher's node alone
+            assert plain.node.subscriptions.pushed_chunks == 0
 
     run(main())
