@@ -12,8 +12,10 @@ from ctxstore import commands
 from ctxstore.state import ConversationState
 from raft.messages import Entry, EntryType
 from wire.client import ClientError, agent, connect
+from wire.protocol import CreateAgent, DisableAgent, GetAgent, ListAgents, UpdateAgent
 
-from .test_ops import run, single_node
+from .test_auth_service import AUTH, code, session_as, token
+from .test_ops import nodes, run, single_node
 
 
 def entry(index: int, cmd: commands.Command) -> Entry:
@@ -97,5 +99,23 @@ def test_agents_over_the_native_protocol(tmp_path: Path) -> None:
                 with pytest.raises(ClientError) as e:
                     await c.get_agent("nobody")
                 assert e.value.code == "not_found"
+
+    run(main())
+
+
+def test_the_registry_is_for_services_only_with_tokens(tmp_path: Path) -> None:
+    """docs/auth.md: an operation missing from the table (the agent registry) is a service's."""
+
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH) as (h,):
+            assert await h.node.wait_leaders(10)
+            a = agent("bot", "http://127.0.0.1:9/hook")
+            requests = [CreateAgent(0, a), UpdateAgent(0, a), GetAgent(0, "bot"),
+                        ListAgents(0, None, 10), DisableAgent(0, "bot")]  # fmt: skip
+            for role, sub in (("user", "alice"), ("agent", "bot")):
+                async with session_as(h, token(sub, role)) as c:
+                    assert [code(await c.call(r)) for r in requests] == ["forbidden"] * 5
+            async with session_as(h, token("svc", "service")) as c:
+                assert [code(await c.call(r)) for r in requests] == ["ok"] * 5
 
     run(main())
