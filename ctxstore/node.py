@@ -193,9 +193,6 @@ class Node:
     def on_applied(self, group: int, index: int) -> None:
         self.archive.applied(group, index)
 
-    def on_dispatch(self, group: int, session_id: str) -> None:
-        self.dispatcher.on_dispatch(group, session_id)
-
     def _snapshot_installed(self, group: int, index: int) -> None:
         self._archive_tails(group, index)
         self.subscriptions.on_restore(group)

@@ -160,10 +160,6 @@ class StateObserver(Protocol):
     def on_applied(self, group: int, index: int) -> None:
         """Every entry of ``group`` up to ``index`` is applied (called once per apply batch)."""
 
-    def on_dispatch(self, group: int, session_id: str) -> None:
-        """The session's dispatch cursor or in-flight marker changed (``DispatchBegin``,
-        ``DispatchEnd``); called after that entry's ``on_message``, if any."""
-
 
 _encoder = msgspec.msgpack.Encoder()
 _fingerprint_encoder = msgspec.msgpack.Encoder(order="sorted")  # canonical metadata key order
@@ -532,7 +528,7 @@ class ConversationState:
                 case PostgresFlushed():
                     out.append(self._postgres_flushed(group, e.index, sessions, cmd))
                 case DispatchBegin():
-                    out.append(self._dispatch_begin(group, sessions, cmd))
+                    out.append(self._dispatch_begin(sessions, cmd))
                 case DispatchEnd():
                     out.append(self._dispatch_end(group, e.index, sessions, cmd))
                 case PutAgent():
@@ -790,7 +786,7 @@ class ConversationState:
         return AgentSaved(agent)
 
     def _dispatch_begin(
-        self, group: int, sessions: dict[str, _Session], cmd: DispatchBegin
+        self, sessions: dict[str, _Session], cmd: DispatchBegin
     ) -> DispatchBegun | Rejected:
         s = sessions.get(cmd.session_id)
         if s is None:
@@ -810,8 +806,6 @@ class ConversationState:
                 {"trigger_seq": s.inflight[0], "attempt": s.inflight[1]},
             )
         s.inflight = (trigger, attempt)
-        if self.observer is not None:
-            self.observer.on_dispatch(group, s.id)
         return DispatchBegun(trigger, attempt)
 
     def _dispatch_end(
@@ -830,8 +824,6 @@ class ConversationState:
         if isinstance(result, Appended):
             s.dispatched_seq = cmd.trigger_seq
             s.inflight = None
-            if self.observer is not None:
-                self.observer.on_dispatch(group, s.id)
         return result
 
     def _mark_read(

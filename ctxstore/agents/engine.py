@@ -200,9 +200,6 @@ class Dispatcher:
         self._acked_at[message.session_id] = asyncio.get_running_loop().time()
         self._arm(message.session_id)
 
-    def on_dispatch(self, group: int, session_id: str) -> None:
-        """Nothing to do: the session's task follows its own commands (kept for the observer)."""
-
     def on_leader_change(self, group: int, leader: int) -> None:
         if not self.running:
             return
