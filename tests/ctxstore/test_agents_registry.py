@@ -119,3 +119,36 @@ def test_the_registry_is_for_services_only_with_tokens(tmp_path: Path) -> None:
                 assert [code(await c.call(r)) for r in requests] == ["ok"] * 5
 
     run(main())
+
+
+def test_a_dispatch_ends_once_and_only_for_its_attempt_in_flight() -> None:
+    state = ConversationState()
+    n = iter(range(1, 100))
+
+    def apply(cmd: commands.Command) -> object:
+        return state.apply(0, [entry(next(n), cmd)])[0]
+
+    def reply(attempt: int) -> commands.Append:
+        return commands.Append("s", "agent", "bot", "text", f"r{attempt}", {},
+                               f"agent-reply:1:{attempt}", None, None, 5, "assistant")  # fmt: skip
+
+    def code(result: object) -> str:
+        return result.code if isinstance(result, commands.Rejected) else type(result).__name__
+
+    apply(commands.CreateSession("s", "u", "bot", {}, 1))
+    assert code(apply(commands.DispatchBegin("s", 1, 1, 2))) == "conflict"  # no user message
+    apply(commands.Append("s", "user", "u", "text", "hi", {}, None, None, None, 3, "user"))
+    assert code(apply(commands.DispatchBegin("s", 1, 1, 4))) == "DispatchBegun"
+    assert code(apply(commands.DispatchBegin("s", 1, 1, 4))) == "conflict"  # a second begin
+    assert code(apply(commands.DispatchBegin("s", 1, 2, 5))) == "DispatchBegun"  # a new leader
+    copy = ConversationState()
+    copy.restore(0, state.snapshot(0))
+    assert copy.dispatch_state("s") == ("bot", "u", 1, 0, (1, 2))
+    assert code(apply(commands.DispatchEnd("s", 1, 1, reply(1)))) == "conflict"  # deposed
+    assert code(apply(commands.DispatchEnd("s", 1, 2, reply(2)))) == "Appended"
+    assert code(apply(commands.DispatchEnd("s", 1, 2, reply(2)))) == "conflict"  # once
+    assert code(apply(commands.DispatchBegin("s", 1, 3, 6))) == "conflict"  # answered
+    assert state.dispatch_state("s") == ("bot", "u", 1, 1, None)
+    assert state.undispatched(0) == []
+    result = state.read("s", 0, 10)
+    assert result is not None and [m.content for m in result.messages] == ["hi", "r2"]
