@@ -68,10 +68,10 @@ class Pool:
         return await conn.request(target, headers, body, idle_s)
 
     async def _connection(self, origin: Origin, protocol: str) -> Connection:
-        h2c = self._h2.get(origin)
+        h2c = self._h2.get(origin) if protocol != "h1" else None
         if h2c is not None and h2c.available():
             return h2c
-        idle = self._idle.get(origin)
+        idle = self._idle.get(origin) if protocol != "h2" else None
         while idle:
             c = idle.pop()
             if c.available() and not c.reader.at_eof():

@@ -124,7 +124,7 @@ def test_jsonl_over_http11_reuses_its_keep_alive_connection(tmp_path: Path) -> N
     run(main())
 
 
-def test_tls_with_alpn_speaks_http2(tmp_path: Path) -> None:
+def test_tls_with_alpn_speaks_http2_or_http11_as_the_agent_says(tmp_path: Path) -> None:
     async def main() -> None:
         async with single_node(tmp_path) as h, agent_server(tls=True) as srv:
             h.node.dispatcher.pool = Pool(ssl_context=srv.client_context)
@@ -133,6 +133,11 @@ def test_tls_with_alpn_speaks_http2(tmp_path: Path) -> None:
             _, reply = await wait_message(c, "s", 2)
             assert text_of(reply) == reply_text(3, "secure")
             assert srv.agent.calls[0].http_version == "2"
+            await c.update_agent(agent("bot", srv.url("/sse"), debounce_ms=0, protocol="h1"))
+            await c.append("s", "secure too")
+            messages = await wait_message(c, "s", 4)
+            assert text_of(messages[3]) == reply_text(3, "secure too")
+            assert srv.agent.calls[1].http_version == "1.1"  # ALPN http/1.1 only
 
     run(main())
 
