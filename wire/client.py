@@ -97,6 +97,9 @@ T = TypeVar("T")
 C = TypeVar("C")
 P = ParamSpec("P")
 
+Token = str | Callable[[], str | None] | None
+"""A client token, or a function giving one for each new connection (a refreshed JWT)."""
+
 NON_RETRYABLE_REFUSALS = frozenset({"bad_request", "unauthorized", "forbidden"})
 """Handshake answers that no other node would answer differently: ``connect`` raises them."""
 
@@ -217,7 +220,7 @@ class Client:
         self,
         targets: list[Address],
         *,
-        token: str | None,
+        token: Token,
         client_name: str,
         timeout_s: float,
         connect_timeout_s: float,
@@ -602,7 +605,8 @@ class Client:
             )
         except (OSError, TimeoutError) as e:
             raise ClientError("unavailable", f"{host}:{port}: {e or type(e).__name__}") from None
-        hello = Hello(self._next_rid(), PROTOCOL_VERSION, self.client_name, self.token)
+        token = self.token() if callable(self.token) else self.token
+        hello = Hello(self._next_rid(), PROTOCOL_VERSION, self.client_name, token)
         try:
             answer = await conn.request(hello)
         except ClientError as e:
@@ -632,7 +636,7 @@ class Client:
 
 async def connect(
     targets: str | list[str],
-    token: str | None = None,
+    token: Token = None,
     client_name: str = "ctxstore-python",
     timeout_s: float = 10.0,
     *,
@@ -650,7 +654,9 @@ async def connect(
     ``connect_attempts`` (default: twice the targets, at least 3) the tries of one call;
     ``suspect_s`` how long (jittered, ``suspect_s`` / 2 .. ``suspect_s``) a node that answered
     ``unavailable`` or ``timeout``, or failed, is avoided; ``append_attempts`` the sends of one
-    ``append_with_retry``."""
+    ``append_with_retry``.  ``token``: the client token, or a function called for each
+    connection's Hello, so a client whose token expired (the node closes the connection with
+    ``unauthorized``) connects again with a fresh one, its subscriptions resuming."""
     addresses = parse_targets(targets)
     client = Client(
         addresses,

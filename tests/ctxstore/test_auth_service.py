@@ -17,6 +17,7 @@ import pytest
 
 from ctxstore.auth import issue
 from ctxstore.placement import group_of
+from wire.client import connect
 from wire.framing import ClientConnection, ProtocolError, PushReceived, ResponseReceived
 from wire.protocol import (
     PROTOCOL_VERSION,
@@ -31,6 +32,7 @@ from wire.protocol import (
     ListSessions,
     Manual,
     MarkRead,
+    Message,
     NewMessage,
     Ping,
     Read,
@@ -299,5 +301,38 @@ def test_forwarded_writes_keep_their_principal_on_three_nodes(tmp_path: Path) ->
             assert [(m.sender, m.sender_id) for m in page.messages] == [("user", "alice")]
             assert leader.service.verifier.refusals["forbidden"] == 0  # refused by apply...
             assert entry.service.verifier.refusals["forbidden"] == 2  # ...answered here
+
+    run(main())
+
+
+def test_the_python_client_connects_again_with_a_fresh_token(tmp_path: Path) -> None:
+    """A token function: the node ends the connection when a 2 s token expires; the client's
+    next request connects again with a new token and its subscription resumes."""
+
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH, auth_jwt_leeway_s=0.0) as (h,):
+            assert await h.node.wait_leaders(10)
+            issued: list[str] = []
+
+            def fresh() -> str:
+                issued.append(token("alice", "user", ttl_s=2))
+                return issued[-1]
+
+            async with await connect(h.target, token=fresh) as c:
+                await c.create_session("alice", "bot", {}, "s")
+                sub = await c.subscribe("s")
+                await c.append("s", "before")
+                await asyncio.sleep(2.5)  # the token expires: the node closes the connection
+                await c.append_with_retry("s", "after")
+                got = []
+                async with asyncio.timeout(10):
+                    async for item in sub:
+                        assert isinstance(item, Message)
+                        got.append(item.content)
+                        if len(got) == 2:
+                            break
+                assert got == ["before", "after"]
+                assert len(issued) >= 2 and h.service.verifier.refusals["expired"] >= 1
+                await sub.close()
 
     run(main())
