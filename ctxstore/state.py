@@ -167,7 +167,12 @@ _snapshot_decoder = msgspec.msgpack.Decoder(GroupSnap)
 
 
 def _fingerprint(cmd: Append) -> bytes:
-    fields = (cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata)
+    """What a retry with the same ``client_msg_id`` must repeat to be the same append.  A
+    structured message (or a role other than its sender's default) adds its role and parts;
+    a short one hashes as before roles existed, so retries across an upgrade still match."""
+    fields: tuple[Any, ...] = (cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata)
+    if cmd.parts is not None or (cmd.role is not None and cmd.role != DEFAULT_ROLES[cmd.sender]):
+        fields = (*fields, cmd.role, cmd.parts)
     return blake2b(_fingerprint_encoder.encode(fields), digest_size=16).digest()
 
 
@@ -185,8 +190,12 @@ def message_bytes(m: Message) -> int:
     """A bound on a message's encoded size (what pages and response budgets count): its payload
     (content, parts, metadata) as the state counts it, its strings (4 bytes a character where
     no pattern keeps them ASCII), and 64 bytes for numbers, its role and msgpack headers."""
+    return _message_bytes(m, payload_bytes(m))
+
+
+def _message_bytes(m: Message, payload: int) -> int:
     ids = len(m.session_id) + len(m.client_msg_id or "")
-    return payload_bytes(m) + 64 + ids + 4 * (len(m.sender_id) + len(m.kind))
+    return payload + 64 + ids + 4 * (len(m.sender_id) + len(m.kind))
 
 
 DEFAULT_ROLES: dict[str, str] = {"user": "user", "agent": "assistant", "system": "system"}
@@ -205,11 +214,16 @@ def _shares(tokens: int, parts: list[dict[str, Any]]) -> list[int]:
     return shares
 
 
-def _record(msg: Message, tokens: int | None, part_tokens: list[int] | None) -> Record:
-    """The context-window record of a message (its counts as the proposer made them)."""
-    size = message_bytes(msg)
+def _record(
+    msg: Message, tokens: int | None, part_tokens: list[int] | None, payload: int = -1
+) -> Record:
+    """The context-window record of a message (its counts as the proposer made them);
+    ``payload``: its ``payload_bytes`` if known."""
+    if payload < 0:
+        payload = payload_bytes(msg)
+    size = _message_bytes(msg, payload)
     if tokens is None:  # proposed before counts existed: a deterministic estimate
-        tokens = (payload_bytes(msg) + 3) // 4
+        tokens = (payload + 3) // 4
     per_part = None
     if msg.parts is not None:
         if part_tokens is None or len(part_tokens) != len(msg.parts):
@@ -301,10 +315,14 @@ class _Session:
             self.id, self.user_id, self.agent_id, self.created_at, self.metadata, self.last_seq
         )
 
-    def push(self, msg: Message, limits: StateLimits, evicted: list[Message] | None) -> int:
+    def push(
+        self, msg: Message, limits: StateLimits, evicted: list[Message] | None, size: int = -1
+    ) -> int:
         """Append ``msg`` to the tail, evicting by the session's limits (into ``evicted``, if
-        given); the change of the tail's group charge (``_charge``)."""
-        size = payload_bytes(msg)
+        given); the change of the tail's group charge (``_charge``).  ``size``: its
+        ``payload_bytes`` if known."""
+        if size < 0:
+            size = payload_bytes(msg)
         tail, sizes = self.tail, self.tail_sizes
         tail.append(msg)
         sizes.append(size)
@@ -681,12 +699,13 @@ class ConversationState:
             cmd.role,
             cmd.parts,
         )
+        payload = payload_bytes(msg)
         reasons = None
         if window is not None:
-            reasons = window.append(_record(msg, cmd.token_count, cmd.part_tokens))
+            reasons = window.append(_record(msg, cmd.token_count, cmd.part_tokens, payload))
         observer = self.observer
         evicted = self._evicted if observer is not None else None  # reused: no list per append
-        charge = s.push(msg, self.limits, evicted)
+        charge = s.push(msg, self.limits, evicted, payload)
         evictable = self._evictable[group]
         evictable.pop(s.id, None)
         if len(s.tail) > 1:

@@ -14,7 +14,7 @@
 //   windows (setContextConfig, getContext, compact, context events of a subscription).
 
 export const SUBPROTOCOL = "ctxstore.v1.json";
-export const PROTOCOL_VERSION = 2; // needs a node of version 2 (it serves 1 and 2)
+export const PROTOCOL_VERSION = 2; // needs a node of version 2 or later (it serves 1 to 3)
 const RETRYABLE = new Set(["unavailable", "timeout", "rate_limited"]);
 const PUSHES = new Set([
   "message_event", "gap_event", "inbox_delta", "subscription_closed", "context_event",

@@ -311,3 +311,24 @@ def test_a_window_opens_with_the_hot_tail_and_shares_counts_among_unknown_parts(
     # 10 tokens shared by encoded size: the reasoning part is the bigger share, skipped
     assert all(0 < r.view_tokens < 5 for r in window.records)
     assert window.tokens == sum(r.view_tokens for r in window.records)
+
+
+def test_a_retry_must_repeat_a_structured_messages_parts_and_role() -> None:
+    s = ConversationState(StateLimits(), groups=None)
+    _apply(s, 1, commands.CreateSession("s", "u", "a", {}, 0))
+
+    def structured(text: str, role: str = "assistant") -> commands.Append:
+        return commands.Append("s", "agent", "a", "text", "", {}, "m-1", None, 3, 2, role,
+                               [{"type": "text", "text": text}])  # fmt: skip
+
+    assert _apply(s, 2, structured("yes")) == commands.Appended(1, 2, False)
+    assert _apply(s, 3, structured("yes")) == commands.Appended(1, 2, True)  # a retry
+    other = _apply(s, 4, structured("no"))  # the same id for other parts
+    assert (other.code, other.details) == ("conflict", {"seq": 1})
+    role = _apply(s, 5, structured("yes", "tool"))
+    assert role.code == "conflict"
+    # a short message hashes as before roles existed (its default role adds nothing)
+    short = commands.Append("s", "user", "u", "text", "hi", {}, "m-2", None, 1, 6)
+    assert _apply(s, 6, short) == commands.Appended(2, 6, False)
+    again = commands.Append("s", "user", "u", "text", "hi", {}, "m-2", None, 1, 6, "user")
+    assert _apply(s, 7, again) == commands.Appended(2, 6, True)
