@@ -25,6 +25,8 @@ late result is dropped), checked every ``SWEEP_S``.  Waiting forwards are bounde
 (``forwards_max``) and fail at once when the peer they wait on goes down.  A command over
 ``entry_bytes_max`` (commands.ENTRY_BYTES_MAX) is refused ``too_large`` before anything else:
 the peer transport could not carry it (ctxstore/limits.py).
+Which failure is which is decided in one place, ``errors.proposal_outcome``, on both sides of
+a forward.
 """
 
 from __future__ import annotations
@@ -39,25 +41,20 @@ from typing import Any
 
 import msgspec
 
-from raft import NONE, NotLeader, ProposalDropped, RaftError
-from raft.driver import Driver, OutcomeUnknown, ResultCallback, settle
+from raft import NONE, RaftError
+from raft.driver import Driver, ResultCallback, settle
 from raft.transport import Transport
 from wire.protocol import Message
 
 from . import commands
+from .errors import OUTCOME_CODES, Outcome, ServiceError, proposal_outcome
 
 logger = logging.getLogger(__name__)
 
 SWEEP_S = 0.05  # how often deadlines are checked (a request fails at most this late)
 
 
-class RouteError(Exception):
-    """A request that could not be carried out; ``code`` is a wire error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+RouteError = ServiceError  # the name the router's callers know it by
 
 
 class Forward(msgspec.Struct, array_like=True, tag=1):
@@ -298,28 +295,27 @@ class Router:
     def _propose_here(self, p: _Pending) -> None:
         assert p.command is not None
 
+        def failed(exc: BaseException) -> None:
+            outcome = proposal_outcome(exc)
+            if outcome is Outcome.NOT_APPLIED:
+                self._retry_later(p, exc)  # refused, or replaced by a new leader's entry
+            elif outcome is Outcome.UNKNOWN:
+                self._fail(p, RouteError("timeout", f"outcome unknown: {exc}"))
+            else:
+                self._fail(p, RouteError(OUTCOME_CODES[outcome], str(exc)))
+
         def done(result: object, exc: BaseException | None) -> None:
             if p.finished:
                 return
             if exc is None:
                 self._complete(p, result)
-            elif isinstance(exc, ProposalDropped):
-                self._retry_later(p, exc)  # replaced by a new leader's entry: never applied
-            elif isinstance(exc, OutcomeUnknown):
-                self._fail(p, RouteError("timeout", f"outcome unknown: {exc}"))
             else:
-                self._fail(p, RouteError("unavailable", str(exc)))
+                failed(exc)
 
         try:
             self.driver.propose_then(p.group, p.command, done)
-        except NotLeader:
-            self._retry_later(p)
-            return
-        except ProposalDropped as e:
-            self._retry_later(p, e)
-            return
         except RaftError as e:
-            self._fail(p, RouteError("unavailable", str(e)))
+            failed(e)
 
     def _forward(self, p: _Pending, leader: int) -> None:
         if self.transport is None:
@@ -499,22 +495,23 @@ class Router:
             reply(b"", "internal", f"group {fwd.group} is not hosted here")
             return
 
+        def failed(exc: BaseException) -> None:
+            outcome = proposal_outcome(exc)
+            if outcome is Outcome.NOT_APPLIED:
+                reply(b"", "not_leader", str(exc))  # never applied: the origin re-routes
+            else:
+                reply(b"", OUTCOME_CODES[outcome], str(exc))
+
         def done(result: object, exc: BaseException | None) -> None:
             if exc is None:
                 reply(commands.encode_result(result))  # type: ignore[arg-type]
-            elif isinstance(exc, ProposalDropped):
-                reply(b"", "not_leader", str(exc))  # replaced: never applied
-            elif isinstance(exc, OutcomeUnknown):
-                reply(b"", "timeout", str(exc))
             else:
-                reply(b"", "unavailable", str(exc))
+                failed(exc)
 
         try:
             self.driver.propose_then(fwd.group, fwd.command, done)
-        except NotLeader as e:
-            reply(b"", "not_leader", str(e))
         except RaftError as e:
-            reply(b"", "not_leader", f"refused: {e}")  # never appended: the origin re-routes
+            failed(e)
 
     # -- history between archives --------------------------------------------------------------
     def fetch_history(
