@@ -1,0 +1,94 @@
+"""What ctxstore writes to disk, pinned byte for byte: every Raft command (each entry of the
+WAL is one) and a group snapshot.  A node must read what an older node wrote, so a change of
+these bytes must be deliberate: a change to the client protocol's types (which some commands
+embed) shows here too.  Regenerate after a deliberate change and review the diff:
+
+    REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/ctxstore/test_disk_format.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from ctxstore import commands
+from ctxstore.state import ConversationState, StateLimits
+from raft.messages import Entry
+from wire.protocol import Agent, ContextConfig, Message, SkipParts
+
+GOLDEN = Path(__file__).parent / "golden_disk"
+REGEN = os.environ.get("REGEN_GOLDEN") == "1"
+T0 = 1_700_000_000_000
+PARTS = [{"type": "text", "text": "hi"}, {"type": "tool-x", "toolCallId": "c", "state":
+         "input-available", "input": {"q": 1}}]  # fmt: skip
+APPEND = commands.Append("s-1", "agent", "a-1", "text", "", {"k": 1}, "m-1", 3, 7, T0, "assistant",
+                         PARTS, [1, 6], 2, commands.Actor("agent", "a-1"))  # fmt: skip
+CONFIG = ContextConfig(8000, 0.7, SkipParts(["tool-"], 50), "o200k_base")
+SUMMARY = Message("s-1", 0, "system", "", "summary", "so far", {}, None, T0, 2, "system")
+AGENT = Agent("bot", "https://agent.example/hook", {"x-key": "v"}, 60_000, 10_000, 500, "tail 20",
+              5, "active", "auto")  # fmt: skip
+
+COMMANDS: dict[str, commands.Command] = {
+    "create_session": commands.CreateSession("s-1", "u-1", "a-1", {"title": "Trip"}, T0),
+    "append_short": commands.Append("s-1", "user", "u-1", "text", "hello", {}, None, None, 1, T0),
+    "append_structured": APPEND,
+    "mark_read": commands.MarkRead("s-1", "u-1", 2),
+    "set_context_config": commands.SetContextConfig("s-1", CONFIG, [(1, 2, []), (2, 7, [1, 6])]),
+    "compact": commands.Compact("s-1", 1, 2, [SUMMARY], [[]], 4),
+    "postgres_flushed": commands.PostgresFlushed([("s-1", 2, 9)], 1, False),
+    "put_agent": commands.PutAgent(AGENT, True),
+    "disable_agent": commands.DisableAgent("bot"),
+    "dispatch_begin": commands.DispatchBegin("s-1", 2, 1, T0),
+    "dispatch_end": commands.DispatchEnd("s-1", 2, 1, APPEND),
+}
+
+
+def _snapshot() -> bytes:
+    """A group snapshot holding a session with a tail, dedupe ids, cursors and a window."""
+    state = ConversationState(StateLimits(), groups=None)
+    for index, name in enumerate(
+        ["create_session", "append_short", "set_context_config", "append_structured",
+         "mark_read", "compact", "put_agent"], start=1,
+    ):  # fmt: skip
+        cmd = COMMANDS[name]
+        if isinstance(cmd, commands.Append):  # no guards: every command applies
+            cmd = msgspec.structs.replace(cmd, actor=None, if_version=None, expected_seq=None)
+        if isinstance(cmd, commands.Compact):
+            cmd = msgspec.structs.replace(cmd, if_version=None)
+        result = state.apply(0, [Entry(1, index, data=commands.encode_command(cmd))])[0]
+        assert not isinstance(result, commands.Rejected), (name, result)
+    return state.snapshot(0)
+
+
+RECORDS: dict[str, bytes] = {
+    **{f"command_{k}": commands.encode_command(v) for k, v in COMMANDS.items()},
+    "snapshot_group": _snapshot(),
+}
+
+
+def test_every_command_type_is_pinned() -> None:
+    assert {type(c) for c in COMMANDS.values()} == set(commands.Command.__args__)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_the_bytes_on_disk_are_as_pinned(name: str) -> None:
+    data = RECORDS[name]
+    path = GOLDEN / f"{name}.hex"
+    if REGEN:
+        GOLDEN.mkdir(exist_ok=True)
+        hexed = data.hex()
+        rows = [hexed[i : i + 64] for i in range(0, len(hexed), 64)]
+        path.write_text("\n".join([f"# {name}: {len(data)} bytes", *rows, ""]))
+    assert path.exists(), f"no golden file {path.name}: run with REGEN_GOLDEN=1"
+    text = path.read_text()
+    golden = bytes.fromhex("".join(x for x in text.splitlines() if not x.startswith("#")))
+    assert data == golden, f"what is written to disk for {name} changed (REGEN_GOLDEN=1)"
+    if name.startswith("command_"):  # and it reads back as itself
+        assert commands.decode_command(golden) == COMMANDS[name.removeprefix("command_")]
+    else:
+        restored = ConversationState(StateLimits(), groups=None)
+        restored.restore(0, golden)
+        assert restored.snapshot(0) == golden
