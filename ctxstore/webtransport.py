@@ -38,6 +38,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections.abc import Callable
@@ -110,25 +111,30 @@ def release_stream(quic: QuicConnection, stream_id: int) -> None:
             continue
 
 
-class SessionHost:
+class SessionHost(abc.ABC):
     """What a session needs of its QUIC connection (``web_h3.H3Protocol``)."""
 
     quic: QuicConnection
 
+    @abc.abstractmethod
     def create_wt_stream(self, session_id: int, unidirectional: bool) -> int:
-        raise NotImplementedError
+        """Open a WebTransport stream of the session; its id."""
 
+    @abc.abstractmethod
     def send_capsule_and_end(self, session_id: int, data: bytes) -> None:
-        raise NotImplementedError
+        """Send a capsule on the session's CONNECT stream, then end that stream."""
 
+    @abc.abstractmethod
     def transmit_soon(self) -> None:
-        raise NotImplementedError
+        """Send what QUIC has queued, once in this loop pass."""
 
+    @abc.abstractmethod
     def peer_address(self) -> Any:
-        raise NotImplementedError
+        """The client's address now (it changes with a migration)."""
 
+    @abc.abstractmethod
     def session_ended(self, session: WtSession) -> None:
-        raise NotImplementedError
+        """Forget an ended session."""
 
 
 class _InStream:

@@ -17,6 +17,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 from collections import deque
@@ -62,22 +63,25 @@ async def _empty() -> AsyncIterator[bytes]:
         yield chunk
 
 
-class Connection:
+class Connection(abc.ABC):
     """What a pool holds: ``request`` and whether it can take another one now."""
 
     closed: bool = False
     http_version: str = ""
 
+    @abc.abstractmethod
     async def request(
         self, target: str, headers: list[tuple[bytes, bytes]], body: bytes, idle_s: float
     ) -> Response:
-        raise NotImplementedError
+        """Send one request; its response, whose body streams (``idle_s`` between chunks)."""
 
+    @abc.abstractmethod
     def available(self) -> bool:
-        raise NotImplementedError
+        """Whether it can take another request now."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close it; what is in flight on it fails."""
 
 
 # -- HTTP/1.1 --------------------------------------------------------------------------------------
