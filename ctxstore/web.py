@@ -90,6 +90,24 @@ CLOSE_CODES: dict[str, int] = {
 }
 """The close code after the native goodbye ``Error{rid: 0, code}``; any other code: 1008."""
 POLICY = 1008
+
+
+def goodbye_close(goodbye: tuple[str, str] | None) -> tuple[int, str]:
+    """The close code and reason of a session whose native connection closed: its goodbye's
+    (``code``, ``message``), or none (a refused Hello: its Error went out with its rid)."""
+    if goodbye is None:
+        return POLICY, "closed by the server"
+    code, message = goodbye
+    return CLOSE_CODES.get(code, POLICY), message
+
+
+def cut_off_reason(inner: Connection) -> str:
+    """Why a native connection was aborted: no Hello in time, or a client reading nothing."""
+    if inner.core.state in (State.IDLE, State.GREETING):
+        return "no completed handshake in time"
+    return "slow consumer: the client reads nothing of what it is sent"
+
+
 INTERNAL = 1011
 UNSUPPORTED_DATA = 1003
 GOING_AWAY = 1001
@@ -363,19 +381,11 @@ class WebSocket(asyncio.Protocol):
 
     def close_after_goodbye(self) -> None:
         """The native connection closes: our close code follows its last word."""
-        if self._goodbye is not None:
-            code, message = self._goodbye
-            self.close(CLOSE_CODES.get(code, POLICY), message)
-        else:  # a refused Hello (its Error went out with the rid of the Hello)
-            self.close(POLICY, "closed by the server")
+        self.close(*goodbye_close(self._goodbye))
 
     def cut_off(self) -> None:
         """The native connection aborts: the client sends no Hello or reads nothing."""
-        if self.inner.core.state in (State.IDLE, State.GREETING):
-            reason = "no completed handshake in time"
-        else:
-            reason = "slow consumer: the client reads nothing of what it is sent"
-        self.close(POLICY, reason)
+        self.close(POLICY, cut_off_reason(self.inner))
 
     def _close_socket(self) -> None:
         self.transport.close()

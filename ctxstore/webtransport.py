@@ -48,7 +48,7 @@ import msgspec
 from aioquic.buffer import encode_uint_var
 
 from wire.aio import Connection, Server
-from wire.framing import HEADER, HELLO_FRAME_BYTES_MAX, State
+from wire.framing import HEADER, HELLO_FRAME_BYTES_MAX
 from wire.protocol import Push, error
 from wire.web_codec import (
     JSON,
@@ -61,7 +61,7 @@ from wire.web_codec import (
     json_text,
 )
 
-from .web import CLOSE_CODES, POLICY
+from .web import POLICY, cut_off_reason, goodbye_close
 from .web_pipe import Pipe
 
 if TYPE_CHECKING:
@@ -395,17 +395,10 @@ class WtSession:
 
     # the pipe's owner (``web_pipe.PipeOwner``) --------------------------------------------------
     def pipe_closed(self) -> None:
-        if self._goodbye is not None:
-            code, message = self._goodbye
-            self.close(CLOSE_CODES.get(code, POLICY), message)
-        else:  # a refused Hello (its Error went out with the rid of the Hello)
-            self.close(POLICY, "closed by the server")
+        self.close(*goodbye_close(self._goodbye))
 
     def pipe_aborted(self) -> None:
-        if self.inner.core.state in (State.IDLE, State.GREETING):
-            self.close(POLICY, "no completed handshake in time")
-        else:
-            self.close(POLICY, "slow consumer: the client reads nothing of what it is sent")
+        self.close(POLICY, cut_off_reason(self.inner))
 
     @property
     def pipe_closing(self) -> bool:
