@@ -12,7 +12,6 @@ import os
 import random
 import sys
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,6 +30,7 @@ from wire.protocol import Message
 
 from ..cluster.proxy import LinkProxy
 from .pgdb import fetch
+from .test_e2e import leader_counts
 from .test_ops import fetch as http_get
 
 pytestmark = pytest.mark.cluster
@@ -276,20 +276,6 @@ def test_kill_9_of_a_leader_in_the_middle_of_a_flush(tmp_path: Path, pg_dsn: str
             await check_postgres(cluster, dsn, load)
 
     run(main(), timeout_s=180)
-
-
-async def leader_counts(cluster: LocalCluster) -> Counter[int]:
-    for target in cluster.targets:
-        try:
-            client = await connect(target, timeout_s=5, connect_attempts=1)
-        except ClientError:
-            continue
-        try:
-            routes = await client.get_routes()
-        finally:
-            await client.close()
-        return Counter(lead for lead in routes.leaders if lead)
-    raise AssertionError("no node answered")
 
 
 def test_a_replica_restored_from_snapshots_pages_its_history_from_postgres(
