@@ -106,21 +106,58 @@ _msgpack_decoder: Final = msgspec.msgpack.Decoder(Response | Push)
 _json_decoder: Final = msgspec.json.Decoder(SERVER_MESSAGE_TWINS)
 
 
+class InFlight:
+    """Requests in flight by ``rid`` with their deadlines (in sending order, all with the same
+    timeout: one timer for the oldest); one that outlives it fails ``timeout``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.futures: dict[int, asyncio.Future[Response]] = {}
+        self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, rid: int, future: asyncio.Future[Response]) -> None:
+        self.futures[rid] = future
+        self.deadlines.append((time.monotonic() + self.timeout_s, rid))
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.loop.time() + self.timeout_s, self.expire)
+
+    def pop(self, rid: int) -> asyncio.Future[Response] | None:
+        return self.futures.pop(rid, None)
+
+    def expire(self) -> None:
+        self.timer = None
+        t = time.monotonic()
+        deadlines, futures = self.deadlines, self.futures
+        while deadlines and (deadlines[0][0] <= t or deadlines[0][1] not in futures):
+            _, rid = deadlines.popleft()
+            future = futures.pop(rid, None)
+            if future is not None and not future.done():
+                future.set_exception(ClientError("timeout", "no answer in time", True))
+        if deadlines:
+            self.timer = self.loop.call_at(self.loop.time() + deadlines[0][0] - t, self.expire)
+
+    def fail_all(self, error: ClientError) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        futures, self.futures = self.futures, {}
+        for future in futures.values():
+            if not future.done():
+                future.set_exception(error)
+
+
 class _WsConnection(asyncio.Protocol):
-    """One WebSocket: the handshake, then requests in flight by ``rid`` with their deadlines
-    (in sending order, all with the same timeout: one timer for the oldest)."""
+    """One WebSocket: the handshake, then requests in flight (``InFlight``)."""
 
     def __init__(self, address: str, subprotocol: str, timeout_s: float) -> None:
         self.address = address
         self.subprotocol = subprotocol
         self.json = subprotocol == JSON
-        self.timeout_s = timeout_s
         self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
         self.loop = asyncio.get_running_loop()
         self.accepted: asyncio.Future[None] = self.loop.create_future()
-        self.pending: dict[int, asyncio.Future[Response]] = {}
-        self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
-        self.timer: asyncio.TimerHandle | None = None
+        self.calls = InFlight(self.loop, timeout_s)
         self.error: ClientError | None = None
         self._writable: asyncio.Future[None] | None = None  # set while writes are paused
         self.transport: asyncio.Transport | None = None
@@ -170,7 +207,7 @@ class _WsConnection(asyncio.Protocol):
         if rid == 0 and type(response) is Error:  # the goodbye
             self.fail(ClientError.from_error(response))
             return
-        future = self.pending.pop(rid, None)
+        future = self.calls.pop(rid)
         if future is not None and not future.done():
             future.set_result(response)
 
@@ -196,29 +233,12 @@ class _WsConnection(asyncio.Protocol):
         if self.error is not None:
             future.set_exception(self.error)
             return future
-        rid = request.rid
-        self.pending[rid] = future
+        self.calls.add(request.rid, future)
         if self.json:
             self.write(ws_events.TextMessage(data=json_request(request).decode()))
         else:
             self.write(ws_events.BytesMessage(data=_msgpack_encoder.encode(request)))
-        deadline = time.monotonic() + self.timeout_s
-        self.deadlines.append((deadline, rid))
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.loop.time() + self.timeout_s, self.expire)
         return future
-
-    def expire(self) -> None:
-        self.timer = None
-        t = time.monotonic()
-        deadlines, pending = self.deadlines, self.pending
-        while deadlines and (deadlines[0][0] <= t or deadlines[0][1] not in pending):
-            _, rid = deadlines.popleft()
-            future = pending.pop(rid, None)
-            if future is not None and not future.done():
-                future.set_exception(ClientError("timeout", "no answer in time", True))
-        if deadlines:
-            self.timer = self.loop.call_at(self.loop.time() + deadlines[0][0] - t, self.expire)
 
     def fail(self, error: ClientError) -> None:
         if self.error is not None:
@@ -227,12 +247,7 @@ class _WsConnection(asyncio.Protocol):
         if not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # retrieved: whoever awaits it sees it
-        if self.timer is not None:
-            self.timer.cancel()
-        pending, self.pending = self.pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
+        self.calls.fail_all(error)
         self.resume_writing()
         if self.transport is not None:
             self.transport.close()

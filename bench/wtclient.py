@@ -11,11 +11,9 @@ connection fails its requests ``unavailable`` (retryable); the next call connect
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ssl
 import struct
-import time
 from typing import Any, Final
 
 import msgspec
@@ -29,7 +27,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent
 from wire.client import ClientError, expect_response
 from wire.protocol import PROTOCOL_VERSION, Hello, Push, Request, Response, Welcome
 
-from .webclients import CLIENT_NAME, WsClient, host_port, unavailable
+from .webclients import CLIENT_NAME, InFlight, WsClient, host_port, unavailable
 
 HEADER: Final = struct.Struct(">I")
 PATH: Final = "/v1/wt?protocol=ctxstore.v1.msgpack"
@@ -46,11 +44,8 @@ class _WtConnection(QuicConnectionProtocol):
         self.loop = asyncio.get_running_loop()
         self.session: int | None = None
         self.accepted: asyncio.Future[None] = self.loop.create_future()
-        self.pending: dict[int, asyncio.Future[Response]] = {}
         self.buffers: dict[int, bytearray] = {}
-        self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
-        self.timer: asyncio.TimerHandle | None = None
-        self.timeout_s = 10.0
+        self.calls = InFlight(self.loop, 10.0)
         self.error: ClientError | None = None
         self._writable: asyncio.Future[None] | None = None  # (aioquic buffers: never paused)
         self.context: Any = None  # the client's ``connect`` context, exited on close
@@ -91,7 +86,7 @@ class _WtConnection(QuicConnectionProtocol):
             message = _decoder.decode(bytes(buf[HEADER.size : HEADER.size + n]))
             del buf[: HEADER.size + n]
             rid = getattr(message, "rid", None)
-            future = None if rid is None else self.pending.pop(rid, None)
+            future = None if rid is None else self.calls.pop(rid)
             if rid is None:
                 if self.on_push is not None:
                     self.on_push(message)
@@ -115,23 +110,8 @@ class _WtConnection(QuicConnectionProtocol):
             stream.session_id = self.session
         self._quic.send_stream_data(sid, HEADER.pack(len(body)) + body, end_stream=True)
         self._transmit_soon()
-        self.pending[request.rid] = future
-        self.deadlines.append((time.monotonic() + self.timeout_s, request.rid))
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.loop.time() + self.timeout_s, self.expire)
+        self.calls.add(request.rid, future)
         return future
-
-    def expire(self) -> None:
-        self.timer = None
-        t = time.monotonic()
-        deadlines, pending = self.deadlines, self.pending
-        while deadlines and (deadlines[0][0] <= t or deadlines[0][1] not in pending):
-            _, rid = deadlines.popleft()
-            future = pending.pop(rid, None)
-            if future is not None and not future.done():
-                future.set_exception(ClientError("timeout", "no answer in time", True))
-        if deadlines:
-            self.timer = self.loop.call_at(self.loop.time() + deadlines[0][0] - t, self.expire)
 
     def fail(self, error: ClientError) -> None:
         if self.error is not None:
@@ -140,12 +120,7 @@ class _WtConnection(QuicConnectionProtocol):
         if not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()
-        if self.timer is not None:
-            self.timer.cancel()
-        pending, self.pending = self.pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
+        self.calls.fail_all(error)
         with contextlib.suppress(Exception):
             self.close()
 
@@ -167,7 +142,7 @@ class WtClient(WsClient):
             conn = await context.__aenter__()
         assert isinstance(conn, _WtConnection)
         conn.context = context
-        conn.timeout_s = self.timeout_s
+        conn.calls.timeout_s = self.timeout_s
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn.open_session()
