@@ -19,20 +19,19 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Self, TypeVar, cast
+
+from ctxstore.launcher import free_port
 
 from .raft_control import ControlClient, ControlError
 
@@ -47,56 +46,6 @@ STOP_TIMEOUT_S = 20.0
 CALL_TIMEOUT_S = 15.0  # a control request; the node itself gives up after 10 s
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODE_MODULE = ("-m", "bench.raft_testnode")
-
-
-# -- ports -----------------------------------------------------------------------------------------
-_PORT_LOW, _PORT_HIGH = 20_000, 32_000  # below Linux's ephemeral range (32768-60999)
-_PORT_SLICES = 8
-_ports_lock = threading.Lock()
-_ports_taken: set[int] = set()
-_port_rng = random.Random(os.getpid() ^ time.time_ns())
-
-
-def _port_slice() -> range:
-    """This process's share of the port range: one slice per xdist worker (gw0, gw1, ...), so
-    that two workers never pick the same port between checking it and a node binding it."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    n = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
-    size = (_PORT_HIGH - _PORT_LOW) // _PORT_SLICES
-    low = _PORT_LOW + (n % _PORT_SLICES) * size
-    return range(low, low + size)
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32_768, 60_999
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now, below the ephemeral range, in this worker's slice, never
-    handed out twice by this process.
-
-    A node keeps its ports across restarts (its peers dial a fixed address), so a port from the
-    ephemeral range could be taken meanwhile by any outgoing connection's local end; ports
-    below it are only taken by someone binding them explicitly."""
-    ports = _port_slice()
-    eph_low, eph_high = _ephemeral_range()
-    with _ports_lock:
-        for attempt in range(2000):
-            port = _port_rng.choice(ports)
-            if port in _ports_taken or (attempt < 1000 and eph_low <= port <= eph_high):
-                continue
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind((HOST, port))  # no SO_REUSEADDR: also avoids ports in TIME_WAIT
-                except OSError:
-                    continue
-            _ports_taken.add(port)
-            return port
-    raise RuntimeError("no free port found")
 
 
 _SNAP_NAME = re.compile(r"^([0-9a-f]{8})-([0-9a-f]{16})-([0-9a-f]{8})\.snap$")

@@ -19,26 +19,75 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .tlscert import LocalCertificate, generate
 
+# -- ports -----------------------------------------------------------------------------------------
+# A node keeps its ports across restarts (its peers dial a fixed address), so a port from the
+# ephemeral range could be taken, while the node is down, by any outgoing connection's local end
+# (a peer redialling it, another test's client) and the node would not start again (exit 5).
+# Ports below that range are only taken by someone binding them explicitly.
+_PORT_LOW, _PORT_HIGH = 20_000, 32_000  # below Linux's ephemeral range (32768-60999)
+_PORT_SLICES = 8
+_ports_lock = threading.Lock()
+_ports_taken: set[int] = set()
+_port_rng = random.Random(os.getpid() ^ time.time_ns())
 
-def free_ports(n: int) -> list[int]:
-    socks = []
+
+def _port_slice() -> range:
+    """This process's share of the port range: one slice per xdist worker (gw0, gw1, ...), so
+    that two workers never pick the same port between checking it and a node binding it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    n = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    size = (_PORT_HIGH - _PORT_LOW) // _PORT_SLICES
+    low = _PORT_LOW + (n % _PORT_SLICES) * size
+    return range(low, low + size)
+
+
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = f.read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now, below the ephemeral range, in this worker's slice, never
+    handed out twice by this process (TCP; the same number is then used for UDP by HTTP/3)."""
+    ports = _port_slice()
+    eph_low, eph_high = _ephemeral_range()
+    with _ports_lock:
+        for attempt in range(2000):
+            port = _port_rng.choice(ports)
+            if port in _ports_taken or (attempt < 1000 and eph_low <= port <= eph_high):
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))  # no SO_REUSEADDR: also avoids ports in TIME_WAIT
+                except OSError:
+                    continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((host, port))
+                except OSError:
+                    continue
+            _ports_taken.add(port)
+            return port
+    raise RuntimeError("no free port found")
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    return [free_port(host) for _ in range(n)]
 
 
 class NodeExited(RuntimeError):
@@ -101,7 +150,7 @@ class LocalCluster:
             peers = [base_port + 100 + i for i in range(nodes)]
             ops = [base_port + 200 + i for i in range(nodes)]
         else:
-            ports = free_ports(3 * nodes)
+            ports = free_ports(3 * nodes, host)
             clients, peers, ops = ports[:nodes], ports[nodes : 2 * nodes], ports[2 * nodes :]
         self.children = {
             i: Child(

@@ -9,7 +9,7 @@ import pytest
 import uvloop
 
 from bench.nodestats import describe, fetch_metrics, node_pauses, parse_metrics, scrape_nodes
-from bench.raft_cluster import free_port
+from ctxstore.launcher import free_port
 from ctxstore.metrics import GC_PAUSE_BUCKETS_S
 from raft.wal_segments import FSYNC_BUCKETS_S
 

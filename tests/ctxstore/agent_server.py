@@ -25,7 +25,7 @@ import trustme
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from bench.raft_cluster import free_port
+from ctxstore.launcher import free_port
 
 SLOW_DELTAS = 20
 SLOW_GAP_S = 0.1

@@ -22,8 +22,8 @@ import pytest
 import uvloop
 
 from bench.nodestats import parse_metrics
-from bench.raft_cluster import free_port
 from ctxstore.config import Settings
+from ctxstore.launcher import free_port
 from ctxstore.metrics import CollectorPauses, LatencyHistogram
 from ctxstore.node import Node
 from ctxstore.ops import NodeSource, OpsLimits, OpsServer, Readiness, serve_ops, serve_source
