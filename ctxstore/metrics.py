@@ -261,6 +261,12 @@ class NodeCollector(Collector):
         yield _counter("ctxstore_agent_chunks_relayed_total",
                        "Live agent chunks sent to peers for their subscribers.",
                        node.router.chunks_relayed)  # fmt: skip
+        yield _counter("ctxstore_agent_lookups_total",
+                       "Read barriers run to find a session's agent not known here.",
+                       node.dispatcher.lookups)  # fmt: skip
+        yield _counter("ctxstore_agent_absent_hits_total",
+                       "User messages of sessions whose agent is known absent (no barrier).",
+                       node.dispatcher.absent_hits)  # fmt: skip
 
     def _service(self) -> Iterator[Metric]:
         m, service, router = self.metrics, self.metrics.service, self.metrics.node.router

@@ -193,10 +193,14 @@ class Node:
     def on_applied(self, group: int, index: int) -> None:
         self.archive.applied(group, index)
 
+    def on_agent(self, agent_id: str) -> None:
+        self.dispatcher.on_agent(agent_id)
+
     def _snapshot_installed(self, group: int, index: int) -> None:
         self._archive_tails(group, index)
         self.subscriptions.on_restore(group)
         self.inboxes.on_group_replaced(group)
+        self.dispatcher.on_agent("")  # its agents were replaced too
         self.backfill.kick()
 
     def _archive_tails(self, group: int, index: int) -> None:

@@ -160,6 +160,9 @@ class StateObserver(Protocol):
     def on_applied(self, group: int, index: int) -> None:
         """Every entry of ``group`` up to ``index`` is applied (called once per apply batch)."""
 
+    def on_agent(self, agent_id: str) -> None:
+        """An agent was saved (created, updated or disabled)."""
+
 
 _encoder = msgspec.msgpack.Encoder()
 _fingerprint_encoder = msgspec.msgpack.Encoder(order="sorted")  # canonical metadata key order
@@ -793,6 +796,8 @@ class ConversationState:
         if not cmd.create and not known:
             return Rejected("not_found", f"no agent {agent.id!r}", {})
         agents[agent.id] = agent
+        if self.observer is not None:
+            self.observer.on_agent(agent.id)
         return AgentSaved(agent)
 
     def _disable_agent(self, group: int, cmd: DisableAgent) -> AgentSaved | Rejected:
@@ -802,6 +807,8 @@ class ConversationState:
             return Rejected("not_found", f"no agent {cmd.agent_id!r}", {})
         if agent.status != "disabled":
             agent = agents[agent.id] = msgspec.structs.replace(agent, status="disabled")
+            if self.observer is not None:
+                self.observer.on_agent(agent.id)
         return AgentSaved(agent)
 
     def _dispatch_begin(

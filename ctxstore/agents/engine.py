@@ -30,6 +30,7 @@ import logging
 import random
 import time
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -72,6 +73,9 @@ class DispatchLimits:
     backoff_max_s: float = 5.0
     retry_after_max_s: float = 60.0
     end_tries_max: int = 8  # proposals of one DispatchEnd before the task gives up
+    absent_agents_max: int = 10_000  # agents known absent here (negative cache, LRU)
+    skipped_max: int = 10_000  # sessions not called on that knowledge, remembered a while
+    skipped_recent_s: float = 5.0  # a skip this recent is undone when the agent is saved
 
 
 class Histogram:
@@ -173,6 +177,14 @@ class Dispatcher:
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # sid -> (first, timer)
         self._acked_at: dict[str, float] = {}  # sid -> when its newest user message applied here
         self._lookups: dict[str, dict[str, bool]] = {}  # agent id -> sessions waiting (resume)
+        # Negative cache: agents a barrier found absent (or disabled), so that a session whose
+        # agent is not registered costs no barrier per user message; an entry leaves when the
+        # agent is saved (``on_agent``) or its group's state replaced; the least recently used
+        # leaves beyond ``absent_agents_max``.
+        self._absent: OrderedDict[str, None] = OrderedDict()
+        self._skipped: dict[str, tuple[str, float, bool]] = {}  # sid -> (agent, when, resume)
+        self.lookups = 0  # barriers run to read an agent unknown here
+        self.absent_hits = 0  # arms skipped on the negative cache (barriers saved)
         self._random = random.Random()
 
     # -- the node's side ---------------------------------------------------------------------------
@@ -212,6 +224,29 @@ class Dispatcher:
             if group_of(sid, self.groups) == group:
                 task.cancel()  # the new leader resumes it with the next attempt
 
+    def on_agent(self, agent_id: str) -> None:
+        """An agent was saved (created, updated, disabled) on this replica, or (``""``) a group's
+        agents were replaced by a snapshot: forget that it was absent.  Sessions skipped on
+        that knowledge in the last ``skipped_recent_s`` (their user message may have been
+        applied after the agent's creation committed, before this replica applied it) are
+        armed again; older ones wait for their next user message, as before."""
+        if agent_id:
+            self._absent.pop(agent_id, None)
+        else:
+            self._absent.clear()
+        if not self.running or not self._skipped:
+            return
+        horizon = asyncio.get_running_loop().time() - self.limits.skipped_recent_s
+        again = [(sid, resume) for sid, (aid, at, resume) in self._skipped.items()
+                 if (not agent_id or aid == agent_id) and at >= horizon]  # fmt: skip
+        for sid, _ in again:
+            del self._skipped[sid]
+        # Not from inside apply (the state observer): the arm may need a barrier.
+        loop = asyncio.get_running_loop()
+        for sid, resume in again:
+            if self._leads(group_of(sid, self.groups)):
+                loop.call_soon(self._arm, sid, resume)
+
     def in_flight(self) -> int:
         return len(self._tasks)
 
@@ -236,8 +271,14 @@ class Dispatcher:
         agent = self._active_agent(sid)
         if agent is None:
             view = self.state.dispatch_state(sid)
-            if view is not None and not checked:
-                self._refresh(view[0], sid, resume)
+            if view is None or checked:
+                return
+            if view[0] in self._absent:
+                self._absent.move_to_end(view[0])
+                self.absent_hits += 1
+                self._skip(sid, view[0], resume)
+                return
+            self._refresh(view[0], sid, resume)
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -263,16 +304,34 @@ class Dispatcher:
         # Not from inside apply (the driver's pass): the barrier goes through the driver.
         asyncio.get_running_loop().call_soon(self._lookup, agent_id)
 
+    def _skip(self, sid: str, agent_id: str, resume: bool) -> None:
+        skipped = self._skipped
+        skipped.pop(sid, None)
+        skipped[sid] = (agent_id, asyncio.get_running_loop().time(), resume)
+        if len(skipped) > self.limits.skipped_max:
+            del skipped[next(iter(skipped))]  # the oldest skip
+
     def _lookup(self, agent_id: str) -> None:
         if not self.running:
             self._lookups.pop(agent_id, None)
             return
+        self.lookups += 1
         fut = self.router.barrier(group_of(agent_id, self.groups))
 
         def done(f: asyncio.Future[Any]) -> None:
             sessions = self._lookups.pop(agent_id, {})
             if f.cancelled() or f.exception() is not None or not self.running:
                 return  # no barrier now: the next user message or leader change tries again
+            agent = self.state.get_agent(agent_id)
+            if agent is None or agent.status != "active":
+                # Absent as of the barrier: remembered until it is saved (``on_agent``).
+                self._absent[agent_id] = None
+                self._absent.move_to_end(agent_id)
+                if len(self._absent) > self.limits.absent_agents_max:
+                    self._absent.popitem(last=False)
+                for waiting_sid, waiting_resume in sessions.items():
+                    self._skip(waiting_sid, agent_id, waiting_resume)
+                return
             for waiting_sid, waiting_resume in sessions.items():
                 if self._leads(group_of(waiting_sid, self.groups)):
                     self._arm(waiting_sid, waiting_resume, checked=True)

@@ -234,6 +234,56 @@ def test_disabled_and_unregistered_agents_are_not_called(tmp_path: Path) -> None
     run(main())
 
 
+def test_an_unregistered_agent_costs_one_barrier_until_it_is_created(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await ready(h)
+            d = h.node.dispatcher
+            await c.create_session("u", "later", {}, "s")
+            for i in range(5):
+                await c.append("s", f"alone {i}")
+                await asyncio.sleep(0.05)  # each one alone (no lookup in flight to join)
+            assert (d.lookups, d.absent_hits) == (1, 4)
+            assert srv.agent.calls == []
+            # Created: the entry leaves with the replicated change, and the session skipped
+            # just before (its message may have raced the creation) is called at once.
+            await c.create_agent(agent("later", srv.url("/sse"), debounce_ms=0))
+            messages = await wait_message(c, "s", 6)
+            assert text_of(messages[5]) == reply_text(3, "alone 4")
+            await c.append("s", "now")
+            messages = await wait_message(c, "s", 8)
+            assert text_of(messages[7]) == reply_text(3, "now")
+            assert d.lookups == 1 and len(srv.agent.calls) == 2
+            # Disabled: found so by one barrier, then cached again.
+            await c.disable_agent("later")
+            for i in range(3):
+                await c.append("s", f"off {i}")
+                await asyncio.sleep(0.05)
+            assert (d.lookups, d.absent_hits) == (2, 6)
+            assert len(srv.agent.calls) == 2
+
+    run(main())
+
+
+def test_the_negative_cache_is_bounded(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h:
+            c = await ready(h)
+            d = h.node.dispatcher
+            d.limits = DispatchLimits(absent_agents_max=3, skipped_max=2)
+            for i in range(5):
+                await c.create_session("u", f"ghost-{i}", {}, f"s{i}")
+                await c.append(f"s{i}", "hi")
+                await asyncio.sleep(0.05)
+            assert list(d._absent) == ["ghost-2", "ghost-3", "ghost-4"]
+            assert list(d._skipped) == ["s3", "s4"]
+            await c.append("s0", "again")  # evicted: read again
+            await asyncio.sleep(0.05)
+            assert d.lookups == 6 and list(d._absent)[-1] == "ghost-0"
+
+    run(main())
+
+
 def test_agents_and_live_chunks_over_the_json_websocket(tmp_path: Path) -> None:
     async def main() -> None:
         async with web_node(tmp_path) as w, agent_server() as srv:

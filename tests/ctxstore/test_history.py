@@ -55,6 +55,9 @@ class Feed:
     def on_applied(self, group: int, index: int) -> None:
         self.archive.applied(group, index)
 
+    def on_agent(self, agent_id: str) -> None:
+        pass
+
     def run(self, cmd: c.Command) -> object:
         g = group_of(cmd.session_id, GROUPS)
         self.index[g] = self.index.get(g, 0) + 1

@@ -781,6 +781,9 @@ class Recorder:
     def on_applied(self, group: int, index: int) -> None:
         self.events.append(("applied", group, index))
 
+    def on_agent(self, agent_id: str) -> None:
+        self.events.append(("agent", agent_id))
+
 
 def test_the_observer_hears_every_change_in_apply_order() -> None:
     node = Node()
