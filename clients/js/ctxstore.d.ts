@@ -2,7 +2,7 @@
 // Objects the server sends keep the protocol's JSON field names (snake_case).
 
 export declare const SUBPROTOCOL: "ctxstore.v1.json";
-export declare const PROTOCOL_VERSION: 2;
+export declare const PROTOCOL_VERSION: 3;
 
 export type ErrorCode =
   | "bad_request" | "unauthorized" | "forbidden" | "not_found" | "conflict" | "too_large"
@@ -153,8 +153,47 @@ export declare function webTransportUrl(target: string): string;
 
 export declare const DEFAULTS: Readonly<Required<Omit<Options, "targets">>>;
 
+/** An agent as registered (docs/agents.md), in the protocol's JSON shape. */
+export interface Agent {
+  id: string; url: string; headers: Record<string, string>; timeout_ms: number;
+  idle_timeout_ms: number; debounce_ms: number; history: string; max_attempts: number;
+  status: "active" | "disabled"; protocol: "auto" | "h1" | "h2";
+}
+
+/** The fields of createAgent / updateAgent (left out: the defaults of docs/agents.md). */
+export interface AgentFields {
+  id: string; url: string; headers?: Record<string, string>; timeoutMs?: number;
+  idleTimeoutMs?: number; debounceMs?: number; history?: string; maxAttempts?: number;
+  status?: "active" | "disabled"; protocol?: "auto" | "h1" | "h2";
+}
+
+/** An agent's reply as its live chunks build it (lenient: chunks are best effort). */
+export declare class ReplyDraft {
+  constructor(triggerSeq: number, attempt: number);
+  readonly triggerSeq: number;
+  readonly attempt: number;
+  readonly parts: Part[];
+  readonly metadata: Metadata;
+  /** The stream ended ("error": this attempt failed; a later one may follow). */
+  readonly terminated: "finish" | "abort" | "error" | null;
+  readonly errorText: string | null;
+  readonly chunks: number;
+  /** data-<name> -> the last transient data of that name (shown, never stored). */
+  readonly transient: Record<string, unknown>;
+  /** The text of its text parts. */
+  readonly text: string;
+  add(chunk: Record<string, unknown>): boolean;
+}
+
+/** The trigger seq a stored message answers (metadata.agent.trigger_seq), or null. */
+export declare function answeredTrigger(message: Message): number | null;
+
 export type SessionEvent =
-  | { type: "message"; message: Message }
+  /** replaces: the draft this message (the agent's reply, or a dropped dispatch's note) ends. */
+  | { type: "message"; message: Message; replaces: ReplyDraft | null }
+  /** With streamChunks: one live chunk of the agent's reply, and the draft it went into. */
+  | { type: "chunk"; triggerSeq: number; attempt: number; chunk: Record<string, unknown>;
+      draft: ReplyDraft; replaces: ReplyDraft | null }
   | { type: "gap"; fromSeq: number; toSeq: number; reason: "retention" | "unavailable" }
   /** With contextEvents: the window changed other than by an append, or went over budget. */
   | { type: "context"; reason: "compacted" | "trimmed" | "configured" | "needs_compaction";
@@ -177,6 +216,8 @@ export declare class Subscription {
   readonly closed: boolean;
   /** How many times it subscribed again (after a reconnect or a subscription_closed). */
   readonly resubscribes: number;
+  /** With streamChunks: the agent's reply being streamed, until the stored one lands. */
+  readonly draft: ReplyDraft | null;
   close(): void;
 }
 
@@ -228,8 +269,15 @@ export declare class Client {
   compact(sessionId: string, options: {
     fromSeq: number; toSeq: number; replacement: NewMessage[]; ifVersion?: number | null;
   }): Promise<ContextChanged>;
-  subscribe(sessionId: string, options: { afterSeq?: number; contextEvents?: boolean } | undefined,
+  subscribe(sessionId: string,
+    options: { afterSeq?: number; contextEvents?: boolean; streamChunks?: boolean } | undefined,
     onEvent: (event: SessionEvent) => void): Promise<Subscription>;
+  createAgent(fields: AgentFields): Promise<Agent>;
+  updateAgent(fields: AgentFields): Promise<Agent>;
+  getAgent(agentId: string): Promise<Agent>;
+  listAgents(options?: { cursor?: string | null; limit?: number }):
+    Promise<{ agents: Agent[]; next_cursor: string | null }>;
+  disableAgent(agentId: string): Promise<Agent>;
   subscribeInbox(userId: string, onEvent: (event: InboxEvent) => void): Promise<Subscription>;
 }
 

@@ -11,13 +11,17 @@
 //   after a reconnect from the last seq it delivered, drops what it already delivered, reports
 //   what will not come as a gap event, and resubscribes rather than skip over a hole;
 // - protocol version 2 (docs/protocol.md): structured messages (role, parts) and context
-//   windows (setContextConfig, getContext, compact, context events of a subscription).
+//   windows (setContextConfig, getContext, compact, context events of a subscription);
+// - protocol version 3: the agents registry (createAgent...) and a session's live agent chunks
+//   (subscribe's streamChunks), assembled into a draft reply (ReplyDraft) that the stored
+//   assistant message replaces when it lands.
 
 export const SUBPROTOCOL = "ctxstore.v1.json";
-export const PROTOCOL_VERSION = 2; // needs a node of version 2 or later (it serves 1 to 3)
+export const PROTOCOL_VERSION = 3; // needs a node of version 3 (it serves 1 to 3)
 const RETRYABLE = new Set(["unavailable", "timeout", "rate_limited"]);
 const PUSHES = new Set([
   "message_event", "gap_event", "inbox_delta", "subscription_closed", "context_event",
+  "stream_chunk",
 ]);
 const ROTATE_AFTER_ATTEMPTS = 3; // a request failing this often on one node moves to the next
 
@@ -83,6 +87,17 @@ function newMessage({ role, content, parts = null, kind = "text", metadata = {},
     parts,
     metadata,
     token_count: tokenCount ?? null,
+  };
+}
+
+/** The protocol's Agent (every field) of a JS one; the defaults are the Python client's. */
+function agentOf({
+  id, url, headers = {}, timeoutMs = 120000, idleTimeoutMs = 30000, debounceMs = 500,
+  history = "all", maxAttempts = 5, status = "active", protocol = "auto",
+}) {
+  return {
+    id, url, headers, timeout_ms: timeoutMs, idle_timeout_ms: idleTimeoutMs,
+    debounce_ms: debounceMs, history, max_attempts: maxAttempts, status, protocol,
   };
 }
 
@@ -361,13 +376,195 @@ class WtLink {
   }
 }
 
+const DRAFT_PARTS_MAX = 1000; // parts of a draft reply (more are not shown)
+const DRAFT_BYTES_MAX = 1024 * 1024; // text, input and output of a draft (the rest is cut)
+
+/** An agent's reply as its live chunks (AI SDK UI message stream) build it, the way the node
+ * assembles the stored message (ctxstore/agents/assemble.py): parts in the order of their
+ * first chunk, text and reasoning by id, tools by toolCallId, data-* replaced by id (transient
+ * ones are shown, not kept).  Lenient where the node is strict: chunks are best effort (a
+ * subscriber that joins mid-stream or falls behind misses some), so a delta for a part never
+ * started starts it, and nothing throws.  Bounded by DRAFT_PARTS_MAX and DRAFT_BYTES_MAX. */
+export class ReplyDraft {
+  constructor(triggerSeq, attempt) {
+    this.triggerSeq = triggerSeq; // the newest user message the reply answers
+    this.attempt = attempt; // the call (a later one replaces this draft)
+    this.parts = [];
+    this.metadata = {};
+    this.terminated = null; // "finish" | "abort" | "error": the stream ended (not stored yet)
+    this.errorText = null;
+    this.chunks = 0;
+    this.transient = {}; // data-<name> -> the last transient data of that name
+    this._bytes = 0;
+    this._text = new Map(); // "text:id" / "reasoning:id" -> part
+    this._tools = new Map(); // toolCallId -> part
+    this._data = new Map(); // "data-x:id" -> index in parts
+  }
+
+  /** Take one chunk in; false if it was ignored (after the end, or over a bound). */
+  add(chunk) {
+    if (this.terminated !== null || chunk === null || typeof chunk !== "object") return false;
+    const kind = String(chunk.type ?? "");
+    this.chunks += 1;
+    const dash = kind.indexOf("-");
+    const family = dash < 0 ? kind : kind.slice(0, dash);
+    const what = dash < 0 ? "" : kind.slice(dash + 1);
+    if ((family === "text" || family === "reasoning") && ["start", "delta", "end"].includes(what)) {
+      return this._textChunk(family, what, chunk);
+    }
+    if (kind.startsWith("tool-")) return this._toolChunk(kind, chunk);
+    if (family === "data") return this._dataChunk(kind, chunk);
+    switch (kind) {
+      case "start-step":
+        return this._add({ type: "step-start" }) !== null;
+      case "file":
+        return this._add({ type: "file", mediaType: chunk.mediaType, url: chunk.url }) !== null;
+      case "source-url":
+      case "source-document": {
+        const part = { type: kind };
+        for (const k of ["sourceId", "url", "title", "mediaType", "filename"]) {
+          if (chunk[k] !== undefined && chunk[k] !== null) part[k] = chunk[k];
+        }
+        return this._add(part) !== null;
+      }
+      case "start":
+      case "message-metadata":
+      case "finish":
+        if (chunk.messageMetadata && typeof chunk.messageMetadata === "object") {
+          Object.assign(this.metadata, chunk.messageMetadata);
+        }
+        if (kind === "finish") {
+          this.terminated = "finish";
+          for (const part of this._text.values()) part.state = "done";
+        }
+        return true;
+      case "abort":
+        this.terminated = "abort";
+        return true;
+      case "error":
+        this.terminated = "error"; // this attempt failed: a retry (a later attempt) may follow
+        this.errorText = String(chunk.errorText ?? "");
+        return true;
+      default:
+        return true; // finish-step, and types of later versions: nothing to show
+    }
+  }
+
+  /** The text of its text parts (what a chat shows first). */
+  get text() {
+    return this.parts.filter((p) => p.type === "text").map((p) => p.text).join("");
+  }
+
+  _add(part) {
+    if (this.parts.length >= DRAFT_PARTS_MAX) return null;
+    this.parts.push(part);
+    return this.parts.length - 1;
+  }
+
+  _count(text) {
+    const room = DRAFT_BYTES_MAX - this._bytes;
+    const kept = text.length <= room ? text : text.slice(0, Math.max(0, room));
+    this._bytes += kept.length;
+    return kept;
+  }
+
+  _textChunk(family, what, chunk) {
+    const key = `${family}:${chunk.id}`;
+    let part = this._text.get(key);
+    if (part === undefined) {
+      part = { type: family, text: "", state: "streaming" };
+      if (this._add(part) === null) return false;
+      this._text.set(key, part);
+    }
+    if (what === "delta") part.text += this._count(String(chunk.delta ?? ""));
+    else if (what === "end") part.state = "done";
+    return true;
+  }
+
+  _toolChunk(kind, chunk) {
+    const callId = chunk.toolCallId;
+    let part = this._tools.get(callId);
+    if (part === undefined) {
+      const name = chunk.toolName ?? "unknown";
+      part = chunk.dynamic
+        ? { type: "dynamic-tool", toolName: name, toolCallId: callId }
+        : { type: `tool-${name}`, toolCallId: callId };
+      part.state = "input-streaming";
+      if (this._add(part) === null) return false;
+      this._tools.set(callId, part);
+    }
+    switch (kind) {
+      case "tool-input-start":
+        part.state = "input-streaming";
+        break;
+      case "tool-input-delta":
+        part.rawInput = (part.rawInput ?? "") + this._count(String(chunk.inputTextDelta ?? ""));
+        break;
+      case "tool-input-available":
+        part.state = "input-available";
+        part.input = chunk.input;
+        delete part.rawInput;
+        break;
+      case "tool-input-error":
+        part.state = "output-error";
+        part.input = chunk.input;
+        part.errorText = chunk.errorText ?? "";
+        delete part.rawInput;
+        break;
+      case "tool-output-available":
+        part.state = "output-available";
+        part.output = chunk.output;
+        if (chunk.preliminary) part.preliminary = true;
+        else delete part.preliminary;
+        break;
+      case "tool-output-error":
+        part.state = "output-error";
+        part.errorText = chunk.errorText ?? "";
+        break;
+      default:
+        return false;
+    }
+    return true;
+  }
+
+  _dataChunk(kind, chunk) {
+    if (chunk.transient) {
+      this.transient[kind] = chunk.data;
+      return true;
+    }
+    const part = { type: kind, data: chunk.data };
+    if (chunk.id === undefined || chunk.id === null) return this._add(part) !== null;
+    part.id = chunk.id;
+    const key = `${kind}:${chunk.id}`;
+    const at = this._data.get(key);
+    if (at !== undefined) {
+      this.parts[at] = part;
+      return true;
+    }
+    const added = this._add(part);
+    if (added === null) return false;
+    this._data.set(key, added);
+    return true;
+  }
+}
+
+/** The trigger seq a stored message answers (an agent's reply or a dropped dispatch's note,
+ * both with metadata.agent.trigger_seq), or null. */
+export function answeredTrigger(message) {
+  const seq = message?.metadata?.agent?.trigger_seq;
+  return Number.isInteger(seq) ? seq : null;
+}
+
 /** A subscription to a session's messages or to a user's inbox; see Client.subscribe. */
 export class Subscription {
-  constructor(client, kind, key, afterSeq, onEvent, contextEvents = false) {
+  constructor(client, kind, key, afterSeq, onEvent, contextEvents = false, streamChunks = false) {
     this.client = client;
     this.kind = kind; // "session" or "inbox"
     this.key = key; // the session id or the user id
     this.contextEvents = contextEvents; // session: also the context window's changes
+    this.streamChunks = streamChunks; // session: also the agent's live chunks (drafts)
+    this.draft = null; // the agent's reply being streamed (a ReplyDraft), until it is stored
+    this.answered = 0; // the newest trigger seq a stored message answered
     this.lastSeq = afterSeq; // the last seq delivered (a message's or a gap's to_seq)
     this.entries = new Map(); // inbox: session_id -> entry, kept up to date
     this.onEvent = onEvent;
@@ -416,6 +613,7 @@ export class Subscription {
           session_id: this.key,
           after_seq: this.lastSeq,
           context_events: this.contextEvents,
+          stream_chunks: this.streamChunks,
         }
       : { type: "subscribe_inbox", user_id: this.key };
   }
@@ -502,7 +700,16 @@ export class Subscription {
           }
           this.lastSeq = m.seq;
           this._failures = 0;
-          this._emit({ type: "message", message: m });
+          const trigger = answeredTrigger(m);
+          let replaces = null;
+          if (trigger !== null) {
+            this.answered = Math.max(this.answered, trigger);
+            if (this.draft !== null && this.draft.triggerSeq <= trigger) {
+              replaces = this.draft; // the stored message is the record: the draft goes
+              this.draft = null;
+            }
+          }
+          this._emit({ type: "message", message: m, replaces });
         }
         return;
       case "gap_event": {
@@ -524,6 +731,23 @@ export class Subscription {
           type: "context", reason, version, tokenCount: token_count,
           needsCompaction: needs_compaction, windowFirstSeq: window_first_seq,
         });
+        return;
+      }
+      case "stream_chunk": {
+        // Best effort and not replayed: an attempt replaces an earlier one (a newer trigger, or
+        // the same with a higher attempt); chunks of what is answered already are late.
+        const { trigger_seq: triggerSeq, attempt, chunk } = msg;
+        if (triggerSeq <= this.answered) return;
+        const d = this.draft;
+        if (d !== null && (triggerSeq < d.triggerSeq ||
+            (triggerSeq === d.triggerSeq && attempt < d.attempt))) return;
+        let replaces = null;
+        if (d === null || triggerSeq !== d.triggerSeq || attempt !== d.attempt) {
+          replaces = d;
+          this.draft = new ReplyDraft(triggerSeq, attempt);
+        }
+        this.draft.add(chunk);
+        this._emit({ type: "chunk", triggerSeq, attempt, chunk, draft: this.draft, replaces });
         return;
       }
       case "inbox_delta":
@@ -692,12 +916,43 @@ export class Client {
   }
 
   /** Follow a session from afterSeq: resolves once subscribed; onEvent gets
-   * {type: "message", message}, {type: "gap", fromSeq, toSeq, reason}, with contextEvents
-   * {type: "context", reason, version, tokenCount, needsCompaction, windowFirstSeq} and, at
-   * the end, {type: "closed", reason, message}. */
-  subscribe(sessionId, { afterSeq = 0, contextEvents = false } = {}, onEvent) {
-    const sub = new Subscription(this, "session", sessionId, afterSeq, onEvent, contextEvents);
+   * {type: "message", message, replaces}, {type: "gap", fromSeq, toSeq, reason}, with
+   * contextEvents {type: "context", reason, version, tokenCount, needsCompaction,
+   * windowFirstSeq}, with streamChunks {type: "chunk", triggerSeq, attempt, chunk, draft,
+   * replaces} (draft: the ReplyDraft the chunk went into, also `subscription.draft`;
+   * replaces: the draft of an earlier attempt it supersedes, or null) and, at the end,
+   * {type: "closed", reason, message}.  A message that answers the draft's trigger (the
+   * agent's reply, or the note of a dropped dispatch) comes with `replaces` the draft. */
+  subscribe(sessionId, options = {}, onEvent) {
+    const { afterSeq = 0, contextEvents = false, streamChunks = false } = options;
+    const sub = new Subscription(
+      this, "session", sessionId, afterSeq, onEvent, contextEvents, streamChunks,
+    );
     return this._subscribe(sub);
+  }
+
+  /** Register an agent (docs/agents.md): {id, url} and any of headers, timeoutMs,
+   * idleTimeoutMs, debounceMs, history ("all", "tail N", "window"), maxAttempts, status,
+   * protocol; the agent as stored.  Not retried (a lost answer would then be a conflict). */
+  createAgent(fields) {
+    return this._call({ type: "create_agent", agent: agentOf(fields) }, false).then((a) => a.agent);
+  }
+
+  /** Replace an agent's fields (those left out take the defaults); retried. */
+  updateAgent(fields) {
+    return this._call({ type: "update_agent", agent: agentOf(fields) }, true).then((a) => a.agent);
+  }
+
+  getAgent(agentId) {
+    return this._call({ type: "get_agent", agent_id: agentId }, true).then((a) => a.agent);
+  }
+
+  listAgents({ cursor = null, limit = 100 } = {}) {
+    return this._call({ type: "list_agents", cursor, limit }, true).then(strip);
+  }
+
+  disableAgent(agentId) {
+    return this._call({ type: "disable_agent", agent_id: agentId }, true).then((a) => a.agent);
   }
 
   /** Follow a user's inbox: {type: "snapshot", entries, truncated} on each (re)subscription,

@@ -197,8 +197,9 @@ describe("against a scripted node", () => {
         [1, 2, "gap 3-4", 5, 6, 7],
       );
       assert.equal(subscribes, 2);
-      assert.equal(server.received[0].protocol_version, 2); // the hello
+      assert.equal(server.received[0].protocol_version, 3); // the hello
       assert.equal(server.received[1].context_events, false);
+      assert.equal(server.received[1].stream_chunks, false);
     } finally {
       client.close();
     }
