@@ -1,11 +1,16 @@
 // The demo page: a small chat UI on ctxstore.js (docs/web.md "Demo page").
 // ?nodes=ws://a/v1/ws,ws://b/v1/ws picks the nodes (default: the node serving the page);
 // ?user=alice signs in at once; ?wt=1 (or ?wt=<certificate SHA-256>) tries WebTransport first.
+// The session's agent streams its reply live (a draft, from its chunks), replaced by the stored
+// assistant message when it lands.
 import { connect } from "/static/ctxstore.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const state = { client: null, me: null, inbox: null, session: null, sub: null, refresh: null };
+const state = {
+  client: null, me: null, inbox: null, session: null, sub: null, refresh: null, draft: null,
+  drawing: false,
+};
 const WINDOW_REFRESH_MS = 150; // a burst of messages or context events: one get_context
 
 $("nodes").value = params.get("nodes") ?? `ws://${location.host}/v1/ws`;
@@ -94,9 +99,19 @@ async function openSession(sessionId) {
   $("session").hidden = false;
   renderInbox();
   const afterSeq = Math.max(0, session.last_seq - 500); // the latest 500 at most
-  const options = { afterSeq, contextEvents: true };
+  const options = { afterSeq, contextEvents: true, streamChunks: true };
+  state.draft = null;
   state.sub = await state.client.subscribe(session.id, options, (event) => {
     if (state.session?.id !== session.id) return;
+    if (event.type === "chunk") {
+      state.draft = event.draft;
+      drawDraftSoon();
+      return;
+    }
+    if (event.type === "message" && event.replaces !== null) {
+      state.draft = null; // the stored reply (or the note of a dropped dispatch) replaces it
+      $("messages").querySelector("li.draft")?.remove();
+    }
     if (event.type !== "context") renderEvent(event);
     if (event.type === "context" || event.type === "message") refreshWindow(session.id);
   });
@@ -140,6 +155,70 @@ function messageText(m) {
   return m.parts.filter((p) => p.type === "text").map((p) => p.text).join("\n");
 }
 
+function span(className, text) {
+  const el = document.createElement("span");
+  el.className = className;
+  el.textContent = text;
+  return el;
+}
+
+/** The parts a chat shows besides the text: reasoning and tool calls (AI SDK UI parts). */
+function renderParts(parts) {
+  const out = [];
+  for (const p of parts ?? []) {
+    if (p.type === "reasoning") {
+      out.push(span("reasoning", p.text));
+    } else if (p.type === "dynamic-tool" || p.type.startsWith("tool-")) {
+      const el = document.createElement("span");
+      el.className = "tool";
+      el.dataset.state = p.state ?? "";
+      const name = p.type === "dynamic-tool" ? p.toolName : p.type.slice(5);
+      const io = [p.input ?? p.rawInput, p.output ?? p.errorText]
+        .filter((v) => v !== undefined)
+        .map((v) => (typeof v === "string" ? v : JSON.stringify(v)));
+      el.append(span("tool-name", name), " ", span("tool-state", p.state ?? ""));
+      if (io.length) el.append(" ", span("tool-io", io.join(" → ")));
+      out.push(el);
+    }
+  }
+  return out;
+}
+
+/** Redraw the draft reply at most once a frame (chunks come faster than frames). */
+function drawDraftSoon() {
+  if (state.drawing) return;
+  state.drawing = true;
+  requestAnimationFrame(() => {
+    state.drawing = false;
+    drawDraft();
+  });
+}
+
+/** The agent's reply being streamed: the last item of the list until the stored one lands. */
+function drawDraft() {
+  const list = $("messages");
+  let li = list.querySelector("li.draft");
+  const d = state.draft;
+  if (d === null) {
+    li?.remove();
+    return;
+  }
+  if (li === null) {
+    li = document.createElement("li");
+    li.className = "draft";
+    list.append(li);
+  }
+  li.dataset.triggerSeq = String(d.triggerSeq);
+  li.dataset.attempt = String(d.attempt);
+  li.dataset.state = d.terminated ?? "streaming";
+  li.dataset.chunks = String(d.chunks);
+  const agentId = state.session?.agent_id ?? "agent";
+  const how = d.terminated === "error" ? `failed: ${d.errorText}` : "typing…";
+  const from = span("from", `${agentId} ${how}` + (d.attempt > 1 ? ` (attempt ${d.attempt})` : ""));
+  li.replaceChildren(from, ...renderParts(d.parts), span("content", d.text));
+  list.scrollTop = list.scrollHeight;
+}
+
 function renderEvent(event) {
   const li = document.createElement("li");
   if (event.type === "message") {
@@ -155,10 +234,7 @@ function renderEvent(event) {
       tokens.textContent = `${m.token_count} token${m.token_count === 1 ? "" : "s"}`;
       from.append(" · ", tokens);
     }
-    const content = document.createElement("span");
-    content.className = "content";
-    content.textContent = messageText(m);
-    li.append(from, content);
+    li.append(from, ...renderParts(m.parts), span("content", messageText(m)));
   } else if (event.type === "gap") {
     li.className = "gap";
     li.textContent = `messages ${event.fromSeq}-${event.toSeq} are gone (${event.reason})`;
@@ -167,7 +243,7 @@ function renderEvent(event) {
     li.textContent = `subscription ended: ${event.message}`;
   }
   const list = $("messages");
-  list.append(li);
+  list.insertBefore(li, list.querySelector("li.draft")); // a draft stays last
   list.scrollTop = list.scrollHeight;
 }
 
@@ -197,6 +273,28 @@ async function create(event) {
   }
 }
 
+/** Register the agent of new sessions (docs/agents.md): its webhook is called for each user
+ * message of a session that names it. */
+async function registerAgent(event) {
+  event.preventDefault();
+  showError(null);
+  const id = $("agent-id").value.trim();
+  const url = $("agent-url").value.trim();
+  try {
+    let agent;
+    try {
+      agent = await state.client.createAgent({ id, url, debounceMs: 200 });
+    } catch (e) {
+      if (e.code !== "conflict") throw e;
+      agent = await state.client.updateAgent({ id, url, debounceMs: 200 });
+    }
+    $("agent-status").textContent = `agent ${agent.id} → ${agent.url} (${agent.status})`;
+    $("agent").value = agent.id;
+  } catch (e) {
+    showError(e);
+  }
+}
+
 async function markRead() {
   try {
     await state.client.markRead(state.session.id, state.me, state.sub.lastSeq);
@@ -207,6 +305,7 @@ async function markRead() {
 
 $("signin").onsubmit = signIn;
 $("create").onsubmit = create;
+$("agent-form").onsubmit = registerAgent;
 $("open").onsubmit = (e) => {
   e.preventDefault();
   openSession($("open-id").value.trim()).catch(showError);

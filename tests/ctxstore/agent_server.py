@@ -7,8 +7,9 @@ Each path has a plan: a list of behaviours taken in turn (the last one repeats):
 (an SSE reply of ``SLOW_DELTAS`` deltas, ``SLOW_GAP_S`` apart), ``cut`` (a start, then the
 connection is dropped), ``stall`` (a start, then nothing), ``nofinish`` (a stream that ends
 without finish), ``malformed`` (a line that is not JSON), ``error`` (an error chunk),
-``abort``, ``big`` (``BIG_DELTAS`` deltas of 4000 characters), ``429``/``503`` (with
-``Retry-After: 0``), ``404``, ``500``."""
+``abort``, ``big`` (``BIG_DELTAS`` deltas of 4000 characters), ``held`` (reasoning, a
+``weather`` tool call with its output, then text deltas ``HELD_GAP_S`` apart; the rest waits
+for ``ScriptedAgent.release``), ``429``/``503`` (with ``Retry-After: 0``), ``404``, ``500``."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ from ctxstore.launcher import free_port
 SLOW_DELTAS = 20
 SLOW_GAP_S = 0.1
 BIG_DELTAS = 100  # about 400 KB: past HTTP/2's initial flow-control windows
+HELD_GAP_S = 0.05
+HELD_REASONING = "The user asks about the weather: call the tool."
+HELD_INPUT = {"city": "Paris"}
+HELD_OUTPUT = {"celsius": 21}
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ScriptedAgent:
     plans: dict[str, list[str]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     served: dict[str, int] = field(default_factory=dict)
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # ends ``held`` streams
 
     def next(self, path: str) -> str:
         plan = self.plans.get(path) or [path.strip("/").split("/")[0]]
@@ -104,6 +110,10 @@ class ScriptedAgent:
             await chunk("{not json")
         if behaviour == "error":
             await chunk({"type": "error", "errorText": "model overloaded"})
+        if behaviour == "held":
+            await self._held(said, chunk)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         deltas = SLOW_DELTAS if behaviour == "slow" else BIG_DELTAS if behaviour == "big" else 3
         gap = SLOW_GAP_S if behaviour == "slow" else 0.0
         await chunk({"type": "start-step"})
@@ -122,6 +132,32 @@ class ScriptedAgent:
         if not jsonl and behaviour != "nofinish":
             await chunk("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _held(self, said: str, chunk: Any) -> None:
+        await chunk({"type": "start-step"})
+        await chunk({"type": "reasoning-start", "id": "r"})
+        await chunk({"type": "reasoning-delta", "id": "r", "delta": HELD_REASONING})
+        await chunk({"type": "reasoning-end", "id": "r"})
+        call = {"toolCallId": "c1", "toolName": "weather"}
+        await chunk({"type": "tool-input-start", **call})
+        await chunk({"type": "tool-input-delta", "toolCallId": "c1",
+                     "inputTextDelta": json.dumps(HELD_INPUT)})  # fmt: skip
+        await chunk({"type": "tool-input-available", **call, "input": HELD_INPUT})
+        await chunk({"type": "tool-output-available", "toolCallId": "c1", "output": HELD_OUTPUT})
+        await chunk({"type": "text-start", "id": "t"})
+        for word in held_words(said)[:-1]:
+            await chunk({"type": "text-delta", "id": "t", "delta": word}, HELD_GAP_S)
+        await self.release.wait()
+        await chunk({"type": "text-delta", "id": "t", "delta": held_words(said)[-1]})
+        await chunk({"type": "text-end", "id": "t"})
+        await chunk({"type": "finish-step"})
+        await chunk({"type": "finish", "messageMetadata": {"model": "held"}})
+        await chunk("[DONE]")
+
+
+def held_words(said: str) -> list[str]:
+    """The text deltas of a ``held`` reply: all but the last before the hold."""
+    return [f"It is 21 degrees in Paris ({said}).", " Anything", " else?"]
 
 
 def reply_text(deltas: int, said: str) -> str:
