@@ -3,8 +3,9 @@ objects driven by asyncio streams here (no hand-written HTTP).
 
 Rules of this file:
 - A connection carries requests whose response body is read as it streams (``Response.body``).
-  Each ``recv`` of the body has the caller's idle deadline; the whole call is bounded by the
-  caller (``asyncio.timeout``).
+  Each wait for the response has the caller's idle deadline (an ``IdleWatch``: no timer per
+  read); the whole call is bounded by the caller (``asyncio.timeout``).  What one read brings
+  is handed on as one piece (the chunks of a chunked body, the DATA frames of a stream).
 - HTTP/1.1: one request at a time; the connection is handed back for keep-alive only when both
   sides reached DONE (h11), else closed.
 - HTTP/2: many streams on one connection; a reader task feeds h2 and routes its events to the
@@ -21,7 +22,7 @@ import abc
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import h2.config
@@ -34,6 +35,7 @@ import h11
 
 READ_BYTES: int = 64 * 1024
 RESPONSE_HEADERS_BYTES_MAX: int = 64 * 1024
+IDLE_SLACK_S: float = 0.001  # a loop timer may fire this early
 
 
 class HttpError(Exception):
@@ -55,6 +57,42 @@ class Response:
             if k.lower() == name:
                 return v.decode("latin-1")
         return ""
+
+
+class IdleWatch:
+    """An idle deadline without a timer per wait: ``wait()`` and ``woke()`` around each wait
+    (one clock read), and one loop timer per ``idle_s`` that calls ``expire`` once a single
+    wait has lasted ``idle_s``.  (``asyncio.wait_for`` around each read cost a task and a
+    timer per chunk.)  Time between waits, while the reader works, is not idle."""
+
+    __slots__ = ("_expire", "_handle", "_loop", "expired", "idle_s", "since")
+
+    def __init__(self, idle_s: float, expire: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.idle_s = idle_s
+        self.since: float | None = None  # when the wait in progress began
+        self.expired = False
+        self._expire = expire
+        self._handle = self._loop.call_later(idle_s, self._check)
+
+    def wait(self) -> None:
+        self.since = self._loop.time()
+
+    def woke(self) -> None:
+        self.since = None
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.since
+        if since is not None and now - since >= self.idle_s - IDLE_SLACK_S:
+            self.expired = True
+            self._expire()
+            return
+        at = (now if since is None else since) + self.idle_s
+        self._handle = self._loop.call_at(at, self._check)
 
 
 async def _empty() -> AsyncIterator[bytes]:
@@ -100,6 +138,7 @@ class H1Connection(Connection):
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=RESPONSE_HEADERS_BYTES_MAX)
         self.busy = False
         self._release = release  # called with self when the connection may be reused
+        self._watch: IdleWatch | None = None  # of the request in flight
 
     def available(self) -> bool:
         return not self.closed and not self.busy
@@ -114,6 +153,7 @@ class H1Connection(Connection):
     ) -> Response:
         assert not self.busy and not self.closed
         self.busy = True
+        self._watch = IdleWatch(idle_s, self._idle)
         try:
             req = h11.Request(
                 method="POST",
@@ -126,41 +166,60 @@ class H1Connection(Connection):
             out += self.h11.send(h11.EndOfMessage()) or b""
             self.writer.write(out)
             await self.writer.drain()
-            event = await self._next(idle_s)
+            event = await self._next()
             while isinstance(event, h11.InformationalResponse):
-                event = await self._next(idle_s)
+                event = await self._next()
             if not isinstance(event, h11.Response):
                 raise HttpError("protocol", f"expected a response, got {type(event).__name__}")
         except BaseException:
+            self._watch.cancel()
             self.close()
             raise
         response = Response(event.status_code, list(event.headers))
-        response.body = self._body(idle_s)
+        response.body = self._body()
         return response
 
-    async def _next(self, idle_s: float) -> Any:
+    def _idle(self) -> None:
+        assert self._watch is not None
+        idle_s = self._watch.idle_s
+        self.reader.set_exception(HttpError("idle_timeout", f"no byte for {idle_s:g} s"))
+
+    def _event(self) -> Any:
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError as e:
+            raise HttpError("protocol", f"HTTP/1.1: {e}") from None
+
+    async def _next(self) -> Any:
+        watch = self._watch
+        assert watch is not None
         while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as e:
-                raise HttpError("protocol", f"HTTP/1.1: {e}") from None
+            event = self._event()
             if event is not h11.NEED_DATA:
                 return event
+            watch.wait()
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_BYTES), idle_s)
-            except TimeoutError:
-                raise HttpError("idle_timeout", f"no byte for {idle_s:g} s") from None
+                data = await self.reader.read(READ_BYTES)
             except OSError as e:
                 raise HttpError("connection", f"read failed: {e}") from None
+            finally:
+                watch.woke()
             self.h11.receive_data(data)  # b"": the end of the stream
 
-    async def _body(self, idle_s: float) -> AsyncIterator[bytes]:
+    async def _body(self) -> AsyncIterator[bytes]:
         done = False
+        pending: Any = None  # an event read past the last Data of a read
         try:
             while True:
-                event = await self._next(idle_s)
+                event = pending if pending is not None else await self._next()
+                pending = None
                 if isinstance(event, h11.Data):
-                    yield bytes(event.data)
+                    pieces = [event.data]
+                    while type(nxt := self._event()) is h11.Data:  # what this read brought
+                        pieces.append(nxt.data)
+                    if nxt is not h11.NEED_DATA:
+                        pending = nxt
+                    yield bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
                 elif isinstance(event, h11.EndOfMessage):
                     done = True
                     return
@@ -169,6 +228,8 @@ class H1Connection(Connection):
                 else:
                     raise HttpError("protocol", f"unexpected {type(event).__name__}")
         finally:
+            if self._watch is not None:
+                self._watch.cancel()
             self.busy = False
             if (
                 done
@@ -383,25 +444,36 @@ class H2Connection(Connection):
         await self.writer.drain()
 
     async def _body(self, sid: int, stream: _Stream, idle_s: float) -> AsyncIterator[bytes]:
+        watch = IdleWatch(idle_s, stream.wake.set)
         try:
             while True:
-                while stream.data:
-                    data, flow = stream.data.popleft()
+                if stream.data:  # what came since the last wait, as one piece
+                    pieces: list[bytes] = []
+                    flow = 0
+                    while stream.data:
+                        data, n = stream.data.popleft()
+                        pieces.append(data)
+                        flow += n
                     if flow:
                         self.h2.acknowledge_received_data(flow, sid)
                         self._flush()
-                    if data:
-                        yield data
+                    joined = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    if joined:
+                        yield joined
                 if stream.error is not None:
                     raise stream.error
                 if stream.ended:
                     return
+                if watch.expired:  # (the stream is reset as it is forgotten)
+                    raise HttpError("idle_timeout", f"no byte for {idle_s:g} s")
                 stream.wake.clear()
+                watch.wait()
                 try:
-                    await asyncio.wait_for(stream.wake.wait(), idle_s)
-                except TimeoutError:
-                    raise HttpError("idle_timeout", f"no byte for {idle_s:g} s") from None
+                    await stream.wake.wait()
+                finally:
+                    watch.woke()
         finally:
+            watch.cancel()
             self._forget(sid)
 
     def _forget(self, sid: int) -> None:

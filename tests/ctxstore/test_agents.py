@@ -8,6 +8,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ctxstore.agents.engine import DispatchLimits
 from ctxstore.agents.pool import Pool
 from ctxstore.placement import group_of
@@ -192,14 +194,22 @@ def test_a_404_is_not_retried_and_the_drop_is_recorded(tmp_path: Path) -> None:
     run(main())
 
 
-def test_a_stalled_agent_times_out_until_its_attempts_are_spent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["h1", "h2"])
+def test_a_stalled_agent_times_out_until_its_attempts_are_spent(
+    tmp_path: Path, protocol: str
+) -> None:
     async def main() -> None:
         async with single_node(tmp_path) as h, agent_server() as srv:
-            c = await setup(h, srv, "/stall", idle_timeout_ms=200, max_attempts=2)
+            c = await setup(h, srv, "/stall", idle_timeout_ms=200, max_attempts=2,
+                            protocol=protocol)  # fmt: skip
+            started = asyncio.get_running_loop().time()
             await c.append("s", "hello?")
             _, note = await wait_message(c, "s", 2)
             assert note.metadata["agent"]["dropped"] == "idle_timeout"
-            assert len(srv.agent.calls) == 2
+            version = {"h1": "1.1", "h2": "2"}[protocol]
+            assert [call.http_version for call in srv.agent.calls] == [version] * 2
+            # two idle timeouts of 0.2 s and a backoff: not sooner, and not much later
+            assert 0.4 <= asyncio.get_running_loop().time() - started < 3
 
     run(main())
 
