@@ -3,13 +3,15 @@
     ctxstore-bench agents --nodes 3 --conversations 200 --duration 20
     ctxstore-bench agents --nodes 3 --slow-sessions 500 --slow-agent-s 2 --duration 20
 
-A local echo agent (HTTP/1.1 on h11, in this process) answers every call with an SSE stream:
+A local echo agent (HTTP/1.1 on h11, in a child process of its own, so that the measuring loop
+does not also serve the calls; ``--agent-in-process`` puts it in this process, as before
+2026-12-06 23:00) answers every call with an SSE stream:
 ``--deltas`` text deltas ``--delta-gap-ms`` apart, each preceded by a transient ``data-t``
 chunk carrying the monotonic time it was written.  ``--conversations`` sessions each hold a
 subscription with ``stream_chunks`` and loop: append a user message, wait for the stored reply.
 Each ``data-t`` chunk's time from the agent's write to its arrival at the subscriber is
-recorded (the agent and the subscribers share this process's clock; the nodes are other
-processes).  The gate: that p99 <= ``--p99-target-ms`` (20 ms by default).
+recorded (CLOCK_MONOTONIC, one clock for every process of the machine).  The gate: that
+p99 <= ``--p99-target-ms`` (20 ms by default).
 
 With ``--slow-sessions N``: appends are measured twice for ``--duration`` each, on other
 sessions whose agent is not registered, with ``--append-concurrency`` in flight: first with no
@@ -42,12 +44,62 @@ from .report import log, write_json
 QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
 
 
+class AgentProcess:
+    """An ``EchoAgent`` in a child process (``python -m bench.agents --serve-echo``): it prints
+    its port, serves until its stdin closes, then prints its counts."""
+
+    def __init__(self, deltas: int, gap_s: float, slow_s: float) -> None:
+        self.args = [str(deltas), str(gap_s), str(slow_s)]
+        self.calls = 0
+        self.connections = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> int:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.agents", "--serve-echo", *self.args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
+        if not line:
+            raise RuntimeError("the echo agent process did not start")
+        return int(json.loads(line)["port"])
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), 10)
+            counts = json.loads(line) if line else {}
+            self.calls, self.connections = counts.get("calls", 0), counts.get("connections", 0)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+async def _serve_echo(deltas: int, gap_s: float, slow_s: float) -> None:
+    agent = EchoAgent(deltas, gap_s, slow_s)
+    port = await agent.start()
+    print(json.dumps({"port": port}), flush=True)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    await stdin.read()  # until the bench closes it
+    await agent.stop()
+    print(json.dumps({"calls": agent.calls, "connections": agent.connections}), flush=True)
+
+
 class EchoAgent:
     """An agent webhook on h11: answers each POST with the SSE stream described above."""
 
     def __init__(self, deltas: int, gap_s: float, slow_s: float) -> None:
         self.deltas, self.gap_s, self.slow_s = deltas, gap_s, slow_s
         self.calls = 0
+        self.connections = 0  # accepted (a node's pool reuses keep-alive connections)
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -60,6 +112,7 @@ class EchoAgent:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
+        self.connections += 1
         try:
             while True:
                 body = b""
@@ -177,8 +230,9 @@ def _figures(hist: LatencyHistogram) -> dict[str, float]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = tempfile.mkdtemp(prefix="ctxstore-bench-agents-")
     cluster = LocalCluster(args.nodes, data_dir, extra_args=args.node_args)
-    echo = EchoAgent(args.deltas, args.delta_gap_ms / 1000, 0.0)
-    slow = EchoAgent(3, 0.0, args.slow_agent_s)
+    kind = EchoAgent if args.agent_in_process else AgentProcess
+    echo = kind(args.deltas, args.delta_gap_ms / 1000, 0.0)
+    slow = kind(3, 0.0, args.slow_agent_s)
     clients: list[Client] = []
     try:
         log(f"starting {args.nodes} local nodes in {data_dir}", args.quiet)
@@ -218,9 +272,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.wait(busy_tasks, timeout=args.slow_agent_s * 3 + 5)
             for t in busy_tasks:
                 t.cancel()
+            await slow.stop()  # (its counts come with its end)
             doc["appends_without_agents"] = {**_figures(base), "per_s": round(n / args.duration)}
             doc["appends_with_agents"] = {**_figures(loaded), "per_s": round(m / args.duration),
-                                          "agent_calls": slow.calls}  # fmt: skip
+                                          "agent_calls": slow.calls,
+                                          "agent_connections": slow.connections}  # fmt: skip
         sessions = [f"conv-{i}" for i in range(args.conversations)]
         for sid in sessions:
             await c.create_session(f"user-{sid}", "echo", {}, sid)
@@ -232,8 +288,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             _conversation(clients[i % len(clients)], sid, f"user-{sid}", until, chunks, replies)
             for i, sid in enumerate(sessions)
         ))  # fmt: skip
+        await echo.stop()
         doc["chunk_latency"] = {**_figures(chunks), "replies": replies[0],
-                                "agent_calls": echo.calls}  # fmt: skip
+                                "agent_calls": echo.calls,
+                                "agent_connections": echo.connections}  # fmt: skip
         p99 = doc["chunk_latency"]["p99_ms"]
         doc["gate"] = {"p99_target_ms": args.p99_target_ms, "passed": p99 <= args.p99_target_ms}
         return doc
@@ -257,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-sessions", type=int, default=0, help="(default: 0, no append phase)")
     p.add_argument("--slow-agent-s", type=float, default=2.0, help="(default: 2)")
     p.add_argument("--append-concurrency", type=int, default=64, help="(default: 64)")
+    p.add_argument("--agent-in-process", action="store_true",
+                   help="serve the echo agents from this process (the measuring one)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -264,6 +324,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     argv = list(argv)
+    if argv[:1] == ["--serve-echo"]:  # the child of AgentProcess
+        import uvloop
+
+        uvloop.run(_serve_echo(int(argv[1]), float(argv[2]), float(argv[3])))
+        return 0
     node_args: list[str] = []
     if "--" in argv:
         cut = argv.index("--")

@@ -27,4 +27,8 @@ def test_a_short_agents_run_times_chunks_and_appends(tmp_path: Path) -> None:
     assert 0 < chunks["p50_ms"] <= chunks["p99_ms"] <= chunks["max_ms"]
     assert doc["appends_without_agents"]["count"] > 0
     assert doc["appends_with_agents"]["count"] > 0 and doc["appends_with_agents"]["agent_calls"] > 0
+    # the echo agents run in a child process, whose counts come back at its end
+    assert chunks["agent_calls"] >= chunks["replies"] and chunks["agent_connections"] > 0
+    slow = doc["appends_with_agents"]
+    assert 0 < slow["agent_connections"] <= slow["agent_calls"]
     assert doc["gate"]["passed"]
