@@ -194,7 +194,9 @@ export type SessionEvent =
   /** With streamChunks: one live chunk of the agent's reply, and the draft it went into. */
   | { type: "chunk"; triggerSeq: number; attempt: number; chunk: Record<string, unknown>;
       draft: ReplyDraft; replaces: ReplyDraft | null }
-  | { type: "gap"; fromSeq: number; toSeq: number; reason: "retention" | "unavailable" }
+  /** replaces: the draft whose reply may be in the gap (the gap is past its trigger). */
+  | { type: "gap"; fromSeq: number; toSeq: number; reason: "retention" | "unavailable";
+      replaces: ReplyDraft | null }
   /** With contextEvents: the window changed other than by an append, or went over budget. */
   | { type: "context"; reason: "compacted" | "trimmed" | "configured" | "needs_compaction";
       version: number; tokenCount: number; needsCompaction: boolean; windowFirstSeq: number }

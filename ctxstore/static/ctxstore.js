@@ -721,7 +721,12 @@ export class Subscription {
           return;
         }
         this.lastSeq = msg.to_seq;
-        this._emit({ type: "gap", fromSeq, toSeq: msg.to_seq, reason: msg.reason });
+        let replaces = null;
+        if (this.draft !== null && msg.to_seq > this.draft.triggerSeq) {
+          replaces = this.draft; // its stored reply may be in the gap: it will not come
+          this.draft = null;
+        }
+        this._emit({ type: "gap", fromSeq, toSeq: msg.to_seq, reason: msg.reason, replaces });
         return;
       }
       case "context_event": {
@@ -916,13 +921,14 @@ export class Client {
   }
 
   /** Follow a session from afterSeq: resolves once subscribed; onEvent gets
-   * {type: "message", message, replaces}, {type: "gap", fromSeq, toSeq, reason}, with
+   * {type: "message", message, replaces}, {type: "gap", fromSeq, toSeq, reason, replaces}, with
    * contextEvents {type: "context", reason, version, tokenCount, needsCompaction,
    * windowFirstSeq}, with streamChunks {type: "chunk", triggerSeq, attempt, chunk, draft,
    * replaces} (draft: the ReplyDraft the chunk went into, also `subscription.draft`;
    * replaces: the draft of an earlier attempt it supersedes, or null) and, at the end,
    * {type: "closed", reason, message}.  A message that answers the draft's trigger (the
-   * agent's reply, or the note of a dropped dispatch) comes with `replaces` the draft. */
+   * agent's reply, or the note of a dropped dispatch) comes with `replaces` the draft; so
+   * does a gap past the draft's trigger (the reply may be in it). */
   subscribe(sessionId, options = {}, onEvent) {
     const { afterSeq = 0, contextEvents = false, streamChunks = false } = options;
     const sub = new Subscription(

@@ -108,7 +108,7 @@ async function openSession(sessionId) {
       drawDraftSoon();
       return;
     }
-    if (event.type === "message" && event.replaces !== null) {
+    if (event.replaces) {
       state.draft = null; // the stored reply (or the note of a dropped dispatch) replaces it
       $("messages").querySelector("li.draft")?.remove();
     }

@@ -130,6 +130,12 @@ describe("agent chunks against a scripted node", () => {
       await until(() => sub.draft !== null);
       assert.deepEqual([sub.draft.triggerSeq, sub.draft.text], [3, ""]);
       assert.equal(events.filter((e) => e.type === "chunk").length, 4);
+      // a gap past the draft's trigger may hold its reply: the draft goes with it
+      const third = sub.draft;
+      ws.push({ type: "gap_event", sub_id: 1, from_seq: 3, to_seq: 4, reason: "retention" });
+      await until(() => sub.draft === null);
+      assert.equal(events.at(-1).type, "gap");
+      assert.equal(events.at(-1).replaces, third);
     } finally {
       client.close();
     }
