@@ -24,10 +24,7 @@ Origin = tuple[str, str, int]
 @dataclass(frozen=True)
 class PoolLimits:
     calls_per_origin_max: int = 64
-    # As many as may be busy at once: a burst of calls ending together does not close what
-    # the next burst would open again (with 8, a quarter of the calls of 500 busy sessions
-    # opened a connection).
-    idle_per_origin_max: int = 64
+    idle_per_origin_max: int = 8
     connect_timeout_s: float = 10.0
 
 
