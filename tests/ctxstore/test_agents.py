@@ -244,15 +244,23 @@ def test_disabled_and_unregistered_agents_are_not_called(tmp_path: Path) -> None
     run(main())
 
 
+async def known_absent(d: Any, agent_id: str, timeout_s: float = 10) -> None:
+    """Once the dispatcher's lookup found ``agent_id`` absent (its barrier done)."""
+    async with asyncio.timeout(timeout_s):
+        while agent_id not in d._absent:
+            await asyncio.sleep(0.01)
+
+
 def test_an_unregistered_agent_costs_one_barrier_until_it_is_created(tmp_path: Path) -> None:
     async def main() -> None:
         async with single_node(tmp_path) as h, agent_server() as srv:
             c = await ready(h)
             d = h.node.dispatcher
             await c.create_session("u", "later", {}, "s")
-            for i in range(5):
+            await c.append("s", "alone 0")
+            await known_absent(d, "later")
+            for i in range(1, 5):  # counted as each is applied, before its ack
                 await c.append("s", f"alone {i}")
-                await asyncio.sleep(0.05)  # each one alone (no lookup in flight to join)
             assert (d.lookups, d.absent_hits) == (1, 4)
             assert srv.agent.calls == []
             # Created: the entry leaves with the replicated change, and the session skipped
@@ -266,9 +274,10 @@ def test_an_unregistered_agent_costs_one_barrier_until_it_is_created(tmp_path: P
             assert d.lookups == 1 and len(srv.agent.calls) == 2
             # Disabled: found so by one barrier, then cached again.
             await c.disable_agent("later")
-            for i in range(3):
+            await c.append("s", "off 0")
+            await known_absent(d, "later")
+            for i in range(1, 3):
                 await c.append("s", f"off {i}")
-                await asyncio.sleep(0.05)
             assert (d.lookups, d.absent_hits) == (2, 6)
             assert len(srv.agent.calls) == 2
 
@@ -284,12 +293,12 @@ def test_the_negative_cache_is_bounded(tmp_path: Path) -> None:
             for i in range(5):
                 await c.create_session("u", f"ghost-{i}", {}, f"s{i}")
                 await c.append(f"s{i}", "hi")
-                await asyncio.sleep(0.05)
+                await known_absent(d, f"ghost-{i}")
             assert list(d._absent) == ["ghost-2", "ghost-3", "ghost-4"]
             assert list(d._skipped) == ["s3", "s4"]
             await c.append("s0", "again")  # evicted: read again
-            await asyncio.sleep(0.05)
-            assert d.lookups == 6 and list(d._absent)[-1] == "ghost-0"
+            await known_absent(d, "ghost-0")
+            assert d.lookups == 6 and list(d._absent) == ["ghost-3", "ghost-4", "ghost-0"]
 
     run(main())
 
