@@ -10,6 +10,8 @@ Rules of this file:
   as the agent sent them; unknown keys are ignored, as the AI SDK does).  Anything else (a line
   that is not JSON, an unknown type, a missing field, a line over ``line_bytes_max``) raises
   ``StreamError``: the attempt fails and is retried (docs/agents.md).
+- SSE events of one ``data: `` line (what agents write) are cut out whole; any other shape is
+  read line by line.  Both give the same chunks wherever the bytes are split.
 """
 
 from __future__ import annotations
@@ -221,8 +223,8 @@ class StreamDecoder:
         buf = self._buffer
         buf += data
         out: list[dict[str, Any]] = []
-        start = 0
-        while not self.done:
+        start = self._whole_events(buf, out) if self.framing == "sse" else 0
+        while not self.done and self.error is None:
             end = buf.find(b"\n", start)
             if end < 0:
                 break
@@ -239,6 +241,37 @@ class StreamDecoder:
         if self.error is None and len(buf) > self.line_bytes_max:
             self.error = StreamError("line_too_long", f"a line over {self.line_bytes_max} bytes")
         return out
+
+    def _whole_events(self, buf: bytearray, out: list[dict[str, Any]]) -> int:
+        """The common case at once: the complete events at the front of ``buf`` that are one
+        ``data: `` line each (what agents write), without going line by line.  Where the line
+        by line reading goes on: at the first event of any other shape (several lines, other
+        fields, comments, CRLF), or what is not complete yet."""
+        if self._data:  # an event begun in an earlier feed: line by line
+            return 0
+        start = 0
+        while not self.done:
+            end = buf.find(b"\n\n", start)
+            if end < 0 or not buf.startswith(b"data: ", start):
+                break
+            value = bytes(buf[start + 6 : end])
+            if b"\n" in value or b"\r" in value:
+                break
+            start = end + 2
+            if len(value) > self.line_bytes_max:
+                self.error = StreamError(
+                    "line_too_long", f"an event over {self.line_bytes_max} bytes"
+                )
+                break
+            if value.strip() == b"[DONE]":
+                self.done = True
+                break
+            try:
+                out.append(_decode(value))
+            except StreamError as e:
+                self.error = e
+                break
+        return start
 
     def end(self) -> list[dict[str, Any]]:
         """The chunks of a last line without its newline (and of an SSE event not ended by a

@@ -64,6 +64,32 @@ def test_the_decoder_gives_the_chunks_wherever_the_bytes_are_split(
         assert d.done == (framing == "sse")
 
 
+def test_one_line_events_and_others_mix_wherever_the_bytes_are_split() -> None:
+    """One-line events (read whole, at once) between events of other shapes (line by line)."""
+    one = "".join(f"data: {json.dumps(c)}\n\n" for c in SAMPLE[:6])
+    multi = 'data: {"type":\ndata: "text-delta", "id": "t", "delta": "x"}\n\n: note\n'
+    crlf = "".join(f"data: {json.dumps(c)}\r\n\r\n" for c in SAMPLE[6:9])
+    rest = "".join(f"data: {json.dumps(c)}\n\n" for c in SAMPLE[9:])
+    data = (one + multi + crlf + "retry: 5\n" + rest + "data: [DONE]\n\n").encode()
+    want = [*SAMPLE[:6], {"type": "text-delta", "id": "t", "delta": "x"}, *SAMPLE[6:]]
+    for i in range(len(data) + 1):
+        for j in (i, min(len(data), i + 7)):
+            d = StreamDecoder("sse")
+            got = d.feed(data[:i]) + d.feed(data[i:j]) + d.feed(data[j:]) + d.end()
+            assert got == want and d.done, (i, j)
+
+
+def test_a_bad_one_line_event_fails_after_the_chunks_before_it() -> None:
+    d = StreamDecoder("sse")
+    assert d.feed(b'data: {"type": "start"}\n\ndata: {not json\n\ndata: {"type": "x"}\n\n') == [
+        {"type": "start"}
+    ]
+    assert d.error is not None and d.error.reason == "invalid_json"
+    long = StreamDecoder("sse", line_bytes_max=64)
+    assert long.feed(b"data: " + b'"' + b"x" * 80 + b'"\n\n') == []
+    assert long.error is not None and long.error.reason == "line_too_long"
+
+
 def test_an_sse_event_may_span_several_data_lines_and_later_bytes_are_ignored() -> None:
     d = StreamDecoder("sse")
     got = d.feed(b'data: {"type":\ndata: "start"}\n\ndata: [DONE]\n\ndata: {"type": "x"}\n\n')
