@@ -189,6 +189,14 @@ class Driver:
         self.pipeline.read_index(group, settle(future), future.done)
         return future
 
+    def read_index_then(
+        self, group: int, done: ResultCallback, abandoned: Callable[[], bool] | None = None
+    ) -> None:
+        """``read_index`` without a future (``Pipeline.read_index``): ``done(index, None)`` or
+        ``done(None, error)`` from inside the driver's pass, at most once; it must not raise and
+        must not call into the driver.  ``abandoned()`` true: the caller gave up."""
+        self.pipeline.read_index(group, done, abandoned)
+
     def transfer_leader(self, group: int, to: int) -> None:
         self.pipeline.transfer_leader(group, to)
 

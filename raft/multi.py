@@ -5,7 +5,9 @@
 
 - **One clock.**  ``tick()`` ticks every *awake* group; quiescent groups cost nothing.
 - **Work-driven Readies.**  A group is *dirty* once it was ticked, stepped, proposed to or
-  advanced; ``ready()`` looks only at dirty groups.
+  advanced; ``ready()`` looks only at dirty groups.  A dirty group whose Ready is outstanding
+  (its write in progress) hands out its read traffic instead (``RawNode.read_traffic``), which
+  ``read_traffic()`` returns after that ``ready()``.
 - **Quiescence.**  A leader quiesces a group after ``quiesce_after_ticks`` consecutive ticks in
   which it was idle (everything committed and applied, nothing pending) and every follower on
   a live peer had its whole log, with a quorum of voters (itself included) live and caught up.
@@ -35,7 +37,7 @@ from .core import Config, Raft, Role
 from .errors import check
 from .messages import NONE, ConfChange, Heartbeat, HeartbeatResponse, Message
 from .quorum import majority
-from .rawnode import RawNode, Ready, Status
+from .rawnode import RawNode, ReadTraffic, Ready, Status
 from .storage import Storage
 
 
@@ -90,6 +92,7 @@ class MultiRaft:
         self._groups: dict[int, _Group] = {}
         self._awake: dict[int, _Group] = {}  # insertion-ordered, for a deterministic tick order
         self._dirty: dict[int, _Group] = {}
+        self._read_traffic: list[tuple[int, ReadTraffic]] = []  # of the last ready()
         self._live: set[int] = set()
         self._rng = random.Random(f"multi:{config.group.seed}:{self.id}")
 
@@ -321,15 +324,27 @@ class MultiRaft:
     def ready(self) -> list[tuple[int, Ready]]:
         """The Readies of the groups with work (at most one outstanding per group)."""
         out: list[tuple[int, Ready]] = []
+        traffic: list[tuple[int, ReadTraffic]] = []
         dirty, self._dirty = self._dirty, {}
         for group, g in dirty.items():
-            if g.node.has_ready():
+            if g.node.outstanding:
+                t = g.node.read_traffic()
+                if t is not None:
+                    traffic.append((group, t))
+            elif g.node.has_ready():
                 rd = g.node.ready()
                 if rd.soft_state is not None and rd.soft_state.lead != NONE:
                     g.failures = 0
                     g.campaign_at = None
                 out.append((group, rd))
+        self._read_traffic = traffic
         return out
+
+    def read_traffic(self) -> list[tuple[int, ReadTraffic]]:
+        """The read traffic of the groups the last ``ready()`` found with a Ready outstanding
+        (handed out once)."""
+        traffic, self._read_traffic = self._read_traffic, []
+        return traffic
 
     def advance(self, group: int, rd: Ready) -> None:
         g = self._groups[group]

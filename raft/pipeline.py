@@ -22,8 +22,15 @@ Rules:
 - Waiters: a proposal resolves with ``StateMachine.apply``'s result once applied here;
   ``ProposalDropped`` if another entry took its index; ``OutcomeUnknown`` when this node stops
   leading, a snapshot jumps over it, or it is not applied within ``proposal_timeout_s`` (a
-  sweep every ``SWEEP_TICKS`` ticks).  A read resolves with its index once that index is
-  applied.  At most ``pending_max`` wait at once.
+  sweep every ``SWEEP_TICKS`` ticks).  At most ``pending_max`` wait at once.
+- Reads are batched per group and pass (as etcd's server batches them): the reads of a group
+  asked between two passes share ONE ReadIndex request, made at the start of the next pass, so
+  its index is taken after every one of them began (linearizable for all).  Its read state is
+  served as soon as it comes out of the host (a Ready, or ``read_traffic`` while the group's
+  write is in progress: reads never wait for a write): each read resolves with the index once
+  it is applied here, in that pass (after its messages left, before its write) or in the one
+  that applies it.  A new leader or term fails the group's reads asked before it and not
+  answered (the leader they were asked of forgot them): ``ProposalDropped``, ask again.
 - Snapshots are ``SnapshotPolicy``'s: by applied entries, by live WAL segments, on request, and
   never past the application's ``floor``.
 - An exception here stops the pipeline (``fail``): every waiter fails with ``NodeStopped`` and
@@ -50,7 +57,7 @@ from .errors import (
 )
 from .messages import ConfState, Entry, HardState, Message, Snapshot, SnapshotMeta
 from .multi import MultiRaft
-from .rawnode import Ready
+from .rawnode import ReadState, Ready
 from .storage import MemoryStorage, Storage, bootstrap
 from .wal_segments import GroupWrite, WriteMode, Written
 
@@ -147,7 +154,8 @@ class _Waiter:
 
 
 class _Read:
-    """A read barrier waiting for its ReadState, then for its index to be applied."""
+    """A read barrier waiting for its ReadState (with the others of its batch), then for its
+    index to be applied."""
 
     __slots__ = ("abandoned", "done")
 
@@ -299,8 +307,12 @@ class Pipeline:
         self._send_before_write = log.mode is WriteMode.INLINE
         self._rounds: deque[Round] = deque()  # submitted, in submission order
         self._proposals: dict[int, dict[int, _Waiter]] = {}  # group -> index -> waiter
-        self._reads: dict[int, dict[bytes, _Read]] = {}  # group -> context -> read
-        self._read_waits: dict[int, list[tuple[int, _Read]]] = {}  # answered, not yet applied
+        # Reads asked since the last pass: group -> (context, the batch).
+        self._read_batches: dict[int, tuple[bytes, list[_Read]]] = {}
+        # group -> context -> (batch, (leader, term) when asked)
+        self._reads: dict[int, dict[bytes, tuple[list[_Read], tuple[int, int]]]] = {}
+        self._read_waits: dict[int, list[tuple[int, list[_Read]]]] = {}  # answered, not applied
+        self._reads_served: list[tuple[list[_Read], int]] = []  # resolved at the end of a pass
         self._pending = 0
         self._out: dict[int, list[Item]] = {}
         # Hard states whose only change is the commit index (need not be durable at once).
@@ -350,19 +362,26 @@ class Pipeline:
     def read_index(
         self, group: int, done: ResultCallback, abandoned: Callable[[], bool] | None = None
     ) -> bytes:
-        """A linearizable read barrier; its context.  ``done(index, None)`` once this node has
-        applied everything committed before the call (``ProposalDropped`` without a leader).
-        ``abandoned()`` true: the caller gave up (forgotten at the next sweep: a lost answer
-        is never resent)."""
+        """A linearizable read barrier; the context of its batch (the group's reads until the
+        next pass).  ``done(index, None)`` once this node has applied everything committed
+        before the call, ``done(None, ProposalDropped)`` without a leader or when the leader
+        changed first (ask again), from inside a pass like a proposal's.  ``abandoned()`` true:
+        the caller gave up (forgotten at the next sweep: a lost answer is never resent)."""
         self._admit()
-        seq = self.read_seq + 1
-        ctx = self.read_prefix + seq.to_bytes(8, "big")
-        self.host.read_index(group, ctx)
-        self.read_seq = seq
-        self._reads[group][ctx] = _Read(done, abandoned)
+        if group not in self._reads:
+            raise KeyError(f"group {group} is not hosted here")
+        read = _Read(done, abandoned)
+        batch = self._read_batches.get(group)
+        if batch is None:
+            seq = self.read_seq + 1
+            ctx = self.read_prefix + seq.to_bytes(8, "big")
+            self.read_seq = seq
+            batch = self._read_batches[group] = (ctx, [read])
+        else:
+            batch[1].append(read)
         self._pending += 1
         self.want_pass()
-        return ctx
+        return batch[0]
 
     def transfer_leader(self, group: int, to: int) -> None:
         self.host.transfer_leader(group, to)
@@ -415,23 +434,37 @@ class Pipeline:
         """One pass; whether it found work."""
         if self.failure is not None:
             return False
+        if self._read_batches:
+            self._ask_reads()
         writes = self.snapshots.compactions(self.log)
         self.stats.snapshots_taken = self.snapshots.taken
         readies = self.host.ready()
+        traffic = self.host.read_traffic()
+        for group, t in traffic:
+            self._queue(group, t.messages)
+            self._answered(group, t.read_states)
         if not readies and not writes:
-            return False
+            if traffic:
+                self._flush()
+                self._serve_reads()
+            return bool(traffic)
         self.stats.passes += 1
         self.stats.readies += len(readies)
         wait: list[tuple[int, Ready]] = []
         now: list[tuple[int, Ready]] = []
         lazy = self._lazy_hard_states
         for group, rd in readies:
+            if rd.read_states:  # (first: an answer a leader gave stays good after it)
+                self._answered(group, rd.read_states)
             if rd.soft_state is not None:
                 self.stats.soft_state_changes += 1
                 if rd.soft_state.role is not Role.LEADER:
                     self._deposed(group)
+                self._drop_reads(group)
                 if self.on_leader_change is not None:
                     self.on_leader_change(group, rd.soft_state.lead)
+            elif rd.hard_state is not None and self._reads[group]:
+                self._drop_reads(group)  # (only if the term changed)
             self._queue(group, rd.messages)
             if rd.must_sync:
                 writes.append(GroupWrite(group, rd.entries, rd.hard_state, rd.snapshot))
@@ -446,10 +479,12 @@ class Pipeline:
         if writes:
             if self._send_before_write and self.outbox is not None:
                 self.outbox.flush_now()  # written now, not after the blocking write below
+            self._serve_reads()  # the reads found applied do not wait for it either
             self._submit_with_lazy(Round(wait), writes)
         for group, rd in now:
             self._finish(group, rd)
         self._flush()
+        self._serve_reads()
         return True
 
     def writing(self) -> bool:
@@ -493,6 +528,7 @@ class Pipeline:
             for group, rd in head.readies:
                 self._finish(group, rd)
         self._flush()
+        self._serve_reads()
         self.want_pass()
 
     def _finish(self, group: int, rd: Ready) -> None:
@@ -508,24 +544,72 @@ class Pipeline:
                 self.on_snapshot_installed(group, index)
         if rd.committed_entries:
             self._apply(group, rd.committed_entries)
-        for rs in rd.read_states:
-            read = self._reads[group].pop(rs.context, None)
-            if read is not None:
-                self._read_waits[group].append((rs.index, read))
         self.host.advance(group, rd)
         applied = self.host.node(group).raft.log.applied
-        waits = self._read_waits[group]
-        if waits:
-            keep = []
-            for index, read in waits:
-                if index <= applied:
-                    self._pending -= 1
-                    _resolve(read.done, index, None)
-                else:
-                    keep.append((index, read))
-            self._read_waits[group] = keep
+        if self._read_waits[group]:
+            self._applied_reads(group, applied)
         if self.snapshots.after_apply(group, applied):
             self.want_pass()
+
+    # -- reads -----------------------------------------------------------------------------------
+    def _ask_reads(self) -> None:
+        """One ReadIndex request per group for the reads asked since the last pass."""
+        batches, self._read_batches = self._read_batches, {}
+        for group, (ctx, reads) in batches.items():
+            try:
+                self.host.read_index(group, ctx)
+            except RaftError as e:  # no leader known, or too many reads waiting
+                self._pending -= len(reads)
+                for read in reads:
+                    _resolve(read.done, None, e)
+                continue
+            r = self.host.node(group).raft
+            self._reads[group][ctx] = (reads, (r.lead, r.term))
+
+    def _answered(self, group: int, read_states: list[ReadState]) -> None:
+        """Read states came out of the host: serve those applied already (in this pass, once
+        its messages left), keep the others until their index is applied."""
+        reads = self._reads[group]
+        waits = self._read_waits[group]
+        for rs in read_states:
+            asked = reads.pop(rs.context, None)
+            if asked is not None:
+                waits.append((rs.index, asked[0]))
+        if waits:
+            self._applied_reads(group, self.host.node(group).raft.log.applied)
+
+    def _applied_reads(self, group: int, applied: int) -> None:
+        keep = []
+        for index, batch in self._read_waits[group]:
+            if index <= applied:
+                self._reads_served.append((batch, index))
+            else:
+                keep.append((index, batch))
+        self._read_waits[group] = keep
+
+    def _serve_reads(self) -> None:
+        """Resolve the reads found applied so far in this pass (after its messages left)."""
+        served, self._reads_served = self._reads_served, []
+        for batch, index in served:
+            self._pending -= len(batch)
+            for read in batch:
+                _resolve(read.done, index, None)
+
+    def _drop_reads(self, group: int) -> None:
+        """The group's leader or term changed: the read requests asked of an earlier one may
+        never be answered (a leader forgets its queue when its term ends).  Fail them now, so
+        they are asked again."""
+        reads = self._reads[group]
+        if not reads:
+            return
+        r = self.host.node(group).raft
+        now = (r.lead, r.term)
+        stale = [ctx for ctx, (_, asked) in reads.items() if asked != now]
+        for ctx in stale:
+            batch = reads.pop(ctx)[0]
+            self._pending -= len(batch)
+            for read in batch:
+                _resolve(read.done, None, ProposalDropped("the group's leader changed"))
 
     def _apply(self, group: int, entries: list[Entry]) -> None:
         results = self.sm.apply(group, entries)
@@ -575,10 +659,13 @@ class Pipeline:
         """Forget reads whose caller gave up; fail proposals waiting for longer than
         ``proposal_timeout_s``."""
         for reads in self._reads.values():
-            gone = [c for c, r in reads.items() if r.abandoned is not None and r.abandoned()]
-            for ctx in gone:
-                del reads[ctx]
-                self._pending -= 1
+            for ctx, (batch, asked) in list(reads.items()):
+                keep = [r for r in batch if r.abandoned is None or not r.abandoned()]
+                self._pending -= len(batch) - len(keep)
+                if keep:
+                    reads[ctx] = (keep, asked)
+                else:
+                    del reads[ctx]
         timeout = self.config.proposal_timeout_s
         cutoff = self.clock() - timeout
         for waiting in self._proposals.values():
@@ -637,14 +724,18 @@ class Pipeline:
         """Fail every waiting proposal and read with ``exc``."""
         for group in self._proposals:
             self._drop_waiters(group, lambda: exc)
+        batches = [batch for _, batch in self._read_batches.values()]
+        self._read_batches.clear()
         for reads in self._reads.values():
-            waiting = list(reads.values())
+            batches += [batch for batch, _ in reads.values()]
             reads.clear()
-            for read in waiting:
-                _resolve(read.done, None, exc)
         for group, waits in self._read_waits.items():
             self._read_waits[group] = []
-            for _, read in waits:
+            batches += [batch for _, batch in waits]
+        batches += [batch for batch, _ in self._reads_served]
+        self._reads_served = []
+        for batch in batches:
+            for read in batch:
                 _resolve(read.done, None, exc)
         self._pending = 0
 

@@ -12,7 +12,9 @@ The Ready contract (the driver's loop for one group):
 
 At most one Ready is outstanding: ``ready()`` again before ``advance`` raises.  Between
 ``ready()`` and ``advance()`` the driver may keep calling ``step``/``tick``/``propose`` (the
-network and the clock go on while the disk works); whatever they produce goes into the next Ready.
+network and the clock go on while the disk works); whatever they produce goes into the next Ready,
+except the read traffic, which ``read_traffic()`` hands out at once (reads never wait for a
+write: raft/readonly.py).
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ _SEND_NOW = (
     HeartbeatResponse,
     ReadIndex,
 )
+
+
+# Read traffic: a read round's heartbeats and their answers, ReadIndex requests and answers.
+# None of them promises anything about entries (a leader's heartbeat carries a commit index the
+# follower has acknowledged), so they need not wait for an outstanding Ready's write.
+_READ_TRAFFIC = (Heartbeat, HeartbeatResponse, ReadIndex, ReadIndexResponse)
+
+
+class ReadTraffic:
+    """What ``RawNode.read_traffic`` hands out while a Ready is outstanding."""
+
+    __slots__ = ("messages", "read_states")
+
+    def __init__(self, messages: list[Message], read_states: list[ReadState]) -> None:
+        self.messages = messages  # send now
+        self.read_states = read_states  # serve once their index is applied
 
 
 class Ready:
@@ -214,6 +232,32 @@ class RawNode:
         self._outstanding = rd
         return rd
 
+    def read_traffic(self) -> ReadTraffic | None:
+        """While a Ready is outstanding: the read traffic that need not wait for its write, or
+        None.  The read round that queued reads wait for starts now (``Raft.flush_reads``); its
+        heartbeats, heartbeat answers, ReadIndex requests and answers leave at once, and the
+        read states are served once applied, so a read never waits for a write.  These messages
+        carry the node's term: they leave early only while the term and vote are those already
+        durable (the outstanding Ready changed neither).  Other messages keep their order and
+        wait for the next Ready."""
+        if self._outstanding is None:
+            raise InvariantViolation("read_traffic without an outstanding Ready: use ready()")
+        r = self.raft
+        durable = self._durable_hard
+        if r.term != durable.term or r.vote != durable.vote:
+            return None
+        r.flush_reads()
+        if not r.read_states and not any(isinstance(m, _READ_TRAFFIC) for m in r.msgs):
+            return None
+        now: list[Message] = []
+        later: list[Message] = []
+        for m in r.msgs:
+            (now if isinstance(m, _READ_TRAFFIC) else later).append(m)
+        r.msgs = later
+        traffic = ReadTraffic(now, r.read_states)
+        r.read_states = []
+        return traffic
+
     def advance(self, rd: Ready) -> None:
         """The driver persisted, sent and applied ``rd``."""
         if rd is not self._outstanding:
@@ -268,4 +312,13 @@ class Status(msgspec.Struct, frozen=True):
     progress: dict[int, tuple[str, int, int]]
 
 
-__all__ = ["CampaignKind", "Config", "RawNode", "ReadState", "Ready", "SoftState", "Status"]
+__all__ = [
+    "CampaignKind",
+    "Config",
+    "RawNode",
+    "ReadState",
+    "ReadTraffic",
+    "Ready",
+    "SoftState",
+    "Status",
+]

@@ -206,7 +206,7 @@ def test_read_contexts_differ_between_processes_of_one_node(tmp_path: Path) -> N
         try:
             await until(lambda: m.leads(0), what="leader")
             future = m.driver.read_index(0)
-            [ctx] = m.driver.pipeline._reads[0]
+            [(ctx, _)] = m.driver.pipeline._read_batches.values()  # asked at the next pass
             assert await future >= 1
             return ctx
         finally:

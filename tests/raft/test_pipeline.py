@@ -6,13 +6,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import Future
 
-from raft import ConfState, Entry, MemoryStorage, Snapshot, SnapshotMeta, Storage
-from raft.core import Config
-from raft.messages import InstallSnapshot
+from raft import ConfState, Entry, MemoryStorage, ProposalDropped, Snapshot, SnapshotMeta, Storage
+from raft.core import Config, Role
+from raft.messages import (
+    AppendEntries,
+    AppendResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Message,
+    ReadIndex,
+    RequestVote,
+    VoteResponse,
+)
 from raft.multi import HostConfig, MultiRaft
-from raft.pipeline import DriverConfig, Pipeline
+from raft.pipeline import DriverConfig, Pipeline, Round
 from raft.storage import bootstrap
 from raft.wal import Done, GroupWrite, WriteMode, Written
+
+from .helpers import of_type
 
 
 class Log:
@@ -121,3 +133,171 @@ def test_a_group_added_without_voters_starts_empty() -> None:
     assert not p.host.node(1).raft.voters
     p.add_groups([2], (1, 2, 3))
     assert p.host.node(2).raft.log.last_index() == 3  # bootstrapped with its voters
+
+
+# -- reads (batched per group and pass; never waiting for a write) -----------------------------
+class Outbox:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, Message]] = []  # (group, message)
+
+    def send(self, to: int, items: list[tuple[int, Message]]) -> None:
+        self.sent += items
+
+    def flush_now(self) -> None:
+        pass
+
+    def take(self) -> list[Message]:
+        out, self.sent = [m for _, m in self.sent], []
+        return out
+
+
+class SlowLog(Log):
+    """Writes finish only when the test says (``finish``): a disk that is busy."""
+
+    mode = WriteMode.THREAD
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[tuple[Round, Future[Written]]] = []
+
+    def submit(self, batch: Sequence[GroupWrite]) -> Future[Written]:
+        done = super().submit(batch)
+        future: Future[Written] = Future()
+        future.done_result = done.result()  # type: ignore[attr-defined]
+        return future
+
+    def finish(self, p: Pipeline) -> None:
+        waiting, self.waiting = self.waiting, []
+        for rnd, future in waiting:
+            future.set_result(future.done_result)  # type: ignore[attr-defined]
+            p.written(rnd, future)
+
+
+def answer(messages: list[Message], heartbeats: bool = True) -> list[tuple[int, Message]]:
+    """Followers 2 and 3, agreeing to everything: votes, appends, heartbeats (``heartbeats``
+    False: those are lost)."""
+    out: list[tuple[int, Message]] = []
+    for m in messages:
+        if isinstance(m, RequestVote):
+            out.append((0, VoteResponse(m.to, m.frm, m.term, False, m.pre_vote)))
+        elif isinstance(m, AppendEntries):
+            last = m.entries[-1].index if m.entries else m.prev_index
+            out.append((0, AppendResponse(m.to, m.frm, m.term, last)))
+        elif isinstance(m, Heartbeat) and heartbeats:
+            out.append((0, HeartbeatResponse(m.to, m.frm, m.term, m.context, m.round)))
+    return out
+
+
+def leader(log: Log | None = None) -> tuple[Pipeline, Outbox, SlowLog | Log]:
+    """Node 1 of group 0 (voters 1, 2, 3), elected, its first entry committed and applied."""
+    disk = log or Log()
+    bootstrap(disk.stores.setdefault(0, MemoryStorage()), ConfState((1, 2, 3)))
+    host = MultiRaft(HostConfig(Config(1, election_ticks=10, seed=1), quiesce=False))
+    p = Pipeline(host, disk, Machine(), DriverConfig(), clock=lambda: 0.0)
+    outbox = p.outbox = Outbox()
+    if isinstance(disk, SlowLog):
+        p.wait_for_write = lambda rnd, future: disk.waiting.append((rnd, future))
+    p.add_groups([0], ())
+    p.run_pass()  # the bootstrap membership
+    host.campaign(0)
+    for _ in range(20):
+        p.run_pass()
+        if isinstance(disk, SlowLog):
+            disk.finish(p)
+        p.step(answer(outbox.take()))
+        r = host.node(0).raft
+        if r.role is Role.LEADER and r.log.applied == r.log.last_index() > 3:
+            return p, outbox, disk
+    raise AssertionError("node 1 was not elected")
+
+
+def reader(p: Pipeline, group: int = 0) -> tuple[bytes, list[tuple[object, object]]]:
+    got: list[tuple[object, object]] = []
+    ctx = p.read_index(group, lambda index, exc: got.append((index, exc)))
+    return ctx, got
+
+
+def test_the_reads_of_a_group_between_two_passes_share_one_read_index_round() -> None:
+    p, outbox, _ = leader()
+    commit = p.host.node(0).raft.log.committed
+    (ctx, a), (same, b) = reader(p), reader(p)
+    assert same == ctx and a == b == []  # nothing answered before a pass
+    p.run_pass()
+    hbs = of_type(outbox.take(), Heartbeat)
+    assert len(hbs) == 2 and len(p.host.node(0).raft.read_only.queue) == 1
+    later, c = reader(p)  # after the pass: the next batch
+    assert later != ctx
+    p.step(answer(hbs[:1]))  # a quorum with the leader
+    p.run_pass()
+    assert a == b == [(commit, None)] and c == []
+    p.step(answer(of_type(outbox.take(), Heartbeat)))
+    p.run_pass()
+    assert c == [(commit, None)]
+    assert p._pending == 0
+
+
+def test_a_read_is_served_while_the_leaders_write_is_in_progress() -> None:
+    """The leader's disk is busy with an append: its read round and read state do not wait for
+    the write (the read's index, the commit index when it was asked, is applied already)."""
+    p, outbox, disk = leader(SlowLog())
+    assert isinstance(disk, SlowLog)
+    commit = p.host.node(0).raft.log.committed
+    p.propose(0, b"x", lambda result, exc: None)
+    p.run_pass()
+    assert disk.waiting and p.host.node(0).outstanding
+    appends = outbox.take()
+    _, got = reader(p)
+    p.run_pass()
+    p.step(answer(of_type(outbox.take(), Heartbeat)))
+    p.run_pass()
+    assert got == [(commit, None)] and disk.waiting  # the write still in progress
+    p.step(answer(appends))
+    disk.finish(p)
+    p.run_pass()
+    assert p.host.node(0).raft.log.applied == commit + 1
+
+
+def test_a_read_waits_for_its_index_to_be_applied() -> None:
+    """A read asked once an entry is committed (its answers in) but before the busy disk let the
+    leader apply it: served only once applied."""
+    p, outbox, disk = leader(SlowLog())
+    assert isinstance(disk, SlowLog)
+    p.propose(0, b"x", lambda result, exc: None)
+    p.run_pass()
+    p.step(answer(outbox.take()))  # the followers hold it: committed once the leader's write...
+    disk.finish(p)  # ... is done; it is applied with the next Ready, whose write we hold
+    p.propose(0, b"y", lambda result, exc: None)
+    p.run_pass()
+    r = p.host.node(0).raft
+    x = r.log.committed
+    assert x == r.log.applied + 1 and disk.waiting
+    _, got = reader(p)
+    p.run_pass()
+    p.step(answer(of_type(outbox.take(), Heartbeat)))
+    p.run_pass()
+    assert got == []  # confirmed at x, not yet applied
+    disk.finish(p)
+    assert r.log.applied == x and got == [(x, None)]
+
+
+def test_a_new_leader_fails_the_reads_asked_of_the_old_one() -> None:
+    p, outbox, _ = leader()
+    _, got = reader(p)
+    p.run_pass()
+    outbox.take()  # the round's heartbeats are lost
+    term = p.host.node(0).raft.term
+    p.step([(0, Heartbeat(2, 1, term + 1, 0, b"", False, 1))])  # node 2 leads a new term
+    p.run_pass()
+    assert len(got) == 1 and isinstance(got[0][1], ProposalDropped)
+    assert p._pending == 0
+    _, again = reader(p)  # asked of the new leader
+    p.run_pass()
+    [ask] = of_type(outbox.take(), ReadIndex)
+    assert ask.to == 2 and again == []
+
+
+def test_reads_without_a_leader_fail_at_the_next_pass() -> None:
+    p, _ = follower()
+    _, got = reader(p)
+    p.run_pass()
+    assert len(got) == 1 and isinstance(got[0][1], ProposalDropped)

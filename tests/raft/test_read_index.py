@@ -12,11 +12,19 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from raft import ProposalDropped, ReadState
+from raft import InvariantViolation, ProposalDropped, ReadState
 from raft import peer_codec as codec
-from raft.messages import Heartbeat, HeartbeatResponse, Message, ReadIndex, ReadIndexResponse
+from raft.messages import (
+    AppendEntries,
+    Heartbeat,
+    HeartbeatResponse,
+    Message,
+    ReadIndex,
+    ReadIndexResponse,
+    RequestVote,
+)
 
-from .helpers import Cluster, Hold, of_type
+from .helpers import Cluster, Hold, of_type, persist
 
 
 def echo(hb: Message) -> HeartbeatResponse:
@@ -180,3 +188,72 @@ def test_the_round_travels_on_the_peer_wire_and_old_peers_read_it_as_absent() ->
 
     got = msgspec.msgpack.decode(msgspec.msgpack.encode(answer), type=OldHeartbeatResponse)
     assert got == OldHeartbeatResponse(2, 1, 3, b"")
+
+
+# -- read traffic while a Ready is outstanding (RawNode.read_traffic) ---------------------------
+def test_a_read_round_runs_while_the_leaders_write_is_in_progress() -> None:
+    """The leader's Ready (a new entry) is handed out and not advanced: the disk is busy.  A
+    read still gets its round and its read state from ``read_traffic``, not after the write;
+    the entry's append waits for the next Ready as before."""
+    c = Cluster()
+    c.elect(1)
+    leader = c.nodes[1]
+    leader.propose(b"x")
+    rd = leader.ready()  # its write "in progress"
+    assert rd.entries
+    leader.read_index(b"r")
+    assert not leader.has_ready()  # (one Ready at a time)
+    traffic = leader.read_traffic()
+    assert traffic is not None and traffic.read_states == []
+    hbs = heartbeats(traffic.messages)
+    assert set(hbs) == {2, 3} and all(isinstance(m, Heartbeat) for m in traffic.messages)
+    leader.step(echo(hbs[2]))  # a quorum: the leader and node 2
+    traffic = leader.read_traffic()
+    assert traffic is not None and traffic.messages == []
+    assert traffic.read_states == [ReadState(1, b"r")]  # the commit index when it arrived
+    assert leader.read_traffic() is None  # nothing more
+    persist(c.storage[1], rd)
+    leader.advance(rd)
+    c.send(rd.messages + rd.persisted_messages)
+    c.stabilize()
+    assert c.raft(1).log.committed == 2  # the entry went its usual way
+
+
+def test_a_followers_heartbeat_answer_leaves_during_its_write() -> None:
+    c = Cluster()
+    c.elect(1)
+    c.capture_types = (AppendEntries,)
+    c.propose(1, b"x")
+    follower = c.nodes[2]
+    follower.step(of_type(c.captured, AppendEntries, to=2)[0])
+    rd = follower.ready()  # the follower's write of the entry, in progress
+    assert rd.entries and rd.persisted_messages  # its append answer waits for the write
+    follower.step(Heartbeat(1, 2, 1, 1, b"", False, 7))
+    traffic = follower.read_traffic()
+    assert traffic is not None
+    assert traffic.messages == [HeartbeatResponse(2, 1, 1, b"", 7)]
+    follower.step(ReadIndex(3, 2, 1, b"not-a-leader"))  # dropped by a follower: nothing
+    assert follower.read_traffic() is None
+
+
+def test_no_read_traffic_while_a_new_term_or_vote_is_being_written() -> None:
+    """A message carries the node's term: nothing leaves before a new term and vote are
+    durable, read traffic included."""
+    c = Cluster()
+    c.elect(1)
+    voter = c.nodes[3]
+    voter.step(RequestVote(2, 3, 2, c.raft(3).log.last_index(), 1, transfer=True))
+    rd = voter.ready()
+    assert rd.hard_state is not None and (rd.hard_state.term, rd.hard_state.vote) == (2, 2)
+    voter.step(Heartbeat(2, 3, 2, 0, b"", False, 1))  # the new leader, at once
+    assert voter.read_traffic() is None
+    persist(c.storage[3], rd)
+    voter.advance(rd)
+    assert voter.has_ready() and of_type(voter.ready().messages, HeartbeatResponse)
+
+
+def test_read_traffic_needs_an_outstanding_ready() -> None:
+    c = Cluster()
+    c.elect(1)
+    with pytest.raises(InvariantViolation):
+        c.nodes[1].read_traffic()

@@ -835,14 +835,15 @@ class SimCluster:
         if p is None or app is None or n in self.paused:
             return
         floor = self.clients.read_floor(g)
+        key = b""  # the batch's context and this read's number: reads of a batch share one
 
         def done(index: object, exc: object) -> None:
             if exc is not None:
-                self.checker.on_read_dropped(n, ctx)
+                self.checker.on_read_dropped(n, key)
                 return
             assert isinstance(index, int)
             try:
-                self.checker.on_read_answered(n, g, ctx, index)
+                self.checker.on_read_answered(n, g, key, index)
                 for sid, seq in floor.items():
                     if (app.state.last_seq(sid) or 0) < seq:
                         raise Violation(
@@ -856,7 +857,8 @@ class SimCluster:
             ctx = p.read_index(g, done)
         except RaftError:
             return
-        self.checker.on_read_asked(n, g, ctx)
+        key = ctx + self.stats.reads.to_bytes(8, "big")
+        self.checker.on_read_asked(n, g, key)
         self.stats.reads += 1
 
     # -- whole-cluster checks ------------------------------------------------------------------
