@@ -142,7 +142,8 @@ class RouterConfig:
 
 
 class _Pending:
-    __slots__ = ("command", "deadline", "done", "finished", "group", "hops", "peer", "wait_until")
+    __slots__ = ("asks", "command", "deadline", "done", "finished", "group", "hops", "peer",
+                 "wait_until")  # fmt: skip
 
     def __init__(
         self, group: int, command: bytes | None, done: ResultCallback, deadline: float
@@ -155,6 +156,7 @@ class _Pending:
         self.hops = 0
         self.peer = NONE  # the node a forward waits on
         self.wait_until = 0.0  # while no leader is known: give up then
+        self.asks = 0  # read barriers asked for it (a read: the newest is retried)
 
 
 class Router:
@@ -169,6 +171,8 @@ class Router:
         # Every request, in the order of its deadline (all share request_timeout_s); finished
         # ones leave when they reach the front, so this holds at most a timeout's requests.
         self._deadlines: deque[_Pending] = deque()
+        # Read barriers asked, in the order asked: (when to ask again, request, its ask number).
+        self._read_retries: deque[tuple[float, _Pending, int]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self.client_address = ""  # set by the server once it listens
         self.addresses: dict[int, str] = {}  # node id -> client address (advertised)
@@ -211,6 +215,7 @@ class Router:
         for p in self._deadlines:
             self._fail(p, RouteError("unavailable", "the node is stopping"))
         self._deadlines.clear()
+        self._read_retries.clear()
         for fut, _, _ in self._fetches.values():
             if not fut.done():
                 fut.set_exception(RouteError("unavailable", "the node is stopping"))
@@ -236,11 +241,16 @@ class Router:
     def barrier(self, group: int) -> asyncio.Future[Any]:
         """A linearizable read barrier for ``group`` (ReadIndex, served by any replica):
         resolves once this node applied everything committed before the call."""
-        loop = self._running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        deadline = loop.time() + self.config.request_timeout_s
-        self._start(_Pending(group, None, settle(future), deadline))
+        future: asyncio.Future[Any] = self._running_loop().create_future()
+        self.barrier_then(group, settle(future))
         return future
+
+    def barrier_then(self, group: int, done: ResultCallback) -> None:
+        """``barrier`` without a future: ``done(index, None)`` or ``done(None, RouteError)``,
+        exactly once, possibly from inside the driver's pass, like ``submit_then``'s: a read
+        is answered in the pass that serves its barrier, with no loop iteration in between."""
+        deadline = self._running_loop().time() + self.config.request_timeout_s
+        self._start(_Pending(group, None, done, deadline))
 
     def _start(self, p: _Pending) -> None:
         self._deadlines.append(p)
@@ -271,26 +281,25 @@ class Router:
             self._forward(p, leader)
 
     def _read_here(self, p: _Pending) -> None:
+        p.asks += 1
+        ask = p.asks
+
+        def done(index: object, exc: BaseException | None) -> None:
+            if p.finished or ask != p.asks:
+                return  # answered, or asked again since (that ask answers)
+            if exc is not None:
+                self._retry_later(p, exc)  # a read may be retried freely
+            else:
+                self._complete(p, index)
+
         try:
-            fut = self.driver.read_index(p.group)
+            self.driver.read_index_then(p.group, done, lambda: p.finished or ask != p.asks)
         except RaftError as e:
             self._retry_later(p, e)
             return
-
-        def done(f: asyncio.Future[int]) -> None:
-            if p.finished:
-                return
-            exc = None if f.cancelled() else f.exception()
-            if f.cancelled() or exc is not None:
-                self._retry_later(p, exc)  # a read may be retried freely
-            else:
-                self._complete(p, f.result())
-
-        fut.add_done_callback(done)
-        loop = self._running_loop()
-        # A ReadIndex whose answer is lost is never resent: give up on it after a while.
-        handle = loop.call_later(self.config.read_retry_s, fut.cancel)
-        fut.add_done_callback(lambda f: handle.cancel())
+        # A ReadIndex whose answer is lost is never resent: ask again after a while (_sweep).
+        at = self._running_loop().time() + self.config.read_retry_s
+        self._read_retries.append((at, p, ask))
 
     def _propose_here(self, p: _Pending) -> None:
         assert p.command is not None
@@ -433,6 +442,11 @@ class Router:
                 self._leader_waits[group] = keep
             else:
                 del self._leader_waits[group]
+        retries = self._read_retries
+        while retries and (retries[0][1].finished or retries[0][0] <= now):
+            _, p, ask = retries.popleft()
+            if not p.finished and ask == p.asks:
+                self._route(p)
         self._expire(now)
         self._timer = loop.call_later(SWEEP_S, self._sweep)
 

@@ -523,12 +523,9 @@ class Service(BaseHandler):
         sid: str,
         request: Read | GetSession | Subscribe | GetContext,
     ) -> Reply:
-        fut = self.router.barrier(group_of(sid, self.groups))
 
-        def done(f: asyncio.Future[Any]) -> None:
-            if f.cancelled():
-                conn.reply(self._error(error(rid, "timeout", "read barrier timed out")))
-            elif (exc := f.exception()) is not None:
+        def done(_: object, exc: BaseException | None) -> None:
+            if exc is not None:
                 conn.reply(self._failure(rid, exc))
             elif (actor := self._actor(conn)) is not None and not self.state.owned_by(
                 sid, actor.role, actor.sub
@@ -556,7 +553,8 @@ class Service(BaseHandler):
                 else:
                     conn.reply(SessionInfo(rid, session))
 
-        fut.add_done_callback(done)
+        # Called back in the driver's pass that serves the barrier (no loop iteration after it).
+        self.router.barrier_then(group_of(sid, self.groups), done)
         return None
 
     def _subscribe(self, conn: Connection, r: Subscribe) -> None:

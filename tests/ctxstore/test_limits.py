@@ -104,9 +104,8 @@ class _StuckDriver:
     def propose_then(self, group: int, data: bytes, done: Any) -> None:
         self.proposals += 1
 
-    def read_index(self, group: int) -> asyncio.Future[int]:
+    def read_index_then(self, group: int, done: Any, abandoned: Any = None) -> None:
         self.reads += 1
-        return asyncio.get_running_loop().create_future()
 
 
 def _router(driver: _StuckDriver, **config: Any) -> Router:
@@ -144,6 +143,7 @@ def test_a_read_barrier_retried_past_the_deadline_fails_at_the_deadline() -> Non
         try:
             error, took = await _failure(router.barrier(0), 2)
             assert error.code == "timeout" and took < 0.6
+            assert driver.reads == 2  # asked again once, after read_retry_s
         finally:
             router.stop()
 
