@@ -183,9 +183,25 @@ class DispatchEnd(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=33
     append: Append
 
 
+class AppendBatch(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=10):
+    """The appends a group's leader took within one loop pass, in one entry
+    (ctxstore/router.py): applied in order exactly as if each were its own entry (its own
+    seq, dedupe and result); the entry's result is the list of their results.  Written only by
+    the router, which never puts one over ``ENTRY_BYTES_MAX`` in it (``encode_append_batch``)."""
+
+    appends: list[Append]
+
+
+class _AppendBatchOut(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=10):
+    """``AppendBatch``'s bytes from already encoded ``Append`` commands (no decode, no
+    re-encode: each is copied as it is)."""
+
+    appends: list[msgspec.Raw]
+
+
 Command = (
     CreateSession | Append | MarkRead | SetContextConfig | Compact | PostgresFlushed
-    | PutAgent | DisableAgent | DispatchBegin | DispatchEnd
+    | PutAgent | DisableAgent | DispatchBegin | DispatchEnd | AppendBatch
 )  # fmt: skip
 
 
@@ -255,6 +271,16 @@ def encode_command(cmd: Command) -> bytes:
     return _encoder.encode(cmd)
 
 
+APPEND_BATCH_OVERHEAD_BYTES = 8
+"""What an ``AppendBatch`` entry holds besides its appends' bytes (array headers and tag)."""
+
+
+def encode_append_batch(appends: list[bytes]) -> bytes:
+    """An ``AppendBatch`` of encoded ``Append`` commands (``encode_command``'s bytes): its size
+    is the sum of theirs plus at most ``APPEND_BATCH_OVERHEAD_BYTES``."""
+    return _encoder.encode(_AppendBatchOut([msgspec.Raw(a) for a in appends]))
+
+
 def decode_command(data: bytes) -> Command:
     """Raises ``msgspec.DecodeError`` (or its subclass ``ValidationError``) on bad data."""
     return _command_decoder.decode(data)
@@ -270,11 +296,13 @@ def decode_result(data: bytes) -> Result:
 
 
 __all__ = [
+    "APPEND_BATCH_OVERHEAD_BYTES",
     "ENTRY_BYTES_MAX",
     "ENTRY_FIELDS_BYTES_MAX",
     "Actor",
     "AgentSaved",
     "Append",
+    "AppendBatch",
     "Appended",
     "Command",
     "Compact",
@@ -295,6 +323,7 @@ __all__ = [
     "SetContextConfig",
     "decode_command",
     "decode_result",
+    "encode_append_batch",
     "encode_command",
     "encode_result",
 ]

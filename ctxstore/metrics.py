@@ -381,6 +381,17 @@ class NodeCollector(Collector):
             "Writes other nodes forwarded to this node as leader.",
             router.served_forwards,
         )
+        yield _counter(
+            "ctxstore_append_batches_total",
+            "Raft entries holding several appends (the appends a leader took for one group "
+            "in one loop pass).",
+            router.batches_proposed,
+        )
+        yield _counter(
+            "ctxstore_appends_batched_total",
+            "Appends proposed inside such a batch entry (the others went one per entry).",
+            router.appends_batched,
+        )
 
     def _streams(self) -> Iterator[Metric]:
         subs, inboxes = self.metrics.node.subscriptions, self.metrics.node.inboxes

@@ -122,6 +122,7 @@ class Node:
             RouterConfig(s.request_timeout_s, entry_bytes_max=lim.entry_bytes_max),
         )
         self.router.history_server = self._serve_history
+        self.driver.before_pass = self.router.propose_batches  # appends batched per pass
         self.driver.on_leader_change = self._on_leader_change
         self._leaderless: dict[int, float] = {}  # group -> since when (loop time) no leader
         self._leaderless_timer: asyncio.TimerHandle | None = None

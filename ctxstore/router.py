@@ -61,6 +61,7 @@ class Forward(msgspec.Struct, array_like=True, tag=1):
     fid: int
     group: int
     command: bytes
+    append: bool = False  # ``command`` is an encoded ``commands.Append`` (it may be batched)
 
 
 class ForwardReply(msgspec.Struct, array_like=True, tag=2):
@@ -139,17 +140,26 @@ class RouterConfig:
     history_serves_max: int = 8  # history fetches served at once (more: "unavailable")
     read_retry_s: float = 1.0  # a read barrier not answered by then is asked again
     entry_bytes_max: int = commands.ENTRY_BYTES_MAX  # a bigger command: too_large
+    batch_appends_max: int = 1024  # appends in one AppendBatch entry (1: no batching)
 
 
 class _Pending:
-    __slots__ = ("asks", "command", "deadline", "done", "finished", "group", "hops", "peer",
-                 "wait_until")  # fmt: skip
+    __slots__ = (
+        "append", "asks", "command", "deadline", "done", "finished", "group", "hops", "peer",
+        "wait_until",
+    )  # fmt: skip
 
     def __init__(
-        self, group: int, command: bytes | None, done: ResultCallback, deadline: float
+        self,
+        group: int,
+        command: bytes | None,
+        done: ResultCallback,
+        deadline: float,
+        append: bool = False,
     ) -> None:
         self.group = group
         self.command = command
+        self.append = append  # command is an encoded commands.Append
         self.done = done
         self.finished = False
         self.deadline = deadline
@@ -185,6 +195,12 @@ class Router:
         self.chunks_relayed = 0
         self._fetches: dict[int, tuple[asyncio.Future[HistoryRows], int, float]] = {}
         self._history_serving = 0
+        # group -> the appends to propose in this loop iteration's pass, in arrival order:
+        # (encoded Append, callback); proposed by ``propose_batches``, called by the driver at
+        # the start of its pass.  Bounded by what one iteration reads off the sockets.
+        self._batches: dict[int, list[tuple[bytes, ResultCallback]]] = {}
+        self.appends_batched = 0  # appends proposed inside an AppendBatch entry
+        self.batches_proposed = 0  # AppendBatch entries proposed
         # The loop, kept: asyncio.get_running_loop() costs a getpid() system call each time
         # (fork detection), a few percent of a node's CPU when done per request.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -205,6 +221,10 @@ class Router:
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        batches, self._batches = self._batches, {}
+        for appends in batches.values():
+            for _, done in appends:
+                done(None, RouteError("unavailable", "the node is stopping"))
         for p in list(self._forwards.values()):
             self._fail(p, RouteError("unavailable", "the node is stopping"))
         self._forwards.clear()
@@ -227,16 +247,21 @@ class Router:
         self.submit_then(group, command, settle(future))
         return future
 
-    def submit_then(self, group: int, command: bytes, done: ResultCallback) -> None:
+    def submit_then(
+        self, group: int, command: bytes, done: ResultCallback, append: bool = False
+    ) -> None:
         """``submit`` without a future: ``done(result, None)`` or ``done(None, RouteError)``,
         exactly once, possibly from inside the driver's pass (``Driver.propose_then``): it must
-        not raise and must not call into the router or the driver synchronously."""
+        not raise and must not call into the router or the driver synchronously.  ``append``:
+        ``command`` is an encoded ``commands.Append``, which the leader may propose together
+        with the group's other appends of its loop iteration (``AppendBatch``); the result is
+        still this append's own."""
         if len(command) > self.config.entry_bytes_max:
             limit = self.config.entry_bytes_max
             done(None, RouteError("too_large", f"a {len(command)}-byte command > {limit}"))
             return
         deadline = self._running_loop().time() + self.config.request_timeout_s
-        self._start(_Pending(group, command, done, deadline))
+        self._start(_Pending(group, command, done, deadline, append))
 
     def barrier(self, group: int) -> asyncio.Future[Any]:
         """A linearizable read barrier for ``group`` (ReadIndex, served by any replica):
@@ -321,10 +346,84 @@ class Router:
             else:
                 failed(exc)
 
+        self._propose(p.group, p.command, done, p.append)
+
+    # -- proposing, appends batched per group and loop iteration -------------------------------
+    def _propose(self, group: int, command: bytes, done: ResultCallback, append: bool) -> None:
+        """Propose ``command`` here (the leader); ``done`` as ``Driver.propose_then``'s, also
+        with the ``RaftError`` of a refused proposal.  An append waits for the driver's next
+        pass (``propose_batches``); any other command first sends the group's waiting appends
+        ahead of it, so the group's commands keep their arrival order."""
+        if append and self.config.batch_appends_max > 1:
+            batch = self._batches.get(group)
+            if batch is None:
+                batch = self._batches[group] = []
+                if len(self._batches) == 1:
+                    self.driver.kick()
+            batch.append((command, done))
+            return
+        if group in self._batches:
+            self._propose_appends(group, self._batches.pop(group))
         try:
-            self.driver.propose_then(p.group, p.command, done)
+            self.driver.propose_then(group, command, done)
         except RaftError as e:
-            failed(e)
+            done(None, e)
+
+    def propose_batches(self) -> None:
+        """Propose the appends gathered since the last pass (``Driver.before_pass``): per group,
+        one ``AppendBatch`` entry for up to ``batch_appends_max`` of them (and within
+        ``entry_bytes_max``), or the append alone."""
+        if not self._batches:
+            return
+        batches = self._batches
+        self._batches = {}
+        for group, appends in batches.items():
+            self._propose_appends(group, appends)
+
+    def _propose_appends(self, group: int, appends: list[tuple[bytes, ResultCallback]]) -> None:
+        size_max = self.config.entry_bytes_max - commands.APPEND_BATCH_OVERHEAD_BYTES
+        count_max = self.config.batch_appends_max
+        start = 0
+        while start < len(appends):
+            end = start + 1
+            size = len(appends[start][0])
+            while end < len(appends) and end - start < count_max:
+                size += len(appends[end][0])
+                if size > size_max:
+                    break
+                end += 1
+            self._propose_batch(group, appends[start:end])
+            start = end
+
+    def _propose_batch(self, group: int, appends: list[tuple[bytes, ResultCallback]]) -> None:
+        if len(appends) == 1:
+            command, done = appends[0]
+            data = command
+        else:
+            data = commands.encode_append_batch([command for command, _ in appends])
+            dones = [done for _, done in appends]
+
+            def done(result: object, exc: BaseException | None) -> None:
+                # One result per append, in order (ConversationState.apply); a failure is the
+                # same for all: the entry was (or was not) applied as a whole.
+                results = result if isinstance(result, list) else []
+                if exc is None and len(results) != len(dones):
+                    exc = RouteError("internal", f"a batch of {len(dones)} got {result!r}")
+                for i, one in enumerate(dones):
+                    try:
+                        if exc is None:
+                            one(results[i], None)
+                        else:
+                            one(None, exc)
+                    except Exception:  # like raft.pipeline's: the others are still answered
+                        logger.exception("answering an append of a batch failed")
+
+            self.batches_proposed += 1
+            self.appends_batched += len(appends)
+        try:
+            self.driver.propose_then(group, data, done)
+        except RaftError as e:
+            done(None, e)
 
     def _forward(self, p: _Pending, leader: int) -> None:
         if self.transport is None:
@@ -335,7 +434,8 @@ class Router:
             return
         fid = next(self._fids)
         assert p.command is not None
-        if not self.transport.send_app(leader, _encode(Forward(fid, p.group, p.command))):
+        forward = Forward(fid, p.group, p.command, p.append)
+        if not self.transport.send_app(leader, _encode(forward)):
             self._retry_later(p)  # the leader's connection is down: a new leader will come
             return
         p.peer = leader
@@ -522,10 +622,7 @@ class Router:
             else:
                 failed(exc)
 
-        try:
-            self.driver.propose_then(fwd.group, fwd.command, done)
-        except RaftError as e:
-            failed(e)
+        self._propose(fwd.group, fwd.command, done, fwd.append)
 
     # -- history between archives --------------------------------------------------------------
     def fetch_history(

@@ -406,7 +406,7 @@ class Service(BaseHandler):
                 )
                 e = error(r.rid, "too_large", message, bytes=size, limit=MESSAGE_BYTES_MAX)
                 return self._error(e)
-        return self._submit_data(conn, r.rid, r.session_id, data, r)
+        return self._submit_data(conn, r.rid, r.session_id, data, r, append=True)
 
     def _configure(self, conn: Connection, r: SetContextConfig) -> Reply:
         """Propose the configuration with the counts of the hot tail's messages when it opens
@@ -465,7 +465,13 @@ class Service(BaseHandler):
         return self._submit_data(conn, rid, sid, commands.encode_command(cmd), request)
 
     def _submit_data(
-        self, conn: Connection, rid: int, sid: str, data: bytes, request: Request
+        self,
+        conn: Connection,
+        rid: int,
+        sid: str,
+        data: bytes,
+        request: Request,
+        append: bool = False,  # data: an encoded commands.Append (the router may batch it)
     ) -> Reply:
         received = time.perf_counter()
 
@@ -482,7 +488,8 @@ class Service(BaseHandler):
                 ok = not isinstance(response, Error)
                 self.on_append_latency(time.perf_counter() - received, ok)
 
-        self.router.submit_then(group_of(sid, self.groups), data, done)
+        group = group_of(sid, self.groups)
+        self.router.submit_then(group, data, done, append)
         return None
 
     def _answer(

@@ -87,6 +87,7 @@ from .commands import (
     Actor,
     AgentSaved,
     Append,
+    AppendBatch,
     Appended,
     Compact,
     ContextChanged,
@@ -518,7 +519,8 @@ class ConversationState:
     # -- StateMachine ------------------------------------------------------------------------------
     def apply(self, group: int, entries: list[Entry]) -> list[object]:
         """One result per entry: ``None`` for entries that carry no command (the leader's empty
-        no-op, membership changes), a ``commands.Result`` otherwise.  An undecodable entry
+        no-op, membership changes), a ``commands.Result`` otherwise, and for an
+        ``AppendBatch`` the list of its appends' results.  An undecodable entry
         raises ``InvariantViolation``: only our own nodes propose."""
         sessions = self._groups.get(group)
         if sessions is None:
@@ -538,6 +540,8 @@ class ConversationState:
             match cmd:
                 case Append():
                     out.append(self._append(group, e.index, sessions, cmd))
+                case AppendBatch(appends):  # in order, each as if it were its own entry
+                    out.append([self._append(group, e.index, sessions, a) for a in appends])
                 case CreateSession():
                     out.append(self._create(group, e.index, sessions, cmd))
                 case MarkRead():

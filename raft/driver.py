@@ -79,6 +79,10 @@ class Driver:
         self._stopping = False
         self._tick_handle: asyncio.TimerHandle | None = None
         self._next_tick = 0.0
+        # Called at the start of each pass, before the pipeline's: the application's last
+        # chance to propose what it gathered in this loop iteration (ctxstore's router batches
+        # appends so).  It may propose; it must not raise.
+        self.before_pass: Callable[[], None] | None = None
 
     # -- the pipeline's settings, for the application ----------------------------------------
     @property
@@ -241,15 +245,21 @@ class Driver:
             self._next_tick = now + self.config.tick_s
         self._tick_handle = loop.call_at(self._next_tick, self._on_tick)
 
+    def kick(self) -> None:
+        """Ask for a pass in the next loop iteration (``before_pass`` runs first)."""
+        self._kick()
+
     def _kick(self) -> None:
         if not self._scheduled and self._loop is not None and not self._stopping:
             self._scheduled = True
             self._loop.call_soon(self._pass)
 
     def _pass(self) -> None:
-        self._scheduled = False
         started = time.perf_counter()
         try:
+            if self.before_pass is not None:
+                self.before_pass()  # its proposals join this pass (none schedules another)
+            self._scheduled = False
             worked = self.pipeline.run_pass()
         except BaseException as e:
             self.pipeline.fail(e)

@@ -31,9 +31,11 @@ SUMMARY = Message("s-1", 0, "system", "", "summary", "so far", {}, None, T0, 2, 
 AGENT = Agent("bot", "https://agent.example/hook", {"x-key": "v"}, 60_000, 10_000, 500, "tail 20",
               5, "active", "auto")  # fmt: skip
 
+APPEND_SHORT = commands.Append("s-1", "user", "u-1", "text", "hello", {}, None, None, 1, T0)
+
 COMMANDS: dict[str, commands.Command] = {
     "create_session": commands.CreateSession("s-1", "u-1", "a-1", {"title": "Trip"}, T0),
-    "append_short": commands.Append("s-1", "user", "u-1", "text", "hello", {}, None, None, 1, T0),
+    "append_short": APPEND_SHORT,
     "append_structured": APPEND,
     "mark_read": commands.MarkRead("s-1", "u-1", 2),
     "set_context_config": commands.SetContextConfig("s-1", CONFIG, [(1, 2, []), (2, 7, [1, 6])]),
@@ -43,6 +45,7 @@ COMMANDS: dict[str, commands.Command] = {
     "disable_agent": commands.DisableAgent("bot"),
     "dispatch_begin": commands.DispatchBegin("s-1", 2, 1, T0),
     "dispatch_end": commands.DispatchEnd("s-1", 2, 1, APPEND),
+    "append_batch": commands.AppendBatch([APPEND_SHORT, APPEND]),
 }
 
 
@@ -92,3 +95,16 @@ def test_the_bytes_on_disk_are_as_pinned(name: str) -> None:
         restored = ConversationState(StateLimits(), groups=None)
         restored.restore(0, golden)
         assert restored.snapshot(0) == golden
+
+
+def test_an_append_batch_is_written_from_its_appends_bytes() -> None:
+    """The router builds a batch from the appends' encoded bytes: the same bytes as encoding
+    the batch, and at most APPEND_BATCH_OVERHEAD_BYTES more than its appends."""
+    batch = COMMANDS["append_batch"]
+    assert isinstance(batch, commands.AppendBatch)
+    parts = [commands.encode_command(a) for a in batch.appends]
+    data = commands.encode_append_batch(parts)
+    assert data == RECORDS["command_append_batch"]
+    many = parts * 5000  # a 3-byte list header
+    size = len(commands.encode_append_batch(many)) - sum(map(len, many))
+    assert 0 < size <= commands.APPEND_BATCH_OVERHEAD_BYTES

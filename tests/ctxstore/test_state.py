@@ -8,6 +8,7 @@ state against a naive model and snapshot + suffix against a straight replay.
 from __future__ import annotations
 
 import itertools
+import random
 from collections import defaultdict
 from typing import Any
 
@@ -886,3 +887,43 @@ def test_every_message_leaving_the_tail_is_reported_once_with_its_cause() -> Non
     assert rec2.events and all(e[0] == "evict" and e[2] == 0 for e in rec2.events)
     kept = small.read("b", 0, 10)
     assert kept is not None and len(kept.messages) == 1
+
+
+# -- appends batched in one entry (the router's AppendBatch) --------------------------------
+@pytest.mark.parametrize("seed", range(20))
+def test_an_append_batch_applies_as_its_appends_one_by_one(seed: int) -> None:
+    """Random appends (retried ids, other content under a used id, expected_seq right and
+    wrong, an unknown session) applied one per entry, and in random batches on a second
+    replica: the same result per append, in order, and the same messages and cursors."""
+    rng = random.Random(seed)
+    sids = ["s0", "s1", "s2"]
+    g = group_of("s0", GROUPS)
+    one, batched = Node(groups=None), Node(groups=None)
+    for n in (one, batched):
+        for sid in sids:
+            n.create(sid, group=g)
+    cmds: list[c.Append] = []
+    last = dict.fromkeys(sids, 0)
+    for i in range(60):
+        sid = rng.choice([*sids, "nope"])
+        cmid = rng.choice([None, f"m{rng.randrange(12)}"])
+        expected = rng.choice([None, None, last.get(sid, 0), 999])
+        content = rng.choice(["a", "b"])
+        sender = rng.choice(["user", "agent"])
+        cmds.append(c.Append(sid, sender, "u1", "text", content, {}, cmid, expected, 1, 10 + i))
+        last[sid] = last.get(sid, 0) + 1  # a guess: expected_seq is right only sometimes
+    want = [one.run(cmd, g) for cmd in cmds]
+    got: list[object] = []
+    start = 0
+    while start < len(cmds):
+        end = min(len(cmds), start + rng.randrange(1, 9))
+        batch = c.AppendBatch(cmds[start:end])
+        result = batched.run(batch, g) if end - start > 1 else batched.run(cmds[start], g)
+        got.extend(result if isinstance(result, list) else [result])
+        start = end
+    assert got == want
+    assert {type(r) for r in want} == {c.Appended, c.Rejected}
+    for sid in sids:
+        assert one.read(sid).messages == batched.read(sid).messages
+        assert one.state.cursors(sid) == batched.state.cursors(sid)
+        assert one.state.last_seq(sid) == batched.state.last_seq(sid)

@@ -174,6 +174,13 @@ class SimApp:
                 self.history.applied_append(node, cmd, result)
                 if cmd.sender == "user":  # (other senders leave the cursors alone)
                     self._cursor(group, cmd.session_id)
+            elif isinstance(cmd, commands.AppendBatch):
+                if not isinstance(result, list) or len(result) != len(cmd.appends):
+                    raise Violation(f"n{node}: a batch of {len(cmd.appends)} gave {result}")
+                for one, one_result in zip(cmd.appends, result, strict=True):
+                    self.history.applied_append(node, one, one_result)
+                    if one.sender == "user":
+                        self._cursor(group, one.session_id)
             elif isinstance(cmd, commands.MarkRead):
                 if not isinstance(result, commands.ReadMarked):
                     raise Violation(f"n{node}: mark read {cmd} refused: {result}")
@@ -255,6 +262,8 @@ class Clients:
                 )
                 return cmd, self._created(sid)
         rng = self.rng
+        if rng.random() < 0.15:  # several appends in one entry, as ctxstore's router batches
+            return self._batch(group, rng.randint(2, 4))
         sid = rng.choice(self.sessions[group])
         x = rng.random()
         unknown = self.unknown.setdefault(sid, {})
@@ -273,6 +282,38 @@ class Clients:
         cmid = f"c{n}"
         unknown[cmid] = content = f"m{n}"
         return self._append(sid, cmid, content, n), self._appended(sid, cmid)
+
+    def _batch(
+        self, group: int, count: int
+    ) -> tuple[commands.Command, Callable[[object, object], None]]:
+        """``count`` appends of the group's sessions (new ones, or retries of appends whose
+        outcome is unknown) in one ``AppendBatch``: each outcome goes to its own callback."""
+        appends: list[commands.Append] = []
+        dones: list[Callable[[object, object], None]] = []
+        for _ in range(count):
+            self.counter += 1
+            n = self.counter
+            sid = self.rng.choice(self.sessions[group])
+            unknown = self.unknown.setdefault(sid, {})
+            if unknown and self.rng.random() < 0.3:
+                cmid = self.rng.choice(sorted(unknown))
+            else:
+                cmid = f"c{n}"
+                unknown[cmid] = f"m{n}"
+            appends.append(self._append(sid, cmid, unknown[cmid], n))
+            dones.append(self._appended(sid, cmid))
+
+        def done(result: object, exc: object) -> None:
+            if exc is not None:
+                for one in dones:
+                    one(None, exc)
+                return
+            if not isinstance(result, list) or len(result) != len(dones):
+                raise Violation(f"a batch of {len(dones)} appends answered {result}")
+            for one, one_result in zip(dones, result, strict=True):
+                one(one_result, None)
+
+        return commands.AppendBatch(appends), self._guard(done)
 
     def _append(self, sid: str, cmid: str, content: str, n: int) -> commands.Append:
         sender: Sender = "user" if int(cmid[1:]) % 3 == 0 else "agent"  # (the same on a retry)
