@@ -9,7 +9,9 @@ longest: the difference of the two scrapes of the histograms ``ctxstore_gc_pause
 and ``ctxstore_wal_fsync_seconds``), and the longest driver pass since the node started
 (``ctxstore_raft_pass_seconds_max``, a gauge, not per window).  Besides, what counting tokens
 cost each node in the window (``ctxstore_tokens_counted_messages_total`` and
-``ctxstore_tokens_count_seconds_total``: the node's own clock around each count).  A node
+``ctxstore_tokens_count_seconds_total``: the node's own clock around each count), and its
+Raft passes, proposals and messages sent in the window, with the appends its router proposed
+in batch entries (``AppendBatch``, ctxstore/router.py) and those entries.  A node
 that does not answer (killed, or its ops port not reachable) has no figures; one restarted in
 the window (``failover``) has those since its restart; nothing here fails a run.
 
@@ -34,6 +36,13 @@ GENERATIONS = ("0", "1", "2")
 GC_COUNT = "ctxstore_gc_pause_seconds_count"
 TOKENS_COUNTED = "ctxstore_tokens_counted_messages_total"
 TOKENS_SECONDS = "ctxstore_tokens_count_seconds_total"
+RAFT_COUNTERS = {  # window deltas reported per node (a node without one has none of it)
+    "passes": "ctxstore_raft_passes_total",
+    "proposals": "ctxstore_raft_proposals_total",
+    "messages_sent": "ctxstore_raft_messages_sent_total",
+    "batches": "ctxstore_append_batches_total",
+    "appends_batched": "ctxstore_appends_batched_total",
+}
 
 
 def parse_metrics(text: str) -> Scrape:
@@ -151,6 +160,10 @@ def node_pauses(
             "pass_max_ms_since_start": round(end["ctxstore_raft_pass_seconds_max"] * 1000, 2),
             "fsync_max_ms_since_start": round(end["ctxstore_wal_fsync_seconds_max"] * 1000, 2),
         }
+        if all(name in end for name in RAFT_COUNTERS.values()):  # older nodes: no batches
+            out[f"node{node_id}"]["raft"] = {
+                k: int(end[name] - start.get(name, 0.0)) for k, name in RAFT_COUNTERS.items()
+            }
         if TOKENS_COUNTED in end:  # nodes before token counting have none
             counted = int(end[TOKENS_COUNTED] - start.get(TOKENS_COUNTED, 0.0))
             seconds = end.get(TOKENS_SECONDS, 0.0) - start.get(TOKENS_SECONDS, 0.0)
@@ -192,5 +205,10 @@ def describe(pauses: Mapping[str, Any]) -> str:
         if fsync["longest_le_ms"] is not None:
             text += f", longest ≤ {fsync['longest_le_ms']:g} ms"
         text += f"; pass ≤ {p['pass_max_ms_since_start']:.0f} ms since start"
+        if (raft := p.get("raft")) is not None:
+            text += (
+                f"; {raft['passes']:,} passes, {raft['proposals']:,} proposals "
+                f"({raft['appends_batched']:,} appends in {raft['batches']:,} batches)"
+            )
         parts.append(text)
     return " | ".join(parts)

@@ -84,6 +84,31 @@ def test_the_window_has_the_collections_between_the_scrapes() -> None:
     )
 
 
+def raft_counters(passes: int, proposals: int, batches: int, batched: int) -> str:
+    """The Raft and batching counters of a node's /metrics."""
+    values = {
+        "ctxstore_raft_passes_total": passes,
+        "ctxstore_raft_proposals_total": proposals,
+        "ctxstore_raft_messages_sent_total": 2 * passes,
+        "ctxstore_append_batches_total": batches,
+        "ctxstore_appends_batched_total": batched,
+    }
+    return "".join(f"# TYPE {k} counter\n{k} {v}\n" for k, v in values.items())
+
+
+def test_the_window_has_the_passes_proposals_and_batches_between_the_scrapes() -> None:
+    first = {1: parse_metrics(exposition({}) + raft_counters(10, 50, 2, 7))}
+    last = {1: parse_metrics(exposition({}) + raft_counters(110, 250, 42, 507))}
+    out = node_pauses(first, last, window_s=1.0)
+    assert out["node1"]["raft"] == {
+        "passes": 100, "proposals": 200, "messages_sent": 200, "batches": 40,
+        "appends_batched": 500,
+    }  # fmt: skip
+    assert describe(out).endswith("; 100 passes, 200 proposals (500 appends in 40 batches)")
+    without = node_pauses({1: parse_metrics(exposition({}))}, {1: parse_metrics(exposition({}))}, 1)
+    assert "raft" not in without["node1"]  # a node from before batches
+
+
 def test_a_pause_beyond_the_last_bucket_and_a_restarted_node() -> None:
     first = {1: parse_metrics(exposition({"2": [0.05, 0.05, 0.05]}))}
     last = {1: parse_metrics(exposition({"2": [2.5]}))}  # fewer than before: it restarted
