@@ -52,6 +52,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     tail_messages_max: Annotated[int, Meta(ge=1)] = 10_000  # per session in RAM
     group_tail_bytes_max: Annotated[int, Meta(ge=4096)] = 4 * 1024 * 1024  # per group in RAM
     request_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 5.0
+    batch_appends_max: Annotated[int, Meta(ge=1, le=4096)] = 1024  # per entry (1: no batches)
     retention_max_messages: Annotated[int, Meta(ge=1)] | None = None  # per session; None: keep all
     retention_max_age_s: Annotated[float, Meta(gt=0)] | None = None  # per session; None: keep all
     shutdown_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0  # SIGTERM: exit within
@@ -205,6 +206,8 @@ HELP: dict[str, str] = {
     "tail_messages_max": "messages per session kept in RAM (older ones are read from the archive)",
     "group_tail_bytes_max": "bytes of all hot tails of one group kept in RAM",
     "request_timeout_s": "every request's deadline in seconds (then the client gets timeout)",
+    "batch_appends_max": "appends of one group a leader proposes in one Raft entry (those it "
+    "took in one loop pass; 1: one entry per append)",
     "retention_max_messages": "keep the newest N messages of each session; none: keep all",
     "retention_max_age_s": "delete messages older than this many seconds; none: keep all",
     "shutdown_timeout_s": "on SIGTERM, exit within this many seconds (past it: status 70)",

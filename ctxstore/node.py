@@ -119,7 +119,11 @@ class Node:
         self.router = Router(
             s.node_id,
             self.driver,
-            RouterConfig(s.request_timeout_s, entry_bytes_max=lim.entry_bytes_max),
+            RouterConfig(
+                s.request_timeout_s,
+                entry_bytes_max=lim.entry_bytes_max,
+                batch_appends_max=s.batch_appends_max,
+            ),
         )
         self.router.history_server = self._serve_history
         self.driver.before_pass = self.router.propose_batches  # appends batched per pass
