@@ -1,0 +1,135 @@
+"""ctxstore/router.py's append batches, on a real single-node stack (WAL, MultiRaft, Driver,
+ConversationState): the appends a leader takes for one group within one loop iteration are
+proposed as one entry, and each still gets its own seq, dedupe and answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from ctxstore import commands
+from ctxstore.router import Router, RouterConfig
+from ctxstore.state import ConversationState
+from raft.core import Config
+from raft.driver import Driver, DriverConfig
+from raft.multi import HostConfig, MultiRaft
+from raft.wal import WAL
+
+GROUP = 0
+T0 = 1_700_000_000_000
+
+
+def append(sid: str, content: str, cmid: str | None = None, **kw: Any) -> bytes:
+    cmd = commands.Append(sid, "user", "u", "text", content, {}, cmid, kw.pop("expected", None),
+                          None, T0, **kw)  # fmt: skip
+    return commands.encode_command(cmd)
+
+
+def run(path: Path, body: Callable[[Router], Coroutine[Any, Any, None]], **config: Any) -> None:
+    """``body(router)`` with one node leading group 0, which holds sessions "a" and "b"."""
+
+    async def main() -> None:
+        wal = WAL.open(path / "wal", segment_bytes=1 << 20, preallocate=False, inline=True)
+        host = MultiRaft(HostConfig(Config(1, election_ticks=10, seed=3)))
+        driver = Driver(host, wal, ConversationState(), DriverConfig(tick_s=0.01))
+        driver.add_groups([GROUP], (1,))
+        router = Router(1, driver, RouterConfig(**config))
+        driver.before_pass = router.propose_batches
+        await driver.start()
+        router.start()
+        try:
+            while driver.leader(GROUP) != 1:
+                await asyncio.sleep(0.01)
+            for sid in ("a", "b"):
+                create = commands.CreateSession(sid, "u", "bot", {}, T0)
+                await router.submit(GROUP, commands.encode_command(create))
+            await asyncio.wait_for(body(router), 10)
+        finally:
+            router.stop()
+            await driver.stop()
+            wal.close()
+
+    uvloop.run(main())
+
+
+def submit_all(router: Router, datas: list[bytes], append: bool = True) -> list[Any]:
+    """Submit every command in this loop iteration; their futures."""
+    futures = []
+    for data in datas:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        router.submit_then(GROUP, data, answer(fut), append)
+        futures.append(fut)
+    return futures
+
+
+def answer(fut: asyncio.Future[Any]) -> Callable[[Any, BaseException | None], None]:
+    """A callback resolving ``fut`` with the result, or with the error (not raising it)."""
+
+    def done(result: Any, exc: BaseException | None) -> None:
+        fut.set_result(exc if exc is not None else result)
+
+    return done
+
+
+def test_one_entry_for_the_appends_of_a_pass_each_with_its_own_answer(tmp_path: Path) -> None:
+    async def body(router: Router) -> None:
+        datas = [append("a", "x1", "m1"), append("b", "y1"), append("a", "x2", "m2"),
+                 append("a", "x1", "m1"),  # a retry in the same batch: deduped
+                 append("a", "x3", "m1"),  # the same id, other content: refused
+                 append("nope", "z"), append("a", "x4", expected=2)]  # fmt: skip
+        results = await asyncio.gather(*submit_all(router, datas))
+        assert (router.batches_proposed, router.appends_batched) == (1, 7)
+        assert results[:4] == [
+            commands.Appended(1, T0, False), commands.Appended(1, T0, False),
+            commands.Appended(2, T0, False), commands.Appended(1, T0, True),
+        ]  # fmt: skip
+        assert [(r.code, r.details) for r in results[4:6]] == [("conflict", {"seq": 1}),
+                                                               ("not_found", {})]  # fmt: skip
+        assert results[6] == commands.Appended(3, T0, False)  # expected_seq saw the two before
+
+    run(tmp_path, body)
+
+
+def test_a_command_after_appends_is_proposed_after_them(tmp_path: Path) -> None:
+    async def body(router: Router) -> None:
+        first = submit_all(router, [append("a", "1"), append("a", "2")])
+        # Not an append for the router (as the agents' DispatchEnd): proposed at once, after
+        # the waiting appends of its group, so its expected_seq sees them.
+        then = submit_all(router, [append("a", "3", expected=2)], append=False)
+        results = await asyncio.gather(*first, *then)
+        assert [r.seq for r in results] == [1, 2, 3]
+        assert router.batches_proposed == 1
+
+    run(tmp_path, body)
+
+
+def test_batches_stay_within_their_count_and_bytes(tmp_path: Path) -> None:
+    async def by_count(router: Router) -> None:
+        results = await asyncio.gather(
+            *submit_all(router, [append("a", f"{i}") for i in range(10)])
+        )
+        assert [r.seq for r in results] == list(range(1, 11))
+        assert (router.batches_proposed, router.appends_batched) == (3, 10)  # 4 + 4 + 2
+
+    run(tmp_path / "count", by_count, batch_appends_max=4)
+    size = len(append("a", "x" * 100))
+
+    async def by_bytes(router: Router) -> None:
+        datas = [append("a", "x" * 100) for _ in range(7)]
+        results = await asyncio.gather(*submit_all(router, datas))
+        assert [r.seq for r in results] == list(range(1, 8))
+        assert (router.batches_proposed, router.appends_batched) == (2, 6)  # 3 + 3, 1 alone
+
+    limit = 3 * size + commands.APPEND_BATCH_OVERHEAD_BYTES
+    run(tmp_path / "bytes", by_bytes, entry_bytes_max=limit)
+
+    async def off(router: Router) -> None:
+        results = await asyncio.gather(*submit_all(router, [append("a", f"{i}") for i in range(5)]))
+        assert [r.seq for r in results] == list(range(1, 6))
+        assert router.batches_proposed == 0
+
+    run(tmp_path / "off", off, batch_appends_max=1)
