@@ -77,7 +77,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from wire.protocol import Message
+from .records import StoredMessage
 
 __all__ = [
     "READERS",
@@ -218,7 +218,7 @@ Range = tuple[int, int, int]  # (from_seq, to_seq, group), inclusive
 class _Batch:
     """Rows of ``add`` (group, index, message) and indexes of ``applied``, in call order."""
 
-    rows: list[tuple[int, int, Message]]
+    rows: list[tuple[int, int, StoredMessage]]
     applied: dict[int, int]
     bytes: int
 
@@ -228,14 +228,14 @@ class _Restore:
     group: int
     index: int
     sessions: list[tuple[str, int, int]]  # (session_id, first_seq_in_tail, last_seq)
-    tail: list[Message]
+    tail: list[StoredMessage]
     bytes: int
 
 
 @dataclass(eq=False, slots=True)
 class _Fill:
     session_id: str
-    messages: list[Message]
+    messages: list[StoredMessage]
     bytes: int
     future: asyncio.Future[None]
 
@@ -285,10 +285,10 @@ class _Done:
     committed: bool = False
 
 
-def _estimate_bytes(m: Message, encode: Callable[[Any], bytes]) -> int:
+def _estimate_bytes(m: StoredMessage, encode: Callable[[Any], bytes]) -> int:
     """A message's encoded size, estimated without encoding it: string lengths (non-ASCII content
     counted 4 bytes a character, the UTF-8 maximum); metadata, when there is any (<= 16 KiB, most
-    messages have none), is measured by encoding it."""
+    messages have none), is measured by encoding it; parts are already encoded."""
     content = m.content
     size = ROW_OVERHEAD_BYTES + len(m.session_id) + len(m.sender_id) + len(m.kind)
     size += len(content) if content.isascii() else 4 * len(content)
@@ -296,7 +296,7 @@ def _estimate_bytes(m: Message, encode: Callable[[Any], bytes]) -> int:
         size += len(m.client_msg_id)
     if m.metadata:
         size += len(encode(m.metadata))
-    return size
+    return size + len(m.parts)  # raw msgpack: its size is known
 
 
 # -- ranges (pure) ---------------------------------------------------------------------------------
@@ -454,7 +454,7 @@ class _Writer:
         done.committed = True
         return done
 
-    def _insert(self, rows: Iterable[tuple[int, Message]]) -> int:
+    def _insert(self, rows: Iterable[tuple[int, StoredMessage]]) -> int:
         """Insert (idempotently) in statements of up to ``INSERT_ROWS`` rows each: one SQLite
         step per statement, so the writer drops and retakes the GIL once per statement instead
         of once per row (per-row handoffs slowed the event loop by a third)."""
@@ -474,7 +474,7 @@ class _Writer:
 
     def _restore(self, op: _Restore, done: _Done) -> None:
         done.written += self._insert((op.group, m) for m in op.tail)
-        oldest: dict[str, Message] = {}
+        oldest: dict[str, StoredMessage] = {}
         seqs: dict[str, list[int]] = {}
         for m in op.tail:
             seqs.setdefault(m.session_id, []).append(m.seq)
@@ -507,7 +507,7 @@ class _Writer:
 
     def _fill(self, op: _Fill, done: _Done) -> None:
         sid, ranges = op.session_id, self.ranges.get(op.session_id, [])
-        accepted: dict[int, tuple[int, Message]] = {}
+        accepted: dict[int, tuple[int, StoredMessage]] = {}
         for m in op.messages:
             g = next((g for a, b, g in ranges if a <= m.seq <= b), None)
             if m.session_id != sid or g is None or m.seq in accepted:
@@ -724,7 +724,7 @@ class Archive:
         return self._backlog_bytes > self.config.backlog_bytes_max / 2
 
     # -- writes ------------------------------------------------------------------------------------
-    def add(self, group: int, index: int, message: Message) -> None:
+    def add(self, group: int, index: int, message: StoredMessage) -> None:
         """Queue ``message`` (handed over by applying the entry at ``index`` of ``group``, or 0
         when no entry did).  Rows are idempotent: adding one again (a replay after a restart)
         costs a write, nothing else."""
@@ -789,7 +789,11 @@ class Archive:
             self._push_locked(_Batch([], pending, 0), 0, False)
 
     def restore(
-        self, group: int, index: int, sessions: list[tuple[str, int, int]], tail: list[Message]
+        self,
+        group: int,
+        index: int,
+        sessions: list[tuple[str, int, int]],
+        tail: list[StoredMessage],
     ) -> None:
         if self._fatal is not None:
             return
@@ -801,7 +805,7 @@ class Archive:
             self._push_locked(_Restore(group, index, sessions, tail, size), len(tail), False)
         self._account(size, len(tail))
 
-    async def fill(self, session_id: str, messages: list[Message]) -> None:
+    async def fill(self, session_id: str, messages: list[StoredMessage]) -> None:
         """Insert rows a peer sent for ``session_id``'s backfill ranges and shrink the ranges, in
         one transaction.  Rows outside every range are ignored (``backfill_rows_ignored``)."""
         size = sum(_estimate_bytes(m, self._encode) for m in messages)
@@ -835,7 +839,7 @@ class Archive:
         *,
         to_seq: int | None = None,
         bytes_max: int = 2 * 1024 * 1024,
-    ) -> list[Message]:
+    ) -> list[StoredMessage]:
         """Rows with ``after_seq < seq <= to_seq``, ascending: at most ``limit``, and no more
         encoded bytes than ``bytes_max`` in total, except that the first row always comes."""
         if limit < 1 or bytes_max < 1:
@@ -1027,14 +1031,16 @@ class Archive:
         )
         conn.execute("PRAGMA query_only=1")
         self._reader_local.conn = conn
-        self._reader_local.decoder = msgspec.msgpack.Decoder(Message)
+        self._reader_local.decoder = msgspec.msgpack.Decoder(StoredMessage)
         with self._reader_conns_lock:
             self._reader_conns.append(conn)
 
-    def _read(self, sid: str, after: int, to: int, limit: int, bytes_max: int) -> list[Message]:
+    def _read(
+        self, sid: str, after: int, to: int, limit: int, bytes_max: int
+    ) -> list[StoredMessage]:
         conn: sqlite3.Connection = self._reader_local.conn
         decode = self._reader_local.decoder.decode
-        out: list[Message] = []
+        out: list[StoredMessage] = []
         total = 0
         cursor = conn.execute(_READ, (sid, after, to, limit))
         try:

@@ -19,9 +19,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from wire.protocol import Message
-
 from .archive import Archive, ArchiveConfig
+from .records import StoredMessage
 
 
 def _cpu_s() -> float:
@@ -35,7 +34,7 @@ async def _run(rows: int, sessions: int, batch: int, payload: int) -> dict[str, 
         await archive.start()
         content = "x" * payload
         messages = [
-            Message(f"s-{i % sessions}", i // sessions + 1, "user", "u", "text", content, {},
+            StoredMessage(f"s-{i % sessions}", i // sessions + 1, "user", "u", "text", content, {},
                     f"m-{i}", 1_700_000_000_000 + i, None)
             for i in range(rows)
         ]  # fmt: skip

@@ -28,16 +28,16 @@ from collections.abc import Awaitable, Callable
 
 from raft.driver import Driver
 from wire.flow import CountedLog
-from wire.protocol import Message
 
 from .archive import Archive
 from .history import History, HistoryUnavailable
+from .records import StoredMessage
 from .router import HistoryFetch, HistoryRows, RouteError, Router
 
 logger = logging.getLogger(__name__)
 
 # (session_id, after_seq, to_seq, limit) -> consecutive messages from after_seq + 1, or []
-HistorySource = Callable[[str, int, int, int], Awaitable[list[Message]]]
+HistorySource = Callable[[str, int, int, int], Awaitable[list[StoredMessage]]]
 
 FAILURE_LOG_INTERVAL_S = 60.0
 

@@ -8,7 +8,9 @@ Rules of this file:
 - A command holds everything the state machine needs to apply it deterministically on every
   replica: timestamps are read by the proposer and travel inside (``created_at``,
   ``inserted_at``: ms since the Unix epoch).  Input was validated at the wire (wire/protocol.py)
-  before it was proposed, so fields here are plain types.
+  before it was proposed, so fields here are plain types, and the data they embed are
+  ctxstore's own records (ctxstore/records.py), not the client protocol's types: a change to
+  the protocol does not change what a Raft entry holds.
 - Results travel between nodes when a request was forwarded to the leader.  Domain refusals are
   results (``Rejected``), not exceptions: they are part of the replicated outcome.
 - Schema evolution: new fields are appended with defaults; tags and field types never change.
@@ -25,17 +27,9 @@ from typing import Any
 import msgspec
 import msgspec.msgpack
 
-from wire.protocol import (
-    MESSAGE_BYTES_MAX,
-    Agent,
-    ContextConfig,
-    ErrorCode,
-    Message,
-    Part,
-    Role,
-    Sender,
-    Session,
-)
+from wire.protocol import MESSAGE_BYTES_MAX, ErrorCode, Session
+
+from .records import NO_PARTS, AgentRecord, Role, Sender, StoredMessage, WindowConfig
 
 Metadata = dict[str, Any]
 
@@ -92,7 +86,7 @@ class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
     token_count: int | None
     inserted_at: int
     role: Role | None = None
-    parts: list[Part] | None = None
+    parts: msgspec.Raw = NO_PARTS  # ctxstore/records.py: raw msgpack, checked by the proposer
     part_tokens: list[int] | None = None  # one per part
     if_version: int | None = None  # the context window's version the append requires
     actor: Actor | None = None  # who asked, if restricted (checked on apply)
@@ -114,7 +108,7 @@ class SetContextConfig(msgspec.Struct, array_like=True, frozen=True, gc=False, t
     the window or changes its tokenizer (appends are counted only for windowed sessions)."""
 
     session_id: str
-    config: ContextConfig
+    config: WindowConfig
     counts: list[tuple[int, int, list[int]]] = []
     actor: Actor | None = None  # who asked, if restricted (checked on apply)
 
@@ -126,7 +120,7 @@ class Compact(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5):
     session_id: str
     from_seq: int
     to_seq: int
-    replacement: list[Message]
+    replacement: list[StoredMessage]
     part_tokens: list[list[int]]
     if_version: int | None
     actor: Actor | None = None  # who asked, if restricted (checked on apply)
@@ -151,7 +145,7 @@ class PutAgent(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=30):
     """Register (``create``: refused ``conflict`` if the id is taken) or replace (refused
     ``not_found`` if there is none) an agent; it lives in the group of ``group_of(agent.id)``."""
 
-    agent: Agent
+    agent: AgentRecord
     create: bool
 
 
@@ -247,7 +241,7 @@ class PostgresMarked(msgspec.Struct, array_like=True, frozen=True, gc=False, tag
 
 
 class AgentSaved(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=30):
-    agent: Agent
+    agent: AgentRecord
 
 
 class DispatchBegun(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=31):

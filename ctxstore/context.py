@@ -16,18 +16,19 @@ import msgspec
 
 from wire.framing import SENDER_ROLES
 from wire.parts import matches
-from wire.protocol import (
-    Context,
-    ContextConfig,
-    GetContext,
-    Message,
-    NewMessage,
-    Segment,
-    SetContextConfig,
-)
+from wire.protocol import Context, GetContext, Message, NewMessage, Segment, SetContextConfig
 
 from . import commands
 from .history import History, message_bytes
+from .records import (
+    StoredMessage,
+    WindowConfig,
+    config_to_wire,
+    decode_parts,
+    encode_parts,
+    message_to_wire,
+    policy_from_wire,
+)
 from .state import ConversationState
 from .tokens import TokenCounter, TokenCounters
 from .window import Record, Window
@@ -73,14 +74,14 @@ class WindowCache:
     def __init__(self, bytes_max: int) -> None:
         self.bytes_max = bytes_max
         self.bytes = 0
-        self._messages: OrderedDict[tuple[str, int], Message] = OrderedDict()
+        self._messages: OrderedDict[tuple[str, int], StoredMessage] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._messages)
 
-    def offer(self, state: ConversationState, m: Message) -> None:
+    def offer(self, state: ConversationState, m: StoredMessage) -> None:
         """Keep ``m`` (leaving the hot tail) if its session's window holds it."""
         view = state.window(m.session_id)
         if view is None or view[0] is None:
@@ -90,7 +91,7 @@ class WindowCache:
             return
         self.put(m)
 
-    def put(self, m: Message) -> None:
+    def put(self, m: StoredMessage) -> None:
         key = (m.session_id, m.seq)
         if key in self._messages:
             self._messages.move_to_end(key)
@@ -104,7 +105,7 @@ class WindowCache:
             _, old = self._messages.popitem(last=False)
             self.bytes -= message_bytes(old)
 
-    def get(self, session_id: str, seq: int) -> Message | None:
+    def get(self, session_id: str, seq: int) -> StoredMessage | None:
         m = self._messages.get((session_id, seq))
         if m is not None:
             self._messages.move_to_end((session_id, seq))
@@ -113,10 +114,10 @@ class WindowCache:
 
 def from_memory(
     state: ConversationState, cache: WindowCache, plan: Plan
-) -> dict[int, Message] | Literal[False]:
+) -> dict[int, StoredMessage] | Literal[False]:
     """The history messages of the plan from the hot tail and the cache, False if they lack
     some (then ``from_history``)."""
-    found: dict[int, Message] = {}
+    found: dict[int, StoredMessage] = {}
     sid = plan.session_id
     for first, last in plan.runs():
         r = state.read(sid, first - 1, last - first + 1)
@@ -136,10 +137,10 @@ def from_memory(
 
 async def from_history(
     history: History, cache: WindowCache, plan: Plan, bytes_max: int
-) -> dict[int, Message]:
+) -> dict[int, StoredMessage]:
     """The history messages of the plan, wherever they are held (tail or archive); those of
     the archive are kept in the cache for the next ``get_context``."""
-    found: dict[int, Message] = {}
+    found: dict[int, StoredMessage] = {}
     for first, last in plan.runs():
         after = first - 1
         while after < last:
@@ -155,7 +156,7 @@ async def from_history(
     return found
 
 
-def answer(rid: int, plan: Plan, found: dict[int, Message]) -> Context:
+def answer(rid: int, plan: Plan, found: dict[int, StoredMessage]) -> Context:
     messages: list[Message] = []
     segments: list[Segment] = []
     for first, last, records, compacted in plan.segments:
@@ -167,23 +168,25 @@ def answer(rid: int, plan: Plan, found: dict[int, Message]) -> Context:
             messages.append(_view(m, r, plan.skip))
             count += 1
         segments.append(Segment(first, last, count, compacted))
+    config = None if plan.config is None else config_to_wire(plan.config)
     return Context(
         rid, plan.session_id, messages, segments, plan.tokens, plan.version,
-        plan.needs_compaction, plan.first_seq, plan.last_seq, plan.config,
+        plan.needs_compaction, plan.first_seq, plan.last_seq, config,
     )  # fmt: skip
 
 
-def _view(m: Message, r: Record, skip: list[str]) -> Message:
+def _view(m: StoredMessage, r: Record, skip: list[str]) -> Message:
     """The message as the window shows it: without the parts the policy skips, and with the
     window's count of it."""
-    parts = m.parts
+    wire = message_to_wire(m)
+    parts = wire.parts
     if skip and parts is not None:
         kept = [p for p in parts if not matches(p["type"], skip)]
         if len(kept) != len(parts):
-            return msgspec.structs.replace(m, parts=kept, token_count=r.view_tokens)
-    if m.token_count != r.view_tokens:  # appended before the window: counted when it opened
-        return msgspec.structs.replace(m, token_count=r.view_tokens)
-    return m
+            return msgspec.structs.replace(wire, parts=kept, token_count=r.view_tokens)
+    if wire.token_count != r.view_tokens:  # appended before the window: counted when it opened
+        return msgspec.structs.replace(wire, token_count=r.view_tokens)
+    return wire
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -191,13 +194,13 @@ def configure(
     r: SetContextConfig, counters: TokenCounters, counts: list[tuple[int, int, list[int]]]
 ) -> commands.SetContextConfig:
     tokenizer = r.tokenizer or counters.default
-    config = ContextConfig(r.token_budget, r.trigger_ratio, r.policy, tokenizer)  # type: ignore[arg-type]
+    config = WindowConfig(r.token_budget, r.trigger_ratio, policy_from_wire(r.policy), tokenizer)
     return commands.SetContextConfig(r.session_id, config, counts)
 
 
 def tail_to_count(
     state: ConversationState, session_id: str, tokenizer: str, records_max: int
-) -> tuple[list[Message], bool]:
+) -> tuple[list[StoredMessage], bool]:
     """The hot tail's messages (the newest ``records_max``) a configuration must count: all of
     them when it opens the window or changes its tokenizer, none otherwise; and whether it
     opens the window."""
@@ -211,20 +214,21 @@ def tail_to_count(
     return ([] if r is None else r.messages), window is None
 
 
-def tail_chars(messages: list[Message]) -> int:
-    return sum(len(m.content) + (len(m.parts) * 256 if m.parts else 0) for m in messages)
+def tail_chars(messages: list[StoredMessage]) -> int:
+    return sum(len(m.content) + len(m.parts) for m in messages)  # raw parts: bytes ~ chars
 
 
 def count_tail(
-    counter: TokenCounter, messages: list[Message], opening: bool
+    counter: TokenCounter, messages: list[StoredMessage], opening: bool
 ) -> list[tuple[int, int, list[int]]]:
     """``(seq, tokens, tokens of each part)`` of each message.  ``opening`` a window, a stored
     count (the client's: nothing else counted them) wins; for a new tokenizer, every message
     is counted again (a stored count may be the old tokenizer's)."""
     out = []
     for m in messages:
-        tokens, per_part = counter.message(m.content, m.parts)
-        if opening and m.token_count is not None and m.parts is None:
+        parts = decode_parts(m.parts)
+        tokens, per_part = counter.message(m.content, parts)
+        if opening and m.token_count is not None and parts is None:
             tokens = m.token_count
         out.append((m.seq, tokens, per_part))
     return out
@@ -233,19 +237,19 @@ def count_tail(
 def replacement(
     messages: list[NewMessage], session_id: str, now_ms: int, tokenizer: str | None,
     counters: TokenCounters,
-) -> tuple[list[Message], list[list[int]]]:  # fmt: skip
+) -> tuple[list[StoredMessage], list[list[int]]]:  # fmt: skip
     """A compaction's replacement as stored messages (seq 0) and their counts per part (a
     session without a window: by the node's default tokenizer; the state refuses it)."""
     counter = counters.get(tokenizer)
-    out: list[Message] = []
+    out: list[StoredMessage] = []
     per_part: list[list[int]] = []
     for n in messages:
         tokens, parts = counter.message(n.content, n.parts)
         count = n.token_count if n.token_count is not None else tokens
         sender: Any = _ROLE_SENDER[n.role]
-        out.append(Message(
+        out.append(StoredMessage(
             session_id, 0, sender, "", n.kind, n.content, n.metadata, None, now_ms, count,
-            n.role, n.parts,
+            n.role, encode_parts(n.parts),
         ))  # fmt: skip
         per_part.append(parts)
     return out, per_part

@@ -20,12 +20,12 @@ Rules of this module:
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-from wire.protocol import Message
-
 from .archive import Archive, Retention
+from .records import StoredMessage
 from .state import ConversationState, message_bytes
 
 PAGE_BYTES_MAX = 1024 * 1024
@@ -35,13 +35,24 @@ class HistoryUnavailable(Exception):
     """The node cannot serve this range yet (retryable)."""
 
 
+class TailMiss(enum.Enum):
+    """Why ``History.read_tail`` served no page."""
+
+    UNKNOWN_SESSION = "unknown session"  # not a session of this node's groups
+    NEEDS_READ = "needs read"  # the archive is needed, or retention by age may hide messages
+
+
+class _Retry(enum.Enum):
+    TAIL_MOVED = "tail moved"  # the tail moved on while the archive was read: read again
+
+
 class Page(NamedTuple):
-    messages: list[Message]
+    messages: list[StoredMessage]
     gap: tuple[int, int, str] | None  # (from_seq, to_seq, reason) just before ``messages``
     last_seq: int  # the session's last seq when the page was read
 
 
-def _capped(messages: list[Message], bytes_max: int) -> list[Message]:
+def _capped(messages: list[StoredMessage], bytes_max: int) -> list[StoredMessage]:
     """The first ``messages`` within about ``bytes_max`` (at least one)."""
     size = 0
     for i, m in enumerate(messages):
@@ -76,21 +87,21 @@ class History:
 
     def read_tail(
         self, session_id: str, after_seq: int, limit: int, bytes_max: int = PAGE_BYTES_MAX
-    ) -> Page | Literal[False] | None:
+    ) -> Page | TailMiss:
         """``read`` without awaiting, when the hot tail alone serves the page (the common case:
-        a reader near the end): the page, None for an unknown session, False when ``read``
-        must be used (the archive is needed, or retention by age may hide messages)."""
+        a reader near the end): the page, or why not (then ``read``, unless the session is
+        unknown)."""
         if self.retention.max_age_s is not None:
-            return False
+            return TailMiss.NEEDS_READ
         r = self.state.read(session_id, after_seq, limit)
         if r is None:
-            return None
+            return TailMiss.UNKNOWN_SESSION
         last_seq = r.last_seq
         if after_seq >= last_seq:
             return Page([], None, last_seq)
         keep = self.retention.max_messages
         if after_seq + 1 < r.first_seq or (keep is not None and after_seq < last_seq - keep):
-            return False
+            return TailMiss.NEEDS_READ
         return Page(_capped(r.messages, bytes_max), None, last_seq)
 
     async def read(
@@ -119,13 +130,13 @@ class History:
     ) -> Page | None:
         for _ in range(8):
             page = await self._read_once(session_id, after_seq, limit, bytes_max)
-            if page is None or isinstance(page, Page):
+            if page is not _Retry.TAIL_MOVED:
                 return page
         raise HistoryUnavailable(f"the tail of {session_id!r} moves faster than it can be read")
 
     async def _read_once(
         self, session_id: str, after_seq: int, limit: int, bytes_max: int
-    ) -> Page | object | None:
+    ) -> Page | Literal[_Retry.TAIL_MOVED] | None:
         head = self.state.read(session_id, after_seq, 1)
         if head is None:
             return None
@@ -136,7 +147,7 @@ class History:
         keep = self.retention.max_messages
         if keep is not None:
             start = max(start, last_seq - keep + 1)  # deleted by count, wherever it is held
-        messages: list[Message] = []
+        messages: list[StoredMessage] = []
         if start < head.first_seq:  # older than the tail: the archive
             messages = await self._from_archive(
                 session_id, start, head.first_seq - 1, limit, bytes_max
@@ -148,10 +159,10 @@ class History:
             more = self._from_tail(session_id, after, limit - len(messages), room)
             if more and more[0].seq != after + 1:  # the tail moved on while the archive read
                 if not messages:
-                    return _AGAIN
+                    return _Retry.TAIL_MOVED
                 more = []
             if not messages and not more:
-                return _AGAIN
+                return _Retry.TAIL_MOVED
             messages += more
         cut = self._age_cut_ms()
         if cut is not None:
@@ -165,7 +176,9 @@ class History:
         gap = (after_seq + 1, first - 1, self._gap_reason()) if first > after_seq + 1 else None
         return Page(messages, gap, last_seq)
 
-    def _from_tail(self, session_id: str, after: int, limit: int, bytes_max: int) -> list[Message]:
+    def _from_tail(
+        self, session_id: str, after: int, limit: int, bytes_max: int
+    ) -> list[StoredMessage]:
         if limit <= 0:
             return []
         r = self.state.read(session_id, after, limit)
@@ -173,7 +186,7 @@ class History:
 
     async def _from_archive(
         self, session_id: str, start: int, to_seq: int, limit: int, bytes_max: int
-    ) -> list[Message]:
+    ) -> list[StoredMessage]:
         """Archived messages from ``start`` (or the first one after it) up to ``to_seq``, with
         consecutive seqs."""
         for lo, hi in ((r[2], r[3]) for r in self.archive.backfill_ranges(session_id)):
@@ -191,18 +204,15 @@ class History:
             rows = await archive.read(
                 session_id, start - 1, limit, to_seq=to_seq, bytes_max=bytes_max
             )
-        out: list[Message] = rows
+        out: list[StoredMessage] = rows
         for i in range(1, len(out)):
             if out[i].seq != out[i - 1].seq + 1:
                 return out[:i]  # a hole: the next read reports it as a gap
         return out
 
 
-def _complete(rows: list[Message], start: int) -> bool:
+def _complete(rows: list[StoredMessage], start: int) -> bool:
     return bool(rows) and rows[0].seq == start and rows[-1].seq - start + 1 == len(rows)
 
 
-_AGAIN = object()
-
-
-__all__ = ["PAGE_BYTES_MAX", "History", "HistoryUnavailable", "Page", "message_bytes"]
+__all__ = ["PAGE_BYTES_MAX", "History", "HistoryUnavailable", "Page", "TailMiss", "message_bytes"]

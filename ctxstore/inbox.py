@@ -21,8 +21,9 @@ import asyncio
 from dataclasses import dataclass
 
 from wire.aio import Connection
-from wire.protocol import InboxDelta, InboxEntry, Message, SubscriptionClosed
+from wire.protocol import InboxDelta, InboxEntry, SubscriptionClosed
 
+from .records import StoredMessage, decode_parts
 from .registry import Streams
 from .state import ConversationState
 
@@ -56,7 +57,7 @@ def entry(state: ConversationState, session_id: str) -> InboxEntry | None:
     session = state.get_session(session_id)
     if session is None:
         return None
-    last: Message | None = state.last_message(session_id)
+    last: StoredMessage | None = state.last_message(session_id)
     return InboxEntry(
         session.id,
         session.agent_id,
@@ -69,11 +70,12 @@ def entry(state: ConversationState, session_id: str) -> InboxEntry | None:
     )
 
 
-def preview(m: Message) -> str:
+def preview(m: StoredMessage) -> str:
     """The start of a message's text: its content, or its first text part's."""
-    if m.parts is None:
+    parts = decode_parts(m.parts)
+    if parts is None:
         return m.content[:PREVIEW_CHARS]
-    for p in m.parts:
+    for p in parts:
         if p["type"] == "text":
             text: str = p["text"]
             return text[:PREVIEW_CHARS]

@@ -40,7 +40,6 @@ from wire.protocol import (
     READ_BYTES_MAX,
     Context,
     ContextConfig,
-    Message,
     Messages,
     Segment,
     SkipParts,
@@ -50,6 +49,7 @@ from . import commands
 from .config import ConfigError
 from .history import PAGE_BYTES_MAX
 from .history import message_bytes as stored_message_bytes
+from .records import StoredMessage
 from .router import Forward, HistoryRows
 from .state import StateLimits
 from .subscriptions import SubscriptionLimits
@@ -82,11 +82,11 @@ class Limits:
     window_records_max: int = StateLimits().window_records_max
 
 
-def largest_message(payload_bytes: int) -> Message:
+def largest_message(payload_bytes: int) -> StoredMessage:
     """A message whose content and metadata hold ``payload_bytes`` and whose other fields are as
     large as the wire schema allows (ids of 128 characters, 4-byte characters where no pattern
     forbids them, 64-bit numbers)."""
-    return Message(
+    return StoredMessage(
         "s" * 128, _I64, "system", _WIDE * 128, _WIDE * 64, "x" * (payload_bytes - 1), {},
         "c" * 128, _I64, _I64,
     )  # fmt: skip

@@ -35,7 +35,7 @@ from raft.multi import HostConfig, MultiRaft
 from raft.transport import Transport
 from raft.wal import WAL
 from wire.aio import Handler, Server, serve
-from wire.protocol import ContextReason, Message, Session
+from wire.protocol import ContextReason, Session
 
 from .agents.engine import Dispatcher
 from .archive import Archive, ArchiveConfig, Retention
@@ -45,6 +45,7 @@ from .context import WindowCache
 from .history import History
 from .inbox import Inboxes, InboxLimits
 from .limits import Limits, check
+from .records import StoredMessage
 from .router import HistoryFetch, HistoryRows, Router, RouterConfig
 from .state import ConversationState, StateLimits
 from .subscriptions import SubscriptionLimits, Subscriptions
@@ -94,7 +95,7 @@ class Node:
         self.counters = TokenCounters(s.tokenizer)
         self.window_cache = WindowCache(s.context_cache_bytes)
         self.failed: asyncio.Future[BaseException] | None = None
-        self._evicted_early: list[tuple[int, int, Message]] | None = []
+        self._evicted_early: list[tuple[int, int, StoredMessage]] | None = []
         group_cfg = Config(
             s.node_id,
             election_ticks=s.election_ticks,
@@ -171,7 +172,7 @@ class Node:
             return 0
 
     # -- StateObserver -----------------------------------------------------------------------------
-    def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
+    def on_message(self, group: int, index: int, user_id: str, message: StoredMessage) -> None:
         self.subscriptions.on_message(message)
         self.inboxes.on_change(user_id, message.session_id)
         if self.postgres is not None:
@@ -188,7 +189,7 @@ class Node:
     def on_context(self, session_id: str, window: Window, reasons: list[ContextReason]) -> None:
         self.subscriptions.on_context(session_id, window, reasons)
 
-    def on_evict(self, group: int, index: int, message: Message) -> None:
+    def on_evict(self, group: int, index: int, message: StoredMessage) -> None:
         self.window_cache.offer(self.state, message)
         if self._evicted_early is not None:  # restored before the archive started
             self._evicted_early.append((group, index, message))

@@ -44,10 +44,10 @@ import msgspec
 from raft import NONE, RaftError
 from raft.driver import Driver, ResultCallback, settle
 from raft.transport import Transport
-from wire.protocol import Message
 
 from . import commands
 from .errors import OUTCOME_CODES, Outcome, ServiceError, proposal_outcome
+from .records import StoredMessage
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class HistoryRows(msgspec.Struct, array_like=True, tag=5):
     ``gap_to`` > 0 (retention deleted everything up to it).  ``code`` "" or "unavailable"."""
 
     fid: int
-    messages: list[Message]
+    messages: list[StoredMessage]
     gap_to: int
     code: str
     message: str

@@ -93,12 +93,11 @@ from wire.protocol import (
     UpdateAgent,
     error,
 )
-from wire.protocol import Message as WireMessage
 
-from . import authz, commands, context
+from . import authz, commands, context, records
 from .agents.registry import check_agent
 from .auth import SERVICE, Principal, Unauthorized, Verifier, verifier_of
-from .history import HistoryUnavailable
+from .history import HistoryUnavailable, Page, TailMiss
 from .node import Node
 from .placement import group_of
 from .router import RouteError
@@ -290,14 +289,15 @@ class Service(BaseHandler):
                 bad = check_agent(r.agent)
                 if bad is not None:
                     return self._error(error(r.rid, "bad_request", f"{bad[0]}: {bad[1]}"))
-                cmd: commands.Command = commands.PutAgent(r.agent, type(r) is CreateAgent)
+                agent = records.agent_from_wire(r.agent)
+                cmd: commands.Command = commands.PutAgent(agent, type(r) is CreateAgent)
                 return self._submit(conn, r.rid, r.agent.id, cmd, r)
             case DisableAgent():
                 cmd = commands.DisableAgent(r.agent_id)
                 return self._submit(conn, r.rid, r.agent_id, cmd, r)
             case ListAgents():
                 agents, cursor = self.state.list_agents(r.cursor, r.limit)
-                return AgentList(r.rid, agents, cursor)
+                return AgentList(r.rid, [records.agent_to_wire(a) for a in agents], cursor)
         rid, agent_id = r.rid, r.agent_id
         fut = self.router.barrier(group_of(agent_id, self.groups))
 
@@ -309,7 +309,7 @@ class Service(BaseHandler):
             elif (agent := self.state.get_agent(agent_id)) is None:
                 conn.reply(self._error(error(rid, "not_found", f"no agent {agent_id!r}")))
             else:
-                conn.reply(AgentInfo(rid, agent))
+                conn.reply(AgentInfo(rid, records.agent_to_wire(agent)))
 
         fut.add_done_callback(done)
         return None
@@ -388,16 +388,17 @@ class Service(BaseHandler):
             allowed = " or ".join(SENDER_ROLES[sender])
             message = f"role: a {sender} writes role {allowed}"
             return self._error(error(r.rid, "bad_request", message, field="role"))
+        parts = records.encode_parts(r.parts)  # checked by wire.framing: encoded once, here
         cmd = commands.Append(
             r.session_id, sender, sender_id, r.kind, r.content, r.metadata,
-            r.client_msg_id, r.expected_seq, tokens, self.clock_ms(), role, r.parts,  # type: ignore[arg-type]
+            r.client_msg_id, r.expected_seq, tokens, self.clock_ms(), role, parts,  # type: ignore[arg-type]
             part_tokens, r.if_version, actor,
         )  # fmt: skip
         data = commands.encode_command(cmd)
         if len(data) > MESSAGE_BYTES_MAX:  # the payload may be over: measure it
-            size = payload_bytes(WireMessage(
+            size = payload_bytes(records.StoredMessage(
                 r.session_id, 0, r.sender, r.sender_id, r.kind, r.content, r.metadata,
-                r.client_msg_id, 0, r.token_count, role, r.parts,  # type: ignore[arg-type]
+                r.client_msg_id, 0, r.token_count, role, parts,  # type: ignore[arg-type]
             ))  # fmt: skip
             if size > MESSAGE_BYTES_MAX:
                 message = (
@@ -509,7 +510,7 @@ class Service(BaseHandler):
                 assert isinstance(request, SetContextConfig | Compact)
                 return ContextChanged(rid, request.session_id, version, tokens, needs, first_seq)
             case commands.AgentSaved(agent):
-                return AgentInfo(rid, agent)
+                return AgentInfo(rid, records.agent_to_wire(agent))
             case commands.Rejected(code, message, details):
                 return self._error(error(rid, code, message, **details))
         logger.error("unexpected result %r", result)
@@ -542,13 +543,14 @@ class Service(BaseHandler):
                 page = self.history.read_tail(
                     request.session_id, request.after_seq, request.limit, self.read_bytes_max
                 )
-                if page is False:  # older than the tail: the archive, off the loop
-                    task = asyncio.get_running_loop().create_task(self._read(request))
-                    task.add_done_callback(lambda t: conn.reply(self._task_answer(rid, t)))
-                elif page is None:
-                    conn.reply(self._not_found(rid, request.session_id))
-                else:
-                    conn.reply(Messages(rid, page.messages, page.last_seq))
+                match page:
+                    case Page(messages, _, last_seq):
+                        conn.reply(Messages(rid, records.messages_to_wire(messages), last_seq))
+                    case TailMiss.NEEDS_READ:  # older than the tail: the archive, off the loop
+                        task = asyncio.get_running_loop().create_task(self._read(request))
+                        task.add_done_callback(lambda t: conn.reply(self._task_answer(rid, t)))
+                    case TailMiss.UNKNOWN_SESSION:
+                        conn.reply(self._not_found(rid, request.session_id))
             elif isinstance(request, Subscribe):
                 self._subscribe(conn, request)
             elif isinstance(request, GetContext):
@@ -619,7 +621,7 @@ class Service(BaseHandler):
             return self._error(error(r.rid, "timeout", "the archive did not answer in time"))
         if page is None:
             return self._not_found(r.rid, r.session_id)
-        return Messages(r.rid, page.messages, page.last_seq)
+        return Messages(r.rid, records.messages_to_wire(page.messages), page.last_seq)
 
     def _task_answer(self, rid: int, task: asyncio.Task[Response]) -> Response:
         if task.cancelled():

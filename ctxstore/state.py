@@ -47,7 +47,7 @@ group (for queries), user id -> sorted session ids (for ``list_sessions``).
 Memory, worst case per session (CPython 3.11, 64-bit; ids <= 128 chars, metadata <= 16 KiB and
 content <= 1 MiB as the wire allows; measured with tracemalloc):
 - hot tail: ``tail_bytes_max`` + 1 message (<= 1.02 MiB) of payload, plus up to ~660 B of objects
-  per message (Message struct, 128-char sender and client_msg_id strings, ints, deque slots)
+  per message (StoredMessage struct, 128-char sender and client_msg_id strings, ints, deque slots)
   -> 8 MiB + 1 MiB + 10 000 x 660 B ~ 15.3 MiB with the default limits;
 - dedupe window: ~400 B per id (dict slot, 128-char id, tuple, 16-byte digest, ints; ~160 B
   while the id is shared with a message of the tail) -> 1 024 x 400 B ~ 0.4 MiB;
@@ -80,7 +80,7 @@ import msgspec.msgpack
 
 from raft.errors import InvariantViolation, check
 from raft.messages import Entry, EntryType
-from wire.protocol import Agent, ContextReason, Message, Session
+from wire.protocol import ContextReason, Session
 
 from .authz import FORBIDDEN_MESSAGE, owns
 from .commands import (
@@ -107,6 +107,7 @@ from .commands import (
     decode_command,
 )
 from .placement import group_of
+from .records import NO_PARTS, AgentRecord, StoredMessage, part_types
 from .state_schema import GroupSnap, ReadResult, RecordSnap, SessionSnap, WindowSnap
 from .window import Record, Window, WindowLimits
 
@@ -139,7 +140,7 @@ class StateObserver(Protocol):
     subscriptions and inboxes follow the state through it).  Called during ``apply``: must not
     raise, must not call back into the state's commands."""
 
-    def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
+    def on_message(self, group: int, index: int, user_id: str, message: StoredMessage) -> None:
         """A message was appended at raft ``index``; ``user_id`` owns its session."""
 
     def on_session(self, group: int, index: int, session: Session) -> None:
@@ -154,7 +155,7 @@ class StateObserver(Protocol):
         (``reasons``: ``wire.protocol.ContextReason``); called after that entry's
         ``on_message``, if any."""
 
-    def on_evict(self, group: int, index: int, message: Message) -> None:
+    def on_evict(self, group: int, index: int, message: StoredMessage) -> None:
         """``message`` left the hot tail, pushed out by applying the entry at ``index`` (0: by a
         ``restore`` under smaller limits).  Oldest first per session."""
 
@@ -167,37 +168,42 @@ class StateObserver(Protocol):
 
 _encoder = msgspec.msgpack.Encoder()
 _fingerprint_encoder = msgspec.msgpack.Encoder(order="sorted")  # canonical metadata key order
+_parts_decoder: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(list[Any])
 _snapshot_decoder = msgspec.msgpack.Decoder(GroupSnap)
 
 
 def _fingerprint(cmd: Append) -> bytes:
     """What a retry with the same ``client_msg_id`` must repeat to be the same append.  A
     structured message (or a role other than its sender's default) adds its role and parts;
-    a short one hashes as before roles existed, so retries across an upgrade still match."""
+    a short one hashes as before roles existed, so retries across an upgrade still match.  The
+    parts are decoded to be hashed with their maps' keys sorted, as the metadata's: the hash
+    is stored (dedupe, snapshots) and must not depend on the order a client wrote keys in."""
     fields: tuple[Any, ...] = (cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata)
-    if cmd.parts is not None or (cmd.role is not None and cmd.role != DEFAULT_ROLES[cmd.sender]):
-        fields = (*fields, cmd.role, cmd.parts)
+    raw = cmd.parts
+    if raw != NO_PARTS or (cmd.role is not None and cmd.role != DEFAULT_ROLES[cmd.sender]):
+        fields = (*fields, cmd.role, None if raw == NO_PARTS else _parts_decoder.decode(raw))
     return blake2b(_fingerprint_encoder.encode(fields), digest_size=16).digest()
 
 
-def payload_bytes(msg: Message) -> int:
+def payload_bytes(msg: StoredMessage) -> int:
     """The bytes a message counts against ``tail_bytes_max`` (its content, parts and metadata,
     as UTF-8 and msgpack): a function of the message only."""
     content = msg.content
     size = len(content) if content.isascii() else len(content.encode())
-    if msg.parts is not None:
-        size += len(_encoder.encode(msg.parts))
+    parts = msg.parts
+    if parts != NO_PARTS:
+        size += len(parts)
     return size + (len(_encoder.encode(msg.metadata)) if msg.metadata else 1)
 
 
-def message_bytes(m: Message) -> int:
+def message_bytes(m: StoredMessage) -> int:
     """A bound on a message's encoded size (what pages and response budgets count): its payload
     (content, parts, metadata) as the state counts it, its strings (4 bytes a character where
     no pattern keeps them ASCII), and 64 bytes for numbers, its role and msgpack headers."""
     return _message_bytes(m, payload_bytes(m))
 
 
-def _message_bytes(m: Message, payload: int) -> int:
+def _message_bytes(m: StoredMessage, payload: int) -> int:
     ids = len(m.session_id) + len(m.client_msg_id or "")
     return payload + 64 + ids + 4 * (len(m.sender_id) + len(m.kind))
 
@@ -206,11 +212,11 @@ DEFAULT_ROLES: dict[str, str] = {"user": "user", "agent": "assistant", "system":
 """The role of a message whose command names none (entries written before roles existed)."""
 
 
-def _shares(tokens: int, parts: list[dict[str, Any]]) -> list[int]:
+def _shares(tokens: int, parts: msgspec.Raw) -> list[int]:
     """Counts per part where none were made (a message taken from the tail when a window
     opens, an entry older than counts): the message's count shared by the parts' encoded
     sizes, the rounding on the last part (deterministic, so alike on every replica)."""
-    sizes = [len(_encoder.encode(p)) for p in parts]
+    sizes = [len(_encoder.encode(p)) for p in _parts_decoder.decode(parts)]
     total = sum(sizes) or 1
     shares = [tokens * size // total for size in sizes]
     if shares:
@@ -219,7 +225,7 @@ def _shares(tokens: int, parts: list[dict[str, Any]]) -> list[int]:
 
 
 def _record(
-    msg: Message, tokens: int | None, part_tokens: list[int] | None, payload: int = -1
+    msg: StoredMessage, tokens: int | None, part_tokens: list[int] | None, payload: int = -1
 ) -> Record:
     """The context-window record of a message (its counts as the proposer made them);
     ``payload``: its ``payload_bytes`` if known."""
@@ -229,16 +235,17 @@ def _record(
     if tokens is None:  # proposed before counts existed: a deterministic estimate
         tokens = (payload + 3) // 4
     per_part = None
-    if msg.parts is not None:
-        if part_tokens is None or len(part_tokens) != len(msg.parts):
+    if msg.parts != NO_PARTS:
+        types = part_types(msg.parts)
+        if part_tokens is None or len(part_tokens) != len(types):
             part_tokens = _shares(tokens, msg.parts)
-        per_part = [(p["type"], n) for p, n in zip(msg.parts, part_tokens, strict=True)]
+        per_part = list(zip(types, part_tokens, strict=True))
     role = msg.role if msg.role is not None else DEFAULT_ROLES[msg.sender]
     return Record(msg.seq, msg.seq, role, tokens, per_part, size)
 
 
 MESSAGE_OVERHEAD_BYTES = 400
-"""What a tail message costs beyond its payload (Message struct, strings, deque slots): an
+"""What a tail message costs beyond its payload (StoredMessage struct, strings, deque slots): an
 estimate (measured: ~200-660 B), charged against ``group_tail_bytes_max``."""
 
 
@@ -303,7 +310,7 @@ class _Session:
         self.created_at = created_at
         self.metadata = metadata
         self.last_seq = 0
-        self.tail: deque[Message] = deque()
+        self.tail: deque[StoredMessage] = deque()
         self.tail_sizes: deque[int] = deque()  # payload_bytes of each tail message
         self.tail_bytes = 0
         self.dedupe: dict[str, tuple[int, int, bytes]] = {}  # id -> (seq, inserted_at, print)
@@ -320,7 +327,11 @@ class _Session:
         )
 
     def push(
-        self, msg: Message, limits: StateLimits, evicted: list[Message] | None, size: int = -1
+        self,
+        msg: StoredMessage,
+        limits: StateLimits,
+        evicted: list[StoredMessage] | None,
+        size: int = -1,
     ) -> int:
         """Append ``msg`` to the tail, evicting by the session's limits (into ``evicted``, if
         given); the change of the tail's group charge (``_charge``).  ``size``: its
@@ -343,7 +354,7 @@ class _Session:
             charge -= size + MESSAGE_OVERHEAD_BYTES
         return charge
 
-    def trim(self, evicted: list[Message] | None) -> int:
+    def trim(self, evicted: list[StoredMessage] | None) -> int:
         """Evict all but the newest message (into ``evicted``, if given); the charge freed."""
         tail, sizes = self.tail, self.tail_sizes
         freed = 0
@@ -390,7 +401,7 @@ class _Session:
 
     @classmethod
     def from_snap(
-        cls, snap: SessionSnap, limits: StateLimits, evicted: list[Message] | None
+        cls, snap: SessionSnap, limits: StateLimits, evicted: list[StoredMessage] | None
     ) -> _Session:
         s = cls(
             snap.id, snap.user_id, snap.agent_id, snap.created_at, snap.metadata,
@@ -478,13 +489,13 @@ class ConversationState:
         self.group_count = groups
         self.observer = observer
         self._window_limits = _window_limits(self.limits)
-        self._evicted: list[Message] = []  # scratch: what one append pushes out of the tails
+        self._evicted: list[StoredMessage] = []  # scratch: what one append pushes out of the tails
         self._groups: dict[int, dict[str, _Session]] = {}
         self._charge: dict[int, int] = {}  # group -> what its tails cost (``_Session.charge``)
         # group -> sessions whose tail has more than one message, least recently appended first
         self._evictable: dict[int, dict[str, _Session]] = {}
         self._where: dict[str, int] = {}  # session id -> group, all groups
-        self._agents: dict[int, dict[str, Agent]] = {}  # group -> agent id -> agent
+        self._agents: dict[int, dict[str, AgentRecord]] = {}  # group -> agent id -> agent
         self._by_user: dict[str, list[str]] = {}  # user id -> sorted session ids, all groups
         # group -> session id -> [changed_index, flushed_seq, flushed_index, reset_seq] (Postgres
         # marks; reset_seq: last_seq at the group's last reset, the part a backfill copies)
@@ -593,7 +604,7 @@ class ConversationState:
         self.remove_group(group)
         self.add_group(group)
         sessions = self._groups[group]
-        evicted: list[Message] | None = [] if self.observer is not None else None
+        evicted: list[StoredMessage] | None = [] if self.observer is not None else None
         for ss in snap.sessions:
             check(
                 self._placed(ss.id, group) and ss.id not in sessions,
@@ -692,7 +703,7 @@ class ConversationState:
             self._pg[group][s.id] = [index, seq - 1, 0, 0]
         else:
             mark[0] = index
-        msg = Message(
+        msg = StoredMessage(
             s.id,
             seq,
             cmd.sender,
@@ -704,7 +715,7 @@ class ConversationState:
             cmd.inserted_at,
             cmd.token_count,
             cmd.role,
-            cmd.parts,
+            cmd.parts.copy(),  # its own bytes, not a view keeping the whole entry alive
         )
         payload = payload_bytes(msg)
         reasons = None
@@ -764,7 +775,7 @@ class ConversationState:
             for m, tokens in zip(cmd.replacement, cmd.part_tokens, strict=True)
         ]
         for r, m in zip(records, cmd.replacement, strict=True):
-            r.message = m
+            r.message = msgspec.structs.replace(m, parts=m.parts.copy())
             r.compacted = True
         size = sum(r.size for r in records)
         if size > window.limits.replacement_bytes_max:
@@ -911,7 +922,7 @@ class ConversationState:
         return PostgresMarked(clean)
 
     # -- queries -----------------------------------------------------------------------------------
-    def get_agent(self, agent_id: str) -> Agent | None:
+    def get_agent(self, agent_id: str) -> AgentRecord | None:
         if self.group_count is not None:  # placed like a session
             return self._agents.get(group_of(agent_id, self.group_count), {}).get(agent_id)
         for agents in self._agents.values():
@@ -920,7 +931,7 @@ class ConversationState:
                 return agent
         return None
 
-    def list_agents(self, cursor: str | None, limit: int) -> tuple[list[Agent], str | None]:
+    def list_agents(self, cursor: str | None, limit: int) -> tuple[list[AgentRecord], str | None]:
         """The agents of this node's groups with id > ``cursor``, by id; the next cursor is None
         on the last page."""
         if limit < 1:
@@ -967,7 +978,7 @@ class ConversationState:
         start = max(after_seq + 1, first_seq) - first_seq  # positions in the tail
         stop = min(start + limit, len(tail))
         if start >= stop:
-            messages: list[Message] = []
+            messages: list[StoredMessage] = []
         elif start <= len(tail) - stop:  # nearer the left end
             messages = list(islice(tail, start, stop))
         else:
@@ -998,7 +1009,7 @@ class ConversationState:
         s = self._lookup(session_id)
         return None if s is None else s.last_seq
 
-    def last_message(self, session_id: str) -> Message | None:
+    def last_message(self, session_id: str) -> StoredMessage | None:
         """The session's newest message (the hot tail always keeps it), None if it has none."""
         s = self._lookup(session_id)
         return s.tail[-1] if s is not None and s.tail else None
@@ -1007,11 +1018,11 @@ class ConversationState:
         """``user_id``'s sessions on this node, by id (a copy)."""
         return list(self._by_user.get(user_id, ()))
 
-    def group_tails(self, group: int) -> tuple[list[tuple[str, int, int]], list[Message]]:
+    def group_tails(self, group: int) -> tuple[list[tuple[str, int, int]], list[StoredMessage]]:
         """For each session of ``group``: (id, first seq of its hot tail, last_seq); and every
         message of those tails."""
         sessions: list[tuple[str, int, int]] = []
-        messages: list[Message] = []
+        messages: list[StoredMessage] = []
         for s in self._groups.get(group, {}).values():
             sessions.append((s.id, s.last_seq - len(s.tail) + 1, s.last_seq))
             messages.extend(s.tail)
@@ -1071,7 +1082,7 @@ class ConversationState:
         return None if s is None else dict(s.cursors)
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _recharge(self, group: int, delta: int, evicted: list[Message] | None) -> None:
+    def _recharge(self, group: int, delta: int, evicted: list[StoredMessage] | None) -> None:
         """Add ``delta`` to the group's tail charge; while it exceeds ``group_tail_bytes_max``,
         trim the tail of the least recently appended session down to its newest message."""
         total = self._charge[group] + delta

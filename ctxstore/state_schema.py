@@ -12,11 +12,11 @@ from typing import Any
 
 import msgspec
 
-from wire.protocol import Agent, ContextConfig, Message
+from .records import AgentRecord, StoredMessage, WindowConfig
 
 
 class ReadResult(msgspec.Struct, array_like=True, frozen=True):
-    messages: list[Message]  # seq > after_seq, oldest first, from the hot tail
+    messages: list[StoredMessage]  # seq > after_seq, oldest first, from the hot tail
     last_seq: int
     first_seq: int  # oldest seq in the hot tail (last_seq + 1 when it is empty)
 
@@ -29,7 +29,7 @@ class SessionSnap(msgspec.Struct, array_like=True, gc=False):
     created_at: int
     metadata: dict[str, Any]
     last_seq: int
-    tail: list[Message]
+    tail: list[StoredMessage]
     dedupe: dict[str, tuple[int, int, bytes]]  # oldest first
     cursors: dict[str, int]  # insertion order
     window: WindowSnap | None = None  # None: taken before context windows (an empty window)
@@ -47,11 +47,11 @@ class RecordSnap(msgspec.Struct, array_like=True, gc=False):
     tokens: int
     part_tokens: list[tuple[str, int]] | None
     size: int
-    message: Message | None  # a compaction's replacement message
+    message: StoredMessage | None  # a compaction's replacement message
 
 
 class WindowSnap(msgspec.Struct, array_like=True, gc=False):
-    config: ContextConfig | None
+    config: WindowConfig | None
     version: int
     needs_compaction: bool
     records: list[RecordSnap]
@@ -65,4 +65,4 @@ class GroupSnap(msgspec.Struct, array_like=True, gc=False):
     # (session_id, changed_index, flushed_seq, flushed_index, reset_seq), oldest change first.
     postgres: list[tuple[str, int, int, int, int]] = []
     postgres_epoch: int = 0  # index of the group's last PostgresFlushed(reset=True)
-    agents: list[Agent] = []  # the agents registered in this group, by id
+    agents: list[AgentRecord] = []  # the agents registered in this group, by id

@@ -51,12 +51,12 @@ from wire.protocol import (
     ContextReason,
     GapEvent,
     GapReason,
-    Message,
     MessageEvent,
     SubscriptionClosed,
 )
 
 from .history import History, HistoryUnavailable, message_bytes
+from .records import StoredMessage, messages_to_wire
 from .registry import Streams
 from .state import ConversationState
 from .window import Window
@@ -92,7 +92,7 @@ class _Sub:
         self.next_seq = 1
         self.live = False
         self.closed = False
-        self.outbox: list[Message] = []
+        self.outbox: list[StoredMessage] = []
         self.events: list[ContextEvent] = []  # pushed after the outbox's messages
         self.task: asyncio.Task[None] | None = None
 
@@ -176,7 +176,7 @@ class Subscriptions(Streams[str, _Sub]):
         return len(subs)
 
     # -- the state's side -------------------------------------------------------------------------
-    def on_message(self, message: Message) -> None:
+    def on_message(self, message: StoredMessage) -> None:
         subs = self._subs.of_key(message.session_id)
         if not subs:
             return
@@ -294,7 +294,7 @@ class Subscriptions(Streams[str, _Sub]):
             sub.live = False
             self._replay(sub)
 
-    def _push_messages(self, sub: _Sub, messages: list[Message]) -> None:
+    def _push_messages(self, sub: _Sub, messages: list[StoredMessage]) -> None:
         """One or more MessageEvents, each at most ``page_bytes`` of messages (or one)."""
         limit = self.limits.page_bytes
         start, size = 0, 0
@@ -307,11 +307,11 @@ class Subscriptions(Streams[str, _Sub]):
         self._push_event(sub, messages[start:] if start else messages)
         self.pushed_messages += len(messages)
 
-    def _push_event(self, sub: _Sub, messages: list[Message]) -> None:
+    def _push_event(self, sub: _Sub, messages: list[StoredMessage]) -> None:
         """Push ``messages`` in one MessageEvent, or in halves if the frame cannot hold them;
         a message alone over the frame limit becomes a GapEvent (see the module docstring)."""
         try:
-            sub.conn.push(MessageEvent(sub.sub_id, messages))
+            sub.conn.push(MessageEvent(sub.sub_id, messages_to_wire(messages)))
             return
         except LocalProtocolError as e:
             if e.code != "too_large":

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 from raft.errors import check
 from wire.parts import matches
-from wire.protocol import ContextConfig, ContextReason, Message, SkipParts, TokenBudget
-from wire.protocol import LastN as LastNPolicy
+from wire.protocol import ContextReason
+
+from .records import LastN, SkipParts, StoredMessage, TokenBudget, WindowConfig
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Record:
         tokens: int,
         part_tokens: list[tuple[str, int]] | None,
         size: int,
-        message: Message | None = None,
+        message: StoredMessage | None = None,
     ) -> None:
         self.first_seq = first_seq
         self.last_seq = last_seq
@@ -74,7 +75,7 @@ class Record:
 class Window:
     def __init__(self, limits: WindowLimits | None = None) -> None:
         self.limits = limits or WindowLimits()
-        self.config: ContextConfig | None = None
+        self.config: WindowConfig | None = None
         self.records: deque[Record] = deque()
         self.version = 0
         self.tokens = 0  # sum of view_tokens
@@ -112,7 +113,7 @@ class Window:
             if r.part_tokens is not None and len(new[1]) == len(r.part_tokens):
                 r.part_tokens = [(t, n) for (t, _), n in zip(r.part_tokens, new[1], strict=True)]
 
-    def configure(self, config: ContextConfig) -> list[ContextReason]:
+    def configure(self, config: WindowConfig) -> list[ContextReason]:
         self.config = config
         policy = config.policy
         self._skip = list(policy.types) if isinstance(policy, SkipParts) else []
@@ -206,7 +207,7 @@ class Window:
         if config is None:
             return False
         policy = config.policy
-        limit = policy.limit if isinstance(policy, LastNPolicy | SkipParts) else None
+        limit = policy.limit if isinstance(policy, LastN | SkipParts) else None
         if limit is not None and len(self.records) > limit:
             return True
         if isinstance(policy, TokenBudget):

@@ -40,12 +40,13 @@ import msgspec
 import msgspec.json
 
 from wire.parts import PartError, check_parts
-from wire.protocol import MESSAGE_BYTES_MAX, METADATA_BYTES_MAX, Agent, Message
+from wire.protocol import MESSAGE_BYTES_MAX, METADATA_BYTES_MAX, Message
 
 from .. import commands
 from ..context import Plan, WindowCache, answer, from_history, from_memory, window_tokenizer
 from ..history import History, HistoryUnavailable
 from ..placement import group_of
+from ..records import AgentRecord, StoredMessage, encode_parts, message_to_wire
 from ..router import RouteError, Router
 from ..state import ConversationState, payload_bytes
 from ..subscriptions import Subscriptions
@@ -205,7 +206,7 @@ class Dispatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.pool.close()
 
-    def on_message(self, group: int, message: Message) -> None:
+    def on_message(self, group: int, message: StoredMessage) -> None:
         """An applied message (state observer, inside apply): a user's arms the debounce."""
         if message.sender != "user" or not self.running or not self._leads(group):
             return
@@ -258,7 +259,7 @@ class Dispatcher:
         for sid in self.state.undispatched(group):
             self._arm(sid, resume=True)
 
-    def _active_agent(self, session_id: str) -> Agent | None:
+    def _active_agent(self, session_id: str) -> AgentRecord | None:
         view = self.state.dispatch_state(session_id)
         if view is None:
             return None
@@ -437,7 +438,7 @@ class Dispatcher:
         raise RuntimeError(f"could not commit the reply of session {sid!r} trigger {trigger}")
 
     async def _drop(
-        self, sid: str, group: int, agent: Agent, trigger: int, attempt: int, reason: str,
+        self, sid: str, group: int, agent: AgentRecord, trigger: int, attempt: int, reason: str,
         detail: str,
     ) -> None:  # fmt: skip
         stats = self._stats(agent.id)
@@ -457,7 +458,7 @@ class Dispatcher:
 
     # -- one call ----------------------------------------------------------------------------------
     async def _call(
-        self, agent: Agent, sid: str, user_id: str, trigger: int, attempt: int,
+        self, agent: AgentRecord, sid: str, user_id: str, trigger: int, attempt: int,
         stats: AgentStats,
     ) -> commands.Append:  # fmt: skip
         messages = await self._messages(agent, sid, trigger)
@@ -528,7 +529,7 @@ class Dispatcher:
             self.relay(sid, trigger, attempt, chunk)
 
     async def _reply(
-        self, agent: Agent, sid: str, trigger: int, attempt: int, a: Assembler
+        self, agent: AgentRecord, sid: str, trigger: int, attempt: int, a: Assembler
     ) -> commands.Append:
         try:
             check_parts(a.parts)
@@ -539,8 +540,9 @@ class Dispatcher:
             meta = {"metadata_dropped": True}  # the agent's metadata is too big to keep
         meta["agent"] = {"id": agent.id, "trigger_seq": trigger, "attempt": attempt,
                          "termination": a.terminated, "finish_reason": a.finish_reason}  # fmt: skip
-        message = Message(sid, 0, "agent", agent.id, "text", "", meta, None, 0, None,
-                          "assistant", a.parts)  # fmt: skip
+        parts = encode_parts(a.parts)
+        message = StoredMessage(sid, 0, "agent", agent.id, "text", "", meta, None, 0, None,
+                                "assistant", parts)  # fmt: skip
         if payload_bytes(message) > MESSAGE_BYTES_MAX:
             raise Failure("too_large", f"the reply is over {MESSAGE_BYTES_MAX} bytes", False)
         tokens: int | None = None
@@ -554,11 +556,11 @@ class Dispatcher:
                 tokens, per_part = counter.message("", a.parts)
         return commands.Append(
             sid, "agent", agent.id, "text", "", meta, f"agent-reply:{trigger}:{attempt}", None,
-            tokens, self.clock_ms(), "assistant", a.parts, per_part,
+            tokens, self.clock_ms(), "assistant", parts, per_part,
         )  # fmt: skip
 
     # -- the history a call carries ----------------------------------------------------------------
-    async def _messages(self, agent: Agent, sid: str, trigger: int) -> list[dict[str, Any]]:
+    async def _messages(self, agent: AgentRecord, sid: str, trigger: int) -> list[dict[str, Any]]:
         mode = agent.history
         lim = self.limits
         try:
@@ -576,7 +578,7 @@ class Dispatcher:
                 mode = "all"  # no window configured: the whole history
             count = lim.history_messages_max if mode == "all" else int(mode.split()[1])
             after = max(0, trigger - min(count, lim.history_messages_max))
-            out: list[Message] = []
+            out: list[StoredMessage] = []
             while after < trigger:
                 page = await self.history.read(sid, after, min(1000, trigger - after),
                                                lim.history_bytes_max)  # fmt: skip
@@ -586,7 +588,7 @@ class Dispatcher:
                 after = page.messages[-1].seq
         except HistoryUnavailable as e:
             raise Failure("history", str(e), True) from None
-        dicts = [ui_message(m) for m in out]
+        dicts = [ui_message(message_to_wire(m)) for m in out]
         size = 0
         for i in range(len(dicts) - 1, -1, -1):  # the newest within the byte budget
             size += len(_json.encode(dicts[i]))

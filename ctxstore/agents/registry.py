@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 
 from wire.protocol import Agent
 
+from ..records import AgentRecord
+
 RESERVED_HEADERS = frozenset(
     {"host", "content-length", "content-type", "transfer-encoding", "connection", "upgrade",
      "te", "keep-alive", "proxy-connection", "accept"}
@@ -35,7 +37,7 @@ def check_agent(agent: Agent) -> tuple[str, str] | None:
     return None
 
 
-def origin_of(agent: Agent) -> tuple[str, str, int]:
+def origin_of(agent: Agent | AgentRecord) -> tuple[str, str, int]:
     """(scheme, host, port) of the agent's webhook."""
     url = urlsplit(agent.url)
     assert url.hostname is not None
@@ -43,7 +45,7 @@ def origin_of(agent: Agent) -> tuple[str, str, int]:
     return url.scheme, url.hostname, port
 
 
-def target_of(agent: Agent) -> str:
+def target_of(agent: Agent | AgentRecord) -> str:
     """The request target: the URL's path and query."""
     url = urlsplit(agent.url)
     path = url.path or "/"

@@ -45,11 +45,11 @@ import asyncpg
 
 from raft.driver import Driver
 from raft.errors import RaftError
-from wire.protocol import Message
 
 from ..archive import Archive
 from ..commands import PostgresFlushed, encode_command
 from ..history import message_bytes
+from ..records import StoredMessage
 from ..state import ConversationState
 from . import schema
 from .rows import (
@@ -352,11 +352,11 @@ class Flusher:
 
     async def _messages(
         self, sid: str, after: int, last: int, limit: int, bytes_max: int
-    ) -> tuple[list[Message], int, int]:
+    ) -> tuple[list[StoredMessage], int, int]:
         """Consecutive messages of ``sid`` from ``after + 1`` up to ``last`` (at most ``limit``,
         about ``bytes_max`` bytes: ``history.message_bytes``), from the hot tail or the archive;
         the seq up to which every message is in them or skipped as gone; their bytes."""
-        out: list[Message] = []
+        out: list[StoredMessage] = []
         upto, size = after, 0
         while upto < last and len(out) < limit and size < bytes_max:
             r = self.state.read(sid, upto, limit - len(out))
@@ -395,7 +395,9 @@ class Flusher:
                 break
         return out, upto, size
 
-    async def _archived(self, sid: str, after: int, to: int, limit: int) -> list[Message] | None:
+    async def _archived(
+        self, sid: str, after: int, to: int, limit: int
+    ) -> list[StoredMessage] | None:
         """Archived messages of ``sid`` in ``after+1..to`` (waiting for the archive's queue if
         the first is missing); None while a backfill range covers ``after + 1``."""
         for _, _, lo, hi in self.archive.backfill_ranges(sid):

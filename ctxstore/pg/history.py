@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from wire.protocol import Message
-
+from ..records import StoredMessage
 from .rows import MESSAGE_SELECT, message_from_row
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ class PostgresHistory:
 
     async def fetch(
         self, session_id: str, after_seq: int, to_seq: int, limit: int
-    ) -> list[Message]:
+    ) -> list[StoredMessage]:
         """The messages ``after_seq < seq <= to_seq`` Postgres holds, at most ``limit``, cut at
         the first hole; [] when Postgres is not connected or lacks ``after_seq + 1``."""
         pool = await self._flusher.wait_pool(self._wait_s)
@@ -49,7 +48,7 @@ class PostgresHistory:
         found = await pool.fetch(
             SELECT_PAGE, session_id, after_seq, to_seq, limit, timeout=TIMEOUT_S
         )
-        out: list[Message] = []
+        out: list[StoredMessage] = []
         for row in found:
             m = message_from_row(row)
             if m.seq != after_seq + 1 + len(out):

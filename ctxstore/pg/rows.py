@@ -13,7 +13,9 @@ from typing import Any
 
 import msgspec
 
-from wire.protocol import Message, Session
+from wire.protocol import Session
+
+from ..records import NO_PARTS, StoredMessage, decode_parts, encode_parts
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 NUL, REPLACEMENT = "\x00", "\ufffd"
@@ -70,7 +72,7 @@ def stored_metadata(value: dict[str, Any]) -> dict[str, Any]:
     return _decode_metadata(json_text(value))
 
 
-def message_record(m: Message) -> tuple[Any, ...]:
+def message_record(m: StoredMessage) -> tuple[Any, ...]:
     return (
         m.session_id,
         m.seq,
@@ -83,7 +85,7 @@ def message_record(m: Message) -> tuple[Any, ...]:
         timestamp(m.inserted_at),
         m.token_count,
         m.role,
-        None if m.parts is None else json_text(m.parts),
+        None if (parts := decode_parts(m.parts)) is None else json_text(parts),
     )
 
 
@@ -95,9 +97,9 @@ def cursor_records(session_id: str, cursors: dict[str, int]) -> list[tuple[Any, 
     return [(session_id, user_id, seq) for user_id, seq in cursors.items()]
 
 
-def message_from_row(row: Any) -> Message:
-    """A ``messages`` row (selected with ``MESSAGE_SELECT``) as a Message."""
-    return Message(
+def message_from_row(row: Any) -> StoredMessage:
+    """A ``messages`` row (selected with ``MESSAGE_SELECT``) as a StoredMessage."""
+    return StoredMessage(
         row[0],
         row[1],
         row[2],
@@ -109,7 +111,7 @@ def message_from_row(row: Any) -> Message:
         millis(row[8]),
         row[9],
         row[10],
-        None if row[11] is None else _decode_parts(row[11]),
+        NO_PARTS if row[11] is None else encode_parts(_decode_parts(row[11])),
     )
 
 

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from ctxstore import commands
+from ctxstore.records import agent_from_wire
 from ctxstore.state import ConversationState
 from raft.messages import Entry, EntryType
 from wire.client import ClientError, agent, connect
@@ -48,7 +49,7 @@ def test_the_schema_refuses_bad_fields(fields: dict[str, object]) -> None:
 
 def test_the_registry_is_replicated_state_kept_by_snapshots() -> None:
     state = ConversationState()
-    a = agent("bot", "http://localhost:9/hook", history="tail 20")
+    a = agent_from_wire(agent("bot", "http://localhost:9/hook", history="tail 20"))
     put = commands.PutAgent(a, True)
     assert state.apply(0, [entry(1, put)]) == [commands.AgentSaved(a)]
     again = state.apply(0, [entry(2, put)])[0]

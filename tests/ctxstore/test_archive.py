@@ -35,7 +35,7 @@ from ctxstore.archive import (
     ArchiveSchemaError,
     Retention,
 )
-from wire.protocol import Message
+from ctxstore.records import StoredMessage
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ArchiveConfig(flush_interval_s=0.001)
@@ -46,10 +46,10 @@ def run(coro: Coroutine[Any, Any, None], timeout_s: float = 15.0) -> None:
     uvloop.run(asyncio.wait_for(coro, timeout_s))
 
 
-def msg(sid: str, seq: int, *, inserted_at: int | None = None, size: int = 10) -> Message:
+def msg(sid: str, seq: int, *, inserted_at: int | None = None, size: int = 10) -> StoredMessage:
     content = f"{sid}-{seq}-" + "x" * size
     at = seq * 1000 if inserted_at is None else inserted_at
-    return Message(sid, seq, "user", "u1", "text", content, {}, None, at, None)
+    return StoredMessage(sid, seq, "user", "u1", "text", content, {}, None, at, None)
 
 
 async def first_seq(a: Archive, sid: str) -> int | None:
@@ -58,7 +58,7 @@ async def first_seq(a: Archive, sid: str) -> int | None:
     return rows[0].seq if rows else None
 
 
-def encoded_bytes(m: Message) -> int:
+def encoded_bytes(m: StoredMessage) -> int:
     return len(msgspec.msgpack.encode(m))
 
 
@@ -190,7 +190,7 @@ def test_read_pages_by_limit_to_seq_and_bytes(tmp_path: Path) -> None:
 
 
 # -- restore and backfill --------------------------------------------------------------------------
-def tail(sid: str, first: int, last: int) -> list[Message]:
+def tail(sid: str, first: int, last: int) -> list[StoredMessage]:
     return [msg(sid, seq) for seq in range(first, last + 1)]
 
 
@@ -403,7 +403,7 @@ def test_config_is_validated() -> None:
 CHILD = """
 import asyncio, sys
 from ctxstore.archive import Archive, ArchiveConfig
-from wire.protocol import Message
+from ctxstore.records import StoredMessage
 
 async def main(path):
     a = Archive(path, ArchiveConfig(flush_interval_s=0.002, batch_rows_max=64))
@@ -413,7 +413,7 @@ async def main(path):
         index += 1
         for g in (1, 2, 3):
             if index % 7 != g:  # some entries carry no message
-                m = Message(f"s{g}", index, "user", "u", "text", "x" * 200, {}, None, 0, None)
+                m = StoredMessage(f"s{g}", index, "user", "u", "text", "x" * 200, {}, None, 0, None)
                 a.add(g, index, m)
             a.applied(g, index)
         if index % 20 == 0:
@@ -492,7 +492,7 @@ ops_strategy = st.lists(
 )
 
 
-def model_msg(sid: str, seq: int) -> Message:
+def model_msg(sid: str, seq: int) -> StoredMessage:
     return msg(sid, seq, size=(seq * 37) % 200)
 
 
@@ -501,7 +501,7 @@ class Model:
 
     def __init__(self) -> None:
         self.last = dict.fromkeys(SIDS, 0)
-        self.rows: dict[str, dict[int, Message]] = {s: {} for s in SIDS}
+        self.rows: dict[str, dict[int, StoredMessage]] = {s: {} for s in SIDS}
         self.missing: dict[str, set[int]] = {s: set() for s in SIDS}
         self.index = 0  # of the one group
 
@@ -519,7 +519,7 @@ class Model:
             self.missing[s] |= set(range(below + 1, first))
         return sessions
 
-    def candidates(self, sid: str, after: int, to: int | None) -> list[Message]:
+    def candidates(self, sid: str, after: int, to: int | None) -> list[StoredMessage]:
         top = to if to is not None else 10**9
         return [self.rows[sid][q] for q in sorted(self.rows[sid]) if after < q <= top]
 

@@ -1,7 +1,8 @@
 """What ctxstore writes to disk, pinned byte for byte: every Raft command (each entry of the
 WAL is one) and a group snapshot.  A node must read what an older node wrote, so a change of
-these bytes must be deliberate: a change to the client protocol's types (which some commands
-embed) shows here too.  Regenerate after a deliberate change and review the diff:
+these bytes must be deliberate.  Commands and snapshots hold ctxstore's own records
+(ctxstore/records.py), not the client protocol's types, so a change to the protocol cannot
+change them.  Regenerate after a deliberate change and review the diff:
 
     REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/ctxstore/test_disk_format.py
 """
@@ -15,21 +16,22 @@ import msgspec
 import pytest
 
 from ctxstore import commands
+from ctxstore.records import AgentRecord, SkipParts, StoredMessage, WindowConfig, encode_parts
 from ctxstore.state import ConversationState, StateLimits
 from raft.messages import Entry
-from wire.protocol import Agent, ContextConfig, Message, SkipParts
 
 GOLDEN = Path(__file__).parent / "golden_disk"
 REGEN = os.environ.get("REGEN_GOLDEN") == "1"
 T0 = 1_700_000_000_000
 PARTS = [{"type": "text", "text": "hi"}, {"type": "tool-x", "toolCallId": "c", "state":
          "input-available", "input": {"q": 1}}]  # fmt: skip
-APPEND = commands.Append("s-1", "agent", "a-1", "text", "", {"k": 1}, "m-1", 3, 7, T0, "assistant",
-                         PARTS, [1, 6], 2, commands.Actor("agent", "a-1"))  # fmt: skip
-CONFIG = ContextConfig(8000, 0.7, SkipParts(["tool-"], 50), "o200k_base")
-SUMMARY = Message("s-1", 0, "system", "", "summary", "so far", {}, None, T0, 2, "system")
-AGENT = Agent("bot", "https://agent.example/hook", {"x-key": "v"}, 60_000, 10_000, 500, "tail 20",
-              5, "active", "auto")  # fmt: skip
+APPEND = commands.Append("s-1", "agent", "a-1", "text", "", {"k": 1}, "m-1", 3, 7, T0,
+                         "assistant", encode_parts(PARTS), [1, 6], 2,
+                         commands.Actor("agent", "a-1"))  # fmt: skip
+CONFIG = WindowConfig(8000, 0.7, SkipParts(["tool-"], 50), "o200k_base")
+SUMMARY = StoredMessage("s-1", 0, "system", "", "summary", "so far", {}, None, T0, 2, "system")
+AGENT = AgentRecord("bot", "https://agent.example/hook", {"x-key": "v"}, 60_000, 10_000, 500,
+                    "tail 20", 5, "active", "auto")  # fmt: skip
 
 APPEND_SHORT = commands.Append("s-1", "user", "u-1", "text", "hello", {}, None, None, 1, T0)
 
@@ -108,3 +110,34 @@ def test_an_append_batch_is_written_from_its_appends_bytes() -> None:
     many = parts * 5000  # a 3-byte list header
     size = len(commands.encode_append_batch(many)) - sum(map(len, many))
     assert 0 < size <= commands.APPEND_BATCH_OVERHEAD_BYTES
+
+
+def _struct_modules(types: list[object]) -> set[str]:
+    modules: set[str] = set()
+    for info in msgspec.inspect.multi_type_info(types):
+        stack: list[msgspec.inspect.Type] = [info]
+        seen: set[int] = set()
+        while stack:
+            t = stack.pop()
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if isinstance(t, msgspec.inspect.StructType):
+                modules.add(t.cls.__module__)
+                stack.extend(f.type for f in t.fields)
+            else:  # containers and unions: their item types
+                for name in ("item_type", "key_type", "value_type"):
+                    if hasattr(t, name):
+                        stack.append(getattr(t, name))
+                stack.extend(getattr(t, "types", ()) or ())
+                stack.extend(getattr(t, "item_types", ()) or ())
+    return modules
+
+
+def test_what_is_written_holds_no_client_protocol_type() -> None:
+    """A change to wire/protocol.py cannot change the disk: no record embeds its Structs."""
+    from ctxstore.records import StoredMessage as Row  # an archive row
+    from ctxstore.state_schema import GroupSnap
+
+    modules = _struct_modules([commands.Command, GroupSnap, Row])
+    assert modules == {"ctxstore.commands", "ctxstore.records", "ctxstore.state_schema"}

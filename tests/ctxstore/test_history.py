@@ -12,11 +12,12 @@ import uvloop
 
 from ctxstore import commands as c
 from ctxstore.archive import Archive, ArchiveConfig, Retention
-from ctxstore.history import History, HistoryUnavailable, Page
+from ctxstore.history import History, HistoryUnavailable, Page, TailMiss
 from ctxstore.placement import group_of
+from ctxstore.records import StoredMessage
 from ctxstore.state import ConversationState, StateLimits
 from raft.messages import Entry
-from wire.protocol import Message, Session
+from wire.protocol import Session
 
 GROUPS = 8
 
@@ -40,10 +41,10 @@ class Feed:
         self.index: dict[int, int] = {}
         self.now = 1_000_000
 
-    def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
+    def on_message(self, group: int, index: int, user_id: str, message: StoredMessage) -> None:
         pass
 
-    def on_evict(self, group: int, index: int, message: Message) -> None:
+    def on_evict(self, group: int, index: int, message: StoredMessage) -> None:
         self.archive.add(group, index, message)
 
     def on_session(self, group: int, index: int, session: Session) -> None:
@@ -71,8 +72,8 @@ class Feed:
 
     async def all(
         self, sid: str, after: int = 0, limit: int = 7
-    ) -> list[Message | tuple[int, int, str]]:
-        out: list[Message | tuple[int, int, str]] = []
+    ) -> list[StoredMessage | tuple[int, int, str]]:
+        out: list[StoredMessage | tuple[int, int, str]] = []
         while True:
             page = await self.history.read(sid, after, limit)
             assert isinstance(page, Page)
@@ -89,7 +90,7 @@ class Feed:
 
 
 def seqs(items: list[Any]) -> list[Any]:
-    return [m.seq if isinstance(m, Message) else m for m in items]
+    return [m.seq if isinstance(m, StoredMessage) else m for m in items]
 
 
 def test_history_spans_archive_and_tail_in_pages(tmp_path: Path) -> None:
@@ -162,9 +163,9 @@ def test_a_range_being_copied_from_a_peer_is_unavailable_not_a_gap(tmp_path: Pat
     run(main())
 
 
-async def other_rows(sid: str) -> list[Message]:
+async def other_rows(sid: str) -> list[StoredMessage]:
     """Messages 21..70 as the other replica would serve them (made again: same commands)."""
-    return [Message(sid, s, "user", "u", "text", f"x{s - 1}", {}, None, 4 + s, None)
+    return [StoredMessage(sid, s, "user", "u", "text", f"x{s - 1}", {}, None, 4 + s, None)
             for s in range(21, 71)]  # fmt: skip
 
 
@@ -177,8 +178,8 @@ def test_read_tail_serves_the_tail_without_waiting_and_defers_the_rest(tmp_path:
         page = f.history.read_tail("s", 25, 3)
         assert isinstance(page, Page) and seqs(page.messages) == [26, 27, 28]
         assert f.history.read_tail("s", 30, 3) == Page([], None, 30)
-        assert f.history.read_tail("s", 5, 3) is False  # the archive is needed
-        assert f.history.read_tail("nope", 0, 3) is None
+        assert f.history.read_tail("s", 5, 3) is TailMiss.NEEDS_READ  # the archive is needed
+        assert f.history.read_tail("nope", 0, 3) is TailMiss.UNKNOWN_SESSION
         assert await f.history.read("s", 25, 3) == page
         await f.archive.stop()
 

@@ -17,9 +17,10 @@ from ctxstore.config import ConfigError, Settings
 from ctxstore.history import message_bytes
 from ctxstore.limits import Limits, check, largest_append, largest_message
 from ctxstore.node import Node
+from ctxstore.records import StoredMessage, encode_parts
 from ctxstore.router import RouteError, Router, RouterConfig
 from raft import NONE
-from wire.protocol import MESSAGE_BYTES_MAX, Message
+from wire.protocol import MESSAGE_BYTES_MAX
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -75,14 +76,14 @@ def test_the_stored_size_estimate_bounds_the_encoded_size() -> None:
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 300)))
         meta = {"k": text[: rng.randrange(0, 50)]} if rng.random() < 0.5 else {}
-        messages.append(Message(
+        messages.append(StoredMessage(
             "s" * rng.randrange(1, 129), rng.randrange(2**63), "agent",
             text[: rng.randrange(0, 129)], text[:64] or "t", text, meta,
             rng.choice([None, "c" * rng.randrange(1, 129)]), rng.randrange(2**63),
             rng.choice([None, rng.randrange(2**63)]), rng.choice([None, "assistant", "tool"]),
-            rng.choice([None, [{"type": "text", "text": text}],
-                        [{"type": "tool-t" + text[:8], "toolCallId": text[:64],
-                          "state": "input-available", "input": {"q": text}}]]),
+            encode_parts(rng.choice([None, [{"type": "text", "text": text}],
+                                     [{"type": "tool-t" + text[:8], "toolCallId": text[:64],
+                                       "state": "input-available", "input": {"q": text}}]])),
         ))  # fmt: skip
     for m in messages:
         assert len(_encode(m)) <= message_bytes(m), m.seq

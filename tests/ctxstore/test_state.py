@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from ctxstore import commands as c
 from ctxstore.placement import GROUPS, group_of
+from ctxstore.records import StoredMessage
 from ctxstore.state import SNAPSHOT_VERSION, ConversationState, ReadResult, StateLimits
 from raft.errors import InvariantViolation
 from raft.messages import ConfChange, ConfChangeType, Entry, EntryType
-from wire.protocol import Message
 
 
 class Node:
@@ -506,7 +506,7 @@ class Model:
     def __init__(self, limits: StateLimits, groups: int) -> None:
         self.limits, self.groups = limits, groups
         self.owners: dict[str, tuple[str, str]] = {}  # session id -> (user, agent)
-        self.history: dict[str, list[Message]] = {}
+        self.history: dict[str, list[StoredMessage]] = {}
         self.cursors: dict[str, dict[str, int]] = {}
 
     def apply(self, group: int, cmd: c.Command) -> tuple[object, ...]:
@@ -541,7 +541,7 @@ class Model:
             return ("rejected", "conflict", {"last_seq": len(history)})
         seq = len(history) + 1
         history.append(
-            Message(sid, seq, cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata,
+            StoredMessage(sid, seq, cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata,
                     cmd.client_msg_id, cmd.inserted_at, cmd.token_count)
         )  # fmt: skip
         if cmd.sender == "user":
@@ -569,8 +569,8 @@ class Model:
             assert all(m.sender != "user" for m in after)
         return len(after)
 
-    def tail(self, sid: str) -> list[Message]:
-        out: list[Message] = []
+    def tail(self, sid: str) -> list[StoredMessage]:
+        out: list[StoredMessage] = []
         size = 0
         for m in reversed(self.history[sid]):
             payload = len(m.content.encode()) + len(msgspec.msgpack.encode(m.metadata))
@@ -767,7 +767,7 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def on_message(self, group: int, index: int, user_id: str, message: Message) -> None:
+    def on_message(self, group: int, index: int, user_id: str, message: StoredMessage) -> None:
         self.events.append(("message", group, index, user_id, message.seq))
 
     def on_session(self, group: int, index: int, session: Any) -> None:
@@ -776,7 +776,7 @@ class Recorder:
     def on_cursor(self, session_id: str, owner_id: str, user_id: str, seq: int) -> None:
         self.events.append(("cursor", session_id, owner_id, user_id, seq))
 
-    def on_evict(self, group: int, index: int, message: Message) -> None:
+    def on_evict(self, group: int, index: int, message: StoredMessage) -> None:
         self.events.append(("evict", group, index, message.seq))
 
     def on_applied(self, group: int, index: int) -> None:

@@ -8,9 +8,10 @@ from typing import Any
 
 import msgspec
 
+from ctxstore.records import StoredMessage
 from ctxstore.subscriptions import SubscriptionLimits, Subscriptions
 from wire.errors import LocalProtocolError
-from wire.protocol import GapEvent, Message, MessageEvent, SubscriptionClosed
+from wire.protocol import GapEvent, MessageEvent, SubscriptionClosed
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -36,8 +37,8 @@ class _Conn:
         return size
 
 
-def _message(seq: int, size: int) -> Message:
-    return Message("s", seq, "user", "u", "text", "x" * size, {}, None, 0, None)
+def _message(seq: int, size: int) -> StoredMessage:
+    return StoredMessage("s", seq, "user", "u", "text", "x" * size, {}, None, 0, None)
 
 
 def _live(conn: _Conn, page_bytes: int = 1 << 20) -> Subscriptions:

@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctxstore import commands
+from ctxstore.records import LastN, Manual, SkipParts, StoredMessage, TokenBudget, encode_parts
+from ctxstore.records import WindowConfig as ContextConfig
 from ctxstore.state import ConversationState, StateLimits
 from ctxstore.window import Record, Window, WindowLimits
 from raft.messages import Entry
 from wire.parts import matches
-from wire.protocol import ContextConfig, LastN, Manual, Message, SkipParts, TokenBudget
 
 PART_TYPES = ["text", "reasoning", "tool-search", "tool-weather", "data-x", "file"]
 
@@ -199,7 +200,7 @@ def test_the_window_behaves_as_the_naive_model(
             last = first + span
             pairs = [records(0, x) for x in new]
             for rec, _ in pairs:
-                rec.message = Message("s", 0, "system", "", "k", "x", {}, None, 0, rec.tokens)
+                rec.message = StoredMessage("s", 0, "system", "", "k", "x", {}, None, 0, rec.tokens)
                 rec.compacted = True
             got = w.compact(first, last, [p[0] for p in pairs])
             want = m.compact(first, last, [p[1] for p in pairs])
@@ -241,6 +242,8 @@ def _apply(state: ConversationState, index: int, cmd: commands.Command) -> Any:
 
 
 def _append(sid: str, text: str, tokens: int, inserted_at: int, **kw: Any) -> commands.Append:
+    if "parts" in kw:
+        kw["parts"] = encode_parts(kw["parts"])
     return commands.Append(sid, "user", "u", "text", text, {}, None, None, tokens, inserted_at,
                            "user", **kw)  # fmt: skip
 
@@ -254,7 +257,7 @@ def test_the_window_survives_a_snapshot_and_both_replicas_go_on_alike() -> None:
     assert isinstance(
         _apply(a, 12, commands.SetContextConfig("s", config)), commands.ContextChanged
     )
-    summary = Message("s", 0, "system", "", "summary", "sum", {}, None, 13, 3, "system")
+    summary = StoredMessage("s", 0, "system", "", "summary", "sum", {}, None, 13, 3, "system")
     done = _apply(a, 13, commands.Compact("s", 6, 8, [summary], [[]], None))
     assert isinstance(done, commands.ContextChanged), done
     b = ConversationState(StateLimits(), groups=None)
@@ -284,7 +287,7 @@ def test_refusals_change_nothing() -> None:
     version = view[0].version
     stale = _apply(s, 4, _append("s", "x", 1, 4, if_version=version - 1))
     assert (stale.code, stale.details) == ("conflict", {"version": version})
-    big = Message("s", 0, "system", "", "summary", "x" * 500, {}, None, 4, 1, "system")
+    big = StoredMessage("s", 0, "system", "", "summary", "x" * 500, {}, None, 4, 1, "system")
     too_big = _apply(s, 5, commands.Compact("s", 1, 2, [big], [[]], None))
     assert too_big.code == "too_large"
     for first, last in [(2, 1), (0, 1), (1, 3), (3, 3)]:
