@@ -10,7 +10,7 @@ message the history can no longer give (deleted by retention) is left out of the
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -114,20 +114,20 @@ class WindowCache:
 
 def from_memory(
     state: ConversationState, cache: WindowCache, plan: Plan
-) -> dict[int, StoredMessage] | Literal[False]:
-    """The history messages of the plan from the hot tail and the cache, False if they lack
+) -> dict[int, StoredMessage] | None:
+    """The history messages of the plan from the hot tail and the cache, None if they lack
     some (then ``from_history``)."""
     found: dict[int, StoredMessage] = {}
     sid = plan.session_id
     for first, last in plan.runs():
         r = state.read(sid, first - 1, last - first + 1)
         if r is None:
-            return False
+            return None
         for seq in range(first, min(r.first_seq, last + 1)):  # older than the tail
             m = cache.get(sid, seq)
             if m is None:
                 cache.misses += 1
-                return False
+                return None
             found[seq] = m
         for m in r.messages:
             found[m.seq] = m

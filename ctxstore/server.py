@@ -47,10 +47,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 from msgspec.structs import replace
 
+from raft.errors import check
 from wire.aio import BaseHandler, Connection, Reply
 from wire.framing import SENDER_ROLES
 from wire.protocol import (
@@ -199,54 +200,32 @@ class Service(BaseHandler):
             denied = self._refusal(conn, principal, request)
             if denied is not None:
                 return denied
-        match request:
-            case Append():
-                return self._append(conn, request)
-            case Read():
-                return self._after_barrier(conn, request.rid, request.session_id, request)
-            case GetContext():
-                return self._after_barrier(conn, request.rid, request.session_id, request)
-            case SetContextConfig():
-                return self._configure(conn, request)
-            case Compact():
-                return self._compact(conn, request)
-            case GetSession():
-                return self._after_barrier(conn, request.rid, request.session_id, request)
-            case Subscribe():
-                refused = self.subscriptions.admit(conn)
-                if refused is not None:
-                    return self._error(error(request.rid, *refused))
-                return self._after_barrier(conn, request.rid, request.session_id, request)
-            case Unsubscribe():
-                sub_id = request.sub_id
-                if self.subscriptions.stop(conn, sub_id) or self.inboxes.stop(conn, sub_id):
-                    return Unsubscribed(request.rid, sub_id)
-                return self._error(
-                    error(request.rid, "not_found", f"no subscription {sub_id} here")
-                )
-            case SubscribeInbox():
-                return self._subscribe_inbox(conn, request)
-            case CreateSession():
-                return self._create(conn, request)
-            case MarkRead():
-                cmd = commands.MarkRead(
-                    request.session_id, request.user_id, request.seq, self._actor(conn)
-                )
-                return self._submit(conn, request.rid, request.session_id, cmd, request)
-            case ListSessions():
-                sessions, cursor = self.state.list_sessions(
-                    request.user_id, request.cursor, request.limit
-                )
-                return SessionList(request.rid, sessions, cursor)
-            case Ping():
-                return Pong(request.rid)
-            case CreateAgent() | UpdateAgent() | GetAgent() | ListAgents() | DisableAgent():
-                return self._agent_request(conn, request)
-            case GetRoutes():
-                leaders = [self.node.host.leader(g) for g in range(self.groups)]
-                version = self.node.driver.stats.soft_state_changes
-                return Routes(request.rid, version, leaders, dict(self.router.addresses))
-        return self._error(error(request.rid, "bad_request", "unsupported request"))
+        handler = _HANDLERS.get(type(request))
+        if handler is None:
+            return self._error(error(request.rid, "bad_request", "unsupported request"))
+        return handler(self, conn, request)
+
+    # -- small requests ---------------------------------------------------------------------------
+    def _unsubscribe(self, conn: Connection, r: Unsubscribe) -> Reply:
+        if self.subscriptions.stop(conn, r.sub_id) or self.inboxes.stop(conn, r.sub_id):
+            return Unsubscribed(r.rid, r.sub_id)
+        return self._error(error(r.rid, "not_found", f"no subscription {r.sub_id} here"))
+
+    def _mark_read(self, conn: Connection, r: MarkRead) -> Reply:
+        cmd = commands.MarkRead(r.session_id, r.user_id, r.seq, self._actor(conn))
+        return self._submit(conn, r.rid, r.session_id, cmd, r)
+
+    def _list_sessions(self, conn: Connection, r: ListSessions) -> Reply:
+        sessions, cursor = self.state.list_sessions(r.user_id, r.cursor, r.limit)
+        return SessionList(r.rid, sessions, cursor)
+
+    def _ping(self, conn: Connection, r: Ping) -> Reply:
+        return Pong(r.rid)
+
+    def _get_routes(self, conn: Connection, r: GetRoutes) -> Reply:
+        leaders = [self.node.host.leader(g) for g in range(self.groups)]
+        version = self.node.driver.stats.soft_state_changes
+        return Routes(r.rid, version, leaders, dict(self.router.addresses))
 
     def on_writable(self, conn: Connection) -> None:
         self.subscriptions.on_writable(conn)
@@ -276,43 +255,32 @@ class Service(BaseHandler):
         return None
 
     # -- agents (ctxstore/agents/; docs/agents.md) ------------------------------------------------
-    def _agent_request(
-        self,
-        conn: Connection,
-        r: CreateAgent | UpdateAgent | GetAgent | ListAgents | DisableAgent,
-    ) -> Reply:
-        """Writes go through the agent's group (``group_of(agent_id)``); ``get_agent`` reads
-        after that group's barrier; ``list_agents`` reads this node's applied state (every
-        group is replicated here), like ``list_sessions``."""
-        match r:
-            case CreateAgent() | UpdateAgent():
-                bad = check_agent(r.agent)
-                if bad is not None:
-                    return self._error(error(r.rid, "bad_request", f"{bad[0]}: {bad[1]}"))
-                agent = records.agent_from_wire(r.agent)
-                cmd: commands.Command = commands.PutAgent(agent, type(r) is CreateAgent)
-                return self._submit(conn, r.rid, r.agent.id, cmd, r)
-            case DisableAgent():
-                cmd = commands.DisableAgent(r.agent_id)
-                return self._submit(conn, r.rid, r.agent_id, cmd, r)
-            case ListAgents():
-                agents, cursor = self.state.list_agents(r.cursor, r.limit)
-                return AgentList(r.rid, [records.agent_to_wire(a) for a in agents], cursor)
-        rid, agent_id = r.rid, r.agent_id
-        fut = self.router.barrier(group_of(agent_id, self.groups))
+    # Writes go through the agent's group (``group_of(agent_id)``); ``get_agent`` reads after
+    # that group's barrier; ``list_agents`` reads this node's applied state (every group is
+    # replicated here), like ``list_sessions``.
+    def _put_agent(self, conn: Connection, r: CreateAgent | UpdateAgent) -> Reply:
+        bad = check_agent(r.agent)
+        if bad is not None:
+            return self._error(error(r.rid, "bad_request", f"{bad[0]}: {bad[1]}"))
+        cmd = commands.PutAgent(records.agent_from_wire(r.agent), type(r) is CreateAgent)
+        return self._submit(conn, r.rid, r.agent.id, cmd, r)
 
-        def done(f: asyncio.Future[Any]) -> None:
-            if f.cancelled():
-                conn.reply(self._error(error(rid, "timeout", "read barrier timed out")))
-            elif (exc := f.exception()) is not None:
-                conn.reply(self._failure(rid, exc))
-            elif (agent := self.state.get_agent(agent_id)) is None:
-                conn.reply(self._error(error(rid, "not_found", f"no agent {agent_id!r}")))
+    def _disable_agent(self, conn: Connection, r: DisableAgent) -> Reply:
+        return self._submit(conn, r.rid, r.agent_id, commands.DisableAgent(r.agent_id), r)
+
+    def _list_agents(self, conn: Connection, r: ListAgents) -> Reply:
+        agents, cursor = self.state.list_agents(r.cursor, r.limit)
+        return AgentList(r.rid, [records.agent_to_wire(a) for a in agents], cursor)
+
+    def _get_agent(self, conn: Connection, r: GetAgent) -> Reply:
+        def serve() -> None:
+            agent = self.state.get_agent(r.agent_id)
+            if agent is None:
+                conn.reply(self._error(error(r.rid, "not_found", f"no agent {r.agent_id!r}")))
             else:
-                conn.reply(AgentInfo(rid, records.agent_to_wire(agent)))
+                conn.reply(AgentInfo(r.rid, records.agent_to_wire(agent)))
 
-        fut.add_done_callback(done)
-        return None
+        return self._after_barrier(conn, r.rid, group_of(r.agent_id, self.groups), serve)
 
     # -- writes ---------------------------------------------------------------------------------
     def _append(self, conn: Connection, r: Append) -> Reply:
@@ -525,46 +493,68 @@ class Service(BaseHandler):
 
     # -- reads ------------------------------------------------------------------------------------
     def _after_barrier(
-        self,
-        conn: Connection,
-        rid: int,
-        sid: str,
-        request: Read | GetSession | Subscribe | GetContext,
+        self, conn: Connection, rid: int, group: int, serve: Callable[[], None]
     ) -> Reply:
+        """``serve`` once a ReadIndex barrier of ``group`` passed (then this node's state holds
+        every write acknowledged before the request); an error answer if it does not."""
 
         def done(_: object, exc: BaseException | None) -> None:
             if exc is not None:
                 conn.reply(self._failure(rid, exc))
-            elif (actor := self._actor(conn)) is not None and not self.state.owned_by(
-                sid, actor.role, actor.sub
-            ):
-                conn.reply(self._forbidden(rid))
-            elif isinstance(request, Read):
-                page = self.history.read_tail(
-                    request.session_id, request.after_seq, request.limit, self.read_bytes_max
-                )
-                match page:
-                    case Page(messages, _, last_seq):
-                        conn.reply(Messages(rid, records.messages_to_wire(messages), last_seq))
-                    case TailMiss.NEEDS_READ:  # older than the tail: the archive, off the loop
-                        task = asyncio.get_running_loop().create_task(self._read(request))
-                        task.add_done_callback(lambda t: conn.reply(self._task_answer(rid, t)))
-                    case TailMiss.UNKNOWN_SESSION:
-                        conn.reply(self._not_found(rid, request.session_id))
-            elif isinstance(request, Subscribe):
-                self._subscribe(conn, request)
-            elif isinstance(request, GetContext):
-                self._get_context(conn, request)
             else:
-                session = self.state.get_session(request.session_id)
-                if session is None:
-                    conn.reply(self._not_found(rid, request.session_id))
-                else:
-                    conn.reply(SessionInfo(rid, session))
+                serve()
 
         # Called back in the driver's pass that serves the barrier (no loop iteration after it).
-        self.router.barrier_then(group_of(sid, self.groups), done)
+        self.router.barrier_then(group, done)
         return None
+
+    def _session_read(
+        self, conn: Connection, rid: int, sid: str, serve: Callable[[], None]
+    ) -> Reply:
+        """``serve`` after the barrier of the session's group, if the connection's principal
+        may read the session (``forbidden`` otherwise, whether or not it exists)."""
+
+        def allowed() -> None:
+            actor = self._actor(conn)
+            if actor is not None and not self.state.owned_by(sid, actor.role, actor.sub):
+                conn.reply(self._forbidden(rid))
+            else:
+                serve()
+
+        return self._after_barrier(conn, rid, group_of(sid, self.groups), allowed)
+
+    def _read_request(self, conn: Connection, r: Read) -> Reply:
+        return self._session_read(conn, r.rid, r.session_id, lambda: self._serve_read(conn, r))
+
+    def _serve_read(self, conn: Connection, r: Read) -> None:
+        rid = r.rid
+        match self.history.read_tail(r.session_id, r.after_seq, r.limit, self.read_bytes_max):
+            case Page(messages, _, last_seq):
+                conn.reply(Messages(rid, records.messages_to_wire(messages), last_seq))
+            case TailMiss.NEEDS_READ:  # older than the tail: the archive, off the loop
+                task = asyncio.get_running_loop().create_task(self._read(r))
+                task.add_done_callback(lambda t: conn.reply(self._task_answer(rid, t)))
+            case TailMiss.UNKNOWN_SESSION:
+                conn.reply(self._not_found(rid, r.session_id))
+
+    def _get_session(self, conn: Connection, r: GetSession) -> Reply:
+        def serve() -> None:
+            session = self.state.get_session(r.session_id)
+            if session is None:
+                conn.reply(self._not_found(r.rid, r.session_id))
+            else:
+                conn.reply(SessionInfo(r.rid, session))
+
+        return self._session_read(conn, r.rid, r.session_id, serve)
+
+    def _subscribe_request(self, conn: Connection, r: Subscribe) -> Reply:
+        refused = self.subscriptions.admit(conn)
+        if refused is not None:
+            return self._error(error(r.rid, *refused))
+        return self._session_read(conn, r.rid, r.session_id, lambda: self._subscribe(conn, r))
+
+    def _get_context_request(self, conn: Connection, r: GetContext) -> Reply:
+        return self._session_read(conn, r.rid, r.session_id, lambda: self._get_context(conn, r))
 
     def _subscribe(self, conn: Connection, r: Subscribe) -> None:
         if conn.closed:
@@ -591,7 +581,7 @@ class Service(BaseHandler):
             conn.reply(self._not_found(r.rid, r.session_id))
             return
         found = context.from_memory(self.state, self.window_cache, plan)
-        if found is not False:
+        if found is not None:
             conn.reply(context.answer(r.rid, plan, found))
             return
         task = asyncio.get_running_loop().create_task(self._context_from_history(r, plan))
@@ -639,3 +629,32 @@ class Service(BaseHandler):
         if e.code == "forbidden":
             self.verifier.refuse("forbidden")
         return e
+
+
+_HANDLERS: dict[type[Request], Callable[[Service, Connection, Any], Reply]] = {
+    Append: Service._append,
+    Read: Service._read_request,
+    GetContext: Service._get_context_request,
+    SetContextConfig: Service._configure,
+    Compact: Service._compact,
+    GetSession: Service._get_session,
+    Subscribe: Service._subscribe_request,
+    Unsubscribe: Service._unsubscribe,
+    SubscribeInbox: Service._subscribe_inbox,
+    CreateSession: Service._create,
+    MarkRead: Service._mark_read,
+    ListSessions: Service._list_sessions,
+    Ping: Service._ping,
+    GetRoutes: Service._get_routes,
+    CreateAgent: Service._put_agent,
+    UpdateAgent: Service._put_agent,
+    GetAgent: Service._get_agent,
+    ListAgents: Service._list_agents,
+    DisableAgent: Service._disable_agent,
+}
+"""Each request type's handler (``Hello`` is the connection's, answered by ``on_hello``): it
+answers at once (its ``Reply``) or later through ``conn.reply`` (returning None)."""
+check(
+    set(_HANDLERS) == set(get_args(Request)) - {Hello},
+    "every request type but hello has one handler in server._HANDLERS",
+)

@@ -570,7 +570,7 @@ class Dispatcher:
                     plan = Plan(sid, view[0], view[1])
                     cache = self.window_cache
                     found = from_memory(self.state, cache, plan)
-                    if found is False:
+                    if found is None:
                         found = await from_history(self.history, cache, plan,
                                                    lim.history_bytes_max)  # fmt: skip
                     context = answer(0, plan, found)
