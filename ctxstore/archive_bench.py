@@ -34,8 +34,8 @@ async def _run(rows: int, sessions: int, batch: int, payload: int) -> dict[str, 
         await archive.start()
         content = "x" * payload
         messages = [
-            StoredMessage(f"s-{i % sessions}", i // sessions + 1, "user", "u", "text", content, {},
-                    f"m-{i}", 1_700_000_000_000 + i, None)
+            StoredMessage(f"s-{i % sessions}", i // sessions + 1, "user", "u", "text", content,
+                          {}, f"m-{i}", 1_700_000_000_000 + i, None)
             for i in range(rows)
         ]  # fmt: skip
         cpu, started = _cpu_s(), time.perf_counter()

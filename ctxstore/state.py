@@ -185,6 +185,12 @@ def _fingerprint(cmd: Append) -> bytes:
     return blake2b(_fingerprint_encoder.encode(fields), digest_size=16).digest()
 
 
+def _own_parts(m: StoredMessage) -> StoredMessage:
+    """``m`` with parts of its own: decoded parts are a view into the buffer they were decoded
+    from (a whole snapshot), which a message kept in memory must not keep alive."""
+    return m if m.parts == NO_PARTS else msgspec.structs.replace(m, parts=m.parts.copy())
+
+
 def payload_bytes(msg: StoredMessage) -> int:
     """The bytes a message counts against ``tail_bytes_max`` (its content, parts and metadata,
     as UTF-8 and msgpack): a function of the message only."""
@@ -413,7 +419,7 @@ class _Session:
             f"snapshot of session {snap.id!r}: tail seqs are not contiguous up to last_seq",
         )
         for msg in snap.tail:
-            s.push(msg, limits, evicted)
+            s.push(_own_parts(msg), limits, evicted)
         for cmid, seen in snap.dedupe.items():
             s.remember(cmid, seen, limits.dedupe_ids_max)
         for user_id, seq in snap.cursors.items():
@@ -461,8 +467,9 @@ def _restore_window(w: Window, snap: WindowSnap) -> None:
         w.configure(snap.config)
     for r in snap.records:
         part_tokens = None if r.part_tokens is None else [(t, n) for t, n in r.part_tokens]
+        message = None if r.message is None else _own_parts(r.message)
         w.restore(Record(r.first_seq, r.last_seq, r.role, r.tokens, part_tokens, r.size,
-                         r.message))  # fmt: skip
+                         message))  # fmt: skip
     w.version = snap.version
     w.needs_compaction = snap.needs_compaction
 
@@ -775,7 +782,7 @@ class ConversationState:
             for m, tokens in zip(cmd.replacement, cmd.part_tokens, strict=True)
         ]
         for r, m in zip(records, cmd.replacement, strict=True):
-            r.message = msgspec.structs.replace(m, parts=m.parts.copy())
+            r.message = _own_parts(m)
             r.compacted = True
         size = sum(r.size for r in records)
         if size > window.limits.replacement_bytes_max:
