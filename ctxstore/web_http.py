@@ -362,8 +362,10 @@ class HttpApi:
         if body and route.body is None:
             self.reply_error(http, request, "bad_request", "this request takes no body")
             return
-        token = self._token(http, request)
-        if token is False:
+        try:
+            token = bearer_token(request)
+        except _BadAuthorization as e:
+            self.reply_error(http, request, "unauthorized", str(e))
             return
         if route.stream and token is None:  # a browser's EventSource cannot set a header
             token, raw_query = query_token(raw_query)
@@ -396,18 +398,6 @@ class HttpApi:
         ]
         http.answer(204, "text/plain", b"", cors, False)
 
-    def _token(self, http: HttpHost, request: h11.Request) -> str | bool | None:
-        """The Bearer token (None: none given); False: refused (answered 401)."""
-        value = header(request, b"authorization")
-        if value is None:
-            return None
-        scheme, _, token = value.decode("latin-1").strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            message = "Authorization must be 'Bearer <token>'"
-            self.reply_error(http, request, "unauthorized", message)
-            return False
-        return token.strip()
-
     def _values(
         self, route: Route, m: re.Match[str], raw_query: bytes, body: bytes
     ) -> dict[str, Any]:
@@ -428,6 +418,21 @@ class HttpApi:
                 raise _BadInput(f"the body: {e}", field_of(str(e))) from None
             values.update(msgspec.structs.asdict(obj))
         return values
+
+
+class _BadAuthorization(Exception):
+    """An Authorization header that is not ``Bearer <token>`` (answered 401)."""
+
+
+def bearer_token(request: h11.Request) -> str | None:
+    """The request's Bearer token, None if it gives no Authorization header."""
+    value = header(request, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _BadAuthorization("Authorization must be 'Bearer <token>'")
+    return token.strip()
 
 
 class _BadInput(Exception):

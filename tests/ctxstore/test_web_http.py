@@ -275,7 +275,7 @@ def test_the_bearer_token_is_checked_as_the_hello_token(tmp_path: Path) -> None:
             r = await call(a, "GET", "/v1/users/u1/sessions", authorization="Bearer nope")
             assert r.status == 401
             r = await call(a, "GET", "/v1/users/u1/sessions", authorization="Basic s3cret")
-            assert r.status == 401
+            assert r.status == 401 and "'Bearer <token>'" in r.json()["message"]
             r = await call(a, "GET", "/v1/users/u1/sessions", authorization="Bearer s3cret")
             assert r.status == 200 and r.json() == {"sessions": [], "next_cursor": None}
             e = await Events.open(a, "/v1/users/u1/inbox/events")
