@@ -23,6 +23,7 @@ import pytest
 import uvloop
 
 from bench.nodestats import fetch_metrics
+from ctxstore import records
 from ctxstore.launcher import LocalCluster
 from ctxstore.pg import rows
 from wire.client import Client, ClientError, connect
@@ -152,7 +153,7 @@ async def read_all(client: Client, session_id: str) -> list[Message]:
 
 async def pg_messages(dsn: str) -> list[Message]:
     found = await fetch(dsn, f"SELECT {rows.MESSAGE_SELECT} FROM messages ORDER BY 1, 2")
-    return [rows.message_from_row(r) for r in found]
+    return [records.message_to_wire(rows.message_from_row(r)) for r in found]
 
 
 async def wait_caught_up(dsn: str, expected: int, timeout_s: float = 60) -> None:

@@ -322,7 +322,7 @@ def test_a_retry_must_repeat_a_structured_messages_parts_and_role() -> None:
 
     def structured(text: str, role: str = "assistant") -> commands.Append:
         return commands.Append("s", "agent", "a", "text", "", {}, "m-1", None, 3, 2, role,
-                               [{"type": "text", "text": text}])  # fmt: skip
+                               encode_parts([{"type": "text", "text": text}]))  # fmt: skip
 
     assert _apply(s, 2, structured("yes")) == commands.Appended(1, 2, False)
     assert _apply(s, 3, structured("yes")) == commands.Appended(1, 2, True)  # a retry
