@@ -40,7 +40,16 @@ RAFT_IO_MODULES = frozenset(
     }
 )
 # Pure modules outside raft/ (the domain state machine).
-PURE_MODULES = frozenset({"ctxstore/state.py", "ctxstore/state_schema.py", "ctxstore/commands.py"})
+PURE_MODULES = frozenset(
+    {
+        "ctxstore/state.py",
+        "ctxstore/state_schema.py",
+        "ctxstore/commands.py",
+        "ctxstore/placement.py",
+        "ctxstore/membership.py",
+        "ctxstore/reconciler.py",
+    }
+)
 
 IMPURE_IMPORTS = frozenset(
     {
