@@ -40,12 +40,14 @@ TRANSFERS_MAX = 8  # leadership transfers started per call of balance_leaders, b
 
 @dataclass(frozen=True)
 class GroupStatus:
-    """One group as its leader sees it (``leader`` 0: none known; then nothing is planned)."""
+    """One group as its leader sees it (``leader`` 0: none known; then nothing is planned,
+    nor while ``changing``)."""
 
     voters: frozenset[int]
     learners: frozenset[int]
     leader: int
     caught_up: frozenset[int] = frozenset()  # learners whose log matches the leader's
+    changing: bool = False  # a membership change is proposed, not yet applied: wait for it
 
 
 class Action(enum.Enum):
@@ -70,7 +72,9 @@ def moving(targets: Mapping[int, tuple[int, ...]], groups: Mapping[int, GroupSta
 
 
 def _moving(st: GroupStatus, target: tuple[int, ...] | None) -> bool:
-    return target is not None and (bool(st.learners) or st.voters != frozenset(target))
+    return target is not None and (
+        st.changing or bool(st.learners) or st.voters != frozenset(target)
+    )
 
 
 def plan(
@@ -83,10 +87,14 @@ def plan(
     targets = view.targets()
     steps: list[Step] = []
     started = 0
-    in_progress = sum(1 for g, st in groups.items() if st.learners and _moving(st, targets.get(g)))
+    in_progress = sum(
+        1
+        for g, st in groups.items()
+        if (st.learners or st.changing) and _moving(st, targets.get(g))
+    )
     for g in sorted(groups):
         st, target = groups[g], targets.get(g)
-        if target is None or st.leader == 0:
+        if target is None or st.leader == 0 or st.changing:
             continue
         step = _group_step(g, st, frozenset(target), live)
         if step is None:

@@ -168,6 +168,17 @@ def test_unknown_leader_plans_nothing_for_the_group() -> None:
     assert plan(view, groups, {1, 2, 3}) == []
 
 
+def test_a_pending_change_is_waited_for_and_counts_as_a_move() -> None:
+    view = view_of([1, 2, 3, 4], groups=8)
+    groups = settled(view_of([1, 2, 3], groups=8))
+    moves = [g for g, t in view.targets().items() if 4 in t]
+    assert len(moves) >= 2
+    for g in moves[:2]:
+        groups[g] = replace(groups[g], changing=True)
+    steps = plan(view, groups, {1, 2, 3, 4}, moves_max=3)
+    assert [s.group for s in steps] == [moves[2]] if len(moves) > 2 else steps == []
+
+
 def test_balance_leaders() -> None:
     view = view_of([1, 2, 3, 4, 5])
     groups = settled(view)  # every group led by its lowest id: unbalanced

@@ -5,6 +5,8 @@
     python -m tests.sim --seeds 1-10000 --jobs 2        # a soak, on every core
     python -m tests.sim --seeds 1-100 --wal             # every seed on the real WAL
     python -m tests.sim --seeds 1-100 --no-quiesce      # the bare core's timers, no quiescence
+    python -m tests.sim --membership --seeds 1-1000 --nodes 5 --groups 8 --jobs 2
+                                                        # scale-out: joins, drains, removals
 
 By default a seed runs on the real WAL when seed % 3 == 0 and without quiescence when
 seed % 7 == 0; ``--wal``/``--no-wal`` and ``--quiesce``/``--no-quiesce`` force either for
@@ -24,7 +26,7 @@ from dataclasses import fields
 from .cluster import Stats
 from .runner import SimResult, run_seed
 
-Job = tuple[int, int, int, int, bool | None, bool | None]
+Job = tuple[int, int, int, int, bool | None, bool | None, bool]
 
 
 def parse_seeds(text: str) -> range:
@@ -33,14 +35,14 @@ def parse_seeds(text: str) -> range:
 
 
 def _run(job: Job) -> SimResult:
-    seed, nodes, groups, ticks, wal, quiesce = job
-    return run_seed(seed, nodes, groups, ticks, wal=wal, quiesce=quiesce)
+    seed, nodes, groups, ticks, wal, quiesce, membership = job
+    return run_seed(seed, nodes, groups, ticks, wal=wal, quiesce=quiesce, membership=membership)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.sim", description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="1-100", help="a seed or an inclusive range A-B")
-    p.add_argument("--nodes", type=int, choices=(3, 5), default=3)
+    p.add_argument("--nodes", type=int, choices=(3, 4, 5, 6), default=3)
     p.add_argument("--groups", type=int, default=3)
     p.add_argument("--ticks", type=int, default=2000)
     p.add_argument("--jobs", type=int, default=1, help="worker processes (0: one per core)")
@@ -57,10 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the hosts quiesce idle groups (default: unless seed %% 7 == 0)",
     )
+    p.add_argument(
+        "--membership",
+        action="store_true",
+        help="scale-out: 3 nodes start with every group, the others join; nodes are drained "
+        "and removed while the reconciler moves groups (tests/sim/membership.py)",
+    )
     args = p.parse_args(argv)
+    if args.membership and args.nodes < 4:
+        p.error("--membership needs --nodes 4 or more (3 start, the others join)")
     seeds = parse_seeds(args.seeds)
     jobs: list[Job] = [
-        (s, args.nodes, args.groups, args.ticks, args.wal, args.quiesce) for s in seeds
+        (s, args.nodes, args.groups, args.ticks, args.wal, args.quiesce, args.membership)
+        for s in seeds
     ]
     workers = args.jobs or os.cpu_count() or 1
     violations = 0
@@ -89,8 +100,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.verbose:
         for i, job in enumerate(jobs, 1):
-            seed, nodes, groups, ticks, wal, quiesce = job
-            res = run_seed(seed, nodes, groups, ticks, trace=print, wal=wal, quiesce=quiesce)
+            seed, nodes, groups, ticks, wal, quiesce, membership = job
+            res = run_seed(
+                seed,
+                nodes,
+                groups,
+                ticks,
+                trace=print,
+                wal=wal,
+                quiesce=quiesce,
+                membership=membership,
+            )
             print(f"seed {seed} (wal {res.wal}, quiesce {res.quiesce}): {res.stats}")
             report(i, res)
     elif workers == 1:

@@ -67,6 +67,7 @@ from raft.wal import GroupWrite, Written
 from .app import Clients, History, SimApp
 from .checker import Checker, Violation
 from .disk import Durable, MemoryDisk, SimDisk, WalDisk, allowed_outcomes
+from .membership import Membership, initial_members
 
 ROUNDS_PER_TICK = 4
 ELECTION_TICKS = 10
@@ -452,6 +453,10 @@ class Stats:
     awake_outsiders: int = 0  # replicas outside their group's configuration (runner.py)
     zombie_groups: int = 0  # groups with an outsider that counts itself a voter (runner.py)
     quiesce_ticks: int = 0  # ticks from the liveness phase's progress to quiescence (runner.py)
+    joins: int = 0  # membership events (tests/sim/membership.py)
+    drains: int = 0
+    removals: int = 0
+    refused: int = 0  # restarts of a retired node, refused
 
 
 class SimCluster:
@@ -466,6 +471,7 @@ class SimCluster:
         trace: Callable[[str], None] | None = None,
         wal: bool | None = None,
         quiesce: bool | None = None,
+        membership: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.seed = seed
@@ -519,8 +525,12 @@ class SimCluster:
                 disk.on_durable = functools.partial(self.checker.on_persist, n)
                 cfg = dataclasses.replace(config, group=dataclasses.replace(config.group, id=n))
                 self.nodes[n] = SimNode(n, self.groups, disk, cfg, self)
+            placed = initial_members(self.ids, self.groups) if membership else None
             for g in self.groups:
-                members = self.ids if nodes <= 3 else sorted(self.rng.sample(self.ids, 3))
+                if placed is not None:
+                    members = list(placed[g])
+                else:
+                    members = self.ids if nodes <= 3 else sorted(self.rng.sample(self.ids, 3))
                 for n in members:  # a non-member starts empty and learns from the log
                     self.nodes[n].disk.bootstrap(g, ConfState(tuple(members)))
             for node in self.nodes.values():
@@ -531,6 +541,8 @@ class SimCluster:
         self.replicas = {
             (n, g): node.replicas[g] for n, node in self.nodes.items() for g in self.groups
         }
+        # Scale-out (tests/sim/membership.py): the reconciler alone changes memberships.
+        self.membership = Membership(self) if membership else None
 
     def close(self) -> None:
         """Close the disks and delete the WAL directories (idempotent)."""
@@ -645,6 +657,9 @@ class SimCluster:
 
     def restart(self, n: int) -> None:
         if n in self.alive:
+            return
+        if self.membership is not None and self.membership.retired(n):
+            self.stats.refused += 1  # a removed node's id is retired: it never comes back
             return
         self.log(f"restart n{n}")
         self.alive.add(n)

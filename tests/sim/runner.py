@@ -36,6 +36,7 @@ from .cluster import (
     quiesce_default,
     wal_default,
 )
+from .membership import RECONCILE_TICKS
 
 LIVENESS_TICKS = 400
 # With one entry per AppendEntries ("trickle") a replica far behind catches up one entry per
@@ -48,6 +49,11 @@ LIVENESS_TICKS_TRICKLE = 2000
 # quiescing heartbeat.  Measured over 800 seeds (3 and 5 nodes, both disks): median 6 ticks,
 # at most 24.  Four election timeouts leave room for a follower that must time out once.
 QUIESCE_TICKS = 4 * ELECTION_TICKS
+# Membership runs (tests/sim/membership.py): of the safety rounds that would change a group's
+# membership at random, this share draws a membership event instead (join, drain, remove);
+# leadership is balanced within BALANCE_TICKS once placement settled.
+EVENT_SHARE = 0.5
+BALANCE_TICKS = 400
 
 
 @dataclass
@@ -61,6 +67,7 @@ class SimResult:
     wal: bool
     quiesce: bool
     trace: list[str] = field(default_factory=list)
+    membership: bool = False
 
     def replay(self) -> str:
         """The command that replays this run, with its trace."""
@@ -68,6 +75,7 @@ class SimResult:
             f"python -m tests.sim --seeds {self.seed} --nodes {self.nodes} "
             f"--groups {self.groups} --ticks {self.ticks} "
             f"--{'' if self.wal else 'no-'}wal --{'' if self.quiesce else 'no-'}quiesce --verbose"
+            + (" --membership" if self.membership else "")
         )
 
 
@@ -83,7 +91,10 @@ def _safety_round(c: SimCluster) -> None:
     elif x < 0.35:
         c.compact(n, g)
     elif x < 0.354:
-        c.conf_change(g, rng)
+        if c.membership is None:
+            c.conf_change(g, rng)
+        elif rng.random() < EVENT_SHARE:
+            c.membership.event(rng)
     elif x < 0.357:
         c.transfer(g, rng)
     if rng.random() < f.pause:  # preferably a leader: it comes back stale
@@ -113,6 +124,8 @@ def _safety_round(c: SimCluster) -> None:
 def safety_phase(c: SimCluster, ticks: int) -> None:
     for r in range(ticks * ROUNDS_PER_TICK):
         _safety_round(c)
+        if c.membership is not None and r % (RECONCILE_TICKS * ROUNDS_PER_TICK) == 0:
+            c.membership.reconcile(balance=r % (50 * ROUNDS_PER_TICK) == 0)
         c.round()
         if r % (100 * ROUNDS_PER_TICK) == 0:
             c.check_logs()
@@ -161,12 +174,17 @@ def liveness_phase(c: SimCluster, liveness_ticks: int) -> None:
     for n in sorted(c.paused):
         c.resume(n)
     for n in sorted(set(c.ids) - c.alive):
-        c.restart(n)
-    away = _pick_isolated(c)
+        c.restart(n)  # (but a retired node's: refused)
+    away = _pick_isolated(c) if c.membership is None else None
     if away is not None:
         c.isolate(away)
     c.log(f"liveness phase (isolated: {away})")
+    if c.membership is not None:
+        c.membership.settle()  # every group on its target replicas
+        c.membership.balance(BALANCE_TICKS)
     _progress(c, liveness_ticks, away)
+    if c.membership is not None and (left := c.membership.unsettled()):
+        raise Violation(f"membership: unsettled again after progress: {'; '.join(left)}")
     _history(c, away)
     if c.quiesce:
         _quiescence(c, away)
@@ -357,6 +375,7 @@ def run_seed(
     trace: Callable[[str], None] | None = None,
     wal: bool | None = None,
     quiesce: bool | None = None,
+    membership: bool = False,
 ) -> SimResult:
     """One seeded run; ``wal``/``quiesce`` None: the seed's default (``wal_default``...)."""
     lines: list[str] = []
@@ -364,7 +383,9 @@ def run_seed(
     wal = wal_default(seed) if wal is None else wal
     quiesce = quiesce_default(seed) if quiesce is None else quiesce
     violation: str | None = None
-    with SimCluster(seed, nodes, groups, faults, trace=sink, wal=wal, quiesce=quiesce) as c:
+    with SimCluster(
+        seed, nodes, groups, faults, trace=sink, wal=wal, quiesce=quiesce, membership=membership
+    ) as c:
         try:
             safety_phase(c, ticks)
             if c.faults.max_size_per_msg < 16:
@@ -378,4 +399,6 @@ def run_seed(
         c.stats.snapshots_taken = c.snapshots_taken()
         c.stats.acks = c.history.acks
         c.stats.dedupes = c.history.dedupes
-    return SimResult(seed, nodes, groups, ticks, violation, c.stats, wal, quiesce, lines)
+    return SimResult(
+        seed, nodes, groups, ticks, violation, c.stats, wal, quiesce, lines, membership
+    )

@@ -78,6 +78,35 @@ def test_seed_sweep(nodes: int, first: int) -> None:
     }, kinds
 
 
+MEMBERSHIP_SEEDS = range(2001, 2007)  # the soak: python -m tests.sim --membership (docs/raft.md)
+
+
+def test_membership_sweep() -> None:
+    """Scale-out under faults (tests/sim/membership.py): 5 nodes, 3 of them holding the 6
+    groups at first; joins, drains and removals while the reconciler moves groups; then every
+    group on its target replicas, leaders balanced, and the usual liveness checks."""
+    failures = []
+    events = {"join": 0, "drain": 0, "removal": 0, "refused": 0, "conf": 0}
+    for seed in MEMBERSHIP_SEEDS:
+        res = run_seed(seed, 5, 6, 1500, membership=True)
+        if res.violation is not None:
+            failures.append(f"seed {seed}: {res.violation}\n  replay: {res.replay()}")
+        events["join"] += res.stats.joins
+        events["drain"] += res.stats.drains
+        events["removal"] += res.stats.removals
+        events["refused"] += res.stats.refused
+        events["conf"] += res.stats.conf_changes
+    assert not failures, "\n".join(failures)
+    assert all(events.values()), events  # every kind of event happened
+
+
+def test_a_membership_seed_replays_exactly() -> None:
+    a = run_seed(8, 5, 4, 500, verbose=True, membership=True)
+    b = run_seed(8, 5, 4, 500, verbose=True, membership=True)
+    assert a.trace == b.trace and a.stats == b.stats
+    assert a.stats.joins and a.stats.drains and a.stats.conf_changes
+
+
 @pytest.mark.parametrize("wal", [False, True], ids=["memory", "wal"])
 def test_a_seed_replays_exactly(wal: bool) -> None:
     a = run_seed(7, 3, 2, 300, verbose=True, wal=wal)
