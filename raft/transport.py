@@ -118,6 +118,8 @@ class TransportStats:
     refused: int = 0  # connections closed during the handshake (either side)
     handshakes_evicted: int = 0  # inbound handshakes closed to make room for newer ones
     protocol_errors: int = 0  # established connections closed for a protocol error
+    refused_retired: int = 0  # handshakes of a retired node that got past the id check
+    dropped_no_peer: int = 0  # messages for a node that is no peer (retired, or not yet known)
     peers: dict[int, PeerStats] = field(default_factory=dict)
 
 
@@ -205,6 +207,7 @@ class Transport:
             for pid, addr in peers.items()
         }
         self._lower_ids = frozenset(pid for pid in peers if pid < node_id)
+        self._retired: set[int] = set()  # removed from the cluster: refused for good
         self._connections: set[_Connection] = set()  # every open connection, authenticated or not
         # inbound connections in their handshake -> their source address, oldest first
         self._handshaking: dict[_Connection, str] = {}
@@ -258,6 +261,48 @@ class Transport:
         p = self._peers.get(peer)
         return p is not None and p.conn is not None
 
+    # membership -----------------------------------------------------------------------------------
+
+    def peers(self) -> dict[int, Address]:
+        return {pid: peer.address for pid, peer in self._peers.items()}
+
+    def add_peer(self, peer_id: int, address: Address) -> None:
+        """Talk to ``peer_id`` at ``address`` from now on (a node that joined the cluster), or
+        dial it at a new address.  A retired id is refused (``InvariantViolation``: the caller
+        checks the cluster view first)."""
+        check(peer_id != self.node_id, "a node is not its own peer")
+        check(peer_id not in self._retired, f"node {peer_id} is retired")
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.address = address  # (the next dial uses it)
+            return
+        peer = _Peer(peer_id, address, self.stats.peers.setdefault(peer_id, PeerStats()))
+        self._peers[peer_id] = peer
+        if peer_id < self.node_id:
+            self._lower_ids = self._lower_ids | {peer_id}
+        elif self._loop is not None and not self._closing:
+            peer.dialer = self._loop.create_task(self._dial_loop(peer))
+
+    def retire_peer(self, peer_id: int) -> None:
+        """Forget ``peer_id`` for good (a node removed from the cluster): its connection closes
+        (reported down), nothing more is sent to it, and its handshakes are refused from now
+        on, whatever data it comes back with."""
+        self._retired.add(peer_id)
+        self._lower_ids = self._lower_ids - {peer_id}
+        peer = self._peers.pop(peer_id, None)
+        if peer is None:
+            return
+        if peer.dialer is not None:
+            peer.dialer.cancel()
+        conn = peer.conn
+        if conn is not None:
+            peer.conn = None
+            self._peer_down(peer)
+            conn.abort("retired")
+
+    def retired(self, peer_id: int) -> bool:
+        return peer_id in self._retired
+
     def connected_peers(self) -> list[int]:
         return sorted(pid for pid, peer in self._peers.items() if peer.conn is not None)
 
@@ -268,8 +313,15 @@ class Transport:
     # sending -------------------------------------------------------------------------------------
 
     def send(self, to: int, items: Iterable[Item]) -> None:
-        """Queue messages for ``to``; they leave at the end of this loop iteration."""
-        peer = self._peers[to]
+        """Queue messages for ``to``; they leave at the end of this loop iteration.  For a node
+        that is no peer (retired, or not known yet) they are dropped and counted."""
+        peer = self._peers.get(to)
+        if peer is None:
+            for group, message in items:
+                self.stats.dropped_no_peer += 1
+                if isinstance(message, InstallSnapshot):
+                    self._snapshot_failed(to, group)
+            return
         conn = peer.conn
         for group, message in items:
             if isinstance(message, InstallSnapshot):
@@ -329,7 +381,11 @@ class Transport:
         """Stream ``message`` to ``to`` on the snapshot lane; the outcome arrives through
         ``on_snapshot_status(to, group, ok)``.  A queued, unstarted snapshot of the same group
         is replaced (and reported failed)."""
-        peer = self._peers[to]
+        peer = self._peers.get(to)
+        if peer is None:
+            self.stats.dropped_no_peer += 1
+            self._snapshot_failed(to, group)
+            return
         if peer.conn is None:
             self._report_snapshot(peer, group, ok=False)
             return
@@ -341,6 +397,11 @@ class Transport:
         data = codec.encode_snapshot_message(message)
         peer.snapshots.append(_OutboundSnapshot(group, message.snapshot.meta.index, data))
         self._schedule_flush()
+
+    def _snapshot_failed(self, to: int, group: int) -> None:
+        check(self._loop is not None, "transport not started")
+        assert self._loop is not None
+        self._loop.call_soon(self.on_snapshot_status, to, group, False)
 
     def _report_snapshot(self, peer: _Peer, group: int, *, ok: bool) -> None:
         if ok:
@@ -499,7 +560,12 @@ class Transport:
 
     def _authenticated(self, conn: _Connection, peer_id: int) -> None:
         self._handshaking.pop(conn, None)
-        peer = self._peers[peer_id]
+        peer = self._peers.get(peer_id)
+        if peer is None:  # retired while its handshake was in progress
+            self.stats.refused_retired += 1
+            self.refused("retired", f"node {peer_id} is retired")
+            conn.abort("retired")
+            return
         old = peer.conn
         peer.conn = conn
         peer.stats.connects += 1
@@ -522,8 +588,8 @@ class Transport:
                 conn.error,
             )
             return
-        peer = self._peers[conn.core.peer_id]
-        if peer.conn is conn:
+        peer = self._peers.get(conn.core.peer_id)
+        if peer is not None and peer.conn is conn:
             peer.conn = None
             self._peer_down(peer)
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from raft import InvariantViolation
 from raft import peer_codec as codec
 from raft.messages import (
     AppendEntries,
@@ -617,3 +618,39 @@ def test_an_app_batch_before_authentication_is_refused() -> None:
         a.next_event()
     assert e.value.code == codec.UNEXPECTED_FRAME
     del d
+
+
+def test_a_joining_peer_is_added_and_a_retired_one_refused() -> None:
+    async def main() -> None:
+        nodes = await start_nodes([1, 2])
+        await connected(nodes)
+        # Node 3 joins: it knows both; they learn of it (the cluster view) and connect.
+        sock3 = listening_socket()
+        addrs = {i: ("127.0.0.1", n.port) for i, n in nodes.items()}
+        addrs[3] = ("127.0.0.1", sock3.getsockname()[1])
+        n3 = Node(3, sock3, addrs)
+        await n3.t.start()
+        await asyncio.sleep(0.05)
+        assert n3.t.connected_peers() == []  # unknown to 1 and 2 yet: refused
+        for n in nodes.values():
+            n.t.add_peer(3, addrs[3])
+        nodes[3] = n3
+        await connected(nodes)
+        await exchange(nodes[1], n3)
+        await exchange(n3, nodes[2])
+        # Node 1 is removed: the others retire it; it keeps dialling and is refused.
+        for i in (2, 3):
+            nodes[i].t.retire_peer(1)
+            assert nodes[i].t.retired(1) and 1 not in nodes[i].t.peers()
+        await wait_for(lambda: nodes[1].t.connected_peers() == [])
+        refused = nodes[2].t.stats.refused
+        await wait_for(lambda: nodes[2].t.stats.refused > refused + 1)  # its redials
+        assert nodes[2].t.connected_peers() == [3] and n3.t.connected_peers() == [2]
+        nodes[2].t.send(1, [(0, hb(2, 1))])  # to a retired node: dropped, counted
+        assert nodes[2].t.stats.dropped_no_peer == 1
+        with pytest.raises(InvariantViolation):
+            nodes[2].t.add_peer(1, addrs[1])
+        await exchange(nodes[2], n3)
+        await close_all(*nodes.values())
+
+    run(main)
