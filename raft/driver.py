@@ -22,6 +22,7 @@ from concurrent.futures import Future as ThreadFuture
 from typing import Any
 
 from .errors import NodeStopped, OutcomeUnknown
+from .messages import ConfChange
 from .multi import MultiRaft
 from .pipeline import (
     DriverConfig,
@@ -183,6 +184,15 @@ class Driver:
         not raise (it is logged) and must not call into the driver; it saves a future and a
         loop iteration per proposal on the hot path.  Raises as ``propose`` does."""
         self.pipeline.propose(group, data, done)
+
+    def propose_conf_change(self, group: int, change: ConfChange) -> asyncio.Future[object]:
+        """A membership change of ``group`` (``Pipeline.propose_conf_change``); the future
+        resolves once it is applied here."""
+        loop = self._loop
+        assert loop is not None
+        future: asyncio.Future[object] = loop.create_future()
+        self.pipeline.propose_conf_change(group, change, settle(future))
+        return future
 
     def read_index(self, group: int) -> asyncio.Future[int]:
         """A linearizable read barrier: resolves with an index once this node has applied

@@ -55,7 +55,7 @@ from .errors import (
     RaftError,
     WalFailed,
 )
-from .messages import ConfState, Entry, HardState, Message, Snapshot, SnapshotMeta
+from .messages import ConfChange, ConfState, Entry, HardState, Message, Snapshot, SnapshotMeta
 from .multi import MultiRaft
 from .rawnode import ReadState, Ready
 from .storage import MemoryStorage, Storage, bootstrap
@@ -127,6 +127,7 @@ class DriverStats:
     readies: int = 0
     submits: int = 0  # WAL submits (each joins the writer's next group commit)
     proposals: int = 0
+    conf_changes: int = 0  # membership changes proposed (propose_conf_change)
     applied_entries: int = 0
     snapshots_taken: int = 0
     snapshots_restored: int = 0
@@ -356,6 +357,20 @@ class Pipeline:
         self._proposals[group][index] = _Waiter(term, done, self.clock())
         self._pending += 1
         self.stats.proposals += 1
+        self.want_pass()
+        return index
+
+    def propose_conf_change(self, group: int, change: ConfChange, done: ResultCallback) -> int:
+        """Propose a membership change of ``group`` (leader only; one pending at a time:
+        ``ProposalDropped`` while another is; ``ConfigInvalid`` for a change that makes no
+        sense, as adding a voter twice); its index.  ``done`` as for ``propose``, once the
+        change is applied here (the new configuration is in force on this node)."""
+        self._admit()
+        index = self.host.propose_conf_change(group, change)
+        term = self.host.node(group).raft.term
+        self._proposals[group][index] = _Waiter(term, done, self.clock())
+        self._pending += 1
+        self.stats.conf_changes += 1
         self.want_pass()
         return index
 

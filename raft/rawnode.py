@@ -295,6 +295,7 @@ class RawNode:
             progress={i: (p.state.value, p.match, p.next) for i, p in r.prs.items()}
             if r.role is Role.LEADER
             else {},
+            conf_pending=r.pending_conf_index > r.log.applied,
         )
 
 
@@ -309,7 +310,8 @@ class Status(msgspec.Struct, frozen=True):
     last_index: int
     voters: tuple[int, ...]
     learners: tuple[int, ...]
-    progress: dict[int, tuple[str, int, int]]
+    progress: dict[int, tuple[str, int, int]]  # (on a leader) member -> (state, match, next)
+    conf_pending: bool = False  # a membership change is in the log, not applied yet
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from bench.raft_testnode import LogMachine
 from raft import NotLeader, ProposalDropped, Role
 from raft.core import Config
 from raft.driver import Driver, DriverConfig, NodeStopped, OutcomeUnknown
-from raft.messages import AppendEntries
+from raft.messages import AppendEntries, ConfChange, ConfChangeType
 from raft.multi import HostConfig, MultiRaft
 from raft.transport import Transport
 from raft.wal import WAL
@@ -465,5 +465,64 @@ def test_a_proposal_its_group_never_applies_fails_after_proposal_timeout_s(
             assert lead.driver.stats.proposals_expired == 1 and lead.leads(0)
         finally:
             await stop()
+
+    run(main())
+
+
+@BOTH_WRITERS
+def test_a_group_moves_to_a_new_node_one_change_at_a_time(tmp_path: Path, inline: bool) -> None:
+    """Issue 22's move over real sockets and WALs: node 4 joins (a transport peer added at run
+    time, the group hosted empty), is added as a learner while proposals go on, catches up
+    (by snapshot: the log was compacted), is promoted, and node 3 is removed and retired."""
+
+    async def main() -> None:
+        members, stop = await cluster(tmp_path, 3, groups=1, snapshot_entries=30, inline=inline)
+        new = Member(tmp_path, 4, (), 1, inline=inline)  # hosts group 0 empty, no voters
+        try:
+            await until(lambda: leader_of(members, 0) is not None, what="a leader")
+            lead = leader_of(members, 0)
+            assert lead is not None
+            for i in range(100):
+                await lead.driver.propose(0, b"a%d" % i)
+            sock = listener()
+            addrs = {m.id: m.transport.address for m in members if m.transport is not None}
+            await new.start(sock, addrs)
+            for m in members:
+                assert m.transport is not None
+                m.transport.add_peer(4, sock.getsockname()[:2])
+            assert not new.host.status(0).voters  # it waits to be told its membership
+            added = lead.driver.propose_conf_change(0, ConfChange(ConfChangeType.ADD_LEARNER, 4))
+            with pytest.raises(ProposalDropped):  # one membership change at a time
+                lead.driver.propose_conf_change(0, ConfChange(ConfChangeType.ADD_NODE, 4))
+            writes = [lead.driver.propose(0, b"b%d" % i) for i in range(50)]
+            await added
+            assert lead.host.status(0).learners == (4,)
+            await asyncio.gather(*writes)
+
+            def caught_up() -> bool:
+                st = lead.host.status(0)
+                return 4 in st.learners and st.progress[4][1] >= st.commit
+
+            await until(caught_up, what="the learner caught up")
+            await lead.driver.propose_conf_change(0, ConfChange(ConfChangeType.ADD_NODE, 4))
+            assert lead.host.status(0).voters == (1, 2, 3, 4)
+            out = next(m for m in members if m is not lead)
+            await lead.driver.propose_conf_change(0, ConfChange(ConfChangeType.REMOVE_NODE, out.id))
+            for m in [*members, new]:
+                if m is not out and m.transport is not None:
+                    m.transport.retire_peer(out.id)
+            assert sorted(lead.host.status(0).voters) == sorted({1, 2, 3, 4} - {out.id})
+            await lead.driver.propose(0, b"after")
+            stay = [m for m in [*members, new] if m is not out]
+            await until(
+                lambda: all(len(m.sm.history[0]) == len(lead.sm.history[0]) for m in stay),
+                what="every remaining replica applied",
+            )
+            assert new.sm.history[0] == lead.sm.history[0]
+            assert new.driver.stats.snapshots_restored >= 1
+            assert lead.sm.history[0][-1] == b"after"
+        finally:
+            await stop()
+            await new.stop()
 
     run(main())

@@ -58,6 +58,10 @@ _CHANGE = {
 }
 
 
+def _ignore(result: object, exc: BaseException | None) -> None:
+    """(The reconciler learns a change's outcome by observing the group again.)"""
+
+
 def initial_members(ids: list[int], groups: list[int]) -> dict[int, tuple[int, ...]]:
     """Each group's first replicas: rendezvous over the first ``INITIAL_NODES`` nodes."""
     first = placement(ids[:INITIAL_NODES], max(groups) + 1)
@@ -111,17 +115,17 @@ class Membership:
         return {n for n in self.c.alive if not self.view.retired(n)}
 
     def observe(self) -> dict[int, GroupStatus]:
+        """Each group through its newest leader's ``status()``: a learner has caught up once
+        its log matches the leader's commit index."""
         out = {}
         for g in self.c.groups:
             rep = self.c.leader(g)
             if rep is None or rep.rn is None:
                 continue
-            r = rep.rn.raft
-            committed = r.log.committed
-            caught_up = frozenset(n for n in r.learners if r.prs[n].match >= committed)
-            changing = r.pending_conf_index > r.log.applied
+            st = rep.rn.status()
+            caught_up = frozenset(n for n in st.learners if st.progress[n][1] >= st.commit)
             out[g] = GroupStatus(
-                frozenset(r.voters), frozenset(r.learners), r.id, caught_up, changing
+                frozenset(st.voters), frozenset(st.learners), st.id, caught_up, st.conf_pending
             )
         return out
 
@@ -146,17 +150,15 @@ class Membership:
         rep = c.leader(step.group)
         if rep is None or rep.rn is None or rep.node_id in c.paused:
             return
-        node = c.nodes[rep.node_id]
+        pipeline = c.nodes[rep.node_id].pipeline
+        assert pipeline is not None
         try:
             if step.action is Action.TRANSFER:
-                assert node.pipeline is not None
-                node.pipeline.transfer_leader(step.group, step.node)
+                pipeline.transfer_leader(step.group, step.node)
                 c.stats.transfers += 1
             else:
-                assert node.host is not None
                 change = ConfChange(_CHANGE[step.action], step.node)
-                node.host.propose_conf_change(step.group, change)
-                node.kicked = True
+                pipeline.propose_conf_change(step.group, change, _ignore)
                 c.stats.conf_changes += 1
         except RaftError as e:
             c.log(f"g{step.group} {step.action.value} n{step.node} refused: {e!r}")
