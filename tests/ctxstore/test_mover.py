@@ -1,0 +1,138 @@
+"""ctxstore.mover over real sockets and WALs: groups move to a joining node while appends go
+on, and every acknowledged append ends up exactly once on each of the group's new replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ctxstore.membership import ClusterView, Join, NodeState, SetState, apply_meta, bootstrap_view
+from ctxstore.mover import Mover
+from raft import RaftError
+from tests.raft.test_driver import Member, leader_of, listener, run, until
+
+GROUPS = 8
+
+
+def test_groups_move_to_a_joining_node_under_appends(tmp_path: Path) -> None:
+    async def main() -> None:
+        old = [Member(tmp_path, i, (1, 2, 3), GROUPS, snapshot_entries=40) for i in (1, 2, 3)]
+        new = Member(tmp_path, 4, (), GROUPS, snapshot_entries=40)  # every group, empty
+        members = [*old, new]
+        socks = {m.id: listener() for m in members}
+        addrs = {i: s.getsockname()[:2] for i, s in socks.items()}
+        for m in old:
+            await m.start(socks[m.id], {j: a for j, a in addrs.items() if j not in (m.id, 4)})
+        view = bootstrap_view(
+            ((i, f"127.0.0.1:{addrs[i][1]}", "") for i in (1, 2, 3)), groups=GROUPS
+        )
+        views = [view]
+        movers = [Mover(m.id, m.driver, lambda: views[-1], lambda: {1, 2, 3, 4}, 2, 0.05)
+                  for m in members]  # fmt: skip
+        acked: dict[int, list[bytes]] = {g: [] for g in range(GROUPS)}
+        stop = asyncio.Event()
+        counter = itertools.count()
+
+        async def writer(g: int) -> None:
+            while not stop.is_set():
+                lead = leader_of(members, g)
+                if lead is None:
+                    await asyncio.sleep(0.01)
+                    continue
+                data = b"%d-%d" % (g, next(counter))  # never resent: unique payloads
+                try:
+                    await lead.driver.propose(g, data)
+                except RaftError:
+                    await asyncio.sleep(0.01)
+                    continue
+                acked[g].append(data)
+
+        try:
+            await until(lambda: all(leader_of(old, g) for g in range(GROUPS)), what="leaders")
+            writers = [asyncio.create_task(writer(g)) for g in range(GROUPS)]
+            for mv in movers:
+                mv.start()
+            await until(
+                lambda: all(len(a) >= 60 for a in acked.values()),
+                timeout=30,
+                what="logs compacted past the start (snapshot_entries 40)",
+            )
+            assert not any(mv.stats.conf_changes for mv in movers)  # placement is settled
+            # Node 4 joins: its transport knows the others, theirs learn of it; it is active.
+            await new.start(socks[4], {j: a for j, a in addrs.items() if j != 4})
+            for m in old:
+                assert m.transport is not None
+                m.transport.add_peer(4, addrs[4])
+            v = views[-1]
+            v, _ = apply_meta(v, Join(4, f"127.0.0.1:{addrs[4][1]}", ""))
+            v, _ = apply_meta(v, SetState(4, NodeState.ACTIVE))
+            views.append(v)
+            targets = v.targets()
+            moving = [g for g, t in targets.items() if 4 in t]
+            assert moving and len(moving) < GROUPS
+
+            def settled(view: ClusterView) -> bool:
+                for g, t in view.targets().items():
+                    lead = leader_of(members, g)
+                    if lead is None:
+                        return False
+                    st = lead.host.status(g)
+                    if set(st.voters) != set(t) or st.learners or st.conf_pending:
+                        return False
+                return True
+
+            await until(lambda: settled(v), timeout=60, what="every group on its targets")
+            await asyncio.sleep(0.2)  # appends keep going on the new placement
+            stop.set()
+            await asyncio.gather(*writers)
+            for g, t in targets.items():
+                lead = leader_of(members, g)
+                assert lead is not None
+                want = len(lead.sm.history[g])
+                reps = [m for m in members if m.id in t]
+
+                def applied(reps: list[Member] = reps, g: int = g, want: int = want) -> bool:
+                    return all(len(m.sm.history[g]) >= want for m in reps)
+
+                await until(applied, what=f"group {g} applied everywhere")
+                for m in reps:
+                    counts = Counter(m.sm.history[g])
+                    assert all(counts[d] == 1 for d in acked[g]), (g, m.id)
+                    assert max(counts.values()) == 1
+                    assert m.sm.history[g][: len(lead.sm.history[g])] == lead.sm.history[g]
+            assert sum(len(a) for a in acked.values()) > 100
+            # Every moved group went learner -> voter on node 4, and lost one old replica.
+            assert sum(mv.stats.conf_changes for mv in movers) >= 3 * len(moving)
+            assert new.driver.stats.snapshots_restored >= 1  # logs were compacted meanwhile
+        finally:
+            stop.set()
+            for mv in movers:
+                await mv.stop()
+            for m in members:
+                await m.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("leads", [True, False])
+def test_a_round_observes_only_the_groups_this_node_leads(tmp_path: Path, leads: bool) -> None:
+    async def main() -> None:
+        m = Member(tmp_path, 1, (1,), 2)
+        await m.start(None, {})
+        try:
+            await until(lambda: all(m.leads(g) for g in range(2)), what="leader")
+            view = bootstrap_view([(1, "h:1", "")], groups=2)
+            mv = Mover(1, m.driver, lambda: view, lambda: {1})
+            if not leads:
+                assert mv.observe().keys() == {0, 1}
+                return
+            assert mv.run_once() == []  # one node, one replica: nothing to do
+            assert mv.stats.rounds == 1 and mv.stats.conf_changes == 0
+        finally:
+            await m.stop()
+
+    run(main())
