@@ -14,7 +14,9 @@ Membership events, drawn from the seed's RNG during the safety phase:
 - **drain**: an active node leaves (``leaving``) while at least ``REPLICAS`` others stay
   active; the reconciler retires it once its groups moved, and the node stops for good;
 - **remove**: a crashed member is removed (``admin remove``); its id is retired and the
-  simulation never restarts it (a retired node is refused: ``SimCluster.restart``).
+  simulation never restarts it (a retired node is refused: ``SimCluster.restart``).  Only
+  while its groups' other replicas run (``_removable``): two replicas of a group lost for good
+  are lost data, whatever the reconciler does.
 
 Liveness (``settle``): once the network is healed and every non-retired node runs, every group
 must reach its target replicas (its leader's voters are the target, no learners) and no node
@@ -39,6 +41,7 @@ from ctxstore.membership import (
 from ctxstore.placement import REPLICAS, placement
 from ctxstore.reconciler import Action, GroupStatus, Step, balance_leaders, plan
 from raft import ConfChange, ConfChangeType, RaftError
+from raft.quorum import majority
 
 from .checker import Violation
 
@@ -103,12 +106,33 @@ class Membership:
             if self._meta(SetState(n, NodeState.LEAVING)):
                 c.stats.drains += 1
         elif kind == 2:
-            dead = [n for n in self.view.members() if n not in c.alive]
+            dead = [n for n in self.view.members() if n not in c.alive and self._removable(n)]
             others = [n for n in active if n in c.alive]
             if dead and len(others) >= REPLICAS:
                 n = rng.choice(dead)
                 if self._meta(SetState(n, NodeState.REMOVED)):
                     c.stats.removals += 1
+
+    def _removable(self, n: int) -> bool:
+        """Whether ``n`` may be lost for good now: in every group, each configuration that is
+        applied or still in a live log (``runner._voter_sets``) has every other voter running
+        and keeps a majority without ``n``.  (Then a newer configuration, committed by a
+        majority of which ``n`` is at most one, is in some live log.  An operator removes a
+        dead node while its groups' other replicas are healthy: losing a second replica for
+        good before the first was replaced is losing data, whatever the reconciler does.)"""
+        from .runner import _voter_sets  # (runner.py imports this module)
+
+        c = self.c
+        for g in c.groups:
+            if not c.live(g):
+                return False
+            for voters in _voter_sets(c, g):
+                others = voters - {n}
+                if any(m not in c.alive for m in others):
+                    return False
+                if len(others) < majority(len(voters)):
+                    return False
+        return True
 
     # -- the reconciler ------------------------------------------------------------------------
     def live(self) -> set[int]:
