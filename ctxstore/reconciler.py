@@ -13,8 +13,8 @@ Per group, one membership change at a time, in this order (``_group_step``):
 3. a voter that is no target and whose node is dead (``admin remove``) is removed first, while
    the group keeps at least one voter: it can never catch up, and removing it shrinks the
    quorum the promotion below needs;
-4. a missing target is added as a learner (a new *move*; at most ``moves_max`` groups move at
-   once);
+4. a missing target that is live is added as a learner (a new *move*; at most ``moves_max``
+   groups move at once); while every missing target is down, nothing;
 5. once every target votes, an extra voter is removed: after its leadership is transferred to
    a target voter, if it leads.
 
@@ -117,8 +117,12 @@ def _group_step(g: int, st: GroupStatus, target: frozenset[int], live: Set[int])
     for n in sorted(extra):
         if n not in live and n != st.leader and len(st.voters) > 1:
             return Step(Action.REMOVE, g, n)
-    for n in sorted(target - st.voters):
-        return Step(Action.ADD_LEARNER, g, n)
+    missing = sorted(target - st.voters)
+    for n in missing:
+        if n in live:  # (a dead target would hold a move slot until it returns)
+            return Step(Action.ADD_LEARNER, g, n)
+    if missing:
+        return None  # every missing target is down: keep the old replicas meanwhile
     for n in sorted(extra):
         if n != st.leader:
             return Step(Action.REMOVE, g, n)

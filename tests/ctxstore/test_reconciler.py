@@ -200,3 +200,12 @@ def test_balance_leaders_skips_dead_nodes() -> None:
     groups = {g: GroupStatus(frozenset({1, 2, 3}), frozenset(), 1) for g in range(9)}
     steps = balance_leaders(groups, {1, 2}, transfers_max=100)
     assert {s.node for s in steps} == {2} and len(steps) == 4
+
+
+def test_a_dead_target_is_not_added_and_old_replicas_stay() -> None:
+    view = view_of([1, 2, 3, 4])
+    groups = settled(view_of([1, 2, 3]))
+    moves = [g for g, t in view.targets().items() if 4 in t]
+    assert not [s for s in plan(view, groups, {1, 2, 3}) if s.group in moves]
+    steps = plan(view, groups, {1, 2, 3, 4})
+    assert {s.group for s in steps if s.action is Action.ADD_LEARNER} <= set(moves)
