@@ -48,6 +48,7 @@ PURE_MODULES = frozenset(
         "ctxstore/placement.py",
         "ctxstore/membership.py",
         "ctxstore/reconciler.py",
+        "ctxstore/meta.py",
     }
 )
 
