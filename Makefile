@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-h3 cluster test lint typecheck pytest jstest soak sim clean
+.PHONY: run run-h3 cluster test lint typecheck pytest jstest soak soak-membership sim clean
 
 # setup.py compiles these with mypyc: editing one rebuilds (raft/_build.py refuses stale builds).
 COMPILED := $(shell sed -n 's/^    "\([a-z]*\/[a-z_]*\.py\)",$$/\1/p' setup.py)
@@ -58,6 +58,11 @@ SEEDS ?= 1-10000
 soak: $(STAMP)
 	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 3 --groups 3 --ticks 2000 --jobs 0
 	$(BIN)/python -m tests.sim --seeds $(SEEDS) --nodes 5 --groups 3 --ticks 2000 --jobs 0
+
+# Scale-out under faults (tests/sim/membership.py): joins, drains, removals; MSEEDS=first-last.
+MSEEDS ?= 1-1000
+soak-membership: $(STAMP)
+	$(BIN)/python -m tests.sim --membership --seeds $(MSEEDS) --nodes 5 --groups 3 --ticks 800 --jobs 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build raft/*.so ctxstore/*.so wire/*.so *__mypyc*.so

@@ -5,7 +5,7 @@
     python -m tests.sim --seeds 1-10000 --jobs 2        # a soak, on every core
     python -m tests.sim --seeds 1-100 --wal             # every seed on the real WAL
     python -m tests.sim --seeds 1-100 --no-quiesce      # the bare core's timers, no quiescence
-    python -m tests.sim --membership --seeds 1-1000 --nodes 5 --groups 8 --jobs 2
+    python -m tests.sim --membership --seeds 1-1000 --nodes 5 --groups 3 --ticks 800 --jobs 2
                                                         # scale-out: joins, drains, removals
 
 By default a seed runs on the real WAL when seed % 3 == 0 and without quiescence when
