@@ -15,7 +15,7 @@ Membership events, drawn from the seed's RNG during the safety phase:
   active; the reconciler retires it once its groups moved, and the node stops for good;
 - **remove**: a crashed member is removed (``admin remove``); its id is retired and the
   simulation never restarts it (a retired node is refused: ``SimCluster.restart``).  Only
-  while its groups' other replicas run (``_removable``): two replicas of a group lost for good
+  while its groups' other replicas run (``removable``): two replicas of a group lost for good
   are lost data, whatever the reconciler does.
 
 Liveness (``settle``): once the network is healed and every non-retired node runs, every group
@@ -82,7 +82,7 @@ class Membership:
         self.steps = 0
 
     # -- the view ------------------------------------------------------------------------------
-    def _meta(self, cmd: MetaCommand) -> bool:
+    def meta(self, cmd: MetaCommand) -> bool:
         self.view, res = apply_meta(self.view, cmd)
         if isinstance(res, MetaRejected):
             self.c.log(f"meta {cmd} refused: {res.code}")
@@ -99,21 +99,21 @@ class Membership:
         active = self.view.active()
         if kind == 0 and self.outside:
             n = self.outside.pop(0)
-            if self._meta(Join(n, f"n{n}:1", "")):
+            if self.meta(Join(n, f"n{n}:1", "")):
                 c.stats.joins += 1
         elif kind == 1 and len(active) > REPLICAS:
             n = rng.choice(active)
-            if self._meta(SetState(n, NodeState.LEAVING)):
+            if self.meta(SetState(n, NodeState.LEAVING)):
                 c.stats.drains += 1
         elif kind == 2:
-            dead = [n for n in self.view.members() if n not in c.alive and self._removable(n)]
+            dead = [n for n in self.view.members() if n not in c.alive and self.removable(n)]
             others = [n for n in active if n in c.alive]
             if dead and len(others) >= REPLICAS:
                 n = rng.choice(dead)
-                if self._meta(SetState(n, NodeState.REMOVED)):
+                if self.meta(SetState(n, NodeState.REMOVED)):
                     c.stats.removals += 1
 
-    def _removable(self, n: int) -> bool:
+    def removable(self, n: int) -> bool:
         """Whether ``n`` may be lost for good now: in every group, each configuration that is
         applied or still in a live log (``runner._voter_sets``) has every other voter running
         and keeps a majority without ``n``.  (Then a newer configuration, committed by a
@@ -127,6 +127,8 @@ class Membership:
             if not c.live(g):
                 return False
             for voters in _voter_sets(c, g):
+                if not voters:
+                    continue  # a replica that was never a member (it starts empty)
                 others = voters - {n}
                 if any(m not in c.alive for m in others):
                     return False
@@ -164,10 +166,10 @@ class Membership:
     def _take(self, step: Step) -> None:
         c = self.c
         if step.action is Action.ACTIVATE:
-            self._meta(SetState(step.node, NodeState.ACTIVE))
+            self.meta(SetState(step.node, NodeState.ACTIVE))
             return
         if step.action is Action.RETIRE:
-            if self._meta(SetState(step.node, NodeState.REMOVED)):
+            if self.meta(SetState(step.node, NodeState.REMOVED)):
                 self.stopped.add(step.node)
                 c.crash(step.node)  # a drained node is shut down
             return
