@@ -10,13 +10,16 @@ Per group, one membership change at a time, in this order (``_group_step``):
 
 1. a learner that is no target is removed (a move abandoned when the targets changed);
 2. a target learner that caught up is promoted; one that has not is waited for;
-3. a voter that is no target and whose node is dead (``admin remove``) is removed first, while
-   the group keeps at least one voter: it can never catch up, and removing it shrinks the
-   quorum the promotion below needs;
+3. a voter that is no target and whose node was retired (``admin remove``) is removed first,
+   while the group keeps at least one voter: it can never catch up, its peers refuse it, and
+   removing it shrinks the quorum the promotion below needs; nothing else changes before it
+   has gone (a node that is merely down now is waited for, never removed);
 4. a missing target that is live is added as a learner (a new *move*; at most ``moves_max``
    groups move at once); while every missing target is down, nothing;
 5. once every target votes, an extra voter is removed: after its leadership is transferred to
-   a target voter, if it leads.
+   a target voter, if it leads; never while the voters left would lack a live quorum.
+
+A node marked removed in the view is dead whatever the observations say (``admin remove``).
 
 A leaving node whose groups have all moved away is then marked removed (``admin drain``), and a
 joining node that is live is made active (``serve --join``).
@@ -85,6 +88,8 @@ def plan(
 ) -> list[Step]:
     """The next steps, at most one per group (see the module's docstring)."""
     targets = view.targets()
+    retired = frozenset(view.in_state(NodeState.REMOVED))  # admin remove: dead for good
+    live = frozenset(live) - retired
     steps: list[Step] = []
     started = 0
     in_progress = sum(
@@ -96,7 +101,7 @@ def plan(
         st, target = groups[g], targets.get(g)
         if target is None or st.leader == 0 or st.changing:
             continue
-        step = _group_step(g, st, frozenset(target), live)
+        step = _group_step(g, st, frozenset(target), live, retired)
         if step is None:
             continue
         if step.action is Action.ADD_LEARNER:
@@ -108,15 +113,19 @@ def plan(
     return steps
 
 
-def _group_step(g: int, st: GroupStatus, target: frozenset[int], live: Set[int]) -> Step | None:
+def _group_step(
+    g: int, st: GroupStatus, target: frozenset[int], live: Set[int], retired: Set[int]
+) -> Step | None:
     for n in sorted(st.learners - target):
         return Step(Action.REMOVE, g, n)
     for n in sorted(st.learners & target):
         return Step(Action.PROMOTE, g, n) if n in st.caught_up else None
     extra = st.voters - target
     for n in sorted(extra):
-        if n not in live and n != st.leader and len(st.voters) > 1:
+        if n in retired and n != st.leader and len(st.voters) > 1:
             return Step(Action.REMOVE, g, n)
+    if extra & retired:
+        return None  # (its leader is retired: wait for a new one)
     missing = sorted(target - st.voters)
     for n in missing:
         if n in live:  # (a dead target would hold a move slot until it returns)
@@ -124,6 +133,9 @@ def _group_step(g: int, st: GroupStatus, target: frozenset[int], live: Set[int])
     if missing:
         return None  # every missing target is down: keep the old replicas meanwhile
     for n in sorted(extra):
+        rest = st.voters - {n}
+        if len(rest & live) <= len(rest) // 2:
+            return None  # the voters left would have no live quorum: wait for the dead to go
         if n != st.leader:
             return Step(Action.REMOVE, g, n)
         heirs = sorted(st.voters & target & live)

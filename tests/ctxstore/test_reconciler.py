@@ -209,3 +209,22 @@ def test_a_dead_target_is_not_added_and_old_replicas_stay() -> None:
     assert not [s for s in plan(view, groups, {1, 2, 3}) if s.group in moves]
     steps = plan(view, groups, {1, 2, 3, 4})
     assert {s.group for s in steps if s.action is Action.ADD_LEARNER} <= set(moves)
+
+
+def test_a_node_merely_down_is_waited_for_and_a_retired_one_goes_first() -> None:
+    """The membership simulation's seed 17: g0's voters were {1, 3, 5}, node 5 retired
+    (``admin remove``) and node 1, leaving, down for a moment.  Removing node 1 left {3, 5},
+    whose quorum needs the retired node that every peer refuses: the group had no leader for
+    good.  A down node is waited for; the retired one is removed first; no voter leaves while
+    the voters left would lack a live quorum."""
+    view = view_of([1, 2, 3, 4, 5], groups=1)
+    view, _ = apply_meta(view, SetState(5, NodeState.REMOVED))
+    view, _ = apply_meta(view, SetState(1, NodeState.LEAVING))
+    g0 = GroupStatus(frozenset({1, 3, 5}), frozenset(), 3)
+    assert plan(view, {0: g0}, live={2, 3, 4, 5}) == [Step(Action.REMOVE, 0, 5)]
+    g0 = GroupStatus(frozenset({1, 3, 5}), frozenset(), 5)  # its leader retired: wait
+    assert [s for s in plan(view, {0: g0}, live={2, 3, 4}) if s.group == 0] == []
+    # Down but not retired: never removed, even though it is no target.
+    g0 = GroupStatus(frozenset({1, 3, 4}), frozenset(), 3)
+    steps = [s for s in plan(view, {0: g0}, live={2, 3, 4}) if s.group == 0]
+    assert Step(Action.REMOVE, 0, 1) not in steps
