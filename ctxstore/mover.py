@@ -77,11 +77,7 @@ class Mover:
         for g in host.groups():
             if host.node(g).raft.role is not Role.LEADER:
                 continue
-            st = host.status(g)
-            caught_up = frozenset(n for n in st.learners if st.progress[n][1] >= st.commit)
-            out[g] = GroupStatus(
-                frozenset(st.voters), frozenset(st.learners), self.id, caught_up, st.conf_pending
-            )
+            out[g] = GroupStatus.of_leader(host.status(g))
         return out
 
     def run_once(self) -> list[Step]:

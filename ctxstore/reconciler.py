@@ -35,6 +35,8 @@ from collections import Counter
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
+from raft.rawnode import Status
+
 from .membership import ClusterView, NodeState
 
 MOVES_MAX = 4  # groups moving at once, by default (each streams a snapshot to a new replica)
@@ -51,6 +53,13 @@ class GroupStatus:
     leader: int
     caught_up: frozenset[int] = frozenset()  # learners whose log matches the leader's
     changing: bool = False  # a membership change is proposed, not yet applied: wait for it
+
+    @classmethod
+    def of_leader(cls, st: Status) -> GroupStatus:
+        """From the ``status()`` of the group's leader: a learner has caught up once its log
+        matches the leader's commit index."""
+        caught_up = frozenset(n for n in st.learners if st.progress[n][1] >= st.commit)
+        return cls(frozenset(st.voters), frozenset(st.learners), st.id, caught_up, st.conf_pending)
 
 
 class Action(enum.Enum):

@@ -352,13 +352,8 @@ class Pipeline:
         it will not be, at most once, from inside a pass: it must not raise (it is logged) and
         must not call into the pipeline."""
         self._admit()
-        index = self.host.propose(group, data)
-        term = self.host.node(group).raft.term
-        self._proposals[group][index] = _Waiter(term, done, self.clock())
-        self._pending += 1
         self.stats.proposals += 1
-        self.want_pass()
-        return index
+        return self._wait(group, self.host.propose(group, data), done)
 
     def propose_conf_change(self, group: int, change: ConfChange, done: ResultCallback) -> int:
         """Propose a membership change of ``group`` (leader only; one pending at a time:
@@ -366,11 +361,14 @@ class Pipeline:
         sense, as adding a voter twice); its index.  ``done`` as for ``propose``, once the
         change is applied here (the new configuration is in force on this node)."""
         self._admit()
-        index = self.host.propose_conf_change(group, change)
+        self.stats.conf_changes += 1
+        return self._wait(group, self.host.propose_conf_change(group, change), done)
+
+    def _wait(self, group: int, index: int, done: ResultCallback) -> int:
+        """``done`` waits for the entry at ``index``, proposed in the leader's current term."""
         term = self.host.node(group).raft.term
         self._proposals[group][index] = _Waiter(term, done, self.clock())
         self._pending += 1
-        self.stats.conf_changes += 1
         self.want_pass()
         return index
 

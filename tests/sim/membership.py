@@ -148,11 +148,7 @@ class Membership:
             rep = self.c.leader(g)
             if rep is None or rep.rn is None:
                 continue
-            st = rep.rn.status()
-            caught_up = frozenset(n for n in st.learners if st.progress[n][1] >= st.commit)
-            out[g] = GroupStatus(
-                frozenset(st.voters), frozenset(st.learners), st.id, caught_up, st.conf_pending
-            )
+            out[g] = GroupStatus.of_leader(rep.rn.status())
         return out
 
     def reconcile(self, balance: bool = False) -> None:
