@@ -102,31 +102,24 @@ function agentOf({
 }
 
 /** One WebSocket to one node: its requests in flight and the subscriptions made on it. */
-class Link {
-  constructor(target, options) {
+/** What a link to one node does whatever carries it: requests and their answers by rid, pushes
+ * to their subscriptions, the server's goodbye, and failing what waits once it closes.  A
+ * transport supplies `_send(text)` and `_closeTransport(code, reason)`. */
+class LinkBase {
+  constructor(target) {
     this.target = target;
     this.nodeId = null;
     this.open = false;
     this.nextRid = 1;
     this.pending = new Map(); // rid -> {resolve, reject, timer, onAnswer}
     this.subs = new Map(); // sub_id -> Subscription
-    this.outbox = []; // what was sent before the socket opened
     this.goodbye = null; // the server's last word (error with rid 0)
     this.done = new Promise((resolve) => (this._done = resolve)); // resolved once closed
     this.closed = false;
-    const ws = new options.WebSocket(target, [SUBPROTOCOL]);
-    this.ws = ws;
-    ws.onopen = () => {
-      for (const text of this.outbox) ws.send(text);
-      this.outbox = [];
-    };
-    ws.onmessage = (e) => this._receive(e.data);
-    ws.onerror = () => {}; // a close follows
-    ws.onclose = (e) => this._closed(e.code, e.reason);
   }
 
   /** Send a request (a body without rid); the answer, or a CtxstoreError. `onAnswer` is called
-   * at once with the answer, before any later message of the socket is handled. */
+   * at once with the answer, before any later message of the link is handled. */
   request(body, timeoutMs, onAnswer = null) {
     if (this.closed) return Promise.reject(this._lost());
     const rid = this.nextRid++;
@@ -137,29 +130,32 @@ class Link {
         reject(new CtxstoreError("timeout", `${body.type}: no answer in ${timeoutMs} ms`));
       }, timeoutMs);
       this.pending.set(rid, { resolve, reject, timer, onAnswer });
-      if (this.ws.readyState === 1) this.ws.send(text);
-      else this.outbox.push(text);
+      this._send(text);
     });
   }
 
   close(code = 1000, reason = "") {
     if (this.closed) return;
     try {
-      this.ws.close(code, reason);
+      this._closeTransport(code, reason);
     } catch {
       // already closing
     }
     this._closed(code, reason || "closed by the client");
   }
 
-  _receive(data) {
+  _receive(text) {
     let msg;
     try {
-      msg = JSON.parse(data);
+      msg = JSON.parse(text);
     } catch {
       this.close(1003, "not JSON");
       return;
     }
+    this._handle(msg);
+  }
+
+  _handle(msg) {
     if (PUSHES.has(msg.type)) {
       this.subs.get(msg.sub_id)?._push(this, msg);
       return;
@@ -203,6 +199,32 @@ class Link {
     }
     this.pending.clear();
     this._done(error);
+  }
+}
+
+/** A link over a WebSocket. */
+class Link extends LinkBase {
+  constructor(target, options) {
+    super(target);
+    this.outbox = []; // what was sent before the socket opened
+    const ws = new options.WebSocket(target, [SUBPROTOCOL]);
+    this.ws = ws;
+    ws.onopen = () => {
+      for (const text of this.outbox) ws.send(text);
+      this.outbox = [];
+    };
+    ws.onmessage = (e) => this._receive(e.data);
+    ws.onerror = () => {}; // a close follows
+    ws.onclose = (e) => this._closed(e.code, e.reason);
+  }
+
+  _send(text) {
+    if (this.ws.readyState === 1) this.ws.send(text);
+    else this.outbox.push(text);
+  }
+
+  _closeTransport(code, reason) {
+    this.ws.close(code, reason);
   }
 }
 
@@ -273,19 +295,12 @@ class WtSubs extends Map {
 /** One WebTransport session to one node (docs/web.md section 8): each request on a
  * bidirectional stream of its own, each subscription's pushes on a unidirectional stream the
  * node opens; otherwise as a Link (whose answer handling it shares). */
-class WtLink {
+class WtLink extends LinkBase {
   constructor(target, options) {
-    this.target = target;
-    this.nodeId = null;
-    this.open = false;
-    this.nextRid = 1;
-    this.pending = new Map();
+    super(target);
     this.subs = new WtSubs(this);
     this.early = new Map(); // sub_id -> pushes before its subscription was attached
     this.earlyCount = 0;
-    this.goodbye = null;
-    this.done = new Promise((resolve) => (this._done = resolve));
-    this.closed = false;
     const init = {};
     const hashes = options.webTransport?.serverCertificateHashes;
     if (hashes?.length) {
@@ -316,18 +331,8 @@ class WtLink {
     }
   }
 
-  request(body, timeoutMs, onAnswer = null) {
-    if (this.closed) return Promise.reject(this._lost());
-    const rid = this.nextRid++;
-    const text = JSON.stringify({ ...body, rid });
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(rid);
-        reject(new CtxstoreError("timeout", `${body.type}: no answer in ${timeoutMs} ms`));
-      }, timeoutMs);
-      this.pending.set(rid, { resolve, reject, timer, onAnswer });
-      this._exchange(text).catch(() => {}); // (a failed stream: the session's close follows)
-    });
+  _send(text) {
+    this._exchange(text).catch(() => {}); // (a failed stream: the session's close follows)
   }
 
   async _exchange(text) {
@@ -339,24 +344,11 @@ class WtLink {
     await readWtMessages(stream.readable, (answer) => this._receive(answer));
   }
 
-  close(code = 1000, reason = "") {
-    if (this.closed) return;
-    try {
-      this.wt.close({ closeCode: code, reason });
-    } catch {
-      // already closing
-    }
-    this._closed(code, reason || "closed by the client");
+  _closeTransport(code, reason) {
+    this.wt.close({ closeCode: code, reason });
   }
 
-  _receive(text) {
-    let msg;
-    try {
-      msg = JSON.parse(text);
-    } catch {
-      this.close(1003, "not JSON");
-      return;
-    }
+  _handle(msg) {
     if (PUSHES.has(msg.type) && !this.subs.has(msg.sub_id)) {
       if (this.earlyCount++ >= EARLY_PUSHES_MAX) return; // (its subscription never came)
       const list = this.early.get(msg.sub_id) ?? [];
@@ -364,15 +356,7 @@ class WtLink {
       this.early.set(msg.sub_id, list);
       return;
     }
-    Link.prototype._receive.call(this, text);
-  }
-
-  _lost() {
-    return Link.prototype._lost.call(this);
-  }
-
-  _closed(code, reason) {
-    Link.prototype._closed.call(this, code, reason);
+    super._handle(msg);
   }
 }
 
