@@ -261,6 +261,13 @@ class NodeCollector(Collector):
         yield _counter("ctxstore_agent_chunks_relayed_total",
                        "Live agent chunks sent to peers for their subscribers.",
                        node.router.chunks_relayed)  # fmt: skip
+        pool = node.dispatcher.pool
+        yield _counter("ctxstore_agent_connections_opened_total",
+                       "Webhook connections opened (HTTP/1.1 and HTTP/2).",
+                       pool.connections_opened)  # fmt: skip
+        yield _gauge("ctxstore_agent_connections_idle",
+                     "HTTP/1.1 webhook connections kept alive, idle.",
+                     pool.idle_connections())  # fmt: skip
         yield _counter("ctxstore_agent_lookups_total",
                        "Read barriers run to find a session's agent not known here.",
                        node.dispatcher.lookups)  # fmt: skip

@@ -3,7 +3,9 @@
 Per origin (scheme, host, port): at most ``calls_per_origin_max`` calls at once (the rest wait
 for a slot, within the call's deadline); HTTP/2 origins share one connection (streams are
 multiplexed; a new one replaces it after GOAWAY or an error); HTTP/1.1 origins keep up to
-``idle_per_origin_max`` idle keep-alive connections.  Which to speak: ``h1`` and ``h2`` as the
+``idle_per_origin_max`` idle keep-alive connections (as many as calls may run, so a burst of
+calls does not close connections it will open again a moment later), each closed once idle for
+``idle_keepalive_s``.  Which to speak: ``h1`` and ``h2`` as the
 agent says (``h2`` on ``http://`` is prior-knowledge h2c); ``auto`` is ALPN over TLS
 (``h2``, then ``http/1.1``) and HTTP/1.1 on ``http://``.  TLS with the stdlib ``ssl``
 (the system's CAs; ``SSL_CERT_FILE`` points elsewhere).
@@ -24,7 +26,8 @@ Origin = tuple[str, str, int]
 @dataclass(frozen=True)
 class PoolLimits:
     calls_per_origin_max: int = 64
-    idle_per_origin_max: int = 8
+    idle_per_origin_max: int = 64
+    idle_keepalive_s: float = 30.0  # an idle HTTP/1.1 connection is closed after this
     connect_timeout_s: float = 10.0
 
 
@@ -40,7 +43,8 @@ class Pool:
         self._slots: dict[Origin, asyncio.Semaphore] = {}
         self._h2: dict[Origin, H2Connection] = {}
         self._h2_opening: dict[Origin, asyncio.Future[H2Connection | None]] = {}
-        self._idle: dict[Origin, list[H1Connection]] = {}
+        self._idle: dict[Origin, list[tuple[float, H1Connection]]] = {}  # (since, conn)
+        self._sweep: asyncio.TimerHandle | None = None
         self._alpn: dict[Origin, str] = {}  # what an https origin chose last
         self.connections_opened = 0
         self.closed = False
@@ -73,7 +77,7 @@ class Pool:
             return h2c
         idle = self._idle.get(origin) if protocol != "h2" else None
         while idle:
-            c = idle.pop()
+            _, c = idle.pop()  # the most recently used: the least likely to be closed by now
             if c.available() and not c.reader.at_eof():
                 return c
             c.close()
@@ -144,15 +148,44 @@ class Pool:
         idle = self._idle.setdefault(origin, [])
         if self.closed or len(idle) >= self.limits.idle_per_origin_max:
             conn.close()
-        else:
-            idle.append(conn)
+            return
+        loop = asyncio.get_running_loop()
+        idle.append((loop.time(), conn))
+        if self._sweep is None:
+            self._sweep = loop.call_later(self.limits.idle_keepalive_s, self._expire)
+
+    def _expire(self) -> None:
+        """Close the connections idle for ``idle_keepalive_s``; again later while any is idle."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        keepalive = self.limits.idle_keepalive_s
+        cutoff = loop.time() - keepalive
+        next_at = None
+        for origin, idle in list(self._idle.items()):
+            n = 0  # released in time order: the expired ones are a prefix
+            while n < len(idle) and idle[n][0] <= cutoff:
+                idle[n][1].close()
+                n += 1
+            del idle[:n]
+            if not idle:
+                del self._idle[origin]
+            elif next_at is None or idle[0][0] + keepalive < next_at:
+                next_at = idle[0][0] + keepalive
+        if next_at is not None:
+            self._sweep = loop.call_at(next_at, self._expire)
+
+    def idle_connections(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
 
     def close(self) -> None:
         self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for c in self._h2.values():
             c.close()
         for idle in self._idle.values():
-            for h1 in idle:
+            for _, h1 in idle:
                 h1.close()
         self._h2.clear()
         self._idle.clear()

@@ -122,6 +122,9 @@ def test_jsonl_over_http11_reuses_its_keep_alive_connection(tmp_path: Path) -> N
             assert [call.http_version for call in srv.agent.calls] == ["1.1", "1.1"]
             assert len(srv.agent.calls[1].body["messages"]) == 3  # all, up to the trigger
             assert h.node.dispatcher.pool.connections_opened == 1
+            scraped = await h.scrape()
+            assert scraped["ctxstore_agent_connections_opened_total"] == 1
+            assert scraped["ctxstore_agent_connections_idle"] == 1
 
     run(main())
 
