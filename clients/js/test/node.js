@@ -9,6 +9,8 @@ import { fileURLToPath } from "node:url";
 
 const ROOT = fileURLToPath(new URL("../../..", import.meta.url));
 const BIN = process.env.CTXSTORE_BIN ?? join(ROOT, ".venv", "bin", "ctxstore");
+// The node warns about CTXSTORE_* variables it does not know: CTXSTORE_BIN is ours, not its.
+const ENV = Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== "CTXSTORE_BIN"));
 
 export class Node {
   constructor() {
@@ -28,7 +30,7 @@ export class Node {
       "--peer-listen", "127.0.0.1:0", "--http", this.http ?? "127.0.0.1:0",
       "--tick-ms", "20", "--groups", "4", "--wal-writer", "inline",
     ];
-    const child = spawn(BIN, args, { stdio: ["ignore", "pipe", "inherit"] });
+    const child = spawn(BIN, args, { env: ENV, stdio: ["ignore", "pipe", "inherit"] });
     this.process = child;
     this.exited = new Promise((resolve) => child.once("exit", resolve));
     return new Promise((resolve, reject) => {
