@@ -33,6 +33,9 @@ from .state import ConversationState
 from .tokens import TokenCounter, TokenCounters
 from .window import Record, Window
 
+_encoder = msgspec.msgpack.Encoder()  # as the client protocol's (wire/framing.py)
+REPLY_CACHE_BYTES_MAX = 32 * 1024 * 1024  # encoded get_context answers (within the node's cache)
+REPLY_OVERHEAD_BYTES = 512  # what an answer costs the reply cache besides its encoded messages
 _ROLE_SENDER = {"user": "user", "assistant": "agent", "tool": "agent", "system": "system"}
 assert all(role in SENDER_ROLES[sender] for role, sender in _ROLE_SENDER.items())
 
@@ -42,11 +45,12 @@ class Plan:
     while the archive is read): its segments and the history seqs to fetch."""
 
     __slots__ = ("config", "last_seq", "needs_compaction", "segments", "session_id", "skip",
-                 "tokens", "version")  # fmt: skip
+                 "tokens", "version", "window")  # fmt: skip
 
     def __init__(self, session_id: str, window: Window | None, last_seq: int) -> None:
         """``window`` None: never configured (an empty window at version 0)."""
         self.session_id = session_id
+        self.window = window
         self.last_seq = last_seq
         self.segments = [] if window is None else window.segments()
         self.config = None if window is None else window.config
@@ -110,6 +114,66 @@ class WindowCache:
         if m is not None:
             self._messages.move_to_end((session_id, seq))
         return m
+
+
+class ReplyCache:
+    """This node's ``get_context`` answers with their messages encoded, one per session, each
+    served again as long as the session's window is the same object at the same version and
+    the session's last seq has not moved: a window read often is built and encoded once per
+    change instead of once per read.  Only an answer found whole in memory (``from_memory``,
+    every message of the window present) is kept, so a hit answers what building it again
+    would.  Not replicated state: least recently used out first, at most ``bytes_max`` of
+    encoded messages and ``REPLY_OVERHEAD_BYTES`` per answer (a larger answer is not kept)."""
+
+    def __init__(self, bytes_max: int) -> None:
+        self.bytes_max = bytes_max
+        self.bytes = 0
+        self.hits = 0
+        self._entries: OrderedDict[str, tuple[Window, int, int, Context, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, state: ConversationState, rid: int, session_id: str) -> Context | None:
+        """The kept answer of ``session_id`` for request ``rid`` if it still holds, else None."""
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return None
+        window, version, last_seq, reply, size = entry
+        view = state.window(session_id)
+        if (
+            view is None
+            or view[0] is not window
+            or window.version != version
+            or view[1] != last_seq
+        ):
+            del self._entries[session_id]  # stale: the window moved on
+            self.bytes -= size
+            return None
+        self._entries.move_to_end(session_id)
+        self.hits += 1
+        return msgspec.structs.replace(reply, rid=rid)
+
+    def keep(self, plan: Plan, reply: Context) -> Context:
+        """``reply`` (built by ``answer`` from the memory of ``plan``), with its messages encoded,
+        kept if it shows every message of the window; answer with what this returns."""
+        window = plan.window
+        if window is None or len(reply.messages) != sum(len(s[2]) for s in plan.segments):
+            return reply
+        messages = msgspec.Raw(_encoder.encode(reply.messages))
+        size = len(messages) + REPLY_OVERHEAD_BYTES
+        if size > self.bytes_max:
+            return reply
+        old = self._entries.pop(plan.session_id, None)
+        if old is not None:
+            self.bytes -= old[4]
+        encoded = msgspec.structs.replace(reply, messages=messages)
+        self._entries[plan.session_id] = (window, plan.version, plan.last_seq, encoded, size)
+        self.bytes += size
+        while self.bytes > self.bytes_max:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= dropped[4]
+        return encoded
 
 
 def from_memory(
@@ -270,7 +334,9 @@ def plan(state: ConversationState, r: GetContext) -> Plan | None:
 
 
 __all__ = [
+    "REPLY_CACHE_BYTES_MAX",
     "Plan",
+    "ReplyCache",
     "WindowCache",
     "answer",
     "configure",

@@ -313,7 +313,11 @@ class NodeCollector(Collector):
             "ctxstore_context_reads_total",
             "get_context answers by where their older messages came from.",
             ["source"],
-            [(["memory"], cache.hits), (["archive"], cache.misses)],
+            [
+                (["memory"], cache.hits),
+                (["archive"], cache.misses),
+                (["reply"], service.replies.hits),
+            ],
         )
         yield _counters(
             "ctxstore_request_errors_total",

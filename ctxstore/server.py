@@ -135,6 +135,8 @@ class Service(BaseHandler):
         self.request_timeout_s = s.request_timeout_s
         self.counters = node.counters
         self.window_cache = node.window_cache
+        # Encoded get_context answers per window version (within the node's context cache).
+        self.replies = context.ReplyCache(min(s.context_cache_bytes, context.REPLY_CACHE_BYTES_MAX))
         self.window_records_max = node.state.limits.window_records_max
         # Appends of a connection waiting for a count off the loop, and those behind them (a
         # connection's appends are proposed in the order they came).
@@ -576,13 +578,17 @@ class Service(BaseHandler):
         )  # fmt: skip
 
     def _get_context(self, conn: Connection, r: GetContext) -> None:
+        kept = self.replies.get(self.state, r.rid, r.session_id)
+        if kept is not None:  # the window has not changed since it was last answered
+            conn.reply(kept)
+            return
         plan = context.plan(self.state, r)
         if plan is None:
             conn.reply(self._not_found(r.rid, r.session_id))
             return
         found = context.from_memory(self.state, self.window_cache, plan)
         if found is not None:
-            conn.reply(context.answer(r.rid, plan, found))
+            conn.reply(self.replies.keep(plan, context.answer(r.rid, plan, found)))
             return
         task = asyncio.get_running_loop().create_task(self._context_from_history(r, plan))
         task.add_done_callback(lambda t: conn.reply(self._task_answer(r.rid, t)))

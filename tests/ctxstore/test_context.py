@@ -7,12 +7,17 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from ctxstore import context
 from ctxstore.tokens import TokenCounter
 from wire.client import Client, ClientError, connect
+from wire.framing import encode_frame
 from wire.protocol import (
+    Context,
     ContextEvent,
+    GetContext,
     InboxSnapshot,
     LastN,
     Manual,
@@ -300,3 +305,94 @@ def test_a_window_older_than_the_hot_tail_is_served_from_the_cache_or_the_archiv
                 assert h.node.history.archive_reads > reads and len(cache) == 0
 
     run(main())
+
+
+def _fresh(h: Any, rid: int, session_id: str) -> Context:
+    """The answer ``get_context`` builds when nothing is kept (the reply cache bypassed)."""
+    state = h.node.state
+    plan = context.plan(state, GetContext(rid, session_id))
+    assert plan is not None
+    found = context.from_memory(state, h.service.window_cache, plan)
+    assert found is not None
+    return context.answer(rid, plan, found)
+
+
+def _same_answer(got: Context, h: Any, session_id: str) -> None:
+    """``got`` (decoded by the client) is what building the answer again gives, byte for byte."""
+    fresh = _fresh(h, got.rid, session_id)
+    assert encode_frame(got) == encode_frame(fresh)
+
+
+def test_a_window_read_again_is_answered_from_its_encoded_reply_until_it_changes(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            replies = h.service.replies
+            await c.create_session("u", "a", {}, "s")
+            await c.create_session("u", "a", {}, "plain")  # no window: nothing kept
+            await c.append("plain", "hello")
+            assert (await c.get_context("plain")).messages == [] and len(replies) == 0
+            await c.set_context_config("s", 1000, LastN(4))
+            for i in range(1, 4):
+                await c.append("s", f"message number {i}")
+            await c.append("s", "", "agent", "a", parts=PARTS)
+            first = await c.get_context("s")
+            _same_answer(first, h, "s")
+            assert (replies.hits, len(replies)) == (0, 1)
+            again = await c.get_context("s")  # the same window: the kept reply, its own rid
+            assert replies.hits == 1 and again.rid != first.rid
+            _same_answer(again, h, "s")
+            # every change of the window or the session is seen at once
+            await c.append("s", "message number 5")
+            moved = await c.get_context("s")
+            assert [m.seq for m in moved.messages] == [2, 3, 4, 5] and replies.hits == 1
+            _same_answer(moved, h, "s")
+            await c.set_context_config("s", 1000, SkipParts(["reasoning", "tool-"], None))
+            skipped = await c.get_context("s")
+            assert skipped.messages[2].parts == [PARTS[2]] and replies.hits == 1
+            _same_answer(skipped, h, "s")
+            done = await c.compact("s", 2, 3, [], if_version=skipped.version)
+            compacted = await c.get_context("s")
+            assert compacted.version == done.version and [m.seq for m in compacted.messages] == [
+                4,
+                5,
+            ]
+            _same_answer(compacted, h, "s")
+            _same_answer(await c.get_context("s"), h, "s")
+            assert replies.hits == 2
+
+    run(main())
+
+
+def test_the_reply_cache_is_bounded_and_keeps_whole_windows_only(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            for sid in ("a", "b", "c"):
+                await c.create_session("u", "a", {}, sid)
+                await c.set_context_config(sid, 100_000, Manual())
+                await c.append(sid, "x" * 1000)
+            whole = context.ReplyCache(1 << 20)
+            whole.keep(*_planned(h, "a"))
+            one = whole.bytes  # one answer's charge (the three are the same size)
+            replies = context.ReplyCache(2 * one)
+            for sid in ("a", "b", "c"):
+                replies.keep(*_planned(h, sid))
+            assert len(replies) == 2 and replies.bytes <= replies.bytes_max  # "a" went first
+            state = h.node.state
+            assert replies.get(state, 5, "a") is None and replies.get(state, 5, "c") is not None
+            too_small = context.ReplyCache(one - 1)  # an answer larger than the whole cache
+            too_small.keep(*_planned(h, "a"))
+            assert len(too_small) == 0
+            # an answer missing a message of its window (gone from memory) is not kept
+            plan, full = _planned(h, "b")
+            partial = msgspec.structs.replace(full, messages=[])
+            assert replies.keep(plan, partial) is partial
+
+    run(main())
+
+
+def _planned(h: Any, session_id: str) -> tuple[context.Plan, Context]:
+    plan = context.plan(h.node.state, GetContext(1, session_id))
+    assert plan is not None
+    return plan, _fresh(h, 1, session_id)
