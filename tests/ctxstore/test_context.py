@@ -12,6 +12,7 @@ import pytest
 
 from ctxstore import context
 from ctxstore.tokens import TokenCounter
+from ctxstore.window import Window
 from wire.client import Client, ClientError, connect
 from wire.framing import encode_frame
 from wire.protocol import (
@@ -388,6 +389,19 @@ def test_the_reply_cache_is_bounded_and_keeps_whole_windows_only(tmp_path: Path)
             plan, full = _planned(h, "b")
             partial = msgspec.structs.replace(full, messages=[])
             assert replies.keep(plan, partial) is partial
+            # a window replaced by another at the same version (a snapshot installed) misses
+            assert plan.window is not None
+            replaced = Window(plan.window.limits)
+            replaced.version = plan.window.version
+            replies.keep(plan, full)
+
+            class Installed:
+                def window(self, session_id: str) -> tuple[Window, int]:
+                    return replaced, plan.last_seq
+
+            before = replies.bytes
+            assert replies.get(Installed(), 5, "b") is None  # type: ignore[arg-type]
+            assert "b" not in replies._entries and replies.bytes < before
 
     run(main())
 
