@@ -11,7 +11,9 @@ and ``ctxstore_wal_fsync_seconds``), and the longest driver pass since the node 
 cost each node in the window (``ctxstore_tokens_counted_messages_total`` and
 ``ctxstore_tokens_count_seconds_total``: the node's own clock around each count), and its
 Raft passes, proposals and messages sent in the window, with the appends its router proposed
-in batch entries (``AppendBatch``, ctxstore/router.py) and those entries.  A node
+in batch entries (``AppendBatch``, ctxstore/router.py) and those entries, and its
+``get_context`` answers by source (``ctxstore_context_reads_total``: built from memory or the
+archive, or kept and sent again).  A node
 that does not answer (killed, or its ops port not reachable) has no figures; one restarted in
 the window (``failover``) has those since its restart; nothing here fails a run.
 
@@ -36,6 +38,8 @@ GENERATIONS = ("0", "1", "2")
 GC_COUNT = "ctxstore_gc_pause_seconds_count"
 TOKENS_COUNTED = "ctxstore_tokens_counted_messages_total"
 TOKENS_SECONDS = "ctxstore_tokens_count_seconds_total"
+CONTEXT_READS = "ctxstore_context_reads_total"  # get_context answers by source
+CONTEXT_SOURCES = ("memory", "archive", "reply")  # built from memory, the archive; kept
 RAFT_COUNTERS = {  # window deltas reported per node (a node without one has none of it)
     "passes": "ctxstore_raft_passes_total",
     "proposals": "ctxstore_raft_proposals_total",
@@ -172,7 +176,25 @@ def node_pauses(
                 "seconds": round(seconds, 4),
                 "us_per_message": round(seconds / counted * 1e6, 2) if counted else None,
             }
+        reads = {
+            source: int(end[key] - start.get(key, 0.0))
+            for source in CONTEXT_SOURCES
+            if (key := f'{CONTEXT_READS}{{source="{source}"}}') in end
+        }
+        if any(reads.values()):  # (nodes before the reply cache have no "reply")
+            out[f"node{node_id}"]["context_reads"] = reads
     return out
+
+
+def describe_context_reads(pauses: Mapping[str, Any]) -> str | None:
+    """One line for the report: per node, the window's ``get_context`` answers by where they
+    came from (built from memory, from the archive, or sent again as kept); None if none."""
+    parts = []
+    for name, p in pauses.items():
+        reads = p.get("context_reads")
+        if reads:
+            parts.append(f"{name} " + ", ".join(f"{k} {v:,}" for k, v in reads.items()))
+    return " | ".join(parts) or None
 
 
 def describe_tokens(pauses: Mapping[str, Any]) -> str | None:

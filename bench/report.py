@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .nodestats import describe, describe_tokens
+from .nodestats import describe, describe_context_reads, describe_tokens
 
 REFRESH_S = 0.25
 LATENCY_COLUMNS = ("mean", "p50", "p90", "p99", "p99.9", "max")
@@ -187,6 +187,8 @@ def details_table(doc: dict[str, Any]) -> Table:
         table.add_row("node pauses", describe(doc["node_pauses"]))
         if (tokens := describe_tokens(doc["node_pauses"])) is not None:
             table.add_row("token counting", tokens)
+        if (reads := describe_context_reads(doc["node_pauses"])) is not None:
+            table.add_row("context reads", reads)
     tl = doc.get("timeline")
     if tl is not None and tl["worst"] is not None:
         over = tl["over_target"]

@@ -8,7 +8,14 @@ import asyncio
 import pytest
 import uvloop
 
-from bench.nodestats import describe, fetch_metrics, node_pauses, parse_metrics, scrape_nodes
+from bench.nodestats import (
+    describe,
+    describe_context_reads,
+    fetch_metrics,
+    node_pauses,
+    parse_metrics,
+    scrape_nodes,
+)
 from ctxstore.launcher import free_port
 from ctxstore.metrics import GC_PAUSE_BUCKETS_S
 from raft.wal_segments import FSYNC_BUCKETS_S
@@ -107,6 +114,31 @@ def test_the_window_has_the_passes_proposals_and_batches_between_the_scrapes() -
     assert describe(out).endswith("; 100 passes, 200 proposals (500 appends in 40 batches)")
     without = node_pauses({1: parse_metrics(exposition({}))}, {1: parse_metrics(exposition({}))}, 1)
     assert "raft" not in without["node1"]  # a node from before batches
+
+
+def context_reads(memory: int, archive: int, reply: int | None) -> str:
+    name = "ctxstore_context_reads_total"
+    lines = [f"# TYPE {name} counter", f'{name}{{source="memory"}} {memory}']
+    lines.append(f'{name}{{source="archive"}} {archive}')
+    if reply is not None:
+        lines.append(f'{name}{{source="reply"}} {reply}')
+    return "\n".join(lines) + "\n"
+
+
+def test_the_window_has_the_get_context_answers_by_source() -> None:
+    first = {
+        1: parse_metrics(exposition({}) + context_reads(2, 1, 5)),
+        2: parse_metrics(exposition({}) + context_reads(4, 0, None)),
+    }
+    last = {
+        1: parse_metrics(exposition({}) + context_reads(3, 1, 105)),
+        2: parse_metrics(exposition({}) + context_reads(4, 0, None)),  # (before the cache)
+    }
+    out = node_pauses(first, last, window_s=1.0)
+    assert out["node1"]["context_reads"] == {"memory": 1, "archive": 0, "reply": 100}
+    assert "context_reads" not in out["node2"]  # none in the window
+    assert describe_context_reads(out) == "node1 memory 1, archive 0, reply 100"
+    assert describe_context_reads(node_pauses({}, {}, 1.0)) is None
 
 
 def test_a_pause_beyond_the_last_bucket_and_a_restarted_node() -> None:
