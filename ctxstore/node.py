@@ -27,6 +27,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from raft import NONE, Config
@@ -67,13 +68,21 @@ def now_ms() -> int:
 
 
 class Node:
-    def __init__(self, settings: Settings, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        limits: Limits | None = None,
+        replicas: Callable[[int], tuple[int, ...]] | None = None,
+    ) -> None:
         """Raises ``ConfigError`` for settings or ``limits`` that do not agree (limits.check: a
-        largest message must fit every stage it passes through)."""
+        largest message must fit every stage it passes through).  ``replicas(group)``: the
+        nodes holding each group (default: every node holds every group); this node hosts the
+        groups it is one of the replicas of, the others it serves through ``ctxstore.relay``."""
         self.settings = s = settings
         self.limits = lim = limits or Limits()
         check(lim)
         self.voters = tuple(sorted({s.node_id, *s.peer_map}))
+        self.replicas: Callable[[int], tuple[int, ...]] = replicas or (lambda group: self.voters)
         os.makedirs(s.data_dir, exist_ok=True)
         self._check_identity()
         state_limits = StateLimits(
@@ -133,7 +142,13 @@ class Node:
         self._leaderless_timer: asyncio.TimerHandle | None = None
         self.driver.compact_floor = self.archive.archived_index
         self.driver.on_snapshot_installed = self._snapshot_installed
-        self.driver.add_groups(range(s.groups), self.voters)
+        placed: dict[tuple[int, ...], list[int]] = {}
+        for group in range(s.groups):
+            voters = self.replicas(group)
+            if s.node_id in voters:
+                placed.setdefault(tuple(sorted(voters)), []).append(group)
+        for voters, groups in placed.items():
+            self.driver.add_groups(groups, voters)
         self.backfill = Backfill(s.node_id, self.archive, self.router, self.driver)
         self.transport: Transport | None = None
         self.postgres: Flusher | None = None
@@ -155,13 +170,17 @@ class Node:
                 self.postgres_history = PostgresHistory(self.postgres)
                 self.backfill.source = self.postgres_history.fetch
         self.dispatcher = Dispatcher(
-            s.node_id, self.state, self.router, self.host.leader, s.groups, self.history,
+            s.node_id, self.state, self.router, self._leader, s.groups, self.history,
             self.subscriptions, self.counters, now_ms, self.window_cache,
         )  # fmt: skip
         self.dispatcher.relay = self.router.relay_chunk  # subscribers on other nodes
         self.router.on_chunk = self.subscriptions.on_chunk
         self.router.chunk_sessions = lambda: list(self.subscriptions.chunk_sessions)
         self.subscriptions.on_chunk_interest = self.router.chunk_interest
+
+    def _leader(self, group: int) -> int:
+        """``group``'s leader if hosted here, else NONE (another node's concern)."""
+        return self.host.leader(group) if group in self.host else NONE
 
     def _postgres_hold(self, session_id: str) -> int:
         """The archive's retention floor for ``session_id`` (called on the archive's writer
