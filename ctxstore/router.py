@@ -48,6 +48,16 @@ from raft.transport import Transport
 from . import commands
 from .errors import OUTCOME_CODES, Outcome, ServiceError, proposal_outcome
 from .records import StoredMessage
+from .relay import (
+    RELAY_ENVELOPES,
+    Relay,
+    RelayAck,
+    RelayAnswer,
+    RelayCancel,
+    RelayEnded,
+    RelayPush,
+    RelayRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +133,8 @@ class ChunkInterest(msgspec.Struct, array_like=True, tag=31):
 
 Envelope = (
     Forward | ForwardReply | Advertise | HistoryFetch | HistoryRows | ChunkRelay | ChunkInterest
-)
+    | RelayRequest | RelayAnswer | RelayPush | RelayAck | RelayCancel | RelayEnded
+)  # fmt: skip
 CHUNK_INTEREST_MAX = 100_000  # sessions one peer may ask chunks of (more are ignored)
 HistoryServer = Callable[[HistoryFetch], Coroutine[Any, Any, HistoryRows]]
 _encode = msgspec.msgpack.Encoder().encode
@@ -193,6 +204,7 @@ class Router:
         self.chunk_sessions: Callable[[], list[str]] = list  # those with subscribers here
         self._chunk_peers: dict[int, set[str]] = {}  # peer -> sessions it wants chunks of
         self.chunks_relayed = 0
+        self.relay: Relay | None = None  # requests for groups not hosted here (ctxstore.relay)
         self._fetches: dict[int, tuple[asyncio.Future[HistoryRows], int, float]] = {}
         self._history_serving = 0
         # group -> the appends to propose in this loop iteration's pass, in arrival order:
@@ -221,6 +233,8 @@ class Router:
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self.relay is not None:
+            self.relay.stop()
         batches, self._batches = self._batches, {}
         for appends in batches.values():
             for _, done in appends:
@@ -509,6 +523,8 @@ class Router:
 
     def on_peer_down(self, peer: int) -> None:
         self._chunk_peers.pop(peer, None)
+        if self.relay is not None:
+            self.relay.on_peer_down(peer)
         for fid in [f for f, p in self._forwards.items() if p.peer == peer]:
             p = self._forwards.pop(fid)
             self._fail(p, RouteError("timeout", f"node {peer} went down with the request"))
@@ -573,6 +589,8 @@ class Router:
                 continue
             if isinstance(envelope, Forward):
                 self._serve(peer, envelope)
+            elif isinstance(envelope, RELAY_ENVELOPES):
+                self._on_relay(peer, envelope)
             elif isinstance(envelope, ForwardReply):
                 self._answered(peer, envelope)
             elif isinstance(envelope, HistoryFetch):
@@ -595,6 +613,10 @@ class Router:
                     entry[0].set_result(envelope)
             elif envelope.node_id == peer:
                 self.addresses[peer] = envelope.client_address
+
+    def _on_relay(self, peer: int, envelope: Any) -> None:
+        if self.relay is not None:
+            self.relay.on_envelope(peer, envelope)
 
     def _serve(self, peer: int, fwd: Forward) -> None:
         self.served_forwards += 1

@@ -47,7 +47,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 from msgspec.structs import replace
 
@@ -101,6 +101,7 @@ from .auth import SERVICE, Principal, Unauthorized, Verifier, verifier_of
 from .history import HistoryUnavailable, Page, TailMiss
 from .node import Node
 from .placement import group_of
+from .relay import PeerConn, Relay, relay_group
 from .router import RouteError
 from .state import payload_bytes
 from .tokens import OFFLOAD_CHARS, offload
@@ -148,6 +149,13 @@ class Service(BaseHandler):
         self.requests = 0
         self.errors: dict[str, int] = {}
         self.on_append_latency: Callable[[float, bool], None] | None = None  # seconds, ok
+        rc = node.router.config
+        self.relay = Relay(
+            s.node_id, lambda: node.transport, lambda g: g in node.driver.host, node.replicas,
+            node.host.leader, self, s.request_timeout_s, rc.hops_max, rc.retry_delay_s,
+            rc.forwards_max, node.subscriptions.limits,
+        )  # fmt: skip
+        node.router.relay = self.relay
 
     def on_hello(self, conn: Connection, hello: Hello) -> Reply:
         try:
@@ -202,14 +210,36 @@ class Service(BaseHandler):
             denied = self._refusal(conn, principal, request)
             if denied is not None:
                 return denied
+        if type(request) is CreateSession and request.session_id is None:
+            request = replace(request, session_id=uuid.uuid4().hex)  # named here, wherever served
+        group = relay_group(request, self.groups)
+        if group is not None and group not in self.node.driver.host:
+            return self._relay(conn, group, request, principal)
         handler = _HANDLERS.get(type(request))
         if handler is None:
             return self._error(error(request.rid, "bad_request", "unsupported request"))
         return handler(self, conn, request)
 
+    def _relay(self, conn: Connection, group: int, request: Request, p: Principal) -> Reply:
+        """Have a replica of ``group`` serve ``request`` (this node does not host it)."""
+        if isinstance(cast(object, conn), PeerConn):  # (the replica checked it hosts the group)
+            return self._error(error(request.rid, "unavailable", "the group moved; retry"))
+        if isinstance(request, Subscribe):
+            refused = self.subscriptions.admit(conn) or self.relay.streams.admit(conn)
+            if refused is not None:
+                return self._error(error(request.rid, *refused))
+            self.relay.subscribe(conn, next(self._sub_ids), request, p, group)
+            return None
+        self.relay.request(group, request, p, conn.reply)
+        return None
+
     # -- small requests ---------------------------------------------------------------------------
     def _unsubscribe(self, conn: Connection, r: Unsubscribe) -> Reply:
-        if self.subscriptions.stop(conn, r.sub_id) or self.inboxes.stop(conn, r.sub_id):
+        if (
+            self.subscriptions.stop(conn, r.sub_id)
+            or self.inboxes.stop(conn, r.sub_id)
+            or self.relay.stop_stream(conn, r.sub_id)
+        ):
             return Unsubscribed(r.rid, r.sub_id)
         return self._error(error(r.rid, "not_found", f"no subscription {r.sub_id} here"))
 
@@ -225,13 +255,15 @@ class Service(BaseHandler):
         return Pong(r.rid)
 
     def _get_routes(self, conn: Connection, r: GetRoutes) -> Reply:
-        leaders = [self.node.host.leader(g) for g in range(self.groups)]
+        host, relay = self.node.host, self.relay
+        leaders = [host.leader(g) if g in host else relay.leader_of(g) for g in range(self.groups)]
         version = self.node.driver.stats.soft_state_changes
         return Routes(r.rid, version, leaders, dict(self.router.addresses))
 
     def on_writable(self, conn: Connection) -> None:
         self.subscriptions.on_writable(conn)
         self.inboxes.on_writable(conn)
+        self.relay.on_writable(conn)
 
     def on_close(self, conn: Connection) -> None:
         timer = self._expiries.pop(conn, None)
@@ -240,11 +272,13 @@ class Service(BaseHandler):
         self._counting.pop(conn, None)
         self.subscriptions.on_close(conn)
         self.inboxes.on_close(conn)
+        self.relay.on_close(conn)
 
     def close_subscriptions(self, message: str) -> None:
         """Tell every subscriber this node is going away (they resubscribe elsewhere)."""
         self.subscriptions.close_all("shutdown", message)
         self.inboxes.close_all(message)
+        self.relay.close_all("shutdown", message)
 
     def _subscribe_inbox(self, conn: Connection, r: SubscribeInbox) -> Reply:
         refused = self.inboxes.admit(conn)

@@ -1,0 +1,286 @@
+"""ctxstore/relay.py on in-process clusters of 4-5 real nodes (WALs, peer sockets, client
+ports) where each group lives on 3 of them: a client connected to a node that hosts nothing of
+its session writes, reads and subscribes there as anywhere, through a replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from ctxstore.config import Settings
+from ctxstore.launcher import free_port
+from ctxstore.node import Node
+from ctxstore.server import Service
+from ctxstore.subscriptions import SubscriptionLimits
+from wire.aio import Server
+from wire.aio import serve as wire_serve
+from wire.client import Client, ClientError, connect
+from wire.framing import ClientConnection, PushReceived, ResponseReceived
+from wire.protocol import (
+    PROTOCOL_VERSION,
+    GapEvent,
+    Hello,
+    LastN,
+    Message,
+    MessageEvent,
+    Subscribe,
+    Subscribed,
+    Welcome,
+)
+
+GROUPS = 8
+
+
+def run(coro: Coroutine[Any, Any, None], timeout_s: float = 90) -> None:
+    uvloop.run(asyncio.wait_for(coro, timeout_s))
+
+
+@dataclass
+class Member:
+    node: Node
+    service: Service
+    clients: Server
+
+    @property
+    def target(self) -> str:
+        return "{}:{}".format(*self.clients.address)
+
+    @property
+    def id(self) -> int:
+        return self.node.settings.node_id
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    tmp_path: Path, n: int, replicas: Callable[[int], tuple[int, ...]], **extra: Any
+) -> AsyncIterator[dict[int, Member]]:
+    """``n`` nodes on this loop; group ``g`` lives on ``replicas(g)``."""
+    peer_ports = {i: free_port() for i in range(1, n + 1)}
+    members: dict[int, Member] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for i in peer_ports:
+            peers = ",".join(f"{j}=127.0.0.1:{p}" for j, p in peer_ports.items() if j != i)
+            settings = Settings(
+                node_id=i, data_dir=str(tmp_path / f"n{i}"), listen="127.0.0.1:0",
+                peer_listen=f"127.0.0.1:{peer_ports[i]}", peers=peers, groups=GROUPS, tick_ms=10,
+                wal_writer="inline", **extra,
+            )  # fmt: skip
+            node = Node(settings, replicas=replicas)
+            await node.start()
+            service = Service(node)
+            clients = await wire_serve(service, "127.0.0.1", 0)
+            node.advertise("{}:{}".format(*clients.address))
+            members[i] = Member(node, service, clients)
+            stack.push_async_callback(stop, members, i)
+        for m in members.values():
+            assert await m.node.wait_leaders(20)
+        yield members
+
+
+async def stop(members: dict[int, Member], i: int) -> None:
+    m = members.pop(i, None)
+    if m is not None:
+        m.clients.close()
+        await m.clients.wait_closed()
+        await m.node.stop()
+
+
+def first_three(group: int) -> tuple[int, ...]:
+    return (1, 2, 3)
+
+
+async def client(m: Member, **kw: Any) -> Client:
+    return await connect(m.target, **kw)
+
+
+def seqs(items: list[Any]) -> list[int]:
+    return [x.seq for x in items if isinstance(x, Message)]
+
+
+async def take(sub: Any, count: int) -> list[Any]:
+    out = []
+    async for item in sub:
+        out.append(item)
+        if len(out) == count:
+            return out
+    return out
+
+
+def test_a_node_hosting_nothing_serves_every_request_through_a_replica(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with cluster(tmp_path, 4, first_three) as nodes:
+            far = nodes[4]
+            assert not list(far.node.host.groups())  # node 4 hosts no group
+            async with await client(far) as c:
+                info = await c.create_session("alice", "bot", {"k": 1}, "s1")
+                assert info.session.id == "s1"
+                named = await c.create_session("alice", "bot")  # named by node 4
+                assert (await c.get_session(named.session.id)).session.user_id == "alice"
+                for i in range(5):
+                    assert (await c.append("s1", f"m{i}")).seq == i + 1
+                read = await c.read("s1")
+                assert [m.content for m in read.messages] == [f"m{i}" for i in range(5)]
+                assert (await c.mark_read("s1", "alice", 3)).seq == 5  # (its own appends: 5)
+                await c.set_context_config("s1", 10_000, LastN(2))
+                context = await c.get_context("s1")
+                assert [m.seq for m in context.messages] == [4, 5]
+                try:
+                    await c.get_session("nope")
+                except ClientError as e:
+                    assert e.code == "not_found"
+                else:
+                    raise AssertionError("no error for an unknown session")
+                try:
+                    await c.append("s1", "late", expected_seq=1)
+                except ClientError as e:
+                    assert e.code == "conflict"
+                else:
+                    raise AssertionError("no conflict")
+            assert far.service.relay.relayed >= 10
+            served = sum(nodes[i].service.relay.served_relays for i in (1, 2, 3))
+            assert served == far.service.relay.relayed
+            # The replicas hold it all; node 4 none of it.
+            assert far.node.state.last_seq("s1") is None
+            assert nodes[1].node.state.last_seq("s1") == 5
+
+    run(main())
+
+
+def test_a_relayed_subscription_replays_goes_live_and_outlives_its_replica(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with cluster(tmp_path, 4, first_three) as nodes:
+            far = nodes[4]
+            async with await client(far) as c, await client(nodes[1]) as writer:
+                await writer.create_session("alice", "bot", {}, "s1")
+                for i in range(3):
+                    await writer.append("s1", f"old{i}")
+                sub = c.subscribe("s1", after_seq=0)
+                await sub
+                assert seqs(await take(sub, 3)) == [1, 2, 3]  # replayed
+                await writer.append("s1", "live")
+                assert seqs(await take(sub, 1)) == [4]
+                # Kill the replica carrying the subscription: it resumes at another, unseen.
+                relay = far.service.relay
+                (stream,) = relay.streams.all()
+                victim = stream.peer
+                assert victim in (1, 2, 3)
+                await stop(nodes, victim)
+                survivor = next(i for i in (1, 2, 3) if i != victim)
+                async with await client(nodes[survivor]) as w2:
+                    for i in range(3):
+                        await w2.append_with_retry("s1", f"after{i}")
+                got = await take(sub, 3)
+                assert seqs(got) == [5, 6, 7]
+                assert sub.resumes == 0  # the client never saw it break
+                assert relay.resumed >= 1 and stream.peer != victim
+                await c.unsubscribe(sub.sub_id or 0)
+                await asyncio.sleep(0.2)
+                assert not relay.streams.all()
+                assert not any(m.service.relay._served for m in nodes.values())
+
+    run(main())
+
+
+class SlowReader:
+    """A native connection that reads only when told to, through a small receive buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.core = ClientConnection()
+        self.loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def open(cls, target: str) -> SlowReader:
+        host, port = target.rsplit(":", 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # (no autotuning)
+        sock.setblocking(False)
+        reader = cls(sock)
+        await reader.loop.sock_connect(sock, (host, int(port)))
+        await reader.send(Hello(1, PROTOCOL_VERSION, "slow", None))
+        assert isinstance(await reader.next(), Welcome)
+        return reader
+
+    async def send(self, request: Any) -> None:
+        self.core.send(request)
+        await self.loop.sock_sendall(self.sock, self.core.data_to_send())
+
+    async def next(self) -> Any:
+        while True:
+            event = self.core.next_event()
+            if isinstance(event, ResponseReceived):
+                return event.response
+            if isinstance(event, PushReceived):
+                return event.push
+            assert event is None, event
+            data = await self.loop.sock_recv(self.sock, 65536)
+            self.core.receive_data(data or None)
+
+
+def test_a_relayed_subscription_of_a_slow_client_loses_nothing(tmp_path: Path) -> None:
+    COUNT = 1500
+
+    async def main() -> None:
+        async with cluster(tmp_path, 4, first_three) as nodes:
+            small = SubscriptionLimits(backlog_bytes_high=64 * 1024, page_bytes=16 * 1024)
+            for m in nodes.values():
+                m.node.subscriptions.limits = small
+                m.service.relay.limits = small
+            far = nodes[4]
+            async with await client(nodes[1]) as writer:
+                await writer.create_session("alice", "bot", {}, "s1")
+                reader = await SlowReader.open(far.target)
+                await reader.send(Subscribe(2, "s1", 0))
+                assert isinstance(await reader.next(), Subscribed)
+                body = "x" * 6000  # 9 MB while the reader reads nothing: over the sockets'
+                for k in range(0, COUNT, 100):  # buffers (the server's grows to 4 MB)
+                    await asyncio.gather(
+                        *(writer.append("s1", f"{i}:{body}") for i in range(k, k + 100))
+                    )
+                await asyncio.sleep(0.5)
+                # The client fell behind: node 4 held back, and the replica stopped pushing.
+                assert far.service.relay.acks_withheld > 0
+                replica = next(m for m in nodes.values() if m.service.relay._served)
+                (conn,) = replica.service.relay._served.values()
+                assert conn.backlog_bytes > small.backlog_bytes_high
+                got: list[int] = []
+                while len(got) < COUNT:
+                    push = await reader.next()
+                    assert isinstance(push, MessageEvent), push
+                    got += [m.seq for m in push.messages]
+                assert got == list(range(1, COUNT + 1))
+                assert replica.node.subscriptions.replaying == 0
+                reader.sock.close()
+
+    run(main())
+
+
+def test_a_relayed_subscription_reports_the_gaps_retention_made(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with cluster(tmp_path, 4, first_three, retention_max_messages=5,
+                           tail_messages_max=2) as nodes:  # fmt: skip
+            far = nodes[4]
+            async with await client(nodes[1]) as writer:
+                await writer.create_session("alice", "bot", {}, "s1")
+                for i in range(20):
+                    await writer.append("s1", f"m{i}")
+            for i in (1, 2, 3):  # the archives apply retention as they flush
+                await nodes[i].node.archive.barrier()
+            async with await client(far) as c:
+                sub = c.subscribe("s1", after_seq=0)
+                await sub
+                items = await take(sub, 6)
+                gap = items[0]
+                assert isinstance(gap, GapEvent) and gap.from_seq == 1
+                assert seqs(items[1:]) == list(range(gap.to_seq + 1, gap.to_seq + 6))
+
+    run(main())
