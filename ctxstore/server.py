@@ -257,8 +257,9 @@ class Service(BaseHandler):
     def _get_routes(self, conn: Connection, r: GetRoutes) -> Reply:
         host, relay = self.node.host, self.relay
         leaders = [host.leader(g) if g in host else relay.leader_of(g) for g in range(self.groups)]
+        replicas = [list(self.node.replicas(g)) for g in range(self.groups)]
         version = self.node.driver.stats.soft_state_changes
-        return Routes(r.rid, version, leaders, dict(self.router.addresses))
+        return Routes(r.rid, version, leaders, dict(self.router.addresses), replicas)
 
     def on_writable(self, conn: Connection) -> None:
         self.subscriptions.on_writable(conn)

@@ -502,6 +502,9 @@ class Routes(msgspec.Struct, array_like=True, tag="routes"):
     version: int  # grows with every leader change this node sees
     leaders: list[int]  # index = group: the leader's node id, 0 if unknown
     addresses: dict[int, str]  # node id -> "host:port" of its native listener (those known)
+    # appended (clients ignore trailing fields): index = group: its replicas, by node id; a
+    # request may go to any of them (the leader still serves writes first-hand)
+    replicas: list[list[int]] = []
 
 
 class Subscribed(msgspec.Struct, array_like=True, tag="subscribed"):

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import uvloop
 
+from ctxstore import placement
 from ctxstore.config import Settings
 from ctxstore.launcher import free_port
 from ctxstore.node import Node
@@ -30,6 +32,7 @@ from wire.protocol import (
     LastN,
     Message,
     MessageEvent,
+    Routes,
     Subscribe,
     Subscribed,
     Welcome,
@@ -284,3 +287,22 @@ def test_a_relayed_subscription_reports_the_gaps_retention_made(tmp_path: Path) 
                 assert seqs(items[1:]) == list(range(gap.to_seq + 1, gap.to_seq + 6))
 
     run(main())
+
+
+def test_get_routes_tells_each_groups_replicas(tmp_path: Path) -> None:
+    async def main() -> None:
+        view = placement.placement(range(1, 6), GROUPS)
+        async with cluster(tmp_path, 5, lambda g: view[g]) as nodes:
+            async with await client(nodes[5]) as c:
+                routes = await c.get_routes()
+            assert [tuple(r) for r in routes.replicas] == [view[g] for g in range(GROUPS)]
+            for g, leader in enumerate(routes.leaders):
+                assert leader == 0 or leader in view[g]
+
+    run(main())
+
+
+def test_routes_of_an_older_server_decode_without_replicas() -> None:
+    old = msgspec.msgpack.encode(["routes", 9, 3, [1, 2], {1: "127.0.0.1:7400"}])
+    routes = msgspec.msgpack.decode(old, type=Routes)
+    assert (routes.leaders, routes.replicas) == ([1, 2], [])
