@@ -13,6 +13,10 @@ Bounds: a subscriber's pending changes are a set of session ids (at most the use
 while its connection is backlogged the set waits (and merges) instead of queueing deltas.
 An inbox reads this node's applied state (no barrier): it may lag a write acknowledged by
 another node by a replication delay, and catches up by itself.
+
+A node that does not host every group serves the rest of a user's inbox from replicas
+(``ctxstore.relay``): there an inbox subscription may be narrowed to some ``groups`` (those it
+was asked for), and here to the groups hosted.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from wire.aio import Connection
 from wire.protocol import InboxDelta, InboxEntry, SubscriptionClosed
 
+from .placement import GROUPS, group_of
 from .records import StoredMessage, decode_parts
 from .registry import Streams
 from .state import ConversationState
@@ -42,12 +47,15 @@ class InboxLimits:
 
 
 class _InboxSub:
-    __slots__ = ("closed", "conn", "dirty", "sub_id", "timer", "user_id")
+    __slots__ = ("closed", "conn", "dirty", "groups", "sub_id", "timer", "user_id")
 
-    def __init__(self, sub_id: int, conn: Connection, user_id: str) -> None:
+    def __init__(
+        self, sub_id: int, conn: Connection, user_id: str, groups: frozenset[int] | None
+    ) -> None:
         self.sub_id = sub_id
         self.conn = conn
         self.user_id = user_id
+        self.groups = groups  # only these groups' sessions (None: all)
         self.dirty: set[str] = set()
         self.timer: asyncio.Handle | None = None
         self.closed = False
@@ -89,16 +97,28 @@ class Inboxes(Streams[str, _InboxSub]):
         self.limits: InboxLimits = limits
         self.deltas = 0
 
-    def snapshot(self, user_id: str) -> tuple[list[InboxEntry], bool]:
-        entries = [e for sid in self.state.user_session_ids(user_id)
-                   if (e := entry(self.state, sid)) is not None]  # fmt: skip
+    def group_of(self, session_id: str) -> int:
+        return group_of(session_id, self.state.group_count or GROUPS)
+
+    def snapshot(
+        self, user_id: str, groups: frozenset[int] | None = None
+    ) -> tuple[list[InboxEntry], bool]:
+        """The user's sessions (of ``groups`` only, if given), the most recently active first,
+        at most ``snapshot_max``; whether there were more."""
+        ids = self.state.user_session_ids(user_id)
+        if groups is not None:
+            ids = [sid for sid in ids if self.group_of(sid) in groups]
+        entries = [e for sid in ids if (e := entry(self.state, sid)) is not None]
         entries.sort(key=lambda e: (-e.last_activity, e.session_id))
         limit = self.limits.snapshot_max
         return entries[:limit], len(entries) > limit
 
-    def start(self, conn: Connection, sub_id: int, user_id: str) -> None:
-        """Register after the snapshot was queued: changes from now on become deltas."""
-        sub = _InboxSub(sub_id, conn, user_id)
+    def start(
+        self, conn: Connection, sub_id: int, user_id: str, groups: frozenset[int] | None = None
+    ) -> None:
+        """Register after the snapshot was queued: changes from now on become deltas (of
+        ``groups``' sessions only, if given)."""
+        sub = _InboxSub(sub_id, conn, user_id, groups)
         self._subs.add(user_id, sub)
 
     def on_writable(self, conn: Connection) -> None:
@@ -116,7 +136,13 @@ class Inboxes(Streams[str, _InboxSub]):
         subs = self._subs.of_key(user_id)
         if not subs:
             return
+        group = -1
         for sub in subs.values():
+            if sub.groups is not None:
+                if group < 0:
+                    group = self.group_of(session_id)
+                if group not in sub.groups:
+                    continue
             sub.dirty.add(session_id)
             if len(sub.dirty) >= self.limits.dirty_max:
                 if sub.timer is not None:

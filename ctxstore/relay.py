@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -57,6 +58,7 @@ from wire.protocol import (
     GetContext,
     GetSession,
     InboxDelta,
+    InboxEntry,
     InboxSnapshot,
     MarkRead,
     MessageEvent,
@@ -74,6 +76,7 @@ from wire.protocol import (
 )
 
 from .auth import Principal
+from .inbox import Inboxes
 from .placement import group_of
 from .registry import Streams
 from .subscriptions import SubscriptionLimits
@@ -236,8 +239,8 @@ class PeerConn:
 
 # -- the origin's side -----------------------------------------------------------------------------
 class _Call:
-    __slots__ = ("data", "deadline", "done", "fid", "finished", "group", "hops", "peer",
-                 "principal", "read", "rid", "tried")  # fmt: skip
+    __slots__ = ("data", "deadline", "done", "fid", "finished", "group", "groups", "hops",
+                 "peer", "principal", "read", "rid", "targets", "tried")  # fmt: skip
 
     def __init__(self, group: int, rid: int, data: bytes, principal: Principal, read: bool,
                  deadline: float, done: Callable[[Response], None]) -> None:  # fmt: skip
@@ -253,6 +256,8 @@ class _Call:
         self.hops = 0
         self.tried: set[int] = set()
         self.finished = False
+        self.targets: tuple[int, ...] | None = None  # who may serve it (None: group's replicas)
+        self.groups: list[int] = []  # an inbox part: its groups
 
 
 class _Stream:
@@ -299,6 +304,71 @@ class _RemoteStreams(Streams[str, _Stream]):
         self.relay._cancel(s)
 
 
+class _Inbox:
+    """A user's inbox followed here for the hosted groups and from replicas for the rest."""
+
+    __slots__ = ("answered", "closed", "conn", "entries", "hosted", "parts", "principal",
+                 "request", "sub_id", "truncated")  # fmt: skip
+
+    def __init__(self, sub_id: int, conn: Connection, request: SubscribeInbox,
+                 principal: Principal, hosted: frozenset[int]) -> None:  # fmt: skip
+        self.sub_id = sub_id
+        self.conn = conn
+        self.request = request
+        self.principal = principal
+        self.hosted = hosted
+        self.parts: set[_Part] = set()
+        self.entries: dict[str, InboxEntry] = {}  # the parts' snapshots, until answered
+        self.truncated = False
+        self.answered = False
+        self.closed = False
+
+
+class _Part:
+    """Some groups of an inbox, followed from one node that hosts them all."""
+
+    __slots__ = ("acked", "box", "closed", "conn", "fid", "groups", "peer", "received",
+                 "resume_until")  # fmt: skip
+
+    def __init__(self, box: _Inbox, groups: frozenset[int]) -> None:
+        self.box = box
+        self.conn = box.conn
+        self.groups = groups
+        self.fid = 0
+        self.peer = NONE
+        self.received = 0
+        self.acked = 0
+        self.resume_until = 0.0
+        self.closed = False
+
+
+class _RemoteInboxes(Streams[str, _Inbox]):
+    def __init__(self, relay: Relay, limits: SubscriptionLimits) -> None:
+        super().__init__(limits)
+        self.relay = relay
+
+    def add(self, box: _Inbox) -> None:
+        self._subs.add(box.request.user_id, box)
+
+    def all(self) -> list[_Inbox]:
+        return self._subs.all()
+
+    def _remove(self, box: _Inbox) -> None:
+        if box.closed:
+            return
+        box.closed = True
+        self._subs.remove(box.request.user_id, box)
+        relay = self.relay
+        for part in box.parts:
+            part.closed = True
+            relay._to_ack.discard(part)
+            if part.fid:
+                relay._by_fid.pop(part.fid, None)
+                relay._tell(part.peer, RelayCancel([part.fid]))
+                part.fid = 0
+        box.parts.clear()
+
+
 class Relay:
     def __init__(
         self,
@@ -313,6 +383,7 @@ class Relay:
         retry_delay_s: float = 0.02,
         calls_max: int = 100_000,
         limits: SubscriptionLimits | None = None,
+        local_inboxes: Inboxes | None = None,
     ) -> None:
         self.node_id = node_id
         self._transport = transport
@@ -329,8 +400,10 @@ class Relay:
         self._calls: dict[int, _Call] = {}  # fid -> request relayed by this node
         self._leaders: dict[int, int] = {}  # group -> its leader, as a replica told us
         self.streams = _RemoteStreams(self, self.limits)
-        self._by_fid: dict[int, _Stream] = {}  # fid -> the stream it carries
-        self._to_ack: set[_Stream] = set()
+        self._by_fid: dict[int, _Stream | _Part] = {}  # fid -> the stream it carries
+        self.inboxes = _RemoteInboxes(self, limits or SubscriptionLimits())
+        self.local_inboxes = local_inboxes
+        self._to_ack: set[_Stream | _Part] = set()
         self._ack_scheduled = False
         self._served: dict[tuple[int, int], PeerConn] = {}  # (origin, fid) -> served here
         self._ends: dict[int, set[int]] = {}  # origin -> fids ended here, still to tell it
@@ -365,6 +438,8 @@ class Relay:
     def close_all(self, reason: CloseReason, message: str) -> None:
         for s in self.streams.all():
             self._end(s, reason, message)
+        for box in self.inboxes.all():
+            self._end_inbox(box, reason, message)
 
     # -- requests (the origin) ---------------------------------------------------------------------
     def request(
@@ -384,7 +459,8 @@ class Relay:
         transport = self._transport()
         if transport is None:
             return NONE
-        candidates = [p for p in self.replicas(call.group)
+        targets = self.replicas(call.group) if call.targets is None else call.targets
+        candidates = [p for p in targets
                       if p != self.node_id and p not in call.tried
                       and transport.is_connected(p)]  # fmt: skip
         if not candidates:
@@ -407,7 +483,7 @@ class Relay:
             p = call.principal
             sessions = None if p.sessions is None else sorted(p.sessions)
             envelope = RelayRequest(fid, call.group, call.data, p.role, p.sub, sessions,
-                                    p.expires_at)  # fmt: skip
+                                    p.expires_at, call.groups)  # fmt: skip
             if transport.send_app(peer, _encode(envelope)):
                 call.fid, call.peer = fid, peer
                 self._calls[fid] = call
@@ -547,6 +623,9 @@ class Relay:
         if s is None or s.peer != peer:
             self._tell(peer, RelayCancel([envelope.fid]))  # not (or no longer) wanted
             return
+        if isinstance(s, _Part):
+            self._part_pushed(s, envelope)
+            return
         s.received += len(envelope.event)
         try:
             event = _decode_push(envelope.event)
@@ -584,11 +663,17 @@ class Relay:
                 s.conn.push(replace(event, sub_id=s.sub_id))
         self._ack_soon(s)
 
+    def _break(self, s: _Stream | _Part) -> None:
+        if isinstance(s, _Part):
+            self._part_broken(s)
+        else:
+            self._broken(s)
+
     def _lost(self, s: _Stream) -> None:
         self._cancel(s)
         self._broken(s)
 
-    def _ack_soon(self, s: _Stream) -> None:
+    def _ack_soon(self, s: _Stream | _Part) -> None:
         self._to_ack.add(s)
         if not self._ack_scheduled:
             self._ack_scheduled = True
@@ -600,7 +685,7 @@ class Relay:
         ``backlog_bytes_high`` wait (their replica stops pushing, as for a local one)."""
         self._ack_scheduled = False
         high = self.limits.backlog_bytes_high
-        by_peer: dict[int, list[_Stream]] = {}
+        by_peer: dict[int, list[_Stream | _Part]] = {}
         for s in self._to_ack:
             if s.closed or not s.fid or s.received <= s.acked:
                 continue
@@ -617,7 +702,7 @@ class Relay:
         self._to_ack = {s for s in self._to_ack if not s.closed and s.fid}
 
     def stop_stream(self, conn: Connection, sub_id: int) -> bool:
-        return self.streams.stop(conn, sub_id)
+        return self.streams.stop(conn, sub_id) or self.inboxes.stop(conn, sub_id)
 
     def on_writable(self, conn: Connection) -> None:
         if any(s.conn is conn for s in self._to_ack) and not self._ack_scheduled:
@@ -627,10 +712,180 @@ class Relay:
 
     def on_close(self, conn: Connection) -> None:
         self.streams.on_close(conn)
+        self.inboxes.on_close(conn)
+
+    # -- inboxes (the origin) ----------------------------------------------------------------------
+    def subscribe_inbox(
+        self,
+        conn: Connection,
+        sub_id: int,
+        request: SubscribeInbox,
+        principal: Principal,
+        hosted: frozenset[int],
+        groups: int,
+    ) -> None:
+        """Follow the user's inbox here for the ``hosted`` groups and from replicas for the
+        others (as few as cover them); the client's ``InboxSnapshot`` (the parts' merged) is
+        answered once every part answered, or an error if one could not be opened in time."""
+        box = _Inbox(sub_id, conn, request, principal, hosted)
+        self.inboxes.add(box)
+        deadline = self._now() + self.request_timeout_s
+        remote = frozenset(range(groups)) - hosted
+        for part_groups in self._cover(remote, NONE):
+            self._open_part(box, _Part(box, part_groups), deadline)
+
+    def _cover(self, groups: frozenset[int], without: int) -> list[frozenset[int]]:
+        """``groups`` split among as few nodes as host them (connected ones first; greedy)."""
+        transport = self._transport()
+        hosts = {g: [p for p in self.replicas(g) if p not in (self.node_id, without)]
+                 for g in groups}  # fmt: skip
+        left, parts = set(groups), []
+        while left:
+            counts: Counter[int] = Counter()
+            for g in left:
+                for p in hosts[g]:
+                    counts[p] += 2 if transport is not None and transport.is_connected(p) else 1
+            if not counts:  # no other node holds them: asked anyway, they fail unavailable
+                parts.append(frozenset(left))
+                break
+            best = max(counts, key=lambda p: (counts[p], -p))
+            take = frozenset(g for g in left if best in hosts[g])
+            parts.append(take)
+            left -= take
+        return parts
+
+    def _open_part(self, box: _Inbox, part: _Part, deadline: float) -> None:
+        if box.closed:
+            return
+        box.parts.add(part)
+        request = SubscribeInbox(box.request.rid, box.request.user_id)
+        call = _Call(
+            min(part.groups), request.rid, _encode(request), box.principal, True, deadline,
+            lambda response: self._part_opened(part, call, response),
+        )  # fmt: skip
+        hosts = [set(self.replicas(g)) for g in part.groups]
+        call.targets = tuple(sorted(set.intersection(*hosts) - {self.node_id}))
+        call.groups = sorted(part.groups)
+        self._send(call)
+
+    def _part_opened(self, part: _Part, call: _Call, response: Response) -> None:
+        box = part.box
+        if isinstance(response, InboxSnapshot):
+            if box.closed or part.closed:
+                self._tell(call.peer, RelayCancel([call.fid]))
+                return
+            part.fid, part.peer, part.received, part.acked = call.fid, call.peer, 0, 0
+            part.resume_until = 0.0
+            self._by_fid[call.fid] = part
+            if not box.answered:
+                for e in response.entries:
+                    box.entries[e.session_id] = e
+                box.truncated = box.truncated or response.truncated
+                if all(p.fid for p in box.parts):
+                    self._inbox_answer(box)
+            else:  # resumed elsewhere: its sessions as they are now
+                self._inbox_push(box, response.entries)
+            return
+        if box.closed or part.closed:
+            return
+        if not box.answered:  # an inbox opens whole or not at all
+            self.inboxes._remove(box)
+            box.conn.reply(response)
+        elif isinstance(response, Error) and response.code in RETRYABLE:
+            self._part_broken(part)
+        else:
+            message = response.message if isinstance(response, Error) else "unexpected answer"
+            self._end_inbox(box, "unavailable", message)
+
+    def _inbox_answer(self, box: _Inbox) -> None:
+        local = self.local_inboxes
+        entries = list(box.entries.values())
+        truncated = box.truncated
+        if local is not None and box.hosted:
+            mine, more = local.snapshot(box.request.user_id, box.hosted)
+            entries += mine
+            truncated = truncated or more
+        entries.sort(key=lambda e: (-e.last_activity, e.session_id))
+        limit = local.limits.snapshot_max if local is not None else len(entries)
+        box.answered = True
+        box.entries = {}
+        box.conn.reply(InboxSnapshot(box.request.rid, box.sub_id, entries[:limit],
+                                     truncated or len(entries) > limit))  # fmt: skip
+        if local is not None and box.hosted:
+            local.start(box.conn, box.sub_id, box.request.user_id, box.hosted)
+
+    def _inbox_push(self, box: _Inbox, entries: list[InboxEntry]) -> None:
+        step = self.local_inboxes.limits.delta_entries_max if self.local_inboxes else 500
+        for i in range(0, len(entries), step):
+            box.conn.push(InboxDelta(box.sub_id, entries[i : i + step]))
+
+    def _part_pushed(self, part: _Part, envelope: RelayPush) -> None:
+        part.received += len(envelope.event)
+        box = part.box
+        try:
+            event = _decode_push(envelope.event)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            logger.warning("relayed inbox push from node %d undecodable: %s", part.peer, e)
+            self._part_broken(part, cancel=True)
+            return
+        match event:
+            case InboxDelta(_, entries):
+                if box.answered:
+                    self._inbox_push(box, entries)
+                else:
+                    for entry in entries:
+                        box.entries[entry.session_id] = entry
+            case SubscriptionClosed(_, reason, message):
+                self._by_fid.pop(part.fid, None)
+                part.fid = 0  # ended there: nothing to cancel
+                if reason in ("unavailable", "shutdown"):
+                    self._part_broken(part)
+                else:
+                    self._end_inbox(box, reason, message)
+                return
+        self._ack_soon(part)
+
+    def _part_broken(self, part: _Part, cancel: bool = False) -> None:
+        """The relay of ``part`` is gone: its groups are followed again from other nodes (its
+        sessions' current entries come as a delta, then their changes)."""
+        box = part.box
+        if part.closed or box.closed:
+            return
+        old = part.peer
+        if cancel and part.fid:
+            self._tell(old, RelayCancel([part.fid]))
+        self._by_fid.pop(part.fid, None)
+        self._to_ack.discard(part)
+        part.closed = True
+        box.parts.discard(part)
+        now = self._now()
+        until = part.resume_until or now + RESUME_S
+        if now >= until or not box.answered:
+            self._end_inbox(box, "unavailable", "the inbox could not be followed: subscribe again")
+            return
+        self.resumed += 1
+        for groups in self._cover(part.groups, old):
+            again = _Part(box, groups)
+            again.resume_until = until
+            assert self._loop is not None
+            self._loop.call_later(self.retry_delay_s, self._open_part, box, again,
+                                  now + self.request_timeout_s)  # fmt: skip
+
+    def _end_inbox(self, box: _Inbox, reason: CloseReason, message: str) -> None:
+        if box.closed:
+            return
+        answered = box.answered
+        self.inboxes._remove(box)
+        if self.local_inboxes is not None:
+            self.local_inboxes.stop(box.conn, box.sub_id)
+        if answered:
+            box.conn.push(SubscriptionClosed(box.sub_id, reason, message))
+        else:
+            box.conn.reply(error(box.request.rid, "unavailable", message))
 
     # -- the replica's side ------------------------------------------------------------------------
     def _serve(self, peer: int, envelope: RelayRequest) -> None:
-        if not self.hosted(envelope.group):
+        if not self.hosted(envelope.group) or not all(map(self.hosted, envelope.groups)):
             self._answer(peer, envelope.fid, b"", "unavailable", "the group is not hosted here")
             return
         if len(self._served) >= self.calls_max:
@@ -734,7 +989,7 @@ class Relay:
                 for fid in fids:
                     s = self._by_fid.get(fid)
                     if s is not None and s.peer == peer:
-                        self._broken(s)
+                        self._break(s)
 
     def on_peer_down(self, peer: int) -> None:
         for fid in [f for f, c in self._calls.items() if c.peer == peer]:
@@ -745,7 +1000,7 @@ class Relay:
                 message = f"node {peer} went down with the request; outcome unknown"
                 self._finish(call, error(call.rid, "timeout", message))
         for s in [s for s in self._by_fid.values() if s.peer == peer]:
-            self._broken(s)
+            self._break(s)
         for conn in [c for (p, _), c in self._served.items() if p == peer]:
             self._drop_served(conn, tell=False)
         self._ends.pop(peer, None)

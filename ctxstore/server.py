@@ -153,7 +153,7 @@ class Service(BaseHandler):
         self.relay = Relay(
             s.node_id, lambda: node.transport, lambda g: g in node.driver.host, node.replicas,
             node.host.leader, self, s.request_timeout_s, rc.hops_max, rc.retry_delay_s,
-            rc.forwards_max, node.subscriptions.limits,
+            rc.forwards_max, node.subscriptions.limits, node.inboxes,
         )  # fmt: skip
         node.router.relay = self.relay
 
@@ -235,11 +235,8 @@ class Service(BaseHandler):
 
     # -- small requests ---------------------------------------------------------------------------
     def _unsubscribe(self, conn: Connection, r: Unsubscribe) -> Reply:
-        if (
-            self.subscriptions.stop(conn, r.sub_id)
-            or self.inboxes.stop(conn, r.sub_id)
-            or self.relay.stop_stream(conn, r.sub_id)
-        ):
+        local = self.subscriptions.stop(conn, r.sub_id) or self.inboxes.stop(conn, r.sub_id)
+        if self.relay.stop_stream(conn, r.sub_id) or local:  # (an inbox may be both)
             return Unsubscribed(r.rid, r.sub_id)
         return self._error(error(r.rid, "not_found", f"no subscription {r.sub_id} here"))
 
@@ -282,13 +279,24 @@ class Service(BaseHandler):
         self.relay.close_all("shutdown", message)
 
     def _subscribe_inbox(self, conn: Connection, r: SubscribeInbox) -> Reply:
-        refused = self.inboxes.admit(conn)
+        """The user's sessions of this node's groups, and of the others from their replicas
+        (``ctxstore.relay``); relayed here: of the groups the origin asked for."""
+        refused = self.inboxes.admit(conn) or self.relay.inboxes.admit(conn)
         if refused is not None:
             return self._error(error(r.rid, *refused))
         sub_id = next(self._sub_ids)
-        entries, truncated = self.inboxes.snapshot(r.user_id)
+        peer = cast(object, conn)
+        groups = peer.groups if isinstance(peer, PeerConn) else None
+        if groups is None and not isinstance(peer, PeerConn):
+            host = self.node.driver.host
+            hosted = frozenset(g for g in range(self.groups) if g in host)
+            if len(hosted) < self.groups:
+                principal: Principal = conn.context or SERVICE
+                self.relay.subscribe_inbox(conn, sub_id, r, principal, hosted, self.groups)
+                return None
+        entries, truncated = self.inboxes.snapshot(r.user_id, groups)
         conn.reply(InboxSnapshot(r.rid, sub_id, entries, truncated))
-        self.inboxes.start(conn, sub_id, r.user_id)
+        self.inboxes.start(conn, sub_id, r.user_id, groups)
         return None
 
     # -- agents (ctxstore/agents/; docs/agents.md) ------------------------------------------------

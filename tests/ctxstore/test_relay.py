@@ -29,6 +29,9 @@ from wire.protocol import (
     PROTOCOL_VERSION,
     GapEvent,
     Hello,
+    InboxDelta,
+    InboxEntry,
+    InboxSnapshot,
     LastN,
     Message,
     MessageEvent,
@@ -306,3 +309,71 @@ def test_routes_of_an_older_server_decode_without_replicas() -> None:
     old = msgspec.msgpack.encode(["routes", 9, 3, [1, 2], {1: "127.0.0.1:7400"}])
     routes = msgspec.msgpack.decode(old, type=Routes)
     assert (routes.leaders, routes.replicas) == ([1, 2], [])
+
+
+async def deltas_until(
+    inbox: Any, want: Callable[[dict[str, InboxEntry]], bool], seen: dict[str, InboxEntry]
+) -> None:
+    """Read the inbox's deltas into ``seen`` until ``want(seen)``."""
+    while not want(seen):
+        delta = await asyncio.wait_for(anext(inbox), 10)
+        assert isinstance(delta, InboxDelta), delta
+        for e in delta.entries:
+            seen[e.session_id] = e
+
+
+def test_an_inbox_gathers_the_sessions_of_groups_held_elsewhere(tmp_path: Path) -> None:
+    async def main() -> None:
+        view = placement.placement(range(1, 6), GROUPS)
+        async with cluster(tmp_path, 5, lambda g: view[g]) as nodes:
+            far = nodes[5]
+            sids = [f"s{i}" for i in range(24)]
+            remote = [s for s in sids if 5 not in view[placement.group_of(s, GROUPS)]]
+            local = [s for s in sids if s not in remote]
+            assert remote and local
+            async with await client(far) as c, await client(far) as writer:
+                for sid in sids:
+                    await writer.create_session("alice", "bot", {}, sid)
+                await writer.create_session("bob", "bot", {}, "b1")
+                await asyncio.sleep(0.3)  # (an inbox reads applied state, no barrier)
+                inbox = c.subscribe_inbox("alice")
+                await inbox
+                snapshot = await anext(inbox)
+                assert isinstance(snapshot, InboxSnapshot) and not snapshot.truncated
+                assert sorted(e.session_id for e in snapshot.entries) == sorted(sids)
+                relay = far.service.relay
+                (box,) = relay.inboxes.all()
+                assert box.hosted == {g for g in range(GROUPS) if 5 in view[g]}
+                peers = {p.peer for p in box.parts}
+                assert 5 not in peers and len(peers) <= 3  # a cover, not a node per group
+                # Deltas, for the groups here and elsewhere.
+                seen: dict[str, InboxEntry] = {}
+                await writer.append(remote[0], "hello")
+                await writer.append(local[0], "there")
+                await writer.append("b1", "not alice's")
+                await deltas_until(
+                    inbox, lambda s: all(s.get(x, _E).last_seq == 1 for x in (remote[0], local[0])),
+                    seen,
+                )  # fmt: skip
+                assert "b1" not in seen
+                # A node carrying part of the inbox dies: its groups are followed elsewhere.
+                victim = next(iter(peers))
+                lost = [s for s in remote if victim in view[placement.group_of(s, GROUPS)]]
+                assert lost
+                await stop(nodes, victim)
+                for sid in lost:
+                    await writer.append_with_retry(sid, "after")
+                await deltas_until(
+                    inbox, lambda s: all(s.get(x, _E).last_seq >= 1 for x in lost), seen
+                )
+                assert inbox.resumes == 0 and relay.resumed >= 1
+                await c.unsubscribe(inbox.sub_id or 0)
+                await asyncio.sleep(0.2)
+                assert not relay.inboxes.all()
+                assert not any(m.service.relay._served for m in nodes.values())
+                assert not far.node.inboxes.count
+
+    run(main())
+
+
+_E = InboxEntry("", "", 0, 0, 0, None, None, "")
