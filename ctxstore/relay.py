@@ -412,6 +412,7 @@ class Relay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.relayed = 0  # requests sent to a replica
         self.served_relays = 0  # requests served for another node
+        self.refused_relays = 0  # requests for a group not hosted here (the origin asks on)
         self.resumed = 0  # relayed streams resumed at another replica
         self.acks_withheld = 0  # times a stream's client was too far behind to take more
 
@@ -886,6 +887,7 @@ class Relay:
     # -- the replica's side ------------------------------------------------------------------------
     def _serve(self, peer: int, envelope: RelayRequest) -> None:
         if not self.hosted(envelope.group) or not all(map(self.hosted, envelope.groups)):
+            self.refused_relays += 1
             self._answer(peer, envelope.fid, b"", "unavailable", "the group is not hosted here")
             return
         if len(self._served) >= self.calls_max:
@@ -1001,9 +1003,9 @@ class Relay:
                 self._finish(call, error(call.rid, "timeout", message))
         for s in [s for s in self._by_fid.values() if s.peer == peer]:
             self._break(s)
+        # Its streams end here; told when it is back, in case it never saw the link go.
         for conn in [c for (p, _), c in self._served.items() if p == peer]:
-            self._drop_served(conn, tell=False)
-        self._ends.pop(peer, None)
+            self._drop_served(conn, tell=True)
 
     def _sweep(self) -> None:
         now = self._now()

@@ -230,7 +230,16 @@ class Service(BaseHandler):
                 return self._error(error(request.rid, *refused))
             self.relay.subscribe(conn, next(self._sub_ids), request, p, group)
             return None
-        self.relay.request(group, request, p, conn.reply)
+        if isinstance(request, Append) and self.on_append_latency is not None:
+            received, measure = time.perf_counter(), self.on_append_latency
+
+            def answer(response: Response) -> None:
+                conn.reply(response)
+                measure(time.perf_counter() - received, not isinstance(response, Error))
+
+            self.relay.request(group, request, p, answer)
+        else:
+            self.relay.request(group, request, p, conn.reply)
         return None
 
     # -- small requests ---------------------------------------------------------------------------
@@ -498,7 +507,11 @@ class Service(BaseHandler):
                 if conn.core.awaits_answer(rid):
                     conn.reply(self._error(error(rid, "internal", "internal error")))
                 return
-            if self.on_append_latency is not None and isinstance(request, Append):
+            if (
+                self.on_append_latency is not None
+                and isinstance(request, Append)
+                and not isinstance(cast(object, conn), PeerConn)  # (measured at its origin)
+            ):
                 ok = not isinstance(response, Error)
                 self.on_append_latency(time.perf_counter() - received, ok)
 

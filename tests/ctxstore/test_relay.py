@@ -65,9 +65,14 @@ class Member:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    tmp_path: Path, n: int, replicas: Callable[[int], tuple[int, ...]], **extra: Any
+    tmp_path: Path,
+    n: int,
+    replicas: Callable[[int], tuple[int, ...]],
+    views: dict[int, Callable[[int], tuple[int, ...]]] | None = None,
+    **extra: Any,
 ) -> AsyncIterator[dict[int, Member]]:
-    """``n`` nodes on this loop; group ``g`` lives on ``replicas(g)``."""
+    """``n`` nodes on this loop; group ``g`` lives on ``replicas(g)`` (node i believes
+    ``views[i](g)`` after it started, if given: a stale view)."""
     peer_ports = {i: free_port() for i in range(1, n + 1)}
     members: dict[int, Member] = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -80,6 +85,8 @@ async def cluster(
             )  # fmt: skip
             node = Node(settings, replicas=replicas)
             await node.start()
+            if views and i in views:
+                node.replicas = views[i]
             service = Service(node)
             clients = await wire_serve(service, "127.0.0.1", 0)
             node.advertise("{}:{}".format(*clients.address))
@@ -155,6 +162,47 @@ def test_a_node_hosting_nothing_serves_every_request_through_a_replica(tmp_path:
             # The replicas hold it all; node 4 none of it.
             assert far.node.state.last_seq("s1") is None
             assert nodes[1].node.state.last_seq("s1") == 5
+
+    run(main())
+
+
+def test_a_replica_that_no_longer_holds_the_group_sends_the_request_on(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        stale = {4: lambda g: (1, 2, 3, 5)}  # node 4 believes node 5 holds every group too
+        async with cluster(tmp_path, 5, first_three, views=stale) as nodes:
+            far = nodes[4]
+            async with await client(far) as c:
+                for i in range(GROUPS * 2):
+                    await c.create_session("alice", "bot", {}, f"s{i}")
+                    assert (await c.append(f"s{i}", "x")).seq == 1
+                    assert len((await c.read(f"s{i}")).messages) == 1
+            assert nodes[5].service.relay.refused_relays > 0  # asked, and it said so
+            assert nodes[5].service.relay.served_relays == 0
+
+    run(main())
+
+
+def test_requests_fail_unavailable_when_no_replica_is_reachable(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with cluster(tmp_path, 4, first_three, request_timeout_s=2.0) as nodes:
+            far = nodes[4]
+            async with await client(far) as c:
+                await c.create_session("alice", "bot", {}, "s1")
+                for i in (1, 2, 3):
+                    await stop(nodes, i)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                for call in (c.get_session("s1"), c.append("s1", "lost?")):
+                    try:
+                        await call
+                    except ClientError as e:
+                        assert e.code == "unavailable" and e.retryable
+                    else:
+                        raise AssertionError("answered without a replica")
+                assert loop.time() - started < 2.0  # (not left to the deadline)
+                assert not far.service.relay._calls
 
     run(main())
 
