@@ -60,6 +60,8 @@ from wire.protocol import (
     InboxDelta,
     InboxEntry,
     InboxSnapshot,
+    ListAgents,
+    ListSessions,
     MarkRead,
     MessageEvent,
     Push,
@@ -142,10 +144,11 @@ _decode_push = msgspec.msgpack.Decoder(Push).decode
 
 RELAYED = (Append, Read, GetContext, SetContextConfig, Compact, GetSession, Subscribe,
            MarkRead, CreateSession, CreateAgent, UpdateAgent, GetAgent, DisableAgent,
-           SubscribeInbox)  # fmt: skip
+           SubscribeInbox, ListSessions, ListAgents)  # fmt: skip
 """The requests a replica serves for another node."""
 
-READS = (Read, GetSession, GetContext, GetAgent, Subscribe, SubscribeInbox)
+READS = (Read, GetSession, GetContext, GetAgent, Subscribe, SubscribeInbox, ListSessions,
+         ListAgents)  # fmt: skip
 """Requests asked again at another replica when the one asked goes down with it."""
 
 RESUME_S = 10.0  # a broken relayed stream is resumed elsewhere for at most this long
@@ -714,6 +717,38 @@ class Relay:
     def on_close(self, conn: Connection) -> None:
         self.streams.on_close(conn)
         self.inboxes.on_close(conn)
+
+    # -- lists spanning groups (the origin) --------------------------------------------------------
+    def gather(
+        self,
+        request: Request,
+        principal: Principal,
+        hosted: frozenset[int],
+        groups: int,
+        done: Callable[[list[Response]], None],
+    ) -> None:
+        """Ask ``request`` (a list over every group) of as few nodes as hold the groups not
+        ``hosted`` here; ``done(answers)`` once each answered, exactly once, within
+        ``request_timeout_s`` (an ``Error`` among them if one could not)."""
+        parts = self._cover(frozenset(range(groups)) - hosted, NONE)
+        answers: list[Response] = []
+        data = _encode(request)
+        deadline = self._now() + self.request_timeout_s
+
+        def answered(response: Response) -> None:
+            answers.append(response)
+            if len(answers) == len(parts):
+                done(answers)
+
+        if not parts:
+            done(answers)
+            return
+        for part in parts:
+            call = _Call(min(part), request.rid, data, principal, True, deadline, answered)
+            hosts = [set(self.replicas(g)) for g in part]
+            call.targets = tuple(sorted(set.intersection(*hosts) - {self.node_id}))
+            call.groups = sorted(part)
+            self._send(call)
 
     # -- inboxes (the origin) ----------------------------------------------------------------------
     def subscribe_inbox(

@@ -255,7 +255,35 @@ class Service(BaseHandler):
 
     def _list_sessions(self, conn: Connection, r: ListSessions) -> Reply:
         sessions, cursor = self.state.list_sessions(r.user_id, r.cursor, r.limit)
-        return SessionList(r.rid, sessions, cursor)
+        here = SessionList(r.rid, sessions, cursor)
+        return self._list_everywhere(conn, r, here, merge_sessions)
+
+    def _list_everywhere(
+        self,
+        conn: Connection,
+        r: ListSessions | ListAgents,
+        here: SessionList | AgentList,
+        merge: Callable[[int, int, list[Any]], Response],
+    ) -> Reply:
+        """``here`` (this node's page), merged with the same page of the nodes that hold the
+        groups not hosted here (``Relay.gather``), if any."""
+        host = self.node.driver.host
+        hosted = frozenset(g for g in range(self.groups) if g in host)
+        if len(hosted) == self.groups or isinstance(cast(object, conn), PeerConn):
+            return here
+
+        def done(answers: list[Response]) -> None:
+            odd = [a for a in answers if type(a) is not type(here)]
+            if not odd:
+                conn.reply(merge(r.rid, r.limit, [here, *answers]))
+            elif isinstance(odd[0], Error):
+                conn.reply(odd[0])
+            else:
+                conn.reply(self._error(error(r.rid, "internal", "unexpected answer")))
+
+        principal: Principal = conn.context or SERVICE
+        self.relay.gather(r, principal, hosted, self.groups, done)
+        return None
 
     def _ping(self, conn: Connection, r: Ping) -> Reply:
         return Pong(r.rid)
@@ -324,7 +352,8 @@ class Service(BaseHandler):
 
     def _list_agents(self, conn: Connection, r: ListAgents) -> Reply:
         agents, cursor = self.state.list_agents(r.cursor, r.limit)
-        return AgentList(r.rid, [records.agent_to_wire(a) for a in agents], cursor)
+        here = AgentList(r.rid, [records.agent_to_wire(a) for a in agents], cursor)
+        return self._list_everywhere(conn, r, here, merge_agents)
 
     def _get_agent(self, conn: Connection, r: GetAgent) -> Reply:
         def serve() -> None:
@@ -691,6 +720,26 @@ class Service(BaseHandler):
         if e.code == "forbidden":
             self.verifier.refuse("forbidden")
         return e
+
+
+def merge_sessions(rid: int, limit: int, pages: list[SessionList]) -> SessionList:
+    """One page of sessions from the same page (same cursor and limit) of several nodes that
+    together hold every group: the first ``limit`` ids of their union (each node's page holds
+    every id of it among its own first ``limit``), the next cursor if any is left."""
+    found = {s.id: s for page in pages for s in page.sessions}
+    ids = sorted(found)
+    more = len(ids) > limit or any(page.next_cursor is not None for page in pages)
+    ids = ids[:limit]
+    return SessionList(rid, [found[i] for i in ids], ids[-1] if more and ids else None)
+
+
+def merge_agents(rid: int, limit: int, pages: list[AgentList]) -> AgentList:
+    """``merge_sessions`` for agents."""
+    found = {a.id: a for page in pages for a in page.agents}
+    ids = sorted(found)
+    more = len(ids) > limit or any(page.next_cursor is not None for page in pages)
+    ids = ids[:limit]
+    return AgentList(rid, [found[i] for i in ids], ids[-1] if more and ids else None)
 
 
 _HANDLERS: dict[type[Request], Callable[[Service, Connection, Any], Reply]] = {

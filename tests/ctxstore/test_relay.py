@@ -23,7 +23,7 @@ from ctxstore.server import Service
 from ctxstore.subscriptions import SubscriptionLimits
 from wire.aio import Server
 from wire.aio import serve as wire_serve
-from wire.client import Client, ClientError, connect
+from wire.client import Client, ClientError, agent, connect
 from wire.framing import ClientConnection, PushReceived, ResponseReceived
 from wire.protocol import (
     PROTOCOL_VERSION,
@@ -336,6 +336,42 @@ def test_a_relayed_subscription_reports_the_gaps_retention_made(tmp_path: Path) 
                 gap = items[0]
                 assert isinstance(gap, GapEvent) and gap.from_seq == 1
                 assert seqs(items[1:]) == list(range(gap.to_seq + 1, gap.to_seq + 6))
+
+    run(main())
+
+
+def test_lists_span_the_groups_held_elsewhere(tmp_path: Path) -> None:
+    async def main() -> None:
+        view = placement.placement(range(1, 6), GROUPS)
+        async with cluster(tmp_path, 5, lambda g: view[g]) as nodes:
+            far = nodes[5]
+            sids = sorted(f"s{i:02}" for i in range(23))
+            agent_ids = sorted(f"a{i:02}" for i in range(11))
+            async with await client(far) as c:
+                for sid in sids:
+                    await c.create_session("alice", "bot", {}, sid)
+                await c.create_session("bob", "bot", {}, "b1")
+                for aid in agent_ids:
+                    await c.create_agent(agent(aid, "http://127.0.0.1:9/never"))
+                await asyncio.sleep(0.3)  # (lists read applied state, no barrier)
+                listed, cursor, pages = [], None, 0
+                while True:
+                    page = await c.list_sessions("alice", cursor, limit=5)
+                    listed += [s.id for s in page.sessions]
+                    pages += 1
+                    cursor = page.next_cursor
+                    if cursor is None:
+                        break
+                assert listed == sids and pages == 5
+                agents, cursor = [], None
+                while True:
+                    got = await c.list_agents(cursor, limit=4)
+                    agents += [a.id for a in got.agents]
+                    cursor = got.next_cursor
+                    if cursor is None:
+                        break
+                assert agents == agent_ids
+            assert len(far.node.state.user_session_ids("alice")) < len(sids)  # some elsewhere
 
     run(main())
 
