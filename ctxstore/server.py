@@ -102,6 +102,7 @@ from .history import HistoryUnavailable, Page, TailMiss
 from .node import Node
 from .placement import group_of
 from .relay import PeerConn, Relay, relay_group
+from .relay_streams import Followers
 from .router import RouteError
 from .state import payload_bytes
 from .tokens import OFFLOAD_CHARS, offload
@@ -153,8 +154,10 @@ class Service(BaseHandler):
         self.relay = Relay(
             s.node_id, lambda: node.transport, lambda g: g in node.driver.host, node.replicas,
             node.host.leader, self, s.request_timeout_s, rc.hops_max, rc.retry_delay_s,
-            rc.forwards_max, node.subscriptions.limits, node.inboxes,
+            rc.forwards_max,
         )  # fmt: skip
+        self.follow = Followers(self.relay, node.subscriptions.limits, node.inboxes)
+        self.relay.follow = self.follow
         node.router.relay = self.relay
 
     def on_hello(self, conn: Connection, hello: Hello) -> Reply:
@@ -225,10 +228,10 @@ class Service(BaseHandler):
         if isinstance(cast(object, conn), PeerConn):  # (the replica checked it hosts the group)
             return self._error(error(request.rid, "unavailable", "the group moved; retry"))
         if isinstance(request, Subscribe):
-            refused = self.subscriptions.admit(conn) or self.relay.streams.admit(conn)
+            refused = self.subscriptions.admit(conn) or self.follow.streams.admit(conn)
             if refused is not None:
                 return self._error(error(request.rid, *refused))
-            self.relay.subscribe(conn, next(self._sub_ids), request, p, group)
+            self.follow.subscribe(conn, next(self._sub_ids), request, p, group)
             return None
         if isinstance(request, Append) and self.on_append_latency is not None:
             received, measure = time.perf_counter(), self.on_append_latency
@@ -245,7 +248,7 @@ class Service(BaseHandler):
     # -- small requests ---------------------------------------------------------------------------
     def _unsubscribe(self, conn: Connection, r: Unsubscribe) -> Reply:
         local = self.subscriptions.stop(conn, r.sub_id) or self.inboxes.stop(conn, r.sub_id)
-        if self.relay.stop_stream(conn, r.sub_id) or local:  # (an inbox may be both)
+        if self.follow.stop_stream(conn, r.sub_id) or local:  # (an inbox may be both)
             return Unsubscribed(r.rid, r.sub_id)
         return self._error(error(r.rid, "not_found", f"no subscription {r.sub_id} here"))
 
@@ -298,7 +301,7 @@ class Service(BaseHandler):
     def on_writable(self, conn: Connection) -> None:
         self.subscriptions.on_writable(conn)
         self.inboxes.on_writable(conn)
-        self.relay.on_writable(conn)
+        self.follow.on_writable(conn)
 
     def on_close(self, conn: Connection) -> None:
         timer = self._expiries.pop(conn, None)
@@ -307,18 +310,18 @@ class Service(BaseHandler):
         self._counting.pop(conn, None)
         self.subscriptions.on_close(conn)
         self.inboxes.on_close(conn)
-        self.relay.on_close(conn)
+        self.follow.on_close(conn)
 
     def close_subscriptions(self, message: str) -> None:
         """Tell every subscriber this node is going away (they resubscribe elsewhere)."""
         self.subscriptions.close_all("shutdown", message)
         self.inboxes.close_all(message)
-        self.relay.close_all("shutdown", message)
+        self.follow.close_all("shutdown", message)
 
     def _subscribe_inbox(self, conn: Connection, r: SubscribeInbox) -> Reply:
         """The user's sessions of this node's groups, and of the others from their replicas
         (``ctxstore.relay``); relayed here: of the groups the origin asked for."""
-        refused = self.inboxes.admit(conn) or self.relay.inboxes.admit(conn)
+        refused = self.inboxes.admit(conn) or self.follow.inboxes.admit(conn)
         if refused is not None:
             return self._error(error(r.rid, *refused))
         sub_id = next(self._sub_ids)
@@ -329,7 +332,7 @@ class Service(BaseHandler):
             hosted = frozenset(g for g in range(self.groups) if g in host)
             if len(hosted) < self.groups:
                 principal: Principal = conn.context or SERVICE
-                self.relay.subscribe_inbox(conn, sub_id, r, principal, hosted, self.groups)
+                self.follow.subscribe_inbox(conn, sub_id, r, principal, hosted, self.groups)
                 return None
         entries, truncated = self.inboxes.snapshot(r.user_id, groups)
         conn.reply(InboxSnapshot(r.rid, sub_id, entries, truncated))

@@ -223,8 +223,8 @@ def test_a_relayed_subscription_replays_goes_live_and_outlives_its_replica(
                 await writer.append("s1", "live")
                 assert seqs(await take(sub, 1)) == [4]
                 # Kill the replica carrying the subscription: it resumes at another, unseen.
-                relay = far.service.relay
-                (stream,) = relay.streams.all()
+                follow = far.service.follow
+                (stream,) = follow.streams.all()
                 victim = stream.peer
                 assert victim in (1, 2, 3)
                 await stop(nodes, victim)
@@ -235,10 +235,10 @@ def test_a_relayed_subscription_replays_goes_live_and_outlives_its_replica(
                 got = await take(sub, 3)
                 assert seqs(got) == [5, 6, 7]
                 assert sub.resumes == 0  # the client never saw it break
-                assert relay.resumed >= 1 and stream.peer != victim
+                assert follow.resumed >= 1 and stream.peer != victim
                 await c.unsubscribe(sub.sub_id or 0)
                 await asyncio.sleep(0.2)
-                assert not relay.streams.all()
+                assert not follow.streams.all()
                 assert not any(m.service.relay._served for m in nodes.values())
 
     run(main())
@@ -288,7 +288,7 @@ def test_a_relayed_subscription_of_a_slow_client_loses_nothing(tmp_path: Path) -
             small = SubscriptionLimits(backlog_bytes_high=64 * 1024, page_bytes=16 * 1024)
             for m in nodes.values():
                 m.node.subscriptions.limits = small
-                m.service.relay.limits = small
+                m.service.follow.limits = small
             far = nodes[4]
             async with await client(nodes[1]) as writer:
                 await writer.create_session("alice", "bot", {}, "s1")
@@ -302,7 +302,7 @@ def test_a_relayed_subscription_of_a_slow_client_loses_nothing(tmp_path: Path) -
                     )
                 await asyncio.sleep(0.5)
                 # The client fell behind: node 4 held back, and the replica stopped pushing.
-                assert far.service.relay.acks_withheld > 0
+                assert far.service.follow.acks_withheld > 0
                 replica = next(m for m in nodes.values() if m.service.relay._served)
                 (conn,) = replica.service.relay._served.values()
                 assert conn.backlog_bytes > small.backlog_bytes_high
@@ -425,8 +425,8 @@ def test_an_inbox_gathers_the_sessions_of_groups_held_elsewhere(tmp_path: Path) 
                 snapshot = await anext(inbox)
                 assert isinstance(snapshot, InboxSnapshot) and not snapshot.truncated
                 assert sorted(e.session_id for e in snapshot.entries) == sorted(sids)
-                relay = far.service.relay
-                (box,) = relay.inboxes.all()
+                follow = far.service.follow
+                (box,) = follow.inboxes.all()
                 assert box.hosted == {g for g in range(GROUPS) if 5 in view[g]}
                 peers = {p.peer for p in box.parts}
                 assert 5 not in peers and len(peers) <= 3  # a cover, not a node per group
@@ -450,10 +450,10 @@ def test_an_inbox_gathers_the_sessions_of_groups_held_elsewhere(tmp_path: Path) 
                 await deltas_until(
                     inbox, lambda s: all(s.get(x, _E).last_seq >= 1 for x in lost), seen
                 )
-                assert inbox.resumes == 0 and relay.resumed >= 1
+                assert inbox.resumes == 0 and follow.resumed >= 1
                 await c.unsubscribe(inbox.sub_id or 0)
                 await asyncio.sleep(0.2)
-                assert not relay.inboxes.all()
+                assert not follow.inboxes.all()
                 assert not any(m.service.relay._served for m in nodes.values())
                 assert not far.node.inboxes.count
 
