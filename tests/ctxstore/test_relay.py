@@ -105,6 +105,23 @@ async def stop(members: dict[int, Member], i: int) -> None:
         await m.node.stop()
 
 
+async def applied(
+    nodes: dict[int, Member], ids: list[str], view: dict[int, tuple[int, ...]]
+) -> None:
+    """Until every replica of their groups applied the creation of these sessions or agents
+    (reads without a barrier, a list or an inbox, see them then wherever they are served)."""
+
+    def known(m: Member, i: str) -> bool:
+        state = m.node.state
+        return state.last_seq(i) is not None or state.get_agent(i) is not None
+
+    for _ in range(400):
+        if all(known(nodes[r], i) for i in ids for r in view[placement.group_of(i, GROUPS)]):
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError("the replicas did not apply the creations within 10 s")
+
+
 def first_three(group: int) -> tuple[int, ...]:
     return (1, 2, 3)
 
@@ -295,17 +312,34 @@ def test_a_relayed_subscription_of_a_slow_client_loses_nothing(tmp_path: Path) -
                 reader = await SlowReader.open(far.target)
                 await reader.send(Subscribe(2, "s1", 0))
                 assert isinstance(await reader.next(), Subscribed)
+                (stream,) = far.service.follow.streams.all()
+                backlog_max = 0
+
+                async def watch() -> None:  # what node 4 holds for its client
+                    nonlocal backlog_max
+                    while True:
+                        backlog_max = max(backlog_max, stream.conn.backlog_bytes)
+                        await asyncio.sleep(0.005)
+
+                watcher = asyncio.create_task(watch())
                 body = "x" * 6000  # 9 MB while the reader reads nothing: over the sockets'
                 for k in range(0, COUNT, 100):  # buffers (the server's grows to 4 MB)
                     await asyncio.gather(
                         *(writer.append("s1", f"{i}:{body}") for i in range(k, k + 100))
                     )
-                await asyncio.sleep(0.5)
-                # The client fell behind: node 4 held back, and the replica stopped pushing.
+                # The sockets' buffers fill (the replica replays what they take), then node 4
+                # holds back: it acknowledges nothing more, and the replica stops pushing.
+                for _ in range(400):
+                    if far.service.follow.acks_withheld:
+                        break
+                    await asyncio.sleep(0.05)
                 assert far.service.follow.acks_withheld > 0
-                replica = next(m for m in nodes.values() if m.service.relay._served)
-                (conn,) = replica.service.relay._served.values()
-                assert conn.backlog_bytes > small.backlog_bytes_high
+                await asyncio.sleep(0.3)
+                watcher.cancel()
+                # Node 4 held two windows at most for its client, never the 9 MB.
+                high = small.backlog_bytes_high
+                assert backlog_max <= 2 * high + small.page_bytes + 8 * 1024
+                replica = nodes[stream.peer]
                 got: list[int] = []
                 while len(got) < COUNT:
                     push = await reader.next()
@@ -353,7 +387,7 @@ def test_lists_span_the_groups_held_elsewhere(tmp_path: Path) -> None:
                 await c.create_session("bob", "bot", {}, "b1")
                 for aid in agent_ids:
                     await c.create_agent(agent(aid, "http://127.0.0.1:9/never"))
-                await asyncio.sleep(0.3)  # (lists read applied state, no barrier)
+                await applied(nodes, [*sids, *agent_ids], view)  # (lists read applied state)
                 listed, cursor, pages = [], None, 0
                 while True:
                     page = await c.list_sessions("alice", cursor, limit=5)
@@ -419,7 +453,7 @@ def test_an_inbox_gathers_the_sessions_of_groups_held_elsewhere(tmp_path: Path) 
                 for sid in sids:
                     await writer.create_session("alice", "bot", {}, sid)
                 await writer.create_session("bob", "bot", {}, "b1")
-                await asyncio.sleep(0.3)  # (an inbox reads applied state, no barrier)
+                await applied(nodes, [*sids, "b1"], view)  # (an inbox reads applied state)
                 inbox = c.subscribe_inbox("alice")
                 await inbox
                 snapshot = await anext(inbox)
