@@ -472,6 +472,7 @@ class Relay:
 
     # -- the replica's side ------------------------------------------------------------------------
     def _serve(self, peer: int, envelope: RelayRequest) -> None:
+        self.now()  # (the sweep runs from the first use on)
         if not self.hosted(envelope.group) or not all(map(self.hosted, envelope.groups)):
             self.refused_relays += 1
             self._answer(peer, envelope.fid, b"", "unavailable", "the group is not hosted here")

@@ -152,7 +152,8 @@ class Service(BaseHandler):
         self.on_append_latency: Callable[[float, bool], None] | None = None  # seconds, ok
         rc = node.router.config
         self.relay = Relay(
-            s.node_id, lambda: node.transport, lambda g: g in node.driver.host, node.replicas,
+            s.node_id, lambda: node.transport, lambda g: g in node.driver.host,
+            lambda g: node.replicas(g),  # (the node's view, whenever it changes)
             node.host.leader, self, s.request_timeout_s, rc.hops_max, rc.retry_delay_s,
             rc.forwards_max,
         )  # fmt: skip
