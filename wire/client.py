@@ -399,7 +399,8 @@ class Client:
         return await self._call(Ping(self._next_rid()), Pong)
 
     async def get_routes(self) -> Routes:
-        """Which node leads each group, and the client addresses of the nodes known."""
+        """Which node leads each group, the nodes holding each group (``replicas``; empty
+        from an older server), and the client addresses of the nodes known."""
         return await self._call(GetRoutes(self._next_rid()), Routes)
 
     def subscribe(
