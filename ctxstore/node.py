@@ -170,7 +170,7 @@ class Node:
                 self.postgres_history = PostgresHistory(self.postgres)
                 self.backfill.source = self.postgres_history.fetch
         self.dispatcher = Dispatcher(
-            s.node_id, self.state, self.router, self._leader, s.groups, self.history,
+            s.node_id, self.state, self.router, self.group_leader, s.groups, self.history,
             self.subscriptions, self.counters, now_ms, self.window_cache,
         )  # fmt: skip
         self.dispatcher.relay = self.router.relay_chunk  # subscribers on other nodes
@@ -178,8 +178,8 @@ class Node:
         self.router.chunk_sessions = lambda: list(self.subscriptions.chunk_sessions)
         self.subscriptions.on_chunk_interest = self.router.chunk_interest
 
-    def _leader(self, group: int) -> int:
-        """``group``'s leader if hosted here, else NONE (another node's concern)."""
+    def group_leader(self, group: int) -> int:
+        """The leader of ``group`` as this node knows it (``NONE`` if it does not host it)."""
         return self.host.leader(group) if group in self.host else NONE
 
     def _postgres_hold(self, session_id: str) -> int:

@@ -293,8 +293,8 @@ class Service(BaseHandler):
         return Pong(r.rid)
 
     def _get_routes(self, conn: Connection, r: GetRoutes) -> Reply:
-        host, relay = self.node.host, self.relay
-        leaders = [host.leader(g) if g in host else relay.leader_of(g) for g in range(self.groups)]
+        # (a group not hosted here: its leader as its replicas last told the relay)
+        leaders = [self.node.group_leader(g) or self.relay.leader_of(g) for g in range(self.groups)]
         replicas = [list(self.node.replicas(g)) for g in range(self.groups)]
         version = self.node.driver.stats.soft_state_changes
         return Routes(r.rid, version, leaders, dict(self.router.addresses), replicas)
