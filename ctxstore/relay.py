@@ -346,7 +346,7 @@ class Relay:
         leader = self._leaders.get(call.group, NONE)
         if leader in candidates:
             return leader
-        return candidates[call.group % len(candidates)]  # spread the groups' first asks
+        return candidates[0]  # (the view's order; the answer tells the leader for the next)
 
     def send(self, call: Call) -> None:
         if call.finished:
