@@ -1,6 +1,7 @@
-"""ctxstore/relay.py on in-process clusters of 4-5 real nodes (WALs, peer sockets, client
-ports) where each group lives on 3 of them: a client connected to a node that hosts nothing of
-its session writes, reads and subscribes there as anywhere, through a replica."""
+"""ctxstore/relay.py and relay_streams.py on in-process clusters of 4-5 real nodes (WALs, peer
+sockets, client ports) where each group lives on 3 of them, placed by rendezvous hashing as the
+cluster view places them: a client connected to a node that does not hold its session's group
+writes, reads, subscribes and lists there as anywhere, through the group's replicas."""
 
 from __future__ import annotations
 
@@ -63,16 +64,32 @@ class Member:
         return self.node.settings.node_id
 
 
+def view_of(n: int) -> dict[int, tuple[int, ...]]:
+    """Each group's replicas in a cluster of nodes 1..n (``placement.placement``)."""
+    return placement.placement(range(1, n + 1), GROUPS)
+
+
+def away(n: int, node: int, prefix: str = "s") -> tuple[str, tuple[int, ...]]:
+    """The first session id ``prefix<i>`` whose group ``node`` does not hold, and its replicas."""
+    view = view_of(n)
+    for i in range(1000):
+        sid = f"{prefix}{i}"
+        replicas = view[placement.group_of(sid, GROUPS)]
+        if node not in replicas:
+            return sid, replicas
+    raise AssertionError("no such session id")
+
+
 @contextlib.asynccontextmanager
 async def cluster(
     tmp_path: Path,
     n: int,
-    replicas: Callable[[int], tuple[int, ...]],
     views: dict[int, Callable[[int], tuple[int, ...]]] | None = None,
     **extra: Any,
 ) -> AsyncIterator[dict[int, Member]]:
-    """``n`` nodes on this loop; group ``g`` lives on ``replicas(g)`` (node i believes
+    """``n`` nodes on this loop, each group on its ``view_of(n)`` replicas (node i believes
     ``views[i](g)`` after it started, if given: a stale view)."""
+    view = view_of(n)
     peer_ports = {i: free_port() for i in range(1, n + 1)}
     members: dict[int, Member] = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -83,7 +100,7 @@ async def cluster(
                 peer_listen=f"127.0.0.1:{peer_ports[i]}", peers=peers, groups=GROUPS, tick_ms=10,
                 wal_writer="inline", **extra,
             )  # fmt: skip
-            node = Node(settings, replicas=replicas)
+            node = Node(settings, replicas=lambda g: view[g])
             await node.start()
             if views and i in views:
                 node.replicas = views[i]
@@ -122,10 +139,6 @@ async def applied(
     raise AssertionError("the replicas did not apply the creations within 10 s")
 
 
-def first_three(group: int) -> tuple[int, ...]:
-    return (1, 2, 3)
-
-
 async def client(m: Member, **kw: Any) -> Client:
     return await connect(m.target, **kw)
 
@@ -143,23 +156,26 @@ async def take(sub: Any, count: int) -> list[Any]:
     return out
 
 
-def test_a_node_hosting_nothing_serves_every_request_through_a_replica(tmp_path: Path) -> None:
+def test_a_node_not_holding_the_group_serves_every_request_through_a_replica(
+    tmp_path: Path,
+) -> None:
     async def main() -> None:
-        async with cluster(tmp_path, 4, first_three) as nodes:
+        sid, replicas = away(4, 4)
+        async with cluster(tmp_path, 4) as nodes:
             far = nodes[4]
-            assert not list(far.node.host.groups())  # node 4 hosts no group
+            assert placement.group_of(sid, GROUPS) not in far.node.host
             async with await client(far) as c:
-                info = await c.create_session("alice", "bot", {"k": 1}, "s1")
-                assert info.session.id == "s1"
+                info = await c.create_session("alice", "bot", {"k": 1}, sid)
+                assert info.session.id == sid
                 named = await c.create_session("alice", "bot")  # named by node 4
                 assert (await c.get_session(named.session.id)).session.user_id == "alice"
                 for i in range(5):
-                    assert (await c.append("s1", f"m{i}")).seq == i + 1
-                read = await c.read("s1")
+                    assert (await c.append(sid, f"m{i}")).seq == i + 1
+                read = await c.read(sid)
                 assert [m.content for m in read.messages] == [f"m{i}" for i in range(5)]
-                assert (await c.mark_read("s1", "alice", 3)).seq == 5  # (its own appends: 5)
-                await c.set_context_config("s1", 10_000, LastN(2))
-                context = await c.get_context("s1")
+                assert (await c.mark_read(sid, "alice", 3)).seq == 5  # (its own appends: 5)
+                await c.set_context_config(sid, 10_000, LastN(2))
+                context = await c.get_context(sid)
                 assert [m.seq for m in context.messages] == [4, 5]
                 try:
                     await c.get_session("nope")
@@ -168,17 +184,17 @@ def test_a_node_hosting_nothing_serves_every_request_through_a_replica(tmp_path:
                 else:
                     raise AssertionError("no error for an unknown session")
                 try:
-                    await c.append("s1", "late", expected_seq=1)
+                    await c.append(sid, "late", expected_seq=1)
                 except ClientError as e:
                     assert e.code == "conflict"
                 else:
                     raise AssertionError("no conflict")
             assert far.service.relay.relayed >= 10
-            served = sum(nodes[i].service.relay.served_relays for i in (1, 2, 3))
+            served = sum(m.service.relay.served_relays for m in nodes.values())
             assert served == far.service.relay.relayed
             # The replicas hold it all; node 4 none of it.
-            assert far.node.state.last_seq("s1") is None
-            assert nodes[1].node.state.last_seq("s1") == 5
+            assert far.node.state.last_seq(sid) is None
+            assert nodes[replicas[0]].node.state.last_seq(sid) == 5
 
     run(main())
 
@@ -187,31 +203,40 @@ def test_a_replica_that_no_longer_holds_the_group_sends_the_request_on(
     tmp_path: Path,
 ) -> None:
     async def main() -> None:
-        stale = {4: lambda g: (1, 2, 3, 5)}  # node 4 believes node 5 holds every group too
-        async with cluster(tmp_path, 5, first_three, views=stale) as nodes:
+        view = view_of(5)
+
+        def stale(g: int) -> tuple[int, ...]:  # node 4 believes another node holds each group
+            wrong = min(n for n in range(1, 6) if n not in view[g] and n != 4)
+            return (wrong, *view[g])  # (asked first: the view's order)
+
+        async with cluster(tmp_path, 5, views={4: stale}) as nodes:
             far = nodes[4]
             async with await client(far) as c:
                 for i in range(GROUPS * 2):
                     await c.create_session("alice", "bot", {}, f"s{i}")
                     assert (await c.append(f"s{i}", "x")).seq == 1
                     assert len((await c.read(f"s{i}")).messages) == 1
-            assert nodes[5].service.relay.refused_relays > 0  # asked, and it said so
-            assert nodes[5].service.relay.served_relays == 0
+            # Each group's first request went to the wrong node, which refused it, and on.
+            relayed = {placement.group_of(f"s{i}", GROUPS) for i in range(GROUPS * 2)}
+            relayed -= set(far.node.host.groups())
+            refused = sum(m.service.relay.refused_relays for m in nodes.values())
+            assert relayed and refused >= len(relayed)
 
     run(main())
 
 
 def test_requests_fail_unavailable_when_no_replica_is_reachable(tmp_path: Path) -> None:
     async def main() -> None:
-        async with cluster(tmp_path, 4, first_three, request_timeout_s=2.0) as nodes:
+        sid, replicas = away(4, 4)
+        async with cluster(tmp_path, 4, request_timeout_s=2.0) as nodes:
             far = nodes[4]
             async with await client(far) as c:
-                await c.create_session("alice", "bot", {}, "s1")
-                for i in (1, 2, 3):
+                await c.create_session("alice", "bot", {}, sid)
+                for i in replicas:
                     await stop(nodes, i)
                 loop = asyncio.get_running_loop()
                 started = loop.time()
-                for call in (c.get_session("s1"), c.append("s1", "lost?")):
+                for call in (c.get_session(sid), c.append(sid, "lost?")):
                     try:
                         await call
                     except ClientError as e:
@@ -228,27 +253,28 @@ def test_a_relayed_subscription_replays_goes_live_and_outlives_its_replica(
     tmp_path: Path,
 ) -> None:
     async def main() -> None:
-        async with cluster(tmp_path, 4, first_three) as nodes:
+        sid, replicas = away(4, 4)
+        async with cluster(tmp_path, 4) as nodes:
             far = nodes[4]
-            async with await client(far) as c, await client(nodes[1]) as writer:
-                await writer.create_session("alice", "bot", {}, "s1")
+            async with await client(far) as c, await client(nodes[replicas[0]]) as writer:
+                await writer.create_session("alice", "bot", {}, sid)
                 for i in range(3):
-                    await writer.append("s1", f"old{i}")
-                sub = c.subscribe("s1", after_seq=0)
+                    await writer.append(sid, f"old{i}")
+                sub = c.subscribe(sid, after_seq=0)
                 await sub
                 assert seqs(await take(sub, 3)) == [1, 2, 3]  # replayed
-                await writer.append("s1", "live")
+                await writer.append(sid, "live")
                 assert seqs(await take(sub, 1)) == [4]
                 # Kill the replica carrying the subscription: it resumes at another, unseen.
                 follow = far.service.follow
                 (stream,) = follow.streams.all()
                 victim = stream.peer
-                assert victim in (1, 2, 3)
+                assert victim in replicas
                 await stop(nodes, victim)
-                survivor = next(i for i in (1, 2, 3) if i != victim)
+                survivor = next(i for i in replicas if i != victim)
                 async with await client(nodes[survivor]) as w2:
                     for i in range(3):
-                        await w2.append_with_retry("s1", f"after{i}")
+                        await w2.append_with_retry(sid, f"after{i}")
                 got = await take(sub, 3)
                 assert seqs(got) == [5, 6, 7]
                 assert sub.resumes == 0  # the client never saw it break
@@ -301,16 +327,17 @@ def test_a_relayed_subscription_of_a_slow_client_loses_nothing(tmp_path: Path) -
     COUNT = 1500
 
     async def main() -> None:
-        async with cluster(tmp_path, 4, first_three) as nodes:
+        sid, replicas = away(4, 4)
+        async with cluster(tmp_path, 4) as nodes:
             small = SubscriptionLimits(backlog_bytes_high=64 * 1024, page_bytes=16 * 1024)
             for m in nodes.values():
                 m.node.subscriptions.limits = small
                 m.service.follow.limits = small
             far = nodes[4]
-            async with await client(nodes[1]) as writer:
-                await writer.create_session("alice", "bot", {}, "s1")
+            async with await client(nodes[replicas[0]]) as writer:
+                await writer.create_session("alice", "bot", {}, sid)
                 reader = await SlowReader.open(far.target)
-                await reader.send(Subscribe(2, "s1", 0))
+                await reader.send(Subscribe(2, sid, 0))
                 assert isinstance(await reader.next(), Subscribed)
                 (stream,) = far.service.follow.streams.all()
                 backlog_max = 0
@@ -325,7 +352,7 @@ def test_a_relayed_subscription_of_a_slow_client_loses_nothing(tmp_path: Path) -
                 body = "x" * 6000  # 9 MB while the reader reads nothing: over the sockets'
                 for k in range(0, COUNT, 100):  # buffers (the server's grows to 4 MB)
                     await asyncio.gather(
-                        *(writer.append("s1", f"{i}:{body}") for i in range(k, k + 100))
+                        *(writer.append(sid, f"{i}:{body}") for i in range(k, k + 100))
                     )
                 # The sockets' buffers fill (the replica replays what they take), then node 4
                 # holds back: it acknowledges nothing more, and the replica stops pushing.
@@ -354,17 +381,17 @@ def test_a_relayed_subscription_of_a_slow_client_loses_nothing(tmp_path: Path) -
 
 def test_a_relayed_subscription_reports_the_gaps_retention_made(tmp_path: Path) -> None:
     async def main() -> None:
-        async with cluster(tmp_path, 4, first_three, retention_max_messages=5,
-                           tail_messages_max=2) as nodes:  # fmt: skip
+        sid, replicas = away(4, 4)
+        async with cluster(tmp_path, 4, retention_max_messages=5, tail_messages_max=2) as nodes:
             far = nodes[4]
-            async with await client(nodes[1]) as writer:
-                await writer.create_session("alice", "bot", {}, "s1")
+            async with await client(nodes[replicas[0]]) as writer:
+                await writer.create_session("alice", "bot", {}, sid)
                 for i in range(20):
-                    await writer.append("s1", f"m{i}")
-            for i in (1, 2, 3):  # the archives apply retention as they flush
+                    await writer.append(sid, f"m{i}")
+            for i in replicas:  # the archives apply retention as they flush
                 await nodes[i].node.archive.barrier()
             async with await client(far) as c:
-                sub = c.subscribe("s1", after_seq=0)
+                sub = c.subscribe(sid, after_seq=0)
                 await sub
                 items = await take(sub, 6)
                 gap = items[0]
@@ -376,8 +403,8 @@ def test_a_relayed_subscription_reports_the_gaps_retention_made(tmp_path: Path) 
 
 def test_lists_span_the_groups_held_elsewhere(tmp_path: Path) -> None:
     async def main() -> None:
-        view = placement.placement(range(1, 6), GROUPS)
-        async with cluster(tmp_path, 5, lambda g: view[g]) as nodes:
+        view = view_of(5)
+        async with cluster(tmp_path, 5) as nodes:
             far = nodes[5]
             sids = sorted(f"s{i:02}" for i in range(23))
             agent_ids = sorted(f"a{i:02}" for i in range(11))
@@ -412,8 +439,8 @@ def test_lists_span_the_groups_held_elsewhere(tmp_path: Path) -> None:
 
 def test_get_routes_tells_each_groups_replicas(tmp_path: Path) -> None:
     async def main() -> None:
-        view = placement.placement(range(1, 6), GROUPS)
-        async with cluster(tmp_path, 5, lambda g: view[g]) as nodes:
+        view = view_of(5)
+        async with cluster(tmp_path, 5) as nodes:
             async with await client(nodes[5]) as c:
                 routes = await c.get_routes()
             assert [tuple(r) for r in routes.replicas] == [view[g] for g in range(GROUPS)]
@@ -442,8 +469,8 @@ async def deltas_until(
 
 def test_an_inbox_gathers_the_sessions_of_groups_held_elsewhere(tmp_path: Path) -> None:
     async def main() -> None:
-        view = placement.placement(range(1, 6), GROUPS)
-        async with cluster(tmp_path, 5, lambda g: view[g]) as nodes:
+        view = view_of(5)
+        async with cluster(tmp_path, 5) as nodes:
             far = nodes[5]
             sids = [f"s{i}" for i in range(24)]
             remote = [s for s in sids if 5 not in view[placement.group_of(s, GROUPS)]]
