@@ -11,15 +11,17 @@ import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import uvloop
 
 from ctxstore import placement
+from ctxstore.auth import SERVICE
 from ctxstore.config import Settings
 from ctxstore.launcher import free_port
 from ctxstore.node import Node
+from ctxstore.relay import Relay, RelayAnswer, RelayEnvelope, RelayRequest
 from ctxstore.server import Service
 from ctxstore.subscriptions import SubscriptionLimits
 from wire.aio import Server
@@ -28,7 +30,9 @@ from wire.client import Client, ClientError, agent, connect
 from wire.framing import ClientConnection, PushReceived, ResponseReceived
 from wire.protocol import (
     PROTOCOL_VERSION,
+    Append,
     GapEvent,
+    GetSession,
     Hello,
     InboxDelta,
     InboxEntry,
@@ -37,6 +41,8 @@ from wire.protocol import (
     Message,
     MessageEvent,
     Routes,
+    Session,
+    SessionInfo,
     Subscribe,
     Subscribed,
     Welcome,
@@ -522,3 +528,98 @@ def test_an_inbox_gathers_the_sessions_of_groups_held_elsewhere(tmp_path: Path) 
 
 
 _E = InboxEntry("", "", 0, 0, 0, None, None, "")
+
+
+# -- the origin's choices, with a recording transport ---------------------------------------------
+class Wire:
+    """A transport that records what the relay sends and which peers are connected."""
+
+    def __init__(self, connected: set[int]) -> None:
+        self.connected = connected
+        self.sent: list[tuple[int, Any]] = []
+
+    def send_app(self, to: int, payload: bytes) -> bool:
+        if to not in self.connected:
+            return False
+        self.sent.append((to, msgspec.msgpack.decode(payload, type=RelayEnvelope)))
+        return True
+
+    def is_connected(self, peer: int) -> bool:
+        return peer in self.connected
+
+    def requests(self) -> list[tuple[int, RelayRequest]]:
+        return [(p, e) for p, e in self.sent if isinstance(e, RelayRequest)]
+
+
+def origin(wire: Wire, **kw: Any) -> Relay:
+    """Node 9's relay, for group 0 held by nodes 1, 2, 3 (none of them hosted here)."""
+    return Relay(9, lambda: wire, lambda g: False, lambda g: (1, 2, 3), lambda g: 0,
+                 cast(Any, None), **kw)  # fmt: skip
+
+
+def answer(
+    relay: Relay, peer: int, fid: int, response: Any, code: str = "", leader: int = 0
+) -> None:
+    data = b"" if response is None else msgspec.msgpack.encode(response)
+    relay.on_envelope(peer, RelayAnswer(fid, data, code, "", leader))
+
+
+def test_the_origin_asks_the_next_replica_when_one_cannot_serve() -> None:
+    async def main() -> None:
+        wire = Wire({1, 2, 3})
+        relay = origin(wire)
+        got: list[Any] = []
+        relay.request(0, GetSession(7, "s"), SERVICE, got.append)
+        ((peer, first),) = wire.requests()
+        assert peer == 1  # the first in the view's order
+        answer(relay, 1, first.fid, None, code="unavailable")  # not hosted there (any more)
+        peer, second = wire.requests()[1]
+        assert peer == 2 and not got
+        info = SessionInfo(7, Session("s", "u", "a", 0, {}, 0))
+        answer(relay, 2, second.fid, info, leader=3)
+        assert got == [info]
+        # The leader it named is asked first from now on; a read lost with it goes on.
+        relay.request(0, GetSession(8, "s"), SERVICE, got.append)
+        peer = wire.requests()[2][0]
+        assert peer == 3
+        relay.on_peer_down(3)
+        assert wire.requests()[3][0] in (1, 2) and len(got) == 1
+        relay.stop()
+
+    run(main())
+
+
+def test_a_write_lost_with_its_replica_is_timeout_and_one_past_its_deadline_too() -> None:
+    async def main() -> None:
+        wire = Wire({1, 2, 3})
+        relay = origin(wire, request_timeout_s=0.2)
+        got: list[Any] = []
+        relay.request(
+            0, Append(5, "s", "user", "u", "text", "x", {}, "m1", None, None), SERVICE, got.append
+        )
+        ((peer, _),) = wire.requests()
+        relay.on_peer_down(peer)
+        assert [(e.code, e.rid) for e in got] == [("timeout", 5)]  # outcome unknown
+        assert len(wire.requests()) == 1  # not sent again
+        relay.request(0, GetSession(6, "s"), SERVICE, got.append)
+        await asyncio.sleep(0.4)  # no answer at all: the deadline answers
+        assert [(e.code, e.rid) for e in got[1:]] == [("timeout", 6)]
+        relay.stop()
+
+    run(main())
+
+
+def test_with_no_replica_connected_a_request_fails_unavailable_soon() -> None:
+    async def main() -> None:
+        wire = Wire(set())
+        relay = origin(wire, request_timeout_s=5.0)
+        got: list[Any] = []
+        started = asyncio.get_running_loop().time()
+        relay.request(0, GetSession(1, "s"), SERVICE, got.append)
+        while not got:
+            await asyncio.sleep(0.01)
+        assert got[0].code == "unavailable" and not wire.sent
+        assert asyncio.get_running_loop().time() - started < 1.0  # 5 asks, 20..100 ms apart
+        relay.stop()
+
+    run(main())
