@@ -20,6 +20,12 @@ Threads and the view-update rule:
   that is not yet durable, and reads need no lock.
 - Files that are no longer needed (obsolete segments, superseded snapshots) are deleted by the
   writer thread after the publish that made them obsolete.
+- A group that leaves the node is written a tombstone (``GroupWrite(g, remove=True)``): once
+  published, its view is forgotten (``storage(g)`` is a new, empty one) and ``removed(g)`` is
+  true until something is written for the group again; recovery replays the same (records
+  before a tombstone are void), so a restart never brings the group back.  Tombstones are
+  re-written at the head of every new segment while they hold, so deleting old segments never
+  forgets one.
 
 ``inline=True`` (``WAL.open``) has no writer thread (``mode`` is ``WriteMode.INLINE``, where it
 is ``THREAD`` otherwise): ``submit`` writes and fdatasyncs the batch on the calling thread
@@ -53,6 +59,7 @@ from .wal_records import (
     GROUP_MAX,
     RECORD_BYTES_MAX,
     EntriesRecord,
+    GroupTombstone,
     Record,
     RecordType,
     Scanner,
@@ -139,6 +146,7 @@ class WAL:
         self._writer = SegmentWriter(path, self._dir_fd, segment_bytes, preallocate)
         self._account = CacheAccount()
         self._views: dict[int, GroupStorage] = {}
+        self._removed: set[int] = set()  # groups whose last record is a tombstone (published)
         self._read_fds: dict[int, int] = {}
         self._shapes: dict[int, _Shape] = {}
         self._cond = threading.Condition()
@@ -218,6 +226,13 @@ class WAL:
     def groups(self) -> list[int]:
         return sorted(self._views)
 
+    def removed(self, group: int) -> bool:
+        """Whether ``group`` left this node: its last durable record is a tombstone."""
+        return group in self._removed
+
+    def removed_groups(self) -> list[int]:
+        return sorted(self._removed)
+
     def segment_count(self) -> int:
         """Segments on disk that are still needed (for a WAL-size compaction trigger)."""
         return len(self._writer.maxima)
@@ -256,6 +271,11 @@ class WAL:
         doomed: list[str] = []
         for done in written.done:
             w = done.write
+            if w.remove:
+                self._forget(w.group, doomed)
+                continue
+            if self._removed:
+                self._removed.discard(w.group)
             view = self.storage(w.group)
             snap = w.snapshot if w.snapshot is not None else w.compact
             if snap is not None:
@@ -277,6 +297,15 @@ class WAL:
             with self._cond:
                 self._unlinks.extend(doomed)
                 self._cond.notify()
+
+    def _forget(self, group: int, doomed: list[str] | None) -> None:
+        """A tombstone of ``group`` is durable: drop its view (and its snapshot file)."""
+        view = self._views.pop(group, None)
+        if view is not None:
+            if view.snap_file is not None and doomed is not None:
+                doomed.append(view.snap_file)
+            view.drop()
+        self._removed.add(group)
 
     def write_sync(self, batch: Sequence[GroupWrite]) -> Written:
         """Submit, wait and publish (when nothing else is in flight: tests, tools, bootstrap)."""
@@ -308,6 +337,13 @@ class WAL:
                 shape = shapes[w.group] = _Shape(known.snap, known.last)
             if w.snapshot is not None and w.compact is not None:  # (per write: no check call)
                 raise InvariantViolation("a write with two snapshots")
+            if w.remove:
+                snapshot = w.snapshot if w.snapshot is not None else w.compact
+                if w.entries or w.hard_state is not None or snapshot is not None:
+                    raise InvariantViolation(f"group {w.group}: a tombstone with more in its write")
+                shape.snap = shape.last = 0  # what follows starts the group anew
+                out.append(w)
+                continue
             if w.snapshot is not None:
                 index = w.snapshot.meta.index
                 if index < shape.snap:
@@ -472,8 +508,14 @@ class WAL:
         return prev is None or (header.prev_seq, header.prev_end) == prev[:2]
 
     def _replay(self, seq: int, record: Record) -> None:
-        view = self.storage(record.group)
         payload = record.payload
+        if isinstance(payload, GroupTombstone):
+            self._forget(record.group, None)  # (its snapshot file goes with the unwanted ones)
+            self._writer.note_tombstone(record.group, payload)
+            return
+        if self._removed:
+            self._removed.discard(record.group)
+        view = self.storage(record.group)
         if isinstance(payload, EntriesRecord):
             entries = payload.entries
             check(bool(entries), "empty entries record")

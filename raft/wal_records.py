@@ -11,6 +11,8 @@ payload are contiguous, so it is one checksum over ``record[8:]``).  Each type h
     ENTRIES     EntriesRecord   entries from ``entries[0].index``: replace the stored suffix
     HARD_STATE  HardState       the group's latest term, vote and commit
     SNAPSHOT    SnapshotRecord  the group's snapshot: its meta and the file holding its data
+    TOMBSTONE   GroupTombstone  the group left this node: everything written for it before is
+                                void; what is written for it after starts it anew (empty)
 
 Rules kept here: a record is never longer than ``RECORD_BYTES_MAX``; ``Scanner`` stops at the
 first record that is short, zero, oversized or fails its CRC and never decodes past it.  A
@@ -44,6 +46,7 @@ class RecordType(enum.IntEnum):
     ENTRIES = 2
     HARD_STATE = 3
     SNAPSHOT = 4
+    TOMBSTONE = 5
 
 
 class SegmentHeader(msgspec.Struct, array_like=True, frozen=True):
@@ -72,13 +75,23 @@ class SnapshotRecord(msgspec.Struct, array_like=True, frozen=True):
     replace: bool
 
 
-Payload = SegmentHeader | EntriesRecord | HardState | SnapshotRecord
+class GroupTombstone(msgspec.Struct, array_like=True, frozen=True):
+    """The group was removed from this node (it applied its own removal from the group's
+    membership).  Replay forgets every earlier record of the group; a later record starts it
+    again from nothing (the node hosts it anew, as a fresh learner).  ``last_index``: the last
+    index the group's log held when it was removed (for the record: replay does not use it)."""
+
+    last_index: int
+
+
+Payload = SegmentHeader | EntriesRecord | HardState | SnapshotRecord | GroupTombstone
 
 _TYPES: dict[type, RecordType] = {
     SegmentHeader: RecordType.SEGMENT,
     EntriesRecord: RecordType.ENTRIES,
     HardState: RecordType.HARD_STATE,
     SnapshotRecord: RecordType.SNAPSHOT,
+    GroupTombstone: RecordType.TOMBSTONE,
 }
 _encoder = msgspec.msgpack.Encoder()
 _decoders: dict[RecordType, msgspec.msgpack.Decoder[Payload]] = {
@@ -86,6 +99,7 @@ _decoders: dict[RecordType, msgspec.msgpack.Decoder[Payload]] = {
     RecordType.ENTRIES: msgspec.msgpack.Decoder(EntriesRecord),
     RecordType.HARD_STATE: msgspec.msgpack.Decoder(HardState),
     RecordType.SNAPSHOT: msgspec.msgpack.Decoder(SnapshotRecord),
+    RecordType.TOMBSTONE: msgspec.msgpack.Decoder(GroupTombstone),
 }
 
 

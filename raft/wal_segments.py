@@ -4,10 +4,12 @@
 that opens the WAL and replays it).  It owns the active segment's file descriptor and the
 bookkeeping that decides what to write and what may be deleted:
 
-- each group's latest hard state and snapshot record, re-written at the head of every new
-  segment, so that an old segment holds nothing needed but entries;
+- each group's latest hard state and snapshot record, and the tombstone of each group removed
+  from this node (and not hosted again since), re-written at the head of every new segment, so
+  that an old segment holds nothing needed but entries;
 - per segment, the largest entry index each group has there (lowered when a later record
-  replaces that suffix, dropped when a snapshot from the leader replaces the whole log);
+  replaces that suffix, dropped when a snapshot from the leader replaces the whole log or a
+  tombstone the whole group);
 - each group's snapshot index.  The oldest segments are obsolete once every group's entries in
   them are covered by that group's snapshot.  Only a prefix of the segments is ever deleted, so
   the surviving ones replay every record written after the first of them, including each
@@ -38,13 +40,15 @@ from .messages import Entry, HardState, Snapshot
 from .wal_records import (
     FORMAT_VERSION,
     EntriesRecord,
+    GroupTombstone,
     SegmentHeader,
     SnapshotRecord,
     append_record,
 )
 from .wal_storage import Location
 
-_Note = SnapshotRecord | HardState | tuple[int, int]  # a record's effect on the bookkeeping
+# a record's effect on the bookkeeping
+_Note = SnapshotRecord | HardState | GroupTombstone | tuple[int, int]
 ENTRIES_RECORD_BYTES = 1 << 20  # payload per ENTRIES record (an entry may exceed it alone)
 _SEGMENT_RE = re.compile(r"^([0-9a-f]{16})\.wal$")
 _SNAPSHOT_RE = re.compile(r"^([0-9a-f]{8})-([0-9a-f]{16})-([0-9a-f]{8})\.snap$")
@@ -83,12 +87,14 @@ class GroupWrite:
     ``compact``: a snapshot the application took at its applied index: drops entries up to it.
     ``entries``: appended, replacing the stored suffix from ``entries[0].index``.
     ``hard_state``: the group's new hard state.
+    ``remove``: the group leaves this node (a tombstone record): everything written for it
+    before is void.  Such a write carries nothing else; ``last_index`` is recorded with it.
 
     Never changed once made.  One or more per append on every node: a plain class, so that
     compiled its ``__init__`` is native (a dataclass's stays interpreted).
     """
 
-    __slots__ = ("compact", "entries", "group", "hard_state", "snapshot")
+    __slots__ = ("compact", "entries", "group", "hard_state", "last_index", "remove", "snapshot")
 
     def __init__(
         self,
@@ -97,14 +103,20 @@ class GroupWrite:
         hard_state: HardState | None = None,
         snapshot: Snapshot | None = None,
         compact: Snapshot | None = None,
+        remove: bool = False,
+        last_index: int = 0,
     ) -> None:
         self.group = group
         self.entries = entries
         self.hard_state = hard_state
         self.snapshot = snapshot
         self.compact = compact
+        self.remove = remove
+        self.last_index = last_index
 
     def __repr__(self) -> str:
+        if self.remove:
+            return f"GroupWrite({self.group}, remove, last_index={self.last_index})"
         return (
             f"GroupWrite({self.group}, {len(self.entries)} entries, {self.hard_state!r}, "
             f"snapshot={self.snapshot is not None}, compact={self.compact is not None})"
@@ -179,6 +191,7 @@ class SegmentWriter:
         self.stats = Stats()
         self.hard_states: dict[int, HardState] = {}
         self.snapshots: dict[int, SnapshotRecord] = {}
+        self.tombstones: dict[int, GroupTombstone] = {}  # groups removed, not hosted again since
         self.maxima: dict[int, dict[int, int]] = {}  # segment -> group -> largest entry index
         self.group_max: dict[int, int] = {}  # group -> largest entry index in any segment
         self.snapshot_counter = 0
@@ -189,6 +202,8 @@ class SegmentWriter:
 
     # -- bookkeeping (live rounds and recovery) -----------------------------------------------
     def note_entries(self, segment: int, group: int, first: int, last: int) -> None:
+        if self.tombstones:
+            self.tombstones.pop(group, None)
         if first <= self.group_max.get(group, 0):  # a suffix is replaced: it is dead everywhere
             for maxima in self.maxima.values():
                 if maxima.get(group, 0) >= first:
@@ -198,6 +213,8 @@ class SegmentWriter:
         self.group_max[group] = last
 
     def note_snapshot(self, group: int, record: SnapshotRecord) -> None:
+        if self.tombstones:
+            self.tombstones.pop(group, None)
         self.snapshots[group] = record
         if record.replace:  # every entry written before is dead
             for maxima in self.maxima.values():
@@ -205,7 +222,18 @@ class SegmentWriter:
             self.group_max[group] = record.meta.index
 
     def note_hard_state(self, group: int, hard_state: HardState) -> None:
+        if self.tombstones:
+            self.tombstones.pop(group, None)
         self.hard_states[group] = hard_state
+
+    def note_tombstone(self, group: int, record: GroupTombstone) -> None:
+        """The group left: none of its records written so far is needed any more."""
+        self.tombstones[group] = record
+        self.snapshots.pop(group, None)
+        self.hard_states.pop(group, None)
+        self.group_max.pop(group, None)
+        for maxima in self.maxima.values():
+            maxima.pop(group, None)
 
     def obsolete(self) -> list[int]:
         """Forget and return the oldest segments whose entries the snapshots cover."""
@@ -254,14 +282,17 @@ class SegmentWriter:
         self._allocate()
         head = bytearray()
         append_record(head, 0, header)
-        for g in sorted(self.snapshots.keys() | self.hard_states.keys()):
+        for g in sorted(self.snapshots.keys() | self.hard_states.keys() | self.tombstones.keys()):
+            tomb = self.tombstones.get(g)
+            if tomb is not None:  # (a removed group has nothing else)
+                append_record(head, g, tomb)
             snap = self.snapshots.get(g)
             if snap is not None:  # as a compaction: the entries written after it stay
                 append_record(head, g, msgspec.structs.replace(snap, replace=False))
             hs = self.hard_states.get(g)
             if hs is not None:
                 append_record(head, g, hs)
-        self.stats.records += 1 + len(self.snapshots) + len(self.hard_states)
+        self.stats.records += 1 + len(self.snapshots) + len(self.hard_states) + len(self.tombstones)
         return head
 
     def _allocate(self) -> None:
@@ -300,7 +331,9 @@ class SegmentWriter:
             )
             for seq, plan in plans
         ]
-        if out and (rolled or any(isinstance(n, SnapshotRecord) for _, n in notes)):
+        if out and (
+            rolled or any(isinstance(n, (SnapshotRecord, GroupTombstone)) for _, n in notes)
+        ):
             out[-1].obsolete_segments.extend(self.obsolete())
         st = self.stats
         st.rounds += 1
@@ -316,6 +349,11 @@ class SegmentWriter:
     ) -> tuple[GroupWrite, str, list[tuple[int, int, int]]]:
         """Append ``w``'s records to ``body``: (w, snapshot file, [(first index, at, length)])."""
         name = ""
+        if w.remove:
+            tomb = GroupTombstone(w.last_index)
+            append_record(body, w.group, tomb)
+            notes.append((w.group, tomb))
+            return w, name, []
         snap = w.snapshot if w.snapshot is not None else w.compact
         if snap is not None:
             name = next(files)
@@ -337,6 +375,8 @@ class SegmentWriter:
             self.note_snapshot(group, note)
         elif isinstance(note, HardState):
             self.note_hard_state(group, note)
+        elif isinstance(note, GroupTombstone):
+            self.note_tombstone(group, note)
         else:
             self.note_entries(self.active, group, note[0], note[1])
 

@@ -183,6 +183,14 @@ class GroupStorage:
         self.snap_meta = meta
         self.snap_file = file
 
+    def drop(self) -> None:
+        """Forget everything (the group left this node: a tombstone was published or
+        replayed); the WAL then forgets this view, and a later one of the group starts empty."""
+        self._clear(0)
+        self.hard_state = HardState()
+        self.snap_meta = SnapshotMeta()
+        self.snap_file = None
+
     def evict_front(self, goal_bytes: int) -> None:
         """Drop cached entries from the front until this cache holds at most ``goal_bytes``."""
         while self.cache_bytes > goal_bytes and self._cache_head < len(self._cache):
