@@ -10,6 +10,7 @@ from .core import CampaignKind, Config, Raft, ReadState, Role, SoftState
 from .errors import (
     Compacted,
     ConfigInvalid,
+    GroupNotHosted,
     InvariantViolation,
     NodeStopped,
     NotLeader,
@@ -47,6 +48,7 @@ __all__ = [
     "ConfigInvalid",
     "Entry",
     "EntryType",
+    "GroupNotHosted",
     "HardState",
     "InvariantViolation",
     "MemoryStorage",

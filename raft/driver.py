@@ -126,10 +126,39 @@ class Driver:
     def on_snapshot_installed(self, hook: Callable[[int, int], None] | None) -> None:
         self.pipeline.on_snapshot_installed = hook
 
+    @property
+    def on_removed(self) -> Callable[[int], None] | None:
+        """Called with a group once this node applied its own removal from it (a
+        ``REMOVE_NODE`` of itself, after which it is neither voter nor learner), after the pass
+        that applied it; again after a restart if the group was not removed meanwhile.  The
+        application answers with ``remove_group`` (ctxstore: ``retire.retire_group``)."""
+        return self.pipeline.on_removed
+
+    @on_removed.setter
+    def on_removed(self, hook: Callable[[int], None] | None) -> None:
+        self.pipeline.on_removed = hook
+
     # -- set-up --------------------------------------------------------------------------------
     def add_groups(self, groups: Iterable[int], voters: tuple[int, ...]) -> None:
-        """Host ``groups``; a group new to this WAL starts with ``voters`` (one fsync for all)."""
+        """Host ``groups``; a group new to this WAL starts with ``voters`` (one fsync for all).
+        A group the WAL says was removed (``removed_groups``) is never bootstrapped: it is
+        hosted empty, to join as a learner; a node that does not want it skips it."""
         self.pipeline.add_groups(groups, voters)
+
+    def removed_groups(self) -> list[int]:
+        """The groups this node left (their tombstone is their last durable record)."""
+        return self.wal.removed_groups()
+
+    def remove_group(self, group: int) -> asyncio.Future[object]:
+        """Stop hosting ``group`` now (``Pipeline.remove_group``); the future resolves once
+        its tombstone is durable (a restart no longer knows the group), or fails
+        ``NodeStopped`` if the driver stops first.  Raises ``GroupNotHosted`` if it is not
+        hosted."""
+        loop = self._loop
+        assert loop is not None
+        future: asyncio.Future[object] = loop.create_future()
+        self.pipeline.remove_group(group, settle(future))
+        return future
 
     def attach(self, transport: Transport) -> None:
         self.transport = transport

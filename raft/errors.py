@@ -21,6 +21,13 @@ class ProposalDropped(RaftError):
     code = "proposal_dropped"
 
 
+class GroupNotHosted(ProposalDropped):
+    """The group is not hosted on this node (never was, or it was removed from it: the node
+    left the group's membership).  Nothing was proposed: ask a replica of the group."""
+
+    code = "group_not_hosted"
+
+
 class NotLeader(RaftError):
     """The request must go to the leader.  ``leader_hint`` is 0 when no leader is known."""
 

@@ -112,6 +112,17 @@ class MultiRaft:
         self._dirty[group] = g
         return node
 
+    def remove_group(self, group: int) -> RawNode:
+        """Stop hosting ``group`` (this node left it): its RawNode is dropped with whatever it
+        had to do; messages for it are counted (``unknown_group_messages``) and dropped, as for
+        any group not hosted.  Returns the dropped node (for its last state)."""
+        g = self._groups.pop(group)
+        self._awake.pop(group, None)
+        self._dirty.pop(group, None)
+        if self._read_traffic:
+            self._read_traffic = [(k, t) for k, t in self._read_traffic if k != group]
+        return g.node
+
     def node(self, group: int) -> RawNode:
         return self._groups[group].node
 

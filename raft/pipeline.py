@@ -35,6 +35,14 @@ Rules:
   never past the application's ``floor``.
 - An exception here stops the pipeline (``fail``): every waiter fails with ``NodeStopped`` and
   ``on_stop`` is called; a failed WAL write and an internal error are told apart.
+- Leaving a group: a pass that applies a ``REMOVE_NODE`` of this node, after which the node is
+  neither voter nor learner, reports the group to ``on_removed`` once the pass is over (and
+  takes no snapshot of it any more, so a restart replays the removal and reports it again).
+  ``remove_group`` then drops it: the RawNode goes, its proposals fail ``OutcomeUnknown`` and
+  its reads ``GroupNotHosted``, the Readies of it still being written are not finished, and a
+  tombstone joins the next submit; ``done`` is called once the tombstone is durable.  Until
+  then the group cannot be hosted again; after it, ``add_groups`` hosts it empty (a learner to
+  be), never bootstrapped, as it does every group the log says was removed.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from typing import Any, Protocol
 
 from .core import Role
 from .errors import (
+    GroupNotHosted,
     InvariantViolation,
     NodeStopped,
     OutcomeUnknown,
@@ -55,7 +64,18 @@ from .errors import (
     RaftError,
     WalFailed,
 )
-from .messages import ConfChange, ConfState, Entry, HardState, Message, Snapshot, SnapshotMeta
+from .messages import (
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Message,
+    Snapshot,
+    SnapshotMeta,
+    decode_conf_change,
+)
 from .multi import MultiRaft
 from .rawnode import ReadState, Ready
 from .storage import MemoryStorage, Storage, bootstrap
@@ -103,6 +123,10 @@ class DurableLog(Protocol):
 
     def oldest_segment_groups(self) -> list[int]: ...
 
+    def removed(self, group: int) -> bool:
+        """Whether the group's last durable record is a tombstone (it left this node)."""
+        ...
+
 
 class Outbox(Protocol):
     """Where peer messages go (raft/transport.py): one ``send`` per peer and pass."""
@@ -131,6 +155,7 @@ class DriverStats:
     applied_entries: int = 0
     snapshots_taken: int = 0
     snapshots_restored: int = 0
+    groups_removed: int = 0  # groups this node left (tombstones written)
     soft_state_changes: int = 0  # leader or role changes of a group
     proposals_expired: int = 0  # failed after proposal_timeout_s without being applied
     messages_sent: int = 0
@@ -176,10 +201,11 @@ class Round:
     """A log submit and the Readies that wait for it (opaque to the shell, which hands it back
     to ``Pipeline.written``)."""
 
-    __slots__ = ("failed", "readies", "written")
+    __slots__ = ("failed", "readies", "removals", "written")
 
     def __init__(self, readies: list[tuple[int, Ready]]) -> None:
         self.readies = readies
+        self.removals: list[tuple[int, ResultCallback]] = []  # tombstones in its write
         self.written: Written | None = None
         self.failed: BaseException | None = None
 
@@ -205,16 +231,32 @@ class SnapshotPolicy:
         self._index: dict[int, int] = {}  # group -> index of its newest (or coming) snapshot
         self._due: set[int] = set()
         self._held: dict[int, Snapshot] = {}  # group -> snapshot taken, waiting for the floor
+        self._frozen: set[int] = set()  # groups leaving this node: no new snapshot
 
     def add_group(self, group: int, index: int) -> None:
         self._index[group] = index
+        self._frozen.discard(group)
+
+    def remove_group(self, group: int) -> None:
+        self._index.pop(group, None)
+        self._due.discard(group)
+        self._held.pop(group, None)
+        self._frozen.discard(group)
+
+    def freeze(self, group: int) -> None:
+        """Take no more snapshots of ``group`` (it applied its removal of this node)."""
+        self._frozen.add(group)
+        self._due.discard(group)
 
     def request(self, group: int) -> None:
-        self._due.add(group)
+        if group in self._index and group not in self._frozen:
+            self._due.add(group)
 
     def after_apply(self, group: int, applied: int) -> bool:
         """The group applied up to ``applied``; whether it just became due."""
         if applied - self._index[group] >= self.entries and group not in self._due:
+            if group in self._frozen:
+                return False
             self._due.add(group)
             return True
         return False
@@ -236,7 +278,9 @@ class SnapshotPolicy:
                 if applied - self._index[group] >= self.entries:
                     self._due.add(group)  # it fell behind while this one waited
         if log.segment_count() > self.segments_max:
-            self._due.update(log.oldest_segment_groups())
+            index = self._index
+            self._due.update(g for g in log.oldest_segment_groups() if g in index)
+            self._due -= self._frozen
         if not self._due:
             return writes
         for group in sorted(self._due):
@@ -302,6 +346,8 @@ class Pipeline:
         self.on_commit_latency: Callable[[float], None] | None = None  # propose -> applied, s
         # Called with (group, index) after a snapshot from a leader replaced a group's state.
         self.on_snapshot_installed: Callable[[int, int], None] | None = None
+        # Called with a group once a pass applied this node's removal from it (see the rules).
+        self.on_removed: Callable[[int], None] | None = None
         self.read_prefix = read_prefix
         self.read_seq = 0  # the last read's counter (its context: read_prefix + 8 bytes)
         # The WAL's mode, read once: an inline write blocks, so what is queued leaves first.
@@ -321,6 +367,11 @@ class Pipeline:
         self._submitted_since_tick = False
         self.stopped = False  # no new requests (stopping, or failed)
         self.failure: BaseException | None = None
+        self._in_pass = False
+        self._left: list[int] = []  # groups that applied their removal of us, to report
+        self._leaving: set[int] = set()  # reported (or to be), still hosted
+        self._removals: list[tuple[int, int, ResultCallback]] = []  # tombstones to submit
+        self._removing: set[int] = set()  # tombstones submitted, not yet durable
 
     # -- set-up --------------------------------------------------------------------------------
     def add_groups(self, groups: Iterable[int], voters: tuple[int, ...]) -> None:
@@ -329,8 +380,11 @@ class Pipeline:
         groups = list(groups)
         fresh = []
         for g in groups:
+            if g in self._removing:
+                raise InvariantViolation(f"group {g} hosted again before its tombstone is durable")
             view = self.log.storage(g)
-            if voters and view.last_index() == 0:  # (nor a snapshot: it would be the last)
+            # (nor a snapshot: it would be the last); a group that left is never bootstrapped
+            if voters and view.last_index() == 0 and not self.log.removed(g):
                 memory = MemoryStorage()
                 bootstrap(memory, ConfState(voters))
                 fresh.append(GroupWrite(g, memory.ents[1:], memory.hard_state))
@@ -352,6 +406,8 @@ class Pipeline:
         it will not be, at most once, from inside a pass: it must not raise (it is logged) and
         must not call into the pipeline."""
         self._admit()
+        if group not in self._proposals:
+            raise GroupNotHosted(f"group {group} is not hosted on this node")
         self.stats.proposals += 1
         return self._wait(group, self.host.propose(group, data), done)
 
@@ -361,6 +417,8 @@ class Pipeline:
         sense, as adding a voter twice); its index.  ``done`` as for ``propose``, once the
         change is applied here (the new configuration is in force on this node)."""
         self._admit()
+        if group not in self._proposals:
+            raise GroupNotHosted(f"group {group} is not hosted on this node")
         self.stats.conf_changes += 1
         return self._wait(group, self.host.propose_conf_change(group, change), done)
 
@@ -382,7 +440,7 @@ class Pipeline:
         the caller gave up (forgotten at the next sweep: a lost answer is never resent)."""
         self._admit()
         if group not in self._reads:
-            raise KeyError(f"group {group} is not hosted here")
+            raise GroupNotHosted(f"group {group} is not hosted on this node")
         read = _Read(done, abandoned)
         batch = self._read_batches.get(group)
         if batch is None:
@@ -397,12 +455,50 @@ class Pipeline:
         return batch[0]
 
     def transfer_leader(self, group: int, to: int) -> None:
+        if group not in self._proposals:
+            raise GroupNotHosted(f"group {group} is not hosted on this node")
         self.host.transfer_leader(group, to)
         self.want_pass()
 
     def compact(self, group: int) -> None:
         """Take a snapshot of ``group`` at its applied index in the next pass."""
         self.snapshots.request(group)
+        self.want_pass()
+
+    def remove_group(self, group: int, done: ResultCallback) -> None:
+        """Stop hosting ``group`` (this node left its membership) and write its tombstone in
+        the next pass; ``done(None, None)`` once the tombstone is durable (a restart no longer
+        knows the group), ``done(None, error)`` if the pipeline stops first (the tombstone may
+        or may not be written).  Its waiting proposals fail ``OutcomeUnknown`` (they may commit
+        under another leader), its reads ``GroupNotHosted``; later requests too.  Safe from
+        ``on_removed``; ``done`` as a proposal's callback."""
+        if self.stopped:
+            raise NodeStopped("the node is stopping")
+        if group not in self._proposals:
+            raise GroupNotHosted(f"group {group} is not hosted on this node")
+        node = self.host.remove_group(group)
+        self.snapshots.remove_group(group)
+        self._lazy_hard_states.pop(group, None)  # (void once the tombstone is written)
+        for rnd in self._rounds:  # written or not, nothing of it is finished any more
+            if any(g == group for g, _ in rnd.readies):
+                rnd.readies = [(g, rd) for g, rd in rnd.readies if g != group]
+        self._drop_waiters(group, lambda: OutcomeUnknown(f"group {group} left this node"))
+        del self._proposals[group]
+        batches = [batch for batch, _ in self._reads.pop(group).values()]
+        batches += [batch for _, batch in self._read_waits.pop(group)]
+        asked = self._read_batches.pop(group, None)
+        if asked is not None:
+            batches.append(asked[1])
+        for batch in batches:
+            self._pending -= len(batch)
+            for read in batch:
+                _resolve(read.done, None, GroupNotHosted(f"group {group} left this node"))
+        self._leaving.discard(group)
+        if group in self._left:
+            self._left.remove(group)
+        self._removing.add(group)
+        self._removals.append((group, node.raft.log.last_index(), done))
+        self.stats.groups_removed += 1
         self.want_pass()
 
     def _admit(self) -> None:
@@ -447,10 +543,24 @@ class Pipeline:
         """One pass; whether it found work."""
         if self.failure is not None:
             return False
+        self._in_pass = True
+        try:
+            worked = self._run_pass()
+        finally:
+            self._in_pass = False
+        if self._left:
+            self._report_left()
+        return worked
+
+    def _run_pass(self) -> bool:
         if self._read_batches:
             self._ask_reads()
         writes = self.snapshots.compactions(self.log)
         self.stats.snapshots_taken = self.snapshots.taken
+        removals = self._removals
+        if removals:
+            self._removals = []
+            writes += [GroupWrite(g, remove=True, last_index=last) for g, last, _ in removals]
         readies = self.host.ready()
         traffic = self.host.read_traffic()
         for group, t in traffic:
@@ -493,7 +603,9 @@ class Pipeline:
             if self._send_before_write and self.outbox is not None:
                 self.outbox.flush_now()  # written now, not after the blocking write below
             self._serve_reads()  # the reads found applied do not wait for it either
-            self._submit_with_lazy(Round(wait), writes)
+            rnd = Round(wait)
+            rnd.removals = [(g, done) for g, _, done in removals]
+            self._submit_with_lazy(rnd, writes)
         for group, rd in now:
             self._finish(group, rd)
         self._flush()
@@ -516,6 +628,8 @@ class Pipeline:
             future = self.log.submit(writes)
         except WalFailed as e:  # it failed earlier, and that round's failure stopped us
             self.fail(e)
+            for _, done in rnd.removals:
+                _resolve(done, None, NodeStopped(f"the WAL failed: {e!r}"))
             return
         self.stats.submits += 1
         self._rounds.append(rnd)
@@ -534,18 +648,28 @@ class Pipeline:
             self.fail(exc)
             return
         rnd.written = f.result()
+        removed: list[ResultCallback] = []
         while self._rounds and self._rounds[0].written is not None:
             head = self._rounds.popleft()
             assert head.written is not None
             self.log.publish(head.written)
             for group, rd in head.readies:
                 self._finish(group, rd)
+            for group, done in head.removals:
+                self._removing.discard(group)
+                removed.append(done)
         self._flush()
         self._serve_reads()
+        for done in removed:
+            _resolve(done, None, None)
+        if self._left and not self._in_pass:
+            self._report_left()
         self.want_pass()
 
     def _finish(self, group: int, rd: Ready) -> None:
         """The Ready is durable: send what waited for it, apply, advance."""
+        if group not in self._proposals:
+            return  # removed meanwhile (by a callback of this pass)
         self._queue(group, rd.persisted_messages)
         if rd.snapshot is not None:
             index = rd.snapshot.meta.index
@@ -558,11 +682,43 @@ class Pipeline:
         if rd.committed_entries:
             self._apply(group, rd.committed_entries)
         self.host.advance(group, rd)
-        applied = self.host.node(group).raft.log.applied
+        r = self.host.node(group).raft
+        if rd.committed_entries and r.id not in r.voters and r.id not in r.learners:
+            self._check_left(group, rd.committed_entries)
+        applied = r.log.applied
         if self._read_waits[group]:
             self._applied_reads(group, applied)
         if self.snapshots.after_apply(group, applied):
             self.want_pass()
+
+    def _check_left(self, group: int, entries: list[Entry]) -> None:
+        """This node is no member of ``group`` after applying ``entries``: if one of them
+        removed it, it left the group (else it was never in: a learner to be)."""
+        if group in self._leaving:
+            return
+        me = self.host.id
+        for e in entries:
+            if e.type is EntryType.CONF_CHANGE:
+                cc = decode_conf_change(e.data)
+                if cc.type is ConfChangeType.REMOVE_NODE and cc.node_id == me:
+                    self._leaving.add(group)
+                    self._left.append(group)
+                    self.snapshots.freeze(group)
+                    logger.info(
+                        "group %d: this node was removed from it (entry %d)", group, e.index
+                    )
+                    return
+
+    def _report_left(self) -> None:
+        left, self._left = self._left, []
+        hook = self.on_removed
+        if hook is None:
+            return
+        for group in left:
+            try:
+                hook(group)
+            except Exception:  # the application's bug must not stop the node
+                logger.exception("on_removed(%d) failed", group)
 
     # -- reads -----------------------------------------------------------------------------------
     def _ask_reads(self) -> None:
@@ -751,6 +907,13 @@ class Pipeline:
             for read in batch:
                 _resolve(read.done, None, exc)
         self._pending = 0
+        removals = [done for _, _, done in self._removals]
+        self._removals = []
+        for rnd in self._rounds:
+            removals += [done for _, done in rnd.removals]
+            rnd.removals = []
+        for done in removals:
+            _resolve(done, None, exc)
 
 
 __all__ = [

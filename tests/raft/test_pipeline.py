@@ -68,6 +68,9 @@ class Log:
     def oldest_segment_groups(self) -> list[int]:
         return []
 
+    def removed(self, group: int) -> bool:
+        return False
+
 
 class Machine:
     def __init__(self) -> None:

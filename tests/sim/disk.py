@@ -161,6 +161,9 @@ class SimDisk:
     def oldest_segment_groups(self) -> list[int]:
         return []
 
+    def removed(self, group: int) -> bool:
+        return False
+
     # -- what the simulation calls -------------------------------------------------------------
     def complete(self) -> None:
         """Resolve the writes due by now, in order."""
@@ -254,6 +257,9 @@ class WalDisk(SimDisk):
 
     def oldest_segment_groups(self) -> list[int]:
         return self._open().oldest_segment_groups()
+
+    def removed(self, group: int) -> bool:
+        return self._open().removed(group)
 
     def _write(self, batch: list[GroupWrite]) -> Written:
         return self._open().submit(batch).result()  # inline: written and synced
