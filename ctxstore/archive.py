@@ -32,6 +32,11 @@ Rules of this file:
   ``hold(session_id)``, the seq up to which the session is in Postgres (ctxstore/pg/).  It is
   called on the writer thread; a stale answer is lower than the current one (watermarks only
   grow), so it keeps more, never less.
+- ``drop_group`` (the node left a group: ctxstore/retire.py) deletes the group's rows, backfill
+  ranges and index, session by session in transactions of at most ``batch_rows_max`` rows, the
+  index last: a group has an index row whenever it has rows (a batch's rows record their
+  group's, at 0 if nothing is applied yet), so ``holds_group`` tells a drop a crash cut short.
+  It runs in queue order: what was queued for the group before it is deleted too.
 - A failure of the writer (any sqlite3 error) is final, as for the WAL: it is recorded in
   ``stats.last_error``, ``on_fatal`` is called once, pending barriers and fills fail with it, and
   later ``add``/``applied``/``restore`` are ignored.  The node must stop and restart.
@@ -129,6 +134,14 @@ def _set_index_sql(groups: int) -> str:
     )
 
 
+_DROP_ROWS = (
+    "DELETE FROM messages WHERE session_id = ? AND seq IN"
+    " (SELECT seq FROM messages WHERE session_id = ? AND grp = ? ORDER BY seq LIMIT ?)"
+)
+_GROUP_SESSIONS = (
+    "SELECT DISTINCT session_id FROM messages WHERE grp = ?"
+    " UNION SELECT session_id FROM backfill WHERE grp = ?"
+)
 _READ = (
     "SELECT data FROM messages WHERE session_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
 )
@@ -206,6 +219,8 @@ class ArchiveStats:
     rows_deleted_by_retention: int = 0
     backfill_rows: int = 0  # rows accepted by fill
     backfill_rows_ignored: int = 0  # rows given to fill outside every recorded range
+    rows_dropped: int = 0  # rows deleted because their group left the node (drop_group)
+    groups_dropped: int = 0
     queued_rows: int = 0  # rows queued and not yet committed
     last_error: str | None = None
 
@@ -254,8 +269,18 @@ class _Forget:
     bytes: int = 0
 
 
-_Op = _Batch | _Restore | _Fill | _Barrier | _Forget
-_WAITED = (_Fill, _Barrier, _Forget)  # operations with a future: they flush the queue at once
+@dataclass(eq=False, slots=True)
+class _Drop:
+    """Delete everything of ``group``: the rows of ``sessions``, its ranges, its index."""
+
+    group: int
+    sessions: list[str]
+    future: asyncio.Future[None]
+    bytes: int = 0
+
+
+_Op = _Batch | _Restore | _Fill | _Barrier | _Forget | _Drop
+_WAITED = (_Fill, _Barrier, _Forget, _Drop)  # operations with a future: they flush at once
 
 
 def _op_rows(op: _Op) -> int:
@@ -266,7 +291,7 @@ def _op_rows(op: _Op) -> int:
             return len(op.tail)
         case _Fill():
             return len(op.messages)
-        case _Barrier() | _Forget():
+        case _Barrier() | _Forget() | _Drop():
             return 0
 
 
@@ -281,6 +306,8 @@ class _Done:
     deleted: int = 0
     filled: int = 0
     ignored: int = 0
+    dropped: int | None = None  # the group drop_group deleted
+    dropped_rows: int = 0
     seconds: float = 0.0
     committed: bool = False
 
@@ -422,6 +449,8 @@ class _Writer:
         done = _Done(ops)
         if all(type(op) is _Barrier for op in ops):
             return done
+        if type(ops[0]) is _Drop:  # (always alone: _pop_locked)
+            return self._drop(ops[0], done)
         started = time.perf_counter()
         conn = self.conn
         self._touched, self._changed = {}, set()
@@ -430,6 +459,8 @@ class _Writer:
             match op:
                 case _Batch():
                     done.written += self._insert((g, m) for g, _, m in op.rows)
+                    for g in {g for g, _, _ in op.rows}:  # a group with rows has an index row
+                        done.indexes.setdefault(g, 0)
                     for g, i in op.applied.items():
                         done.indexes[g] = max(done.indexes.get(g, 0), i)
                 case _Restore():
@@ -442,7 +473,7 @@ class _Writer:
                         self._set_ranges(
                             op.session_id, _clip(self.ranges[op.session_id], op.to_seq)
                         )
-                case _Barrier():
+                case _Barrier() | _Drop():
                     pass
         self._retain_count(done)
         if done.indexes:  # one statement (one GIL handoff) for all groups of the batch
@@ -450,6 +481,39 @@ class _Writer:
             conn.execute(_set_index_sql(len(done.indexes)), values)
         self._save_ranges(done)
         conn.execute("COMMIT")
+        done.seconds = time.perf_counter() - started
+        done.committed = True
+        return done
+
+    def _drop(self, op: _Drop, done: _Done) -> _Done:
+        """Delete the group's rows session by session, committing every ``batch_rows_max``
+        rows, then its backfill ranges and its index row (last: while it is there, the drop is
+        not finished, and a restart does it again)."""
+        started = time.perf_counter()
+        conn, group, limit = self.conn, op.group, self.config.batch_rows_max
+        self._touched, self._changed = {}, set()
+        conn.execute("BEGIN IMMEDIATE")
+        uncommitted = 0
+        for sid in op.sessions:
+            while True:
+                n = conn.execute(_DROP_ROWS, (sid, sid, group, limit)).rowcount
+                done.dropped_rows += n
+                uncommitted += n
+                if uncommitted >= limit:
+                    conn.execute("COMMIT")
+                    conn.execute("BEGIN IMMEDIATE")
+                    uncommitted = 0
+                if n < limit:
+                    break
+        for sid in [
+            sid for sid, ranges in self.ranges.items() if any(r[2] == group for r in ranges)
+        ]:
+            self._set_ranges(sid, [r for r in self.ranges[sid] if r[2] != group])
+        self._save_ranges(done)
+        conn.execute("DELETE FROM backfill WHERE grp = ?", (group,))
+        conn.execute("DELETE FROM groups WHERE grp = ?", (group,))
+        conn.execute("COMMIT")
+        done.dropped = group
         done.seconds = time.perf_counter() - started
         done.committed = True
         return done
@@ -706,6 +770,10 @@ class Archive:
     def archived_index(self, group: int) -> int:
         return self._archived.get(group, 0)
 
+    def holds_group(self, group: int) -> bool:
+        """Whether the archive durably holds anything of ``group`` (its index row)."""
+        return group in self._archived
+
     def lag(self, group: int) -> int:
         return self._handed.get(group, 0) - self._archived.get(group, 0)
 
@@ -823,6 +891,21 @@ class Archive:
             self._push_locked(_Forget(session_id, to_seq, future), 0, True)
         await future
 
+    async def drop_group(self, group: int, sessions: Iterable[str] | None = None) -> None:
+        """Delete every row, backfill range and the index of ``group`` (this node left it),
+        durably, after everything queued before the call.  ``sessions``: the group's session
+        ids (the state's, which holds all of them); None: found by scanning the archive on a
+        reader thread (a drop a crash cut short, whose group the state no longer knows).  The
+        caller queues nothing more for the group until this returns."""
+        if sessions is None:
+            sessions = await self._run_reader(self._group_sessions, group)
+        future = self._new_waiter()
+        with self._cond:
+            self._push_locked(_Drop(group, sorted(set(sessions)), future), 0, True)
+        self._floor.pop(group, None)
+        self._handed.pop(group, None)
+        await future
+
     async def barrier(self) -> None:
         """Return once everything queued before the call is committed (or raise the fatal error)."""
         future = self._new_waiter()
@@ -880,8 +963,12 @@ class Archive:
         return future
 
     def _on_done(self, done: _Done) -> None:
+        if done.dropped is not None:
+            self._archived.pop(done.dropped, None)
+            self.stats.rows_dropped += done.dropped_rows
+            self.stats.groups_dropped += 1
         for g, i in done.indexes.items():
-            if i > self._archived.get(g, 0):
+            if i > self._archived.get(g, -1):
                 self._archived[g] = i
         for sid, ranges in done.ranges.items():
             if ranges:
@@ -1010,11 +1097,15 @@ class Archive:
         taken: list[_Op] = []
         limit = self.config.batch_rows_max
         while ops and (not taken or rows + _op_rows(ops[0]) <= limit):
+            if taken and type(ops[0]) is _Drop:
+                break  # a drop is committed alone (in transactions of its own)
             op = ops.popleft()
             rows += _op_rows(op)
             taken.append(op)
             if isinstance(op, _WAITED):
                 self._ops_urgent -= 1
+            if type(op) is _Drop:
+                break
         self._ops_rows -= rows
         return taken
 
@@ -1034,6 +1125,10 @@ class Archive:
         self._reader_local.decoder = msgspec.msgpack.Decoder(StoredMessage)
         with self._reader_conns_lock:
             self._reader_conns.append(conn)
+
+    def _group_sessions(self, group: int) -> list[str]:
+        conn: sqlite3.Connection = self._reader_local.conn
+        return [sid for (sid,) in conn.execute(_GROUP_SESSIONS, (group, group))]
 
     def _read(
         self, sid: str, after: int, to: int, limit: int, bytes_max: int

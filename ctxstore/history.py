@@ -16,6 +16,9 @@ Rules of this module:
   age (``inserted_at`` older than ``max_age_s``), so a reader sees one history whichever part
   of the node holds it.
 - Pages are bounded by ``limit`` messages and about ``bytes_max`` bytes (at least one message).
+- A session whose group is not hosted here (never, or no longer: the node left the group and
+  dropped it, ctxstore/retire.py) is unknown: ``None``, even for a read that was waiting for
+  the archive when the group left.
 """
 
 from __future__ import annotations
@@ -152,6 +155,8 @@ class History:
             messages = await self._from_archive(
                 session_id, start, head.first_seq - 1, limit, bytes_max
             )
+            if self.state.last_seq(session_id) is None:
+                return None  # its group left this node meanwhile: not served here any more
             start = messages[0].seq if messages else head.first_seq
         if not messages or messages[-1].seq == head.first_seq - 1:
             after = messages[-1].seq if messages else start - 1

@@ -530,6 +530,15 @@ class ConversationState:
         self._pg.pop(group, None)
         self._pg_epoch.pop(group, None)
 
+    def drop_group(self, group: int) -> list[str]:
+        """Forget everything of ``group`` (this node left it: ``retire.retire_group``): its
+        sessions with their tails, read cursors, dedupe windows, context windows and dispatch
+        cursors, its agents and its Postgres marks.  Queries answer as for a group never
+        hosted here.  Returns the ids of the sessions dropped (sorted)."""
+        sessions = sorted(self._groups.get(group, {}))
+        self.remove_group(group)
+        return sessions
+
     @property
     def hosted_groups(self) -> list[int]:
         return sorted(self._groups)
