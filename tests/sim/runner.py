@@ -237,8 +237,9 @@ def _quiescence(c: SimCluster, away: int | None) -> None:
 
     Exempt, besides the isolated node: a replica outside its group's configuration (as the
     group's leader has it), e.g. a removed voter or learner that never learnt of its removal.
-    No leader quiesces it and the host cannot drop it (MultiRaft has no ``remove_group``), so
-    it ticks forever; it must still be silent.  A *zombie*, an outsider that still counts
+    No leader quiesces it and the simulation does not drop it (it never calls the pipeline's
+    ``remove_group``: only a node that applies its own removal learns it left), so it ticks
+    forever; it must still be silent.  A *zombie*, an outsider that still counts
     itself a voter, is not: it campaigns after every (backed-off) election timeout, which wakes
     its former group (Raft thesis §4.2.3), so its whole group is exempt (``zombie_groups``).
     """
