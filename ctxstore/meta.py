@@ -10,7 +10,14 @@ meta machine, every other group's to the data state machine.
 
 The first view of a cluster is bootstrapped, not proposed: every founding node starts the
 meta group with the same view (``bootstrap_view``), as it starts each group with the same
-voters.  Observers (``on_view``) hear of each new view once it is applied.
+voters.  Observers (``on_view``) hear of each new view once it is applied.  A node that joins
+later starts the meta group empty and is added to it as a learner by the meta leader
+(``meta_step``); it learns the founders' first view from the node it asked to join (kept in
+its ``node.json``), since the meta log it replays begins after that view.
+
+``meta_step`` is the meta group's own reconciler (pure, like ctxstore/reconciler.py's for the
+data groups): every member of the view follows the meta group, as a learner unless it is one of
+the view's ``meta_voters``; a retired node leaves it; one membership change at a time.
 """
 
 from __future__ import annotations
@@ -23,14 +30,17 @@ from raft.messages import Entry, EntryType
 from raft.pipeline import StateMachine
 
 from .membership import (
+    META_VOTERS_MAX,
     ClusterView,
     MetaRejected,
+    NodeState,
     apply_meta,
     decode_meta,
     decode_view,
     encode_view,
 )
 from .placement import META_GROUP
+from .reconciler import Action, GroupStatus, Step
 
 
 class MetaMachine:
@@ -93,4 +103,35 @@ class Machines:
             self.data.restore(group, data)
 
 
-__all__ = ["Machines", "MetaMachine"]
+def meta_step(view: ClusterView, st: GroupStatus, live: frozenset[int] | set[int]) -> Step | None:
+    """The next membership change of the meta group as its leader sees it (``st``), or None.
+
+    In order: a learner that is no member any more (retired) is removed; a retired voter is
+    removed while other voters remain (its leadership first handed to a live target voter); a
+    learner that is a target voter (``ClusterView.meta_voters``) and has caught up is promoted
+    while there are fewer than ``META_VOTERS_MAX`` voters; a live member that does not follow
+    the group yet is added as a learner."""
+    if st.leader == 0 or st.changing:
+        return None
+    g = view.groups  # (the meta group's id; the Step names it)
+    members = set(view.members())
+    retired = set(view.in_state(NodeState.REMOVED))
+    wanted = set(view.meta_voters())
+    for n in sorted(st.learners - members):
+        return Step(Action.REMOVE, g, n)
+    for n in sorted(st.voters & retired):
+        if n == st.leader:
+            heirs = sorted((st.voters - retired) & set(live))
+            return Step(Action.TRANSFER, g, heirs[0]) if heirs else None
+        if len(st.voters) > 1:
+            return Step(Action.REMOVE, g, n)
+    if len(st.voters) < META_VOTERS_MAX:
+        for n in sorted(st.learners & wanted & st.caught_up):
+            return Step(Action.PROMOTE, g, n)
+    for n in sorted(members - st.voters - st.learners):
+        if n in live:
+            return Step(Action.ADD_LEARNER, g, n)
+    return None
+
+
+__all__ = ["Machines", "MetaMachine", "meta_step"]

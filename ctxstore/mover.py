@@ -5,16 +5,22 @@ learners, each member's matched index, a pending change), asks ``reconciler.plan
 steps under the cluster view, and starts them through the driver: a membership change
 (``Driver.propose_conf_change``) or a leadership transfer.  It never waits for a step: the next
 round observes its effect, and a step that was lost is decided again (the core refuses a second
-pending change, which is only counted).  The view's own steps (activating a joiner, retiring a
-drained node) belong to the meta leader and are not taken here; nor is leader balancing, which
-needs every group's leader.
+pending change, which is only counted).
+
+On the meta group's leader (``meta_group`` given and led here) a round also takes the view's
+own steps, as meta commands through ``propose_meta``: a live joiner is activated, a drained
+node every group of which was observed here is retired (``reconciler.plan``); and the meta
+group's own membership (``meta.meta_step``: every member follows it).  A meta command is not
+proposed again for ``META_RETRY_S`` while the first may still be applied.
+
+Leader balancing (``balance``, every ``balance_interval_s`` and on ``admin rebalance``): from
+what this node knows of every group it hosts (its voters, its leader), ``balance_leaders``
+plans transfers toward the mean, and the node starts those of the groups it leads.  Every node
+does so for its own, so leadership spreads without a central plan.
 
 A learner counts as caught up once its log matches the leader's commit index.  Moves are
-capped per node (``moves_max`` groups with a learner among those it leads).
-
-Not yet used by ``ctxstore serve``: the node first needs the meta group and view-driven group
-hosting (design §5.6 lists what is left); ``tests/ctxstore/test_mover.py`` runs it over real
-sockets and WALs.
+capped per node (``moves_max`` groups with a learner among those it leads).  ``ctxstore
+serve`` runs one mover per node (ctxstore/node.py).
 """
 
 from __future__ import annotations
@@ -29,8 +35,18 @@ from raft import RaftError, Role
 from raft.driver import Driver
 from raft.messages import ConfChange, ConfChangeType
 
-from .membership import ClusterView
-from .reconciler import MOVES_MAX, Action, GroupStatus, Step, plan
+from .membership import ClusterView, MetaCommand, NodeState, SetState
+from .meta import meta_step
+from .reconciler import (
+    MOVES_MAX,
+    TRANSFERS_MAX,
+    Action,
+    GroupStatus,
+    Step,
+    balance_leaders,
+    moving,
+    plan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +56,8 @@ _CHANGE = {
     Action.REMOVE: ConfChangeType.REMOVE_NODE,
 }
 INTERVAL_S = 0.2  # between rounds
+META_RETRY_S = 2.0  # a meta command is not proposed again sooner
+_NODE_STATES = {Action.ACTIVATE: NodeState.ACTIVE, Action.RETIRE: NodeState.REMOVED}
 
 
 @dataclass
@@ -49,6 +67,9 @@ class MoverStats:
     transfers: int = 0
     refused: int = 0  # steps the core refused (another change pending, leadership lost)
     failed: int = 0  # changes proposed that did not apply (timeout, leader change)
+    meta_commands: int = 0  # view changes proposed (activations, retirements)
+    balance_rounds: int = 0
+    moving: int = 0  # groups led here whose replicas differ from their target (last round)
 
 
 class Mover:
@@ -60,6 +81,11 @@ class Mover:
         live: Callable[[], Set[int]],
         moves_max: int = MOVES_MAX,
         interval_s: float = INTERVAL_S,
+        *,
+        meta_group: int | None = None,
+        propose_meta: Callable[[MetaCommand], None] | None = None,
+        balance_interval_s: float = 0.0,
+        transfers_max: int = TRANSFERS_MAX,
     ) -> None:
         self.id = node_id
         self.driver = driver
@@ -67,8 +93,14 @@ class Mover:
         self.live = live
         self.moves_max = moves_max
         self.interval_s = interval_s
+        self.meta_group = meta_group
+        self.propose_meta = propose_meta
+        self.balance_interval_s = balance_interval_s
+        self.transfers_max = transfers_max
         self.stats = MoverStats()
         self._task: asyncio.Task[None] | None = None
+        self._proposed: dict[tuple[Action, int], float] = {}  # meta command -> when
+        self._balanced_at = 0.0
 
     def observe(self) -> dict[int, GroupStatus]:
         """The groups this node leads, as their leader sees them."""
@@ -80,16 +112,58 @@ class Mover:
             out[g] = GroupStatus.of_leader(host.status(g))
         return out
 
-    def run_once(self) -> list[Step]:
-        """One round; the steps it started."""
+    def run_once(self, now: float = 0.0) -> list[Step]:
+        """One round at ``now`` (seconds, monotonic); the steps it started."""
         self.stats.rounds += 1
         view = self.view()
         live = set(self.live()) | {self.id}
+        observed = self.observe()
+        meta = None if self.meta_group is None else observed.pop(self.meta_group, None)
         started = []
-        for step in plan(view, self.observe(), live, self.moves_max):
-            if step.group >= 0 and self._take(step):
+        for step in plan(view, observed, live, self.moves_max):
+            if step.group >= 0:
+                taken = self._take(step)
+            else:
+                taken = meta is not None and self._take_meta(step, now)
+            if taken:
                 started.append(step)
+        if meta is not None:
+            change = meta_step(view, meta, live)
+            if change is not None and self._take(change):
+                started.append(change)
+        self.stats.moving = moving(view.targets(), observed)
+        if self.balance_interval_s > 0 and now - self._balanced_at >= self.balance_interval_s:
+            started.extend(self.balance(now))
         return started
+
+    def balance(self, now: float = 0.0) -> list[Step]:
+        """Start the leadership transfers ``balance_leaders`` plans for the groups led here,
+        from what this node knows of every group it hosts."""
+        self._balanced_at = now
+        self.stats.balance_rounds += 1
+        host = self.driver.host
+        groups: dict[int, GroupStatus] = {}
+        for g in host.groups():
+            r = host.node(g).raft
+            if g != self.meta_group and r.lead != 0:
+                groups[g] = GroupStatus(frozenset(r.voters), frozenset(r.learners), r.lead)
+        live = set(self.live()) | {self.id}
+        return [
+            step
+            for step in balance_leaders(groups, live, self.transfers_max)
+            if groups[step.group].leader == self.id and self._take(step)
+        ]
+
+    def _take_meta(self, step: Step, now: float) -> bool:
+        key = (step.action, step.node)
+        if self.propose_meta is None or now - self._proposed.get(key, -META_RETRY_S) < META_RETRY_S:
+            return False
+        self._proposed = {k: t for k, t in self._proposed.items() if now - t < META_RETRY_S}
+        self._proposed[key] = now
+        self.propose_meta(SetState(step.node, _NODE_STATES[step.action]))
+        self.stats.meta_commands += 1
+        logger.info("view: %s node %d", step.action.value, step.node)
+        return True
 
     def _take(self, step: Step) -> bool:
         try:
@@ -125,9 +199,13 @@ class Mover:
             self._task = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval_s)
-            self.run_once()
+            try:
+                self.run_once(loop.time())
+            except Exception:  # (a bug here must not stop the node: logged, next round)
+                logger.exception("mover round failed")
 
 
-__all__ = ["INTERVAL_S", "Mover", "MoverStats"]
+__all__ = ["INTERVAL_S", "META_RETRY_S", "Mover", "MoverStats"]

@@ -10,11 +10,13 @@ from ctxstore.membership import (
     MetaRejected,
     NodeState,
     SetState,
+    apply_meta,
     bootstrap_view,
     encode_meta,
 )
-from ctxstore.meta import Machines, MetaMachine
+from ctxstore.meta import Machines, MetaMachine, meta_step
 from ctxstore.placement import META_GROUP
+from ctxstore.reconciler import Action, GroupStatus, Step
 from raft import ConfChange, ConfChangeType
 from raft.messages import Entry, EntryType, encode_conf_change
 
@@ -68,3 +70,37 @@ def test_machines_route_the_meta_group_apart() -> None:
     assert data.history[0] == [b"x"] and both.meta.view.node(5) is not None
     assert both.snapshot(0) == data.snapshot(0)
     assert both.snapshot(META_GROUP) == both.meta.snapshot()
+
+
+def _st(voters: set[int], learners: frozenset[int] = frozenset(), leader: int = 1,
+        caught: frozenset[int] = frozenset(), changing: bool = False) -> GroupStatus:  # fmt: skip
+    return GroupStatus(frozenset(voters), frozenset(learners), leader, frozenset(caught), changing)
+
+
+def test_meta_step_makes_every_member_follow_the_meta_group() -> None:
+    v, _ = apply_meta(first(), Join(4, "h:4", ""))
+    g = v.groups
+    live = {1, 2, 3, 4}
+    assert meta_step(first(), _st({1, 2, 3}), live) is None  # settled
+    assert meta_step(v, _st({1, 2, 3}), live) == Step(Action.ADD_LEARNER, g, 4)
+    assert meta_step(v, _st({1, 2, 3}), {1, 2, 3}) is None  # a joiner that is down: wait
+    assert meta_step(v, _st({1, 2, 3}, changing=True), live) is None
+    assert meta_step(v, _st({1, 2, 3}, leader=0), live) is None
+    # Active, 4 nodes: the voters stay 3 (an odd number); a fifth makes them 5.
+    v, _ = apply_meta(v, SetState(4, NodeState.ACTIVE))
+    assert meta_step(v, _st({1, 2, 3}, frozenset({4}), caught=frozenset({4})), live) is None
+    v, _ = apply_meta(v, Join(5, "h:5", ""))
+    v, _ = apply_meta(v, SetState(5, NodeState.ACTIVE))
+    assert meta_step(v, _st({1, 2, 3}, frozenset({4, 5})), live | {5}) is None  # not caught up yet
+    caught = _st({1, 2, 3}, frozenset({4, 5}), caught=frozenset({5}))
+    assert meta_step(v, caught, live | {5}) == Step(Action.PROMOTE, g, 5)
+
+
+def test_meta_step_drops_retired_nodes_leader_last() -> None:
+    v, _ = apply_meta(first(), SetState(3, NodeState.REMOVED))
+    g = v.groups
+    assert meta_step(v, _st({1, 2, 3}), {1, 2}) == Step(Action.REMOVE, g, 3)
+    assert meta_step(v, _st({1, 2, 3}, leader=3), {1, 2, 3}) == Step(Action.TRANSFER, g, 1)
+    v4, _ = apply_meta(first(), Join(4, "h:4", ""))
+    v4, _ = apply_meta(v4, SetState(4, NodeState.REMOVED))
+    assert meta_step(v4, _st({1, 2, 3}, frozenset({4})), {1, 2, 3}) == Step(Action.REMOVE, g, 4)

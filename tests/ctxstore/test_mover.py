@@ -136,3 +136,30 @@ def test_a_round_observes_only_the_groups_this_node_leads(tmp_path: Path, leads:
             await m.stop()
 
     run(main())
+
+
+def test_the_meta_leader_activates_a_live_joiner_once_per_retry_period(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = Member(tmp_path, 1, (1,), 3)  # groups 0, 1 and the meta group 2
+        await m.start(None, {})
+        try:
+            await until(lambda: all(m.leads(g) for g in range(3)), what="leader")
+            view, _ = apply_meta(bootstrap_view([(1, "h:1", "")], groups=2), Join(4, "h:4", ""))
+            sent: list[object] = []
+            mv = Mover(1, m.driver, lambda: view, lambda: {4}, meta_group=2,
+                       propose_meta=sent.append)  # fmt: skip
+            mv.run_once(now=10.0)
+            assert sent == [SetState(4, NodeState.ACTIVE)]
+            mv.run_once(now=11.0)  # not again while the first may still apply
+            assert len(sent) == 1
+            mv.run_once(now=12.5)
+            assert len(sent) == 2 and mv.stats.meta_commands == 2
+            # Without the meta group's leadership, the view's steps are not this node's.
+            other = Mover(1, m.driver, lambda: view, lambda: {4}, meta_group=5,
+                          propose_meta=sent.append)  # fmt: skip
+            other.run_once(now=20.0)
+            assert len(sent) == 2
+        finally:
+            await m.stop()
+
+    run(main())
