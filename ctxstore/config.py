@@ -106,6 +106,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     postgres_flush_rows: Annotated[int, Meta(ge=1, le=50_000)] = 5000
     postgres_pool_size: Annotated[int, Meta(ge=1, le=16)] = 2
     postgres_serve_history: bool = False
+    # Scale-out (design §5.6, docs/ctxstore.md "Placement"): a new node's way in (the HTTP
+    # port of a running node), and the pace of the groups' moves and leader balancing.
+    join: str | None = None
+    mover_interval_ms: Annotated[int, Meta(ge=10, le=60_000)] = 200
+    moves_max: Annotated[int, Meta(ge=1, le=256)] = 4
+    balance_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+    leader_transfers_max: Annotated[int, Meta(ge=1, le=256)] = 8
 
     def __post_init__(self) -> None:
         for key in ("listen", "peer_listen"):
@@ -119,6 +126,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
             if self.tls_cert is None or self.tls_key is None:
                 raise ConfigError("config: h3: needs tls_cert and tls_key (PEM files)")
         peer_map = parse_peers(self.peers)
+        if self.join is not None:
+            parse_address(self.join, "join")
+            if peer_map:
+                raise ConfigError(
+                    "config: join: a joining node learns its peers from the cluster: no peers"
+                )
         if self.node_id in peer_map:
             raise ConfigError(f"config: peers: must not include this node ({self.node_id})")
         if self.heartbeat_ticks >= self.election_ticks:
@@ -255,6 +268,15 @@ HELP: dict[str, str] = {
     "when postgres_flush_rows rows wait)",
     "postgres_flush_rows": "rows (messages, sessions, cursors) of one flush transaction",
     "postgres_pool_size": "connections a node keeps to Postgres",
+    "join": "HOST:PORT of a running node's HTTP port: a node with an empty data directory "
+    "asks it to join that cluster (authenticated by the cluster's secret); none: the cluster "
+    "is the one of peers",
+    "mover_interval_ms": "milliseconds between two rounds of a node's mover (the groups it "
+    "leads brought toward their target replicas, one membership change each at a time)",
+    "moves_max": "groups a node's mover moves at once (each streams a snapshot to a new replica)",
+    "balance_interval_s": "seconds between two rounds of leader balancing (transfers so that "
+    "each node leads about as many groups as the others); 0: only on admin rebalance",
+    "leader_transfers_max": "leadership transfers a node starts per balancing round",
     "postgres_serve_history": "true: page history a node lacks locally (a new replica, a "
     "pruned archive) from Postgres, not from a peer (needs postgres_dsn)",
 }

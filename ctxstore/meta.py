@@ -108,6 +108,8 @@ def meta_step(view: ClusterView, st: GroupStatus, live: frozenset[int] | set[int
 
     In order: a learner that is no member any more (retired) is removed; a retired voter is
     removed while other voters remain (its leadership first handed to a live target voter); a
+    retired node still connected is kept until its connection is closed (``RETIRE_GRACE_S``
+    after the view retired it, ctxstore/node.py), so that it hears of its retirement; a
     learner that is a target voter (``ClusterView.meta_voters``) and has caught up is promoted
     while there are fewer than ``META_VOTERS_MAX`` voters; a live member that does not follow
     the group yet is added as a learner."""
@@ -117,13 +119,13 @@ def meta_step(view: ClusterView, st: GroupStatus, live: frozenset[int] | set[int
     members = set(view.members())
     retired = set(view.in_state(NodeState.REMOVED))
     wanted = set(view.meta_voters())
-    for n in sorted(st.learners - members):
+    for n in sorted(st.learners - members - set(live)):
         return Step(Action.REMOVE, g, n)
     for n in sorted(st.voters & retired):
         if n == st.leader:
             heirs = sorted((st.voters - retired) & set(live))
             return Step(Action.TRANSFER, g, heirs[0]) if heirs else None
-        if len(st.voters) > 1:
+        if len(st.voters) > 1 and n not in live:
             return Step(Action.REMOVE, g, n)
     if len(st.voters) < META_VOTERS_MAX:
         for n in sorted(st.learners & wanted & st.caught_up):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import time
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from wire.aio import Server
 
 from .agents.engine import BUCKETS_S
 from .auth import REASONS
+from .membership import NodeState
 from .node import Node
 from .server import Service
 
@@ -134,7 +136,7 @@ def leader_counts(node: Node) -> tuple[int, int, int]:
     """``(groups, groups led by this node, groups without a known leader)``."""
     me = node.settings.node_id
     groups = led = unknown = 0
-    for g in node.host.groups():
+    for g in node.data_groups():
         lead = node.host.leader(g)
         groups += 1
         led += lead == me
@@ -205,10 +207,63 @@ class NodeCollector(Collector):
         yield from self._archive()
         yield from self._postgres()
         yield from self._raft()
+        yield from self._cluster()
         yield from self._wal()
         yield from self._peers()
         yield from self._collector()
         yield from self._agents()
+
+    def _cluster(self) -> Iterator[Metric]:
+        """The cluster view as applied here (design §5.6) and this node's mover."""
+        node = self.metrics.node
+        view = node.view
+        yield _gauge("ctxstore_cluster_view_version", "The cluster view's version here.",
+                     view.version)  # fmt: skip
+        states = GaugeMetricFamily(
+            "ctxstore_cluster_nodes", "Nodes of the cluster view, by state.", labels=["state"]
+        )
+        for state in NodeState:
+            states.add_metric([state.value], len(view.in_state(state)))
+        yield states
+        placed: Counter[int] = Counter()
+        for target in view.targets().values():
+            placed.update(target)
+        leads: Counter[int] = Counter()
+        for g in node.data_groups():
+            lead = node.host.leader(g)
+            if lead != NONE:
+                leads[lead] += 1
+        per_node = GaugeMetricFamily(
+            "ctxstore_cluster_groups",
+            "Data groups the view places on each node (its target replicas).",
+            labels=["node"],
+        )
+        led = GaugeMetricFamily(
+            "ctxstore_cluster_groups_led",
+            "Groups each node leads, among the groups hosted here.",
+            labels=["node"],
+        )
+        for n in view.members():
+            per_node.add_metric([str(n)], placed[n])
+            led.add_metric([str(n)], leads[n])
+        yield per_node
+        yield led
+        st = node.mover.stats
+        yield _gauge(
+            "ctxstore_cluster_moves_in_progress",
+            "Groups led here whose replicas differ from their target (the mover's last round).",
+            st.moving,
+        )
+        yield _counter("ctxstore_mover_conf_changes_total",
+                       "Membership changes the mover proposed.", st.conf_changes)  # fmt: skip
+        yield _counter("ctxstore_mover_transfers_total",
+                       "Leadership transfers the mover started (moves and balancing).",
+                       st.transfers)  # fmt: skip
+        yield _counter("ctxstore_mover_failed_total",
+                       "Membership changes proposed that did not apply.", st.failed)  # fmt: skip
+        yield _counter("ctxstore_mover_meta_commands_total",
+                       "View changes the mover proposed as the meta leader.",
+                       st.meta_commands)  # fmt: skip
 
     def _agents(self) -> Iterator[Metric]:
         """The agents' dispatches this node ran as the leader of their sessions' groups."""
@@ -429,7 +484,7 @@ class NodeCollector(Collector):
         node = self.metrics.node
         archive = node.archive
         st = archive.stats
-        lags = [archive.lag(g) for g in node.host.groups()]
+        lags = [archive.lag(g) for g in node.data_groups()]
         yield _gauge(
             "ctxstore_archive_lag_entries",
             "Applied Raft entries not yet in the local archive, summed over groups.",
@@ -539,6 +594,8 @@ class NodeCollector(Collector):
         host, driver = node.host.stats, node.driver.stats
         groups, led, unknown = leader_counts(node)
         awake = node.host.awake_count()
+        if node.meta_group in node.host and not node.host.is_quiescent(node.meta_group):
+            awake -= 1  # (the data groups' only)
         yield _gauge("ctxstore_raft_groups", "Raft groups hosted here.", groups)
         yield _gauge("ctxstore_raft_groups_led", "Groups this node leads.", led)
         yield _gauge(

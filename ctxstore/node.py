@@ -12,11 +12,22 @@ fatal archive or WAL error resolves ``failed``.  With ``postgres_dsn``, a ``Flus
 (``ctxstore/pg/``) copies what the groups this node leads commit to Postgres, and the archive's
 retention keeps every row not yet there.
 
-Placement (for now): every node of the cluster replicates every group (a 3-node cluster has
-3 replicas of each of its ``groups`` groups); ``group = placement.group_of(session_id)``.
-The node's identity (node id, cluster id, members, group count) is written to
+Placement (design §5.6): every node runs the meta group (group id ``groups``, outside the data
+groups; ``ctxstore/meta.py``), whose state is the cluster view (``membership.ClusterView``).
+A node hosts the data groups the view places on it (``ClusterView.targets``: rendezvous
+hashing over the active nodes, ``min(3, N)`` replicas; with 3 nodes, every group), and creates
+a group on demand when Raft traffic arrives for one the view places on it (it is being added
+as a learner, ``_on_batch``).  ``group = placement.group_of(session_id)``.  Its ``Mover``
+(ctxstore/mover.py) moves the groups it leads toward their targets; on the meta leader it also
+activates joiners, retires drained nodes, and keeps every member following the meta group.
+
+The founders (``peers`` at first start) bootstrap the meta group with the first view (every
+founder active) and each of their data groups with its target voters.  A node that joins
+later (``serve --join``, ``ctxstore/join.py``) starts with nothing but the meta group, empty.
+The node's identity (node id, cluster id, founders, group count, the first view) is written to
 ``<data_dir>/node.json`` on first start and checked on every later start: a data directory is
-never reused by another node or with another membership.
+never reused by another node or with another membership.  A node the view says was removed
+does not start (its id is retired).
 """
 
 from __future__ import annotations
@@ -28,9 +39,11 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from raft import NONE, Config
+import msgspec
+
+from raft import NONE, Config, RaftError
 from raft.driver import Driver, DriverConfig
 from raft.multi import HostConfig, MultiRaft
 from raft.transport import Transport
@@ -46,6 +59,17 @@ from .context import WindowCache
 from .history import History
 from .inbox import Inboxes, InboxLimits
 from .limits import Limits, check
+from .membership import (
+    ClusterView,
+    MetaCommand,
+    MetaResult,
+    NodeState,
+    SetClientAddress,
+    bootstrap_view,
+    encode_meta,
+)
+from .meta import Machines, MetaMachine
+from .mover import Mover
 from .records import StoredMessage
 from .router import HistoryFetch, HistoryRows, Router, RouterConfig
 from .state import ConversationState, StateLimits
@@ -76,15 +100,22 @@ class Node:
     ) -> None:
         """Raises ``ConfigError`` for settings or ``limits`` that do not agree (limits.check: a
         largest message must fit every stage it passes through).  ``replicas(group)``: the
-        nodes holding each group (default: every node holds every group); this node hosts the
+        nodes holding each group (default: the cluster view's targets); this node hosts the
         groups it is one of the replicas of, the others it serves through ``ctxstore.relay``."""
         self.settings = s = settings
         self.limits = lim = limits or Limits()
         check(lim)
-        self.voters = tuple(sorted({s.node_id, *s.peer_map}))
-        self.replicas: Callable[[int], tuple[int, ...]] = replicas or (lambda group: self.voters)
+        self.voters = tuple(sorted({s.node_id, *s.peer_map}))  # the founders (joined: none)
+        self.meta_group = s.groups  # (outside the data groups)
+        # The nodes holding each group: the cluster view's targets (``replicas`` overrides it
+        # in tests; the relay reads this attribute whenever it routes).
+        self.replicas: Callable[[int], tuple[int, ...]] = replicas or self._view_replicas
         os.makedirs(s.data_dir, exist_ok=True)
-        self._check_identity()
+        self.joined = False  # this node joined a running cluster (serve --join)
+        initial = self._check_identity()
+        self.meta = MetaMachine(initial)
+        self.meta.on_view = self._on_view
+        self._targets: dict[int, tuple[int, ...]] = initial.targets()
         state_limits = StateLimits(
             tail_messages_max=s.tail_messages_max, group_tail_bytes_max=s.group_tail_bytes_max
         )
@@ -119,7 +150,7 @@ class Node:
         self.driver = Driver(
             self.host,
             self.wal,
-            self.state,
+            Machines(self.meta, self.state, self.meta_group),
             DriverConfig(
                 tick_s=s.tick_ms / 1000,
                 snapshot_entries=s.snapshot_entries,
@@ -140,15 +171,32 @@ class Node:
         self.driver.on_leader_change = self._on_leader_change
         self._leaderless: dict[int, float] = {}  # group -> since when (loop time) no leader
         self._leaderless_timer: asyncio.TimerHandle | None = None
-        self.driver.compact_floor = self.archive.archived_index
+        self._transport_starting = False
+        self._started = False  # (views restored before start wait for it)
+        self._advertising: asyncio.Task[None] | None = None
+        self._retiring: set[int] = set()
+        self.driver.compact_floor = self._compact_floor
         self.driver.on_snapshot_installed = self._snapshot_installed
-        placed: dict[tuple[int, ...], list[int]] = {}
-        for group in range(s.groups):
-            voters = self.replicas(group)
-            if s.node_id in voters:
-                placed.setdefault(tuple(sorted(voters)), []).append(group)
-        for voters, groups in placed.items():
-            self.driver.add_groups(groups, voters)
+        self._add_groups(initial)
+        self.mover = Mover(
+            s.node_id,
+            self.driver,
+            lambda: self.meta.view,
+            self._live,
+            s.moves_max,
+            s.mover_interval_ms / 1000,
+            meta_group=self.meta_group,
+            propose_meta=self.propose_meta,
+            balance_interval_s=s.balance_interval_s,
+            transfers_max=s.leader_transfers_max,
+        )
+        me = self.meta.view.node(s.node_id)
+        if me is not None and me.state is NodeState.REMOVED:
+            self.wal.close()
+            raise ConfigError(
+                f"node {s.node_id} was removed from the cluster: its id is retired (start a "
+                "new node with a new id and an empty data directory)"
+            )
         self.backfill = Backfill(s.node_id, self.archive, self.router, self.driver)
         self.transport: Transport | None = None
         self.postgres: Flusher | None = None
@@ -177,10 +225,6 @@ class Node:
         self.router.on_chunk = self.subscriptions.on_chunk
         self.router.chunk_sessions = lambda: list(self.subscriptions.chunk_sessions)
         self.subscriptions.on_chunk_interest = self.router.chunk_interest
-
-    def group_leader(self, group: int) -> int:
-        """The leader of ``group`` as this node knows it (``NONE`` if it does not host it)."""
-        return self.host.leader(group) if group in self.host else NONE
 
     def _postgres_hold(self, session_id: str) -> int:
         """The archive's retention floor for ``session_id`` (called on the archive's writer
@@ -242,31 +286,177 @@ class Node:
         if self.failed is not None and not self.failed.done():
             self.failed.set_result(exc)
 
-    def _check_identity(self) -> None:
+    def _check_identity(self) -> ClusterView:
+        """Check (or, at first start, write) ``node.json``; the cluster's first view."""
         s = self.settings
         path = os.path.join(s.data_dir, IDENTITY_FILE)
-        mine = {
+        mine: dict[str, Any] = {
             "node_id": s.node_id,
             "cluster_id": s.cluster_id,
             "voters": list(self.voters),
             "groups": s.groups,
         }
-        if os.path.exists(path):
-            with open(path) as f:
-                known = json.load(f)
-            for key, value in mine.items():
-                if known.get(key) != value:
-                    raise ConfigError(
-                        f"config: {key}: {value!r} differs from {known.get(key)!r} recorded in "
-                        f"{path} (a data directory belongs to one node of one cluster)"
-                    )
+        if not os.path.exists(path):
+            if s.join is not None:
+                raise ConfigError(
+                    f"config: join: {path} is missing: the node must first be admitted "
+                    "(ctxstore serve --join does so before it starts the node)"
+                )
+            initial = self._founders_view()
+            write_identity(s.data_dir, {**mine, "initial_view": _view_json(initial)})
+            return initial
+        with open(path) as f:
+            known = json.load(f)
+        self.joined = bool(known.get("joined"))
+        if self.joined:
+            mine["voters"] = known.get("voters")  # (a joiner has no founders' list of its own)
+        for key, value in mine.items():
+            if known.get(key) != value:
+                raise ConfigError(
+                    f"config: {key}: {value!r} differs from {known.get(key)!r} recorded in "
+                    f"{path} (a data directory belongs to one node of one cluster)"
+                )
+        if "initial_view" in known:
+            return msgspec.json.decode(json.dumps(known["initial_view"]).encode(), type=ClusterView)
+        initial = self._founders_view()  # a data directory of before the meta group
+        write_identity(s.data_dir, {**known, "initial_view": _view_json(initial)})
+        return initial
+
+    def _founders_view(self) -> ClusterView:
+        """The first view of the founders (every one active), as every founder computes it
+        from its configuration: a founder's peer address is the one its peers dial."""
+        s = self.settings
+        addresses = {i: f"{h}:{p}" for i, (h, p) in s.peer_map.items()}
+        addresses[s.node_id] = s.peer_listen
+        return bootstrap_view(((i, addresses[i], "") for i in self.voters), groups=s.groups)
+
+    def _add_groups(self, initial: ClusterView) -> None:
+        """Host the meta group and the data groups: at a founder's first start each data group
+        the first view places here, bootstrapped with its target voters; later, the groups its
+        WAL holds (the others it is given arrive as Raft traffic, ``_on_batch``)."""
+        s, me, meta = self.settings, self.settings.node_id, self.meta_group
+        founder = not self.joined
+        voters = initial.meta_voters()
+        self.driver.add_groups([meta], voters if founder and me in voters else ())
+        held = [g for g in self.wal.groups() if g != meta and g < s.groups]
+        if founder and not held:
+            by_voters: dict[tuple[int, ...], list[int]] = {}
+            for g in range(s.groups):
+                target = tuple(sorted(self.replicas(g)))
+                if me in target:
+                    by_voters.setdefault(target, []).append(g)
+            for target, groups in sorted(by_voters.items()):
+                self.driver.add_groups(groups, target)
+        elif held:
+            self.driver.add_groups(held, ())
+
+    def _compact_floor(self, group: int) -> int:
+        if group == self.meta_group:
+            return 1 << 62  # (the view is its own snapshot: no archive behind it)
+        return self.archive.archived_index(group)
+
+    # -- the cluster view -------------------------------------------------------------------------
+    @property
+    def view(self) -> ClusterView:
+        return self.meta.view
+
+    def _view_replicas(self, group: int) -> tuple[int, ...]:
+        """The nodes the view places ``group`` on (``replicas`` by default)."""
+        return self._targets.get(group, self.voters)
+
+    def hosts(self, group: int) -> bool:
+        return group in self.host
+
+    def data_groups(self) -> list[int]:
+        """The data groups hosted here (the meta group left out)."""
+        return [g for g in self.host.groups() if g != self.meta_group]
+
+    def group_leader(self, group: int) -> int:
+        """The leader of ``group`` as this node knows it (``NONE`` if it does not host it)."""
+        return self.host.leader(group) if group in self.host else NONE
+
+    def _on_view(self, view: ClusterView) -> None:
+        """A new view applied (inside the driver's pass: what touches the transport or the
+        driver waits for the next loop iteration)."""
+        self._targets = view.targets()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # (restored before start: start() syncs the peers)
+        loop.call_soon(self._sync_peers)
+
+    def _sync_peers(self) -> None:
+        """Dial the view's members, retire its removed nodes; stop if this node was removed."""
+        if not self._started:
             return
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(mine, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        view, me = self.meta.view, self.settings.node_id
+        mine = view.node(me)
+        if mine is not None and mine.state is NodeState.REMOVED:
+            logger.critical("node %d was removed from the cluster (view %d)", me, view.version)
+            if self.failed is not None and not self.failed.done():
+                self.failed.set_result(Retired(f"node {me} was removed from the cluster"))
+            return
+        others = [n for n in view.members() if n != me]
+        if self.transport is None:
+            if not others or self._transport_starting:
+                return
+            self._transport_starting = True
+            asyncio.get_running_loop().create_task(self._start_transport())
+            return
+        known = self.transport.peers()
+        for n in others:
+            info = view.nodes[n]
+            if n not in known and not self.transport.retired(n):
+                try:
+                    self.transport.add_peer(n, parse_address(info.peer_address, "peer"))
+                except ConfigError:
+                    logger.warning("node %d: bad peer address %r", n, info.peer_address)
+        loop = asyncio.get_running_loop()
+        for n in view.in_state(NodeState.REMOVED):
+            if n == me or n in self._retiring or self.transport.retired(n):
+                continue
+            if self.transport.is_connected(n):  # a grace to hear of it from the meta group
+                self._retiring.add(n)
+                loop.call_later(RETIRE_GRACE_S, self._retire, n)
+            else:
+                self._retire(n)
+
+    def _retire(self, node: int) -> None:
+        if self.transport is not None and not self.transport.retired(node):
+            self.transport.retire_peer(node)
+            logger.warning("node %d retired: its connections are refused from now on", node)
+
+    def _live(self) -> set[int]:
+        return set() if self.transport is None else set(self.transport.connected_peers())
+
+    def propose_meta(
+        self, cmd: MetaCommand, done: Callable[[object, BaseException | None], None] | None = None
+    ) -> None:
+        """Propose a meta command to the meta group's leader (here, or forwarded to it); the
+        view shows its effect once applied here.  ``done(result, error)`` once answered (a
+        forwarded command's result is the leader's, decoded as a data command's: only its
+        error is meaningful)."""
+        data = encode_meta(cmd)
+
+        def answered(result: object, exc: BaseException | None) -> None:
+            if exc is not None:
+                logger.info("meta command %r: %s", cmd, exc)
+            if done is not None:
+                done(result, exc)
+
+        if self.host.leader(self.meta_group) == self.settings.node_id:
+            try:
+                self.driver.propose_then(self.meta_group, data, answered)
+            except RaftError as e:
+                answered(None, e)
+        else:
+            self.router.submit_then(self.meta_group, data, answered)
+
+    def meta_result(self, cmd: MetaCommand) -> MetaResult:
+        """What ``cmd`` would answer on this node's view now (a pre-check before proposing)."""
+        from .membership import apply_meta
+
+        return apply_meta(self.meta.view, cmd)[1]
 
     async def start(self) -> None:
         s = self.settings
@@ -281,36 +471,12 @@ class Node:
             index = self.wal.storage(group).snap_meta.index
             if index > self.archive.archived_index(group):
                 self._archive_tails(group, index)
-        peers = s.peer_map
-        if peers:
-            on_batch, up, down, snap = self.driver.transport_callbacks()
-
-            def on_peer_up(peer: int) -> None:
-                up(peer)
-                self.router.on_peer_up(peer)
-
-            def on_peer_down(peer: int) -> None:
-                down(peer)
-                self.router.on_peer_down(peer)
-
-            self.transport = Transport(
-                s.node_id,
-                s.cluster_id,
-                s.secret.encode(),
-                parse_address(s.peer_listen, "peer_listen"),
-                peers,
-                on_batch,
-                on_peer_up,
-                on_peer_down,
-                snap,
-                on_app=self.router.on_app,
-                frame_bytes_max=self.limits.peer_frame_bytes_max,
-                queue_bytes_max=self.limits.peer_queue_bytes_max,
-                app_queue_bytes_max=self.limits.app_queue_bytes_max,
-            )
-            self.driver.attach(self.transport)
-            self.router.attach(self.transport)
+        self._started = True
+        if s.peer_map or self.joined or len(self.meta.view.members()) > 1:
+            self._make_transport()
+            assert self.transport is not None
             await self.transport.start()
+            self._sync_peers()
         await self.driver.start()
         assert self.driver.failed is not None
         self.driver.failed.add_done_callback(self._driver_failed)
@@ -319,10 +485,77 @@ class Node:
         if self.postgres is not None:
             self.postgres.start()
         self.dispatcher.start()
-        if peers:
+        self.mover.start()
+        if self.transport is not None:
             self._leaderless_timer = asyncio.get_running_loop().call_later(
                 LEADERLESS_CHECK_S, self._check_leaderless
             )
+
+    def _make_transport(self) -> None:
+        s = self.settings
+        on_batch, up, down, snap = self.driver.transport_callbacks()
+        host, me = self.host, s.node_id
+
+        def on_peer_batch(peer: int, items: list[Any]) -> None:
+            for group, _ in items:
+                if group not in host:
+                    self._host_on_demand(group, peer)
+            on_batch(peer, items)
+
+        def on_peer_up(peer: int) -> None:
+            up(peer)
+            self.router.on_peer_up(peer)
+
+        def on_peer_down(peer: int) -> None:
+            down(peer)
+            self.router.on_peer_down(peer)
+
+        peers = dict(s.peer_map)
+        view = self.meta.view
+        for n in view.members():
+            if n != me and n not in peers:
+                peers[n] = parse_address(view.nodes[n].peer_address, "peer")
+        self.transport = Transport(
+            me,
+            s.cluster_id,
+            s.secret.encode(),
+            parse_address(s.peer_listen, "peer_listen"),
+            peers,
+            on_peer_batch,
+            on_peer_up,
+            on_peer_down,
+            snap,
+            on_app=self.router.on_app,
+            frame_bytes_max=self.limits.peer_frame_bytes_max,
+            queue_bytes_max=self.limits.peer_queue_bytes_max,
+            app_queue_bytes_max=self.limits.app_queue_bytes_max,
+        )
+        self.driver.attach(self.transport)
+        self.router.attach(self.transport)
+
+    async def _start_transport(self) -> None:
+        """The peer port of a node that had no peers (a single node someone joins)."""
+        self._make_transport()
+        assert self.transport is not None
+        try:
+            await self.transport.start()
+        except OSError as e:
+            self._fatal(e)
+            return
+        self._sync_peers()
+        if self._leaderless_timer is None:
+            self._leaderless_timer = asyncio.get_running_loop().call_later(
+                LEADERLESS_CHECK_S, self._check_leaderless
+            )
+
+    def _host_on_demand(self, group: int, peer: int) -> None:
+        """Raft traffic from ``peer`` for a group not hosted here: host it (empty, to be filled
+        by its leader's log or snapshot) if the view places it here or it is the meta group
+        (a learner being added); otherwise the message is dropped (and counted)."""
+        if group != self.meta_group and self.settings.node_id not in self.replicas(group):
+            return
+        self.driver.add_groups([group], ())
+        logger.info("group %d: hosted here from now on (traffic from node %d)", group, peer)
 
     def _driver_failed(self, f: asyncio.Future[BaseException]) -> None:
         if self.failed is not None and not self.failed.done() and not f.cancelled():
@@ -354,6 +587,9 @@ class Node:
                     logger.info("ended the subscriptions of group %d: no leader", group)
 
     async def stop(self) -> None:
+        if self._advertising is not None:
+            self._advertising.cancel()
+        await self.mover.stop()
         await self.dispatcher.stop()
         if self._leaderless_timer is not None:
             self._leaderless_timer.cancel()
@@ -369,19 +605,25 @@ class Node:
         await self.archive.stop()  # everything applied is flushed to it
 
     async def hand_off(self, timeout_s: float) -> int:
-        """Transfer the leadership of every group this node leads to connected peers (spread
-        round robin), asking again every half second, until it leads none or ``timeout_s``
-        passed.  Returns how many groups it still leads."""
+        """Transfer the leadership of every group this node leads to connected peers among the
+        group's voters (spread round robin), asking again every half second, until it leads
+        none or ``timeout_s`` passed.  Returns how many groups it still leads (a group with no
+        connected voter to take it over left out)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         host, me = self.host, self.settings.node_id
         while True:
-            led = [g for g in host.groups() if host.leader(g) == me]
-            peers = [] if self.transport is None else sorted(self.transport.connected_peers())
-            if not led or not peers or loop.time() >= deadline:
+            peers = set() if self.transport is None else set(self.transport.connected_peers())
+            heirs = {
+                g: sorted(set(host.node(g).raft.voters) & peers)
+                for g in host.groups()
+                if host.leader(g) == me
+            }
+            led = [g for g, h in heirs.items() if h]
+            if not led or loop.time() >= deadline:
                 return len(led)
             for i, group in enumerate(led):
-                self.driver.transfer_leader(group, peers[i % len(peers)])
+                self.driver.transfer_leader(group, heirs[group][i % len(heirs[group])])
             until = min(deadline, loop.time() + 0.5)
             while loop.time() < until and any(host.leader(g) == me for g in led):
                 await asyncio.sleep(0.01)
@@ -393,6 +635,23 @@ class Node:
         if self.transport is not None:
             for peer in self.transport.connected_peers():
                 self.router.on_peer_up(peer)
+        if self._advertising is None:
+            loop = asyncio.get_running_loop()
+            self._advertising = loop.create_task(self._advertise_in_view(client_address))
+
+    async def _advertise_in_view(self, address: str) -> None:
+        """Until the view holds ``address`` as this node's client address: propose it (every
+        ``ADVERTISE_RETRY_S`` while the meta group has a leader)."""
+        me, meta = self.settings.node_id, self.meta_group
+        while True:
+            info = self.meta.view.node(me)
+            if info is not None and info.state is NodeState.REMOVED:
+                return
+            if info is not None and info.client_address == address:
+                return
+            if info is not None and self.group_leader(meta) != NONE:
+                self.propose_meta(SetClientAddress(me, address))
+            await asyncio.sleep(ADVERTISE_RETRY_S)
 
     def leaders_known(self) -> bool:
         return all(self.host.leader(g) != NONE for g in self.host.groups())
@@ -407,6 +666,27 @@ class Node:
         return True
 
 
+class Retired(Exception):
+    """This node was removed from the cluster (its id is retired)."""
+
+
+def _view_json(view: ClusterView) -> Any:
+    return json.loads(msgspec.json.encode(view))
+
+
+def write_identity(data_dir: str, identity: dict[str, Any]) -> None:
+    """Write ``<data_dir>/node.json`` (atomically, synced)."""
+    path = os.path.join(data_dir, IDENTITY_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(identity, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+ADVERTISE_RETRY_S = 2.0
+RETIRE_GRACE_S = 2.0  # a removed node's connections close this long after the view said so
 LEADERLESS_CHECK_S = 1.0  # how often groups without a leader are looked for (_check_leaderless)
 
 NODE_FDS_RESERVED = 512

@@ -35,7 +35,7 @@ def install(server: OpsServer, node: Node) -> None:
 def status(node: Node) -> Answer:
     state, flusher = node.state, node.postgres
     assert flusher is not None
-    groups = list(node.host.groups())
+    groups = node.data_groups()
     body: dict[str, Any] = {
         "node": node.settings.node_id,
         "connected": flusher.stats.connected,
@@ -50,7 +50,7 @@ def status(node: Node) -> Answer:
 
 
 def backfill(node: Node) -> Answer:
-    groups = list(node.host.groups())
+    groups = node.data_groups()
     command = encode_command(PostgresFlushed([], reset=True))
 
     def done(result: object, error: BaseException | None) -> None:

@@ -208,7 +208,8 @@ class Flusher:
 
     def led_groups(self) -> list[int]:
         me, driver = self.node_id, self.driver
-        return [g for g in driver.host.groups() if driver.leader(g) == me]
+        groups = self.state.group_count or 1 << 30  # (the meta group, beyond: no conversations)
+        return [g for g in driver.host.groups() if g < groups and driver.leader(g) == me]
 
     def backlog_rows(self) -> int:
         """Messages of the groups this node leads not yet in Postgres."""
