@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from msgspec import inspect as schema
 
+from .cli_admin import add_admin, run_admin
 from .cli_client import add_client, run_client
 from .cli_common import (
     EXIT_FATAL,
@@ -182,6 +183,10 @@ def _add_serve(sub: Any) -> None:
 
 
 async def _serve(settings: Settings) -> int:
+    if settings.join is not None:
+        from .join import admit
+
+        await admit(settings)  # (a restarted node that joined before: nothing asked)
     node, service, server, ops = await _start(settings)
     event = {
         "event": "listening",
@@ -402,10 +407,10 @@ def _add_cluster(sub: Any) -> None:
     )
     up.add_argument(
         "--nodes",
-        type=int_in(1, 7),
+        type=int_in(1, 32),
         default=3,
         metavar="N",
-        help="how many nodes, 1 to 7 (default: 3)",
+        help="how many nodes, 1 to 32; each group has min(3, N) replicas (default: 3)",
     )
     up.add_argument(
         "--base-port",
@@ -541,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster(sub)
     add_client(sub)
     add_db(sub)
+    add_admin(sub)
     add_token(sub)
     return parser
 
@@ -558,6 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return uvloop.run(_cluster_up(args))
         if args.command == "db":
             return uvloop.run(run_db(args))
+        if args.command == "admin":
+            return uvloop.run(run_admin(args))
         return uvloop.run(run_client(args))
     except UsageError as e:
         command = " ".join(

@@ -112,6 +112,7 @@ class Child:
     log: TextIO | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     reader: asyncio.Task[None] | None = None
+    join: str | None = None  # the HTTP port it joins the cluster through (``add_node``)
 
     @property
     def target(self) -> str:
@@ -134,8 +135,8 @@ class LocalCluster:
         tls: tuple[str, str] | None = None,
         h3: bool = False,
     ) -> None:
-        if not 1 <= nodes <= 7:
-            raise ValueError("a local cluster has 1 to 7 nodes")
+        if not 1 <= nodes <= 32:
+            raise ValueError("a local cluster has 1 to 32 nodes")
         self.data_dir = os.path.abspath(data_dir)
         self.extra_args = ["--wal-writer", wal_writer, *(extra_args or [])]  # later flags win
         # (certificate, key): each node serves HTTP/3 on its HTTP port's number; h3 without
@@ -171,7 +172,9 @@ class LocalCluster:
     def args(self, i: int) -> list[str]:
         c = self.children[i]
         peers = ",".join(
-            f"{o.id}={o.peer[0]}:{o.peer[1]}" for o in self.children.values() if o.id != i
+            f"{o.id}={o.peer[0]}:{o.peer[1]}"
+            for o in self.children.values()
+            if o.id != i and o.join is None
         )
         args = [
             sys.executable, "-m", "ctxstore", "serve",
@@ -181,11 +184,29 @@ class LocalCluster:
             "--peer-listen", f"{c.peer[0]}:{c.peer[1]}",
             "--http", c.ops_target,
         ]  # fmt: skip
-        if peers:
+        if c.join is not None:
+            args += ["--join", c.join]
+        elif peers:
             args += ["--peers", peers]
         if self.tls is not None:  # (UDP: the same port number as the HTTP port's TCP)
             args += ["--h3", c.ops_target, "--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
         return args + self.extra_args
+
+    def add_node(self, via: int, host: str = "127.0.0.1") -> int:
+        """A new node (the next id, fresh ports) that joins through node ``via``'s HTTP port
+        (``serve --join``); start it with ``start_node``.  Its id."""
+        i = max(self.children) + 1
+        client, peer, ops = free_ports(3, host)
+        self.children[i] = Child(
+            i,
+            (host, client),
+            (host, peer),
+            (host, ops),
+            os.path.join(self.data_dir, f"node{i}"),
+            os.path.join(self.data_dir, f"node{i}.log"),
+            join=self.children[via].ops_target,
+        )
+        return i
 
     async def start(self, timeout_s: float = 60.0) -> None:
         os.makedirs(self.data_dir, exist_ok=True)

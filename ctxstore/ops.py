@@ -8,11 +8,14 @@
     GET /, /static/*   the demo page and the browser client (``ctxstore.static``)
     /v1/...            the HTTP/JSON API and its event streams (``web_http.HttpApi``)
     GET /admin/postgres, POST /admin/postgres/backfill   with postgres_dsn (``pg/admin.py``)
+    GET /admin/nodes, POST /admin/nodes/...   the cluster view and its changes, the POSTs
+                       signed with the cluster's secret (``cluster_admin.py``)
 
 HTTP/1.1 is h11's (sans-IO); ``OpsConnection`` is the thin asyncio protocol that owns the socket.
 Rules of this module:
 - GET and HEAD only (405 with ``Allow`` otherwise), except the paths of ``OpsServer.posts``
-  (POST only, no body, answered at once); unknown paths 404; no request bodies (413).
+  and ``OpsServer.actions`` (POST only, no body, answered at once; an action gets the request
+  target, its parameters in the query); unknown paths 404; no request bodies (413).
 - ``OpsServer.handovers`` routes a path to a handler that takes the request and may take the
   connection over (``OpsConnection.detach``): the WebSocket upgrade; GET only.
   A request that declares a body is answered, then the connection closes.
@@ -48,6 +51,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from wire.aio import Server
 from wire.flow import CountedLog
 
+from . import cluster_admin
 from .metrics import NodeMetrics, leader_counts
 from .node import Node
 from .server import Service
@@ -136,6 +140,7 @@ class OpsServer:
         }
         self.handovers: dict[bytes, Handover] = {}
         self.posts: dict[bytes, Callable[[], Answer]] = {}  # operator actions (POST, no body)
+        self.actions: dict[bytes, Callable[[bytes], Answer]] = {}  # the same, with a query
         self.gateway: WebGateway | None = None  # the WebSockets, if served
         self.api: HttpApi | None = None  # the HTTP/JSON API under /v1, if served
         self.alt_svc: str | None = None  # the Alt-Svc of every answer (the HTTP/3 listener)
@@ -172,6 +177,13 @@ class OpsServer:
             return route()
         except Exception:
             logger.exception("ops: %s failed", path.decode("ascii", "replace"))
+            return _error(500)
+
+    def act(self, action: Callable[[bytes], Answer], target: bytes) -> Answer:
+        try:
+            return action(target)
+        except Exception:
+            logger.exception("ops: %s failed", target.split(b"?", 1)[0].decode("ascii", "replace"))
             return _error(500)
 
     def _live(self) -> Answer:
@@ -331,7 +343,12 @@ class OpsConnection(asyncio.Protocol):
         if handover is not None and method == b"GET" and not has_body:
             handover(self, request)
             return
-        post = path in self.server.posts
+        action = self.server.actions.get(path)
+        if action is not None and method == b"POST" and not has_body:
+            status, ctype, body = self.server.act(action, request.target)
+            self._respond(status, ctype, body, head=False, close=False, extra=[])
+            return
+        post = path in self.server.posts or action is not None
         if post and method == b"POST" and not has_body:
             status, ctype, body = self.server.answer(request.target, self.server.posts)
             self._respond(status, ctype, body, head=False, close=False, extra=[])
@@ -509,6 +526,7 @@ async def serve_ops(
     Installs the metrics' hot-path hooks until the ops server closes."""
     source = NodeSource(node, service, clients)
     server = await serve_source(source, host, port, limits)
+    cluster_admin.install(server, node)
     if node.postgres is not None:
         from .pg.admin import install
 

@@ -234,7 +234,7 @@ def test_help_as_printed_has_no_markup(command: list[str]) -> None:
             ],
             "--replacement",
         ),
-        (["cluster", "up", "--nodes", "9"], "--nodes"),
+        (["cluster", "up", "--nodes", "33"], "--nodes"),
         (["serve", "--tick-ms", "0"], "tick_ms"),
     ],
 )
