@@ -1,0 +1,328 @@
+"""Scale-out with real ``ctxstore serve`` processes (design §5.6): a node joins a running cluster
+under an append load and takes its share of the groups; a node is drained, then removed; a
+dead node is removed and its groups get new replicas; a removed id never comes back.
+
+Every acknowledged append is read back exactly once, at its seq, from every replica of its
+session's group.  Until requests are forwarded to a replica by any node (the router's work),
+the test's writers send each session's requests to a node the view places its group on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from ctxstore.cli_db import http_call
+from ctxstore.cluster_admin import signed_target
+from ctxstore.config import DEV_SECRET, parse_address
+from ctxstore.launcher import LocalCluster
+from ctxstore.placement import group_of
+from wire.client import Client, ClientError, connect
+from wire.protocol import Message
+
+pytestmark = pytest.mark.cluster
+
+GROUPS = 16
+FAST = ["--tick-ms", "20", "--groups", str(GROUPS), "--balance-interval-s", "2",
+        "--mover-interval-ms", "100", "--log-level", "info"]  # fmt: skip
+SESSIONS = 8
+
+
+def run(coro: Coroutine[Any, Any, None], timeout_s: float = 58) -> None:
+    uvloop.run(asyncio.wait_for(coro, timeout_s))
+
+
+async def view(cluster: LocalCluster, i: int) -> dict[str, Any]:
+    status, body = await http_call(
+        parse_address(cluster.children[i].ops_target, "http"), "GET", "/admin/nodes"
+    )
+    assert status == 200, body
+    return dict(body)
+
+
+async def admin(cluster: LocalCluster, i: int, action: str, **params: str) -> tuple[int, Any]:
+    target = signed_target(DEV_SECRET, "ctxstore", f"/admin/nodes/{action}", params)
+    return await http_call(parse_address(cluster.children[i].ops_target, "http"), "POST", target)
+
+
+async def until(check: Callable[[], Coroutine[Any, Any, bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout} s")
+        await asyncio.sleep(0.2)
+
+
+def alive(cluster: LocalCluster) -> list[int]:
+    return [i for i, c in cluster.children.items()
+            if c.process is not None and c.process.returncode is None]  # fmt: skip
+
+
+async def settled(cluster: LocalCluster, gone: frozenset[int] = frozenset()) -> bool:
+    """Every group's leader (as its node sees it) has exactly the view's replicas as members,
+    every active node is connected, and no group is moving."""
+    nodes = [i for i in alive(cluster) if i not in gone]
+    views = {i: await view(cluster, i) for i in nodes}
+    first = views[nodes[0]]
+    if any(v["version"] != first["version"] for v in views.values()):
+        return False
+    if any(n["state"] == "joining" for n in first["nodes"]):
+        return False
+    replicas = first["replicas"]
+    led = set()
+    for v in views.values():
+        if v["local"]["moving"]:
+            return False
+        for g in v["local"]["led"]:
+            led.add(g)
+            if v["local"]["members"][str(g)] != replicas[str(g)]:
+                return False
+            if gone & set(v["local"]["members"][str(g)]):
+                return False
+    return led == set(range(GROUPS))
+
+
+class Writers:
+    """One writer per session, each sending its appends to a node that hosts the session's
+    group (any other after an error), every append with a unique client_msg_id and resent
+    with it until acknowledged or stopped: each acknowledgement is recorded."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.acks: dict[str, dict[int, str]] = {f"s{k}": {} for k in range(SESSIONS)}
+        self.replicas: dict[str, list[int]] = {}
+        self.clients: dict[int, Client] = {}
+        self.stopping = False
+        self.errors = 0
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def client(self, i: int) -> Client:
+        c = self.clients.get(i)
+        if c is None:
+            c = await connect(self.cluster.children[i].target, timeout_s=5, connect_attempts=1)
+            self.clients[i] = c
+        return c
+
+    async def refresh(self) -> None:
+        for i in alive(self.cluster):
+            try:
+                v = await view(self.cluster, i)
+            except OSError:
+                continue
+            for sid in self.acks:
+                self.replicas[sid] = v["replicas"][str(group_of(sid, GROUPS))]
+            return
+
+    async def call(self, sid: str, op: Callable[[Client], Coroutine[Any, Any, Any]]) -> Any:
+        for attempt in itertools.count():
+            nodes = [n for n in self.replicas[sid] if n in alive(self.cluster)]
+            if not nodes:
+                await self.refresh()
+                await asyncio.sleep(0.1)
+                continue
+            node = nodes[(attempt + hash(sid)) % len(nodes)]
+            try:
+                return await op(await self.client(node))
+            except (ClientError, OSError):
+                self.errors += 1
+                self.clients.pop(node, None)
+                if attempt > 200:
+                    raise
+                await self.refresh()
+                await asyncio.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    async def start(self) -> None:
+        await self.refresh()
+        for sid in self.acks:
+            await self.call(sid, lambda c, sid=sid: c.create_session("u", "a", {}, sid))
+        self.tasks = [asyncio.create_task(self._write(sid)) for sid in self.acks]
+
+    async def _write(self, sid: str) -> None:
+        for k in itertools.count():
+            if self.stopping:
+                return
+            content = f"{sid}-{k}"
+            ack = await self.call(
+                sid,
+                lambda c: c.append(sid, content, client_msg_id=content),  # noqa: B023
+            )
+            assert ack.seq not in self.acks[sid] or self.acks[sid][ack.seq] == content
+            self.acks[sid][ack.seq] = content
+            await asyncio.sleep(0.02)
+
+    def count(self) -> int:
+        return sum(len(a) for a in self.acks.values())
+
+    async def stop(self) -> None:
+        self.stopping = True
+        await asyncio.gather(*self.tasks)
+        for c in self.clients.values():
+            await c.close()
+        self.clients.clear()
+
+    async def check(self) -> None:
+        """Every acknowledged append once, at its seq, on every replica of its group."""
+        await self.refresh()
+        for sid, acks in self.acks.items():
+            for node in self.replicas[sid]:
+                c = await connect(self.cluster.children[node].target, timeout_s=5)
+                try:
+                    got = await read_all(c, sid)
+                finally:
+                    await c.close()
+                contents = Counter(m.content for m in got)
+                assert max(contents.values()) == 1, (sid, node)
+                by_seq = {m.seq: m.content for m in got}
+                for seq, content in acks.items():
+                    assert by_seq.get(seq) == content, (sid, node, seq)
+
+
+async def read_all(client: Client, session_id: str) -> list[Message]:
+    out: list[Message] = []
+    while True:
+        page = await client.read(session_id, out[-1].seq if out else 0, 1000)
+        out += page.messages
+        if not page.messages or out[-1].seq >= page.last_seq:
+            return out
+
+
+def test_two_nodes_join_under_appends_and_take_their_share(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = LocalCluster(3, str(tmp_path), extra_args=FAST)
+        await cluster.start()
+        writers = Writers(cluster)
+        try:
+            await writers.start()
+            await until(lambda: _count(writers, 40), 20, "appends acknowledged")
+            four = cluster.add_node(via=2)
+            await cluster.start_node(four, timeout_s=20)
+            before = writers.count()
+            await until(lambda: settled(cluster), 30, "groups on their new replicas")
+            v = await view(cluster, 1)
+            states = {n["id"]: n["state"] for n in v["nodes"]}
+            assert states == {1: "active", 2: "active", 3: "active", 4: "active"}
+            placed = {n["id"]: n["groups"] for n in v["nodes"]}
+            assert sum(placed.values()) == 3 * GROUPS and 0 < placed[4] < GROUPS
+            assert all(n["client_address"] for n in v["nodes"])  # each one advertised
+            mine = await view(cluster, 4)
+            assert len(mine["local"]["hosted"]) == placed[4]
+            assert writers.count() > before  # appends went on during the moves
+            # A fifth, through the node that joined last; then the leaders spread over all.
+            five = cluster.add_node(via=four)
+            await cluster.start_node(five, timeout_s=20)
+            await until(lambda: settled(cluster), 30, "groups on five nodes")
+            v = await view(cluster, 1)
+            assert [n["groups"] for n in v["nodes"]].count(0) == 0
+            assert sum(n["groups"] for n in v["nodes"]) == 3 * GROUPS
+            await until(lambda: _balanced(cluster), 20, "every node leading some groups")
+            more = writers.count() + 20
+            await until(lambda: _count(writers, more), 10, "more appends")
+            await writers.stop()
+            await writers.check()
+        finally:
+            writers.stopping = True
+            await cluster.stop()
+
+    run(main())
+
+
+async def _balanced(cluster: LocalCluster) -> bool:
+    """Every node leads at least one group, none more than twice the mean."""
+    led: Counter[int] = Counter()
+    for i in alive(cluster):
+        led.update({i: len((await view(cluster, i))["local"]["led"])})
+    return min(led.values()) > 0 and max(led.values()) <= 2 * GROUPS / len(led)
+
+
+async def _count(writers: Writers, n: int) -> bool:
+    return writers.count() >= n
+
+
+def test_drain_then_remove_and_a_dead_node_removed(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = LocalCluster(4, str(tmp_path), extra_args=FAST)
+        await cluster.start()
+        writers = Writers(cluster)
+        try:
+            await writers.start()
+            await until(lambda: _count(writers, 30), 20, "appends acknowledged")
+            # Drain node 4: its groups move to 1, 2, 3; then it is removed (retired).
+            status, body = await admin(cluster, 1, "drain", node="4")
+            assert status == 202, body
+            await until(lambda: settled(cluster, frozenset({4})), 30, "node 4 drained")
+            status, body = await admin(cluster, 2, "remove", node="4")
+            assert status == 202, body
+            assert await asyncio.wait_for(cluster.wait_exit(4), 10) != 0  # it stops: retired
+            # kill -9 node 3 and remove it: its groups are given to the two nodes left.
+            cluster.kill(3)
+            await cluster.wait_exit(3)
+            status, body = await admin(cluster, 1, "remove", node="3")
+            assert status == 202, body
+            await until(lambda: settled(cluster, frozenset({3, 4})), 30, "node 3 replaced")
+            v = await view(cluster, 1)
+            assert {n["id"]: n["state"] for n in v["nodes"]} == {
+                1: "active",
+                2: "active",
+                3: "removed",
+                4: "removed",
+            }
+            assert all(r == [1, 2] for r in v["replicas"].values())
+            more = writers.count() + 20
+            await until(lambda: _count(writers, more), 10, "more appends")
+            await writers.stop()
+            await writers.check()
+        finally:
+            writers.stopping = True
+            await cluster.stop()
+
+    run(main())
+
+
+def test_a_removed_id_is_refused_with_or_without_its_old_data(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = LocalCluster(4, str(tmp_path), extra_args=FAST)
+        await cluster.start()
+        try:
+            cluster.kill(4)
+            await cluster.wait_exit(4)
+            status, body = await admin(cluster, 1, "remove", node="4")
+            assert status == 202, body
+            await until(lambda: settled(cluster, frozenset({4})), 30, "node 4 replaced")
+            # With its old data: the others refuse its connections; it never gets a vote.
+            await cluster.start_node(4, wait=False)
+            await asyncio.sleep(2)
+            v = await view(cluster, 1)
+            assert next(n for n in v["nodes"] if n["id"] == 4)["connected"] is False
+            assert await settled(cluster, frozenset({4}))
+            await cluster.stop_node(4)
+            # A new data directory joining with the retired id: refused, says why.
+            shutil.rmtree(cluster.children[4].data_dir)
+            cluster.children[4].join = cluster.children[1].ops_target
+            await cluster.start_node(4, wait=False)
+            assert await asyncio.wait_for(cluster.wait_exit(4), 20) != 0
+            with open(cluster.children[4].log_path) as f:
+                assert "retired" in f.read()
+            assert not os.path.exists(os.path.join(cluster.children[4].data_dir, "node.json"))
+            # And the wrong secret is refused before anything is proposed.
+            status, body = await http_call(
+                parse_address(cluster.children[1].ops_target, "http"),
+                "POST",
+                signed_target("not-the-secret", "ctxstore", "/admin/nodes/join",
+                              {"id": "9", "peer": "127.0.0.1:1", "client": ""}),
+            )  # fmt: skip
+            assert (status, body["error"]) == (401, "unauthorized")
+        finally:
+            await cluster.stop()
+
+    run(main())
