@@ -278,6 +278,12 @@ def test_drain_then_remove_and_a_dead_node_removed(tmp_path: Path) -> None:
                 4: "removed",
             }
             assert all(r == [1, 2] for r in v["replicas"].values())
+            # A restart finds the view (snapshot and log of the meta group) and its groups.
+            assert await cluster.stop_node(2) == 0
+            await cluster.start_node(2, timeout_s=20)
+            await until(lambda: settled(cluster, frozenset({3, 4})), 20, "node 2 back")
+            again = await view(cluster, 2)
+            assert again["version"] == v["version"] and len(again["local"]["hosted"]) == GROUPS
             more = writers.count() + 20
             await until(lambda: _count(writers, more), 10, "more appends")
             await writers.stop()
