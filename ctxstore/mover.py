@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Set
 from dataclasses import dataclass
 
@@ -86,6 +87,7 @@ class Mover:
         propose_meta: Callable[[MetaCommand], None] | None = None,
         balance_interval_s: float = 0.0,
         transfers_max: int = TRANSFERS_MAX,
+        led: Callable[[], Set[int]] | None = None,
     ) -> None:
         self.id = node_id
         self.driver = driver
@@ -97,10 +99,14 @@ class Mover:
         self.propose_meta = propose_meta
         self.balance_interval_s = balance_interval_s
         self.transfers_max = transfers_max
+        self.led = led  # the groups led here, if the caller tracks them (else looked up)
         self.stats = MoverStats()
         self._task: asyncio.Task[None] | None = None
         self._proposed: dict[tuple[Action, int], float] = {}  # meta command -> when
         self._balanced_at = 0.0
+        self._quiet: object = None  # the inputs of the last round that found nothing to do
+        self._balance_quiet: object = None  # the led counts that planned no transfer
+        self._now = 0.0
 
     def observe(self) -> dict[int, GroupStatus]:
         """The groups this node leads, as their leader sees them."""
@@ -113,46 +119,80 @@ class Mover:
         return out
 
     def run_once(self, now: float = 0.0) -> list[Step]:
-        """One round at ``now`` (seconds, monotonic); the steps it started."""
+        """One round at ``now`` (seconds, monotonic); the steps it started.  A round whose
+        inputs (the view's version, the groups led here, the live peers) are those of a round
+        that found nothing to do and nothing in progress is skipped: an idle node's mover
+        costs next to nothing."""
         self.stats.rounds += 1
+        self._now = now
         view = self.view()
         live = set(self.live()) | {self.id}
-        observed = self.observe()
-        meta = None if self.meta_group is None else observed.pop(self.meta_group, None)
-        started = []
-        for step in plan(view, observed, live, self.moves_max):
-            if step.group >= 0:
-                taken = self._take(step)
-            else:
-                taken = meta is not None and self._take_meta(step, now)
-            if taken:
-                started.append(step)
-        if meta is not None:
-            change = meta_step(view, meta, live)
-            if change is not None and self._take(change):
-                started.append(change)
-        self.stats.moving = moving(view.targets(), observed)
+        host = self.driver.host
+        if self.led is not None:
+            led = frozenset(self.led())
+        else:
+            led = frozenset(g for g in host.groups() if host.node(g).raft.role is Role.LEADER)
+        inputs = (view.version, led, frozenset(live))
+        started: list[Step] = []
+        if inputs != self._quiet:
+            started = self._round(view, live, led, inputs)
         if self.balance_interval_s > 0 and now - self._balanced_at >= self.balance_interval_s:
             started.extend(self.balance(now))
         return started
 
+    def _round(
+        self, view: ClusterView, live: set[int], led: frozenset[int], inputs: object
+    ) -> list[Step]:
+        host = self.driver.host
+        observed = {
+            g: GroupStatus.of_leader(host.status(g))
+            for g in led
+            if g in host and host.node(g).raft.role is Role.LEADER
+        }
+        busy = any(st.learners or st.changing for st in observed.values())
+        meta = None if self.meta_group is None else observed.pop(self.meta_group, None)
+        started = []
+        steps = plan(view, observed, live, self.moves_max)
+        for step in steps:
+            if step.group >= 0:
+                taken = self._take(step)
+            else:
+                taken = meta is not None and self._take_meta(step, self._now)
+            if taken:
+                started.append(step)
+        change = None if meta is None else meta_step(view, meta, live)
+        if change is not None and self._take(change):
+            started.append(change)
+        self.stats.moving = moving(view.targets(), observed)
+        idle = not (steps or change or busy or self.stats.moving)
+        self._quiet = inputs if idle else None
+        return started
+
     def balance(self, now: float = 0.0) -> list[Step]:
         """Start the leadership transfers ``balance_leaders`` plans for the groups led here,
-        from what this node knows of every group it hosts."""
+        from what this node knows of every group it hosts.  Nothing is planned while the live
+        nodes' counts of led groups differ by one at most, nor again for counts that planned
+        nothing before."""
         self._balanced_at = now
         self.stats.balance_rounds += 1
         host = self.driver.host
-        groups: dict[int, GroupStatus] = {}
-        for g in host.groups():
-            r = host.node(g).raft
-            if g != self.meta_group and r.lead != 0:
-                groups[g] = GroupStatus(frozenset(r.voters), frozenset(r.learners), r.lead)
         live = set(self.live()) | {self.id}
-        return [
-            step
-            for step in balance_leaders(groups, live, self.transfers_max)
-            if groups[step.group].leader == self.id and self._take(step)
-        ]
+        leaders = {g: host.node(g).raft.lead for g in host.groups() if g != self.meta_group}
+        counts = Counter({n: 0 for n in live})
+        counts.update(lead for lead in leaders.values() if lead in live)
+        if max(counts.values()) - min(counts.values()) <= 1:
+            return []
+        key = frozenset(counts.items())
+        if key == self._balance_quiet:
+            return []
+        groups: dict[int, GroupStatus] = {}
+        for g, lead in leaders.items():
+            if lead != 0:
+                r = host.node(g).raft
+                groups[g] = GroupStatus(frozenset(r.voters), frozenset(r.learners), lead)
+        steps = balance_leaders(groups, live, self.transfers_max)
+        self._balance_quiet = None if steps else key
+        return [s for s in steps if groups[s.group].leader == self.id and self._take(s)]
 
     def _take_meta(self, step: Step, now: float) -> bool:
         key = (step.action, step.node)

@@ -175,6 +175,7 @@ class Node:
         self._started = False  # (views restored before start wait for it)
         self._advertising: asyncio.Task[None] | None = None
         self._retiring: set[int] = set()
+        self._led: set[int] = set()  # the groups this node leads (on_leader_change)
         self.driver.compact_floor = self._compact_floor
         self.driver.on_snapshot_installed = self._snapshot_installed
         self._add_groups(initial)
@@ -189,6 +190,7 @@ class Node:
             propose_meta=self.propose_meta,
             balance_interval_s=s.balance_interval_s,
             transfers_max=s.leader_transfers_max,
+            led=lambda: self._led,
         )
         me = self.meta.view.node(s.node_id)
         if me is not None and me.state is NodeState.REMOVED:
@@ -562,6 +564,10 @@ class Node:
             self.failed.set_result(f.result())
 
     def _on_leader_change(self, group: int, leader: int) -> None:
+        if leader == self.settings.node_id:
+            self._led.add(group)
+        else:
+            self._led.discard(group)
         self.router.on_leader_change(group, leader)
         self.dispatcher.on_leader_change(group, leader)
         if leader == NONE:
