@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from raft import NONE, Config, RaftError
+from raft import NONE, Config, NodeStopped, RaftError
 from raft.driver import Driver, DriverConfig
 from raft.multi import HostConfig, MultiRaft
 from raft.transport import Transport
@@ -71,6 +71,7 @@ from .membership import (
 from .meta import Machines, MetaMachine
 from .mover import Mover
 from .records import StoredMessage
+from .retire import Retirer
 from .router import HistoryFetch, HistoryRows, Router, RouterConfig
 from .state import ConversationState, StateLimits
 from .subscriptions import SubscriptionLimits, Subscriptions
@@ -178,6 +179,9 @@ class Node:
         self._led: set[int] = set()  # the groups this node leads (on_leader_change)
         self.driver.compact_floor = self._compact_floor
         self.driver.on_snapshot_installed = self._snapshot_installed
+        self.retirer = Retirer(self.driver, self.state, self.archive)
+        self.driver.on_removed = self._on_removed
+        self._retirements: set[asyncio.Task[None]] = set()
         self._add_groups(initial)
         self.mover = Mover(
             s.node_id,
@@ -340,8 +344,9 @@ class Node:
         founder = not self.joined
         voters = initial.meta_voters()
         self.driver.add_groups([meta], voters if founder and me in voters else ())
-        held = [g for g in self.wal.groups() if g != meta and g < s.groups]
-        if founder and not held:
+        removed = set(self.driver.removed_groups())  # (left: hosted again only on demand)
+        held = [g for g in self.wal.groups() if g != meta and g < s.groups and g not in removed]
+        if founder and not held and not removed:
             by_voters: dict[tuple[int, ...], list[int]] = {}
             for g in range(s.groups):
                 target = tuple(sorted(self.replicas(g)))
@@ -467,6 +472,7 @@ class Node:
         early, self._evicted_early = self._evicted_early or [], None
         for group, index, message in early:
             self.archive.add(group, index, message)
+        await self.retirer.recover(self.driver.removed_groups())
         for group in self.host.groups():
             # A snapshot installed from a leader just before a crash, whose archive transaction
             # did not commit: hand its tails over again (rows are idempotent; gaps recorded).
@@ -556,8 +562,29 @@ class Node:
         (a learner being added); otherwise the message is dropped (and counted)."""
         if group != self.meta_group and self.settings.node_id not in self.replicas(group):
             return
+        if group in self.retirer.retiring:
+            return  # (its leader asks again once the retirement is done)
         self.driver.add_groups([group], ())
         logger.info("group %d: hosted here from now on (traffic from node %d)", group, peer)
+
+    def _on_removed(self, group: int) -> None:
+        """This node applied its own removal from ``group``: retire it (its Raft group, state
+        and archive rows go; ``ctxstore/retire.py``).  The meta group is left alone: a node
+        leaves it only once retired, and then it stops."""
+        if group == self.meta_group or not self._started:
+            return
+        task = asyncio.get_running_loop().create_task(self._retire_group(group))
+        self._retirements.add(task)
+        task.add_done_callback(self._retirements.discard)
+
+    async def _retire_group(self, group: int) -> None:
+        try:
+            await self.retirer.retire(group)
+        except NodeStopped:
+            pass  # (a restart finishes it)
+        except Exception as e:
+            logger.exception("retiring group %d failed", group)
+            self._fatal(e)
 
     def _driver_failed(self, f: asyncio.Future[BaseException]) -> None:
         if self.failed is not None and not self.failed.done() and not f.cancelled():
@@ -596,6 +623,8 @@ class Node:
         if self._advertising is not None:
             self._advertising.cancel()
         await self.mover.stop()
+        if self._retirements:
+            await asyncio.wait(self._retirements, timeout=self.settings.shutdown_timeout_s / 2)
         await self.dispatcher.stop()
         if self._leaderless_timer is not None:
             self._leaderless_timer.cancel()
