@@ -282,8 +282,13 @@ def test_drain_then_remove_and_a_dead_node_removed(tmp_path: Path) -> None:
             assert await cluster.stop_node(2) == 0
             await cluster.start_node(2, timeout_s=20)
             await until(lambda: settled(cluster, frozenset({3, 4})), 20, "node 2 back")
-            again = await view(cluster, 2)
-            assert again["version"] == v["version"] and len(again["local"]["hosted"]) == GROUPS
+
+            async def back() -> bool:
+                again, first = await view(cluster, 2), await view(cluster, 1)
+                hosted = len(again["local"]["hosted"])
+                return again["version"] == first["version"] >= v["version"] and hosted == GROUPS
+
+            await until(back, 10, "node 2 with the view and every group")
             more = writers.count() + 20
             await until(lambda: _count(writers, more), 10, "more appends")
             await writers.stop()
