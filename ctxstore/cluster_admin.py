@@ -117,7 +117,9 @@ def _propose(node: Node, cmd: MetaCommand, extra: dict[str, Any] | None = None) 
     if isinstance(check, MetaRejected):
         return _error(_STATUS.get(check.code, 409), check.code, check.message)
     node.propose_meta(cmd)
-    body = {"proposed": msgspec.to_builtins(cmd), "version": node.view.version, **(extra or {})}
+    fields = {f: msgspec.to_builtins(getattr(cmd, f)) for f in cmd.__struct_fields__}
+    proposed = {"command": type(cmd).__name__, **fields}
+    body = {"proposed": proposed, "version": node.view.version, **(extra or {})}
     log.warning("admin: proposed %r", cmd)
     return _answer(202, body)
 
