@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -53,6 +55,16 @@ async def view(cluster: LocalCluster, i: int) -> dict[str, Any]:
 async def admin(cluster: LocalCluster, i: int, action: str, **params: str) -> tuple[int, Any]:
     target = signed_target(DEV_SECRET, "ctxstore", f"/admin/nodes/{action}", params)
     return await http_call(parse_address(cluster.children[i].ops_target, "http"), "POST", target)
+
+
+async def cli(*args: str) -> tuple[int, Any]:
+    """``python -m ctxstore ARGS``: its status and the JSON it printed (stdout)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ctxstore", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    return await proc.wait(), json.loads(out) if out.strip() else None
 
 
 async def until(check: Callable[[], Coroutine[Any, Any, bool]], timeout: float, what: str) -> None:
@@ -307,8 +319,15 @@ def test_a_removed_id_is_refused_with_or_without_its_old_data(tmp_path: Path) ->
         try:
             cluster.kill(4)
             await cluster.wait_exit(4)
-            status, body = await admin(cluster, 1, "remove", node="4")
-            assert status == 202, body
+            # Through the CLI this time: admin remove, then admin nodes.
+            code, out = await cli("admin", "remove", "4", "--http", cluster.children[1].ops_target)
+            want = {"command": "SetState", "node_id": 4, "state": "removed"}
+            assert code == 0 and out["proposed"] == want, out
+            await until(lambda: settled(cluster, frozenset({4})), 30, "node 4 replaced")
+            code, out = await cli("admin", "nodes", "--http", cluster.children[2].ops_target)
+            assert code == 0 and out["nodes"][3]["state"] == "removed"
+            code, out = await cli("admin", "drain", "9", "--http", cluster.children[2].ops_target)
+            assert code != 0  # (no node 9: not_found, on stderr)
             await until(lambda: settled(cluster, frozenset({4})), 30, "node 4 replaced")
             # With its old data: the others refuse its connections; it never gets a vote.
             await cluster.start_node(4, wait=False)
