@@ -208,6 +208,7 @@ class NodeCollector(Collector):
         yield from self._postgres()
         yield from self._raft()
         yield from self._cluster()
+        yield from self._relay()
         yield from self._wal()
         yield from self._peers()
         yield from self._collector()
@@ -264,6 +265,25 @@ class NodeCollector(Collector):
         yield _counter("ctxstore_mover_meta_commands_total",
                        "View changes the mover proposed as the meta leader.",
                        st.meta_commands)  # fmt: skip
+
+    def _relay(self) -> Iterator[Metric]:
+        """Requests and streams of groups not hosted here, and those served for other nodes."""
+        service = self.metrics.service
+        relay, follow = service.relay, service.follow
+        yield _counter("ctxstore_relay_requests_total",
+                       "Requests sent to a replica: their group is not hosted here.",
+                       relay.relayed)  # fmt: skip
+        yield _counter("ctxstore_relay_served_total",
+                       "Requests served here for another node.", relay.served_relays)  # fmt: skip
+        yield _counter("ctxstore_relay_refused_total",
+                       "Requests from other nodes for a group not hosted here (asked on).",
+                       relay.refused_relays)  # fmt: skip
+        yield _counter("ctxstore_relay_streams_resumed_total",
+                       "Relayed subscriptions and inboxes resumed at another replica.",
+                       follow.resumed)  # fmt: skip
+        yield _counter("ctxstore_relay_acks_withheld_total",
+                       "Times a relayed stream's client was too far behind to take more.",
+                       follow.acks_withheld)  # fmt: skip
 
     def _agents(self) -> Iterator[Metric]:
         """The agents' dispatches this node ran as the leader of their sessions' groups."""

@@ -16,10 +16,12 @@ from typing import Any, cast
 import msgspec
 import uvloop
 
+from bench.nodestats import parse_metrics
 from ctxstore import placement
 from ctxstore.auth import SERVICE
 from ctxstore.config import Settings
 from ctxstore.launcher import free_port
+from ctxstore.metrics import NodeMetrics
 from ctxstore.node import Node
 from ctxstore.relay import Relay, RelayAnswer, RelayEnvelope, RelayRequest
 from ctxstore.server import Service
@@ -198,6 +200,9 @@ def test_a_node_not_holding_the_group_serves_every_request_through_a_replica(
             assert far.service.relay.relayed >= 10
             served = sum(m.service.relay.served_relays for m in nodes.values())
             assert served == far.service.relay.relayed
+            scraped = parse_metrics(NodeMetrics(far.node, far.service).render().decode())
+            assert scraped["ctxstore_relay_requests_total"] == far.service.relay.relayed
+            assert scraped["ctxstore_relay_served_total"] == 0
             # The replicas hold it all; node 4 none of it.
             assert far.node.state.last_seq(sid) is None
             assert nodes[replicas[0]].node.state.last_seq(sid) == 5
