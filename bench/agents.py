@@ -17,6 +17,8 @@ With ``--slow-sessions N``: appends are measured twice for ``--duration`` each, 
 sessions whose agent is not registered, with ``--append-concurrency`` in flight: first with no
 agent running, then while N sessions keep an agent that takes ``--slow-agent-s`` per call
 busy (each reply triggers the next).  Both p99s are reported (appends never wait on agents).
+Each phase also reports the CPU its processes used (``cpu``: the nodes, this process, the agent's
+child; % of one core) and the machine's, since other work on the machine moves the figures.
 Exit status: 0 gate passed, 1 not, 2 could not run.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -40,6 +43,7 @@ from wire.protocol import ChunkEvent, Message
 
 from .histogram import LatencyHistogram
 from .report import log, write_json
+from .sysinfo import cpu_between, sample_cpu
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
 
@@ -53,6 +57,10 @@ class AgentProcess:
         self.calls = 0
         self.connections = 0
         self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
 
     async def start(self) -> int:
         self.proc = await asyncio.create_subprocess_exec(
@@ -101,6 +109,7 @@ class EchoAgent:
         self.calls = 0
         self.connections = 0  # accepted (a node's pool reuses keep-alive connections)
         self.server: asyncio.Server | None = None
+        self.pid: int | None = None  # (in this process: its CPU is the bench's)
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024)
@@ -242,6 +251,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         clients = [await connect(targets[k % len(targets):] + targets[:k % len(targets)],
                                  client_name="ctxstore-bench") for k in range(8)]  # fmt: skip
         c = clients[0]
+        pids = {f"node{i}": ch.process.pid for i, ch in cluster.children.items()
+                if ch.process is not None}  # fmt: skip
+        pids["bench"] = os.getpid()
         await c.create_agent(agent("echo", f"http://127.0.0.1:{port}/", debounce_ms=0,
                                    history="tail 4", protocol="h1"))  # fmt: skip
         await c.create_agent(agent("slow", f"http://127.0.0.1:{slow_port}/", debounce_ms=0,
@@ -257,8 +269,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await c.create_session("u", "slow", {}, sid)
             base = LatencyHistogram()
             log(f"appends without agents for {args.duration} s", args.quiet)
+            cpu0 = sample_cpu(pids)
             n = await _appends(clients, plain, args.append_concurrency,
                                time.monotonic() + args.duration, base)  # fmt: skip
+            cpu_base = cpu_between(cpu0, sample_cpu(pids))
             stop = asyncio.Event()
             busy_tasks = [asyncio.create_task(_keep_busy(clients[i % len(clients)], sid, stop))
                           for i, sid in enumerate(busy)]  # fmt: skip
@@ -266,17 +280,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"appends while {len(busy)} sessions call a {args.slow_agent_s} s agent",
                 args.quiet)  # fmt: skip
             loaded = LatencyHistogram()
+            slow_pids = {**pids, "agent": slow.pid} if slow.pid is not None else pids
+            cpu0 = sample_cpu(slow_pids)
             m = await _appends(clients, plain, args.append_concurrency,
                                time.monotonic() + args.duration, loaded)  # fmt: skip
+            cpu_loaded = cpu_between(cpu0, sample_cpu(slow_pids))
             stop.set()
             await asyncio.wait(busy_tasks, timeout=args.slow_agent_s * 3 + 5)
             for t in busy_tasks:
                 t.cancel()
             await slow.stop()  # (its counts come with its end)
-            doc["appends_without_agents"] = {**_figures(base), "per_s": round(n / args.duration)}
+            doc["appends_without_agents"] = {**_figures(base), "per_s": round(n / args.duration),
+                                             "cpu": cpu_base}  # fmt: skip
             doc["appends_with_agents"] = {**_figures(loaded), "per_s": round(m / args.duration),
                                           "agent_calls": slow.calls,
-                                          "agent_connections": slow.connections}  # fmt: skip
+                                          "agent_connections": slow.connections,
+                                          "cpu": cpu_loaded}  # fmt: skip
         sessions = [f"conv-{i}" for i in range(args.conversations)]
         for sid in sessions:
             await c.create_session(f"user-{sid}", "echo", {}, sid)
@@ -284,14 +303,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         replies = [0]
         log(f"{len(sessions)} conversations for {args.duration} s", args.quiet)
         until = time.monotonic() + args.duration
+        echo_pids = {**pids, "agent": echo.pid} if echo.pid is not None else pids
+        cpu0 = sample_cpu(echo_pids)
         await asyncio.gather(*(
             _conversation(clients[i % len(clients)], sid, f"user-{sid}", until, chunks, replies)
             for i, sid in enumerate(sessions)
         ))  # fmt: skip
+        cpu_chunks = cpu_between(cpu0, sample_cpu(echo_pids))
         await echo.stop()
         doc["chunk_latency"] = {**_figures(chunks), "replies": replies[0],
                                 "agent_calls": echo.calls,
-                                "agent_connections": echo.connections}  # fmt: skip
+                                "agent_connections": echo.connections,
+                                "cpu": cpu_chunks}  # fmt: skip
         p99 = doc["chunk_latency"]["p99_ms"]
         doc["gate"] = {"p99_target_ms": args.p99_target_ms, "passed": p99 <= args.p99_target_ms}
         return doc
