@@ -77,6 +77,7 @@ class DispatchLimits:
     absent_agents_max: int = 10_000  # agents known absent here (negative cache, LRU)
     skipped_max: int = 10_000  # sessions not called on that knowledge, remembered a while
     skipped_recent_s: float = 5.0  # a skip this recent is undone when the agent is saved
+    starts_per_pass: int = 16  # calls started in one loop pass; the others in the next passes
 
 
 class Histogram:
@@ -175,6 +176,13 @@ class Dispatcher:
         self.stats: dict[str, AgentStats] = {}
         self.relay: Callable[[str, int, int, dict[str, Any]], None] | None = None  # to peers
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Pacing: sessions whose debounce fired beyond ``starts_per_pass`` in a loop pass wait
+        # here (in order) for the next passes, so that a burst of user messages does not start
+        # every call (a commit, a history read, a request each) in one pass, nor line up their
+        # streams' chunks.
+        self._due: dict[str, None] = {}
+        self._started = 0  # calls started in this loop pass
+        self._pass_scheduled = False
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # sid -> (first, timer)
         self._acked_at: dict[str, float] = {}  # sid -> when its newest user message applied here
         self._lookups: dict[str, dict[str, bool]] = {}  # agent id -> sessions waiting (resume)
@@ -200,6 +208,7 @@ class Dispatcher:
         for _, timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        self._due.clear()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -221,6 +230,8 @@ class Dispatcher:
             return
         for sid in [s for s in self._timers if group_of(s, self.groups) == group]:
             self._timers.pop(sid)[1].cancel()
+        for sid in [s for s in self._due if group_of(s, self.groups) == group]:
+            del self._due[sid]
         for sid, task in list(self._tasks.items()):
             if group_of(sid, self.groups) == group:
                 task.cancel()  # the new leader resumes it with the next attempt
@@ -267,8 +278,8 @@ class Dispatcher:
         return agent if agent is not None and agent.status == "active" else None
 
     def _arm(self, sid: str, resume: bool = False, checked: bool = False) -> None:
-        if sid in self._tasks:
-            return  # the running task re-checks the cursor when it ends
+        if sid in self._tasks or sid in self._due:
+            return  # the running (or starting) task re-checks the cursor when it ends
         agent = self._active_agent(sid)
         if agent is None:
             view = self.state.dispatch_state(sid)
@@ -343,7 +354,29 @@ class Dispatcher:
         self._timers.pop(sid, None)
         if not self.running or sid in self._tasks:
             return
-        task = asyncio.get_running_loop().create_task(self._run(sid))
+        if self._started >= max(1, self.limits.starts_per_pass) or self._due:  # (in order)
+            self._due[sid] = None
+            return
+        self._start(sid)
+
+    def _next_pass(self) -> None:
+        """A new loop pass: a new budget of starts, first for the sessions waiting."""
+        self._pass_scheduled = False
+        self._started = 0
+        due = self._due
+        while due and self._started < max(1, self.limits.starts_per_pass):
+            sid = next(iter(due))
+            del due[sid]
+            if self.running and sid not in self._tasks and self._leads(group_of(sid, self.groups)):
+                self._start(sid)
+
+    def _start(self, sid: str) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._pass_scheduled:
+            self._pass_scheduled = True
+            loop.call_soon(self._next_pass)  # (runs in the next pass)
+        self._started += 1
+        task = loop.create_task(self._run(sid))
         self._tasks[sid] = task
         task.add_done_callback(lambda t: self._done(sid, t))
 

@@ -232,6 +232,39 @@ def test_a_burst_of_user_messages_is_answered_by_one_call(tmp_path: Path) -> Non
     run(main())
 
 
+def test_calls_due_in_one_pass_start_a_few_per_pass_and_each_is_answered_once(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            c = await setup(h, srv, "/sse", debounce_ms=60_000)  # armed, not fired by itself
+            d = h.node.dispatcher
+            d.limits = DispatchLimits(starts_per_pass=2)
+            sids = ["s", *(f"s{i}" for i in range(1, 7))]
+            for sid in sids[1:]:
+                await c.create_session("u", "bot", {}, sid)
+            for sid in sids:
+                await c.append(sid, f"hi {sid}")
+            async with asyncio.timeout(10):
+                while len(d._timers) < len(sids):
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # a fresh pass: a full budget
+            for sid in sids:  # every debounce fires in this one pass
+                d._timers[sid][1].cancel()
+                d._fire(sid)
+            assert len(d._tasks) == 2 and list(d._due) == sids[2:]
+            d._arm("s6")  # (a user message while it waits: the call will read it)
+            assert "s6" not in d._timers
+            for sid in sids:
+                messages = await wait_message(c, sid, 2)
+                replies = [m for m in messages if m.sender == "agent"]
+                assert len(replies) == 1, (sid, messages)
+            assert not d._due
+            assert sorted(call.body["session_id"] for call in srv.agent.calls) == sorted(sids)
+
+    run(main())
+
+
 def test_disabled_and_unregistered_agents_are_not_called(tmp_path: Path) -> None:
     async def main() -> None:
         async with single_node(tmp_path) as h, agent_server() as srv:
