@@ -31,7 +31,7 @@ from wire.protocol import Message
 
 from ..cluster.proxy import LinkProxy
 from .pgdb import fetch
-from .test_e2e import leader_counts
+from .test_e2e import leader_counts, read_all
 from .test_ops import fetch as http_get
 
 pytestmark = pytest.mark.cluster
@@ -140,15 +140,6 @@ async def mark_read(client: Client, sid: str, seq: int) -> None:
             if not e.retryable or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
-
-
-async def read_all(client: Client, session_id: str) -> list[Message]:
-    out: list[Message] = []
-    while True:
-        page = await client.read(session_id, out[-1].seq if out else 0, 1000)
-        out += page.messages
-        if not page.messages or out[-1].seq >= page.last_seq:
-            return out
 
 
 async def pg_messages(dsn: str) -> list[Message]:
