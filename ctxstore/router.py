@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -181,12 +182,23 @@ class _Pending:
 
 
 class Router:
-    def __init__(self, node_id: int, driver: Driver, config: RouterConfig | None = None) -> None:
+    def __init__(
+        self,
+        node_id: int,
+        driver: Driver,
+        config: RouterConfig | None = None,
+        fid_start: int | None = None,  # the first forward id (default: random)
+    ) -> None:
         self.node_id = node_id
         self.driver = driver
         self.config = config or RouterConfig()
         self.transport: Transport | None = None
-        self._fids = itertools.count(1)
+        # Forward and fetch ids, unique across this node's processes too (they start at
+        # random): a peer answers on whatever connection is up when it answers, so a reply
+        # meant for an earlier process of this node may reach this one; it must match nothing.
+        if fid_start is None:
+            fid_start = int.from_bytes(os.urandom(6), "big") << 16
+        self._fids = itertools.count(fid_start)
         self._forwards: dict[int, _Pending] = {}  # fid -> request forwarded by this node
         self._leader_waits: dict[int, list[_Pending]] = {}  # group -> requests without a leader
         # Every request, in the order of its deadline (all share request_timeout_s); finished
