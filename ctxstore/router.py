@@ -182,12 +182,20 @@ class _Pending:
 
 
 class Router:
+    """Its I/O is three objects, each replaceable (tests/sim runs the router over a simulated
+    network and clock): ``driver`` (``leader``, ``propose_then``, ``read_index_then``, ``kick``,
+    ``host``), the transport given to ``attach`` (``is_connected``, ``connected_peers``,
+    ``send_app``), and ``loop``, whose ``time`` and ``call_later`` are the router's clock and
+    timers (default: the running loop, found at first use).  ``fid_start``: the first forward
+    id (default: random)."""
+
     def __init__(
         self,
         node_id: int,
         driver: Driver,
         config: RouterConfig | None = None,
-        fid_start: int | None = None,  # the first forward id (default: random)
+        loop: asyncio.AbstractEventLoop | None = None,
+        fid_start: int | None = None,
     ) -> None:
         self.node_id = node_id
         self.driver = driver
@@ -227,7 +235,7 @@ class Router:
         self.batches_proposed = 0  # AppendBatch entries proposed
         # The loop, kept: asyncio.get_running_loop() costs a getpid() system call each time
         # (fork detection), a few percent of a node's CPU when done per request.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = loop
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
