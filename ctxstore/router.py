@@ -185,9 +185,9 @@ class Router:
     """Its I/O is three objects, each replaceable (tests/sim runs the router over a simulated
     network and clock): ``driver`` (``leader``, ``propose_then``, ``read_index_then``, ``kick``,
     ``host``), the transport given to ``attach`` (``is_connected``, ``connected_peers``,
-    ``send_app``), and ``loop``, whose ``time`` and ``call_later`` are the router's clock and
-    timers (default: the running loop, found at first use).  ``fid_start``: the first forward
-    id (default: random)."""
+    ``send_app``), and ``loop``, whose ``time``, ``call_later`` and ``call_soon`` are the
+    router's clock and timers (default: the running loop, found at first use).
+    ``fid_start``: the first forward id (default: random)."""
 
     def __init__(
         self,
@@ -503,12 +503,17 @@ class Router:
             p.done(result, error)
 
     def on_leader_change(self, group: int, leader: int) -> None:
+        """(Called from inside the driver's pass, which no request may enter: the requests
+        waiting for a leader are routed in the next loop iteration.)"""
         if leader == NONE:
             return
         waits = self._leader_waits.pop(group, None)
         if waits:
-            for p in waits:
-                self._route(p)
+            self._running_loop().call_soon(self._route_all, waits)
+
+    def _route_all(self, waits: list[_Pending]) -> None:
+        for p in waits:
+            self._route(p)
 
     def relay_chunk(
         self, session_id: str, trigger_seq: int, attempt: int, chunk: dict[str, Any]
