@@ -33,6 +33,12 @@ Rules:
   answered (the leader they were asked of forgot them): ``ProposalDropped``, ask again.
 - Snapshots are ``SnapshotPolicy``'s: by applied entries, by live WAL segments, on request, and
   never past the application's ``floor``.
+- Callbacks (a request's ``done``, the hooks, the state machine) run inside a pass, a
+  finished write or a tick (``in_pass``).  They may answer clients there (that is what makes
+  an answer leave in the pass that applied it); they must not call into the pipeline:
+  ``propose``, ``read_index``, ``transfer_leader`` and ``compact`` raise
+  ``InvariantViolation`` when they do, which stops the node (what they want to ask waits for
+  the runner's next iteration, e.g. a ``call_soon``).
 - An exception here stops the pipeline (``fail``): every waiter fails with ``NodeStopped`` and
   ``on_stop`` is called; a failed WAL write and an internal error are told apart.
 - Leaving a group: a pass that applies a ``REMOVE_NODE`` of this node, after which the node is
@@ -193,6 +199,8 @@ class _Read:
 def _resolve(done: ResultCallback, result: object, exc: BaseException | None) -> None:
     try:
         done(result, exc)
+    except InvariantViolation:
+        raise  # (a callback that called into the pipeline: never caught)
     except Exception:  # a caller's bug must not stop the pass that applies the group
         logger.exception("a request's callback failed")
 
@@ -367,7 +375,9 @@ class Pipeline:
         self._submitted_since_tick = False
         self.stopped = False  # no new requests (stopping, or failed)
         self.failure: BaseException | None = None
-        self._in_pass = False
+        # True while a pass, a finished write or a tick runs (and the callbacks they make):
+        # no request may enter then (``_enter``).
+        self.in_pass = False
         self._left: list[int] = []  # groups that applied their removal of us, to report
         self._leaving: set[int] = set()  # reported (or to be), still hosted
         self._removals: list[tuple[int, int, ResultCallback]] = []  # tombstones to submit
@@ -455,6 +465,7 @@ class Pipeline:
         return batch[0]
 
     def transfer_leader(self, group: int, to: int) -> None:
+        self._enter()
         if group not in self._proposals:
             raise GroupNotHosted(f"group {group} is not hosted on this node")
         self.host.transfer_leader(group, to)
@@ -462,6 +473,7 @@ class Pipeline:
 
     def compact(self, group: int) -> None:
         """Take a snapshot of ``group`` at its applied index in the next pass."""
+        self._enter()
         self.snapshots.request(group)
         self.want_pass()
 
@@ -501,7 +513,16 @@ class Pipeline:
         self.stats.groups_removed += 1
         self.want_pass()
 
+    def _enter(self) -> None:
+        """A request may not come from a callback the pipeline is running (module rules)."""
+        if self.in_pass:
+            raise InvariantViolation(
+                "a request entered the pipeline from inside its pass (a callback or a hook "
+                "called into it): ask in the runner's next iteration instead"
+            )
+
     def _admit(self) -> None:
+        self._enter()
         if self.stopped:
             raise NodeStopped("the node is stopping")
         if self._pending >= self.config.pending_max:
@@ -532,7 +553,11 @@ class Pipeline:
             return
         self.host.tick()
         if self.host.now % SWEEP_TICKS == 0:
-            self._sweep()
+            self.in_pass = True
+            try:
+                self._sweep()
+            finally:
+                self.in_pass = False
         if self._lazy_hard_states and not self._submitted_since_tick:
             self._submit_with_lazy(Round([]), [])  # an idle node's commit indexes, once
         self._submitted_since_tick = False
@@ -543,11 +568,11 @@ class Pipeline:
         """One pass; whether it found work."""
         if self.failure is not None:
             return False
-        self._in_pass = True
+        self.in_pass = True
         try:
             worked = self._run_pass()
         finally:
-            self._in_pass = False
+            self.in_pass = False
         if self._left:
             self._report_left()
         return worked
@@ -642,6 +667,15 @@ class Pipeline:
     def written(self, rnd: Round, f: Future[Written]) -> None:
         """``rnd``'s write finished (on the pipeline's thread): finish every round now written,
         in submission order."""
+        was, self.in_pass = self.in_pass, True  # (inside a pass: an inline write's)
+        try:
+            self._written(rnd, f)
+        finally:
+            self.in_pass = was
+        if self._left and not was:
+            self._report_left()  # (after the pass: the hook may call in)
+
+    def _written(self, rnd: Round, f: Future[Written]) -> None:
         exc = f.exception()
         if exc is not None:
             rnd.failed = exc
@@ -662,8 +696,6 @@ class Pipeline:
         self._serve_reads()
         for done in removed:
             _resolve(done, None, None)
-        if self._left and not self._in_pass:
-            self._report_left()
         self.want_pass()
 
     def _finish(self, group: int, rd: Ready) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import Future
 
+import pytest
+
 from raft import ConfState, Entry, MemoryStorage, ProposalDropped, Snapshot, SnapshotMeta, Storage
 from raft.core import Config, Role
+from raft.errors import InvariantViolation
 from raft.messages import (
     AppendEntries,
     AppendResponse,
@@ -304,3 +307,40 @@ def test_reads_without_a_leader_fail_at_the_next_pass() -> None:
     _, got = reader(p)
     p.run_pass()
     assert len(got) == 1 and isinstance(got[0][1], ProposalDropped)
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["inline", "threaded"])
+def test_a_callback_may_answer_but_not_call_into_the_pipeline(slow: bool) -> None:
+    """A proposal's callback runs inside the pass (or the finished write) that applies it: it
+    may answer its client there; a request it makes of the pipeline is refused with an
+    ``InvariantViolation`` that nobody catches (the rule is checked, not only written)."""
+    p, outbox, disk = leader(SlowLog() if slow else None)
+    answered: list[object] = []
+
+    def done(result: object, exc: object) -> None:
+        answered.append(result)
+        p.propose(0, b"again", lambda result, exc: None)
+
+    p.propose(0, b"x", done)
+    with pytest.raises(InvariantViolation, match="from inside its pass"):
+        for _ in range(5):
+            p.run_pass()
+            if isinstance(disk, SlowLog):
+                disk.finish(p)
+            p.step(answer(outbox.take()))
+    assert answered == [None]  # (Machine.apply's result)
+    assert not p.in_pass
+
+
+def test_a_read_callback_may_not_ask_another_read() -> None:
+    p, outbox, _ = leader()
+
+    def done(index: object, exc: object) -> None:
+        p.read_index(0, lambda index, exc: None)
+
+    p.read_index(0, done)
+    with pytest.raises(InvariantViolation, match="from inside its pass"):
+        for _ in range(5):
+            p.run_pass()
+            p.step(answer(outbox.take()))
+    assert not p.in_pass
