@@ -6,10 +6,12 @@ Raft checker compares across replicas.  Its snapshot carries the applied index, 
 the conversation state.
 
 The clients (``Clients``) create sessions, append messages (each with a ``client_msg_id``),
-retry appends whose outcome they did not learn (dropped, outcome unknown, timed out: the same
-id and content, possibly under another leader), retry some they did learn (a dedupe must answer
-the same seq), and mark sessions read.  The product's invariants, checked as the nodes apply
-and as the clients hear answers, and over every replica's history at the end of a run:
+retry appends whose outcome they did not learn (``timeout``, ``unavailable``, a crashed node:
+the same id and content, possibly under another leader), retry some they did learn (a dedupe
+must answer the same seq), and mark sessions read; they submit through a node's router
+(ctxstore/router.py), which may forward, retry and batch (several appends at once).  The
+product's invariants, checked as the nodes apply and as the clients hear answers, and over every
+replica's history at the end of a run:
 
 - every acknowledged append is in the history exactly once, at the seq it was acknowledged with;
   seqs are 1, 2, 3... with no gap;
@@ -28,9 +30,10 @@ from collections.abc import Callable
 import msgspec
 
 from ctxstore import commands
+from ctxstore.errors import ServiceError
 from ctxstore.placement import group_of
 from ctxstore.state import ConversationState
-from raft import Entry, EntryType, RaftError
+from raft import Entry, EntryType
 from wire.protocol import Sender
 
 from .checker import GENESIS, Checker, Violation, chain
@@ -210,6 +213,37 @@ class SimApp:
         self.checker.on_restore(self.node, group, index, state)
 
 
+class Submission:
+    """A command a client submits through a node's router, and what to do with its outcome
+    (``append``: an append, which the router may batch with others)."""
+
+    __slots__ = ("append", "command", "done")
+
+    def __init__(
+        self,
+        command: commands.Command,
+        done: Callable[[object, object], None],
+        append: bool = False,
+    ) -> None:
+        self.command = command
+        self.done = done
+        self.append = append
+
+    def data(self) -> bytes:
+        return commands.encode_command(self.command)
+
+
+# The failures a client may be told (ctxstore/router.py): the outcome is unknown ("timeout"),
+# or nothing was done ("unavailable").  Any other code ("internal"...) is a broken router.
+RETRYABLE_CODES = ("timeout", "unavailable")
+
+
+def told_failure(what: str, exc: object) -> None:
+    """A request failed: only in a way the router may fail it."""
+    if not isinstance(exc, ServiceError) or exc.code not in RETRYABLE_CODES:
+        raise Violation(f"{what}: told {exc!r}")
+
+
 def owner(sid: str) -> str:
     """The user who owns session ``sid`` (the clients create every session so)."""
     return f"u-{sid}"
@@ -242,7 +276,7 @@ class Clients:
         # simulation raises these after the round).
         self.violations: list[Violation] = []
 
-    def _guard(self, done: Callable[[object, object], None]) -> Callable[[object, object], None]:
+    def guard(self, done: Callable[[object, object], None]) -> Callable[[object, object], None]:
         def guarded(result: object, exc: object) -> None:
             try:
                 done(result, exc)
@@ -251,8 +285,10 @@ class Clients:
 
         return guarded
 
-    def command(self, group: int) -> tuple[commands.Command, Callable[[object, object], None]]:
-        """The next command for ``group`` and what to do with its outcome."""
+    def command(self, group: int) -> list[Submission]:
+        """The next commands for ``group``, to submit together through one node's router, and
+        what to do with each outcome: usually one; sometimes several appends, which the router
+        proposes in one ``AppendBatch`` entry (its batches of a loop iteration)."""
         self.counter += 1
         n = self.counter
         for sid in self.sessions[group]:
@@ -260,36 +296,38 @@ class Clients:
                 cmd: commands.Command = commands.CreateSession(
                     session_id=sid, user_id=owner(sid), agent_id="a", metadata={}, created_at=n
                 )
-                return cmd, self._created(sid)
+                return [Submission(cmd, self._created(sid))]
         rng = self.rng
-        if rng.random() < 0.15:  # several appends in one entry, as ctxstore's router batches
-            return self._batch(group, rng.randint(2, 4))
+        if rng.random() < 0.15:  # several appends at once: the router batches them
+            return self._several(group, rng.randint(2, 4))
         sid = rng.choice(self.sessions[group])
         x = rng.random()
         unknown = self.unknown.setdefault(sid, {})
         acked = self.history.acked_ids.get(sid, [])
         if x < 0.2 and unknown:  # retry an append whose outcome we do not know
             cmid = rng.choice(sorted(unknown))
-            return self._append(sid, cmid, unknown[cmid], n), self._appended(sid, cmid)
+            return [self._append(sid, cmid, unknown[cmid], n)]
         if x < 0.25 and acked:  # retry one we know: a dedupe
             cmid = rng.choice(acked)
-            content = self.history.content[(sid, cmid)]
-            return self._append(sid, cmid, content, n), self._appended(sid, cmid)
+            return [self._append(sid, cmid, self.history.content[(sid, cmid)], n)]
         if x < 0.35:
             top = self.history.acked_max.get(sid, 0)
             cmd = commands.MarkRead(session_id=sid, user_id=owner(sid), seq=rng.randint(0, top))
-            return cmd, self._marked(sid)
-        cmid = f"c{n}"
-        unknown[cmid] = content = f"m{n}"
-        return self._append(sid, cmid, content, n), self._appended(sid, cmid)
+            return [Submission(cmd, self._marked(sid))]
+        return [self.new_append(sid)]
 
-    def _batch(
-        self, group: int, count: int
-    ) -> tuple[commands.Command, Callable[[object, object], None]]:
-        """``count`` appends of the group's sessions (new ones, or retries of appends whose
-        outcome is unknown) in one ``AppendBatch``: each outcome goes to its own callback."""
-        appends: list[commands.Append] = []
-        dones: list[Callable[[object, object], None]] = []
+    def new_append(self, sid: str) -> Submission:
+        """An append of a new message (a new ``client_msg_id``) to session ``sid``."""
+        self.counter += 1
+        n = self.counter
+        cmid = f"c{n}"
+        self.unknown.setdefault(sid, {})[cmid] = content = f"m{n}"
+        return self._append(sid, cmid, content, n)
+
+    def _several(self, group: int, count: int) -> list[Submission]:
+        """``count`` appends of the group's sessions: new ones, or retries of appends whose
+        outcome is unknown (the same id twice in one batch: the second is a dedupe)."""
+        out: list[Submission] = []
         for _ in range(count):
             self.counter += 1
             n = self.counter
@@ -300,24 +338,12 @@ class Clients:
             else:
                 cmid = f"c{n}"
                 unknown[cmid] = f"m{n}"
-            appends.append(self._append(sid, cmid, unknown[cmid], n))
-            dones.append(self._appended(sid, cmid))
+            out.append(self._append(sid, cmid, unknown[cmid], n))
+        return out
 
-        def done(result: object, exc: object) -> None:
-            if exc is not None:
-                for one in dones:
-                    one(None, exc)
-                return
-            if not isinstance(result, list) or len(result) != len(dones):
-                raise Violation(f"a batch of {len(dones)} appends answered {result}")
-            for one, one_result in zip(dones, result, strict=True):
-                one(one_result, None)
-
-        return commands.AppendBatch(appends), self._guard(done)
-
-    def _append(self, sid: str, cmid: str, content: str, n: int) -> commands.Append:
+    def _append(self, sid: str, cmid: str, content: str, n: int) -> Submission:
         sender: Sender = "user" if int(cmid[1:]) % 3 == 0 else "agent"  # (the same on a retry)
-        return commands.Append(
+        cmd = commands.Append(
             session_id=sid,
             sender=sender,
             sender_id=owner(sid) if sender == "user" else "a",
@@ -329,39 +355,43 @@ class Clients:
             token_count=None,
             inserted_at=n,  # a retry's entry differs in bytes, never in fingerprint
         )
+        return Submission(cmd, self._appended(sid, cmid), append=True)
 
     def _created(self, sid: str) -> Callable[[object, object], None]:
         def done(result: object, exc: object) -> None:
-            if exc is None:
+            if exc is not None:
+                told_failure(f"create {sid}", exc)
+            else:
                 if not isinstance(result, commands.SessionCreated):
                     raise Violation(f"create {sid}: {result}")
                 self.created.add(sid)
 
-        return self._guard(done)
+        return self.guard(done)
 
     def _appended(self, sid: str, cmid: str) -> Callable[[object, object], None]:
         def done(result: object, exc: object) -> None:
             if exc is not None:
-                if not isinstance(exc, RaftError):
-                    raise Violation(f"append {sid} {cmid}: {exc!r}")
+                told_failure(f"append {sid} {cmid}", exc)
                 return  # unknown outcome: retried later
             if not isinstance(result, commands.Appended):
                 raise Violation(f"append {sid} {cmid}: {result}")
             self.history.acknowledged(sid, cmid, result)
             self.unknown.get(sid, {}).pop(cmid, None)
 
-        return self._guard(done)
+        return self.guard(done)
 
     def _marked(self, sid: str) -> Callable[[object, object], None]:
         floor = self.history.cursor_acked.get(sid, 0)
 
         def done(result: object, exc: object) -> None:
-            if exc is None:
+            if exc is not None:
+                told_failure(f"mark read {sid}", exc)
+            else:
                 if not isinstance(result, commands.ReadMarked):
                     raise Violation(f"mark read {sid}: {result}")
                 self.history.cursor_told(sid, result.seq, floor)
 
-        return self._guard(done)
+        return self.guard(done)
 
     def read_floor(self, group: int) -> dict[str, int]:
         """What a read of ``group`` asked now must see: each session's highest acked seq."""

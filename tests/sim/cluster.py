@@ -2,17 +2,21 @@
 
 Everything random comes from one ``random.Random(seed)``; the same seed replays the same run.
 
-- Each node runs the production driver's pipeline (raft/pipeline.py: the code the asyncio
-  driver runs, less its loop) over a ``MultiRaft`` host holding a replica of every group (a
+- Each node runs the production driver's pipeline (raft/pipeline.py: the code the asyncio driver
+  runs, less its loop) over a ``MultiRaft`` host holding a replica of every group (a
   non-member's starts empty and learns from the log), a simulated disk, and ctxstore's state
-  machine (tests/sim/app.py).  Inputs go through the pipeline (messages, peer liveness reports,
-  ticks, client commands, reads, transfers, compactions, membership changes).  With
-  ``quiesce`` (every seed but one in 7) idle groups stop ticking and heartbeating; without
-  it, every group ticks as the bare core would.
+  machine (tests/sim/app.py); above it, ctxstore's ``Router`` (tests/sim/routing.py), which the
+  clients submit to: it forwards over the simulated network (``Network.send_app``, lost with the
+  connection it was sent on), retries, batches appends at the start of the pass and expires
+  deadlines on its timers, run every round on the simulated clock.  Every client request must be
+  answered once, by its deadline (``check_requests``).  Inputs go through the pipeline (messages,
+  peer liveness reports, ticks, client commands, reads, transfers, compactions, membership
+  changes).  With ``quiesce`` (every seed but one in 7) idle groups stop ticking and
+  heartbeating; without it, every group ticks as the bare core would.
 - Time advances in *rounds*, one loop iteration of every node: peer reports and deliveries,
-  then the writes that became durable finish their rounds (``Pipeline.written``), then one
-  pass if an input asked for one; every ``ROUNDS_PER_TICK`` rounds each live node ticks.  The
-  pipeline's clock is the round (``SIM_TICK_S`` per tick).
+  then the writes that became durable finish their rounds (``Pipeline.written``), then the
+  routers' timers due, then one pass if an input asked for one; every ``ROUNDS_PER_TICK``
+  rounds each live node ticks.  The pipeline's clock is the round (``SIM_TICK_S`` per tick).
 - The network (``Network``) delays each message by 0..``max_delay`` rounds (so it reorders),
   drops and duplicates at configured rates, and drops whatever crosses a blocked link when it
   is sent or when it arrives (symmetric and asymmetric partitions, isolating a node).  Every
@@ -57,17 +61,18 @@ from types import TracebackType
 
 import msgspec
 
-from ctxstore import commands
+from ctxstore.router import SWEEP_S, Router, RouterConfig
 from raft import ConfChange, ConfChangeType, Config, ConfState, RaftError, RawNode, Role
 from raft.messages import Message
 from raft.multi import HostConfig, MultiRaft
 from raft.pipeline import DriverConfig, Pipeline, Round
 from raft.wal import GroupWrite, Written
 
-from .app import Clients, History, SimApp
+from .app import Clients, History, SimApp, Submission, owner, told_failure
 from .checker import Checker, Violation
 from .disk import Durable, MemoryDisk, SimDisk, WalDisk, allowed_outcomes
 from .membership import Membership, initial_members
+from .routing import APP_LANE, SimDriver, SimLoop, SimTransport
 
 ROUNDS_PER_TICK = 4
 ELECTION_TICKS = 10
@@ -152,6 +157,7 @@ class Packet:
     dst: int = field(compare=False)
     group: int = field(compare=False)
     data: bytes = field(compare=False)
+    conn: tuple[int, int] | None = field(default=None, compare=False)  # (app lane) see send_app
 
 
 class Network:
@@ -161,7 +167,7 @@ class Network:
         self.queue: list[Packet] = []
         self.blocked: set[tuple[int, int]] = set()
         self.counter = itertools.count()
-        self.sent = self.dropped = 0
+        self.sent = self.dropped = self.sent_app = 0
         self.sent_by: Counter[int] = Counter()
         self.last_due: dict[tuple[int, int], int] = {}  # (src, dst) -> latest due, for fifo
         self.on_send: Callable[[int, Message], None] = lambda g, m: None
@@ -181,6 +187,23 @@ class Network:
                 due = max(due, self.last_due.get((src, m.to), 0))
             self.last_due[(src, m.to)] = due
             heapq.heappush(self.queue, Packet(due, next(self.counter), src, m.to, group, data))
+
+    def send_app(
+        self, now: int, src: int, dst: int, data: bytes, conn: tuple[int, int] | None
+    ) -> None:
+        """A router envelope on the peer connection's application lane: delayed, reordered,
+        dropped and cut as a Raft message, never duplicated (TCP does not), and lost with the
+        connection it was sent on (``conn``, ``Links.connection``; see ``arrives``)."""
+        self.sent_app += 1
+        if conn is None or (src, dst) in self.blocked or self.rng.random() < self.faults.drop:
+            self.dropped += 1
+            return
+        due = now + self.rng.randint(0, self.faults.max_delay)
+        if self.faults.fifo:
+            due = max(due, self.last_due.get((src, dst), 0))
+        self.last_due[(src, dst)] = due
+        packet = Packet(due, next(self.counter), src, dst, APP_LANE, data, conn)
+        heapq.heappush(self.queue, packet)
 
     def due(self, now: int) -> list[Packet]:
         out: list[Packet] = []
@@ -271,6 +294,16 @@ class Links:
     def settled(self) -> bool:
         return not self.queue
 
+    def connection(self, a: int, b: int) -> tuple[int, int] | None:
+        """The connection between ``a`` and ``b`` now (their incarnations), None while down."""
+        return self.conn.get((min(a, b), max(a, b)))
+
+    def arrives(self, packet: Packet) -> bool:
+        """Whether a packet can be read: a router envelope only on the connection it was sent
+        on (one sent before a break or a restart is gone with it, as on TCP; a process's
+        forward ids are its own, so a reply meant for an earlier process never arrives)."""
+        return packet.group != APP_LANE or self.connection(packet.src, packet.dst) == packet.conn
+
 
 SIM_TICK_S = 0.05  # the pipeline's clock: seconds per tick
 SIM_DRIVER = DriverConfig(
@@ -279,6 +312,17 @@ SIM_DRIVER = DriverConfig(
     wal_segments_max=6,  # 4 KiB segments: the groups pinning the oldest are compacted often
     proposal_timeout_s=100 * SIM_TICK_S,  # proposals a stuck group holds fail after 100 ticks
 )
+
+
+# The routers' settings: a request's deadline is the pipeline's proposal timeout, as in
+# ctxstore/node.py; the rest are the product's defaults.
+SIM_ROUTER = RouterConfig(request_timeout_s=SIM_DRIVER.proposal_timeout_s)
+
+
+def fid_start(incarnation: int) -> int:
+    """A router's first forward id: unique per process, as the router's random start makes
+    them (tests/sim/test_routing.py shows what a reused one does)."""
+    return incarnation << 32
 
 
 class Replica:
@@ -341,6 +385,12 @@ class SimNode:
         self._read_seq = 0
         self.torn: list[GroupWrite] | None = None  # the write the last crash interrupted
         self.snapshots_taken = 0  # by earlier incarnations
+        # ctxstore's router over the pipeline (tests/sim/routing.py), lost with it in a crash,
+        # with its timers; the peers its transport reports up.
+        self.router: Router | None = None
+        self.loop: SimLoop | None = None
+        self.connected: set[int] = set()
+        self.routed = Counter[str]()  # the routers' counters of earlier incarnations
 
     @property
     def host(self) -> MultiRaft | None:
@@ -377,8 +427,54 @@ class SimNode:
             p.snapshots.floor = lambda g: app.index[g] - c.archive_lag
         self.pipeline = p
         p.add_groups(self.groups, ())  # (the disks were bootstrapped: no group starts here)
+        self.loop = SimLoop(c.clock)
+        fids = fid_start(self.incarnation)
+        router = Router(self.id, SimDriver(p, self._kick), SIM_ROUTER, self.loop, fids)
+        self.router = router
+        router.attach(SimTransport(self))
+        router.start()
+        self.connected = set()
+
+    def peer_report(self, peer: int, up: bool) -> None:
+        """The transport reports its connection to ``peer`` (ctxstore/node.py's order)."""
+        p, router = self.pipeline, self.router
+        assert p is not None and router is not None
+        if up:
+            p.peer_up(peer)
+            self.connected.add(peer)
+            router.on_peer_up(peer)
+        else:
+            p.peer_down(peer)
+            self.connected.discard(peer)
+            router.on_peer_down(peer)
+
+    def deliver(self, packet: Packet) -> None:
+        """What a peer sent: a Raft message to the pipeline, a router envelope to the router."""
+        if packet.group == APP_LANE:
+            assert self.router is not None
+            self.router.on_app(packet.src, [packet.data])
+        else:
+            assert self.pipeline is not None
+            self.pipeline.step([(packet.group, _decode(packet.data))])
+
+    def run_pass(self) -> None:
+        """The driver's pass: the router's append batches first (``before_pass``), then the
+        pipeline's; what they propose joins this pass."""
+        assert self.pipeline is not None and self.router is not None
+        self.router.propose_batches()
+        self.kicked = False
+        self.pipeline.run_pass()
+
+    def routed_counts(self) -> Counter[str]:
+        """The routers' counters, over every incarnation so far."""
+        out = Counter(self.routed)
+        if self.router is not None:
+            out += _router_counts(self.router)
+        return out
 
     def _leader_change(self, group: int, lead: int) -> None:
+        if self.router is not None:
+            self.router.on_leader_change(group, lead)
         if lead == self.id:
             assert self.host is not None
             self.cluster.log(f"g{group} n{self.id} leads term {self.host.node(group).raft.term}")
@@ -410,6 +506,11 @@ class SimNode:
         self._read_seq = self.pipeline.read_seq
         self.pipeline = None
         self.app = None
+        if self.router is not None:  # (its requests die with it: the clients time out)
+            self.routed += _router_counts(self.router)
+        self.router = None
+        self.loop = None
+        self.connected = set()
         self.waiting.clear()
         return what
 
@@ -433,6 +534,14 @@ class SimNode:
         self.start()
 
 
+def _router_counts(router: Router) -> Counter[str]:
+    return Counter(
+        forwarded=router.forwarded,
+        batches=router.batches_proposed,
+        batched=router.appends_batched,
+    )
+
+
 @dataclass
 class Stats:
     proposals: int = 0
@@ -445,6 +554,9 @@ class Stats:
     snapshots_taken: int = 0
     snapshots_installed: int = 0
     reads: int = 0
+    client_reads: int = 0  # read barriers answered to clients through a router
+    forwarded: int = 0  # requests a router forwarded to its group's leader
+    append_batches: int = 0  # AppendBatch entries the routers proposed
     acks: int = 0  # appends acknowledged to clients
     dedupes: int = 0  # of which answered by a dedupe
     pauses: int = 0
@@ -457,6 +569,21 @@ class Stats:
     drains: int = 0
     removals: int = 0
     refused: int = 0  # restarts of a retired node, refused
+
+
+class Ticket:
+    """Whether any command of a submission was answered with a result (not an error)."""
+
+    def __init__(self) -> None:
+        self.ok = False
+
+    def watch(self, done: Callable[[object, object], None]) -> Callable[[object, object], None]:
+        def watched(result: object, exc: object) -> None:
+            if exc is None:
+                self.ok = True
+            done(result, exc)
+
+        return watched
 
 
 def _ignore(result: object, exc: BaseException | None) -> None:
@@ -498,6 +625,9 @@ class SimCluster:
         self.held: list[Packet] = []  # sent to a paused node
         self.history = History()
         self.clients = Clients(self.rng, groups, self.history)
+        # The clients' requests not answered yet, oldest first: (id, node, its deadline).
+        self.requests: dict[int, tuple[int, float]] = {}
+        self._request_ids = itertools.count()
         # Seeds where an archive lags the applied index by this many entries (the compaction
         # floor, ctxstore's archived index): snapshots are held until it catches up.
         self.archive_lag = 20 if seed % 5 == 1 else 0
@@ -605,28 +735,23 @@ class SimCluster:
             self._start_pauses()
         incarnations = {n: node.incarnation for n, node in self.nodes.items() if n in self.alive}
         for report in self.links.update(self.now, incarnations, self.net.blocked):
-            p = self.nodes[report.observer].pipeline
-            assert p is not None
-            if report.up:
-                p.peer_up(report.peer)
-            else:
-                p.peer_down(report.peer)
+            self.nodes[report.observer].peer_report(report.peer, report.up)
             self.stats.peer_reports += 1
         for packet in self.net.due(self.now):
             if packet.dst in self.paused:
                 self.held.append(packet)  # in the paused process's socket buffer
                 continue
-            p = self.nodes[packet.dst].pipeline
-            if p is not None:
-                p.step([(packet.group, _decode(packet.data))])
+            if self.nodes[packet.dst].pipeline is not None and self.links.arrives(packet):
+                self.nodes[packet.dst].deliver(packet)
         running = [node for node in self.running() if node.pipeline is not None]
         for node in running:
             node.finish_writes()
         for node in running:
-            assert node.pipeline is not None
+            assert node.loop is not None
+            node.loop.run_due()  # the routers' timers: deadlines, retries, reads asked again
+        for node in running:
             if node.kicked:  # as the driver's loop: a pass only when an input asked for one
-                node.kicked = False
-                node.pipeline.run_pass()
+                node.run_pass()
         if self.now % ROUNDS_PER_TICK == 0:
             for node in running:
                 assert node.pipeline is not None
@@ -637,6 +762,7 @@ class SimCluster:
                 self.checker.scan(rep.node_id, rep.group, rn)
         if self.clients.violations:
             raise self.clients.violations[0]
+        self.check_requests()
         if self.read_waves:
             self._read_waves()
 
@@ -652,6 +778,7 @@ class SimCluster:
             self.held = [p for p in self.held if p.dst != n]  # lost with the process
         self.stats.quiesced += node.host.stats.quiesced
         self.alive.discard(n)
+        self.requests = {rid: r for rid, r in self.requests.items() if r[0] != n}  # (cut off)
         tear = self.wal and self.rng.random() < TORN_WRITE
         what = node.crash(tear, self.rng)
         if node.torn is not None:
@@ -728,11 +855,9 @@ class SimCluster:
             self.read(n, g)
         held = [p for p in self.held if p.dst == n]
         self.held = [p for p in self.held if p.dst != n]
-        pipeline = self.nodes[n].pipeline
-        assert pipeline is not None
         for p in held:
-            if (p.src, p.dst) not in self.net.blocked:
-                pipeline.step([(p.group, _decode(p.data))])
+            if (p.src, p.dst) not in self.net.blocked and self.links.arrives(p):
+                self.nodes[n].deliver(p)
 
     def heal(self) -> None:
         if self.net.blocked:
@@ -740,30 +865,60 @@ class SimCluster:
         self.net.blocked.clear()
 
     # -- client actions ------------------------------------------------------------------------
-    def propose(
-        self, g: int, via: int | None = None, stale: bool = False
-    ) -> tuple[int, int] | None:
-        """A client's next command for ``g`` (clients in app.py): its (term, index).  Sent to
-        the newest leader, to any node that believes it leads (``stale``), or ``via`` a given
-        node, through the node's pipeline."""
-        if via is not None:
-            rep: Replica | None = self.replicas[(via, g)]
-        elif stale:
-            leaders = self.leaders(g)
-            rep = self.rng.choice(leaders) if leaders else None
-        else:
-            rep = self.leader(g)
-        if rep is None or rep.rn is None or rep.node_id in self.paused:
+    def propose(self, g: int, via: int | None = None, stale: bool = False) -> Ticket | None:
+        """A client's next commands for ``g`` (clients in app.py), submitted through a node's
+        router (ctxstore/router.py): the newest leader's, a node's that believes it leads
+        (``stale``), or ``via`` a given node's, which forwards them to the leader it knows.
+        Several appends submitted together share one ``AppendBatch`` entry.  The ticket
+        tells whether a client was answered."""
+        if via is None:
+            if stale:
+                leaders = self.leaders(g)
+                rep = self.rng.choice(leaders) if leaders else None
+            else:
+                rep = self.leader(g)
+            if rep is None:
+                return None
+            via = rep.node_id
+        if self.nodes[via].router is None or via in self.paused:
             return None
-        pipeline = self.nodes[rep.node_id].pipeline
-        assert pipeline is not None
-        cmd, done = self.clients.command(g)
-        try:
-            index = pipeline.propose(g, commands.encode_command(cmd), done)
-        except RaftError:
-            return None
-        self.stats.proposals += 1
-        return rep.rn.raft.term, index
+        return self.submit(via, g, self.clients.command(g))
+
+    def submit(self, n: int, g: int, subs: list[Submission]) -> Ticket:
+        """Submit commands for ``g`` to node ``n``'s router, together (one loop iteration)."""
+        router = self.nodes[n].router
+        assert router is not None
+        ticket = Ticket()
+        for sub in subs:
+            done = self._request(n, ticket.watch(sub.done))
+            router.submit_then(g, sub.data(), done, sub.append)
+            self.stats.proposals += 1
+        return ticket
+
+    def _request(
+        self, n: int, done: Callable[[object, object], None]
+    ) -> Callable[[object, object], None]:
+        """A client's request to node ``n``'s router: it must be answered exactly once, by its
+        deadline (``check_requests``), unless the node crashes first."""
+        rid = next(self._request_ids)
+        self.requests[rid] = (n, self.clock() + SIM_ROUTER.request_timeout_s)
+
+        def answered(result: object, exc: object) -> None:
+            if self.requests.pop(rid, None) is None:
+                self.clients.violations.append(Violation(f"n{n}: a request answered twice"))
+            done(result, exc)
+
+        return answered
+
+    def check_requests(self) -> None:
+        """Every request is answered by its deadline (the router's rule; ``SWEEP_S`` late at
+        most, a round more for the simulated loop), but on a paused node."""
+        late = self.clock() - 2 * SWEEP_S
+        for n, deadline in self.requests.values():
+            if deadline >= late:
+                break  # (in the order of their deadlines)
+            if n not in self.paused:
+                raise Violation(f"n{n}: a request not answered by its deadline ({deadline:.2f} s)")
 
     def conf_change(self, g: int, pick: random.Random) -> None:
         rep = self.leader(g)
@@ -878,6 +1033,39 @@ class SimCluster:
         key = ctx + self.stats.reads.to_bytes(8, "big")
         self.checker.on_read_asked(n, g, key)
         self.stats.reads += 1
+
+    def client_read(self, n: int, g: int) -> None:
+        """A client's read of ``g`` at node ``n`` through its router (a read barrier: ReadIndex,
+        asked of the leader over Raft; retried, timed out): once answered, the node's state
+        holds every append acknowledged before the read began, and no session's read cursor
+        is behind one a client was told before it began."""
+        node = self.nodes[n]
+        router, app = node.router, node.app
+        if router is None or app is None or n in self.paused:
+            return
+        floor = self.clients.read_floor(g)
+        cursors = {sid: self.history.cursor_acked.get(sid, 0) for sid in self.clients.sessions[g]}
+
+        def done(index: object, exc: object) -> None:
+            if exc is not None:
+                told_failure(f"g{g} n{n}: read", exc)
+                return
+            self.stats.client_reads += 1
+            for sid, seq in floor.items():
+                if (app.state.last_seq(sid) or 0) < seq:
+                    raise Violation(
+                        f"g{g} n{n}: a client read answered at {index} misses {sid} seq {seq}, "
+                        f"acknowledged before it began"
+                    )
+            for sid, told in cursors.items():
+                now = app.state.read_cursor(sid, owner(sid)) or 0
+                if now < told:
+                    raise Violation(
+                        f"g{g} n{n}: a client read answered at {index} has {sid}'s cursor at "
+                        f"{now}, behind {told}, which a client was told before (moved back)"
+                    )
+
+        router.barrier_then(g, self._request(n, self.clients.guard(done)))
 
     # -- whole-cluster checks ------------------------------------------------------------------
     def check_logs(self) -> None:

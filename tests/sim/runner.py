@@ -19,6 +19,7 @@ sends a single message
 from __future__ import annotations
 
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,9 +31,12 @@ from .checker import Violation
 from .cluster import (
     ELECTION_TICKS,
     ROUNDS_PER_TICK,
+    SIM_ROUTER,
+    SIM_TICK_S,
     Faults,
     SimCluster,
     Stats,
+    Ticket,
     quiesce_default,
     wal_default,
 )
@@ -84,10 +88,12 @@ def _safety_round(c: SimCluster) -> None:
     g = rng.choice(c.groups)
     n = rng.choice(c.ids)
     x = rng.random()
-    if x < 0.30:
-        c.propose(g, via=n if rng.random() < 0.1 else None, stale=True)
-    elif x < 0.34:
+    if x < 0.25:  # at any node (its router forwards), or at a node that believes it leads
+        c.propose(g, via=n if rng.random() < 0.2 else None, stale=True)
+    elif x < 0.32:
         c.read(n, g)
+    elif x < 0.34:
+        c.client_read(n, g)
     elif x < 0.35:
         c.compact(n, g)
     elif x < 0.354:
@@ -186,6 +192,7 @@ def liveness_phase(c: SimCluster, liveness_ticks: int) -> None:
     if c.membership is not None and (left := c.membership.unsettled()):
         raise Violation(f"membership: unsettled again after progress: {'; '.join(left)}")
     _history(c, away)
+    _answered(c)
     if c.quiesce:
         _quiescence(c, away)
 
@@ -193,7 +200,7 @@ def liveness_phase(c: SimCluster, liveness_ticks: int) -> None:
 def _progress(c: SimCluster, liveness_ticks: int, away: int | None) -> None:
     """Every group commits a new proposal and its reachable members apply all committed."""
     done: set[int] = set()
-    markers: dict[int, tuple[int, int]] = {}  # group -> (term, index) of the latest proposal
+    markers: dict[int, list[Ticket]] = {}  # group -> its proposals' tickets
     proposed_at: dict[int, int] = {}
     for r in range(liveness_ticks * ROUNDS_PER_TICK):
         tick = r // ROUNDS_PER_TICK
@@ -206,7 +213,8 @@ def _progress(c: SimCluster, liveness_ticks: int, away: int | None) -> None:
             if tick - proposed_at.get(g, -1000) >= 3 * ELECTION_TICKS:
                 marker = c.propose(g)
                 if marker is not None:
-                    markers[g], proposed_at[g] = marker, tick
+                    markers.setdefault(g, []).append(marker)
+                    proposed_at[g] = tick
             if g in markers and _group_caught_up(c, g, markers[g], away):
                 done.add(g)
         if len(done) == len(c.groups):
@@ -229,6 +237,16 @@ def _history(c: SimCluster, away: int | None) -> None:
             app = c.nodes[n].app
             assert app is not None
             c.history.check_replica(n, app.state, c.clients.sessions[g])
+
+
+def _answered(c: SimCluster) -> None:
+    """Every client request is answered (by its deadline: ``SimCluster.check_requests``), so
+    no router asks for anything more (a read barrier retried until its deadline would)."""
+    for _ in range(int(SIM_ROUTER.request_timeout_s / SIM_TICK_S + 2) * ROUNDS_PER_TICK):
+        if not c.requests:
+            return
+        c.round()
+    raise Violation(f"liveness: {len(c.requests)} requests never answered")
 
 
 def _quiescence(c: SimCluster, away: int | None) -> None:
@@ -334,11 +352,10 @@ def _awake(
     return out
 
 
-def _group_caught_up(c: SimCluster, g: int, marker: tuple[int, int], away: int | None) -> bool:
-    """The marker is committed and every reachable member applied all that was committed."""
-    term, index = marker
-    committed = c.checker.committed.get((g, index))
-    if committed is None or committed[0] != term:
+def _group_caught_up(c: SimCluster, g: int, markers: list[Ticket], away: int | None) -> bool:
+    """A client was answered a new proposal's result (through the leader's router) and every
+    reachable member applied all that was committed."""
+    if not any(t.ok for t in markers):
         return False
     lead = c.leader(g)
     if lead is None or lead.rn is None:
@@ -399,6 +416,9 @@ def run_seed(
         c.stats.quiesced = c.quiesced_total()
         c.stats.snapshots_taken = c.snapshots_taken()
         c.stats.acks = c.history.acks
+        routed = sum((node.routed_counts() for node in c.nodes.values()), Counter[str]())
+        c.stats.forwarded = routed["forwarded"]
+        c.stats.append_batches = routed["batches"]
         c.stats.dedupes = c.history.dedupes
     return SimResult(
         seed, nodes, groups, ticks, violation, c.stats, wal, quiesce, lines, membership

@@ -1,7 +1,8 @@
 """The simulation in the default test run: seeded sweeps, and hypothesis-driven schedules.
 
 Sweeps: 200 seeds x 2 000 ticks (100 on 3 nodes, 100 on 5 nodes, 3 groups each), every fault
-kind, each node the driver's pipeline over a MultiRaft host with ctxstore's state machine.
+kind, each node the driver's pipeline over a MultiRaft host with ctxstore's router and state
+machine.
 Every third seed runs on the real WAL (with torn writes on crashes) and every seventh without
 quiescence (``wal_default``, ``quiesce_default``); each chunk of 10 seeds covers both.  A
 failure names the seed and the command that replays it.
@@ -58,6 +59,9 @@ def test_seed_sweep(nodes: int, first: int) -> None:
                 ("acknowledged append", st_.acks),
                 ("dedupe", st_.dedupes),
                 ("peer report", st_.peer_reports),
+                ("forward", st_.forwarded),
+                ("append batch", st_.append_batches),
+                ("client read", st_.client_reads),
             )
             if n
         }
@@ -78,6 +82,9 @@ def test_seed_sweep(nodes: int, first: int) -> None:
         "acknowledged append",
         "dedupe",
         "peer report",
+        "forward",
+        "append batch",
+        "client read",
     }, kinds
 
 
@@ -253,6 +260,10 @@ class RaftSchedules(RuleBasedStateMachine):
     @rule(data=st.data(), g=st.sampled_from([0, 1]))
     def read(self, data: st.DataObject, g: int) -> None:
         self.cluster.read(self._node(data), g)
+
+    @rule(data=st.data(), g=st.sampled_from([0, 1]))
+    def client_read(self, data: st.DataObject, g: int) -> None:
+        self.cluster.client_read(self._node(data), g)
 
     @invariant()
     def logs_agree(self) -> None:
