@@ -191,8 +191,9 @@ def liveness_phase(c: SimCluster, liveness_ticks: int) -> None:
     _progress(c, liveness_ticks, away)
     if c.membership is not None and (left := c.membership.unsettled()):
         raise Violation(f"membership: unsettled again after progress: {'; '.join(left)}")
-    _history(c, away)
     _answered(c)
+    _applied(c, liveness_ticks, away)
+    _history(c, away)
     if c.quiesce:
         _quiescence(c, away)
 
@@ -355,8 +356,22 @@ def _awake(
 def _group_caught_up(c: SimCluster, g: int, markers: list[Ticket], away: int | None) -> bool:
     """A client was answered a new proposal's result (through the leader's router) and every
     reachable member applied all that was committed."""
-    if not any(t.ok for t in markers):
-        return False
+    return any(t.ok for t in markers) and _applied_everywhere(c, g, away)
+
+
+def _applied(c: SimCluster, liveness_ticks: int, away: int | None) -> None:
+    """Every reachable member of every group applies all that was committed (again: requests
+    a router still held, retried or forwarded, may have committed after ``_progress``)."""
+    for _ in range(liveness_ticks * ROUNDS_PER_TICK):
+        if all(_applied_everywhere(c, g, away) for g in c.groups):
+            return
+        c.round()
+    missing = [g for g in c.groups if not _applied_everywhere(c, g, away)]
+    detail = "; ".join(_describe(c, g) for g in missing)
+    raise Violation(f"liveness: groups {missing} not applied everywhere: {detail}")
+
+
+def _applied_everywhere(c: SimCluster, g: int, away: int | None) -> bool:
     lead = c.leader(g)
     if lead is None or lead.rn is None:
         return False
