@@ -31,8 +31,9 @@ from wire.flow import CountedLog
 
 from .archive import Archive
 from .history import History, HistoryUnavailable
+from .peer_messages import HistoryFetch, HistoryRows
 from .records import StoredMessage
-from .router import HistoryFetch, HistoryRows, RouteError, Router
+from .router import RouteError, Router
 
 logger = logging.getLogger(__name__)
 

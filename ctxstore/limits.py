@@ -49,8 +49,8 @@ from . import commands
 from .config import ConfigError
 from .history import PAGE_BYTES_MAX
 from .history import message_bytes as stored_message_bytes
+from .peer_messages import Forward, HistoryRows
 from .records import StoredMessage
-from .router import Forward, HistoryRows
 from .state import StateLimits
 from .subscriptions import SubscriptionLimits
 

@@ -70,9 +70,10 @@ from .membership import (
 )
 from .meta import Machines, MetaMachine
 from .mover import Mover
+from .peer_messages import HistoryFetch, HistoryRows
 from .records import StoredMessage
 from .retire import Retirer
-from .router import HistoryFetch, HistoryRows, Router, RouterConfig
+from .router import Router, RouterConfig
 from .state import ConversationState, StateLimits
 from .subscriptions import SubscriptionLimits, Subscriptions
 from .tokens import TokenCounters

@@ -63,61 +63,21 @@ from wire.protocol import (
 )
 
 from .auth import Principal
+from .peer_messages import (
+    RelayAck,
+    RelayAnswer,
+    RelayCancel,
+    RelayEnded,
+    RelayEnvelope,
+    RelayPush,
+    RelayRequest,
+)
 from .placement import group_of
 
 logger = logging.getLogger(__name__)
 
 SWEEP_S = 0.05  # deadlines, withheld acknowledgements and unsent ends are looked at this often
 
-
-class RelayRequest(msgspec.Struct, array_like=True, tag=40):
-    """A client's request (encoded, its rid the client's) with the principal it came with."""
-
-    fid: int
-    group: int
-    request: bytes
-    role: str
-    sub: str
-    sessions: list[str] | None
-    expires_at: float | None
-    groups: list[int] = []  # a SubscribeInbox: only these groups' sessions (empty: all hosted)
-
-
-class RelayAnswer(msgspec.Struct, array_like=True, tag=41):
-    """``response``: the encoded answer when ``code`` is empty; ``code`` "unavailable": the
-    replica could not take the request (not hosted there, too busy): ask another."""
-
-    fid: int
-    response: bytes
-    code: str
-    message: str
-    leader: int  # the group's leader as the replica knows it (0: none)
-
-
-class RelayPush(msgspec.Struct, array_like=True, tag=42):
-    fid: int
-    event: bytes  # an encoded wire Push
-
-
-class RelayAck(msgspec.Struct, array_like=True, tag=43):
-    """The origin took these streams' pushes up to ``totals`` bytes (of ``RelayPush.event``)."""
-
-    fids: list[int]
-    totals: list[int]
-
-
-class RelayCancel(msgspec.Struct, array_like=True, tag=44):
-    fids: list[int]
-
-
-class RelayEnded(msgspec.Struct, array_like=True, tag=45):
-    """The replica ended these streams without a word (a push could not be queued)."""
-
-    fids: list[int]
-
-
-RelayEnvelope = RelayRequest | RelayAnswer | RelayPush | RelayAck | RelayCancel | RelayEnded
-RELAY_ENVELOPES = (RelayRequest, RelayAnswer, RelayPush, RelayAck, RelayCancel, RelayEnded)
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_request = msgspec.msgpack.Decoder(Request).decode
@@ -620,4 +580,4 @@ def _task_answer(rid: int, task: asyncio.Future[Response]) -> Response:
     return task.result()
 
 
-__all__ = ["RELAY_ENVELOPES", "PeerConn", "Relay", "RelayEnvelope", "relay_group"]
+__all__ = ["PeerConn", "Relay", "relay_group"]

@@ -52,8 +52,9 @@ from wire.protocol import (
 
 from .auth import Principal
 from .inbox import Inboxes
+from .peer_messages import RelayAck, RelayCancel, RelayPush
 from .registry import Streams
-from .relay import Call, Relay, RelayAck, RelayCancel, RelayPush
+from .relay import Call, Relay
 from .subscriptions import SubscriptionLimits
 
 logger = logging.getLogger(__name__)

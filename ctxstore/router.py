@@ -48,17 +48,19 @@ from raft.transport import Transport
 
 from . import commands
 from .errors import OUTCOME_CODES, Outcome, ServiceError, proposal_outcome
-from .records import StoredMessage
-from .relay import (
+from .peer_messages import (
     RELAY_ENVELOPES,
-    Relay,
-    RelayAck,
-    RelayAnswer,
-    RelayCancel,
-    RelayEnded,
-    RelayPush,
-    RelayRequest,
+    Advertise,
+    ChunkInterest,
+    ChunkRelay,
+    Forward,
+    ForwardReply,
+    HistoryFetch,
+    HistoryRows,
 )
+from .peer_messages import decode_envelope as _decode_envelope
+from .peer_messages import encode as _encode
+from .relay import Relay
 
 logger = logging.getLogger(__name__)
 
@@ -68,78 +70,8 @@ SWEEP_S = 0.05  # how often deadlines are checked (a request fails at most this 
 RouteError = ServiceError  # the name the router's callers know it by
 
 
-class Forward(msgspec.Struct, array_like=True, tag=1):
-    fid: int
-    group: int
-    command: bytes
-    append: bool = False  # ``command`` is an encoded ``commands.Append`` (it may be batched)
-
-
-class ForwardReply(msgspec.Struct, array_like=True, tag=2):
-    fid: int
-    result: bytes  # an encoded commands.Result when ``code`` is empty
-    code: str  # "" | "not_leader" | "unavailable" | "timeout" | "internal"
-    message: str
-    leader: int
-
-
-class Advertise(msgspec.Struct, array_like=True, tag=3):
-    """Sent to every peer whose connection comes up: where this node serves clients."""
-
-    node_id: int
-    client_address: str
-
-
-class HistoryFetch(msgspec.Struct, array_like=True, tag=4):
-    """Messages ``after_seq < seq <= to_seq`` of a session, for a peer refilling its archive
-    after an InstallSnapshot (design §5.4)."""
-
-    fid: int
-    session_id: str
-    after_seq: int
-    to_seq: int
-    limit: int
-
-
-class HistoryRows(msgspec.Struct, array_like=True, tag=5):
-    """The answer: consecutive messages from ``after_seq + 1`` on, or from ``gap_to + 1`` on when
-    ``gap_to`` > 0 (retention deleted everything up to it).  ``code`` "" or "unavailable"."""
-
-    fid: int
-    messages: list[StoredMessage]
-    gap_to: int
-    code: str
-    message: str
-
-
-class ChunkRelay(msgspec.Struct, array_like=True, tag=30):
-    """A live agent chunk, from the leader running the call to every peer, for the session's
-    subscribers there (ctxstore/agents/engine.py); best effort, never queued past the peer's
-    application queue."""
-
-    session_id: str
-    trigger_seq: int
-    attempt: int
-    chunk: dict[str, Any]
-
-
-class ChunkInterest(msgspec.Struct, array_like=True, tag=31):
-    """The sender has (``on``) or no longer has chunk subscribers of these sessions: a leader
-    relays a session's chunks only to the peers that have some.  Sent for one session as its
-    first subscriber comes or its last goes, and for all of them when a peer connects."""
-
-    sessions: list[str]
-    on: bool
-
-
-Envelope = (
-    Forward | ForwardReply | Advertise | HistoryFetch | HistoryRows | ChunkRelay | ChunkInterest
-    | RelayRequest | RelayAnswer | RelayPush | RelayAck | RelayCancel | RelayEnded
-)  # fmt: skip
 CHUNK_INTEREST_MAX = 100_000  # sessions one peer may ask chunks of (more are ignored)
 HistoryServer = Callable[[HistoryFetch], Coroutine[Any, Any, HistoryRows]]
-_encode = msgspec.msgpack.Encoder().encode
-_decode_envelope = msgspec.msgpack.Decoder(Envelope).decode
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from typing import Any, cast
 import pytest
 
 from ctxstore.backfill import Backfill
-from ctxstore.router import HistoryRows, RouteError
+from ctxstore.peer_messages import HistoryRows
+from ctxstore.router import RouteError
 
 from .test_archive import opened, run, tail, wait_until
 

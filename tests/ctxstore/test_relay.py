@@ -23,7 +23,8 @@ from ctxstore.config import Settings
 from ctxstore.launcher import free_port
 from ctxstore.metrics import NodeMetrics
 from ctxstore.node import Node
-from ctxstore.relay import Relay, RelayAnswer, RelayEnvelope, RelayRequest
+from ctxstore.peer_messages import RelayAnswer, RelayEnvelope, RelayRequest
+from ctxstore.relay import Relay
 from ctxstore.server import Service
 from ctxstore.subscriptions import SubscriptionLimits
 from wire.aio import Server
