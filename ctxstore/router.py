@@ -191,15 +191,17 @@ class Router:
         for appends in batches.values():
             for _, done in appends:
                 done(None, RouteError("unavailable", "the node is stopping"))
-        for p in list(self._forwards.values()):
-            self._fail(p, RouteError("unavailable", "the node is stopping"))
-        self._forwards.clear()
-        for waits in self._leader_waits.values():
+        for waits in self._leader_waits.values():  # sent nowhere yet
             for p in waits:
                 self._fail(p, RouteError("unavailable", "the node is stopping"))
         self._leader_waits.clear()
-        for p in self._deadlines:
-            self._fail(p, RouteError("unavailable", "the node is stopping"))
+        # Forwarded or proposed here: a read was not served, a write may still commit.
+        for p in [*self._forwards.values(), *self._deadlines]:
+            if p.command is None:
+                self._fail(p, RouteError("unavailable", "the node is stopping"))
+            else:
+                self._fail(p, RouteError("timeout", "outcome unknown: the node is stopping"))
+        self._forwards.clear()
         self._deadlines.clear()
         self._read_retries.clear()
         for fut, _, _ in self._fetches.values():

@@ -922,9 +922,12 @@ class Pipeline:
             self.on_stop(exc)
 
     def fail_all(self, exc: RaftError) -> None:
-        """Fail every waiting proposal and read with ``exc``."""
+        """Fail every waiting read with ``exc``, and every waiting proposal with
+        ``OutcomeUnknown`` saying ``exc``: it is in the log and may have reached followers, so
+        another leader may still commit it."""
+        unknown = OutcomeUnknown(f"the node stopped with the proposal in flight ({exc})")
         for group in self._proposals:
-            self._drop_waiters(group, lambda: exc)
+            self._drop_waiters(group, lambda: unknown)
         batches = [batch for _, batch in self._read_batches.values()]
         self._read_batches.clear()
         for reads in self._reads.values():

@@ -74,3 +74,54 @@ def test_the_router_acts_on_the_outcome(
         assert (driver.proposals > 1) is retried
 
     uvloop.run(main())
+
+
+class _FollowerOf2:
+    """Node 1 follows node 2 in every group; read barriers are asked and never answered."""
+
+    def __init__(self) -> None:
+        self.reads: list[Any] = []
+
+    def leader(self, group: int) -> int:
+        return 2
+
+    def read_index_then(self, group: int, done: Any, *more: Any) -> None:
+        self.reads.append(done)
+
+
+class _Lane:
+    """A peer connection to node 2 that takes every application message."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def is_connected(self, peer: int) -> bool:
+        return True
+
+    def connected_peers(self) -> list[int]:
+        return [2]
+
+    def send_app(self, peer: int, data: bytes) -> bool:
+        self.sent.append(data)
+        return True
+
+
+def test_a_stopping_router_fails_a_forwarded_write_as_timeout_and_a_read_as_unavailable() -> None:
+    """The forwarded write may still be applied by the leader: its outcome is unknown."""
+
+    async def main() -> None:
+        driver, lane = _FollowerOf2(), _Lane()
+        router = Router(1, driver, RouterConfig())  # type: ignore[arg-type]
+        router.attach(lane)  # type: ignore[arg-type]
+        router.start()
+        write, read = router.submit(0, b"x"), router.barrier(0)
+        await asyncio.sleep(0.01)
+        assert lane.sent and driver.reads  # forwarded; the barrier asked
+        router.stop()
+        with pytest.raises(RouteError) as w:
+            await write
+        with pytest.raises(RouteError) as r:
+            await read
+        assert (w.value.code, r.value.code) == ("timeout", "unavailable")
+
+    uvloop.run(main())
