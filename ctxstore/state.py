@@ -44,23 +44,7 @@ Limits change replicated outcomes (dedupe, cursors): every replica must use the 
 ``StateLimits``.  Node-wide indexes, maintained on apply and fixed on restore: session id ->
 group (for queries), user id -> sorted session ids (for ``list_sessions``).
 
-Memory, worst case per session (CPython 3.11, 64-bit; ids <= 128 chars, metadata <= 16 KiB and
-content <= 1 MiB as the wire allows; measured with tracemalloc):
-- hot tail: ``tail_bytes_max`` + 1 message (<= 1.02 MiB) of payload, plus up to ~660 B of objects
-  per message (StoredMessage struct, 128-char sender and client_msg_id strings, ints, deque slots)
-  -> 8 MiB + 1 MiB + 10 000 x 660 B ~ 15.3 MiB with the default limits;
-- dedupe window: ~400 B per id (dict slot, 128-char id, tuple, 16-byte digest, ints; ~160 B
-  while the id is shared with a message of the tail) -> 1 024 x 400 B ~ 0.4 MiB;
-- read cursors: ~200 B per user (128-char id) -> 1 024 x 200 B ~ 0.2 MiB;
-- a context window, once configured (ctxstore/window.py): ~150 B per record, at most
-  ``window_records_max`` records (~1.5 MiB), plus compactions' replacement messages (part of
-  its ``window_bytes_max``);
-- the session record and its index entries: ~1 KiB plus its metadata (<= 16 KiB encoded).
-So about 16 MiB per session at most with the defaults; a typical chat session (short messages,
-few users, a few hundred messages) costs tens to hundreds of KiB.  Tails are further bounded
-per group (``group_tail_bytes_max``, 4 MiB by default: 1 GiB over 256 groups, however much
-history there is), except for the newest message of each session.  What grows with the number
-of sessions is the rest: records, dedupe windows and cursors (and one message each).
+Memory per session, worst case and typical: docs/ctxstore.md ("Memory per session").
 
 Objects returned by queries and results (``Session``, ``Message``, their metadata dicts) are
 shared with the state: callers must not mutate them.
