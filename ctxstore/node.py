@@ -75,6 +75,7 @@ from .records import StoredMessage
 from .retire import Retirer
 from .router import Router, RouterConfig
 from .state import ConversationState, StateLimits
+from .strays import Strays
 from .subscriptions import SubscriptionLimits, Subscriptions
 from .tokens import TokenCounters
 from .window import Window
@@ -183,6 +184,17 @@ class Node:
         self.retirer = Retirer(self.driver, self.state, self.archive)
         self.driver.on_removed = self._on_removed
         self._retirements: set[asyncio.Task[None]] = set()
+        self.strays = Strays(
+            s.node_id,
+            self.driver,
+            lambda g: s.node_id in self.replicas(g),
+            self._send_app,
+            self._retire_stray,
+            self.meta_group,
+            lambda g: g in self.retirer.retiring,
+        )
+        self.router.on_member = self.strays.on_envelope
+        self._housekeeping: asyncio.TimerHandle | None = None
         self._add_groups(initial)
         self.mover = Mover(
             s.node_id,
@@ -495,6 +507,7 @@ class Node:
             self.postgres.start()
         self.dispatcher.start()
         self.mover.start()
+        self._housekeeping = asyncio.get_running_loop().call_later(HOUSEKEEPING_S, self._housekeep)
         if self.transport is not None:
             self._leaderless_timer = asyncio.get_running_loop().call_later(
                 LEADERLESS_CHECK_S, self._check_leaderless
@@ -568,6 +581,25 @@ class Node:
         self.driver.add_groups([group], ())
         logger.info("group %d: hosted here from now on (traffic from node %d)", group, peer)
 
+    def _send_app(self, peer: int, data: bytes) -> bool:
+        return self.transport is not None and self.transport.send_app(peer, data)
+
+    def _retire_stray(self, group: int, still: Callable[[], bool]) -> None:
+        """The group's leader no longer counts this node (ctxstore/strays.py): retire it."""
+        task = asyncio.get_running_loop().create_task(self._retire_group(group, still))
+        self._retirements.add(task)
+        task.add_done_callback(self._retirements.discard)
+
+    def _housekeep(self) -> None:
+        """Every ``HOUSEKEEPING_S``: ask about the groups hosted here the view no longer
+        places here (``strays``)."""
+        loop = asyncio.get_running_loop()
+        self._housekeeping = loop.call_later(HOUSEKEEPING_S, self._housekeep)
+        try:
+            self.strays.run_once(loop.time())
+        except Exception:  # (a bug here must not stop the node: logged, next round)
+            logger.exception("housekeeping failed")
+
     def _on_removed(self, group: int) -> None:
         """This node applied its own removal from ``group``: retire it (its Raft group, state
         and archive rows go; ``ctxstore/retire.py``).  The meta group is left alone: a node
@@ -578,9 +610,9 @@ class Node:
         self._retirements.add(task)
         task.add_done_callback(self._retirements.discard)
 
-    async def _retire_group(self, group: int) -> None:
+    async def _retire_group(self, group: int, still: Callable[[], bool] | None = None) -> None:
         try:
-            await self.retirer.retire(group)
+            await self.retirer.retire(group, still)
         except NodeStopped:
             pass  # (a restart finishes it)
         except Exception as e:
@@ -624,6 +656,9 @@ class Node:
         if self._advertising is not None:
             self._advertising.cancel()
         await self.mover.stop()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            self._housekeeping = None
         if self._retirements:
             await asyncio.wait(self._retirements, timeout=self.settings.shutdown_timeout_s / 2)
         await self.dispatcher.stop()
@@ -723,6 +758,7 @@ def write_identity(data_dir: str, identity: dict[str, Any]) -> None:
 
 ADVERTISE_RETRY_S = 2.0
 RETIRE_GRACE_S = 2.0  # a removed node's connections close this long after the view said so
+HOUSEKEEPING_S = 0.5  # how often strays are looked for (_housekeep)
 LEADERLESS_CHECK_S = 1.0  # how often groups without a leader are looked for (_check_leaderless)
 
 NODE_FDS_RESERVED = 512

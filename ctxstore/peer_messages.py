@@ -133,12 +133,35 @@ class RelayEnded(msgspec.Struct, array_like=True, tag=45):
     fids: list[int]
 
 
+class MemberQuery(msgspec.Struct, array_like=True, tag=50):
+    """Is the sender still a member of ``group``? (ctxstore/strays.py)"""
+
+    qid: int
+    group: int
+
+
+class MemberAnswer(msgspec.Struct, array_like=True, tag=51):
+    """What the answering node knows of ``group``: ``leader`` if it leads it at ``term``;
+    ``pending`` if a membership change is in its log, not applied; ``members``: the voters and
+    learners of its applied configuration (ctxstore/strays.py)."""
+
+    qid: int
+    group: int
+    term: int
+    leader: bool
+    pending: bool
+    members: list[int]
+
+
+STRAY_ENVELOPES = (MemberQuery, MemberAnswer)
+
 RelayEnvelope = RelayRequest | RelayAnswer | RelayPush | RelayAck | RelayCancel | RelayEnded
 RELAY_ENVELOPES = (RelayRequest, RelayAnswer, RelayPush, RelayAck, RelayCancel, RelayEnded)
 
 Envelope = (
     Forward | ForwardReply | Advertise | HistoryFetch | HistoryRows | ChunkRelay | ChunkInterest
     | RelayRequest | RelayAnswer | RelayPush | RelayAck | RelayCancel | RelayEnded
+    | MemberQuery | MemberAnswer
 )  # fmt: skip
 
 encode = msgspec.msgpack.Encoder().encode
@@ -146,6 +169,7 @@ decode_envelope = msgspec.msgpack.Decoder(Envelope).decode
 
 __all__ = [
     "RELAY_ENVELOPES",
+    "STRAY_ENVELOPES",
     "Advertise",
     "ChunkInterest",
     "ChunkRelay",
@@ -154,6 +178,8 @@ __all__ = [
     "ForwardReply",
     "HistoryFetch",
     "HistoryRows",
+    "MemberAnswer",
+    "MemberQuery",
     "RelayAck",
     "RelayAnswer",
     "RelayCancel",

@@ -29,7 +29,7 @@ that receives a snapshot.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from raft import GroupNotHosted
 from raft.driver import Driver
@@ -48,10 +48,14 @@ class Retirer:
         self.retiring: set[int] = set()  # groups being retired: not to be hosted again yet
         self.retired = 0
 
-    async def retire(self, group: int) -> None:
+    async def retire(self, group: int, still: Callable[[], bool] | None = None) -> None:
         """Drop ``group`` from this node: Raft and state now, the archive once the tombstone is
-        durable.  Raises ``NodeStopped`` if the driver stops first (a restart finishes it)."""
+        durable.  Raises ``NodeStopped`` if the driver stops first (a restart finishes it).
+        With ``still``: nothing is done unless ``still()`` holds in the step that removes the
+        group (ctxstore/strays.py: its copy did not change since its leader was asked)."""
         if group in self.retiring:
+            return
+        if still is not None and not still():
             return
         self.retiring.add(group)
         try:

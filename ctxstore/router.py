@@ -50,6 +50,7 @@ from . import commands
 from .errors import OUTCOME_CODES, Outcome, ServiceError, proposal_outcome
 from .peer_messages import (
     RELAY_ENVELOPES,
+    STRAY_ENVELOPES,
     Advertise,
     ChunkInterest,
     ChunkRelay,
@@ -57,6 +58,8 @@ from .peer_messages import (
     ForwardReply,
     HistoryFetch,
     HistoryRows,
+    MemberAnswer,
+    MemberQuery,
 )
 from .peer_messages import decode_envelope as _decode_envelope
 from .peer_messages import encode as _encode
@@ -157,6 +160,8 @@ class Router:
         self._chunk_peers: dict[int, set[str]] = {}  # peer -> sessions it wants chunks of
         self.chunks_relayed = 0
         self.relay: Relay | None = None  # requests for groups not hosted here (ctxstore.relay)
+        # Membership questions about groups a node may have left (ctxstore.strays)
+        self.on_member: Callable[[int, MemberQuery | MemberAnswer], None] | None = None
         self._fetches: dict[int, tuple[asyncio.Future[HistoryRows], int, float]] = {}
         self._history_serving = 0
         # group -> the appends to propose in this loop iteration's pass, in arrival order:
@@ -550,6 +555,9 @@ class Router:
                 self._serve(peer, envelope)
             elif isinstance(envelope, RELAY_ENVELOPES):
                 self._on_relay(peer, envelope)
+            elif isinstance(envelope, STRAY_ENVELOPES):
+                if self.on_member is not None:
+                    self.on_member(peer, envelope)
             elif isinstance(envelope, ForwardReply):
                 self._answered(peer, envelope)
             elif isinstance(envelope, HistoryFetch):
