@@ -12,8 +12,9 @@ hosted and led groups).  The others are signed with the cluster's secret and id,
 ``serve`` (``--config``, ``CTXSTORE_SECRET``, ``CTXSTORE_CLUSTER_ID``); they print the node's
 answer.  ``drain`` marks the node ``leaving``: the leaders move its groups away (``admin
 nodes`` shows ``groups`` 0 for it, then none of the hosted groups' members names it), then
-``remove`` retires it.  ``remove`` of a dead node retires it at once: its groups are given
-their new replicas, and its id never comes back.
+the node proposes its own removal and stops (``remove`` is not needed).  ``remove`` of a
+dead node retires it at once: its groups are given their new replicas, and its id never comes
+back.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def add_admin(sub: Any) -> None:
     c = p.add_subparsers(dest="admin_command", required=True, metavar="COMMAND")
     for name, text, node in (
         ("nodes", "print the cluster view: nodes, states, groups placed and led", False),
-        ("drain", "move every group of NODE away (it becomes leaving)", True),
+        ("drain", "move every group of NODE away, then it is removed (leaving, removed)", True),
         ("remove", "retire NODE (a dead node replaced, or a drained one): for good", True),
         ("rebalance", "a leader-balancing round on the node asked, now", False),
     ):

@@ -65,11 +65,12 @@ from .membership import (
     MetaResult,
     NodeState,
     SetClientAddress,
+    SetState,
     bootstrap_view,
     encode_meta,
 )
 from .meta import Machines, MetaMachine
-from .mover import Mover
+from .mover import META_RETRY_S, Mover
 from .peer_messages import HistoryFetch, HistoryRows
 from .records import StoredMessage
 from .retire import Retirer
@@ -195,6 +196,7 @@ class Node:
         )
         self.router.on_member = self.strays.on_envelope
         self._housekeeping: asyncio.TimerHandle | None = None
+        self._drain_proposed = float("-inf")
         self._add_groups(initial)
         self.mover = Mover(
             s.node_id,
@@ -597,8 +599,29 @@ class Node:
         self._housekeeping = loop.call_later(HOUSEKEEPING_S, self._housekeep)
         try:
             self.strays.run_once(loop.time())
+            self._finish_drain(loop.time())
         except Exception:  # (a bug here must not stop the node: logged, next round)
             logger.exception("housekeeping failed")
+
+    def _finish_drain(self, now: float) -> None:
+        """A leaving node (``admin drain``) that hosts no data group any more (every one
+        retired: its removal from each committed) and that no group is placed on proposes its
+        own removal (every ``META_RETRY_S``), as ``admin remove`` would, which is then not
+        needed after a drain.  The view then retires its id, it stops (``_sync_peers``) and
+        the meta leader removes it from the meta group (``meta.meta_step``)."""
+        view, me = self.meta.view, self.settings.node_id
+        mine = view.node(me)
+        if mine is None or mine.state is not NodeState.LEAVING:
+            return
+        if self.data_groups() or self.retirer.retiring or self._retirements:
+            return
+        if any(me in t for t in self._targets.values()):
+            return
+        if now - self._drain_proposed < META_RETRY_S:
+            return
+        self._drain_proposed = now
+        logger.info("drained: no group left here; proposing this node's removal")
+        self.propose_meta(SetState(me, NodeState.REMOVED))
 
     def _on_removed(self, group: int) -> None:
         """This node applied its own removal from ``group``: retire it (its Raft group, state
