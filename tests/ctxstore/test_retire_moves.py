@@ -51,7 +51,7 @@ class Replica:
         limits = StateLimits(tail_messages_max=8)
         self.state = ConversationState(limits, None, ToArchive(self.archive))
         self.history = History(self.state, self.archive, Retention(), lambda: 0)
-        self.host = MultiRaft(HostConfig(Config(self.id, election_ticks=10, seed=3)))
+        self.host = MultiRaft(HostConfig(self.raft_config()))
         self.driver = Driver(self.host, self.wal, self.state, DriverConfig(tick_s=0.01))
         self.driver.compact_floor = self.archive.archived_index
         self.retirer = Retirer(self.driver, self.state, self.archive)
@@ -67,6 +67,9 @@ class Replica:
         self.driver.attach(self.transport)
         await self.transport.start()
         await self.driver.start()
+
+    def raft_config(self) -> Config:
+        return Config(self.id, election_ticks=10, seed=3)
 
     def _removed(self, group: int) -> None:
         self.tasks.append(asyncio.get_running_loop().create_task(self.retirer.retire(group)))
