@@ -111,8 +111,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     join: str | None = None
     mover_interval_ms: Annotated[int, Meta(ge=10, le=60_000)] = 200
     moves_max: Annotated[int, Meta(ge=1, le=256)] = 4
-    balance_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
-    leader_transfers_max: Annotated[int, Meta(ge=1, le=256)] = 8
+    balance_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 1.0
+    leader_transfers_max: Annotated[int, Meta(ge=1, le=256)] = 16
 
     def __post_init__(self) -> None:
         for key in ("listen", "peer_listen"):

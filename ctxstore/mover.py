@@ -32,7 +32,8 @@ from collections import Counter
 from collections.abc import Callable, Set
 from dataclasses import dataclass
 
-from raft import RaftError, Role
+from raft import NONE, RaftError, Role
+from raft.core import Raft
 from raft.driver import Driver
 from raft.messages import ConfChange, ConfChangeType
 
@@ -177,7 +178,7 @@ class Mover:
         self.stats.balance_rounds += 1
         host = self.driver.host
         live = set(self.live()) | {self.id}
-        leaders = {g: host.node(g).raft.lead for g in host.groups() if g != self.meta_group}
+        leaders = {g: _leader(host.node(g).raft) for g in host.groups() if g != self.meta_group}
         counts = Counter({n: 0 for n in live})
         counts.update(lead for lead in leaders.values() if lead in live)
         if max(counts.values()) - min(counts.values()) <= 1:
@@ -190,6 +191,7 @@ class Mover:
             if lead != 0:
                 r = host.node(g).raft
                 groups[g] = GroupStatus(frozenset(r.voters), frozenset(r.learners), lead)
+                # (a group being transferred counts at its heir, and is not planned again)
         steps = balance_leaders(groups, live, self.transfers_max)
         self._balance_quiet = None if steps else key
         return [s for s in steps if groups[s.group].leader == self.id and self._take(s)]
@@ -246,6 +248,15 @@ class Mover:
                 self.run_once(loop.time())
             except Exception:  # (a bug here must not stop the node: logged, next round)
                 logger.exception("mover round failed")
+
+
+def _leader(r: Raft) -> int:
+    """The group's leader as balancing counts it: a transfer this node started and that has
+    not finished yet (``lead_transferee``) counts at its heir, so the next rounds (each
+    ``balance_interval_s``) do not plan more transfers than are needed."""
+    if r.role is Role.LEADER and r.lead_transferee != NONE:
+        return r.lead_transferee
+    return r.lead
 
 
 __all__ = ["INTERVAL_S", "META_RETRY_S", "Mover", "MoverStats"]

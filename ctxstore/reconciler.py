@@ -40,7 +40,7 @@ from raft.rawnode import Status
 from .membership import ClusterView, NodeState
 
 MOVES_MAX = 4  # groups moving at once, by default (each streams a snapshot to a new replica)
-TRANSFERS_MAX = 8  # leadership transfers started per call of balance_leaders, by default
+TRANSFERS_MAX = 16  # leadership transfers started per call of balance_leaders, by default
 
 
 @dataclass(frozen=True)
