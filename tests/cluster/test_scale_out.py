@@ -1,10 +1,11 @@
 """Scale-out with real ``ctxstore serve`` processes (design §5.6): a node joins a running cluster
-under an append load and takes its share of the groups; a node is drained, then removed; a
-dead node is removed and its groups get new replicas; a removed id never comes back.
+under an append load and takes its share of the groups; a node is drained and removes itself;
+a dead node is removed and its groups get new replicas; a removed id never comes back.
 
 Every acknowledged append is read back exactly once, at its seq, from every replica of its
-session's group.  Until requests are forwarded to a replica by any node (the router's work),
-the test's writers send each session's requests to a node the view places its group on.
+session's group; subscribers (one on a node that is drained, one on a node that relays the
+session) receive every one exactly once, in order, through a join and a drain.  The test's
+writers send each session's requests to a node the view places its group on.
 """
 
 from __future__ import annotations
@@ -371,6 +372,93 @@ def test_a_removed_id_is_refused_with_or_without_its_old_data(tmp_path: Path) ->
             )  # fmt: skip
             assert (status, body["error"]) == (401, "unauthorized")
         finally:
+            await cluster.stop()
+
+    run(main())
+
+
+class Follower:
+    """One subscriber of a session, from ``after_seq`` 0, through ``targets`` in order (the
+    client resumes at the next one when a node goes): every message it receives, in order."""
+
+    def __init__(self, targets: list[str], session_id: str) -> None:
+        self.targets = targets
+        self.session_id = session_id
+        self.got: list[Message] = []
+        self.gaps = 0
+        self.task: asyncio.Task[None] | None = None
+        self.client: Client | None = None
+
+    async def start(self) -> None:
+        self.client = await connect(self.targets, timeout_s=5)
+        sub = await self.client.subscribe(self.session_id, 0)
+        self.task = asyncio.create_task(self._follow(sub))
+
+    async def _follow(self, sub: Any) -> None:
+        async for event in sub:
+            if isinstance(event, Message):
+                self.got.append(event)
+            else:
+                self.gaps += 1
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.client is not None:
+            await self.client.close()
+
+    def check(self, acks: dict[int, str]) -> None:
+        """Every acknowledged append exactly once, in order, and nothing else."""
+        assert self.gaps == 0
+        assert [m.seq for m in self.got] == sorted(acks), self.targets
+        assert [m.content for m in self.got] == [acks[s] for s in sorted(acks)]
+
+
+def test_subscribers_get_every_append_once_through_a_join_and_a_drain(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = LocalCluster(4, str(tmp_path), extra_args=FAST)
+        await cluster.start()
+        writers = Writers(cluster)
+        followers: list[Follower] = []
+        try:
+            sid = "s0"
+            v = await view(cluster, 1)
+            hosting = v["replicas"][str(group_of(sid, GROUPS))]
+            drained = max(hosting)  # it will lose every group, then stop
+            outsider = next(n for n in (1, 2, 3, 4) if n not in hosting)  # relays it
+            spare = next(n for n in hosting if n != drained)
+            await writers.start()
+            target = cluster.children
+            followers = [
+                Follower([target[drained].target, target[spare].target], sid),
+                Follower([target[outsider].target], sid),
+            ]
+            for f in followers:
+                await f.start()
+            await until(lambda: _count(writers, 40), 20, "appends acknowledged")
+            five = cluster.add_node(via=2)
+            await cluster.start_node(five, timeout_s=20)
+            await until(lambda: settled(cluster), 30, "groups on five nodes")
+            status, body = await admin(cluster, 1, "drain", node=str(drained))
+            assert status == 202, body
+            await until(lambda: settled(cluster, frozenset({drained})), 30, "drained")
+            assert await asyncio.wait_for(cluster.wait_exit(drained), 20) != 0
+            more = writers.count() + 20
+            await until(lambda: _count(writers, more), 10, "appends after the drain")
+            await writers.stop()
+            acks = writers.acks[sid]
+
+            async def delivered() -> bool:
+                return all(len(f.got) >= len(acks) for f in followers)
+
+            await until(delivered, 10, "every append delivered")
+            for f in followers:
+                f.check(acks)
+            await writers.check()
+        finally:
+            writers.stopping = True
+            for f in followers:
+                await f.stop()
             await cluster.stop()
 
     run(main())
