@@ -95,6 +95,10 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--retry-for-s", type=_positive(float), default=30.0)
     g.add_argument("--timeout-s", type=_positive(float), default=10.0, help="per request")
     g.add_argument("--seed", type=int, default=1)
+    g.add_argument(
+        "--join-at", type=float, default=None, metavar="F",
+        help="with --nodes: a new node joins at this fraction of the window (bench/join.py)",
+    )  # fmt: skip
     g.add_argument("--run-id", default=None, help="prefix of session and message ids")
     add_options(p)
     o = p.add_argument_group("output and gate")
@@ -174,6 +178,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--page: 1 to 1000")
     if args.scenario == "failover" and not 0 < args.kill_at < 1:
         p.error("--kill-at: a fraction of the window in (0, 1)")
+    if args.join_at is not None and not (args.nodes and 0 < args.join_at < 1):
+        p.error("--join-at: a fraction of the window in (0, 1), with --nodes")
+    if args.join_at is not None and args.scenario == "failover":
+        p.error("--join-at: not with failover")
     check_options(args, p.error)
     return args
 

@@ -134,6 +134,11 @@ def latency_table(doc: dict[str, Any]) -> Table:
         table.add_row(*_summary_row("append before kill", fo["p99_before"]))
         table.add_row(*_summary_row("append during", fo["p99_during"]))
         table.add_row(*_summary_row("append after", fo["p99_after"]))
+    if "join" in doc:
+        jo = doc["join"]
+        table.add_row(*_summary_row("append before join", jo["p99_before"]))
+        table.add_row(*_summary_row("append during moves", jo["p99_during"]))
+        table.add_row(*_summary_row("append after", jo["p99_after"]))
     if "send_lag_ms" in doc["client"]:
         table.add_row(*_summary_row("client send lag", doc["client"]["send_lag_ms"]))
     return table
@@ -207,6 +212,14 @@ def details_table(doc: dict[str, Any]) -> Table:
             f"after {fo['all_led_again_s']} s; longest no-ack gap on its groups "
             f"{fo['unavailable_s']} s (median {fo['unavailable_median_s']} s); "
             f"restart {fo['restart_s']} s",
+        )
+    if "join" in doc:
+        jo = doc["join"]
+        table.add_row(
+            "join",
+            f"node {jo['node']} joined at {jo['join_at_s']} s, ready after {jo['ready_after_s']}"
+            f" s; {jo['groups_placed']} groups placed on it; moves over after "
+            f"{jo['moves_over_after_s']} s",
         )
     if "context" in doc:
         f, s = doc["context"].get("filled", {}), doc["context"]["served"]

@@ -4,6 +4,8 @@
 - ``mixed``: appends and reads of the last ``read_last`` messages (``read_ratio`` of the ops).
 - ``replay``: a backlog session (``backlog`` messages) read from seq 0 in ``page``-message
   pages by new readers (``readers`` connections at a time) while the writers append.
+- ``--join-at`` (any scenario but failover, local nodes): a node joins mid-window; the p99
+  before, while the groups move to it, and after (``join``).
 - ``failover``: the append load; mid-window the node leading the most groups is killed with
   SIGKILL; the unavailability and the p99 before, during and after; the node is restarted at
   the end and the read-back check reads through it.
@@ -31,6 +33,7 @@ from . import context as context_mod
 from . import verify as verify_mod
 from .failover import Kill, failover_figures, kill_leader
 from .histogram import LatencyHistogram
+from .join import Join, join_figures, join_node
 from .load import WorkerResult, Workers, WorkerSpec, session_id
 from .nodestats import node_pauses, scrape_nodes
 from .report import Progress
@@ -448,9 +451,20 @@ async def run_scenario(
             )
 
         during = during_failover
+    join = Join()
+    if getattr(args, "join_at", None) is not None:
+        local = target.local
+        assert local is not None
+
+        async def during_join(measure: float, end: float, progress: Progress) -> None:
+            await join_node(local, join, measure + args.join_at * (end - measure), progress)
+
+        during = during_join
     run = await run_load(args, target, specs, during)
     figures = load_figures(args, run)
     figures["run_id"] = run_id
+    if join.node:
+        figures["join"] = join_figures(run.results, run.measure, run.end, join)
     if scenario == "context":
         figures["context"]["filled"] = context_held
     verify_node: int | None = None

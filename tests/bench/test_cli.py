@@ -41,6 +41,9 @@ def test_defaults_and_node_flags() -> None:
         ["append", "--target", "h:1", "--ops", "x=h:7600"],
         ["append", "--nodes", "1", "--via", "grpc"],
         ["append", "--target", "h:1", "--via", "ws"],  # the HTTP ports: --ops
+        ["append", "--target", "h:1", "--join-at", "0.5"],  # joins a local cluster only
+        ["append", "--nodes", "3", "--join-at", "1.5"],
+        ["failover", "--nodes", "3", "--join-at", "0.5"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str]) -> None:

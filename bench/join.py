@@ -1,0 +1,99 @@
+"""A node joins a local cluster mid-run (``--join-at``, any scenario with ``--nodes``): the
+appends' p99 while the groups move to it (design §5.6).
+
+At ``measure + join_at * window`` a new node starts with ``serve --join`` through node 1
+(``LocalCluster.add_node``); then the nodes' ``/admin/nodes`` are polled until the cluster has
+settled: every node's view names the joiner active, and no node has a group moving.  The
+figures: when it joined, when it was ready and when the moves were over (seconds from the start
+of the window), the groups placed on it, and the appends' latency started before the join,
+while the groups moved, and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+from ctxstore.cli_db import http_call
+from ctxstore.config import parse_address
+from ctxstore.launcher import LocalCluster
+
+from .failover import phase_p99
+from .load import WorkerResult
+from .report import Progress
+
+now = time.monotonic
+POLL_S = 0.25
+SETTLE_TIMEOUT_S = 120.0
+
+
+@dataclasses.dataclass
+class Join:
+    node: int = 0
+    t_join: float = 0.0
+    t_ready: float = 0.0
+    t_settled: float | None = None
+    groups: int = 0  # placed on the joiner once settled
+
+
+async def _settled(cluster: LocalCluster, joiner: int) -> tuple[bool, int]:
+    """Every running node's view shows the joiner active and none has a group moving; the
+    groups placed on the joiner."""
+    placed = 0
+    for child in cluster.children.values():
+        if child.process is None or child.process.returncode is not None:
+            continue
+        status, body = await http_call(parse_address(child.ops_target, "http"), "GET",
+                                       "/admin/nodes")  # fmt: skip
+        if status != 200:
+            return False, 0
+        states = {n["id"]: n for n in body["nodes"]}
+        if joiner not in states or states[joiner]["state"] != "active":
+            return False, 0
+        if body["local"]["moving"]:
+            return False, 0
+        placed = states[joiner]["groups"]
+    return True, placed
+
+
+async def join_node(cluster: LocalCluster, join: Join, at: float, progress: Progress) -> None:
+    await asyncio.sleep(max(0.0, at - now()))
+    join.node = cluster.add_node(via=1)
+    join.t_join = now()
+    progress.phase_note(f"node {join.node} joining")
+    await cluster.start_node(join.node, timeout_s=60)
+    join.t_ready = now()
+    deadline = join.t_ready + SETTLE_TIMEOUT_S
+    while now() < deadline:
+        ok, placed = await _settled(cluster, join.node)
+        if ok:
+            join.t_settled, join.groups = now(), placed
+            progress.phase_note(
+                f"node {join.node} holds {placed} groups; moves over after "
+                f"{join.t_settled - join.t_join:.1f} s"
+            )
+            return
+        await asyncio.sleep(POLL_S)
+
+
+def join_figures(
+    results: list[WorkerResult], measure: float, end: float, join: Join
+) -> dict[str, Any]:
+    settled = join.t_settled if join.t_settled is not None else end
+    return {
+        "node": join.node,
+        "join_at_s": round(join.t_join - measure, 3),
+        "ready_after_s": round(join.t_ready - join.t_join, 3),
+        "moves_over_after_s": (
+            None if join.t_settled is None else round(join.t_settled - join.t_join, 3)
+        ),
+        "groups_placed": join.groups,
+        "p99_before": phase_p99(results, measure, join.t_join),
+        "p99_during": phase_p99(results, join.t_join, settled),
+        "p99_after": phase_p99(results, settled, end),
+    }
+
+
+__all__ = ["Join", "join_figures", "join_node"]
