@@ -108,6 +108,7 @@ class Mover:
         self._quiet: object = None  # the inputs of the last round that found nothing to do
         self._balance_quiet: object = None  # the led counts that planned no transfer
         self._now = 0.0
+        self.peer_led: dict[int, int] = {}  # peer -> the data groups it says it leads (Led)
 
     def observe(self) -> dict[int, GroupStatus]:
         """The groups this node leads, as their leader sees them."""
@@ -173,7 +174,8 @@ class Mover:
         """Start the leadership transfers ``balance_leaders`` plans for the groups led here,
         from what this node knows of every group it hosts.  Nothing is planned while the live
         nodes' counts of led groups differ by one at most, nor again for counts that planned
-        nothing before."""
+        nothing before.  A node that does not host every group sheds its excess over its fair
+        share instead (``_shed``)."""
         self._balanced_at = now
         self.stats.balance_rounds += 1
         host = self.driver.host
@@ -181,6 +183,9 @@ class Mover:
         leaders = {g: _leader(host.node(g).raft) for g in host.groups() if g != self.meta_group}
         counts = Counter({n: 0 for n in live})
         counts.update(lead for lead in leaders.values() if lead in live)
+        view = self.view()
+        if len(leaders) < view.groups:
+            return self._shed(leaders, counts, view, live)
         if max(counts.values()) - min(counts.values()) <= 1:
             return []
         key = frozenset(counts.items())
@@ -195,6 +200,46 @@ class Mover:
         steps = balance_leaders(groups, live, self.transfers_max)
         self._balance_quiet = None if steps else key
         return [s for s in steps if groups[s.group].leader == self.id and self._take(s)]
+
+    def _shed(
+        self,
+        leaders: dict[int, int],
+        counts: Counter[int],
+        view: ClusterView,
+        live: set[int],
+    ) -> list[Step]:
+        """Balancing where this node hosts only some of the groups (more than 3 nodes): of
+        another node it knows only how many of the groups both host it leads, so it balances on
+        the counts its peers send (``Led``, ``peer_led``; a peer not heard from yet gets
+        nothing).  A node leading at least its fair share (``ceil(groups / live active
+        nodes)``) transfers groups, at most ``transfers_max`` per round and while it keeps one
+        less than that share, each to the voter of that group leading the fewest, only to one
+        two or more under the fair share, and to each such heir at most its shortfall divided
+        among the other nodes (at least one; they may give to it too).  Once every node leads
+        its share or one less, nothing moves."""
+        active = [n for n in view.active() if n in live] or [self.id]
+        fair = -(-view.groups // len(active))
+        mine = sorted(g for g, lead in leaders.items() if lead == self.id)
+        if len(mine) < fair:
+            return []
+        known = {n: self.peer_led[n] for n in active if n != self.id and n in self.peer_led}
+        givers = max(1, len(active) - 1)
+        quota = {n: max(1, (fair - 1 - c) // givers) for n, c in known.items()}
+        started: list[Step] = []
+        host = self.driver.host
+        for g in mine:
+            if len(started) >= self.transfers_max or len(mine) - len(started) < fair:
+                break
+            heirs = [v for v in host.node(g).raft.voters if v in known and quota[v] > 0]
+            if not heirs:
+                continue
+            to = min(heirs, key=lambda v: (known[v], v))
+            if known[to] > fair - 2:
+                continue
+            if self._take(Step(Action.TRANSFER, g, to)):
+                quota[to] -= 1
+                started.append(Step(Action.TRANSFER, g, to))
+        return started
 
     def _take_meta(self, step: Step, now: float) -> bool:
         key = (step.action, step.node)

@@ -71,7 +71,7 @@ from .membership import (
 )
 from .meta import Machines, MetaMachine
 from .mover import META_RETRY_S, Mover
-from .peer_messages import HistoryFetch, HistoryRows
+from .peer_messages import HistoryFetch, HistoryRows, Led
 from .records import StoredMessage
 from .retire import Retirer
 from .router import Router, RouterConfig
@@ -89,6 +89,9 @@ logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.json"
 ARCHIVE_FILE = "archive.sqlite3"
+
+
+_encode_led = msgspec.msgpack.Encoder().encode
 
 
 def now_ms() -> int:
@@ -195,6 +198,7 @@ class Node:
             lambda g: g in self.retirer.retiring,
         )
         self.router.on_member = self.strays.on_envelope
+        self._led_sent = (-1, float("-inf"))  # (count, when) last sent to the peers (Led)
         self._housekeeping: asyncio.TimerHandle | None = None
         self._drain_proposed = float("-inf")
         self._add_groups(initial)
@@ -211,6 +215,7 @@ class Node:
             transfers_max=s.leader_transfers_max,
             led=lambda: self._led,
         )
+        self.router.on_led = self._on_led
         me = self.meta.view.node(s.node_id)
         if me is not None and me.state is NodeState.REMOVED:
             self.wal.close()
@@ -600,8 +605,25 @@ class Node:
         try:
             self.strays.run_once(loop.time())
             self._finish_drain(loop.time())
+            self._send_led(loop.time())
         except Exception:  # (a bug here must not stop the node: logged, next round)
             logger.exception("housekeeping failed")
+
+    def _send_led(self, now: float) -> None:
+        """Tell the peers how many data groups this node leads (``mover.Led``: the balancing of
+        nodes that host only some groups), when it changed and every ``LED_RESEND_S``."""
+        if self.transport is None:
+            return
+        count = len(self._led - {self.meta_group})
+        if count == self._led_sent[0] and now - self._led_sent[1] < LED_RESEND_S:
+            return
+        self._led_sent = (count, now)
+        data = _encode_led(Led(count))
+        for peer in self.transport.connected_peers():
+            self.transport.send_app(peer, data)
+
+    def _on_led(self, peer: int, count: int) -> None:
+        self.mover.peer_led[peer] = count
 
     def _finish_drain(self, now: float) -> None:
         """A leaving node (``admin drain``) that hosts no data group any more (every one
@@ -781,6 +803,7 @@ def write_identity(data_dir: str, identity: dict[str, Any]) -> None:
 
 ADVERTISE_RETRY_S = 2.0
 RETIRE_GRACE_S = 2.0  # a removed node's connections close this long after the view said so
+LED_RESEND_S = 5.0  # a node's count of led groups is sent again this often (Led)
 HOUSEKEEPING_S = 0.5  # how often strays are looked for (_housekeep)
 LEADERLESS_CHECK_S = 1.0  # how often groups without a leader are looked for (_check_leaderless)
 

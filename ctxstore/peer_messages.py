@@ -155,13 +155,21 @@ class MemberAnswer(msgspec.Struct, array_like=True, tag=51):
 
 STRAY_ENVELOPES = (MemberQuery, MemberAnswer)
 
+
+class Led(msgspec.Struct, array_like=True, tag=52):
+    """How many data groups the sender leads (``Node``, on change and every few seconds): a
+    node that hosts only some groups balances on its peers' own counts (``Mover._shed``)."""
+
+    count: int
+
+
 RelayEnvelope = RelayRequest | RelayAnswer | RelayPush | RelayAck | RelayCancel | RelayEnded
 RELAY_ENVELOPES = (RelayRequest, RelayAnswer, RelayPush, RelayAck, RelayCancel, RelayEnded)
 
 Envelope = (
     Forward | ForwardReply | Advertise | HistoryFetch | HistoryRows | ChunkRelay | ChunkInterest
     | RelayRequest | RelayAnswer | RelayPush | RelayAck | RelayCancel | RelayEnded
-    | MemberQuery | MemberAnswer
+    | MemberQuery | MemberAnswer | Led
 )  # fmt: skip
 
 encode = msgspec.msgpack.Encoder().encode
@@ -178,6 +186,7 @@ __all__ = [
     "ForwardReply",
     "HistoryFetch",
     "HistoryRows",
+    "Led",
     "MemberAnswer",
     "MemberQuery",
     "RelayAck",

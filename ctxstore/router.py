@@ -58,6 +58,7 @@ from .peer_messages import (
     ForwardReply,
     HistoryFetch,
     HistoryRows,
+    Led,
     MemberAnswer,
     MemberQuery,
 )
@@ -162,6 +163,7 @@ class Router:
         self.relay: Relay | None = None  # requests for groups not hosted here (ctxstore.relay)
         # Membership questions about groups a node may have left (ctxstore.strays)
         self.on_member: Callable[[int, MemberQuery | MemberAnswer], None] | None = None
+        self.on_led: Callable[[int, int], None] | None = None  # a peer's led groups (mover)
         self._fetches: dict[int, tuple[asyncio.Future[HistoryRows], int, float]] = {}
         self._history_serving = 0
         # group -> the appends to propose in this loop iteration's pass, in arrival order:
@@ -558,6 +560,9 @@ class Router:
             elif isinstance(envelope, STRAY_ENVELOPES):
                 if self.on_member is not None:
                     self.on_member(peer, envelope)
+            elif isinstance(envelope, Led):
+                if self.on_led is not None:
+                    self.on_led(peer, envelope.count)
             elif isinstance(envelope, ForwardReply):
                 self._answered(peer, envelope)
             elif isinstance(envelope, HistoryFetch):
