@@ -7,6 +7,7 @@ python -m bench apply   (= python -m ctxstore.apply_bench: a replica's apply of 
 python -m bench pg-flush  (= python -m ctxstore.pg.bench: the Postgres write-behind's rows/s)
 python -m bench tokens   (the tokenizer's cost per append)
 python -m bench agents --conversations 200   (= ctxstore-bench agents, docs/agents.md)
+python -m bench idle --nodes 5 --duration 30   (= ctxstore-bench idle: an idle cluster's CPU)
 """
 
 from __future__ import annotations
@@ -48,8 +49,15 @@ def _agents(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _idle(argv: Sequence[str]) -> int:
+    from bench.idle import main
+
+    return main(argv)
+
+
 BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "agents": (_agents, "live agent chunks at subscribers (= ctxstore-bench agents)"),
+    "idle": (_idle, "an idle local cluster's CPU per node (= ctxstore-bench idle)"),
     "raft-node": (_raft_node, "raft/ on a local 3-node cluster (docs/raft-bench.md)"),
     "archive": (_archive, "the local SQLite archive: rows/s and CPU per message"),
     "apply": (_apply, "a replica's state machine: CPU per applied append, plain vs structured"),

@@ -11,6 +11,7 @@
                                                                    wt: WebTransport, HTTP/3)
     ctxstore-bench append --nodes 3 -- --groups 16 --tick-ms 20     (flags after -- go to nodes)
     ctxstore-bench agents --nodes 3 --conversations 200   (live agent chunks: bench/agents.py)
+    ctxstore-bench idle --nodes 5 --duration 30   (an idle cluster's CPU per node: bench/idle.py)
 
 Exit status: 0 when the gate passes, 1 when it does not (p99 over ``--p99-target-ms``, a request
 that failed for good, a read-back problem, failover unavailability over its target), 2 for
@@ -252,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .agents import main as agents_main
 
         return agents_main(argv[1:])
+    if argv[:1] == ["idle"]:  # an idle local cluster's CPU per node (bench/idle.py)
+        from .idle import main as idle_main
+
+        return idle_main(argv[1:])
     args = parse(argv)
     import uvloop
 

@@ -16,8 +16,8 @@ import dataclasses
 import time
 from typing import Any
 
-from ctxstore.cli_db import http_call
-from ctxstore.config import parse_address
+import msgspec
+
 from ctxstore.launcher import LocalCluster
 
 from .failover import phase_p99
@@ -27,6 +27,20 @@ from .report import Progress
 now = time.monotonic
 POLL_S = 0.25
 SETTLE_TIMEOUT_S = 120.0
+
+
+async def get_json(target: str, path: str) -> tuple[int, Any]:
+    """``GET path`` on a node's ops port (``host:port``): the status and the JSON body."""
+    host, _, port = target.rpartition(":")
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {target}\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    return status, msgspec.json.decode(body) if body else None
 
 
 @dataclasses.dataclass
@@ -45,8 +59,7 @@ async def _settled(cluster: LocalCluster, joiner: int) -> tuple[bool, int]:
     for child in cluster.children.values():
         if child.process is None or child.process.returncode is not None:
             continue
-        status, body = await http_call(parse_address(child.ops_target, "http"), "GET",
-                                       "/admin/nodes")  # fmt: skip
+        status, body = await get_json(child.ops_target, "/admin/nodes")
         if status != 200:
             return False, 0
         states = {n["id"]: n for n in body["nodes"]}
@@ -96,4 +109,4 @@ def join_figures(
     }
 
 
-__all__ = ["Join", "join_figures", "join_node"]
+__all__ = ["Join", "get_json", "join_figures", "join_node"]
