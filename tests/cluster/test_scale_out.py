@@ -33,6 +33,8 @@ from ctxstore.placement import group_of
 from wire.client import Client, ClientError, connect
 from wire.protocol import Message
 
+from ..ctxstore.test_e2e import read_all
+
 pytestmark = pytest.mark.cluster
 
 GROUPS = 16
@@ -213,15 +215,6 @@ class Writers:
                 by_seq = {m.seq: m.content for m in got}
                 for seq, content in acks.items():
                     assert by_seq.get(seq) == content, (sid, node, seq)
-
-
-async def read_all(client: Client, session_id: str) -> list[Message]:
-    out: list[Message] = []
-    while True:
-        page = await client.read(session_id, out[-1].seq if out else 0, 1000)
-        out += page.messages
-        if not page.messages or out[-1].seq >= page.last_seq:
-            return out
 
 
 def test_two_nodes_join_under_appends_and_take_their_share(tmp_path: Path) -> None:
