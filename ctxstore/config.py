@@ -111,6 +111,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     join: str | None = None
     mover_interval_ms: Annotated[int, Meta(ge=10, le=60_000)] = 200
     moves_max: Annotated[int, Meta(ge=1, le=256)] = 4
+    snapshot_send_bytes_per_s: Annotated[int, Meta(ge=64 * 1024)] = 32 * 1024 * 1024
     balance_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 1.0
     leader_transfers_max: Annotated[int, Meta(ge=1, le=256)] = 16
 
@@ -274,6 +275,8 @@ HELP: dict[str, str] = {
     "mover_interval_ms": "milliseconds between two rounds of a node's mover (the groups it "
     "leads brought toward their target replicas, one membership change each at a time)",
     "moves_max": "groups a node's mover moves at once (each streams a snapshot to a new replica)",
+    "snapshot_send_bytes_per_s": "bytes per second of snapshots a node sends its peers, all "
+    "together (a new replica's catch-up must not starve the appends of other groups)",
     "balance_interval_s": "seconds between two rounds of leader balancing (transfers so that "
     "each node leads about as many groups as the others); 0: only on admin rebalance",
     "leader_transfers_max": "leadership transfers a node starts per balancing round",

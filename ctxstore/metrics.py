@@ -728,6 +728,11 @@ class NodeCollector(Collector):
             "Peer connections closed for a protocol error.",
             ts.protocol_errors,
         )
+        yield _counter(
+            "ctxstore_peer_snapshot_waits_total",
+            "Flushes that held a snapshot chunk back (snapshot_send_bytes_per_s).",
+            ts.snapshot_waits,
+        )
         peers = sorted(ts.peers.items())
         up = GaugeMetricFamily(
             "ctxstore_peer_up", "1 while the peer is connected.", labels=["peer"]

@@ -558,6 +558,7 @@ class Node:
             frame_bytes_max=self.limits.peer_frame_bytes_max,
             queue_bytes_max=self.limits.peer_queue_bytes_max,
             app_queue_bytes_max=self.limits.app_queue_bytes_max,
+            snapshot_bytes_per_s=s.snapshot_send_bytes_per_s,
         )
         self.driver.attach(self.transport)
         self.router.attach(self.transport)

@@ -17,7 +17,9 @@ The wire protocol lives in ``peer_codec`` (sans I/O); this module owns sockets a
   ``UNFIT_LOG_INTERVAL_S``); the application must keep its entries small enough that this never
   happens (ctxstore checks it at start-up: ctxstore/limits.py).
 - Snapshots travel on a separate lane, as chunks of the encoded ``InstallSnapshot``: at most
-  one chunk per peer per flush, so batches of other groups interleave with them.  The receiver
+  one chunk per peer per flush, so batches of other groups interleave with them, and at most
+  ``snapshot_bytes_per_s`` of chunks per second over all peers (a token bucket holding one
+  chunk: moving groups to a new node must not starve the appends of the others).  The receiver
   reassembles and delivers an ordinary ``(group, InstallSnapshot)`` item; the sender reports
   ``on_snapshot_status(peer, group, ok)`` once the last chunk is written or the lane fails.
 - An application lane: ``send_app(to, payload)`` carries opaque bytes (the product forwards
@@ -80,6 +82,7 @@ _MESSAGE_OVERHEAD_BYTES = 48
 _ENTRY_OVERHEAD_BYTES = 16
 QUEUE_BYTES_MAX = 4 * 1024 * 1024  # default queue_bytes_max: Raft messages queued per peer
 APP_QUEUE_BYTES_MAX = 8 * 1024 * 1024  # default app_queue_bytes_max: app payloads per peer
+SNAPSHOT_BYTES_PER_S = 32 * 1024 * 1024  # default snapshot_bytes_per_s, over all peers
 UNFIT_LOG_INTERVAL_S = 10.0  # at most one log line per peer per this for unfit messages
 
 
@@ -120,6 +123,7 @@ class TransportStats:
     protocol_errors: int = 0  # established connections closed for a protocol error
     refused_retired: int = 0  # handshakes of a retired node that got past the id check
     dropped_no_peer: int = 0  # messages for a node that is no peer (retired, or not yet known)
+    snapshot_waits: int = 0  # flushes that held a snapshot chunk back (snapshot_bytes_per_s)
     peers: dict[int, PeerStats] = field(default_factory=dict)
 
 
@@ -166,6 +170,7 @@ class Transport:
         write_buffer_high_bytes: int = 4 * 1024 * 1024,
         snapshot_chunk_bytes: int = 1024 * 1024,
         snapshot_bytes_max: int = 1024 * 1024 * 1024,
+        snapshot_bytes_per_s: int = SNAPSHOT_BYTES_PER_S,
         handshake_timeout_s: float = 2.0,
         handshakes_max: int = 64,
         handshakes_per_source_max: int = 8,
@@ -178,6 +183,7 @@ class Transport:
         check(node_id not in peers, "a node is not its own peer")
         check(snapshot_chunk_bytes + 1024 <= frame_bytes_max, "snapshot chunk exceeds frame size")
         check(0 < backoff_min_s <= backoff_max_s, "bad backoff bounds")
+        check(snapshot_bytes_per_s > 0, "snapshot_bytes_per_s must be positive")
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.stats = TransportStats()
@@ -192,6 +198,10 @@ class Transport:
         self.write_buffer_high_bytes = write_buffer_high_bytes
         self.snapshot_chunk_bytes = snapshot_chunk_bytes
         self.snapshot_bytes_max = snapshot_bytes_max
+        self.snapshot_bytes_per_s = snapshot_bytes_per_s
+        self._snap_budget = float(snapshot_chunk_bytes)  # bytes of chunks that may leave now
+        self._snap_refilled = 0.0  # loop time the budget was last refilled
+        self._snap_timer: asyncio.TimerHandle | None = None
         self.handshake_timeout_s = handshake_timeout_s
         self.handshakes_max = handshakes_max
         self.handshakes_per_source_max = min(handshakes_per_source_max, handshakes_max)
@@ -246,6 +256,9 @@ class Transport:
         self._closing = True
         if self._liveness is not None:
             self._liveness.cancel()
+        if self._snap_timer is not None:
+            self._snap_timer.cancel()
+            self._snap_timer = None
         dialers = [p.dialer for p in self._peers.values() if p.dialer is not None]
         for task in dialers:
             task.cancel()
@@ -429,7 +442,7 @@ class Transport:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        again = False
+        again = paced = False
         for peer in self._peers.values():
             conn = peer.conn
             if conn is None or not conn.writable:
@@ -441,10 +454,37 @@ class Transport:
                 payloads, peer.app_queue, peer.app_queue_bytes = peer.app_queue, [], 0
                 self._write_app(peer, conn, payloads)
             if peer.snapshots and conn.writable:
-                self._write_chunk(peer, conn)
-                again = again or bool(peer.snapshots)
+                if self._snapshot_budget() > 0:
+                    self._snap_budget -= self._write_chunk(peer, conn)
+                    again = again or bool(peer.snapshots)
+                else:
+                    paced = True
         if again:
             self._schedule_flush()
+        elif paced:
+            self._pace_snapshots()
+
+    def _snapshot_budget(self) -> float:
+        """Refill the snapshot lane's token bucket (one chunk at most) and return it."""
+        assert self._loop is not None
+        now = self._loop.time()
+        refill = (now - self._snap_refilled) * self.snapshot_bytes_per_s
+        self._snap_budget = min(float(self.snapshot_chunk_bytes), self._snap_budget + refill)
+        self._snap_refilled = now
+        return self._snap_budget
+
+    def _pace_snapshots(self) -> None:
+        """Flush again once the bucket is positive (the chunk that overdrew it is paid off)."""
+        self.stats.snapshot_waits += 1
+        if self._snap_timer is not None or self._loop is None:
+            return
+        delay = max(0.001, -self._snap_budget / self.snapshot_bytes_per_s)
+
+        def due() -> None:
+            self._snap_timer = None
+            self._schedule_flush()
+
+        self._snap_timer = self._loop.call_later(delay, due)
 
     def _write_batch(self, peer: _Peer, conn: _Connection, items: list[Item]) -> None:
         try:
@@ -479,9 +519,11 @@ class Transport:
         peer.stats.app_sent += len(payloads)
         peer.stats.bytes_sent += len(data)
 
-    def _write_chunk(self, peer: _Peer, conn: _Connection) -> None:
+    def _write_chunk(self, peer: _Peer, conn: _Connection) -> int:
+        """Write the next chunk of the peer's first snapshot; its size."""
         snap = peer.snapshots[0]
-        end = min(snap.offset + self.snapshot_chunk_bytes, len(snap.data))
+        offset = snap.offset
+        end = min(offset + self.snapshot_chunk_bytes, len(snap.data))
         last = end == len(snap.data)
         chunk = codec.SnapshotChunk(
             snap.group, snap.index, snap.offset, snap.data[snap.offset : end], last
@@ -493,6 +535,7 @@ class Transport:
         if last:
             peer.snapshots.popleft()
             self._report_snapshot(peer, snap.group, ok=True)
+        return end - offset
 
     # connections ---------------------------------------------------------------------------------
 

@@ -554,6 +554,34 @@ def test_snapshot_streams_in_chunks_while_batches_keep_flowing() -> None:
     run(main)
 
 
+def test_snapshot_chunks_leave_at_most_at_snapshot_bytes_per_s() -> None:
+    """512 KiB in 64 KiB chunks at 1 MiB/s: the bucket holds one chunk, the other seven wait
+    for theirs (0.44 s); Raft batches are not held back meanwhile."""
+
+    async def main() -> None:
+        nodes = await start_nodes(
+            [1, 2], snapshot_chunk_bytes=64 * 1024, snapshot_bytes_per_s=1024 * 1024
+        )
+        await connected(nodes)
+        a, b = nodes[1], nodes[2]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        message = snapshot_message(512 * 1024)
+        a.t.send(2, [(9, message)])
+        await asyncio.sleep(0.1)
+        a.t.send(2, [(2, hb())])  # not behind the snapshot's pace
+        await wait_for(lambda: (2, hb()) in [item for _, item in b.received])
+        assert (9, message) not in [item for _, item in b.received]
+        await wait_for(lambda: a.statuses == [(2, 9, True)])
+        elapsed = loop.time() - start
+        assert 0.4 <= elapsed < 3, elapsed
+        assert a.t.stats.snapshot_waits > 0
+        assert any(item == (9, message) for _, item in b.received)
+        await close_all(a, b)
+
+    run(main)
+
+
 def test_snapshot_to_a_peer_that_goes_down_is_reported_failed() -> None:
     async def main() -> None:
         nodes = await start_nodes([1, 2], snapshot_chunk_bytes=16 * 1024)
