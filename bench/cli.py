@@ -121,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="ctxstore-bench",
         description="Benchmark a ctxstore cluster; flags after -- go to local nodes.",
+        epilog="Two more scenarios take options of their own: 'ctxstore-bench agents --help' "
+        "(live agent chunks, bench/agents.py) and 'ctxstore-bench idle --help' (an idle "
+        "cluster's CPU per node, bench/idle.py).",
     )
     sub = top.add_subparsers(dest="scenario", required=True)
     parents = [common_options()]

@@ -37,7 +37,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=5, help="local nodes (1 to 7, default 5)")
     p.add_argument("--settle", type=float, default=15.0, help="seconds before measuring")
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds")
-    p.add_argument("--cpu-target-pct", type=float, default=2.0, help="gate per node, % of a core")
+    p.add_argument("--cpu-target-pct", type=float, default=2.0, help="gate per node, %% of a core")
     p.add_argument("--data-parent", default=None)
     p.add_argument("--json", default=None, metavar="FILE")
     argv = list(argv)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bench.cli import parse
+from bench.cli import main, parse
 from bench.scenarios import gate
 
 
@@ -87,3 +87,11 @@ def test_failover_gate_ignores_the_outage_but_not_its_length() -> None:
     assert not result["passed"] and "unavailability" in result["failures"][0]
     slow_after = {**fo, "p99_after": summary(400), "unavailable_s": 1.0}
     assert not gate(args, "failover", figures(10, failover=slow_after))["passed"]
+
+
+@pytest.mark.parametrize("scenario", ["append", "agents", "idle"])
+def test_every_scenario_prints_its_help(scenario: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([scenario, "--help"])
+    assert e.value.code == 0
+    assert "--duration" in capsys.readouterr().out
