@@ -389,6 +389,7 @@ class Connection(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._flush_scheduled = False
+        self._pump_scheduled = False
         self._closing = False
         self._peer_eof = False
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -436,7 +437,9 @@ class Connection(asyncio.Protocol):
             self._hello_timer = None
             self._idle_timer = self._loop.call_later(self.server.idle_timeout_s, self._idle_check)
         if self._blocked and not self._pumping and self._may_resume():
-            self._pump()
+            # In the next iteration, not from here: a reply may be written from inside the
+            # Raft driver's pass, which no new request may enter (docs/raft.md "Driver").
+            self._pump_soon()
         elif self._peer_eof and core.in_flight == 0:
             self._close_after_flush()
 
@@ -653,6 +656,16 @@ class Connection(asyncio.Protocol):
         self.reply(task.result() if exc is None else _error_for(rid, exc))
 
     # the write path ------------------------------------------------------------------------------
+
+    def _pump_soon(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump_scheduled_now)
+
+    def _pump_scheduled_now(self) -> None:
+        self._pump_scheduled = False
+        if self._blocked and self._may_resume():
+            self._pump()
 
     def _flush_soon(self) -> None:
         if not self._flush_scheduled:
