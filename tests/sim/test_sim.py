@@ -1,6 +1,6 @@
 """The simulation in the default test run: seeded sweeps, and hypothesis-driven schedules.
 
-Sweeps: 200 seeds x 2 000 ticks (100 on 3 nodes, 100 on 5 nodes, 3 groups each), every fault
+Sweeps: 100 seeds x 2 000 ticks (60 on 3 nodes, 40 on 5 nodes, 3 groups each), every fault
 kind, each node the driver's pipeline over a MultiRaft host with ctxstore's router and state
 machine.
 Every third seed runs on the real WAL (with torn writes on crashes) and every seventh without
@@ -32,8 +32,9 @@ from .runner import liveness_phase, run_seed
 TICKS = 2000
 GROUPS = 3
 CHUNK = 10
-SWEEPS = [(3, first) for first in range(1, 101, CHUNK)] + [
-    (5, first) for first in range(1001, 1101, CHUNK)
+# (`make soak` runs thousands; with the router in the loop a 5-node seed takes ~2.5 s.)
+SWEEPS = [(3, first) for first in range(1, 61, CHUNK)] + [
+    (5, first) for first in range(1001, 1041, CHUNK)
 ]
 
 
