@@ -66,6 +66,17 @@ async def balanced_within(cluster: LocalCluster, timeout_s: float) -> float:
         await asyncio.sleep(0.25)
 
 
+async def settles(cluster: LocalCluster, after: str) -> None:
+    """Balanced within ``BALANCED_WITHIN_S``, then no churn (at most a straggler's transfer)
+    for 4 s while nothing changes."""
+    took = await balanced_within(cluster, BALANCED_WITHIN_S)
+    counts, started = await led(cluster), await transfers(cluster)
+    print(f"balanced {took:.1f} s after {after}: {dict(counts)}, {started} transfers")
+    before = await transfers(cluster)
+    await asyncio.sleep(4)
+    assert await transfers(cluster) - before <= 2
+
+
 @pytest.mark.parametrize("nodes", [3, 5])  # (5: each node hosts only some of the groups)
 def test_leaders_balance_within_seconds_after_a_start_and_a_restart(
     tmp_path: Path, nodes: int
@@ -74,22 +85,11 @@ def test_leaders_balance_within_seconds_after_a_start_and_a_restart(
         cluster = LocalCluster(nodes, str(tmp_path), extra_args=["--log-level", "info"])
         await cluster.start()
         try:
-            took = await balanced_within(cluster, BALANCED_WITHIN_S)
-            counts, started = await led(cluster), await transfers(cluster)
-            print(f"balanced {took:.1f} s after ready: {dict(counts)}, {started} transfers")
-            # Balanced: no churn (at most a straggler's transfer) while nothing changes.
-            before = await transfers(cluster)
-            await asyncio.sleep(4)
-            assert await transfers(cluster) - before <= 2
+            await settles(cluster, "ready")
             # A restart: node 1 gives up its groups on the way down, and gets its share back.
             assert await cluster.stop_node(1) == 0
             await cluster.start_node(1, timeout_s=30)
-            took = await balanced_within(cluster, BALANCED_WITHIN_S)
-            counts, started = await led(cluster), await transfers(cluster)
-            print(f"balanced {took:.1f} s after the restart: {dict(counts)}, {started} transfers")
-            before = await transfers(cluster)
-            await asyncio.sleep(4)
-            assert await transfers(cluster) - before <= 2
+            await settles(cluster, "the restart")
         finally:
             await cluster.stop()
 

@@ -193,6 +193,14 @@ class Writers:
     def count(self) -> int:
         return sum(len(a) for a in self.acks.values())
 
+    async def acknowledged(self, n: int, timeout_s: float, what: str) -> None:
+        """Until ``n`` appends in all are acknowledged."""
+
+        async def reached() -> bool:
+            return self.count() >= n
+
+        await until(reached, timeout_s, what)
+
     async def stop(self) -> None:
         self.stopping = True
         await asyncio.gather(*self.tasks)
@@ -224,7 +232,7 @@ def test_two_nodes_join_under_appends_and_take_their_share(tmp_path: Path) -> No
         writers = Writers(cluster)
         try:
             await writers.start()
-            await until(lambda: _count(writers, 40), 20, "appends acknowledged")
+            await writers.acknowledged(40, 20, "appends acknowledged")
             four = cluster.add_node(via=2)
             await cluster.start_node(four, timeout_s=20)
             before = writers.count()
@@ -249,8 +257,7 @@ def test_two_nodes_join_under_appends_and_take_their_share(tmp_path: Path) -> No
             assert [n["groups"] for n in v["nodes"]].count(0) == 0
             assert sum(n["groups"] for n in v["nodes"]) == 3 * GROUPS
             await until(lambda: _balanced(cluster), 20, "every node leading some groups")
-            more = writers.count() + 20
-            await until(lambda: _count(writers, more), 10, "more appends")
+            await writers.acknowledged(writers.count() + 20, 10, "more appends")
             await writers.stop()
             await writers.check()
         finally:
@@ -268,10 +275,6 @@ async def _balanced(cluster: LocalCluster) -> bool:
     return min(led.values()) > 0 and max(led.values()) <= 2 * GROUPS / len(led)
 
 
-async def _count(writers: Writers, n: int) -> bool:
-    return writers.count() >= n
-
-
 def test_drain_then_remove_and_a_dead_node_removed(tmp_path: Path) -> None:
     async def main() -> None:
         cluster = LocalCluster(4, str(tmp_path), extra_args=FAST)
@@ -279,7 +282,7 @@ def test_drain_then_remove_and_a_dead_node_removed(tmp_path: Path) -> None:
         writers = Writers(cluster)
         try:
             await writers.start()
-            await until(lambda: _count(writers, 30), 20, "appends acknowledged")
+            await writers.acknowledged(30, 20, "appends acknowledged")
             # Drain node 4: its groups move to 1, 2, 3; once it hosts none (idle ones too), it
             # proposes its own removal (no admin remove) and stops: its id is retired.
             status, body = await admin(cluster, 1, "drain", node="4")
@@ -313,8 +316,7 @@ def test_drain_then_remove_and_a_dead_node_removed(tmp_path: Path) -> None:
                 return again["version"] == first["version"] >= v["version"] and hosted == GROUPS
 
             await until(back, 10, "node 2 with the view and every group")
-            more = writers.count() + 20
-            await until(lambda: _count(writers, more), 10, "more appends")
+            await writers.acknowledged(writers.count() + 20, 10, "more appends")
             await writers.stop()
             await writers.check()
         finally:
@@ -428,7 +430,7 @@ def test_subscribers_get_every_append_once_through_a_join_and_a_drain(tmp_path: 
             ]
             for f in followers:
                 await f.start()
-            await until(lambda: _count(writers, 40), 20, "appends acknowledged")
+            await writers.acknowledged(40, 20, "appends acknowledged")
             five = cluster.add_node(via=2)
             await cluster.start_node(five, timeout_s=20)
             await until(lambda: settled(cluster), 30, "groups on five nodes")
@@ -436,8 +438,7 @@ def test_subscribers_get_every_append_once_through_a_join_and_a_drain(tmp_path: 
             assert status == 202, body
             await until(lambda: settled(cluster, frozenset({drained})), 30, "drained")
             assert await asyncio.wait_for(cluster.wait_exit(drained), 20) != 0
-            more = writers.count() + 20
-            await until(lambda: _count(writers, more), 10, "appends after the drain")
+            await writers.acknowledged(writers.count() + 20, 10, "appends after the drain")
             await writers.stop()
             acks = writers.acks[sid]
 
