@@ -5,7 +5,10 @@ to its sans-IO core and hands requests to the handler:
 
 - ``handler.on_hello(conn, hello)`` decides the handshake: answer ``conn.welcome(...)``, or an
   ``Error`` (``unauthorized`` for a bad token), after which the connection closes.  Frames that
-  follow the Hello are held unread until the Welcome is sent.
+  follow the Hello are held unread until the Welcome is sent.  A second Hello on the open
+  connection (protocol version 4: a token refreshed) goes to ``on_hello`` too, in its turn
+  among the requests (``conn.greeted`` tells it from the first), and an ``Error`` answering
+  it leaves the connection open.
 - ``handler.on_request(conn, request)`` answers a request in one of three ways: return the
   ``Response`` now; return ``None`` and call ``conn.reply(response)`` later, from any callback
   of the event loop (the way to answer without a task per request); or return an awaitable,
@@ -77,6 +80,7 @@ from .protocol import (
     FRAME_BYTES_MAX,
     METADATA_BYTES_MAX,
     READ_BYTES_MAX,
+    REHELLO_VERSION,
     Append,
     Compact,
     CreateSession,
@@ -400,13 +404,23 @@ class Connection(asyncio.Protocol):
     def hello(self) -> Hello | None:
         return self.core.hello
 
-    def welcome(self, node_id: int, cluster_id: str) -> Welcome:
-        """The Welcome answering this connection's Hello: the client's protocol version (the
-        core accepted only a supported one)."""
+    @property
+    def greeted(self) -> bool:
+        """Whether the connection's first Hello was accepted (a Hello now is a second one)."""
+        return self.core.state is State.OPEN
+
+    def welcome(self, node_id: int, cluster_id: str, expires_in_ms: int | None = None) -> Welcome:
+        """The Welcome answering this connection's (latest) Hello: the client's protocol
+        version (the core accepted only a supported one); ``expires_in_ms``: how long its token
+        has left (told to clients of ``REHELLO_VERSION`` on)."""
         hello = self.core.hello
         assert hello is not None, "no Hello received"
         version = hello.protocol_version
-        return Welcome(hello.rid, node_id, cluster_id, version, self.core.max_frame_bytes)
+        if version < REHELLO_VERSION:
+            expires_in_ms = None
+        return Welcome(
+            hello.rid, node_id, cluster_id, version, self.core.max_frame_bytes, expires_in_ms
+        )
 
     def reply(self, response: Response) -> None:
         """Answer the request ``response.rid`` (discarded once the connection is closed)."""

@@ -24,7 +24,10 @@ Rules of this file:
   buffer is dropped, later input is ignored, ``next_event`` returns it again, ``send`` discards,
   and a server has queued ``Error{rid: 0}``: write ``data_to_send()``, then close.
 - A server holds the frames that follow a Hello unparsed until the Welcome is sent, so no
-  request is handled before the Hello is accepted (the token checked).
+  request is handled before the Hello is accepted (the token checked).  From protocol version
+  4 (``REHELLO_VERSION``) a client may send another Hello, of the same version, on the open
+  connection (a token refreshed): it is a request like any other, answered ``Welcome`` or an
+  ``Error`` that leaves the connection open; nothing is held behind it.
 - An ``Error`` with ``rid`` 0 is the server's last word on a connection, so requests use rids
   >= 1 (a request with rid 0 is a protocol error).
 - A server answers each request exactly once, in any order (``rid`` matches them); the number of
@@ -55,6 +58,7 @@ from .protocol import (
     METADATA_BYTES_MAX,
     METADATA_DEPTH_MAX,
     PROTOCOL_VERSIONS,
+    REHELLO_VERSION,
     RETRYABLE,
     Append,
     Compact,
@@ -105,6 +109,8 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.GREETING, Input.REFUSAL): State.MUST_CLOSE,
     (State.GREETING, Input.GOODBYE): State.MUST_CLOSE,
     (State.OPEN, Input.REQUEST): State.OPEN,
+    (State.OPEN, Input.HELLO): State.OPEN,  # a token refreshed (version 4; checked in the core)
+    (State.OPEN, Input.WELCOME): State.OPEN,
     (State.OPEN, Input.RESPONSE): State.OPEN,
     (State.OPEN, Input.PUSH): State.OPEN,  # only once open: a push before the Welcome is an error
     (State.OPEN, Input.GOODBYE): State.MUST_CLOSE,
@@ -393,7 +399,24 @@ class ServerConnection(_Connection):
             raise _Broken("bad_request", "rid: 0 is reserved (requests use rids >= 1)")
         if rid in self._pending:
             return self._answer_bad(rid, "rid", f"request {rid} is already in flight")
-        if type(request) is Hello:
+        if type(request) is Hello and state is State.OPEN:
+            first = self.hello
+            assert first is not None
+            if first.protocol_version < REHELLO_VERSION:
+                raise _Broken(
+                    "bad_request",
+                    f"a second hello needs protocol_version >= {REHELLO_VERSION} "
+                    f"(this connection's is {first.protocol_version})",
+                )
+            if request.protocol_version != first.protocol_version:
+                return self._answer_bad(
+                    rid,
+                    "protocol_version",
+                    f"{request.protocol_version}: an open connection keeps its version "
+                    f"({first.protocol_version})",
+                )
+            self.hello = request
+        elif type(request) is Hello:
             if request.protocol_version not in self.supported_versions:
                 raise _Broken(
                     "bad_request",

@@ -28,16 +28,21 @@ from msgspec import Meta
 
 from .parts import Role
 
-PROTOCOL_VERSION = 3
-PROTOCOL_VERSIONS = frozenset({1, 2, 3})
+PROTOCOL_VERSION = 4
+PROTOCOL_VERSIONS = frozenset({1, 2, 3, 4})
 """What a server accepts in ``Hello`` and a client in ``Welcome`` (which echoes the client's).
 Version 2 added structured messages (``role``, ``parts``) and context windows; version 3 the
-agents registry (``create_agent``...) and live agent chunks (``Subscribe.stream_chunks``).
+agents registry (``create_agent``...) and live agent chunks (``Subscribe.stream_chunks``);
+version 4 a second ``Hello`` on an open connection (a token refreshed: ``REHELLO_VERSION``)
+and ``Welcome.expires_in_ms``.
 The rule: a version only appends fields (with defaults) and adds request, response and push
 types, so a server of version N serves clients of every version up to N: a version-1 client
 never sends the new requests, leaves the new fields out (they mean what version 1 meant) and
 ignores the fields appended to what it receives.  A client of version N needs a server of version N
 (its requests carry the new fields): upgrade the servers first."""
+REHELLO_VERSION = 4
+"""From this version on a client may send another ``Hello`` on an open connection, with a new
+token for the same principal; before it a second Hello is a protocol error."""
 FRAME_BYTES_MAX = 4 * 1024 * 1024  # default negotiated maximum (Welcome.max_frame_bytes)
 METADATA_BYTES_MAX = 16 * 1024  # a metadata map, msgpack-encoded
 MESSAGE_BYTES_MAX = 1024 * 1024
@@ -228,7 +233,10 @@ class Agent(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
 
 # -- requests (client -> server) -------------------------------------------------------------------
 class Hello(msgspec.Struct, array_like=True, tag="hello", forbid_unknown_fields=True):
-    """Must be the first frame of a connection."""
+    """Must be the first frame of a connection.  From version 4 (``REHELLO_VERSION``) a client
+    may send another on the open connection, of the same ``protocol_version``, to refresh its
+    token (docs/auth.md): answered ``Welcome``, or an ``Error`` that leaves the connection as
+    it was."""
 
     rid: Rid
     protocol_version: Annotated[int, Meta(ge=1)]
@@ -448,6 +456,9 @@ class Welcome(msgspec.Struct, array_like=True, tag="welcome"):
     cluster_id: str
     protocol_version: int
     max_frame_bytes: int
+    # appended (version 4; older clients ignore it): how long the connection's token has left
+    # (the node closes the connection then), from when this Welcome was sent; nil: no expiry
+    expires_in_ms: int | None = None
 
 
 class SessionInfo(msgspec.Struct, array_like=True, tag="session"):
@@ -664,6 +675,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "PROTOCOL_VERSIONS",
     "READ_BYTES_MAX",
+    "REHELLO_VERSION",
     "RETRYABLE",
     "Agent",
     "AgentInfo",

@@ -35,6 +35,7 @@ from wire.framing import (
 )
 from wire.protocol import (
     FRAME_BYTES_MAX,
+    REHELLO_VERSION,
     Append,
     Error,
     GapEvent,
@@ -294,14 +295,36 @@ def test_an_invalid_hello_is_a_protocol_error(body: list[Any]) -> None:
 
 def test_an_unsupported_protocol_version_is_refused() -> None:
     server = ServerConnection()
-    server.receive_data(encode_frame(Hello(1, 4, "x", None)))
-    assert_protocol_error(server, "bad_request", "protocol_version: 4 is not supported")
+    server.receive_data(encode_frame(Hello(1, 99, "x", None)))
+    assert_protocol_error(server, "bad_request", "protocol_version: 99 is not supported")
 
 
-def test_a_second_hello_is_a_protocol_error() -> None:
-    server = open_server()
+def test_a_second_hello_before_version_4_is_a_protocol_error() -> None:
+    server = open_server()  # (version 1)
     server.receive_data(encode_frame(hello(2)))
-    assert_protocol_error(server, "bad_request", "hello is not allowed")
+    assert_protocol_error(server, "bad_request", "a second hello needs protocol_version >= 4")
+
+
+def test_a_second_hello_of_version_4_refreshes_an_open_connection() -> None:
+    pair = Pair()
+    assert len(pair.send(Hello(1, REHELLO_VERSION, "x", "t1"))) == 1
+    pair.answer(Welcome(1, 7, "c", REHELLO_VERSION, FRAME_BYTES_MAX, 1000))
+    # a request like any other: what follows it is not held
+    first, second = pair.send(Hello(2, REHELLO_VERSION, "x", "t2"), Ping(3))
+    assert first.request == Hello(2, REHELLO_VERSION, "x", "t2") and second.request == Ping(3)
+    assert pair.server.hello == first.request and pair.server.state is State.OPEN
+    pair.answer(Pong(3), Welcome(2, 7, "c", REHELLO_VERSION, FRAME_BYTES_MAX, 2000))
+    assert pair.client.state is State.OPEN and pair.client.welcome is not None
+    assert pair.client.welcome.expires_in_ms == 2000
+    # refused: an Error answers it, and the connection stays open
+    assert len(pair.send(Hello(4, REHELLO_VERSION, "x", "bad"))) == 1
+    pair.answer(Error(4, "unauthorized", "no", False, {}))
+    assert pair.client.state is State.OPEN and pair.server.state is State.OPEN
+    # another version: bad_request naming it, the connection open
+    pair.server.receive_data(encode_frame(Hello(5, 3, "x", "t3")))
+    [bad] = drain(pair.server)
+    assert isinstance(bad, BadRequest) and bad.error.details == {"field": "protocol_version"}
+    assert "keeps its version (4)" in bad.error.message and pair.server.state is State.OPEN
 
 
 def test_the_welcome_must_match_the_connection() -> None:
