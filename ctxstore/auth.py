@@ -90,6 +90,17 @@ class Principal:
 SERVICE: Final = Principal("", "service")
 
 
+def same_principal(now: Principal, new: Principal) -> bool:
+    """Whether ``new`` (a refreshed token's) may replace ``now`` on an open connection: the
+    same ``sub`` and ``role``, and narrowed to no fewer sessions (what the connection was
+    allowed, its subscriptions among it, it still is).  Its expiry may be anything."""
+    if (new.sub, new.role) != (now.sub, now.role):
+        return False
+    if new.sessions is None:
+        return True
+    return now.sessions is not None and new.sessions >= now.sessions
+
+
 SessionId = Annotated[str, Meta(min_length=1, max_length=128)]
 
 
@@ -152,6 +163,7 @@ class Verifier:
         self._cache: dict[str, Principal] = {}  # verified tokens, oldest first (CACHE_MAX)
         self.refusals: Counter[str] = Counter()
         self.verified = 0
+        self.refreshed = 0  # connections whose token a second Hello replaced (the service's)
 
     @property
     def on(self) -> bool:
@@ -371,6 +383,7 @@ __all__ = [
     "Verifier",
     "issue",
     "public_key",
+    "same_principal",
     "secret_key",
     "verifier_of",
 ]

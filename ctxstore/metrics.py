@@ -407,6 +407,11 @@ class NodeCollector(Collector):
             "ctxstore_auth_verified_total", "Client tokens verified (Hellos accepted).",
             verifier.verified,
         )  # fmt: skip
+        yield _counter(
+            "ctxstore_auth_refreshed_total",
+            "Connections whose token a second Hello refreshed (docs/auth.md).",
+            verifier.refreshed,
+        )  # fmt: skip
         yield _counters(
             "ctxstore_auth_refusals_total",
             "Clients refused, by reason: a bad token's (unauthorized; docs/auth.md) or "

@@ -65,6 +65,14 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_push = msgspec.msgpack.Decoder(Push).decode
 
 
+def _current(conn: Connection, principal: Principal) -> Principal:
+    """The principal a stream of ``conn`` is (re)opened with: the connection's now (a second
+    Hello may have refreshed its token since it subscribed: the same principal, a later
+    expiry), else the one it subscribed with."""
+    now = conn.context
+    return now if isinstance(now, Principal) else principal
+
+
 class _Stream:
     """A subscription whose pushes come from a replica."""
 
@@ -212,8 +220,9 @@ class Followers:
             return
         request = replace(s.request, after_seq=s.next_seq - 1)
         deadline = self.relay.now() + self.relay.request_timeout_s
-        call = Call(s.group, request.rid, _encode(request), s.principal, True, deadline,
-                     lambda response: self._opened(s, call, response))  # fmt: skip
+        principal = _current(s.conn, s.principal)
+        call = Call(s.group, request.rid, _encode(request), principal, True, deadline,
+                    lambda response: self._opened(s, call, response))  # fmt: skip
         self.relay.send(call)
 
     def _opened(self, s: _Stream, call: Call, response: Response) -> None:
@@ -394,7 +403,8 @@ class Followers:
         box.parts.add(part)
         request = SubscribeInbox(box.request.rid, box.request.user_id)
         call = Call(
-            min(part.groups), request.rid, _encode(request), box.principal, True, deadline,
+            min(part.groups), request.rid, _encode(request), _current(box.conn, box.principal),
+            True, deadline,
             lambda response: self._part_opened(part, call, response),
         )  # fmt: skip
         hosts = [set(self.relay.replicas(g)) for g in part.groups]

@@ -20,9 +20,11 @@
   checked by ``authz.admit`` before anything else, its writes carry an ``Actor`` the state
   machine checks against the session on apply (on the leader, wherever the request came in),
   and its reads are checked against the session after the barrier: ``forbidden`` either way,
-  whether or not the session exists.  An append's sender is the token's.  When the token
-  expires, the connection is closed with the goodbye ``unauthorized`` (its subscriptions end):
-  the client connects again with a new token.
+  whether or not the session exists.  An append's sender is the token's.  A second Hello
+  (protocol version 4) with a new token of the same principal refreshes the connection: its
+  expiry moves to the new token's, its subscriptions go on.  When the token expires, the
+  connection is closed with the goodbye ``unauthorized`` (its subscriptions end): the client
+  connects again with a new token.
 - Backpressure: while the local archive is behind (``Archive.overloaded``) appends are refused
   ``unavailable`` (retryable) so the archive's queue stays bounded.
 - Answers never block the loop and need no task per request: the router's futures call back.
@@ -97,7 +99,7 @@ from wire.protocol import (
 
 from . import authz, commands, context, records
 from .agents.registry import check_agent
-from .auth import SERVICE, Principal, Unauthorized, Verifier, verifier_of
+from .auth import SERVICE, Principal, Unauthorized, Verifier, same_principal, verifier_of
 from .history import HistoryUnavailable, Page, TailMiss
 from .node import Node
 from .placement import group_of
@@ -108,6 +110,14 @@ from .state import payload_bytes
 from .tokens import OFFLOAD_CHARS, offload
 
 logger = logging.getLogger(__name__)
+
+EXPIRED_GOODBYE = (
+    "the token expired: send a new one in a hello before it expires, or connect again with one"
+)
+REFRESH_REFUSED = (
+    "a second hello must carry a token of the same principal (sub and role), not narrowed "
+    "further: connect again to be someone else"
+)
 
 _ROUTE_CODES = frozenset({"unavailable", "timeout", "too_large"})  # passed on to the client
 
@@ -162,21 +172,48 @@ class Service(BaseHandler):
         node.router.relay = self.relay
 
     def on_hello(self, conn: Connection, hello: Hello) -> Reply:
+        if conn.greeted:
+            return self._refresh(conn, hello)
         try:
             principal = self.verifier.verify(hello.token or conn.credential)
         except Unauthorized as e:
             return self._error(error(hello.rid, "unauthorized", e.message))
         conn.context = principal
-        if principal.expires_at is not None:
-            delay_s = max(0.0, principal.expires_at - time.time())
-            loop = asyncio.get_running_loop()
-            self._expiries[conn] = loop.call_later(delay_s, self._expired, conn)
-        return conn.welcome(self.node_id, self.cluster_id)
+        return conn.welcome(self.node_id, self.cluster_id, self._expire_later(conn, principal))
+
+    def _refresh(self, conn: Connection, hello: Hello) -> Reply:
+        """A second Hello (protocol version 4): a new token for the connection's principal.
+        Refused (the connection goes on with its token until it expires): ``unauthorized`` for
+        an invalid token (the upgrade request's credential does not count: a refresh carries its
+        own), ``forbidden`` for one of another principal (``same_principal``)."""
+        try:
+            principal = self.verifier.verify(hello.token)
+        except Unauthorized as e:
+            return self._error(error(hello.rid, "unauthorized", e.message))
+        now: Principal = conn.context or SERVICE
+        if not same_principal(now, principal):
+            return self._error(error(hello.rid, "forbidden", REFRESH_REFUSED))
+        conn.context = principal
+        self.verifier.refreshed += 1
+        return conn.welcome(self.node_id, self.cluster_id, self._expire_later(conn, principal))
+
+    def _expire_later(self, conn: Connection, principal: Principal) -> int | None:
+        """Close ``conn`` when ``principal``'s token expires (instead of when an earlier one
+        of it would have); how long that is in ms (None: never)."""
+        timer = self._expiries.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        if principal.expires_at is None:
+            return None
+        delay_s = max(0.0, principal.expires_at - time.time())
+        loop = asyncio.get_running_loop()
+        self._expiries[conn] = loop.call_later(delay_s, self._expired, conn)
+        return int(delay_s * 1000)
 
     def _expired(self, conn: Connection) -> None:
         self._expiries.pop(conn, None)
         self.verifier.refuse("expired")
-        conn.close("unauthorized", "the token expired: connect again with a new token")
+        conn.close("unauthorized", EXPIRED_GOODBYE)
 
     def _refusal(self, conn: Connection, p: Principal, request: Request) -> Error | None:
         """Why a restricted principal may not make ``request`` (the checks needing no state)."""

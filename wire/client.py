@@ -43,6 +43,7 @@ from .errors import ClientError
 from .protocol import (
     FRAME_BYTES_MAX,
     PROTOCOL_VERSION,
+    REHELLO_VERSION,
     Agent,
     AgentInfo,
     AgentList,
@@ -98,7 +99,15 @@ C = TypeVar("C")
 P = ParamSpec("P")
 
 Token = str | Callable[[], str | None] | None
-"""A client token, or a function giving one for each new connection (a refreshed JWT)."""
+"""A client token, or a function giving one for each new connection and for each refresh of
+an open connection's token before it expires (a JWT minted again)."""
+
+REFRESH_AHEAD_S = 60.0
+"""A connection's token is refreshed this long before it expires (or with a quarter of its
+life left, if that is shorter)."""
+REFRESH_EXTENDS_S = 0.5
+"""A refresh that moves the expiry by less than this did not get a new token: no more
+refreshes on that connection (it is closed at the expiry, and the client connects again)."""
 
 NON_RETRYABLE_REFUSALS = frozenset({"bad_request", "unauthorized", "forbidden"})
 """Handshake answers that no other node would answer differently: ``connect`` raises them."""
@@ -261,6 +270,7 @@ class Client:
         self._closed = False
         self._rng = random.Random()
         self._pushes_dropped = 0  # by connections retired
+        self._refreshing: set[asyncio.Task[None]] = set()
 
     @property
     def target(self) -> Address | None:
@@ -632,7 +642,63 @@ class Client:
             raise ClientError("internal", f"{type(answer).__name__} answered Hello", False)
         conn.timeout_s = self.timeout_s
         self.welcome = answer
+        self._refresh_later(conn, answer)
         return conn
+
+    # the token's refresh -------------------------------------------------------------------------
+
+    def _refresh_later(self, conn: Connection, welcome: Welcome) -> None:
+        """With a token function, send ``conn`` a new token in a second Hello before the one
+        ``welcome`` answered expires (protocol version 4; docs/auth.md): the node then keeps
+        the connection, and its subscriptions, open past the first token's expiry."""
+        left_ms = welcome.expires_in_ms
+        if left_ms is None or not callable(self.token) or conn.error is not None:
+            return
+        if welcome.protocol_version < REHELLO_VERSION:
+            return
+        left_s = left_ms / 1000
+        loop = asyncio.get_running_loop()
+        expires = loop.time() + left_s
+        delay_s = left_s - min(REFRESH_AHEAD_S, left_s / 4)
+        conn.refresh = loop.call_later(delay_s, self._refresh, conn, expires)
+
+    def _refresh(self, conn: Connection, expires: float) -> None:
+        conn.refresh = None
+        task = asyncio.ensure_future(self._refresh_now(conn, expires))
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
+
+    async def _refresh_now(self, conn: Connection, expires: float) -> None:
+        loop = asyncio.get_running_loop()
+        token = self.token
+        assert callable(token)
+        host, port = conn.target
+        try:
+            hello = Hello(self._next_rid(), PROTOCOL_VERSION, self.client_name, token())
+            answer: Response | None = await conn.request(hello)
+        except ClientError:
+            return  # the connection is gone: the next call connects again, with a new token
+        except Exception:
+            logger.exception("the token function failed")
+            answer = None
+        if type(answer) is Welcome:
+            if conn is self._conn:
+                self.welcome = answer
+            new_s = answer.expires_in_ms
+            if new_s is None or loop.time() + new_s / 1000 > expires + REFRESH_EXTENDS_S:
+                self._refresh_later(conn, answer)
+            else:
+                logger.warning(
+                    "%s:%s: the token function gave a token that expires no later: the node "
+                    "will close the connection when it expires",
+                    host, port,
+                )  # fmt: skip
+            return
+        left_s = expires - loop.time()
+        why = f"{answer.code}: {answer.message}" if type(answer) is Error else "no token"
+        logger.warning("%s:%s: refreshing the token failed (%s)", host, port, why)
+        if left_s > 1.0 and conn.error is None:  # try again with half the time left
+            conn.refresh = loop.call_later(left_s / 2, self._refresh, conn, expires)
 
 
 async def connect(
@@ -656,8 +722,10 @@ async def connect(
     ``suspect_s`` how long (jittered, ``suspect_s`` / 2 .. ``suspect_s``) a node that answered
     ``unavailable`` or ``timeout``, or failed, is avoided; ``append_attempts`` the sends of one
     ``append_with_retry``.  ``token``: the client token, or a function called for each
-    connection's Hello, so a client whose token expired (the node closes the connection with
-    ``unauthorized``) connects again with a fresh one, its subscriptions resuming."""
+    connection's Hello and again before that connection's token expires (a second Hello on
+    it: the connection and its subscriptions go on; ``REFRESH_AHEAD_S``), so a client keeps
+    going past its tokens' expiries; one whose connection was closed at an expiry all the same
+    connects again with a fresh token, its subscriptions resuming."""
     addresses = parse_targets(targets)
     client = Client(
         addresses,

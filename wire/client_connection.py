@@ -96,6 +96,7 @@ class Connection(asyncio.Protocol):
         self._deadlines: deque[tuple[float, int]] = deque()  # (deadline, rid), in send order
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self.refresh: asyncio.TimerHandle | None = None  # the token's next refresh (the client's)
         self._transport: asyncio.Transport | None = None
         self._flush_scheduled = False
 
@@ -300,6 +301,9 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.refresh is not None:
+            self.refresh.cancel()
+            self.refresh = None
         self._deadlines.clear()
         pending, self.pending = self.pending, {}
         for future in pending.values():

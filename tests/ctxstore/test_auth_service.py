@@ -17,7 +17,7 @@ import pytest
 
 from ctxstore.auth import issue
 from ctxstore.placement import group_of
-from wire.client import connect
+from wire.client import ClientError, connect
 from wire.framing import ClientConnection, ProtocolError, PushReceived, ResponseReceived
 from wire.protocol import (
     PROTOCOL_VERSION,
@@ -29,6 +29,8 @@ from wire.protocol import (
     GetRoutes,
     GetSession,
     Hello,
+    InboxDelta,
+    InboxSnapshot,
     ListSessions,
     Manual,
     MarkRead,
@@ -62,12 +64,16 @@ class Native:
         self.answers: dict[int, Response] = {}
         self.closed = False
         self.goodbye: ProtocolError | None = None
+        self.welcome: Response | None = None
 
     @classmethod
-    async def open(cls, target: str, token: str | None) -> tuple[Native, Response]:
+    async def open(
+        cls, target: str, token: str | None, version: int = PROTOCOL_VERSION
+    ) -> tuple[Native, Response]:
         host, port = target.rsplit(":", 1)
         n = cls(*await asyncio.open_connection(host, int(port)))
-        return n, await n.call(Hello(1, PROTOCOL_VERSION, "t", token), rid=1)
+        n.welcome = await n.call(Hello(1, version, "t", token), rid=1)
+        return n, n.welcome
 
     async def _receive(self) -> None:
         data = await asyncio.wait_for(self.reader.read(65536), 10)
@@ -305,9 +311,75 @@ def test_forwarded_writes_keep_their_principal_on_three_nodes(tmp_path: Path) ->
     run(main())
 
 
-def test_the_python_client_connects_again_with_a_fresh_token(tmp_path: Path) -> None:
-    """A token function: the node ends the connection when a 2 s token expires; the client's
-    next request connects again with a new token and its subscription resumes."""
+def test_a_second_hello_refreshes_the_token_and_the_subscription_outlives_the_first(
+    tmp_path: Path,
+) -> None:
+    """A 2 s token, refreshed on the open connection by a second Hello: the subscription keeps
+    receiving after the first token's expiry; refreshes with a bad token or another principal's
+    are refused and change nothing; without a refresh the connection ends at the expiry."""
+
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH, auth_jwt_leeway_s=0.0) as (h,):
+            assert await h.node.wait_leaders(10)
+            async with session_as(h, token("alice", "user")) as c:
+                assert code(await c.call(CreateSession(0, "alice", "bot", {}, "s"))) == "ok"
+            async with session_as(h, token("alice", "user", ttl_s=2)) as c:
+                assert isinstance(c.welcome, Welcome) and c.welcome.expires_in_ms is not None
+                assert 0 < c.welcome.expires_in_ms <= 2000
+                assert code(await c.call(Subscribe(0, "s", 0))) == "ok"
+                refusals = [
+                    (token("bob", "user", ttl_s=60), "forbidden"),  # another principal
+                    (token("alice", "agent", ttl_s=60), "forbidden"),  # another role
+                    (token("alice", "user", ttl_s=60, sessions=["s"]), "forbidden"),  # narrower
+                    ("not-a-jwt", "unauthorized"),
+                    (None, "unauthorized"),  # (the upgrade's credential does not count)
+                    (EXPIRED, "unauthorized"),
+                ]
+                for tok, expected in refusals:
+                    assert code(await c.call(Hello(0, PROTOCOL_VERSION, "t", tok))) == expected
+                version = await c.call(Hello(0, 3, "t", token("alice", "user")))
+                assert code(version) == "bad_request"  # an open connection keeps its version
+                await asyncio.sleep(1.0)
+                again = await c.call(Hello(0, PROTOCOL_VERSION, "t", token("alice", "user", 4)))
+                assert isinstance(again, Welcome) and again.expires_in_ms is not None
+                assert 2000 < again.expires_in_ms <= 4000
+                await asyncio.sleep(1.5)  # past the first token's expiry
+                assert not c.closed
+                async with session_as(h, token("svc", "service")) as svc:
+                    assert code(await svc.call(append("s", "user", "alice"))) == "ok"
+                while not c.pushes:
+                    await c._receive()
+                assert [m.content for m in c.pushes[0].messages] == ["hi"]
+                assert code(await c.call(Read(0, "s", 0, 10))) == "ok"
+                await asyncio.wait_for(c.until_closed(), 5)  # the second token expires
+                assert c.goodbye is not None and c.goodbye.code == "unauthorized"
+                assert "expired" in c.goodbye.message
+            verifier = h.service.verifier
+            assert verifier.refreshed == 1 and verifier.refusals["expired"] == 2  # (+ EXPIRED)
+            assert verifier.refusals["forbidden"] == 3
+            metrics = await h.scrape()
+            assert metrics["ctxstore_auth_refreshed_total"] == 1
+            assert metrics['ctxstore_auth_refusals_total{reason="expired"}'] == 2
+
+    run(main())
+
+
+def test_a_second_hello_needs_protocol_version_4(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH) as (h,):
+            n, welcome = await Native.open(h.target, token("alice", "user"), version=3)
+            assert isinstance(welcome, Welcome) and welcome.expires_in_ms is None
+            n.core.send(Hello(2, 3, "t", token("alice", "user")))
+            n.writer.write(n.core.data_to_send())
+            await asyncio.wait_for(n.until_closed(), 5)
+            assert n.goodbye is not None and "protocol_version >= 4" in n.goodbye.message
+
+    run(main())
+
+
+def test_the_python_client_refreshes_its_token_on_the_open_connection(tmp_path: Path) -> None:
+    """A token function and 3 s tokens: the client sends a new token before each expires, so
+    its connection and subscription go on past several expiries (no reconnect)."""
 
     async def main() -> None:
         async with nodes(tmp_path, 1, **AUTH, auth_jwt_leeway_s=0.0) as (h,):
@@ -315,10 +387,47 @@ def test_the_python_client_connects_again_with_a_fresh_token(tmp_path: Path) -> 
             issued: list[str] = []
 
             def fresh() -> str:
-                issued.append(token("alice", "user", ttl_s=2))
+                issued.append(token("alice", "user", ttl_s=3))
                 return issued[-1]
 
             async with await connect(h.target, token=fresh) as c:
+                await c.create_session("alice", "bot", {}, "s")
+                sub = await c.subscribe("s")
+                conn = c._conn
+                got = []
+                for i in range(4):
+                    await c.append("s", f"m{i}")
+                    async with asyncio.timeout(10):
+                        item = await anext(aiter(sub))
+                    assert isinstance(item, Message)
+                    got.append(item.content)
+                    await asyncio.sleep(2.0)  # 8 s in all: past the first tokens' expiries
+                assert got == ["m0", "m1", "m2", "m3"]
+                assert c._conn is conn and conn is not None and conn.error is None
+                assert len(issued) >= 3
+                assert h.service.verifier.refreshed >= 2
+                assert h.service.verifier.refusals["expired"] == 0
+                await sub.close()
+
+    run(main())
+
+
+def test_the_python_client_connects_again_when_it_could_not_refresh(tmp_path: Path) -> None:
+    """A token function that gives the same token again (no later expiry): the client stops
+    refreshing, the node ends the connection when the token expires, and the client's next
+    request connects again with a fresh token; its subscription resumes."""
+
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH, auth_jwt_leeway_s=0.0) as (h,):
+            assert await h.node.wait_leaders(10)
+            first = token("alice", "user", ttl_s=2)
+            issued: list[str] = []
+
+            def stale_then_fresh() -> str:
+                issued.append(first if len(issued) < 2 else token("alice", "user", ttl_s=60))
+                return issued[-1]
+
+            async with await connect(h.target, token=stale_then_fresh) as c:
                 await c.create_session("alice", "bot", {}, "s")
                 sub = await c.subscribe("s")
                 await c.append("s", "before")
@@ -332,7 +441,92 @@ def test_the_python_client_connects_again_with_a_fresh_token(tmp_path: Path) -> 
                         if len(got) == 2:
                             break
                 assert got == ["before", "after"]
-                assert len(issued) >= 2 and h.service.verifier.refusals["expired"] >= 1
+                assert len(issued) == 3 and h.service.verifier.refusals["expired"] == 1
                 await sub.close()
+
+    run(main())
+
+
+def test_relayed_requests_and_streams_keep_the_principal_on_four_nodes(tmp_path: Path) -> None:
+    """Scale-out (ctxstore/relay.py): node 4 holds neither session's group, so every request
+    travels to a replica with the connection's principal, which the replica authorizes; the
+    subscription and inbox relayed from a replica outlive the first tokens (refreshed by the
+    client with second Hellos), and a resumed relayed stream carries the refreshed principal."""
+    from .test_relay import away, cluster, stop, take
+
+    async def main() -> None:
+        mine, replicas = away(4, 4, "a")
+        theirs, _ = away(4, 4, "b")
+        async with cluster(tmp_path, 4, **AUTH, auth_jwt_leeway_s=0.0) as members:
+            far = members[4]
+            async with await connect(far.target, token=token("svc", "service")) as svc:
+                await svc.create_session("bob", "bot", {}, theirs)
+            issued: list[str] = []
+
+            def fresh() -> str:
+                issued.append(token("alice", "user", ttl_s=3))
+                return issued[-1]
+
+            async with await connect(far.target, token=fresh) as c:
+                await c.create_session("alice", "bot", {}, mine)
+                assert (await c.append(mine, "m1", sender="agent", sender_id="x")).seq == 1
+                refused = {
+                    "read": c.read(theirs),
+                    "append": c.append(theirs, "x"),
+                    "get_session": c.get_session(theirs),
+                    "mark_read": c.mark_read(theirs, "alice", 0),
+                    "get_context": c.get_context(theirs),
+                    "create_session": c.create_session("alice", "bot", {}, theirs),
+                }
+                for name, call in refused.items():
+                    try:
+                        await call
+                    except ClientError as e:
+                        assert e.code == "forbidden", name
+                    else:
+                        raise AssertionError(f"{name} on another's session was allowed")
+                try:
+                    await c.subscribe(theirs)
+                except ClientError as e:
+                    assert e.code == "forbidden"
+                else:
+                    raise AssertionError("subscribed to another's session")
+                replica_refusals = sum(
+                    m.service.verifier.refusals["forbidden"] for i, m in members.items() if i != 4
+                )
+                assert replica_refusals == 7  # authorized on the replicas...
+                assert far.service.verifier.refusals["forbidden"] == 0  # ...not on node 4
+                sub = await c.subscribe(mine)
+                inbox = await c.subscribe_inbox("alice")
+                assert isinstance(await anext(aiter(inbox)), InboxSnapshot)
+                assert [m.content for m in await take(sub, 1)] == ["m1"]
+                for i in (2, 3, 4):
+                    await asyncio.sleep(2.0)  # 6 s in all: past the first tokens' expiries
+                    assert (await c.append(mine, f"m{i}")).seq == i
+                    [message] = await take(sub, 1)
+                    assert message.content == f"m{i}"
+                    while not isinstance(delta := await anext(aiter(inbox)), InboxDelta):
+                        pass
+                    assert [e.session_id for e in delta.entries] == [mine]
+                # the stream's replica stops: the stream resumes at another replica, asked
+                # with the refreshed principal (the first token has expired by now)
+                [stream] = far.service.follow.streams.all()
+                gone = stream.peer
+                assert gone in replicas
+                await stop(members, gone)
+                await c.append_with_retry(mine, "m5")
+                assert [m.content for m in await take(sub, 1)] == ["m5"]
+                # the same stream, resumed (not ended, for the client to subscribe again)
+                assert far.service.follow.streams.all() == [stream] and not stream.closed
+                assert stream.peer not in (gone, 0)
+                assert far.service.verifier.refusals["expired"] == 0
+                assert far.service.verifier.refreshed >= 2
+                await sub.close()
+                await inbox.close()
+            assert far.service.relay.relayed >= 10
+            left = next(r for r in replicas if r in members)
+            page = members[left].node.state.read(mine, 0, 10)
+            assert page is not None
+            assert {(m.sender, m.sender_id) for m in page.messages} == {("user", "alice")}
 
     run(main())

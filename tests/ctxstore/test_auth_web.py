@@ -11,7 +11,18 @@ from pathlib import Path
 import pytest
 
 from bench.nodestats import parse_metrics
-from wire.protocol import PROTOCOL_VERSION, CreateSession, Error, Hello, Manual, SetContextConfig
+from wire.protocol import (
+    PROTOCOL_VERSION,
+    CreateSession,
+    Error,
+    Hello,
+    Manual,
+    MessageEvent,
+    Ping,
+    SetContextConfig,
+    Subscribe,
+    Welcome,
+)
 from wire.web_codec import JSON
 
 from .test_auth_service import AUTH, EXPECTED, OPERATIONS, PRINCIPALS, append, code, token
@@ -121,5 +132,45 @@ def test_event_streams_take_the_token_from_the_query(tmp_path: Path) -> None:
             assert e.status == 403
             e = await Events.open(w.address, "/v1/sessions/s1/events?after_seq=0")
             assert e.status == 401
+
+    run(main())
+
+
+def test_a_websocket_refreshes_its_token_with_a_second_hello(tmp_path: Path) -> None:
+    """The token of the upgrade request (a browser's ``?token=``) expires in 2 s; a second
+    Hello carrying a new one keeps the WebSocket and its subscription going past it; without
+    one the WebSocket ends with the goodbye ``unauthorized``."""
+
+    async def main() -> None:
+        async with web_node(tmp_path, extra={**AUTH, "auth_jwt_leeway_s": 0.0}) as w:
+            svc = await ws_as(w.address, token("svc", "service"), "hello")
+            assert await ask(svc, CreateSession(0, "alice", "bot", {}, "s")) == "ok"
+            first = token("alice", "user", ttl_s=2)
+            ws = await WsClient.open(w.address, [JSON], path=f"/v1/ws?token={first}")
+            assert await ask(ws, Subscribe(0, "s", 0)) == "ok"
+            # a refresh carries its own token: the upgrade's does not stand for it
+            assert await ask(ws, Hello(0, PROTOCOL_VERSION, "t", None)) == "unauthorized"
+            assert await ask(ws, Hello(0, PROTOCOL_VERSION, "t", token("bob", "user"))) == (
+                "forbidden"
+            )
+            rid = next(RIDS)
+            await ws.send(Hello(rid, PROTOCOL_VERSION, "t", token("alice", "user", ttl_s=60)))
+            welcome = await ws.recv()
+            assert isinstance(welcome, Welcome) and welcome.rid == rid
+            assert welcome.expires_in_ms is not None and welcome.expires_in_ms > 50_000
+            await ws.pump(2.5)  # past the first token's expiry
+            assert await ask(svc, append("s", "user", "alice")) == "ok"
+            while not isinstance(event := await ws.recv(), MessageEvent):
+                pass
+            assert [m.content for m in event.messages] == ["hi"]
+            assert await ask(ws, Ping(0)) == "ok"
+            await ws.close()
+            # no refresh: the WebSocket ends at the expiry
+            short = token("alice", "user", ttl_s=2)
+            ws = await WsClient.open(w.address, [JSON], path=f"/v1/ws?token={short}")
+            assert await ask(ws, Subscribe(0, "s", 0)) == "ok"
+            end = await ws.closed(5)
+            assert end.code == 1008 and "expired" in end.reason
+            await svc.close()
 
     run(main())

@@ -40,11 +40,12 @@ async def h3_node(
     limits: H3Limits | None = None,
     tls: tuple[str, str] | None = None,
     tokens: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[Web, H3Server]]:
     if tls is None:
         cert = generate(str(tmp_path / "tls"))
         tls = (cert.cert_path, cert.key_path)
-    async with web_node(tmp_path, tokens=tokens) as w:
+    async with web_node(tmp_path, tokens=tokens, extra=extra) as w:
         h3 = await attach_h3(w.ops, w.clients, "127.0.0.1", 0, *tls, limits)
         yield w, h3
 
@@ -260,6 +261,44 @@ def test_a_token_on_the_connect_stands_for_the_hellos(tmp_path: Path) -> None:
                     assert got["code"] == "unauthorized"
             r = await c.request("GET", "/v1/sessions/x", headers={"authorization": "Bearer no"})
             assert r.status == 401
+
+    run(main())
+
+
+def test_a_second_hello_refreshes_the_token_of_a_session(tmp_path: Path) -> None:
+    """A WebTransport session (a native connection) refreshes its 2 s token with a second
+    hello on a stream of its own: its subscription receives after the first token expired."""
+    from .test_auth_service import AUTH, token
+
+    async def main() -> None:
+        extra = {**AUTH, "auth_jwt_leeway_s": 0.0}
+        async with h3_node(tmp_path, extra=extra) as (_, h3), h3_client(h3.address) as c:
+            short = token("u1", "user", ttl_s=2)
+            session, status = await c.open_session(f"/v1/wt?token={short}")
+            assert status == 200
+            first = await c.call(session, {**hello(), "protocol_version": 4})
+            assert first["type"] == "welcome" and 0 < first["expires_in_ms"] <= 2000
+            body = {"user_id": "u1", "agent_id": "a", "metadata": {}, "session_id": "s"}
+            r = await c.request("POST", "/v1/sessions", body, headers={
+                "authorization": f"Bearer {token('u1', 'user')}"})  # fmt: skip
+            assert r.status == 200, r.body
+            subscribed = await c.call(session, subscribe(2, "s"))
+            assert subscribed["type"] == "subscribed"
+            again = {**hello(3), "protocol_version": 4, "token": token("bob", "user")}
+            refused = await c.call(session, again)
+            assert (refused["type"], refused["code"]) == ("error", "forbidden")
+            again = {**hello(4), "protocol_version": 4, "token": token("u1", "user", ttl_s=60)}
+            welcome = await c.call(session, again)
+            assert welcome["type"] == "welcome" and welcome["expires_in_ms"] > 50_000
+            await asyncio.sleep(2.5)  # past the first token's expiry
+            append = {"type": "append", "rid": 5, **message("after"), "client_msg_id": None,
+                      "expected_seq": None, "token_count": None}  # fmt: skip
+            append["session_id"] = "s"
+            appended = await c.call(session, append)
+            assert appended["type"] == "appended", appended
+            [event] = await c.wait_for(lambda: c.pushes(subscribed["sub_id"]))
+            assert [m["content"] for m in event["messages"]] == ["after"]
+            assert c.terminated is None
 
     run(main())
 
