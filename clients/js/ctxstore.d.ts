@@ -119,13 +119,20 @@ export type Status =
       transport: "websocket" | "webtransport" }
   | { state: "disconnected"; target: string; error: Error }
   | { state: "failed"; target: string; error: CtxstoreError }
+  /** The token was refreshed on the open connection (a token function: Options.token). */
+  | { state: "refreshed"; target: string; expiresInMs: number | null }
+  /** A refresh failed: tried again with half the time left; else the node closes the
+   * connection when the token expires and the client connects again with a new one. */
+  | { state: "refresh_failed"; target: string; error: Error }
   | { state: "closed" };
 
 export interface Options {
   /** The nodes' WebSocket URLs (ws://host:port/v1/ws; a bare ws://host:port gets /v1/ws). */
   targets: string[];
-  /** The node's --token, if it has any. */
-  token?: string | null;
+  /** The node's --token, or a signed token (docs/auth.md); or a function giving one (or a
+   * promise of one), called for each connection's hello and again before that connection's
+   * token expires (a second hello refreshes it: the connection and its subscriptions go on). */
+  token?: string | null | (() => string | null | Promise<string | null>);
   clientName?: string;
   /** One attempt of one request (default 10 000). */
   requestTimeoutMs?: number;

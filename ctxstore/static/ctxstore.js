@@ -14,10 +14,16 @@
 //   windows (setContextConfig, getContext, compact, context events of a subscription);
 // - protocol version 3: the agents registry (createAgent...) and a session's live agent chunks
 //   (subscribe's streamChunks), assembled into a draft reply (ReplyDraft) that the stored
-//   assistant message replaces when it lands.
+//   assistant message replaces when it lands;
+// - protocol version 4: with a token function (options.token), the token is refreshed on the
+//   open connection (a second hello) before it expires (welcome.expires_in_ms), so the
+//   connection and its subscriptions go on (docs/auth.md).
 
 export const SUBPROTOCOL = "ctxstore.v1.json";
-export const PROTOCOL_VERSION = 3; // needs a node of version 3 (it serves 1 to 3)
+export const PROTOCOL_VERSION = 4; // needs a node of version 4 (it serves 1 to 4)
+const REFRESH_AHEAD_MS = 60000; // a token is refreshed this long before it expires, or with a
+// quarter of its life left if that is shorter
+const REFRESH_EXTENDS_MS = 100; // a refresh moving the expiry less got no new token: no more
 const RETRYABLE = new Set(["unavailable", "timeout", "rate_limited"]);
 const PUSHES = new Set([
   "message_event", "gap_event", "inbox_delta", "subscription_closed", "context_event",
@@ -26,7 +32,7 @@ const PUSHES = new Set([
 const ROTATE_AFTER_ATTEMPTS = 3; // a request failing this often on one node moves to the next
 
 export const DEFAULTS = Object.freeze({
-  token: null,
+  token: null, // a string, or a function giving one (or a promise of one) for each hello
   clientName: "ctxstore.js",
   requestTimeoutMs: 10000, // one attempt of one request
   connectTimeoutMs: 5000, // from opening a WebSocket to its welcome
@@ -198,6 +204,7 @@ class LinkBase {
       entry.reject(error);
     }
     this.pending.clear();
+    clearTimeout(this.refreshTimer);
     this._done(error);
   }
 }
@@ -1007,7 +1014,7 @@ export class Client {
               type: "hello",
               protocol_version: PROTOCOL_VERSION,
               client_name: this.options.clientName,
-              token: this.options.token,
+              token: await this._token(),
             },
             this.options.connectTimeoutMs,
           );
@@ -1018,6 +1025,7 @@ export class Client {
           link.done.then((error) => this._lost(link, error));
           const transport = link instanceof WtLink ? "webtransport" : "websocket";
           this._status({ state: "connected", target, nodeId: welcome.node_id, transport });
+          this._refreshLater(link, welcome);
           return link;
         } catch (e) {
           link.close(1000, "handshake failed");
@@ -1042,6 +1050,50 @@ export class Client {
       throw this.fatal ?? closedError();
     } finally {
       this._connecting = null;
+    }
+  }
+
+  /** The token for a hello: options.token, or what the function there gives. */
+  async _token() {
+    const { token } = this.options;
+    return typeof token === "function" ? ((await token()) ?? null) : token;
+  }
+
+  /** With a token function, send `link` a new token in a second hello before the one
+   * `welcome` answered expires: the node then keeps the connection open past it. */
+  _refreshLater(link, welcome) {
+    const left = welcome.expires_in_ms;
+    if (typeof left !== "number" || typeof this.options.token !== "function") return;
+    if (link.closed || this.closed) return;
+    const expires = Date.now() + left;
+    const delay = left - Math.min(REFRESH_AHEAD_MS, left / 4);
+    link.refreshTimer = setTimeout(() => this._refresh(link, expires), delay);
+  }
+
+  async _refresh(link, expires) {
+    let welcome;
+    try {
+      const hello = {
+        type: "hello",
+        protocol_version: PROTOCOL_VERSION,
+        client_name: this.options.clientName,
+        token: await this._token(),
+      };
+      welcome = await link.request(hello, this.options.requestTimeoutMs);
+    } catch (error) {
+      if (link.closed || this.closed) return; // the next link gets a fresh token
+      this._status({ state: "refresh_failed", target: link.target, error });
+      const left = expires - Date.now();
+      if (left > 1000) link.refreshTimer = setTimeout(() => this._refresh(link, expires), left / 2);
+      return;
+    }
+    this._status({ state: "refreshed", target: link.target, expiresInMs: welcome.expires_in_ms });
+    const next = welcome.expires_in_ms;
+    if (typeof next !== "number" || Date.now() + next > expires + REFRESH_EXTENDS_MS) {
+      this._refreshLater(link, welcome);
+    } else {
+      const error = new CtxstoreError("unauthorized", "the token function gave no later token");
+      this._status({ state: "refresh_failed", target: link.target, error });
     }
   }
 

@@ -1,7 +1,9 @@
 // ctxstore.js against a real node (node.js) and, for what a node does not do on demand, a
 // scripted one (fake.js).  Run: node --test clients/js/test/ (Node 20: --experimental-websocket).
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import { after, before, describe, test } from "node:test";
+import { setTimeout as sleep } from "node:timers/promises";
 
 import { CtxstoreError, connect, webSocketUrl, webTransportUrl } from "../ctxstore.js";
 import { fakeServer, fakeWebTransport, until } from "./fake.js";
@@ -11,6 +13,70 @@ const FAST = { backoffBaseMs: 20, backoffMaxMs: 200 };
 const msg = (seq, content = `m${seq}`) => ({
   session_id: "s1", seq, sender: "user", sender_id: "u1", kind: "text", content, metadata: {},
   client_msg_id: null, inserted_at: 1, token_count: null,
+});
+
+/** An HS256 JWT (docs/auth.md) for the tests' node. */
+function hs256(claims, secret) {
+  const b64 = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const signed = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
+  return `${signed}.${createHmac("sha256", secret).update(signed).digest("base64url")}`;
+}
+
+describe("against a real node with signed tokens", () => {
+  const SECRET = "a-js-test-token-secret-of-32-bytes!";
+  const node = new Node({
+    env: {
+      CTXSTORE_AUTH: "jwt", CTXSTORE_SECRET: "a-js-test-cluster-secret",
+      CTXSTORE_AUTH_JWT_SECRET: SECRET, CTXSTORE_AUTH_JWT_LEEWAY_S: "0",
+    },
+  });
+  before(() => node.start());
+  after(() => node.remove());
+  const alice = (ttlS) =>
+    hs256({ sub: "alice", role: "user", exp: Math.floor(Date.now() / 1000) + ttlS }, SECRET);
+
+  test("a token function refreshes the token on the open connection: a subscription outlives its first tokens", async () => {
+    const statuses = [];
+    let minted = 0;
+    const token = async () => {
+      minted++;
+      return alice(3);
+    };
+    const client = await connect({ targets: [node.url], token, onStatus: (s) => statuses.push(s), ...FAST });
+    try {
+      await client.createSession({ userId: "alice", agentId: "bot", sessionId: "r1" });
+      const events = [];
+      await client.subscribe("r1", {}, (e) => events.push(e));
+      for (let i = 1; i <= 3; i++) {
+        await client.append("r1", { sender: "user", senderId: "alice", content: `m${i}` });
+        await until(() => events.length === i);
+        await sleep(2000); // 6 s in all: past the first tokens' expiries
+      }
+      assert.deepEqual(events.map((e) => e.message.content), ["m1", "m2", "m3"]);
+      const states = statuses.map((s) => s.state);
+      assert.equal(states.filter((s) => s === "connected").length, 1); // never reconnected
+      assert.ok(states.filter((s) => s === "refreshed").length >= 2, states.join());
+      assert.ok(minted >= 3);
+      await assert.rejects(client.getSession("nowhere"), { code: "forbidden" });
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a plain token: the node closes the connection when it expires", async () => {
+    const statuses = [];
+    const client = await connect({
+      targets: [node.url], token: alice(2), onStatus: (s) => statuses.push(s), ...FAST,
+    });
+    try {
+      await client.createSession({ userId: "alice", agentId: "bot", sessionId: "r2" });
+      await until(() => statuses.some((s) => s.state === "disconnected"), 5000);
+      const lost = statuses.find((s) => s.state === "disconnected");
+      assert.match(lost.error.message, /unauthorized: the token expired/);
+    } finally {
+      client.close();
+    }
+  });
 });
 
 describe("against a real node", () => {
@@ -197,7 +263,7 @@ describe("against a scripted node", () => {
         [1, 2, "gap 3-4", 5, 6, 7],
       );
       assert.equal(subscribes, 2);
-      assert.equal(server.received[0].protocol_version, 3); // the hello
+      assert.equal(server.received[0].protocol_version, 4); // the hello
       assert.equal(server.received[1].context_events, false);
       assert.equal(server.received[1].stream_chunks, false);
     } finally {
@@ -253,6 +319,41 @@ describe("against a scripted node", () => {
       server.sockets[0].push({ type: "message_event", sub_id: 7, messages: [msg(1)] });
       assert.equal(await made, "unavailable"); // closed before it was made
       assert.deepEqual(events, []);
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a token function: a refused refresh is tried again on the same connection", async () => {
+    let hellos = 0;
+    const server = fakeServer(() => {});
+    const Expiring = class extends server.WebSocket {
+      send(text) {
+        const m = JSON.parse(text);
+        if (m.type !== "hello") return super.send(text);
+        server.received.push(m);
+        hellos++;
+        if (hellos === 2) {
+          this.push({ type: "error", rid: m.rid, code: "unauthorized", message: "bad token",
+            retryable: false, details: {} });
+        } else {
+          this.push({ type: "welcome", rid: m.rid, node_id: 1, expires_in_ms: 6000 });
+        }
+      }
+    };
+    const statuses = [];
+    let n = 0;
+    const client = await connect({
+      targets: ["ws://fake:1"], WebSocket: Expiring, token: () => `t${++n}`,
+      onStatus: (s) => statuses.push(s.state), ...FAST,
+    });
+    try {
+      // 6 s tokens: refreshed 4.5 s in (refused), again with half of the 1.5 s left (taken)
+      await until(() => statuses.includes("refreshed"), 8000);
+      const refreshes = statuses.filter((s) => s.startsWith("refresh"));
+      assert.deepEqual(refreshes, ["refresh_failed", "refreshed"]);
+      assert.deepEqual(server.received.map((m) => m.token), ["t1", "t2", "t3"]);
+      assert.equal(server.sockets.length, 1);
     } finally {
       client.close();
     }

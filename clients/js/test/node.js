@@ -13,7 +13,9 @@ const BIN = process.env.CTXSTORE_BIN ?? join(ROOT, ".venv", "bin", "ctxstore");
 const ENV = Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== "CTXSTORE_BIN"));
 
 export class Node {
-  constructor() {
+  /** `env`: more CTXSTORE_* settings (auth, say). */
+  constructor({ env = {} } = {}) {
+    this.env = { ...ENV, ...env };
     this.dataDir = mkdtempSync(join(tmpdir(), "ctxstore-js-"));
     this.http = null; // host:port of the HTTP port, fixed after the first start
     this.process = null;
@@ -30,7 +32,7 @@ export class Node {
       "--peer-listen", "127.0.0.1:0", "--http", this.http ?? "127.0.0.1:0",
       "--tick-ms", "20", "--groups", "4", "--wal-writer", "inline",
     ];
-    const child = spawn(BIN, args, { env: ENV, stdio: ["ignore", "pipe", "inherit"] });
+    const child = spawn(BIN, args, { env: this.env, stdio: ["ignore", "pipe", "inherit"] });
     this.process = child;
     this.exited = new Promise((resolve) => child.once("exit", resolve));
     return new Promise((resolve, reject) => {
