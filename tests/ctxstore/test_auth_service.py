@@ -11,26 +11,30 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from ctxstore.auth import issue
 from ctxstore.placement import group_of
-from wire.client import ClientError, connect
+from wire.client import ClientError, agent, connect
 from wire.framing import ClientConnection, ProtocolError, PushReceived, ResponseReceived
 from wire.protocol import (
     PROTOCOL_VERSION,
     Append,
     Compact,
+    CreateAgent,
     CreateSession,
+    DisableAgent,
     Error,
+    GetAgent,
     GetContext,
     GetRoutes,
     GetSession,
     Hello,
     InboxDelta,
     InboxSnapshot,
+    ListAgents,
     ListSessions,
     Manual,
     MarkRead,
@@ -44,6 +48,7 @@ from wire.protocol import (
     Subscribe,
     SubscribeInbox,
     Unsubscribe,
+    UpdateAgent,
     Welcome,
 )
 
@@ -131,6 +136,8 @@ def append(sid: str, sender: str = "user", sender_id: str = "x") -> Append:
 
 
 NEW = itertools.count()
+HOOK = "http://127.0.0.1:9/hook"
+AGENT_ID = "ag-fixed"  # registered before the table runs (``setup``)
 # operation -> a request on a session (own or other) owned by user ``u`` and agent ``a``.
 OPERATIONS: dict[str, Callable[[str, str, str], Request]] = {
     "create_session": lambda sid, u, a: CreateSession(0, u, a, {}, f"new-{next(NEW)}"),
@@ -149,7 +156,16 @@ OPERATIONS: dict[str, Callable[[str, str, str], Request]] = {
     "unsubscribe": lambda sid, u, a: Unsubscribe(0, 999),
     "ping": lambda sid, u, a: Ping(0),
     "get_routes": lambda sid, u, a: GetRoutes(0),
+    # the agent registry: a service's only (no own or other: the same request twice)
+    "create_agent": lambda sid, u, a: CreateAgent(0, agent(f"ag-{next(NEW)}", HOOK)),
+    "update_agent": lambda sid, u, a: UpdateAgent(0, agent(AGENT_ID, HOOK)),
+    "get_agent": lambda sid, u, a: GetAgent(0, AGENT_ID),
+    "list_agents": lambda sid, u, a: ListAgents(0, None, 10),
+    "disable_agent": lambda sid, u, a: DisableAgent(0, AGENT_ID),
 }
+assert set(OPERATIONS) == {t.__struct_config__.tag for t in get_args(Request)} - {"hello"}, (
+    "every request type is in the table test"
+)
 # (operation, role) -> the answer on its own session, on another's: "ok", or the error code.
 EXPECTED: dict[tuple[str, str], tuple[str, str]] = {
     ("create_session", "user"): ("ok", "forbidden"),
@@ -164,6 +180,11 @@ EXPECTED: dict[tuple[str, str], tuple[str, str]] = {
     ("ping", "agent"): ("ok", "ok"),
     ("get_routes", "user"): ("ok", "ok"),
     ("get_routes", "agent"): ("ok", "ok"),
+    **{
+        (op, role): ("forbidden", "forbidden")
+        for op in ("create_agent", "update_agent", "get_agent", "list_agents", "disable_agent")
+        for role in ("user", "agent")
+    },
 }
 for op in OPERATIONS:
     EXPECTED.setdefault((op, "service"), ("ok", "ok"))
@@ -172,16 +193,24 @@ for op in OPERATIONS:
 PRINCIPALS = {"user": "alice", "agent": "bot", "service": "svc"}
 
 
+def setup() -> list[Request]:
+    """What the table test needs first (a service's requests): the sessions ``own`` (alice's
+    with bot) and ``other`` (bob's with bot2), each with a message and a context window, and
+    the agent ``AGENT_ID``."""
+    out: list[Request] = []
+    for sid, u, a in (("own", "alice", "bot"), ("other", "bob", "bot2")):
+        out += [CreateSession(0, u, a, {}, sid), append(sid),
+                SetContextConfig(0, sid, 1000, 1.0, Manual(), None)]  # fmt: skip
+    return [*out, CreateAgent(0, agent(AGENT_ID, HOOK))]
+
+
 def test_every_operation_by_every_role_on_own_and_other_sessions(tmp_path: Path) -> None:
     async def main() -> None:
         async with nodes(tmp_path, 1, **AUTH) as (h,):
             assert await h.node.wait_leaders(10)
             async with session_as(h, token("svc", "service")) as svc:
-                for sid, u, a in (("own", "alice", "bot"), ("other", "bob", "bot2")):
-                    assert code(await svc.call(CreateSession(0, u, a, {}, sid))) == "ok"
-                    assert code(await svc.call(append(sid))) == "ok"
-                    configure = SetContextConfig(0, sid, 1000, 1.0, Manual(), None)
-                    assert code(await svc.call(configure)) == "ok"
+                for request in setup():
+                    assert code(await svc.call(request)) == "ok", request
             failures = []
             for (op, role), (own, other) in sorted(EXPECTED.items()):
                 async with session_as(h, token(PRINCIPALS[role], role)) as c:

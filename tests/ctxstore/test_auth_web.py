@@ -16,16 +16,23 @@ from wire.protocol import (
     CreateSession,
     Error,
     Hello,
-    Manual,
     MessageEvent,
     Ping,
-    SetContextConfig,
     Subscribe,
     Welcome,
 )
 from wire.web_codec import JSON
 
-from .test_auth_service import AUTH, EXPECTED, OPERATIONS, PRINCIPALS, append, code, token
+from .test_auth_service import (
+    AUTH,
+    EXPECTED,
+    OPERATIONS,
+    PRINCIPALS,
+    append,
+    code,
+    setup,
+    token,
+)
 from .test_ops import fetch, run
 from .test_web import web_node
 from .test_web_http import Events, call
@@ -60,10 +67,8 @@ def test_the_table_holds_on_websockets_with_the_token_given_every_way(
     async def main() -> None:
         async with web_node(tmp_path, extra=AUTH) as w:
             svc = await ws_as(w.address, token("svc", "service"), "hello")
-            for sid, u, a in (("own", "alice", "bot"), ("other", "bob", "bot2")):
-                assert await ask(svc, CreateSession(0, u, a, {}, sid)) == "ok"
-                assert await ask(svc, append(sid)) == "ok"
-                assert await ask(svc, SetContextConfig(0, sid, 1000, 1.0, Manual(), None)) == "ok"
+            for request in setup():
+                assert await ask(svc, request) == "ok", request
             await svc.close()
             failures = []
             ways = itertools.cycle(["hello", "header", "query"])
