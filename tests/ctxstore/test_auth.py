@@ -250,3 +250,4 @@ def test_the_verification_bench_measures_every_algorithm() -> None:
     for line in lines:
         assert line["tokens"] == 200 and 0 < line["p50_us"] <= line["p99_us"] <= line["max_us"]
         assert line["cached_p50_us"] < line["p50_us"]
+        assert 0 < line["signature_p50_us"] < line["p50_us"]  # the floor, under the whole
