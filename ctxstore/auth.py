@@ -254,7 +254,7 @@ class Verifier:
 
     def _key_for(self, header: dict[str, Any]) -> Key:
         algorithm = header.get("alg")
-        if algorithm not in ALGORITHMS:
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:  # (a list: unhashable)
             raise Unauthorized("bad_algorithm", "the token's algorithm is not accepted")
         kid = header.get("kid")
         if kid is not None:

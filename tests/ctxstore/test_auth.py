@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ctxstore import authz
-from ctxstore.auth import SERVICE, Unauthorized, Verifier, issue, public_key, secret_key
+from ctxstore.auth import SERVICE, Key, Unauthorized, Verifier, issue, public_key, secret_key
 from ctxstore.cli_token import bench
 from ctxstore.config import ConfigError
 
@@ -168,10 +168,19 @@ def test_short_secrets_and_static_tokens() -> None:
     assert Verifier("off").verify(None) is SERVICE
 
 
-def test_a_fuzz_of_random_tokens_only_ever_refuses() -> None:
+@pytest.mark.parametrize("keys", ["one", "rotation", "public"])
+def test_a_fuzz_of_random_tokens_only_ever_refuses(keys: str) -> None:
+    """10 000 random tokens, against one key (no header read first), two (the header chooses
+    the key: a rotation) and two public keys; each is refused with a reason or verified."""
     rng = random.Random(23)
-    v = verifier(f"k1={SECRET}")
-    good = issue(f"k1={SECRET}", "alice", "user", 60).split(".")
+    if keys == "public":
+        ed, p256 = ed25519.Ed25519PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())
+        v = Verifier("jwt", keys=[Key("k1", "EdDSA", ed.public_key()),
+                                  Key("k2", "ES256", p256.public_key())])  # fmt: skip
+        good = jwt.encode(claims(), ed, algorithm="EdDSA", headers={"kid": "k1"}).split(".")
+    else:
+        v = verifier(f"k1={SECRET}", *([f"k2={OTHER}"] if keys == "rotation" else []))
+        good = issue(f"k1={SECRET}", "alice", "user", 60).split(".")
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ \x00é"
     for i in range(10_000):
         match i % 4:
@@ -181,7 +190,10 @@ def test_a_fuzz_of_random_tokens_only_ever_refuses() -> None:
                 token = ".".join(b64(rng.randbytes(rng.randrange(0, 80))) for _ in range(3))
             case 2:  # random JSON header/payload, the good signature
                 header = rng.choice([{"alg": "HS256"}, {"alg": "none"}, {"kid": 1}, [], 7,
-                                     {"alg": "HS256", "kid": "k1"}, {"alg": "EdDSA"}])  # fmt: skip
+                                     {"alg": "HS256", "kid": "k1"}, {"alg": "EdDSA"},
+                                     {"alg": ["HS256"]}, {"alg": {"a": 1}}, {"alg": None},
+                                     {"alg": "HS256", "kid": ["k1"]},
+                                     {"alg": 7, "kid": "k2"}])  # fmt: skip
                 payload = rng.choice([claims(), {}, [], "x", claims(exp="soon"), None])
                 parts = [json.dumps(header).encode(), json.dumps(payload).encode()]
                 token = ".".join([*map(b64, parts), good[2]])
