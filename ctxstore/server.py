@@ -119,6 +119,10 @@ REFRESH_REFUSED = (
     "further: connect again to be someone else"
 )
 
+EXPIRY_HORIZON_S = 10 * 365 * 86400
+"""A token valid for longer than this (10 years) is treated as one that never expires by its
+connection: no timer, ``expires_in_ms`` nil (its requests are still checked against it)."""
+
 _ROUTE_CODES = frozenset({"unavailable", "timeout", "too_large"})  # passed on to the client
 
 
@@ -206,6 +210,8 @@ class Service(BaseHandler):
         if principal.expires_at is None:
             return None
         delay_s = max(0.0, principal.expires_at - time.time())
+        if delay_s > EXPIRY_HORIZON_S:  # (its ms would not fit the Welcome's integer)
+            return None
         loop = asyncio.get_running_loop()
         self._expiries[conn] = loop.call_later(delay_s, self._expired, conn)
         return int(delay_s * 1000)

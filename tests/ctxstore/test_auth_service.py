@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, get_args
 
+import jwt
 import pytest
 
 from ctxstore.auth import issue
@@ -389,6 +390,25 @@ def test_a_second_hello_refreshes_the_token_and_the_subscription_outlives_the_fi
             metrics = await h.scrape()
             assert metrics["ctxstore_auth_refreshed_total"] == 1
             assert metrics['ctxstore_auth_refusals_total{reason="expired"}'] == 2
+
+    run(main())
+
+
+def test_a_token_for_centuries_is_welcomed_without_an_expiry(tmp_path: Path) -> None:
+    """An ``exp`` of 10^30 s (a backend's bug): its milliseconds would not fit the Welcome's
+    integer, so the connection is told no expiry, and works."""
+
+    async def main() -> None:
+        async with nodes(tmp_path, 1, **AUTH) as (h,):
+            assert await h.node.wait_leaders(10)
+            forever = jwt.encode({"sub": "alice", "role": "user", "exp": 10**30},
+                                 SECRET.partition("=")[2].encode(), algorithm="HS256",
+                                 headers={"kid": "kid1"})  # fmt: skip
+            async with session_as(h, forever) as c:
+                assert isinstance(c.welcome, Welcome) and c.welcome.expires_in_ms is None
+                assert code(await c.call(CreateSession(0, "alice", "bot", {}, "s"))) == "ok"
+                again = await c.call(Hello(0, PROTOCOL_VERSION, "t", token("alice", "user", 60)))
+                assert isinstance(again, Welcome) and again.expires_in_ms is not None
 
     run(main())
 
