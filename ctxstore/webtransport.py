@@ -48,7 +48,7 @@ import msgspec
 from aioquic.buffer import encode_uint_var
 
 from wire.aio import Connection, Server
-from wire.framing import HEADER, HELLO_FRAME_BYTES_MAX
+from wire.framing import HEADER, HELLO_FRAME_BYTES_MAX, read_head
 from wire.protocol import Push, error
 from wire.web_codec import (
     JSON,
@@ -138,12 +138,13 @@ class SessionHost(abc.ABC):
 
 
 class _InStream:
-    __slots__ = ("buf", "ended", "pending")
+    __slots__ = ("buf", "early", "ended", "pending")
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.ended = False  # the client ended its side
         self.pending = 0  # requests of it not yet answered
+        self.early = 0  # messages of it held until the hello is handed
 
 
 class _Flow(asyncio.Transport):
@@ -265,24 +266,33 @@ class WtSession:
             self._hand()
             self.inner.close("bad_request", str(e))
             return
-        tag, rid, _ = head_of(memoryview(frame)[HEADER.size :])
+        # (the core's own reading of a request's tag and rid: it answers a malformed request
+        # on the rid read so, which is the stream the answer goes to)
+        _, tag, rid = read_head(memoryview(frame)[HEADER.size :])
         if not self._hello_handed:
             if tag != "hello":
                 if len(self._early) >= EARLY_MESSAGES_MAX:
                     self.inner.close("bad_request", "too many messages before the hello")
                     return
                 self._early.append((stream_id, frame, rid))
+                st.early += 1
                 return
             self._hello_handed = True
             self._add(stream_id, st, frame, rid)
             early, self._early = self._early, []
             for sid, f, r in early:
-                self._add(sid, self._in[sid], f, r)
+                held = self._in[sid]
+                held.early -= 1
+                self._add(sid, held, f, r)
+            for sid in {sid for sid, _, _ in early}:  # (one that ended meanwhile)
+                held = self._in[sid]
+                if sid != stream_id:
+                    self._maybe_finish(sid, held)
             return
         self._add(stream_id, st, frame, rid)
 
     def _add(self, stream_id: int, st: _InStream, frame: bytearray, rid: int | None) -> None:
-        if rid is not None and rid >= 1:
+        if rid is not None:
             if rid in self._rid_stream:
                 e = error(rid, "bad_request", f"rid {rid} is in flight already", field="rid")
                 self._write(stream_id, _body_encoder.encode(e))
@@ -307,7 +317,7 @@ class WtSession:
         self.inner.data_received(frames)  # type: ignore[arg-type]  # (bytes-like)
 
     def _maybe_finish(self, stream_id: int, st: _InStream) -> None:
-        if st.ended and st.pending == 0 and not st.buf:
+        if st.ended and st.pending == 0 and st.early == 0 and not st.buf:
             del self._in[stream_id]
             if not self.closed:
                 self.host.quic.send_stream_data(stream_id, b"", end_stream=True)

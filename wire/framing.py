@@ -627,7 +627,9 @@ def describe_schema_error(
     return rid, None, text
 
 
-def read_head(body: bytes | bytearray) -> tuple[int | None, str | None, int | None]:
+def read_head(
+    body: bytes | bytearray | memoryview,
+) -> tuple[int | None, str | None, int | None]:
     """``(length, tag, rid)`` of a request body read by hand from its first bytes: the array's
     length, then its first two elements if they are a string and an integer in ``1.._RID_MAX``
     (None for what is not there or not that), whatever follows them (a value nested too deeply
@@ -652,7 +654,7 @@ def read_head(body: bytes | bytearray) -> tuple[int | None, str | None, int | No
     return length, tag, rid
 
 
-def _read_str(body: bytes | bytearray, pos: int) -> tuple[str | None, int]:
+def _read_str(body: bytes | bytearray | memoryview, pos: int) -> tuple[str | None, int]:
     """The msgpack string at ``pos`` (None for a binary or undecodable one) and the position
     after it, or ``(None, -1)`` if no string or binary is there."""
     if pos >= len(body):
@@ -676,7 +678,7 @@ def _read_str(body: bytes | bytearray, pos: int) -> tuple[str | None, int]:
         return None, end
 
 
-def _read_uint(body: bytes | bytearray, pos: int) -> int | None:
+def _read_uint(body: bytes | bytearray | memoryview, pos: int) -> int | None:
     """The non-negative msgpack integer at ``pos``, or None."""
     if pos >= len(body):
         return None
