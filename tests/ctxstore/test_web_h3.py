@@ -401,6 +401,9 @@ def test_a_lost_packet_of_one_subscription_does_not_delay_another(tmp_path: Path
                     assert times["B"] - sent_b < 0.1 < times["A"] - sent_b, (times, sent_b)
                     assert c.pushes(subs["A"])[0]["messages"][0]["content"] == "x" * 3000
                     assert h3.packets_lost >= 1
+                    body = (await writer.request("GET", "/metrics")).body.decode()
+                    lost = parse_metrics(body)["ctxstore_quic_packets_lost_total"]
+                    assert lost == h3.packets_lost >= 1
             finally:
                 relay.close()
 
@@ -485,6 +488,9 @@ def test_connections_per_node_are_capped(tmp_path: Path) -> None:
                     await other.request("GET", "/health/live")
             assert h3.refused == 1
             assert (await c.request("GET", "/health/live")).status == 200
+            metrics = parse_metrics((await c.request("GET", "/metrics")).body.decode())
+            assert metrics["ctxstore_quic_connections_refused_total"] == 1
+            assert metrics["ctxstore_quic_connections"] == 1
 
     run(main())
 
@@ -652,6 +658,50 @@ def test_serve_names_a_certificate_it_cannot_load(tmp_path: Path) -> None:
         assert done.returncode == 5, done.stderr
         assert f"cannot start: tls_cert {tmp_path / cert}" in done.stderr
         assert expected in done.stderr
+
+
+def test_webtransport_sessions_per_connection_are_capped(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with h3_node(tmp_path, H3Limits(sessions_max=2)) as (_, h3), \
+                h3_client(h3.address) as c:  # fmt: skip
+            first = await _session(c)
+            await _session(c)
+            stream, status = await c.open_session()
+            assert status == 429
+            await c.wait_for(lambda: c.incoming[stream].done.is_set())
+            body = msgspec.json.decode(bytes(c.incoming[stream].body))
+            assert "at most 2 sessions per connection" in body["message"]
+            assert dict(c.incoming[stream].headers)[b"retry-after"] == b"1"
+            # one ends: a new one is served
+            c.h3.send_data(first, b"", end_stream=True)
+            c.transmit()
+            await c.wait_for(lambda: len(h3.sessions) == 1)
+            session = await _session(c)
+            assert (await c.call(session, hello()))["type"] == "welcome"
+
+    run(main())
+
+
+def test_a_silent_connection_is_closed_at_the_idle_timeout(tmp_path: Path) -> None:
+    """One that carries no session nor event stream is not pinged: QUIC's idle timeout (here
+    0.5 s; the client would wait 60 s) ends it, and the metrics say so."""
+
+    async def main() -> None:
+        async with h3_node(tmp_path, H3Limits(idle_timeout_s=0.5)) as (_, h3):
+            config = client_configuration()
+            config.idle_timeout = 60.0
+            async with connect(*h3.address, configuration=config, create_protocol=H3Client) as c:
+                assert isinstance(c, H3Client)
+                assert (await c.request("GET", "/health/live")).status == 200
+                assert len(h3.connections) == 1
+                await c.wait_for(lambda: c.terminated is not None, 10)
+                assert not h3.connections
+            async with h3_client(h3.address) as other:
+                metrics = parse_metrics((await other.request("GET", "/metrics")).body.decode())
+            assert metrics["ctxstore_quic_connections"] == 1  # (the one asking)
+            assert metrics["ctxstore_quic_connections_total"] == 2
+
+    run(main())
 
 
 class _NullQuic:
