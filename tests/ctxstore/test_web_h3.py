@@ -704,6 +704,61 @@ def test_a_silent_connection_is_closed_at_the_idle_timeout(tmp_path: Path) -> No
     run(main())
 
 
+def test_a_webtransport_session_on_a_node_not_holding_the_group(tmp_path: Path) -> None:
+    """Scale-out (docs/scaling.md): a session's native connection on a node that holds none of
+    the group's replicas writes, reads and subscribes through them, over WebTransport too."""
+    from ctxstore import placement
+    from ctxstore.ops import serve_ops
+
+    from .test_relay import GROUPS, away, cluster
+
+    async def main() -> None:
+        sid, replicas = away(4, 4)
+        async with cluster(tmp_path, 4) as nodes:
+            far = nodes[4]
+            assert placement.group_of(sid, GROUPS) not in far.node.host
+            ops = await serve_ops(far.node, far.service, "127.0.0.1", 0, clients=far.clients)
+            try:
+                cert = generate(str(tmp_path / "tls"))
+                h3 = await attach_h3(
+                    ops, far.clients, "127.0.0.1", 0, cert.cert_path, cert.key_path
+                )
+                async with h3_client(h3.address) as c, \
+                        await native_connect(nodes[replicas[0]].target) as writer:  # fmt: skip
+                    await writer.create_session("u1", "a", {}, sid)
+                    await writer.append(sid, "m1")
+                    session = await _session(c)
+                    assert (await c.call(session, hello()))["type"] == "welcome"
+                    a = await c.call(session, subscribe(2, sid))
+                    assert a["type"] == "subscribed", a
+                    sub = a["sub_id"]
+                    await writer.append(sid, "m2")
+                    appended = await c.call(session, {
+                        "type": "append", "rid": 3, "session_id": sid, **message("m3"),
+                        "client_msg_id": None, "expected_seq": None, "token_count": None,
+                        "role": None, "parts": None, "if_version": None,
+                    })  # fmt: skip
+                    assert appended["type"] == "appended" and appended["seq"] == 3, appended
+
+                    def contents() -> list[str]:
+                        return [m["content"] for p in c.pushes(sub) for m in p["messages"]]
+
+                    await c.wait_for(lambda: len(contents()) >= 3)
+                    assert contents() == ["m1", "m2", "m3"]
+                    read = await c.call(
+                        session, {"type": "read", "rid": 4, "session_id": sid, "after_seq": 0,
+                                  "limit": 10}
+                    )  # fmt: skip
+                    assert [m["seq"] for m in read["messages"]] == [1, 2, 3]
+                    assert far.service.relay.relayed >= 2  # (the append and the read)
+                    assert far.node.state.last_seq(sid) is None  # node 4 holds none of it
+            finally:
+                ops.close()
+                await ops.wait_closed()
+
+    run(main())
+
+
 class _NullQuic:
     """The QUIC connection a fuzzed session writes to: it keeps what is sent, acknowledges it
     at once (nothing unacknowledged), and refuses to end a stream twice as aioquic does."""
