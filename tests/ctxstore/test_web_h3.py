@@ -759,6 +759,23 @@ def test_a_webtransport_session_on_a_node_not_holding_the_group(tmp_path: Path) 
     run(main())
 
 
+def test_the_certificate_tool_prints_its_hash(tmp_path: Path) -> None:
+    """``python -m ctxstore.tlscert DIR`` (``make run-h3``): one JSON line, the hash of the
+    certificate it wrote."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ctxstore.tlscert", str(tmp_path / "tls")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    printed = msgspec.json.decode(done.stdout)
+    pem = Path(printed["cert"]).read_bytes()
+    assert printed["cert_sha256"] == certificate_hash(pem)
+    assert Path(printed["key"]).exists()
+    usage = subprocess.run(
+        [sys.executable, "-m", "ctxstore.tlscert"], capture_output=True, text=True, timeout=60
+    )
+    assert usage.returncode == 2 and "usage" in usage.stderr
+
+
 class _NullQuic:
     """The QUIC connection a fuzzed session writes to: it keeps what is sent, acknowledges it
     at once (nothing unacknowledged), and refuses to end a stream twice as aioquic does."""
