@@ -408,6 +408,22 @@ describe("against a scripted node", () => {
     assert.equal(webTransportUrl("ws://h:1/v1/ws"), "https://h:1/v1/wt");
   });
 
+  test("WebTransport asked for where there is none: WebSocket", async () => {
+    assert.equal(globalThis.WebTransport, undefined); // (Node has none)
+    const ws = fakeServer((m, reply) => reply({ type: "pong", rid: m.rid }));
+    const statuses = [];
+    const client = await connect({
+      targets: ["ws://fake:7600"], WebSocket: ws.WebSocket, webTransport: true,
+      onStatus: (s) => statuses.push(s), ...FAST,
+    });
+    try {
+      assert.equal(statuses.at(-1).transport, "websocket");
+      assert.equal(ws.sockets.length, 1);
+    } finally {
+      client.close();
+    }
+  });
+
   test("WebTransport refused: the same target over WebSocket", async () => {
     const wt = fakeWebTransport(() => {}, { refuse: true });
     const ws = fakeServer((m, reply) => reply({ type: "pong", rid: m.rid }));
