@@ -44,11 +44,12 @@ async def h3_node(
     tls: tuple[str, str] | None = None,
     tokens: list[str] | None = None,
     extra: dict[str, Any] | None = None,
+    **bounds: Any,
 ) -> AsyncIterator[tuple[Web, H3Server]]:
     if tls is None:
         cert = generate(str(tmp_path / "tls"))
         tls = (cert.cert_path, cert.key_path)
-    async with web_node(tmp_path, tokens=tokens, extra=extra) as w:
+    async with web_node(tmp_path, tokens=tokens, extra=extra, **bounds) as w:
         h3 = await attach_h3(w.ops, w.clients, "127.0.0.1", 0, *tls, limits)
         yield w, h3
 
@@ -406,6 +407,47 @@ def test_a_lost_packet_of_one_subscription_does_not_delay_another(tmp_path: Path
                     assert lost == h3.packets_lost >= 1
             finally:
                 relay.close()
+
+    run(main())
+
+
+def test_a_session_that_acknowledges_nothing_is_paused_then_cut_off(tmp_path: Path) -> None:
+    """Flow control as on a WebSocket (§8.1): the bytes sent on a session's streams and not
+    acknowledged are its write buffer; over 1 MiB its native connection stops writing, and one
+    that stays stopped is cut off after the write stall timeout (here 1 s)."""
+
+    async def main() -> None:
+        async with h3_node(tmp_path, write_stall_timeout_s=1.0) as (w, h3), \
+                h3_client(h3.address) as writer:  # fmt: skip
+            relay = await LossyRelay.start(h3.address)
+            try:
+                async with h3_client(relay.address) as c:
+                    session = await _session(c)
+                    assert (await c.call(session, hello()))["type"] == "welcome"
+                    await create(writer, "s1")
+                    a = await c.call(session, subscribe(2, "s1"))
+                    assert a["type"] == "subscribed"
+                    (served,) = h3.sessions
+                    relay.large, relay.drop_large_until = 0, float("inf")  # nothing reaches it
+                    high = 0
+                    for i in range(60):  # 6 MB of pushes
+                        r = await writer.request(
+                            "POST", "/v1/sessions/s1/messages", message(f"{i}" + "z" * 100_000)
+                        )
+                        assert r.status == 200
+                        high = max(high, served.unacked_bytes())
+                    assert served._write_paused or served.closed
+                    assert 1024 * 1024 < high < 3 * 1024 * 1024, high  # (and a push or two)
+                    for _ in range(60):
+                        if served.closed:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert served.closed and not h3.sessions
+                    assert h3.session_closes == {1008: 1}
+                    assert w.clients.stalled_closed == 1 and w.clients.pending_bytes == 0
+            finally:
+                relay.close()
+            assert (await writer.request("GET", "/health/live")).status == 200
 
     run(main())
 
