@@ -611,6 +611,26 @@ def test_cluster_up_h3_prints_the_certificate_hash(tmp_path: Path) -> None:
         run(main())
 
 
+def test_the_subscription_delay_tool_runs_over_both_transports(tmp_path: Path) -> None:
+    """``bench/subdelay.py`` (docs/web.md §8.3's figures under loss; here without): one line per
+    transport, every message delivered."""
+    from .test_cli import ClusterUp
+
+    with ClusterUp(tmp_path, "--base-port", "0", "--h3") as up:
+        (node,) = up.started()["nodes"]
+        for via in ("ws", "wt"):
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.subdelay", "--node", node["client"],
+                 "--http", node["ops"], "--via", via, "--sessions", "3", "--rate", "40",
+                 "--duration", "1"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            line = msgspec.json.decode(done.stdout)
+            assert line["via"] == via and line["count"] == line["sent"] >= 30, line
+            assert 0 <= line["p50_ms"] <= line["p99_ms"] <= line["max_ms"] < 2000, line
+
+
 def test_fuzz_malformed_datagrams_and_webtransport_messages(tmp_path: Path) -> None:
     """100 000 malformed datagrams (random bytes, and client Initials with a new connection id
     and a corrupted byte) and malformed WebTransport messages: no crash, no state kept for a
