@@ -402,6 +402,10 @@ class H3Protocol(QuicConnectionProtocol, SessionHost):
             headers.append((b"retry-after", b"1"))
         self.h3.send_headers(stream_id, headers)
         self.h3.send_data(stream_id, _error_body(status, message), end_stream=True)
+        # and it reads no more of it: a client that leaves its side open would keep one of its
+        # streams_max (as for a closed session, ``send_capsule_and_end``)
+        with contextlib.suppress(Exception):
+            self.quic.stop_stream(stream_id, H3_NO_ERROR)
         self.transmit_soon()
 
     # SessionHost --------------------------------------------------------------------------------

@@ -32,7 +32,14 @@ from ctxstore.web_h3 import H3Limits, H3Server, attach_h3
 from ctxstore.webtransport import SessionHost, WtSession
 from wire.client import connect as native_connect
 
-from .h3client import HEADER, H3Client, LossyRelay, client_configuration, h3_client
+from .h3client import (
+    HEADER,
+    H3Client,
+    LossyRelay,
+    _Incoming,
+    client_configuration,
+    h3_client,
+)
 from .test_ops import Wire, run
 from .test_web import Web, web_node
 
@@ -705,6 +712,104 @@ def test_fuzz_malformed_datagrams_and_webtransport_messages(tmp_path: Path) -> N
             assert growth_mb < 64, growth_mb
 
     run(main(), timeout_s=120)
+
+
+def test_fuzz_odd_http3_requests_and_connects(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2 000 HTTP/3 requests and extended CONNECTs that aioquic lets through (well-formed
+    HTTP/3, odd in every value: methods, paths, queries, tokens, bodies, protocols; some reset
+    at once) on one connection, within QUIC's stream limit (128): each answered (never 5xx) or
+    reset, no error logged, every stream's credit back (a refused CONNECT the client leaves
+    open too: the node stops it), the connection and the node go on."""
+
+    async def main() -> None:
+        async with h3_node(tmp_path) as (_, h3), h3_client(h3.address) as c:
+            await create(c, "s1")
+            rng = random.Random(2603)
+            # (no HEAD: aioquic's client holds its answer's content-length against it)
+            methods = [b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"CONNECT",
+                       b"BREW", b"get"]  # fmt: skip
+            paths = [b"/v1/sessions", b"/v1/sessions/s1", b"/v1/sessions/s1/messages",
+                     b"/v1/sessions/s1/events", b"/v1/wt", b"/v1/ws", b"/health/live", b"/metrics",
+                     b"/static/ctxstore.js", b"/", b"*", b"/v1/", b"/v1/sessions/%ff/messages",
+                     b"/v1/sessions/s1/context", b"/v1/agents/a/inbox",
+                     b"/static/../x"]  # fmt: skip
+            queries = [b"", b"?after_seq=x", b"?limit=99999999999999999999", b"?a=%zz&&=",
+                       b"?protocol=ctxstore.v1.msgpack", b"?protocol=x", b"?token=t",
+                       b"?user_id=u1&limit=-1", b"?after_seq=0&context_events=maybe"]  # fmt: skip
+            statuses: dict[int, int] = {}
+            reset = 0
+            connects: set[int] = set()
+
+            async def credit(sid: int) -> None:  # (QUIC's MAX_STREAMS: the node's 128)
+                for _ in range(300):
+                    if sid // 4 + 1 <= c._quic._remote_max_streams_bidi:
+                        return
+                    c.transmit()
+                    await asyncio.sleep(0.01)
+                limit = c._quic._remote_max_streams_bidi
+                raise AssertionError(f"no credit for stream {sid} (limit {limit})")
+
+            for batch in range(50):
+                waiting = []
+                for _ in range(40):
+                    sid = c._quic.get_next_available_stream_id()
+                    await credit(sid)
+                    method = rng.choice(methods)
+                    head = [(b":method", method), (b":scheme", b"https"),
+                            (b":authority", rng.choice([b"localhost", b"x" * 300])),
+                            (b":path", rng.choice(paths) + rng.choice(queries))]  # fmt: skip
+                    if method == b"CONNECT":
+                        connects.add(sid)
+                        head.append((b":protocol", rng.choice([b"webtransport", b"websocket"])))
+                    for name, value in (
+                        (b"authorization", b"Bearer " + rng.randbytes(6).hex().encode()),
+                        (b"last-event-id", rng.choice([b"1", b"-1", b"x", b"9" * 30])),
+                        (b"content-type", rng.choice([b"application/json", b"text/plain"])),
+                        (b"origin", b"https://elsewhere.example"),
+                    ):
+                        if rng.random() < 0.3:
+                            head.append((name, value))
+                    bodies = [b"", b"{}", b"[1]", b'{"sender":"user"}', b"\xff\xfe",
+                              msgspec.json.encode(message("hi")), rng.randbytes(64)]  # fmt: skip
+                    body = rng.choice(bodies)
+                    c.incoming[sid] = _Incoming()
+                    connect = sid in connects  # (a session: ended by us once answered)
+                    c.h3.send_headers(sid, head, end_stream=not body and not connect)
+                    if body and not connect:
+                        c.h3.send_data(sid, body, end_stream=True)
+                    if rng.random() < 0.1:
+                        c._quic.reset_stream(sid, 0x10C)
+                        reset += 1
+                    else:
+                        waiting.append(sid)
+                c.transmit()
+                for sid in waiting:
+                    inc = c.incoming[sid]
+                    await asyncio.wait_for(inc.got_headers.wait(), 10)
+                    assert c.terminated is None, c.terminated
+                    status = int(dict(inc.headers)[b":status"])
+                    statuses[status] = statuses.get(status, 0) + 1
+                    if not inc.done.is_set():  # an event stream or a session: ended by us
+                        if sid in connects:
+                            c._quic.send_stream_data(sid, b"", end_stream=True)
+                        c._quic.stop_stream(sid, 0x10C)
+                c.transmit()
+                assert c.terminated is None, (batch, c.terminated)
+            assert sum(statuses.values()) + reset == 2000
+            assert not [s for s in statuses if s >= 500], statuses
+            assert statuses.get(200, 0) > 20 and statuses.get(404, 0) > 100, statuses
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert not errors, errors[:3]
+            assert (await c.request("GET", "/health/live")).status == 200
+            for _ in range(100):
+                if not h3.sessions:
+                    break
+                await asyncio.sleep(0.02)
+            assert not h3.sessions and len(h3.connections) == 1
+
+    run(main(), timeout_s=180)
 
 
 def test_serve_names_a_certificate_it_cannot_load(tmp_path: Path) -> None:
