@@ -48,6 +48,7 @@ from aioquic.quic.events import (
     StreamReset,
 )
 from aioquic.quic.packet import QuicErrorCode
+from cryptography import x509
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -55,6 +56,7 @@ from wire.aio import Server
 from wire.web_codec import JSON, SUBPROTOCOLS
 
 from .web import credential
+from .web_transports import WebTransportAdvert
 from .webtransport import PATH as WT_PATH
 from .webtransport import SessionHost, WtSession, release_stream
 
@@ -101,6 +103,7 @@ class H3Server:
         self.connections: set[H3Protocol] = set()
         self.sessions: set[WtSession] = set()
         self.quic: QuicServer | None = None
+        self.certificate: x509.Certificate | None = None  # the leaf it serves (as loaded)
         self.connections_total = 0
         self.refused = 0
         self.streams = 0  # streams the peers opened (requests, WebTransport streams)
@@ -638,6 +641,7 @@ async def serve_h3(
     server.quic = await serve(
         host, port, configuration=config, create_protocol=create_protocol, retry=limits.retry
     )
+    server.certificate = config.certificate
     return server
 
 
@@ -731,6 +735,8 @@ async def attach_h3(
     server = await serve_h3(ops, ops.api, clients, host, port, cert, key, limits)
     ops.h3 = server
     ops.alt_svc = f'h3=":{server.address[1]}"; ma=86400'
+    assert server.certificate is not None
+    ops.api.webtransport = WebTransportAdvert(server.address[1], WT_PATH, server.certificate)
     if isinstance(ops.source, NodeSource):
         ops.source.metrics.registry.register(H3Collector(server))
     previous = ops.on_close

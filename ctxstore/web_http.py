@@ -5,6 +5,7 @@
     POST /v1/sessions/{id}/messages         append            GET .../{id}/messages  read
     GET  /v1/sessions/{id}/events           subscribe (SSE)   GET /v1/openapi.json
     GET  /v1/users/{id}/inbox/events        subscribe_inbox (SSE)
+    GET  /v1/transports                     this node's WebSocket and WebTransport (no token)
     POST /v1/agents                         create_agent      GET /v1/agents         list_agents
     POST /v1/agents/update                  update_agent      GET /v1/agents/{id}    get_agent
     POST /v1/agents/{id}/disable            disable_agent
@@ -88,6 +89,8 @@ from wire.protocol import (
 from wire.web_codec import bodies, encode_json, frame_of_items, twin_type
 
 from .web_pipe import Pipe
+from .web_transports import PATH as TRANSPORTS_PATH
+from .web_transports import WebTransportAdvert, transports
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +285,7 @@ class HttpApi:
         self.requests = 0
         self.errors: dict[int, int] = {}  # by status
         self.openapi = encode_json(openapi_document(self.routes))
+        self.webtransport: WebTransportAdvert | None = None  # the HTTP/3 listener's (web_h3)
 
     # CORS ----------------------------------------------------------------------------------------
     def cors(self, request: h11.Request) -> list[tuple[str, str]]:
@@ -345,6 +349,12 @@ class HttpApi:
             return
         if raw_path == b"/v1/openapi.json" and request.method == b"GET":
             http.answer(200, "application/json", self.openapi, self.cors(request), False)
+            return
+        if raw_path == TRANSPORTS_PATH and request.method == b"GET":
+            # public (web_transports): any origin may read it, it takes no token
+            body = encode_json(transports(self.webtransport))
+            anyone = [("access-control-allow-origin", "*")]
+            http.answer(200, "application/json", body, anyone, False)
             return
         matched = [(r, m) for r in self.routes if (m := r.regex.match(path)) is not None]
         if not matched:

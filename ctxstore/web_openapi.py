@@ -18,6 +18,8 @@ from wire.parts import PART_NAME_PATTERN, PART_TYPES, PARTS_MAX, DataPart, ToolP
 from wire.protocol import ContextEvent, Error, GapEvent, InboxDelta, Message, SubscriptionClosed
 from wire.web_codec import json_twin, twin_type
 
+from .web_transports import Transports
+
 if TYPE_CHECKING:
     from .web_http import Route
 
@@ -42,7 +44,7 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
     from .web_http import answer_twin
 
     error_twin = answer_twin(Error)
-    types_: list[Any] = [error_twin, json_twin(Message)]
+    types_: list[Any] = [error_twin, json_twin(Message), Transports]
     types_ += [answer_twin(t) for t in (GapEvent, InboxDelta, SubscriptionClosed, ContextEvent)]
     for r in routes:
         types_.append(answer_twin(r.answer))
@@ -58,6 +60,17 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
             "summary": "This document",
             "responses": {"200": {"description": "OpenAPI 3.1",
                                   "content": {"application/json": {"schema": {}}}}},
+        }
+    }  # fmt: skip
+    paths["/v1/transports"] = {
+        "get": {
+            "operationId": "transports",
+            "summary": "How a browser reaches this node: its WebSocket and, with an HTTP/3 "
+                       "listener, its WebTransport endpoint (port, path, certificate hash); "
+                       "no token, any origin",
+            "security": [{}],
+            "responses": {"200": {"description": "OK",
+                                  "content": {"application/json": {"schema": _ref(Transports)}}}},
         }
     }  # fmt: skip
     return {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import logging
 import random
@@ -563,6 +564,92 @@ def test_metrics_body_is_prometheus_text(tmp_path: Path) -> None:
             assert msgspec.json.decode((await c.request("GET", "/health/live")).body)
 
     run(main())
+
+
+def test_the_transports_say_where_webtransport_is_and_the_certificate_hash(
+    tmp_path: Path,
+) -> None:
+    """``GET /v1/transports`` (what ctxstore.js asks before it connects): no WebTransport
+    without ``--h3``; with it, the listener's port and the hash of the certificate it serves,
+    over HTTP/1.1 and HTTP/3 alike, readable by any origin, no token needed; the document the
+    OpenAPI schema describes."""
+    from .test_web_http import call, conform
+
+    async def main() -> None:
+        async with web_node(tmp_path / "plain", tokens=["t0k"]) as w:
+            r = await call(w.address, "GET", "/v1/transports", origin="https://elsewhere.example")
+            assert r.status == 200, r.body
+            assert r.headers["access-control-allow-origin"] == "*"
+            assert r.json() == {
+                "websocket": {"path": "/v1/ws",
+                              "subprotocols": ["ctxstore.v1.json", "ctxstore.v1.msgpack"]},
+                "webtransport": None,
+            }  # fmt: skip
+            r = await call(w.address, "POST", "/v1/transports")
+            assert r.status == 404  # GET only (no other route here)
+        cert = generate(str(tmp_path / "tls"))
+        async with h3_node(tmp_path / "h3", tls=(cert.cert_path, cert.key_path)) as (w, h3):
+            r = await call(w.address, "GET", "/v1/transports")
+            found = r.json()
+            assert found["webtransport"] == {
+                "port": h3.address[1], "path": "/v1/wt",
+                "protocols": ["ctxstore.v1.json", "ctxstore.v1.msgpack"],
+                "cert_sha256": [cert.sha256],
+            }  # fmt: skip
+            async with h3_client(h3.address) as c:
+                assert (await c.request("GET", "/v1/transports")).json() == found
+            doc = (await call(w.address, "GET", "/v1/openapi.json")).json()
+            op = doc["paths"]["/v1/transports"]["get"]
+            schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+            schemas = doc["components"]["schemas"]
+            conform(found, schema, schemas)
+            with pytest.raises(AssertionError):
+                conform({**found, "webtransport": {"port": 1}}, schema, schemas)
+            # past the certificate's validity its hash is no use to a browser: not advertised
+            advert = w.ops.api.webtransport if w.ops.api is not None else None
+            assert advert is not None
+            late = advert.not_after + datetime.timedelta(seconds=1)
+            assert advert.describe(late).cert_sha256 == []
+            assert advert.describe(advert.not_before).cert_sha256 == [cert.sha256]
+        # a CA's certificate (trustme: years of validity): no hash, the browser checks it
+        ca = trustme.CA()
+        issued = ca.issue_cert("localhost", "127.0.0.1")
+        chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+        chain.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+        issued.private_key_pem.write_to_path(str(key))
+        async with h3_node(tmp_path / "ca", tls=(str(chain), str(key))) as (w, h3):
+            found = (await call(w.address, "GET", "/v1/transports")).json()["webtransport"]
+            assert found["port"] == h3.address[1] and found["cert_sha256"] == []
+
+    run(main())
+
+
+def test_only_a_short_lived_ecdsa_certificate_is_hashable(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    from ctxstore.web_transports import hashable
+
+    def cert(key: Any, days: float) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
+        now = datetime.datetime.now(datetime.UTC)
+        return (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+            .sign(key, hashes.SHA256())
+        )  # fmt: skip
+
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    assert hashable(cert(p256, 14)) and hashable(cert(p256, 1))
+    assert not hashable(cert(p256, 14.01))
+    assert not hashable(cert(rsa.generate_private_key(65537, 2048), 1))
+    from cryptography.x509 import load_pem_x509_certificate
+
+    generated = generate(str(tmp_path))  # what make run-h3 and cluster up --h3 make
+    assert hashable(load_pem_x509_certificate(Path(generated.cert_path).read_bytes()))
 
 
 def test_a_ca_issued_chain_and_a_verifying_client(tmp_path: Path) -> None:
