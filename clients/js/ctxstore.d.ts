@@ -147,16 +147,33 @@ export interface Options {
   onStatus?: ((status: Status) => void) | null;
   /** The WebSocket class (default: globalThis.WebSocket). */
   WebSocket?: typeof WebSocket | null;
-  /** WebTransport first (https://host:port/v1/wt of each target, docs/web.md section 8), then
-   * WebSocket where it fails; with the SHA-256s (hex) of a self-signed certificate (default
-   * null: WebSocket only). */
-  webTransport?: boolean | { serverCertificateHashes?: string[] } | null;
+  /** WebTransport (docs/web.md section 8.5), given up for the WebSocket wherever it fails.
+   * "auto" (default): where the browser has WebTransport, each target's node is asked
+   * (GET /v1/transports) whether, on which port and with which certificate hash it serves it;
+   * true, or the SHA-256s (hex) of a self-signed certificate: tried at https://host:port/v1/wt
+   * (the target's own port) without asking; false or null: WebSocket only. */
+  webTransport?: "auto" | boolean | { serverCertificateHashes?: string[] } | null;
+  /** The bound on asking a node, and on a WebTransport session's hello being answered
+   * (default 2 000): past it, the WebSocket. */
+  webTransportTimeoutMs?: number;
   /** The WebTransport class (default: globalThis.WebTransport). */
   WebTransport?: (new (url: string, init?: object) => unknown) | null;
+  /** The fetch function that asks a node (default: globalThis.fetch). */
+  fetch?: typeof fetch | null;
 }
 
-/** The WebTransport URL of a WebSocket target: https://host:port/v1/wt. */
-export declare function webTransportUrl(target: string): string;
+/** The WebTransport URL of a WebSocket target: https://host:port/v1/wt (or the given port and
+ * path). */
+export declare function webTransportUrl(
+  target: string, port?: number | null, path?: string): string;
+
+/** Where a target's node says what it serves: http(s)://host:port/v1/transports. */
+export declare function transportsUrl(target: string): string;
+
+/** The WebTransport endpoint a /v1/transports answer names for `target` (its host, the
+ * answer's port and path), or null (none, or an odd answer). */
+export declare function webTransportOf(
+  target: string, answer: unknown): { url: string; hashes: string[] } | null;
 
 export declare const DEFAULTS: Readonly<Required<Omit<Options, "targets">>>;
 

@@ -1,8 +1,9 @@
 // ctxstore.js: the browser client of ctxstore's WebSocket protocol (docs/web.md, "Browser client").
 //
 // One dependency-free ES module (types: clients/js/ctxstore.d.ts).  A Client holds one WebSocket
-// (subprotocol ctxstore.v1.json), or a WebTransport session where configured and available
-// (options.webTransport), to one of the nodes it was given and multiplexes on it:
+// (subprotocol ctxstore.v1.json), or a WebTransport session where the browser has WebTransport
+// and the node serves it (options.webTransport), to one of the nodes it was given and
+// multiplexes on it:
 // - requests are promises matched by rid, each with a timeout;
 // - idempotent requests (append with its client_msg_id, reads, mark_read) are retried on a
 //   retryable error or a lost connection with jittered exponential backoff, a bounded number of
@@ -41,11 +42,15 @@ export const DEFAULTS = Object.freeze({
   backoffMaxMs: 5000,
   onStatus: null,
   WebSocket: null, // the WebSocket class: globalThis.WebSocket if null
-  // WebTransport (docs/web.md section 8): null/false: WebSocket only; true or
-  // {serverCertificateHashes: [hex SHA-256, ...]}: each target is tried first at
-  // https://host:port/v1/wt when the WebTransport class is there, and over WebSocket if that fails
-  webTransport: null,
+  // WebTransport (docs/web.md section 8.5), always given up for the WebSocket if it fails:
+  // "auto": when the WebTransport class is there, the node is asked (GET /v1/transports)
+  // whether and on which port it serves WebTransport, and with which certificate hash;
+  // true or {serverCertificateHashes: [hex SHA-256, ...]}: tried at https://host:port/v1/wt (the
+  // target's port) without asking; false or null: WebSocket only
+  webTransport: "auto",
+  webTransportTimeoutMs: 2000, // asking the node; a WebTransport session's hello answered
   WebTransport: null, // the WebTransport class: globalThis.WebTransport if null
+  fetch: null, // for asking the node: globalThis.fetch if null
 });
 
 /** An error of the protocol (docs/protocol.md section 5): a stable code, retryable or not. */
@@ -236,12 +241,46 @@ class Link extends LinkBase {
 }
 
 /** The WebTransport URL of a WebSocket target: https://host:port/v1/wt (same port, UDP). */
-export function webTransportUrl(target) {
+export function webTransportUrl(target, port = null, path = "/v1/wt") {
   const url = new URL(target);
   url.protocol = "https:";
-  url.pathname = "/v1/wt";
+  if (port !== null) url.port = String(port);
+  url.pathname = path;
   url.search = "";
+  url.hash = "";
   return url.href;
+}
+
+/** Where a node says what it serves: http(s)://host:port/v1/transports of a WebSocket target. */
+export function transportsUrl(target) {
+  const url = new URL(target);
+  url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+  url.pathname = "/v1/transports";
+  url.search = "";
+  url.hash = "";
+  return url.href;
+}
+
+const TRANSPORTS_BYTES_MAX = 65536;
+const HASHES_MAX = 8;
+const SHA256_HEX = /^[0-9a-f]{64}$/i;
+
+/** The WebTransport endpoint of `target` a node's /v1/transports answer names: {url, hashes},
+ * or null if it names none or anything odd.  Only a port and a path are taken from it: the
+ * host stays the target's, so an answer cannot send the client to another machine. */
+export function webTransportOf(target, answer) {
+  const wt = answer?.webtransport;
+  if (wt === null || typeof wt !== "object") return null;
+  const { port, path } = wt;
+  const hashes = wt.cert_sha256 ?? [];
+  if (!Number.isInteger(port) || port < 1 || port > 65535) return null;
+  if (typeof path !== "string" || !/^\/[A-Za-z0-9._~/-]{0,255}$/.test(path)) return null;
+  if (path.startsWith("//")) return null;
+  if (!Array.isArray(hashes) || hashes.length > HASHES_MAX) return null;
+  if (!hashes.every((h) => typeof h === "string" && SHA256_HEX.test(h))) return null;
+  const url = webTransportUrl(target, port, path);
+  if (new URL(url).hostname !== new URL(target).hostname) return null;
+  return { url, hashes };
 }
 
 const textEncoder = new TextEncoder();
@@ -303,13 +342,12 @@ class WtSubs extends Map {
  * bidirectional stream of its own, each subscription's pushes on a unidirectional stream the
  * node opens; otherwise as a Link (whose answer handling it shares). */
 class WtLink extends LinkBase {
-  constructor(target, options) {
+  constructor(target, hashes, options) {
     super(target);
     this.subs = new WtSubs(this);
     this.early = new Map(); // sub_id -> pushes before its subscription was attached
     this.earlyCount = 0;
     const init = {};
-    const hashes = options.webTransport?.serverCertificateHashes;
     if (hashes?.length) {
       init.serverCertificateHashes = hashes.map((hex) => ({
         algorithm: "sha-256",
@@ -788,18 +826,63 @@ export class Client {
     this._connecting = null;
     this._sleepers = new Set();
     opts.WebTransport ??= globalThis.WebTransport ?? null;
+    opts.fetch ??= globalThis.fetch?.bind(globalThis) ?? null;
     this._wtFailed = new Set(); // targets whose WebTransport failed: WebSocket from then on
+    this._wtFound = new Map(); // target -> {url, hashes} or null: what its node said
   }
 
-  /** A new link to `target`: WebTransport if configured, available and not failed there. */
-  _newLink(target) {
-    const { webTransport, WebTransport } = this.options;
-    if (webTransport && typeof WebTransport === "function" && !this._wtFailed.has(target)) {
-      const link = new WtLink(webTransportUrl(target), this.options);
+  /** A new link to `target`: WebTransport if wanted, available, served there and not failed
+   * there; the WebSocket otherwise. */
+  async _newLink(target) {
+    const endpoint = await this._webTransportOf(target);
+    if (endpoint !== null) {
+      const link = new WtLink(endpoint.url, endpoint.hashes, this.options);
       link.wsTarget = target;
       return link;
     }
     return new Link(target, this.options);
+  }
+
+  /** Where to open a WebTransport session to `target` ({url, hashes}), or null: WebSocket. */
+  async _webTransportOf(target) {
+    const { webTransport, WebTransport } = this.options;
+    if (!webTransport || typeof WebTransport !== "function" || this._wtFailed.has(target)) {
+      return null;
+    }
+    if (webTransport !== "auto") {
+      const hashes = webTransport.serverCertificateHashes ?? [];
+      return { url: webTransportUrl(target), hashes };
+    }
+    if (!this._wtFound.has(target)) {
+      const found = await this._askTransports(target);
+      if (found === undefined) return null; // no answer: WebSocket, and ask again next time
+      this._wtFound.set(target, found);
+    }
+    return this._wtFound.get(target);
+  }
+
+  /** GET /v1/transports of `target`'s node, within webTransportTimeoutMs: its WebTransport
+   * endpoint, null if it serves none (or is a node without the route), undefined if it did
+   * not answer. */
+  async _askTransports(target) {
+    const { fetch, webTransportTimeoutMs } = this.options;
+    if (typeof fetch !== "function") return null;
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), webTransportTimeoutMs);
+    try {
+      const answer = await fetch(transportsUrl(target), {
+        signal: abort.signal, credentials: "omit", cache: "no-store", redirect: "error",
+      });
+      if (answer.status === 404) return null;
+      if (!answer.ok) return undefined;
+      const text = await answer.text();
+      if (text.length > TRANSPORTS_BYTES_MAX) return null;
+      return webTransportOf(target, JSON.parse(text));
+    } catch {
+      return undefined; // unreachable, too slow, or not JSON
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** The node and URL connected to (null while reconnecting). */
@@ -1007,7 +1090,13 @@ export class Client {
         const target = this.targets[this._next];
         this._next = (this._next + 1) % this.targets.length;
         this._status({ state: "connecting", target });
-        const link = this._newLink(target);
+        const link = await this._newLink(target);
+        if (this.closed) {
+          link.close(1000, "client closed");
+          break;
+        }
+        const { connectTimeoutMs, webTransportTimeoutMs } = this.options;
+        const wt = link instanceof WtLink; // (its session must come quickly: WebSocket then)
         try {
           const welcome = await link.request(
             {
@@ -1016,14 +1105,14 @@ export class Client {
               client_name: this.options.clientName,
               token: await this._token(),
             },
-            this.options.connectTimeoutMs,
+            wt ? Math.min(connectTimeoutMs, webTransportTimeoutMs) : connectTimeoutMs,
           );
           if (this.closed) break;
           link.nodeId = welcome.node_id;
           link.open = true;
           this.link = link;
           link.done.then((error) => this._lost(link, error));
-          const transport = link instanceof WtLink ? "webtransport" : "websocket";
+          const transport = wt ? "webtransport" : "websocket";
           this._status({ state: "connected", target, nodeId: welcome.node_id, transport });
           this._refreshLater(link, welcome);
           return link;
@@ -1036,9 +1125,9 @@ export class Client {
             throw e;
           }
           this._status({ state: "disconnected", target, error: e });
-          if (link instanceof WtLink) {
-            // no WebTransport there (no HTTP/3 listener, a certificate refused): the same
-            // target over WebSocket, at once
+          if (wt) {
+            // no WebTransport there after all (UDP blocked, a certificate refused, no session
+            // within webTransportTimeoutMs): the same target over WebSocket, at once
             this._wtFailed.add(target);
             this._next = (this._next + this.targets.length - 1) % this.targets.length;
             continue;

@@ -1,6 +1,8 @@
 // The demo page: a small chat UI on ctxstore.js (docs/web.md "Demo page").
 // ?nodes=ws://a/v1/ws,ws://b/v1/ws picks the nodes (default: the node serving the page);
-// ?user=alice signs in at once; ?wt=1 (or ?wt=<certificate SHA-256>) tries WebTransport first.
+// ?user=alice signs in at once. WebTransport where the browser has it and the node serves it
+// (asked at /v1/transports), else WebSocket; ?wt=0: WebSocket only; ?wt=1 (a CA's certificate)
+// or ?wt=<certificate SHA-256>: WebTransport tried at each node's own port without asking.
 // The session's agent streams its reply live (a draft, from its chunks), replaced by the stored
 // assistant message when it lands.
 import { connect } from "/static/ctxstore.js";
@@ -36,6 +38,15 @@ function setStatus(s) {
   }[s.state];
 }
 
+/** ?wt= (docs/web.md §8.5): absent (or anything else) "auto", 0 off, 1 on (a CA's certificate),
+ * 64 hex digits: on with that certificate hash. */
+function webTransportOption(wt) {
+  if (wt === "0") return false;
+  if (wt === "1") return true;
+  if (/^[0-9a-f]{64}$/i.test(wt ?? "")) return { serverCertificateHashes: [wt] };
+  return "auto";
+}
+
 async function signIn(event) {
   event.preventDefault();
   showError(null);
@@ -43,11 +54,9 @@ async function signIn(event) {
   state.me = $("user").value.trim();
   const targets = $("nodes").value.split(",").map((t) => t.trim()).filter(Boolean);
   try {
-    // ?wt=1 (or ?wt=<certificate SHA-256>): WebTransport first, then WebSocket (docs/web.md §8)
-    const wt = params.get("wt");
-    const webTransport = !wt ? null : wt.length === 64 ? { serverCertificateHashes: [wt] } : true;
     state.client = await connect({
-      targets, clientName: "ctxstore-demo", onStatus: setStatus, webTransport,
+      targets, clientName: "ctxstore-demo", onStatus: setStatus,
+      webTransport: webTransportOption(params.get("wt")),
     });
     state.inbox = await state.client.subscribeInbox(state.me, renderInbox);
   } catch (e) {

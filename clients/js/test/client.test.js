@@ -5,7 +5,9 @@ import { createHmac } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 
-import { CtxstoreError, connect, webSocketUrl, webTransportUrl } from "../ctxstore.js";
+import {
+  CtxstoreError, connect, transportsUrl, webSocketUrl, webTransportOf, webTransportUrl,
+} from "../ctxstore.js";
 import { fakeServer, fakeWebTransport, until } from "./fake.js";
 import { Node } from "./node.js";
 
@@ -228,6 +230,130 @@ describe("against a real node", () => {
       assert.equal(sub.lastSeq, 10);
     } finally {
       client.close();
+    }
+  });
+});
+
+describe("WebTransport by default: the node says whether and where (GET /v1/transports)", () => {
+  const plain = new Node(); // no HTTP/3 listener
+  const h3 = new Node({ h3: true }); // one, on a UDP port of its own, self-signed
+  before(() => Promise.all([plain.start(), h3.start()]));
+  after(() => Promise.all([plain.remove(), h3.remove()]));
+
+  /** The transport of the last connection made. */
+  const over = (statuses) => statuses.findLast((s) => s.state === "connected")?.transport;
+
+  /** connect() to `node` with a scripted WebTransport class (Node has none); the statuses,
+   * the session objects made, the fetches and how long connecting took. */
+  async function connectTo(node, wtOptions = {}, options = {}) {
+    const wt = fakeWebTransport(() => {}, wtOptions);
+    const fetched = [];
+    const statuses = [];
+    const started = performance.now();
+    const client = await connect({
+      targets: [node.url], WebTransport: wt.WebTransport, onStatus: (s) => statuses.push(s),
+      fetch: (url, init) => fetched.push(url) && fetch(url, init), ...options,
+    });
+    return { client, wt, fetched, statuses, ms: performance.now() - started };
+  }
+
+  test("a node without HTTP/3: WebSocket after one quick question, no session tried", async () => {
+    const { client, wt, fetched, statuses, ms } = await connectTo(plain);
+    try {
+      assert.deepEqual(fetched, [`http://${plain.http}/v1/transports`]);
+      assert.equal(wt.sessions.length, 0);
+      assert.equal(over(statuses), "websocket");
+      assert.ok(ms < 1000, `connected in ${ms} ms`);
+      const s = await client.createSession({ userId: "u1", agentId: "a1" });
+      assert.equal((await client.append(s.id, { sender: "user", senderId: "u1", content: "x" })).seq, 1);
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a node with HTTP/3: WebTransport at its port with its certificate's hash", async () => {
+    const { client, wt, fetched, statuses } = await connectTo(h3);
+    try {
+      assert.equal(fetched.length, 1);
+      assert.equal(wt.sessions.length, 1);
+      const [session] = wt.sessions;
+      const port = h3.h3.split(":").at(-1);
+      assert.equal(session.url, `https://127.0.0.1:${port}/v1/wt`);
+      const [hash] = session.init.serverCertificateHashes;
+      assert.equal(hash.algorithm, "sha-256");
+      assert.equal(Buffer.from(hash.value).toString("hex"), h3.cert.cert_sha256);
+      assert.equal(over(statuses), "webtransport");
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a session that never opens: WebSocket within webTransportTimeoutMs (2 s)", async () => {
+    const { client, wt, statuses, ms } = await connectTo(h3, { hang: true });
+    try {
+      assert.equal(wt.sessions.length, 1);
+      assert.equal(over(statuses), "websocket");
+      assert.ok(ms >= 2000 && ms < 3500, `connected in ${ms} ms`);
+      const s = await client.createSession({ userId: "u1", agentId: "a1" });
+      assert.equal((await client.getSession(s.id)).id, s.id);
+      // the connection lost: the next one goes straight to the WebSocket (WebTransport failed)
+      client.link.close(1000, "test");
+      await client.getSession(s.id);
+      assert.equal(wt.sessions.length, 1);
+      assert.equal(over(statuses), "websocket");
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a session refused: WebSocket at once; a short webTransportTimeoutMs is kept", async () => {
+    const refused = await connectTo(h3, { refuse: true });
+    refused.client.close();
+    assert.equal(refused.wt.sessions.length, 1);
+    assert.equal(over(refused.statuses), "websocket");
+    assert.ok(refused.ms < 1000, `connected in ${refused.ms} ms`);
+    const hung = await connectTo(h3, { hang: true }, { webTransportTimeoutMs: 300 });
+    hung.client.close();
+    assert.equal(over(hung.statuses), "websocket");
+    assert.ok(hung.ms >= 300 && hung.ms < 1300, `connected in ${hung.ms} ms`);
+  });
+
+  test("webTransport: false never asks; an unreachable node is asked again", async () => {
+    const off = await connectTo(h3, {}, { webTransport: false });
+    off.client.close();
+    assert.deepEqual([off.fetched.length, off.wt.sessions.length], [0, 0]);
+    assert.equal(over(off.statuses), "websocket");
+    // a question unanswered (here: refused) is not taken for "no WebTransport" for good
+    let calls = 0;
+    const flaky = await connectTo(h3, {}, {
+      fetch: (url, init) => (++calls === 1 ? Promise.reject(new TypeError("down")) : fetch(url, init)),
+    });
+    try {
+      assert.equal(over(flaky.statuses), "websocket");
+      flaky.client.link.close(1000, "test");
+      await flaky.client._link(5000); // (connecting again: asked again)
+      assert.equal(calls, 2);
+      assert.equal(over(flaky.statuses), "webtransport");
+    } finally {
+      flaky.client.close();
+    }
+  });
+
+  test("an answer cannot point elsewhere: only a port, a path and hashes are taken", () => {
+    const target = "ws://node.example:7600/v1/ws";
+    assert.equal(transportsUrl(target), "http://node.example:7600/v1/transports");
+    assert.equal(transportsUrl("wss://n:443/v1/ws?token=x"), "https://n/v1/transports");
+    const good = { port: 7700, path: "/v1/wt", protocols: [], cert_sha256: ["ab".repeat(32)] };
+    assert.deepEqual(webTransportOf(target, { webtransport: good }), {
+      url: "https://node.example:7700/v1/wt", hashes: ["ab".repeat(32)],
+    });
+    assert.equal(webTransportOf(target, { webtransport: null }), null);
+    for (const bad of [
+      { port: 0 }, { port: 70000 }, { port: "7700" }, { path: "//evil.example/x" },
+      { path: "https://evil.example/v1/wt" }, { path: "/v1/wt?x=1" }, { cert_sha256: ["ab"] },
+      { cert_sha256: "ab".repeat(32) }, { cert_sha256: Array(9).fill("ab".repeat(32)) },
+    ]) {
+      assert.equal(webTransportOf(target, { webtransport: { ...good, ...bad } }), null, JSON.stringify(bad));
     }
   });
 });

@@ -46,8 +46,9 @@ export function until(predicate, timeoutMs = 10000) {
 
 // A scripted stand-in for a node's WebTransport endpoint (options.WebTransport): each request
 // on a bidirectional stream, each push on a unidirectional stream of its subscription (made by
-// `push(msg)`), as ctxstore/webtransport.py does; `refuse`: the session never opens.
-export function fakeWebTransport(handle, { refuse = false } = {}) {
+// `push(msg)`), as ctxstore/webtransport.py does; `refuse`: the session is refused at once;
+// `hang`: it never opens (nothing answers: UDP blocked) until closed.
+export function fakeWebTransport(handle, { refuse = false, hang = false } = {}) {
   const server = { sessions: [], received: [], streams: 0 };
   const frame = (msg) => {
     const body = new TextEncoder().encode(JSON.stringify(msg));
@@ -67,7 +68,9 @@ export function fakeWebTransport(handle, { refuse = false } = {}) {
       this._close = closeSession;
       this.ready = refuse
         ? Promise.reject(new Error("WebTransport: connection refused"))
-        : Promise.resolve();
+        : hang
+          ? new Promise(() => {})
+          : Promise.resolve();
       if (refuse) setTimeout(() => closeSession.reject(new Error("refused")), 0);
       this.incomingUnidirectionalStreams = new ReadableStream({
         start: (c) => (this._incoming = c),

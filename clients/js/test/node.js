@@ -1,9 +1,10 @@
 // Start a real ctxstore node for the tests: `ctxstore serve` on free ports in a temporary
-// directory (CTXSTORE_BIN: the ctxstore executable, default the repository's .venv).
-import { spawn } from "node:child_process";
+// directory (CTXSTORE_BIN: the ctxstore executable, default the repository's .venv; the python
+// beside it makes the HTTP/3 listener's certificate).
+import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 
@@ -13,12 +14,20 @@ const BIN = process.env.CTXSTORE_BIN ?? join(ROOT, ".venv", "bin", "ctxstore");
 const ENV = Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== "CTXSTORE_BIN"));
 
 export class Node {
-  /** `env`: more CTXSTORE_* settings (auth, say). */
-  constructor({ env = {} } = {}) {
+  /** `env`: more CTXSTORE_* settings (auth, say); `h3`: an HTTP/3 listener too (UDP, a port of
+   * its own) with a new self-signed certificate (`this.cert.cert_sha256`). */
+  constructor({ env = {}, h3 = false } = {}) {
     this.env = { ...ENV, ...env };
     this.dataDir = mkdtempSync(join(tmpdir(), "ctxstore-js-"));
     this.http = null; // host:port of the HTTP port, fixed after the first start
+    this.h3 = null; // host:port of the HTTP/3 listener, if any
     this.process = null;
+    this.cert = null;
+    if (h3) {
+      const python = join(dirname(BIN), "python");
+      const args = ["-m", "ctxstore.tlscert", join(this.dataDir, "tls")];
+      this.cert = JSON.parse(execFileSync(python, args, { env: this.env, encoding: "utf8" }));
+    }
   }
 
   get url() {
@@ -32,6 +41,10 @@ export class Node {
       "--peer-listen", "127.0.0.1:0", "--http", this.http ?? "127.0.0.1:0",
       "--tick-ms", "20", "--groups", "4", "--wal-writer", "inline",
     ];
+    if (this.cert !== null) {
+      const { cert, key } = this.cert;
+      args.push("--h3", this.h3 ?? "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key);
+    }
     const child = spawn(BIN, args, { env: this.env, stdio: ["ignore", "pipe", "inherit"] });
     this.process = child;
     this.exited = new Promise((resolve) => child.once("exit", resolve));
@@ -45,7 +58,10 @@ export class Node {
         } catch {
           return;
         }
-        if (event.event === "listening") this.http = event.http;
+        if (event.event === "listening") {
+          this.http = event.http;
+          this.h3 = event.h3 ?? null;
+        }
         if (event.event === "ready") {
           clearTimeout(timer);
           resolve();
