@@ -26,7 +26,7 @@ run: $(STAMP)
 # self-signed certificate in ./data/tls; its SHA-256 is printed (serverCertificateHashes).
 run-h3: $(STAMP)
 	$(BIN)/python -m ctxstore.tlscert ./data/tls
-	@echo "WebTransport: https://127.0.0.1:7600/v1/wt  demo over WebTransport: http://127.0.0.1:7600/?wt=1"
+	@echo "WebTransport: https://127.0.0.1:7600/v1/wt  demo (over WebTransport by itself): http://127.0.0.1:7600/"
 	$(BIN)/ctxstore serve --data-dir ./data --listen 127.0.0.1:7400 --http 127.0.0.1:7600 \
 		--h3 127.0.0.1:7600 --tls-cert ./data/tls/h3-cert.pem --tls-key ./data/tls/h3-key.pem
 
