@@ -473,6 +473,12 @@ class NodeCollector(Collector):
             router.served_forwards,
         )
         yield _counter(
+            "ctxstore_requests_group_gone_total",
+            "Requests failed unavailable (retryable) because their group left this node while "
+            "they waited, or is leaving it with no leader known here.",
+            router.group_gone,
+        )
+        yield _counter(
             "ctxstore_append_batches_total",
             "Raft entries holding several appends (the appends a leader took for one group "
             "in one loop pass).",

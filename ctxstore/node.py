@@ -198,6 +198,7 @@ class Node:
             lambda g: g in self.retirer.retiring,
         )
         self.router.on_member = self.strays.on_envelope
+        self.router.placed = lambda g: g == self.meta_group or s.node_id in self.replicas(g)
         self._led_sent = (-1, float("-inf"))  # (count, when) last sent to the peers (Led)
         self._housekeeping: asyncio.TimerHandle | None = None
         self._drain_proposed = float("-inf")

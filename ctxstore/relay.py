@@ -556,7 +556,12 @@ class Relay:
             self._drop_served(conn, tell=True)
 
     def _sweep(self) -> None:
+        """Every ``SWEEP_S``, rescheduled first (the deadlines depend on it: an error in one
+        round, logged by the loop, must not end the next ones)."""
         now = self.now()
+        assert self._loop is not None
+        if not self._stopped:
+            self._timer = self._loop.call_later(SWEEP_S, self._sweep)
         for fid in [f for f, c in self._calls.items() if c.deadline <= now or c.finished]:
             call = self._calls.pop(fid)
             outcome = "" if call.read else "; outcome unknown"
@@ -566,9 +571,6 @@ class Relay:
         for peer, fids in list(self._ends.items()):
             if self.tell(peer, RelayEnded(sorted(fids))):
                 del self._ends[peer]
-        assert self._loop is not None
-        if not self._stopped:
-            self._timer = self._loop.call_later(SWEEP_S, self._sweep)
 
 
 def _task_answer(rid: int, task: asyncio.Future[Response]) -> Response:

@@ -8,7 +8,12 @@ future: the service's hot path):
 - another node leads it: the command travels to it on the peer connection's application lane
   (``Transport.send_app``, batched per loop iteration) as a ``Forward``; the leader proposes it
   and answers with a ``ForwardReply`` carrying the encoded result;
-- no leader is known: the request waits for one (``leader_wait_s``), then fails ``unavailable``.
+- no leader is known: the request waits for one (``leader_wait_s``), then fails ``unavailable``;
+- the group is no longer hosted here (it moved to other nodes while the request waited for a
+  leader or a retry), or it is moving away (no longer ``placed`` here) and no leader is known
+  here (a replica being removed hears from no leader until it retires the group): it fails
+  ``unavailable`` at once (nothing of it is in flight here), and the client asks a node that
+  hosts it.
 
 A forward that meets a node that no longer leads comes back ``not_leader`` with a hint and is
 re-routed (at most ``hops_max`` times): nothing was proposed, so that is safe.  Likewise a
@@ -155,6 +160,9 @@ class Router:
         self.addresses: dict[int, str] = {}  # node id -> client address (advertised)
         self.forwarded = 0  # requests this node sent to a leader
         self.served_forwards = 0  # requests other nodes forwarded to this node
+        self.group_gone = 0  # requests failed because their group left (or leaves) this node
+        # Whether the cluster view places a group here (False: it is moving away; ctxstore.node)
+        self.placed: Callable[[int], bool] = lambda group: True
         self.history_server: HistoryServer | None = None
         self.on_chunk: Callable[[str, int, int, dict[str, Any]], object] | None = None
         self.chunk_sessions: Callable[[], list[str]] = list  # those with subscribers here
@@ -267,6 +275,9 @@ class Router:
     def _route(self, p: _Pending) -> None:
         if p.finished:
             return
+        if p.group not in self.driver.host:
+            self._gone(p)
+            return
         leader = self._reachable_leader(p.group)
         if p.command is None:
             if leader == NONE:
@@ -279,6 +290,14 @@ class Router:
             self._wait_for_leader(p)
         else:
             self._forward(p, leader)
+
+    def _wait_for_leader(self, p: _Pending) -> None:
+        if not self.placed(p.group):
+            self._gone(p)  # (a replica on its way out: the new ones may have a leader)
+            return
+        now = self._running_loop().time()
+        p.wait_until = min(p.deadline, now + self.config.leader_wait_s)
+        self._leader_waits.setdefault(p.group, []).append(p)
 
     def _read_here(self, p: _Pending) -> None:
         p.asks += 1
@@ -417,10 +436,14 @@ class Router:
         self._forwards[fid] = p
         self.forwarded += 1
 
-    def _wait_for_leader(self, p: _Pending) -> None:
-        now = self._running_loop().time()
-        p.wait_until = min(p.deadline, now + self.config.leader_wait_s)
-        self._leader_waits.setdefault(p.group, []).append(p)
+    def _gone(self, p: _Pending) -> None:
+        """``p``'s group is not (or no longer) hosted here: it moved to other nodes while
+        ``p`` waited (a leader, a retry); or it is moving away and has no leader here.
+        Nothing of ``p`` is in flight here, so it was not applied: it fails at once,
+        retryable, and the client asks a node that hosts it."""
+        self.group_gone += 1
+        message = f"group {p.group} moved (or is moving) away from node {self.node_id}: retry"
+        self._fail(p, RouteError("unavailable", message))
 
     def _retry_later(self, p: _Pending, cause: BaseException | None = None) -> None:
         p.hops += 1
@@ -500,7 +523,10 @@ class Router:
                 fut.set_exception(RouteError("unavailable", f"node {peer} went down"))
 
     def _sweep(self) -> None:
+        """Every ``SWEEP_S``, rescheduled first: every deadline depends on it, so an error in
+        one round (logged by the loop) must not end the next ones."""
         loop = self._running_loop()
+        self._timer = loop.call_later(SWEEP_S, self._sweep)
         now = loop.time()
         for fid in [f for f, p in self._forwards.items() if p.deadline <= now or p.finished]:
             p = self._forwards.pop(fid)
@@ -509,12 +535,18 @@ class Router:
             fut = self._fetches.pop(fid)[0]
             if not fut.done():
                 fut.set_exception(RouteError("timeout", "no history from the peer in time"))
+        host = self.driver.host
         for group in list(self._leader_waits):
             keep = []
+            # It may have moved away, or started moving away, since: the waits go on to its
+            # leader if one is known here, else fail at once (``_route``).
+            placed = group in host and self.placed(group)
             for p in self._leader_waits[group]:
                 if p.finished:
                     continue
-                if p.wait_until <= now:
+                if not placed:
+                    self._route(p)
+                elif p.wait_until <= now:
                     self._fail(p, RouteError("unavailable", f"group {group} has no leader"))
                 elif self._reachable_leader(group) != NONE:
                     self._route(p)
@@ -530,7 +562,6 @@ class Router:
             if not p.finished and ask == p.asks:
                 self._route(p)
         self._expire(now)
-        self._timer = loop.call_later(SWEEP_S, self._sweep)
 
     def _expire(self, now: float) -> None:
         """Fail every request past its deadline, wherever it waits (a proposal the group never

@@ -133,3 +133,60 @@ def test_batches_stay_within_their_count_and_bytes(tmp_path: Path) -> None:
         assert router.batches_proposed == 0
 
     run(tmp_path / "off", off, batch_appends_max=1)
+
+
+def test_requests_waiting_for_a_leader_fail_at_once_when_their_group_leaves(
+    tmp_path: Path,
+) -> None:
+    """A group moved away (its replica here retired: ``Driver.remove_group``) while requests
+    waited for its leader: they fail ``unavailable`` (retryable) at once, later ones too, and
+    the router's sweep goes on answering the other groups' requests by their deadlines.  (It
+    used to die of a KeyError looking up the gone group's leader: from then on no request of
+    the node had a deadline, and its client waited until its own timeout.)  Likewise for a
+    group still hosted here but placed elsewhere (moving away) with no leader known here."""
+
+    async def main() -> None:
+        wal = WAL.open(tmp_path / "wal", segment_bytes=1 << 20, preallocate=False, inline=True)
+        host = MultiRaft(HostConfig(Config(1, election_ticks=10, seed=3)))
+        driver = Driver(host, wal, ConversationState(), DriverConfig(tick_s=0.01))
+        driver.add_groups([0, 1, 2], (1, 2))  # node 2 never answers: no leader, ever
+        router = Router(1, driver, RouterConfig(leader_wait_s=0.5, request_timeout_s=2.0))
+        driver.before_pass = router.propose_batches
+        await driver.start()
+        router.start()
+        loop = asyncio.get_running_loop()
+        try:
+            waiting = submit_all(router, [append("a", "x")])[0]
+            reading = router.barrier(0)
+            other = [router.submit(1, append("b", "y")), router.barrier(1)]
+            leaving = router.submit(2, append("c", "w"))
+            await asyncio.sleep(0.1)
+            assert not waiting.done() and not reading.done() and not leaving.done()
+            t0 = loop.time()
+            await driver.remove_group(0)
+            moved = [await asyncio.wait_for(waiting, 1.0)]
+            moved += await asyncio.gather(reading, return_exceptions=True)
+            assert loop.time() - t0 < 0.5, "not at once"
+            moved += await asyncio.gather(router.barrier(0), router.submit(0, append("a", "z")),
+                                          return_exceptions=True)  # fmt: skip
+            assert [(e.code, "moved" in str(e)) for e in moved] == [("unavailable", True)] * 4
+            assert router.group_gone == 4
+            # Group 2 is placed elsewhere now (moving away) and has no leader here: its
+            # waiting request fails at once, and so does a new one.
+            router.placed = lambda group: group != 2
+            t0 = loop.time()
+            later = router.submit(2, append("c", "v"))
+            moving = await asyncio.wait_for(
+                asyncio.gather(leaving, later, return_exceptions=True), 1.0
+            )
+            assert loop.time() - t0 < 0.5, "not at once"
+            assert [(e.code, "moving" in str(e)) for e in moving] == [("unavailable", True)] * 2
+            # Group 1's requests still end by leader_wait_s, as before (the sweep runs).
+            done = await asyncio.wait_for(asyncio.gather(*other, return_exceptions=True), 1.5)
+            assert [e.code for e in done] == ["unavailable"] * 2
+        finally:
+            router.stop()
+            await driver.stop()
+            wal.close()
+
+    uvloop.run(main())
