@@ -126,9 +126,13 @@ class Writers:
     group (any other after an error), every append with a unique client_msg_id and resent
     with it until acknowledged or stopped: each acknowledgement is recorded."""
 
-    def __init__(self, cluster: LocalCluster) -> None:
+    def __init__(
+        self, cluster: LocalCluster, sessions: int = SESSIONS, pause_s: float = 0.02
+    ) -> None:
         self.cluster = cluster
-        self.acks: dict[str, dict[int, str]] = {f"s{k}": {} for k in range(SESSIONS)}
+        self.acks: dict[str, dict[int, str]] = {f"s{k}": {} for k in range(sessions)}
+        self.pause_s = pause_s
+        self.slowest = 0.0  # seconds, the longest an append took (first send to its ack)
         self.replicas: dict[str, list[int]] = {}
         self.clients: dict[int, Client] = {}
         self.stopping = False
@@ -182,13 +186,15 @@ class Writers:
             if self.stopping:
                 return
             content = f"{sid}-{k}"
+            start = time.monotonic()
             ack = await self.call(
                 sid,
                 lambda c: c.append(sid, content, client_msg_id=content),  # noqa: B023
             )
+            self.slowest = max(self.slowest, time.monotonic() - start)
             assert ack.seq not in self.acks[sid] or self.acks[sid][ack.seq] == content
             self.acks[sid][ack.seq] = content
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(self.pause_s)
 
     def count(self) -> int:
         return sum(len(a) for a in self.acks.values())
@@ -259,6 +265,41 @@ def test_two_nodes_join_under_appends_and_take_their_share(tmp_path: Path) -> No
             await until(lambda: _balanced(cluster), 20, "every node leading some groups")
             await writers.acknowledged(writers.count() + 20, 10, "more appends")
             await writers.stop()
+            await writers.check()
+        finally:
+            writers.stopping = True
+            await cluster.stop()
+
+    run(main())
+
+
+def test_appends_during_a_join_end_promptly(tmp_path: Path) -> None:
+    """Nodes join under appends sent to the replicas the view named before (so, mid-move,
+    to replicas on their way out, some with no leader any more): every append is answered well
+    within the nodes' request deadline (5 s), acknowledged or refused retryably and retried;
+    none waits for the client's own timeout, and no node logs an error.  (A replica retiring a
+    group that requests waited on for a leader used to kill its router's sweep: from then on
+    its requests had no deadline, and some waited for the client's 10 s timeout.)"""
+
+    async def main() -> None:
+        cluster = LocalCluster(3, str(tmp_path), extra_args=FAST)
+        await cluster.start()
+        writers = Writers(cluster, sessions=128, pause_s=0.0)
+        try:
+            await writers.start()
+            await writers.acknowledged(300, 20, "appends acknowledged")
+            for via in (1, 2):  # a fourth node joins, then a fifth
+                joiner = cluster.add_node(via=via)
+                await cluster.start_node(joiner, timeout_s=20)
+                await until(lambda: settled(cluster), 30, "groups on their new replicas")
+                await until(lambda: hosts_exactly(cluster), 10, "groups hosted where placed")
+                await writers.acknowledged(writers.count() + 100, 10, "appends after the moves")
+            await writers.stop()
+            assert writers.slowest < 4.0, f"an append took {writers.slowest:.1f} s"
+            for i, child in cluster.children.items():
+                with open(child.log_path) as f:
+                    errors = [line for line in f if '"level": "ERROR"' in line]
+                assert not errors, (i, errors[:3])
             await writers.check()
         finally:
             writers.stopping = True
