@@ -53,22 +53,28 @@ class Join:
 
 
 async def _settled(cluster: LocalCluster, joiner: int) -> tuple[bool, int]:
-    """Every running node's view shows the joiner active and none has a group moving; the
+    """Every running node's view (the same version) shows the joiner active, none has a group
+    moving, and the members of every group, as its leader sees them, are the view's replicas
+    (the mover's ``moving`` alone reads 0 until its first round after the view changed); the
     groups placed on the joiner."""
-    placed = 0
+    placed, versions = 0, set()
     for child in cluster.children.values():
         if child.process is None or child.process.returncode is not None:
             continue
         status, body = await get_json(child.ops_target, "/admin/nodes")
         if status != 200:
             return False, 0
+        versions.add(body["version"])
         states = {n["id"]: n for n in body["nodes"]}
         if joiner not in states or states[joiner]["state"] != "active":
             return False, 0
-        if body["local"]["moving"]:
+        local, replicas = body["local"], body["replicas"]
+        if local["moving"]:
+            return False, 0
+        if any(local["members"][str(g)] != replicas[str(g)] for g in local["led"]):
             return False, 0
         placed = states[joiner]["groups"]
-    return True, placed
+    return len(versions) == 1, placed
 
 
 async def join_node(cluster: LocalCluster, join: Join, at: float, progress: Progress) -> None:
