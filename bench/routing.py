@@ -1,9 +1,12 @@
 """Where a client process sends each request, and one pipelined connection per node.
 
 - ``--route leader``: a session's requests go to its group's leader (``ctxstore.placement``
-  computes the group, ``GetRoutes`` names the leader), saving the forward a non-leader makes.
-  After an error the table is refreshed (at most every ``REFRESH_MIN_S``), and every
-  ``REFRESH_EVERY_S`` anyway: a stale table costs a forward, never a wrong answer.
+  computes the group, ``GetRoutes`` names the leader), saving the forward a non-leader makes;
+  while no leader is known (or its node is down), to one of the group's replicas, saving a
+  relay.  After an error the table is refreshed (at most every ``REFRESH_MIN_S``), and every
+  ``REFRESH_EVERY_S`` anyway: a stale table costs a forward, never a wrong answer.  A node the
+  routes name that the client does not know yet (one that joined, ``--join-at``) gets a
+  connection too (native transport; at most ``NODES_MAX`` nodes).
 - ``--route any``: round robin over the nodes, so about (N-1)/N of the writes are forwarded.
 
 A node whose connection broke or was refused is skipped for ``DOWN_S``; when every node is
@@ -33,6 +36,7 @@ DOWN_S = 0.5
 REFRESH_MIN_S = 0.05
 REFRESH_EVERY_S = 1.0
 CONNECT_TIMEOUT_S = 2.0
+NODES_MAX = 64  # nodes a client connects to, those it learns from the routes included
 
 
 def new_client(address: str, token: str | None, timeout_s: float) -> Client:
@@ -84,6 +88,7 @@ class Router:
         self.nodes = dict(nodes)
         self.ids = sorted(nodes)
         self.leaders = list(leaders)
+        self.replicas: list[list[int]] = []  # index = group (empty: not known yet)
         self.route = route
         self.token = token
         self.timeout_s = timeout_s
@@ -124,6 +129,11 @@ class Router:
             leader = self.leaders[group] if group < len(self.leaders) else 0
             if leader in self.clients and self.usable(leader):
                 return leader
+            if group < len(self.replicas):
+                hosts = [n for n in self.replicas[group] if n in self.clients and self.usable(n)]
+                if hosts:
+                    self._next += 1  # (spread, as next_node does)
+                    return hosts[self._next % len(hosts)]
         return self.next_node()
 
     def next_node(self) -> int:
@@ -169,6 +179,21 @@ class Router:
         self.refreshes += 1
         if len(routes.leaders) == len(self.leaders):
             self.leaders = list(routes.leaders)
+            if len(routes.replicas) == len(routes.leaders):
+                self.replicas = [list(r) for r in routes.replicas]
+        if self.via == "native":
+            self._learn(routes.addresses)
+
+    def _learn(self, addresses: dict[int, str]) -> None:
+        """Connections to the nodes the routes name that this client does not know yet."""
+        for node_id, address in addresses.items():
+            if node_id in self.clients or not address or len(self.clients) >= NODES_MAX:
+                continue
+            self.nodes[node_id] = address
+            self.clients[node_id] = new_load_client(
+                self.via, address, None, self.token, self.timeout_s
+            )
+            self.ids = sorted(self.clients)
 
     async def _refresh_periodically(self) -> None:
         while True:
