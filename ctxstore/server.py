@@ -103,6 +103,7 @@ from .auth import SERVICE, Principal, Unauthorized, Verifier, same_principal, ve
 from .history import HistoryUnavailable, Page, TailMiss
 from .node import Node
 from .placement import group_of
+from .records import AgentRecord
 from .relay import PeerConn, Relay, relay_group
 from .relay_streams import Followers
 from .router import RouteError
@@ -174,6 +175,23 @@ class Service(BaseHandler):
         self.follow = Followers(self.relay, node.subscriptions.limits, node.inboxes)
         self.relay.follow = self.follow
         node.router.relay = self.relay
+        node.dispatcher.fetch_agent = self._fetch_agent
+
+    def _fetch_agent(self, agent_id: str, done: Callable[[AgentRecord | None, bool], None]) -> None:
+        """Read an agent of a group not hosted here from a replica, for the dispatcher:
+        ``done(agent, True)`` (None: not registered), or ``done(None, False)`` when no replica
+        answered (any error but ``not_found``)."""
+
+        def answered(response: Response) -> None:
+            if isinstance(response, AgentInfo):
+                done(records.agent_from_wire(response.agent), True)
+            elif isinstance(response, Error) and response.code == "not_found":
+                done(None, True)
+            else:
+                done(None, False)
+
+        group = group_of(agent_id, self.groups)
+        self.relay.request(group, GetAgent(1, agent_id), SERVICE, answered)
 
     def on_hello(self, conn: Connection, hello: Hello) -> Reply:
         if conn.greeted:

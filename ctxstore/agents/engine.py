@@ -21,6 +21,13 @@ a timeout (whole call or between chunks), a connection failure, 408, 429 and 5xx
 with backoff (``backoff_base_s`` x 2^n up to ``backoff_max_s``, full jitter; ``Retry-After``
 honoured on 429/503, at most ``retry_after_max_s``) until ``max_attempts``; other 4xx, a wrong
 content type and an invalid reply are not.  Appends never wait on any of this.
+
+An agent is registered in the group its id hashes to, which with more than three nodes the
+session's leader may not host: such an agent is read from a replica of its group through the
+relay (``fetch_agent``, a ``get_agent`` served after that replica's barrier) and kept here for
+``remote_agent_ttl_s`` (an update or a disable reaches this node's calls within that time; an
+agent found absent is asked again after it too); past it, a call still starts with the kept
+record while a fresh one is fetched.
 """
 
 from __future__ import annotations
@@ -78,6 +85,8 @@ class DispatchLimits:
     skipped_max: int = 10_000  # sessions not called on that knowledge, remembered a while
     skipped_recent_s: float = 5.0  # a skip this recent is undone when the agent is saved
     starts_per_pass: int = 16  # calls started in one loop pass; the others in the next passes
+    remote_agent_ttl_s: float = 5.0  # an agent read from another node's group is read again after
+    remote_agents_max: int = 10_000  # agents of groups not hosted here kept (LRU)
 
 
 class Histogram:
@@ -193,6 +202,13 @@ class Dispatcher:
         self._absent: OrderedDict[str, None] = OrderedDict()
         self._skipped: dict[str, tuple[str, float, bool]] = {}  # sid -> (agent, when, resume)
         self.lookups = 0  # barriers run to read an agent unknown here
+        # Agents of groups this node does not host (scale-out): read from a replica through the
+        # relay (set by the client service), kept with when they were read (None: absent or
+        # unreadable as of then); ``remote_lookups`` counts the reads.
+        self.fetch_agent: Callable[[str, Callable[[AgentRecord | None, bool], None]], None] | None
+        self.fetch_agent = None
+        self._remote: OrderedDict[str, tuple[AgentRecord | None, float]] = OrderedDict()
+        self.remote_lookups = 0
         self.absent_hits = 0  # arms skipped on the negative cache (barriers saved)
         self._random = random.Random()
 
@@ -270,11 +286,44 @@ class Dispatcher:
         for sid in self.state.undispatched(group):
             self._arm(sid, resume=True)
 
+    def _hosts_agent(self, agent_id: str) -> bool:
+        return (
+            self.fetch_agent is None or group_of(agent_id, self.groups) in self.router.driver.host
+        )
+
+    def _agent(self, agent_id: str) -> AgentRecord | None:
+        """The agent as this node knows it: its group's state here, else the record read from
+        a replica (kept past ``remote_agent_ttl_s`` while a fresh read is on its way)."""
+        if self._hosts_agent(agent_id):
+            return self.state.get_agent(agent_id)
+        kept = self._remote.get(agent_id)
+        if kept is None:
+            return None
+        self._remote.move_to_end(agent_id)
+        agent, read_at = kept
+        loop = asyncio.get_running_loop()
+        stale = loop.time() - read_at > self.limits.remote_agent_ttl_s
+        if stale and agent_id not in self._lookups:
+            self._lookups[agent_id] = {}
+            loop.call_soon(self._lookup, agent_id)
+        return agent
+
+    def _absent_here(self, agent_id: str) -> bool:
+        """Known absent (or disabled) as of a recent barrier or read: no lookup per message."""
+        if self._hosts_agent(agent_id):
+            return agent_id in self._absent
+        kept = self._remote.get(agent_id)
+        return (
+            kept is not None
+            and (kept[0] is None or kept[0].status != "active")
+            and asyncio.get_running_loop().time() - kept[1] <= self.limits.remote_agent_ttl_s
+        )
+
     def _active_agent(self, session_id: str) -> AgentRecord | None:
         view = self.state.dispatch_state(session_id)
         if view is None:
             return None
-        agent = self.state.get_agent(view[0])
+        agent = self._agent(view[0])
         return agent if agent is not None and agent.status == "active" else None
 
     def _arm(self, sid: str, resume: bool = False, checked: bool = False) -> None:
@@ -285,8 +334,9 @@ class Dispatcher:
             view = self.state.dispatch_state(sid)
             if view is None or checked:
                 return
-            if view[0] in self._absent:
-                self._absent.move_to_end(view[0])
+            if self._absent_here(view[0]):
+                if view[0] in self._absent:
+                    self._absent.move_to_end(view[0])
                 self.absent_hits += 1
                 self._skip(sid, view[0], resume)
                 return
@@ -327,12 +377,15 @@ class Dispatcher:
         if not self.running:
             self._lookups.pop(agent_id, None)
             return
+        if not self._hosts_agent(agent_id):
+            self._fetch(agent_id)
+            return
         self.lookups += 1
         fut = self.router.barrier(group_of(agent_id, self.groups))
 
         def done(f: asyncio.Future[Any]) -> None:
-            sessions = self._lookups.pop(agent_id, {})
             if f.cancelled() or f.exception() is not None or not self.running:
+                self._lookups.pop(agent_id, None)
                 return  # no barrier now: the next user message or leader change tries again
             agent = self.state.get_agent(agent_id)
             if agent is None or agent.status != "active":
@@ -341,14 +394,37 @@ class Dispatcher:
                 self._absent.move_to_end(agent_id)
                 if len(self._absent) > self.limits.absent_agents_max:
                     self._absent.popitem(last=False)
-                for waiting_sid, waiting_resume in sessions.items():
-                    self._skip(waiting_sid, agent_id, waiting_resume)
-                return
-            for waiting_sid, waiting_resume in sessions.items():
-                if self._leads(group_of(waiting_sid, self.groups)):
-                    self._arm(waiting_sid, waiting_resume, checked=True)
+            self._looked_up(agent_id, agent)
 
         fut.add_done_callback(done)
+
+    def _fetch(self, agent_id: str) -> None:
+        """Read an agent of a group not hosted here from one of its replicas (the relay)."""
+        assert self.fetch_agent is not None
+        self.remote_lookups += 1
+
+        def done(agent: AgentRecord | None, answered: bool) -> None:
+            if not answered or not self.running:
+                self._lookups.pop(agent_id, None)
+                return  # no replica answered: the next user message or leader change tries again
+            self._remote[agent_id] = (agent, asyncio.get_running_loop().time())
+            self._remote.move_to_end(agent_id)
+            if len(self._remote) > self.limits.remote_agents_max:
+                self._remote.popitem(last=False)
+            self._looked_up(agent_id, agent)
+
+        self.fetch_agent(agent_id, done)
+
+    def _looked_up(self, agent_id: str, agent: AgentRecord | None) -> None:
+        """The sessions waiting for ``agent_id`` learn what it is now."""
+        sessions = self._lookups.pop(agent_id, {})
+        if agent is None or agent.status != "active":
+            for waiting_sid, waiting_resume in sessions.items():
+                self._skip(waiting_sid, agent_id, waiting_resume)
+            return
+        for waiting_sid, waiting_resume in sessions.items():
+            if self._leads(group_of(waiting_sid, self.groups)):
+                self._arm(waiting_sid, waiting_resume, checked=True)
 
     def _fire(self, sid: str) -> None:
         self._timers.pop(sid, None)

@@ -27,6 +27,7 @@ from ctxstore.peer_messages import RelayAnswer, RelayEnvelope, RelayRequest
 from ctxstore.relay import Relay
 from ctxstore.server import Service
 from ctxstore.subscriptions import SubscriptionLimits
+from tests.ctxstore.agent_server import agent_server
 from wire.aio import Server
 from wire.aio import serve as wire_serve
 from wire.client import Client, ClientError, agent, connect
@@ -445,6 +446,52 @@ def test_lists_span_the_groups_held_elsewhere(tmp_path: Path) -> None:
                         break
                 assert agents == agent_ids
             assert len(far.node.state.user_session_ids("alice")) < len(sids)  # some elsewhere
+
+    run(main())
+
+
+def test_a_session_leader_not_holding_its_agents_group_reads_the_agent_from_a_replica(
+    tmp_path: Path,
+) -> None:
+    """The dispatcher runs on the session's leader; the agent lives in the group its id hashes
+    to, which that node may not hold: it reads the agent through the relay (it used to find
+    nothing in its own state, so the session's agent was never called)."""
+
+    async def main() -> None:
+        view = view_of(4)
+        sid = "s0"
+        group = placement.group_of(sid, GROUPS)
+        async with cluster(tmp_path, 4) as nodes, agent_server() as srv:
+            leader = 0
+            for _ in range(400):
+                leader = nodes[view[group][0]].node.group_leader(group) or 0
+                if leader:
+                    break
+                await asyncio.sleep(0.025)
+            aid = next(f"bot{i}" for i in range(1000)
+                       if leader not in view[placement.group_of(f"bot{i}", GROUPS)])  # fmt: skip
+            dispatcher = nodes[leader].node.dispatcher
+            async with await client(nodes[leader]) as c:
+                await c.create_agent(agent(aid, srv.url("/sse"), debounce_ms=0, protocol="h2"))
+                await c.create_session("u", aid, {}, sid)
+                await c.append(sid, "hello")
+                async with asyncio.timeout(15):
+                    while len((await c.read(sid)).messages) < 2:
+                        await asyncio.sleep(0.02)
+                reply = (await c.read(sid)).messages[1]
+                assert (reply.sender, reply.sender_id) == ("agent", aid)
+                assert group not in nodes[leader].node.driver.host or leader in view[group]
+                assert dispatcher.remote_lookups >= 1 and dispatcher.lookups == 0
+                # Disabled on its own group: this node's calls stop once its copy is re-read.
+                await c.disable_agent(aid)
+                await asyncio.sleep(dispatcher.limits.remote_agent_ttl_s + 0.2)
+                await c.append(sid, "second")  # the kept copy is stale: read again
+                await asyncio.sleep(0.5)
+                await c.append(sid, "third")
+                await asyncio.sleep(0.5)
+                senders = [m.sender for m in (await c.read(sid)).messages]
+            assert senders.count("agent") <= 2 and senders[-1] == "user", senders
+            assert len(srv.agent.calls) <= 2
 
     run(main())
 
