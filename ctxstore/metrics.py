@@ -346,6 +346,9 @@ class NodeCollector(Collector):
         yield _counter("ctxstore_agent_lookups_total",
                        "Read barriers run to find a session's agent not known here.",
                        node.dispatcher.lookups)  # fmt: skip
+        yield _counter("ctxstore_agent_remote_lookups_total",
+                       "Agents of groups not hosted here read from a replica (the relay).",
+                       node.dispatcher.remote_lookups)  # fmt: skip
         yield _counter("ctxstore_agent_absent_hits_total",
                        "User messages of sessions whose agent is known absent (no barrier).",
                        node.dispatcher.absent_hits)  # fmt: skip
