@@ -493,6 +493,10 @@ def test_a_leader_relays_chunks_only_to_peers_with_chunk_subscribers(tmp_path: P
                 await c.create_agent(agent("bot", srv.url("/sse"), debounce_ms=0, protocol="h2"))
                 await c.create_session("u", "bot", {}, "s")
             group = group_of("s", hs[0].node.settings.groups)
+            # The leader every node names (a deposed one may still think it leads a moment).
+            async with asyncio.timeout(10):
+                while len({h.node.host.leader(group) for h in hs}) != 1:
+                    await asyncio.sleep(0.01)
             leader = next(h for h in hs if h.node.host.leader(group) == h.node.settings.node_id)
             watcher, plain = [h for h in hs if h is not leader]
             chunks: list[ChunkEvent] = []
