@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .pgdb import create_database, drop_database, dsn
+from .pgdb import PrivatePostgres, create_database, drop_database, dsn
 
 
 @pytest.fixture
@@ -16,3 +16,13 @@ def pg_dsn() -> Iterator[str]:
         yield dsn(name)
     finally:
         drop_database(name)
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of the test's own, to crash (``pgdb.PrivatePostgres``)."""
+    server = PrivatePostgres()
+    try:
+        yield server
+    finally:
+        server.close()
