@@ -373,3 +373,29 @@ def test_rows_a_peer_is_still_copying_here_wait_without_spinning(
             assert [m.seq for m in await pg_messages(pg_dsn)] == list(range(1, 11))
 
     run(main())
+
+
+def test_a_flush_starts_early_when_flush_rows_messages_wait(tmp_path: Path, pg_dsn: str) -> None:
+    """With a 60 s interval, 9 messages wait for it; the 10th (``postgres_flush_rows``) starts
+    a flush at once."""
+
+    async def main() -> None:
+        async with node(tmp_path, pg_dsn, interval_ms=60_000, postgres_flush_rows=10) as n:
+            flusher = n.postgres
+            assert flusher is not None
+            async with asyncio.timeout(10):  # connected: the first flush is done
+                while not flusher.stats.connected:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+            await create(n, "s")
+            for k in range(9):
+                await append(n, "s", f"m{k}")
+            await asyncio.sleep(1.0)
+            assert await pg_messages(pg_dsn) == [] and flusher.backlog_rows() == 9
+            await append(n, "s", "m9")
+            async with asyncio.timeout(5):
+                while flusher.backlog_rows():
+                    await asyncio.sleep(0.02)
+            assert [m.seq for m in await pg_messages(pg_dsn)] == list(range(1, 11))
+
+    run(main())
