@@ -2,16 +2,18 @@
 
     ctxstore db migrate [--postgres-dsn DSN] [--config FILE]
     ctxstore db status  [--postgres-dsn DSN] [--config FILE]
-    ctxstore db backfill --http HOST:PORT [--timeout SECONDS]
+    ctxstore db backfill --http HOST:PORT [--http HOST:PORT ...] [--timeout SECONDS]
 
 The DSN comes as for ``serve``: the flag < ``CTXSTORE_POSTGRES_DSN`` < the ``postgres_dsn``
 of a TOML file, reversed (flag wins).  Each command prints one JSON object on stdout; a failure
 prints one line ``{"error": code, "message": ...}`` on stderr and exits with the status of its
 class (``cli_common``).
 
-``backfill`` asks a running node (its ops port, ``pg/admin.py``) to have every group copy its
+``backfill`` asks running nodes (their ops ports, ``pg/admin.py``) to have every group copy its
 whole history to the nodes' database again (for a database that is new or was emptied), then
-prints the rows left about once a second until every group has copied what it held.
+prints the rows left about once a second until every group has copied what it held.  A node
+resets the groups it hosts: with more than three nodes (each group on 3 of them) give nodes
+that host every group together (``--http`` again); otherwise nothing is reset.
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ def add_db(sub: Any) -> None:
     cmd.add_argument(
         "--http",
         required=True,
+        action="append",
         metavar="HOST:PORT",
-        help="the ops (HTTP) port of a node started with --postgres-dsn (required)",
+        help="the ops (HTTP) port of a node started with --postgres-dsn (required); again for "
+        "more nodes, when one does not host every group (more than three nodes)",
     )
     cmd.add_argument(
         "--timeout",
@@ -116,41 +120,78 @@ async def http_call(address: tuple[str, int], method: str, path: str) -> tuple[i
         writer.close()
 
 
+class _Failed(Exception):
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+async def _call(address: tuple[str, int], name: str, method: str, path: str) -> Any:
+    """The JSON answer of a 200 or 202 (``_Failed`` otherwise)."""
+    try:
+        status, body = await asyncio.wait_for(http_call(address, method, path), CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError, h11.ProtocolError) as e:
+        raise _Failed("unavailable", f"cannot reach {name}: {e}", EXIT_CONNECT) from e
+    if status == 404:
+        raise _Failed("bad_request", f"{name}: the node has no postgres_dsn", EXIT_ANSWER)
+    if status not in (200, 202):
+        raise _Failed("internal", f"{name}: answered {status}: {body}", EXIT_ANSWER)
+    return body
+
+
 async def _backfill(args: argparse.Namespace) -> int:
     try:
-        address = parse_address(args.http, "http")
-    except ConfigError as e:
-        return _error("bad_request", str(e), EXIT_USAGE)
-    try:
-        status, started = await asyncio.wait_for(
-            http_call(address, "POST", "/admin/postgres/backfill"), CONNECT_TIMEOUT_S
+        return await _backfill_nodes(args)
+    except _Failed as e:
+        return _error(e.code, str(e), e.status)
+
+
+async def _backfill_nodes(args: argparse.Namespace) -> int:
+    nodes: dict[str, tuple[str, int]] = {}
+    for name in args.http:
+        try:
+            nodes[name] = parse_address(name, "http")
+        except ConfigError as e:
+            return _error("bad_request", str(e), EXIT_USAGE)
+    # Which groups each node hosts; as few nodes as cover every group, in the order given.
+    total, chosen, covered = 0, [], set[str]()
+    for name, address in nodes.items():
+        now = await _call(address, name, "GET", "/admin/postgres")
+        total = max(total, now["groups"])
+        hosted = {str(g) for g in now["hosted"]}
+        if hosted - covered:
+            chosen.append(name)
+            covered |= hosted
+    missing = sorted(set(range(total)) - {int(g) for g in covered})
+    if missing:
+        return _error(
+            "bad_request",
+            f"groups {missing} are hosted on none of the nodes given: add the --http of nodes "
+            "that host them (nothing was reset)",
+            EXIT_USAGE,
         )
-    except (OSError, TimeoutError, ValueError, h11.ProtocolError) as e:
-        return _error("unavailable", f"cannot reach {args.http}: {e}", EXIT_CONNECT)
-    if status == 404:
-        return _error("bad_request", f"{args.http}: the node has no postgres_dsn", EXIT_ANSWER)
-    if status != 202:
-        return _error("internal", f"{args.http}: answered {status}: {started}", EXIT_ANSWER)
-    emit({"started": True, "groups": started["groups"], "node": started["node"]})
-    before: dict[str, int] = started["epochs"]
+    before: dict[str, dict[str, int]] = {}  # node -> group -> its epoch before the reset
+    ids = []
+    for name in chosen:
+        started = await _call(nodes[name], name, "POST", "/admin/postgres/backfill")
+        before[name] = started["epochs"]
+        ids.append(started["node"])
+    emit({"started": True, "groups": total, "nodes": ids})
     deadline = time.monotonic() + args.timeout
     last_print = 0.0
     while True:
-        try:
-            status, now = await asyncio.wait_for(
-                http_call(address, "GET", "/admin/postgres"), CONNECT_TIMEOUT_S
-            )
-        except (OSError, TimeoutError, ValueError, h11.ProtocolError) as e:
-            return _error("unavailable", f"{args.http}: {e}", EXIT_CONNECT)
-        if status != 200:
-            return _error("internal", f"{args.http}: answered {status}: {now}", EXIT_ANSWER)
-        reset = sum(now["epochs"].get(g, 0) > e for g, e in before.items())
-        if reset == len(before) and now["backfill_rows"] == 0:
-            emit({"done": True, "groups": reset})
+        reset, rows = set(), 0
+        for name in chosen:
+            now = await _call(nodes[name], name, "GET", "/admin/postgres")
+            epochs = now["epochs"]
+            reset |= {g for g, e in before[name].items() if epochs.get(g, 0) > e}
+            rows += now["backfill_rows"]
+        if len(reset) == total and rows == 0:
+            emit({"done": True, "groups": total})
             return 0
         if time.monotonic() - last_print >= 1.0:
             last_print = time.monotonic()
-            emit({"groups_reset": reset, "backfill_rows": now["backfill_rows"]})
+            emit({"groups_reset": len(reset), "backfill_rows": rows})
         if time.monotonic() > deadline:
             return _error("timeout", f"not done after {args.timeout:g} s", EXIT_ANSWER)
         await asyncio.sleep(0.2)

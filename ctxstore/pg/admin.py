@@ -1,13 +1,18 @@
 """The write-behind's operator endpoints on the ops port (installed with postgres_dsn):
 
-    GET  /admin/postgres            200 the flusher's state and, for every group, its epoch and
-                                    what waits (from this node's applied, replicated state)
+    GET  /admin/postgres            200 the flusher's state and, for every group hosted here,
+                                    its epoch and what waits (from this node's applied,
+                                    replicated state); ``groups``: the cluster's data groups
     POST /admin/postgres/backfill   202 proposes ``PostgresFlushed(reset=True)`` to every group
-                                    (forwarded to its leader): everything is copied again
+                                    hosted here (forwarded to its leader): everything is copied
+                                    again
 
-``ctxstore db backfill`` posts the reset, then polls the status until every group's epoch
-moved past the one it saw and ``backfill_rows`` is 0.  A reset is idempotent in effect (rows
-Postgres holds are skipped); the ops port, like /metrics, is for operators only.
+With more than three nodes a node hosts only some groups (design §5.6): ``ctxstore db backfill``
+asks the nodes it is given which groups they host, refuses (resetting nothing) unless they host
+every group together, posts the reset to as few of them as cover every group, then polls their
+status until every group's epoch moved past the one it saw and ``backfill_rows`` is 0.  A reset
+is idempotent in effect (rows Postgres holds are skipped); the ops port, like /metrics, is for
+operators only.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def status(node: Node) -> Answer:
     groups = node.data_groups()
     body: dict[str, Any] = {
         "node": node.settings.node_id,
+        "groups": node.settings.groups,
+        "hosted": sorted(groups),
         "connected": flusher.stats.connected,
         "last_error": flusher.stats.last_error,
         "led_backlog_rows": flusher.backlog_rows(),
@@ -61,7 +68,12 @@ def backfill(node: Node) -> Answer:
     for g in groups:
         node.router.submit_then(g, command, done)
     log.warning("postgres backfill: every group copies its history again (%d groups)", len(groups))
-    body = {"node": node.settings.node_id, "groups": len(groups), "epochs": epochs}
+    body = {
+        "node": node.settings.node_id,
+        "groups": len(groups),
+        "hosted": sorted(groups),
+        "epochs": epochs,
+    }
     return 202, JSON, msgspec.json.encode(body)
 
 

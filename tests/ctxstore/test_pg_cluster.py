@@ -338,7 +338,7 @@ def test_db_backfill_copies_the_whole_history_into_an_emptied_database(
             out, err = await child.communicate()
             assert child.returncode == 0, err.decode()
             lines = [json.loads(line) for line in out.decode().splitlines()]
-            assert lines[0] == {"started": True, "groups": 16, "node": 2}
+            assert lines[0] == {"started": True, "groups": 16, "nodes": [2]}
             assert lines[-1] == {"done": True, "groups": 16}
             await check_postgres(cluster, pg_dsn, load)
 

@@ -10,10 +10,14 @@ exactly once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from bench.nodestats import fetch_metrics
@@ -22,6 +26,7 @@ from ctxstore.placement import group_of
 from wire.client import connect
 
 from ..cluster.test_scale_out import GROUPS, admin, hosts_exactly, settled, until, view
+from .pgdb import fetch
 from .test_e2e import read_all
 from .test_pg_cluster import (
     FAST,
@@ -120,3 +125,59 @@ def test_groups_moving_between_nodes_keep_postgres_exact(tmp_path: Path, pg_dsn:
 
 async def scrape_alive(cluster: LocalCluster, gone: frozenset[int]) -> list[dict[str, float]]:
     return [await fetch_metrics(c.ops_target) for i, c in cluster.children.items() if i not in gone]
+
+
+async def db_backfill(*targets: str) -> tuple[int, list[Any], str]:
+    command = [sys.executable, "-m", "ctxstore", "db", "backfill", "--timeout", "60"]
+    for t in targets:
+        command += ["--http", t]
+    child = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await child.communicate()
+    assert child.returncode is not None
+    return child.returncode, [json.loads(x) for x in out.decode().splitlines()], err.decode()
+
+
+def test_db_backfill_with_groups_on_3_of_4_nodes(tmp_path: Path, pg_dsn: str) -> None:
+    """A node hosts 12 of the 16 groups: a backfill through it alone would leave 4 groups'
+    history out, so it is refused (nothing reset); through nodes that host every group
+    together it resets each group and copies the whole history again."""
+
+    async def main() -> None:
+        extra = [*FAST, *MOVES, "--postgres-dsn", pg_dsn, "--tail-messages-max", "5"]
+        cluster = LocalCluster(4, str(tmp_path), extra_args=extra)
+        await cluster.start()
+        try:
+            async with await connect(cluster.targets) as c:
+                for sid in SESSIONS:
+                    await c.create_session("user", "agent", {"sid": sid}, sid)
+            load = Load(cluster)
+            await load.wait(600)
+            await load.stop()
+            await wait_caught_up(pg_dsn, len(load.acks))
+            await asyncio.sleep(0.5)  # the last watermarks
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                await conn.execute("TRUNCATE messages, sessions, read_cursors")
+            finally:
+                await conn.close()
+            hosted = {i: len((await view(cluster, i))["local"]["hosted"]) for i in cluster.children}
+            assert sum(hosted.values()) == 3 * GROUPS  # each group on 3 of the 4
+            few = min(hosted, key=hosted.__getitem__)  # it hosts at most 12 of the 16
+            status, lines, err = await db_backfill(cluster.children[few].ops_target)
+            assert status == 2 and lines == [], (status, lines, err)
+            assert "hosted on none of the nodes given" in err
+            await asyncio.sleep(1.0)
+            assert (await fetch(pg_dsn, "SELECT count(*) FROM messages"))[0][0] == 0
+            order = [few, *(i for i in cluster.children if i != few)]
+            status, lines, err = await db_backfill(*(cluster.children[i].ops_target for i in order))
+            assert status == 0, err
+            # the groups missing from ``few`` are on each of the others: the next one is enough
+            assert lines[0] == {"started": True, "groups": GROUPS, "nodes": order[:2]}
+            assert lines[-1] == {"done": True, "groups": GROUPS}
+            await check_postgres(cluster, pg_dsn, load)
+        finally:
+            await cluster.stop()
+
+    run(main(), timeout_s=180)
