@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import sys
@@ -26,6 +27,7 @@ from bench.nodestats import fetch_metrics
 from ctxstore import records
 from ctxstore.launcher import LocalCluster
 from ctxstore.pg import rows
+from ctxstore.pg.flusher import BACKOFF_MIN_S
 from wire.client import Client, ClientError, connect
 from wire.protocol import Message
 
@@ -228,6 +230,10 @@ def test_a_postgres_outage_under_load_loses_and_duplicates_nothing(
             assert sum(m["ctxstore_postgres_backlog_rows"] for m in metrics) > 500
             assert max(m["ctxstore_postgres_lag_seconds"] for m in metrics) > 1
             assert sum(m["ctxstore_postgres_flush_failures_total"] for m in metrics) > 0
+            # retried with backoff (doubling from BACKOFF_MIN_S, jittered down to half): at most
+            # about log2 of the outage's length in tries, not one every BACKOFF_MIN_S
+            tries = 3 + math.log2((time.monotonic() - cut_time) / (BACKOFF_MIN_S / 2) + 1)
+            assert max(m["ctxstore_postgres_flush_failures_total"] for m in metrics) <= tries
             for child in cluster.children.values():
                 host, port = child.ops_target.rsplit(":", 1)
                 ready = await http_get((host, int(port)), "/health/ready")
