@@ -66,6 +66,25 @@ MIGRATIONS: tuple[Migration, ...] = (
         "structured messages: role and parts",
         ("ALTER TABLE messages ADD COLUMN role text, ADD COLUMN parts jsonb",),
     ),
+    Migration(
+        3,
+        "agents (header names only)",
+        (
+            "CREATE TABLE agents ("
+            " id text PRIMARY KEY,"
+            " url text NOT NULL,"
+            " header_names text[] NOT NULL,"
+            " timeout_ms integer NOT NULL,"
+            " idle_timeout_ms integer NOT NULL,"
+            " debounce_ms integer NOT NULL,"
+            " history text NOT NULL,"
+            " max_attempts integer NOT NULL,"
+            " status text NOT NULL,"
+            " protocol text NOT NULL,"
+            " source_index bigint NOT NULL,"
+            " updated_at timestamptz NOT NULL DEFAULT now())",
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 
