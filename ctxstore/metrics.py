@@ -608,6 +608,11 @@ class NodeCollector(Collector):
             "Of those, rows Postgres did not have yet.",
             st.messages_inserted,
         )
+        yield _counter(
+            "ctxstore_postgres_agent_rows_total",
+            "Agent rows written to Postgres (by this node as their group's leader).",
+            st.agents,
+        )
         yield _counter("ctxstore_postgres_flush_seconds_total",
                        "Time spent in flush transactions.", st.seconds_total)  # fmt: skip
         yield _counter(

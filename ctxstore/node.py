@@ -291,12 +291,16 @@ class Node:
 
     def on_agent(self, agent_id: str) -> None:
         self.dispatcher.on_agent(agent_id)
+        if self.postgres is not None:
+            self.postgres.on_agent()
 
     def _snapshot_installed(self, group: int, index: int) -> None:
         self._archive_tails(group, index)
         self.subscriptions.on_restore(group)
         self.inboxes.on_group_replaced(group)
         self.dispatcher.on_agent("")  # its agents were replaced too
+        if self.postgres is not None:
+            self.postgres.on_agent()
         self.backfill.kick()
 
     def _archive_tails(self, group: int, index: int) -> None:

@@ -27,6 +27,18 @@ Rules of this file:
 - A hole below the hot tail that the archive cannot fill: the rows a peer is still copying to
   this node (backfill ranges) are waited for; rows that no longer exist here (deleted by a
   retention limit before Postgres was configured) are skipped, counted (``skipped``) and logged.
+- Agents (the registry, docs/agents.md) are not in the watermarks: the registry is small, so
+  each flush compares the agents of the groups this node leads with what this node last wrote
+  of them *as their leader* (``_agents_written``: the records, in memory, per group and
+  (term, epoch)), and writes those that differ, at most ``AGENTS_PER_FLUSH`` (the rest: the
+  next flush, which starts at once), in the flush's transaction.  A new term (this node became
+  leader again) or a new epoch (a backfill's reset) starts that memory over: every agent of the
+  group is written once.  The registry is listed only when an agent changed here
+  (``on_agent``) or such a memory started over.  Each row carries ``source_index``, the
+  group's applied raft index when the state was read (an agent lives in one group, and there
+  the applied index orders the states), and the upsert only replaces a row of a lower one: a
+  deposed leader still flushing cannot put back an older agent over a newer one.  A header's
+  value (credentials) is never copied: its name only.
 - Schema migrations (``schema.migrate``) run at the first connection, before any flush.
 """
 
@@ -49,13 +61,16 @@ from raft.errors import RaftError
 from ..archive import Archive
 from ..commands import PostgresFlushed, encode_command
 from ..history import message_bytes
-from ..records import StoredMessage
+from ..placement import group_of
+from ..records import AgentRecord, StoredMessage
 from ..state import ConversationState
 from . import schema
 from .rows import (
+    AGENT_COLUMNS,
     CURSOR_COLUMNS,
     MESSAGE_COLUMNS,
     SESSION_COLUMNS,
+    agent_record,
     cursor_records,
     message_record,
     session_record,
@@ -64,6 +79,7 @@ from .rows import (
 log = logging.getLogger(__name__)
 
 FLUSH_BYTES_MAX = 32 * 1024 * 1024  # message bytes (history.message_bytes) of one transaction
+AGENTS_PER_FLUSH = 1000  # agent rows of one transaction (each at most ~6.5 KiB)
 MARKS_PER_COMMAND = 1000  # watermarks per PostgresFlushed entry (<= ~150 KiB)
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -86,6 +102,7 @@ TEMP_TABLES = (
     "CREATE TEMP TABLE flush_sessions (LIKE sessions) ON COMMIT DELETE ROWS",
     "CREATE TEMP TABLE flush_messages (LIKE messages) ON COMMIT DELETE ROWS",
     "CREATE TEMP TABLE flush_cursors (LIKE read_cursors) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE flush_agents (LIKE agents INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
 )
 INSERT_SESSIONS = (
     "INSERT INTO sessions SELECT * FROM flush_sessions ON CONFLICT (id) DO UPDATE"
@@ -97,6 +114,18 @@ INSERT_CURSORS = (
     " DO UPDATE SET last_read_seq = EXCLUDED.last_read_seq"
     " WHERE read_cursors.last_read_seq < EXCLUDED.last_read_seq"
 )
+# Only over a row read at a lower applied index of the agent's group (a newer state).
+INSERT_AGENTS = (
+    "INSERT INTO agents SELECT * FROM flush_agents ON CONFLICT (id) DO UPDATE SET"
+    " url = EXCLUDED.url, header_names = EXCLUDED.header_names,"
+    " timeout_ms = EXCLUDED.timeout_ms, idle_timeout_ms = EXCLUDED.idle_timeout_ms,"
+    " debounce_ms = EXCLUDED.debounce_ms, history = EXCLUDED.history,"
+    " max_attempts = EXCLUDED.max_attempts, status = EXCLUDED.status,"
+    " protocol = EXCLUDED.protocol, source_index = EXCLUDED.source_index,"
+    " updated_at = EXCLUDED.updated_at"
+    " WHERE agents.source_index < EXCLUDED.source_index"
+)
+_ALL = 1 << 62  # list_agents' limit for the whole registry of this node's groups
 
 
 @dataclass(frozen=True)
@@ -119,6 +148,7 @@ class FlusherStats:
     messages_inserted: int = 0  # of those, rows Postgres did not have
     sessions: int = 0
     cursors: int = 0
+    agents: int = 0  # agent rows written (including those a newer row kept out)
     failures: int = 0  # flushes that failed (Postgres down, refusing, too slow)
     skipped: int = 0  # messages no longer on this node when their turn came
     seconds_total: float = 0.0  # time in flush transactions
@@ -132,6 +162,9 @@ class _Batch:
     sessions: list[tuple[Any, ...]] = field(default_factory=list)
     messages: list[tuple[Any, ...]] = field(default_factory=list)
     cursors: list[tuple[Any, ...]] = field(default_factory=list)
+    agents: list[tuple[Any, ...]] = field(default_factory=list)
+    # (group, its (term, epoch) when read, the agent) of each row of ``agents``
+    agents_read: list[tuple[int, tuple[int, int], AgentRecord]] = field(default_factory=list)
     marks: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)
     epochs: dict[int, int] = field(default_factory=dict)  # group -> its epoch when read
     bytes: int = 0
@@ -167,6 +200,9 @@ class Flusher:
         self._caught_up_at = clock()  # wall time of the last flush that left nothing behind
         self._down_since: float | None = None
         self._warned_at = 0.0
+        # group this node leads -> ((term, epoch), agent id -> the agent as last written)
+        self._agents_written: dict[int, tuple[tuple[int, int], dict[str, AgentRecord]]] = {}
+        self._agents_dirty = True  # an agent may have changed since the registry was listed
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -205,6 +241,10 @@ class Flusher:
         self._applied_since += 1
         if self._applied_since == self.config.flush_rows:
             self._wake.set()
+
+    def on_agent(self) -> None:
+        """An agent was saved (any group), or a snapshot replaced a group's agents."""
+        self._agents_dirty = True
 
     def led_groups(self) -> list[int]:
         me, driver = self.node_id, self.driver
@@ -301,10 +341,16 @@ class Flusher:
         interval)."""
         started = self._clock()
         self._applied_since = 0
-        batch, more, drained = await self._collect()
-        if batch.rows:
-            t0 = time.perf_counter()
-            inserted = await asyncio.wait_for(self._write(batch), TRANSACTION_TIMEOUT_S)
+        try:
+            batch, more, drained = await self._collect()
+            t0, inserted = time.perf_counter(), 0
+            if batch.rows or batch.agents:
+                inserted = await asyncio.wait_for(self._write(batch), TRANSACTION_TIMEOUT_S)
+        except BaseException:
+            self._agents_dirty = True  # the agents it read may not be written: list them again
+            raise
+        if batch.rows or batch.agents:
+            self._wrote_agents(batch)
             s = self.stats
             s.seconds_total += time.perf_counter() - t0
             s.flushes += 1
@@ -312,6 +358,7 @@ class Flusher:
             s.messages_inserted += inserted
             s.sessions += len(batch.sessions)
             s.cursors += len(batch.cursors)
+            s.agents += len(batch.agents)
             s.connected = True
             await self._record(batch)
         if drained:
@@ -323,9 +370,10 @@ class Flusher:
         message (none left, none waiting for a peer's copy)."""
         batch = _Batch()
         rows_max, state = self.config.flush_rows, self.state
-        more = False
+        groups = self.led_groups()
+        more = self._collect_agents(batch, groups)
         drained = True
-        for group in self.led_groups():
+        for group in groups:
             batch.epochs[group] = state.postgres_epoch(group)
             for sid, changed, flushed, last in state.postgres_pending(group):
                 if batch.rows >= rows_max or batch.bytes >= FLUSH_BYTES_MAX:
@@ -350,6 +398,49 @@ class Flusher:
                     more = more or len(messages) >= max(1, room) or size >= budget
                 batch.marks.setdefault(group, []).append((sid, upto, changed))
         return batch, more, drained
+
+    def _collect_agents(self, batch: _Batch, groups: list[int]) -> bool:
+        """Into ``batch``: the agents of ``groups`` (led here) that differ from what this node
+        last wrote of them in the group's current (term, epoch), at most ``AGENTS_PER_FLUSH``;
+        whether some were left for the next flush.  No await: each group's agents are read as
+        of its applied index, the rows' ``source_index``."""
+        written, state, host = self._agents_written, self.state, self.driver.host
+        for g in [g for g in written if g not in groups]:
+            del written[g]  # led no more: a later leadership writes them all again
+        stale = False
+        applied: dict[int, int] = {}
+        for g in groups:
+            raft = host.node(g).raft
+            key = (raft.term, state.postgres_epoch(g))
+            applied[g] = raft.log.applied
+            if g not in written or written[g][0] != key:
+                written[g] = (key, {})
+                stale = True
+        count = state.group_count
+        if count is None or not written or not (stale or self._agents_dirty):
+            return False  # (leading no group: the registry is listed once it leads one)
+        self._agents_dirty = False
+        agents, _ = state.list_agents(None, _ALL)  # by id, this node's groups
+        for a in agents:
+            g = group_of(a.id, count)
+            entry = written.get(g)
+            if entry is None or entry[1].get(a.id) == a:
+                continue  # not led here; written as it is
+            if len(batch.agents) >= AGENTS_PER_FLUSH:
+                self._agents_dirty = True
+                return True
+            batch.agents.append(agent_record(a, applied[g]))
+            batch.agents_read.append((g, entry[0], a))
+        return False
+
+    def _wrote_agents(self, batch: _Batch) -> None:
+        """After the COMMIT: remember what was written (unless the group's leadership or epoch
+        changed meanwhile: then it is written again)."""
+        written = self._agents_written
+        for g, key, a in batch.agents_read:
+            entry = written.get(g)
+            if entry is not None and entry[0] == key:
+                entry[1][a.id] = a
 
     async def _messages(
         self, sid: str, after: int, last: int, limit: int, bytes_max: int
@@ -431,6 +522,11 @@ class Flusher:
                     "flush_cursors", records=batch.cursors, columns=CURSOR_COLUMNS
                 )
                 await conn.execute(INSERT_CURSORS)
+            if batch.agents:
+                await conn.copy_records_to_table(
+                    "flush_agents", records=batch.agents, columns=AGENT_COLUMNS
+                )
+                await conn.execute(INSERT_AGENTS)
         return inserted
 
     async def _record(self, batch: _Batch) -> None:
@@ -458,4 +554,4 @@ async def _init_connection(conn: Any) -> None:
         await conn.execute(statement)
 
 
-__all__ = ["FLUSH_BYTES_MAX", "Flusher", "FlusherStats", "PostgresConfig"]
+__all__ = ["AGENTS_PER_FLUSH", "FLUSH_BYTES_MAX", "Flusher", "FlusherStats", "PostgresConfig"]

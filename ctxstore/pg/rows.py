@@ -1,4 +1,8 @@
-"""Sessions, messages and read cursors as Postgres rows (the columns of ``schema``), and back.
+"""Sessions, messages, read cursors and agents as Postgres rows (the columns of ``schema``), and
+back.
+
+An agent's row holds the *names* of its request headers, never their values: headers typically
+carry credentials (``Authorization: Bearer ...``), and no secret is copied into Postgres.
 
 PostgreSQL's ``text`` and ``jsonb`` cannot hold the NUL character (U+0000), which a message may
 contain: it is stored as U+FFFD (the replacement character).  Everything else round-trips:
@@ -15,7 +19,7 @@ import msgspec
 
 from wire.protocol import Session
 
-from ..records import NO_PARTS, StoredMessage, decode_parts, encode_parts
+from ..records import NO_PARTS, AgentRecord, StoredMessage, decode_parts, encode_parts
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 NUL, REPLACEMENT = "\x00", "\ufffd"
@@ -30,6 +34,11 @@ MESSAGE_SELECT = ", ".join(
 )
 SESSION_COLUMNS = ("id", "user_id", "agent_id", "created_at", "metadata", "last_seq")
 CURSOR_COLUMNS = ("session_id", "user_id", "last_read_seq")
+# (and updated_at, the database's now() when the row is written: the table's default)
+AGENT_COLUMNS = (
+    "id", "url", "header_names", "timeout_ms", "idle_timeout_ms", "debounce_ms", "history",
+    "max_attempts", "status", "protocol", "source_index",
+)  # fmt: skip
 
 _encode_json = msgspec.json.Encoder().encode
 _JSON_NUL = b"\\u0000"
@@ -97,6 +106,16 @@ def cursor_records(session_id: str, cursors: dict[str, int]) -> list[tuple[Any, 
     return [(session_id, user_id, seq) for user_id, seq in cursors.items()]
 
 
+def agent_record(a: AgentRecord, source_index: int) -> tuple[Any, ...]:
+    """``a`` as read at the group's applied raft index ``source_index``: its header names
+    (sorted), not their values.  (Ids, URLs and header names are checked at the boundary: no
+    NUL.)"""
+    return (
+        a.id, a.url, sorted(a.headers), a.timeout_ms, a.idle_timeout_ms, a.debounce_ms, a.history,
+        a.max_attempts, a.status, a.protocol, source_index,
+    )  # fmt: skip
+
+
 def message_from_row(row: Any) -> StoredMessage:
     """A ``messages`` row (selected with ``MESSAGE_SELECT``) as a StoredMessage."""
     return StoredMessage(
@@ -116,10 +135,12 @@ def message_from_row(row: Any) -> StoredMessage:
 
 
 __all__ = [
+    "AGENT_COLUMNS",
     "CURSOR_COLUMNS",
     "MESSAGE_COLUMNS",
     "MESSAGE_SELECT",
     "SESSION_COLUMNS",
+    "agent_record",
     "cursor_records",
     "json_text",
     "message_from_row",

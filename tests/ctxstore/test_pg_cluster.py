@@ -29,7 +29,7 @@ from ctxstore.launcher import LocalCluster
 from ctxstore.pg import rows
 from ctxstore.pg.flusher import BACKOFF_MIN_S
 from ctxstore.placement import group_of
-from wire.client import Client, ClientError, connect
+from wire.client import Client, ClientError, agent, connect
 from wire.protocol import Message
 
 from ..cluster.proxy import LinkProxy
@@ -343,13 +343,18 @@ def test_db_backfill_copies_the_whole_history_into_an_emptied_database(
 
     async def main() -> None:
         async with cluster_with(tmp_path, pg_dsn, "--tail-messages-max", "5") as cluster:
+            agents = [f"agent-{i}" for i in range(8)]
+            async with await connect(cluster.targets) as c:
+                for i in agents:
+                    await c.create_agent(agent(i, f"https://agents.example/{i}"))
             load = Load(cluster)
             await load.wait(600)
             await load.stop()
             await wait_caught_up(pg_dsn, len(load.acks))
+            assert len(await fetch(pg_dsn, "SELECT id FROM agents")) == len(agents)
             conn = await asyncpg.connect(pg_dsn)
             try:
-                await conn.execute("TRUNCATE messages, sessions, read_cursors")
+                await conn.execute("TRUNCATE messages, sessions, read_cursors, agents")
             finally:
                 await conn.close()
             host, port = cluster.children[2].ops_target.rsplit(":", 1)
@@ -366,5 +371,83 @@ def test_db_backfill_copies_the_whole_history_into_an_emptied_database(
             assert lines[0] == {"started": True, "groups": 16, "nodes": [2]}
             assert lines[-1] == {"done": True, "groups": 16}
             await check_postgres(cluster, pg_dsn, load)
+            # each leader's first flush after it sees its group's reset writes the group's
+            # agents ("done" does not wait for them)
+            deadline = time.monotonic() + 10
+            while len(found := await fetch(pg_dsn, "SELECT id FROM agents")) < len(agents):
+                assert time.monotonic() < deadline, found
+                await asyncio.sleep(0.1)
+            assert sorted(r[0] for r in found) == sorted(agents)
+
+    run(main())
+
+
+def test_a_new_leader_writes_its_groups_agents_once_and_they_converge(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Agents in Postgres through a leader change: the node leading the groups of most agents
+    is stopped; each new leader writes the agents of the groups it took once (its new term
+    starts its memory over), and no other agent is written again; an update afterwards
+    reaches the table; no header value is anywhere in the database."""
+    secret = "s3cr3t-Tok3n"
+
+    async def pg_agents() -> dict[str, tuple[Any, ...]]:
+        found = await fetch(pg_dsn, "SELECT id, url, header_names, status FROM agents")
+        return {r["id"]: (r["url"], r["header_names"], r["status"]) for r in found}
+
+    async def agent_rows(children: list[Any]) -> float:
+        total = 0.0
+        for child in children:
+            total += (await fetch_metrics(child.ops_target))["ctxstore_postgres_agent_rows_total"]
+        return total
+
+    async def main() -> None:
+        async with cluster_with(tmp_path, pg_dsn, *STILL) as cluster:
+            ids = [f"agent-{i}" for i in range(24)]
+            async with await connect(cluster.targets) as c:
+                for i in ids:
+                    headers = {"Authorization": f"Bearer {secret}", "X-Team": f"{secret}-{i}"}
+                    await c.create_agent(agent(i, f"https://agents.example/{i}", headers=headers))
+                leaders = (await c.get_routes()).leaders
+            deadline = time.monotonic() + 30
+            while len(await pg_agents()) < len(ids):
+                assert time.monotonic() < deadline, "the agents did not reach Postgres"
+                await asyncio.sleep(0.1)
+            assert await agent_rows(list(cluster.children.values())) == len(ids)  # once each
+            victim = max(
+                set(leaders) - {0}, key=lambda n: sum(leaders[group_of(i, 16)] == n for i in ids)
+            )
+            moved = [i for i in ids if leaders[group_of(i, 16)] == victim]
+            assert moved
+            survivors = [x for k, x in cluster.children.items() if k != victim]
+            before = await agent_rows(survivors)
+            await cluster.stop_node(victim)
+            deadline = time.monotonic() + 30
+            while await agent_rows(survivors) < before + len(moved):
+                assert time.monotonic() < deadline, "the new leaders did not write the agents"
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # 10 flush intervals: nothing more
+            assert await agent_rows(survivors) == before + len(moved)
+
+            async with await connect([x.target for x in survivors]) as c:
+                changed = agent(moved[0], "https://moved.example/x", headers={"X-New": secret})
+                await c.update_agent(changed)
+                disabled = (await c.disable_agent(moved[-1])).agent
+            expected = {
+                i: (f"https://agents.example/{i}", ["Authorization", "X-Team"], "active")
+                for i in ids
+            }
+            expected[changed.id] = ("https://moved.example/x", ["X-New"], "active")
+            expected[disabled.id] = (disabled.url, sorted(disabled.headers), "disabled")
+            deadline = time.monotonic() + 30
+            while (got := await pg_agents()) != expected:
+                assert time.monotonic() < deadline, (got, expected)
+                await asyncio.sleep(0.1)
+            tables = await fetch(
+                pg_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            )
+            for (table,) in tables:  # no header value in any row of any table
+                sql = f'SELECT count(*) FROM "{table}" t WHERE t::text LIKE $1'
+                assert (await fetch(pg_dsn, sql, f"%{secret}%"))[0][0] == 0, table
 
     run(main())
