@@ -16,6 +16,12 @@ Rules of this module:
   age (``inserted_at`` older than ``max_age_s``), so a reader sees one history whichever part
   of the node holds it.
 - Pages are bounded by ``limit`` messages and about ``bytes_max`` bytes (at least one message).
+- With ``older`` (``postgres_serve_history``: ``ctxstore/pg/history.py``) retention limits what
+  the node keeps, not what it serves: nothing is hidden by count or age, and a range the archive
+  lacks (retention deleted it, always below the Postgres watermark) is paged from ``older``,
+  then merged with what the node still holds.  A range ``older`` does not hold either is a gap
+  as before; ``older`` failing (Postgres down, slow, not connected yet) is
+  ``HistoryUnavailable`` (retryable), never a gap: the rows are there, only not reachable now.
 - A session whose group is not hosted here (never, or no longer: the node left the group and
   dropped it, ctxstore/retire.py) is unknown: ``None``, even for a read that was waiting for
   the archive when the group left.
@@ -24,7 +30,7 @@ Rules of this module:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal, NamedTuple
 
 from .archive import Archive, Retention
@@ -32,6 +38,11 @@ from .records import StoredMessage
 from .state import ConversationState, message_bytes
 
 PAGE_BYTES_MAX = 1024 * 1024
+
+# (session_id, after_seq, to_seq, limit, bytes_max) -> the messages after ``after_seq`` up to
+# ``to_seq`` with consecutive seqs from the first one it holds (or []), at most ``limit`` and
+# about ``bytes_max`` bytes; raises HistoryUnavailable when it cannot answer now.
+OlderSource = Callable[[str, int, int, int, int], Awaitable[list[StoredMessage]]]
 
 
 class HistoryUnavailable(Exception):
@@ -79,6 +90,7 @@ class History:
         self.clock_ms = clock_ms
         self.archive_reads = 0  # pages that needed the archive
         self.archive_barriers = 0  # of those, found a hole and waited for the archive's queue
+        self.older: OlderSource | None = None  # what the archive lacks (postgres_serve_history)
 
     def _gap_reason(self) -> str:
         r = self.retention
@@ -86,7 +98,13 @@ class History:
 
     def _age_cut_ms(self) -> int | None:
         age = self.retention.max_age_s
-        return None if age is None else self.clock_ms() - int(age * 1000)
+        if age is None or self.older is not None:
+            return None
+        return self.clock_ms() - int(age * 1000)
+
+    def _keep(self) -> int | None:
+        """The newest messages retention lets a reader see (None: all)."""
+        return None if self.older is not None else self.retention.max_messages
 
     def read_tail(
         self, session_id: str, after_seq: int, limit: int, bytes_max: int = PAGE_BYTES_MAX
@@ -94,7 +112,7 @@ class History:
         """``read`` without awaiting, when the hot tail alone serves the page (the common case:
         a reader near the end): the page, or why not (then ``read``, unless the session is
         unknown)."""
-        if self.retention.max_age_s is not None:
+        if self._age_cut_ms() is not None:
             return TailMiss.NEEDS_READ
         r = self.state.read(session_id, after_seq, limit)
         if r is None:
@@ -102,7 +120,7 @@ class History:
         last_seq = r.last_seq
         if after_seq >= last_seq:
             return Page([], None, last_seq)
-        keep = self.retention.max_messages
+        keep = self._keep()
         if after_seq + 1 < r.first_seq or (keep is not None and after_seq < last_seq - keep):
             return TailMiss.NEEDS_READ
         return Page(_capped(r.messages, bytes_max), None, last_seq)
@@ -147,7 +165,7 @@ class History:
         if after_seq >= last_seq:
             return Page([], None, last_seq)
         start = after_seq + 1
-        keep = self.retention.max_messages
+        keep = self._keep()
         if keep is not None:
             start = max(start, last_seq - keep + 1)  # deleted by count, wherever it is held
         messages: list[StoredMessage] = []
@@ -155,6 +173,11 @@ class History:
             messages = await self._from_archive(
                 session_id, start, head.first_seq - 1, limit, bytes_max
             )
+            if self.older is not None and (not messages or messages[0].seq > start):
+                hole_to = messages[0].seq - 1 if messages else head.first_seq - 1
+                messages = await self._from_older(
+                    session_id, start, hole_to, messages, limit, bytes_max
+                )
             if self.state.last_seq(session_id) is None:
                 return None  # its group left this node meanwhile: not served here any more
             start = messages[0].seq if messages else head.first_seq
@@ -189,6 +212,34 @@ class History:
         r = self.state.read(session_id, after, limit)
         return [] if r is None else _capped(r.messages, bytes_max)
 
+    async def _from_older(
+        self,
+        session_id: str,
+        start: int,
+        hole_to: int,
+        held: list[StoredMessage],
+        limit: int,
+        bytes_max: int,
+    ) -> list[StoredMessage]:
+        """``start..hole_to``, which the archive lacks, from ``older`` (from the first seq it
+        holds: what it lacks before is the page's gap), followed by ``held`` (the archive's
+        messages from ``hole_to + 1``) as far as the page has room; ``held`` alone when
+        ``older`` holds none of the range."""
+        assert self.older is not None
+        older = await self.older(session_id, start - 1, hole_to, limit, bytes_max)
+        older = [m for m in older if start <= m.seq <= hole_to]
+        if not older:
+            return held
+        for i in range(1, len(older)):
+            if older[i].seq != older[i - 1].seq + 1:
+                older = older[:i]
+                break
+        older = _capped(older[:limit], bytes_max)
+        room = bytes_max - sum(map(message_bytes, older))
+        if older[-1].seq != hole_to or room <= 0 or len(older) >= limit:
+            return older
+        return older + _capped(held[: limit - len(older)], room)
+
     async def _from_archive(
         self, session_id: str, start: int, to_seq: int, limit: int, bytes_max: int
     ) -> list[StoredMessage]:
@@ -220,4 +271,12 @@ def _complete(rows: list[StoredMessage], start: int) -> bool:
     return bool(rows) and rows[0].seq == start and rows[-1].seq - start + 1 == len(rows)
 
 
-__all__ = ["PAGE_BYTES_MAX", "History", "HistoryUnavailable", "Page", "TailMiss", "message_bytes"]
+__all__ = [
+    "PAGE_BYTES_MAX",
+    "History",
+    "HistoryUnavailable",
+    "OlderSource",
+    "Page",
+    "TailMiss",
+    "message_bytes",
+]

@@ -627,6 +627,22 @@ class NodeCollector(Collector):
                 "Messages this node's archive copied from Postgres (postgres_serve_history).",
                 history.rows_served,
             )
+            yield _counter(
+                "ctxstore_postgres_history_reads_total",
+                "Read pages of history this node's archive no longer held, answered from"
+                " Postgres (postgres_serve_history).",
+                history.reads,
+            )
+            yield _counter(
+                "ctxstore_postgres_history_read_rows_total",
+                "Messages in those pages.",
+                history.read_rows,
+            )
+            yield _counter(
+                "ctxstore_postgres_history_read_failures_total",
+                "Reads Postgres could not answer in time (answered unavailable).",
+                history.read_failures,
+            )
 
     def _raft(self) -> Iterator[Metric]:
         node = self.metrics.node

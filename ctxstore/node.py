@@ -242,8 +242,12 @@ class Node:
             if s.postgres_serve_history:
                 from .pg.history import PostgresHistory
 
-                self.postgres_history = PostgresHistory(self.postgres)
+                # (a read's query ends well within the request's deadline: ``unavailable``)
+                self.postgres_history = PostgresHistory(
+                    self.postgres, read_timeout_s=min(10.0, s.request_timeout_s / 2)
+                )
                 self.backfill.source = self.postgres_history.fetch
+                self.history.older = self.postgres_history.read
         self.dispatcher = Dispatcher(
             s.node_id, self.state, self.router, self.group_leader, s.groups, self.history,
             self.subscriptions, self.counters, now_ms, self.window_cache,

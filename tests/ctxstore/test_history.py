@@ -133,6 +133,89 @@ def test_retention_by_count_and_age_shows_as_one_gap(tmp_path: Path) -> None:
     run(main())
 
 
+class Older:
+    """``History.older`` as Postgres would answer: every message evicted so far (``keep``),
+    in pages; ``down``: it cannot answer."""
+
+    def __init__(self, f: Feed) -> None:
+        self.rows: dict[int, StoredMessage] = {}
+        self.calls: list[tuple[int, int, int]] = []
+        self.down = False
+        evict = f.on_evict
+
+        def keep(group: int, index: int, message: StoredMessage) -> None:
+            self.rows[message.seq] = message
+            evict(group, index, message)
+
+        f.on_evict = keep  # type: ignore[method-assign]
+        f.history.older = self.read
+
+    async def read(
+        self, sid: str, after: int, to_seq: int, limit: int, bytes_max: int
+    ) -> list[StoredMessage]:
+        self.calls.append((after, to_seq, limit))
+        if self.down:
+            raise HistoryUnavailable("Postgres did not answer")
+        out: list[StoredMessage] = []
+        for seq in range(after + 1, to_seq + 1):
+            if seq in self.rows:
+                out.append(self.rows[seq])
+            elif out:
+                break
+            if len(out) == limit:
+                break
+        return out
+
+
+def test_with_older_retention_deleted_history_comes_from_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = Feed(tmp_path, retention=Retention(max_messages=30))
+        older = Older(f)
+        await f.archive.start()
+        f.run(c.CreateSession("s", "u", "a", {}, 1))
+        f.append("s", 100)  # the tail: 91..100; the archive keeps 30 of its own: 61..90
+        await f.archive.barrier()
+        assert [m.seq for m in await f.archive.read("s", 0, 100)] == list(range(61, 91))
+        got = await f.all("s")
+        assert seqs(got) == list(range(1, 101))  # retention hides nothing: no gap
+        assert got[:90] == [older.rows[s] for s in range(1, 91)]
+        assert all(a >= 0 and to == 60 for a, to, _ in older.calls)  # only what the archive lacks
+        # a page that starts in Postgres goes on in the archive, then the tail
+        page = await f.history.read("s", 55, 40)
+        assert page is not None and page.gap is None
+        assert [m.seq for m in page.messages] == list(range(56, 96))
+        page = await f.history.read("s", 0, 50, bytes_max=1)  # about 1 byte: one message
+        assert page is not None and [m.seq for m in page.messages] == [1]
+        # what Postgres lacks too is a gap, as without it
+        for s in (*range(1, 11), 30, 31):
+            del older.rows[s]
+        assert seqs(await f.all("s")) == [
+            (1, 10, "retention"),
+            *range(11, 30),
+            (30, 31, "retention"),
+            *range(32, 101),
+        ]
+        # Postgres down: unavailable (never a gap); what this node holds is still served
+        older.down = True
+        with pytest.raises(HistoryUnavailable):
+            await f.history.read("s", 20, 10)
+        assert seqs(await f.all("s", after=70)) == list(range(71, 101))
+        await f.archive.stop()
+
+        g = Feed(tmp_path / "age", retention=Retention(max_age_s=20))
+        (tmp_path / "age").mkdir()
+        Older(g)
+        await g.archive.start()
+        g.run(c.CreateSession("s", "u", "a", {}, 1))
+        g.append("s", 40)
+        g.now += 100_000  # every message is older than max_age_s: hidden only without older
+        assert seqs(await g.all("s")) == list(range(1, 41))
+        assert g.history.read_tail("s", 35, 10) != TailMiss.NEEDS_READ
+        await g.archive.stop()
+
+    run(main())
+
+
 def test_a_range_being_copied_from_a_peer_is_unavailable_not_a_gap(tmp_path: Path) -> None:
     async def main() -> None:
         f = Feed(tmp_path)
