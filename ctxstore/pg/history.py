@@ -8,7 +8,9 @@ Postgres (``read``, for ``History``), a page at a time.
 ``read`` is bounded: ``limit`` rows and about ``bytes_max`` bytes (the query stops adding rows
 once their content, metadata and parts pass it), within ``read_timeout_s`` for the pool and the
 query together (below the request deadline); a connection whose query was cut short is closed,
-not waited for.  It raises ``HistoryUnavailable`` when Postgres
+not waited for.  At most ``pool_size - 1`` reads hold a connection at once (1 with a pool of
+one), so that reads never take every connection from the flusher; the others wait, within
+their timeout.  It raises ``HistoryUnavailable`` when Postgres
 cannot answer (not connected, down, slow): the caller answers ``unavailable``, never a gap.
 
 Only what Postgres holds is served: rows with consecutive seqs from the first one asked for; a
@@ -56,6 +58,7 @@ class PostgresHistory:
         self.pages = 0
         self._wait_s = POOL_WAIT_S
         self.read_timeout_s = read_timeout_s
+        self._readers = asyncio.Semaphore(max(1, flusher.config.pool_size - 1))
         self.reads = 0  # ``read`` pages Postgres answered
         self.read_rows = 0  # messages they held
         self.read_failures = 0  # ``read`` calls Postgres could not answer
@@ -71,18 +74,19 @@ class PostgresHistory:
                 pool = await self._flusher.wait_pool(self.read_timeout_s)
                 if pool is None:
                     raise HistoryUnavailable("Postgres is not connected")
-                conn = await pool.acquire()
-                try:
-                    found = await conn.fetch(
-                        SELECT_READ, session_id, after_seq, to_seq, max(1, limit), bytes_max
-                    )
-                except BaseException:
-                    # cut short (the timeout): close it rather than wait, in ``release``, for
-                    # the statement's cancellation, which a black-holed server never answers
-                    conn.terminate()
-                    raise
-                finally:
-                    await pool.release(conn)
+                async with self._readers:
+                    conn = await pool.acquire()
+                    try:
+                        found = await conn.fetch(
+                            SELECT_READ, session_id, after_seq, to_seq, max(1, limit), bytes_max
+                        )
+                    except BaseException:
+                        # cut short (the timeout): close it rather than wait, in ``release``,
+                        # for the statement's cancellation (a black-holed server never answers)
+                        conn.terminate()
+                        raise
+                    finally:
+                        await pool.release(conn)
         except HistoryUnavailable:
             self.read_failures += 1
             raise
