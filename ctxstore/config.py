@@ -60,13 +60,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     # The client port's bounds (wire/aio.py, docs/ctxstore.md "Limits"): connections per node
     # (lowered at start to what the open-file limit leaves, node.client_connections_cap) and
     # per source address, the idle timeout, and the bytes a connection / all connections may
-    # hold for requests in flight and answers not yet written.
+    # hold for requests in flight and answers not yet written; the requests one connection
+    # hands on in one loop iteration (0: all it has read).
     client_connections_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
     client_connections_per_source_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
     client_idle_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
     client_write_stall_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 60.0
     connection_pending_bytes_max: Annotated[int, Meta(ge=16 * 1024 * 1024)] = 64 * 1024 * 1024
     node_pending_bytes_max: Annotated[int, Meta(ge=16 * 1024 * 1024)] = 256 * 1024 * 1024
+    client_requests_per_pass: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
     # The WebSockets at /v1/ws on the HTTP port (ctxstore/web.py, docs/web.md): a ping every
     # web_ping_interval_s; a peer silent (no message, no pong) for web_idle_timeout_s is closed.
     web_ping_interval_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
@@ -245,6 +247,9 @@ HELP: dict[str, str] = {
     "flight (each with a reserve for its answer) and answers it has not read; over it the node "
     "stops reading the connection",
     "node_pending_bytes_max": "the same, for all client connections together",
+    "client_requests_per_pass": "requests one client connection hands on in one event-loop "
+    "iteration at most (the rest in the next ones, reading paused meanwhile), so that other "
+    "connections' requests do not wait behind a burst; 0: no bound",
     "web_ping_interval_s": "seconds between the pings a WebSocket at /v1/ws is sent",
     "web_idle_timeout_s": "close a WebSocket from which nothing (a message, a pong) arrived "
     "for this many seconds, with 1001 (more than web_ping_interval_s)",

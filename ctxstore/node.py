@@ -878,5 +878,6 @@ async def serve_clients(handler: Handler, settings: Settings, host: str, port: i
         write_stall_timeout_s=settings.client_write_stall_timeout_s,
         connections_max=connections_max,
         connections_per_source_max=settings.client_connections_per_source_max,
+        requests_per_pass=settings.client_requests_per_pass,
         backlog=CLIENT_BACKLOG,
     )

@@ -190,10 +190,13 @@ class Server:
         write_stall_timeout_s: float,
         connections_max: int,
         connections_per_source_max: int,
+        requests_per_pass: int = 0,
     ) -> None:
         frame = max_frame_bytes + HEADER.size
         if max_in_flight < 1 or pending_bytes_max < 2 * frame:
             raise ValueError("max_in_flight >= 1 and pending_bytes_max >= two frames")
+        if requests_per_pass < 0:
+            raise ValueError("requests_per_pass >= 0 (0: no bound)")
         if node_pending_bytes_max < pending_bytes_max:
             raise ValueError("node_pending_bytes_max >= pending_bytes_max")
         if connections_max < 1 or connections_per_source_max < 1:
@@ -209,6 +212,11 @@ class Server:
         self.write_stall_timeout_s = write_stall_timeout_s
         self.connections_max = connections_max
         self.connections_per_source_max = min(connections_per_source_max, connections_max)
+        self.requests_per_pass = requests_per_pass
+        """Requests one connection hands to the handler in one loop iteration at most (0: all
+        it has read); the rest wait for the next iteration, with reading paused meanwhile, so
+        that one connection's burst does not make every other connection's request wait
+        behind it."""
         self.connections: set[Connection] = set()
         self.pending_bytes = 0
         """All connections' charges: requests in flight and the unwritten bytes of paused
@@ -333,6 +341,7 @@ async def serve(
     write_stall_timeout_s: float = 60.0,
     connections_max: int = 4096,
     connections_per_source_max: int = 1024,
+    requests_per_pass: int = 0,
     backlog: int = 1024,
 ) -> Server:
     """Listen on ``host:port`` (port 0: any free port, see ``Server.address``) or on ``sock``."""
@@ -348,6 +357,7 @@ async def serve(
         write_stall_timeout_s=write_stall_timeout_s,
         connections_max=connections_max,
         connections_per_source_max=connections_per_source_max,
+        requests_per_pass=requests_per_pass,
     )
     loop = asyncio.get_running_loop()
     if sock is not None:
@@ -394,6 +404,7 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._flush_scheduled = False
         self._pump_scheduled = False
+        self._yielded = False  # stopped at requests_per_pass: the next iteration goes on
         self._closing = False
         self._peer_eof = False
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -579,11 +590,14 @@ class Connection(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Hand the buffered requests to the handler, up to the bounds."""
-        if self._pumping or self.closed or self._closing:
+        if self._pumping or self._yielded or self.closed or self._closing:
             return
         self._pumping = True
         core = self.core
         server = self.server
+        per_pass = server.requests_per_pass
+        handed = 0
+        yielded = False
         max_in_flight = server.max_in_flight
         max_bytes = server.pending_bytes_max
         node_max_bytes = server.node_pending_bytes_max
@@ -610,6 +624,10 @@ class Connection(asyncio.Protocol):
                 if type(event) is RequestReceived:
                     server.pending_bytes += core.in_flight_bytes - before
                     self._dispatch(event.request)
+                    handed += 1
+                    if handed == per_pass:  # (never with 0: no bound)
+                        yielded = True
+                        break
                 elif type(event) is BadRequest:
                     logger.debug("%s: %s", self.peername, event.error.message)
                     self._flush_soon()
@@ -627,7 +645,17 @@ class Connection(asyncio.Protocol):
         finally:
             self._pumping = False
         self._blocked = blocked
+        if yielded and not (self.closed or self._closing):
+            self._yielded = True
+            self._loop.call_soon(self._pump_after_yield)
+            self._set_reading(False)
+            return
         self._set_reading(not blocked)
+
+    def _pump_after_yield(self) -> None:
+        """The next loop iteration's turn of a connection stopped at ``requests_per_pass``."""
+        self._yielded = False
+        self._pump()
 
     def _may_resume(self) -> bool:
         core = self.core

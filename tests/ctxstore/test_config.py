@@ -23,6 +23,8 @@ def test_defaults_make_a_single_node_cluster() -> None:
     assert s.node_id == 1 and s.peer_map == {} and s.groups == 256 and s.tokens == []
     assert s.wal_writer == "thread"
     assert load(environ={"CTXSTORE_WAL_WRITER": "inline"}).wal_writer == "inline"
+    assert s.client_requests_per_pass == 0  # no bound unless asked for
+    assert load(environ={"CTXSTORE_CLIENT_REQUESTS_PER_PASS": "8"}).client_requests_per_pass == 8
 
 
 def test_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -55,6 +57,7 @@ def test_peers_and_tokens_parse(tmp_path: Path) -> None:
         ({"heartbeat_ticks": 10}, "heartbeat_ticks"),
         ({"gc_young_threshold": 10}, "gc_young_threshold"),
         ({"wal_writer": "async"}, "wal_writer"),
+        ({"client_requests_per_pass": -1}, "client_requests_per_pass"),
     ],
 )
 def test_invalid_values_stop_start_up_naming_the_key(flags: dict[str, object], key: str) -> None:

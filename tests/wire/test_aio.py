@@ -801,3 +801,61 @@ def test_a_new_client_gets_its_welcome_while_the_node_bound_is_full(loop: LoopFa
             assert pongs(await asyncio.wait_for(late.events(1), 5)) == [2]
 
     run(main, loop)
+
+
+# -- requests_per_pass: one connection's burst does not hold the others back ----------------------
+
+
+class PassCountingHandler(StoreHandler):
+    """Counts the requests handed out in each loop iteration, per connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.this_pass: dict[Connection, int] = {}
+        self.most_per_pass = 0
+        self.order: list[Connection] = []
+
+    def on_request(self, conn: Connection, request: Request) -> Any:
+        if not self.this_pass:
+            asyncio.get_running_loop().call_soon(self.this_pass.clear)
+        count = self.this_pass[conn] = self.this_pass.get(conn, 0) + 1
+        self.most_per_pass = max(self.most_per_pass, count)
+        self.order.append(conn)
+        return super().on_request(conn, request)
+
+
+@pytest.mark.parametrize("per_pass", [0, 4])
+def test_requests_per_pass_bounds_a_burst_and_lets_another_connection_in(
+    loop: LoopFactory, per_pass: int
+) -> None:
+    async def main() -> None:
+        handler = PassCountingHandler()
+        async with await serve(handler, requests_per_pass=per_pass) as server:
+            bulk = await RawClient.open(server.address)
+            other = await RawClient.open(server.address)
+            await wait_until(lambda: len(server.connections) == 2)
+            bulk.send(*[Ping(rid) for rid in range(2, 402)])  # one write
+            other.send(Ping(2))
+            assert sorted(pongs(await bulk.events(400))) == list(range(2, 402))
+            assert pongs(await other.events(1)) == [2]
+            [bulk_conn] = [c for c in server.connections if handler.order.count(c) == 400]
+            [other_conn] = [c for c in server.connections if c is not bulk_conn]
+            if per_pass:
+                assert handler.most_per_pass == per_pass
+                # the other connection's ping was handed out long before the burst's last one
+                assert handler.order.index(other_conn) < 200
+            else:
+                assert handler.most_per_pass > 4  # the burst in one go: the test can fail
+            await wait_until(lambda: not bulk_conn._reading_paused and not bulk_conn._yielded)
+            bulk.send(Ping(500))  # reading resumed after the burst
+            assert pongs(await bulk.events(1)) == [500]
+
+    run(main, loop)
+
+
+def test_requests_per_pass_must_not_be_negative(loop: LoopFactory) -> None:
+    async def main() -> None:
+        with pytest.raises(ValueError, match="requests_per_pass"):
+            await serve(StoreHandler(), requests_per_pass=-1)
+
+    run(main, loop)
