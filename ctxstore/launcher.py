@@ -9,8 +9,10 @@ on stdout; the launcher waits for ``{"event": "ready"}`` (every group has a lead
 The nodes of a local cluster share this machine's cores, so they run the inline WAL writer
 (``--wal-writer inline``, ahead of ``extra_args``, which may override it): a node waiting for
 its fsync leaves the CPU to the others, and the writer thread's hand-offs would be pure cost
-(docs/benchmarks.md, "The WAL on the loop's thread").  A node on a machine of its own keeps the
-configuration's default, the writer thread.
+(docs/benchmarks.md, "The WAL on the loop's thread").  That buys appends per second, not
+latency: every read and chunk push waits behind the loop's fsyncs, so a latency measurement
+passes ``--wal-writer thread`` (docs/benchmarks.md, "Which levers move the latency goals").  A
+node on a machine of its own keeps the configuration's default, the writer thread.
 """
 
 from __future__ import annotations
