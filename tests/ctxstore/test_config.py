@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ import pytest
 
 from ctxstore.collector import tune_collector
 from ctxstore.config import ConfigError, load
+from ctxstore.node import serve_clients
+from wire.aio import BaseHandler
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -120,3 +123,16 @@ def test_auth_keys_come_from_the_environment_as_lists() -> None:
     s = load(environ=env)
     assert s.auth_mode == "jwt" and s.auth_jwt_secret == [f"k1={SECRET}", f"k2={SECRET}"]
     assert load(environ={}).auth_mode == "off"
+
+
+def test_the_client_port_gets_the_per_pass_bound() -> None:
+    async def main() -> None:
+        settings = load(flags={"client_requests_per_pass": 4}, environ={})
+        server = await serve_clients(BaseHandler(1, "c"), settings, "127.0.0.1", 0)
+        try:
+            assert server.requests_per_pass == 4
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
