@@ -13,9 +13,14 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
+
+from ..cluster.proxy import LinkProxy
 
 SERVER = os.environ.get("CTXSTORE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 _names = itertools.count()
@@ -135,3 +140,18 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@asynccontextmanager
+async def proxied(database_dsn: str) -> AsyncIterator[tuple[LinkProxy, str]]:
+    """A ``LinkProxy`` in front of the server of ``database_dsn`` (to cut, black-hole or heal
+    the link) and the DSN that goes through it."""
+    parts = urlsplit(database_dsn)
+    assert parts.hostname is not None and parts.port is not None
+    proxy = LinkProxy((parts.hostname, parts.port), "postgres")
+    host, port = await proxy.start()
+    user = f"{parts.username}@" if parts.username else ""
+    try:
+        yield proxy, parts._replace(netloc=f"{user}{host}:{port}").geturl()
+    finally:
+        await proxy.close()

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -32,8 +31,7 @@ from ctxstore.placement import group_of
 from wire.client import Client, ClientError, agent, connect
 from wire.protocol import Message
 
-from ..cluster.proxy import LinkProxy
-from .pgdb import fetch
+from .pgdb import fetch, proxied
 from .test_e2e import read_all
 from .test_ops import fetch as http_get
 
@@ -49,19 +47,6 @@ STILL = ("--balance-interval-s", "0")  # no leadership moves but the ones a test
 
 def run(coro: Coroutine[Any, Any, None], timeout_s: float = 120) -> None:
     uvloop.run(asyncio.wait_for(coro, timeout_s))
-
-
-@asynccontextmanager
-async def proxied(dsn: str) -> AsyncIterator[tuple[LinkProxy, str]]:
-    parts = urlsplit(dsn)
-    assert parts.hostname is not None and parts.port is not None
-    proxy = LinkProxy((parts.hostname, parts.port), "postgres")
-    host, port = await proxy.start()
-    user = f"{parts.username}@" if parts.username else ""
-    try:
-        yield proxy, parts._replace(netloc=f"{user}{host}:{port}").geturl()
-    finally:
-        await proxy.close()
 
 
 @asynccontextmanager

@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
@@ -25,7 +24,7 @@ from ctxstore.pg import rows, schema
 from ctxstore.placement import group_of
 from ctxstore.records import StoredMessage, decode_parts, encode_parts, message_to_wire
 
-from ..cluster.proxy import LinkProxy
+from . import pgdb
 from .pgdb import fetch
 
 GROUPS = 4
@@ -202,41 +201,34 @@ def test_an_outage_keeps_the_backlog_on_disk_and_drains_after(
     rows Postgres lacks), a warning is logged; healed, the table catches up exactly."""
 
     async def main() -> None:
-        parts = urlsplit(pg_dsn)
-        assert parts.hostname is not None and parts.port is not None
-        proxy = LinkProxy((parts.hostname, parts.port), "postgres")
-        host, port = await proxy.start()
-        proxied = parts._replace(netloc=f"postgres@{host}:{port}").geturl()
-        try:
-            async with node(tmp_path, proxied, tail_messages_max=3, retention_max_messages=5) as n:
-                flusher = n.postgres
-                assert flusher is not None
-                await create(n, "s")
-                await append(n, "s", "before")
-                await wait_flushed(n)
-                proxy.cut()
-                for k in range(40):
-                    await append(n, "s", f"during {k}")
-                await asyncio.sleep(0.5)
-                assert flusher.backlog_rows() == 40
-                assert flusher.stats.failures >= 1 and not flusher.stats.connected
-                assert flusher.lag_seconds() > 0.3
-                await n.archive.barrier()
-                # retention keeps 5 per session, but not past what Postgres lacks
-                kept = [m.seq for m in await n.archive.read("s", 0, 100)]
-                assert [s for s in kept if s >= 2] == list(range(2, 39))
-                proxy.heal()
-                await wait_flushed(n, timeout=40)
-                assert flusher.lag_seconds() == 0
-                got = await pg_messages(pg_dsn)
-                assert [m.seq for m in got] == list(range(1, 42))
-                assert [m.content for m in got[1:]] == [f"during {k}" for k in range(40)]
-                # drained: now retention deletes what Postgres holds
-                await append(n, "s", "after")
-                await n.archive.barrier()
-                assert len(await n.archive.read("s", 0, 100)) <= 5
-        finally:
-            await proxy.close()
+        tail = {"tail_messages_max": 3, "retention_max_messages": 5}
+        async with pgdb.proxied(pg_dsn) as (proxy, proxied), node(tmp_path, proxied, **tail) as n:
+            flusher = n.postgres
+            assert flusher is not None
+            await create(n, "s")
+            await append(n, "s", "before")
+            await wait_flushed(n)
+            proxy.cut()
+            for k in range(40):
+                await append(n, "s", f"during {k}")
+            await asyncio.sleep(0.5)
+            assert flusher.backlog_rows() == 40
+            assert flusher.stats.failures >= 1 and not flusher.stats.connected
+            assert flusher.lag_seconds() > 0.3
+            await n.archive.barrier()
+            # retention keeps 5 per session, but not past what Postgres lacks
+            kept = [m.seq for m in await n.archive.read("s", 0, 100)]
+            assert [s for s in kept if s >= 2] == list(range(2, 39))
+            proxy.heal()
+            await wait_flushed(n, timeout=40)
+            assert flusher.lag_seconds() == 0
+            got = await pg_messages(pg_dsn)
+            assert [m.seq for m in got] == list(range(1, 42))
+            assert [m.content for m in got[1:]] == [f"during {k}" for k in range(40)]
+            # drained: now retention deletes what Postgres holds
+            await append(n, "s", "after")
+            await n.archive.barrier()
+            assert len(await n.archive.read("s", 0, 100)) <= 5
         assert any("appends go on" in r.getMessage() for r in caplog.records)
 
     run(main(), timeout=90)
@@ -308,31 +300,23 @@ def test_a_black_holed_postgres_times_out_and_the_flusher_comes_back(
     monkeypatch.setattr(flusher_module, "CONNECT_TIMEOUT_S", 1.0)
 
     async def main() -> None:
-        parts = urlsplit(pg_dsn)
-        assert parts.hostname is not None and parts.port is not None
-        proxy = LinkProxy((parts.hostname, parts.port), "postgres")
-        host, port = await proxy.start()
-        proxied = parts._replace(netloc=f"postgres@{host}:{port}").geturl()
-        try:
-            async with node(tmp_path, proxied) as n:
-                flusher = n.postgres
-                assert flusher is not None
-                await create(n, "s")
-                await wait_flushed(n)
-                proxy.blackhole()
-                started = time.monotonic()
-                for k in range(20):
-                    await append(n, "s", f"during {k}")
-                assert time.monotonic() - started < 2  # appends never wait for Postgres
-                async with asyncio.timeout(10):
-                    while flusher.stats.failures < 2:
-                        await asyncio.sleep(0.05)
-                assert flusher.backlog_rows() == 20
-                proxy.heal()
-                await wait_flushed(n, timeout=30)
-                assert [m.seq for m in await pg_messages(pg_dsn)] == list(range(1, 21))
-        finally:
-            await proxy.close()
+        async with pgdb.proxied(pg_dsn) as (proxy, proxied), node(tmp_path, proxied) as n:
+            flusher = n.postgres
+            assert flusher is not None
+            await create(n, "s")
+            await wait_flushed(n)
+            proxy.blackhole()
+            started = time.monotonic()
+            for k in range(20):
+                await append(n, "s", f"during {k}")
+            assert time.monotonic() - started < 2  # appends never wait for Postgres
+            async with asyncio.timeout(10):
+                while flusher.stats.failures < 2:
+                    await asyncio.sleep(0.05)
+            assert flusher.backlog_rows() == 20
+            proxy.heal()
+            await wait_flushed(n, timeout=30)
+            assert [m.seq for m in await pg_messages(pg_dsn)] == list(range(1, 21))
 
     run(main(), timeout=60)
 

@@ -11,7 +11,6 @@ import asyncio
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -19,7 +18,7 @@ from ctxstore.node import Node
 from wire.client import Client, ClientError, connect
 from wire.protocol import GapEvent, Message
 
-from ..cluster.proxy import LinkProxy
+from . import pgdb
 from .test_ops import run, single_node
 from .test_pg_flusher import wait_flushed
 
@@ -167,12 +166,7 @@ def test_postgres_unreachable_answers_unavailable_within_the_deadline(
     healed, both get everything.  Refused (connections aborted): ``unavailable`` at once."""
 
     async def main() -> None:
-        parts = urlsplit(pg_dsn)
-        assert parts.hostname is not None and parts.port is not None
-        proxy = LinkProxy((parts.hostname, parts.port), "postgres")
-        host, port = await proxy.start()
-        proxied = parts._replace(netloc=f"postgres@{host}:{port}").geturl()
-        try:
+        async with pgdb.proxied(pg_dsn) as (proxy, proxied):
             config = settings(proxied, True, request_timeout_s=2.0)
             async with single_node(tmp_path, **config) as h:
                 n = h.node
@@ -217,7 +211,5 @@ def test_postgres_unreachable_answers_unavailable_within_the_deadline(
                     check(got, acks)
                 metrics = await h.scrape()
                 assert metrics["ctxstore_postgres_history_read_failures_total"] >= 2
-        finally:
-            await proxy.close()
 
     run(main(), timeout_s=120)
