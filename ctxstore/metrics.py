@@ -276,8 +276,13 @@ class NodeCollector(Collector):
         yield _counter("ctxstore_relay_served_total",
                        "Requests served here for another node.", relay.served_relays)  # fmt: skip
         yield _counter("ctxstore_relay_refused_total",
-                       "Requests from other nodes for a group not hosted here (asked on).",
+                       "Requests from other nodes for a group not hosted here, or that left "
+                       "here before they were proposed (asked on).",
                        relay.refused_relays)  # fmt: skip
+        yield _counter("ctxstore_relay_handed_on_total",
+                       "Requests whose group moved away while here, before anything of them "
+                       "was proposed here: relayed to its replicas.",
+                       service.handed_on)  # fmt: skip
         yield _counter("ctxstore_relay_streams_resumed_total",
                        "Relayed subscriptions and inboxes resumed at another replica.",
                        follow.resumed)  # fmt: skip

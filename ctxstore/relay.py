@@ -7,7 +7,8 @@ lane (``RelayRequest``), which serves it as if its client were connected there (
 on to the leader through its ``Router``; a read passes its barrier there) and sends the
 encoded answer back (``RelayAnswer``, with the leader it knows: later requests of the group go
 to that replica first).  The origin tries the replicas in turn: the known leader, else a
-connected one; on ``unavailable`` (the replica no longer hosts the group, or could not serve it)
+connected one; on ``unavailable`` (the replica no longer hosts the group, or could not serve it,
+or it lost the group before proposing anything of the request: ``PeerConn.refuse``)
 or a replica unreachable it tries the next, within the request's deadline
 (``request_timeout_s``, checked every ``SWEEP_S``).  A replica that goes down with a read in
 flight is asked again elsewhere; with a write in flight the outcome is unknown: ``timeout``
@@ -163,6 +164,15 @@ class PeerConn:
             return
         self.replied = True
         self.relay._reply(self, response)
+
+    def refuse(self, message: str) -> None:
+        """Not served here after all, with nothing of it proposed here (its group left, or is
+        leaving with no leader known here: ``router.GroupMoved``): the origin asks the
+        group's next replica, as for a group not hosted here, instead of answering."""
+        if self.replied or self.closed:
+            return
+        self.replied = True
+        self.relay._refuse(self, message)
 
     def push(self, event: Push) -> int:
         if self.closed:
@@ -482,6 +492,13 @@ class Relay:
             self._served.pop((conn.peer, conn.fid), None)
             conn.closed = True
         self._answer(conn.peer, conn.fid, _encode(response), "", "", leader)
+
+    def _refuse(self, conn: PeerConn, message: str) -> None:
+        self._served.pop((conn.peer, conn.fid), None)
+        conn.closed = True
+        self.refused_relays += 1
+        leader = self.leader(conn.group) if self.hosted(conn.group) else NONE
+        self._answer(conn.peer, conn.fid, b"", "unavailable", message, leader)
 
     def _push(self, conn: PeerConn, event: Push) -> int:
         encoded = _encode(event)

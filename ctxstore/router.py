@@ -11,9 +11,13 @@ future: the service's hot path):
 - no leader is known: the request waits for one (``leader_wait_s``), then fails ``unavailable``;
 - the group is no longer hosted here (it moved to other nodes while the request waited for a
   leader or a retry), or it is moving away (no longer ``placed`` here) and no leader is known
-  here (a replica being removed hears from no leader until it retires the group): it fails
-  ``unavailable`` at once (nothing of it is in flight here), and the client asks a node that
-  hosts it.
+  here (a replica being removed hears from no leader until it retires the group): it is
+  not served here.  A read, or a write never proposed here, fails at once with ``GroupMoved``
+  (``unavailable``): nothing of it was applied, so the service hands the client's request on
+  to the group's new replicas (``ctxstore.relay``) instead of answering.  A write proposed
+  here before (refused, or replaced by a new leader's entry, then re-routed) fails a plain
+  ``unavailable`` at once (not applied either): the client resends it elsewhere.  (Callers
+  other than the service, a ``GroupMoved`` is just ``unavailable`` to them.)
 
 A forward that meets a node that no longer leads comes back ``not_leader`` with a hint and is
 re-routed (at most ``hops_max`` times): nothing was proposed, so that is safe.  Likewise a
@@ -79,6 +83,13 @@ SWEEP_S = 0.05  # how often deadlines are checked (a request fails at most this 
 RouteError = ServiceError  # the name the router's callers know it by
 
 
+class GroupMoved(ServiceError):
+    """``unavailable``: the request's group left this node (or is leaving it with no leader
+    known here) before anything of the request was proposed here (a read, or a write only
+    ever forwarded and refused ``not_leader``): its caller may hand it on to the group's
+    replicas, who deduplicate a write by its ``client_msg_id`` anyway."""
+
+
 CHUNK_INTEREST_MAX = 100_000  # sessions one peer may ask chunks of (more are ignored)
 HistoryServer = Callable[[HistoryFetch], Coroutine[Any, Any, HistoryRows]]
 
@@ -99,7 +110,7 @@ class RouterConfig:
 class _Pending:
     __slots__ = (
         "append", "asks", "command", "deadline", "done", "finished", "group", "hops", "peer",
-        "wait_until",
+        "proposed", "wait_until",
     )  # fmt: skip
 
     def __init__(
@@ -120,6 +131,7 @@ class _Pending:
         self.peer = NONE  # the node a forward waits on
         self.wait_until = 0.0  # while no leader is known: give up then
         self.asks = 0  # read barriers asked for it (a read: the newest is retried)
+        self.proposed = False  # a write proposed here (then never handed on: ``_gone``)
 
 
 class Router:
@@ -322,6 +334,7 @@ class Router:
 
     def _propose_here(self, p: _Pending) -> None:
         assert p.command is not None
+        p.proposed = True
 
         def failed(exc: BaseException) -> None:
             outcome = proposal_outcome(exc)
@@ -440,10 +453,15 @@ class Router:
         """``p``'s group is not (or no longer) hosted here: it moved to other nodes while
         ``p`` waited (a leader, a retry); or it is moving away and has no leader here.
         Nothing of ``p`` is in flight here, so it was not applied: it fails at once,
-        retryable, and the client asks a node that hosts it."""
+        retryable.  ``GroupMoved`` if it was never proposed here (its caller may hand it on
+        to the group's replicas); else a plain ``unavailable``, and the client asks a node
+        that hosts the group."""
         self.group_gone += 1
         message = f"group {p.group} moved (or is moving) away from node {self.node_id}: retry"
-        self._fail(p, RouteError("unavailable", message))
+        if p.command is None or not p.proposed:
+            self._fail(p, GroupMoved("unavailable", message))
+        else:
+            self._fail(p, RouteError("unavailable", message))
 
     def _retry_later(self, p: _Pending, cause: BaseException | None = None) -> None:
         p.hops += 1

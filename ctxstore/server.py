@@ -106,7 +106,7 @@ from .placement import group_of
 from .records import AgentRecord
 from .relay import PeerConn, Relay, relay_group
 from .relay_streams import Followers
-from .router import RouteError
+from .router import GroupMoved, RouteError
 from .state import payload_bytes
 from .tokens import OFFLOAD_CHARS, offload
 
@@ -163,6 +163,7 @@ class Service(BaseHandler):
         self.count_seconds = 0.0  # time spent counting (on the loop and on threads)
         self._sub_ids = itertools.count(1)
         self.requests = 0
+        self.handed_on = 0  # requests whose group moved away while here: relayed (_hand_on)
         self.errors: dict[str, int] = {}
         self.on_append_latency: Callable[[float, bool], None] | None = None  # seconds, ok
         rc = node.router.config
@@ -285,10 +286,22 @@ class Service(BaseHandler):
             return self._error(error(request.rid, "bad_request", "unsupported request"))
         return handler(self, conn, request)
 
-    def _relay(self, conn: Connection, group: int, request: Request, p: Principal) -> Reply:
-        """Have a replica of ``group`` serve ``request`` (this node does not host it)."""
-        if isinstance(cast(object, conn), PeerConn):  # (the replica checked it hosts the group)
-            return self._error(error(request.rid, "unavailable", "the group moved; retry"))
+    def _relay(
+        self,
+        conn: Connection,
+        group: int,
+        request: Request,
+        p: Principal,
+        received: float | None = None,  # (an append's latency: from then on)
+    ) -> Reply:
+        """Have a replica of ``group`` serve ``request`` (this node does not host it).  Not
+        a request relayed here (the origin checked it hosts the group; it moved since): that
+        one is refused so that its origin asks the next replica, and a relayed request never
+        travels further than one replica."""
+        peer = cast(object, conn)
+        if isinstance(peer, PeerConn):
+            peer.refuse(f"group {group} moved away from node {self.node_id}")
+            return None
         if isinstance(request, Subscribe):
             refused = self.subscriptions.admit(conn) or self.follow.streams.admit(conn)
             if refused is not None:
@@ -296,7 +309,8 @@ class Service(BaseHandler):
             self.follow.subscribe(conn, next(self._sub_ids), request, p, group)
             return None
         if isinstance(request, Append) and self.on_append_latency is not None:
-            received, measure = time.perf_counter(), self.on_append_latency
+            measure = self.on_append_latency
+            received = time.perf_counter() if received is None else received
 
             def answer(response: Response) -> None:
                 conn.reply(response)
@@ -306,6 +320,25 @@ class Service(BaseHandler):
         else:
             self.relay.request(group, request, p, conn.reply)
         return None
+
+    def _hand_on(
+        self,
+        conn: Connection,
+        group: int,
+        request: Request,
+        received: float | None = None,
+    ) -> None:
+        """``request``'s group moved away from this node before anything of it was proposed
+        here (``router.GroupMoved``): relay it to the group's replicas in the next loop
+        iteration (the router may call back from inside the driver's pass) rather than
+        answer ``unavailable`` and have the client retry.  A request relayed here goes back
+        to its origin instead, which asks the next replica (``_relay``)."""
+        if conn.closed:
+            return
+        self.handed_on += 1
+        principal: Principal = conn.context or SERVICE
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._relay, conn, group, request, principal, received)
 
     # -- small requests ---------------------------------------------------------------------------
     def _unsubscribe(self, conn: Connection, r: Unsubscribe) -> Reply:
@@ -428,7 +461,7 @@ class Service(BaseHandler):
             else:
                 conn.reply(AgentInfo(r.rid, records.agent_to_wire(agent)))
 
-        return self._after_barrier(conn, r.rid, group_of(r.agent_id, self.groups), serve)
+        return self._after_barrier(conn, r, group_of(r.agent_id, self.groups), serve)
 
     # -- writes ---------------------------------------------------------------------------------
     def _append(self, conn: Connection, r: Append) -> Reply:
@@ -591,8 +624,12 @@ class Service(BaseHandler):
         append: bool = False,  # data: an encoded commands.Append (the router may batch it)
     ) -> Reply:
         received = time.perf_counter()
+        group = group_of(sid, self.groups)
 
         def done(result: Any, exc: BaseException | None) -> None:  # maybe inside a driver pass
+            if isinstance(exc, GroupMoved):  # (never proposed here: safe to send on)
+                self._hand_on(conn, group, request, received)
+                return
             try:
                 response = self._answer(rid, result, exc, request)
                 conn.reply(response)
@@ -609,7 +646,6 @@ class Service(BaseHandler):
                 ok = not isinstance(response, Error)
                 self.on_append_latency(time.perf_counter() - received, ok)
 
-        group = group_of(sid, self.groups)
         self.router.submit_then(group, data, done, append)
         return None
 
@@ -645,13 +681,17 @@ class Service(BaseHandler):
 
     # -- reads ------------------------------------------------------------------------------------
     def _after_barrier(
-        self, conn: Connection, rid: int, group: int, serve: Callable[[], None]
+        self, conn: Connection, request: Request, group: int, serve: Callable[[], None]
     ) -> Reply:
         """``serve`` once a ReadIndex barrier of ``group`` passed (then this node's state holds
-        every write acknowledged before the request); an error answer if it does not."""
+        every write acknowledged before the request); an error answer if it does not, or the
+        request handed on if the group moved away meanwhile (``_hand_on``)."""
+        rid = request.rid
 
         def done(_: object, exc: BaseException | None) -> None:
-            if exc is not None:
+            if isinstance(exc, GroupMoved):
+                self._hand_on(conn, group, request)
+            elif exc is not None:
                 conn.reply(self._failure(rid, exc))
             else:
                 serve()
@@ -661,10 +701,11 @@ class Service(BaseHandler):
         return None
 
     def _session_read(
-        self, conn: Connection, rid: int, sid: str, serve: Callable[[], None]
+        self, conn: Connection, request: Request, sid: str, serve: Callable[[], None]
     ) -> Reply:
         """``serve`` after the barrier of the session's group, if the connection's principal
         may read the session (``forbidden`` otherwise, whether or not it exists)."""
+        rid = request.rid
 
         def allowed() -> None:
             actor = self._actor(conn)
@@ -673,10 +714,10 @@ class Service(BaseHandler):
             else:
                 serve()
 
-        return self._after_barrier(conn, rid, group_of(sid, self.groups), allowed)
+        return self._after_barrier(conn, request, group_of(sid, self.groups), allowed)
 
     def _read_request(self, conn: Connection, r: Read) -> Reply:
-        return self._session_read(conn, r.rid, r.session_id, lambda: self._serve_read(conn, r))
+        return self._session_read(conn, r, r.session_id, lambda: self._serve_read(conn, r))
 
     def _serve_read(self, conn: Connection, r: Read) -> None:
         rid = r.rid
@@ -697,16 +738,16 @@ class Service(BaseHandler):
             else:
                 conn.reply(SessionInfo(r.rid, session))
 
-        return self._session_read(conn, r.rid, r.session_id, serve)
+        return self._session_read(conn, r, r.session_id, serve)
 
     def _subscribe_request(self, conn: Connection, r: Subscribe) -> Reply:
         refused = self.subscriptions.admit(conn)
         if refused is not None:
             return self._error(error(r.rid, *refused))
-        return self._session_read(conn, r.rid, r.session_id, lambda: self._subscribe(conn, r))
+        return self._session_read(conn, r, r.session_id, lambda: self._subscribe(conn, r))
 
     def _get_context_request(self, conn: Connection, r: GetContext) -> Reply:
-        return self._session_read(conn, r.rid, r.session_id, lambda: self._get_context(conn, r))
+        return self._session_read(conn, r, r.session_id, lambda: self._get_context(conn, r))
 
     def _subscribe(self, conn: Connection, r: Subscribe) -> None:
         if conn.closed:

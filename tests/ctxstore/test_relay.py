@@ -676,3 +676,52 @@ def test_with_no_replica_connected_a_request_fails_unavailable_soon() -> None:
         relay.stop()
 
     run(main())
+
+
+def test_a_request_whose_group_moves_away_while_here_is_handed_on_to_its_replicas(
+    tmp_path: Path,
+) -> None:
+    """A replica on its way out of a group (the view no longer places it there) that hears from
+    no leader does not serve a request it took for the group; nothing of it was proposed
+    there, so instead of answering ``unavailable`` (the client would retry) it relays it to
+    the group's other replicas, once: a client's write and read there are answered, and a
+    request another node relayed to it goes back to that node, which asks the next replica."""
+
+    async def main() -> None:
+        sid, _ = away(4, 4)
+        group = placement.group_of(sid, GROUPS)
+        async with cluster(tmp_path, 4) as nodes:
+            view = view_of(4)
+            leaving = nodes[next(r for r in view[group] if nodes[r].node.group_leader(group)
+                                 != r)]  # fmt: skip
+            far = nodes[4]
+            async with await client(far) as c:
+                await c.create_session("alice", "bot", {}, sid)
+            await applied(nodes, [sid], view)
+            router = leaving.node.router
+            router.placed = lambda g: g != group
+            router._reachable_leader = lambda g: 0 if g == group else 1  # type: ignore[method-assign]
+            async with await client(leaving) as c:
+                assert (await c.append(sid, "one", client_msg_id="m1")).seq == 1
+                assert [m.content for m in (await c.read(sid)).messages] == ["one"]
+            assert leaving.service.handed_on == 2 and router.group_gone == 2
+            assert leaving.service.relay.relayed == 2
+            # Relayed to the leaving replica first (node 4's view): refused back, asked on.
+            far.node.replicas = lambda g: (
+                (leaving.id, *(r for r in view[g] if r != leaving.id)) if g == group else view[g]
+            )
+            far.service.relay._leaders.pop(group, None)  # (as its earlier answer told)
+            async with await client(far) as c:
+                assert (await c.append(sid, "two", client_msg_id="m2")).seq == 2
+            assert leaving.service.relay.refused_relays == 1
+            assert leaving.service.relay.relayed == 2  # (never relayed a relayed request on)
+            scraped = parse_metrics(NodeMetrics(leaving.node, leaving.service).render().decode())
+            assert scraped["ctxstore_relay_handed_on_total"] == 3
+            others = [nodes[r] for r in view[group] if r != leaving.id]
+            for _ in range(200):  # (a follower applies a little later)
+                if [m.node.state.last_seq(sid) for m in others] == [2, 2]:
+                    break
+                await asyncio.sleep(0.01)
+            assert [m.node.state.last_seq(sid) for m in others] == [2, 2]
+
+    run(main())

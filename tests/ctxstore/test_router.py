@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
 from ctxstore import commands
-from ctxstore.router import Router, RouterConfig
+from ctxstore.router import GroupMoved, RouteError, Router, RouterConfig
 from ctxstore.state import ConversationState
+from raft import ProposalDropped
 from raft.core import Config
 from raft.driver import Driver, DriverConfig
 from raft.multi import HostConfig, MultiRaft
@@ -188,5 +189,58 @@ def test_requests_waiting_for_a_leader_fail_at_once_when_their_group_leaves(
             router.stop()
             await driver.stop()
             wal.close()
+
+    uvloop.run(main())
+
+
+class _LeavingDriver:
+    """The router's driver for ``test_only_what_was_never_proposed_here_may_be_handed_on``:
+    this node leads group 0 until a proposal of it is dropped, which is also when the group
+    leaves the node (a leader removed from the group, its entry replaced)."""
+
+    def __init__(self) -> None:
+        self.host = {0: None, 1: None}
+        self.proposals = 0
+
+    def leader(self, group: int) -> int:
+        return 1 if group == 0 else 0  # (group 1: no leader known)
+
+    def kick(self) -> None:
+        pass
+
+    def propose_then(self, group: int, data: bytes, done: Callable[..., None]) -> None:
+        self.proposals += 1
+        del self.host[group]
+        done(None, ProposalDropped("replaced by a new leader's entry"))
+
+    def read_index_then(self, group: int, done: Callable[..., None], _: object) -> None:
+        raise AssertionError("no leader: no barrier asked")
+
+
+def test_only_what_was_never_proposed_here_may_be_handed_on() -> None:
+    """A request whose group left (or is leaving) fails ``GroupMoved`` (its caller may relay it
+    to the group's replicas) only if nothing of it was proposed here: a read, or a write that
+    only waited; a write proposed here, dropped, then re-routed after the group left fails a
+    plain ``unavailable``, as before (``client_msg_id`` retries stay the client's call)."""
+
+    async def main() -> None:
+        driver = _LeavingDriver()
+        router = Router(1, cast(Driver, driver), RouterConfig(batch_appends_max=1))
+        router.placed = lambda group: group != 1
+        router.start()
+        try:
+            proposed = router.submit(0, append("a", "x"))
+            waited = [router.submit(1, append("b", "y")), router.barrier(1)]
+            results = await asyncio.wait_for(
+                asyncio.gather(proposed, *waited, return_exceptions=True), 1.0
+            )
+            assert driver.proposals == 1
+            assert [(type(e), e.code) for e in results] == [
+                (RouteError, "unavailable"), (GroupMoved, "unavailable"),
+                (GroupMoved, "unavailable"),
+            ]  # fmt: skip
+            assert router.group_gone == 3
+        finally:
+            router.stop()
 
     uvloop.run(main())
