@@ -7,12 +7,16 @@ import asyncio
 import itertools
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
 from ctxstore.membership import ClusterView, Join, NodeState, SetState, apply_meta, bootstrap_view
 from ctxstore.mover import Mover
-from raft import RaftError
+from ctxstore.reconciler import Action
+from raft import RaftError, Role
+from raft.driver import Driver
 from tests.raft.test_driver import Member, leader_of, listener, run, until
 
 GROUPS = 8
@@ -163,3 +167,72 @@ def test_the_meta_leader_activates_a_live_joiner_once_per_retry_period(tmp_path:
             await m.stop()
 
     run(main())
+
+
+class _Raft:
+    def __init__(self, lead: int, voters: tuple[int, ...], me: int = 1) -> None:
+        self.lead, self.voters, self.lead_transferee = lead, voters, 0
+        self.role = Role.LEADER if lead == me else Role.FOLLOWER
+
+
+class _Host:
+    """What ``Mover.balance`` reads of ``MultiRaft``: each hosted group's Raft (role, leader,
+    voters) through ``node(g).raft``."""
+
+    def __init__(self, rafts: dict[int, _Raft]) -> None:
+        self.rafts = rafts
+
+    def groups(self) -> list[int]:
+        return sorted(self.rafts)
+
+    def node(self, g: int) -> SimpleNamespace:
+        return SimpleNamespace(raft=self.rafts[g])
+
+
+class _Driver:
+    def __init__(self, rafts: dict[int, _Raft]) -> None:
+        self.host = _Host(rafts)
+        self.transfers: list[tuple[int, int]] = []
+
+    def transfer_leader(self, group: int, to: int) -> None:
+        self.transfers.append((group, to))
+
+
+def test_a_node_hosting_some_groups_sheds_its_excess_leadership_as_promised() -> None:
+    """``Mover._shed`` in process (a node of 5 hosting 40 of 80 groups; fair share 16): it
+    gives groups it leads only to their voters heard from (``peer_led``) and under the share by
+    two or more, the least-leading first, each heir at most its shortfall divided among the
+    other nodes, at most ``transfers_max`` a round, and keeps one less than its share; a node
+    leading less than its share, or once every node is within one of it, moves nothing."""
+    view = bootstrap_view([(n, f"h:{n}", "") for n in range(1, 6)], groups=80)
+
+    def mover(led: int, peer_led: dict[int, int], transfers_max: int = 10) -> Mover:
+        rafts = {}
+        for g in range(40):  # the 40 groups hosted here; the first ``led`` led here
+            voters = (1, 2, 5) if g % 2 == 0 else (1, 3, 4)
+            rafts[g] = _Raft(1 if g < led else voters[1], voters)
+        mv = Mover(1, cast(Driver, _Driver(rafts)), lambda: view, lambda: {2, 3, 4, 5},
+                   transfers_max=transfers_max)  # fmt: skip
+        mv.peer_led = dict(peer_led)
+        return mv
+
+    def shed(mv: Mover) -> list[tuple[int, int]]:
+        steps = mv.balance(now=1.0)
+        transfers = cast(_Driver, mv.driver).transfers
+        assert [(s.action, s.group, s.node) for s in steps] == [
+            (Action.TRANSFER, g, to) for g, to in transfers
+        ]  # (each step planned was started, and nothing else)
+        return transfers
+
+    # Node 2 leads none: its quota is (16 - 1 - 0) // 4 = 3 (the even groups, it is their
+    # voter); node 3 leads 12: quota 1; node 4 leads 15 (> 16 - 2: not an heir); node 5 was
+    # not heard from: nothing, though it leads none it is known to.
+    assert shed(mover(24, {2: 0, 3: 12, 4: 15})) == [(0, 2), (1, 3), (2, 2), (4, 2)]
+    # The cap per round holds.
+    assert shed(mover(24, {2: 0, 3: 12, 4: 15}, transfers_max=2)) == [(0, 2), (1, 3)]
+    # It keeps one less than its share: leading 17, it gives 2 (and leading 15, none).
+    assert shed(mover(17, {2: 0, 3: 0, 4: 0})) == [(0, 2), (1, 3)]
+    assert shed(mover(15, {2: 0, 3: 0, 4: 0})) == []
+    # Every node within one of its share (or unheard, or over it): nothing moves.
+    assert shed(mover(24, {2: 15, 3: 16, 4: 15})) == []
+    assert shed(mover(24, {})) == []
