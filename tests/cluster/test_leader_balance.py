@@ -15,7 +15,7 @@ import pytest
 from ctxstore.config import parse_address
 from ctxstore.launcher import LocalCluster
 
-from .test_scale_out import alive, run, view
+from .test_scale_out import alive, metrics, run, view
 
 pytestmark = pytest.mark.cluster
 
@@ -28,18 +28,6 @@ async def led(cluster: LocalCluster) -> Counter[int]:
     for i in alive(cluster):
         counts[i] = len((await view(cluster, i))["local"]["led"])
     return counts
-
-
-async def metrics(address: tuple[str, int]) -> str:
-    reader, writer = await asyncio.open_connection(*address)
-    try:
-        writer.write(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        data = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.split()[1] == b"200", head
-    return body.decode()
 
 
 async def transfers(cluster: LocalCluster) -> int:
