@@ -291,14 +291,21 @@ class Relay:
 
     # -- requests (the origin) ---------------------------------------------------------------------
     def request(
-        self, group: int, request: Request, principal: Principal, done: Callable[[Response], None]
+        self,
+        group: int,
+        request: Request,
+        principal: Principal,
+        done: Callable[[Response], None],
+        timeout_s: float | None = None,
     ) -> None:
         """Have a replica of ``group`` serve ``request``; ``done(response)`` exactly once,
-        within ``request_timeout_s`` (an ``Error`` if no replica answered)."""
+        within ``timeout_s`` (what is left of a request's deadline: at most, and by default,
+        ``request_timeout_s``; an ``Error`` if no replica answered)."""
         if len(self._calls) >= self.calls_max:
             done(error(request.rid, "unavailable", "too many relayed requests waiting"))
             return
-        deadline = self.now() + self.request_timeout_s
+        wait_s = self.request_timeout_s if timeout_s is None else timeout_s
+        deadline = self.now() + min(wait_s, self.request_timeout_s)
         read = isinstance(request, READS)
         call = Call(group, request.rid, _encode(request), principal, read, deadline, done)
         self.send(call)

@@ -124,6 +124,7 @@ EXPIRY_HORIZON_S = 10 * 365 * 86400
 """A token valid for longer than this (10 years) is treated as one that never expires by its
 connection: no timer, ``expires_in_ms`` nil (its requests are still checked against it)."""
 
+HAND_ON_MIN_S = 0.05  # a request handed on with less of its deadline left is answered instead
 _ROUTE_CODES = frozenset({"unavailable", "timeout", "too_large"})  # passed on to the client
 
 
@@ -292,7 +293,8 @@ class Service(BaseHandler):
         group: int,
         request: Request,
         p: Principal,
-        received: float | None = None,  # (an append's latency: from then on)
+        received: float | None = None,  # when it came in (its latency, what is left of its
+        # deadline: a request handed on, ``_hand_on``); None: now
     ) -> Reply:
         """Have a replica of ``group`` serve ``request`` (this node does not host it).  Not
         a request relayed here (the origin checked it hosts the group; it moved since): that
@@ -308,32 +310,37 @@ class Service(BaseHandler):
                 return self._error(error(request.rid, *refused))
             self.follow.subscribe(conn, next(self._sub_ids), request, p, group)
             return None
+        timeout_s = None
+        if received is not None:
+            timeout_s = self.request_timeout_s - (time.perf_counter() - received)
+        else:
+            received = time.perf_counter()
         if isinstance(request, Append) and self.on_append_latency is not None:
-            measure = self.on_append_latency
-            received = time.perf_counter() if received is None else received
+            measure, since = self.on_append_latency, received
 
             def answer(response: Response) -> None:
                 conn.reply(response)
-                measure(time.perf_counter() - received, not isinstance(response, Error))
+                measure(time.perf_counter() - since, not isinstance(response, Error))
 
-            self.relay.request(group, request, p, answer)
+            self.relay.request(group, request, p, answer, timeout_s)
         else:
-            self.relay.request(group, request, p, conn.reply)
+            self.relay.request(group, request, p, conn.reply, timeout_s)
         return None
 
     def _hand_on(
-        self,
-        conn: Connection,
-        group: int,
-        request: Request,
-        received: float | None = None,
+        self, conn: Connection, group: int, request: Request, received: float, exc: GroupMoved
     ) -> None:
         """``request``'s group moved away from this node before anything of it was proposed
         here (``router.GroupMoved``): relay it to the group's replicas in the next loop
         iteration (the router may call back from inside the driver's pass) rather than
-        answer ``unavailable`` and have the client retry.  A request relayed here goes back
-        to its origin instead, which asks the next replica (``_relay``)."""
+        answer ``unavailable`` and have the client retry, within what is left of its deadline
+        (``received``: when it came in; with less than ``HAND_ON_MIN_S`` left it is answered
+        ``unavailable`` as before).  A request relayed here goes back to its origin instead,
+        which asks the next replica (``_relay``)."""
         if conn.closed:
+            return
+        if time.perf_counter() - received > self.request_timeout_s - HAND_ON_MIN_S:
+            conn.reply(self._failure(request.rid, exc))
             return
         self.handed_on += 1
         principal: Principal = conn.context or SERVICE
@@ -628,7 +635,7 @@ class Service(BaseHandler):
 
         def done(result: Any, exc: BaseException | None) -> None:  # maybe inside a driver pass
             if isinstance(exc, GroupMoved):  # (never proposed here: safe to send on)
-                self._hand_on(conn, group, request, received)
+                self._hand_on(conn, group, request, received, exc)
                 return
             try:
                 response = self._answer(rid, result, exc, request)
@@ -686,11 +693,11 @@ class Service(BaseHandler):
         """``serve`` once a ReadIndex barrier of ``group`` passed (then this node's state holds
         every write acknowledged before the request); an error answer if it does not, or the
         request handed on if the group moved away meanwhile (``_hand_on``)."""
-        rid = request.rid
+        rid, received = request.rid, time.perf_counter()
 
         def done(_: object, exc: BaseException | None) -> None:
             if isinstance(exc, GroupMoved):
-                self._hand_on(conn, group, request)
+                self._hand_on(conn, group, request, received, exc)
             elif exc is not None:
                 conn.reply(self._failure(rid, exc))
             else:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import msgspec
@@ -25,6 +27,7 @@ from ctxstore.metrics import NodeMetrics
 from ctxstore.node import Node
 from ctxstore.peer_messages import RelayAnswer, RelayEnvelope, RelayRequest
 from ctxstore.relay import Relay
+from ctxstore.router import GroupMoved
 from ctxstore.server import Service
 from ctxstore.subscriptions import SubscriptionLimits
 from tests.ctxstore.agent_server import agent_server
@@ -662,6 +665,32 @@ def test_a_write_lost_with_its_replica_is_timeout_and_one_past_its_deadline_too(
     run(main())
 
 
+def test_a_request_handed_on_keeps_what_is_left_of_its_deadline() -> None:
+    """``timeout_s`` (a request handed on: ``Service._hand_on``) bounds the relayed call, and
+    never beyond ``request_timeout_s``."""
+
+    async def main() -> None:
+        wire = Wire({1, 2, 3})
+        loop = asyncio.get_running_loop()
+        got: list[Any] = []
+        relay = origin(wire, request_timeout_s=5.0)
+        started = loop.time()
+        relay.request(0, GetSession(1, "s"), SERVICE, got.append, timeout_s=0.1)
+        while not got:
+            await asyncio.sleep(0.01)
+        assert got[0].code == "timeout" and loop.time() - started < 0.5
+        relay.stop()
+        capped = origin(wire, request_timeout_s=0.1)
+        started = loop.time()
+        capped.request(0, GetSession(2, "s"), SERVICE, got.append, timeout_s=10.0)
+        while len(got) < 2:
+            await asyncio.sleep(0.01)
+        assert got[1].code == "timeout" and loop.time() - started < 0.5
+        capped.stop()
+
+    run(main())
+
+
 def test_with_no_replica_connected_a_request_fails_unavailable_soon() -> None:
     async def main() -> None:
         wire = Wire(set())
@@ -723,5 +752,13 @@ def test_a_request_whose_group_moves_away_while_here_is_handed_on_to_its_replica
                     break
                 await asyncio.sleep(0.01)
             assert [m.node.state.last_seq(sid) for m in others] == [2, 2]
+            # One whose deadline is (nearly) spent is answered unavailable, as before.
+            replies: list[Any] = []
+            late = SimpleNamespace(closed=False, context=None, reply=replies.append)
+            moved = GroupMoved("unavailable", "moved")
+            since = time.perf_counter() - 4.99  # (request_timeout_s: 5 s)
+            leaving.service._hand_on(cast(Any, late), group, GetSession(9, sid), since, moved)
+            assert [(r.code, r.rid) for r in replies] == [("unavailable", 9)]
+            assert leaving.service.handed_on == 3
 
     run(main())
