@@ -35,6 +35,8 @@ def test_every_failure_has_one_outcome(exc: BaseException, outcome: Outcome) -> 
 class _Refusing:
     """Leads every group; each proposal fails with ``exc`` (raised, or given to its callback)."""
 
+    host = range(256)  # hosts every group
+
     def __init__(self, exc: BaseException, raised: bool) -> None:
         self.exc, self.raised, self.proposals = exc, raised, 0
 
@@ -78,6 +80,8 @@ def test_the_router_acts_on_the_outcome(
 
 class _FollowerOf2:
     """Node 1 follows node 2 in every group; read barriers are asked and never answered."""
+
+    host = range(256)  # hosts every group
 
     def __init__(self) -> None:
         self.reads: list[Any] = []

@@ -94,6 +94,8 @@ class _StuckDriver:
     """Leads every group; proposals are never applied, read barriers never confirmed (a group
     whose replication messages are lost for good)."""
 
+    host = range(256)  # hosts every group
+
     def __init__(self, lead: bool = True) -> None:
         self.lead = lead
         self.proposals = 0
