@@ -614,6 +614,12 @@ class NodeCollector(Collector):
             st.messages_inserted,
         )
         yield _counter(
+            "ctxstore_postgres_copy_fallbacks_total",
+            "Flushes whose direct COPY of messages met rows Postgres had (a lost watermark,"
+            " a backfill): their rows went through INSERT ... ON CONFLICT DO NOTHING instead.",
+            st.copy_fallbacks,
+        )
+        yield _counter(
             "ctxstore_postgres_agent_rows_total",
             "Agent rows written to Postgres (by this node as their group's leader).",
             st.agents,

@@ -4,8 +4,9 @@ write-behind copies (docs/benchmarks.md).
 Starts one node in this process (``ctxstore.node.Node``, 16 groups, Postgres on with flushes
 held back), appends ``--rows`` messages of ``--payload-bytes`` over ``--sessions`` sessions
 through Raft, then lets the flusher drain them, one ``flush()`` after the other (transactions of
-``--flush-rows`` rows: reading the hot tails and the archive, COPY into temporary tables,
-INSERT ... ON CONFLICT, the watermarks through Raft), and prints rows per second: ``drain``
+``--flush-rows`` rows: reading the hot tails and the archive, the messages COPY-ed straight
+into ``messages`` (``copy_fallbacks``: batches that went through ON CONFLICT instead), sessions
+and cursors upserted, the watermarks through Raft), and prints rows per second: ``drain``
 end to end, ``copy`` the time inside the Postgres transactions only.  The database is one of
 its own on ``--server`` (created and dropped).
 """
@@ -104,6 +105,7 @@ async def _run(args: argparse.Namespace) -> dict[str, float]:
         "drain_rows_per_s": stats.messages / wall,
         "copy_rows_per_s": stats.messages / stats.seconds_total,
         "transactions": stats.flushes,
+        "copy_fallbacks": stats.copy_fallbacks,
         "cpu_us_per_row": cpu / stats.messages * 1e6,
         "appends_per_s_while_filling": args.rows / fill_s,
     }

@@ -9,15 +9,19 @@ Rules of this file:
   applied since the last flush, it takes the groups this node leads and, for their pending
   sessions (oldest change first), up to ``flush_rows`` rows and ``FLUSH_BYTES_MAX`` bytes: each
   session's row, its read cursors, and its messages after its watermark, read from the hot tail
-  or, older, from the local archive (on disk).  It writes them in one transaction: ``COPY``
-  into temporary tables, then ``INSERT ... ON CONFLICT DO NOTHING`` for messages (a message
-  never changes) and ``DO UPDATE`` for sessions' ``last_seq`` and cursors, only ever forward.
+  or, older, from the local archive (on disk).  It writes them in one transaction: the
+  messages ``COPY``-ed straight into ``messages`` in a savepoint (rows above the watermarks
+  are normally not in Postgres), or, if one is there already (a unique violation: back to the
+  savepoint, counted in ``copy_fallbacks``), ``COPY`` into a temporary table then ``INSERT ...
+  ON CONFLICT DO NOTHING`` (a message never changes); sessions and cursors through temporary
+  tables and ``INSERT ... ON CONFLICT DO UPDATE`` of ``last_seq`` and cursors, only forward.
   After the COMMIT it proposes ``PostgresFlushed`` with the new watermarks to each group and
   waits for them to apply, then starts over at once if rows were left.
 - Idempotent: a leader killed between its COMMIT and the watermark's commit, an old leader
   flushing after a new one was elected, a retried transaction: each copies rows already there,
-  which the INSERTs skip.  A message is the same on every replica (Raft), so "already there"
-  means "equal".  So no gap (a watermark only moves past rows a COMMIT holds) and no duplicate.
+  which the direct ``COPY`` refuses and the fallback's INSERT skips.  A message is the same
+  on every replica (Raft), so "already there" means "equal".  So no gap (a watermark only
+  moves past rows a COMMIT holds) and no duplicate.
 - Postgres down, refusing or slow (every statement has a timeout): the transaction fails, the
   watermarks stay, the flusher retries with exponential backoff (``BACKOFF_MIN_S`` to
   ``BACKOFF_MAX_S``, jittered) and logs a warning when the outage starts and every
@@ -146,6 +150,7 @@ class FlusherStats:
     flushes: int = 0  # transactions committed
     messages: int = 0  # message rows copied (including rows Postgres already had)
     messages_inserted: int = 0  # of those, rows Postgres did not have
+    copy_fallbacks: int = 0  # message COPYs that met rows already there (then ON CONFLICT)
     sessions: int = 0
     cursors: int = 0
     agents: int = 0  # agent rows written (including those a newer row kept out)
@@ -512,11 +517,7 @@ class Flusher:
                 await conn.execute(INSERT_SESSIONS)
             inserted = 0
             if batch.messages:
-                await conn.copy_records_to_table(
-                    "flush_messages", records=batch.messages, columns=MESSAGE_COLUMNS
-                )
-                status = await conn.execute(INSERT_MESSAGES)
-                inserted = int(status.rsplit(" ", 1)[-1])
+                inserted = await self._write_messages(conn, batch.messages)
             if batch.cursors:
                 await conn.copy_records_to_table(
                     "flush_cursors", records=batch.cursors, columns=CURSOR_COLUMNS
@@ -528,6 +529,27 @@ class Flusher:
                 )
                 await conn.execute(INSERT_AGENTS)
         return inserted
+
+    async def _write_messages(self, conn: Any, messages: list[tuple[Any, ...]]) -> int:
+        """The message rows, in the flush's transaction; those Postgres did not have.  Rows
+        above the watermarks are normally not in Postgres: ``COPY`` them straight into
+        ``messages``, in a savepoint.  A row already there (a lost watermark, a backfill's
+        reset) fails the ``COPY`` with a unique violation: back to the savepoint, and the rows
+        go through a temporary table and ``ON CONFLICT DO NOTHING`` (counted:
+        ``copy_fallbacks``)."""
+        try:
+            async with conn.transaction():  # a savepoint
+                await conn.copy_records_to_table(
+                    "messages", records=messages, columns=MESSAGE_COLUMNS
+                )
+            return len(messages)
+        except asyncpg.UniqueViolationError:
+            self.stats.copy_fallbacks += 1
+        await conn.copy_records_to_table(
+            "flush_messages", records=messages, columns=MESSAGE_COLUMNS
+        )
+        status = await conn.execute(INSERT_MESSAGES)
+        return int(status.rsplit(" ", 1)[-1])
 
     async def _record(self, batch: _Batch) -> None:
         """Propose the new watermarks to each group and wait for them (a failure is left to

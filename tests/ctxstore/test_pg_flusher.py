@@ -154,6 +154,7 @@ def test_every_committed_message_session_and_cursor_reaches_postgres_once(
             assert [tuple(r) for r in cursors] == [("s1", "u1", 31), ("s2", "u1", 7)]
             assert n.postgres is not None
             assert n.postgres.stats.skipped == 0 and n.postgres.stats.failures == 0
+            assert n.postgres.stats.copy_fallbacks == 0  # nothing was there: the direct COPY
             # the tail held 4 per session: most rows came from the archive
             assert n.history.archive_reads > 0
 
@@ -183,13 +184,60 @@ def test_a_lost_watermark_costs_a_second_copy_not_a_duplicate(
             await flusher._connect()
             assert await flusher.flush() is False
             assert flusher.stats.messages_inserted == 20
+            assert flusher.stats.copy_fallbacks == 0
             assert flusher.backlog_rows() == 20  # the watermark did not move
             monkeypatch.setattr(flusher, "_record", record)
             await append(n, "s", "one more")
             await flusher.flush()
             assert flusher.stats.messages == 20 + 21 and flusher.stats.messages_inserted == 21
+            assert flusher.stats.copy_fallbacks == 1  # the direct COPY met the first 20
             assert flusher.backlog_rows() == 0
             assert [m.seq for m in await pg_messages(pg_dsn)] == list(range(1, 22))
+
+    run(main())
+
+
+def test_a_batch_meeting_rows_postgres_has_falls_back_and_ends_exact(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Some rows of a batch already in Postgres (written by hand, as a backfill would): the
+    direct COPY fails on them, the batch goes through ON CONFLICT DO NOTHING in the same
+    transaction, and Postgres ends with each message once; the next batch, with nothing there,
+    is copied directly again."""
+
+    async def main() -> None:
+        async with node(tmp_path, pg_dsn, interval_ms=60_000) as n:
+            flusher = n.postgres
+            assert flusher is not None
+            await flusher.stop()  # flushes by hand below
+            for sid in ("a", "b"):
+                await create(n, sid)
+                for k in range(10):
+                    await append(n, sid, f"{sid}{k}", metadata={"k": k})
+            await flusher._connect()
+            there = [m for m in await history(n, "b") if 3 <= m.seq <= 5]
+            async with flusher.pool.acquire() as conn:
+                await conn.copy_records_to_table(
+                    "messages",
+                    records=map(rows.message_record, there),
+                    columns=rows.MESSAGE_COLUMNS,
+                )
+            assert await flusher.flush() is False
+            s = flusher.stats
+            assert s.copy_fallbacks == 1 and s.failures == 0
+            assert s.messages == 20 and s.messages_inserted == 17
+            assert flusher.backlog_rows() == 0
+            expected = [scrubbed(m) for sid in ("a", "b") for m in await history(n, sid)]
+            assert await pg_messages(pg_dsn) == expected
+            sessions = await fetch(pg_dsn, "SELECT id, last_seq FROM sessions ORDER BY id")
+            assert [tuple(r) for r in sessions] == [("a", 10), ("b", 10)]
+
+            await append(n, "a", "later")
+            assert await flusher.flush() is False
+            assert s.copy_fallbacks == 1 and s.messages == 21 and s.messages_inserted == 18
+            assert [(m.session_id, m.seq) for m in await pg_messages(pg_dsn)] == [
+                (sid, q) for sid, last in (("a", 11), ("b", 10)) for q in range(1, last + 1)
+            ]
 
     run(main())
 
