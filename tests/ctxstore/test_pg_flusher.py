@@ -22,7 +22,13 @@ from ctxstore.config import Settings
 from ctxstore.node import Node
 from ctxstore.pg import rows, schema
 from ctxstore.placement import group_of
-from ctxstore.records import StoredMessage, decode_parts, encode_parts, message_to_wire
+from ctxstore.records import (
+    NO_PARTS,
+    StoredMessage,
+    decode_parts,
+    encode_parts,
+    message_to_wire,
+)
 
 from . import pgdb
 from .pgdb import fetch
@@ -431,3 +437,19 @@ def test_a_flush_starts_early_when_flush_rows_messages_wait(tmp_path: Path, pg_d
             assert [m.seq for m in await pg_messages(pg_dsn)] == list(range(1, 11))
 
     run(main())
+
+
+def test_rows_timestamps_and_empty_metadata_are_exact() -> None:
+    """``rows.timestamp`` (integer microseconds) round-trips every millisecond value, and a
+    message without metadata gets the JSON of an empty object."""
+    import datetime as dt
+
+    for ms in (0, 1, -1, 999, 1_700_000_000_123, 253_402_300_799_999, -62_135_596_800_000):
+        t = rows.timestamp(ms)
+        assert t == rows.EPOCH + dt.timedelta(milliseconds=ms) and rows.millis(t) == ms
+    bare = StoredMessage("s", 1, "user", "u", "text", "x", {}, None, 5, None, "user", NO_PARTS)
+    assert rows.message_record(bare)[6] == "{}" == rows.json_text({})
+    meta = StoredMessage(
+        "s", 1, "user", "u", "text", "x", {"a": "\x00"}, None, 5, None, None, NO_PARTS
+    )
+    assert msgspec.json.decode(rows.message_record(meta)[6]) == {"a": "\ufffd"}
