@@ -176,7 +176,10 @@ async def nodes(
 ) -> AsyncIterator[list[Harness]]:
     """``n`` nodes of one cluster on this loop, each with its client server and ops port (and
     its ``wal_writer`` from ``wal_writers``, default the configuration's; ``extra``: more
-    settings for every node)."""
+    settings for every node).  No leader balancing unless asked (``balance_interval_s``): the
+    tests read who leads, and a transfer under way has two nodes count the group as theirs
+    (tests/cluster/test_leader_balance.py tests balancing on real processes)."""
+    extra.setdefault("balance_interval_s", 0.0)
     peer_ports = {i: free_port() if n > 1 else 0 for i in range(1, n + 1)}
     stack = contextlib.AsyncExitStack()
     harnesses = []
