@@ -224,17 +224,13 @@ class History:
         """``start..hole_to``, which the archive lacks, from ``older`` (from the first seq it
         holds: what it lacks before is the page's gap), followed by ``held`` (the archive's
         messages from ``hole_to + 1``) as far as the page has room; ``held`` alone when
-        ``older`` holds none of the range."""
+        ``older`` holds none of the range.  ``older`` answers consecutive seqs within the range
+        and ``limit`` (``OlderSource``); its byte bound is approximate, the page's exact."""
         assert self.older is not None
         older = await self.older(session_id, start - 1, hole_to, limit, bytes_max)
-        older = [m for m in older if start <= m.seq <= hole_to]
         if not older:
             return held
-        for i in range(1, len(older)):
-            if older[i].seq != older[i - 1].seq + 1:
-                older = older[:i]
-                break
-        older = _capped(older[:limit], bytes_max)
+        older = _capped(older, bytes_max)
         room = bytes_max - sum(map(message_bytes, older))
         if older[-1].seq != hole_to or room <= 0 or len(older) >= limit:
             return older

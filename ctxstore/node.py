@@ -72,6 +72,7 @@ from .membership import (
 from .meta import Machines, MetaMachine
 from .mover import META_RETRY_S, Mover
 from .peer_messages import HistoryFetch, HistoryRows, Led
+from .peer_messages import encode as _encode_peer
 from .records import StoredMessage
 from .retire import Retirer
 from .router import Router, RouterConfig
@@ -89,9 +90,6 @@ logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.json"
 ARCHIVE_FILE = "archive.sqlite3"
-
-
-_encode_led = msgspec.msgpack.Encoder().encode
 
 
 def now_ms() -> int:
@@ -628,7 +626,7 @@ class Node:
         if count == self._led_sent[0] and now - self._led_sent[1] < LED_RESEND_S:
             return
         self._led_sent = (count, now)
-        data = _encode_led(Led(count))
+        data = _encode_peer(Led(count))
         for peer in self.transport.connected_peers():
             self.transport.send_app(peer, data)
 

@@ -486,13 +486,18 @@ class Relay:
         task = asyncio.ensure_future(answer)
         task.add_done_callback(lambda t: conn.reply(_task_answer(request.rid, t)))
 
+    def _leader_here(self, group: int) -> int:
+        """The group's leader as this replica knows it, for the origin (0: none, or not
+        hosted here any more)."""
+        return self.leader(group) if self.hosted(group) else NONE
+
     def _answer(self, peer: int, fid: int, response: bytes, code: str, message: str,
                 leader: int = NONE) -> None:  # fmt: skip
         self.tell(peer, RelayAnswer(fid, response, code, message, leader))
 
     def _reply(self, conn: PeerConn, response: Response) -> None:
         """``conn``'s answer, to its origin (lost if it went: it times out there)."""
-        leader = self.leader(conn.group) if self.hosted(conn.group) else NONE
+        leader = self._leader_here(conn.group)
         if isinstance(response, Subscribed | InboxSnapshot) and not conn.closed:
             conn.stream = True
         else:
@@ -504,7 +509,7 @@ class Relay:
         self._served.pop((conn.peer, conn.fid), None)
         conn.closed = True
         self.refused_relays += 1
-        leader = self.leader(conn.group) if self.hosted(conn.group) else NONE
+        leader = self._leader_here(conn.group)
         self._answer(conn.peer, conn.fid, b"", "unavailable", message, leader)
 
     def _push(self, conn: PeerConn, event: Push) -> int:

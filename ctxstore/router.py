@@ -458,7 +458,7 @@ class Router:
         that hosts the group."""
         self.group_gone += 1
         message = f"group {p.group} moved (or is moving) away from node {self.node_id}: retry"
-        if p.command is None or not p.proposed:
+        if not p.proposed:  # (a read never is)
             self._fail(p, GroupMoved("unavailable", message))
         else:
             self._fail(p, RouteError("unavailable", message))

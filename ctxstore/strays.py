@@ -33,21 +33,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgspec
-
 from raft import NONE, Role
 from raft.driver import Driver
 
 from .peer_messages import STRAY_ENVELOPES, MemberAnswer, MemberQuery
+from .peer_messages import encode as _encode
 
 logger = logging.getLogger(__name__)
 
 ASK_S = 1.0  # a stray is asked about again after this long
 ANSWER_S = 5.0  # an unanswered question is forgotten after this long
 ASKS_MAX = 64  # groups asked about per round
-
-
-_encode = msgspec.msgpack.Encoder().encode
 
 
 @dataclass(frozen=True)

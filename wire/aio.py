@@ -646,16 +646,11 @@ class Connection(asyncio.Protocol):
             self._pumping = False
         self._blocked = blocked
         if yielded and not (self.closed or self._closing):
-            self._yielded = True
-            self._loop.call_soon(self._pump_after_yield)
+            self._yielded = True  # its turn again in the next iteration (``_pump_soon``)
+            self._pump_soon()
             self._set_reading(False)
             return
         self._set_reading(not blocked)
-
-    def _pump_after_yield(self) -> None:
-        """The next loop iteration's turn of a connection stopped at ``requests_per_pass``."""
-        self._yielded = False
-        self._pump()
 
     def _may_resume(self) -> bool:
         core = self.core
@@ -706,7 +701,10 @@ class Connection(asyncio.Protocol):
 
     def _pump_scheduled_now(self) -> None:
         self._pump_scheduled = False
-        if self._blocked and self._may_resume():
+        if self._yielded:  # stopped at ``requests_per_pass``: the rest now
+            self._yielded = False
+            self._pump()
+        elif self._blocked and self._may_resume():
             self._pump()
 
     def _flush_soon(self) -> None:
