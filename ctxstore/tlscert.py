@@ -36,7 +36,11 @@ class LocalCertificate:
 
 def certificate_hash(cert_pem: bytes) -> str:
     """The SHA-256 of a PEM certificate's DER form, in hex."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
+    return der_sha256(x509.load_pem_x509_certificate(cert_pem))
+
+
+def der_sha256(cert: x509.Certificate) -> str:
+    """The SHA-256 of a certificate's DER form, in hex (what serverCertificateHashes takes)."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
@@ -84,7 +88,14 @@ def generate(directory: str, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> LocalCer
     return LocalCertificate(cert_path, key_path, certificate_hash(cert_pem), not_after)
 
 
-__all__ = ["DEFAULT_HOSTS", "VALID_DAYS", "LocalCertificate", "certificate_hash", "generate"]
+__all__ = [
+    "DEFAULT_HOSTS",
+    "VALID_DAYS",
+    "LocalCertificate",
+    "certificate_hash",
+    "der_sha256",
+    "generate",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

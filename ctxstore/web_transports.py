@@ -20,16 +20,15 @@ handshake, and any page may open ``/v1/ws``), so any origin may read it
 from __future__ import annotations
 
 import datetime
-import hashlib
 from typing import Final
 
 import msgspec
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from wire.web_codec import SUBPROTOCOLS
 
+from .tlscert import der_sha256
 from .web import PATH as WS_PATH
 
 PATH: Final = b"/v1/transports"
@@ -67,8 +66,7 @@ class WebTransportAdvert:
         self.not_before = certificate.not_valid_before_utc
         self.not_after = certificate.not_valid_after_utc
         if hashable(certificate):
-            der = certificate.public_bytes(serialization.Encoding.DER)
-            self.sha256 = hashlib.sha256(der).hexdigest()
+            self.sha256 = der_sha256(certificate)
 
     def describe(self, now: datetime.datetime | None = None) -> WebTransportTransport:
         now = now or datetime.datetime.now(datetime.UTC)
