@@ -7,8 +7,10 @@ Applies ``--appends`` encoded ``Append`` commands, one entry each, to a fresh
 and a structured message (the same characters cut in three over a ``reasoning``, a
 ``tool-search`` and a ``text`` part, as ``ctxstore-bench append --parts 3`` sends, with counts
 per part) on a session whose ``token_budget`` window (4 000 x 0.7 tokens) trims at every
-append once full.  Every append has a ``client_msg_id`` (dedupe).  Prints, per kind, the
-median over ``--repeat`` rounds of this process's CPU time per applied append.
+append once full.  Every append has a ``client_msg_id`` (dedupe) and, as a node proposes it,
+the fingerprint of its content (``--no-fingerprint``: as entries written before
+``Append.fingerprint``, which ``apply`` hashes itself).  Prints, per kind, the median over
+``--repeat`` rounds of this process's CPU time per applied append.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import time
 from collections.abc import Sequence
 from statistics import median
 
+import msgspec
+
 from raft.messages import Entry
 
 from . import commands
 from .records import TokenBudget, WindowConfig, encode_parts
-from .state import ConversationState, StateLimits
+from .state import ConversationState, StateLimits, fingerprint
 
 
 def _parts(text: str) -> list[dict[str, object]]:
@@ -40,7 +44,9 @@ def _parts(text: str) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-def _entries(structured: bool, appends: int, payload: int, seed: int) -> list[bytes]:
+def _entries(
+    structured: bool, appends: int, payload: int, seed: int, carry: bool = True
+) -> list[bytes]:
     rng = random.Random(seed)
     alphabet = string.ascii_letters + string.digits
     out = []
@@ -53,6 +59,10 @@ def _entries(structured: bool, appends: int, payload: int, seed: int) -> list[by
             )  # fmt: skip
         else:
             cmd = commands.Append("s", "user", "u", "text", text, {}, f"m-{i}", None, None, i)
+        if carry:
+            printed = fingerprint(cmd.sender, cmd.sender_id, cmd.kind, cmd.content,
+                                  cmd.metadata, cmd.role, cmd.parts)  # fmt: skip
+            cmd = msgspec.structs.replace(cmd, fingerprint=printed)
         out.append(commands.encode_command(cmd))
     return out
 
@@ -80,10 +90,17 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--payload-bytes", type=int, default=200)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument(
+        "--no-fingerprint",
+        action="store_true",
+        help="entries without the proposer's fingerprint (as written before it): apply hashes",
+    )
     args = p.parse_args(argv)
     result: dict[str, float] = {}
     for kind, structured in (("plain", False), ("structured_window", True)):
-        entries = _entries(structured, args.appends, args.payload_bytes, args.seed)
+        entries = _entries(
+            structured, args.appends, args.payload_bytes, args.seed, not args.no_fingerprint
+        )
         rounds = [_round(structured, entries) for _ in range(args.repeat)]
         result[f"{kind}_cpu_us_per_append"] = median(rounds) * 1e6
     if args.json:

@@ -36,8 +36,9 @@ Metadata = dict[str, Any]
 ENTRY_FIELDS_BYTES_MAX = 16 * 1024
 """What an ``Append`` command holds besides its message's payload (content, parts and
 metadata): ids and ``kind`` (bounded by the wire schema: at most 128 + 4 x 128 + 4 x 64 + 128
-bytes), the role, numbers, one token count per part (at most ``PARTS_MAX`` x 5 bytes) and
-msgpack headers; about 6.3 KiB at most, the rest is headroom."""
+bytes), the role, numbers, one token count per part (at most ``PARTS_MAX`` x 5 bytes), the
+dedupe fingerprint (18 bytes) and msgpack headers; about 6.3 KiB at most, the rest is
+headroom."""
 ENTRY_BYTES_MAX = MESSAGE_BYTES_MAX + ENTRY_FIELDS_BYTES_MAX
 """The largest command (Raft entry) a node proposes: ``Router`` refuses a bigger one with
 ``too_large``.  An ``Append`` whose message is within ``MESSAGE_BYTES_MAX`` fits; so does any
@@ -73,7 +74,11 @@ class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
     counted by the proposer (ctxstore/tokens.py), ``part_tokens`` per part; ``role`` is set
     (the proposer resolved the sender's default).  Fields after ``inserted_at`` came with
     context windows: an entry written before them is a short-form message, counted as
-    ceil(payload bytes / 4) tokens."""
+    ceil(payload bytes / 4) tokens.  ``fingerprint``: the dedupe fingerprint of an append with
+    a ``client_msg_id`` (``state.fingerprint`` of its sender, sender_id, kind, content,
+    metadata, role and parts), computed once by the proposer from this command's own fields,
+    so that no replica decodes the parts again to hash them; None (an entry written before
+    it, or no ``client_msg_id``): ``apply`` computes it.  Never taken from a client."""
 
     session_id: str
     sender: Sender
@@ -90,6 +95,7 @@ class Append(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
     part_tokens: list[int] | None = None  # one per part
     if_version: int | None = None  # the context window's version the append requires
     actor: Actor | None = None  # who asked, if restricted (checked on apply)
+    fingerprint: bytes | None = None  # with a client_msg_id: state.fingerprint of the above
 
 
 class MarkRead(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):

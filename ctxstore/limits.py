@@ -96,7 +96,7 @@ def largest_append(payload_bytes: int) -> commands.Append:
     m = largest_message(payload_bytes)
     return commands.Append(
         m.session_id, m.sender, m.sender_id, m.kind, m.content, m.metadata, m.client_msg_id,
-        _I64, _I64, _I64,
+        _I64, _I64, _I64, fingerprint=bytes(16),
     )  # fmt: skip
 
 

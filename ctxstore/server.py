@@ -107,7 +107,7 @@ from .records import AgentRecord
 from .relay import PeerConn, Relay, relay_group
 from .relay_streams import Followers
 from .router import GroupMoved, RouteError
-from .state import payload_bytes
+from .state import fingerprint, payload_bytes
 from .tokens import OFFLOAD_CHARS, offload
 
 logger = logging.getLogger(__name__)
@@ -545,10 +545,14 @@ class Service(BaseHandler):
             message = f"role: a {sender} writes role {allowed}"
             return self._error(error(r.rid, "bad_request", message, field="role"))
         parts = records.encode_parts(r.parts)  # checked by wire.framing: encoded once, here
+        cmid = r.client_msg_id  # dedupe's fingerprint, once here rather than on every replica:
+        printed = None if cmid is None else fingerprint(
+            sender, sender_id, r.kind, r.content, r.metadata, role, parts
+        )  # fmt: skip
         cmd = commands.Append(
             r.session_id, sender, sender_id, r.kind, r.content, r.metadata,
-            r.client_msg_id, r.expected_seq, tokens, self.clock_ms(), role, parts,  # type: ignore[arg-type]
-            part_tokens, r.if_version, actor,
+            cmid, r.expected_seq, tokens, self.clock_ms(), role, parts,  # type: ignore[arg-type]
+            part_tokens, r.if_version, actor, printed,
         )  # fmt: skip
         data = commands.encode_command(cmd)
         if len(data) > MESSAGE_BYTES_MAX:  # the payload may be over: measure it

@@ -11,7 +11,8 @@ a create in another group than ``placement.group_of(id)`` is refused (``bad_requ
 session:
 - ``last_seq``; an append gets ``seq = last_seq + 1`` and the ``inserted_at`` of its command;
 - the **dedupe window**: the ``client_msg_id``s of the last ``dedupe_ids_max`` appends that had
-  one, each with (seq, inserted_at, fingerprint of sender, sender_id, kind, content, metadata).
+  one, each with (seq, inserted_at, fingerprint of sender, sender_id, kind, content, metadata,
+  and role and parts for a structured message: ``fingerprint``, carried in the command).
   A retry with the same content gets the original answer (``deduped``); with other content,
   ``conflict`` naming the original seq.  Limit: an id evicted from the window (more than
   ``dedupe_ids_max`` newer ids since) is not recognised; appending it again adds a new message;
@@ -156,17 +157,36 @@ _parts_decoder: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(lis
 _snapshot_decoder = msgspec.msgpack.Decoder(GroupSnap)
 
 
-def _fingerprint(cmd: Append) -> bytes:
-    """What a retry with the same ``client_msg_id`` must repeat to be the same append.  A
-    structured message (or a role other than its sender's default) adds its role and parts;
-    a short one hashes as before roles existed, so retries across an upgrade still match.  The
-    parts are decoded to be hashed with their maps' keys sorted, as the metadata's: the hash
-    is stored (dedupe, snapshots) and must not depend on the order a client wrote keys in."""
-    fields: tuple[Any, ...] = (cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata)
-    raw = cmd.parts
-    if raw != NO_PARTS or (cmd.role is not None and cmd.role != DEFAULT_ROLES[cmd.sender]):
-        fields = (*fields, cmd.role, None if raw == NO_PARTS else _parts_decoder.decode(raw))
+def fingerprint(
+    sender: str,
+    sender_id: str,
+    kind: str,
+    content: str,
+    metadata: dict[str, Any],
+    role: str | None,
+    parts: msgspec.Raw,
+) -> bytes:
+    """What a retry with the same ``client_msg_id`` must repeat to be the same append (16
+    bytes, stored in the dedupe window and snapshots).  A structured message (or a role other
+    than its sender's default) adds its role and parts; a short one hashes as before roles
+    existed, so retries across an upgrade still match.  The parts are decoded to be hashed with
+    their maps' keys sorted, as the metadata's: the hash must not depend on the order a client
+    wrote keys in.  The proposer computes it from its command's fields (``Append.fingerprint``);
+    ``apply`` only for a command without it, alike."""
+    fields: tuple[Any, ...] = (sender, sender_id, kind, content, metadata)
+    if parts != NO_PARTS or (role is not None and role != DEFAULT_ROLES[sender]):
+        fields = (*fields, role, None if parts == NO_PARTS else _parts_decoder.decode(parts))
     return blake2b(_fingerprint_encoder.encode(fields), digest_size=16).digest()
+
+
+def _fingerprint(cmd: Append) -> bytes:
+    """The command's fingerprint: the proposer's, or computed here for an entry without it."""
+    carried = cmd.fingerprint
+    if carried is not None:
+        return carried
+    return fingerprint(
+        cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata, cmd.role, cmd.parts
+    )
 
 
 def _own_parts(m: StoredMessage) -> StoredMessage:
@@ -1126,6 +1146,7 @@ __all__ = [
     "ReadResult",
     "StateLimits",
     "StateObserver",
+    "fingerprint",
     "message_bytes",
     "payload_bytes",
 ]

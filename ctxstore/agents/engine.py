@@ -53,9 +53,9 @@ from .. import commands
 from ..context import Plan, WindowCache, answer, from_history, from_memory, window_tokenizer
 from ..history import History, HistoryUnavailable
 from ..placement import group_of
-from ..records import AgentRecord, StoredMessage, encode_parts, message_to_wire
+from ..records import NO_PARTS, AgentRecord, StoredMessage, encode_parts, message_to_wire
 from ..router import RouteError, Router
-from ..state import ConversationState, payload_bytes
+from ..state import ConversationState, fingerprint, payload_bytes
 from ..subscriptions import Subscriptions
 from ..tokens import TokenCounters, offload
 from .assemble import Assembler
@@ -559,9 +559,12 @@ class Dispatcher:
         tokens = (
             None if tokenizer is None else self.counters.get(tokenizer).message(content, None)[0]
         )
+        printed = fingerprint("system", "ctxstore", "agent_dropped", content, meta, "system",
+                              NO_PARTS)  # fmt: skip
         append = commands.Append(
             sid, "system", "ctxstore", "agent_dropped", content, meta,
             f"agent-drop:{trigger}:{attempt}", None, tokens, self.clock_ms(), "system",
+            fingerprint=printed,
         )  # fmt: skip
         await self._end(sid, group, trigger, attempt, append)
 
@@ -663,9 +666,10 @@ class Dispatcher:
                 tokens, per_part = await asyncio.to_thread(counter.message, "", a.parts)
             else:
                 tokens, per_part = counter.message("", a.parts)
+        printed = fingerprint("agent", agent.id, "text", "", meta, "assistant", parts)
         return commands.Append(
             sid, "agent", agent.id, "text", "", meta, f"agent-reply:{trigger}:{attempt}", None,
-            tokens, self.clock_ms(), "assistant", parts, per_part,
+            tokens, self.clock_ms(), "assistant", parts, per_part, fingerprint=printed,
         )  # fmt: skip
 
     # -- the history a call carries ----------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from ctxstore import context
+from ctxstore import commands, context
+from ctxstore.state import fingerprint
 from ctxstore.tokens import TokenCounter
 from ctxstore.window import Window
 from wire.client import Client, ClientError, connect
@@ -410,3 +411,40 @@ def _planned(h: Any, session_id: str) -> tuple[context.Plan, Context]:
     plan = context.plan(h.node.state, GetContext(1, session_id))
     assert plan is not None
     return plan, _fresh(h, 1, session_id)
+
+
+def test_the_node_that_takes_an_append_carries_its_dedupe_fingerprint(tmp_path: Path) -> None:
+    """The command of an append with a ``client_msg_id`` carries the fingerprint of its own
+    fields (computed by the node, never by the client), so replicas do not hash the parts
+    again; a retry with the parts' keys in another order is still the same append."""
+
+    async def main() -> None:
+        async with single_node(tmp_path) as h, await node_client(h) as c:
+            proposed: list[commands.Append] = []
+            router = h.service.router
+            submit = router.submit_then
+
+            def spy(group: int, data: bytes, done: Any, append: bool = False) -> None:
+                cmd = commands.decode_command(data)
+                if isinstance(cmd, commands.Append):
+                    proposed.append(cmd)
+                submit(group, data, done, append)
+
+            router.submit_then = spy
+            await c.create_session("u", "a", {}, "s")
+            await c.set_context_config("s", 1000, TokenBudget())
+            reordered = [{k: v for k, v in reversed(p.items())} for p in PARTS]
+            first = await c.append("s", "", "agent", "a", parts=PARTS, client_msg_id="m-1")
+            again = await c.append("s", "", "agent", "a", parts=reordered, client_msg_id="m-1")
+            plain = await c.append("s", "hi", metadata={"b": 1, "a": 2}, client_msg_id="m-2")
+            await c.append("s", "no id")
+            assert (first.seq, again.seq, again.deduped, plain.seq) == (1, 1, True, 2)
+            assert len(proposed) == 4
+            for cmd in proposed:
+                printed = fingerprint(cmd.sender, cmd.sender_id, cmd.kind, cmd.content,
+                                      cmd.metadata, cmd.role, cmd.parts)  # fmt: skip
+                assert cmd.fingerprint == (None if cmd.client_msg_id is None else printed)
+            assert proposed[0].parts != proposed[1].parts  # the bytes differ, not the print
+            assert proposed[0].fingerprint == proposed[1].fingerprint
+
+    run(main())

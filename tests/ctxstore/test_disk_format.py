@@ -17,17 +17,20 @@ import pytest
 
 from ctxstore import commands
 from ctxstore.records import AgentRecord, SkipParts, StoredMessage, WindowConfig, encode_parts
-from ctxstore.state import ConversationState, StateLimits
+from ctxstore.state import ConversationState, StateLimits, fingerprint
 from raft.messages import Entry
 
 GOLDEN = Path(__file__).parent / "golden_disk"
+BEFORE_FINGERPRINT = GOLDEN / "before_fingerprint"  # appends as written before it was carried
 REGEN = os.environ.get("REGEN_GOLDEN") == "1"
 T0 = 1_700_000_000_000
 PARTS = [{"type": "text", "text": "hi"}, {"type": "tool-x", "toolCallId": "c", "state":
          "input-available", "input": {"q": 1}}]  # fmt: skip
 APPEND = commands.Append("s-1", "agent", "a-1", "text", "", {"k": 1}, "m-1", 3, 7, T0,
                          "assistant", encode_parts(PARTS), [1, 6], 2,
-                         commands.Actor("agent", "a-1"))  # fmt: skip
+                         commands.Actor("agent", "a-1"),
+                         fingerprint("agent", "a-1", "text", "", {"k": 1}, "assistant",
+                                     encode_parts(PARTS)))  # fmt: skip
 CONFIG = WindowConfig(8000, 0.7, SkipParts(["tool-"], 50), "o200k_base")
 SUMMARY = StoredMessage("s-1", 0, "system", "", "summary", "so far", {}, None, T0, 2, "system")
 AGENT = AgentRecord("bot", "https://agent.example/hook", {"x-key": "v"}, 60_000, 10_000, 500,
@@ -88,8 +91,7 @@ def test_the_bytes_on_disk_are_as_pinned(name: str) -> None:
         rows = [hexed[i : i + 64] for i in range(0, len(hexed), 64)]
         path.write_text("\n".join([f"# {name}: {len(data)} bytes", *rows, ""]))
     assert path.exists(), f"no golden file {path.name}: run with REGEN_GOLDEN=1"
-    text = path.read_text()
-    golden = bytes.fromhex("".join(x for x in text.splitlines() if not x.startswith("#")))
+    golden = _read_golden(path)
     assert data == golden, f"what is written to disk for {name} changed (REGEN_GOLDEN=1)"
     if name.startswith("command_"):  # and it reads back as itself
         assert commands.decode_command(golden) == COMMANDS[name.removeprefix("command_")]
@@ -97,6 +99,49 @@ def test_the_bytes_on_disk_are_as_pinned(name: str) -> None:
         restored = ConversationState(StateLimits(), groups=None)
         restored.restore(0, golden)
         assert restored.snapshot(0) == golden
+
+
+def _read_golden(path: Path) -> bytes:
+    return bytes.fromhex("".join(x for x in path.read_text().splitlines() if not x.startswith("#")))
+
+
+def _without_fingerprint(cmd: commands.Command) -> commands.Command:
+    match cmd:
+        case commands.Append():
+            return msgspec.structs.replace(cmd, fingerprint=None)
+        case commands.DispatchEnd():
+            return msgspec.structs.replace(cmd, append=_without_fingerprint(cmd.append))
+        case commands.AppendBatch():
+            return commands.AppendBatch([_without_fingerprint(a) for a in cmd.appends])  # type: ignore[misc]
+    return cmd
+
+
+@pytest.mark.parametrize("path", sorted(BEFORE_FINGERPRINT.glob("*.hex")), ids=lambda p: p.stem)
+def test_appends_written_before_the_carried_fingerprint_still_read(path: Path) -> None:
+    """An entry written before ``Append.fingerprint`` reads back without it (apply hashes)."""
+    cmd = COMMANDS[path.stem.removeprefix("command_")]
+    old = _without_fingerprint(cmd)
+    assert commands.decode_command(_read_golden(path)) == old
+
+
+def test_a_snapshot_is_the_same_from_appends_with_or_without_the_fingerprint() -> None:
+    """Replaying the entries written before ``Append.fingerprint`` reaches the pinned snapshot
+    (the dedupe window holds the same fingerprints, the replica the same state)."""
+    state = ConversationState(StateLimits(), groups=None)
+    for index, name in enumerate(
+        ["create_session", "append_short", "set_context_config", "append_structured",
+         "mark_read", "compact", "put_agent"], start=1,
+    ):  # fmt: skip
+        old = BEFORE_FINGERPRINT / f"command_{name}.hex"
+        data = _read_golden(old) if old.exists() else RECORDS[f"command_{name}"]
+        cmd = commands.decode_command(data)
+        if isinstance(cmd, commands.Append):
+            assert cmd.fingerprint is None
+            cmd = msgspec.structs.replace(cmd, actor=None, if_version=None, expected_seq=None)
+        if isinstance(cmd, commands.Compact):
+            cmd = msgspec.structs.replace(cmd, if_version=None)
+        state.apply(0, [Entry(1, index, data=commands.encode_command(cmd))])
+    assert state.snapshot(0) == RECORDS["snapshot_group"]
 
 
 def test_an_append_batch_is_written_from_its_appends_bytes() -> None:

@@ -7,13 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctxstore import commands
 from ctxstore.records import LastN, Manual, SkipParts, StoredMessage, TokenBudget, encode_parts
 from ctxstore.records import WindowConfig as ContextConfig
-from ctxstore.state import ConversationState, StateLimits
+from ctxstore.state import ConversationState, StateLimits, fingerprint
 from ctxstore.window import Record, Window, WindowLimits
 from raft.messages import Entry
 from wire.parts import matches
@@ -335,3 +337,90 @@ def test_a_retry_must_repeat_a_structured_messages_parts_and_role() -> None:
     assert _apply(s, 6, short) == commands.Appended(2, 6, False)
     again = commands.Append("s", "user", "u", "text", "hi", {}, "m-2", None, 1, 6, "user")
     assert _apply(s, 7, again) == commands.Appended(2, 6, True)
+
+
+def _carried(cmd: commands.Append) -> commands.Append:
+    """``cmd`` as a node proposes it: with the fingerprint of its own fields."""
+    printed = fingerprint(cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata,
+                          cmd.role, cmd.parts)  # fmt: skip
+    return msgspec.structs.replace(cmd, fingerprint=printed)
+
+
+TOOL = {"type": "tool-search", "toolCallId": "c-1", "state": "output-available",
+        "input": {"q": "x", "n": 2}, "output": {"hits": [{"b": 1, "a": 2}]}}  # fmt: skip
+TOOL_REORDERED = {"output": {"hits": [{"a": 2, "b": 1}]}, "state": "output-available",
+                  "toolCallId": "c-1", "input": {"n": 2, "q": "x"},
+                  "type": "tool-search"}  # fmt: skip
+BUDGET = ContextConfig(4000, 0.7, TokenBudget(), "o200k_base")
+
+
+@pytest.mark.parametrize("first_carried", [True, False], ids=["first+fp", "first-fp"])
+@pytest.mark.parametrize("retry_carried", [True, False], ids=["retry+fp", "retry-fp"])
+def test_a_retry_is_the_same_append_with_or_without_the_carried_fingerprint(
+    first_carried: bool, retry_carried: bool
+) -> None:
+    """A node carries the fingerprint in its command; an entry written before that (or by an
+    older node) has none and apply hashes it: a retry matches across the two, for structured
+    messages (whose parts' keys it may send in another order) and short ones alike."""
+    s = ConversationState(StateLimits(), groups=None)
+    _apply(s, 1, commands.CreateSession("s", "u", "a", {}, 0))
+    _apply(s, 2, commands.SetContextConfig("s", BUDGET))
+
+    def structured(tool: dict[str, Any], text: str = "done", at: int = 3) -> commands.Append:
+        reasoning, answer = {"type": "reasoning", "text": "r"}, {"type": "text", "text": text}
+        parts = encode_parts([reasoning, tool, answer])
+        return commands.Append("s", "agent", "a", "text", "", {"k": {"y": 1, "x": 2}}, "m-1",
+                               None, 9, at, "assistant", parts, [1, 6, 2])  # fmt: skip
+
+    def short(metadata: dict[str, Any], content: str = "hi", at: int = 4) -> commands.Append:
+        return commands.Append("s", "user", "u", "text", content, metadata, "m-2", None, 1, at)
+
+    def first(cmd: commands.Append) -> commands.Append:
+        return _carried(cmd) if first_carried else cmd
+
+    def retry(cmd: commands.Append) -> commands.Append:
+        return _carried(cmd) if retry_carried else cmd
+
+    assert _apply(s, 3, first(structured(TOOL))) == commands.Appended(1, 3, False)
+    assert _apply(s, 4, first(short({"a": 1, "b": 2}))) == commands.Appended(2, 4, False)
+    again = structured(TOOL_REORDERED, at=5)
+    again = msgspec.structs.replace(again, metadata={"k": {"x": 2, "y": 1}})
+    assert _apply(s, 5, retry(again)) == commands.Appended(1, 3, True)
+    assert _apply(s, 6, retry(short({"b": 2, "a": 1}, at=6))) == commands.Appended(2, 4, True)
+    others = [(1, structured(TOOL, "other")), (2, short({"a": 1}))]  # the same ids, other content
+    for index, (seq, other) in enumerate(others, start=7):
+        refused = _apply(s, index, retry(other))
+        assert (refused.code, refused.details) == ("conflict", {"seq": seq})
+    view = s.window("s")
+    assert view is not None and view[0] is not None and len(view[0].records) == 2
+
+
+def test_commands_with_and_without_the_carried_fingerprint_reach_the_same_state() -> None:
+    """The replica that applies proposers' fingerprints and the one that hashes every append
+    itself (entries written before it) store the same: same snapshot, byte for byte."""
+    tool = {"type": "tool-x", "toolCallId": "c", "state": "input-available", "input": {"q": 1}}
+    cmds: list[commands.Command] = [
+        commands.CreateSession("s", "u", "a", {}, 0),
+        msgspec.structs.replace(_append("s", "plain", 3, 2), client_msg_id="p-1"),
+        commands.SetContextConfig("s", ContextConfig(60, 0.9, SkipParts(["tool-"]), "o200k_base")),
+    ]
+    for i in range(3, 20):
+        parts = [{"type": "text", "text": f"t{i}"}, tool] if i % 3 else None
+        cmd = _append("s", "" if parts else f"m{i}", i, i,
+                      **({"parts": parts, "part_tokens": [i - 1, 1]} if parts else {}))  # fmt: skip
+        cmds.append(msgspec.structs.replace(cmd, client_msg_id=f"m-{i}"))
+    cmds += [msgspec.structs.replace(c, inserted_at=99) for c in cmds[-3:]]  # retries
+    cmds.append(msgspec.structs.replace(cmds[-1], content="other", inserted_at=99))  # reused
+    cmds.append(msgspec.structs.replace(cmds[4], inserted_at=99))  # forgotten: appended anew
+    a = ConversationState(StateLimits(dedupe_ids_max=4), groups=None)
+    b = ConversationState(StateLimits(dedupe_ids_max=4), groups=None)
+    results_a, results_b = [], []
+    for index, cmd in enumerate(cmds, start=1):
+        carried = _carried(cmd) if isinstance(cmd, commands.Append) else cmd
+        assert carried == cmd or (isinstance(carried, commands.Append) and carried.fingerprint)
+        results_a.append(_apply(a, index, carried))
+        results_b.append(_apply(b, index, cmd))
+    assert results_a == results_b
+    assert sum(getattr(r, "deduped", False) for r in results_a) == 3
+    assert any(isinstance(r, commands.Rejected) for r in results_a)  # reused for other content
+    assert a.snapshot(0) == b.snapshot(0)
