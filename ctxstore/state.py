@@ -172,11 +172,21 @@ def fingerprint(
     existed, so retries across an upgrade still match.  The parts are decoded to be hashed with
     their maps' keys sorted, as the metadata's: the hash must not depend on the order a client
     wrote keys in.  The proposer computes it from its command's fields (``Append.fingerprint``);
-    ``apply`` only for a command without it, alike."""
+    ``apply`` only for a command without it, alike.
+
+    A map nested in the metadata or the parts may have keys other than strings (the native
+    protocol's msgpack allows them; JSON does not): those cannot be sorted, so such a message
+    is hashed with its maps in the order they were written (the command's, the same on every
+    replica; a retry must then repeat that order).  It must not raise: ``apply`` would fail on
+    every replica, at every replay of the entry."""
     fields: tuple[Any, ...] = (sender, sender_id, kind, content, metadata)
     if parts != NO_PARTS or (role is not None and role != DEFAULT_ROLES[sender]):
         fields = (*fields, role, None if parts == NO_PARTS else _parts_decoder.decode(parts))
-    return blake2b(_fingerprint_encoder.encode(fields), digest_size=16).digest()
+    try:
+        data = _fingerprint_encoder.encode(fields)
+    except TypeError:  # "Only dicts with str keys are supported when `order` is not `None`"
+        data = _encoder.encode(fields)
+    return blake2b(data, digest_size=16).digest()
 
 
 def _fingerprint(cmd: Append) -> bytes:

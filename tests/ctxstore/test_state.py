@@ -19,8 +19,14 @@ from hypothesis import strategies as st
 
 from ctxstore import commands as c
 from ctxstore.placement import GROUPS, group_of
-from ctxstore.records import StoredMessage
-from ctxstore.state import SNAPSHOT_VERSION, ConversationState, ReadResult, StateLimits
+from ctxstore.records import StoredMessage, encode_parts
+from ctxstore.state import (
+    SNAPSHOT_VERSION,
+    ConversationState,
+    ReadResult,
+    StateLimits,
+    fingerprint,
+)
 from raft.errors import InvariantViolation
 from raft.messages import ConfChange, ConfChangeType, Entry, EntryType
 
@@ -127,6 +133,25 @@ def test_retry_with_same_content_returns_the_original() -> None:
     assert first == c.Appended(1, 1_001, False)
     assert again == c.Appended(1, 1_001, True)
     assert node.seqs("s") == [1, 2]
+
+
+def test_maps_with_keys_other_than_strings_are_fingerprinted_without_failing() -> None:
+    """The native protocol's msgpack lets a nested map have int keys, which cannot be sorted:
+    such an append is hashed in the order written (by the proposer or, for an entry without
+    the carried fingerprint, on apply), never raising on apply."""
+    node = Node()
+    node.create("s")
+    odd = {"m": {1: "one", "b": 2}}
+    assert node.append("s", "x", cmid="m1", metadata=odd) == c.Appended(1, 1_001, False)
+    assert node.append("s", "x", cmid="m1", metadata=odd) == c.Appended(1, 1_001, True)
+    other = node.append("s", "x", cmid="m1", metadata={"m": {1: "two", "b": 2}})
+    assert isinstance(other, c.Rejected) and other.code == "conflict"
+    parts = encode_parts([{"type": "data-x", "data": {2: [1], "k": None}}])
+    printed = fingerprint("agent", "a", "text", "", odd, "assistant", parts)
+    structured = c.Append("s", "agent", "a", "text", "", odd, "m2", None, 1, 5, "assistant", parts)
+    assert node.run(structured) == c.Appended(2, 5, False)
+    carried = msgspec.structs.replace(structured, inserted_at=6, fingerprint=printed)
+    assert node.run(carried) == c.Appended(2, 5, True)
 
 
 def test_reused_client_msg_id_with_other_content_is_a_conflict() -> None:
