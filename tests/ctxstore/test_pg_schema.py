@@ -37,14 +37,14 @@ def tables(dsn: str) -> set[str]:
 
 
 def test_migrate_creates_the_schema_once(pg_dsn: str) -> None:
-    assert run(_with(pg_dsn, schema.migrate)) == [1, 2, 3]
+    assert run(_with(pg_dsn, schema.migrate)) == [1, 2, 3, 4]
     assert tables(pg_dsn) == {
         "schema_migrations", "sessions", "messages", "read_cursors", "agents"
     }  # fmt: skip
     assert run(_with(pg_dsn, schema.migrate)) == []
     status = run(_with(pg_dsn, schema.status))
     assert status.version == schema.LATEST and status.pending == []
-    assert [a.version for a in status.applied] == [1, 2, 3]
+    assert [a.version for a in status.applied] == [1, 2, 3, 4]
 
 
 def test_nodes_migrating_together_apply_each_migration_once(pg_dsn: str) -> None:
@@ -57,9 +57,9 @@ def test_nodes_migrating_together_apply_each_migration_once(pg_dsn: str) -> None
                 await c.close()
 
     results = run(many())
-    assert sorted(v for r in results for v in r) == [1, 2, 3]
+    assert sorted(v for r in results for v in r) == [1, 2, 3, 4]
     rows = run(fetch(pg_dsn, "SELECT version FROM schema_migrations ORDER BY 1"))
-    assert [r[0] for r in rows] == [1, 2, 3]
+    assert [r[0] for r in rows] == [1, 2, 3, 4]
 
 
 def test_a_failing_migration_leaves_nothing_half_applied(pg_dsn: str) -> None:
@@ -92,18 +92,23 @@ def test_a_database_of_a_newer_ctxstore_is_refused(pg_dsn: str) -> None:
 def test_db_commands(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["db", "status", "--postgres-dsn", pg_dsn]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["version"] == 0 and [p["version"] for p in out["pending"]] == [1, 2, 3]
+    assert out["version"] == 0 and [p["version"] for p in out["pending"]] == [1, 2, 3, 4]
     assert main(["db", "migrate", "--postgres-dsn", pg_dsn]) == 0
-    assert json.loads(capsys.readouterr().out) == {"migrated": [1, 2, 3], "version": 3, "latest": 3}
+    assert json.loads(capsys.readouterr().out) == {
+        "migrated": [1, 2, 3, 4],
+        "version": 4,
+        "latest": 4,
+    }
     assert main(["db", "migrate", "--postgres-dsn", pg_dsn]) == 0
     assert json.loads(capsys.readouterr().out)["migrated"] == []
     assert main(["db", "status", "--postgres-dsn", pg_dsn]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["version"] == 3 and out["pending"] == []
+    assert out["version"] == 4 and out["pending"] == []
     assert [(a["version"], a["name"]) for a in out["applied"]] == [
         (1, "sessions, messages and read cursors"),
         (2, "structured messages: role and parts"),
         (3, "agents (header names only)"),
+        (4, "messages_by_time as a BRIN index"),
     ]
 
 
