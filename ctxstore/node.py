@@ -268,7 +268,7 @@ class Node:
         self.subscriptions.on_message(message)
         self.inboxes.on_change(user_id, message.session_id)
         if self.postgres is not None:
-            self.postgres.on_message()
+            self.postgres.on_message(group)
         self.dispatcher.on_message(group, message)
 
     def on_session(self, group: int, index: int, session: Session) -> None:

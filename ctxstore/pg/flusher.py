@@ -5,18 +5,18 @@ Rules of this file:
 - Nothing on the append path waits for Postgres.  The state keeps, per group, the sessions not
   yet entirely in Postgres and their watermarks (``ConversationState``, "Postgres
   watermarks"); ``on_message`` only counts, to wake the flusher early.
-- One task per node.  Every ``flush_interval_s``, or as soon as ``flush_rows`` messages were
-  applied since the last flush, it takes the groups this node leads and, for their pending
+- One task per node.  Every ``flush_interval_s``, or as soon as ``flush_rows`` messages of the
+  groups it leads were applied since the last flush, it takes those groups and, for their pending
   sessions (oldest change first), up to ``flush_rows`` rows and ``FLUSH_BYTES_MAX`` bytes: each
-  session's row, its read cursors, and its messages after its watermark, read from the hot tail
-  or, older, from the local archive (on disk).  It writes them in one transaction: the
-  messages ``COPY``-ed straight into ``messages`` in a savepoint (rows above the watermarks
-  are normally not in Postgres), or, if one is there already (a unique violation: back to the
-  savepoint, counted in ``copy_fallbacks``), ``COPY`` into a temporary table then ``INSERT ...
-  ON CONFLICT DO NOTHING`` (a message never changes); sessions and cursors through temporary
-  tables and ``INSERT ... ON CONFLICT DO UPDATE`` of ``last_seq`` and cursors, only forward.
-  After the COMMIT it proposes ``PostgresFlushed`` with the new watermarks to each group and
-  waits for them to apply, then starts over at once if rows were left.
+  session's row, its read cursors, and its messages after its watermark, read from the hot tail or,
+  older, from the local archive (on disk).  It writes them in one transaction: the messages
+  ``COPY``-ed straight into ``messages`` in a savepoint (rows above the watermarks are normally not
+  in Postgres), or, if one is there already (a unique violation: back to the savepoint, counted in
+  ``copy_fallbacks``), ``COPY`` into a temporary table then ``INSERT ... ON CONFLICT DO NOTHING`` (a
+  message never changes); sessions and cursors through temporary tables and ``INSERT ... ON CONFLICT
+  DO UPDATE`` of ``last_seq`` and cursors, only forward. After the COMMIT it proposes
+  ``PostgresFlushed`` with the new watermarks to each group and waits for them to apply, then starts
+  over at once if rows were left.
 - Idempotent: a leader killed between its COMMIT and the watermark's commit, an old leader
   flushing after a new one was elected, a retried transaction: each copies rows already there,
   which the direct ``COPY`` refuses and the fallback's INSERT skips.  A message is the same
@@ -78,6 +78,7 @@ from .rows import (
     cursor_records,
     message_record,
     session_record,
+    use_millis,
 )
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,12 @@ class Flusher:
         return self._pool
 
     # -- called by the node ------------------------------------------------------------------------
-    def on_message(self) -> None:
-        """A message was applied (any group): wake the flusher once ``flush_rows`` wait."""
+    def on_message(self, group: int) -> None:
+        """A message was applied to ``group``: wake the flusher once ``flush_rows`` messages of
+        the groups this node leads wait (a follower's messages are another node's to copy:
+        counting them would start transactions of a third of ``flush_rows`` with 3 replicas)."""
+        if self.driver.leader(group) != self.node_id:
+            return
         self._applied_since += 1
         if self._applied_since == self.config.flush_rows:
             self._wake.set()
@@ -572,6 +577,7 @@ class Flusher:
 
 
 async def _init_connection(conn: Any) -> None:
+    await use_millis(conn)  # timestamps as ms, no datetime per row (rows.py)
     for statement in TEMP_TABLES:
         await conn.execute(statement)
 

@@ -37,7 +37,7 @@ SELECT_PAGE = (
 # are under $5, so at least one row and about $5 bytes (``History`` cuts it exactly).
 SELECT_READ = (
     f"SELECT * FROM (SELECT {MESSAGE_SELECT}, sum(size) OVER (ORDER BY seq) - size AS before"
-    f" FROM (SELECT {MESSAGE_SELECT}, octet_length(content) + octet_length(metadata::text)"
+    " FROM (SELECT *, octet_length(content) + octet_length(metadata::text)"
     " + coalesce(octet_length(parts::text), 0) AS size FROM messages"
     " WHERE session_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4) AS page) AS run"
     " WHERE before < $5 ORDER BY seq"

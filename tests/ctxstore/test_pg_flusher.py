@@ -439,14 +439,65 @@ def test_a_flush_starts_early_when_flush_rows_messages_wait(tmp_path: Path, pg_d
     run(main())
 
 
-def test_rows_timestamps_and_empty_metadata_are_exact() -> None:
-    """``rows.timestamp`` (integer microseconds) round-trips every millisecond value, and a
-    message without metadata gets the JSON of an empty object."""
+def test_rows_timestamps_round_trip_exactly_through_postgres(pg_dsn: str) -> None:
+    """A connection with ``rows.use_millis`` writes ms-since-the-epoch ints as ``timestamptz``
+    (by COPY, as the flusher does); they read back as the same ints through
+    ``MESSAGE_SELECT`` (no codec) and as the same instants through a plain connection."""
     import datetime as dt
 
-    for ms in (0, 1, -1, 999, 1_700_000_000_123, 253_402_300_799_999, -62_135_596_800_000):
-        t = rows.timestamp(ms)
-        assert t == rows.EPOCH + dt.timedelta(milliseconds=ms) and rows.millis(t) == ms
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    values = (0, 1, -1, 999, 1_700_000_000_123, 253_402_300_799_999, -62_135_596_800_000)
+
+    async def main() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await schema.migrate(conn)
+            await rows.use_millis(conn)
+            records = [
+                rows.message_record(
+                    StoredMessage(
+                        "s", k, "user", "u", "text", "x", {}, None, ms, None, None, NO_PARTS
+                    )
+                )
+                for k, ms in enumerate(values, 1)
+            ]
+            await conn.copy_records_to_table(
+                "messages", records=records, columns=rows.MESSAGE_COLUMNS
+            )
+            assert [
+                r[0] for r in await conn.fetch("SELECT inserted_at FROM messages ORDER BY seq")
+            ] == list(values)
+        finally:
+            await conn.close()
+        back = await pg_messages(pg_dsn)
+        assert [m.inserted_at for m in back] == list(values)
+        plain = await fetch(pg_dsn, "SELECT inserted_at FROM messages ORDER BY seq")
+        assert [r[0] for r in plain] == [epoch + dt.timedelta(milliseconds=ms) for ms in values]
+
+    run(main())
+
+
+def test_a_follower_s_messages_do_not_start_a_flush() -> None:
+    """``on_message`` counts toward ``flush_rows`` only the messages of groups this node
+    leads: with 3 replicas, counting every group's would start a transaction each time a
+    third of ``flush_rows`` of its own waited."""
+    from types import SimpleNamespace
+
+    from ctxstore.pg.flusher import Flusher, PostgresConfig
+
+    led = {0, 2}
+    driver = SimpleNamespace(leader=lambda g: 7 if g in led else 8)
+    config = PostgresConfig("postgresql://unused", flush_rows=3)
+    f = Flusher(7, None, None, driver, config)  # type: ignore[arg-type]
+    for g in (1, 1, 1, 3, 0, 1, 2):
+        f.on_message(g)
+    assert not f._wake.is_set()
+    f.on_message(0)
+    assert f._wake.is_set()
+
+
+def test_empty_metadata_is_the_json_of_an_empty_object() -> None:
+    """A message without metadata gets the JSON of an empty object; a NUL in it is replaced."""
     bare = StoredMessage("s", 1, "user", "u", "text", "x", {}, None, 5, None, "user", NO_PARTS)
     assert rows.message_record(bare)[6] == "{}" == rows.json_text({})
     meta = StoredMessage(
