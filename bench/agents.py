@@ -14,9 +14,15 @@ recorded (CLOCK_MONOTONIC, one clock for every process of the machine).  The gat
 p99 <= ``--p99-target-ms`` (20 ms by default).
 
 With ``--slow-sessions N``: appends are measured twice for ``--duration`` each, on other
-sessions whose agent is not registered, with ``--append-concurrency`` in flight: first with no
-agent running, then while N sessions keep an agent that takes ``--slow-agent-s`` per call
-busy (each reply triggers the next).  Both p99s are reported (appends never wait on agents).
+sessions whose agent is not registered, with ``--append-concurrency`` in flight (or, with
+``--append-rate R``, R a second on a fixed schedule, each timed from its scheduled start, at
+most ``--append-concurrency`` x 16 outstanding): first with no agent running, then while N
+sessions keep an agent that takes ``--slow-agent-s`` per call busy (each reply triggers the
+next; ``--busy-spread-s``: their first messages spread over that many seconds, else all at
+once, so that their replies come in bursts).  Both p99s are reported (appends never wait on
+agents).  The N sessions' users are a child process of their own (``BusyUsers``), as the
+agent is: the other users of a deployment are not in the measuring client, whose loop would
+otherwise also take every reply's push.
 Each phase also reports the CPU its processes used (``cpu``: the nodes, this process, the agent's
 child; % of one core) and the machine's, since other work on the machine moves the figures.
 Exit status: 0 gate passed, 1 not, 2 could not run.
@@ -99,6 +105,73 @@ async def _serve_echo(deltas: int, gap_s: float, slow_s: float) -> None:
     await stdin.read()  # until the bench closes it
     await agent.stop()
     print(json.dumps({"calls": agent.calls, "connections": agent.connections}), flush=True)
+
+
+class BusyUsers:
+    """The users of the slow-agent sessions in a child process (``python -m bench.agents
+    --serve-busy N TARGETS WAIT SPREAD``): each of ``busy-0`` .. ``busy-{N-1}`` appends a user
+    message, waits for the agent's reply (a subscription), and again, until its stdin closes;
+    then it prints how many replies came."""
+
+    def __init__(
+        self, sessions: int, targets: Sequence[str], wait_s: float, spread_s: float
+    ) -> None:
+        self.args = [str(sessions), ",".join(targets), str(wait_s), str(spread_s)]
+        self.replies = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.agents", "--serve-busy", *self.args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
+        if not line:
+            raise RuntimeError("the busy users' process did not start")
+
+    async def stop(self, timeout_s: float) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout_s + 10)
+            self.replies = json.loads(line).get("replies", 0) if line else 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+async def _serve_busy(sessions: int, targets: list[str], wait_s: float, spread: float) -> None:
+    clients = [await connect(targets[k % len(targets):] + targets[:k % len(targets)],
+                             client_name="ctxstore-bench-busy") for k in range(8)]  # fmt: skip
+    stop = asyncio.Event()
+    replies = [0]
+
+    async def staggered(i: int) -> None:
+        await asyncio.sleep(spread * i / sessions)
+        await _keep_busy(clients[i % len(clients)], f"busy-{i}", stop, replies)
+
+    tasks = [asyncio.create_task(staggered(i)) for i in range(sessions)]
+    print(json.dumps({"started": sessions}), flush=True)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    await stdin.read()  # until the bench closes it
+    stop.set()
+    await asyncio.wait(tasks, timeout=wait_s)
+    for t in tasks:
+        t.cancel()
+    for client in clients:
+        await client.close()
+    print(json.dumps({"replies": replies[0]}), flush=True)
 
 
 class EchoAgent:
@@ -199,8 +272,10 @@ async def _conversation(
 
 async def _appends(
     clients: list[Client], sessions: list[str], concurrency: int, until: float,
-    hist: LatencyHistogram,
+    hist: LatencyHistogram, rate: float | None = None,
 ) -> int:  # fmt: skip
+    if rate:
+        return await _appends_at(clients, sessions, concurrency * 16, until, hist, rate)
     done = [0]
 
     async def worker(k: int) -> None:
@@ -218,12 +293,56 @@ async def _appends(
     return done[0]
 
 
-async def _keep_busy(client: Client, sid: str, stop: asyncio.Event) -> None:
+async def _appends_at(
+    clients: list[Client], sessions: list[str], outstanding_max: int, until: float,
+    hist: LatencyHistogram, rate: float,
+) -> int:  # fmt: skip
+    """Appends at ``rate`` a second on a fixed schedule, each timed from its scheduled start
+    (a stalled node delays the ones behind it: no coordinated omission); at most
+    ``outstanding_max`` in flight (beyond: the schedule slips, and the wait counts)."""
+    done = [0]
+    slots = asyncio.Semaphore(outstanding_max)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(k: int, due: float) -> None:
+        try:
+            client = clients[k % len(clients)]
+            await client.append(sessions[k % len(sessions)], "x" * 100, "system", "", "note")
+            hist.record_s(time.perf_counter() - due)
+            done[0] += 1
+        finally:
+            slots.release()
+
+    gap = 1.0 / rate
+    start, k = time.perf_counter(), 0
+    end = start + (until - time.monotonic())
+    while True:
+        due = start + k * gap
+        if due >= end:
+            break
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await slots.acquire()
+        task = asyncio.create_task(one(k, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        k += 1
+    if tasks:
+        await asyncio.wait(tasks)
+    return done[0]
+
+
+async def _keep_busy(
+    client: Client, sid: str, stop: asyncio.Event, replies: list[int] | None = None
+) -> None:
     async with client.subscribe(sid) as sub:
         while not stop.is_set():
             await client.append(sid, "again", "user", "u")
             async for item in sub:
                 if isinstance(item, Message) and item.sender == "agent":
+                    if replies is not None:
+                        replies[0] += 1
                     break
 
 
@@ -270,31 +389,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             base = LatencyHistogram()
             log(f"appends without agents for {args.duration} s", args.quiet)
             cpu0 = sample_cpu(pids)
+            rate = args.append_rate
             n = await _appends(clients, plain, args.append_concurrency,
-                               time.monotonic() + args.duration, base)  # fmt: skip
+                               time.monotonic() + args.duration, base, rate)  # fmt: skip
             cpu_base = cpu_between(cpu0, sample_cpu(pids))
-            stop = asyncio.Event()
-            busy_tasks = [asyncio.create_task(_keep_busy(clients[i % len(clients)], sid, stop))
-                          for i, sid in enumerate(busy)]  # fmt: skip
+            users = BusyUsers(len(busy), targets, args.slow_agent_s * 3 + 5, args.busy_spread_s)
+            await users.start()
             await asyncio.sleep(1.0)
             log(f"appends while {len(busy)} sessions call a {args.slow_agent_s} s agent",
                 args.quiet)  # fmt: skip
             loaded = LatencyHistogram()
             slow_pids = {**pids, "agent": slow.pid} if slow.pid is not None else pids
+            if users.pid is not None:
+                slow_pids["users"] = users.pid
             cpu0 = sample_cpu(slow_pids)
             m = await _appends(clients, plain, args.append_concurrency,
-                               time.monotonic() + args.duration, loaded)  # fmt: skip
+                               time.monotonic() + args.duration, loaded, rate)  # fmt: skip
             cpu_loaded = cpu_between(cpu0, sample_cpu(slow_pids))
-            stop.set()
-            await asyncio.wait(busy_tasks, timeout=args.slow_agent_s * 3 + 5)
-            for t in busy_tasks:
-                t.cancel()
+            await users.stop(args.slow_agent_s * 3 + 5)
             await slow.stop()  # (its counts come with its end)
             doc["appends_without_agents"] = {**_figures(base), "per_s": round(n / args.duration),
                                              "cpu": cpu_base}  # fmt: skip
             doc["appends_with_agents"] = {**_figures(loaded), "per_s": round(m / args.duration),
                                           "agent_calls": slow.calls,
                                           "agent_connections": slow.connections,
+                                          "replies": users.replies,
                                           "cpu": cpu_loaded}  # fmt: skip
         sessions = [f"conv-{i}" for i in range(args.conversations)]
         for sid in sessions:
@@ -337,7 +456,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--p99-target-ms", type=float, default=20.0, help="(default: 20)")
     p.add_argument("--slow-sessions", type=int, default=0, help="(default: 0, no append phase)")
     p.add_argument("--slow-agent-s", type=float, default=2.0, help="(default: 2)")
+    p.add_argument("--busy-spread-s", type=float, default=0.0,
+                   help="the slow sessions' first messages spread over this many seconds "
+                        "(default: 0, all at once: their replies come in bursts)")  # fmt: skip
     p.add_argument("--append-concurrency", type=int, default=64, help="(default: 64)")
+    p.add_argument("--append-rate", type=float, default=None,
+                   help="appends a second, on a schedule (default: a closed loop)")  # fmt: skip
     p.add_argument("--agent-in-process", action="store_true",
                    help="serve the echo agents from this process (the measuring one)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
@@ -351,6 +475,11 @@ def main(argv: Sequence[str]) -> int:
         import uvloop
 
         uvloop.run(_serve_echo(int(argv[1]), float(argv[2]), float(argv[3])))
+        return 0
+    if argv[:1] == ["--serve-busy"]:  # the child of BusyUsers
+        import uvloop
+
+        uvloop.run(_serve_busy(int(argv[1]), argv[2].split(","), float(argv[3]), float(argv[4])))
         return 0
     node_args: list[str] = []
     if "--" in argv:

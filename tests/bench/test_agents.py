@@ -31,4 +31,23 @@ def test_a_short_agents_run_times_chunks_and_appends(tmp_path: Path) -> None:
     assert chunks["agent_calls"] >= chunks["replies"] and chunks["agent_connections"] > 0
     slow = doc["appends_with_agents"]
     assert 0 < slow["agent_connections"] <= slow["agent_calls"]
+    assert 0 < slow["replies"] <= slow["agent_calls"]  # (the busy users' child process)
     assert doc["gate"]["passed"]
+
+
+def test_appends_at_a_rate_beside_agents_spread(tmp_path: Path) -> None:
+    """``--append-rate``: appends on a schedule (about rate x duration of them) in both
+    phases; ``--busy-spread-s``: the slow sessions start spread, and their replies come."""
+    out = tmp_path / "agents.json"
+    cmd = [sys.executable, "-m", "bench.cli", "agents", "--nodes", "3", "--conversations", "2",
+           "--duration", "1.5", "--deltas", "3", "--delta-gap-ms", "5", "--slow-sessions", "10",
+           "--slow-agent-s", "0.2", "--busy-spread-s", "0.2", "--append-rate", "200",
+           "--p99-target-ms", "5000", "--quiet", "--json", str(out),
+           "--", "--groups", "16", "--tick-ms", "20"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(out.read_text())
+    for phase in ("appends_without_agents", "appends_with_agents"):
+        assert 200 <= doc[phase]["count"] <= 300, doc[phase]  # 200/s for 1.5 s
+        assert doc[phase]["per_s"] == round(doc[phase]["count"] / 1.5)
+    assert doc["appends_with_agents"]["replies"] > 0
