@@ -150,10 +150,17 @@ def test_a_dead_node_is_removed_replaced_and_never_comes_back() -> None:
 
 
 def test_a_membership_seed_replays_exactly() -> None:
-    a = run_seed(2, 5, 4, 500, verbose=True, membership=True)  # (a seed with a join, a drain)
-    b = run_seed(2, 5, 4, 500, verbose=True, membership=True)
-    assert a.trace == b.trace and a.stats == b.stats
-    assert a.stats.joins and a.stats.drains and a.stats.conf_changes
+    # The first seed whose schedule has a join, a drain and a configuration change: which seed
+    # that is moves whenever an entry's encoding or a timing changes (a fixed seed went quiet
+    # when Append grew a field), so the test looks for one rather than naming it.
+    for seed in range(1, 31):
+        a = run_seed(seed, 5, 4, 500, verbose=True, membership=True)
+        if a.stats.joins and a.stats.drains and a.stats.conf_changes:
+            break
+    else:
+        raise AssertionError("no seed in 1-30 joined, drained and changed a configuration")
+    b = run_seed(seed, 5, 4, 500, verbose=True, membership=True)
+    assert a.violation is None and a.trace == b.trace and a.stats == b.stats
 
 
 @pytest.mark.parametrize("wal", [False, True], ids=["memory", "wal"])
