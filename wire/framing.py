@@ -17,7 +17,8 @@ Rules of this file:
 - A well-framed request that fails the schema is a ``BadRequest``: the server has already queued
   a ``bad_request`` Error naming the field, and the connection goes on.  So is a request whose
   ``rid`` is readable but whose body nests deeper than the decoder goes, and an ``Append`` or
-  ``CreateSession`` whose metadata is over ``METADATA_BYTES_MAX`` or ``METADATA_DEPTH_MAX``.
+  ``CreateSession`` whose metadata is over ``METADATA_BYTES_MAX`` or ``METADATA_DEPTH_MAX``, or
+  whose metadata or parts hold what JSON cannot (a non-string map key, a msgpack extension).
   Anything else that is broken (oversize frame, undecodable msgpack, an unreadable ``rid``, a
   first frame that is not a valid Hello, a frame the table does not allow) is a
   ``ProtocolError``.  It is sticky: the
@@ -431,10 +432,9 @@ class ServerConnection(_Connection):
                     return self._answer_bad(
                         rid, "metadata", f"{size} bytes encoded exceeds {METADATA_BYTES_MAX}"
                     )
-            if nested_deeper(request.metadata, METADATA_DEPTH_MAX):
-                return self._answer_bad(
-                    rid, "metadata", f"nested deeper than {METADATA_DEPTH_MAX} levels"
-                )
+            fault = value_fault(request.metadata, METADATA_DEPTH_MAX, "metadata")
+            if fault is not None:
+                return self._answer_bad(rid, fault.path, fault.message)
         if type(request) is Append or type(request) is Compact:
             bad = check_body(request)
             if bad is not None:
@@ -564,8 +564,10 @@ def check_body(request: Append | Compact) -> PartError | None:
     assert type(request) is Compact
     for i, m in enumerate(request.replacement):
         where = f"replacement[{i}]."
-        if m.metadata and nested_deeper(m.metadata, METADATA_DEPTH_MAX):
-            return PartError(f"{where}metadata", f"nested deeper than {METADATA_DEPTH_MAX} levels")
+        if m.metadata:
+            fault = value_fault(m.metadata, METADATA_DEPTH_MAX, f"{where}metadata")
+            if fault is not None:
+                return fault
         bad = _check_message_body(m.content, m.parts, where)
         if bad is not None:
             return bad
@@ -585,8 +587,11 @@ def _check_message_body(content: str, parts: list[Any] | None, where: str) -> Pa
         return None
     if content:
         return PartError(f"{where}content", "must be empty when parts are given")
-    if nested_deeper(parts, METADATA_DEPTH_MAX + 1):  # the list, then each part's map
-        return PartError(f"{where}parts", f"nested deeper than {METADATA_DEPTH_MAX} levels")
+    fault = value_fault(parts, METADATA_DEPTH_MAX + 1, f"{where}parts")  # the list, each map
+    if fault is not None:
+        if fault.path == f"{where}parts":  # (too deep: counted as the parts' own levels)
+            return PartError(fault.path, f"nested deeper than {METADATA_DEPTH_MAX} levels")
+        return fault
     try:
         check_parts(parts, f"{where}parts")
     except PartError as e:
@@ -691,24 +696,62 @@ def _read_uint(body: bytes | bytearray | memoryview, pos: int) -> int | None:
     return None
 
 
-def nested_deeper(value: object, levels_max: int) -> bool:
-    """Whether ``value`` nests maps and arrays more than ``levels_max`` levels deep (a map or an
-    array is one level, with one more for each map or array inside it; scalars are none)."""
-    stack: list[tuple[object, int]] = [(value, 1)]
+_CONTAINERS: Final = (dict, list, tuple)
+_SCALARS: Final = (str, int, float, bool, bytes, type(None))
+
+
+def value_fault(value: object, levels_max: int, path: str) -> PartError | None:
+    """What is wrong with a decoded value a client stores (metadata, parts), or None.
+
+    Nested more than ``levels_max`` levels (a map or an array is one level, one more for each
+    inside it): a fault at ``path`` itself.  A map key that is not a string, or a value msgpack
+    has and JSON has not (an extension type; a timestamp is one): a fault at the path of the
+    map or the value (``metadata.a[2].b``).  Stored, either would fail every JSON reader of
+    the message (the web, Postgres, an agent's webhook), forever.  Binary is kept (JSON
+    readers get base64).  Exact types first: a decoder makes nothing else."""
+    stack: list[tuple[object, int, str]] = [(value, 1, path)]
     while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
+        item, depth, where = stack.pop()
+        kind = type(item)
+        if kind is dict or kind is list or isinstance(item, _CONTAINERS):
+            if depth > levels_max:
+                return PartError(path, f"nested deeper than {levels_max} levels")
+        elif isinstance(item, _SCALARS):
             continue
-        if depth > levels_max:
-            return True
-        for child in children:
-            if isinstance(child, dict | list | tuple):
-                stack.append((child, depth + 1))
-    return False
+        else:
+            return _scalar_fault(where, item)
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if type(key) is not str:
+                    return PartError(
+                        where,
+                        f"a map key must be a string, not {type(key).__name__} {_short(key)}",
+                    )
+                t = type(child)
+                if t is str or t is int or t is float or t is bool or child is None:
+                    continue
+                stack.append((child, depth + 1, f"{where}.{key}"))
+        else:
+            assert isinstance(item, list | tuple)
+            for i, child in enumerate(item):
+                t = type(child)
+                if t is str or t is int or t is float or t is bool or child is None:
+                    continue
+                stack.append((child, depth + 1, f"{where}[{i}]"))
+    return None
+
+
+def _scalar_fault(where: str, value: object) -> PartError:
+    if isinstance(value, msgspec.msgpack.Ext):
+        what = f"a msgpack extension (type {value.code})"
+    else:  # a msgpack timestamp decodes as a datetime
+        what = f"a msgpack {type(value).__name__}"
+    return PartError(where, f"{what} has no JSON form: store a string, a number or a map")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 # -- the client end --------------------------------------------------------------------------------
@@ -803,6 +846,6 @@ __all__ = [
     "describe_schema_error",
     "encode_frame",
     "input_of",
-    "nested_deeper",
     "read_head",
+    "value_fault",
 ]

@@ -134,14 +134,17 @@ an earlier version leaves them all out, a later one may give some (``parts``) an
 _json_decoder: Final = msgspec.json.Decoder()
 
 
-def _json_value(obj: Any) -> Any:
-    """A metadata value msgpack holds and JSON has no form for: a msgpack extension."""
+def json_stand_in(obj: Any) -> Any:
+    """The JSON form of a value msgpack holds and JSON has not: a msgpack extension (an
+    ``enc_hook``).  Servers refuse such values in what clients store (wire/framing.py
+    ``value_fault``); a message stored before they did, or a native client's own data, still
+    reads."""
     if isinstance(obj, msgspec.msgpack.Ext):
         return {"msgpack_ext": obj.code, "data": base64.b64encode(obj.data).decode()}
     raise TypeError(f"{type(obj).__name__} has no JSON form")  # (msgspec passes it on)
 
 
-_json_encoder: Final = msgspec.json.Encoder(enc_hook=_json_value)
+_json_encoder: Final = msgspec.json.Encoder(enc_hook=json_stand_in)
 _msgpack_encoder: Final = msgspec.msgpack.Encoder()
 _server_message_decoder: Final = msgspec.msgpack.Decoder(Response | Push)
 

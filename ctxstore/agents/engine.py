@@ -48,6 +48,7 @@ import msgspec.json
 
 from wire.parts import PartError, check_parts
 from wire.protocol import MESSAGE_BYTES_MAX, METADATA_BYTES_MAX, Message
+from wire.web_codec import json_stand_in
 
 from .. import commands
 from ..context import Plan, WindowCache, answer, from_history, from_memory, window_tokenizer
@@ -69,7 +70,7 @@ logger = logging.getLogger(__name__)
 MAX_WAIT_FACTOR = 5
 DRAIN_AFTER_END_S = 1.0  # how long the rest of a body is read after finish/abort (keep-alive)
 BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
-_json = msgspec.json.Encoder()
+_json = msgspec.json.Encoder(enc_hook=json_stand_in)  # (an extension stored before refusal)
 _msgpack = msgspec.msgpack.Encoder()
 
 

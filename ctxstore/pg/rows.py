@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from wire.protocol import Session
+from wire.web_codec import json_stand_in
 
 from ..records import NO_PARTS, AgentRecord, StoredMessage, decode_parts, encode_parts
 
@@ -50,6 +51,7 @@ AGENT_COLUMNS = (
 )  # fmt: skip
 
 _encode_json = msgspec.json.Encoder().encode
+_encode_stand_in = msgspec.json.Encoder(enc_hook=json_stand_in).encode
 _JSON_NUL = b"\\u0000"
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_parts = msgspec.json.Decoder(list[dict[str, Any]]).decode
@@ -102,7 +104,10 @@ def _scrub(value: Any) -> Any:
 
 
 def json_text(value: Any) -> str:
-    data = _encode_json(value)
+    try:
+        data = _encode_json(value)
+    except TypeError:  # a non-string key or a msgpack extension, stored before either was refused
+        return _encode_stand_in(_scrub(value)).decode()
     if _JSON_NUL in data:  # a NUL somewhere in a string (or a literal "\u0000"): rewrite
         data = _encode_json(_scrub(value))
     return data.decode()

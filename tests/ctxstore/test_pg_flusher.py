@@ -504,3 +504,15 @@ def test_empty_metadata_is_the_json_of_an_empty_object() -> None:
         "s", 1, "user", "u", "text", "x", {"a": "\x00"}, None, 5, None, None, NO_PARTS
     )
     assert msgspec.json.decode(rows.message_record(meta)[6]) == {"a": "\ufffd"}
+
+
+def test_metadata_without_a_json_form_still_flushes() -> None:
+    """A message stored before the boundary refused them (wire/framing.py ``value_fault``) may
+    hold a non-string key or a msgpack extension: its row gets JSON with stand-ins (the web's),
+    so the flush never stalls on it."""
+    odd = {"k": {(1, 2): "\x00", None: 1, 3: 4}, "e": msgspec.msgpack.Ext(5, b"xy")}
+    message = StoredMessage("s", 1, "user", "u", "text", "x", odd, None, 5, None, None, NO_PARTS)
+    assert msgspec.json.decode(rows.message_record(message)[6]) == {
+        "k": {"(1, 2)": "\ufffd", "None": 1, "3": 4},
+        "e": {"msgpack_ext": 5, "data": "eHk="},
+    }

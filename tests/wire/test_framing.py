@@ -653,6 +653,93 @@ def test_deep_nesting_with_a_readable_rid_is_a_bad_request(data: bytes, field: s
     assert drain(server) == [RequestReceived(Ping(10))]
 
 
+EXT = msgspec.msgpack.Ext(5, b"xy")
+STAMP = msgspec.msgpack.decode(b"\xd6\xff\x00\x00\x00\x01")  # a msgpack timestamp (ext -1)
+
+
+def with_parts(parts: list[Any]) -> list[Any]:
+    return [*with_field(6, ""), None, parts]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "says"),
+    [
+        (with_field(7, {"k": {1: 2}}), "metadata.k", "a map key must be a string, not int 1"),
+        (with_field(7, {"k": [{"x": {None: 1}}]}), "metadata.k[0].x", "not NoneType None"),
+        (with_field(7, {"k": [1, {b"x": 1}]}), "metadata.k[1]", "not bytes b'x'"),
+        (with_field(7, {"e": EXT}), "metadata.e", "a msgpack extension (type 5)"),
+        (with_field(7, {"l": [0, [STAMP]]}), "metadata.l[1][0]", "a msgpack datetime"),
+        (
+            ["create_session", 9, "u", "a", {"tags": {2: "x"}}, None],
+            "metadata.tags",
+            "a map key must be a string",
+        ),
+        (
+            with_parts(
+                [
+                    {
+                        "type": "dynamic-tool",
+                        "toolName": "t",
+                        "toolCallId": "c",
+                        "state": "input-available",
+                        "input": {"q": {7: 1}},
+                    }
+                ]
+            ),
+            "parts[0].input.q",
+            "a map key must be a string",
+        ),
+        (
+            with_parts([{"type": "text", "text": "x"}, {"type": "data-x", "data": [EXT]}]),
+            "parts[1].data[0]",
+            "a msgpack extension",
+        ),
+        (
+            [
+                "compact",
+                9,
+                "s",
+                1,
+                2,
+                [
+                    {
+                        "role": "system",
+                        "kind": "text",
+                        "content": "x",
+                        "parts": None,
+                        "metadata": {"m": {1.5: 0}},
+                        "token_count": None,
+                    }
+                ],
+                None,
+            ],
+            "replacement[0].metadata.m",
+            "not float 1.5",
+        ),
+    ],
+)
+def test_values_without_a_json_form_are_a_bad_request(body: Any, field: str, says: str) -> None:
+    """A non-string map key or a msgpack extension in stored metadata or parts would fail every
+    JSON reader of the message forever (the web, the Postgres copy, an agent's webhook): the
+    request is refused naming the path, and the connection goes on."""
+    server = open_server()
+    server.receive_data(raw(body))
+    [event] = drain(server)
+    assert isinstance(event, BadRequest), event
+    assert event.rid == 9 and event.error.details == {"field": field}
+    assert event.error.message.startswith(f"{field}: ") and says in event.error.message
+    server.receive_data(encode_frame(Ping(10)))
+    assert drain(server) == [RequestReceived(Ping(10))]
+
+
+def test_binary_and_every_json_value_are_kept() -> None:
+    server = open_server()
+    metadata = {"b": b"\x00", "n": None, "t": True, "i": -(2**63), "f": 0.5, "l": [{"s": "x"}]}
+    request = Append(2, "s", "user", "", "text", "hi", metadata, None, None, None)
+    server.receive_data(encode_frame(request))
+    assert drain(server) == [RequestReceived(request)]
+
+
 def test_metadata_at_the_depth_limit_is_accepted() -> None:
     server = open_server()
     metadata = {"k": [nested(METADATA_DEPTH_MAX - 2)], "flat": 1}  # 1 + 1 + 30 levels

@@ -8,15 +8,18 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from ctxstore.launcher import LocalCluster
 from tests.ctxstore.test_ops import run, single_node
 from wire.client import connect
+from wire.errors import ClientError
 from wire.framing import ResponseReceived
 from wire.protocol import (
     METADATA_DEPTH_MAX,
     Append,
+    Appended,
     CreateSession,
     Error,
     Message,
@@ -70,6 +73,44 @@ def test_deep_nesting_is_refused_at_the_boundary_and_the_limit_round_trips(
                     message = await asyncio.wait_for(anext(sub), 5)
                 assert isinstance(message, Message) and message.metadata == at_limit
             finally:
+                await client.close()
+
+    run(main())
+
+
+def test_values_without_a_json_form_are_refused_by_a_node(tmp_path: Path) -> None:
+    """A native client may encode what JSON cannot (a non-string map key, a msgpack extension);
+    stored, it would fail the web, the Postgres copy and agents' webhooks on that message
+    forever.  A real node refuses it naming the path, keeps the connection, stores nothing of
+    it, and keeps binary values."""
+
+    async def main() -> None:
+        async with single_node(tmp_path) as h:
+            client = await connect(h.target, timeout_s=5)
+            raw = await RawClient.open(h.clients.address)
+            try:
+                await client.create_session("u", "a", session_id="ok")
+                raw.send(CreateSession(2, "u", "a", {"tags": {1: "x"}}, "bad"))
+                ext = {"e": [msgspec.msgpack.Ext(3, b"z")]}
+                raw.send(Append(3, "ok", "user", "u", "text", "hi", ext, None, None, None))
+                binary = {"b": b"\x00\xff"}
+                raw.send(Append(4, "ok", "user", "u", "text", "hi", binary, None, None, None))
+                raw.send(Ping(5))
+                by_rid = {r.rid: r for r in [answer(e) for e in await raw.events(4)]}
+                assert type(by_rid[2]) is Error and by_rid[2].code == "bad_request"
+                assert by_rid[2].details == {"field": "metadata.tags"}
+                assert type(by_rid[3]) is Error and by_rid[3].code == "bad_request"
+                assert by_rid[3].details == {"field": "metadata.e[0]"}
+                assert "msgpack extension (type 3)" in by_rid[3].message
+                assert type(by_rid[4]) is Appended and by_rid[4].seq == 1
+                assert type(by_rid[5]) is Pong
+                page = await client.read("ok", 0, 10)
+                assert [m.metadata for m in page.messages] == [binary]
+                with pytest.raises(ClientError) as info:
+                    await client.get_session("bad")
+                assert info.value.code == "not_found"
+            finally:
+                raw.close()
                 await client.close()
 
     run(main())
