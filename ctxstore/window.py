@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from raft.errors import check
+from raft.errors import InvariantViolation, check
 from wire.parts import matches
 from wire.protocol import ContextReason
 
@@ -82,13 +82,18 @@ class Window:
         self.size = 0  # sum of sizes
         self.needs_compaction = False
         self._skip: list[str] = []
+        # From the configuration (``configure``), so that a trim asks no isinstance:
+        self._limit: int | None = None  # records kept at most (last_n, skip_parts)
+        self._trim_above: float | None = None  # tokens above which token_budget trims
+        self._needs_above: float | None = None  # tokens above which compaction is needed
 
     # -- changes (each returns the events it causes, for subscribers) ---------------------------
     def append(self, record: Record) -> list[ContextReason]:
-        check(
-            not self.records or record.first_seq > self.records[-1].last_seq,
-            f"context window: seq {record.first_seq} appended out of order",
-        )
+        records = self.records
+        if records and record.first_seq <= records[-1].last_seq:
+            raise InvariantViolation(
+                f"context window: seq {record.first_seq} appended out of order"
+            )
         self._push(record)
         self.version += 1
         trimmed = self._trim()
@@ -117,6 +122,9 @@ class Window:
         self.config = config
         policy = config.policy
         self._skip = list(policy.types) if isinstance(policy, SkipParts) else []
+        self._limit = policy.limit if isinstance(policy, LastN | SkipParts) else None
+        self._needs_above = config.token_budget * config.trigger_ratio
+        self._trim_above = self._needs_above if isinstance(policy, TokenBudget) else None
         self.tokens = 0
         for r in self.records:
             r.view_tokens = self._view_tokens(r)
@@ -200,19 +208,14 @@ class Window:
 
     def _over(self) -> bool:
         """Whether the front unit must go (the newest unit always stays)."""
-        limits = self.limits
-        if len(self.records) > limits.records_max or self.size > limits.bytes_max:
+        n = len(self.records)
+        if n > self.limits.records_max or self.size > self.limits.bytes_max:
             return True
-        config = self.config
-        if config is None:
-            return False
-        policy = config.policy
-        limit = policy.limit if isinstance(policy, LastN | SkipParts) else None
-        if limit is not None and len(self.records) > limit:
+        limit = self._limit
+        if limit is not None and n > limit:
             return True
-        if isinstance(policy, TokenBudget):
-            return self.tokens > config.token_budget * config.trigger_ratio
-        return False
+        above = self._trim_above
+        return above is not None and self.tokens > above
 
     def _trim(self) -> bool:
         trimmed = False
@@ -234,8 +237,8 @@ class Window:
         return len(self.records) > self.limits.records_max or self.size > self.limits.bytes_max
 
     def _events(self, reasons: list[ContextReason]) -> list[ContextReason]:
-        config = self.config
-        needs = config is not None and self.tokens > config.token_budget * config.trigger_ratio
+        above = self._needs_above
+        needs = above is not None and self.tokens > above
         if needs and not self.needs_compaction:
             reasons.append("needs_compaction")
         self.needs_compaction = needs
