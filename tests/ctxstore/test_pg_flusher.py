@@ -20,6 +20,7 @@ import uvloop
 from ctxstore import commands as c
 from ctxstore.config import Settings
 from ctxstore.node import Node
+from ctxstore.pg import flusher as flusher_module
 from ctxstore.pg import rows, schema
 from ctxstore.placement import group_of
 from ctxstore.records import (
@@ -203,13 +204,18 @@ def test_a_lost_watermark_costs_a_second_copy_not_a_duplicate(
     run(main())
 
 
+@pytest.mark.parametrize("step", [None, 3], ids=["one-copy", "copies-of-3"])
 def test_a_batch_meeting_rows_postgres_has_falls_back_and_ends_exact(
-    tmp_path: Path, pg_dsn: str
+    tmp_path: Path, pg_dsn: str, step: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Some rows of a batch already in Postgres (written by hand, as a backfill would): the
     direct COPY fails on them, the batch goes through ON CONFLICT DO NOTHING in the same
     transaction, and Postgres ends with each message once; the next batch, with nothing there,
-    is copied directly again."""
+    is copied directly again.  With ``STEP_ROWS`` 3 the batch goes in COPYs of 3 rows (and
+    the reading yields every 3): the rows there are met by the fifth COPY, and what the four
+    before it copied goes back with the savepoint."""
+    if step is not None:
+        monkeypatch.setattr(flusher_module, "STEP_ROWS", step)
 
     async def main() -> None:
         async with node(tmp_path, pg_dsn, interval_ms=60_000) as n:
