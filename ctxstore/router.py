@@ -19,8 +19,9 @@ future: the service's hot path):
   ``unavailable`` at once (not applied either): the client resends it elsewhere.  (Callers
   other than the service, a ``GroupMoved`` is just ``unavailable`` to them.)
 
-A forward that meets a node that no longer leads comes back ``not_leader`` with a hint and is
-re-routed (at most ``hops_max`` times): nothing was proposed, so that is safe.  Likewise a
+A forward that meets a node that no longer leads, or no longer hosts the group (it moved away),
+comes back ``not_leader`` with a hint (none from the latter) and is re-routed (at most
+``hops_max`` times): nothing was proposed, so that is safe.  Likewise a
 proposal refused at once (``ProposalDropped``) or replaced by a new leader's entry was never
 applied and is retried while time remains.  Everything else whose outcome is unknown (the
 leader's connection dropped with the forward in flight, the deadline passed, a snapshot jumped
@@ -648,8 +649,8 @@ class Router:
             out = ForwardReply(fwd.fid, result, code, message, leader)
             self.transport.send_app(peer, _encode(out))  # lost if the peer went: it times out
 
-        if fwd.group not in self.driver.host:
-            reply(b"", "internal", f"group {fwd.group} is not hosted here")
+        if fwd.group not in self.driver.host:  # it moved away (the origin's view is behind)
+            reply(b"", "not_leader", f"group {fwd.group} is not hosted here")  # never proposed
             return
 
         def failed(exc: BaseException) -> None:

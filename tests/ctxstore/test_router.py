@@ -12,6 +12,7 @@ from typing import Any, cast
 import uvloop
 
 from ctxstore import commands
+from ctxstore.peer_messages import Forward, ForwardReply, decode_envelope
 from ctxstore.router import GroupMoved, RouteError, Router, RouterConfig
 from ctxstore.state import ConversationState
 from raft import ProposalDropped
@@ -244,3 +245,31 @@ def test_only_what_was_never_proposed_here_may_be_handed_on() -> None:
             router.stop()
 
     uvloop.run(main())
+
+
+class _SendRecorder:
+    """A transport that keeps what the router sends to its peers."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, bytes]] = []
+
+    def send_app(self, peer: int, data: bytes) -> bool:
+        self.sent.append((peer, data))
+        return True
+
+
+def test_a_forward_for_a_group_not_hosted_here_is_sent_back_to_be_re_routed() -> None:
+    """A peer whose view is behind forwards a request for a group that moved away from this
+    node: nothing is proposed, and the answer is ``not_leader`` (the origin re-routes it, as
+    for a leader that stepped down), not an error the client would see."""
+    driver = _LeavingDriver()
+    del driver.host[0]  # group 0 left this node
+    router = Router(1, cast(Driver, driver), RouterConfig())
+    transport = _SendRecorder()
+    router.transport = cast(Any, transport)
+    router._serve(2, Forward(7, 0, append("a", "x"), True))
+    [(peer, data)] = transport.sent
+    reply = decode_envelope(data)
+    assert peer == 2 and isinstance(reply, ForwardReply)
+    assert (reply.fid, reply.code, reply.result) == (7, "not_leader", b"")
+    assert "not hosted here" in reply.message and driver.proposals == 0
