@@ -587,10 +587,8 @@ def _check_message_body(content: str, parts: list[Any] | None, where: str) -> Pa
         return None
     if content:
         return PartError(f"{where}content", "must be empty when parts are given")
-    fault = value_fault(parts, METADATA_DEPTH_MAX + 1, f"{where}parts")  # the list, each map
+    fault = value_fault(parts, METADATA_DEPTH_MAX, f"{where}parts", level=0)  # each map: 1
     if fault is not None:
-        if fault.path == f"{where}parts":  # (too deep: counted as the parts' own levels)
-            return PartError(fault.path, f"nested deeper than {METADATA_DEPTH_MAX} levels")
         return fault
     try:
         check_parts(parts, f"{where}parts")
@@ -696,49 +694,48 @@ def _read_uint(body: bytes | bytearray | memoryview, pos: int) -> int | None:
     return None
 
 
-_CONTAINERS: Final = (dict, list, tuple)
 _SCALARS: Final = (str, int, float, bool, bytes, type(None))
 
 
-def value_fault(value: object, levels_max: int, path: str) -> PartError | None:
+def value_fault(value: object, levels_max: int, path: str, level: int = 1) -> PartError | None:
     """What is wrong with a decoded value a client stores (metadata, parts), or None.
 
-    Nested more than ``levels_max`` levels (a map or an array is one level, one more for each
-    inside it): a fault at ``path`` itself.  A map key that is not a string, or a value msgpack
-    has and JSON has not (an extension type; a timestamp is one): a fault at the path of the
-    map or the value (``metadata.a[2].b``).  Stored, either would fail every JSON reader of
-    the message (the web, Postgres, an agent's webhook), forever.  Binary is kept (JSON
-    readers get base64).  Exact types first: a decoder makes nothing else."""
-    stack: list[tuple[object, int, str]] = [(value, 1, path)]
+    Nested more than ``levels_max`` levels (``value`` is at ``level``: a metadata map is level
+    1, a list of parts 0 so that each part's map is 1; each map or array inside adds one): a
+    fault at ``path`` itself.  A map key that is not a string, or a value msgpack has and JSON
+    has not (an extension type; a timestamp is one): a fault at the path of the map or the
+    value (``metadata.a[2].b``).  Stored, either would fail every JSON reader of the message
+    (the web, Postgres, an agent's webhook), forever.  Binary is kept (JSON readers get
+    base64)."""
+    stack: list[tuple[object, int, str]] = [(value, level, path)]
     while stack:
         item, depth, where = stack.pop()
-        kind = type(item)
-        if kind is dict or kind is list or isinstance(item, _CONTAINERS):
+        if isinstance(item, dict):
             if depth > levels_max:
                 return PartError(path, f"nested deeper than {levels_max} levels")
-        elif isinstance(item, _SCALARS):
-            continue
-        else:
-            return _scalar_fault(where, item)
-        if isinstance(item, dict):
             for key, child in item.items():
                 if type(key) is not str:
                     return PartError(
                         where,
                         f"a map key must be a string, not {type(key).__name__} {_short(key)}",
                     )
-                t = type(child)
-                if t is str or t is int or t is float or t is bool or child is None:
-                    continue
-                stack.append((child, depth + 1, f"{where}.{key}"))
-        else:
-            assert isinstance(item, list | tuple)
+                if not _plain(child):
+                    stack.append((child, depth + 1, f"{where}.{key}"))
+        elif isinstance(item, (list, tuple)):  # (a tuple of types: a union is slow compiled)
+            if depth > levels_max:
+                return PartError(path, f"nested deeper than {levels_max} levels")
             for i, child in enumerate(item):
-                t = type(child)
-                if t is str or t is int or t is float or t is bool or child is None:
-                    continue
-                stack.append((child, depth + 1, f"{where}[{i}]"))
+                if not _plain(child):
+                    stack.append((child, depth + 1, f"{where}[{i}]"))
+        elif not isinstance(item, _SCALARS):
+            return _scalar_fault(where, item)
     return None
+
+
+def _plain(value: object) -> bool:
+    """A scalar that needs no look (exact types first: a decoder makes nothing else)."""
+    t = type(value)
+    return t is str or t is int or t is float or t is bool or value is None
 
 
 def _scalar_fault(where: str, value: object) -> PartError:

@@ -50,8 +50,9 @@ AGENT_COLUMNS = (
     "max_attempts", "status", "protocol", "source_index",
 )  # fmt: skip
 
-_encode_json = msgspec.json.Encoder().encode
-_encode_stand_in = msgspec.json.Encoder(enc_hook=json_stand_in).encode
+# The web's stand-in for a msgpack extension stored before the boundary refused them
+# (wire/framing.py ``value_fault``):
+_encode_json = msgspec.json.Encoder(enc_hook=json_stand_in).encode
 _JSON_NUL = b"\\u0000"
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_parts = msgspec.json.Decoder(list[dict[str, Any]]).decode
@@ -106,9 +107,9 @@ def _scrub(value: Any) -> Any:
 def json_text(value: Any) -> str:
     try:
         data = _encode_json(value)
-    except TypeError:  # a non-string key or a msgpack extension, stored before either was refused
-        return _encode_stand_in(_scrub(value)).decode()
-    if _JSON_NUL in data:  # a NUL somewhere in a string (or a literal "\u0000"): rewrite
+    except TypeError:  # a key JSON has no form for (stored before it was refused): as a string
+        data = b""
+    if not data or _JSON_NUL in data:  # or a NUL somewhere in a string: rewrite
         data = _encode_json(_scrub(value))
     return data.decode()
 
