@@ -291,8 +291,10 @@ def test_appends_during_a_join_end_promptly(tmp_path: Path) -> None:
     to replicas on their way out, some with no leader any more): every append is answered well
     within the nodes' request deadline (5 s), acknowledged or refused retryably and retried;
     none waits for the client's own timeout, and no node logs an error.  Those that meet a
-    replica on its way out are handed on to the new replicas (349-569 a run; the client sees
-    no error for them: 0 errors a run, against 3-4 before).  (A replica retiring a
+    replica on its way out are handed on to the new replicas (the client sees no error for
+    them: 0 errors a run, against 3-4 before); how many varies widely (349-569 a run when this
+    test was written, 0-84 over two joins on 2026-12-07), so a sixth node joins when none
+    was yet.  (A replica retiring a
     group that requests waited on for a leader used to kill its router's sweep: from then on
     its requests had no deadline, and some waited for the client's 10 s timeout.)"""
 
@@ -303,19 +305,22 @@ def test_appends_during_a_join_end_promptly(tmp_path: Path) -> None:
         try:
             await writers.start()
             await writers.acknowledged(300, 20, "appends acknowledged")
-            for via in (1, 2):  # a fourth node joins, then a fifth
+            handed_on = 0  # appends that reached a replica on its way out: relayed on
+            for via in (1, 2, 3):  # a fourth node joins, a fifth, a sixth if none was yet
+                if via == 3 and handed_on:
+                    break
                 joiner = cluster.add_node(via=via)
                 await cluster.start_node(joiner, timeout_s=20)
                 await until(lambda: settled(cluster), 30, "groups on their new replicas")
                 await until(lambda: hosts_exactly(cluster), 10, "groups hosted where placed")
                 await writers.acknowledged(writers.count() + 100, 10, "appends after the moves")
+                handed_on = 0
+                for i in alive(cluster):
+                    address = parse_address(cluster.children[i].ops_target, "http")
+                    handed_on += int(parse_metrics(await metrics(address))[
+                        "ctxstore_relay_handed_on_total"])  # fmt: skip
             await writers.stop()
             assert writers.slowest < 4.0, f"an append took {writers.slowest:.1f} s"
-            handed_on = 0  # appends that reached a replica on its way out: relayed on
-            for i in alive(cluster):
-                address = parse_address(cluster.children[i].ops_target, "http")
-                handed_on += int(parse_metrics(await metrics(address))[
-                    "ctxstore_relay_handed_on_total"])  # fmt: skip
             assert handed_on > 0, "no append met a group moving away: the test tests less"
             for i, child in cluster.children.items():
                 with open(child.log_path) as f:
