@@ -194,7 +194,9 @@ class Dispatcher:
         self._started = 0  # calls started in this loop pass
         self._pass_scheduled = False
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # sid -> (first, timer)
-        self._acked_at: dict[str, float] = {}  # sid -> when its newest user message applied here
+        # sid -> when its newest user message applied here, for the sessions armed, due, running
+        # or waiting for their agent's lookup (a session whose agent is absent holds none).
+        self._acked_at: dict[str, float] = {}
         self._lookups: dict[str, dict[str, bool]] = {}  # agent id -> sessions waiting (resume)
         # Negative cache: agents a barrier found absent (or disabled), so that a session whose
         # agent is not registered costs no barrier per user message; an entry leaves when the
@@ -212,9 +214,13 @@ class Dispatcher:
         self.remote_lookups = 0
         self.absent_hits = 0  # arms skipped on the negative cache (barriers saved)
         self._random = random.Random()
+        # The loop, kept from ``start`` (asyncio.get_running_loop() makes a getpid() system
+        # call each time; ``on_message`` runs for every user message a leader applies).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the node's side ---------------------------------------------------------------------------
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.running = True
         for group in range(self.groups):
             if self._leads(group):
@@ -236,8 +242,12 @@ class Dispatcher:
         """An applied message (state observer, inside apply): a user's arms the debounce."""
         if message.sender != "user" or not self.running or not self._leads(group):
             return
-        self._acked_at[message.session_id] = asyncio.get_running_loop().time()
+        self._acked_at[message.session_id] = self._now()
         self._arm(message.session_id)
+
+    def _now(self) -> float:
+        loop = self._loop
+        return (asyncio.get_running_loop() if loop is None else loop).time()
 
     def on_leader_change(self, group: int, leader: int) -> None:
         if not self.running:
@@ -247,8 +257,10 @@ class Dispatcher:
             return
         for sid in [s for s in self._timers if group_of(s, self.groups) == group]:
             self._timers.pop(sid)[1].cancel()
+            self._acked_at.pop(sid, None)
         for sid in [s for s in self._due if group_of(s, self.groups) == group]:
             del self._due[sid]
+            self._acked_at.pop(sid, None)
         for sid, task in list(self._tasks.items()):
             if group_of(sid, self.groups) == group:
                 task.cancel()  # the new leader resumes it with the next attempt
@@ -330,10 +342,11 @@ class Dispatcher:
     def _arm(self, sid: str, resume: bool = False, checked: bool = False) -> None:
         if sid in self._tasks or sid in self._due:
             return  # the running (or starting) task re-checks the cursor when it ends
-        agent = self._active_agent(sid)
-        if agent is None:
-            view = self.state.dispatch_state(sid)
+        view = self.state.dispatch_state(sid)
+        agent = None if view is None else self._agent(view[0])
+        if agent is None or agent.status != "active":
             if view is None or checked:
+                self._acked_at.pop(sid, None)
                 return
             if self._absent_here(view[0]):
                 if view[0] in self._absent:
@@ -343,7 +356,7 @@ class Dispatcher:
                 return
             self._refresh(view[0], sid, resume)
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         debounce = 0.0 if resume else agent.debounce_ms / 1000
         first = now
@@ -368,9 +381,10 @@ class Dispatcher:
         asyncio.get_running_loop().call_soon(self._lookup, agent_id)
 
     def _skip(self, sid: str, agent_id: str, resume: bool) -> None:
+        self._acked_at.pop(sid, None)  # (armed again by ``on_agent``: no first-chunk time)
         skipped = self._skipped
         skipped.pop(sid, None)
-        skipped[sid] = (agent_id, asyncio.get_running_loop().time(), resume)
+        skipped[sid] = (agent_id, self._now(), resume)
         if len(skipped) > self.limits.skipped_max:
             del skipped[next(iter(skipped))]  # the oldest skip
 

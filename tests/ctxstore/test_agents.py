@@ -335,6 +335,9 @@ def test_the_negative_cache_is_bounded(tmp_path: Path) -> None:
             await c.append("s0", "again")  # evicted: read again
             await known_absent(d, "ghost-0")
             assert d.lookups == 6 and list(d._absent) == ["ghost-3", "ghost-4", "ghost-0"]
+            # Nor does any session whose agent is absent keep a first-chunk start time: one
+            # per session ever written to, for ever, on a cluster that dispatches to nobody.
+            assert d._acked_at == {}
 
     run(main())
 
