@@ -3,7 +3,7 @@
 builds nothing: the same modules run interpreted.
 
 The compiled modules are the deterministic core, the driver, the WAL's bookkeeping, the state
-machine every replica applies and the sans-I/O frame codec both ends of a client connection run
+machine every replica applies (with its context windows) and the sans-I/O frame codec both ends of a client connection run
 (``wire/framing.py``): strictly typed logic on the hot path of every append.  They define
 no wire Struct (mypyc erases the annotations msgspec reads: ctxstore/state_schema.py).
 
@@ -30,6 +30,7 @@ COMPILED = [
     "raft/wal.py",
     "raft/wal_segments.py",
     "ctxstore/state.py",
+    "ctxstore/window.py",
     "wire/framing.py",
 ]
 

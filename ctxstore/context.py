@@ -9,7 +9,6 @@ message the history can no longer give (deleted by retention) is left out of the
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -130,11 +129,9 @@ class ReplyCache:
         self.bytes_max = bytes_max
         self.bytes = 0
         self.hits = 0
-        # session -> (its window, weakly: a replaced one is not kept alive; version; last seq;
-        # the answer with its messages encoded; its charge)
-        self._entries: OrderedDict[str, tuple[weakref.ref[Window], int, int, Context, int]] = (
-            OrderedDict()
-        )
+        # session -> (its window's identity: a replaced one is not kept alive; version; last
+        # seq; the answer with its messages encoded; its charge)
+        self._entries: OrderedDict[str, tuple[int, int, int, Context, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -144,12 +141,12 @@ class ReplyCache:
         entry = self._entries.get(session_id)
         if entry is None:
             return None
-        window_ref, version, last_seq, reply, size = entry
+        identity, version, last_seq, reply, size = entry
         view = state.window(session_id)
         window = view[0] if view is not None else None
         if (
             window is None
-            or window_ref() is not window
+            or window.identity != identity
             or window.version != version
             or view is None
             or view[1] != last_seq
@@ -175,7 +172,7 @@ class ReplyCache:
         if old is not None:
             self.bytes -= old[4]
         encoded = msgspec.structs.replace(reply, messages=messages)
-        entry = (weakref.ref(window), plan.version, plan.last_seq, encoded, size)
+        entry = (window.identity, plan.version, plan.last_seq, encoded, size)
         self._entries[plan.session_id] = entry
         self.bytes += size
         while self.bytes > self.bytes_max:

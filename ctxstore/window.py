@@ -22,12 +22,17 @@ Rules of this file:
   is left out stays, empty); a record's count without skipped parts is the sum of its kept
   parts, with none skipped it is the message's own count (a client-given count wins).
 - ``needs_compaction``: a budget is set and ``tokens > token_budget x trigger_ratio``.
+- ``identity``: a number no other window of the process has (``context.ReplyCache`` tells a
+  session's window from the one that replaced it by it).  Compiled with mypyc (setup.py),
+  whose classes cannot be weakly referenced: hold no weak reference to a window.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
+from typing import Final
 
 from raft.errors import InvariantViolation, check
 from wire.parts import matches
@@ -72,8 +77,12 @@ class Record:
         self.view_tokens = tokens  # under the policy (skip_parts)
 
 
+_identities: Final = itertools.count(1)
+
+
 class Window:
     def __init__(self, limits: WindowLimits | None = None) -> None:
+        self.identity: int = next(_identities)
         self.limits = limits or WindowLimits()
         self.config: WindowConfig | None = None
         self.records: deque[Record] = deque()
