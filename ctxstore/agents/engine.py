@@ -630,7 +630,7 @@ class Dispatcher:
                     if assembler.terminated is not None:
                         await _drain(chunks)
                 finally:
-                    await chunks.aclose()  # type: ignore[attr-defined]
+                    await chunks.aclose()  # (read or not: the request ends, http.Body)
         except TimeoutError:
             raise Failure("timeout", f"no finish within {agent.timeout_ms} ms", True) from None
         except HttpError as e:

@@ -2,7 +2,10 @@
 objects driven by asyncio streams here (no hand-written HTTP).
 
 Rules of this file:
-- A connection carries requests whose response body is read as it streams (``Response.body``).
+- A connection carries requests whose response body is read as it streams (``Response.body``),
+  and closed (``aclose``) once done with, read or not: closing it ends the request (an
+  HTTP/1.1 connection not read to its end is closed, an HTTP/2 stream forgotten and its
+  unread data's flow-control window given back).
   Each wait for the response has the caller's idle deadline (an ``IdleWatch``: no timer per
   read); the whole call is bounded by the caller (``asyncio.timeout``).  What one read brings
   is handed on as one piece (the chunks of a chunked body, the DATA frames of a stream).
@@ -22,7 +25,7 @@ import abc
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import h2.config
@@ -50,13 +53,39 @@ class Response:
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
         self.headers = headers
-        self.body: AsyncIterator[bytes] = _empty()
+        self.body = Body(_empty(), _nothing)
 
     def header(self, name: bytes) -> str:
         for k, v in self.headers:
             if k.lower() == name:
                 return v.decode("latin-1")
         return ""
+
+
+class Body:
+    """A response's body: the pieces as they come (``async for``), then ``aclose``, which ends
+    the request whether or not it was read.  (An async generator closed before its first step
+    never runs its ``finally``: a body left unread, an error answer's, kept its HTTP/1.1
+    connection busy and open, with its idle timer, or its HTTP/2 stream, for good.)"""
+
+    __slots__ = ("_pieces", "_unread")
+
+    def __init__(self, pieces: AsyncGenerator[bytes, None], unread: Callable[[], None]) -> None:
+        self._pieces = pieces
+        self._unread: Callable[[], None] | None = unread  # what ends it, until a read starts
+
+    def __aiter__(self) -> Body:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        self._unread = None  # (the generator's ``finally`` ends it from its first step on)
+        return self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        unread, self._unread = self._unread, None
+        if unread is not None:
+            unread()
+        await self._pieces.aclose()
 
 
 class IdleWatch:
@@ -95,7 +124,11 @@ class IdleWatch:
         self._handle = self._loop.call_at(at, self._check)
 
 
-async def _empty() -> AsyncIterator[bytes]:
+def _nothing() -> None:
+    pass
+
+
+async def _empty() -> AsyncGenerator[bytes, None]:
     nothing: tuple[bytes, ...] = ()
     for chunk in nothing:
         yield chunk
@@ -176,8 +209,15 @@ class H1Connection(Connection):
             self.close()
             raise
         response = Response(event.status_code, list(event.headers))
-        response.body = self._body()
+        response.body = Body(self._body(), self._unread)
         return response
+
+    def _unread(self) -> None:
+        """The response's body is closed unread: the connection cannot carry another."""
+        if self._watch is not None:
+            self._watch.cancel()
+        self.busy = False
+        self.close()
 
     def _idle(self) -> None:
         assert self._watch is not None
@@ -206,7 +246,7 @@ class H1Connection(Connection):
                 watch.woke()
             self.h11.receive_data(data)  # b"": the end of the stream
 
-    async def _body(self) -> AsyncIterator[bytes]:
+    async def _body(self) -> AsyncGenerator[bytes, None]:
         done = False
         pending: Any = None  # an event read past the last Data of a read
         try:
@@ -423,7 +463,7 @@ class H2Connection(Connection):
             else:
                 rest.append((k, v))
         response = Response(status, rest)
-        response.body = self._body(sid, stream, idle_s)
+        response.body = Body(self._body(sid, stream, idle_s), lambda: self._forget(sid))
         return response
 
     async def _send_body(self, sid: int, stream: _Stream, body: bytes) -> None:
@@ -443,7 +483,7 @@ class H2Connection(Connection):
             view = view[size:]
         await self.writer.drain()
 
-    async def _body(self, sid: int, stream: _Stream, idle_s: float) -> AsyncIterator[bytes]:
+    async def _body(self, sid: int, stream: _Stream, idle_s: float) -> AsyncGenerator[bytes, None]:
         watch = IdleWatch(idle_s, stream.wake.set)
         try:
             while True:
@@ -480,13 +520,18 @@ class H2Connection(Connection):
         stream = self.streams.pop(sid, None)
         if stream is None:
             return
-        if not stream.ended and stream.error is None and not self.closed:
-            with contextlib.suppress(Exception):
-                self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
-                self._flush()
+        if not self.closed:
+            if not stream.ended and stream.error is None:
+                with contextlib.suppress(Exception):
+                    self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            flow = sum(n for _, n in stream.data)  # received, never read: the window back
+            if flow:
+                with contextlib.suppress(Exception):
+                    self.h2.acknowledge_received_data(flow, sid)
+            self._flush()
         self._capacity.set()
         if self.goaway and not self.streams:
             self.close()
 
 
-__all__ = ["Connection", "H1Connection", "H2Connection", "HttpError", "Response"]
+__all__ = ["Body", "Connection", "H1Connection", "H2Connection", "HttpError", "Response"]

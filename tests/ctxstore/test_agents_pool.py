@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from ctxstore.agents.http import H1Connection, H2Connection
 from ctxstore.agents.pool import Pool, PoolLimits
 
 from .agent_server import agent_server
@@ -63,6 +64,37 @@ def test_idle_connections_past_the_cap_are_closed() -> None:
             pool = Pool(PoolLimits(idle_per_origin_max=2))
             await asyncio.gather(*(call(pool, srv.port) for _ in range(5)))
             assert (pool.connections_opened, pool.idle_connections()) == (5, 2)
+            pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_body_closed_unread_ends_its_request() -> None:
+    """An error answer's body is closed without a read (the engine fails the attempt on its
+    status): the HTTP/1.1 connection is closed (it was left busy and open, with an idle timer
+    rescheduling itself for ever) and the HTTP/2 stream forgotten, its data's flow-control
+    window given back (it stayed in the connection's streams, the window spent, for good)."""
+
+    async def main() -> None:
+        async with agent_server() as srv:
+            pool = Pool()
+            origin = ("http", "127.0.0.1", srv.port)
+            for protocol in ("h1", "h2"):
+                for _ in range(3):
+                    async with pool.slot(origin):
+                        conn = await pool._connection(origin, protocol)
+                        response = await conn.request("/500", HEADERS, BODY.encode(), 5.0)
+                        assert response.status == 500
+                        await asyncio.sleep(0.05)  # its body ("no") came meanwhile
+                        await response.body.aclose()
+                    if isinstance(conn, H1Connection):
+                        watch = conn._watch
+                        assert conn.closed and not conn.busy
+                        assert watch is not None and watch._handle.cancelled()
+            assert isinstance(conn, H2Connection) and conn.available()
+            assert conn.streams == {}
+            window = conn.h2._inbound_flow_control_window_manager
+            assert window.current_window_size + window._bytes_processed == window.max_window_size
             pool.close()
 
     asyncio.run(main())
