@@ -390,7 +390,7 @@ class Dispatcher:
 
     def _lookup(self, agent_id: str) -> None:
         if not self.running:
-            self._lookups.pop(agent_id, None)
+            self._unwait(agent_id)
             return
         if not self._hosts_agent(agent_id):
             self._fetch(agent_id)
@@ -400,7 +400,7 @@ class Dispatcher:
 
         def done(f: asyncio.Future[Any]) -> None:
             if f.cancelled() or f.exception() is not None or not self.running:
-                self._lookups.pop(agent_id, None)
+                self._unwait(agent_id)
                 return  # no barrier now: the next user message or leader change tries again
             agent = self.state.get_agent(agent_id)
             if agent is None or agent.status != "active":
@@ -420,7 +420,7 @@ class Dispatcher:
 
         def done(agent: AgentRecord | None, answered: bool) -> None:
             if not answered or not self.running:
-                self._lookups.pop(agent_id, None)
+                self._unwait(agent_id)
                 return  # no replica answered: the next user message or leader change tries again
             self._remote[agent_id] = (agent, asyncio.get_running_loop().time())
             self._remote.move_to_end(agent_id)
@@ -440,6 +440,19 @@ class Dispatcher:
         for waiting_sid, waiting_resume in sessions.items():
             if self._leads(group_of(waiting_sid, self.groups)):
                 self._arm(waiting_sid, waiting_resume, checked=True)
+            else:
+                self._unacked(waiting_sid)  # (the new leader resumes it)
+
+    def _unwait(self, agent_id: str) -> None:
+        """The lookup of ``agent_id`` learned nothing: its sessions wait for their next user
+        message or leader change, with no start time kept meanwhile."""
+        for sid in self._lookups.pop(agent_id, {}):
+            self._unacked(sid)
+
+    def _unacked(self, sid: str) -> None:
+        """``sid`` is neither armed, due nor running here: no first-chunk start time for it."""
+        if sid not in self._tasks and sid not in self._timers and sid not in self._due:
+            self._acked_at.pop(sid, None)
 
     def _fire(self, sid: str) -> None:
         self._timers.pop(sid, None)

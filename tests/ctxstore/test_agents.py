@@ -342,6 +342,33 @@ def test_the_negative_cache_is_bounded(tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_lookup_that_fails_keeps_no_start_time(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with single_node(tmp_path) as h:
+            c = await ready(h)
+            d = h.node.dispatcher
+            loop = asyncio.get_running_loop()
+
+            def no_barrier(group: int) -> asyncio.Future[Any]:
+                failed: asyncio.Future[Any] = loop.create_future()
+                failed.set_exception(RuntimeError("no leader for the agent's group"))
+                return failed
+
+            h.node.router.barrier = no_barrier  # type: ignore[method-assign]
+            for i in range(3):
+                await c.create_session("u", f"unknown-{i}", {}, f"s{i}")
+                await c.append(f"s{i}", "hi")
+            async with asyncio.timeout(10):
+                while d.lookups < 3 or d._lookups:
+                    await asyncio.sleep(0.01)
+            # Nothing learned (not known absent): each user message looks up again, and no
+            # session keeps a start time meanwhile, one per session ever written to.
+            assert d._absent == {} and d._skipped == {}
+            assert d._acked_at == {}
+
+    run(main())
+
+
 def test_agents_and_live_chunks_over_the_json_websocket(tmp_path: Path) -> None:
     async def main() -> None:
         async with web_node(tmp_path) as w, agent_server() as srv:
