@@ -303,11 +303,12 @@ class H2Connection(Connection):
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authority: str,
-        scheme: str,
+        scheme: str, ended: Callable[[H2Connection], None] | None = None,
     ) -> None:  # fmt: skip
         self.reader, self.writer = reader, writer
         self.authority = authority.encode()
         self.scheme = scheme.encode()
+        self._ended = ended  # called once its reader stopped (closed, failed, or the peer's end)
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config)
         self.h2.local_settings = h2.settings.Settings(
@@ -386,6 +387,8 @@ class H2Connection(Connection):
         finally:
             self.closed = True
             self.writer.close()
+            if self._ended is not None:
+                self._ended(self)
 
     def _on_event(self, event: Any) -> None:
         stream = self.streams.get(getattr(event, "stream_id", 0) or 0)

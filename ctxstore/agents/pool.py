@@ -14,8 +14,9 @@ agent says (``h2`` on ``http://`` is prior-knowledge h2c); ``auto`` is ALPN over
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .http import Connection, H1Connection, H2Connection, HttpError, Response
@@ -40,20 +41,35 @@ class Pool:
         self.limits = limits or PoolLimits()
         self._new_ssl = ssl_context  # one context per ALPN choice
         self._ssl: dict[str, ssl.SSLContext] = {}
-        self._slots: dict[Origin, asyncio.Semaphore] = {}
+        # Per origin with calls in progress or waiting (the last one out removes it): its
+        # slots and how many hold or wait for one.
+        self._slots: dict[Origin, _Slots] = {}
         self._h2: dict[Origin, H2Connection] = {}
         self._h2_opening: dict[Origin, asyncio.Future[H2Connection | None]] = {}
         self._idle: dict[Origin, list[tuple[float, H1Connection]]] = {}  # (since, conn)
         self._sweep: asyncio.TimerHandle | None = None
-        self._alpn: dict[Origin, str] = {}  # what an https origin chose last
+        self._alpn: dict[Origin, str] = {}  # what an https origin chose last (while it has calls)
         self.connections_opened = 0
         self.closed = False
 
-    def slot(self, origin: Origin) -> asyncio.Semaphore:
-        sem = self._slots.get(origin)
-        if sem is None:
-            sem = self._slots[origin] = asyncio.Semaphore(self.limits.calls_per_origin_max)
-        return sem
+    @contextlib.asynccontextmanager
+    async def slot(self, origin: Origin) -> AsyncIterator[None]:
+        """Hold one of the origin's ``calls_per_origin_max`` slots (waiting for it).  What the
+        pool knows of an origin lasts while it has calls: the last one out takes its slots and
+        ALPN choice away (its HTTP/2 connection leaves when it closes, its idle HTTP/1.1 ones
+        when they expire), so an origin no agent calls any more (a URL changed) keeps nothing."""
+        slots = self._slots.get(origin)
+        if slots is None:
+            slots = self._slots[origin] = _Slots(self.limits.calls_per_origin_max)
+        slots.users += 1
+        try:
+            async with slots.semaphore:
+                yield
+        finally:
+            slots.users -= 1
+            if slots.users == 0 and self._slots.get(origin) is slots:
+                del self._slots[origin]
+                self._alpn.pop(origin, None)
 
     async def request(
         self,
@@ -78,6 +94,8 @@ class Pool:
         idle = self._idle.get(origin) if protocol != "h2" else None
         while idle:
             _, c = idle.pop()  # the most recently used: the least likely to be closed by now
+            if not idle:
+                del self._idle[origin]  # (none left: ``_release`` adds it again)
             if c.available() and not c.reader.at_eof():
                 return c
             c.close()
@@ -129,11 +147,16 @@ class Pool:
                 writer.close()
                 raise HttpError("tls", f"{host}:{port} did not agree to HTTP/2 (ALPN)")
         if chosen == "h2":
-            conn = H2Connection(reader, writer, authority, scheme)
+            conn = H2Connection(reader, writer, authority, scheme,
+                                lambda c: self._h2_ended(origin, c))  # fmt: skip
             conn.start()
             self._h2[origin] = conn
             return conn
         return H1Connection(reader, writer, authority, lambda c: self._release(origin, c))
+
+    def _h2_ended(self, origin: Origin, conn: H2Connection) -> None:
+        if self._h2.get(origin) is conn:
+            del self._h2[origin]
 
     def _tls(self, protocol: str) -> ssl.SSLContext:
         ctx = self._ssl.get(protocol)
@@ -182,13 +205,21 @@ class Pool:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for c in self._h2.values():
+        for c in list(self._h2.values()):
             c.close()
         for idle in self._idle.values():
             for _, h1 in idle:
                 h1.close()
         self._h2.clear()
         self._idle.clear()
+
+
+class _Slots:
+    __slots__ = ("semaphore", "users")
+
+    def __init__(self, calls_max: int) -> None:
+        self.semaphore = asyncio.Semaphore(calls_max)
+        self.users = 0  # calls holding or waiting for a slot
 
 
 __all__ = ["Origin", "Pool", "PoolLimits"]

@@ -98,3 +98,28 @@ def test_a_body_closed_unread_ends_its_request() -> None:
             pool.close()
 
     asyncio.run(main())
+
+
+def test_an_origin_without_calls_leaves_nothing_behind() -> None:
+    """What the pool keeps per origin (its slots, its HTTP/2 connection, its idle HTTP/1.1 ones)
+    leaves with its last call and its connections: agents whose URLs change do not grow it
+    (one entry per origin ever called, for the node's life, before)."""
+
+    async def main() -> None:
+        pool = Pool(PoolLimits(idle_keepalive_s=0.2))
+        for protocol in ("h1", "h2", "h1", "h2"):
+            async with agent_server() as srv:  # a new port: a new origin each time
+                origin = ("http", "127.0.0.1", srv.port)
+                async with pool.slot(origin):
+                    response = await pool.request(origin, protocol, "/sse", HEADERS,
+                                                  BODY.encode(), 5.0)  # fmt: skip
+                    assert response.status == 200
+                    assert b"[DONE]" in b"".join([piece async for piece in response.body])
+                assert pool._slots == {}
+            await asyncio.sleep(0.05)  # the server is gone: so is its HTTP/2 connection
+            assert pool._h2 == {}
+        await asyncio.sleep(0.3)  # the idle HTTP/1.1 connections expired
+        assert pool._idle == {} and pool.idle_connections() == 0
+        pool.close()
+
+    asyncio.run(main())
