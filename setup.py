@@ -3,8 +3,9 @@
 builds nothing: the same modules run interpreted.
 
 The compiled modules are the deterministic core, the driver, the WAL's bookkeeping, the state
-machine every replica applies (with its context windows) and the sans-I/O frame codec both ends of a client connection run
-(``wire/framing.py``): strictly typed logic on the hot path of every append.  They define
+machine every replica applies (with its context windows) and the sans-I/O frame codec both
+ends of a client connection run (``wire/framing.py``): strictly typed logic on the hot path of
+every append.  They define
 no wire Struct (mypyc erases the annotations msgspec reads: ctxstore/state_schema.py).
 
 The WAL's record codec, the transport and the codecs stay interpreted: they spend their time in
