@@ -577,6 +577,9 @@ class Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._hello_timer = self._idle_timer = self._stall_timer = None
+        if self._waiting:  # (closed while stopped by the node's bound: its turn is void)
+            self._waiting = False
+            self.server._waiting.remove(self)
         self.server._release(self.pending_bytes)  # (what it holds: no more changes once closed)
         if not self._admitted:
             return

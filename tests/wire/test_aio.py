@@ -803,6 +803,40 @@ def test_a_new_client_gets_its_welcome_while_the_node_bound_is_full(loop: LoopFa
     run(main, loop)
 
 
+def test_a_connection_closed_while_it_waits_for_the_node_bound_leaves_the_queue(
+    loop: LoopFactory,
+) -> None:
+    """A connection stopped by ``node_pending_bytes_max`` that is closed (aborted: its write
+    stalled, or the node closed it) leaves the queue at once, not when the node next falls
+    below half its bound: under a load that keeps it above, the queue would hold connections
+    no longer counted in ``connections`` (so not bounded by ``connections_max``)."""
+
+    async def main() -> None:
+        handler = StoreHandler()
+        async with await serve(
+            handler, pending_bytes_max=16 * MiB, node_pending_bytes_max=16 * MiB
+        ) as server:
+            busy = await RawClient.open(server.address)
+            handler.hold = True  # reads waiting on their ReadIndex hold the node's bound
+            busy.send(*[Read(rid, "s", 0, 10) for rid in range(2, 202)])
+            await wait_until(lambda: server.pending_bytes >= 16 * MiB)
+            for _ in range(3):
+                late = await asyncio.wait_for(RawClient.open(server.address), 2)
+                late.send(Ping(2))
+                await wait_until(lambda: server.waiting == 1)
+                [waiting] = [c for c in server.connections if c._waiting]
+                assert waiting._transport is not None
+                waiting._transport.abort()
+                await wait_until(lambda: len(server.connections) == 1)
+                assert server.waiting == 0
+                late.close()
+            handler.hold = False
+            handler.release()
+            assert len(await asyncio.wait_for(busy.events(200), 10)) == 200
+
+    run(main, loop)
+
+
 # -- requests_per_pass: one connection's burst does not hold the others back ----------------------
 
 
