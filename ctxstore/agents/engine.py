@@ -203,7 +203,8 @@ class Dispatcher:
         # agent is saved (``on_agent``) or its group's state replaced; the least recently used
         # leaves beyond ``absent_agents_max``.
         self._absent: OrderedDict[str, None] = OrderedDict()
-        self._skipped: dict[str, tuple[str, float, bool]] = {}  # sid -> (agent, when, resume)
+        # sid -> (agent, when, resume), the least recently skipped first
+        self._skipped: OrderedDict[str, tuple[str, float, bool]] = OrderedDict()
         self.lookups = 0  # barriers run to read an agent unknown here
         # Agents of groups this node does not host (scale-out): read from a replica through the
         # relay (set by the client service), kept with when they were read (None: absent or
@@ -383,10 +384,10 @@ class Dispatcher:
     def _skip(self, sid: str, agent_id: str, resume: bool) -> None:
         self._acked_at.pop(sid, None)  # (armed again by ``on_agent``: no first-chunk time)
         skipped = self._skipped
-        skipped.pop(sid, None)
         skipped[sid] = (agent_id, self._now(), resume)
+        skipped.move_to_end(sid)
         if len(skipped) > self.limits.skipped_max:
-            del skipped[next(iter(skipped))]  # the oldest skip
+            skipped.popitem(last=False)  # the oldest skip (O(1), unlike a dict's first key)
 
     def _lookup(self, agent_id: str) -> None:
         if not self.running:
