@@ -5,8 +5,9 @@ for a slot, within the call's deadline); HTTP/2 origins share one connection (st
 multiplexed; a new one replaces it after GOAWAY or an error); HTTP/1.1 origins keep up to
 ``idle_per_origin_max`` idle keep-alive connections (as many as calls may run, so a burst of
 calls does not close connections it will open again a moment later), each closed once idle for
-``idle_keepalive_s``.  Which to speak: ``h1`` and ``h2`` as the
-agent says (``h2`` on ``http://`` is prior-knowledge h2c); ``auto`` is ALPN over TLS
+``idle_keepalive_s``; so is an HTTP/2 connection once its origin had no call for that long.
+Which to speak: ``h1`` and ``h2`` as the agent says (``h2`` on ``http://`` is prior-knowledge
+h2c); ``auto`` is ALPN over TLS
 (``h2``, then ``http/1.1``) and HTTP/1.1 on ``http://``.  TLS with the stdlib ``ssl``
 (the system's CAs; ``SSL_CERT_FILE`` points elsewhere).
 """
@@ -28,7 +29,7 @@ Origin = tuple[str, str, int]
 class PoolLimits:
     calls_per_origin_max: int = 64
     idle_per_origin_max: int = 64
-    idle_keepalive_s: float = 30.0  # an idle HTTP/1.1 connection is closed after this
+    idle_keepalive_s: float = 30.0  # an idle connection (HTTP/2: its origin's) is closed after
     connect_timeout_s: float = 10.0
 
 
@@ -46,6 +47,7 @@ class Pool:
         self._slots: dict[Origin, _Slots] = {}
         self._h2: dict[Origin, H2Connection] = {}
         self._h2_opening: dict[Origin, asyncio.Future[H2Connection | None]] = {}
+        self._h2_idle: dict[Origin, float] = {}  # since when an HTTP/2 origin has had no call
         self._idle: dict[Origin, list[tuple[float, H1Connection]]] = {}  # (since, conn)
         self._sweep: asyncio.TimerHandle | None = None
         self._alpn: dict[Origin, str] = {}  # what an https origin chose last (while it has calls)
@@ -56,11 +58,12 @@ class Pool:
     async def slot(self, origin: Origin) -> AsyncIterator[None]:
         """Hold one of the origin's ``calls_per_origin_max`` slots (waiting for it).  What the
         pool knows of an origin lasts while it has calls: the last one out takes its slots and
-        ALPN choice away (its HTTP/2 connection leaves when it closes, its idle HTTP/1.1 ones
-        when they expire), so an origin no agent calls any more (a URL changed) keeps nothing."""
+        ALPN choice away (its connections are closed once idle for ``idle_keepalive_s``), so an
+        origin no agent calls any more (a URL changed) keeps nothing."""
         slots = self._slots.get(origin)
         if slots is None:
             slots = self._slots[origin] = _Slots(self.limits.calls_per_origin_max)
+            self._h2_idle.pop(origin, None)
         slots.users += 1
         try:
             async with slots.semaphore:
@@ -70,6 +73,11 @@ class Pool:
             if slots.users == 0 and self._slots.get(origin) is slots:
                 del self._slots[origin]
                 self._alpn.pop(origin, None)
+                if origin in self._h2 and not self.closed:
+                    loop = asyncio.get_running_loop()
+                    self._h2_idle[origin] = loop.time()
+                    if self._sweep is None:
+                        self._sweep = loop.call_later(self.limits.idle_keepalive_s, self._expire)
 
     async def request(
         self,
@@ -157,6 +165,7 @@ class Pool:
     def _h2_ended(self, origin: Origin, conn: H2Connection) -> None:
         if self._h2.get(origin) is conn:
             del self._h2[origin]
+            self._h2_idle.pop(origin, None)
 
     def _tls(self, protocol: str) -> ssl.SSLContext:
         ctx = self._ssl.get(protocol)
@@ -194,6 +203,14 @@ class Pool:
                 del self._idle[origin]
             elif next_at is None or idle[0][0] + keepalive < next_at:
                 next_at = idle[0][0] + keepalive
+        for origin, since in list(self._h2_idle.items()):
+            if since <= cutoff:
+                del self._h2_idle[origin]
+                h2c = self._h2.pop(origin, None)
+                if h2c is not None:
+                    h2c.close()  # (no call holds a slot: nothing in flight on it)
+            elif next_at is None or since + keepalive < next_at:
+                next_at = since + keepalive
         if next_at is not None:
             self._sweep = loop.call_at(next_at, self._expire)
 
@@ -211,6 +228,7 @@ class Pool:
             for _, h1 in idle:
                 h1.close()
         self._h2.clear()
+        self._h2_idle.clear()
         self._idle.clear()
 
 

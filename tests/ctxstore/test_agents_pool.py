@@ -123,3 +123,37 @@ def test_an_origin_without_calls_leaves_nothing_behind() -> None:
         pool.close()
 
     asyncio.run(main())
+
+
+def test_an_http2_connection_whose_origin_has_no_call_is_closed_after_the_keepalive() -> None:
+    """An HTTP/2 connection to an origin no agent calls any more (its server still up) is
+    closed once the origin had no call for ``idle_keepalive_s``, as an idle HTTP/1.1 one is;
+    a call in between keeps it."""
+
+    async def main() -> None:
+        pool = Pool(PoolLimits(idle_keepalive_s=0.6))
+        async with agent_server() as srv:
+            origin = ("http", "127.0.0.1", srv.port)
+
+            async def call() -> None:
+                async with pool.slot(origin):
+                    response = await pool.request(origin, "h2", "/sse", HEADERS,
+                                                  BODY.encode(), 5.0)  # fmt: skip
+                    assert response.status == 200
+                    assert b"[DONE]" in b"".join([piece async for piece in response.body])
+
+            await call()
+            first = pool._h2[origin]
+            await asyncio.sleep(0.3)
+            await call()  # within the keepalive: the same connection, kept
+            assert pool._h2[origin] is first and not first.closed
+            await asyncio.sleep(0.4)  # 0.7 s after the first call, 0.4 after the last
+            assert pool._h2[origin] is first and not first.closed
+            await asyncio.sleep(0.5)
+            assert first.closed and pool._h2 == {} and pool._h2_idle == {}
+            await call()  # a new call opens a new one
+            assert pool._h2[origin] is not first
+            assert pool.connections_opened == 2
+        pool.close()
+
+    asyncio.run(main())
