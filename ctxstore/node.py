@@ -719,8 +719,11 @@ class Node:
             self._leaderless_timer.cancel()
             self._leaderless_timer = None
         await self.backfill.stop()
-        if self.postgres is not None:
-            await self.postgres.stop()
+        if self.postgres is not None:  # (its last flush proposes watermarks: the router runs)
+            from .pg.flusher import DRAIN_TIMEOUT_S
+
+            drain_s = min(DRAIN_TIMEOUT_S, self.settings.shutdown_timeout_s / 4)
+            await self.postgres.stop(drain_s)
         self.router.stop()
         await self.driver.stop()
         if self.transport is not None:

@@ -100,6 +100,7 @@ STATEMENT_TIMEOUT_S = 30.0  # each statement; a black-holed server fails a flush
 TRANSACTION_TIMEOUT_S = 120.0  # a whole flush transaction
 
 CLOSE_TIMEOUT_S = 2.0  # stopping: then the pool's connections are aborted
+DRAIN_TIMEOUT_S = 2.0  # stopping: a last flush of what this node leads, within this long
 # What Postgres being down, slow, refusing or of a newer schema looks like (logged as an outage).
 EXPECTED_ERRORS = (
     OSError,
@@ -222,12 +223,19 @@ class Flusher:
         self._caught_up_at = self._clock()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="postgres-flusher")
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Stop flushing; first, with ``drain_s``, copy what waits in the groups this node still
+        leads, for at most that long (a flush cut short by the stop is done again: rows are
+        idempotent), so that a cluster stopped as a whole leaves Postgres current instead of
+        waiting for its next start.  Whatever does not make it waits in the archive, as in an
+        outage."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if drain_s > 0 and self._pool is not None:
+            await self._drain(drain_s)
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -235,6 +243,20 @@ class Flusher:
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 pool.terminate()
         self.stats.connected = False
+
+    async def _drain(self, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while await self.flush():
+                    pass
+        except Exception as e:  # (the stop goes on: the rows wait for the next start)
+            log.warning(
+                "postgres: the last flush before stopping did not finish (%s: %s); %d messages "
+                "wait in the local archive for the next start",
+                type(e).__name__,
+                e,
+                self.backlog_rows(),
+            )
 
     @property
     def pool(self) -> Any:

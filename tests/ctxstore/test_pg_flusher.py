@@ -522,3 +522,24 @@ def test_metadata_without_a_json_form_still_flushes() -> None:
         "k": {"(1, 2)": "\ufffd", "None": 1, "3": 4},
         "e": {"msgpack_ext": 5, "data": "eHk="},
     }
+
+
+def test_a_graceful_stop_flushes_what_waits_first(tmp_path: Path, pg_dsn: str) -> None:
+    """A node stopped between two flushes copies what it leads before it stops (a cluster
+    stopped as a whole leaves Postgres current), not at its next start."""
+
+    async def main() -> None:
+        async with node(tmp_path, pg_dsn, interval_ms=600_000) as n:
+            await create(n, "s")
+            assert n.postgres is not None
+            assert await n.postgres.wait_pool(10) is not None  # connected and migrated
+            for k in range(20):
+                await append(n, "s", f"m{k}")
+            await asyncio.sleep(0.2)
+            assert await count() == 0
+        assert await count() == 20
+
+    async def count() -> int:
+        return int((await fetch(pg_dsn, "SELECT count(*) FROM messages"))[0][0])
+
+    run(main())
