@@ -226,8 +226,9 @@ class Flusher:
     async def stop(self, drain_s: float = 0.0) -> None:
         """Stop flushing; first, with ``drain_s``, copy what waits in the groups this node still
         leads, for at most that long (a flush cut short by the stop is done again: rows are
-        idempotent), so that a cluster stopped as a whole leaves Postgres current instead of
-        waiting for its next start.  Whatever does not make it waits in the archive, as in an
+        idempotent), so that a cluster stopped as a whole leaves most of it in Postgres instead
+        of waiting for its next start.  Whatever does not make it (a group whose leadership
+        moved to a peer that had already stopped flushing) waits in the archive, as in an
         outage."""
         task, self._task = self._task, None
         if task is not None:
