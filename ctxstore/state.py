@@ -301,6 +301,7 @@ class _Session:
         "created_at",
         "cursors",
         "dedupe",
+        "dedupe_order",
         "dispatched_seq",
         "id",
         "inflight",
@@ -334,6 +335,10 @@ class _Session:
         self.tail_sizes: deque[int] = deque()  # payload_bytes of each tail message
         self.tail_bytes = 0
         self.dedupe: dict[str, tuple[int, int, bytes]] = {}  # id -> (seq, inserted_at, print)
+        # Its ids, oldest first (made at the first): evicting the oldest by ``next(iter(dict))``
+        # walked the slots deleted since the dict last resized, ~850 of them an append at the
+        # default 1 024 ids, on every replica.
+        self.dedupe_order: deque[str] | None = None
         self.cursors: dict[str, int] = {}  # user id -> last read seq
         self.window: Window | None = None  # until the session's first set_context_config
         self.window_limits = window_limits
@@ -392,9 +397,15 @@ class _Session:
 
     def remember(self, client_msg_id: str, seen: tuple[int, int, bytes], limit: int) -> None:
         dedupe = self.dedupe
+        order = self.dedupe_order
+        if order is None:
+            order = self.dedupe_order = deque()
+        held = len(dedupe)
         dedupe[client_msg_id] = seen
+        if len(dedupe) > held:  # a new id (one held keeps its place, as in the dict)
+            order.append(client_msg_id)
         while len(dedupe) > limit:
-            del dedupe[next(iter(dedupe))]  # the oldest (dicts keep insertion order)
+            del dedupe[order.popleft()]  # the oldest
 
     def set_cursor(self, user_id: str, seq: int, limit: int) -> None:
         cursors = self.cursors

@@ -177,6 +177,27 @@ def test_an_id_evicted_from_the_dedupe_window_appends_anew() -> None:
     assert node.append("s", "c1", cmid="m1") == c.Appended(7, 1_008, False)  # and now m1
 
 
+def test_the_dedupe_window_evicts_in_order_through_snapshots() -> None:
+    """Its eviction order (kept beside the dict) stays the dict's own order: over many
+    evictions, and once restored from a snapshot."""
+    node = Node(StateLimits(dedupe_ids_max=5))
+    node.create("s")
+    for i in range(40):
+        node.append("s", f"c{i}", cmid=f"m{i}")
+        node.append("s", "no id")
+    s = node.state._lookup("s")
+    assert s is not None and s.dedupe_order is not None
+    assert list(s.dedupe) == list(s.dedupe_order) == [f"m{i}" for i in range(35, 40)]
+    copy = ConversationState(StateLimits(dedupe_ids_max=5), GROUPS)
+    for g, data in snapshots(node.state).items():
+        copy.restore(g, data)
+    r = copy._lookup("s")
+    assert r is not None and r.dedupe_order is not None
+    assert list(r.dedupe) == list(r.dedupe_order) == list(s.dedupe)
+    assert node.append("s", "c35", cmid="m35") == c.Appended(71, 1_071, True)
+    assert node.append("s", "c34", cmid="m34") == c.Appended(81, 1_082, False)  # evicted
+
+
 def test_expected_seq() -> None:
     node = Node()
     node.create("s")
