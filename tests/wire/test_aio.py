@@ -783,16 +783,22 @@ def test_a_client_that_reads_nothing_is_aborted_and_gives_back_what_it_held(
     run(main, loop)
 
 
+async def fill_the_node_bound(server: Server, handler: StoreHandler) -> RawClient:
+    """A client whose 200 reads, held on their ReadIndex, fill the node's 16 MiB bound."""
+    busy = await RawClient.open(server.address)
+    handler.hold = True
+    busy.send(*[Read(rid, "s", 0, 10) for rid in range(2, 202)])
+    await wait_until(lambda: server.pending_bytes >= 16 * MiB)
+    return busy
+
+
 def test_a_new_client_gets_its_welcome_while_the_node_bound_is_full(loop: LoopFactory) -> None:
     async def main() -> None:
         handler = StoreHandler()
         async with await serve(
             handler, pending_bytes_max=16 * MiB, node_pending_bytes_max=16 * MiB
         ) as server:
-            busy = await RawClient.open(server.address)
-            handler.hold = True  # reads waiting on their ReadIndex hold the node's bound
-            busy.send(*[Read(rid, "s", 0, 10) for rid in range(2, 202)])
-            await wait_until(lambda: server.pending_bytes >= 16 * MiB)
+            _busy = await fill_the_node_bound(server, handler)  # (kept open)
             late = await asyncio.wait_for(RawClient.open(server.address), 2)  # its Welcome
             late.send(Ping(2))
             await wait_until(lambda: server.waiting == 1)  # then it waits for room
@@ -816,10 +822,7 @@ def test_a_connection_closed_while_it_waits_for_the_node_bound_leaves_the_queue(
         async with await serve(
             handler, pending_bytes_max=16 * MiB, node_pending_bytes_max=16 * MiB
         ) as server:
-            busy = await RawClient.open(server.address)
-            handler.hold = True  # reads waiting on their ReadIndex hold the node's bound
-            busy.send(*[Read(rid, "s", 0, 10) for rid in range(2, 202)])
-            await wait_until(lambda: server.pending_bytes >= 16 * MiB)
+            busy = await fill_the_node_bound(server, handler)
             for _ in range(3):
                 late = await asyncio.wait_for(RawClient.open(server.address), 2)
                 late.send(Ping(2))
