@@ -134,6 +134,8 @@ class Transport(Protocol):
 
     def is_connected(self, peer: int) -> bool: ...
 
+    def retired(self, peer: int) -> bool: ...  # removed from the cluster for good
+
 
 # -- the replica's side ----------------------------------------------------------------------------
 class PeerConn:
@@ -597,9 +599,12 @@ class Relay:
             self._finish(call, error(call.rid, "timeout", f"no answer from a replica{outcome}"))
         if self.follow is not None:
             self.follow.sweep()
+        transport = self._transport()
         for peer, fids in list(self._ends.items()):
             if self.tell(peer, RelayEnded(sorted(fids))):
                 del self._ends[peer]
+            elif transport is not None and transport.retired(peer):
+                del self._ends[peer]  # removed from the cluster: it will never be told
 
 
 def _task_answer(rid: int, task: asyncio.Future[Response]) -> Response:

@@ -25,8 +25,8 @@ from ctxstore.config import Settings
 from ctxstore.launcher import free_port
 from ctxstore.metrics import NodeMetrics
 from ctxstore.node import Node
-from ctxstore.peer_messages import RelayAnswer, RelayEnvelope, RelayRequest
-from ctxstore.relay import Relay
+from ctxstore.peer_messages import RelayAnswer, RelayEnded, RelayEnvelope, RelayRequest
+from ctxstore.relay import SWEEP_S, Relay
 from ctxstore.router import GroupMoved
 from ctxstore.server import Service
 from ctxstore.subscriptions import SubscriptionLimits
@@ -592,7 +592,11 @@ class Wire:
 
     def __init__(self, connected: set[int]) -> None:
         self.connected = connected
+        self.gone: set[int] = set()  # removed from the cluster (retired ids)
         self.sent: list[tuple[int, Any]] = []
+
+    def retired(self, peer: int) -> bool:
+        return peer in self.gone
 
     def send_app(self, to: int, payload: bytes) -> bool:
         if to not in self.connected:
@@ -760,5 +764,26 @@ def test_a_request_whose_group_moves_away_while_here_is_handed_on_to_its_replica
             leaving.service._hand_on(cast(Any, late), group, GetSession(9, sid), since, moved)
             assert [(r.code, r.rid) for r in replies] == [("unavailable", 9)]
             assert leaving.service.handed_on == 3
+
+    run(main())
+
+
+def test_the_ends_owed_to_a_peer_removed_from_the_cluster_are_forgotten() -> None:
+    """Streams a replica served end while their origin is away: told when it is back; an
+    origin removed from the cluster never is, and its ids (up to ``ENDS_MAX``) leave."""
+
+    async def main() -> None:
+        wire = Wire({1})
+        relay = origin(wire)
+        relay.now()  # (its sweep runs from the first use)
+        relay._ends[7] = {3, 4}  # owed to node 7, not connected
+        relay._ends[1] = {5}
+        await asyncio.sleep(SWEEP_S * 3)
+        assert relay._ends == {7: {3, 4}}  # node 1 was told; 7 is only away
+        assert [(p, e) for p, e in wire.sent if isinstance(e, RelayEnded)] == [(1, RelayEnded([5]))]
+        wire.gone.add(7)
+        await asyncio.sleep(SWEEP_S * 3)
+        assert relay._ends == {}
+        relay.stop()
 
     run(main())
