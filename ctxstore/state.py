@@ -189,16 +189,6 @@ def fingerprint(
     return blake2b(data, digest_size=16).digest()
 
 
-def _fingerprint(cmd: Append) -> bytes:
-    """The command's fingerprint: the proposer's, or computed here for an entry without it."""
-    carried = cmd.fingerprint
-    if carried is not None:
-        return carried
-    return fingerprint(
-        cmd.sender, cmd.sender_id, cmd.kind, cmd.content, cmd.metadata, cmd.role, cmd.parts
-    )
-
-
 def _own_parts(m: StoredMessage) -> StoredMessage:
     """``m`` with parts of its own: decoded parts are a view into the buffer they were decoded
     from (a whole snapshot), which a message kept in memory must not keep alive."""
@@ -715,20 +705,22 @@ class ConversationState:
         # ~2 000 of the ~24 000 instructions of a plain append's apply (callgrind).
         (
             session_id, sender, sender_id, kind, content, metadata, cmid, expected_seq,
-            token_count, inserted_at, role, parts, part_tokens, if_version, actor, carried,
+            token_count, inserted_at, role, parts, part_tokens, if_version, actor, proposed,
         ) = msgspec.structs.astuple(cmd)  # fmt: skip
         s = sessions.get(session_id)
         if (refused := _refused(s, actor)) is not None:
             return refused
         if s is None:
             return _not_found(session_id)
-        fingerprint = b""
-        if cmid is not None:
-            fingerprint = carried if carried is not None else _fingerprint(cmd)
+        printed = b""
+        if cmid is not None:  # the proposer's fingerprint, or (an entry before it) computed here
+            printed = proposed if proposed is not None else fingerprint(
+                sender, sender_id, kind, content, metadata, role, parts
+            )  # fmt: skip
             seen = s.dedupe.get(cmid)
             if seen is not None:
                 seq, seen_at, original = seen
-                if original == fingerprint:
+                if original == printed:
                     return Appended(seq, seen_at, True)
                 return Rejected(
                     "conflict",
@@ -782,7 +774,7 @@ class ConversationState:
                 observer.on_evict(group, index, m)
             evicted.clear()
         if cmid is not None:
-            s.remember(cmid, (seq, inserted_at, fingerprint), self.limits.dedupe_ids_max)
+            s.remember(cmid, (seq, inserted_at, printed), self.limits.dedupe_ids_max)
         if sender == "user":  # the user has read what came before its own message
             s.set_cursor(s.user_id, seq, self.limits.cursors_max)
             s.last_user_seq = seq

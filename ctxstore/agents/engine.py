@@ -243,12 +243,12 @@ class Dispatcher:
         """An applied message (state observer, inside apply): a user's arms the debounce."""
         if message.sender != "user" or not self.running or not self._leads(group):
             return
-        self._acked_at[message.session_id] = self._now()
+        self._acked_at[message.session_id] = self._running_loop().time()
         self._arm(message.session_id)
 
-    def _now(self) -> float:
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
-        return (asyncio.get_running_loop() if loop is None else loop).time()
+        return asyncio.get_running_loop() if loop is None else loop
 
     def on_leader_change(self, group: int, leader: int) -> None:
         if not self.running:
@@ -258,10 +258,10 @@ class Dispatcher:
             return
         for sid in [s for s in self._timers if group_of(s, self.groups) == group]:
             self._timers.pop(sid)[1].cancel()
-            self._acked_at.pop(sid, None)
+            self._unacked(sid)
         for sid in [s for s in self._due if group_of(s, self.groups) == group]:
             del self._due[sid]
-            self._acked_at.pop(sid, None)
+            self._unacked(sid)
         for sid, task in list(self._tasks.items()):
             if group_of(sid, self.groups) == group:
                 task.cancel()  # the new leader resumes it with the next attempt
@@ -347,7 +347,7 @@ class Dispatcher:
         agent = None if view is None else self._agent(view[0])
         if agent is None or agent.status != "active":
             if view is None or checked:
-                self._acked_at.pop(sid, None)
+                self._unacked(sid)
                 return
             if self._absent_here(view[0]):
                 if view[0] in self._absent:
@@ -357,7 +357,7 @@ class Dispatcher:
                 return
             self._refresh(view[0], sid, resume)
             return
-        loop = self._loop or asyncio.get_running_loop()
+        loop = self._running_loop()
         now = loop.time()
         debounce = 0.0 if resume else agent.debounce_ms / 1000
         first = now
@@ -382,9 +382,9 @@ class Dispatcher:
         asyncio.get_running_loop().call_soon(self._lookup, agent_id)
 
     def _skip(self, sid: str, agent_id: str, resume: bool) -> None:
-        self._acked_at.pop(sid, None)  # (armed again by ``on_agent``: no first-chunk time)
+        self._unacked(sid)  # (armed again by ``on_agent``: no first-chunk time)
         skipped = self._skipped
-        skipped[sid] = (agent_id, self._now(), resume)
+        skipped[sid] = (agent_id, self._running_loop().time(), resume)
         skipped.move_to_end(sid)
         if len(skipped) > self.limits.skipped_max:
             skipped.popitem(last=False)  # the oldest skip (O(1), unlike a dict's first key)

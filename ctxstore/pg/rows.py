@@ -105,11 +105,12 @@ def _scrub(value: Any) -> Any:
 
 
 def json_text(value: Any) -> str:
+    data: bytes | None
     try:
         data = _encode_json(value)
     except TypeError:  # a key JSON has no form for (stored before it was refused): as a string
-        data = b""
-    if not data or _JSON_NUL in data:  # or a NUL somewhere in a string: rewrite
+        data = None
+    if data is None or _JSON_NUL in data:  # or a NUL somewhere in a string: rewrite
         data = _encode_json(_scrub(value))
     return data.decode()
 
