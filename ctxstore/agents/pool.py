@@ -74,10 +74,7 @@ class Pool:
                 del self._slots[origin]
                 self._alpn.pop(origin, None)
                 if origin in self._h2 and not self.closed:
-                    loop = asyncio.get_running_loop()
-                    self._h2_idle[origin] = loop.time()
-                    if self._sweep is None:
-                        self._sweep = loop.call_later(self.limits.idle_keepalive_s, self._expire)
+                    self._h2_idle[origin] = self._idle_since()
 
     async def request(
         self,
@@ -181,10 +178,15 @@ class Pool:
         if self.closed or len(idle) >= self.limits.idle_per_origin_max:
             conn.close()
             return
+        idle.append((self._idle_since(), conn))
+
+    def _idle_since(self) -> float:
+        """Now, for a connection (or an HTTP/2 origin) that becomes idle: ``_expire`` will
+        look at it once ``idle_keepalive_s`` passed."""
         loop = asyncio.get_running_loop()
-        idle.append((loop.time(), conn))
         if self._sweep is None:
             self._sweep = loop.call_later(self.limits.idle_keepalive_s, self._expire)
+        return loop.time()
 
     def _expire(self) -> None:
         """Close the connections idle for ``idle_keepalive_s``; again later while any is idle."""
