@@ -6,6 +6,11 @@
   reasoning part, a ``tool-search`` part (input and output, state ``output-available``) and a
   text part.  Their texts together are ``--payload-bytes`` characters (the short form's
   content, cut in three), so plain and structured runs carry the same text.
+- ``--payload-text`` chooses that text: ``letters`` (random letters and digits with no space,
+  the default and what every earlier figure used: one long word to the tokenizer, its dearest
+  input at ~1.5 characters a token) or ``prose`` (English-like words, ~4.4 characters a token,
+  what a conversation holds).  Only counting depends on it: a plain append without a window
+  is not counted.
 - ``--context-policy`` configures a context window on every session of the load before it
   starts (``set_context_config``: ``--context-budget`` tokens, ``--context-ratio``, the policy;
   ``--context-limit`` for ``last_n`` and ``skip_parts``, which skips ``reasoning`` and ``tool-``
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import string
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 
@@ -33,6 +39,7 @@ from wire.client import Client
 from wire.protocol import Appended, Context, LastN, Manual, Policy, SkipParts, TokenBudget
 
 PART_COUNTS: Final = (0, 1, 3)
+PAYLOAD_TEXTS: Final = ("letters", "prose")
 POLICIES: Final = ("last_n", "skip_parts", "token_budget", "manual")
 SKIPPED_PARTS: Final = ["reasoning", "tool-"]
 AGENT: Final = "bench-agent"
@@ -62,6 +69,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
         "--parts", type=int, choices=PART_COUNTS, default=0,
         help="0: the short form (content); 1: one text part; 3: reasoning, tool-search (input "
         "and output) and text parts, --payload-bytes characters in all",
+    )  # fmt: skip
+    g.add_argument(
+        "--payload-text", choices=PAYLOAD_TEXTS, default="letters",
+        help="the payload's characters: letters (random letters and digits, no space: one word "
+        "of the tokenizer, its dearest input, ~1.5 characters a token) or prose (English-like "
+        "words, ~4.4 characters a token, as conversations are)",
     )  # fmt: skip
     g.add_argument(
         "--context-policy", choices=POLICIES, default=None,
@@ -159,6 +172,15 @@ def policy(args: argparse.Namespace) -> Policy:
         return TokenBudget()
     assert name == "manual", name
     return Manual()
+
+
+def payload(rng: random.Random, chars: int, kind: str) -> str:
+    """The bench's message text: ``chars`` characters of ``kind`` (``PAYLOAD_TEXTS``)."""
+    if kind == "prose":
+        return prose(rng, chars)
+    assert kind == "letters", kind
+    alphabet = string.ascii_letters + string.digits
+    return "".join(rng.choice(alphabet) for _ in range(chars))
 
 
 def prose(rng: random.Random, chars: int) -> str:

@@ -34,7 +34,6 @@ import multiprocessing.connection
 import os
 import random
 import signal
-import string
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -50,6 +49,7 @@ from .context import (
     append_structured_nowait,
     get_context,
     message_parts,
+    payload,
 )
 from .histogram import LatencyHistogram
 from .procs import ClientProcesses, WorkerError, tune_collector
@@ -111,6 +111,7 @@ class WorkerSpec:
     via: Via = "native"  # the transport (``routing.new_load_client``)
     web: dict[int, str] = dataclasses.field(default_factory=dict)  # node id -> its HTTP port
     parts: int = 0  # structured messages of this many parts (bench.context; 0: the short form)
+    payload_text: str = "letters"  # the payload's characters (bench.context.PAYLOAD_TEXTS)
     context_sessions: tuple[str, ...] = ()  # get_context on these, in turn, ...
     context_rate: float = 0.0  # ... at this rate (open loop; 0: none)
 
@@ -156,8 +157,7 @@ class Worker:
         self.session_ids = [session_id(spec.run_id, i) for i in range(spec.sessions)]
         self.session_groups = [group_of(s, spec.groups) for s in self.session_ids]
         self.last_seq = [0] * spec.sessions
-        alphabet = string.ascii_letters + string.digits
-        self.content = "".join(self.rng.choice(alphabet) for _ in range(spec.payload_bytes))
+        self.content = payload(self.rng, spec.payload_bytes, spec.payload_text)
         self.parts = message_parts(spec.parts, self.content)  # None: the short form
         self.context_groups = [group_of(s, spec.groups) for s in spec.context_sessions]
         self.context_windows: dict[str, int] = {}

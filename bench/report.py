@@ -153,6 +153,8 @@ def title(doc: dict[str, Any]) -> str:
     )
     where = f"{c['nodes']} local nodes" if c["nodes"] else f"target {c['target']}"
     body = f"{c['payload_bytes']} B" + (f" in {c['parts']} parts" if c.get("parts") else "")
+    if c.get("payload_text", "letters") != "letters":
+        body += f" of {c['payload_text']}"
     if c.get("context_policy"):
         body += f", window {c['context_policy']} (budget {c['context_budget']:,})"
     node_args = doc.get("cluster", {}).get("node_args")

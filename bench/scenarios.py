@@ -206,6 +206,7 @@ def worker_specs(
             via=args.via,
             web=dict(target.ops),
             parts=args.parts,
+            payload_text=args.payload_text,
         )
         for k in range(procs)
     ]

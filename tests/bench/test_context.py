@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from bench import tokens
 from bench.cli import parse
-from bench.context import message_parts, prose
+from bench.context import message_parts, payload, prose
 from bench.scenarios import gate
 from ctxstore.launcher import LocalCluster
 from ctxstore.tokens import TokenCounter
@@ -77,6 +78,19 @@ def test_parts_are_valid_and_carry_the_payload(payload: int) -> None:
         assert "".join(carried) == text
 
 
+def test_payload_texts_are_one_word_or_words() -> None:
+    letters = payload(random.Random(1), 200, "letters")
+    words = payload(random.Random(1), 200, "prose")
+    assert len(letters) == len(words) == 200
+    assert letters.isalnum()
+    assert " " in words and set(words.replace(" ", "")) <= set(string.ascii_lowercase)
+    counter = TokenCounter()
+    assert counter.text(letters) > 2 * counter.text(words)  # the tokenizer's dearest input
+    assert parse(["append", "--nodes", "1"]).payload_text == "letters"
+    with pytest.raises(SystemExit):
+        parse(["append", "--nodes", "1", "--payload-text", "poetry"])
+
+
 @pytest.mark.parametrize("encoding", tokens.ENCODINGS)
 def test_the_micro_benchmark_counts_as_a_node_does(encoding: str) -> None:
     counter, tok = TokenCounter(encoding), tokens.tokenizer(encoding)
@@ -106,19 +120,21 @@ def test_append_writes_structured_messages_into_configured_windows(tmp_path: Pat
                 sys.executable, "-m", "bench.cli", "append", "--target", cluster.targets[0],
                 "--concurrency", "8", "--parts", "3", "--context-policy", "last_n",
                 "--context-limit", "5", "--run-id", "ctx", "--verify", "--quiet",
+                "--payload-text", "prose",
                 "--duration", "2", "--warmup", "0.5", "--sessions", "4",
             ]  # fmt: skip
             done = await asyncio.to_thread(
                 subprocess.run, argv, capture_output=True, text=True, timeout=90
             )
             assert done.returncode == 0, done.stdout + done.stderr
-            assert "200 B in 3 parts, window last_n" in done.stdout
+            assert "200 B in 3 parts of prose, window last_n" in done.stdout
             async with await connect(cluster.targets[0]) as c:
                 for i in range(4):
                     messages = (await c.read(f"ctx-s{i}")).messages
                     assert len(messages) > 5
                     assert {m.role for m in messages} == {"assistant"}
                     assert all(m.parts and len(m.parts) == 3 and not m.content for m in messages)
+                    assert all(" " in m.parts[0]["text"] for m in messages)  # words
                     window = await c.get_context(f"ctx-s{i}")
                     assert window.config is not None and window.config.policy == LastN(5)
                     last = window.last_seq
