@@ -14,10 +14,12 @@ payload are contiguous, so it is one checksum over ``record[8:]``).  Each type h
     TOMBSTONE   GroupTombstone  the group left this node: everything written for it before is
                                 void; what is written for it after starts it anew (empty)
 
-Rules kept here: a record is never longer than ``RECORD_BYTES_MAX``; ``Scanner`` stops at the
-first record that is short, zero, oversized or fails its CRC and never decodes past it.  A
-record whose CRC is right but whose type or payload cannot be decoded is not torn but written by
-a bug or a newer version: that raises ``InvariantViolation``.
+The encoder, ``append_record``, is in raft/wal_segments.py (compiled with mypyc; this module
+holds msgspec Structs and is not).  Rules kept here: a record is never longer than
+``RECORD_BYTES_MAX``; ``Scanner`` stops at the first record that is short, zero, oversized or
+fails its CRC and never decodes past it.  A record whose CRC is right but whose type or payload
+cannot be decoded is not torn but written by a bug or a newer version: that raises
+``InvariantViolation``.
 """
 
 from __future__ import annotations
@@ -86,14 +88,15 @@ class GroupTombstone(msgspec.Struct, array_like=True, frozen=True):
 
 Payload = SegmentHeader | EntriesRecord | HardState | SnapshotRecord | GroupTombstone
 
-_TYPES: dict[type, RecordType] = {
+# A record's type code by its payload's class: the encoder (``raft.wal_segments.append_record``,
+# compiled: it runs for every group of every round) looks them up here.
+TYPE_CODES: dict[type, RecordType] = {
     SegmentHeader: RecordType.SEGMENT,
     EntriesRecord: RecordType.ENTRIES,
     HardState: RecordType.HARD_STATE,
     SnapshotRecord: RecordType.SNAPSHOT,
     GroupTombstone: RecordType.TOMBSTONE,
 }
-_encoder = msgspec.msgpack.Encoder()
 _decoders: dict[RecordType, msgspec.msgpack.Decoder[Payload]] = {
     RecordType.SEGMENT: msgspec.msgpack.Decoder(SegmentHeader),
     RecordType.ENTRIES: msgspec.msgpack.Decoder(EntriesRecord),
@@ -101,22 +104,6 @@ _decoders: dict[RecordType, msgspec.msgpack.Decoder[Payload]] = {
     RecordType.SNAPSHOT: msgspec.msgpack.Decoder(SnapshotRecord),
     RecordType.TOMBSTONE: msgspec.msgpack.Decoder(GroupTombstone),
 }
-
-
-def append_record(buf: bytearray, group: int, payload: Payload) -> int:
-    """Encode one record at the end of ``buf``; return its length (header included)."""
-    if not 0 <= group <= GROUP_MAX:
-        raise InvariantViolation(f"group {group} out of range")
-    start = len(buf)
-    buf.extend(bytes(HEADER_BYTES))
-    _encoder.encode_into(payload, buf, -1)
-    length = len(buf) - start
-    if length > RECORD_BYTES_MAX:
-        raise InvariantViolation(f"record of {length} bytes is too long")
-    HEADER.pack_into(buf, start, length - HEADER_BYTES, 0, _TYPES[type(payload)], group)
-    crc = crc32c(memoryview(buf)[start + 8 :])
-    struct.pack_into("<I", buf, start + 4, crc)
-    return length
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,15 +35,20 @@ from enum import Enum
 import msgspec
 from crc32c import crc32c
 
-from .errors import check
+from .errors import InvariantViolation, check
 from .messages import Entry, HardState, Snapshot
 from .wal_records import (
     FORMAT_VERSION,
+    GROUP_MAX,
+    HEADER,
+    HEADER_BYTES,
+    RECORD_BYTES_MAX,
+    TYPE_CODES,
     EntriesRecord,
     GroupTombstone,
+    Payload,
     SegmentHeader,
     SnapshotRecord,
-    append_record,
 )
 from .wal_storage import Location
 
@@ -54,6 +59,10 @@ _SEGMENT_RE = re.compile(r"^([0-9a-f]{16})\.wal$")
 _SNAPSHOT_RE = re.compile(r"^([0-9a-f]{8})-([0-9a-f]{16})-([0-9a-f]{8})\.snap$")
 _SNAPSHOT_HEADER = struct.Struct("<4sIQ")  # magic, CRC32C of the data, data length
 _SNAPSHOT_MAGIC = b"RSN1"
+_ZEROS = bytes(HEADER_BYTES)  # a record's header, before it is filled in
+_CRC = struct.Struct("<I")
+_COPY_BYTES_MAX = 4096
+_encoder = msgspec.msgpack.Encoder()
 # Upper bounds of the fsync-time buckets (``Stats.fsync_buckets``; ``le`` semantics, then one
 # bucket above the last bound): 0.1 ms (a disk with a write cache) … 5 s (a stalled one).
 FSYNC_BUCKETS_S = (
@@ -469,6 +478,25 @@ def load_snapshot_file(path: str) -> bytes:
     check(magic == _SNAPSHOT_MAGIC and length == len(data), f"snapshot file {path} is damaged")
     check(crc32c(data) == crc, f"snapshot file {path} fails its CRC")
     return data
+
+
+def append_record(buf: bytearray, group: int, payload: Payload) -> int:
+    """Encode one record at the end of ``buf`` (the format of raft/wal_records.py); return its
+    length, header included.  Here rather than there so that it is compiled: every round
+    writes one or two records for each group it carries."""
+    if not 0 <= group <= GROUP_MAX:
+        raise InvariantViolation(f"group {group} out of range")
+    start = len(buf)
+    buf += _ZEROS
+    _encoder.encode_into(payload, buf, -1)
+    length = len(buf) - start
+    if length > RECORD_BYTES_MAX:
+        raise InvariantViolation(f"record of {length} bytes is too long")
+    HEADER.pack_into(buf, start, length - HEADER_BYTES, 0, TYPE_CODES[type(payload)], group)
+    # (a small record's copy costs less than a memoryview and its slice)
+    tail = buf[start + 8 :] if length <= _COPY_BYTES_MAX else memoryview(buf)[start + 8 :]
+    _CRC.pack_into(buf, start + 4, crc32c(tail))
+    return length
 
 
 def _chunks(entries: Sequence[Entry]) -> list[EntriesRecord]:

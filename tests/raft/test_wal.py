@@ -32,8 +32,8 @@ from raft.errors import Compacted, InvariantViolation, SnapshotOutOfDate, Unavai
 from raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
 from raft.storage import MemoryStorage, Storage, bootstrap
 from raft.wal import WAL, GroupWrite, WalFailed, Written
-from raft.wal_records import RECORD_BYTES_MAX, Scanner, append_record
-from raft.wal_segments import parse_segment_name, parse_snapshot_name
+from raft.wal_records import RECORD_BYTES_MAX, Scanner
+from raft.wal_segments import append_record, parse_segment_name, parse_snapshot_name
 
 SMALL = {"segment_bytes": 4096, "cache_bytes_max": 512}
 

@@ -19,7 +19,8 @@ from raft.errors import InvariantViolation
 from raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
 from raft.storage import MemoryStorage
 from raft.wal import WAL, GroupWrite
-from raft.wal_records import GroupTombstone, RecordType, Scanner, append_record
+from raft.wal_records import GroupTombstone, RecordType, Scanner
+from raft.wal_segments import append_record
 
 from .test_wal import Model, assert_same, entries, segments, settle, snap, snapshot_files
 
