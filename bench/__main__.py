@@ -4,6 +4,7 @@ python -m bench append --nodes 3 --concurrency 256   (= ctxstore-bench, docs/ben
 python -m bench raft-node throughput --concurrency 256   (= python -m bench.raft_node ...)
 python -m bench archive   (= python -m ctxstore.archive_bench: the local archive's cost per message)
 python -m bench apply   (= python -m ctxstore.apply_bench: a replica's apply of an append)
+python -m bench wal-records   (= python -m raft.wal_bench: encoding a round's WAL records)
 python -m bench pg-flush  (= python -m ctxstore.pg.bench: the Postgres write-behind's rows/s)
 python -m bench tokens   (the tokenizer's cost per append)
 python -m bench agents --conversations 200   (= ctxstore-bench agents, docs/agents.md)
@@ -39,6 +40,10 @@ def _apply(argv: Sequence[str]) -> int:
     return subprocess.run([sys.executable, "-m", "ctxstore.apply_bench", *argv]).returncode
 
 
+def _wal_records(argv: Sequence[str]) -> int:
+    return subprocess.run([sys.executable, "-m", "raft.wal_bench", *argv]).returncode
+
+
 def _pg_flush(argv: Sequence[str]) -> int:
     return subprocess.run([sys.executable, "-m", "ctxstore.pg.bench", *argv]).returncode
 
@@ -61,6 +66,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "raft-node": (_raft_node, "raft/ on a local 3-node cluster (docs/raft-bench.md)"),
     "archive": (_archive, "the local SQLite archive: rows/s and CPU per message"),
     "apply": (_apply, "a replica's state machine: CPU per applied append, plain vs structured"),
+    "wal-records": (_wal_records, "the WAL's record encoder: CPU per group and round"),
     "pg-flush": (_pg_flush, "the Postgres write-behind: rows/s copied (needs PostgreSQL)"),
     "tokens": (_tokens, "the tokenizer's CPU per message, as a node counts an append"),
 }

@@ -127,6 +127,14 @@ def test_apply_benchmark_runs(capfd: pytest.CaptureFixture[str]) -> None:
     assert figures["structured_window_cpu_us_per_append"] > 0
 
 
+def test_wal_records_benchmark_runs(capfd: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import main
+
+    assert main(["wal-records", "--rounds", "200", "--repeat", "1", "--json"]) == 0
+    figures = json.loads(capfd.readouterr().out)
+    assert figures["us_per_group_round"] > 0 and figures["entries"] == 1
+
+
 def test_the_raft_benchmark_runs_and_cleans_up(tmp_path: Path) -> None:
     """``python -m bench.raft_node``: the bare Raft's cluster (bench/raft_cluster.py, shared
     with tests/cluster), its client processes and its report, through the command line."""
