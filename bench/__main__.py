@@ -4,7 +4,7 @@ python -m bench append --nodes 3 --concurrency 256   (= ctxstore-bench, docs/ben
 python -m bench raft-node throughput --concurrency 256   (= python -m bench.raft_node ...)
 python -m bench archive   (= python -m ctxstore.archive_bench: the local archive's cost per message)
 python -m bench apply   (= python -m ctxstore.apply_bench: a replica's apply of an append)
-python -m bench wal-records   (= python -m raft.wal_bench: encoding a round's WAL records)
+python -m bench wal-records   (bench/wal_records.py: encoding a round's WAL records)
 python -m bench pg-flush  (= python -m ctxstore.pg.bench: the Postgres write-behind's rows/s)
 python -m bench tokens   (the tokenizer's cost per append)
 python -m bench agents --conversations 200   (= ctxstore-bench agents, docs/agents.md)
@@ -41,7 +41,9 @@ def _apply(argv: Sequence[str]) -> int:
 
 
 def _wal_records(argv: Sequence[str]) -> int:
-    return subprocess.run([sys.executable, "-m", "raft.wal_bench", *argv]).returncode
+    from bench.wal_records import main
+
+    return main(argv)
 
 
 def _pg_flush(argv: Sequence[str]) -> int:

@@ -1,12 +1,13 @@
-"""``python -m raft.wal_bench`` (or ``python -m bench wal-records``): what encoding one group's
-WAL records of one round costs the node that writes them (docs/benchmarks.md).
+"""``python -m bench wal-records``: what encoding one group's WAL records of one round costs
+the node that writes them (docs/benchmarks.md).
 
 Every round writes, for every group it carries, an ``ENTRIES`` record of the group's new entries
 and usually a ``HARD_STATE`` record (raft/wal_records.py, the format; raft/wal_segments.py,
-``append_record``, the encoder).  This encodes ``--rounds`` such pairs into one buffer (cleared
-at 1 MiB, as a round's buffer is short) with ``--entries`` entries of ``--payload-bytes`` bytes
-each (330: an encoded ``Append`` of 200 characters), and prints the median over ``--repeat``
-runs of the process's CPU time per pair.  No file is written: the disk is not measured.
+``append_record``, the encoder, compiled).  This encodes ``--rounds`` such pairs into one buffer
+(cleared at 1 MiB, as a round's buffer is short) with ``--entries`` entries of
+``--payload-bytes`` bytes each (330: an encoded ``Append`` of 200 characters), and prints the
+median over ``--repeat`` runs of the process's CPU time per pair.  No file is written: the disk
+is not measured.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import time
 from collections.abc import Sequence
 from statistics import median
 
-from .messages import Entry, HardState
-from .wal_records import EntriesRecord
-from .wal_segments import append_record
+from raft.messages import Entry, HardState
+from raft.wal_records import EntriesRecord
+from raft.wal_segments import append_record
 
 
 def per_pair(entries: int, payload_bytes: int, rounds: int) -> float:
@@ -38,7 +39,7 @@ def per_pair(entries: int, payload_bytes: int, rounds: int) -> float:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m raft.wal_bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench wal-records", description=__doc__)
     p.add_argument("--entries", type=int, default=1, help="entries in the ENTRIES record")
     p.add_argument("--payload-bytes", type=int, default=330)
     p.add_argument("--rounds", type=int, default=200_000)
