@@ -38,10 +38,11 @@ Rules of this module:
   high-water mark, and all of them ``node_pending_bytes_max`` plus a high-water mark each.
 - Bounded connections: at most ``connections_max`` (and ``connections_per_source_max`` from one
   address); one more is told ``Error{rid: 0, code: "unavailable"}`` and closed.  An open
-  connection that is idle (nothing in flight, no subscription, nothing received) for
-  ``idle_timeout_s`` is told ``Error{rid: 0, code: "unavailable"}`` and closed.  One whose
-  writer stays paused (its client reads nothing) for ``write_stall_timeout_s`` is aborted: it
-  gives back what it holds of the node's bound to the connections whose clients do read.
+  connection that is idle (nothing in flight, no subscription, nothing received and no last
+  answer sent) for ``idle_timeout_s`` is told ``Error{rid: 0, code: "unavailable"}`` and
+  closed.  One whose writer stays paused (its client reads nothing) for
+  ``write_stall_timeout_s`` is aborted: it gives back what it holds of the node's bound to the
+  connections whose clients do read.
 - A protocol error (or a refused Hello) writes the queued Error, then closes.  A handshake that
   does not finish within ``hello_timeout_s`` is aborted.
 - A peer that half-closes gets its remaining answers before the connection closes.
@@ -394,7 +395,7 @@ class Connection(asyncio.Protocol):
         self.subscriptions: set[int] = set()  # sub_ids answered and not ended
         self._source = ""
         self._admitted = False
-        self._last_received = 0.0
+        self._active_at = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None  # armed while the writer is paused
         self._flush_bytes = server.write_buffer_high_bytes
@@ -446,6 +447,8 @@ class Connection(asyncio.Protocol):
                 raise  # a handler bug: a second answer, or an answer to no request
             logger.error("cannot send %s: %s", type(response).__name__, e)
             core.send(error(response.rid, "internal", "the response could not be sent"))
+        if core.in_flight == 0:  # its last answer: the idle time starts now, not at the request
+            self._active_at = self._loop.time()
         server = self.server
         server.pending_bytes -= charged - core.in_flight_bytes
         if server._waiting:
@@ -541,7 +544,7 @@ class Connection(asyncio.Protocol):
         self._hello_timer = self._loop.call_later(server.hello_timeout_s, self._hello_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self._last_received = self._loop.time()
+        self._active_at = self._loop.time()
         self.core.receive_data(data)
         self._pump()
 
@@ -751,12 +754,13 @@ class Connection(asyncio.Protocol):
 
     def _idle_check(self) -> None:
         """Close the connection if it is idle: nothing in flight, no subscription, nothing
-        received for ``idle_timeout_s``; otherwise look again when it could be."""
+        received and no last answer sent for ``idle_timeout_s`` (an answer closed right after it
+        was made could be lost with the connection); otherwise look again when it could be."""
         self._idle_timer = None
         if self.closed or self._closing:
             return
         timeout_s = self.server.idle_timeout_s
-        due = self._last_received + timeout_s
+        due = self._active_at + timeout_s
         now = self._loop.time()
         if self.core.in_flight or self.subscriptions or now < due:
             self._idle_timer = self._loop.call_at(max(due, now + timeout_s / 8), self._idle_check)

@@ -712,6 +712,33 @@ def test_the_per_source_cap_leaves_room_for_other_addresses(loop: LoopFactory) -
     run(main, loop)
 
 
+def test_a_late_answer_is_not_lost_to_the_idle_check_before_its_flush(
+    loop: LoopFactory,
+) -> None:
+    """A request held past the idle timeout, then answered: the idle check that runs before the
+    answer is flushed (its timer polls while the request is in flight) sees the answer as
+    activity, and the answer arrives.  (It used to see nothing in flight, the request received
+    long ago and unflushed bytes, and abort: the answer was lost with the connection.)"""
+
+    async def main() -> None:
+        handler = StoreHandler()
+        async with await serve(handler, idle_timeout_s=0.2) as server:
+            busy = await RawClient.open(server.address)
+            handler.hold = True
+            busy.send(Ping(2))
+            await wait_until(lambda: len(handler.held) == 1)
+            await asyncio.sleep(0.4)  # past the idle timeout, with the request in flight
+            (conn,) = server.connections
+            handler.hold = False
+            handler.release()  # the answer is queued, flushed at the end of this iteration...
+            conn._idle_check()  # ... after an idle check that comes first
+            assert pongs(await busy.events(1)) == [2]
+            [goodbye] = await asyncio.wait_for(busy.events(1), 2)  # idle 0.2 s after it
+            assert isinstance(goodbye, ProtocolError) and goodbye.code == "unavailable"
+
+    run(main, loop)
+
+
 def test_idle_connections_are_closed_busy_and_subscribed_ones_are_kept(
     loop: LoopFactory,
 ) -> None:
