@@ -54,12 +54,28 @@ async def balanced_within(cluster: LocalCluster, timeout_s: float) -> float:
         await asyncio.sleep(0.25)
 
 
+async def at_rest(cluster: LocalCluster, timeout_s: float) -> None:
+    """Until every node leads its fair share (``ceil(groups / nodes)``) or one less: where both
+    balancers stop (ctxstore/reconciler.py ``balance_leaders``, ctxstore/mover.py).  From
+    "balanced" (±2 of the mean) they may still make a few transfers toward it."""
+    fair = -(-GROUPS // len(cluster.children))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = await led(cluster)
+        if sum(counts.values()) == GROUPS and all(fair - 1 <= n <= fair for n in counts.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"leaders not at rest within {timeout_s} s: {dict(counts)}")
+        await asyncio.sleep(0.25)
+
+
 async def settles(cluster: LocalCluster, after: str) -> None:
-    """Balanced within ``BALANCED_WITHIN_S``, then no churn (at most a straggler's transfer)
-    for 4 s while nothing changes."""
+    """Balanced within ``BALANCED_WITHIN_S``; at the balancers' resting point soon after; then
+    no churn (at most a straggler's transfer) for 4 s while nothing changes."""
     took = await balanced_within(cluster, BALANCED_WITHIN_S)
     counts, started = await led(cluster), await transfers(cluster)
     print(f"balanced {took:.1f} s after {after}: {dict(counts)}, {started} transfers")
+    await at_rest(cluster, 10.0)
     before = await transfers(cluster)
     await asyncio.sleep(4)
     assert await transfers(cluster) - before <= 2
