@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import string
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -32,7 +31,7 @@ from typing import Any, Final
 
 import msgspec.json
 
-from .context import message_parts, prose
+from .context import message_parts, payload, prose
 
 TEXT_TYPES: Final = frozenset({"text", "reasoning"})
 ENCODINGS: Final = ("o200k_base", "cl100k_base")
@@ -64,8 +63,7 @@ def samples(
 ) -> dict[str, tuple[str, list[dict[str, Any]] | None]]:
     """The messages timed: name -> (content, parts)."""
     rng = random.Random(seed)
-    alphabet = string.ascii_letters + string.digits
-    letters = "".join(rng.choice(alphabet) for _ in range(payload_bytes))
+    letters = payload(rng, payload_bytes, "letters")
     p2k, p16k = prose(rng, 2000), prose(rng, 16_000)
     return {
         f"plain {payload_bytes} B (bench append)": (letters, None),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,41 +42,31 @@ async def transfers(cluster: LocalCluster) -> int:
     return total
 
 
-async def balanced_within(cluster: LocalCluster, timeout_s: float) -> float:
-    """Seconds until every node leads within ±2 of the mean (and every group has a leader)."""
+async def leads_until(
+    cluster: LocalCluster, timeout_s: float, fits: Callable[[int], bool], what: str
+) -> float:
+    """Seconds until every group has a leader and every node's count of led groups ``fits``."""
     start = time.monotonic()
-    mean = GROUPS / len(cluster.children)
     while True:
         counts = await led(cluster)
-        if sum(counts.values()) == GROUPS and all(abs(n - mean) <= 2 for n in counts.values()):
+        if sum(counts.values()) == GROUPS and all(fits(n) for n in counts.values()):
             return time.monotonic() - start
         if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"leaders not balanced within {timeout_s} s: {dict(counts)}")
-        await asyncio.sleep(0.25)
-
-
-async def at_rest(cluster: LocalCluster, timeout_s: float) -> None:
-    """Until every node leads its fair share (``ceil(groups / nodes)``) or one less: where both
-    balancers stop (ctxstore/reconciler.py ``balance_leaders``, ctxstore/mover.py).  From
-    "balanced" (±2 of the mean) they may still make a few transfers toward it."""
-    fair = -(-GROUPS // len(cluster.children))
-    deadline = time.monotonic() + timeout_s
-    while True:
-        counts = await led(cluster)
-        if sum(counts.values()) == GROUPS and all(fair - 1 <= n <= fair for n in counts.values()):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"leaders not at rest within {timeout_s} s: {dict(counts)}")
+            raise AssertionError(f"leaders not {what} within {timeout_s} s: {dict(counts)}")
         await asyncio.sleep(0.25)
 
 
 async def settles(cluster: LocalCluster, after: str) -> None:
     """Balanced within ``BALANCED_WITHIN_S``; at the balancers' resting point soon after; then
     no churn (at most a straggler's transfer) for 4 s while nothing changes."""
-    took = await balanced_within(cluster, BALANCED_WITHIN_S)
+    mean = GROUPS / len(cluster.children)
+    took = await leads_until(cluster, BALANCED_WITHIN_S, lambda n: abs(n - mean) <= 2, "balanced")
     counts, started = await led(cluster), await transfers(cluster)
     print(f"balanced {took:.1f} s after {after}: {dict(counts)}, {started} transfers")
-    await at_rest(cluster, 10.0)
+    # Where both balancers stop (ctxstore/reconciler.py ``balance_leaders``, ctxstore/mover.py):
+    # every node at its fair share or one less; from ±2 of the mean they may still owe a few.
+    fair = -(-GROUPS // len(cluster.children))
+    await leads_until(cluster, 10.0, lambda n: fair - 1 <= n <= fair, "at rest")
     before = await transfers(cluster)
     await asyncio.sleep(4)
     assert await transfers(cluster) - before <= 2
