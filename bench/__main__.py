@@ -9,6 +9,7 @@ python -m bench pg-flush  (= python -m ctxstore.pg.bench: the Postgres write-beh
 python -m bench tokens   (the tokenizer's cost per append)
 python -m bench agents --conversations 200   (= ctxstore-bench agents, docs/agents.md)
 python -m bench idle --nodes 5 --duration 30   (= ctxstore-bench idle: an idle cluster's CPU)
+python -m bench profile-diff A B   (bench/profile.py: two ctxstore-bench --profile runs, per append)
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def _idle(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _profile_diff(argv: Sequence[str]) -> int:
+    from bench.profile import main
+
+    return main(argv)
+
+
 BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "agents": (_agents, "live agent chunks at subscribers (= ctxstore-bench agents)"),
     "idle": (_idle, "an idle local cluster's CPU per node (= ctxstore-bench idle)"),
@@ -71,6 +78,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "wal-records": (_wal_records, "the WAL's record encoder: CPU per group and round"),
     "pg-flush": (_pg_flush, "the Postgres write-behind: rows/s copied (needs PostgreSQL)"),
     "tokens": (_tokens, "the tokenizer's CPU per message, as a node counts an append"),
+    "profile-diff": (_profile_diff, "two ctxstore-bench --profile runs compared per append"),
 }
 
 

@@ -35,6 +35,7 @@ from wire.client import ClientError
 
 from .context import add_options, add_scenario_options, check_options
 from .load import WorkerError
+from .profile import RATE_DEFAULT, py_spy
 from .report import log, print_report, write_json
 from .scenarios import Target, discover, run_scenario
 from .sysinfo import run_info, wait_quiet
@@ -111,6 +112,15 @@ def common_options() -> argparse.ArgumentParser:
     )  # fmt: skip
     o.add_argument("--quiet", action="store_true", help="no live progress on stderr")
     o.add_argument(
+        "--profile", default=None, metavar="DIR",
+        help="sample every local node with py-spy in the window; per-append shares in "
+        "DIR/profile.json (bench/profile.py; the run's own figures are then perturbed)",
+    )  # fmt: skip
+    o.add_argument(
+        "--profile-rate", type=_positive(int), default=RATE_DEFAULT, metavar="HZ",
+        help=f"py-spy's samples per second per node (default {RATE_DEFAULT})",
+    )  # fmt: skip
+    o.add_argument(
         "--wait-quiet", type=float, default=0.0, metavar="S",
         help="wait up to S seconds for other processes to use < 10%% of a core",
     )  # fmt: skip
@@ -186,6 +196,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--join-at: a fraction of the window in (0, 1), with --nodes")
     if args.join_at is not None and args.scenario == "failover":
         p.error("--join-at: not with failover")
+    if args.profile is not None:
+        if args.nodes is None:
+            p.error("--profile samples local nodes: --nodes")
+        if args.scenario == "failover":
+            p.error("--profile: not with failover (a node is killed mid-window)")
+        if py_spy() is None:
+            p.error("--profile needs py-spy (pip install py-spy, or the dev extra)")
     check_options(args, p.error)
     return args
 

@@ -8,21 +8,15 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import shutil
-import sys
 from collections import Counter
 
+from .profile import py_spy
 from .report import log
-
-
-def _py_spy() -> str | None:
-    near = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    return near if os.access(near, os.X_OK) else shutil.which("py-spy")
 
 
 async def run_profile(args: argparse.Namespace, pid: int, node_id: int, seconds: float) -> None:
     """py-spy node ``node_id`` (``pid``) for ``seconds``; print and write its report."""
-    exe = _py_spy()
+    exe = py_spy()
     if exe is None:
         log("py-spy not found (pip install py-spy): no profile")
         return

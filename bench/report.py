@@ -247,6 +247,14 @@ def details_table(doc: dict[str, Any]) -> Table:
         table.add_row("verify", ("OK: " if v["ok"] else "FAILED: ") + text)
         for problem in v["problems"][:5]:
             table.add_row("", problem)
+    prof = doc.get("profile")
+    if prof is not None:
+        table.add_row(
+            "profile",
+            f"{prof['file']}: {prof['samples']:,} samples of {', '.join(prof['nodes'])} at "
+            f"{prof['rate_hz']} Hz, {prof['samples_per_1000_appends']:g} per 1,000 appends "
+            "(python -m bench profile-diff A B compares two)",
+        )
     for warning in doc.get("warnings", []):
         table.add_row("warning", Text(warning, style="yellow"))
     g = doc["gate"]

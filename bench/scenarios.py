@@ -36,6 +36,7 @@ from .histogram import LatencyHistogram
 from .join import Join, join_figures, join_node
 from .load import WorkerResult, Workers, WorkerSpec, session_id
 from .nodestats import node_pauses, scrape_nodes
+from .profile import Profiler, py_spy
 from .report import Progress
 from .sysinfo import cpu_between, cpu_seconds, sample_cpu
 from .timeline import timeline, timeline_summary
@@ -46,6 +47,7 @@ BACKLOG_CONCURRENCY = 256
 CLIENT_BUSY_PCT = 80.0
 SEND_LAG_WARN_MS = 5.0
 TIMELINE_STEP_S = 1.0  # the timeline's step (report: the worst one)
+PROFILE_STOP_S = 15.0  # py-spy stops by itself at the end of the window: at most this late
 
 
 @dataclasses.dataclass
@@ -227,6 +229,7 @@ class LoadRun:
     cpu: dict[str, Any]
     client_pids: dict[str, int]
     pauses: dict[str, Any]  # nodestats.node_pauses of the window
+    profiler: Profiler | None = None  # with --profile: py-spy's stacks of the window
 
 
 During = Callable[[float, float, Progress], Coroutine[Any, Any, None]]
@@ -238,6 +241,7 @@ async def run_load(
     workers = Workers(specs)
     progress: Progress | None = None
     side: asyncio.Task[None] | None = None
+    profiler: Profiler | None = None
     try:
         await workers.start()
         t0 = now() + 0.2
@@ -248,12 +252,19 @@ async def run_load(
         pids = {**target.node_pids(), **workers.pids, "bench": os.getpid()}
         await asyncio.sleep(max(0.0, measure - now()))
         first = sample_cpu(pids)
+        if args.profile is not None:
+            exe = py_spy()
+            assert exe is not None  # (checked with the options)
+            profiler = Profiler(args.profile, args.profile_rate, exe)
+            await profiler.start(target.node_pids(), end - now())
         if during is not None:
             side = asyncio.create_task(during(measure, end, progress))
         first_scrape = await scrape_nodes(target.ops)  # after starting ``during``: on time
         await asyncio.sleep(max(0.0, end - now()))
         last = sample_cpu(pids)
         last_scrape = await scrape_nodes(target.ops)
+        if profiler is not None:
+            await profiler.wait(PROFILE_STOP_S)
         if side is not None:
             await side
         progress.phase_note("drain")
@@ -261,12 +272,14 @@ async def run_load(
     finally:
         if side is not None and not side.done():
             side.cancel()
+        if profiler is not None:
+            profiler.kill()
         if progress is not None:
             await progress.stop()
         workers.stop()
     cpu = cpu_between(first, last, target.cpu_at_kill)
     pauses = node_pauses(first_scrape, last_scrape, end - measure)
-    return LoadRun(t0, measure, end, results, cpu, workers.pids, pauses)
+    return LoadRun(t0, measure, end, results, cpu, workers.pids, pauses, profiler)
 
 
 # -- figures --------------------------------------------------------------------------------------
@@ -322,6 +335,8 @@ def load_figures(args: argparse.Namespace, run: LoadRun) -> dict[str, Any]:
         out["replay"] = rate_figures(hist["replay"], seconds)
         out["replay"]["page_latency_ms"] = hist["page"].summary_ms()
     out["cpu"]["us_per_op"] = cpu_per_op(run.cpu, hist["append"].count + hist["read"].count)
+    if run.profiler is not None:
+        out["profile"] = run.profiler.finish(hist["append"].count)
     steps = timeline(run.results, run.measure, run.end, TIMELINE_STEP_S)
     out["timeline"] = {
         "step_s": TIMELINE_STEP_S,
@@ -371,6 +386,9 @@ def warnings(figures: dict[str, Any], background: float) -> list[str]:
         out.append(f"the client sent requests late (send lag p99 {lag['p99']} ms)")
     if (cpu["machine_busy_pct"] or 0) >= 95:
         out.append("the machine's CPUs were saturated (nodes and clients share them)")
+    if "profile" in figures:
+        out.append("py-spy sampled the nodes (--profile): throughput and latency are perturbed")
+        out += [f"profile: {e}" for e in figures["profile"]["errors"]]
     return out
 
 

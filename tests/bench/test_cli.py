@@ -44,6 +44,9 @@ def test_defaults_and_node_flags() -> None:
         ["append", "--target", "h:1", "--join-at", "0.5"],  # joins a local cluster only
         ["append", "--nodes", "3", "--join-at", "1.5"],
         ["failover", "--nodes", "3", "--join-at", "0.5"],
+        ["append", "--target", "h:1", "--profile", "p"],  # samples local nodes only
+        ["failover", "--nodes", "3", "--profile", "p"],  # a node dies mid-window
+        ["append", "--nodes", "1", "--profile", "p", "--profile-rate", "0"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str]) -> None:
