@@ -10,8 +10,9 @@ does not also serve the calls; ``--agent-in-process`` puts it in this process, a
 chunk carrying the monotonic time it was written.  ``--conversations`` sessions each hold a
 subscription with ``stream_chunks`` and loop: append a user message, wait for the stored reply.
 Each ``data-t`` chunk's time from the agent's write to its arrival at the subscriber is
-recorded (CLOCK_MONOTONIC, one clock for every process of the machine).  The gate: that
-p99 <= ``--p99-target-ms`` (20 ms by default).
+recorded (CLOCK_MONOTONIC, one clock for every process of the machine), and split by where
+the conversation subscribed: at its session's leader or at another node, to which the leader
+relays the chunk.  The gate: that p99 <= ``--p99-target-ms`` (20 ms by default).
 
 With ``--slow-sessions N``: appends are measured twice for ``--duration`` each, on other
 sessions whose agent is not registered, with ``--append-concurrency`` in flight (or, with
@@ -45,6 +46,7 @@ import h11
 
 from ctxstore.launcher import LocalCluster
 from wire.client import Client, ClientError, agent, connect
+from wire.placement import group_of
 from wire.protocol import ChunkEvent, Message
 
 from .histogram import LatencyHistogram
@@ -254,8 +256,10 @@ class EchoAgent:
 
 
 async def _conversation(
-    client: Client, sid: str, user: str, until: float, chunks: LatencyHistogram, counts: list[int]
-) -> None:
+    client: Client, sid: str, user: str, until: float, chunks: LatencyHistogram, counts: list[int],
+    path: LatencyHistogram,
+) -> None:  # fmt: skip
+    """``path``: also records each chunk (the split by where the subscription is)."""
     async with client.subscribe(sid, stream_chunks=True) as sub:
         turn = 0
         while time.monotonic() < until:
@@ -264,7 +268,9 @@ async def _conversation(
             async for item in sub:
                 if isinstance(item, ChunkEvent):
                     if item.chunk["type"] == "data-t":
-                        chunks.record_us((time.monotonic_ns() - item.chunk["data"]) // 1000)
+                        us = (time.monotonic_ns() - item.chunk["data"]) // 1000
+                        chunks.record_us(us)
+                        path.record_us(us)
                 elif isinstance(item, Message) and item.sender == "agent":
                     counts[0] += 1
                     break
@@ -419,21 +425,42 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for sid in sessions:
             await c.create_session(f"user-{sid}", "echo", {}, sid)
         chunks = LatencyHistogram()
+        # Where each conversation's chunks go: its client's node (client k dials target k
+        # first) is the session's leader (the leader pushes them itself), or not (the leader
+        # relays them to that node, which pushes them): one more process hop.
+        nodes = list(cluster.children)
+        node_of = [nodes[k % len(targets)] for k in range(len(clients))]
+        leaders = (await c.get_routes()).leaders
+        at_leader, relayed = LatencyHistogram(), LatencyHistogram()
+        paths = [at_leader if leaders[group_of(sid, len(leaders))] == node_of[i % len(clients)]
+                 else relayed for i, sid in enumerate(sessions)]  # fmt: skip
         replies = [0]
         log(f"{len(sessions)} conversations for {args.duration} s", args.quiet)
         until = time.monotonic() + args.duration
         echo_pids = {**pids, "agent": echo.pid} if echo.pid is not None else pids
         cpu0 = sample_cpu(echo_pids)
         await asyncio.gather(*(
-            _conversation(clients[i % len(clients)], sid, f"user-{sid}", until, chunks, replies)
+            _conversation(clients[i % len(clients)], sid, f"user-{sid}", until, chunks, replies,
+                          paths[i])
             for i, sid in enumerate(sessions)
         ))  # fmt: skip
         cpu_chunks = cpu_between(cpu0, sample_cpu(echo_pids))
+        after = (await c.get_routes()).leaders
+        moved = sum(
+            after[g] != leaders[g] for g in {group_of(sid, len(leaders)) for sid in sessions}
+        )
         await echo.stop()
+
+        def split(h: LatencyHistogram) -> dict[str, Any]:
+            return {"sessions": sum(p is h for p in paths), **_figures(h)}
+
         doc["chunk_latency"] = {**_figures(chunks), "replies": replies[0],
                                 "agent_calls": echo.calls,
                                 "agent_connections": echo.connections,
-                                "cpu": cpu_chunks}  # fmt: skip
+                                "cpu": cpu_chunks,
+                                "subscribed_at_leader": split(at_leader),
+                                "relayed": split(relayed),
+                                "groups_whose_leader_moved": moved}  # fmt: skip
         p99 = doc["chunk_latency"]["p99_ms"]
         doc["gate"] = {"p99_target_ms": args.p99_target_ms, "passed": p99 <= args.p99_target_ms}
         return doc

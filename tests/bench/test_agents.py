@@ -25,6 +25,11 @@ def test_a_short_agents_run_times_chunks_and_appends(tmp_path: Path) -> None:
     chunks = doc["chunk_latency"]
     assert chunks["replies"] > 0 and chunks["count"] >= 5 * chunks["replies"]
     assert 0 < chunks["p50_ms"] <= chunks["p99_ms"] <= chunks["max_ms"]
+    # The split by where each conversation subscribed: at its session's leader, or relayed.
+    here, relayed = chunks["subscribed_at_leader"], chunks["relayed"]
+    assert here["sessions"] + relayed["sessions"] == 4
+    assert here["count"] + relayed["count"] == chunks["count"]
+    assert chunks["groups_whose_leader_moved"] >= 0
     assert doc["appends_without_agents"]["count"] > 0
     assert doc["appends_with_agents"]["count"] > 0 and doc["appends_with_agents"]["agent_calls"] > 0
     # the echo agents run in a child process, whose counts come back at its end
