@@ -49,6 +49,21 @@ def py_spy() -> str | None:
     return near if os.access(near, os.X_OK) else shutil.which("py-spy")
 
 
+def parse_stack(line: str) -> tuple[str | None, list[str], int] | None:
+    """One line of py-spy's collapsed stacks: (its thread's name with ``--threads``, else None;
+    its frames, outermost first; its samples), or None for a line that holds no sample."""
+    stack, _, count = line.rstrip("\n").rpartition(" ")
+    if not stack or not count.isdigit():
+        return None  # py-spy writes nothing else; a torn last line (a killed py-spy) is skipped
+    frames = [fr.strip() for fr in stack.split(";") if fr.strip()]
+    thread = None
+    if frames and frames[0].startswith("process "):
+        frames = frames[1:]  # (--subprocesses: not a function)
+    if frames and frames[0].startswith("thread "):
+        thread = frames.pop(0).split(": ", 1)[-1]  # (--threads: "thread (0x..): MainThread")
+    return (thread, frames, int(count)) if frames else None
+
+
 @dataclass
 class Stacks:
     """Collapsed stacks summed: samples in all, and per function self and inclusive samples."""
@@ -63,15 +78,11 @@ class Stacks:
                 self.add_line(line)
 
     def add_line(self, line: str) -> None:
-        stack, _, count = line.rstrip("\n").rpartition(" ")
-        if not stack or not count.isdigit():
-            return  # py-spy writes nothing else; a torn last line (a killed py-spy) is skipped
-        frames = [fr.strip() for fr in stack.split(";") if fr.strip()]
-        if frames and frames[0].startswith(("thread ", "process ")):
-            frames = frames[1:]  # (--threads / --subprocesses prefixes: not functions)
-        if not frames:
-            return
-        n = int(count)
+        parsed = parse_stack(line)
+        if parsed is not None:
+            self.add(parsed[1], parsed[2])
+
+    def add(self, frames: list[str], n: int) -> None:
         self.samples += n
         self.self_[frames[-1]] += n
         for fr in set(frames):
@@ -232,4 +243,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Profiler", "Stacks", "diff", "load", "main", "py_spy", "summary"]
+__all__ = ["Profiler", "Stacks", "diff", "load", "main", "parse_stack", "py_spy", "summary"]

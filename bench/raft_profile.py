@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import os
-from collections import Counter
 
-from .profile import py_spy
+from .profile import Stacks, parse_stack, py_spy
 from .report import log
 
 
@@ -58,34 +56,16 @@ async def run_profile(args: argparse.Namespace, pid: int, node_id: int, seconds:
     log(f"profile: {out} (collapsed stacks), {out}.top.txt")
 
 
-@dataclasses.dataclass
-class _ThreadProfile:
-    samples: int = 0
-    self_: Counter[str] = dataclasses.field(default_factory=Counter)
-    incl: Counter[str] = dataclasses.field(default_factory=Counter)
-
-
 def profile_report(path: str, top: int, instants: float) -> str:
     """Per thread: its samples, and its top functions by self and by inclusive samples (as % of
     the thread's samples), from py-spy's collapsed stacks (``--threads --function``)."""
-    threads: dict[str, _ThreadProfile] = {}
+    threads: dict[str, Stacks] = {}
     with open(path) as f:
         for line in f:
-            stack, _, count_s = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
-            count = int(count_s)
-            frames = [fr.strip() for fr in stack.split(";") if fr.strip()]
-            name = "?"
-            if frames and frames[0].startswith("thread "):
-                name = frames.pop(0).split(": ", 1)[-1]
-            if not frames:
-                continue
-            tp = threads.setdefault(name, _ThreadProfile())
-            tp.samples += count
-            tp.self_[frames[-1]] += count
-            for fr in set(frames):
-                tp.incl[fr] += count
+            parsed = parse_stack(line)
+            if parsed is not None:
+                thread, frames, count = parsed
+                threads.setdefault(thread or "?", Stacks()).add(frames, count)
     lines = [
         f"profile: {instants:.0f} sampling instants; a thread is sampled when it is not idle"
         " (running, runnable or in a blocking system call such as fdatasync)"

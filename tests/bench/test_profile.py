@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.profile import Stacks, diff, load, main, summary
+from bench.profile import Stacks, diff, load, main, parse_stack, summary
+from bench.raft_profile import profile_report
 
 # Three samples of one stack, one of another, a torn line and a --threads prefix.
 RAW = """main (a.py:1);loop (a.py:2);append (b.py:3) 3
@@ -38,6 +39,20 @@ def test_samples_are_summed_per_function_self_and_inclusive() -> None:
     assert doc["samples_per_1000_appends"] == 2.0 and doc["ms_per_append"] == 0.02
     assert doc["self_per_1000_appends"] == {"append (b.py:3)": 1.667, "fsync (c.py:4)": 0.333}
     assert summary(s, appends=0, rate=100, nodes=[])["samples_per_1000_appends"] == 0.0
+    # The thread's name stays known to who asks (bench/raft_profile.py's report per thread).
+    frames = ["main (a.py:1)", "loop (a.py:2)", "append (b.py:3)"]
+    assert parse_stack(RAW.splitlines()[3]) == ("MainThread", frames, 2)
+    assert parse_stack(RAW.splitlines()[0]) == (None, frames, 3)
+    assert parse_stack(RAW.splitlines()[2]) is None
+
+
+def test_the_raft_benchmark_s_report_is_per_thread(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.txt"
+    raw.write_text(RAW + "thread (0x8): wal;write (w.py:1) 4\n")
+    report = profile_report(str(raw), top=5, instants=10)
+    assert "thread wal: 4 samples (40 % of the instants)" in report
+    assert "thread MainThread: 2 samples" in report and "thread ?: 4 samples" in report
+    assert "100.00 %  write (w.py:1)" in report
 
 
 def test_the_diff_ranks_what_grew_per_append_and_leaves_out_the_roots(tmp_path: Path) -> None:
