@@ -176,6 +176,12 @@ async def _serve_busy(sessions: int, targets: list[str], wait_s: float, spread: 
     print(json.dumps({"replies": replies[0]}), flush=True)
 
 
+_START = json.dumps({"type": "start"})
+_TEXT_START = json.dumps({"type": "text-start", "id": "t"})
+_TEXT_END = json.dumps({"type": "text-end", "id": "t"})
+_FINISH = json.dumps({"type": "finish"})
+
+
 class EchoAgent:
     """An agent webhook on h11: answers each POST with the SSE stream described above."""
 
@@ -236,21 +242,22 @@ class EchoAgent:
         if self.slow_s:
             await asyncio.sleep(self.slow_s)
 
-        def chunk(obj: Any) -> None:
-            text = obj if isinstance(obj, str) else json.dumps(obj)
-            writer.write(conn.send(h11.Data(data=f"data: {text}\n\n".encode())) or b"")
+        def event(text: str) -> bytes:
+            return conn.send(h11.Data(data=f"data: {text}\n\n".encode())) or b""
 
-        chunk({"type": "start"})
-        chunk({"type": "text-start", "id": "t"})
+        # The fixed chunks' JSON once, and each delta's two events (its ``data-t`` and its
+        # text) in one write: the node still reads two HTTP chunks, two SSE events, but the
+        # agent, which shares the machine's cores with the nodes, makes one syscall, not two.
+        writer.write(event(_START) + event(_TEXT_START))
         for i in range(self.deltas):
-            chunk({"type": "data-t", "data": time.monotonic_ns(), "transient": True})
-            chunk({"type": "text-delta", "id": "t", "delta": f"w{i} "})
+            writer.write(
+                event(f'{{"type":"data-t","data":{time.monotonic_ns()},"transient":true}}')
+                + event(f'{{"type":"text-delta","id":"t","delta":"w{i} "}}')
+            )
             await writer.drain()
             if self.gap_s:
                 await asyncio.sleep(self.gap_s)
-        chunk({"type": "text-end", "id": "t"})
-        chunk({"type": "finish"})
-        chunk("[DONE]")
+        writer.write(event(_TEXT_END) + event(_FINISH) + event("[DONE]"))
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         await writer.drain()
 

@@ -250,8 +250,8 @@ class Node:
             s.node_id, self.state, self.router, self.group_leader, s.groups, self.history,
             self.subscriptions, self.counters, now_ms, self.window_cache,
         )  # fmt: skip
-        self.dispatcher.relay = self.router.relay_chunk  # subscribers on other nodes
-        self.router.on_chunk = self.subscriptions.on_chunk
+        self.dispatcher.relay = self.router.relay_chunks  # subscribers on other nodes
+        self.router.on_chunks = self.subscriptions.on_chunks
         self.router.chunk_sessions = lambda: list(self.subscriptions.chunk_sessions)
         self.subscriptions.on_chunk_interest = self.router.chunk_interest
 

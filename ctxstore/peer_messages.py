@@ -68,14 +68,16 @@ class HistoryRows(msgspec.Struct, array_like=True, tag=5):
 
 
 class ChunkRelay(msgspec.Struct, array_like=True, tag=30):
-    """A live agent chunk, from the leader running the call to every peer, for the session's
-    subscribers there (ctxstore/agents/engine.py); best effort, never queued past the peer's
-    application queue."""
+    """Live agent chunks (``chunk``, then ``more``: what one read of the agent's stream
+    brought), from the leader running the call to every peer with subscribers of the session
+    (ctxstore/agents/engine.py); best effort, never queued past the peer's application
+    queue."""
 
     session_id: str
     trigger_seq: int
     attempt: int
     chunk: dict[str, Any]
+    more: list[dict[str, Any]] = []  # the chunks after ``chunk`` that the same read brought
 
 
 class ChunkInterest(msgspec.Struct, array_like=True, tag=31):

@@ -177,7 +177,7 @@ class Router:
         # Whether the cluster view places a group here (False: it is moving away; ctxstore.node)
         self.placed: Callable[[int], bool] = lambda group: True
         self.history_server: HistoryServer | None = None
-        self.on_chunk: Callable[[str, int, int, dict[str, Any]], object] | None = None
+        self.on_chunks: Callable[[str, int, int, list[dict[str, Any]]], object] | None = None
         self.chunk_sessions: Callable[[], list[str]] = list  # those with subscribers here
         self._chunk_peers: dict[int, set[str]] = {}  # peer -> sessions it wants chunks of
         self.chunks_relayed = 0
@@ -498,20 +498,22 @@ class Router:
         for p in waits:
             self._route(p)
 
-    def relay_chunk(
-        self, session_id: str, trigger_seq: int, attempt: int, chunk: dict[str, Any]
+    def relay_chunks(
+        self, session_id: str, trigger_seq: int, attempt: int, chunks: list[dict[str, Any]]
     ) -> None:
-        """Send a live agent chunk to the connected peers with subscribers of the session
-        (``ChunkRelay``)."""
-        if self.transport is None:
+        """Send live agent chunks (one read's, in order) to the connected peers with
+        subscribers of the session, in one ``ChunkRelay`` each."""
+        if self.transport is None or not chunks:
             return
         data = b""
-        for peer in self.transport.connected_peers():
-            if session_id not in self._chunk_peers.get(peer, ()):
+        for peer, wanted in self._chunk_peers.items():  # (a peer's entry goes when it does)
+            if session_id not in wanted:
                 continue
-            data = data or _encode(ChunkRelay(session_id, trigger_seq, attempt, chunk))
+            data = data or _encode(
+                ChunkRelay(session_id, trigger_seq, attempt, chunks[0], chunks[1:])
+            )
             if self.transport.send_app(peer, data):
-                self.chunks_relayed += 1
+                self.chunks_relayed += len(chunks)
 
     def chunk_interest(self, session_id: str, on: bool) -> None:
         """Tell every connected peer that this node now has (or no longer has) chunk
@@ -626,9 +628,9 @@ class Router:
                         if len(wanted) < CHUNK_INTEREST_MAX:
                             wanted.add(sid)
             elif isinstance(envelope, ChunkRelay):
-                if self.on_chunk is not None:
-                    self.on_chunk(envelope.session_id, envelope.trigger_seq, envelope.attempt,
-                                  envelope.chunk)  # fmt: skip
+                if self.on_chunks is not None:
+                    self.on_chunks(envelope.session_id, envelope.trigger_seq, envelope.attempt,
+                                   [envelope.chunk, *envelope.more])  # fmt: skip
             elif isinstance(envelope, HistoryRows):
                 entry = self._fetches.pop(envelope.fid, None)
                 if entry is not None and entry[1] == peer and not entry[0].done():

@@ -194,13 +194,13 @@ class Subscriptions(Streams[str, _Sub]):
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def on_chunk(
-        self, session_id: str, trigger_seq: int, attempt: int, chunk: dict[str, Any]
+    def on_chunks(
+        self, session_id: str, trigger_seq: int, attempt: int, chunks: list[dict[str, Any]]
     ) -> int:
-        """Push one live agent chunk (ctxstore/agents/engine.py) to the session's subscribers
-        that asked for them, at once; to one whose connection is over ``backlog_bytes_high``
-        it is dropped (chunks are not replayed: the stored reply is the record).  How many
-        subscribers it was pushed to."""
+        """Push live agent chunks (ctxstore/agents/engine.py: those one read of the agent's
+        stream brought, in order) to the session's subscribers that asked for them, at once;
+        to one whose connection is over ``backlog_bytes_high`` they are dropped (chunks are not
+        replayed: the stored reply is the record).  How many pushes were made."""
         subs = self._subs.of_key(session_id)
         if not subs:
             return 0
@@ -209,15 +209,17 @@ class Subscriptions(Streams[str, _Sub]):
         for sub in subs.values():
             if not sub.stream_chunks or sub.closed:
                 continue
-            if sub.conn.backlog_bytes > high:
-                self.chunks_dropped += 1
-                continue
-            try:
-                sub.conn.push(ChunkEvent(sub.sub_id, trigger_seq, attempt, chunk))
-            except LocalProtocolError:  # too large for the frame, or the connection is going
-                self.chunks_dropped += 1
-                continue
-            pushed += 1
+            conn = sub.conn
+            for chunk in chunks:
+                if conn.backlog_bytes > high:
+                    self.chunks_dropped += 1
+                    continue
+                try:
+                    conn.push(ChunkEvent(sub.sub_id, trigger_seq, attempt, chunk))
+                except LocalProtocolError:  # too large for the frame, or the connection is going
+                    self.chunks_dropped += 1
+                    continue
+                pushed += 1
         self.pushed_chunks += pushed
         return pushed
 

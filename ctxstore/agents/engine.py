@@ -184,7 +184,7 @@ class Dispatcher:
         self.limits = limits or DispatchLimits()
         self.running = False
         self.stats: dict[str, AgentStats] = {}
-        self.relay: Callable[[str, int, int, dict[str, Any]], None] | None = None  # to peers
+        self.relay: Callable[[str, int, int, list[dict[str, Any]]], None] | None = None  # to peers
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Pacing: sessions whose debounce fired beyond ``starts_per_pass`` in a loop pass wait
         # here (in order) for the next passes, so that a burst of user messages does not start
@@ -632,15 +632,15 @@ class Dispatcher:
                         raise Failure("content_type", f"content type {kind!r}", False)
                     decoder = StreamDecoder(framing)
                     async for data in chunks:
-                        for chunk in decoder.feed(data):
-                            self._chunk(sid, trigger, attempt, chunk, assembler, stats, loop)
+                        if got := decoder.feed(data):
+                            self._chunks(sid, trigger, attempt, got, assembler, stats, loop)
                         if decoder.error is not None:
                             raise decoder.error
                         if assembler.terminated is not None or decoder.done:
                             break
                     else:
-                        for chunk in decoder.end():
-                            self._chunk(sid, trigger, attempt, chunk, assembler, stats, loop)
+                        if got := decoder.end():
+                            self._chunks(sid, trigger, attempt, got, assembler, stats, loop)
                     if assembler.terminated is not None:
                         await _drain(chunks)
                 finally:
@@ -655,19 +655,32 @@ class Dispatcher:
             raise Failure("no_finish", "the stream ended without finish or abort", True)
         return await self._reply(agent, sid, trigger, attempt, assembler)
 
-    def _chunk(
-        self, sid: str, trigger: int, attempt: int, chunk: dict[str, Any], assembler: Assembler,
-        stats: AgentStats, loop: asyncio.AbstractEventLoop,
+    def _chunks(
+        self, sid: str, trigger: int, attempt: int, chunks: list[dict[str, Any]],
+        assembler: Assembler, stats: AgentStats, loop: asyncio.AbstractEventLoop,
     ) -> None:  # fmt: skip
-        assembler.add(chunk)  # raises StreamError before a bad chunk is shown
-        if assembler.chunks == 1:
-            acked = self._acked_at.pop(sid, None)
-            if acked is not None:
-                stats.first_chunk.observe(loop.time() - acked)
-        stats.chunks += 1
-        self.subscriptions.on_chunk(sid, trigger, attempt, chunk)
-        if self.relay is not None:
-            self.relay(sid, trigger, attempt, chunk)
+        """Show the chunks one read brought, in order, to the session's subscribers here and
+        on the peers (one relay message for them all).  Each goes into the assembler first: a
+        bad one raises ``StreamError`` once the chunks before it are shown, never itself."""
+        first = assembler.chunks == 0
+        error: StreamError | None = None
+        for i, chunk in enumerate(chunks):
+            try:
+                assembler.add(chunk)
+            except StreamError as e:
+                chunks, error = chunks[:i], e
+                break
+        if chunks:
+            if first:
+                acked = self._acked_at.pop(sid, None)
+                if acked is not None:
+                    stats.first_chunk.observe(loop.time() - acked)
+            stats.chunks += len(chunks)
+            self.subscriptions.on_chunks(sid, trigger, attempt, chunks)
+            if self.relay is not None:
+                self.relay(sid, trigger, attempt, chunks)
+        if error is not None:
+            raise error
 
     async def _reply(
         self, agent: AgentRecord, sid: str, trigger: int, attempt: int, a: Assembler

@@ -7,6 +7,7 @@ Each path has a plan: a list of behaviours taken in turn (the last one repeats):
 (an SSE reply of ``SLOW_DELTAS`` deltas, ``SLOW_GAP_S`` apart), ``cut`` (a start, then the
 connection is dropped), ``stall`` (a start, then nothing), ``nofinish`` (a stream that ends
 without finish), ``malformed`` (a line that is not JSON), ``error`` (an error chunk),
+``error-batch`` (three valid chunks and an error chunk, in one write),
 ``abort``, ``big`` (``BIG_DELTAS`` deltas of 4000 characters), ``held`` (reasoning, a
 ``weather`` tool call with its output, then text deltas ``HELD_GAP_S`` apart; the rest waits
 for ``ScriptedAgent.release``), ``429``/``503`` (with ``Retry-After: 0``), ``404``, ``500``."""
@@ -110,6 +111,12 @@ class ScriptedAgent:
             await chunk("{not json")
         if behaviour == "error":
             await chunk({"type": "error", "errorText": "model overloaded"})
+        if behaviour == "error-batch":  # valid chunks, then an error chunk, in one body write
+            events = [{"type": "start-step"}, {"type": "text-start", "id": "t"},
+                      {"type": "text-delta", "id": "t", "delta": "half"},
+                      {"type": "error", "errorText": "model overloaded"}]  # fmt: skip
+            body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+            await send({"type": "http.response.body", "body": body.encode(), "more_body": True})
         if behaviour == "held":
             await self._held(said, chunk)
             await send({"type": "http.response.body", "body": b"", "more_body": False})

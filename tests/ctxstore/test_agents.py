@@ -181,6 +181,29 @@ def test_failed_attempts_are_retried_and_the_reply_is_stored_once(tmp_path: Path
     run(main())
 
 
+def test_chunks_read_together_are_shown_up_to_a_bad_one(tmp_path: Path) -> None:
+    """The chunks one read brings are shown in order, those before a chunk the assembler
+    refuses included, that one and the rest of the attempt not."""
+
+    async def main() -> None:
+        async with single_node(tmp_path) as h, agent_server() as srv:
+            srv.agent.plans["/b"] = ["error-batch", "sse"]
+            c = await setup(h, srv, "/b", protocol="h1")
+            chunks: list[ChunkEvent] = []
+            follower = asyncio.get_running_loop().create_task(collect_chunks(c, "s", chunks))
+            await asyncio.sleep(0.1)
+            await c.append("s", "hi")
+            _, reply = await wait_message(c, "s", 2, 30)
+            await asyncio.sleep(0.2)
+            follower.cancel()
+            assert text_of(reply) == reply_text(3, "hi")
+            first = [e.chunk["type"] for e in chunks if e.attempt == 1]
+            assert first == ["start", "start-step", "text-start", "text-delta"]
+            assert h.node.dispatcher.stats["bot"].failures == {"agent_error": 1}
+
+    run(main())
+
+
 def test_a_404_is_not_retried_and_the_drop_is_recorded(tmp_path: Path) -> None:
     async def main() -> None:
         async with single_node(tmp_path) as h, agent_server() as srv:

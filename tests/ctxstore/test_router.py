@@ -9,10 +9,11 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
 import uvloop
 
 from ctxstore import commands
-from ctxstore.peer_messages import Forward, ForwardReply, decode_envelope
+from ctxstore.peer_messages import ChunkRelay, Forward, ForwardReply, decode_envelope
 from ctxstore.router import GroupMoved, RouteError, Router, RouterConfig
 from ctxstore.state import ConversationState
 from raft import ProposalDropped
@@ -273,3 +274,22 @@ def test_a_forward_for_a_group_not_hosted_here_is_sent_back_to_be_re_routed() ->
     assert peer == 2 and isinstance(reply, ForwardReply)
     assert (reply.fid, reply.code, reply.result) == (7, "not_leader", b"")
     assert "not hosted here" in reply.message and driver.proposals == 0
+
+
+def test_a_chunk_relay_and_its_older_shape_decode_both_ways() -> None:
+    """``ChunkRelay.more`` (the rest of one read's chunks) is appended with a default: a relay
+    from an older node (four fields) decodes with none, and an older node decoding a newer
+    relay (its four fields) still gets the first chunk."""
+
+    class OldChunkRelay(msgspec.Struct, array_like=True, tag=30):
+        session_id: str
+        trigger_seq: int
+        attempt: int
+        chunk: dict[str, Any]
+
+    first, second = {"type": "text-delta", "id": "t", "delta": "a"}, {"type": "finish"}
+    old = decode_envelope(msgspec.msgpack.encode(OldChunkRelay("s", 3, 1, first)))
+    assert old == ChunkRelay("s", 3, 1, first, [])
+    new = msgspec.msgpack.encode(ChunkRelay("s", 3, 1, first, [second]))
+    assert decode_envelope(new) == ChunkRelay("s", 3, 1, first, [second])
+    assert msgspec.msgpack.decode(new, type=OldChunkRelay) == OldChunkRelay("s", 3, 1, first)
