@@ -10,6 +10,7 @@ python -m bench tokens   (the tokenizer's cost per append)
 python -m bench agents --conversations 200   (= ctxstore-bench agents, docs/agents.md)
 python -m bench idle --nodes 5 --duration 30   (= ctxstore-bench idle: an idle cluster's CPU)
 python -m bench profile-diff A B   (bench/profile.py: two ctxstore-bench --profile runs, per append)
+python -m bench ab --a REV -- append ...   (bench/ab.py: two builds or setups, alternating)
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def _idle(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _ab(argv: Sequence[str]) -> int:
+    from bench.ab import main
+
+    return main(argv)
+
+
 def _profile_diff(argv: Sequence[str]) -> int:
     from bench.profile import main
 
@@ -79,6 +86,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "pg-flush": (_pg_flush, "the Postgres write-behind: rows/s copied (needs PostgreSQL)"),
     "tokens": (_tokens, "the tokenizer's CPU per message, as a node counts an append"),
     "profile-diff": (_profile_diff, "two ctxstore-bench --profile runs compared per append"),
+    "ab": (_ab, "two builds or node configurations run alternating, pair by pair"),
 }
 
 
