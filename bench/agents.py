@@ -24,6 +24,10 @@ once, so that their replies come in bursts).  Both p99s are reported (appends ne
 agents).  The N sessions' users are a child process of their own (``BusyUsers``), as the
 agent is: the other users of a deployment are not in the measuring client, whose loop would
 otherwise also take every reply's push.
+The nodes run their own default WAL writer, the writer thread (``--wal-writer``; other local
+clusters run ``inline``, which buys appends per second on a shared box and makes every push
+wait behind the loop's fsyncs: at 200 conversations the chunks' p50 halved in six pairs of six
+with the thread, docs/benchmarks.md).
 Each phase also reports the CPU its processes used (``cpu``: the nodes, this process, the agent's
 child; % of one core) and the machine's, since other work on the machine moves the figures.
 Exit status: 0 gate passed, 1 not, 2 could not run.
@@ -35,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -370,13 +375,15 @@ def _figures(hist: LatencyHistogram) -> dict[str, float]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = tempfile.mkdtemp(prefix="ctxstore-bench-agents-")
-    cluster = LocalCluster(args.nodes, data_dir, extra_args=args.node_args)
+    cluster = LocalCluster(args.nodes, data_dir, extra_args=args.node_args,
+                           wal_writer=args.wal_writer)  # fmt: skip
     kind = EchoAgent if args.agent_in_process else AgentProcess
     echo = kind(args.deltas, args.delta_gap_ms / 1000, 0.0)
     slow = kind(3, 0.0, args.slow_agent_s)
     clients: list[Client] = []
     try:
-        log(f"starting {args.nodes} local nodes in {data_dir}", args.quiet)
+        log(f"starting {args.nodes} local nodes ({shlex.join(cluster.extra_args)}) in {data_dir}",
+            args.quiet)  # fmt: skip
         await cluster.start()
         port, slow_port = await echo.start(), await slow.start()
         targets = cluster.targets
@@ -391,7 +398,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await c.create_agent(agent("slow", f"http://127.0.0.1:{slow_port}/", debounce_ms=0,
                                    history="tail 4", timeout_ms=60_000))  # fmt: skip
         doc: dict[str, Any] = {"scenario": "agents", "config": {
-            k: v for k, v in vars(args).items() if k not in ("json", "quiet")}}  # fmt: skip
+            k: v for k, v in vars(args).items() if k not in ("json", "quiet")},
+            "cluster": {"node_args": cluster.extra_args}}  # fmt: skip
         if args.slow_sessions:
             plain = [f"plain-{i}" for i in range(64)]
             busy = [f"busy-{i}" for i in range(args.slow_sessions)]
@@ -496,6 +504,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--append-concurrency", type=int, default=64, help="(default: 64)")
     p.add_argument("--append-rate", type=float, default=None,
                    help="appends a second, on a schedule (default: a closed loop)")  # fmt: skip
+    p.add_argument("--wal-writer", choices=("thread", "inline"), default="thread",
+                   help="the nodes' WAL writer (default: thread, a node's own default; other "
+                        "local clusters run inline, for appends per second)")  # fmt: skip
     p.add_argument("--agent-in-process", action="store_true",
                    help="serve the echo agents from this process (the measuring one)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")

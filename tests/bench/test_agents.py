@@ -22,6 +22,9 @@ def test_a_short_agents_run_times_chunks_and_appends(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     doc = json.loads(out.read_text())
+    # the nodes' own default WAL writer (other local clusters run inline), then the flags
+    assert doc["cluster"]["node_args"] == ["--wal-writer", "thread", "--groups", "16",
+                                           "--tick-ms", "20"]  # fmt: skip
     chunks = doc["chunk_latency"]
     assert chunks["replies"] > 0 and chunks["count"] >= 5 * chunks["replies"]
     assert 0 < chunks["p50_ms"] <= chunks["p99_ms"] <= chunks["max_ms"]
