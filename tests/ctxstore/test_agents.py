@@ -59,6 +59,21 @@ async def collect_chunks(c: Client, sid: str, out: list[ChunkEvent]) -> None:
                 out.append(item)
 
 
+async def answered(
+    c: Client, text: str, timeout_s: float = 10, settle_s: float = 0.2
+) -> tuple[Message, list[ChunkEvent]]:
+    """Append ``text`` to session "s" while following its chunks: the stored reply, and the
+    chunks pushed until ``settle_s`` after it."""
+    chunks: list[ChunkEvent] = []
+    follower = asyncio.get_running_loop().create_task(collect_chunks(c, "s", chunks))
+    await asyncio.sleep(0.1)
+    await c.append("s", text)
+    _, reply = await wait_message(c, "s", 2, timeout_s)
+    await asyncio.sleep(settle_s)
+    follower.cancel()
+    return reply, chunks
+
+
 def text_of(m: Message) -> str:
     assert m.parts is not None
     return "".join(p.get("text", "") for p in m.parts if p["type"] == "text")
@@ -80,13 +95,7 @@ def test_an_sse_reply_over_h2c_is_stored_once_and_its_chunks_are_pushed_live(
         async with single_node(tmp_path) as h, agent_server() as srv:
             c = await setup(h, srv, "/sse", protocol="h2", history="tail 5",
                             headers={"Authorization": "Bearer k"})  # fmt: skip
-            chunks: list[ChunkEvent] = []
-            follower = asyncio.get_running_loop().create_task(collect_chunks(c, "s", chunks))
-            await asyncio.sleep(0.1)
-            await c.append("s", "hello")
-            _, reply = await wait_message(c, "s", 2)
-            await asyncio.sleep(0.05)
-            follower.cancel()
+            reply, chunks = await answered(c, "hello", settle_s=0.05)
             assert (reply.sender, reply.sender_id, reply.role) == ("agent", "bot", "assistant")
             assert text_of(reply) == reply_text(3, "hello")
             assert reply.parts is not None and reply.parts[0] == {"type": "step-start"}
@@ -152,13 +161,7 @@ def test_failed_attempts_are_retried_and_the_reply_is_stored_once(tmp_path: Path
         async with single_node(tmp_path) as h, agent_server() as srv:
             srv.agent.plans["/r"] = ["429", "cut", "malformed", "nofinish", "error", "503", "sse"]
             c = await setup(h, srv, "/r", max_attempts=7, protocol="h2")
-            chunks: list[ChunkEvent] = []
-            follower = asyncio.get_running_loop().create_task(collect_chunks(c, "s", chunks))
-            await asyncio.sleep(0.1)
-            await c.append("s", "again")
-            _, reply = await wait_message(c, "s", 2, 30)
-            await asyncio.sleep(0.2)
-            follower.cancel()
+            reply, chunks = await answered(c, "again", timeout_s=30)
             assert text_of(reply) == reply_text(3, "again")
             assert reply.metadata["agent"]["attempt"] == 7
             assert len((await c.read("s")).messages) == 2
@@ -189,13 +192,7 @@ def test_chunks_read_together_are_shown_up_to_a_bad_one(tmp_path: Path) -> None:
         async with single_node(tmp_path) as h, agent_server() as srv:
             srv.agent.plans["/b"] = ["error-batch", "sse"]
             c = await setup(h, srv, "/b", protocol="h1")
-            chunks: list[ChunkEvent] = []
-            follower = asyncio.get_running_loop().create_task(collect_chunks(c, "s", chunks))
-            await asyncio.sleep(0.1)
-            await c.append("s", "hi")
-            _, reply = await wait_message(c, "s", 2, 30)
-            await asyncio.sleep(0.2)
-            follower.cancel()
+            reply, chunks = await answered(c, "hi", timeout_s=30)
             assert text_of(reply) == reply_text(3, "hi")
             first = [e.chunk["type"] for e in chunks if e.attempt == 1]
             assert first == ["start", "start-step", "text-start", "text-delta"]
