@@ -130,7 +130,12 @@ def test_a_restart_of_every_node_resumes_every_pending_dispatch(tmp_path: Path) 
                             while len(messages := await read_all(c, sid)) < 2:
                                 await asyncio.sleep(0.05)
                             assert text_of(messages[1]) == reply_text(3, f"hi {sid}")
-                            assert messages[1].metadata["agent"]["attempt"] == 2
+                            # the restart's leader makes attempt 2; a leadership move
+                            # after the restart (balancing) abandons it for a next one
+                            made = [call.body["attempt"] for call in srv.agent.calls
+                                    if call.body["session_id"] == sid]  # fmt: skip
+                            stored = messages[1].metadata["agent"]["attempt"]
+                            assert stored >= 2 and stored == max(made)
                     await asyncio.sleep(0.3)
                     for sid in sessions:
                         assert len(await read_all(c, sid)) == 2
