@@ -348,6 +348,46 @@ class Raft:
             commit = min(self.prs[f].match, self.log.committed)
             self._send(Heartbeat(self.id, f, self.term, commit, b"", True))
 
+    def owed_commits(self, group: int, out: dict[int, list[int]]) -> None:
+        """A leader's commit notices (raft/multi.py): for each follower owed a commit index no
+        append or heartbeat has told it (``min(match, committed)``, what a heartbeat would
+        carry), append ``group, term, commit`` to ``out[follower]``, and count it as sent.
+        With ``commit_broadcast`` off a follower otherwise learns it only with the group's
+        next append or heartbeat round, so it applies (and pushes to the clients it holds) a
+        committed entry up to a heartbeat interval late."""
+        if self.role is not Role.LEADER:
+            return
+        committed = self.log.committed
+        me, term = self.id, self.term
+        for to, pr in self.prs.items():
+            if to == me:
+                continue
+            commit = pr.match if pr.match < committed else committed
+            if commit > pr.sent_commit:
+                pr.sent_commit = commit
+                owed = out.get(to)
+                if owed is None:
+                    out[to] = [group, term, commit]
+                else:
+                    owed += (group, term, commit)
+
+    def commit_notice(self, frm: int, term: int, commit: int) -> bool:
+        """A commit notice from ``frm`` (``owed_commits`` on its side): taken as a heartbeat's
+        commit index, and only by a follower of ``frm`` in ``term``: there ``commit`` is at
+        most what this replica acknowledged to that leader in that term, which it never
+        truncates.  Anything else (a stale term, a leader not yet heard from, a candidate) is
+        ignored: the next append or heartbeat carries the commit anyway.  Whether the commit
+        index moved."""
+        if (
+            self.role is not Role.FOLLOWER
+            or term != self.term
+            or frm != self.lead
+            or commit <= self.log.committed
+        ):
+            return False
+        self.log.commit_to(commit)
+        return True
+
     def wake(self) -> None:
         """The group resumes ticking after quiescence: start its timers afresh.
 

@@ -163,6 +163,7 @@ class Driver:
     def attach(self, transport: Transport) -> None:
         self.transport = transport
         self.pipeline.outbox = transport
+        transport.on_commits = self.on_commits
 
     def transport_callbacks(
         self,
@@ -254,6 +255,14 @@ class Driver:
     def on_batch(self, peer: int, items: list[Item]) -> None:
         try:
             self.pipeline.step(items)
+        except BaseException as e:
+            self.pipeline.fail(e)
+            raise
+
+    def on_commits(self, peer: int, notices: list[int]) -> None:
+        """``Transport``'s ``on_commits``: a peer's commit notices (``MultiRaft``)."""
+        try:
+            self.pipeline.commit_notices(peer, notices)
         except BaseException as e:
             self.pipeline.fail(e)
             raise

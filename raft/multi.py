@@ -16,6 +16,15 @@
   too.  Any other message, proposal, read or transfer wakes the group (its timers start over,
   see ``Raft.wake``); so do the answers a quiescent leader may still receive, unless they are
   plain heartbeat answers of its term.
+- **Commit notices.**  A follower learns a new commit index from the group's next append or
+  heartbeat (``commit_broadcast`` is off in the product: an empty append per commit costs two
+  messages per follower).  So that it applies, and pushes to the clients it holds, what its
+  leader committed without waiting for them, ``ready()`` also gathers from each dirty group
+  this node leads the commit indexes its followers are owed (``Raft.owed_commits``);
+  ``take_commit_notices()`` hands them out per follower as flat ``group, term, commit``
+  triples, which the transport carries in the next batch to that peer (one list for every
+  group, not one message each), and ``commit_notices(frm, ...)`` feeds a follower's side
+  (``Raft.commit_notice``).
 - **Liveness per peer, not per group.**  The transport reports a peer connection up or down.
   ``peer_down(p)`` wakes every group that may need an election or a check-quorum because of it
   (p led it, no leader is known, or this node leads it); ``peer_up(p)`` wakes the groups this
@@ -30,7 +39,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from .core import Config, Raft, Role
@@ -93,6 +102,11 @@ class MultiRaft:
         self._awake: dict[int, _Group] = {}  # insertion-ordered, for a deterministic tick order
         self._dirty: dict[int, _Group] = {}
         self._read_traffic: list[tuple[int, ReadTraffic]] = []  # of the last ready()
+        self._notices: dict[int, list[int]] = {}  # commit notices per follower, of ready()
+        # Whether a follower here applies a group's notified commit at once (None: every
+        # group); otherwise the commit waits in the log for the group's next append, heartbeat
+        # or tick (ctxstore: the groups whose sessions this node pushes to subscribers).
+        self.prompt: Callable[[int], bool] | None = None
         self._live: set[int] = set()
         self._rng = random.Random(f"multi:{config.group.seed}:{self.id}")
 
@@ -337,6 +351,7 @@ class MultiRaft:
         out: list[tuple[int, Ready]] = []
         traffic: list[tuple[int, ReadTraffic]] = []
         dirty, self._dirty = self._dirty, {}
+        notices = self._notices
         for group, g in dirty.items():
             if g.node.outstanding:
                 t = g.node.read_traffic()
@@ -348,8 +363,35 @@ class MultiRaft:
                     g.failures = 0
                     g.campaign_at = None
                 out.append((group, rd))
+            r = g.node.raft
+            if r.role is Role.LEADER:  # (after its appends: those carry the commit too)
+                r.owed_commits(group, notices)
         self._read_traffic = traffic
         return out
+
+    def take_commit_notices(self) -> dict[int, list[int]]:
+        """The commit notices the groups' leaders here owe their followers, per follower: flat
+        ``group, term, commit`` triples (``Raft.owed_commits``, gathered by ``ready()``), handed
+        out once."""
+        notices, self._notices = self._notices, {}
+        return notices
+
+    def commit_notices(self, frm: int, notices: list[int]) -> None:
+        """Take the commit notices of the leader ``frm`` (``take_commit_notices`` on its node):
+        each group's follower here may commit and apply what it acknowledged at once instead
+        of at the next append or heartbeat (only those ``prompt`` names: the others take the
+        commit, and apply it with whatever makes them work next).  Groups not hosted here are
+        skipped."""
+        groups, dirty, prompt = self._groups, self._dirty, self.prompt
+        for i in range(0, len(notices) - 2, 3):
+            group = notices[i]
+            g = groups.get(group)
+            if g is None:
+                continue  # (a group this node left, or not yet hosted: nothing to apply)
+            if g.node.raft.commit_notice(frm, notices[i + 1], notices[i + 2]) and (
+                prompt is None or prompt(group)
+            ):
+                dirty[group] = g
 
     def read_traffic(self) -> list[tuple[int, ReadTraffic]]:
         """The read traffic of the groups the last ``ready()`` found with a Ready outstanding

@@ -82,7 +82,13 @@ class Auth(msgspec.Struct, array_like=True, tag=3, frozen=True):
 
 
 class Batch(msgspec.Struct, array_like=True, tag=4, gc=False):
+    """``commits``: commit notices of the sender's leaders for the receiver's followers, flat
+    ``group, term, commit`` triples (raft/multi.py).  Added after the first release, last and
+    with a default: a node without it ignores the trailing field, and decodes none from such
+    a node (its followers wait for the next append or heartbeat, as before)."""
+
     items: list[tuple[int, Message]]
+    commits: list[int] = []
 
 
 class SnapshotChunk(msgspec.Struct, array_like=True, tag=5, frozen=True):
@@ -152,6 +158,7 @@ class PeerAuthenticated(msgspec.Struct, frozen=True):
 
 class BatchReceived(msgspec.Struct, frozen=True):
     items: list[tuple[int, Message]]
+    commits: list[int] = []
 
 
 class ChunkReceived(msgspec.Struct, frozen=True):
@@ -291,10 +298,12 @@ class PeerProtocol:
             raise ProtocolError(UNEXPECTED_FRAME, f"{type(frame).__name__} in {self.state.value}")
         event: Event | None = None
         match frame:
-            case Batch(items):
+            case Batch(items, commits):
                 for _, m in items:
                     self.check_addressing(m)
-                event = BatchReceived(items)
+                if len(commits) % 3:
+                    raise ProtocolError(MALFORMED_FRAME, "commit notices not in triples")
+                event = BatchReceived(items, commits)
             case SnapshotChunk():
                 event = ChunkReceived(frame)
             case AppBatch(items):

@@ -139,6 +139,11 @@ class Outbox(Protocol):
 
     def send(self, to: int, items: list[Item]) -> None: ...
 
+    def send_commits(self, to: int, notices: list[int]) -> None:
+        """Commit notices (``MultiRaft.take_commit_notices``) for ``to``, with its next batch;
+        dropped if it cannot take them (they are an optimisation: appends and heartbeats
+        carry the commit too)."""
+
     def flush_now(self) -> None: ...
 
 
@@ -165,6 +170,8 @@ class DriverStats:
     soft_state_changes: int = 0  # leader or role changes of a group
     proposals_expired: int = 0  # failed after proposal_timeout_s without being applied
     messages_sent: int = 0
+    commit_notices_sent: int = 0  # (group, commit) notices to followers (MultiRaft)
+    commit_notices_received: int = 0
     pass_seconds_max: float = 0.0
 
 
@@ -535,6 +542,12 @@ class Pipeline:
             step(group, message)
         self.want_pass()
 
+    def commit_notices(self, frm: int, notices: list[int]) -> None:
+        """The commit notices a peer's leaders sent this node's followers (the transport)."""
+        self.stats.commit_notices_received += len(notices) // 3
+        self.host.commit_notices(frm, notices)
+        self.want_pass()
+
     def peer_up(self, peer: int) -> None:
         self.host.peer_up(peer)
         self.want_pass()
@@ -592,8 +605,8 @@ class Pipeline:
             self._queue(group, t.messages)
             self._answered(group, t.read_states)
         if not readies and not writes:
+            self._flush()  # (also the commit notices of a late follower's answer: no Ready)
             if traffic:
-                self._flush()
                 self._serve_reads()
             return bool(traffic)
         self.stats.passes += 1
@@ -892,7 +905,8 @@ class Pipeline:
             items.append((group, m))
 
     def _flush(self) -> None:
-        if not self._out:
+        notices = self.host.take_commit_notices()
+        if not self._out and not notices:
             return
         out, self._out = self._out, {}
         outbox = self.outbox
@@ -901,6 +915,9 @@ class Pipeline:
         for to, items in out.items():
             self.stats.messages_sent += len(items)
             outbox.send(to, items)
+        for to, flat in notices.items():
+            self.stats.commit_notices_sent += len(flat) // 3
+            outbox.send_commits(to, flat)
 
     # -- stopping ------------------------------------------------------------------------------
     def fail(self, exc: BaseException) -> None:

@@ -101,6 +101,8 @@ class PeerStats:
     connects: int = 0  # connections that completed the handshake
     batches_sent: int = 0
     items_sent: int = 0
+    commits_sent: int = 0  # commit notices (raft/multi.py), one per group
+    commits_received: int = 0
     bytes_sent: int = 0
     items_received: int = 0
     dropped_slow: int = 0  # resendable messages dropped while the peer was slow
@@ -143,6 +145,7 @@ class _Peer:
     conn: _Connection | None = None
     queue: list[Item] = field(default_factory=list)
     queue_bytes: int = 0
+    commits: list[int] = field(default_factory=list)  # commit notices for the next batch
     snapshots: deque[_OutboundSnapshot] = field(default_factory=deque)
     app_queue: list[bytes] = field(default_factory=list)
     app_queue_bytes: int = 0
@@ -164,6 +167,7 @@ class Transport:
         on_snapshot_status: Callable[[int, int, bool], None] = lambda peer, group, ok: None,
         on_app: Callable[[int, list[bytes]], None] = lambda peer, payloads: None,
         *,
+        on_commits: Callable[[int, list[int]], None] = lambda peer, notices: None,
         frame_bytes_max: int = codec.FRAME_BYTES_MAX,
         queue_bytes_max: int = QUEUE_BYTES_MAX,
         app_queue_bytes_max: int = APP_QUEUE_BYTES_MAX,
@@ -192,6 +196,7 @@ class Transport:
         self.on_peer_down = on_peer_down
         self.on_snapshot_status = on_snapshot_status
         self.on_app = on_app
+        self.on_commits = on_commits
         self.app_queue_bytes_max = app_queue_bytes_max
         self.frame_bytes_max = frame_bytes_max
         self.queue_bytes_max = queue_bytes_max
@@ -325,6 +330,18 @@ class Transport:
 
     # sending -------------------------------------------------------------------------------------
 
+    def send_commits(self, to: int, notices: list[int]) -> None:
+        """Queue commit notices (``MultiRaft.take_commit_notices``) for ``to``'s next batch.
+        Not for a peer that is unknown or not connected, nor beyond ``queue_bytes_max``: they
+        are dropped (an optimisation; the next append or heartbeat carries the commit)."""
+        peer = self._peers.get(to)
+        if peer is None or peer.conn is None:
+            return
+        if peer.queue_bytes + 9 * (len(peer.commits) + len(notices)) > self.queue_bytes_max:
+            return
+        peer.commits += notices
+        self._schedule_flush()
+
     def send(self, to: int, items: Iterable[Item]) -> None:
         """Queue messages for ``to``; they leave at the end of this loop iteration.  For a node
         that is no peer (retired, or not known yet) they are dropped and counted."""
@@ -431,9 +448,10 @@ class Transport:
         application lanes keep their pace: they leave at the scheduled flush."""
         for peer in self._peers.values():
             conn = peer.conn
-            if peer.queue and conn is not None and conn.writable:
+            if (peer.queue or peer.commits) and conn is not None and conn.writable:
                 items, peer.queue, peer.queue_bytes = peer.queue, [], 0
-                self._write_batch(peer, conn, items)
+                commits, peer.commits = peer.commits, []
+                self._write_batch(peer, conn, items, commits)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
@@ -447,9 +465,10 @@ class Transport:
             conn = peer.conn
             if conn is None or not conn.writable:
                 continue
-            if peer.queue:
+            if peer.queue or peer.commits:
                 items, peer.queue, peer.queue_bytes = peer.queue, [], 0
-                self._write_batch(peer, conn, items)
+                commits, peer.commits = peer.commits, []
+                self._write_batch(peer, conn, items, commits)
             if peer.app_queue:
                 payloads, peer.app_queue, peer.app_queue_bytes = peer.app_queue, [], 0
                 self._write_app(peer, conn, payloads)
@@ -486,21 +505,30 @@ class Transport:
 
         self._snap_timer = self._loop.call_later(delay, due)
 
-    def _write_batch(self, peer: _Peer, conn: _Connection, items: list[Item]) -> None:
+    def _write_batch(
+        self, peer: _Peer, conn: _Connection, items: list[Item], commits: list[int]
+    ) -> None:
         try:
-            data = conn.core.send(codec.Batch(items))
+            data = conn.core.send(codec.Batch(items, commits))
         except codec.ProtocolError:
+            if not items:
+                return  # notices alone over a frame: dropped (appends and heartbeats carry them)
+            if commits:  # the messages, and the notices after them, each in a frame of its own
+                self._write_batch(peer, conn, items, [])
+                self._write_batch(peer, conn, [], commits)
+                return
             if len(items) == 1:
                 group, message = items[0]
                 self._drop_unfit(peer, group, f"a {type(message).__name__} over one frame")
                 return
             half = len(items) // 2
-            self._write_batch(peer, conn, items[:half])
-            self._write_batch(peer, conn, items[half:])
+            self._write_batch(peer, conn, items[:half], [])
+            self._write_batch(peer, conn, items[half:], [])
             return
         conn.write(data)
         peer.stats.batches_sent += 1
         peer.stats.items_sent += len(items)
+        peer.stats.commits_sent += len(commits) // 3
         peer.stats.bytes_sent += len(data)
 
     def _write_app(self, peer: _Peer, conn: _Connection, payloads: list[bytes]) -> None:
@@ -639,6 +667,7 @@ class Transport:
     def _peer_down(self, peer: _Peer) -> None:
         peer.stats.dropped_unconnected += len(peer.queue)
         peer.queue, peer.queue_bytes = [], 0
+        peer.commits = []
         peer.app_queue, peer.app_queue_bytes = [], 0
         while peer.snapshots:
             self._report_snapshot(peer, peer.snapshots.popleft().group, ok=False)
@@ -744,10 +773,14 @@ class _Connection(asyncio.Protocol):
 
     def _dispatch(self, event: codec.Event) -> None:
         match event:
-            case codec.BatchReceived(items):
+            case codec.BatchReceived(items, commits):
                 stats = self.owner.stats.peers[self.core.peer_id]
-                stats.items_received += len(items)
-                self.owner.on_batch(self.core.peer_id, items)
+                if items:
+                    stats.items_received += len(items)
+                    self.owner.on_batch(self.core.peer_id, items)
+                if commits:  # (after the items: the appends they acknowledge came first)
+                    stats.commits_received += len(commits) // 3
+                    self.owner.on_commits(self.core.peer_id, commits)
             case codec.ChunkReceived(chunk):
                 self._on_chunk(chunk)
             case codec.AppReceived(payloads):

@@ -49,6 +49,7 @@ class Member:
         voters: tuple[int, ...],
         groups: int,
         inline: bool = False,
+        raft: dict[str, Any] | None = None,
         **driver_kw: Any,
     ) -> None:
         self.id = node_id
@@ -56,7 +57,8 @@ class Member:
         self.wal = WAL.open(
             path / f"n{node_id}", segment_bytes=1 << 20, preallocate=False, inline=inline
         )
-        self.host = MultiRaft(HostConfig(Config(node_id, election_ticks=10, seed=3)))
+        cfg = Config(node_id, **{"election_ticks": 10, "seed": 3, **(raft or {})})
+        self.host = MultiRaft(HostConfig(cfg))
         self.driver = Driver(self.host, self.wal, self.sm, DriverConfig(tick_s=TICK_S, **driver_kw))
         self.driver.add_groups(range(groups), voters)
         self.transport: Transport | None = None
@@ -152,10 +154,10 @@ def test_an_inline_wal_leader_writes_its_appends_to_the_peers_before_it_fsyncs(
         written: list[tuple[int, list[int]]] = []  # (the leader's fsyncs then, entry indexes)
         real = leader.transport._write_batch
 
-        def recording(peer: Any, conn: Any, items: list[Any]) -> None:
+        def recording(peer: Any, conn: Any, items: list[Any], commits: list[int]) -> None:
             indexes = [e.index for _, m in items if isinstance(m, AppendEntries) for e in m.entries]
             written.append((leader.wal.stats.fsyncs, indexes))
-            real(peer, conn, items)
+            real(peer, conn, items, commits)
 
         leader.transport._write_batch = recording  # type: ignore[method-assign]
         future = leader.driver.propose(0, b"x")
@@ -525,5 +527,43 @@ def test_a_group_moves_to_a_new_node_one_change_at_a_time(tmp_path: Path, inline
         finally:
             await stop()
             await new.stop()
+
+    run(main())
+
+
+@BOTH_WRITERS
+def test_followers_apply_what_their_leader_committed_without_waiting_for_a_heartbeat(
+    tmp_path: Path, inline: bool
+) -> None:
+    """The product's settings (``commit_broadcast`` off, busy followers' heartbeats skipped)
+    with heartbeats 0.5 s apart: a follower still applies each entry within a few
+    milliseconds of its leader committing it, told by the commit notices of the leader's next
+    batch to it (raft/multi.py), not by the next append or heartbeat."""
+    raft = {"commit_broadcast": False, "skip_busy_heartbeats": True, "heartbeat_ticks": 50,
+            "election_ticks": 200}  # fmt: skip
+
+    async def main() -> None:
+        members, stop = await cluster(tmp_path, 3, groups=2, inline=inline, raft=raft)
+        try:
+            await until(lambda: leader_of(members, 0) is not None, what="a leader")
+            leader = leader_of(members, 0)
+            assert leader is not None
+            await leader.driver.propose(0, b"warm")
+            followers = [m for m in members if m is not leader]
+            await until(lambda: all(len(f.sm.history[0]) == 1 for f in followers), what="warm")
+            lags: list[float] = []
+            for i in range(2, 8):
+                await asyncio.sleep(0.03)
+                await leader.driver.propose(0, b"x%d" % i)  # applied by the leader
+                committed = time.monotonic()
+                await until(lambda n=i: all(len(f.sm.history[0]) == n for f in followers),
+                            timeout=5.0, what=f"entry {i} at the followers")  # fmt: skip
+                lags.append(time.monotonic() - committed)
+            # a heartbeat would have come 0.5 s after the last one: every entry came sooner
+            assert max(lags) < 0.25, lags
+            received = sum(f.driver.stats.commit_notices_received for f in followers)
+            assert received >= 2 * 6 and leader.driver.stats.commit_notices_sent >= 2 * 6
+        finally:
+            await stop()
 
     run(main())

@@ -145,9 +145,13 @@ def test_a_group_added_without_voters_starts_empty() -> None:
 class Outbox:
     def __init__(self) -> None:
         self.sent: list[tuple[int, Message]] = []  # (group, message)
+        self.commits: list[tuple[int, list[int]]] = []  # (to, notices)
 
     def send(self, to: int, items: list[tuple[int, Message]]) -> None:
         self.sent += items
+
+    def send_commits(self, to: int, notices: list[int]) -> None:
+        self.commits.append((to, notices))
 
     def flush_now(self) -> None:
         pass
@@ -194,11 +198,14 @@ def answer(messages: list[Message], heartbeats: bool = True) -> list[tuple[int, 
     return out
 
 
-def leader(log: Log | None = None) -> tuple[Pipeline, Outbox, SlowLog | Log]:
+def leader(
+    log: Log | None = None, commit_broadcast: bool = True
+) -> tuple[Pipeline, Outbox, SlowLog | Log]:
     """Node 1 of group 0 (voters 1, 2, 3), elected, its first entry committed and applied."""
     disk = log or Log()
     bootstrap(disk.stores.setdefault(0, MemoryStorage()), ConfState((1, 2, 3)))
-    host = MultiRaft(HostConfig(Config(1, election_ticks=10, seed=1), quiesce=False))
+    cfg = Config(1, election_ticks=10, seed=1, commit_broadcast=commit_broadcast)
+    host = MultiRaft(HostConfig(cfg, quiesce=False))
     p = Pipeline(host, disk, Machine(), DriverConfig(), clock=lambda: 0.0)
     outbox = p.outbox = Outbox()
     if isinstance(disk, SlowLog):
@@ -344,3 +351,74 @@ def test_a_read_callback_may_not_ask_another_read() -> None:
             p.run_pass()
             p.step(answer(outbox.take()))
     assert not p.in_pass
+
+
+# -- commit notices (raft/multi.py) ------------------------------------------------------------
+def test_each_follower_is_told_the_commit_in_the_pass_that_learns_it_acknowledged_it() -> None:
+    """``commit_broadcast`` off: the first follower's answer commits the entry (a quorum with
+    the leader) and that follower gets a notice in that pass; the second follower's answer
+    comes later, in a pass with no Ready (nothing new to apply or write), which still sends
+    it its notice.  Neither waits for an append or a heartbeat round."""
+    p, outbox, _ = leader(commit_broadcast=False)
+    r = p.host.node(0).raft
+    outbox.take()
+    outbox.commits.clear()
+    done: list[object] = []
+    index = p.propose(0, b"x", lambda result, exc: done.append(result))
+    p.run_pass()
+    appends = of_type(outbox.take(), AppendEntries)
+    assert sorted(m.to for m in appends) == [2, 3] and outbox.commits == []
+    first, second = answer(appends)
+    p.step([first])
+    p.run_pass()
+    assert r.log.committed == index and done == [None]
+    assert outbox.commits == [(2, [0, r.term, index])] and outbox.take() == []
+    p.step([second])
+    assert not p.host.node(0).has_ready()
+    p.run_pass()
+    assert outbox.commits[1:] == [(3, [0, r.term, index])] and outbox.take() == []
+    p.run_pass()  # told once
+    assert len(outbox.commits) == 2
+
+
+def test_a_follower_takes_a_notice_only_from_its_leader_in_its_term() -> None:
+    p, sm = follower()
+    r = p.host.node(0).raft
+    p.step([(0, AppendEntries(1, 2, 1, 3, 1, [Entry(1, 4, b"a"), Entry(1, 5, b"b")], 3))])
+    p.run_pass()
+    assert r.lead == 1 and r.log.committed == 3 and sm.applied[-1] == 3
+    for frm, term in ((3, 1), (1, 2), (1, 0)):  # another node, another term
+        p.commit_notices(frm, [0, term, 5])
+        p.run_pass()
+        assert r.log.committed == 3
+    p.commit_notices(1, [7, 1, 5, 0, 1, 4])  # a group not hosted here is skipped
+    p.run_pass()
+    assert r.log.committed == 4 and sm.applied[-1] == 4
+    p.commit_notices(1, [0, 1, 3])  # behind: nothing
+    p.commit_notices(1, [0, 1, 5])
+    p.run_pass()
+    assert r.log.committed == 5 and sm.applied[-1] == 5
+    assert p.stats.commit_notices_received == 7
+
+
+def test_a_group_not_prompt_takes_the_notice_and_applies_it_with_its_next_work() -> None:
+    """``MultiRaft.prompt`` (ctxstore: the groups this node pushes to subscribers) says which
+    groups apply a notified commit at once; another takes it without a Ready of its own."""
+    p, sm = follower()
+    r = p.host.node(0).raft
+    p.step([(0, AppendEntries(1, 2, 1, 3, 1, [Entry(1, 4, b"a"), Entry(1, 5, b"b")], 3))])
+    p.run_pass()
+    p.run_pass()  # (the advance of that Ready: nothing left to do)
+    assert not p.host.has_dirty()
+    asked: list[int] = []
+    p.host.prompt = lambda group: asked.append(group) is not None  # (False)
+    p.commit_notices(1, [0, 1, 4])
+    p.run_pass()
+    assert asked == [0] and r.log.committed == 4 and sm.applied[-1] == 3
+    p.step([(0, Heartbeat(1, 2, 1, 4))])  # the group's next work applies it
+    p.run_pass()
+    assert sm.applied[-1] == 4
+    p.host.prompt = lambda group: True
+    p.commit_notices(1, [0, 1, 5])
+    p.run_pass()
+    assert sm.applied[-1] == 5

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import msgspec
 import pytest
 import uvloop
 
@@ -103,6 +104,30 @@ def test_frames_round_trip_split_at_every_byte_offset() -> None:
         got += drain(a)
         assert got == want
         assert a.data_to_send() == codec.encode_frame(codec.Pong(4))
+
+
+def test_commit_notices_ride_in_a_batch_and_older_nodes_ignore_them() -> None:
+    """``Batch.commits`` was added after the first release, last and with a default: a batch
+    from a node without it decodes with none, and a node without it skips the trailing field
+    (a decoder of the old frame shape stands in for one)."""
+    items: list[tuple[int, Message]] = [(7, append(5, b"abc"))]
+    d, a = pair()
+    a.receive_data(d.send(codec.Batch(items, [7, 2, 5, 9, 2, 4])))
+    a.receive_data(d.send(codec.Batch([], [1, 2, 3])))
+    assert drain(a) == [codec.BatchReceived(items, [7, 2, 5, 9, 2, 4]),
+                        codec.BatchReceived([], [1, 2, 3])]  # fmt: skip
+
+    class OldBatch(msgspec.Struct, array_like=True, tag=4):
+        items: list[tuple[int, Message]]
+
+    new = codec.encode_frame(codec.Batch(items, [7, 2, 5]))[codec.HEADER.size :]
+    assert msgspec.msgpack.decode(new, type=OldBatch).items == items
+    old = msgspec.msgpack.encode(OldBatch(items))
+    assert msgspec.msgpack.decode(old, type=codec.Frame) == codec.Batch(items, [])
+    _, a = pair()
+    a.receive_data(d.send(codec.Batch(items, [7, 2])))  # not in triples
+    with pytest.raises(codec.ProtocolError, match=codec.MALFORMED_FRAME):
+        drain(a)
 
 
 def test_oversize_frame_is_rejected_from_its_header_alone() -> None:

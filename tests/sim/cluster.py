@@ -90,6 +90,8 @@ TORN_WRITE = 0.5  # with a WAL: the chance that a crash happens during a pending
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Message).decode
+_decode_commits = msgspec.msgpack.Decoder(list[int]).decode
+COMMIT_LANE = -2  # a Packet's group for a batch's commit notices (raft/multi.py)
 
 
 def wal_default(seed: int) -> bool:
@@ -167,7 +169,7 @@ class Network:
         self.queue: list[Packet] = []
         self.blocked: set[tuple[int, int]] = set()
         self.counter = itertools.count()
-        self.sent = self.dropped = self.sent_app = 0
+        self.sent = self.dropped = self.sent_app = self.sent_commits = 0
         self.sent_by: Counter[int] = Counter()
         self.last_due: dict[tuple[int, int], int] = {}  # (src, dst) -> latest due, for fifo
         self.on_send: Callable[[int, Message], None] = lambda g, m: None
@@ -187,6 +189,23 @@ class Network:
                 due = max(due, self.last_due.get((src, m.to), 0))
             self.last_due[(src, m.to)] = due
             heapq.heappush(self.queue, Packet(due, next(self.counter), src, m.to, group, data))
+
+    def send_commits(self, now: int, src: int, dst: int, notices: list[int]) -> None:
+        """Commit notices (the trailing list of a transport batch): delayed, reordered,
+        dropped and duplicated as a Raft message (they are idempotent)."""
+        self.sent_commits += 1
+        if (src, dst) in self.blocked or self.rng.random() < self.faults.drop:
+            self.dropped += 1
+            return
+        data = _encode(notices)
+        copies = 2 if self.rng.random() < self.faults.duplicate else 1
+        for _ in range(copies):
+            due = now + self.rng.randint(0, self.faults.max_delay)
+            if self.faults.fifo:
+                due = max(due, self.last_due.get((src, dst), 0))
+            self.last_due[(src, dst)] = due
+            heapq.heappush(self.queue, Packet(due, next(self.counter), src, dst, COMMIT_LANE,
+                                              data))  # fmt: skip
 
     def send_app(
         self, now: int, src: int, dst: int, data: bytes, conn: tuple[int, int] | None
@@ -356,6 +375,10 @@ class _Outbox:
         for g, m in items:
             c.net.send(c.now, self.id, g, m)
 
+    def send_commits(self, to: int, notices: list[int]) -> None:
+        c = self.cluster
+        c.net.send_commits(c.now, self.id, to, notices)
+
     def flush_now(self) -> None:
         pass  # (the simulated disk never blocks the node: nothing to hurry)
 
@@ -453,6 +476,9 @@ class SimNode:
         if packet.group == APP_LANE:
             assert self.router is not None
             self.router.on_app(packet.src, [packet.data])
+        elif packet.group == COMMIT_LANE:
+            assert self.pipeline is not None
+            self.pipeline.commit_notices(packet.src, _decode_commits(packet.data))
         else:
             assert self.pipeline is not None
             self.pipeline.step([(packet.group, _decode(packet.data))])
