@@ -705,6 +705,14 @@ class NodeCollector(Collector):
             "Raft messages sent to peers.",
             driver.messages_sent,
         )
+        yield _counters(
+            "ctxstore_raft_commit_notices_total",
+            "Commit indexes told to followers beside the Raft messages (one per group), sent"
+            " by this node's leaders or taken by its followers.",
+            ["direction"],
+            [(["sent"], driver.commit_notices_sent),
+             (["received"], driver.commit_notices_received)],
+        )  # fmt: skip
         yield _gauge(
             "ctxstore_raft_pass_seconds_max",
             "The longest Ready pass of the driver since start.",
@@ -810,6 +818,13 @@ class NodeCollector(Collector):
             "Raft messages sent to the peer.",
             ["peer"],
             (([p], ps.items_sent) for p, ps in rows),
+        )
+        yield _counters(
+            "ctxstore_peer_commit_notices_total",
+            "Commit notices (one per group) sent to or received from the peer in Raft batches.",
+            ["peer", "direction"],
+            [([p, "sent"], ps.commits_sent) for p, ps in rows]
+            + [([p, "received"], ps.commits_received) for p, ps in rows],
         )
         yield _counters(
             "ctxstore_peer_received_messages_total",

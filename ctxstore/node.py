@@ -151,6 +151,7 @@ class Node:
             max_size_per_msg=lim.raft_msg_bytes_max,
         )
         self.host = MultiRaft(HostConfig(group_cfg))
+        self.host.prompt = self._prompt_commit
         self.wal = WAL.open(os.path.join(s.data_dir, "wal"), inline=s.wal_writer == "inline")
         self.driver = Driver(
             self.host,
@@ -526,6 +527,14 @@ class Node:
             self._leaderless_timer = asyncio.get_running_loop().call_later(
                 LEADERLESS_CHECK_S, self._check_leaderless
             )
+
+    def _prompt_commit(self, group: int) -> bool:
+        """Whether this node, a follower of ``group``, applies what its leader's commit notice
+        says at once: when it pushes the group's messages to subscribers (a session's, or an
+        inbox, which any group may change), so they get them when the leader's do.  Other
+        groups apply it with their next append or heartbeat, in the Ready that handles it
+        anyway (a Ready per commit costs ~5 % of the appends a second at 256 in flight)."""
+        return group in self.subscriptions.groups or self.inboxes.count > 0
 
     def _make_transport(self) -> None:
         s = self.settings

@@ -128,6 +128,9 @@ class Subscriptions(Streams[str, _Sub]):
         self.chunk_sessions: dict[str, int] = {}
         self.on_chunk_interest: Callable[[str, bool], None] | None = None
         self.chunks_dropped = 0  # not pushed: the connection was behind
+        # Subscriptions per group: a follower applies those groups' commits as soon as their
+        # leader's notice comes (raft/multi.py ``prompt``), not with the next append.
+        self.groups: dict[int, int] = {}
 
     # -- requests ---------------------------------------------------------------------------------
     def start(
@@ -146,6 +149,7 @@ class Subscriptions(Streams[str, _Sub]):
         sub = _Sub(sub_id, conn, session_id, group, context_events, stream_chunks)
         sub.next_seq = after_seq + 1
         self._subs.add(session_id, sub)
+        self.groups[group] = self.groups.get(group, 0) + 1
         if stream_chunks:
             self._chunk_interest(session_id, 1)
         if sub.next_seq > last_seq:
@@ -413,6 +417,11 @@ class Subscriptions(Streams[str, _Sub]):
             return
         sub.closed = True
         self._subs.remove(sub.session_id, sub)
+        left = self.groups[sub.group] - 1
+        if left:
+            self.groups[sub.group] = left
+        else:
+            del self.groups[sub.group]
         if sub.stream_chunks:
             self._chunk_interest(sub.session_id, -1)
         if sub.task is not None and sub.task is not asyncio.current_task():

@@ -332,10 +332,12 @@ def test_peer_and_forward_metrics_in_a_three_node_cluster(tmp_path: Path) -> Non
             for peer in {1, 2, 3} - {i}:
                 assert x[f'ctxstore_peer_up{{peer="{peer}"}}'] == 1
                 assert x[f'ctxstore_peer_sent_bytes_total{{peer="{peer}"}}'] > 0
-                # Raft batches go only where Raft messages go (a follower may send none to
-                # the other follower): at most one per message, at least one from each node.
+                # Raft batches go only where Raft messages or commit notices go (a follower
+                # may send none to the other follower): at most one per message or notice, at
+                # least one from each node.
                 batches = x[f'ctxstore_peer_sent_batches_total{{peer="{peer}"}}']
-                assert batches <= x[f'ctxstore_peer_sent_messages_total{{peer="{peer}"}}']
+                notices = x[f'ctxstore_peer_commit_notices_total{{direction="sent",peer="{peer}"}}']
+                assert batches <= x[f'ctxstore_peer_sent_messages_total{{peer="{peer}"}}'] + notices
                 batches_sent += batches
                 assert (
                     x[f'ctxstore_peer_dropped_messages_total{{peer="{peer}",reason="slow"}}'] >= 0
