@@ -821,10 +821,13 @@ class NodeCollector(Collector):
         )
         yield _counters(
             "ctxstore_peer_commit_notices_total",
-            "Commit notices (one per group) sent to or received from the peer in Raft batches.",
+            "Commit notices (one per group) sent to or received from the peer in Raft batches,"
+            " or dropped (no connection, its queue full: the next append or heartbeat carries"
+            " the commit).",
             ["peer", "direction"],
             [([p, "sent"], ps.commits_sent) for p, ps in rows]
-            + [([p, "received"], ps.commits_received) for p, ps in rows],
+            + [([p, "received"], ps.commits_received) for p, ps in rows]
+            + [([p, "dropped"], ps.commits_dropped) for p, ps in rows],
         )
         yield _counters(
             "ctxstore_peer_received_messages_total",

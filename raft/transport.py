@@ -103,6 +103,7 @@ class PeerStats:
     items_sent: int = 0
     commits_sent: int = 0  # commit notices (raft/multi.py), one per group
     commits_received: int = 0
+    commits_dropped: int = 0  # not sent: no connection, the queue full, or over a frame
     bytes_sent: int = 0
     items_received: int = 0
     dropped_slow: int = 0  # resendable messages dropped while the peer was slow
@@ -335,9 +336,13 @@ class Transport:
         Not for a peer that is unknown or not connected, nor beyond ``queue_bytes_max``: they
         are dropped (an optimisation; the next append or heartbeat carries the commit)."""
         peer = self._peers.get(to)
-        if peer is None or peer.conn is None:
+        if peer is None:
             return
-        if peer.queue_bytes + 9 * (len(peer.commits) + len(notices)) > self.queue_bytes_max:
+        if (
+            peer.conn is None
+            or peer.queue_bytes + 9 * (len(peer.commits) + len(notices)) > self.queue_bytes_max
+        ):
+            peer.stats.commits_dropped += len(notices) // 3
             return
         peer.commits += notices
         self._schedule_flush()
@@ -511,8 +516,9 @@ class Transport:
         try:
             data = conn.core.send(codec.Batch(items, commits))
         except codec.ProtocolError:
-            if not items:
-                return  # notices alone over a frame: dropped (appends and heartbeats carry them)
+            if not items:  # notices alone over a frame: dropped (appends, heartbeats carry them)
+                peer.stats.commits_dropped += len(commits) // 3
+                return
             if commits:  # the messages, and the notices after them, each in a frame of its own
                 self._write_batch(peer, conn, items, [])
                 self._write_batch(peer, conn, [], commits)
@@ -667,6 +673,7 @@ class Transport:
     def _peer_down(self, peer: _Peer) -> None:
         peer.stats.dropped_unconnected += len(peer.queue)
         peer.queue, peer.queue_bytes = [], 0
+        peer.stats.commits_dropped += len(peer.commits) // 3
         peer.commits = []
         peer.app_queue, peer.app_queue_bytes = [], 0
         while peer.snapshots:

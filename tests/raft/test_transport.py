@@ -355,6 +355,34 @@ def test_sends_in_one_iteration_leave_as_one_frame() -> None:
     run(main)
 
 
+def test_commit_notices_leave_with_the_batch_after_its_messages_or_are_counted_dropped() -> None:
+    async def main() -> None:
+        nodes = await start_nodes([1, 2], absent=(3,))
+        await connected(nodes)
+        a, b = nodes[1], nodes[2]
+        got: list[tuple[int, list[int]]] = []
+        order: list[str] = []
+        b.t.on_commits = lambda frm, notices: (got.append((frm, notices)), order.append("c"))
+        on_batch = b.t.on_batch
+        b.t.on_batch = lambda frm, items: (on_batch(frm, items), order.append("m"))
+        before = a.t.stats.peers[2].batches_sent
+        a.t.send(2, [(5, append(5, b"x"))])
+        a.t.send_commits(2, [5, 1, 3])
+        a.t.send_commits(2, [6, 1, 9])
+        await wait_for(lambda: len(got) == 1)
+        assert got == [(1, [5, 1, 3, 6, 1, 9])] and order == ["m", "c"]
+        assert a.t.stats.peers[2].batches_sent == before + 1  # one frame for both
+        a.t.send_commits(2, [7, 1, 4])  # notices alone
+        await wait_for(lambda: len(got) == 2)
+        stats = a.t.stats.peers[2]
+        assert (stats.commits_sent, b.t.stats.peers[1].commits_received) == (3, 3)
+        a.t.send_commits(3, [1, 1, 1, 2, 1, 1])  # a peer not connected
+        assert a.t.stats.peers[3].commits_dropped == 2
+        await close_all(a, b)
+
+    run(main)
+
+
 async def rogue_handshake(port: int, hello: codec.Hello, auth_mac: bytes | None) -> bytes:
     """Send a Hello (and optionally an Auth) from a raw socket; return what the node answers
     before it closes (b"" if it closes at once)."""
