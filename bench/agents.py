@@ -9,6 +9,10 @@ does not also serve the calls; ``--agent-in-process`` puts it in this process, a
 ``--deltas`` text deltas ``--delta-gap-ms`` apart, each preceded by a transient ``data-t``
 chunk carrying the monotonic time it was written.  ``--conversations`` sessions each hold a
 subscription with ``stream_chunks`` and loop: append a user message, wait for the stored reply.
+``--turn-every-ms T`` makes the turns open-loop: each conversation begins one every T ms
+(their first turns spread over one period), or at once when a reply comes later than that
+(``turns_late``), so the load does not follow how fast the replies come back (in the closed
+loop, a build that shows replies sooner also runs more turns a second).
 Each ``data-t`` chunk's time from the agent's write to its arrival at the subscriber is
 recorded (CLOCK_MONOTONIC, one clock for every process of the machine), and split by where
 the conversation subscribed: at its session's leader or at another node, to which the leader
@@ -269,12 +273,24 @@ class EchoAgent:
 
 async def _conversation(
     client: Client, sid: str, user: str, until: float, chunks: LatencyHistogram, counts: list[int],
-    path: LatencyHistogram,
+    path: LatencyHistogram, every_s: float = 0.0, offset_s: float = 0.0,
 ) -> None:  # fmt: skip
-    """``path``: also records each chunk (the split by where the subscription is)."""
+    """``path``: also records each chunk (the split by where the subscription is).  With
+    ``every_s``: the first turn ``offset_s`` from now, each next one ``every_s`` after the
+    previous one began, or when its reply came if that is later (counted in ``counts[1]``)."""
     async with client.subscribe(sid, stream_chunks=True) as sub:
         turn = 0
+        next_at = time.monotonic() + offset_s
         while time.monotonic() < until:
+            if every_s:
+                wait = next_at - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    if time.monotonic() >= until:
+                        break
+                elif turn:
+                    counts[1] += 1  # its reply came after this turn's time
+                next_at = time.monotonic() + every_s
             turn += 1
             await client.append(sid, f"turn {turn}", "user", user)
             async for item in sub:
@@ -449,14 +465,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         at_leader, relayed = LatencyHistogram(), LatencyHistogram()
         paths = [at_leader if leaders[group_of(sid, len(leaders))] == node_of[i % len(clients)]
                  else relayed for i, sid in enumerate(sessions)]  # fmt: skip
-        replies = [0]
+        replies = [0, 0]  # replies, turns started late (``--turn-every-ms``)
         log(f"{len(sessions)} conversations for {args.duration} s", args.quiet)
         until = time.monotonic() + args.duration
         echo_pids = {**pids, "agent": echo.pid} if echo.pid is not None else pids
         cpu0 = sample_cpu(echo_pids)
+        every_s = args.turn_every_ms / 1000
         await asyncio.gather(*(
             _conversation(clients[i % len(clients)], sid, f"user-{sid}", until, chunks, replies,
-                          paths[i])
+                          paths[i], every_s, every_s * i / len(sessions))
             for i, sid in enumerate(sessions)
         ))  # fmt: skip
         cpu_chunks = cpu_between(cpu0, sample_cpu(echo_pids))
@@ -470,6 +487,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             return {"sessions": sum(p is h for p in paths), **_figures(h)}
 
         doc["chunk_latency"] = {**_figures(chunks), "replies": replies[0],
+                                "turns_late": replies[1],
                                 "agent_calls": echo.calls,
                                 "agent_connections": echo.connections,
                                 "cpu": cpu_chunks,
@@ -496,6 +514,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deltas", type=int, default=20, help="per reply (default: 20)")
     p.add_argument("--delta-gap-ms", type=float, default=20.0, help="(default: 20)")
     p.add_argument("--p99-target-ms", type=float, default=20.0, help="(default: 20)")
+    p.add_argument("--turn-every-ms", type=float, default=0.0,
+                   help="each conversation begins a turn this often, the conversations' first "
+                        "turns spread over one such period; a turn whose reply comes later "
+                        "begins the next at once, counted in turns_late (default: 0, each turn "
+                        "as soon as the last reply came: a closed loop)")  # fmt: skip
     p.add_argument("--slow-sessions", type=int, default=0, help="(default: 0, no append phase)")
     p.add_argument("--slow-agent-s", type=float, default=2.0, help="(default: 2)")
     p.add_argument("--busy-spread-s", type=float, default=0.0,

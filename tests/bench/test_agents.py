@@ -59,3 +59,20 @@ def test_appends_at_a_rate_beside_agents_spread(tmp_path: Path) -> None:
         assert 200 <= doc[phase]["count"] <= 300, doc[phase]  # 200/s for 1.5 s
         assert doc[phase]["per_s"] == round(doc[phase]["count"] / 1.5)
     assert doc["appends_with_agents"]["replies"] > 0
+
+
+def test_turns_on_a_schedule(tmp_path: Path) -> None:
+    """``--turn-every-ms``: a turn every 300 ms per conversation, whatever the replies do: about
+    duration / 0.3 of them each, and a reply slower than the period is counted late."""
+    out = tmp_path / "agents.json"
+    cmd = [sys.executable, "-m", "bench.cli", "agents", "--nodes", "3", "--conversations", "3",
+           "--duration", "2", "--deltas", "3", "--delta-gap-ms", "5", "--turn-every-ms", "300",
+           "--p99-target-ms", "5000", "--quiet", "--json", str(out),
+           "--", "--groups", "16", "--tick-ms", "20"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(out.read_text())
+    chunks = doc["chunk_latency"]
+    assert doc["config"]["turn_every_ms"] == 300
+    assert 3 * 5 <= chunks["replies"] <= 3 * 7, chunks  # 2 s / 0.3 s, the last may not end
+    assert 0 <= chunks["turns_late"] < chunks["replies"]
