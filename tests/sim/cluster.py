@@ -178,34 +178,15 @@ class Network:
         self.sent += 1
         self.sent_by[src] += 1
         self.on_send(group, m)
-        if (src, m.to) in self.blocked or self.rng.random() < self.faults.drop:
-            self.dropped += 1
-            return
-        data = _encode(m)
-        copies = 2 if self.rng.random() < self.faults.duplicate else 1
-        for _ in range(copies):
-            due = now + self.rng.randint(0, self.faults.max_delay)
-            if self.faults.fifo:
-                due = max(due, self.last_due.get((src, m.to), 0))
-            self.last_due[(src, m.to)] = due
-            heapq.heappush(self.queue, Packet(due, next(self.counter), src, m.to, group, data))
+        if not self._lost(src, m.to):
+            self._schedule(now, src, m.to, group, _encode(m), self._copies())
 
     def send_commits(self, now: int, src: int, dst: int, notices: list[int]) -> None:
         """Commit notices (the trailing list of a transport batch): delayed, reordered,
         dropped and duplicated as a Raft message (they are idempotent)."""
         self.sent_commits += 1
-        if (src, dst) in self.blocked or self.rng.random() < self.faults.drop:
-            self.dropped += 1
-            return
-        data = _encode(notices)
-        copies = 2 if self.rng.random() < self.faults.duplicate else 1
-        for _ in range(copies):
-            due = now + self.rng.randint(0, self.faults.max_delay)
-            if self.faults.fifo:
-                due = max(due, self.last_due.get((src, dst), 0))
-            self.last_due[(src, dst)] = due
-            heapq.heappush(self.queue, Packet(due, next(self.counter), src, dst, COMMIT_LANE,
-                                              data))  # fmt: skip
+        if not self._lost(src, dst):
+            self._schedule(now, src, dst, COMMIT_LANE, _encode(notices), self._copies())
 
     def send_app(
         self, now: int, src: int, dst: int, data: bytes, conn: tuple[int, int] | None
@@ -214,15 +195,33 @@ class Network:
         dropped and cut as a Raft message, never duplicated (TCP does not), and lost with the
         connection it was sent on (``conn``, ``Links.connection``; see ``arrives``)."""
         self.sent_app += 1
-        if conn is None or (src, dst) in self.blocked or self.rng.random() < self.faults.drop:
+        if conn is None:
             self.dropped += 1
-            return
-        due = now + self.rng.randint(0, self.faults.max_delay)
-        if self.faults.fifo:
-            due = max(due, self.last_due.get((src, dst), 0))
-        self.last_due[(src, dst)] = due
-        packet = Packet(due, next(self.counter), src, dst, APP_LANE, data, conn)
-        heapq.heappush(self.queue, packet)
+        elif not self._lost(src, dst):
+            self._schedule(now, src, dst, APP_LANE, data, 1, conn)
+
+    def _lost(self, src: int, dst: int) -> bool:
+        """Whether a packet from ``src`` to ``dst`` is lost: their link is cut, or by chance."""
+        if (src, dst) in self.blocked or self.rng.random() < self.faults.drop:
+            self.dropped += 1
+            return True
+        return False
+
+    def _copies(self) -> int:
+        return 2 if self.rng.random() < self.faults.duplicate else 1
+
+    def _schedule(
+        self, now: int, src: int, dst: int, group: int, data: bytes, copies: int,
+        conn: tuple[int, int] | None = None,
+    ) -> None:  # fmt: skip
+        """Queue ``copies`` of a packet, each after a random delay (none before the link's
+        latest with ``faults.fifo``)."""
+        for _ in range(copies):
+            due = now + self.rng.randint(0, self.faults.max_delay)
+            if self.faults.fifo:
+                due = max(due, self.last_due.get((src, dst), 0))
+            self.last_due[(src, dst)] = due
+            heapq.heappush(self.queue, Packet(due, next(self.counter), src, dst, group, data, conn))
 
     def due(self, now: int) -> list[Packet]:
         out: list[Packet] = []
