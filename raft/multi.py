@@ -372,8 +372,10 @@ class MultiRaft:
     def take_commit_notices(self) -> dict[int, list[int]]:
         """The commit notices the groups' leaders here owe their followers, per follower: flat
         ``group, term, commit`` triples (``Raft.owed_commits``, gathered by ``ready()``), handed
-        out once."""
-        notices, self._notices = self._notices, {}
+        out once (read them, do not keep the dict: an empty one is handed out again)."""
+        notices = self._notices
+        if notices:  # (most passes have none: no new dict for them)
+            self._notices = {}
         return notices
 
     def commit_notices(self, frm: int, notices: list[int]) -> None:
